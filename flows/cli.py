@@ -1,0 +1,188 @@
+"""The `towerflow` command line. Kept light: heavy libraries are imported inside the commands."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+from flows.environment import configure_environment
+from flows.errors import TowerflowError
+from flows.stages.registry import STAGES
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="towerflow: train two-tower retrieval models and ship them.")
+
+SetOption = typer.Option(None, "--set", "-S", help="Override a params.yaml key for this run: key.sub=value (repeatable).")
+ParamsOption = typer.Option(Path("params.yaml"), "--params", help="The params file; its folder is the project root.")
+
+
+def _debug() -> bool:
+    return os.environ.get("TOWERFLOW_DEBUG", "") not in ("", "0")
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Expected failures print one line and exit 1; --debug shows the traceback."""
+    try:
+        yield
+    except TowerflowError as exc:
+        if _debug():
+            traceback.print_exc()
+        typer.echo(f"towerflow: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a bug, or a library failing: still one line unless --debug
+        if _debug():
+            traceback.print_exc()
+        typer.echo(f"towerflow: unexpected error: {type(exc).__name__}: {exc} "
+                   "(run with --debug for the traceback)", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
+    if debug:
+        os.environ["TOWERFLOW_DEBUG"] = "1"  # inherited by the stage processes DVC starts
+
+
+def _load(params_file: Path, overrides: Optional[list[str]]):  # noqa: ANN202
+    from flows.params import load_params
+    return load_params(params_file, overrides or [])
+
+
+@app.command()
+def stage(name: str = typer.Argument(..., help="One of: " + ", ".join(STAGES)),
+          set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption) -> None:
+    """Run one stage in this process (dvc.yaml calls this)."""
+    with _errors():
+        if name not in STAGES:
+            raise TowerflowError(f"unknown stage '{name}'; stages are: {', '.join(STAGES)}")
+        params = _load(params_file, set_)
+        root = params_file.resolve().parent
+        if name == "ingest":
+            from flows.stages.ingest import check_source
+            check_source(params.data)
+        from flows.stages.registry import run_stage
+        t0 = time.perf_counter()
+        summary = run_stage(name, params, root)
+        typer.echo(f"{name}: done in {time.perf_counter() - t0:.1f}s {_brief(summary)}")
+
+
+def _brief(summary: object) -> str:
+    if not isinstance(summary, dict):
+        return ""
+    items = [f"{k}={v}" for k, v in summary.items() if isinstance(v, (int, float, str, bool))]
+    return ("(" + ", ".join(items[:8]) + ")") if items else ""
+
+
+@app.command()
+def run(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
+        force: bool = typer.Option(False, "--force", help="Rerun every stage even if up to date."),
+        until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage.")) -> None:
+    """Run the whole pipeline as a Prefect flow over the DVC stages (skips what is up to date)."""
+    with _errors():
+        params = _load(params_file, set_)  # bad keys or types fail here, before anything runs
+        root = params_file.resolve().parent
+        from flows.stages.ingest import check_source
+        check_source(params.data)  # a broken data source stops the run before anything is written
+        stages = STAGES
+        if until:
+            if until not in STAGES:
+                raise TowerflowError(f"unknown stage '{until}' for --until; stages are: {', '.join(STAGES)}")
+            stages = STAGES[: STAGES.index(until) + 1]
+        from flows.pipeline import run_pipeline
+        t0 = time.perf_counter()
+        runs = run_pipeline(root, stages, overrides=set_ or [], force=force)
+        _print_summary(runs, params, root, time.perf_counter() - t0)
+
+
+def _print_summary(runs, params, root: Path, total: float) -> None:  # noqa: ANN001
+    paths = params.paths
+    typer.echo("\nstage        status       seconds")
+    for r in runs:
+        typer.echo(f"{r.stage:<12} {'ran' if r.ran else 'up to date':<12} {r.seconds:7.1f}")
+    typer.echo(f"{'total':<12} {'':<12} {total:7.1f}\n")
+    where = os.environ.get("QDRANT_URL") or paths.qdrant
+    typer.echo(f"model:    {paths.model / 'full'} (evaluation model: {paths.model / 'eval'})")
+    typer.echo(f"index:    alias '{params.publish.alias}' in Qdrant at {where} ({paths.index / 'manifest.json'})")
+    typer.echo(f"metrics:  {paths.reports / 'metrics.json'}")
+    typer.echo(f"reports:  {paths.reports / 'validation' / 'index.html'}, {paths.reports / 'drift' / 'drift.html'}")
+    metrics = root / paths.reports / "metrics.json"
+    if metrics.exists():
+        import json
+        m = json.loads(metrics.read_text())
+        for model in ("two_tower", "most_popular"):
+            if model in m:
+                typer.echo(f"          {model}: " + ", ".join(f"{k}={v:.4f}" for k, v in m[model].items()
+                                                             if isinstance(v, (int, float))))
+
+
+@app.command()
+def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One user id."),
+              users_file: Optional[Path] = typer.Option(None, "--users-file", help="Text file, one user id per line (optional header 'user_id')."),
+              k: int = typer.Option(20, "--k", min=1, help="How many items per user."),
+              out: Optional[Path] = typer.Option(None, "--out", help="Write user_id,item_id,rank,score CSV here."),
+              include_seen: bool = typer.Option(False, "--include-seen", help="Keep items the user already interacted with."),
+              params_file: Path = ParamsOption) -> None:
+    """Recommend items from the published index, with Feast online features and the user tower."""
+    with _errors():
+        if (user_id is None) == (users_file is None):
+            raise TowerflowError("give exactly one of --user-id or --users-file")
+        params = _load(params_file, None)
+        paths = params.paths.resolved(params_file.resolve().parent)
+        schema_path = paths.ingested / "schema.json"
+        if not schema_path.exists():
+            from flows.errors import MissingStageInput
+            raise MissingStageInput(f"{schema_path} not found: run `towerflow run` first")
+        import json
+        id_dtype = json.loads(schema_path.read_text())["user_id_dtype"]
+        from flows.recommend import read_ids_file, recommend as _recommend
+        if users_file is not None:
+            ids = read_ids_file(users_file, id_dtype)
+        else:
+            ids = read_ids_file_line(user_id, id_dtype)
+        recs = _recommend(ids, k, include_seen, model_dir=paths.model / "full", feast_dir=paths.feast,
+                          features_dir=paths.features, schema_path=schema_path, index_dir=paths.index,
+                          qdrant_path=paths.qdrant, alias=params.publish.alias)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            recs.to_csv(out, index=False)
+            typer.echo(f"wrote {len(recs)} rows for {recs['user_id'].nunique()} users to {out}")
+        else:
+            typer.echo(recs.to_csv(index=False), nl=False)
+
+
+def read_ids_file_line(raw: str, id_dtype: str) -> list:
+    """One --user-id value, converted like a line of a --users-file."""
+    import tempfile
+    from flows.recommend import read_ids_file
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as fh:
+        fh.write(raw + "\n")
+    try:
+        return read_ids_file(Path(fh.name), id_dtype)
+    finally:
+        os.unlink(fh.name)
+
+
+@app.command()
+def params(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption) -> None:
+    """Print the validated config (after --set overrides)."""
+    with _errors():
+        import yaml
+        typer.echo(yaml.safe_dump(_load(params_file, set_).model_dump(mode="json"), sort_keys=False))
+
+
+def main() -> None:
+    configure_environment(Path.cwd())
+    app()
+
+
+if __name__ == "__main__":
+    main()

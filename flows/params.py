@@ -1,0 +1,165 @@
+"""params.yaml, read once into one typed object that every stage receives.
+
+Unknown keys and wrong types are errors that name the dotted key. `--set a.b=value` overrides use the
+same dotted keys as `dvc exp run -S` and YAML value syntax (`--set model.hidden=[256,128]`).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+from features.params import FeaturesParams
+from flows.errors import ConfigError
+from models.params import (
+    EvaluateParams,
+    ModelParams,
+    SampleParams,
+    SplitParams,
+    TrainParams,
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseParams(_Section):
+    seed: int = 42
+
+
+class PathsParams(_Section):
+    cache: Path = Path(".cache/towerflow")
+    ingested: Path = Path("data/ingested")
+    features: Path = Path("data/features")
+    feast: Path = Path("data/feast")
+    training: Path = Path("data/training")
+    samples: Path = Path("data/samples")
+    model: Path = Path("artifacts/model")
+    index: Path = Path("artifacts/index")
+    qdrant: Path = Path("artifacts/qdrant")
+    reports: Path = Path("reports")
+
+    def resolved(self, root: Path) -> "PathsParams":
+        """The same paths made absolute against the project root."""
+        return PathsParams(**{k: (v if v.is_absolute() else root / v) for k, v in self})
+
+
+class FeatureKinds(_Section):
+    """Which columns of a users/items table are which kind; None means infer from dtypes."""
+
+    categorical: list[str] | None = None
+    numeric: list[str] | None = None
+    multi: list[str] | None = None
+
+
+class DataParams(_Section):
+    source: str = "demo"
+    ranking_logs: Literal["auto", "simulate", "none"] = "auto"
+    max_users: PositiveInt | None = None
+    user_features: FeatureKinds = FeatureKinds()
+    item_features: FeatureKinds = FeatureKinds()
+
+
+class SimulatorParams(_Section):
+    request_fraction: float = Field(0.1, gt=0, le=1)
+    candidates: PositiveInt = 200
+    ranked: PositiveInt = 50
+    shown: PositiveInt = 10
+    ranker_noise: float = Field(1.0, ge=0)
+    impatient_share: float = Field(0.5, ge=0, le=1)
+    chunk_requests: PositiveInt = 20000
+
+
+class PublishParams(_Section):
+    collection_prefix: str = "towerflow_items"
+    alias: str = "towerflow_items"
+    keep_versions: PositiveInt = 3
+
+
+class ReportParams(_Section):
+    drift_share_threshold: float = Field(0.5, gt=0, le=1)
+
+
+class Params(_Section):
+    base: BaseParams = BaseParams()
+    paths: PathsParams = PathsParams()
+    data: DataParams = DataParams()
+    simulator: SimulatorParams = SimulatorParams()
+    split: SplitParams = SplitParams()
+    features: FeaturesParams = FeaturesParams()
+    sample: SampleParams = SampleParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    publish: PublishParams = PublishParams()
+    report: ReportParams = ReportParams()
+
+
+def _describe(err: ValidationError, origin: str) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        else:
+            parts.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+    return f"{origin}: " + "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.epochs=3' -> (['train', 'epochs'], 3). Values use YAML syntax, as in `dvc exp run -S`."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key.sub=value, got '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value '{raw}' is not valid YAML ({exc.problem})") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of the raw params dict with dotted overrides applied (unknown keys are caught later)."""
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for k in keys[:-1]:
+            child = node.get(k)
+            if not isinstance(child, dict):
+                child = {} if child is None else child
+                if not isinstance(child, dict):
+                    raise ConfigError(f"--set {'.'.join(keys)}: '{k}' is not a section")
+                node[k] = child
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def read_raw(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def validate_params(raw: dict[str, Any], origin: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, origin)) from err
+
+
+def load_params(path: Path = Path("params.yaml"), overrides: list[str] | None = None) -> Params:
+    """Read params.yaml once, apply --set overrides, validate into Params."""
+    raw = apply_overrides(read_raw(path), overrides or [])
+    return validate_params(raw, origin=str(path) + (" with --set overrides" if overrides else ""))

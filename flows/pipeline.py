@@ -1,0 +1,106 @@
+"""The Prefect flow: runs the DVC stages in order, one task each.
+
+Each task reproduces its own DVC stage through DVC's API, so DVC owns caching and dvc.lock (a stage
+whose deps and params are unchanged is skipped) and Prefect owns orchestration, retries, logs and
+schedules. DVC runs the stage's `cmd` (`towerflow stage <name>`), the same code a user runs alone.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from flows.errors import StageFailed
+from flows.stages.registry import STAGES
+
+
+@dataclass
+class StageRun:
+    stage: str
+    ran: bool
+    seconds: float
+    ok: bool = True
+    error: str = ""
+
+
+def _reproduce(root: Path, name: str, force: bool) -> StageRun:
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    t0 = time.perf_counter()
+    try:
+        with Repo(str(root)) as repo:
+            changed = repo.reproduce(targets=[name], single_item=True, force=force)
+    except DvcException as exc:
+        # The stage printed its own one-line error; DVC's message says which stage and command.
+        cause = exc.__cause__ or exc
+        return StageRun(name, True, time.perf_counter() - t0, ok=False,
+                        error=f"stage '{name}' failed: {cause}")
+    return StageRun(name, bool(changed), time.perf_counter() - t0)
+
+
+def build_flow():  # noqa: ANN201 - returns a prefect Flow
+    """Build the Prefect flow lazily (importing prefect starts its settings machinery)."""
+    from prefect import flow, task
+    from prefect.states import Failed
+
+    reproduce_stage = task(name="reproduce-stage", retries=0)(_reproduce)
+
+    @flow(name="towerflow", log_prints=True)
+    def towerflow_pipeline(root: str, stages: list[str], force: bool = False) -> list[dict[str, Any]]:
+        runs: list[dict[str, Any]] = []
+        for name in stages:
+            run = reproduce_stage.with_options(name=name)(Path(root), name, force)
+            runs.append(asdict(run))
+            print(f"{name}: {'ran' if run.ran else 'up to date'} in {run.seconds:.1f}s")
+            if not run.ok:
+                return Failed(message=run.error, data=runs)  # a failed run, without a traceback
+        return runs
+
+    return towerflow_pipeline
+
+
+@contextmanager
+def params_overridden(params_path: Path, overrides: list[str]) -> Iterator[None]:
+    """Apply --set overrides to params.yaml for the duration of one run, then restore the file.
+
+    DVC reads params.yaml, so the override must be there for dvc.lock to record the values the run
+    used; afterwards `dvc status` truthfully shows that the workspace params differ from that run.
+    """
+    if not overrides:
+        yield
+        return
+    from flows.params import apply_overrides, read_raw
+
+    original = params_path.read_text()
+    params_path.write_text(yaml.safe_dump(apply_overrides(read_raw(params_path), overrides),
+                                          sort_keys=False))
+    try:
+        yield
+    finally:
+        params_path.write_text(original)
+
+
+def _put_venv_on_path() -> None:
+    """DVC runs `towerflow stage ...` in a shell: make this interpreter's scripts resolvable."""
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+
+
+def run_pipeline(root: Path, stages: tuple[str, ...] = STAGES, overrides: list[str] | None = None,
+                 force: bool = False) -> list[StageRun]:
+    """Run the Prefect flow over the DVC stages; raise StageFailed on the first failing stage."""
+    _put_venv_on_path()
+    with params_overridden(root / "params.yaml", overrides or []):
+        state = build_flow()(str(root), list(stages), force, return_state=True)
+    data = state.result(raise_on_failure=False)
+    if state.is_failed():
+        raise StageFailed(state.message or "pipeline failed")
+    return [StageRun(**d) for d in data]

@@ -1,0 +1,71 @@
+"""The one place that wires Params to each stage's typed arguments.
+
+`towerflow stage <name>` calls `run_stage`; dvc.yaml runs that command; the Prefect flow reproduces the
+DVC stages. Stage modules are imported lazily so that `towerflow --help` does not import torch/feast.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from flows.params import Params, PathsParams
+
+STAGES: tuple[str, ...] = (
+    "ingest", "validate", "materialize", "sample", "train", "evaluate", "publish", "report",
+)
+
+
+def _ingest(p: Params, paths: PathsParams) -> dict[str, Any]:
+    from flows.stages.ingest import ingest
+    return ingest(p.data, p.simulator, p.base.seed, cache_dir=paths.cache, out_dir=paths.ingested)
+
+
+def _validate(p: Params, paths: PathsParams) -> dict[str, Any]:
+    from flows.stages.validate import validate
+    return validate(paths.ingested, docs_dir=paths.reports / "validation",
+                    summary_path=paths.reports / "validation.json")
+
+
+def _materialize(p: Params, paths: PathsParams) -> dict[str, Any]:
+    from flows.stages.materialize import materialize
+    return materialize(paths.ingested, p.split, p.features, features_dir=paths.features,
+                       feast_dir=paths.feast, training_dir=paths.training)
+
+
+def _sample(p: Params, paths: PathsParams) -> dict[str, Any]:
+    from flows.stages.sample import sample
+    return sample(paths.training, p.sample, p.base.seed, out_dir=paths.samples)
+
+
+def _train(p: Params, paths: PathsParams) -> dict[str, Any]:
+    from flows.stages.train import train
+    return train(paths.samples, paths.training, paths.ingested / "schema.json", p.model, p.train,
+                 p.base.seed, out_dir=paths.model)
+
+
+def _evaluate(p: Params, paths: PathsParams) -> dict[str, Any]:
+    from flows.stages.evaluate import evaluate
+    return evaluate(paths.training, paths.model / "eval", p.evaluate,
+                    out_path=paths.reports / "metrics.json")
+
+
+def _publish(p: Params, paths: PathsParams) -> dict[str, Any]:
+    from flows.stages.publish import publish
+    return publish(paths.model / "full", paths.training, p.publish, index_dir=paths.index,
+                   qdrant_path=paths.qdrant)
+
+
+def _report(p: Params, paths: PathsParams) -> dict[str, Any]:
+    from flows.stages.report import report
+    return report(paths.ingested, paths.training, p.report, out_dir=paths.reports / "drift")
+
+
+_RUNNERS: dict[str, Callable[[Params, PathsParams], dict[str, Any]]] = {
+    "ingest": _ingest, "validate": _validate, "materialize": _materialize, "sample": _sample,
+    "train": _train, "evaluate": _evaluate, "publish": _publish, "report": _report,
+}
+
+
+def run_stage(name: str, params: Params, root: Path) -> dict[str, Any]:
+    """Run one stage in this process with paths resolved against the project root."""
+    return _RUNNERS[name](params, params.paths.resolved(root))
