@@ -35,30 +35,41 @@ def _reproduce(root: Path, name: str, force: bool) -> StageRun:
 
     t0 = time.perf_counter()
     try:
-        with Repo(str(root)) as repo:
+        # DVC resolves targets and stage paths against the working directory.
+        with _working_directory(root), Repo(".") as repo:
             changed = repo.reproduce(targets=[name], single_item=True, force=force)
     except DvcException as exc:
         # The stage printed its own one-line error; DVC's message says which stage and command.
         cause = exc.__cause__ or exc
-        return StageRun(name, True, time.perf_counter() - t0, ok=False,
+        return StageRun(name, False, time.perf_counter() - t0, ok=False,
                         error=f"stage '{name}' failed: {cause}")
     return StageRun(name, bool(changed), time.perf_counter() - t0)
 
 
+@contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def build_flow():  # noqa: ANN201 - returns a prefect Flow
     """Build the Prefect flow lazily (importing prefect starts its settings machinery)."""
-    from prefect import flow, task
+    from prefect import flow, get_run_logger, task
     from prefect.states import Failed
 
     reproduce_stage = task(name="reproduce-stage", retries=0)(_reproduce)
 
-    @flow(name="towerflow", log_prints=True)
+    @flow(name="towerflow")
     def towerflow_pipeline(root: str, stages: list[str], force: bool = False) -> list[dict[str, Any]]:
         runs: list[dict[str, Any]] = []
         for name in stages:
             run = reproduce_stage.with_options(name=name)(Path(root), name, force)
             runs.append(asdict(run))
-            print(f"{name}: {'ran' if run.ran else 'up to date'} in {run.seconds:.1f}s")
+            get_run_logger().info("%s: %s in %.1fs", name, "ran" if run.ran else "up to date", run.seconds)
             if not run.ok:
                 return Failed(message=run.error, data=runs)  # a failed run, without a traceback
         return runs
