@@ -67,8 +67,9 @@ def stage(name: str = typer.Argument(..., help="One of: " + ", ".join(STAGES)),
         params = _load(params_file, set_)
         root = params_file.resolve().parent
         if name == "ingest":
+            from flows.params import resolve_source
             from flows.stages.ingest import check_source
-            check_source(params.data)
+            check_source(resolve_source(params.data, root))
         from flows.stages.registry import run_stage
         t0 = time.perf_counter()
         summary = run_stage(name, params, root)
@@ -90,8 +91,9 @@ def run(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
     with _errors():
         params = _load(params_file, set_)  # bad keys or types fail here, before anything runs
         root = params_file.resolve().parent
+        from flows.params import resolve_source
         from flows.stages.ingest import check_source
-        check_source(params.data)  # a broken data source stops the run before anything is written
+        check_source(resolve_source(params.data, root))  # a broken data source stops the run before anything is written
         stages = STAGES
         if until:
             if until not in STAGES:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from features.params import FeaturesParams
 from flows.errors import ConfigError
@@ -71,17 +71,34 @@ class SimulatorParams(_Section):
     shown: PositiveInt = 10
     ranker_noise: float = Field(1.0, ge=0)
     impatient_share: float = Field(0.5, ge=0, le=1)
-    chunk_requests: PositiveInt = 20000
+    chunk_requests: PositiveInt = 5000
+    latent_rank: PositiveInt = 16
+
+    @model_validator(mode="after")
+    def _funnel_narrows(self) -> "SimulatorParams":
+        if not self.shown <= self.ranked <= self.candidates:
+            raise ValueError(f"need shown <= ranked <= candidates (got {self.shown}, {self.ranked}, "
+                             f"{self.candidates})")
+        return self
 
 
 class PublishParams(_Section):
     collection_prefix: str = "towerflow_items"
     alias: str = "towerflow_items"
     keep_versions: PositiveInt = 3
+    upsert_batch: PositiveInt = 1000
+    verify_sample: PositiveInt = 32
 
 
 class ReportParams(_Section):
     drift_share_threshold: float = Field(0.5, gt=0, le=1)
+
+
+def resolve_source(data: DataParams, root: Path) -> DataParams:
+    """A relative `data.source` directory is relative to the project root, like every other path."""
+    if data.source == "demo" or Path(data.source).is_absolute():
+        return data
+    return data.model_copy(update={"source": str(root / data.source)})
 
 
 class Params(_Section):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from flows.params import Params, PathsParams
+from flows.params import Params, PathsParams, resolve_source
 
 STAGES: tuple[str, ...] = (
     "ingest", "validate", "materialize", "sample", "train", "evaluate", "publish", "report",
@@ -68,4 +68,5 @@ _RUNNERS: dict[str, Callable[[Params, PathsParams], dict[str, Any]]] = {
 
 def run_stage(name: str, params: Params, root: Path) -> dict[str, Any]:
     """Run one stage in this process with paths resolved against the project root."""
+    params = params.model_copy(update={"data": resolve_source(params.data, root)})
     return _RUNNERS[name](params, params.paths.resolved(root))

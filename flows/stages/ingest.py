@@ -1,0 +1,119 @@
+"""Stage 1, ingest: a source in the data contract (docs/DATA.md) -> normalized tables in out_dir.
+
+Writes out_dir/{users,items,interactions,ranking_logs}.parquet, out_dir/simulation/ and
+out_dir/schema.json (formats in docs/ARCHITECTURE.md, "ingest ->"). All structural checks run before
+anything is written, and out_dir is built in a temporary sibling directory and swapped in at the end,
+so a failed run leaves a previous out_dir as it was.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flows.contract import Tables, check_directory, logs_schema, read_source
+from flows.params import DataParams, SimulatorParams
+
+DEMO = "demo"
+
+
+def check_source(data: DataParams) -> None:
+    """Preflight, writes nothing: raise DataContractError naming the file and the problem.
+
+    Checks: the source path exists, the required files are there and readable (parquet or csv),
+    required columns exist, and declared feature columns exist. 'demo' passes (it is built on use).
+    """
+    if data.source != DEMO:
+        check_directory(Path(data.source), data)
+
+
+def ingest(data: DataParams, sim: SimulatorParams, seed: int, cache_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Read, check and normalize the source; write the contract tables, ranking logs and schema.json."""
+    started = time.perf_counter()
+    if data.source == DEMO:
+        from flows.demo import demo_source  # only the demo needs pip and zip handling
+        source = demo_source(cache_dir)
+    else:
+        source = Path(data.source)
+    files = check_directory(source, data)
+    tables, kinds = read_source(files, data)  # everything is in memory: failures happen before writing
+    logs_origin = _logs_origin(data, tables)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private (0700); out_dir is a normal data directory
+    try:
+        sim_summary = _write(tables, kinds, logs_origin, data, sim, seed, tmp)
+        _swap(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "source": data.source if data.source == DEMO else str(source.resolve()),
+        "users": tables.users.num_rows, "items": tables.items.num_rows,
+        "interactions": tables.interactions.num_rows,
+        "ranking_logs": sim_summary.get("log_rows", 0), "logs_origin": logs_origin,
+        **({"simulation": sim_summary} if logs_origin == "simulated" else {}),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _logs_origin(data: DataParams, tables: Tables) -> str:
+    if data.ranking_logs == "none":
+        return "none"
+    if data.ranking_logs == "auto" and tables.ranking_logs is not None:
+        return "source"
+    return "simulated"
+
+
+def _write(tables: Tables, kinds: dict[str, dict[str, list[str]]], logs_origin: str, data: DataParams,
+           sim: SimulatorParams, seed: int, out: Path) -> dict[str, Any]:
+    pq.write_table(tables.users, out / "users.parquet")
+    pq.write_table(tables.items, out / "items.parquet")
+    pq.write_table(tables.interactions, out / "interactions.parquet")
+    user_type = tables.interactions.schema.field("user_id").type
+    item_type = tables.interactions.schema.field("item_id").type
+    schema = logs_schema(user_type, item_type)
+    sim_dir = out / "simulation"
+    sim_dir.mkdir()
+    summary: dict[str, Any] = {}
+    if logs_origin == "simulated":
+        from flows.simulator import simulate  # numpy/scipy work only when logs are simulated
+        summary = simulate(tables.interactions, tables.items["item_id"], sim, seed,
+                           out / "ranking_logs.parquet", sim_dir)
+    else:
+        logs = tables.ranking_logs.cast(schema) if tables.ranking_logs is not None and logs_origin == "source" \
+            else schema.empty_table()
+        pq.write_table(logs, out / "ranking_logs.parquet")
+        summary = {"log_rows": logs.num_rows}
+        note = ("The ranking logs came from the source; there is no simulated ground truth.\n"
+                if logs_origin == "source" else "data.ranking_logs is 'none': ranking_logs.parquet is empty.\n")
+        (sim_dir / "README.txt").write_text(note)
+    meta = {
+        "user_id_dtype": _dtype_name(user_type), "item_id_dtype": _dtype_name(item_type),
+        "user_features": kinds["user_features"], "item_features": kinds["item_features"],
+        "has_rating": "rating" in tables.interactions.column_names,
+        "ranking_logs": logs_origin, "source": data.source,
+    }
+    (out / "schema.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return summary
+
+
+def _dtype_name(typ: pa.DataType) -> str:
+    return "int64" if typ == pa.int64() else "string"
+
+
+def _swap(tmp: Path, out_dir: Path) -> None:
+    """Replace out_dir with tmp; the old directory is moved aside first and removed only after."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
+        out_dir.rename(old / out_dir.name)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

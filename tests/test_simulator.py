@@ -1,0 +1,120 @@
+"""Simulated ranking logs: deterministic from the seed, consistent funnel, known click model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flows.contract import normalize_interactions
+from flows.params import SimulatorParams
+from flows.simulator import simulate
+from tests.datagen import make_contract_dataset
+
+PARAMS = SimulatorParams(request_fraction=0.3, candidates=60, ranked=25, shown=10, chunk_requests=97)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[pa.Table, pa.ChunkedArray]:
+    src = make_contract_dataset(tmp_path_factory.mktemp("sim_src"), n_users=150, n_items=120, string_ids=True)
+    inter = normalize_interactions(src / "interactions.parquet", pq.read_table(src / "interactions.parquet"))
+    return inter, pq.read_table(src / "items.parquet")["item_id"]
+
+
+def _simulate(source: tuple[pa.Table, pa.ChunkedArray], out: Path, seed: int,
+              params: SimulatorParams = PARAMS) -> tuple[dict, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    summary = simulate(source[0], source[1], params, seed, out / "ranking_logs.parquet", out / "simulation")
+    return summary, out
+
+
+@pytest.fixture(scope="module")
+def run(source, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    return _simulate(source, tmp_path_factory.mktemp("sim_run"), seed=3)
+
+
+def test_same_seed_same_logs_other_seed_different(source, run, tmp_path: Path) -> None:
+    _, first = run
+    _, again = _simulate(source, tmp_path / "again", seed=3)
+    _, other = _simulate(source, tmp_path / "other", seed=4)
+    for name in ("ranking_logs.parquet", "simulation/truth.parquet", "simulation/user_types.parquet"):
+        assert pq.read_table(first / name).equals(pq.read_table(again / name)), name
+    assert (first / "simulation/truth.json").read_text() == (again / "simulation/truth.json").read_text()
+    assert not pq.read_table(first / "ranking_logs.parquet").equals(pq.read_table(other / "ranking_logs.parquet"))
+
+
+def test_funnel_is_consistent(source, run) -> None:
+    summary, out = run
+    logs = pd.read_parquet(out / "ranking_logs.parquet")
+    n_inter = source[0].num_rows
+    assert summary["requests"] == round(PARAMS.request_fraction * n_inter) == logs["request_id"].nunique()
+    assert summary["log_rows"] == len(logs)
+    assert not logs.duplicated(["request_id", "item_id"]).any()
+    assert set(logs["stage"]) == {"retrieved", "ranked", "shown"}
+    per_request = logs.groupby("request_id")
+    assert per_request.size().max() <= PARAMS.candidates
+    assert (per_request["user_id"].nunique() == 1).all() and (per_request["timestamp"].nunique() == 1).all()
+    shown = logs[logs["stage"] == "shown"]
+    assert logs.loc[logs["stage"] != "shown", "position"].isna().all()
+    assert (shown.groupby("request_id")["position"].apply(sorted)
+            .apply(lambda p: p == list(range(1, len(p) + 1)))).all()
+    assert (shown.groupby("request_id").size() == PARAMS.shown).all()
+    assert ((logs["stage"] != "retrieved").groupby(logs["request_id"]).sum() == PARAMS.ranked).all()
+    # Stages follow the ranker's score: every shown item outscores every ranked one, which outscore
+    # every merely retrieved one.
+    best = logs.groupby(["request_id", "stage"])["ranker_score"].agg(["min", "max"]).unstack("stage")
+    assert (best[("min", "shown")] >= best[("max", "ranked")]).all()
+    assert (best[("min", "ranked")] >= best[("max", "retrieved")]).all()
+    # Position 1 has the highest score of the request.
+    top = shown[shown["position"] == 1].set_index("request_id")["ranker_score"]
+    assert np.allclose(top.sort_index(), per_request["ranker_score"].max().sort_index())
+    assert not logs.loc[logs["stage"] != "shown", "clicked"].any()
+    assert logs["clicked"].any()
+
+
+def test_the_interacted_item_is_retrieved_and_relevant(source, run) -> None:
+    _, out = run
+    logs = pd.read_parquet(out / "ranking_logs.parquet")
+    inter = source[0].to_pandas()[["user_id", "item_id", "timestamp"]].drop_duplicates()
+    hit = logs.merge(inter, on=["user_id", "item_id", "timestamp"])
+    assert hit["request_id"].nunique() == logs["request_id"].nunique()
+    truth = pd.read_parquet(out / "simulation/truth.parquet")
+    shown_hits = truth.merge(hit[["request_id", "item_id"]], on=["request_id", "item_id"])
+    assert shown_hits["p_relevant"].median() > truth["p_relevant"].median()
+    assert shown_hits["p_relevant"].median() > 0.7
+
+
+def test_truth_matches_logs_and_click_model(run) -> None:
+    _, out = run
+    truth_json = json.loads((out / "simulation/truth.json").read_text())
+    prop = {k: np.array(v) for k, v in truth_json["propensity"].items()}
+    for curve in prop.values():
+        assert len(curve) == PARAMS.shown and (np.diff(curve) < 0).all()
+    assert (prop["impatient"][2:] < prop["patient"][2:]).all()
+    assert prop["impatient"][4] < 0.1 < prop["patient"][-1]  # impatient users stop after the top ~3
+    logs = pd.read_parquet(out / "ranking_logs.parquet")
+    shown = logs[logs["stage"] == "shown"]
+    truth = pd.read_parquet(out / "simulation/truth.parquet")
+    assert len(truth) == len(shown)
+    rows = truth.merge(shown, on=["request_id", "item_id"], validate="one_to_one")
+    types = pd.read_parquet(out / "simulation/user_types.parquet").set_index("user_id")["user_type"]
+    assert (rows["user_type"] == rows["user_id"].map(types)).all()
+    expected = [prop[t][p - 1] for t, p in zip(rows["user_type"], rows["position"])]
+    assert np.allclose(rows["p_examine"], expected)
+    assert rows["p_relevant"].between(0, 1).all()
+    assert 0.2 < truth_json["mixture"]["impatient"] < 0.8
+    # Clicks follow the model: impatient users click less than patient ones deep in the list.
+    deep = rows[rows["position"] >= 4].groupby("user_type")["clicked"].mean()
+    assert deep["impatient"] < deep["patient"]
+
+
+def test_empty_interactions_write_empty_logs(source, tmp_path: Path) -> None:
+    summary, out = _simulate((source[0].slice(0, 0), source[1]), tmp_path, seed=1)
+    assert summary["requests"] == 0
+    logs = pq.read_table(out / "ranking_logs.parquet")
+    assert logs.num_rows == 0 and logs.schema.field("user_id").type == pa.string()
+    assert pq.read_table(out / "simulation/truth.parquet").num_rows == 0
