@@ -23,7 +23,7 @@ def _ingest(p: Params, paths: PathsParams) -> dict[str, Any]:
 def _validate(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.validate import validate
     return validate(paths.ingested, docs_dir=paths.reports / "validation",
-                    summary_path=paths.reports / "validation.json")
+                    summary_path=paths.reports / "validation.json", context_root=paths.cache / "gx")
 
 
 def _materialize(p: Params, paths: PathsParams) -> dict[str, Any]:

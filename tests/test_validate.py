@@ -1,0 +1,174 @@
+"""Stage validate: real GX suites on small contract tables written the way ingest writes them."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import pytest
+
+from flows.errors import MissingStageInput, ValidationFailed
+from flows.stages.validate import validate
+from tests.datagen import make_contract_dataset
+
+
+def _ingested(out: Path, string_ids: bool = False) -> Path:
+    """Contract tables + weight + schema.json, as ingest writes them (timestamps in us, UTC)."""
+    make_contract_dataset(out, n_users=40, n_items=30, per_user=(3, 8), string_ids=string_ids,
+                          with_logs=True)
+    inter = pd.read_parquet(out / "interactions.parquet")
+    inter["timestamp"] = inter["timestamp"].astype("datetime64[us, UTC]")
+    inter["weight"] = 1.0
+    inter.to_parquet(out / "interactions.parquet", index=False)
+    logs = pd.read_parquet(out / "ranking_logs.parquet")
+    logs["timestamp"] = logs["timestamp"].astype("datetime64[us, UTC]")
+    logs.to_parquet(out / "ranking_logs.parquet", index=False)
+    dtype = "string" if string_ids else "int64"
+    (out / "schema.json").write_text(json.dumps({
+        "user_id_dtype": dtype, "item_id_dtype": dtype,
+        "user_features": {"categorical": ["age_bucket", "gender", "occupation"], "numeric": [], "multi": []},
+        "item_features": {"categorical": ["title"], "numeric": ["year"], "multi": ["genres"]},
+        "has_rating": True, "ranking_logs": "source", "source": "test",
+    }))
+    return out
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _ingested(tmp_path_factory.mktemp("ingested"))
+
+
+@pytest.fixture(scope="module")
+def gx_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One GX context shared by the tests of this module: every run after the first is a re-run."""
+    return tmp_path_factory.mktemp("gx")
+
+
+def _run(ingested: Path, reports: Path, gx_root: Path) -> dict:
+    return validate(ingested, reports / "validation", reports / "validation.json", context_root=gx_root)
+
+
+def _edit(table: str, change: Callable[[pd.DataFrame], pd.DataFrame]):
+    def apply(d: Path) -> None:
+        path = d / f"{table}.parquet"
+        change(pd.read_parquet(path)).to_parquet(path, index=False)
+    return apply
+
+
+def _set(table: str, column: str, row: int, value) -> Callable[[Path], None]:
+    def change(df: pd.DataFrame) -> pd.DataFrame:
+        if value is None:  # keep int ids integer (nullable), as ingest would write them
+            df[column] = df[column].astype("Int64" if df[column].dtype.kind == "i" else object)
+        df.loc[row, column] = value
+        return df
+    return _edit(table, change)
+
+
+def _on_stage(stage: str, column: str, value) -> Callable[[Path], None]:
+    def change(df: pd.DataFrame) -> pd.DataFrame:
+        df.loc[df.index[df["stage"] == stage][0], column] = value
+        return df
+    return _edit("ranking_logs", change)
+
+
+def test_clean_data_passes_and_writes_docs_and_summary(clean: Path, tmp_path: Path, gx_root: Path):
+    summary = _run(clean, tmp_path, gx_root)
+    assert summary["success"] and summary["failures"] == []
+    assert set(summary["tables"]) == {"users", "items", "interactions", "ranking_logs"}
+    assert summary["tables"]["interactions"]["evaluated"] >= 10
+    assert summary["tables"]["ranking_logs"]["rows"] > 0
+    assert (tmp_path / "validation" / "index.html").exists()
+    assert json.loads((tmp_path / "validation.json").read_text()) == summary
+
+
+def test_rerun_in_same_context_keeps_only_this_runs_results(clean: Path, tmp_path: Path, gx_root: Path):
+    suite_file = gx_root / "gx" / "expectations" / "interactions_suite.json"
+    assert _run(clean, tmp_path, gx_root)["success"]
+    stored = suite_file.stat().st_mtime_ns, suite_file.read_text()
+    assert _run(clean, tmp_path, gx_root)["success"]
+    # the suite is stable from run to run (the clock is a suite parameter), so it is not rewritten
+    assert (suite_file.stat().st_mtime_ns, suite_file.read_text()) == stored
+    assert '"$PARAMETER": "now"' in stored[1]
+    pages = list((tmp_path / "validation" / "validations").rglob("*.html"))
+    assert len(pages) == 4  # one result page per table: earlier runs are not listed
+
+
+def test_string_ids_and_empty_ranking_logs_pass(tmp_path: Path, gx_root: Path):
+    data = _ingested(tmp_path / "in", string_ids=True)
+    _edit("ranking_logs", lambda df: df.iloc[:0])(data)
+    summary = _run(data, tmp_path / "reports", gx_root)
+    assert summary["success"] and summary["tables"]["ranking_logs"]["rows"] == 0
+
+
+# The kinds of broken data the brief names, one run each: (how to break the clean data, texts the
+# error must contain: table.column, the problem, an example value where there is one).
+BROKEN = {
+    "null user id": (_set("interactions", "user_id", 3, None), ["interactions.user_id", "null values"]),
+    "duplicate item id": (_edit("items", lambda df: pd.concat([df, df.iloc[[5]]], ignore_index=True)),
+                          ["items.item_id", "duplicate ids", "1005"]),
+    "unknown item": (_set("interactions", "item_id", 0, 99999),
+                     ["interactions.item_id", "not in items.item_id", "1 of", "99999"]),
+    "unknown stage": (_on_stage("retrieved", "stage", "bogus"), ["ranking_logs.stage", "bogus"]),
+    "position 0": (_on_stage("shown", "position", 0), ["ranking_logs.position", "position < 1", "0"]),
+    "click on retrieved row": (_on_stage("retrieved", "clicked", True),
+                               ["ranking_logs.clicked", "click on a non-shown row", "True"]),
+    "future timestamp": (_set("interactions", "timestamp", 4, pd.Timestamp("2999-01-01", tz="UTC")),
+                         ["interactions.timestamp", "in the future", "2999-01-01"]),
+    "null rating": (_set("interactions", "rating", 0, None), ["interactions.rating", "null values"]),
+}
+
+
+def _check_failure(data: Path, reports: Path, gx_root: Path, expected: list[str]) -> str:
+    with pytest.raises(ValidationFailed) as err:
+        _run(data, reports, gx_root)
+    message = str(err.value)
+    assert message.startswith("validation failed: ")
+    assert "index.html" in message.splitlines()[0]
+    for text in expected:
+        assert text in message, f"{text!r} not in:\n{message}"
+    # docs and summary are written on failure too
+    assert (reports / "validation" / "index.html").exists()
+    summary = json.loads((reports / "validation.json").read_text())
+    assert not summary["success"] and summary["failures"]
+    return message
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_data_raises_with_table_column_problem(case: str, clean: Path, tmp_path: Path, gx_root: Path):
+    breaks, expected = BROKEN[case]
+    data = tmp_path / "in"
+    shutil.copytree(clean, data)
+    breaks(data)
+    message = _check_failure(data, tmp_path / "reports", gx_root, expected)
+    assert len(message.splitlines()) == 2, message  # headline + exactly the one broken expectation
+
+
+def test_several_problems_are_listed_one_line_each(clean: Path, tmp_path: Path, gx_root: Path):
+    data = tmp_path / "in"
+    shutil.copytree(clean, data)
+    _edit("interactions", lambda df: df.iloc[:0])(data)
+    _set("users", "user_id", 3, None)(data)
+    _edit("users", lambda df: df.drop(columns=["gender"]))(data)
+    _on_stage("ranked", "position", 7)(data)
+    _set("ranking_logs", "user_id", 1, 77777)(data)
+    _edit("ranking_logs", lambda df: df.assign(timestamp=df["timestamp"].dt.tz_localize(None)))(data)
+    message = _check_failure(data, tmp_path / "reports", gx_root, [
+        "expectations on 3 tables",
+        "interactions: no interactions",
+        "users.user_id: null values",
+        "users.gender: required column is missing",
+        "ranking_logs.position: position set on a non-shown row", "e.g. 7",
+        "ranking_logs.user_id: not in users.user_id", "77777",
+        "ranking_logs.timestamp: timestamp in the future (or not tz-aware UTC)", "could not be checked",
+    ])
+    assert len(message.splitlines()) == 1 + 6, message
+
+
+def test_missing_input_names_the_file(clean: Path, tmp_path: Path, gx_root: Path):
+    data = tmp_path / "in"
+    shutil.copytree(clean, data)
+    (data / "ranking_logs.parquet").unlink()
+    with pytest.raises(MissingStageInput, match="ranking_logs.parquet"):
+        _run(data, tmp_path / "reports", gx_root)
