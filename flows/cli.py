@@ -145,11 +145,11 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
             raise MissingStageInput(f"{schema_path} not found: run `towerflow run` first")
         import json
         id_dtype = json.loads(schema_path.read_text())["user_id_dtype"]
-        from flows.recommend import read_ids_file, recommend as _recommend
+        from flows.recommend import parse_id, read_ids_file, recommend as _recommend
         if users_file is not None:
             ids = read_ids_file(users_file, id_dtype)
         else:
-            ids = read_ids_file_line(user_id, id_dtype)
+            ids = [parse_id(user_id.strip(), id_dtype, "--user-id")]
         recs = _recommend(ids, k, include_seen, model_dir=paths.model / "full", feast_dir=paths.feast,
                           features_dir=paths.features, schema_path=schema_path, index_dir=paths.index,
                           qdrant_path=paths.qdrant, alias=params.publish.alias)
@@ -159,18 +159,6 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
             typer.echo(f"wrote {len(recs)} rows for {recs['user_id'].nunique()} users to {out}")
         else:
             typer.echo(recs.to_csv(index=False), nl=False)
-
-
-def read_ids_file_line(raw: str, id_dtype: str) -> list:
-    """One --user-id value, converted like a line of a --users-file."""
-    import tempfile
-    from flows.recommend import read_ids_file
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as fh:
-        fh.write(raw + "\n")
-    try:
-        return read_ids_file(Path(fh.name), id_dtype)
-    finally:
-        os.unlink(fh.name)
 
 
 @app.command()
