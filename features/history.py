@@ -1,0 +1,120 @@
+"""Rows of the Feast offline sources, built from the ingested tables (vectorized, arrow list columns).
+
+Point-in-time rule of the behaviour view: the row dated t for a user holds the items of the user's
+interactions strictly before t. Feast's file store takes, for an example at time T, the newest row
+dated <= T, i.e. the row dated T itself, so an example never sees its own item or anything later.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from features.definitions import (
+    HISTORY_ROW,
+    ITEM_KEY,
+    RECENT_ITEMS,
+    SEEN_ITEMS,
+    TIMESTAMP_FIELD,
+    USER_KEY,
+)
+
+# How far after a user's last interaction the "now" history row is dated: strictly after every
+# interaction of that user, so no training example can pick it up.
+NOW_OFFSET = timedelta(seconds=1)
+# Static rows are dated this long before the first interaction so every example finds them.
+STATIC_LEAD = timedelta(days=1)
+_TS_TYPE = pa.timestamp("us", tz="UTC")
+_NOW_US = NOW_OFFSET // timedelta(microseconds=1)
+
+
+def micros(ts: pd.Series) -> np.ndarray:
+    """Timestamps as int64 microseconds since the epoch (UTC)."""
+    return pd.to_datetime(ts, utc=True).astype("datetime64[us, UTC]").astype("int64").to_numpy()
+
+
+def _id_array(values: np.ndarray) -> pa.Array:
+    return pa.array(values, type=pa.int64() if values.dtype.kind in "iu" else pa.string())
+
+
+def _ts_array(us: np.ndarray) -> pa.Array:
+    return pa.array(us.astype("int64"), type=pa.int64()).cast(_TS_TYPE)
+
+
+def static_rows(table: pd.DataFrame, key: str, columns: list[str], at: pd.Timestamp) -> pa.Table:
+    """key + feature columns + one early event_timestamp; integer columns widened to int64."""
+    out = pa.Table.from_pandas(table[[key, *columns]], preserve_index=False)
+    for i, field in enumerate(out.schema):
+        if pa.types.is_integer(field.type) and field.type != pa.int64():
+            out = out.set_column(i, field.name, out.column(i).cast(pa.int64()))
+    stamp = pa.array(np.full(len(out), micros(pd.Series([at]))[0]), type=pa.int64()).cast(_TS_TYPE)
+    return out.append_column(TIMESTAMP_FIELD, stamp)
+
+
+def _sorted(interactions: pd.DataFrame) -> pd.DataFrame:
+    # Same order as models.split: time, then item id for ties.
+    return interactions[[USER_KEY, ITEM_KEY, "timestamp"]].sort_values(
+        [USER_KEY, "timestamp", ITEM_KEY], kind="mergesort", ignore_index=True)
+
+
+def _windows(items: np.ndarray, cut: np.ndarray, start: np.ndarray, length: int) -> pa.Array:
+    """list<item> per row: items[cut-1], items[cut-2], ... down to max(start, cut-length)."""
+    lengths = np.minimum(cut - start, length)
+    offsets = np.zeros(len(cut) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+    flat = np.repeat(cut - 1, lengths) - within
+    return pa.ListArray.from_arrays(pa.array(offsets), _id_array(items[flat]))
+
+
+def history_rows(interactions: pd.DataFrame, history_length: int) -> pa.Table:
+    """One row per (user, distinct interaction time) + one "now" row per user (see module doc)."""
+    df = _sorted(interactions)
+    users, items, ts = df[USER_KEY].to_numpy(), df[ITEM_KEY].to_numpy(), micros(df["timestamp"])
+    n = len(df)
+    new_user = np.ones(n, dtype=bool)
+    new_user[1:] = users[1:] != users[:-1]
+    new_time = new_user.copy()
+    new_time[1:] |= ts[1:] != ts[:-1]
+    user_start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
+
+    first = np.flatnonzero(new_time)                      # first row of each (user, time) group
+    starts = np.flatnonzero(new_user)
+    ends = np.append(starts[1:], n)                       # one past each user's last row
+    cut = np.concatenate([first, ends])
+    start = np.concatenate([user_start[first], starts])
+    stamp = np.concatenate([ts[first], ts[ends - 1] + _NOW_US])
+    return pa.table({
+        USER_KEY: _id_array(users[start]),
+        RECENT_ITEMS: _windows(items, cut, start, history_length),
+        TIMESTAMP_FIELD: _ts_array(stamp),
+    })
+
+
+def history_index_rows(history: pa.Table) -> pa.Table:
+    """The history rows without their lists: key, time and the row's position (see definitions)."""
+    return pa.table({
+        USER_KEY: history.column(USER_KEY),
+        HISTORY_ROW: pa.array(np.arange(history.num_rows, dtype=np.int64)),
+        TIMESTAMP_FIELD: history.column(TIMESTAMP_FIELD),
+    })
+
+
+def seen_rows(interactions: pd.DataFrame) -> pa.Table:
+    """Per user: every distinct item interacted with (newest first), dated with the "now" row."""
+    df = _sorted(interactions)
+    last = df.groupby(USER_KEY, sort=False)["timestamp"].transform("max")
+    # Sorted by time, so keeping the last copy of a repeated item keeps its newest position.
+    df = df.assign(last=last).drop_duplicates([USER_KEY, ITEM_KEY], keep="last", ignore_index=True)
+    users, items = df[USER_KEY].to_numpy(), df[ITEM_KEY].to_numpy()
+    new_user = np.ones(len(df), dtype=bool)
+    new_user[1:] = users[1:] != users[:-1]
+    starts = np.flatnonzero(new_user)
+    ends = np.append(starts[1:], len(df))
+    return pa.table({
+        USER_KEY: _id_array(users[starts]),
+        SEEN_ITEMS: _windows(items, ends, starts, max(len(df), 1)),
+        TIMESTAMP_FIELD: _ts_array(micros(df["last"].iloc[starts]) + _NOW_US),
+    })
