@@ -26,6 +26,7 @@ class ModelParams(_Section):
     embedding_dim: PositiveInt = 64
     user_id_embedding: bool = False
     temperature: float = Field(0.07, gt=0)
+    min_count: PositiveInt = 1        # a feature value needs this many distinct users/items, else OOV
 
 
 class TrainParams(_Section):

@@ -1,0 +1,104 @@
+"""`make bench`: time every stage on the demo, training throughput, and recommendation latency.
+
+Runs in a temporary copy of the project (so the workspace's DVC outputs and dvc.lock are untouched),
+reusing the workspace's demo cache, and writes the figures to a JSON file (default reports/bench.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from flows.environment import configure_environment
+
+PROJECT_FILES = ("flows", "features", "models", "validation", "dvc.yaml", "params.yaml")
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50_ms": 1000 * statistics.median(ordered), "p99_ms": 1000 * pick(0.99), "n": len(ordered)}
+
+
+def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50) -> dict[str, Any]:
+    from flows.params import load_params
+    from flows.stages.registry import STAGES, run_stage
+
+    with tempfile.TemporaryDirectory(prefix="towerflow-bench-") as tmp:
+        work = Path(tmp)
+        for name in PROJECT_FILES:
+            src = root / name
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, work / name)
+        params = load_params(work / "params.yaml",
+                             [f"paths.cache={(root / '.cache/towerflow').resolve()}", *overrides])
+        stages: dict[str, float] = {}
+        for name in STAGES:
+            t0 = time.perf_counter()
+            run_stage(name, params, work)
+            stages[name] = round(time.perf_counter() - t0, 2)
+            print(f"{name:<12} {stages[name]:7.2f}s", flush=True)
+        paths = params.paths.resolved(work)
+        train_metrics = json.loads((paths.model / "train_metrics.json").read_text())
+        metrics = json.loads((paths.reports / "metrics.json").read_text())
+        latency = _recommend_latency(paths, params, repeats)
+
+    result = {
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "overrides": overrides,
+        "stage_seconds": stages,
+        "total_seconds": round(sum(stages.values()), 2),
+        "train": train_metrics,
+        "metrics": metrics,
+        "recommend": latency,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def _recommend_latency(paths, params, repeats: int) -> dict[str, Any]:  # noqa: ANN001
+    """End-to-end `recommend` calls (Feast online + user tower + Qdrant), after one warm-up call."""
+    import pandas as pd
+
+    from flows.recommend import recommend
+
+    users = pd.read_parquet(paths.ingested / "users.parquet")["user_id"].tolist()
+    kwargs = dict(model_dir=paths.model / "full", feast_dir=paths.feast, features_dir=paths.features,
+                  schema_path=paths.ingested / "schema.json", index_dir=paths.index,
+                  qdrant_path=paths.qdrant, alias=params.publish.alias)
+    recommend(users[:1], 20, False, **kwargs)
+    single = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        recommend([users[i % len(users)]], 20, False, **kwargs)
+        single.append(time.perf_counter() - t0)
+    batch_users = users[:1000]
+    t0 = time.perf_counter()
+    recommend(batch_users, 20, False, **kwargs)
+    batch = time.perf_counter() - t0
+    return {"one_user_k20": _percentiles(single),
+            "batch_k20": {"users": len(batch_users), "seconds": round(batch, 3),
+                          "users_per_s": round(len(batch_users) / batch, 1)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("reports/bench.json"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args()
+    root = Path.cwd()
+    configure_environment(root)
+    result = bench(root, args.out, args.overrides, args.repeats)
+    print(json.dumps({k: result[k] for k in ("stage_seconds", "total_seconds", "recommend")}, indent=2))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Turn ids and feature values into model inputs: vocabularies (with OOV), numeric standardization.
+
+Index 0 of every vocabulary means "unknown": ids or values never seen at fit time, nulls, and the
+padding of multi-valued lists all map there, so inference never fails on new users or values. The
+fitted encoder round-trips through JSON (encoder.json next to model.pt).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from flows.errors import DataContractError
+
+HISTORY_COLUMN = "recent_items"
+OOV = 0
+
+
+def _category_keys(values: pd.Series) -> pd.Series:
+    """Feature values as strings; integral floats (an int column that met a null) print as ints."""
+    s = pd.Series(values).reset_index(drop=True)
+    if pd.api.types.is_float_dtype(s):
+        finite = s.dropna()
+        if (finite % 1 == 0).all():
+            s = s.astype("Int64")
+    keys = s.astype(object).where(s.notna(), None)
+    return keys.map(lambda v: None if v is None else str(v))
+
+
+@dataclass
+class Vocab:
+    """Values ↔ indices 1..n; 0 is OOV. `kind` is 'int64' for integer ids, else 'string'."""
+
+    values: list[Any]
+    kind: str = "string"
+    _index: pd.Index | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.values) + 1
+
+    @classmethod
+    def fit(cls, values: pd.Series, kind: str = "string", min_count: int = 1) -> "Vocab":
+        """Distinct non-null values seen at least min_count times, in first-seen order."""
+        keys = cls._keys(values, kind).dropna()
+        counts = keys.value_counts(sort=False)
+        kept = counts.index[counts.to_numpy() >= min_count]
+        first_seen = pd.Index(keys.drop_duplicates())
+        ordered = first_seen[first_seen.isin(kept)]
+        return cls(values=[int(v) if kind == "int64" else str(v) for v in ordered], kind=kind)
+
+    @staticmethod
+    def _keys(values: pd.Series, kind: str) -> pd.Series:
+        s = pd.Series(values).reset_index(drop=True)
+        if kind != "int64":
+            return _category_keys(s)
+        if pd.api.types.is_integer_dtype(s):
+            return s.astype("Int64")
+        # ids read back as floats (a join met a null) or strings of digits: anything non-integral is OOV
+        num = pd.to_numeric(s, errors="coerce")
+        return num.where(num % 1 == 0).astype("Int64")
+
+    def lookup(self, values: pd.Series | np.ndarray | list) -> np.ndarray:
+        """Indices (int64) of values; unknown and null → 0."""
+        if self._index is None:
+            dtype = "Int64" if self.kind == "int64" else object
+            self._index = pd.Index(pd.array(self.values, dtype=dtype))
+        keys = self._keys(pd.Series(values, dtype=object if len(values) == 0 else None), self.kind)
+        pos = self._index.get_indexer(keys.astype(self._index.dtype))
+        out = pos.astype(np.int64) + 1  # -1 (missing) becomes 0 = OOV
+        out[keys.isna().to_numpy()] = OOV
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "values": self.values}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Vocab":
+        return cls(values=list(d["values"]), kind=d["kind"])
+
+
+@dataclass
+class NumericStats:
+    """Standardize with the fit-time mean and std; nulls become the mean (0 after scaling)."""
+
+    mean: float
+    std: float
+
+    @classmethod
+    def fit(cls, values: pd.Series) -> "NumericStats":
+        x = pd.to_numeric(values, errors="coerce").astype(float)
+        mean = float(x.mean()) if x.notna().any() else 0.0
+        std = float(x.std(ddof=0)) if x.notna().sum() > 1 else 0.0
+        return cls(mean=mean, std=std if std > 1e-12 else 1.0)
+
+    def transform(self, values: pd.Series) -> np.ndarray:
+        x = pd.to_numeric(pd.Series(values), errors="coerce").astype(float).to_numpy()
+        return np.nan_to_num((x - self.mean) / self.std, nan=0.0).astype(np.float32)
+
+
+def _flatten_lists(values: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
+    """List column → (flat values, parent row of each, position within its list). Nulls = empty."""
+    arr = pa.array(pd.Series(values).reset_index(drop=True).tolist(), from_pandas=True)
+    if not pa.types.is_list(arr.type) and not pa.types.is_large_list(arr.type):
+        if len(arr) == 0 or arr.null_count == len(arr):
+            return pd.Series([], dtype=object), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        raise DataContractError(f"expected a list column, got values of type {arr.type}")
+    flat = arr.flatten()
+    parents = pc.list_parent_indices(arr).to_numpy().astype(np.int64)
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    positions = np.arange(len(flat), dtype=np.int64) - starts[parents]
+    return flat.to_pandas(), parents, positions
+
+
+def pad_lists(values: pd.Series, vocab: Vocab, max_len: int | None = None) -> np.ndarray:
+    """List column → (n, L) int64 matrix of vocabulary indices, 0-padded, the first max_len kept."""
+    n = len(values)
+    flat, parents, positions = _flatten_lists(values)
+    keep = positions < max_len if max_len is not None else np.ones(len(flat), bool)
+    idx = vocab.lookup(flat[keep]) if keep.any() else np.zeros(0, np.int64)
+    width = int(positions[keep].max()) + 1 if keep.any() else 1
+    out = np.zeros((n, width), dtype=np.int64)
+    out[parents[keep], positions[keep]] = idx
+    return out
+
+
+@dataclass
+class SideEncoder:
+    """Encoders for one side (users or items): its categorical, numeric and multi-valued columns."""
+
+    categorical: dict[str, Vocab]
+    numeric: dict[str, NumericStats]
+    multi: dict[str, Vocab]
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, kinds: dict[str, list[str]], what: str, min_count: int) -> "SideEncoder":
+        """`frame` has one row per entity, so min_count counts distinct users/items per value."""
+        cols = {k: list(kinds.get(k) or []) for k in ("categorical", "numeric", "multi")}
+        missing = [c for cs in cols.values() for c in cs if c not in frame.columns]
+        if missing:
+            raise DataContractError(f"{what}: feature columns {missing} listed in schema.json are missing")
+        multi = {}
+        for c in cols["multi"]:
+            flat, _, _ = _flatten_lists(frame[c])
+            multi[c] = Vocab.fit(flat, min_count=min_count)
+        return cls(
+            categorical={c: Vocab.fit(frame[c], min_count=min_count) for c in cols["categorical"]},
+            numeric={c: NumericStats.fit(frame[c]) for c in cols["numeric"]},
+            multi=multi,
+        )
+
+    def encode(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+        """{'cat': (n, C) int64, 'num': (n, N) float32, 'multi:<col>': (n, L) int64}; absent columns → defaults."""
+        n = len(frame)
+        cat = np.zeros((n, len(self.categorical)), np.int64)
+        for j, (c, v) in enumerate(self.categorical.items()):
+            if c in frame.columns:
+                cat[:, j] = v.lookup(frame[c])
+        num = np.zeros((n, len(self.numeric)), np.float32)
+        for j, (c, s) in enumerate(self.numeric.items()):
+            if c in frame.columns:
+                num[:, j] = s.transform(frame[c])
+        out = {"cat": cat, "num": num}
+        for c, v in self.multi.items():
+            out[f"multi:{c}"] = pad_lists(frame[c], v) if c in frame.columns else np.zeros((n, 1), np.int64)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "categorical": {c: v.to_json() for c, v in self.categorical.items()},
+            "numeric": {c: {"mean": s.mean, "std": s.std} for c, s in self.numeric.items()},
+            "multi": {c: v.to_json() for c, v in self.multi.items()},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "SideEncoder":
+        return cls(
+            categorical={c: Vocab.from_json(v) for c, v in d["categorical"].items()},
+            numeric={c: NumericStats(**s) for c, s in d["numeric"].items()},
+            multi={c: Vocab.from_json(v) for c, v in d["multi"].items()},
+        )
+
+
+def _longest_list(frame: pd.DataFrame, column: str) -> int:
+    if column not in frame.columns or len(frame) == 0:
+        return 1
+    _, _, positions = _flatten_lists(frame[column])
+    return int(positions.max()) + 1 if len(positions) else 1
+
+
+def _id_kind(dtype_name: str) -> str:
+    return "int64" if dtype_name.startswith("int") else "string"
+
+
+@dataclass
+class FeatureEncoder:
+    """Everything that maps raw rows to model inputs; fitted on the catalog and the training rows."""
+
+    item_ids: Vocab
+    user_ids: Vocab
+    users: SideEncoder
+    items: SideEncoder
+    history_length: int
+
+    @classmethod
+    def fit(cls, schema: dict[str, Any], items: pd.DataFrame, examples: pd.DataFrame,
+            min_count: int = 1, history_length: int | None = None) -> "FeatureEncoder":
+        """Item ids from the whole catalog (items without interactions still get a vector from their
+        features), then any item ids that only occur in examples; user values from the examples.
+        history_length None: the longest recent_items list in the examples (longer ones are cut)."""
+        for frame, col, what in ((items, "item_id", "items.parquet"), (examples, "user_id", "examples.parquet"),
+                                 (examples, "item_id", "examples.parquet")):
+            if col not in frame.columns:
+                raise DataContractError(f"{what}: required column '{col}' is missing")
+        item_kind = _id_kind(schema.get("item_id_dtype", "string"))
+        all_items = pd.concat([items["item_id"], examples["item_id"]], ignore_index=True)
+        # one row per user (its latest features), so min_count counts users, not interactions
+        latest = examples.sort_values("timestamp", kind="stable").drop_duplicates("user_id", keep="last") \
+            if "timestamp" in examples.columns else examples.drop_duplicates("user_id", keep="last")
+        return cls(
+            item_ids=Vocab.fit(all_items, kind=item_kind),
+            user_ids=Vocab.fit(latest["user_id"], kind=_id_kind(schema.get("user_id_dtype", "string"))),
+            users=SideEncoder.fit(latest, schema.get("user_features", {}), "examples.parquet", min_count),
+            items=SideEncoder.fit(items.drop_duplicates("item_id"), schema.get("item_features", {}),
+                                  "items.parquet", min_count),
+            history_length=history_length or _longest_list(examples, HISTORY_COLUMN),
+        )
+
+    def encode_items(self, items: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Item tower inputs: 'item' (n,) + the item side's feature arrays."""
+        return {"item": self.item_ids.lookup(items["item_id"]), **self.items.encode(items)}
+
+    def encode_users(self, users: pd.DataFrame) -> dict[str, np.ndarray]:
+        """User tower inputs: 'user' (n,), 'history' (n, H) item indices newest first, + features."""
+        n = len(users)
+        user = self.user_ids.lookup(users["user_id"]) if "user_id" in users.columns else np.zeros(n, np.int64)
+        if HISTORY_COLUMN in users.columns:
+            history = pad_lists(users[HISTORY_COLUMN], self.item_ids, self.history_length)
+        else:
+            history = np.zeros((n, 1), np.int64)
+        return {"user": user, "history": history, **self.users.encode(users)}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"item_ids": self.item_ids.to_json(), "user_ids": self.user_ids.to_json(),
+                "users": self.users.to_json(), "items": self.items.to_json(),
+                "history_length": self.history_length}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "FeatureEncoder":
+        return cls(item_ids=Vocab.from_json(d["item_ids"]), user_ids=Vocab.from_json(d["user_ids"]),
+                   users=SideEncoder.from_json(d["users"]), items=SideEncoder.from_json(d["items"]),
+                   history_length=int(d["history_length"]))
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: Path) -> "FeatureEncoder":
+        return cls.from_json(json.loads(path.read_text()))

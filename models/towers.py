@@ -1,0 +1,146 @@
+"""The two-tower retrieval model: encoders → Tower → TwoTower (read top to bottom, nanoGPT style).
+
+Inputs are dicts of tensors produced by models.encoding.FeatureEncoder:
+  items: 'item' (B,), 'cat' (B, Ci), 'num' (B, Ni), 'multi:<col>' (B, L)
+  users: 'user' (B,), 'history' (B, H) item indices newest first, 'cat' (B, Cu), 'num' (B, Nu), 'multi:<col>'
+Index 0 is OOV/padding everywhere. The user tower pools the *same* item-id embedding table that the
+item tower uses, so a user's history lives in the space the items are learned in (YouTube DNN, Covington
+et al. 2016, averaged watch embeddings). The model returns the two L2-normalized embeddings; the loss
+(models.losses) and the index (publish) live elsewhere.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TwoTowerConfig:
+    n_items: int                      # item-id vocabulary size, index 0 = OOV/padding
+    n_users: int                      # user-id vocabulary size (used only with user_id_embedding)
+    user_categorical: list[int]       # vocabulary size of each user categorical column
+    user_numeric: int                 # number of standardized user numeric columns
+    user_multi: dict[str, int]        # multi-valued user column -> vocabulary size
+    item_categorical: list[int]
+    item_numeric: int
+    item_multi: dict[str, int]
+    embedding_dim: int = 64
+    hidden: list[int] = field(default_factory=lambda: [128])
+    dim: int = 64
+    user_id_embedding: bool = False
+    temperature: float = 0.07
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def masked_mean(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
+    """Mean of the embeddings of the non-zero indices of each row; all-padding rows give zeros."""
+    # embedding_bag pools without materializing (B, L, E) and skips padding_idx in the mean
+    return F.embedding_bag(idx, emb.weight, mode="mean", padding_idx=0)  # (B, E)
+
+
+class CategoricalEncoder(nn.Module):
+    """One embedding per categorical column, concatenated. Index 0 (OOV/null) has its own vector."""
+
+    def __init__(self, sizes: list[int], dim: int):
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(n, dim) for n in sizes)
+        self.out_dim = dim * len(sizes)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:        # idx (B, C)
+        if not self.tables:
+            return idx.new_zeros((idx.shape[0], 0), dtype=torch.float32)
+        return torch.cat([t(idx[:, j]) for j, t in enumerate(self.tables)], dim=-1)  # (B, C*E)
+
+
+class MultiEncoder(nn.Module):
+    """Mean-pooled embedding of each multi-valued column (e.g. genres), concatenated."""
+
+    def __init__(self, sizes: dict[str, int], dim: int):
+        super().__init__()
+        self.names = list(sizes)
+        self.tables = nn.ModuleList(nn.Embedding(n, dim, padding_idx=0) for n in sizes.values())
+        self.out_dim = dim * len(sizes)
+
+    def forward(self, batch: Batch) -> list[torch.Tensor]:
+        return [masked_mean(t, batch[f"multi:{c}"]) for c, t in zip(self.names, self.tables)]  # [(B, E)]
+
+
+class Tower(nn.Module):
+    """Concatenated input features → MLP (ReLU) → linear projection → L2 norm."""
+
+    def __init__(self, in_dim: int, hidden: list[int], dim: int):
+        super().__init__()
+        if in_dim <= 0:
+            raise ValueError(f"a tower needs at least one input feature (got in_dim={in_dim})")
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers += [nn.Linear(in_dim, h), nn.ReLU()]
+            in_dim = h
+        layers.append(nn.Linear(in_dim, dim))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:          # x (B, in_dim)
+        return F.normalize(self.mlp(x), dim=-1)                  # (B, D)
+
+
+class TwoTower(nn.Module):
+    def __init__(self, cfg: TwoTowerConfig):
+        super().__init__()
+        if cfg.n_items < 2:
+            raise ValueError(f"item vocabulary is empty (n_items={cfg.n_items}): check items.parquet")
+        if cfg.temperature <= 0:
+            raise ValueError(f"model.temperature must be > 0 (got {cfg.temperature})")
+        self.cfg = cfg
+        e = cfg.embedding_dim
+        # shared by the item tower (the item's own id) and the user tower (its history)
+        self.item_emb = nn.Embedding(cfg.n_items, e, padding_idx=0)
+        self.item_cat = CategoricalEncoder(cfg.item_categorical, e)
+        self.item_multi = MultiEncoder(cfg.item_multi, e)
+        self.user_cat = CategoricalEncoder(cfg.user_categorical, e)
+        self.user_multi = MultiEncoder(cfg.user_multi, e)
+        self.user_emb = nn.Embedding(cfg.n_users, e) if cfg.user_id_embedding else None
+        item_in = e + self.item_cat.out_dim + cfg.item_numeric + self.item_multi.out_dim
+        # + 1: log history length, so the tower can tell an empty history from an average one
+        user_in = (e + 1 + self.user_cat.out_dim + cfg.user_numeric + self.user_multi.out_dim
+                   + (e if cfg.user_id_embedding else 0))
+        self.item_tower = Tower(item_in, cfg.hidden, cfg.dim)
+        self.user_tower = Tower(user_in, cfg.hidden, cfg.dim)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # small embeddings (nanoGPT's 0.02) keep the MLP inputs on the scale of standardized numerics
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+
+    def encode_items(self, batch: Batch) -> torch.Tensor:
+        parts = [self.item_emb(batch["item"]),                  # (B, E)
+                 self.item_cat(batch["cat"]),                   # (B, Ci*E)
+                 batch["num"],                                  # (B, Ni)
+                 *self.item_multi(batch)]                       # [(B, E)]
+        return self.item_tower(torch.cat(parts, dim=-1))        # (B, D)
+
+    def encode_users(self, batch: Batch) -> torch.Tensor:
+        history = batch["history"]                              # (B, H)
+        n_hist = (history != 0).sum(dim=1, keepdim=True)        # (B, 1)
+        parts = [masked_mean(self.item_emb, history),           # (B, E)
+                 torch.log1p(n_hist.to(torch.float32)),         # (B, 1)
+                 self.user_cat(batch["cat"]),                   # (B, Cu*E)
+                 batch["num"],                                  # (B, Nu)
+                 *self.user_multi(batch)]                       # [(B, E)]
+        if self.user_emb is not None:
+            parts.append(self.user_emb(batch["user"]))          # (B, E)
+        return self.user_tower(torch.cat(parts, dim=-1))        # (B, D)
+
+    def forward(self, users: Batch, items: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_users(users), self.encode_items(items)  # (B, D), (B, D)
