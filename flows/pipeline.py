@@ -6,6 +6,7 @@ schedules. DVC runs the stage's `cmd` (`towerflow stage <name>`), the same code 
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -33,6 +34,8 @@ def _reproduce(root: Path, name: str, force: bool) -> StageRun:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
+    # DVC prints its own progress; without this Prefect's root handler prints every line twice.
+    logging.getLogger("dvc").propagate = False
     t0 = time.perf_counter()
     try:
         # DVC resolves targets and stage paths against the working directory.
