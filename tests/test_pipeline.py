@@ -117,3 +117,26 @@ def test_broken_source_stops_before_anything_is_written(flow_project, tmp_path):
     assert len(lines) == 1 and "nope" in lines[0] and "Traceback" not in proc.stderr
     assert (root / "artifacts/index/manifest.json").read_bytes() == manifest_before
     assert (root / "data/ingested/interactions.parquet").read_bytes() == ingested_before
+
+
+def test_dvc_repro_alone_builds_everything_then_does_nothing(tmp_path, contract_source):
+    """The same stages through plain `dvc repro` (no Prefect): a second repro reproduces nothing."""
+    root = make_project(tmp_path / "dvcproj", contract_source,
+                        extra={"data": {"max_users": 150}, "train": {"refit_full": False}})
+    first = run([DVC, "repro"], root)
+    for name in STAGES:
+        assert f"Running stage '{name}'" in first.stdout, first.stdout[-2000:]
+    assert json.loads((root / "reports/metrics.json").read_text())["n_users"] <= 150
+    second = run([DVC, "repro"], root)
+    assert "Running stage" not in second.stdout
+    assert json.loads(run([DVC, "status", "--json"], root).stdout or "{}") == {}
+
+
+def test_debug_flag_shows_the_traceback(flow_project, tmp_path):
+    root, *_ = flow_project
+    quiet = run([TOWERFLOW, "stage", "ingest", "--set", f"data.source={tmp_path / 'missing'}"], root, check=False)
+    loud = run([TOWERFLOW, "--debug", "stage", "ingest", "--set", f"data.source={tmp_path / 'missing'}"], root,
+               check=False)
+    assert quiet.returncode == loud.returncode == 1
+    assert "Traceback" not in quiet.stderr and "Traceback" in loud.stderr
+    assert "missing" in quiet.stderr.strip().splitlines()[-1]

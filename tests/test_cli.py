@@ -1,0 +1,46 @@
+"""The CLI: expected failures print one line naming the problem and exit 1."""
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_help_lists_the_commands():
+    result = _invoke("--help")
+    assert result.exit_code == 0
+    for command in ("run", "stage", "recommend", "params"):
+        assert command in result.output
+
+
+def test_unknown_stage_is_named():
+    result = _invoke("stage", "trian", "--params", str(ROOT / "params.yaml"))
+    assert result.exit_code == 1
+    assert "unknown stage 'trian'" in result.output
+
+
+def test_bad_override_fails_before_running():
+    result = _invoke("run", "--params", str(ROOT / "params.yaml"), "--set", "train.epochz=3")
+    assert result.exit_code == 1
+    assert "unknown key 'train.epochz'" in result.output
+
+
+def test_recommend_needs_exactly_one_user_source():
+    result = _invoke("recommend", "--params", str(ROOT / "params.yaml"))
+    assert result.exit_code == 1
+    assert "exactly one of --user-id or --users-file" in result.output
+
+
+def test_recommend_before_any_run_says_what_to_do(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    result = _invoke("recommend", "--user-id", "1", "--params", str(params))
+    assert result.exit_code == 1
+    assert "schema.json not found" in result.output and "towerflow run" in result.output
