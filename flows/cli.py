@@ -116,6 +116,8 @@ def _print_summary(runs, params, root: Path, total: float) -> None:  # noqa: ANN
     typer.echo(f"index:    alias '{params.publish.alias}' in Qdrant at {where} ({paths.index / 'manifest.json'})")
     typer.echo(f"metrics:  {paths.reports / 'metrics.json'}")
     typer.echo(f"reports:  {paths.reports / 'validation' / 'index.html'}, {paths.reports / 'drift' / 'drift.html'}")
+    if any(r.ran for r in runs):
+        typer.echo("dvc.lock records this run: `git add dvc.lock && git commit` to version it")
     metrics = root / paths.reports / "metrics.json"
     if metrics.exists():
         import json
@@ -167,6 +169,17 @@ def params(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOpti
     with _errors():
         import yaml
         typer.echo(yaml.safe_dump(_load(params_file, set_).model_dump(mode="json"), sort_keys=False))
+
+
+@app.command()
+def ablate(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
+           seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per row: base.seed, base.seed+1, ..."),
+           only: Optional[list[str]] = typer.Option(None, "--only", help="Run only this row (repeatable)."),
+           out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: paths.reports.")) -> None:
+    """Ablation table (mean ± std over seeds) in a temporary copy: writes ablation.md and ablation.json."""
+    with _errors():
+        from models.ablation import run_cli
+        run_cli(params_file, set_ or [], seeds, only, out_dir)
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ def _reproduce(root: Path, name: str, force: bool) -> StageRun:
     try:
         # DVC resolves targets and stage paths against the working directory.
         with _working_directory(root), Repo(".") as repo:
+            repo.scm_context.quiet = True  # one "git add dvc.lock" hint at the end, not one per stage
             changed = repo.reproduce(targets=[name], single_item=True, force=force)
     except DvcException as exc:
         # The stage printed its own one-line error; DVC's message says which stage and command.
