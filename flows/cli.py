@@ -115,17 +115,19 @@ def _print_summary(runs, params, root: Path, total: float) -> None:  # noqa: ANN
     typer.echo(f"model:    {paths.model / 'full'} (evaluation model: {paths.model / 'eval'})")
     typer.echo(f"index:    alias '{params.publish.alias}' in Qdrant at {where} ({paths.index / 'manifest.json'})")
     typer.echo(f"metrics:  {paths.reports / 'metrics.json'}")
-    typer.echo(f"reports:  {paths.reports / 'validation' / 'index.html'}, {paths.reports / 'drift' / 'drift.html'}")
+    typer.echo(f"reports:  {paths.reports / 'validation' / 'index.html'} (contract tables), "
+               f"{paths.reports / 'training_validation' / 'index.html'} (training set), "
+               f"{paths.reports / 'drift' / 'drift.html'} (drift)")
     if any(r.ran for r in runs):
         typer.echo("dvc.lock records this run: `git add dvc.lock && git commit` to version it")
     metrics = root / paths.reports / "metrics.json"
     if metrics.exists():
         import json
         m = json.loads(metrics.read_text())
-        for model in ("two_tower", "most_popular"):
+        for model in ("two_tower", "ease", "most_popular"):
             if model in m:
-                typer.echo(f"          {model}: " + ", ".join(f"{k}={v:.4f}" for k, v in m[model].items()
-                                                             if isinstance(v, (int, float))))
+                typer.echo(f"          {model:<12} " + ", ".join(
+                    f"{k}={v:.4f}" for k, v in m[model].items() if isinstance(v, (int, float))))
 
 
 @app.command()

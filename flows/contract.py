@@ -33,6 +33,9 @@ TIMESTAMP = pa.timestamp("us", tz="UTC")
 # Below this many rows a table is too small to call a column "free text" from its distinct count.
 FREE_TEXT_MIN_ROWS = 20
 FREE_TEXT_DISTINCT_SHARE = 0.9
+# A file this wide is an export mistake (one column per id, a pivot), not a feature table: refuse
+# it before the suites, the Feast schema and the encoders grow one entry per column.
+MAX_COLUMNS = 1000
 # Canonical decimal integers only: "007" stays a string id so that ids are kept exactly as given.
 _CANONICAL_INT = r"^-?(0|[1-9][0-9]{0,17})$"
 
@@ -98,9 +101,27 @@ def read_table(path: Path) -> pa.Table:
     try:
         if path.suffix == ".parquet":
             return pq.read_table(path)
-        return pacsv.read_csv(path, convert_options=_csv_options(path))
+        table = pacsv.read_csv(path, convert_options=_csv_options(path))
     except (pa.ArrowException, OSError) as exc:
+        if "invalid UTF8" in str(exc):
+            raise DataContractError(f"{path}: not UTF-8 text in an id column ({_first_line(exc)}); "
+                                    "save the file as UTF-8") from exc
         raise DataContractError(f"{path}: could not be read ({_first_line(exc)})") from exc
+    for field in table.schema:
+        # pyarrow reads text that is not valid UTF-8 as binary; it would be dropped as "not a feature"
+        if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            bad = next((v for v in table[field.name].to_pylist() if v is not None and not _utf8(v)), b"")
+            raise DataContractError(f"{path}: column '{field.name}' is not UTF-8 text (e.g. {bad[:40]!r}); "
+                                    "save the file as UTF-8")
+    return table
+
+
+def _utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def _first_line(exc: BaseException) -> str:
@@ -138,6 +159,9 @@ def check_directory(source: Path, data: DataParams) -> SourceFiles:
         if path is None:
             continue
         schema = read_schema(path)
+        if len(schema.names) > MAX_COLUMNS:
+            raise DataContractError(f"{path}: {len(schema.names)} columns, more than the {MAX_COLUMNS} towerflow "
+                                    "reads; keep the id, the required columns and the features you use")
         check_columns(path, schema, REQUIRED[name])
         if name == "users":
             check_declared(path, schema, "user_id", data.user_features)
@@ -221,13 +245,26 @@ def _timestamp(path: Path, col: str, arr: pa.ChunkedArray) -> pa.ChunkedArray:
         return pc.cast(pc.cast(arr, pa.timestamp("us")), TIMESTAMP)
     if pa.types.is_integer(typ) or pa.types.is_floating(typ):  # unix seconds
         micros = pc.round(pc.multiply(pc.cast(arr, pa.float64()), 1e6))
-        return pc.cast(pc.cast(micros, pa.int64()), TIMESTAMP)
+        try:
+            return pc.cast(pc.cast(micros, pa.int64()), TIMESTAMP)
+        except pa.ArrowInvalid as exc:  # beyond int64 microseconds: about the year 294,000
+            top = pc.max(pc.abs(pc.cast(arr, pa.float64()))).as_py()
+            raise DataContractError(f"{path}: column '{col}' has unix seconds out of range (e.g. {top:.0f}; "
+                                    "expected seconds since 1970 UTC, not ms or ns)") from exc
     text = pc.cast(arr, pa.string()).to_pandas()
-    parsed = pd.to_datetime(text, utc=True, format="ISO8601", errors="coerce")
+    # ISO 8601 only: '03/04/2024' is March 4 or April 3 depending on who wrote it. Text with an
+    # offset ('Z', '+02:00') is converted to UTC, text without one is UTC. The two are parsed
+    # apart: pandas gives naive strings the offset of the first string when they are mixed.
+    has_offset = text.str.contains(r"(?:Z|[+-]\d{2}(?::?\d{2})?)$", regex=True, na=False)
+    parsed = pd.Series(pd.NaT, index=text.index, dtype="datetime64[ns, UTC]")
+    for part in (has_offset, ~has_offset & text.notna()):
+        if part.any():
+            parsed[part] = pd.to_datetime(text[part], utc=True, format="ISO8601", errors="coerce")
     bad = text[parsed.isna() & text.notna()]
     if len(bad):
         raise DataContractError(f"{path}: column '{col}' is neither a datetime nor unix seconds "
-                                f"(e.g. {bad.iloc[0]!r}; use ISO 8601 text or seconds since 1970 UTC)")
+                                f"(e.g. {bad.iloc[0]!r}; use ISO 8601 text, e.g. '2024-03-04T10:00:00+02:00', "
+                                "or seconds since 1970 UTC)")
     return pa.chunked_array([pa.array(parsed, type=TIMESTAMP)])
 
 

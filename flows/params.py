@@ -6,6 +6,7 @@ same dotted keys as `dvc exp run -S` and YAML value syntax (`--set model.hidden=
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from models.params import (
     SplitParams,
     TrainParams,
 )
+from validation.params import ValidateParams
 
 
 class _Section(BaseModel):
@@ -101,19 +103,25 @@ def resolve_source(data: DataParams, root: Path) -> DataParams:
     return data.model_copy(update={"source": str(root / data.source)})
 
 
-class Params(_Section):
-    base: BaseParams = BaseParams()
-    paths: PathsParams = PathsParams()
-    data: DataParams = DataParams()
-    simulator: SimulatorParams = SimulatorParams()
-    split: SplitParams = SplitParams()
-    features: FeaturesParams = FeaturesParams()
-    sample: SampleParams = SampleParams()
-    model: ModelParams = ModelParams()
-    train: TrainParams = TrainParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    publish: PublishParams = PublishParams()
-    report: ReportParams = ReportParams()
+# `validate` (the section's name in params.yaml and dvc.yaml) shadows pydantic's deprecated
+# BaseModel.validate classmethod, which towerflow never calls: silence only that warning.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
+
+    class Params(_Section):
+        base: BaseParams = BaseParams()
+        paths: PathsParams = PathsParams()
+        data: DataParams = DataParams()
+        simulator: SimulatorParams = SimulatorParams()
+        validate: ValidateParams = ValidateParams()
+        split: SplitParams = SplitParams()
+        features: FeaturesParams = FeaturesParams()
+        sample: SampleParams = SampleParams()
+        model: ModelParams = ModelParams()
+        train: TrainParams = TrainParams()
+        evaluate: EvaluateParams = EvaluateParams()
+        publish: PublishParams = PublishParams()
+        report: ReportParams = ReportParams()
 
 
 def _describe(err: ValidationError, origin: str) -> str:

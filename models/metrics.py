@@ -1,8 +1,14 @@
-"""Full-catalog top-K retrieval metrics: Recall@K and NDCG@K with binary gains.
+"""Full-catalog top-K retrieval metrics with binary gains.
 
 Every user is ranked against the whole catalog (no sampled negatives, which inflate and reorder
 results: Krichene & Rendle 2020, "On Sampled Metrics for Item Recommendation"). Items the user already
 interacted with in training are removed from the ranking before the top K are taken.
+
+Per K: Recall@K (hits / |relevant|), NDCG@K (IDCG over min(K, |relevant|)), HitRate@K (≥1 hit),
+averaged over users with ≥1 relevant item; Coverage@K (share of the catalog that appears in at least
+one user's top K); TailRecall@K (Recall@K counting only relevant tail items, averaged over users with
+≥1 relevant tail item; the ranking itself is unchanged). The tail is the less popular part of the
+catalog by training interactions (`tail_items`).
 """
 from __future__ import annotations
 
@@ -11,17 +17,52 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+METRICS = ("recall", "ndcg", "hitrate", "coverage", "tail_recall")
 
-def ranking_metrics(top: torch.Tensor, relevant: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(U, k) columns of the k best scores per row, best first, ties broken by the lower column.
+
+    torch.topk picks arbitrarily among equal scores, which moves popularity baselines (many items share
+    a count) by ~0.001 between runs and machines; a stable order makes every figure reproducible.
+    Linear in the catalog: all items above the k-th value, then the first tied items by column.
+    """
+    scores = torch.nan_to_num(scores, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    kth = torch.topk(scores, k, dim=1).values[:, -1:]                    # (U, 1)
+    above = scores > kth                                                  # (U, I)
+    tied = scores == kth                                                  # (U, I)
+    room = k - above.sum(dim=1, keepdim=True)                             # (U, 1) tied slots left
+    chosen = above | (tied & (torch.cumsum(tied, dim=1) <= room))         # (U, I), k True per row
+    cols = chosen.nonzero()[:, 1].view(scores.shape[0], k)                # (U, k) ascending columns
+    order = torch.sort(scores.gather(1, cols), dim=1, descending=True, stable=True).indices
+    return cols.gather(1, order)
+
+
+def tail_items(train_item_cols: np.ndarray, n_items: int, head_share: float = 0.2) -> np.ndarray:
+    """(n_items,) bool: True for the tail, every item outside the `head_share` most popular items of the
+    catalog by training interactions (ties broken by the lower column, as in the rankings)."""
+    counts = np.bincount(np.asarray(train_item_cols, dtype=np.int64), minlength=n_items)[:n_items]
+    n_head = int(round(head_share * n_items))
+    order = np.argsort(-counts, kind="stable")
+    tail = np.ones(n_items, dtype=bool)
+    tail[order[:n_head]] = False
+    return tail
+
+
+def ranking_metrics(top: torch.Tensor, relevant: torch.Tensor, ks: list[int],
+                    tail: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-user metrics (each (U,)) of ranked item lists.
 
-    top (U, Kmax) item columns, best first; relevant (U, I) bool, each row with at least one True.
-    Recall@K = hits in the top K / |relevant|; NDCG@K = DCG / IDCG with IDCG over min(K, |relevant|).
+    top (U, Kmax) item columns, best first; relevant (U, I) bool, each row with at least one True;
+    tail (I,) bool or None. tail_recall@K is NaN for users without a relevant tail item.
     """
     hits = relevant.gather(1, top).to(torch.float64)                      # (U, Kmax)
     n_rel = relevant.sum(dim=1).to(torch.float64)                         # (U,)
     discount = 1.0 / torch.log2(torch.arange(2, top.shape[1] + 2, dtype=torch.float64))  # (Kmax,)
     ideal = torch.cumsum(discount, dim=0)                                 # (Kmax,) IDCG for n relevant
+    if tail is not None:
+        tail_hits = hits * tail[top].to(torch.float64)                    # (U, Kmax)
+        n_tail = (relevant & tail).sum(dim=1).to(torch.float64)           # (U,)
     out = {}
     for k in ks:
         if k > top.shape[1]:
@@ -30,6 +71,9 @@ def ranking_metrics(top: torch.Tensor, relevant: torch.Tensor, ks: list[int]) ->
         dcg = (hits[:, :k] * discount[:k]).sum(dim=1)                     # (U,)
         n_ideal = torch.clamp(n_rel, max=k).to(torch.long) - 1            # (U,)
         out[f"ndcg@{k}"] = dcg / ideal[n_ideal]
+        out[f"hitrate@{k}"] = (hits[:, :k].sum(dim=1) > 0).to(torch.float64)
+        if tail is not None:
+            out[f"tail_recall@{k}"] = tail_hits[:, :k].sum(dim=1) / n_tail  # NaN where n_tail == 0
     return out
 
 
@@ -40,30 +84,54 @@ def full_catalog_metrics(
     seen: tuple[np.ndarray, np.ndarray],
     relevant: tuple[np.ndarray, np.ndarray],
     ks: list[int],
+    metrics: tuple[str, ...] = ("recall", "ndcg"),
+    tail: np.ndarray | None = None,
     batch_size: int = 512,
 ) -> dict[str, float]:
-    """Mean Recall@K / NDCG@K over users, scoring them batch by batch.
+    """Mean `metrics` @ each K over users (see the module docstring), scoring them batch by batch.
 
     scores(start, end) → (end-start, n_items) scores of users start..end-1 against every item;
-    seen and relevant are (user row, item column) index pairs: excluded items and held-out items.
+    seen and relevant are (user row, item column) index pairs: excluded items and held-out items;
+    metrics ⊆ METRICS; tail (n_items,) bool is needed for tail_recall. Memory: batch_size × n_items.
     """
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; known: {', '.join(METRICS)}")
+    if "tail_recall" in metrics and tail is None:
+        raise ValueError("tail_recall needs the tail item mask (tail=...)")
     k_max = min(max(ks), n_items)
     seen_rows, seen_cols = (torch.as_tensor(a, dtype=torch.long) for a in seen)
     rel_rows, rel_cols = (torch.as_tensor(a, dtype=torch.long) for a in relevant)
-    totals = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")}
+    tail_t = None
+    if "tail_recall" in metrics:  # one extra False column for the padding below
+        tail_t = torch.cat([torch.as_tensor(tail, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)])
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    recommended = {k: torch.zeros(n_items, dtype=torch.bool) for k in ks}  # coverage
     for start in range(0, n_users, batch_size):
         end = min(start + batch_size, n_users)
         s = scores(start, end).clone()                                   # (b, I)
         in_seen = (seen_rows >= start) & (seen_rows < end)
         s[seen_rows[in_seen] - start, seen_cols[in_seen]] = float("-inf")
-        rel = torch.zeros((end - start, n_items), dtype=torch.bool)      # (b, I)
+        rel = torch.zeros((end - start, n_items + 1), dtype=torch.bool)  # (b, I+1)
         in_rel = (rel_rows >= start) & (rel_rows < end)
         rel[rel_rows[in_rel] - start, rel_cols[in_rel]] = True
-        top = torch.topk(s, k_max, dim=1).indices                        # (b, Kmax)
-        if k_max < max(ks):  # catalog smaller than K: pad with a column no user has as relevant
-            top = torch.cat([top, top[:, -1:].expand(-1, max(ks) - k_max)], dim=1)
-            rel = torch.cat([rel, torch.zeros((end - start, 1), dtype=torch.bool)], dim=1)
-            top[:, k_max:] = n_items
-        for name, per_user in ranking_metrics(top, rel, ks).items():
-            totals[name] += float(per_user.sum())
-    return {name: total / max(n_users, 1) for name, total in totals.items()}
+        top = top_k(s, k_max)                                            # (b, Kmax)
+        ranked = torch.isfinite(s.gather(1, top))                        # (b, Kmax) not excluded
+        for k in ks:
+            recommended[k][top[:, :k][ranked[:, :k]]] = True
+        if k_max < max(ks):  # catalog smaller than K: pad with column n_items, which nobody has
+            top = torch.cat([top, torch.full((end - start, max(ks) - k_max), n_items)], dim=1)
+        for name, per_user in ranking_metrics(top, rel, ks, tail_t).items():  # a few (U,) sums: cheap
+            valid = ~torch.isnan(per_user)
+            sums[name] = sums.get(name, 0.0) + float(per_user[valid].sum())
+            counts[name] = counts.get(name, 0) + int(valid.sum())
+    out = {}
+    for k in ks:
+        for m in metrics:
+            name = f"{m}@{k}"
+            if m == "coverage":
+                out[name] = float(recommended[k].sum()) / max(n_items, 1)
+            else:
+                out[name] = sums.get(name, 0.0) / max(counts.get(name, 0), 1)
+    return out

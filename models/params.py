@@ -4,7 +4,9 @@ Kept free of torch imports so that loading params.yaml stays fast.
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 
 class _Section(BaseModel):
@@ -18,6 +20,8 @@ class SplitParams(_Section):
 
 class SampleParams(_Section):
     popular_threshold: float = Field(0.001, gt=0)
+    hard_negatives: NonNegativeInt = 16            # items per example mined from ranking logs (0: none)
+    shown_unclicked_negatives: bool = False        # also mine shown-but-not-clicked items (ablation)
 
 
 class ModelParams(_Section):
@@ -30,14 +34,34 @@ class ModelParams(_Section):
 
 
 class TrainParams(_Section):
-    epochs: PositiveInt = 10
+    epochs: PositiveInt = 10                       # the most epochs; early stopping may choose fewer
     batch_size: PositiveInt = 1024
     lr: float = Field(0.003, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = Field(0.0, ge=0)
+    loss: Literal["listwise", "pairwise", "pointwise"] = "listwise"
     logq: bool = True
+    negatives: NonNegativeInt = 0                  # extra negatives per example besides the in-batch ones
+    hard_ratio: float = Field(0.5, ge=0, le=1)     # share of the extra negatives mined from ranking logs
+    easy_power: float = Field(0.75, ge=0)          # easy negatives ~ (count + 1)^easy_power over the catalog
+    ssl_weight: float = Field(0.1, ge=0)           # alpha of the self-supervised item-tower loss (0: off)
+    ssl_masking: Literal["random", "correlated"] = "correlated"
+    ssl_temperature: float = Field(0.1, gt=0)
+    ssl_batch_size: PositiveInt = 512
+    ssl_power: float = Field(0.0, ge=0)            # SSL items ~ (count + 1)^ssl_power (0: uniform)
+    ssl_dropout: float = Field(0.1, ge=0, lt=1)    # drop rate of multi-valued feature values per view
+    early_stopping: bool = True
+    patience: PositiveInt = 2                      # epochs without a better validation NDCG@20
+    val_fraction: float = Field(0.2, gt=0, lt=1)   # each user's last share of training rows
     refit_full: bool = True
     threads: PositiveInt = 2
 
 
 class EvaluateParams(_Section):
     ks: list[PositiveInt] = [20, 100]
+    tail_share: float = Field(0.8, gt=0, lt=1)     # tail = the less popular share of the catalog
+    ease: bool = True                               # compute the EASE baseline
+    ease_lambdas: list[PositiveFloat] = Field([50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0], min_length=1)
+    ease_max_items: PositiveInt = 20000             # EASE inverts an items × items matrix: skipped above
+    # λ is picked on each user's last share of their training interactions (the test split's rules)
+    validation: SplitParams = SplitParams()

@@ -2,12 +2,16 @@
 
 The whole stream is encoded into tensors once; a batch is a slice of a seeded permutation, and the
 item side of a batch is a gather from the pre-encoded catalog, so there is no per-example Python work.
+Each epoch can end with a checkpoint, so a killed run resumes where it stopped and
+ends with the same model as an uninterrupted one: every random draw comes from one torch.Generator
+whose state is saved with the weights, the optimizer and the LR schedule.
 """
 from __future__ import annotations
 
 import json
-import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,10 +19,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.encoding import FeatureEncoder
-from models.losses import in_batch_softmax
+from models.encoding import FeatureEncoder, pad_lists
+from models.losses import LOSSES, info_nce
+from models.negatives import popularity_distribution
 from models.params import ModelParams, TrainParams
+from models.ssl import ItemAugmenter, build_augmenter
 from models.towers import Batch, TwoTower, TwoTowerConfig
+from models.early_stopping import ValidationTask
+
+HARD_NEGATIVES_COLUMN = "hard_negatives"
 
 
 def model_config(encoder: FeatureEncoder, params: ModelParams) -> TwoTowerConfig:
@@ -58,30 +67,76 @@ def catalog_inputs(encoder: FeatureEncoder, items: pd.DataFrame) -> Batch:
     return to_tensors(out)
 
 
+def gather(batch: Batch, idx: torch.Tensor) -> Batch:
+    return {k: v[idx] for k, v in batch.items()}
+
+
 @dataclass
 class TrainingStream:
-    """The positive stream, pre-encoded: per-example user inputs, item indices, weights, log Q."""
+    """The positive stream, pre-encoded: per-example user inputs, item indices, weights, log Q, hard
+    negatives (item indices, 0 = padding), and each user's positive items (CSR) for masking accidental hits."""
 
     users: Batch                      # per example
     items: Batch                      # per item-vocabulary index
     item_idx: torch.Tensor            # (N,)
     weights: torch.Tensor             # (N,)
-    log_q: torch.Tensor               # (n_items,) log of each item's share of the stream
+    counts: torch.Tensor              # (n_items,) positives per item in the stream
+    hard: torch.Tensor                # (N, W) hard-negative item indices, W = 0 without any
+    pos_ptr: torch.Tensor             # (n_users + 1,) CSR row pointers: user index -> its positives
+    pos_items: torch.Tensor           # (P,) item indices of each user's positives, by user
 
     @classmethod
-    def build(cls, encoder: FeatureEncoder, examples: pd.DataFrame, items: pd.DataFrame) -> "TrainingStream":
+    def build(cls, encoder: FeatureEncoder, examples: pd.DataFrame, items: pd.DataFrame,
+              catalog: Batch | None = None) -> "TrainingStream":
         item_idx = encoder.item_ids.lookup(examples["item_id"])
         weights = examples["weight"].to_numpy(np.float32) if "weight" in examples.columns \
             else np.ones(len(examples), np.float32)
-        counts = np.bincount(item_idx, minlength=encoder.item_ids.size).astype(np.float64)
-        # items absent from the stream never appear in a batch; their log Q is never read
-        log_q = np.log(np.maximum(counts, 1.0) / max(len(examples), 1))
-        return cls(users=to_tensors(encoder.encode_users(examples)), items=catalog_inputs(encoder, items),
+        counts = np.bincount(item_idx, minlength=encoder.item_ids.size)
+        users = to_tensors(encoder.encode_users(examples))
+        if HARD_NEGATIVES_COLUMN in examples.columns and len(examples):
+            hard = pad_lists(examples[HARD_NEGATIVES_COLUMN], encoder.item_ids)
+            hard = hard if hard.any() else np.zeros((len(examples), 0), np.int64)
+        else:
+            hard = np.zeros((len(examples), 0), np.int64)
+        pairs = np.unique(np.stack([users["user"].numpy(), item_idx], axis=1), axis=0).reshape(-1, 2)
+        ptr = np.concatenate([[0], np.cumsum(np.bincount(pairs[:, 0], minlength=encoder.user_ids.size))])
+        return cls(users=users, items=catalog if catalog is not None else catalog_inputs(encoder, items),
                    item_idx=torch.from_numpy(item_idx), weights=torch.from_numpy(weights),
-                   log_q=torch.from_numpy(log_q.astype(np.float32)))
+                   counts=torch.from_numpy(counts), hard=torch.from_numpy(np.ascontiguousarray(hard)),
+                   pos_ptr=torch.from_numpy(ptr.astype(np.int64)),
+                   pos_items=torch.from_numpy(np.ascontiguousarray(pairs[:, 1])))
 
     def __len__(self) -> int:
         return len(self.item_idx)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.counts)
+
+    @property
+    def log_q(self) -> torch.Tensor:
+        """(n_items,) log of each item's share of the stream (items absent from it are never read)."""
+        return torch.log(self.counts.clamp(min=1).to(torch.float32) / max(len(self), 1))
+
+    def hits(self, user: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(B, C) bool: is candidate item j a positive of row i's user in this stream?
+
+        Per batch, not through a (users x items) table: the batch users' positives are gathered from
+        the CSR lists and matched against the distinct candidates, so the cost is the size of those
+        lists, whatever the catalog size."""
+        uniq, col = torch.unique(candidates, return_inverse=True)          # (U,), (C,)
+        start, end = self.pos_ptr[user], self.pos_ptr[user + 1]             # (B,), (B,)
+        length = end - start
+        row = torch.repeat_interleave(torch.arange(len(user)), length)      # (L,)
+        offset = torch.arange(int(length.sum())) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
+        item = self.pos_items[torch.repeat_interleave(start, length) + offset]  # (L,)
+        lookup = torch.full((self.n_items,), -1, dtype=torch.int64)          # item -> slot in uniq
+        lookup[uniq] = torch.arange(len(uniq))
+        slot = lookup[item]                                                 # (L,)
+        found = slot >= 0
+        table = torch.zeros((len(user), len(uniq)), dtype=torch.bool)       # (B, U)
+        table[row[found], slot[found]] = True
+        return table[:, col]                                                # (B, C)
 
 
 @dataclass
@@ -89,53 +144,186 @@ class FitResult:
     model: TwoTower
     losses: list[float] = field(default_factory=list)      # mean loss per epoch
     seconds: list[float] = field(default_factory=list)     # wall time per epoch
+    val_ndcg: list[float] = field(default_factory=list)    # validation NDCG@20 per epoch (early stopping)
+    best_epoch: int | None = None                          # 1-based epoch of the best validation NDCG
+    stopped_early: bool = False
+    resumed_from: int = 0                                  # epochs restored from a checkpoint
+    notes: list[str] = field(default_factory=list)
 
     def summary(self, n_examples: int) -> dict:
         total = sum(self.seconds)
-        return {
+        out = {
             "final_loss": round(self.losses[-1], 6) if self.losses else None,
             "examples": n_examples,
             "epochs": len(self.losses),
             "seconds_per_epoch": round(total / max(len(self.seconds), 1), 3),
             "examples_per_s": round(n_examples * len(self.seconds) / total, 1) if total > 0 else None,
         }
+        if self.val_ndcg:
+            out |= {"val_ndcg@20": [round(v, 6) for v in self.val_ndcg], "best_epoch": self.best_epoch,
+                    "stopped_early": self.stopped_early}
+        if self.resumed_from:
+            out["resumed_from_epoch"] = self.resumed_from
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
 
 
-def fit(stream: TrainingStream, config: TwoTowerConfig, cfg: TrainParams, seed: int) -> FitResult:
-    """Adam on in-batch softmax (with log Q correction when cfg.logq). Same inputs + seed → same model."""
+class BatchLoss:
+    """Retrieval loss (+ α · SSL loss) of one batch: in-batch negatives, shared easy negatives drawn
+    ∝ popularity^easy_power, the examples' own hard negatives, accidental hits masked."""
+
+    def __init__(self, stream: TrainingStream, cfg: TrainParams, temperature: float,
+                 augmenter: ItemAugmenter | None):
+        self.stream, self.cfg, self.temperature, self.augmenter = stream, cfg, temperature, augmenter
+        counts = stream.counts.numpy()
+        self.n_hard = min(round(cfg.negatives * cfg.hard_ratio), stream.hard.shape[1])
+        self.n_easy = cfg.negatives - round(cfg.negatives * cfg.hard_ratio)
+        self.easy_p = torch.from_numpy(popularity_distribution(counts, cfg.easy_power)).to(torch.float32)
+        self.ssl_p = torch.from_numpy(popularity_distribution(counts, cfg.ssl_power)).to(torch.float32)
+        self.log_q = stream.log_q
+        self.listwise_logq = cfg.loss == "listwise" and cfg.logq
+
+    def __call__(self, model: TwoTower, b: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        s, tau = self.stream, self.temperature
+        item = s.item_idx[b]                                                # (B,)
+        user = s.users["user"][b]                                           # (B,)
+        q, c = model(gather(s.users, b), gather(s.items, item))             # (B, D), (B, D)
+        pos = (q * c).sum(dim=1) / tau                                      # (B,)
+        # in-batch: column j is row j's positive; its own column and same-item columns are no negatives
+        inb = q @ c.T / tau                                                 # (B, B)
+        valid = (item.unsqueeze(0) != item.unsqueeze(1)) & ~s.hits(user, item)
+        if self.listwise_logq:
+            # logit - log(expected count of j among the B in-batch negatives) (Yi et al. 2019)
+            correction = self.log_q[item] + math.log(len(b))                # (B,)
+            inb = inb - correction.unsqueeze(0)
+            pos = pos - correction
+        negs, valids = [inb], [valid]
+        if self.n_easy:
+            e = torch.multinomial(self.easy_p, self.n_easy, replacement=True, generator=gen)  # (K,)
+            easy = q @ model.encode_items(gather(s.items, e)).T / tau      # (B, K)
+            if self.listwise_logq:
+                easy = easy - torch.log(self.n_easy * self.easy_p[e]).unsqueeze(0)
+            negs.append(easy)
+            valids.append((e.unsqueeze(0) != item.unsqueeze(1)) & ~s.hits(user, e))
+        if self.n_hard:
+            pool = s.hard[b]                                                # (B, W)
+            # a random n_hard of each row's stored negatives, padding last
+            key = torch.rand(pool.shape, generator=gen) + (pool == 0).to(torch.float32)
+            h = pool.gather(1, key.argsort(dim=1)[:, :self.n_hard])         # (B, H)
+            uniq, inv = torch.unique(h, return_inverse=True)
+            ch = model.encode_items(gather(s.items, uniq))                  # (U, D)
+            hard = (q.unsqueeze(1) * ch[inv]).sum(dim=-1) / tau             # (B, H)
+            negs.append(hard)   # no log Q: they are chosen per example, not sampled from a proposal
+            valids.append((h != 0) & (h != item.unsqueeze(1)))
+        loss = LOSSES[self.cfg.loss](pos, torch.cat(negs, dim=1), torch.cat(valids, dim=1), s.weights[b])
+        if self.augmenter is not None and self.cfg.ssl_weight > 0:
+            loss = loss + self.cfg.ssl_weight * self.ssl_loss(model, gen)
+        return loss
+
+    def ssl_loss(self, model: TwoTower, gen: torch.Generator) -> torch.Tensor:
+        """InfoNCE between two masked views of an item batch drawn closer to uniform than the stream."""
+        n = min(self.cfg.ssl_batch_size, int((self.ssl_p > 0).sum()))
+        idx = torch.multinomial(self.ssl_p, n, replacement=False, generator=gen)   # (S,) distinct items
+        v1, v2 = self.augmenter.views(gather(self.stream.items, idx), gen)
+        return info_nce(model.encode_items(v1), model.encode_items(v2), self.cfg.ssl_temperature)
+
+
+def lr_factor(cfg: TrainParams, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the base LR at optimizer step t: constant, or cosine decay to 10% over cfg.epochs."""
+    total = max(cfg.epochs * steps_per_epoch, 1)
+    if cfg.lr_schedule == "constant":
+        return lambda t: 1.0
+    return lambda t: 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+
+
+def make_augmenter(stream: TrainingStream, cfg: TrainParams, notes: list[str]) -> ItemAugmenter | None:
+    if cfg.ssl_weight <= 0:
+        return None
+    aug = build_augmenter(stream.items, stream.counts.numpy(), cfg.ssl_masking, cfg.ssl_dropout)
+    if not aug.can_mask and not any(k.startswith("multi:") for k in stream.items):
+        notes.append("ssl skipped: the item tower has a single feature, so two views cannot differ")
+        return None
+    return aug
+
+
+def fit(stream: TrainingStream, config: TwoTowerConfig, cfg: TrainParams, seed: int,
+        epochs: int | None = None, validation: ValidationTask | None = None,
+        checkpoint: Path | None = None, log: Callable[[str], None] | None = None,
+        on_epoch: Callable[[int], None] | None = None) -> FitResult:
+    """Train for `epochs` (default cfg.epochs). With `validation` and cfg.early_stopping, stop after
+    cfg.patience epochs without a better validation NDCG@20. `checkpoint`: a file written after every
+    epoch and resumed from when it exists. `on_epoch(epoch)` runs after each checkpoint.
+    Same inputs + seed → same model, whether or not the run was interrupted and resumed."""
     if len(stream) == 0:
         raise ValueError("the training stream is empty: nothing to train on")
+    epochs = epochs or cfg.epochs
     torch.manual_seed(seed)
     model = TwoTower(config)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(stream)
+    steps = math.ceil(n / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps))
     gen = torch.Generator().manual_seed(seed)
     result = FitResult(model=model)
-    n = len(stream)
-    for _ in range(cfg.epochs):
+    augmenter = make_augmenter(stream, cfg, result.notes)
+    batch_loss = BatchLoss(stream, cfg, config.temperature, augmenter)
+    if cfg.negatives and batch_loss.n_hard == 0 and cfg.hard_ratio > 0:
+        result.notes.append("no hard negatives in the stream (ranking logs empty or none before the examples)")
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        gen.set_state(state["generator"])
+        for name in ("losses", "seconds", "val_ndcg", "best_epoch", "stopped_early"):
+            setattr(result, name, state[name])
+        result.resumed_from = len(result.losses)
+    while len(result.losses) < epochs and not result.stopped_early:
         model.train()
         start_time = time.perf_counter()
         perm = torch.randperm(n, generator=gen)
         total, seen = 0.0, 0
         for start in range(0, n, cfg.batch_size):
-            b = perm[start:start + cfg.batch_size]                      # (B,)
-            item = stream.item_idx[b]                                   # (B,)
-            users = {k: v[b] for k, v in stream.users.items()}
-            items = {k: v[item] for k, v in stream.items.items()}
-            q, c = model(users, items)                                  # (B, D), (B, D)
-            loss = in_batch_softmax(q, c, config.temperature, item_ids=item,
-                                    log_q=stream.log_q[item] if cfg.logq else None,
-                                    weights=stream.weights[b])
+            b = perm[start:start + cfg.batch_size]                          # (B,)
+            loss = batch_loss(model, b, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             total += float(loss.detach()) * len(b)
             seen += len(b)
         result.losses.append(total / seen)
         result.seconds.append(time.perf_counter() - start_time)
-        logging.getLogger(__name__).info("epoch %d/%d loss %.4f (%.1f s)", len(result.losses), cfg.epochs,
-                                         result.losses[-1], result.seconds[-1])
+        epoch = len(result.losses)
+        line = f"epoch {epoch}/{epochs} loss {result.losses[-1]:.4f} {result.seconds[-1]:.1f} s " \
+               f"({n / result.seconds[-1]:.0f} examples/s)"
+        if validation is not None:
+            result.val_ndcg.append(validation.ndcg(model, stream.items))
+            best = int(np.argmax(result.val_ndcg))          # first best: ties keep the shorter run
+            result.best_epoch = best + 1
+            result.stopped_early = cfg.early_stopping and epoch - result.best_epoch >= cfg.patience
+            line += f" val ndcg@20 {result.val_ndcg[-1]:.4f} (best {result.best_epoch})"
+        if log is not None:
+            log(line)
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, model, opt, sched, gen, result)
+        if on_epoch is not None:
+            on_epoch(epoch)
     model.eval()
     return result
+
+
+def _save_checkpoint(path: Path, model: TwoTower, opt: torch.optim.Optimizer,
+                     sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, result: FitResult) -> None:
+    """Write then rename, so a kill during the write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                "generator": gen.get_state(), "losses": result.losses, "seconds": result.seconds,
+                "val_ndcg": result.val_ndcg, "best_epoch": result.best_epoch,
+                "stopped_early": result.stopped_early}, tmp)
+    tmp.replace(path)
 
 
 def save_model(out_dir: Path, model: TwoTower, encoder: FeatureEncoder, extra: dict | None = None) -> None:

@@ -31,13 +31,21 @@ def test_two_tower_beats_most_popular(trained):
     out = root / "reports" / "metrics.json"
     result = evaluate(training, model_dir, KS, out)
     assert json.loads(out.read_text()) == result
-    assert set(result["two_tower"]) == {"recall@10", "ndcg@10", "recall@20", "ndcg@20"}
+    names = {f"{m}@{k}" for k in (10, 20) for m in ("recall", "ndcg", "hitrate", "coverage", "tail_recall")}
+    assert set(result["two_tower"]) == set(result["most_popular"]) == set(result["ease"]) == names
     examples = pd.read_parquet(training / "examples.parquet")
     assert result["n_users"] == examples.loc[examples["split"] == "test", "user_id"].nunique()
-    tt, mp = result["two_tower"], result["most_popular"]
+    assert result["n_items"] == 150 and result["n_tail_items"] == 120
+    tt, mp, ease = result["two_tower"], result["most_popular"], result["ease"]
     for m in ("recall@20", "ndcg@20", "ndcg@10"):
         assert tt[m] > mp[m] + 0.04, (m, tt[m], mp[m])
+        assert ease[m] > mp[m], (m, ease[m], mp[m])
     assert 0 < mp["recall@10"] < mp["recall@20"] <= 1
+    assert mp["recall@20"] <= mp["hitrate@20"] <= 1
+    # most popular recommends the same 20 items to everyone (minus what they have seen)
+    assert mp["coverage@20"] < tt["coverage@20"]
+    assert result["ease_lambda"] in KS.ease_lambdas
+    assert set(result["ease_validation"]["by_lambda"]) == {f"{lam:g}" for lam in KS.ease_lambdas}
 
 
 def test_same_seed_gives_identical_metrics(tmp_path):
@@ -103,3 +111,64 @@ def test_evaluate_reports_a_missing_model(trained, tmp_path):
     _, training, _ = trained
     with pytest.raises(MissingStageInput, match="model.pt"):
         evaluate(training, tmp_path / "no-model", KS, tmp_path / "metrics.json")
+
+
+def test_ablation_runner_writes_a_mean_std_table(tmp_path):
+    """Two rows + one row whose param does not exist, 1 epoch, 2 seeds, on tiny synthetic data."""
+    import shutil
+
+    from flows.params import Params
+    from models.ablation import AblationRow, ablate
+
+    training, schema = synthetic_training_dir(tmp_path / "data", n_users=80, n_items=60, with_logs=True)
+    ingested = tmp_path / "data" / "ingested"   # what sample/train read besides data/training
+    ingested.mkdir()
+    shutil.move(schema, ingested / "schema.json")
+    shutil.copy(tmp_path / "data" / "source" / "ranking_logs.parquet", ingested / "ranking_logs.parquet")
+    raw = Params().model_dump(mode="json")
+    raw["paths"].update(ingested="data/ingested", training="data/training")
+    raw["model"].update(dim=8, embedding_dim=8, hidden=[8])
+    raw["train"].update(epochs=1, batch_size=128, threads=1)
+    raw["evaluate"].update(ks=[20], ease_lambdas=[10.0, 100.0])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rows = [AblationRow("baseline"), AblationRow("no_logq", ["train.logq=false"]),
+            AblationRow("future", ["train.no_such_knob=1"]), AblationRow("same", ["train.logq=true"])]
+    logs: list[str] = []
+    summary = ablate(raw, tmp_path, tmp_path / "reports", seeds=[0, 1], rows=rows, log=logs.append)
+
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "reports" not in p.parts) == before
+    saved = json.loads((tmp_path / "reports" / "ablation.json").read_text())
+    assert saved == summary
+    ok = {r["name"]: r for r in summary["rows"] if r["status"] == "ok"}
+    assert set(ok) == {"baseline", "no_logq"}
+    for row in ok.values():
+        assert [r["seed"] for r in row["runs"]] == [0, 1]
+        for c in ("recall", "ndcg", "tail_recall", "train_seconds"):
+            values = [r[c] for r in row["runs"]]
+            assert row["mean"][c] == pytest.approx(np.mean(values), abs=1e-6)
+            assert row["std"][c] == pytest.approx(np.std(values, ddof=1), abs=1e-6)
+    # seeds change the model: the two runs of a row differ
+    assert ok["baseline"]["runs"][0]["ndcg"] != ok["baseline"]["runs"][1]["ndcg"]
+    skipped = next(r for r in summary["rows"] if r["name"] == "future")
+    assert skipped["status"] == "skipped" and "no_such_knob" in skipped["reason"]
+    same = next(r for r in summary["rows"] if r["name"] == "same")
+    assert same["status"] == "skipped" and "baseline" in same["reason"]
+    assert set(summary["baselines"]) >= {"most_popular", "ease", "ease_lambda"}
+
+    table = (tmp_path / "reports" / "ablation.md").read_text()
+    assert "| row | overrides | R@20 | NDCG@20 | tail R@20 | train s |" in table
+    line = next(ln for ln in table.splitlines() if ln.startswith("| no_logq "))
+    assert line.count(" ± ") == 4 and "`train.logq=false`" in line
+    assert "| future |" in table and "skipped" in table
+    assert any(ln.startswith("| ease (λ=") for ln in table.splitlines())
+
+
+def test_default_ablation_rows_name_existing_params():
+    from flows.params import Params, apply_overrides, validate_params
+    from models.ablation import default_rows
+
+    raw = Params().model_dump(mode="json")
+    rows = default_rows(Params())
+    assert rows[0].name == "baseline" and len({r.name for r in rows}) == len(rows)
+    for row in rows:
+        validate_params(apply_overrides(raw, row.overrides), origin=row.name)  # raises on an unknown key

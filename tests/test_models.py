@@ -161,6 +161,46 @@ def test_accidental_hits_are_masked():
     assert unmasked.item() > got.item()
 
 
+def test_listwise_pairwise_pointwise_losses_match_hand_computed_values():
+    from models.losses import bce, bpr, sampled_softmax
+
+    pos = torch.tensor([2.0, 0.0])
+    neg = torch.tensor([[1.0, 0.0, 5.0], [1.0, -1.0, 3.0]])
+    valid = torch.tensor([[True, True, False], [True, True, True]])   # row 0's last column is a hit
+    sp = lambda x: math.log(1 + math.exp(x))  # noqa: E731  softplus = -log sigmoid(-x)
+    # listwise: -log softmax of the positive among the valid columns
+    r0 = -2 + math.log(math.exp(2) + math.exp(1) + math.exp(0))
+    r1 = math.log(1 + math.exp(1) + math.exp(-1) + math.exp(3))
+    assert sampled_softmax(pos, neg, valid).item() == pytest.approx((r0 + r1) / 2)
+    # pairwise (BPR): mean over valid negatives of -log sigmoid(pos - neg)
+    b0, b1 = (sp(-1) + sp(-2)) / 2, (sp(1) + sp(-1) + sp(3)) / 3
+    assert bpr(pos, neg, valid).item() == pytest.approx((b0 + b1) / 2)
+    # pointwise (BCE): -log sigmoid(pos) - mean log(1 - sigmoid(neg))
+    p0, p1 = sp(-2) + (sp(1) + sp(0)) / 2, sp(0) + (sp(1) + sp(-1) + sp(3)) / 3
+    assert bce(pos, neg, valid).item() == pytest.approx((p0 + p1) / 2)
+    w = torch.tensor([3.0, 1.0])
+    assert bce(pos, neg, valid, w).item() == pytest.approx((3 * p0 + p1) / 4)
+    # a row without any valid negative: listwise 0, BPR 0, BCE only the positive term
+    none = torch.zeros_like(valid)
+    assert sampled_softmax(pos, neg, none).item() == pytest.approx(0.0)
+    assert bpr(pos, neg, none).item() == 0.0
+    assert bce(pos, neg, none).item() == pytest.approx((sp(-2) + sp(0)) / 2)
+
+
+def test_batch_loss_masks_the_users_other_positives_and_corrects_each_source():
+    from models.training import TrainingStream
+
+    items, examples = _tiny_frames()
+    enc = FeatureEncoder.fit(SCHEMA, items, examples)
+    examples["hard_negatives"] = [[12, 13], [], [10]]
+    stream = TrainingStream.build(enc, examples, items)
+    assert stream.hard.tolist() == [[3, 4], [0, 0], [1, 0]]
+    user = stream.users["user"]                         # users 1, 1, 2
+    # user 1 has items 10 and 11 (indices 1, 2); user 2 has item 12 (index 3)
+    assert stream.hits(user, torch.tensor([1, 2, 3, 4])).tolist() == [
+        [True, True, False, False], [True, True, False, False], [False, False, True, False]]
+
+
 # --- sampler ----------------------------------------------------------------------------------
 
 def test_keep_probability_follows_the_word2vec_formula():

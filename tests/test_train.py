@@ -59,7 +59,7 @@ def synthetic_training_dir(root: Path, string_ids: bool = False, **kwargs) -> tu
     return write_training_dir(root, users, items.drop(columns=["title"]), inter, schema)
 
 
-FAST_TRAIN = TrainParams(epochs=8, batch_size=256, lr=0.005, threads=1)
+FAST_TRAIN = TrainParams(epochs=8, batch_size=256, lr=0.005, threads=1, early_stopping=False)
 SMALL_MODEL = ModelParams(dim=32, embedding_dim=32, hidden=[64])
 
 
@@ -97,7 +97,7 @@ def test_sample_is_deterministic_and_downsamples_popular_items(synthetic, tmp_pa
     assert set(train_part["split"]) == {"train"}
     assert a["train"]["rows"] == int((examples["split"] == "train").sum())
     assert a["full"]["kept"] + a["full"]["dropped"] == len(examples)
-    assert list(train_part.columns) == list(examples.columns)
+    assert list(train_part.columns) == [*examples.columns, "hard_negatives"]
 
     # the most popular item loses a larger share of its positives than a rare one
     full = pd.read_parquet(tmp_path / "a/full.parquet")
@@ -116,7 +116,7 @@ def test_train_writes_models_metrics_and_loss_curve(synthetic):
     metrics = json.loads((model_dir / "train_metrics.json").read_text())
     assert metrics["eval"]["epochs"] == FAST_TRAIN.epochs and metrics["eval"]["examples_per_s"] > 0
     loss = pd.read_csv(model_dir / "loss.csv")
-    assert list(loss.columns) == ["epoch", "model", "loss"]
+    assert list(loss.columns) == ["epoch", "model", "loss", "val_ndcg@20"]
     assert set(loss["model"]) == {"eval", "full"} and len(loss) == 2 * FAST_TRAIN.epochs
     eval_loss = loss[loss["model"] == "eval"]["loss"].to_numpy()
     assert eval_loss[-1] < eval_loss[0]  # it learns
@@ -128,7 +128,7 @@ def test_train_without_refit_copies_eval_model(synthetic, tmp_path):
 
     _, training, schema = synthetic
     sample(training, SampleParams(), 0, tmp_path / "samples")
-    cfg = TrainParams(epochs=1, batch_size=256, refit_full=False, threads=1)
+    cfg = TrainParams(epochs=1, batch_size=256, refit_full=False, threads=1, early_stopping=False)
     metrics = train(tmp_path / "samples", training, schema, SMALL_MODEL, cfg, 0, tmp_path / "model")
     assert metrics["full"] == {"copy_of": "eval"}
     assert (tmp_path / "model/full/model.pt").read_bytes() == (tmp_path / "model/eval/model.pt").read_bytes()
@@ -141,3 +141,115 @@ def test_train_reports_missing_samples(synthetic, tmp_path):
     _, training, schema = synthetic
     with pytest.raises(MissingStageInput, match="train.parquet"):
         train(tmp_path / "nowhere", training, schema, SMALL_MODEL, FAST_TRAIN, 0, tmp_path / "model")
+
+
+def _stream_and_config(training: Path, schema: Path, samples: Path):
+    from models.encoding import FeatureEncoder
+    from models.training import TrainingStream, model_config
+
+    items = pd.read_parquet(training / "items.parquet")
+    examples = pd.read_parquet(training / "examples.parquet")
+    train_part = examples[examples["split"] == "train"].reset_index(drop=True)
+    encoder = FeatureEncoder.fit(json.loads(schema.read_text()), items, train_part)
+    stream = TrainingStream.build(encoder, pd.read_parquet(samples / "train.parquet"), items)
+    return encoder, stream, model_config(encoder, SMALL_MODEL), train_part
+
+
+def test_resume_after_interruption_ends_like_an_uninterrupted_run(synthetic, tmp_path):
+    import torch
+
+    from flows.stages.sample import sample
+    from models.training import fit
+
+    torch.set_num_threads(1)
+    _, training, schema = synthetic
+    sample(training, SampleParams(), 0, tmp_path / "samples")
+    _, stream, config, _ = _stream_and_config(training, schema, tmp_path / "samples")
+    cfg = TrainParams(epochs=4, batch_size=256, threads=1, negatives=8, ssl_weight=0.1, lr_schedule="cosine")
+    whole = fit(stream, config, cfg, seed=3)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(epoch: int) -> None:
+        if epoch == 2:
+            raise Killed
+
+    ckpt = tmp_path / "ckpt" / "eval.pt"
+    with pytest.raises(Killed):
+        fit(stream, config, cfg, seed=3, checkpoint=ckpt, on_epoch=kill_after_two)
+    assert ckpt.exists()
+    resumed = fit(stream, config, cfg, seed=3, checkpoint=ckpt)
+    assert resumed.resumed_from == 2 and len(resumed.losses) == 4
+    assert resumed.losses == whole.losses
+    for name, tensor in whole.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_early_stopping_stops_when_validation_stops_improving(synthetic, tmp_path):
+    import torch
+
+    from flows.stages.sample import sample
+    from models.training import fit
+    from models.early_stopping import ValidationTask, carve, outside
+
+    torch.set_num_threads(1)
+    _, training, schema = synthetic
+    sample(training, SampleParams(), 0, tmp_path / "samples")
+    encoder, _, config, train_part = _stream_and_config(training, schema, tmp_path / "samples")
+    val = train_part[carve(train_part, 0.2).to_numpy()]
+    fit_rows = train_part[outside(train_part, val)]
+    assert 0 < len(val) < len(train_part) and len(fit_rows) + len(val) == len(train_part)
+    task = ValidationTask.build(encoder, fit_rows, val)
+    from models.training import TrainingStream
+    items = pd.read_parquet(training / "items.parquet")
+    stream = TrainingStream.build(encoder, fit_rows, items)
+    # a learning rate this high overfits the tiny data within a few epochs
+    cfg = TrainParams(epochs=40, batch_size=128, lr=0.05, patience=2, threads=1)
+    result = fit(stream, config, cfg, seed=0, validation=task)
+    assert result.stopped_early and len(result.losses) < 40
+    assert len(result.val_ndcg) == len(result.losses) == result.best_epoch + cfg.patience
+    assert max(result.val_ndcg[result.best_epoch:]) <= result.val_ndcg[result.best_epoch - 1]
+
+
+@pytest.mark.parametrize("loss", ["listwise", "pairwise", "pointwise"])
+def test_train_stage_with_every_loss_hard_negatives_and_ssl(synthetic, tmp_path, loss):
+    from flows.stages.sample import sample
+    from flows.stages.train import train
+
+    _, training, schema = synthetic
+    examples = pd.read_parquet(training / "examples.parquet")
+    # ranking logs: each interaction's request retrieved 5 other items that were never shown
+    rng = np.random.default_rng(0)
+    items = examples["item_id"].unique()
+    rows = examples.sample(300, random_state=0)
+    logs = pd.DataFrame({
+        "request_id": np.repeat([f"r{i}" for i in range(len(rows))], 5),
+        "user_id": np.repeat(rows["user_id"].to_numpy(), 5),
+        "item_id": rng.choice(items, 5 * len(rows)),
+        "timestamp": np.repeat(rows["timestamp"].to_numpy(), 5),
+        "stage": "retrieved", "position": pd.array([None] * 5 * len(rows), dtype="Int64"),
+        "ranker_score": 0.0, "clicked": False,
+    }).drop_duplicates(["request_id", "item_id"])
+    logs.to_parquet(tmp_path / "logs.parquet", index=False)
+    summary = sample(training, SampleParams(hard_negatives=4), 0, tmp_path / "samples", tmp_path / "logs.parquet")
+    assert summary["train"]["examples_with_hard_negatives"] > 0 and summary["hard_negatives"]["note"] is None
+    cfg = TrainParams(epochs=3, batch_size=256, threads=1, loss=loss, negatives=8, ssl_weight=0.2, patience=1)
+    metrics = train(tmp_path / "samples", training, schema, SMALL_MODEL, cfg, 0, tmp_path / "artifacts/model")
+    assert metrics["eval"]["hard_negatives_per_example"] > 0
+    assert metrics["eval"]["epochs"] == metrics["validation"]["best_epoch"] == metrics["full"]["epochs"]
+    loss_csv = pd.read_csv(tmp_path / "artifacts/model/loss.csv")
+    assert set(loss_csv["model"]) == {"validation", "eval", "full"} and np.isfinite(loss_csv["loss"]).all()
+    assert not (tmp_path / "artifacts/model_ckpt").exists() or not any((tmp_path / "artifacts/model_ckpt").iterdir())
+
+
+def test_train_without_ranking_logs_says_so(synthetic, tmp_path):
+    from flows.stages.sample import sample
+    from flows.stages.train import train
+
+    _, training, schema = synthetic
+    summary = sample(training, SampleParams(), 0, tmp_path / "samples", ranking_logs=None)
+    assert summary["hard_negatives"]["note"].startswith("no hard negatives")
+    cfg = TrainParams(epochs=1, batch_size=256, threads=1, negatives=4, early_stopping=False, refit_full=False)
+    metrics = train(tmp_path / "samples", training, schema, SMALL_MODEL, cfg, 0, tmp_path / "model")
+    assert "no hard negatives" in metrics["eval"]["hard_negatives_note"]

@@ -12,6 +12,7 @@ import pytest
 from flows.errors import MissingStageInput, ValidationFailed
 from flows.stages.validate import validate
 from tests.datagen import make_contract_dataset
+from validation.params import ValidateParams
 
 
 def _ingested(out: Path, string_ids: bool = False) -> Path:
@@ -46,8 +47,9 @@ def gx_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("gx")
 
 
-def _run(ingested: Path, reports: Path, gx_root: Path) -> dict:
-    return validate(ingested, reports / "validation", reports / "validation.json", context_root=gx_root)
+def _run(ingested: Path, reports: Path, gx_root: Path, cfg: ValidateParams = ValidateParams()) -> dict:
+    return validate(cfg, ingested, reports / "validation", reports / "validation.json",
+                    context_root=gx_root)
 
 
 def _edit(table: str, change: Callable[[pd.DataFrame], pd.DataFrame]):
@@ -76,7 +78,8 @@ def _on_stage(stage: str, column: str, value) -> Callable[[Path], None]:
 def test_clean_data_passes_and_writes_docs_and_summary(clean: Path, tmp_path: Path, gx_root: Path):
     summary = _run(clean, tmp_path, gx_root)
     assert summary["success"] and summary["failures"] == []
-    assert set(summary["tables"]) == {"users", "items", "interactions", "ranking_logs"}
+    assert set(summary["tables"]) == {"users", "items", "interactions", "ranking_logs", "volume"}
+    assert summary["errors"] == 0 and summary["docs"].endswith("index.html")
     assert summary["tables"]["interactions"]["evaluated"] >= 10
     assert summary["tables"]["ranking_logs"]["rows"] > 0
     assert (tmp_path / "validation" / "index.html").exists()
@@ -92,7 +95,8 @@ def test_rerun_in_same_context_keeps_only_this_runs_results(clean: Path, tmp_pat
     assert (suite_file.stat().st_mtime_ns, suite_file.read_text()) == stored
     assert '"$PARAMETER": "now"' in stored[1]
     pages = list((tmp_path / "validation" / "validations").rglob("*.html"))
-    assert len(pages) == 4  # one result page per table: earlier runs are not listed
+    # one result page per suite run (4 tables, 2 profiles, volume): earlier runs are not listed
+    assert len(pages) == 7
 
 
 def test_string_ids_and_empty_ranking_logs_pass(tmp_path: Path, gx_root: Path):
@@ -120,9 +124,10 @@ BROKEN = {
 }
 
 
-def _check_failure(data: Path, reports: Path, gx_root: Path, expected: list[str]) -> str:
+def _check_failure(data: Path, reports: Path, gx_root: Path, expected: list[str],
+                   cfg: ValidateParams = ValidateParams()) -> str:
     with pytest.raises(ValidationFailed) as err:
-        _run(data, reports, gx_root)
+        _run(data, reports, gx_root, cfg)
     message = str(err.value)
     assert message.startswith("validation failed: ")
     assert "index.html" in message.splitlines()[0]
@@ -163,7 +168,9 @@ def test_several_problems_are_listed_one_line_each(clean: Path, tmp_path: Path, 
         "ranking_logs.user_id: not in users.user_id", "77777",
         "ranking_logs.timestamp: timestamp in the future (or not tz-aware UTC)", "could not be checked",
     ])
-    assert len(message.splitlines()) == 1 + 6, message
+    # emptied interactions are also a volume warning (reported, after the errors)
+    assert len([x for x in message.splitlines() if not x.startswith("  warning:")]) == 1 + 6, message
+    assert "  warning: volume" not in message and "  warning: interactions: row count outside" in message
 
 
 def test_missing_input_names_the_file(clean: Path, tmp_path: Path, gx_root: Path):
@@ -172,3 +179,103 @@ def test_missing_input_names_the_file(clean: Path, tmp_path: Path, gx_root: Path
     (data / "ranking_logs.parquet").unlink()
     with pytest.raises(MissingStageInput, match="ranking_logs.parquet"):
         _run(data, tmp_path / "reports", gx_root)
+
+
+def _small(clean: Path, data: Path) -> Path:
+    """The clean tables with 30 interactions and no ranking logs: a few batches of 16 rows each."""
+    shutil.copytree(clean, data)
+    _edit("interactions", lambda df: df.iloc[:30])(data)
+    _edit("ranking_logs", lambda df: df.iloc[:0])(data)
+    return data
+
+
+def test_batches_give_the_whole_table_verdict(clean: Path, tmp_path: Path):
+    data = _small(clean, tmp_path / "in")
+    # a duplicate id in another batch than its first copy; 3 null genders, all in the first batch
+    # (3/16 fails `mostly` in that batch, 3/40 passes over the table)
+    _edit("items", lambda df: pd.concat([df, df.iloc[[2]]], ignore_index=True))(data)
+    _edit("users", lambda df: df.assign(gender=df["gender"].where(df.index >= 3)))(data)
+    cfg = ValidateParams(chunk_rows=16, sample_rows=20)
+    message = _check_failure(data, tmp_path / "r", tmp_path / "gx", ["items.item_id", "duplicate ids", "1002"], cfg)
+    summary = json.loads((tmp_path / "r" / "validation.json").read_text())
+    # 40 users and 31 items in batches of 16, plus one sample each for the profile suite
+    assert summary["tables"]["users"]["batches"] == 3 + 1 and summary["tables"]["items"]["batches"] == 2 + 1
+    assert summary["warned"] == [] and "gender" not in message
+    _edit("users", lambda df: df.assign(gender=df["gender"].where(df.index >= 5)))(data)  # 5/40 > 10%
+    _check_failure(data, tmp_path / "r", tmp_path / "gx", ["warning: users.gender: more than 10% nulls",
+                                                            "5 of 40 rows"], cfg)
+
+
+def test_volume_warns_and_severity_error_stops(clean: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    gx = tmp_path / "gx"
+    assert _run(clean, tmp_path / "r", gx)["success"]
+    state = json.loads((gx / "volume.json").read_text())["rows"]
+    assert state["interactions"] > 0
+    small = _small(clean, tmp_path / "in")
+    summary = _run(small, tmp_path / "r", gx)  # a 7x drop: a warning, the run goes on
+    assert summary["success"] and summary["warnings"] == 2  # interactions and ranking_logs
+    assert any("interactions: row count outside 3.0x of the previous validated run "
+               f"({state['interactions']} rows)" in r.getMessage() for r in caplog.records)
+    assert json.loads((gx / "volume.json").read_text())["rows"]["interactions"] == 30
+    strict = ValidateParams(severity={"volume": "error"})
+    message = _check_failure(clean, tmp_path / "r", gx, ["interactions: row count outside 3.0x",
+                                                         "(30 rows)", "observed"], strict)
+    assert json.loads((gx / "volume.json").read_text())["rows"]["interactions"] == 30  # not updated
+    assert "1 expectation on 1 table" in message.splitlines()[0]  # logs had 0 rows: unbounded
+
+
+def test_distribution_range_and_floor_checks(clean: Path, tmp_path: Path):
+    data = tmp_path / "in"
+    shutil.copytree(clean, data)
+    _set("interactions", "timestamp", 2, pd.Timestamp("1970-01-02", tz="UTC"))(data)
+    _set("interactions", "rating", 1, 50.0)(data)
+    cfg = ValidateParams(rating_range=(1, 5), rating_mean=(4.5, 5.0), categorical_cardinality=(1, 3))
+    message = _check_failure(data, tmp_path / "r", tmp_path / "gx", [
+        "interactions.timestamp: timestamp before validate.timestamp_floor", "1970-01-02",
+        "interactions.rating: rating outside validate.rating_range [1.0, 5.0]", "e.g. 50.0",
+        "warning: interactions.rating: mean rating outside validate.rating_mean [4.5, 5.0]",
+        "warning: users.occupation: distinct values outside [1, 3]", "warning: items.title"], cfg)
+    assert "users.gender" not in message  # 2 values: inside the bounds
+
+
+def _examples(ingested: Path) -> pd.DataFrame:
+    """A training set shaped like materialize's examples.parquet, built by hand from the tables."""
+    inter = pd.read_parquet(ingested / "interactions.parquet")
+    users = pd.read_parquet(ingested / "users.parquet")
+    ex = inter[["user_id", "item_id", "timestamp", "weight"]].assign(
+        split=["test" if i % 5 == 0 else "train" for i in range(len(inter))])
+    ex = ex.merge(users, on="user_id", how="left")
+    return ex.assign(recent_items=[[] for _ in range(len(ex))])
+
+
+def test_training_set_validation(clean: Path, tmp_path: Path):
+    import pyarrow as pa
+
+    from validation.training import validate_training_set
+
+    schema = json.loads((clean / "schema.json").read_text())
+    good = _examples(clean)
+
+    def run(frame: pd.DataFrame) -> dict:
+        return validate_training_set(ValidateParams(), pa.Table.from_pandas(frame, preserve_index=False),
+                                     schema, clean, tmp_path / "gx", tmp_path / "docs")
+
+    summary = run(good)
+    assert summary["success"] and summary["tables"]["training"]["rows"] == len(good)
+    assert (tmp_path / "docs" / "index.html").exists()
+    assert json.loads((tmp_path / "docs" / "summary.json").read_text())["success"]
+    assert json.loads((tmp_path / "gx" / "volume.json").read_text())["rows"]["training"] == len(good)
+    bad = good.iloc[1:].copy()
+    bad.loc[bad.index[0], "item_id"] = 99999
+    bad.loc[bad.index[1], "split"] = "valid"
+    bad["gender"] = None
+    with pytest.raises(ValidationFailed) as err:
+        run(bad)
+    message = str(err.value)
+    for text in ["training set validation failed: 3 expectations on 1 table", "docs/index.html",
+                 f"training: not one row per interaction ({len(good)} interactions) "
+                 f"[expect_column_values_to_be_between] observed {len(good) - 1}",
+                 "training.item_id: not in items.item_id", "99999",
+                 "training.split: split not in ['train', 'test']", "valid",
+                 "warning: training.gender: more than 10% nulls"]:
+        assert text in message, f"{text!r} not in:\n{message}"

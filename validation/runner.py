@@ -1,22 +1,27 @@
-"""Run the expectation suites in a file-backed GX context, build Data Docs, summarize failures.
+"""Run expectation suites batch by batch in a file-backed GX context, build Data Docs, summarize.
 
-The context lives in `<context_root>/gx/` (a gitignored place: reports/ by default). Its objects
-(datasource, suites, validation definitions, checkpoints, docs site) are created on the first run and
-updated on later runs, so a re-run in the same context works. Validation results of earlier runs are
-removed first: the docs describe this run's data only, because the docs folder is a stage output
-that DVC caches per input version (history lives in DVC/git, not in GX).
+The context lives in `<context_root>/gx/` (`paths.cache/gx`: inside the project, outside git). Its
+objects (datasource, suites, validation definitions, one checkpoint per suite, docs sites) are
+created on the first run and updated on later runs, so a re-run in the same context works.
+Validation results of earlier runs are removed first: the docs describe this run's data only,
+because the docs folder is a stage output that DVC caches per input version (history lives in
+DVC/git, not in GX).
+
+A table larger than one batch is validated by running its checkpoint once per batch; the results of
+each expectation are then summed over the batches (failed rows, rows, examples), and expectations
+with `mostly` are re-decided on the sums, so the verdict is the one a single run over the whole
+table would give (validation/batches.py makes cross-row checks row-local first).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 
 DATASOURCE = "towerflow_ingested"
-SITE = "towerflow_docs"
 MAX_EXAMPLES = 5
 
 
@@ -28,6 +33,8 @@ class Failure:
     column: str | None
     expectation: str
     problem: str
+    check: str = "values"
+    severity: str = "error"
     failed_rows: int | None = None
     rows: int | None = None
     examples: list[Any] = field(default_factory=list)
@@ -45,6 +52,16 @@ class Failure:
         else:
             detail = "" if self.observed is None else f"observed {self.observed}"
         return f"{where}: {self.problem} [{self.expectation}] {detail}".rstrip()
+
+
+@dataclass
+class Check:
+    """One suite to run over the batches of one table (one batch for small tables and samples)."""
+
+    table: str
+    suite: str
+    expectations: list
+    batches: Callable[[], Iterable[pd.DataFrame]]
 
 
 def open_context(root: Path):
@@ -66,7 +83,7 @@ def open_context(root: Path):
     return ctx
 
 
-def _docs_site(ctx, docs_dir: Path) -> None:
+def _docs_site(ctx, site: str, docs_dir: Path) -> None:
     """Point the docs site at docs_dir (add it, or update it if the path changed), then empty it."""
     config = {
         "class_name": "SiteBuilder",
@@ -75,11 +92,11 @@ def _docs_site(ctx, docs_dir: Path) -> None:
                           "base_directory": str(docs_dir.resolve())},
     }
     sites = ctx.list_data_docs_sites()
-    if SITE not in sites:
-        ctx.add_data_docs_site(site_name=SITE, site_config=config)
-    elif sites[SITE] != config:
-        ctx.update_data_docs_site(site_name=SITE, site_config=config)
-    ctx.clean_data_docs(site_name=SITE)
+    if site not in sites:
+        ctx.add_data_docs_site(site_name=site, site_config=config)
+    elif sites[site] != config:
+        ctx.update_data_docs_site(site_name=site, site_config=config)
+    ctx.clean_data_docs(site_name=site)
 
 
 def _clear_results(ctx) -> None:
@@ -105,7 +122,7 @@ def _suite(ctx, name: str, expectations: list):
     """The stored suite, rewritten only when its expectations changed (e.g. a new schema.json).
 
     `suites.add_or_update` compares every pair of expectations (about a second for ~30); suites are
-    stable across runs (the clock is a suite parameter), so comparing plain JSON first is enough.
+    stable across runs (run-time values are suite parameters), so comparing plain JSON first is enough.
     """
     import great_expectations as gx
 
@@ -116,8 +133,8 @@ def _suite(ctx, name: str, expectations: list):
     return ctx.suites.add_or_update(new)
 
 
-def _checkpoint(ctx, table: str, expectations: list):
-    """Get or create the suite, validation definition and checkpoint of one table."""
+def _checkpoint(ctx, name: str, expectations: list):
+    """Get or create the suite, validation definition and checkpoint of one suite name."""
     import great_expectations as gx
 
     try:
@@ -125,18 +142,18 @@ def _checkpoint(ctx, table: str, expectations: list):
     except KeyError:
         source = ctx.data_sources.add_pandas(name=DATASOURCE)
     try:
-        asset = source.get_asset(table)
+        asset = source.get_asset(name)
     except LookupError:
-        asset = source.add_dataframe_asset(name=table)
+        asset = source.add_dataframe_asset(name=name)
     try:
         batch = asset.get_batch_definition("whole")
     except KeyError:
         batch = asset.add_batch_definition_whole_dataframe("whole")
-    suite = _suite(ctx, f"{table}_suite", expectations)
-    vd = _get_or_add(ctx.validation_definitions, f"{table}_validation", lambda: gx.ValidationDefinition(
-        name=f"{table}_validation", data=batch, suite=suite))
-    return _get_or_add(ctx.checkpoints, f"{table}_checkpoint", lambda: gx.Checkpoint(
-        name=f"{table}_checkpoint", validation_definitions=[vd],
+    suite = _suite(ctx, f"{name}_suite", expectations)
+    vd = _get_or_add(ctx.validation_definitions, f"{name}_validation", lambda: gx.ValidationDefinition(
+        name=f"{name}_validation", data=batch, suite=suite))
+    return _get_or_add(ctx.checkpoints, f"{name}_checkpoint", lambda: gx.Checkpoint(
+        name=f"{name}_checkpoint", validation_definitions=[vd],
         result_format={"result_format": "SUMMARY", "partial_unexpected_count": 20}))
 
 
@@ -155,56 +172,119 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _failures(table: str, run_result) -> list[Failure]:
-    out, missing = [], set()
-    for r in run_result.results:
-        if r.success:
-            continue
-        cfg = r.expectation_config
-        meta, res, info = cfg.meta or {}, r.result or {}, r.exception_info or {}
-        column = meta.get("column")
-        if cfg.type == "expect_column_to_exist":
-            missing.add(column)
+@dataclass
+class _Sum:
+    """One expectation's results summed over the batches of a table."""
+
+    config: Any
+    success: bool = True
+    failed: int | None = None
+    rows: int | None = None
+    missing: int = 0
+    examples: list[Any] = field(default_factory=list)
+    observed: Any = None
+    error: str | None = None
+
+    def add(self, r) -> None:
+        res, info = r.result or {}, r.exception_info or {}
+        self.success &= bool(r.success)
+        if "unexpected_count" in res and res["unexpected_count"] is not None:
+            self.failed = (self.failed or 0) + int(res["unexpected_count"])
+            self.rows = (self.rows or 0) + int(res.get("element_count") or 0)
+            self.missing += int(res.get("missing_count") or 0)
+        for v in res.get("partial_unexpected_list") or []:
+            v = _plain(v)
+            if v is not None and v not in self.examples and len(self.examples) < MAX_EXAMPLES:
+                self.examples.append(v)
+        if not r.success and self.observed is None:
+            self.observed = _plain(res.get("observed_value"))
         errors = [v["exception_message"] for v in info.values() if isinstance(v, dict)
                   and v.get("raised_exception")]
         if info.get("raised_exception"):
             errors.append(info.get("exception_message"))
-        examples: list[Any] = []
-        for v in res.get("partial_unexpected_list") or []:
-            v = _plain(v)
-            if v is not None and v not in examples:
-                examples.append(v)
+        if errors and self.error is None:
+            self.error = str(errors[0]).splitlines()[0]
+
+    def decided(self) -> bool:
+        """The verdict over all batches: `mostly` is re-decided on the summed counts."""
+        mostly = self.config.kwargs.get("mostly")
+        if mostly is None or self.failed is None or self.error:
+            return self.success
+        valid = self.rows - self.missing
+        return valid == 0 or (valid - self.failed) / valid >= mostly
+
+
+def _failures(check: Check, sums: list[_Sum], parameters: dict[str, Any],
+              severity: dict[str, str]) -> list[Failure]:
+    out = []
+    for s in sums:
+        if s.decided():
+            continue
+        cfg = s.config
+        meta = cfg.meta or {}
+        column, kind = meta.get("column"), meta.get("check", "values")
+        problem = meta.get("problem", "")
+        if meta.get("template"):
+            problem = problem.format_map(parameters)
+        failed, rows, examples, observed = s.failed, s.rows, s.examples, s.observed
+        if meta.get("scalar"):  # a one-row frame of counts: the value is the observation
+            failed, rows, examples, observed = None, None, [], (examples or [observed])[0]
         out.append(Failure(
-            table=table, column=column, expectation=cfg.type,
-            problem=meta.get("problem", ""), failed_rows=res.get("unexpected_count"),
-            rows=res.get("element_count"), examples=examples[:MAX_EXAMPLES],
-            observed=_plain(res.get("observed_value")),
-            error=str(errors[0]).splitlines()[0] if errors else None))
-    # A missing column makes every other expectation on it raise; its one line says it all.
-    return [f for f in out if not (f.error and f.column in missing)]
+            table=meta.get("table", check.table), column=column, expectation=cfg.type,
+            problem=problem, check=kind, severity=severity.get(kind, "error"), failed_rows=failed,
+            rows=rows, examples=examples, observed=observed, error=s.error))
+    return out
 
 
-def run_suites(frames: dict[str, pd.DataFrame], suites: dict[str, list], parameters: dict[str, Any],
-               context_root: Path, docs_dir: Path) -> tuple[dict[str, dict], list[Failure], Path]:
-    """Validate each frame with its suite and suite parameters; build Data Docs into docs_dir (always).
+def _one_line_per_cause(failures: list[Failure]) -> list[Failure]:
+    """A missing column makes every other expectation on it raise, and a column of the wrong kind
+    (naive timestamps) makes each comparison raise the same error: one line says it all."""
+    missing = {(f.table, f.column) for f in failures if f.expectation == "expect_column_to_exist"}
+    seen, out = set(), []
+    for f in failures:
+        if f.error and ((f.table, f.column) in missing or (f.table, f.column, f.error) in seen):
+            continue
+        if f.error:
+            seen.add((f.table, f.column, f.error))
+        out.append(f)
+    return out
 
-    Returns (per-table stats, failures, docs index path).
+
+def run_checks(checks: list[Check], parameters: dict[str, Any], severity: dict[str, str],
+               context_root: Path, site: str, docs_dir: Path) -> tuple[dict[str, dict], list[Failure], Path]:
+    """Run each check's checkpoint over its batches; build Data Docs into docs_dir (always).
+
+    Returns (per-table stats, failures with their severity, docs index path).
     """
     ctx = open_context(context_root)
-    _docs_site(ctx, docs_dir)
+    _docs_site(ctx, site, docs_dir)
     _clear_results(ctx)
     stats: dict[str, dict] = {}
     failures: list[Failure] = []
     try:
-        for table, expectations in suites.items():
-            result = _checkpoint(ctx, table, expectations).run(
-                batch_parameters={"dataframe": frames[table]}, expectation_parameters=parameters)
-            for vr in result.run_results.values():
-                s = vr.statistics
-                stats[table] = {"rows": len(frames[table]), "evaluated": s["evaluated_expectations"],
-                                "failed": s["unsuccessful_expectations"], "success": bool(vr.success)}
-                failures += _failures(table, vr)
+        for check in checks:
+            checkpoint = _checkpoint(ctx, check.suite, check.expectations)
+            sums: list[_Sum] | None = None
+            batches = 0
+            for frame in check.batches():
+                result = checkpoint.run(batch_parameters={"dataframe": frame},
+                                        expectation_parameters=parameters)
+                for vr in result.run_results.values():
+                    if sums is None:
+                        sums = [_Sum(r.expectation_config) for r in vr.results]
+                    for s, r in zip(sums, vr.results):
+                        s.add(r)
+                batches += 1
+            failures += _failures(check, sums or [], parameters, severity)
+            t = stats.setdefault(check.table, {"evaluated": 0, "batches": 0})
+            t["evaluated"] += len(sums or [])
+            t["batches"] += batches
     finally:
         # docs of whatever ran, even if GX itself crashed part-way
-        ctx.build_data_docs(site_names=[SITE])
+        ctx.build_data_docs(site_names=[site])
+    failures = _one_line_per_cause(failures)
+    for name, t in stats.items():
+        t["failed"] = sum(f.severity == "error" for f in failures if f.table == name)
+        t["warned"] = sum(f.severity == "warn" for f in failures if f.table == name)
+        t["success"] = t["failed"] == 0
     return stats, failures, docs_dir / "index.html"

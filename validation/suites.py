@@ -1,10 +1,17 @@
 """Expectation suites for the ingested tables, built from `schema.json` (docs/ARCHITECTURE.md, ingest).
 
-One suite per table. Every expectation carries `meta = {"column": ..., "problem": ...}` so that a
-failure can be reported in the user's terms (`interactions.item_id: not in items.item_id`) even when
-GX checks a derived column. Referential integrity is checked on derived columns (see
-`add_reference_columns`) rather than with `ExpectColumnValuesToBeInSet(value_set=<all ids>)`: a value
-set is stored in the suite JSON and rendered into Data Docs, which does not scale to large catalogs.
+Each table has a row suite (`<table>`: checks that hold row by row, so a large table can be validated
+batch by batch and the counts summed) and, where there is something to check, a profile suite
+(`<table>_profile`: means and cardinalities, run on the table or a uniform sample of it). Row counts
+are checked in one `volume` suite over a one-row frame of counts, against the previous validated run.
+
+Every expectation carries `meta = {"column", "problem", "check"}` so that a failure is reported in
+the user's terms (`interactions.item_id: not in items.item_id`) even when GX checks a derived column,
+and so that its severity comes from `validate.severity.<check>`. Referential integrity and unique
+keys are checked on derived columns (validation/batches.py) rather than with
+`ExpectColumnValuesToBeInSet(value_set=<all ids>)`: a value set is stored in the suite JSON and
+rendered into Data Docs, which does not scale to large catalogs. Run-time values (now, the timestamp
+floor, volume bounds) are suite parameters, so stored suites change only with schema.json or params.
 """
 from __future__ import annotations
 
@@ -12,6 +19,9 @@ from datetime import datetime
 from typing import Any
 
 import pandas as pd
+
+from validation.batches import Derived, Source, UniqueKey, duplicate_hashes
+from validation.params import ValidateParams
 
 TABLES = ("users", "items", "interactions", "ranking_logs")
 STAGES = ["retrieved", "ranked", "shown"]
@@ -27,6 +37,12 @@ ID_TYPES = {"int64": ["int64", "Int64Dtype"], "string": STRING_TYPES}
 # Which id columns must exist in which table: (table, id column) -> parent table.
 REFERENCES = {("interactions", "user_id"): "users", ("interactions", "item_id"): "items",
               ("ranking_logs", "user_id"): "users", ("ranking_logs", "item_id"): "items"}
+UNIQUE = {
+    "users": UniqueKey(("user_id",), "user_id_duplicate"),
+    "items": UniqueKey(("item_id",), "item_id_duplicate"),
+    # one item per shown position of a request
+    "ranking_logs": UniqueKey(("request_id", "position"), "position_duplicate", "stage", "shown"),
+}
 
 
 def unknown_column(id_column: str, parent: str) -> str:
@@ -34,115 +50,170 @@ def unknown_column(id_column: str, parent: str) -> str:
     return f"{id_column}_not_in_{parent}"
 
 
-def add_reference_columns(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """Copies of the child tables with one derived column per reference: the id where it is unknown.
-
-    Null ids stay null here (the not-null expectation reports them), so the derived column is null
-    exactly for the rows that pass. If either id column is missing, no column is derived and the
-    suite's expectation on it fails with "column ... does not exist" next to the missing-column one.
-    """
-    out = dict(frames)
-    for (table, col), parent in REFERENCES.items():
-        child, par = out[table], frames[parent]
-        if col not in child.columns or col not in par.columns:
-            continue
-        values = child[col]
-        out[table] = child.assign(**{unknown_column(col, parent): values.where(~values.isin(par[col]))})
-    return out
+def parent_ids(source: Source, key: str) -> pd.Index:
+    """The parent table's ids (only the key column is read)."""
+    if key not in source.columns:
+        return pd.Index([])
+    from validation.batches import to_pandas
+    return pd.Index(pd.concat([to_pandas(b)[key] for b in source.batches(10**7, [key])]).dropna().unique())
 
 
-def suite_parameters(now: datetime) -> dict[str, Any]:
-    """Run-time values of the suites' parameters: `now` must be tz-aware (timestamps are UTC)."""
-    return {"now": now}
+def derived_columns(table: str, sources: dict[str, Source], parents: dict[str, pd.Index],
+                    chunk_rows: int) -> Derived:
+    """The derived columns of one table (see validation/batches.py). parents: table -> its ids."""
+    derived = Derived()
+    for (child, col), parent in REFERENCES.items():
+        if child == table:
+            derived.references[unknown_column(col, parent)] = (col, parents[parent])
+    if table in UNIQUE:
+        key = UNIQUE[table]
+        derived.unique.append((key, duplicate_hashes(sources[table], key, chunk_rows)))
+    return derived
 
 
-def build_suites(schema: dict[str, Any]) -> dict[str, list]:
-    """Table name -> the GX expectations its data must meet.
+class Expect:
+    """Builds expectations with the meta the runner reports from; imports GX on first use."""
 
-    Timestamps are bounded by the suite parameter `now` (pass `suite_parameters(...)` at run time), so
-    the stored suites stay the same from run to run and change only with schema.json.
-    """
-    import great_expectations.expectations as gxe
-    from great_expectations.expectations.row_conditions import Column
+    def __init__(self) -> None:
+        import great_expectations.expectations as gxe
+        from great_expectations.expectations.row_conditions import Column
 
-    def exp(cls: type, about: str | None, problem: str, **kwargs: Any):
+        self.gxe, self.Column = gxe, Column
+
+    def __call__(self, cls_name: str, about: str | None, check: str, problem: str, **kwargs: Any):
         """An expectation on column `about` (or on kwargs' derived column / column_list)."""
         if about is not None and "column" not in kwargs and "column_list" not in kwargs:
             kwargs["column"] = about
-        return cls(meta={"column": about, "problem": problem}, **kwargs)
+        meta = {"column": about, "problem": problem, "check": check, **kwargs.pop("meta", {})}
+        return getattr(self.gxe, cls_name)(meta=meta, **kwargs)
 
-    def exists(columns: list[str]) -> list:
-        return [exp(gxe.ExpectColumnToExist, c, "required column is missing") for c in columns]
+    def exists(self, columns: list[str]) -> list:
+        return [self("ExpectColumnToExist", c, "columns", "required column is missing") for c in columns]
 
-    def not_null(columns: list[str]) -> list:
-        return [exp(gxe.ExpectColumnValuesToNotBeNull, c, "null values") for c in columns]
+    def not_null(self, columns: list[str], check: str = "keys") -> list:
+        return [self("ExpectColumnValuesToNotBeNull", c, check, "null values") for c in columns]
 
-    def id_type(column: str, kind: str) -> Any:
-        return exp(gxe.ExpectColumnValuesToBeInTypeList, column, f"ids must be {kind} (schema.json)",
-                   type_list=ID_TYPES[kind])
+    def id_type(self, column: str, kind: str) -> Any:
+        return self("ExpectColumnValuesToBeInTypeList", column, "columns",
+                    f"ids must be {kind} (schema.json)", type_list=ID_TYPES[kind])
 
-    def numeric(column: str) -> Any:
-        return exp(gxe.ExpectColumnValuesToBeInTypeList, column, "must be numeric",
-                   type_list=NUMERIC_TYPES)
+    def numeric(self, column: str) -> Any:
+        return self("ExpectColumnValuesToBeInTypeList", column, "columns", "must be numeric",
+                    type_list=NUMERIC_TYPES)
 
-    def known(table: str, column: str) -> Any:
-        parent = REFERENCES[(table, column)]
+    def known(self, table: str, column: str, parent: str) -> Any:
         key = "user_id" if parent == "users" else "item_id"
         derived = unknown_column(column, parent)
-        return exp(gxe.ExpectColumnValuesToBeNull, column, f"not in {parent}.{key}", column=derived,
-                   notes=f"Referential integrity: `{derived}` holds {table}.{column} where it is "
-                         f"missing from {parent}.{key}, null elsewhere.")
+        return self("ExpectColumnValuesToBeNull", column, "references", f"not in {parent}.{key}",
+                    column=derived, notes=f"Referential integrity: `{derived}` holds {table}.{column} "
+                                          f"where it is missing from {parent}.{key}, null elsewhere.")
 
-    def not_future(column: str) -> Any:
-        return exp(gxe.ExpectColumnValuesToBeBetween, column,
-                   "timestamp in the future (or not tz-aware UTC)", max_value={"$PARAMETER": "now"})
+    def unique(self, key: UniqueKey, about: str, problem: str) -> Any:
+        return self("ExpectColumnValuesToBeNull", about, "keys", problem, column=key.derived,
+                    notes=f"Unique key: `{key.derived}` holds ({', '.join(key.columns)}) where it "
+                          f"occurs more than once, null elsewhere.")
 
-    def entity(key: str, kind: str, features: dict[str, list[str]]) -> list:
-        cols = [c for k in ("categorical", "numeric", "multi") for c in features.get(k, [])]
-        return [*exists([key, *cols]), *not_null([key]), id_type(key, kind),
-                exp(gxe.ExpectColumnValuesToBeUnique, key, "duplicate ids"),
-                *[numeric(c) for c in features.get("numeric", [])]]
+    def timestamps(self, column: str) -> list:
+        return [
+            self("ExpectColumnValuesToBeBetween", column, "values",
+                 "timestamp in the future (or not tz-aware UTC)", max_value={"$PARAMETER": "now"}),
+            self("ExpectColumnValuesToBeBetween", column, "values",
+                 "timestamp before validate.timestamp_floor", min_value={"$PARAMETER": "floor"}),
+        ]
+
+    def null_share(self, columns: list[str], cfg: ValidateParams) -> list:
+        return [self("ExpectColumnValuesToNotBeNull", c, "distribution",
+                     f"more than {cfg.max_null_share:.0%} nulls", mostly=1 - cfg.max_null_share)
+                for c in columns]
+
+    def cardinality(self, columns: list[str], cfg: ValidateParams) -> list:
+        lo, hi = cfg.categorical_cardinality
+        return [self("ExpectColumnUniqueValueCountToBeBetween", c, "distribution",
+                     f"distinct values outside [{lo}, {hi}]", min_value=lo, max_value=hi)
+                for c in columns]
+
+
+def features(schema: dict[str, Any], side: str) -> dict[str, list[str]]:
+    kinds = schema.get(f"{side}_features", {})
+    return {k: list(kinds.get(k, [])) for k in ("categorical", "numeric", "multi")}
+
+
+def suite_parameters(now: datetime, cfg: ValidateParams) -> dict[str, Any]:
+    """Run-time values of the suites' parameters: `now` must be tz-aware (timestamps are UTC)."""
+    return {"now": now, "floor": cfg.timestamp_floor}
+
+
+def build_suites(schema: dict[str, Any], cfg: ValidateParams) -> dict[str, list]:
+    """Table name -> the row-level GX expectations its data must meet (exact batch by batch)."""
+    e = Expect()
+
+    def entity(table: str, key: str, kind: str, side: str) -> list:
+        feats = features(schema, side)
+        cols = [c for k in ("categorical", "numeric", "multi") for c in feats[k]]
+        return [*e.exists([key, *cols]), *e.not_null([key]), e.id_type(key, kind),
+                e.unique(UNIQUE[table], key, "duplicate ids"),
+                *[e.numeric(c) for c in feats["numeric"]],
+                *e.null_share(cols, cfg)]
 
     uid, iid = schema["user_id_dtype"], schema["item_id_dtype"]
     rating = ["rating"] if schema.get("has_rating") else []
+    rating_range = [] if not rating or cfg.rating_range is None else [
+        e("ExpectColumnValuesToBeBetween", "rating", "values",
+          f"rating outside validate.rating_range {list(cfg.rating_range)}",
+          min_value=cfg.rating_range[0], max_value=cfg.rating_range[1])]
     interactions = [
-        *exists(["user_id", "item_id", "timestamp", "weight", *rating]),
-        exp(gxe.ExpectTableRowCountToBeBetween, None, "no interactions", min_value=1),
-        *not_null(["user_id", "item_id", "timestamp", "weight", *rating]),
-        id_type("user_id", uid), id_type("item_id", iid),
-        known("interactions", "user_id"), known("interactions", "item_id"),
-        not_future("timestamp"),
-        numeric("weight"),
-        exp(gxe.ExpectColumnValuesToBeBetween, "weight", "negative weight", min_value=0),
-        *[numeric(c) for c in rating],
+        *e.exists(["user_id", "item_id", "timestamp", "weight", *rating]),
+        e("ExpectTableRowCountToBeBetween", None, "values", "no interactions", min_value=1),
+        *e.not_null(["user_id", "item_id", "timestamp", "weight", *rating]),
+        e.id_type("user_id", uid), e.id_type("item_id", iid),
+        e.known("interactions", "user_id", "users"), e.known("interactions", "item_id", "items"),
+        *e.timestamps("timestamp"),
+        e.numeric("weight"),
+        e("ExpectColumnValuesToBeBetween", "weight", "values", "negative weight", min_value=0),
+        *[e.numeric(c) for c in rating], *rating_range,
     ]
-    shown, not_shown = Column("stage") == "shown", Column("stage") != "shown"
+    shown, not_shown = e.Column("stage") == "shown", e.Column("stage") != "shown"
     logs = [
-        *exists(["request_id", "user_id", "item_id", "timestamp", "stage", "position",
-                 "ranker_score", "clicked"]),
-        *not_null(["request_id", "user_id", "item_id", "timestamp", "stage", "clicked"]),
-        exp(gxe.ExpectColumnValuesToBeInTypeList, "request_id", "must be a string",
-            type_list=STRING_TYPES),
-        id_type("user_id", uid), id_type("item_id", iid),
-        known("ranking_logs", "user_id"), known("ranking_logs", "item_id"),
-        not_future("timestamp"),
-        exp(gxe.ExpectColumnValuesToBeInSet, "stage", f"stage not in {STAGES}", value_set=STAGES),
-        exp(gxe.ExpectColumnValuesToNotBeNull, "position", "shown row without a position",
-            row_condition=shown),
-        exp(gxe.ExpectColumnValuesToBeBetween, "position", "position < 1 on a shown row (1-based)",
-            min_value=1, row_condition=shown),
-        exp(gxe.ExpectColumnValuesToBeNull, "position", "position set on a non-shown row",
-            row_condition=not_shown),
-        exp(gxe.ExpectCompoundColumnsToBeUnique, "position", "two shown rows share a position",
-            column_list=["request_id", "position"], row_condition=shown),
-        numeric("ranker_score"),
-        exp(gxe.ExpectColumnValuesToBeOfType, "clicked", "must be boolean", type_="bool"),
-        exp(gxe.ExpectColumnValuesToBeInSet, "clicked", "click on a non-shown row",
-            value_set=[False], row_condition=not_shown),
+        *e.exists(["request_id", "user_id", "item_id", "timestamp", "stage", "position",
+                   "ranker_score", "clicked"]),
+        *e.not_null(["request_id", "user_id", "item_id", "timestamp", "stage", "clicked"]),
+        e("ExpectColumnValuesToBeInTypeList", "request_id", "columns", "must be a string",
+          type_list=STRING_TYPES),
+        e.id_type("user_id", uid), e.id_type("item_id", iid),
+        e.known("ranking_logs", "user_id", "users"), e.known("ranking_logs", "item_id", "items"),
+        *e.timestamps("timestamp"),
+        e("ExpectColumnValuesToBeInSet", "stage", "values", f"stage not in {STAGES}", value_set=STAGES),
+        e("ExpectColumnValuesToNotBeNull", "position", "values", "shown row without a position",
+          row_condition=shown),
+        e("ExpectColumnValuesToBeBetween", "position", "values", "position < 1 on a shown row (1-based)",
+          min_value=1, row_condition=shown),
+        e("ExpectColumnValuesToBeNull", "position", "values", "position set on a non-shown row",
+          row_condition=not_shown),
+        e.unique(UNIQUE["ranking_logs"], "position", "two shown rows share a position"),
+        e.numeric("ranker_score"),
+        e("ExpectColumnValuesToBeOfType", "clicked", "columns", "must be boolean", type_="bool"),
+        e("ExpectColumnValuesToBeInSet", "clicked", "values", "click on a non-shown row",
+          value_set=[False], row_condition=not_shown),
     ]
     return {
-        "users": entity("user_id", uid, schema.get("user_features", {})),
-        "items": entity("item_id", iid, schema.get("item_features", {})),
+        "users": entity("users", "user_id", uid, "user"),
+        "items": entity("items", "item_id", iid, "item"),
         "interactions": interactions,
         "ranking_logs": logs,
     }
+
+
+def build_profiles(schema: dict[str, Any], cfg: ValidateParams) -> dict[str, list]:
+    """Table name -> distribution expectations that need the whole column (run on a sample)."""
+    e = Expect()
+    out = {side + "s": e.cardinality(features(schema, side)["categorical"], cfg) for side in ("user", "item")}
+    if schema.get("has_rating") and cfg.rating_mean is not None:
+        lo, hi = cfg.rating_mean
+        out["interactions"] = [e("ExpectColumnMeanToBeBetween", "rating", "distribution",
+                                 f"mean rating outside validate.rating_mean [{lo}, {hi}]",
+                                 min_value=lo, max_value=hi)]
+    return {t: exps for t, exps in out.items() if exps}
+
+
+def profile_columns(expectations: list) -> list[str]:
+    return sorted({e.column for e in expectations if getattr(e, "column", None)})

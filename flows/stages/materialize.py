@@ -52,6 +52,8 @@ from models.split import temporal_split
 if TYPE_CHECKING:
     from feast import FeatureStore
 
+    from validation.training import TrainingChecks
+
 # Names the stage adds to examples.parquet or Feast uses itself: a feature may not take them.
 _RESERVED = {USER_KEY, ITEM_KEY, "timestamp", "weight", "split", RECENT_ITEMS, SEEN_ITEMS,
              HISTORY_ROW, TIMESTAMP_FIELD, "__row"}
@@ -201,8 +203,12 @@ def _split_summary(inter: pd.DataFrame, split: pd.Series, cfg: SplitParams) -> d
 
 
 def materialize(ingested: Path, split: SplitParams, feats: FeaturesParams, features_dir: Path,
-                feast_dir: Path, training_dir: Path) -> dict:
-    """Build the Feast repo and the point-in-time training examples (see module docstring)."""
+                feast_dir: Path, training_dir: Path, checks: "TrainingChecks | None" = None) -> dict:
+    """Build the Feast repo and the point-in-time training examples (see module docstring).
+
+    With `checks`, the examples are validated (validation/training.py) before anything is written
+    to training_dir: a failure raises ValidationFailed and leaves training_dir as it was.
+    """
     started = time.perf_counter()
     schema, users, items, inter = _read_inputs(ingested)
     static_at, history = _write_sources(schema, users, items, inter, feats, features_dir)
@@ -220,6 +226,11 @@ def materialize(ingested: Path, split: SplitParams, feats: FeaturesParams, featu
     types = {"split": pa.string(), **_source_types(features_dir, USER_STATIC_FV)}
     table = _arrow(pd.concat([examples, static], axis=1), types).append_column(RECENT_ITEMS, recent)
     catalog = _item_catalog(store, schema, items, latest)
+    checked = {}
+    if checks is not None:
+        from validation.training import validate_training_set
+        checked = {"validation_docs": validate_training_set(
+            checks.cfg, table, schema, ingested, checks.context_root, checks.docs_dir)["docs"]}
 
     training_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, training_dir / "examples.parquet")
@@ -228,4 +239,4 @@ def materialize(ingested: Path, split: SplitParams, feats: FeaturesParams, featu
     counts = _split_summary(examples, examples["split"], split)
     (training_dir / "split.json").write_text(json.dumps(counts, indent=2) + "\n")
     return {"examples": len(examples), "items": len(catalog), "history_rows": history.num_rows,
-            **counts, "seconds": round(time.perf_counter() - started, 2)}
+            **counts, **checked, "seconds": round(time.perf_counter() - started, 2)}

@@ -22,19 +22,23 @@ def _ingest(p: Params, paths: PathsParams) -> dict[str, Any]:
 
 def _validate(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.validate import validate
-    return validate(paths.ingested, docs_dir=paths.reports / "validation",
+    return validate(p.validate, paths.ingested, docs_dir=paths.reports / "validation",
                     summary_path=paths.reports / "validation.json", context_root=paths.cache / "gx")
 
 
 def _materialize(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.materialize import materialize
+    from validation.training import TrainingChecks
+    checks = TrainingChecks(p.validate, context_root=paths.cache / "gx",
+                            docs_dir=paths.reports / "training_validation")
     return materialize(paths.ingested, p.split, p.features, features_dir=paths.features,
-                       feast_dir=paths.feast, training_dir=paths.training)
+                       feast_dir=paths.feast, training_dir=paths.training, checks=checks)
 
 
 def _sample(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.sample import sample
-    return sample(paths.training, p.sample, p.base.seed, out_dir=paths.samples)
+    return sample(paths.training, p.sample, p.base.seed, out_dir=paths.samples,
+                  ranking_logs=paths.ingested / "ranking_logs.parquet")
 
 
 def _train(p: Params, paths: PathsParams) -> dict[str, Any]:

@@ -1,9 +1,19 @@
-"""train stage: fit the evaluation model on train.parquet and the refit model on full.parquet."""
+"""train stage: fit the evaluation model on train.parquet and the refit model on full.parquet.
+
+Early stopping picks the epoch count: a first run trains on the training part minus a validation
+split carved with the test split's temporal protocol and watches validation NDCG@20; the evaluation
+model is then fitted on the whole training part for the best epoch count (so the most recent 20% of
+each user's training rows, the closest to the test period, are not lost), and the refit model on all
+rows for the same count. Checkpoints live in <model dir>/../model_ckpt/<key>/, keyed by a hash of the
+params and the input files, so a rerun after a kill resumes and a param change starts afresh.
+"""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -18,16 +28,37 @@ def _read(path: Path, upstream: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_key(model: ModelParams, cfg: TrainParams, seed: int, inputs: list[Path]) -> str:
+    """Hash of everything that determines the trained weights (threads excluded: it changes speed only)."""
+    doc = {"model": model.model_dump(), "train": cfg.model_dump(exclude={"threads"}), "seed": seed,
+           "inputs": {p.name: _file_digest(p) for p in inputs}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _progress(name: str):
+    return lambda line: print(f"train[{name}] {line}", file=sys.stderr, flush=True)
+
+
 def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: ModelParams, cfg: TrainParams,
-          seed: int, out_dir: Path) -> dict:
+          seed: int, out_dir: Path, checkpoint_dir: Path | None = None) -> dict:
     """Writes out_dir/eval/ and out_dir/full/ (model.pt, encoder.json, model.json), out_dir/train_metrics.json
-    and out_dir/loss.csv (epoch, model, loss). full/ is a refit on all rows when cfg.refit_full, else a
-    copy of eval/. Vocabularies: the whole catalog (items.parquet) + users and user feature values of the
-    examples the model may see (split == 'train' for eval, all rows for full)."""
+    and out_dir/loss.csv (epoch, model, loss, val_ndcg@20). full/ is a refit on all rows when
+    cfg.refit_full, else a copy of eval/. Vocabularies: the whole catalog (items.parquet) + users and user
+    feature values of the examples the model may see (split == 'train' for eval, all rows for full).
+    checkpoint_dir (default out_dir.parent / 'model_ckpt') holds per-epoch checkpoints until success."""
     import torch
 
     from models.encoding import FeatureEncoder
-    from models.training import TrainingStream, fit, model_config, save_model
+    from models.training import TrainingStream, catalog_inputs, fit, model_config, save_model
+    from models.early_stopping import ValidationTask, carve, outside
 
     torch.set_num_threads(cfg.threads)
     if not schema_path.exists():
@@ -37,24 +68,55 @@ def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: Model
     examples = _read(training_dir / "examples.parquet", "materialize")
     if "split" not in examples.columns:
         raise DataContractError(f"{training_dir / 'examples.parquet'}: required column 'split' is missing")
+    train_part = examples[examples["split"] == "train"].reset_index(drop=True)
+    streams = {"eval": samples_dir / "train.parquet", "full": samples_dir / "full.parquet"}
+    needed = ["eval", "full"] if cfg.refit_full else ["eval"]
+    rows = {name: _read(streams[name], "sample") for name in needed}
+    for name in needed:
+        if len(rows[name]) == 0:
+            raise DataContractError(f"{streams[name]}: no training rows (check split and sample params)")
 
-    runs = [("eval", samples_dir / "train.parquet", examples[examples["split"] == "train"])]
-    if cfg.refit_full:
-        runs.append(("full", samples_dir / "full.parquet", examples))
+    key = checkpoint_key(model, cfg, seed, [streams[n] for n in needed] + [training_dir / "examples.parquet",
+                                                                            training_dir / "items.parquet", schema_path])
+    ckpt = (checkpoint_dir or out_dir.parent / "model_ckpt") / key
     metrics: dict = {}
-    loss_rows: list[tuple[int, str, float]] = []
-    for name, stream_path, seen_rows in runs:
-        stream_rows = _read(stream_path, "sample")
-        if len(stream_rows) == 0:
-            raise DataContractError(f"{stream_path}: no training rows (check split and sample params)")
+    loss_rows: list[tuple[int, str, float, float | None]] = []
+
+    def run(name: str, stream_rows: pd.DataFrame, seen_rows: pd.DataFrame, epochs: int | None,
+            validation_rows: pd.DataFrame | None = None):
         encoder = FeatureEncoder.fit(schema, items, seen_rows, min_count=model.min_count)
-        stream = TrainingStream.build(encoder, stream_rows, items)
-        result = fit(stream, model_config(encoder, model), cfg, seed)
+        catalog = catalog_inputs(encoder, items)
+        stream = TrainingStream.build(encoder, stream_rows, items, catalog)
+        task = None
+        if validation_rows is not None:
+            task = ValidationTask.build(encoder, seen_rows[outside(seen_rows, validation_rows)], validation_rows)
+            stream = TrainingStream.build(encoder, stream_rows[outside(stream_rows, validation_rows)], items, catalog)
+        result = fit(stream, model_config(encoder, model), cfg, seed, epochs=epochs, validation=task,
+                     checkpoint=ckpt / f"{name}.pt", log=_progress(name))
         metrics[name] = result.summary(len(stream))
+        metrics[name]["hard_negatives_per_example"] = round(float((stream.hard > 0).sum(dim=1).float().mean()), 3) \
+            if stream.hard.shape[1] else 0.0
+        if stream.hard.shape[1] == 0:
+            metrics[name]["hard_negatives_note"] = "no hard negatives: ranking logs empty or sample.hard_negatives is 0"
+        val = result.val_ndcg or [None] * len(result.losses)
+        loss_rows.extend((e + 1, name, round(loss, 6), None if v is None else round(v, 6))
+                         for e, (loss, v) in enumerate(zip(result.losses, val)))
+        return encoder, result
+
+    epochs = cfg.epochs
+    if cfg.early_stopping:
+        val_rows = train_part[carve(train_part, cfg.val_fraction).to_numpy()]
+        if len(val_rows):
+            _, chosen = run("validation", rows["eval"], train_part, None, val_rows)
+            epochs = chosen.best_epoch or cfg.epochs
+        else:
+            metrics["validation"] = {"skipped": "no user has enough training rows for a validation split"}
+    for name in needed:
+        seen_rows = train_part if name == "eval" else examples
+        encoder, result = run(name, rows[name], seen_rows, epochs)
         save_model(out_dir / name, result.model, encoder,
-                   extra={"trained_on": stream_path.name, "seed": seed, "train": cfg.model_dump(),
+                   extra={"trained_on": streams[name].name, "seed": seed, "train": cfg.model_dump(),
                           "model": model.model_dump(), **metrics[name]})
-        loss_rows += [(epoch + 1, name, round(loss, 6)) for epoch, loss in enumerate(result.losses)]
     if not cfg.refit_full:
         shutil.rmtree(out_dir / "full", ignore_errors=True)
         shutil.copytree(out_dir / "eval", out_dir / "full")
@@ -63,6 +125,7 @@ def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: Model
     (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (out_dir / "loss.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["epoch", "model", "loss"])
+        writer.writerow(["epoch", "model", "loss", "val_ndcg@20"])
         writer.writerows(loss_rows)
+    shutil.rmtree(ckpt, ignore_errors=True)    # done: a rerun with the same key starts afresh
     return metrics

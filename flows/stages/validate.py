@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from flows.errors import MissingStageInput, ValidationFailed
-from validation.suites import TABLES
+from validation.params import ValidateParams
+
+TABLES = ("users", "items", "interactions", "ranking_logs")
+SITE = "towerflow_docs"
 
 
 def load_schema(ingested: Path) -> dict[str, Any]:
@@ -25,50 +26,73 @@ def load_schema(ingested: Path) -> dict[str, Any]:
     return schema
 
 
-def load_table(path: Path) -> pd.DataFrame:
-    """Read a parquet file so that integer columns stay integer when they hold nulls.
-
-    pyarrow's default turns int64-with-nulls into float64 (e.g. ranking_logs.position, which is null
-    on non-shown rows); the nullable Int64 keeps the values and dtype GX should see.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if not path.exists():
-        raise MissingStageInput(f"{path}: not found; run `towerflow stage ingest` first")
-    ints = {t: pd.Int64Dtype() for t in (pa.int8(), pa.int16(), pa.int32(), pa.int64())}
-    return pq.read_table(path).to_pandas(types_mapper=ints.get)
-
-
-def validate(ingested: Path, docs_dir: Path, summary_path: Path,
-             context_root: Path | None = None) -> dict[str, Any]:
+def validate(cfg: ValidateParams, ingested: Path, docs_dir: Path, summary_path: Path,
+             context_root: Path) -> dict[str, Any]:
     """Validate the ingested tables with the GX suites of validation.suites.
 
     Writes docs_dir/ (GX Data Docs, index.html) on every run, pass or fail, and summary_path
-    (per table: rows, expectations evaluated/failed, success; plus the failures). The GX context lives
-    in context_root/gx/ (default: summary_path's folder, i.e. the gitignored reports/).
-    Raises ValidationFailed (headline + one line per failed expectation) when the data must not go on.
+    (per table: rows, expectations evaluated/failed/warned; the failures and the warnings). The GX
+    context lives in context_root/gx/, the previous run's row counts in context_root/volume.json
+    (updated only when the run passes). Raises ValidationFailed (headline + one line per failed
+    expectation, then the warnings) when the data must not go on; warnings alone are logged.
     """
-    from validation.runner import run_suites
-    from validation.suites import add_reference_columns, build_suites, suite_parameters
+    from validation.batches import Source
+    from validation.runner import run_checks
+    from validation.summary import raise_or_warn, summarize
+    from validation.suites import build_profiles, build_suites, suite_parameters
+    from validation.volume import load_previous, save_counts, volume_parameters
 
+    started = time.perf_counter()
     schema = load_schema(ingested)
-    frames = add_reference_columns({t: load_table(ingested / f"{t}.parquet") for t in TABLES})
-    stats, failures, index = run_suites(
-        frames, build_suites(schema), suite_parameters(now=datetime.now(timezone.utc)),
-        context_root or summary_path.parent, docs_dir)
-
-    summary = {
-        "success": not failures and all(s["success"] for s in stats.values()),
-        "tables": stats,
-        "failures": [asdict(f) for f in failures],
-        "docs": str(index),
-    }
+    sources = {}
+    for t in TABLES:
+        path = ingested / f"{t}.parquet"
+        if not path.exists():
+            raise MissingStageInput(f"{path}: not found; run `towerflow stage ingest` first")
+        sources[t] = Source(t, path=path)
+    counts = {t: s.rows for t, s in sources.items()}
+    checks = table_checks(sources, build_suites(schema, cfg), build_profiles(schema, cfg), cfg)
+    checks.append(volume_check(counts))
+    params = {**suite_parameters(datetime.now(timezone.utc), cfg),
+              **volume_parameters(load_previous(context_root), list(TABLES), cfg)}
+    stats, failures, index = run_checks(checks, params, cfg.severity.model_dump(), context_root, SITE, docs_dir)
+    for t, n in counts.items():
+        stats.setdefault(t, {})["rows"] = n
+    summary = summarize(stats, failures, index, started)
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    if not summary["success"]:
-        n, k = len(failures), len({f.table for f in failures})
-        head = (f"validation failed: {n} expectation{'s' * (n != 1)} on {k} "
-                f"table{'s' * (k != 1)} (see {index})")
-        raise ValidationFailed("\n".join([head, *("  " + f.line() for f in failures)]))
+    if summary["success"]:
+        save_counts(context_root, counts)
+    raise_or_warn(failures, index)
     return summary
+
+
+def table_checks(sources: dict, suites: dict[str, list], profiles: dict[str, list],
+                 cfg: ValidateParams) -> list:
+    """A row check per table (batches with derived columns) and a profile check on a sample."""
+    from validation.batches import sample, to_pandas
+    from validation.runner import Check
+    from validation.suites import derived_columns, parent_ids, profile_columns
+
+    parents = {"users": parent_ids(sources["users"], "user_id"), "items": parent_ids(sources["items"], "item_id")}
+    checks = []
+    for table, expectations in suites.items():
+        source = sources[table]
+        derived = derived_columns(table, sources, parents, cfg.chunk_rows)
+
+        def batches(source=source, derived=derived):  # noqa: ANN202 - bound per table
+            return (derived.apply(to_pandas(b)) for b in source.batches(cfg.chunk_rows))
+        checks.append(Check(table, table, expectations, batches))
+        if table in profiles:
+            cols = profile_columns(profiles[table])
+            checks.append(Check(table, f"{table}_profile", profiles[table],
+                                lambda source=source, cols=cols: [sample(source, cols, cfg.sample_rows,
+                                                                         cfg.chunk_rows)]))
+    return checks
+
+
+def volume_check(counts: dict[str, int]):  # noqa: ANN201 - a validation.runner.Check
+    from validation.runner import Check
+    from validation.volume import SUITE, volume_frame, volume_suite
+
+    return Check(SUITE, SUITE, volume_suite(list(counts)), lambda: [volume_frame(counts)])

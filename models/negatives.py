@@ -1,0 +1,154 @@
+"""Negatives for the retrieval loss: easy ones from the catalog, hard ones mined from ranking logs.
+
+Easy negatives are drawn from the whole catalog with probability ∝ popularity^0.75 (word2vec's
+unigram^3/4 noise distribution, Mikolov et al. 2013): between uniform (mostly irrelevant tail items)
+and the positive stream itself (which in-batch negatives already cover).
+
+Hard negatives are what the production funnel itself rejected: items that retrieval returned for a
+request but the ranker eliminated (log stage 'retrieved' or 'ranked', never shown). They look
+relevant to retrieval yet lost to better items, so they teach what the in-batch negatives cannot.
+Shown-but-not-clicked items are left out by default: a skipped item may simply not have been
+examined (position bias), so it is weak evidence of irrelevance; `include_shown_unclicked` turns them
+on for the ablation. A training example only takes negatives from its user's latest request at or
+before its own timestamp, so no future information leaks in, and an item that is a positive of that
+user in the stream's source rows is never a negative.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from flows.errors import DataContractError
+
+LOG_COLUMNS = ["request_id", "user_id", "item_id", "timestamp", "stage", "clicked"]
+READ_BATCH_ROWS = 1 << 20   # rows per parquet batch: bounds the transient memory of reading the logs
+
+
+def popularity_distribution(counts: np.ndarray, power: float) -> np.ndarray:
+    """Sampling probabilities over item-vocabulary indices: ∝ (count + 1)^power, index 0 (OOV) never.
+
+    The add-one keeps catalog items without interactions in the sample (cold items still need to be
+    pushed away from users); power 0 is uniform over the catalog."""
+    if len(counts) < 2:
+        raise ValueError(f"need at least one item besides OOV (got {len(counts)} vocabulary entries)")
+    weights = np.power(np.asarray(counts, dtype=np.float64) + 1.0, power)
+    weights[0] = 0.0
+    return weights / weights.sum()
+
+
+@dataclass
+class NegativePool:
+    """Log rows that may serve as hard negatives, compact: one row per (request, item)."""
+
+    request: np.ndarray          # (P,) int64 request code, rows sorted by it
+    user: pd.Series              # (P,) user id of the request
+    item: pd.Series              # (P,) item id
+    request_user: pd.Series      # (R,) user id of each request code
+    request_time: pd.Series      # (R,) request timestamp (its earliest row)
+    log_rows: int                # rows in the log file
+
+    @property
+    def empty(self) -> bool:
+        return len(self.request) == 0
+
+
+def load_negative_pool(logs_path: Path, include_shown_unclicked: bool = False) -> NegativePool:
+    """Read the negative-stage rows of ranking_logs.parquet batch by batch (the file can be large)."""
+    if not logs_path.exists():
+        raise DataContractError(f"{logs_path}: not found; the ingest stage always writes it (0 rows when "
+                                "data.ranking_logs is none)")
+    file = pq.ParquetFile(logs_path)
+    missing = [c for c in LOG_COLUMNS if c not in file.schema_arrow.names]
+    if missing:
+        raise DataContractError(f"{logs_path}: required columns {missing} are missing")
+    parts = []
+    for batch in file.iter_batches(batch_size=READ_BATCH_ROWS, columns=LOG_COLUMNS):
+        stage = batch.column("stage")
+        keep = pc.is_in(stage, value_set=pa.array(["retrieved", "ranked"]))
+        if include_shown_unclicked:
+            shown_skip = pc.and_(pc.equal(stage, "shown"), pc.invert(pc.fill_null(batch.column("clicked"), False)))
+            keep = pc.or_(keep, shown_skip)
+        parts.append(batch.filter(pc.fill_null(keep, False)).select(["request_id", "user_id", "item_id",
+                                                                     "timestamp"]))
+    table = pa.Table.from_batches(parts, schema=pa.schema([file.schema_arrow.field(c) for c in
+                                                           ("request_id", "user_id", "item_id", "timestamp")]))
+    codes = pc.dictionary_encode(table.column("request_id").combine_chunks()).indices.to_numpy()
+    codes = codes.astype(np.int64)
+    order = np.argsort(codes, kind="stable")
+    frame = table.select(["user_id", "item_id", "timestamp"]).to_pandas().iloc[order].reset_index(drop=True)
+    codes = codes[order]
+    per_request = frame.groupby(codes, sort=True).agg(user_id=("user_id", "first"), timestamp=("timestamp", "min"))
+    return NegativePool(request=codes, user=frame["user_id"], item=frame["item_id"],
+                        request_user=per_request["user_id"].reset_index(drop=True),
+                        request_time=per_request["timestamp"].reset_index(drop=True),
+                        log_rows=file.metadata.num_rows)
+
+
+def latest_request(examples: pd.DataFrame, pool: NegativePool) -> np.ndarray:
+    """(N,) code of each example's user's latest request at or before the example's timestamp; -1: none."""
+    n = len(examples)
+    if pool.empty or n == 0:
+        return np.full(n, -1, np.int64)
+    users = pd.Index(pd.unique(examples["user_id"]))
+    left = pd.DataFrame({"u": users.get_indexer(examples["user_id"]), "t": examples["timestamp"].to_numpy(),
+                         "row": np.arange(n)})
+    right = pd.DataFrame({"u": users.get_indexer(pool.request_user), "t": pool.request_time.to_numpy(),
+                          "req": np.arange(len(pool.request_user), dtype=np.int64)})
+    right = right[right["u"] >= 0]
+    left["t"], right["t"] = pd.to_datetime(left["t"], utc=True), pd.to_datetime(right["t"], utc=True)
+    # merge_asof backward + exact matches allowed: the latest request with t_request <= t_example
+    joined = pd.merge_asof(left.sort_values("t", kind="stable"), right.sort_values("t", kind="stable"),
+                           on="t", by="u", direction="backward", allow_exact_matches=True)
+    out = np.full(n, -1, np.int64)
+    out[joined["row"].to_numpy()] = joined["req"].fillna(-1).to_numpy(np.int64)
+    return out
+
+
+def _pair_keys(users: pd.Index, items: pd.Index, user_ids, item_ids) -> np.ndarray:
+    """int64 key per (user, item) pair; -1 where either id is unknown to the indexes."""
+    u, i = users.get_indexer(user_ids), items.get_indexer(item_ids)
+    return np.where((u >= 0) & (i >= 0), u.astype(np.int64) * len(items) + i, -1)
+
+
+def attach_hard_negatives(examples: pd.DataFrame, pool: NegativePool, positives: pd.DataFrame, k: int,
+                          rng: np.random.Generator) -> pa.Array:
+    """A list of up to k distinct item ids per example (a pyarrow list array aligned with `examples`).
+
+    Drawn with replacement from the pool of the example's latest request at or before its timestamp,
+    after removing every (user, item) pair in `positives` (the stream's source rows); duplicates are
+    then dropped, so a small pool gives fewer than k. Vectorized: one (N, k) draw."""
+    n = len(examples)
+    # the stream's own id type (int64 or string), so the list column matches item_id
+    item_type = pa.array(examples["item_id"].iloc[:1]).type if n else pa.int64()
+    if k == 0 or pool.empty or n == 0:
+        return pa.array([[]] * n, type=pa.list_(item_type))
+    users = pd.Index(pd.unique(pd.concat([positives["user_id"], pool.user], ignore_index=True)))
+    items = pd.Index(pd.unique(pd.concat([positives["item_id"], pool.item], ignore_index=True)))
+    positive_keys = np.unique(_pair_keys(users, items, positives["user_id"], positives["item_id"]))
+    usable = ~np.isin(_pair_keys(users, items, pool.user, pool.item), positive_keys)
+    request = pool.request[usable]
+    item_code = items.get_indexer(pool.item[usable])
+    n_req = len(pool.request_user)
+    count = np.bincount(request, minlength=n_req)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+
+    req = latest_request(examples, pool)                                  # (N,)
+    has = req >= 0
+    size = np.where(has, count[np.maximum(req, 0)], 0)                    # (N,)
+    draw = np.floor(rng.random((n, k)) * size[:, None]).astype(np.int64)  # (N, k)
+    picked = np.where(size[:, None] > 0, item_code[np.minimum(start[np.maximum(req, 0)][:, None] + draw,
+                                                              max(len(item_code) - 1, 0))], -1)
+    picked = np.sort(picked, axis=1)
+    dup = np.zeros_like(picked, dtype=bool)
+    dup[:, 1:] = picked[:, 1:] == picked[:, :-1]
+    picked[dup] = -1
+    valid = picked >= 0
+    offsets = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32)
+    values = pa.array(items[picked[valid]].to_numpy(), type=item_type)
+    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values)

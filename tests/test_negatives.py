@@ -1,0 +1,110 @@
+"""Easy negatives (popularity^0.75) and hard negatives mined from ranking logs (models/negatives.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from models.negatives import attach_hard_negatives, load_negative_pool, popularity_distribution
+
+
+def test_easy_negatives_follow_popularity_to_the_three_quarters():
+    counts = np.array([0, 99, 15, 0, 3])             # index 0 is OOV; item 3 has no interactions
+    p = popularity_distribution(counts, 0.75)
+    expected = np.array([0.0, 100 ** 0.75, 16 ** 0.75, 1.0, 4 ** 0.75])
+    np.testing.assert_allclose(p, expected / expected.sum())
+    # the sampler the training loop uses draws from it: chi-square goodness of fit on 200k draws
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    draws = torch.multinomial(torch.from_numpy(p).float(), n, replacement=True, generator=g)
+    observed = np.bincount(draws.numpy(), minlength=len(p))[1:]
+    exp = p[1:] * n
+    chi2 = float(((observed - exp) ** 2 / exp).sum())
+    assert observed.sum() == n and chi2 < 16.3      # 3 dof, p = 0.001
+    assert np.allclose(popularity_distribution(counts, 0.0)[1:], 0.25)   # power 0: uniform
+
+
+def _ts(minutes):
+    return pd.to_datetime(np.asarray(minutes) * 60, unit="s", utc=True).astype("datetime64[us, UTC]")
+
+
+def _write_logs(path, rows):
+    df = pd.DataFrame(rows, columns=["request_id", "user_id", "item_id", "minute", "stage", "clicked"])
+    df["timestamp"] = _ts(df.pop("minute"))
+    df["position"] = pd.array([None] * len(df), dtype="Int64")
+    df["ranker_score"] = 0.0
+    df.to_parquet(path, index=False)
+    return path
+
+
+LOG_ROWS = [
+    # request r1 of user 1 at minute 10
+    ("r1", 1, 100, 10, "retrieved", False),
+    ("r1", 1, 101, 10, "ranked", False),
+    ("r1", 1, 102, 10, "shown", False),        # shown, not clicked: only with the flag
+    ("r1", 1, 103, 10, "shown", True),         # clicked: never a negative
+    ("r1", 1, 104, 10, "retrieved", False),    # a positive of user 1: never a negative
+    # request r2 of user 1 at minute 30 (after the example at minute 20: must not leak into it)
+    ("r2", 1, 110, 30, "retrieved", False),
+    # request r3 of user 2 at minute 5
+    ("r3", 2, 120, 5, "ranked", False),
+    ("r3", 2, 121, 5, "retrieved", False),
+]
+
+
+@pytest.fixture()
+def logs(tmp_path):
+    return _write_logs(tmp_path / "ranking_logs.parquet", LOG_ROWS)
+
+
+def _examples():
+    return pd.DataFrame({"user_id": [1, 1, 1, 2, 3], "item_id": [104, 105, 106, 107, 108],
+                         "timestamp": _ts([5, 20, 30, 6, 50])})
+
+
+def _mine(logs, include_shown=False, k=8):
+    ex = _examples()
+    pool = load_negative_pool(logs, include_shown_unclicked=include_shown)
+    lists = attach_hard_negatives(ex, pool, ex, k, np.random.default_rng(0)).to_pylist()
+    return [set(v) for v in lists]
+
+
+def test_hard_negatives_are_the_users_rejected_items_at_or_before_the_example(logs):
+    got = _mine(logs)
+    assert got[0] == set()               # minute 5: user 1 had no request yet
+    assert got[1] == {100, 101}          # minute 20: r1 only; 102 shown, 103 clicked, 104 a positive
+    assert got[2] == {110}               # minute 30: r2 at the same time counts, r1 is older
+    assert got[3] == {120, 121}          # user 2's own request
+    assert got[4] == set()               # user 3 has no logs
+    # an item the user interacted with (positives) is removed even when the logs rejected it
+    ex = _examples()
+    pool = load_negative_pool(logs)
+    more = pd.concat([ex, pd.DataFrame({"user_id": [1], "item_id": [100], "timestamp": _ts([99])})])
+    lists = attach_hard_negatives(ex, pool, more, 8, np.random.default_rng(0)).to_pylist()
+    assert set(lists[1]) == {101}
+
+
+def test_shown_unclicked_items_are_negatives_only_with_the_flag(logs):
+    assert 102 not in _mine(logs)[1]
+    with_flag = _mine(logs, include_shown=True)
+    assert with_flag[1] == {100, 101, 102}
+    assert all(103 not in s for s in with_flag)   # clicked items never
+
+
+def test_hard_negatives_are_distinct_capped_and_typed_like_the_stream(tmp_path):
+    rows = [("r", "u", f"i{j}", 1, "retrieved", False) for j in range(30)]
+    logs = _write_logs(tmp_path / "logs.parquet", rows)
+    ex = pd.DataFrame({"user_id": ["u"] * 3, "item_id": ["i0", "x", "y"], "timestamp": _ts([2, 3, 4])})
+    lists = attach_hard_negatives(ex, load_negative_pool(logs), ex, 5, np.random.default_rng(1))
+    assert str(lists.type) == "list<item: string>"
+    for v in lists.to_pylist():
+        assert 0 < len(v) <= 5 and len(set(v)) == len(v) and "i0" not in v
+
+
+def test_empty_logs_give_no_hard_negatives(tmp_path):
+    logs = _write_logs(tmp_path / "empty.parquet", [])
+    pool = load_negative_pool(logs)
+    assert pool.empty and pool.log_rows == 0
+    ex = _examples()
+    assert attach_hard_negatives(ex, pool, ex, 4, np.random.default_rng(0)).to_pylist() == [[]] * len(ex)

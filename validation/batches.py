@@ -1,0 +1,146 @@
+"""Tables read in bounded batches, with the derived columns that carry cross-row checks.
+
+GX evaluates expectations on one pandas DataFrame at a time, so a table is validated batch by batch
+(at most `chunk_rows` rows in memory) and the results are summed (validation/runner.py). Checks that
+span rows are turned into per-row derived columns first, so that they stay exact across batches:
+
+- references: `<col>_not_in_<parent>` holds the id where it is missing from the parent table (the
+  parent's ids are held in memory: the size of the catalog, not of the event table);
+- unique keys: `<col>_duplicate` holds the key where it occurs more than once. A first pass hashes
+  the key columns (8 bytes a row) and keeps the hashes seen twice; a 64-bit collision could flag a
+  false duplicate (about n^2 / 2^65: 3e-6 for 10M rows).
+
+Distribution checks (means, cardinality) run on a uniform sample of at most `sample_rows` rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+_INTS = {t: pd.Int64Dtype() for t in (pa.int8(), pa.int16(), pa.int32(), pa.int64())}
+
+
+def to_pandas(table: pa.Table | pa.RecordBatch) -> pd.DataFrame:
+    """Integer columns stay integer when they hold nulls.
+
+    pyarrow's default turns int64-with-nulls into float64 (e.g. ranking_logs.position, which is null
+    on non-shown rows); the nullable Int64 keeps the values and dtype GX should see.
+    """
+    return table.to_pandas(types_mapper=_INTS.get)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A table to validate: a parquet file (streamed) or an arrow table already in memory."""
+
+    name: str
+    path: Path | None = None
+    table: pa.Table | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.table.num_rows if self.table is not None else pq.ParquetFile(self.path).metadata.num_rows
+
+    @property
+    def columns(self) -> list[str]:
+        return self.table.column_names if self.table is not None else pq.read_schema(self.path).names
+
+    def batches(self, size: int, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """Tables of at most `size` rows; always at least one (empty) so that column checks run."""
+        cols = None if columns is None else [c for c in columns if c in self.columns]
+        if self.table is not None:
+            table = self.table if cols is None else self.table.select(cols)
+            parts = (table.slice(i, size) for i in range(0, max(table.num_rows, 1), size))
+        else:
+            f = pq.ParquetFile(self.path)
+            parts = (pa.Table.from_batches([b]) for b in f.iter_batches(batch_size=size, columns=cols))
+            if f.metadata.num_rows == 0:
+                parts = iter([f.schema_arrow.empty_table() if cols is None
+                              else f.schema_arrow.empty_table().select(cols)])
+        yield from parts
+
+
+@dataclass(frozen=True)
+class UniqueKey:
+    """Key columns that must be unique (among rows where `where_column == where_value`, if set)."""
+
+    columns: tuple[str, ...]
+    derived: str
+    where_column: str | None = None
+    where_value: str | None = None
+
+
+@dataclass
+class Derived:
+    """The derived columns of one table: references to parent ids and duplicate keys."""
+
+    references: dict[str, tuple[str, pd.Index]] = field(default_factory=dict)  # derived -> (column, parent ids)
+    unique: list[tuple[UniqueKey, np.ndarray]] = field(default_factory=list)   # key, sorted duplicate hashes
+
+    def apply(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The frame with the derived columns added (skipped where the source column is missing)."""
+        extra: dict[str, pd.Series] = {}
+        for derived, (col, parent) in self.references.items():
+            if col in frame.columns:
+                # Null ids stay null here (the not-null expectation reports them), so the derived
+                # column is null exactly for the rows that pass.
+                extra[derived] = frame[col].where(~frame[col].isin(parent) | frame[col].isna())
+        for key, dups in self.unique:
+            if all(c in frame.columns for c in key.columns):
+                hashes, valid = _key_hashes(frame, key)
+                hit = valid & np.isin(hashes, dups)
+                extra[key.derived] = _key_values(frame, key).where(hit)
+        return frame.assign(**extra) if extra else frame
+
+
+def _key_values(frame: pd.DataFrame, key: UniqueKey) -> pd.Series:
+    if len(key.columns) == 1:
+        return frame[key.columns[0]].astype(object)
+    # Compound keys read back as "(r17, 3)" in failure examples.
+    return pd.Series(["(" + ", ".join(map(str, t)) + ")" for t in
+                      zip(*(frame[c] for c in key.columns))], index=frame.index, dtype=object)
+
+
+def _key_hashes(frame: pd.DataFrame, key: UniqueKey) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of the key columns and which rows take part (no null key, condition met)."""
+    cols = frame[list(key.columns)]
+    valid = cols.notna().all(axis=1).to_numpy()
+    if key.where_column is not None:
+        valid &= (frame[key.where_column] == key.where_value).fillna(False).to_numpy(dtype=bool)
+    # Cast to object first so that an int64 key and an Int64 key hash alike across batches.
+    hashes = pd.util.hash_pandas_object(cols.astype(object), index=False).to_numpy()
+    return hashes, valid
+
+
+def duplicate_hashes(source: Source, key: UniqueKey, chunk_rows: int) -> np.ndarray:
+    """Sorted hashes of the keys that occur more than once; reads only the key columns."""
+    if not all(c in source.columns for c in key.columns):
+        return np.empty(0, dtype=np.uint64)
+    cols = [*key.columns, *([key.where_column] if key.where_column else [])]
+    parts = []
+    for batch in source.batches(chunk_rows, cols):
+        hashes, valid = _key_hashes(to_pandas(batch), key)
+        parts.append(hashes[valid])
+    if not parts:
+        return np.empty(0, dtype=np.uint64)
+    all_hashes = np.sort(np.concatenate(parts))
+    return np.unique(all_hashes[1:][all_hashes[1:] == all_hashes[:-1]])
+
+
+def sample(source: Source, columns: list[str], max_rows: int, chunk_rows: int, seed: int = 0) -> pd.DataFrame:
+    """The given columns of the whole table, or a uniform row sample of about max_rows rows."""
+    rows = source.rows
+    rng = np.random.default_rng(seed)
+    keep = 1.0 if rows <= max_rows else max_rows / rows
+    parts = []
+    for batch in source.batches(chunk_rows, columns):
+        if keep < 1.0:
+            batch = batch.filter(pa.array(rng.random(batch.num_rows) < keep))
+        parts.append(to_pandas(batch))
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
