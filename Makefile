@@ -15,7 +15,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup pipeline test bench clean
+.PHONY: setup pipeline test bench ablate clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m flows.bench --out reports/bench.json
+
+ablate: setup
+	$(BIN)/towerflow ablate
 
 clean:
 	rm -rf data artifacts reports .prefect
