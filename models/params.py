@@ -54,7 +54,8 @@ class TrainParams(_Section):
     patience: PositiveInt = 2                      # epochs without a better validation NDCG@20
     val_fraction: float = Field(0.2, gt=0, lt=1)   # each user's last share of training rows
     refit_full: bool = True
-    threads: PositiveInt = 2
+    threads: PositiveInt = 1                       # torch threads in all (split between workers)
+    workers: PositiveInt = 1                       # data-parallel processes (torch DDP, gloo); 1: in process
 
 
 class EvaluateParams(_Section):

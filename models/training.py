@@ -5,6 +5,9 @@ item side of a batch is a gather from the pre-encoded catalog, so there is no pe
 Each epoch can end with a checkpoint, so a killed run resumes where it stopped and
 ends with the same model as an uninterrupted one: every random draw comes from one torch.Generator
 whose state is saved with the weights, the optimizer and the LR schedule.
+Memory: the stream is held once as columnar tensors (no per-epoch copy, no per-example Python
+objects); an epoch is a permutation of indices. train.workers > 1 trains data-parallel with
+torch DDP (models/distributed.py); 1 keeps this single-process path unchanged.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch.profiler import record_function
 
 from models.encoding import FeatureEncoder, pad_lists
 from models.losses import LOSSES, info_nce
@@ -185,40 +189,48 @@ class BatchLoss:
         self.listwise_logq = cfg.loss == "listwise" and cfg.logq
 
     def __call__(self, model: TwoTower, b: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        # record_function labels name the parts of a step in models/bench_train.py's profile; they cost
+        # nothing measurable when no profiler is running
         s, tau = self.stream, self.temperature
         item = s.item_idx[b]                                                # (B,)
         user = s.users["user"][b]                                           # (B,)
-        q, c = model(gather(s.users, b), gather(s.items, item))             # (B, D), (B, D)
-        pos = (q * c).sum(dim=1) / tau                                      # (B,)
-        # in-batch: column j is row j's positive; its own column and same-item columns are no negatives
-        inb = q @ c.T / tau                                                 # (B, B)
-        valid = (item.unsqueeze(0) != item.unsqueeze(1)) & ~s.hits(user, item)
-        if self.listwise_logq:
-            # logit - log(expected count of j among the B in-batch negatives) (Yi et al. 2019)
-            correction = self.log_q[item] + math.log(len(b))                # (B,)
-            inb = inb - correction.unsqueeze(0)
-            pos = pos - correction
+        with record_function("towers"):
+            q, c = model(gather(s.users, b), gather(s.items, item))         # (B, D), (B, D)
+        with record_function("in-batch logits + hit mask"):
+            pos = (q * c).sum(dim=1) / tau                                  # (B,)
+            # in-batch: column j is row j's positive; its own column and same-item columns are no negatives
+            inb = q @ c.T / tau                                             # (B, B)
+            valid = (item.unsqueeze(0) != item.unsqueeze(1)) & ~s.hits(user, item)
+            if self.listwise_logq:
+                # logit - log(expected count of j among the B in-batch negatives) (Yi et al. 2019)
+                correction = self.log_q[item] + math.log(len(b))            # (B,)
+                inb = inb - correction.unsqueeze(0)
+                pos = pos - correction
         negs, valids = [inb], [valid]
         if self.n_easy:
-            e = torch.multinomial(self.easy_p, self.n_easy, replacement=True, generator=gen)  # (K,)
-            easy = q @ model.encode_items(gather(s.items, e)).T / tau      # (B, K)
-            if self.listwise_logq:
-                easy = easy - torch.log(self.n_easy * self.easy_p[e]).unsqueeze(0)
-            negs.append(easy)
-            valids.append((e.unsqueeze(0) != item.unsqueeze(1)) & ~s.hits(user, e))
+            with record_function("easy negatives"):
+                e = torch.multinomial(self.easy_p, self.n_easy, replacement=True, generator=gen)  # (K,)
+                easy = q @ model.encode_items(gather(s.items, e)).T / tau  # (B, K)
+                if self.listwise_logq:
+                    easy = easy - torch.log(self.n_easy * self.easy_p[e]).unsqueeze(0)
+                negs.append(easy)
+                valids.append((e.unsqueeze(0) != item.unsqueeze(1)) & ~s.hits(user, e))
         if self.n_hard:
-            pool = s.hard[b]                                                # (B, W)
-            # a random n_hard of each row's stored negatives, padding last
-            key = torch.rand(pool.shape, generator=gen) + (pool == 0).to(torch.float32)
-            h = pool.gather(1, key.argsort(dim=1)[:, :self.n_hard])         # (B, H)
-            uniq, inv = torch.unique(h, return_inverse=True)
-            ch = model.encode_items(gather(s.items, uniq))                  # (U, D)
-            hard = (q.unsqueeze(1) * ch[inv]).sum(dim=-1) / tau             # (B, H)
-            negs.append(hard)   # no log Q: they are chosen per example, not sampled from a proposal
-            valids.append((h != 0) & (h != item.unsqueeze(1)))
-        loss = LOSSES[self.cfg.loss](pos, torch.cat(negs, dim=1), torch.cat(valids, dim=1), s.weights[b])
+            with record_function("hard negatives"):
+                pool = s.hard[b]                                            # (B, W)
+                # a random n_hard of each row's stored negatives, padding last
+                key = torch.rand(pool.shape, generator=gen) + (pool == 0).to(torch.float32)
+                h = pool.gather(1, key.argsort(dim=1)[:, :self.n_hard])     # (B, H)
+                uniq, inv = torch.unique(h, return_inverse=True)
+                ch = model.encode_items(gather(s.items, uniq))              # (U, D)
+                hard = (q.unsqueeze(1) * ch[inv]).sum(dim=-1) / tau         # (B, H)
+                negs.append(hard)   # no log Q: they are chosen per example, not sampled from a proposal
+                valids.append((h != 0) & (h != item.unsqueeze(1)))
+        with record_function("retrieval loss"):
+            loss = LOSSES[self.cfg.loss](pos, torch.cat(negs, dim=1), torch.cat(valids, dim=1), s.weights[b])
         if self.augmenter is not None and self.cfg.ssl_weight > 0:
-            loss = loss + self.cfg.ssl_weight * self.ssl_loss(model, gen)
+            with record_function("ssl"):
+                loss = loss + self.cfg.ssl_weight * self.ssl_loss(model, gen)
         return loss
 
     def ssl_loss(self, model: TwoTower, gen: torch.Generator) -> torch.Tensor:
@@ -254,17 +266,27 @@ def fit(stream: TrainingStream, config: TwoTowerConfig, cfg: TrainParams, seed: 
     """Train for `epochs` (default cfg.epochs). With `validation` and cfg.early_stopping, stop after
     cfg.patience epochs without a better validation NDCG@20. `checkpoint`: a file written after every
     epoch and resumed from when it exists. `on_epoch(epoch)` runs after each checkpoint.
-    Same inputs + seed → same model, whether or not the run was interrupted and resumed."""
+    Same inputs + seed → same model, whether or not the run was interrupted and resumed.
+
+    cfg.workers > 1: data-parallel over that many processes (models/distributed.py); inside an
+    initialized torch.distributed group (those processes, or a torchrun launch) this process trains
+    its rank's shard and only rank 0 logs, validates and writes the checkpoint."""
     if len(stream) == 0:
         raise ValueError("the training stream is empty: nothing to train on")
+    from models import distributed
+
+    rank, world = distributed.rank_and_world()
+    if world == 1 and cfg.workers > 1:
+        return distributed.spawn_fit(stream, config, cfg, seed, epochs, validation, checkpoint, log, on_epoch)
+    lead = rank == 0
     epochs = epochs or cfg.epochs
     torch.manual_seed(seed)
     model = TwoTower(config)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(stream)
-    steps = math.ceil(n / cfg.batch_size)
+    steps = math.ceil(math.ceil(n / world) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)       # the permutation: the same on every rank
     result = FitResult(model=model)
     augmenter = make_augmenter(stream, cfg, result.notes)
     batch_loss = BatchLoss(stream, cfg, config.temperature, augmenter)
@@ -279,36 +301,50 @@ def fit(stream: TrainingStream, config: TwoTowerConfig, cfg: TrainParams, seed: 
         for name in ("losses", "seconds", "val_ndcg", "best_epoch", "stopped_early"):
             setattr(result, name, state[name])
         result.resumed_from = len(result.losses)
+    step = distributed.parallel_step(model, batch_loss) if world > 1 else None
     while len(result.losses) < epochs and not result.stopped_early:
         model.train()
         start_time = time.perf_counter()
         perm = torch.randperm(n, generator=gen)
+        if world > 1:
+            perm = distributed.shard(perm, rank, world)
+            # each rank draws its own negatives and SSL items; seeded per (seed, epoch, rank), so a
+            # resumed run draws what the uninterrupted one did without saving every rank's state
+            sampler = distributed.rank_generator(seed, len(result.losses), rank)
         total, seen = 0.0, 0
-        for start in range(0, n, cfg.batch_size):
+        for start in range(0, len(perm), cfg.batch_size):
             b = perm[start:start + cfg.batch_size]                          # (B,)
-            loss = batch_loss(model, b, gen)
+            loss = batch_loss(model, b, gen) if step is None else step(b, sampler)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            with record_function("backward"):
+                loss.backward()
+            with record_function("optimizer"):
+                opt.step()
+                sched.step()
             total += float(loss.detach()) * len(b)
             seen += len(b)
+        if world > 1:
+            total, seen = distributed.sum_over_ranks(total, seen)
         result.losses.append(total / seen)
         result.seconds.append(time.perf_counter() - start_time)
         epoch = len(result.losses)
         line = f"epoch {epoch}/{epochs} loss {result.losses[-1]:.4f} {result.seconds[-1]:.1f} s " \
                f"({n / result.seconds[-1]:.0f} examples/s)"
         if validation is not None:
-            result.val_ndcg.append(validation.ndcg(model, stream.items))
-            best = int(np.argmax(result.val_ndcg))          # first best: ties keep the shorter run
-            result.best_epoch = best + 1
-            result.stopped_early = cfg.early_stopping and epoch - result.best_epoch >= cfg.patience
-            line += f" val ndcg@20 {result.val_ndcg[-1]:.4f} (best {result.best_epoch})"
-        if log is not None:
+            if lead:
+                result.val_ndcg.append(validation.ndcg(model, stream.items))
+                best = int(np.argmax(result.val_ndcg))      # first best: ties keep the shorter run
+                result.best_epoch = best + 1
+                result.stopped_early = cfg.early_stopping and epoch - result.best_epoch >= cfg.patience
+                line += f" val ndcg@20 {result.val_ndcg[-1]:.4f} (best {result.best_epoch})"
+            if world > 1:   # every rank must stop at the same epoch, or the others wait forever
+                result.val_ndcg, result.best_epoch, result.stopped_early = distributed.from_rank0(
+                    [result.val_ndcg, result.best_epoch, result.stopped_early])
+        if lead and log is not None:
             log(line)
-        if checkpoint is not None:
+        if lead and checkpoint is not None:
             _save_checkpoint(checkpoint, model, opt, sched, gen, result)
-        if on_epoch is not None:
+        if lead and on_epoch is not None:
             on_epoch(epoch)
     model.eval()
     return result

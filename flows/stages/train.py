@@ -43,15 +43,21 @@ def checkpoint_key(model: ModelParams, cfg: TrainParams, seed: int, inputs: list
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _progress(name: str):
-    return lambda line: print(f"train[{name}] {line}", file=sys.stderr, flush=True)
+class _Progress:
+    """Epoch lines on stderr; a class, not a closure, so spawned data-parallel workers can pickle it."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, line: str) -> None:
+        print(f"train[{self.name}] {line}", file=sys.stderr, flush=True)
 
 
 def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: ModelParams, cfg: TrainParams,
           seed: int, out_dir: Path, checkpoint_dir: Path | None = None) -> dict:
     """Writes out_dir/eval/ and out_dir/full/ (model.pt, encoder.json, model.json), out_dir/train_metrics.json
     and out_dir/loss.csv (epoch, model, loss, val_ndcg@20). full/ is a refit on all rows when
-    cfg.refit_full, else a copy of eval/. Vocabularies: the whole catalog (items.parquet) + users and user
+    cfg.refit_full, else a copy of eval/. cfg.workers > 1 trains data-parallel (models/distributed.py). Vocabularies: the whole catalog (items.parquet) + users and user
     feature values of the examples the model may see (split == 'train' for eval, all rows for full).
     checkpoint_dir (default out_dir.parent / 'model_ckpt') holds per-epoch checkpoints until success."""
     import torch
@@ -59,8 +65,11 @@ def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: Model
     from models.encoding import FeatureEncoder
     from models.training import TrainingStream, catalog_inputs, fit, model_config, save_model
     from models.early_stopping import ValidationTask, carve, outside
+    from models.distributed import join_launched_group
 
     torch.set_num_threads(cfg.threads)
+    # under torchrun every process runs this stage: each trains its shard, rank 0 alone writes
+    rank = join_launched_group(cfg)
     if not schema_path.exists():
         raise MissingStageInput(f"{schema_path}: not found; run the ingest stage first")
     schema = json.loads(schema_path.read_text())
@@ -92,7 +101,7 @@ def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: Model
             task = ValidationTask.build(encoder, seen_rows[outside(seen_rows, validation_rows)], validation_rows)
             stream = TrainingStream.build(encoder, stream_rows[outside(stream_rows, validation_rows)], items, catalog)
         result = fit(stream, model_config(encoder, model), cfg, seed, epochs=epochs, validation=task,
-                     checkpoint=ckpt / f"{name}.pt", log=_progress(name))
+                     checkpoint=ckpt / f"{name}.pt", log=_Progress(name))
         metrics[name] = result.summary(len(stream))
         metrics[name]["hard_negatives_per_example"] = round(float((stream.hard > 0).sum(dim=1).float().mean()), 3) \
             if stream.hard.shape[1] else 0.0
@@ -114,9 +123,13 @@ def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: Model
     for name in needed:
         seen_rows = train_part if name == "eval" else examples
         encoder, result = run(name, rows[name], seen_rows, epochs)
+        if rank != 0:
+            continue
         save_model(out_dir / name, result.model, encoder,
                    extra={"trained_on": streams[name].name, "seed": seed, "train": cfg.model_dump(),
                           "model": model.model_dump(), **metrics[name]})
+    if rank != 0:
+        return metrics
     if not cfg.refit_full:
         shutil.rmtree(out_dir / "full", ignore_errors=True)
         shutil.copytree(out_dir / "eval", out_dir / "full")

@@ -1,0 +1,117 @@
+"""Training throughput and a profile of one training step, on a materialized training set.
+
+    .venv/bin/python -m models.bench_train --data /tmp/demo --epochs 2 --workers 1 2
+
+reads <data>/samples/full.parquet, <data>/training/{examples,items}.parquet and
+<data>/ingested/schema.json (the train stage's refit run: the largest stream), with the model and
+train sections of params.yaml (overridable with --set train.batch_size=2048), and prints
+examples/s and s/epoch per worker count, then the share of a step's time in each part of the loss
+(the record_function labels of models/training.py) from torch.profiler over --profile-steps steps.
+Nothing is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+
+def build_stream(data: Path, model_params, cfg):
+    import pandas as pd
+
+    from models.encoding import FeatureEncoder
+    from models.training import TrainingStream, model_config
+
+    schema = json.loads((data / "ingested/schema.json").read_text())
+    items = pd.read_parquet(data / "training/items.parquet")
+    examples = pd.read_parquet(data / "training/examples.parquet")
+    encoder = FeatureEncoder.fit(schema, items, examples, min_count=model_params.min_count)
+    stream = TrainingStream.build(encoder, pd.read_parquet(data / "samples/full.parquet"), items)
+    return stream, model_config(encoder, model_params)
+
+
+def throughput(stream, config, cfg, seed: int, epochs: int, workers: int) -> dict:
+    import torch
+
+    from models.training import fit
+
+    run_cfg = cfg.model_copy(update={"workers": workers, "epochs": epochs, "early_stopping": False})
+    torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    result = fit(stream, config, run_cfg, seed)
+    wall = time.perf_counter() - start
+    per_epoch = sum(result.seconds) / len(result.seconds)
+    return {"workers": workers, "threads_per_worker": max(1, cfg.threads // workers),
+            "s_per_epoch": round(per_epoch, 3), "examples_per_s": round(len(stream) / per_epoch),
+            "wall_s_incl_startup": round(wall, 1), "losses": [round(x, 4) for x in result.losses]}
+
+
+def profile(stream, config, cfg, seed: int, steps: int) -> list[tuple[str, float, float]]:
+    """(label, ms per step, share of the step) for each labelled part, from torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+
+    from models.towers import TwoTower
+    from models.training import BatchLoss, make_augmenter
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(seed)
+    model = TwoTower(config)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(seed)
+    batch_loss = BatchLoss(stream, cfg, config.temperature, make_augmenter(stream, cfg, []))
+    perm = torch.randperm(len(stream), generator=gen)
+
+    def step(i: int) -> None:
+        with record_function("step"):
+            b = perm[(i * cfg.batch_size) % len(perm):][:cfg.batch_size]
+            loss = batch_loss(model, b, gen)
+            opt.zero_grad(set_to_none=True)
+            with record_function("backward"):
+                loss.backward()
+            with record_function("optimizer"):
+                opt.step()
+
+    for i in range(3):                    # warm-up: allocator, first-call dispatch
+        step(i)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            step(i)
+    rows = {e.key: e.cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+    total = rows["step"]
+    labels = ["towers", "in-batch logits + hit mask", "easy negatives", "hard negatives", "retrieval loss",
+              "ssl", "backward", "optimizer"]
+    out = [(k, rows[k], rows[k] / total) for k in labels if k in rows]
+    covered = sum(v for _, v, _ in out)
+    return out + [("other (batch gather, zero_grad)", total - covered, (total - covered) / total),
+                  ("step", total, 1.0)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from flows.params import load_params
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--set", action="append", default=[], help="params override, e.g. train.batch_size=2048")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--profile-steps", type=int, default=20)
+    args = ap.parse_args(argv)
+    params = load_params(args.params, args.set)
+    stream, config = build_stream(args.data, params.model, params.train)
+    cfg = params.train
+    print(f"stream: {len(stream)} examples, {stream.n_items} items, batch {cfg.batch_size}, "
+          f"{math.ceil(len(stream) / cfg.batch_size)} steps/epoch, threads {cfg.threads}")
+    for w in args.workers:
+        print(json.dumps(throughput(stream, config, cfg, params.base.seed, args.epochs, w)), flush=True)
+    if args.profile_steps:
+        print(f"profile, 1 process, mean of {args.profile_steps} steps:")
+        for label, ms, share in profile(stream, config, cfg, params.base.seed, args.profile_steps):
+            print(f"  {label:<34} {ms:8.1f} ms  {100 * share:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
