@@ -50,8 +50,9 @@ def online_user_features(store: "FeatureStore", schema: dict, user_ids: list) ->
                                              entity_rows=[{USER_KEY: k} for k in lookup])
         values = response.to_dict()
         names = list(response.proto.metadata.feature_names.val)
-        # A user is known when any of its views has a row; the key column itself is always PRESENT.
-        present = [any(r.statuses[i] == FieldStatus.PRESENT
+        # A user is known when any of its views has a value; the key column is always PRESENT.
+        # Redis marks a missing key PRESENT with a null value (SQLite: NOT_FOUND), so both count.
+        present = [any(r.statuses[i] == FieldStatus.PRESENT and values[name][i] is not None
                        for name, r in zip(names, response.proto.results) if name != USER_KEY)
                    for i in range(len(lookup))]
         for i, key in enumerate(lookup):

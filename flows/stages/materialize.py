@@ -1,8 +1,11 @@
-"""materialize: Feast offline sources, registry + SQLite online store, point-in-time training examples.
+"""materialize: Feast offline sources, registry + online store, point-in-time training examples.
 
 Reads `ingested/{users,items,interactions}.parquet` + `schema.json` and writes
 - `features_dir/*.parquet`: the offline sources of the four feature views (features/definitions.py);
-- `feast_dir/registry.db`, `feast_dir/online.db`: `apply` + `materialize` over the full time range;
+- `feast_dir/registry.db` + the online store (`feast_dir/online.db`, or Redis with
+  `features.online_store: redis`; `feast_dir/online_store.json` records which): `apply` +
+  `materialize` over the full time range, or on a rerun whose older rows are unchanged (only newer
+  interactions appended) `materialize_incremental` of the new rows (features/refresh.py);
 - `training_dir/examples.parquet`: one row per interaction, user features joined point-in-time by
   Feast `get_historical_features`; `training_dir/items.parquet`: the catalog read back from Feast;
   `training_dir/split.json`: split counts.
@@ -100,16 +103,42 @@ def _write_sources(schema: dict, users: pd.DataFrame, items: pd.DataFrame, inter
     return static_at, history
 
 
-def _fresh_store(schema: dict, feast_dir: Path, features_dir: Path) -> "FeatureStore":
+def _fresh_store(schema: dict, feast_dir: Path, features_dir: Path,
+                 feats: FeaturesParams) -> "FeatureStore":
     """A new registry + online store: a stale view or row from an earlier run must not survive."""
     from features.definitions import build_repo
-    from features.store import open_store
+    from features.store import open_store, reset_online
 
-    for name in ("registry.db", "online.db"):
-        (feast_dir / name).unlink(missing_ok=True)
-    store = open_store(feast_dir, features_dir)
+    (feast_dir / "registry.db").unlink(missing_ok=True)
+    reset_online(feast_dir, features_dir, feats.online_store)
+    store = open_store(feast_dir, features_dir, feats.online_store)
     store.apply(build_repo(schema, features_dir).objects())
     return store
+
+
+def _fill_online(schema: dict, inter: pd.DataFrame, feats: FeaturesParams, features_dir: Path,
+                 feast_dir: Path, static_at: pd.Timestamp, end: pd.Timestamp) -> tuple["FeatureStore", str]:
+    """Bring the registry + online store up to `end` (exclusive): incrementally when the rows
+    already online are still right (features/refresh.py), else rebuilt over the full range."""
+    from features import refresh
+    from features.store import open_store
+
+    definition = refresh.definition_digest(schema, features_dir, feats.history_length,
+                                           feats.online_store)
+    static = refresh.static_digest(features_dir)
+    how, _ = refresh.plan(feast_dir, feats.online_store, definition, static, inter, end)
+    # Forget the old state first: a run that dies mid-write must rebuild next time.
+    (feast_dir / refresh.STATE_FILE).unlink(missing_ok=True)
+    if how == "full":
+        store = _fresh_store(schema, feast_dir, features_dir, feats)
+        store.materialize(start_date=static_at.to_pydatetime(), end_date=end.to_pydatetime())
+    else:
+        store = open_store(feast_dir, features_dir, feats.online_store)
+        if how == "incremental":
+            # From each view's last materialized end (in the registry) to the new end.
+            store.materialize_incremental(end_date=end.to_pydatetime())
+    refresh.record(feast_dir, definition, static, inter, end)
+    return store, how
 
 
 def _user_chunks(entity_df: pd.DataFrame, max_pairs: int) -> np.ndarray:
@@ -213,11 +242,9 @@ def materialize(ingested: Path, split: SplitParams, feats: FeaturesParams, featu
     schema, users, items, inter = _read_inputs(ingested)
     static_at, history = _write_sources(schema, users, items, inter, feats, features_dir)
 
-    store = _fresh_store(schema, feast_dir, features_dir)
-    # Full range: static rows (earliest) through every "now" row; the end is exclusive.
     latest = inter["timestamp"].max() + NOW_OFFSET
-    store.materialize(start_date=static_at.to_pydatetime(),
-                      end_date=(latest + pd.Timedelta(seconds=1)).to_pydatetime())
+    store, online = _fill_online(schema, inter, feats, features_dir, feast_dir, static_at,
+                                 end=latest + pd.Timedelta(seconds=1))
 
     examples = inter[[USER_KEY, ITEM_KEY, "timestamp", "weight"]].reset_index(drop=True)
     examples["timestamp"] = examples["timestamp"].astype("datetime64[us, UTC]")
@@ -239,4 +266,5 @@ def materialize(ingested: Path, split: SplitParams, feats: FeaturesParams, featu
     counts = _split_summary(examples, examples["split"], split)
     (training_dir / "split.json").write_text(json.dumps(counts, indent=2) + "\n")
     return {"examples": len(examples), "items": len(catalog), "history_rows": history.num_rows,
+            "online_materialization": online,
             **counts, **checked, "seconds": round(time.perf_counter() - started, 2)}

@@ -1,0 +1,114 @@
+"""Full or incremental online materialization: what a rerun of materialize may keep.
+
+The online store only ever gets rows dated in the materialized window. A rerun may extend that
+window (Feast `materialize_incremental`, from the registry's last end time) instead of rewriting
+every row only when the rows already written are still right, i.e. everything dated before the
+previous end is unchanged:
+- the repo definition (views, fields, types, entities: the registry protos), the history length,
+  the online store kind and the Redis endpoint it wrote to (hashed: it may hold a password);
+- the static sources (user/item features and their date, which follows the first interaction);
+- every interaction dated before the previous end (a late arrival rewrites older history rows).
+Then the new rows (new history rows, the moved "now" and seen rows of users with new interactions)
+are all dated at or after the previous end. Anything else rebuilds the store from scratch.
+`<feast_dir>/materialized.json` holds the digests of the last successful materialization.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.definitions import ITEM_KEY, ITEM_STATIC_FV, SOURCE_FILES, USER_KEY, USER_STATIC_FV
+
+STATE_FILE = "materialized.json"
+STATE_VERSION = 1
+Refresh = Literal["full", "incremental", "unchanged"]
+
+
+def _sha(*chunks: bytes) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _table_digest(table: pa.Table) -> str:
+    """Digest of an arrow table's schema and values (one chunk per column: chunking-independent)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table.combine_chunks())
+    return _sha(sink.getvalue().to_pybytes())
+
+
+def interactions_digest(inter: pd.DataFrame, before: pd.Timestamp | None = None) -> str:
+    """Digest of the (user, item, timestamp) rows dated before `before` (all when None), in a
+    canonical order, so the file's row order does not matter."""
+    rows = inter[[USER_KEY, ITEM_KEY, "timestamp"]]
+    if before is not None:
+        rows = rows[rows["timestamp"] < before]
+    rows = rows.sort_values([USER_KEY, "timestamp", ITEM_KEY], kind="mergesort", ignore_index=True)
+    hashed = pd.util.hash_pandas_object(rows, index=False).to_numpy()
+    return _sha(str(rows.dtypes.to_dict()).encode(), hashed.tobytes())
+
+
+def _without_meta(message):  # noqa: ANN001, ANN202 (a protobuf message)
+    """The message with every nested `meta` (creation times, which differ per build) cleared."""
+    from google.protobuf.message import Message
+
+    for field, value in message.ListFields():
+        if field.name == "meta":
+            message.ClearField("meta")
+        elif isinstance(value, Message):
+            _without_meta(value)
+        elif field.message_type is not None:      # repeated messages (a map yields its keys)
+            for item in value:
+                if isinstance(item, Message):
+                    _without_meta(item)
+    return message
+
+
+def definition_digest(schema: dict, features_dir: Path, history_length: int, online: str) -> str:
+    """Digest of everything that decides how a row is stored online (see module doc)."""
+    from features.definitions import build_repo
+    from features.store import DEFAULT_REDIS, redis_connection_string
+
+    specs = [_without_meta(o.to_proto().spec).SerializeToString(deterministic=True)
+             for o in build_repo(schema, features_dir).objects()]
+    endpoint = redis_connection_string(os.environ.get("REDIS_URL") or DEFAULT_REDIS) \
+        if online == "redis" else ""
+    return _sha(*specs, f"{STATE_VERSION}|{history_length}|{online}|{endpoint}".encode())
+
+
+def static_digest(features_dir: Path) -> str:
+    return _sha(*(_table_digest(pq.read_table(features_dir / SOURCE_FILES[v])).encode()
+                  for v in (USER_STATIC_FV, ITEM_STATIC_FV)))
+
+
+def plan(feast_dir: Path, online: str, definition: str, static: str, inter: pd.DataFrame,
+         end: pd.Timestamp) -> tuple[Refresh, pd.Timestamp | None]:
+    """How to bring the online store to `end`: (decision, previous end when not 'full')."""
+    path = Path(feast_dir) / STATE_FILE
+    if not path.is_file() or not (Path(feast_dir) / "registry.db").is_file():
+        return "full", None
+    if online == "sqlite" and not (Path(feast_dir) / "online.db").is_file():
+        return "full", None
+    state = json.loads(path.read_text())
+    previous = pd.Timestamp(state.get("end", "1970-01-01T00:00:00Z"))
+    if (state.get("definition") != definition or state.get("static") != static
+            or end < previous or state.get("interactions") != interactions_digest(inter, previous)):
+        return "full", None
+    return ("unchanged" if end == previous else "incremental"), previous
+
+
+def record(feast_dir: Path, definition: str, static: str, inter: pd.DataFrame,
+           end: pd.Timestamp) -> None:
+    """Write the state of a successful materialization up to `end` (every interaction is before)."""
+    state = {"version": STATE_VERSION, "end": end.isoformat(), "definition": definition,
+             "static": static, "interactions": interactions_digest(inter, end)}
+    (Path(feast_dir) / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")

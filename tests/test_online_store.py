@@ -1,0 +1,249 @@
+"""The online store: Redis by one setting, training/serving skew, URL parsing.
+
+Redis tests run a real `redis-server` on a free port in tmp_path (skipped, with the reason, only
+when the binary is not installed; `.ci/run` installs it).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features.params import FeaturesParams
+from flows.errors import ConfigError
+from flows.stages.materialize import materialize
+from models.params import SplitParams
+from tests.test_materialize import _ingested, _schema
+
+SPLIT = SplitParams(test_fraction=0.2, min_user_interactions=5)
+HISTORY = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server; .ci/run does)")
+    workdir = tmp_path_factory.mktemp("redis")
+    port = _free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError(f"redis-server did not answer on port {port}")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _materialize(root: Path, ing: Path, online: str) -> dict:
+    dirs = {"features_dir": root / "features", "feast_dir": root / "feast",
+            "training_dir": root / "training"}
+    materialize(ing, SPLIT, FeaturesParams(history_length=HISTORY, online_store=online), **dirs)
+    return dirs
+
+
+def _serving(dirs: dict, schema: dict, ids: list) -> pd.DataFrame:
+    from features.online import online_user_features
+    from features.store import open_store
+
+    # No kind given: serving opens what materialize recorded, as `towerflow recommend` does.
+    return online_user_features(open_store(dirs["feast_dir"], dirs["features_dir"]), schema, ids)
+
+
+def _cells(column: pd.Series) -> list:
+    """Comparable cells: arrays as lists, every kind of missing (None, NaN) as None."""
+    return [list(v) if isinstance(v, (list, np.ndarray)) else None if pd.isna(v) else v
+            for v in column]
+
+
+def _same(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    assert a.columns.tolist() == b.columns.tolist()
+    for col in a.columns:
+        assert _cells(a[col]) == _cells(b[col]), col
+
+
+@pytest.mark.parametrize("string_ids", [False, True], ids=["int_ids", "string_ids"])
+def test_redis_serves_what_sqlite_serves(tmp_path, redis_url, monkeypatch, string_ids):
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    ing = _ingested(tmp_path, string_ids)
+    schema = _schema(string_ids)
+    lite = _materialize(tmp_path / "sqlite", ing, "sqlite")
+    red = _materialize(tmp_path / "redis", ing, "redis")
+    assert not (red["feast_dir"] / "online.db").exists()
+    assert json.loads((red["feast_dir"] / "online_store.json").read_text()) == {"type": "redis"}
+
+    inter = pd.read_parquet(ing / "interactions.parquet")
+    missing = "nobody" if string_ids else 404404
+    ids = [*inter["user_id"].unique()[:6], missing]
+    got, want = _serving(red, schema, ids), _serving(lite, schema, ids)
+    assert got["known"].tolist() == [True] * 6 + [False]
+    _same(got, want)
+    # Same offline sources and training examples either way: only the serving copy moved.
+    assert pd.read_parquet(red["training_dir"] / "examples.parquet").equals(
+        pd.read_parquet(lite["training_dir"] / "examples.parquet"))
+
+    # A rebuild on fewer users must not serve the dropped users' stale Redis rows.
+    kept = inter["user_id"].unique()[: len(ids) // 2]
+    inter[inter["user_id"].isin(kept)].to_parquet(ing / "interactions.parquet", index=False)
+    _materialize(tmp_path / "redis", ing, "redis")
+    again = _serving(red, schema, ids)
+    assert again["known"].tolist()[: len(kept)] == [True] * len(kept)
+    dropped = again.iloc[len(kept):-1]
+    # Dropped users keep their static row (users.parquet is unchanged) but no history.
+    assert all(r == [] for r in dropped["recent_items"]) and all(s == [] for s in dropped["seen_items"])
+
+
+def test_redis_down_is_a_named_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", f"127.0.0.1:{_free_port()}")
+    ing = _ingested(tmp_path, False)
+    with pytest.raises(ConfigError, match="no Redis answers at 127.0.0.1"):
+        _materialize(tmp_path / "out", ing, "redis")
+
+
+def test_redis_url_forms():
+    from features.store import redis_connection_string as conn
+
+    assert conn("localhost:6379") == "localhost:6379"
+    assert conn("redis://cache:6380") == "cache:6380"
+    assert conn("redis://:s%40cret@cache/2") == "cache:6379,db=2,password=s@cret"
+    assert conn("rediss://bob:pw@cache:7000/0") == "cache:7000,db=0,password=pw,username=bob,ssl=true"
+    with pytest.raises(ConfigError, match="REDIS_URL"):
+        conn("http://cache:6379")
+
+
+@pytest.mark.parametrize("string_ids", [False, True], ids=["int_ids", "string_ids"])
+def test_serving_features_equal_offline_features_now(tmp_path, string_ids):
+    """Training/serving skew: the user tower inputs built from the online store equal those built
+    from the offline store (point-in-time join) just after each user's last interaction."""
+    from features.definitions import RECENT_ITEMS, USER_HISTORY_FV, user_static_refs
+    from features.store import open_store
+    from flows.recommend import NOT_TOWER_INPUTS
+    from flows.stages.materialize import point_in_time
+    from models.encoding import FeatureEncoder
+
+    ing = _ingested(tmp_path, string_ids)
+    schema = _schema(string_ids)
+    dirs = _materialize(tmp_path, ing, "sqlite")
+    inter = pd.read_parquet(ing / "interactions.parquet")
+    users = inter["user_id"].drop_duplicates().sample(10, random_state=1).tolist()
+
+    online = _serving(dirs, schema, users).drop(columns=list(NOT_TOWER_INPUTS))
+    last = inter.groupby("user_id")["timestamp"].max()
+    keys = pd.DataFrame({"user_id": users,
+                         "timestamp": [last[u] + pd.Timedelta(seconds=2) for u in users]})
+    store = open_store(dirs["feast_dir"], dirs["features_dir"])
+    offline = point_in_time(store, keys, [*user_static_refs(schema), f"{USER_HISTORY_FV}:{RECENT_ITEMS}"])
+    offline.insert(0, "user_id", users)
+    _same(online, offline)
+    assert all(len(r) > 0 for r in online[RECENT_ITEMS])
+
+    # And what the tower is fed from each: identical arrays (same encoder the train stage fits).
+    examples = pd.read_parquet(dirs["training_dir"] / "examples.parquet")
+    catalog = pd.read_parquet(dirs["training_dir"] / "items.parquet")
+    encoder = FeatureEncoder.fit(schema, catalog, examples, history_length=HISTORY)
+    served, built = encoder.encode_users(online), encoder.encode_users(offline)
+    assert served.keys() == built.keys()
+    for name in served:
+        np.testing.assert_array_equal(served[name], built[name], err_msg=name)
+
+
+def _all_users(ing: Path, extra: list) -> list:
+    users = pd.read_parquet(ing / "users.parquet")["user_id"].tolist()
+    return [*users, *extra]
+
+
+def test_rerun_materializes_incrementally_and_serves_what_a_rebuild_serves(tmp_path):
+    ing = _ingested(tmp_path, False)
+    schema = _schema(False)
+    full = pd.read_parquet(ing / "interactions.parquet")
+    cut = full["timestamp"].quantile(0.7)
+    # The newer part arrives a day later, well after the first run's end.
+    newer = full[full["timestamp"] >= cut].assign(timestamp=lambda d: d["timestamp"] + pd.Timedelta(days=1))
+    older = full[full["timestamp"] < cut]
+    older.to_parquet(ing / "interactions.parquet", index=False)
+    work = tmp_path / "work"
+    run = lambda: materialize(ing, SPLIT, FeaturesParams(history_length=HISTORY),  # noqa: E731
+                              features_dir=work / "features", feast_dir=work / "feast",
+                              training_dir=work / "training")["online_materialization"]
+    dirs = {"features_dir": work / "features", "feast_dir": work / "feast", "training_dir": work / "training"}
+    ids = _all_users(ing, [404404])
+
+    assert run() == "full"
+    assert run() == "unchanged"
+    pd.concat([older, newer]).sample(frac=1.0, random_state=1).to_parquet(ing / "interactions.parquet",
+                                                                          index=False)
+    assert run() == "incremental"
+    rebuilt = _materialize(tmp_path / "rebuilt", ing, "sqlite")
+    _same(_serving(dirs, schema, ids), _serving(rebuilt, schema, ids))
+    assert pd.read_parquet(dirs["training_dir"] / "examples.parquet").equals(
+        pd.read_parquet(rebuilt["training_dir"] / "examples.parquet"))
+    moved = newer["user_id"].iloc[0]
+    got = _serving(dirs, schema, [moved])
+    assert got["seen_items"].iloc[0] and set(newer.loc[newer["user_id"] == moved, "item_id"]) <= \
+        set(got["seen_items"].iloc[0])
+
+    # A late arrival (dated before the last end) rewrites older rows: rebuilt, and served.
+    inter = pd.read_parquet(ing / "interactions.parquet")
+    late = inter.iloc[[0]].assign(item_id=int(inter["item_id"].max()) + 1,
+                                  timestamp=inter["timestamp"].min() + pd.Timedelta(hours=1))
+    pd.concat([inter, late]).to_parquet(ing / "interactions.parquet", index=False)
+    assert run() == "full"
+    assert late["item_id"].iloc[0] in _serving(dirs, schema, [late["user_id"].iloc[0]])["seen_items"].iloc[0]
+
+    # A changed user feature (dated as before) and a changed history length rebuild too.
+    users = pd.read_parquet(ing / "users.parquet")
+    users.loc[0, "occupation"] = "CHANGED"
+    users.to_parquet(ing / "users.parquet", index=False)
+    assert run() == "full"
+    assert _serving(dirs, schema, [users["user_id"].iloc[0]])["occupation"].iloc[0] == "CHANGED"
+    assert materialize(ing, SPLIT, FeaturesParams(history_length=HISTORY + 1),
+                       **dirs)["online_materialization"] == "full"
+    # A store that lost its online rows (or its state) is rebuilt, not extended.
+    (dirs["feast_dir"] / "online.db").unlink()
+    assert materialize(ing, SPLIT, FeaturesParams(history_length=HISTORY + 1),
+                       **dirs)["online_materialization"] == "full"
+
+
+def test_feature_bench_runs_on_a_store(tmp_path):
+    from features.bench import main
+
+    ing = _ingested(tmp_path, True)
+    dirs = _materialize(tmp_path, ing, "sqlite")
+    (tmp_path / "schema.json").write_text(json.dumps(_schema(True)))
+    out = tmp_path / "bench.json"
+    main(["--feast-dir", str(dirs["feast_dir"]), "--features-dir", str(dirs["features_dir"]),
+          "--schema", str(tmp_path / "schema.json"), "--repeats", "5", "--batch", "1000",
+          "--out", str(out)])
+    got = json.loads(out.read_text())
+    assert got["online_store"] == "sqlite" and got["materialize_seconds"] > 0
+    assert got["online_batch_users"] == got["users_in_store"] == 25      # fewer than 1,000 exist
+    assert got["online_1_user"]["n"] == 5 and got["online_batch"]["n"] == 5
+    assert 0 < got["online_1_user"]["p50_ms"] <= got["online_1_user"]["p99_ms"]
+    # The store still serves every user afterwards (bench refilled it).
+    users = pd.read_parquet(ing / "interactions.parquet")["user_id"].unique().tolist()
+    assert _serving(dirs, _schema(True), users)["known"].all()
