@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from features.definitions import SOURCE_FILES, TIMESTAMP_FIELD, USER_HISTORY_FV, USER_KEY
 
 
-def _percentiles(samples: list[float]) -> dict[str, float]:
+def percentiles(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
     return {"p50_ms": round(1000 * statistics.median(ordered), 3), "p99_ms": round(1000 * p99, 3),
@@ -42,7 +42,7 @@ def _time_calls(call, repeats: int) -> dict[str, float]:  # noqa: ANN001
         started = time.perf_counter()
         call()
         samples.append(time.perf_counter() - started)
-    return _percentiles(samples)
+    return percentiles(samples)
 
 
 def _time_range(features_dir: Path) -> tuple[pd.Timestamp, pd.Timestamp]:

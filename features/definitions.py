@@ -8,7 +8,13 @@ The views, all without TTL (a TTL would drop examples whose newest feature row i
 - `user_static_fv`: every user feature column, one row per user dated before all interactions.
 - `item_static_fv`: every item feature column, one row per item, same early date.
 - `user_history_fv`: `recent_items`, one row per (user, distinct interaction time) holding the items
-  strictly before that time, plus a final row just after the user's last interaction ("now").
+  strictly before that time, plus a final row just after the user's last interaction ("now"); and
+  the behaviour counts of the same interactions: `interactions_total` and `interactions_<w>d` for
+  each window of `features.count_windows_days` (interactions in the w days before the row's time).
+  Windows end at the row's time, the user's latest activity, so the values the tower sees at
+  serving are exactly those of the "now" row (no skew with the wall clock of a later request).
+- `item_popularity_fv`: `item_popularity_<w>d`, interactions with the item on the w whole UTC days
+  before each row's midnight; a row wherever a value changes, plus a zero row at the start.
 - `user_history_index_fv` (offline only): `history_row`, the same rows and timestamps as
   `user_history_fv`, holding each row's position in that view's source. The training join asks Feast
   for this scalar and takes the lists by position: the file (Dask) store pickles object columns to
@@ -33,12 +39,14 @@ ITEM_KEY = "item_id"
 RECENT_ITEMS = "recent_items"
 SEEN_ITEMS = "seen_items"
 HISTORY_ROW = "history_row"
+INTERACTIONS_TOTAL = "interactions_total"
 
 USER_STATIC_FV = "user_static_fv"
 ITEM_STATIC_FV = "item_static_fv"
 USER_HISTORY_FV = "user_history_fv"
 USER_HISTORY_INDEX_FV = "user_history_index_fv"
 USER_SEEN_FV = "user_seen_fv"
+ITEM_POPULARITY_FV = "item_popularity_fv"
 USER_SERVING_SERVICE = "two_tower_user_v1"
 
 # Offline source file of each view, relative to paths.features.
@@ -48,6 +56,7 @@ SOURCE_FILES = {
     USER_HISTORY_FV: "user_history.parquet",
     USER_HISTORY_INDEX_FV: "user_history_index.parquet",
     USER_SEEN_FV: "user_seen.parquet",
+    ITEM_POPULARITY_FV: "item_popularity.parquet",
 }
 
 
@@ -60,19 +69,48 @@ class FeatureRepo:
     user_history: "FeatureView"
     user_history_index: "FeatureView"
     user_seen: "FeatureView"
+    item_popularity: "FeatureView"
     user_serving: "FeatureService"
 
     def objects(self) -> list[Any]:
         """Everything `FeatureStore.apply` registers."""
         return [o for o in (self.user, self.item, self.user_static, self.item_static,
                             self.user_history, self.user_history_index, self.user_seen,
-                            self.user_serving) if o is not None]
+                            self.item_popularity, self.user_serving) if o is not None]
 
 
 def feature_columns(schema: dict, side: str) -> list[str]:
     """Feature column names of 'user' or 'item' in schema.json order (categorical, numeric, multi)."""
     kinds = schema[f"{side}_features"]
     return [*kinds.get("categorical", []), *kinds.get("numeric", []), *kinds.get("multi", [])]
+
+
+def user_count_columns(windows: "tuple[int, ...] | list[int]") -> list[str]:
+    """Behaviour count columns of user_history_fv (numeric user tower inputs)."""
+    return [INTERACTIONS_TOTAL, *(f"interactions_{w}d" for w in windows)]
+
+
+def item_popularity_columns(windows: "tuple[int, ...] | list[int]") -> list[str]:
+    return [f"item_popularity_{w}d" for w in windows]
+
+
+def is_count_column(name: str) -> bool:
+    """A behaviour count of user_history_fv (the encoder log-scales these)."""
+    return name == INTERACTIONS_TOTAL or (name.startswith("interactions_") and name.endswith("d")
+                                          and name[len("interactions_"):-1].isdigit())
+
+
+def source_features(path: Path, key: str) -> list[str]:
+    """Feature columns of an offline source: all but the join key, the time and the row index."""
+    import pyarrow.parquet as pq
+
+    return [n for n in pq.read_schema(path).names if n not in (key, TIMESTAMP_FIELD, HISTORY_ROW)]
+
+
+def user_history_refs(features_dir: Path) -> list[str]:
+    """recent_items + the behaviour counts the history source holds."""
+    names = source_features(features_dir / SOURCE_FILES[USER_HISTORY_FV], USER_KEY)
+    return [f"{USER_HISTORY_FV}:{c}" for c in names]
 
 
 def user_static_refs(schema: dict) -> list[str]:
@@ -139,14 +177,18 @@ def build_repo(schema: dict, features_dir: Path) -> FeatureRepo:
                         "user features from users.parquet") if user_cols else None
     item_static = _view(ITEM_STATIC_FV, item, paths[ITEM_STATIC_FV], item_cols,
                         "item features from items.parquet") if item_cols else None
-    user_history = _view(USER_HISTORY_FV, user, paths[USER_HISTORY_FV], [RECENT_ITEMS],
-                         "items strictly before each interaction time, newest first")
+    user_history = _view(USER_HISTORY_FV, user, paths[USER_HISTORY_FV],
+                         source_features(paths[USER_HISTORY_FV], USER_KEY),
+                         "items strictly before each interaction time (newest first) and their counts")
     history_index = _view(USER_HISTORY_INDEX_FV, user, paths[USER_HISTORY_INDEX_FV], [HISTORY_ROW],
                           f"row of {SOURCE_FILES[USER_HISTORY_FV]} in force at each time",
                           online=False)
     user_seen = _view(USER_SEEN_FV, user, paths[USER_SEEN_FV], [SEEN_ITEMS],
                       "every item the user interacted with (serving filter)")
+    popularity = _view(ITEM_POPULARITY_FV, item, paths[ITEM_POPULARITY_FV],
+                       source_features(paths[ITEM_POPULARITY_FV], ITEM_KEY),
+                       "interactions with the item over windows of whole days before each midnight")
     served = [v for v in (user_static, user_history, user_seen) if v is not None]
     serving = FeatureService(name=USER_SERVING_SERVICE, features=served)
     return FeatureRepo(user, item, user_static, item_static, user_history, history_index,
-                       user_seen, serving)
+                       user_seen, popularity, serving)

@@ -1,8 +1,9 @@
 """Rows of the Feast offline sources, built from the ingested tables (vectorized, arrow list columns).
 
-Point-in-time rule of the behaviour view: the row dated t for a user holds the items of the user's
-interactions strictly before t. Feast's file store takes, for an example at time T, the newest row
-dated <= T, i.e. the row dated T itself, so an example never sees its own item or anything later.
+Point-in-time rule of the behaviour view: the row dated t for a user holds the items (and counts) of
+the user's interactions strictly before t. Feast's file store takes, for an example at time T, the
+newest row dated <= T, i.e. the row dated T itself, so an example never sees its own item or anything
+later. Item popularity rows are dated at UTC midnights and count whole days before that midnight.
 """
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ import pyarrow as pa
 
 from features.definitions import (
     HISTORY_ROW,
+    INTERACTIONS_TOTAL,
     ITEM_KEY,
     RECENT_ITEMS,
     SEEN_ITEMS,
     TIMESTAMP_FIELD,
     USER_KEY,
+    item_popularity_columns,
+    user_count_columns,
 )
 
 # How far after a user's last interaction the "now" history row is dated: strictly after every
@@ -28,6 +32,7 @@ NOW_OFFSET = timedelta(seconds=1)
 STATIC_LEAD = timedelta(days=1)
 _TS_TYPE = pa.timestamp("us", tz="UTC")
 _NOW_US = NOW_OFFSET // timedelta(microseconds=1)
+_DAY_US = timedelta(days=1) // timedelta(microseconds=1)
 
 
 def micros(ts: pd.Series) -> np.ndarray:
@@ -69,8 +74,25 @@ def _windows(items: np.ndarray, cut: np.ndarray, start: np.ndarray, length: int)
     return pa.ListArray.from_arrays(pa.array(offsets), _id_array(items[flat]))
 
 
-def history_rows(interactions: pd.DataFrame, history_length: int) -> pa.Table:
-    """One row per (user, distinct interaction time) + one "now" row per user (see module doc)."""
+def _count_before(users: np.ndarray, ts: np.ndarray, rank: np.ndarray, q_users: np.ndarray,
+                  q_ts: np.ndarray) -> np.ndarray:
+    """Per query (user, time): how many of that user's interactions are dated strictly before it.
+
+    users/ts are sorted by (user, time) and rank is each row's position within its user."""
+    right = pd.DataFrame({"u": users, "t": ts, "n": rank + 1}).sort_values("t", kind="mergesort")
+    left = pd.DataFrame({"u": q_users, "t": q_ts, "q": np.arange(len(q_ts))}).sort_values(
+        "t", kind="mergesort")
+    # the newest interaction strictly before each query time; its rank + 1 is the count
+    hit = pd.merge_asof(left, right, on="t", by="u", direction="backward", allow_exact_matches=False)
+    out = np.zeros(len(q_ts), dtype=np.int64)
+    out[hit["q"].to_numpy()] = hit["n"].fillna(0).to_numpy(dtype=np.int64)
+    return out
+
+
+def history_rows(interactions: pd.DataFrame, history_length: int,
+                 windows: tuple[int, ...] = ()) -> pa.Table:
+    """One row per (user, distinct interaction time) + one "now" row per user (see module doc):
+    recent_items, interactions_total and interactions_<w>d (dated in [t - w days, t))."""
     df = _sorted(interactions)
     users, items, ts = df[USER_KEY].to_numpy(), df[ITEM_KEY].to_numpy(), micros(df["timestamp"])
     n = len(df)
@@ -86,11 +108,63 @@ def history_rows(interactions: pd.DataFrame, history_length: int) -> pa.Table:
     cut = np.concatenate([first, ends])
     start = np.concatenate([user_start[first], starts])
     stamp = np.concatenate([ts[first], ts[ends - 1] + _NOW_US])
-    return pa.table({
+    total = cut - start
+    columns = {
         USER_KEY: _id_array(users[start]),
         RECENT_ITEMS: _windows(items, cut, start, history_length),
-        TIMESTAMP_FIELD: _ts_array(stamp),
-    })
+        INTERACTIONS_TOTAL: pa.array(total.astype(np.int64)),
+    }
+    rank = np.arange(n) - user_start
+    codes = pd.factorize(users)[0]
+    for days, name in zip(windows, user_count_columns(windows)[1:]):
+        older = _count_before(codes, ts, rank, codes[start], stamp - days * _DAY_US)
+        columns[name] = pa.array((total - older).astype(np.int64))
+    columns[TIMESTAMP_FIELD] = _ts_array(stamp)
+    return pa.table(columns)
+
+
+def item_popularity_rows(interactions: pd.DataFrame, windows: tuple[int, ...],
+                         items: np.ndarray, since: pd.Timestamp) -> pa.Table:
+    """Per item, rows dated at UTC midnights D: item_popularity_<w>d = interactions on the w whole
+    days before D. A row is written wherever a value changes (the day after an active day d, and
+    the day its count leaves each window, d + 1 + w) plus an all-zero row per catalog item at
+    `since`, so every example at or after `since` finds one. Rows only count days before their
+    date, so an example never sees its own day: popularity as of the last midnight."""
+    names = item_popularity_columns(windows)
+    catalog = pd.Series(items).drop_duplicates()
+    codes, uniques = pd.factorize(pd.concat([catalog, interactions[ITEM_KEY]], ignore_index=True))
+    n_catalog = len(catalog)
+    day = micros(interactions["timestamp"]) // _DAY_US
+    active = pd.DataFrame({"i": codes[n_catalog:], "d": day}).value_counts().sort_index()
+    a_item = active.index.get_level_values("i").to_numpy()
+    a_day = active.index.get_level_values("d").to_numpy()
+    # cumulative count per item up to and including each active day
+    cum = active.groupby(level="i").cumsum().to_numpy()
+    span = int(a_day.max() - a_day.min() + max(windows, default=0) + 3) if len(a_day) else 1
+    base = int(a_day.min()) - 1 if len(a_day) else 0
+    key = a_item.astype(np.int64) * span + (a_day - base)
+
+    def upto(item: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """Interactions of item on days <= d (a day before the first gives 0)."""
+        pos = np.searchsorted(key, item.astype(np.int64) * span + (d - base), side="right") - 1
+        same = (pos >= 0) & (a_item[np.maximum(pos, 0)] == item)
+        return np.where(same, cum[np.maximum(pos, 0)], 0)
+
+    change = [a_day + 1, *(a_day + 1 + w for w in windows)]
+    rows = pd.DataFrame({"i": np.tile(a_item, len(change)), "D": np.concatenate(change)})
+    rows = rows.drop_duplicates().sort_values(["i", "D"], ignore_index=True)
+    r_item, r_day = rows["i"].to_numpy(), rows["D"].to_numpy()
+    values = {name: upto(r_item, r_day - 1) - upto(r_item, r_day - 1 - w)
+              for w, name in zip(windows, names)}
+    # every item (catalog or only seen in interactions) starts at zero
+    start_us = micros(pd.Series([since]))[0]
+    n_all = len(uniques)
+    item_col = np.concatenate([np.arange(n_all), r_item])
+    out = {ITEM_KEY: _id_array(np.asarray(uniques)[item_col])}
+    for name in names:
+        out[name] = pa.array(np.concatenate([np.zeros(n_all, np.int64), values[name]]).astype(np.int64))
+    out[TIMESTAMP_FIELD] = _ts_array(np.concatenate([np.full(n_all, start_us), r_day * _DAY_US]))
+    return pa.table(out)
 
 
 def history_index_rows(history: pa.Table) -> pa.Table:

@@ -12,6 +12,7 @@ from features.definitions import (
     USER_KEY,
     USER_SEEN_FV,
     feature_columns,
+    is_count_column,
     user_static_refs,
 )
 
@@ -31,21 +32,30 @@ def _coerce(user_id: Any, dtype: str) -> Any:
     return as_int if str(as_int) == str(user_id).strip() or as_int == user_id else None
 
 
-def online_user_features(store: "FeatureStore", schema: dict, user_ids: list) -> pd.DataFrame:
-    """One row per requested id, in order: user_id, user features, recent_items, seen_items, known.
+def behaviour_counts(store: "FeatureStore") -> list[str]:
+    """The count features of the registered user_history_fv (their windows are a materialize param)."""
+    view = store.get_feature_view(USER_HISTORY_FV)
+    return [f.name for f in view.features if is_count_column(f.name)]
 
-    Unknown users (never materialized, or an id of the wrong type) get known=False, null features
-    and empty lists, never an exception: serving falls back to a cold-start query for them.
+
+def online_user_features(store: "FeatureStore", schema: dict, user_ids: list) -> pd.DataFrame:
+    """One row per requested id, in order: user_id, user features, recent_items, the behaviour
+    counts, seen_items, known.
+
+    Unknown users (never materialized, or an id of the wrong type) get known=False, null features,
+    empty lists and zero counts, never an exception: serving falls back to a cold-start query for
+    them. A known user without interactions has zero counts too (as offline: nothing before).
     """
     from feast.protos.feast.serving.ServingService_pb2 import FieldStatus
 
     columns = feature_columns(schema, "user")
+    counts = behaviour_counts(store)
     keys = [_coerce(u, schema["user_id_dtype"]) for u in user_ids]
     lookup = list(dict.fromkeys(k for k in keys if k is not None))
     found: dict[Any, dict[str, Any]] = {}
     if lookup:
         refs = [*user_static_refs(schema), f"{USER_HISTORY_FV}:{RECENT_ITEMS}",
-                f"{USER_SEEN_FV}:{SEEN_ITEMS}"]
+                *(f"{USER_HISTORY_FV}:{c}" for c in counts), f"{USER_SEEN_FV}:{SEEN_ITEMS}"]
         response = store.get_online_features(features=refs,
                                              entity_rows=[{USER_KEY: k} for k in lookup])
         values = response.to_dict()
@@ -56,7 +66,7 @@ def online_user_features(store: "FeatureStore", schema: dict, user_ids: list) ->
                        for name, r in zip(names, response.proto.results) if name != USER_KEY)
                    for i in range(len(lookup))]
         for i, key in enumerate(lookup):
-            found[key] = {c: values[c][i] for c in [*columns, RECENT_ITEMS, SEEN_ITEMS]}
+            found[key] = {c: values[c][i] for c in [*columns, RECENT_ITEMS, *counts, SEEN_ITEMS]}
             found[key]["known"] = present[i]
     rows = []
     for raw, key in zip(user_ids, keys):
@@ -66,7 +76,8 @@ def online_user_features(store: "FeatureStore", schema: dict, user_ids: list) ->
             USER_KEY: key if key is not None else raw,
             **{c: hit.get(c) if known else None for c in columns},
             RECENT_ITEMS: list(hit.get(RECENT_ITEMS) or []) if known else [],
+            **{c: int(hit.get(c) or 0) if known else 0 for c in counts},
             SEEN_ITEMS: list(hit.get(SEEN_ITEMS) or []) if known else [],
             "known": known,
         })
-    return pd.DataFrame(rows, columns=[USER_KEY, *columns, RECENT_ITEMS, SEEN_ITEMS, "known"])
+    return pd.DataFrame(rows, columns=[USER_KEY, *columns, RECENT_ITEMS, *counts, SEEN_ITEMS, "known"])

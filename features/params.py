@@ -3,13 +3,23 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, PositiveInt
+from pydantic import BaseModel, ConfigDict, PositiveInt, field_validator
 
 
 class FeaturesParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     history_length: PositiveInt = 50
+    # Behaviour counts over these windows (days): interactions_<w>d per user (user tower inputs)
+    # and item_popularity_<w>d per item, both point-in-time correct Feast features.
+    count_windows_days: tuple[PositiveInt, ...] = (1, 7, 30)
     # Where serving reads features: sqlite (<paths.feast>/online.db) or redis ($REDIS_URL,
     # default localhost:6379; the endpoint comes from the environment, never from here).
     online_store: Literal["sqlite", "redis"] = "sqlite"
+
+    @field_validator("count_windows_days")
+    @classmethod
+    def _distinct(cls, windows: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(windows)) != len(windows):
+            raise ValueError(f"windows must be distinct, got {list(windows)}")
+        return tuple(sorted(windows))

@@ -9,21 +9,15 @@ import argparse
 import json
 import platform
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from features.bench import bench as feature_bench, percentiles
 from flows.environment import configure_environment
 
 PROJECT_FILES = ("flows", "features", "models", "validation", "dvc.yaml", "params.yaml")
-
-
-def _percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"p50_ms": 1000 * statistics.median(ordered), "p99_ms": 1000 * pick(0.99), "n": len(ordered)}
 
 
 def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50) -> dict[str, Any]:
@@ -38,15 +32,20 @@ def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50) -> dic
         params = load_params(work / "params.yaml",
                              [f"paths.cache={(root / '.cache/towerflow').resolve()}", *overrides])
         stages: dict[str, float] = {}
+        summaries: dict[str, Any] = {}
         for name in STAGES:
             t0 = time.perf_counter()
-            run_stage(name, params, work)
+            summaries[name] = run_stage(name, params, work)
             stages[name] = round(time.perf_counter() - t0, 2)
             print(f"{name:<12} {stages[name]:7.2f}s", flush=True)
         paths = params.paths.resolved(work)
         train_metrics = json.loads((paths.model / "train_metrics.json").read_text())
         metrics = json.loads((paths.reports / "metrics.json").read_text())
         latency = _recommend_latency(paths, params, repeats)
+        # last: it rewrites the (temporary copy's) online store to time a full materialization
+        features = feature_bench(paths.feast, paths.features,
+                                 json.loads((paths.ingested / "schema.json").read_text()),
+                                 params.features.online_store, repeats, 1000)
 
     result = {
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
@@ -56,6 +55,8 @@ def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50) -> dic
         "train": train_metrics,
         "metrics": metrics,
         "recommend": latency,
+        "features": features,
+        "materialize": summaries.get("materialize"),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
@@ -82,7 +83,7 @@ def _recommend_latency(paths, params, repeats: int) -> dict[str, Any]:  # noqa: 
     t0 = time.perf_counter()
     recommend(batch_users, 20, False, **kwargs)
     batch = time.perf_counter() - t0
-    return {"one_user_k20": _percentiles(single),
+    return {"one_user_k20": percentiles(single),
             "batch_k20": {"users": len(batch_users), "seconds": round(batch, 3),
                           "users_per_s": round(len(batch_users) / batch, 1)}}
 
@@ -96,7 +97,8 @@ def main() -> None:
     root = Path.cwd()
     configure_environment(root)
     result = bench(root, args.out, args.overrides, args.repeats)
-    print(json.dumps({k: result[k] for k in ("stage_seconds", "total_seconds", "recommend")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("stage_seconds", "total_seconds", "recommend", "features")},
+                     indent=2))
     print(f"written to {args.out}")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +28,12 @@ def build_stream(data: Path, model_params, cfg):
     schema = json.loads((data / "ingested/schema.json").read_text())
     items = pd.read_parquet(data / "training/items.parquet")
     examples = pd.read_parquet(data / "training/examples.parquet")
-    encoder = FeatureEncoder.fit(schema, items, examples, min_count=model_params.min_count)
-    stream = TrainingStream.build(encoder, pd.read_parquet(data / "samples/full.parquet"), items)
+    encoder = FeatureEncoder.fit(schema, items, examples, min_count=model_params.min_count,
+                                 behaviour_counts=model_params.behaviour_counts)
+    # as the train stage reads it: streamed into memory maps (kept in a temporary folder)
+    spill = Path(tempfile.mkdtemp(prefix="towerflow-bench-stream-"))
+    stream = TrainingStream.from_parquet(encoder, data / "samples/full.parquet", items, spill=spill,
+                                         batch_rows=cfg.read_batch_rows)
     return stream, model_config(encoder, model_params)
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from features.definitions import is_count_column
 from flows.errors import DataContractError
 
 HISTORY_COLUMN = "recent_items"
@@ -87,26 +88,37 @@ class Vocab:
 
 @dataclass
 class NumericStats:
-    """Standardize with the fit-time mean and std; nulls become the mean (0 after scaling)."""
+    """Standardize with the fit-time mean and std; nulls become the mean (0 after scaling).
+    log: standardize log1p(max(x, 0)) instead (heavy-tailed counts)."""
 
     mean: float
     std: float
+    log: bool = False
+
+    @staticmethod
+    def _values(values: pd.Series, log: bool) -> pd.Series:
+        x = pd.to_numeric(pd.Series(values).reset_index(drop=True), errors="coerce").astype(float)
+        return np.log1p(x.clip(lower=0)) if log else x
 
     @classmethod
-    def fit(cls, values: pd.Series) -> "NumericStats":
-        x = pd.to_numeric(values, errors="coerce").astype(float)
+    def fit(cls, values: pd.Series, log: bool = False) -> "NumericStats":
+        x = cls._values(values, log)
         mean = float(x.mean()) if x.notna().any() else 0.0
         std = float(x.std(ddof=0)) if x.notna().sum() > 1 else 0.0
-        return cls(mean=mean, std=std if std > 1e-12 else 1.0)
+        return cls(mean=mean, std=std if std > 1e-12 else 1.0, log=log)
 
     def transform(self, values: pd.Series) -> np.ndarray:
-        x = pd.to_numeric(pd.Series(values), errors="coerce").astype(float).to_numpy()
+        x = self._values(values, self.log).to_numpy()
         return np.nan_to_num((x - self.mean) / self.std, nan=0.0).astype(np.float32)
 
 
 def _flatten_lists(values: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
     """List column → (flat values, parent row of each, position within its list). Nulls = empty."""
-    arr = pa.array(pd.Series(values).reset_index(drop=True).tolist(), from_pandas=True)
+    series = pd.Series(values).reset_index(drop=True)
+    if isinstance(series.dtype, pd.ArrowDtype):        # arrow-backed (streamed batches): no Python lists
+        arr = pa.chunked_array(series.array.__arrow_array__()).combine_chunks()
+    else:
+        arr = pa.array(series.tolist(), from_pandas=True)
     if not pa.types.is_list(arr.type) and not pa.types.is_large_list(arr.type):
         if len(arr) == 0 or arr.null_count == len(arr):
             return pd.Series([], dtype=object), np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -140,8 +152,10 @@ class SideEncoder:
     multi: dict[str, Vocab]
 
     @classmethod
-    def fit(cls, frame: pd.DataFrame, kinds: dict[str, list[str]], what: str, min_count: int) -> "SideEncoder":
-        """`frame` has one row per entity, so min_count counts distinct users/items per value."""
+    def fit(cls, frame: pd.DataFrame, kinds: dict[str, list[str]], what: str, min_count: int,
+            counts: pd.DataFrame | None = None) -> "SideEncoder":
+        """`frame` has one row per entity, so min_count counts distinct users/items per value.
+        counts: behaviour count columns (numeric, log-scaled), fitted on all their rows."""
         cols = {k: list(kinds.get(k) or []) for k in ("categorical", "numeric", "multi")}
         missing = [c for cs in cols.values() for c in cs if c not in frame.columns]
         if missing:
@@ -150,9 +164,12 @@ class SideEncoder:
         for c in cols["multi"]:
             flat, _, _ = _flatten_lists(frame[c])
             multi[c] = Vocab.fit(flat, min_count=min_count)
+        numeric = {c: NumericStats.fit(frame[c]) for c in cols["numeric"]}
+        if counts is not None:
+            numeric.update({c: NumericStats.fit(counts[c], log=True) for c in counts.columns})
         return cls(
             categorical={c: Vocab.fit(frame[c], min_count=min_count) for c in cols["categorical"]},
-            numeric={c: NumericStats.fit(frame[c]) for c in cols["numeric"]},
+            numeric=numeric,
             multi=multi,
         )
 
@@ -175,7 +192,7 @@ class SideEncoder:
     def to_json(self) -> dict[str, Any]:
         return {
             "categorical": {c: v.to_json() for c, v in self.categorical.items()},
-            "numeric": {c: {"mean": s.mean, "std": s.std} for c, s in self.numeric.items()},
+            "numeric": {c: {"mean": s.mean, "std": s.std, "log": s.log} for c, s in self.numeric.items()},
             "multi": {c: v.to_json() for c, v in self.multi.items()},
         }
 
@@ -211,10 +228,14 @@ class FeatureEncoder:
 
     @classmethod
     def fit(cls, schema: dict[str, Any], items: pd.DataFrame, examples: pd.DataFrame,
-            min_count: int = 1, history_length: int | None = None) -> "FeatureEncoder":
+            min_count: int = 1, history_length: int | None = None,
+            behaviour_counts: bool = True) -> "FeatureEncoder":
         """Item ids from the whole catalog (items without interactions still get a vector from their
         features), then any item ids that only occur in examples; user values from the examples.
-        history_length None: the longest recent_items list in the examples (longer ones are cut)."""
+        history_length None: the longest recent_items list in the examples (longer ones are cut).
+        The behaviour counts in the examples (interactions_total, interactions_<w>d) are user
+        numeric inputs, log-scaled and standardized over all example rows (each row's own counts),
+        unless behaviour_counts is False."""
         for frame, col, what in ((items, "item_id", "items.parquet"), (examples, "user_id", "examples.parquet"),
                                  (examples, "item_id", "examples.parquet")):
             if col not in frame.columns:
@@ -227,7 +248,9 @@ class FeatureEncoder:
         return cls(
             item_ids=Vocab.fit(all_items, kind=item_kind),
             user_ids=Vocab.fit(latest["user_id"], kind=_id_kind(schema.get("user_id_dtype", "string"))),
-            users=SideEncoder.fit(latest, schema.get("user_features", {}), "examples.parquet", min_count),
+            users=SideEncoder.fit(latest, schema.get("user_features", {}), "examples.parquet", min_count,
+                                  counts=examples[[c for c in examples.columns if is_count_column(c)]]
+                                  if behaviour_counts else None),
             items=SideEncoder.fit(items.drop_duplicates("item_id"), schema.get("item_features", {}),
                                   "items.parquet", min_count),
             history_length=history_length or _longest_list(examples, HISTORY_COLUMN),

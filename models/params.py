@@ -31,6 +31,7 @@ class ModelParams(_Section):
     user_id_embedding: bool = False
     temperature: float = Field(0.07, gt=0)
     min_count: PositiveInt = 1        # a feature value needs this many distinct users/items, else OOV
+    behaviour_counts: bool = True     # user tower reads interactions_total / interactions_<w>d (Feast)
 
 
 class TrainParams(_Section):
@@ -54,6 +55,7 @@ class TrainParams(_Section):
     patience: PositiveInt = 2                      # epochs without a better validation NDCG@20
     val_fraction: float = Field(0.2, gt=0, lt=1)   # each user's last share of training rows
     refit_full: bool = True
+    read_batch_rows: PositiveInt = 50_000           # rows per parquet batch when streaming the samples
     threads: PositiveInt = 1                       # torch threads in all (split between workers)
     workers: PositiveInt = 1                       # data-parallel processes (torch DDP, gloo); 1: in process
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from torch.profiler import record_function
 
@@ -75,10 +77,39 @@ def gather(batch: Batch, idx: torch.Tensor) -> Batch:
     return {k: v[idx] for k, v in batch.items()}
 
 
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """A tensor over the array's memory (a memory map stays on disk; rows are read on indexing)."""
+    return torch.from_numpy(arr if isinstance(arr, np.memmap) else np.ascontiguousarray(arr))
+
+
+def _list_widths(encoder: FeatureEncoder, lists: Callable[[str], Iterable]) -> dict[str, int]:
+    """Fixed widths of the list inputs, so that every batch writes into the same (N, width) array:
+    history = the encoder's history length; multi-valued features and hard negatives = their longest
+    list (lists(column) yields the column's chunks: a pre-pass reads that one column only)."""
+    import pyarrow.compute as pc
+
+    def longest(column: str) -> int:
+        best = 0
+        for chunk in lists(column):
+            arr = chunk if isinstance(chunk, (pa.Array, pa.ChunkedArray)) else \
+                pa.array(pd.Series(chunk).tolist(), from_pandas=True)
+            if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+                best = max(best, int(pc.max(pc.list_value_length(arr)).as_py() or 0))
+        return max(best, 1)
+    widths = {"history": encoder.history_length, "hard": longest(HARD_NEGATIVES_COLUMN)}
+    widths.update({f"multi:{c}": longest(c) for c in encoder.users.multi})
+    return widths
+
+
 @dataclass
 class TrainingStream:
     """The positive stream, pre-encoded: per-example user inputs, item indices, weights, log Q, hard
-    negatives (item indices, 0 = padding), and each user's positive items (CSR) for masking accidental hits."""
+    negatives (item indices, 0 = padding), and each user's positive items (CSR) for masking accidental hits.
+
+    Built from a DataFrame (in memory) or streamed from a parquet file in row batches (`from_parquet`):
+    then the wide per-example arrays (history, features, hard negatives) are written to memory-mapped
+    .npy files in a spill folder and batches gather their rows from there, so the process holds one
+    parquet batch plus the 1-D columns (~24 bytes per example), whatever the stream's size."""
 
     users: Batch                      # per example
     items: Batch                      # per item-vocabulary index
@@ -88,27 +119,107 @@ class TrainingStream:
     hard: torch.Tensor                # (N, W) hard-negative item indices, W = 0 without any
     pos_ptr: torch.Tensor             # (n_users + 1,) CSR row pointers: user index -> its positives
     pos_items: torch.Tensor           # (P,) item indices of each user's positives, by user
+    mapped: dict[str, Path] = field(default_factory=dict)  # users key (or "hard") -> its .npy memory map
+
+    def __getstate__(self) -> dict:
+        """Memory-mapped arrays travel as their file paths (data-parallel workers map the same
+        files instead of receiving a copy)."""
+        state = dict(self.__dict__)
+        state["users"] = {k: None if k in self.mapped else v for k, v in self.users.items()}
+        if "hard" in self.mapped:
+            state["hard"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for key, path in self.mapped.items():
+            tensor = _tensor(np.load(path, mmap_mode="r+"))
+            if key == "hard":
+                self.hard = tensor
+            else:
+                self.users[key] = tensor
 
     @classmethod
     def build(cls, encoder: FeatureEncoder, examples: pd.DataFrame, items: pd.DataFrame,
               catalog: Batch | None = None) -> "TrainingStream":
-        item_idx = encoder.item_ids.lookup(examples["item_id"])
-        weights = examples["weight"].to_numpy(np.float32) if "weight" in examples.columns \
-            else np.ones(len(examples), np.float32)
+        """From rows in memory (one batch)."""
+        widths = _list_widths(encoder, lambda c: [examples[c]] if c in examples.columns else [])
+        return cls._assemble(encoder, [examples], len(examples), widths, items, catalog, spill=None)
+
+    @classmethod
+    def from_parquet(cls, encoder: FeatureEncoder, path: Path, items: pd.DataFrame,
+                     catalog: Batch | None = None, spill: Path | None = None,
+                     batch_rows: int = 50_000) -> "TrainingStream":
+        """Streamed from a parquet file, batch_rows rows at a time; spill: folder of the memory-mapped
+        arrays (None: in memory). Same arrays, hence the same training, as `build` on the whole file."""
+        import pyarrow.parquet as pq
+
+        f = pq.ParquetFile(path)
+        names = set(f.schema_arrow.names)
+
+        def lists(column: str) -> Iterator[pa.Array]:
+            if column in names:
+                yield from (b.column(0) for b in f.iter_batches(batch_size=batch_rows, columns=[column]))
+        widths = _list_widths(encoder, lists)
+        # list columns stay arrow-backed (pd.ArrowDtype): no Python object per list or value
+        arrow_lists = lambda t: pd.ArrowDtype(t) if pa.types.is_list(t) or pa.types.is_large_list(t) else None  # noqa: E731
+        frames = (b.to_pandas(types_mapper=arrow_lists) for b in f.iter_batches(batch_size=batch_rows))
+        return cls._assemble(encoder, frames, f.metadata.num_rows, widths, items, catalog, spill)
+
+    @classmethod
+    def _assemble(cls, encoder: FeatureEncoder, frames, n: int, widths: dict[str, int],
+                  items: pd.DataFrame, catalog: Batch | None, spill: Path | None) -> "TrainingStream":
+        item_idx = np.zeros(n, np.int64)
+        weights = np.ones(n, np.float32)
+        arrays: dict[str, np.ndarray] = {}
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
+            spill.mkdir(parents=True)
+
+        mapped: dict[str, Path] = {}
+
+        def column(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+            if spill is None or len(shape) == 1:
+                return np.zeros(shape, dtype)
+            mapped[name] = spill / f"{name.replace(':', '_')}.npy"
+            return np.lib.format.open_memmap(mapped[name], mode="w+", dtype=dtype, shape=shape)
+        at = 0
+        for frame in frames:
+            end = at + len(frame)
+            item_idx[at:end] = encoder.item_ids.lookup(frame["item_id"])
+            if "weight" in frame.columns:
+                weights[at:end] = frame["weight"].to_numpy(np.float32)
+            enc = encoder.encode_users(frame)
+            if HARD_NEGATIVES_COLUMN in frame.columns:
+                enc["hard"] = pad_lists(frame[HARD_NEGATIVES_COLUMN], encoder.item_ids)
+            for name, arr in enc.items():
+                if name not in arrays:
+                    width = widths.get(name)
+                    shape = (n,) if arr.ndim == 1 else (n, width if width is not None else arr.shape[1])
+                    arrays[name] = column(name, shape, arr.dtype)
+                target = arrays[name]
+                if arr.ndim == 1:
+                    target[at:end] = arr
+                else:
+                    target[at:end, :arr.shape[1]] = arr[:, :target.shape[1]]
+            at = end
+        if at != n:
+            raise ValueError(f"the training stream yielded {at} rows, expected {n}")
+        hard = arrays.pop("hard", np.zeros((n, 0), np.int64))
+        if hard.shape[1] and not hard.any():
+            hard = np.zeros((n, 0), np.int64)
+            mapped.pop("hard", None)
+        if not arrays:      # an empty stream: the arrays' shapes come from an empty encode
+            arrays = encoder.encode_users(pd.DataFrame({"user_id": pd.Series([], dtype=object)}))
+        users = {k: _tensor(v) for k, v in arrays.items()}
         counts = np.bincount(item_idx, minlength=encoder.item_ids.size)
-        users = to_tensors(encoder.encode_users(examples))
-        if HARD_NEGATIVES_COLUMN in examples.columns and len(examples):
-            hard = pad_lists(examples[HARD_NEGATIVES_COLUMN], encoder.item_ids)
-            hard = hard if hard.any() else np.zeros((len(examples), 0), np.int64)
-        else:
-            hard = np.zeros((len(examples), 0), np.int64)
         pairs = np.unique(np.stack([users["user"].numpy(), item_idx], axis=1), axis=0).reshape(-1, 2)
         ptr = np.concatenate([[0], np.cumsum(np.bincount(pairs[:, 0], minlength=encoder.user_ids.size))])
         return cls(users=users, items=catalog if catalog is not None else catalog_inputs(encoder, items),
                    item_idx=torch.from_numpy(item_idx), weights=torch.from_numpy(weights),
-                   counts=torch.from_numpy(counts), hard=torch.from_numpy(np.ascontiguousarray(hard)),
+                   counts=torch.from_numpy(counts), hard=_tensor(hard),
                    pos_ptr=torch.from_numpy(ptr.astype(np.int64)),
-                   pos_items=torch.from_numpy(np.ascontiguousarray(pairs[:, 1])))
+                   pos_items=torch.from_numpy(np.ascontiguousarray(pairs[:, 1])), mapped=mapped)
 
     def __len__(self) -> int:
         return len(self.item_idx)

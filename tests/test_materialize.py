@@ -76,7 +76,9 @@ def test_examples_keep_every_interaction_in_order(run):
     assert inter.duplicated(["user_id", "timestamp"]).sum() >= 6      # the fixture has the tie case
     table = pq.read_table(run["training_dir"] / "examples.parquet")
     assert table.column_names == ["user_id", "item_id", "timestamp", "weight", "split",
-                                  "age_bucket", "gender", "occupation", "age", "recent_items"]
+                                  "age_bucket", "gender", "occupation", "age", "recent_items",
+                                  "interactions_total", "interactions_1d", "interactions_7d",
+                                  "interactions_30d"]
     id_type = pa.string() if run["string_ids"] else pa.int64()
     assert table.schema.field("user_id").type == id_type
     assert table.schema.field("recent_items").type == pa.list_(id_type)
@@ -102,14 +104,92 @@ def test_recent_items_are_strictly_before_each_example(run):
     assert all(len(r) == 0 for r in first["recent_items"])
 
 
+def _expected_count(inter: pd.DataFrame, user, at: pd.Timestamp, days: int | None) -> int:
+    """Brute force: the user's interactions in [at - days, at) (all before `at` when days is None)."""
+    mine = inter[(inter["user_id"] == user) & (inter["timestamp"] < at)]
+    if days is not None:
+        mine = mine[mine["timestamp"] >= at - pd.Timedelta(days=days)]
+    return len(mine)
+
+
+def test_behaviour_counts_are_windows_strictly_before_each_example(run):
+    inter = pd.read_parquet(run["ingested"] / "interactions.parquet")
+    ex = pd.read_parquet(run["training_dir"] / "examples.parquet")
+    windows = {"interactions_total": None, "interactions_1d": 1, "interactions_7d": 7,
+               "interactions_30d": 30}
+    for row in ex.itertuples():
+        for col, days in windows.items():
+            assert getattr(row, col) == _expected_count(inter, row.user_id, row.timestamp, days), col
+    # the windows are not degenerate on this data
+    assert ex["interactions_7d"].between(1, ex["interactions_total"].max() - 1).any()
+    assert (ex["interactions_30d"] <= ex["interactions_total"]).all()
+
+
 def test_direct_feast_join_of_history_view_agrees(run):
     """The examples take lists by the row Feast picked in the index view; the list view agrees."""
     from features.store import open_store
 
     store = open_store(run["feast_dir"], run["features_dir"])
     ex = pd.read_parquet(run["training_dir"] / "examples.parquet")
-    direct = point_in_time(store, ex, ["user_history_fv:recent_items"])
+    direct = point_in_time(store, ex, ["user_history_fv:recent_items", "user_history_fv:interactions_7d",
+                                       "user_history_fv:interactions_total"])
     assert [list(x) for x in direct["recent_items"]] == [list(x) for x in ex["recent_items"]]
+    for col in ["interactions_7d", "interactions_total"]:
+        assert direct[col].tolist() == ex[col].tolist()
+
+
+def _expected_popularity(inter: pd.DataFrame, item, at: pd.Timestamp, days: int) -> int:
+    """Brute force: interactions with item on the `days` whole UTC days before at's day."""
+    midnight = at.floor("D")
+    mine = inter[(inter["item_id"] == item) & (inter["timestamp"] < midnight)
+                 & (inter["timestamp"] >= midnight - pd.Timedelta(days=days))]
+    return len(mine)
+
+
+def test_item_popularity_as_of_any_time(run):
+    """Feast's point-in-time join of item_popularity_fv gives whole-day counts before each time."""
+    from features.store import open_store
+
+    inter = pd.read_parquet(run["ingested"] / "interactions.parquet")
+    store = open_store(run["feast_dir"], run["features_dir"])
+    rng = np.random.default_rng(0)
+    lo, hi = inter["timestamp"].min(), inter["timestamp"].max() + pd.Timedelta(days=40)
+    items = inter["item_id"].value_counts().index[:8].tolist()
+    offsets = rng.uniform(0, (hi - lo).total_seconds(), 60)
+    keys = pd.DataFrame({"item_id": rng.choice(np.array(items, dtype=object), 60).tolist(),
+                         "timestamp": [(lo + pd.Timedelta(seconds=float(o))).floor("s") for o in offsets]})
+    # exact midnights and the first instant of an item's life are the edge cases
+    keys = pd.concat([keys, pd.DataFrame({"item_id": items[:2], "timestamp": [
+        inter["timestamp"].max().ceil("D"), inter["timestamp"].min()]})], ignore_index=True)
+    refs = [f"item_popularity_fv:item_popularity_{w}d" for w in (1, 7, 30)]
+    got = point_in_time(store, keys, refs, key="item_id")
+    for (item, at), row in zip(keys.itertuples(index=False), got.itertuples(index=False)):
+        assert list(row) == [_expected_popularity(inter, item, at, w) for w in (1, 7, 30)], (item, at)
+    assert got["item_popularity_30d"].max() > 0
+
+
+def test_planted_item_popularity_rows_respect_time(run, tmp_path):
+    """A popularity row dated after an example time is not seen; one dated before it is."""
+    from features.store import open_store
+
+    features, feast = tmp_path / "features", tmp_path / "feast"
+    shutil.copytree(run["features_dir"], features)
+    shutil.copytree(run["feast_dir"], feast)
+    source = features / "item_popularity.parquet"
+    rows = pq.read_table(source).to_pandas()
+    inter = pd.read_parquet(run["ingested"] / "interactions.parquet")
+    item = inter["item_id"].iloc[0]
+    at = inter["timestamp"].median().floor("s")
+    planted = rows[rows["item_id"] == item].head(1).assign(item_popularity_7d=999_999,
+                                                           event_timestamp=at)
+    pq.write_table(pa.Table.from_pandas(pd.concat([rows, planted], ignore_index=True),
+                                        schema=pq.read_schema(source), preserve_index=False), source)
+    store = open_store(feast, features)
+    keys = pd.DataFrame({"item_id": [item] * 3,
+                         "timestamp": [at - pd.Timedelta(seconds=1), at, at + pd.Timedelta(hours=1)]})
+    got = point_in_time(store, keys, ["item_popularity_fv:item_popularity_7d"], key="item_id")
+    assert got["item_popularity_7d"].tolist()[0] == _expected_popularity(inter, item, keys["timestamp"][0], 7)
+    assert got["item_popularity_7d"].tolist()[1:] == [999_999, 999_999]
 
 
 def test_user_features_and_split_joined(run):
@@ -175,17 +255,23 @@ def test_online_store_serves_now(run):
     got = online_user_features(store, run["schema"], ids)
 
     assert got.columns.tolist() == ["user_id", "age_bucket", "gender", "occupation", "age",
-                                    "recent_items", "seen_items", "known"]
+                                    "recent_items", "interactions_total", "interactions_1d",
+                                    "interactions_7d", "interactions_30d", "seen_items", "known"]
     assert got["user_id"].tolist() == ids
     assert got["known"].tolist() == [True, False, True, True, True, True, True]
     forever = inter["timestamp"].max() + pd.Timedelta(days=1)
     for row in got[got["user_id"].isin(known)].itertuples():
         assert row.recent_items == _expected_recent(inter, row.user_id, forever, HISTORY)
+        # counts as of the user's "now" row: windows end just after the last interaction
+        now = inter.loc[inter["user_id"] == row.user_id, "timestamp"].max() + pd.Timedelta(seconds=1)
+        assert row.interactions_total == _expected_count(inter, row.user_id, now, None)
+        assert row.interactions_7d == _expected_count(inter, row.user_id, now, 7)
         assert sorted(row.seen_items) == sorted(inter.loc[inter["user_id"] == row.user_id, "item_id"])
         assert row.occupation == users.loc[row.user_id, "occupation"]
         assert row.age == users.loc[row.user_id, "age"]
     miss = got.iloc[1]
     assert miss["recent_items"] == [] and miss["seen_items"] == [] and pd.isna(miss["age"])
+    assert miss["interactions_total"] == 0 and got.iloc[2]["interactions_30d"] == 0
     alone = got.iloc[2]
     assert alone["recent_items"] == [] and alone["seen_items"] == []
     assert alone["occupation"] == users.loc[lonely, "occupation"]
@@ -204,7 +290,7 @@ def test_registry_matches_the_id_types(run):
     store = open_store(run["feast_dir"], run["features_dir"])
     views = {v.name: v for v in store.list_feature_views()}
     assert set(views) == {"user_static_fv", "item_static_fv", "user_history_fv",
-                          "user_history_index_fv", "user_seen_fv"}
+                          "user_history_index_fv", "user_seen_fv", "item_popularity_fv"}
     assert not views["user_history_index_fv"].online and views["user_history_fv"].online
     assert all(v.ttl in (None, pd.Timedelta(0)) for v in views.values())
     want = ValueType.STRING if run["string_ids"] else ValueType.INT64

@@ -79,6 +79,22 @@ def test_feature_encoder_round_trips_through_json_and_tolerates_missing_columns(
     assert users["cat"].tolist() == [[0]] and users["num"].tolist() == [[0.0]]
 
 
+def test_behaviour_counts_are_log_scaled_user_numerics_unless_switched_off(tmp_path):
+    items, examples = _tiny_frames()
+    examples = examples.assign(interactions_total=[0, 1, 0], interactions_7d=[0, 1, 0])
+    enc = FeatureEncoder.fit(SCHEMA, items, examples)
+    assert list(enc.users.numeric) == ["age", "interactions_total", "interactions_7d"]
+    stats = enc.users.numeric["interactions_total"]
+    logs = np.log1p([0, 1, 0])
+    assert stats.log and math.isclose(stats.mean, logs.mean()) and math.isclose(stats.std, logs.std())
+    enc.save(tmp_path / "encoder.json")
+    num = FeatureEncoder.load(tmp_path / "encoder.json").encode_users(
+        examples.assign(interactions_total=[0, 1, 1000]))["num"]
+    assert num[2, 1] == pytest.approx((np.log1p(1000) - logs.mean()) / logs.std())
+    off = FeatureEncoder.fit(SCHEMA, items, examples, behaviour_counts=False)
+    assert list(off.users.numeric) == ["age"]
+
+
 # --- towers -----------------------------------------------------------------------------------
 
 def _config(**kw) -> TwoTowerConfig:

@@ -140,7 +140,7 @@ def test_redis_url_forms():
 def test_serving_features_equal_offline_features_now(tmp_path, string_ids):
     """Training/serving skew: the user tower inputs built from the online store equal those built
     from the offline store (point-in-time join) just after each user's last interaction."""
-    from features.definitions import RECENT_ITEMS, USER_HISTORY_FV, user_static_refs
+    from features.definitions import RECENT_ITEMS, user_history_refs, user_static_refs
     from features.store import open_store
     from flows.recommend import NOT_TOWER_INPUTS
     from flows.stages.materialize import point_in_time
@@ -157,10 +157,11 @@ def test_serving_features_equal_offline_features_now(tmp_path, string_ids):
     keys = pd.DataFrame({"user_id": users,
                          "timestamp": [last[u] + pd.Timedelta(seconds=2) for u in users]})
     store = open_store(dirs["feast_dir"], dirs["features_dir"])
-    offline = point_in_time(store, keys, [*user_static_refs(schema), f"{USER_HISTORY_FV}:{RECENT_ITEMS}"])
+    offline = point_in_time(store, keys, [*user_static_refs(schema), *user_history_refs(dirs["features_dir"])])
     offline.insert(0, "user_id", users)
     _same(online, offline)
     assert all(len(r) > 0 for r in online[RECENT_ITEMS])
+    assert (online["interactions_total"] > 0).all() and "interactions_30d" in online.columns
 
     # And what the tower is fed from each: identical arrays (same encoder the train stage fits).
     examples = pd.read_parquet(dirs["training_dir"] / "examples.parquet")

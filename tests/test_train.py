@@ -212,26 +212,30 @@ def test_early_stopping_stops_when_validation_stops_improving(synthetic, tmp_pat
     assert max(result.val_ndcg[result.best_epoch:]) <= result.val_ndcg[result.best_epoch - 1]
 
 
-@pytest.mark.parametrize("loss", ["listwise", "pairwise", "pointwise"])
-def test_train_stage_with_every_loss_hard_negatives_and_ssl(synthetic, tmp_path, loss):
-    from flows.stages.sample import sample
-    from flows.stages.train import train
-
-    _, training, schema = synthetic
+def _retrieved_logs(training: Path, out: Path) -> Path:
+    """Ranking logs: each of 300 interactions' requests retrieved 5 other items never shown."""
     examples = pd.read_parquet(training / "examples.parquet")
-    # ranking logs: each interaction's request retrieved 5 other items that were never shown
     rng = np.random.default_rng(0)
     items = examples["item_id"].unique()
     rows = examples.sample(300, random_state=0)
-    logs = pd.DataFrame({
+    pd.DataFrame({
         "request_id": np.repeat([f"r{i}" for i in range(len(rows))], 5),
         "user_id": np.repeat(rows["user_id"].to_numpy(), 5),
         "item_id": rng.choice(items, 5 * len(rows)),
         "timestamp": np.repeat(rows["timestamp"].to_numpy(), 5),
         "stage": "retrieved", "position": pd.array([None] * 5 * len(rows), dtype="Int64"),
         "ranker_score": 0.0, "clicked": False,
-    }).drop_duplicates(["request_id", "item_id"])
-    logs.to_parquet(tmp_path / "logs.parquet", index=False)
+    }).drop_duplicates(["request_id", "item_id"]).to_parquet(out, index=False)
+    return out
+
+
+@pytest.mark.parametrize("loss", ["listwise", "pairwise", "pointwise"])
+def test_train_stage_with_every_loss_hard_negatives_and_ssl(synthetic, tmp_path, loss):
+    from flows.stages.sample import sample
+    from flows.stages.train import train
+
+    _, training, schema = synthetic
+    _retrieved_logs(training, tmp_path / "logs.parquet")
     summary = sample(training, SampleParams(hard_negatives=4), 0, tmp_path / "samples", tmp_path / "logs.parquet")
     assert summary["train"]["examples_with_hard_negatives"] > 0 and summary["hard_negatives"]["note"] is None
     cfg = TrainParams(epochs=3, batch_size=256, threads=1, loss=loss, negatives=8, ssl_weight=0.2, patience=1)
@@ -253,3 +257,40 @@ def test_train_without_ranking_logs_says_so(synthetic, tmp_path):
     cfg = TrainParams(epochs=1, batch_size=256, threads=1, negatives=4, early_stopping=False, refit_full=False)
     metrics = train(tmp_path / "samples", training, schema, SMALL_MODEL, cfg, 0, tmp_path / "model")
     assert "no hard negatives" in metrics["eval"]["hard_negatives_note"]
+
+
+def test_stream_read_from_disk_in_batches_equals_the_in_memory_one(synthetic, tmp_path):
+    """from_parquet (small batches, memory-mapped spill) builds the same arrays as build(), trains to
+    the same weights, and pickles as file paths (what data-parallel workers receive)."""
+    import pickle
+
+    import torch
+
+    from flows.stages.sample import sample
+    from models.training import TrainingStream, fit
+
+    torch.set_num_threads(1)
+    _, training, schema = synthetic
+    sample(training, SampleParams(hard_negatives=4), 0, tmp_path / "samples",
+           _retrieved_logs(training, tmp_path / "logs.parquet"))
+    encoder, memory, config, _ = _stream_and_config(training, schema, tmp_path / "samples")
+    items = pd.read_parquet(training / "items.parquet")
+    disk = TrainingStream.from_parquet(encoder, tmp_path / "samples" / "train.parquet", items,
+                                       spill=tmp_path / "spill", batch_rows=97)
+    assert len(disk) == len(memory) > 97 * 3
+    assert memory.users.keys() == disk.users.keys()
+    for name in memory.users:
+        torch.testing.assert_close(disk.users[name], memory.users[name], rtol=0, atol=0, msg=name)
+    for name in ("item_idx", "weights", "counts", "hard", "pos_ptr", "pos_items"):
+        torch.testing.assert_close(getattr(disk, name), getattr(memory, name), rtol=0, atol=0, msg=name)
+    assert disk.hard.shape[1] > 0 and {"history", "hard"} <= set(disk.mapped)
+    assert all(p.parent == tmp_path / "spill" and p.exists() for p in disk.mapped.values())
+
+    wire = pickle.dumps(disk)
+    assert len(wire) < disk.users["history"].numel() * 8 / 4      # the history travels as a path
+    again = pickle.loads(wire)
+    torch.testing.assert_close(again.users["history"], disk.users["history"], rtol=0, atol=0)
+
+    cfg = TrainParams(epochs=2, batch_size=128, threads=1, negatives=4, ssl_weight=0.1)
+    a, b = fit(memory, config, cfg, seed=5), fit(disk, config, cfg, seed=5)
+    assert a.losses == b.losses

@@ -201,6 +201,17 @@ def test_batches_give_the_whole_table_verdict(clean: Path, tmp_path: Path):
     # 40 users and 31 items in batches of 16, plus one sample each for the profile suite
     assert summary["tables"]["users"]["batches"] == 3 + 1 and summary["tables"]["items"]["batches"] == 2 + 1
     assert summary["warned"] == [] and "gender" not in message
+    # Data Docs: one page per suite run over the whole table (not per batch), with summed counts
+    pages = list((tmp_path / "r" / "validation" / "validations").rglob("*.html"))
+    assert len(pages) == 7
+    from validation.runner import open_context
+    store = open_context(tmp_path / "gx").validation_results_store
+    users = [store.get(k) for k in store.list_keys() if k.expectation_suite_identifier.name == "users_suite"]
+    assert len(users) == 1 and users[0].meta["batches"] == 3
+    nulls = [r for r in users[0].results if r.expectation_config.type == "expect_column_values_to_not_be_null"
+             and r.expectation_config.kwargs["column"] == "gender"]
+    assert nulls[0].result["element_count"] == 40 and nulls[0].result["unexpected_count"] == 3
+    assert nulls[0].success
     _edit("users", lambda df: df.assign(gender=df["gender"].where(df.index >= 5)))(data)  # 5/40 > 10%
     _check_failure(data, tmp_path / "r", tmp_path / "gx", ["warning: users.gender: more than 10% nulls",
                                                             "5 of 40 rows"], cfg)
@@ -245,7 +256,9 @@ def _examples(ingested: Path) -> pd.DataFrame:
     ex = inter[["user_id", "item_id", "timestamp", "weight"]].assign(
         split=["test" if i % 5 == 0 else "train" for i in range(len(inter))])
     ex = ex.merge(users, on="user_id", how="left")
-    return ex.assign(recent_items=[[] for _ in range(len(ex))])
+    total = ex.groupby("user_id").cumcount()
+    return ex.assign(recent_items=[[] for _ in range(len(ex))], interactions_total=total,
+                     interactions_7d=total.clip(upper=2))
 
 
 def test_training_set_validation(clean: Path, tmp_path: Path):
@@ -279,3 +292,11 @@ def test_training_set_validation(clean: Path, tmp_path: Path):
                  "training.split: split not in ['train', 'test']", "valid",
                  "warning: training.gender: more than 10% nulls"]:
         assert text in message, f"{text!r} not in:\n{message}"
+    counts = good.copy()
+    counts.loc[counts.index[3], "interactions_7d"] = counts.loc[counts.index[3], "interactions_total"] + 1
+    counts.loc[counts.index[4], "interactions_total"] = -1
+    with pytest.raises(ValidationFailed) as err:
+        run(counts)
+    for text in ["training.interactions_total: negative count", "-1",
+                 "training.interactions_7d: window count above interactions_total"]:
+        assert text in str(err.value), f"{text!r} not in:\n{err.value}"

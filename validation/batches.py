@@ -10,7 +10,9 @@ span rows are turned into per-row derived columns first, so that they stay exact
   the key columns (8 bytes a row) and keeps the hashes seen twice; a 64-bit collision could flag a
   false duplicate (about n^2 / 2^65: 3e-6 for 10M rows).
 
-Distribution checks (means, cardinality) run on a uniform sample of at most `sample_rows` rows.
+Means run on a uniform sample of at most `sample_rows` rows (an unbiased estimate); distinct-value
+counts (cardinality) are exact: a streaming pass collects each column's distinct values (a sample
+would undercount them and fail a lower bound), stopping at one more than the allowed maximum.
 """
 from __future__ import annotations
 
@@ -144,3 +146,20 @@ def sample(source: Source, columns: list[str], max_rows: int, chunk_rows: int, s
             batch = batch.filter(pa.array(rng.random(batch.num_rows) < keep))
         parts.append(to_pandas(batch))
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+def distinct_values(source: Source, columns: list[str], chunk_rows: int, cap: int) -> pd.DataFrame:
+    """Each column's distinct non-null values (at most cap of them), one column each, null-padded.
+
+    The frame GX counts unique values on: its counts are the table's exact distinct counts up to cap.
+    """
+    seen: dict[str, set] = {c: set() for c in columns}
+    for batch in source.batches(chunk_rows, columns):
+        for c in columns:
+            if c not in batch.column_names or len(seen[c]) >= cap:
+                continue
+            values = batch.column(c).unique().drop_null().to_pylist()
+            seen[c].update(values[: cap - len(seen[c])] if len(seen[c]) + len(values) > cap else values)
+    longest = max((len(v) for v in seen.values()), default=0)
+    return pd.DataFrame({c: pd.Series(sorted(v, key=str) + [None] * (longest - len(v)), dtype=object)
+                         for c, v in seen.items() if c in source.columns})

@@ -214,6 +214,34 @@ class _Sum:
         return valid == 0 or (valid - self.failed) / valid >= mostly
 
 
+def _store_merged(ctx, stored: list, sums: list[_Sum], batches: int) -> None:
+    """Replace a table's per-batch validation results by one result over the whole table, so that
+    Data Docs show one page per table with the summed counts (the batch results are the inputs)."""
+    store = ctx.validation_results_store
+    first_key, merged = stored[0]
+    for key, _ in stored:
+        store.remove_key(key)
+    for s, r in zip(sums, merged.results):
+        r.success = s.decided()
+        if r.result is not None and s.failed is not None:
+            valid = s.rows - s.missing
+            r.result.update({
+                "element_count": s.rows, "missing_count": s.missing, "unexpected_count": s.failed,
+                "unexpected_percent": 100.0 * s.failed / valid if valid else 0.0,
+                "unexpected_percent_total": 100.0 * s.failed / s.rows if s.rows else 0.0,
+                "missing_percent": 100.0 * s.missing / s.rows if s.rows else 0.0,
+                "partial_unexpected_list": list(s.examples)})
+            r.result.pop("partial_unexpected_counts", None)
+            r.result.pop("partial_unexpected_index_list", None)
+    passed = sum(r.success for r in merged.results)
+    merged.success = passed == len(merged.results)
+    merged.statistics.update({"successful_expectations": passed,
+                              "unsuccessful_expectations": len(merged.results) - passed,
+                              "success_percent": 100.0 * passed / max(len(merged.results), 1)})
+    merged.meta["batches"] = batches
+    store.set(first_key, merged)
+
+
 def _failures(check: Check, sums: list[_Sum], parameters: dict[str, Any],
               severity: dict[str, str]) -> list[Failure]:
     out = []
@@ -265,16 +293,19 @@ def run_checks(checks: list[Check], parameters: dict[str, Any], severity: dict[s
         for check in checks:
             checkpoint = _checkpoint(ctx, check.suite, check.expectations)
             sums: list[_Sum] | None = None
-            batches = 0
+            batches, stored = 0, []
             for frame in check.batches():
                 result = checkpoint.run(batch_parameters={"dataframe": frame},
                                         expectation_parameters=parameters)
-                for vr in result.run_results.values():
+                for key, vr in result.run_results.items():
                     if sums is None:
                         sums = [_Sum(r.expectation_config) for r in vr.results]
                     for s, r in zip(sums, vr.results):
                         s.add(r)
+                    stored.append((key, vr))
                 batches += 1
+            if batches > 1 and sums:
+                _store_merged(ctx, stored, sums, batches)
             failures += _failures(check, sums or [], parameters, severity)
             t = stats.setdefault(check.table, {"evaluated": 0, "batches": 0})
             t["evaluated"] += len(sums or [])

@@ -82,7 +82,7 @@ class Expect:
 
     def __call__(self, cls_name: str, about: str | None, check: str, problem: str, **kwargs: Any):
         """An expectation on column `about` (or on kwargs' derived column / column_list)."""
-        if about is not None and "column" not in kwargs and "column_list" not in kwargs:
+        if about is not None and not {"column", "column_list", "column_A"} & kwargs.keys():
             kwargs["column"] = about
         meta = {"column": about, "problem": problem, "check": check, **kwargs.pop("meta", {})}
         return getattr(self.gxe, cls_name)(meta=meta, **kwargs)
@@ -213,6 +213,11 @@ def build_profiles(schema: dict[str, Any], cfg: ValidateParams) -> dict[str, lis
                                  f"mean rating outside validate.rating_mean [{lo}, {hi}]",
                                  min_value=lo, max_value=hi)]
     return {t: exps for t, exps in out.items() if exps}
+
+
+def counts_distinct(expectation: Any) -> bool:
+    """A cardinality check: run on each column's exact distinct values, not on a sample."""
+    return type(expectation).__name__ == "ExpectColumnUniqueValueCountToBeBetween"
 
 
 def profile_columns(expectations: list) -> list[str]:

@@ -33,8 +33,11 @@ class TrainingChecks:
     docs_dir: Path      # Data Docs + summary.json of this check (reports/training_validation)
 
 
-def training_suites(schema: dict[str, Any], cfg: ValidateParams) -> tuple[list, list, list]:
-    """(row suite, profile suite, volume suite) of examples.parquet (docs/ARCHITECTURE.md)."""
+def training_suites(schema: dict[str, Any], cfg: ValidateParams,
+                    counts: list[str] = ()) -> tuple[list, list, list]:
+    """(row suite, profile suite, volume suite) of examples.parquet (docs/ARCHITECTURE.md).
+    counts: its behaviour count columns (interactions_total first): never null or negative, and a
+    window never counts more than the total."""
     from validation.suites import Expect, features
 
     e = Expect()
@@ -51,6 +54,10 @@ def training_suites(schema: dict[str, Any], cfg: ValidateParams) -> tuple[list, 
         *[e.numeric(c) for c in feats["numeric"]],
         # Point-in-time features are null where Feast found no row at or before the timestamp.
         *e.null_share(cols, cfg),
+        *e.not_null(list(counts)),
+        *[e("ExpectColumnValuesToBeBetween", c, "values", "negative count", min_value=0) for c in counts],
+        *[e("ExpectColumnPairValuesAToBeGreaterThanB", c, "values", f"window count above {counts[0]}",
+            column_A=counts[0], column_B=c, or_equal=True) for c in counts[1:]],
     ]
     profile = [e("ExpectColumnDistinctValuesToContainSet", "split", "distribution",
                  "the split has no train rows or no test rows", value_set=SPLITS)]
@@ -92,7 +99,11 @@ def validate_training_set(cfg: ValidateParams, examples: pa.Table, schema: dict[
         unknown_column("user_id", "users"): ("user_id", parent_ids(Source("users", ingested / "users.parquet"), "user_id")),
         unknown_column("item_id", "items"): ("item_id", parent_ids(Source("items", ingested / "items.parquet"), "item_id")),
     })
-    rows, profile, volume = training_suites(schema, cfg)
+    from features.definitions import INTERACTIONS_TOTAL, is_count_column
+
+    counts = [c for c in examples.column_names if is_count_column(c)]
+    counts = sorted(counts, key=lambda c: c != INTERACTIONS_TOTAL)  # the total first
+    rows, profile, volume = training_suites(schema, cfg, counts)
     checks = [
         Check(TABLE, TABLE, rows, lambda: (derived.apply(to_pandas(b)) for b in source.batches(cfg.chunk_rows))),
         Check(TABLE, f"{TABLE}_profile", profile,

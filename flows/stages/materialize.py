@@ -6,8 +6,8 @@ Reads `ingested/{users,items,interactions}.parquet` + `schema.json` and writes
   `features.online_store: redis`; `feast_dir/online_store.json` records which): `apply` +
   `materialize` over the full time range, or on a rerun whose older rows are unchanged (only newer
   interactions appended) `materialize_incremental` of the new rows (features/refresh.py);
-- `training_dir/examples.parquet`: one row per interaction, user features joined point-in-time by
-  Feast `get_historical_features`; `training_dir/items.parquet`: the catalog read back from Feast;
+- `training_dir/examples.parquet`: one row per interaction, user features (static, recent_items and
+  the behaviour counts) joined point-in-time by Feast `get_historical_features`; `training_dir/items.parquet`: the catalog read back from Feast;
   `training_dir/split.json`: split counts.
 """
 from __future__ import annotations
@@ -24,7 +24,9 @@ import pyarrow.parquet as pq
 
 from features.definitions import (
     HISTORY_ROW,
+    INTERACTIONS_TOTAL,
     ITEM_KEY,
+    ITEM_POPULARITY_FV,
     ITEM_STATIC_FV,
     RECENT_ITEMS,
     SEEN_ITEMS,
@@ -44,6 +46,7 @@ from features.history import (
     STATIC_LEAD,
     history_index_rows,
     history_rows,
+    item_popularity_rows,
     seen_rows,
     static_rows,
 )
@@ -59,7 +62,13 @@ if TYPE_CHECKING:
 
 # Names the stage adds to examples.parquet or Feast uses itself: a feature may not take them.
 _RESERVED = {USER_KEY, ITEM_KEY, "timestamp", "weight", "split", RECENT_ITEMS, SEEN_ITEMS,
-             HISTORY_ROW, TIMESTAMP_FIELD, "__row"}
+             HISTORY_ROW, TIMESTAMP_FIELD, "__row", INTERACTIONS_TOTAL}
+
+
+def _reserved(column: str) -> bool:
+    from features.definitions import is_count_column
+
+    return column in _RESERVED or is_count_column(column) or column.startswith("item_popularity_")
 
 
 def _read_inputs(ingested: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -74,9 +83,10 @@ def _read_inputs(ingested: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.D
                             columns=[USER_KEY, ITEM_KEY, "timestamp", "weight"])
     for side, table in (("user", users), ("item", items)):
         for col in feature_columns(schema, side):
-            if col in _RESERVED:
+            if _reserved(col):
                 raise DataContractError(f"{ingested / f'{side}s.parquet'}: feature column '{col}' "
-                                        f"uses a reserved name ({', '.join(sorted(_RESERVED))}); rename it")
+                                        f"uses a reserved name ({', '.join(sorted(_RESERVED))}, "
+                                        f"interactions_<n>d, item_popularity_*); rename it")
             if col not in table.columns:
                 raise DataContractError(f"{ingested / f'{side}s.parquet'}: schema.json lists feature "
                                         f"'{col}' but the table has no such column")
@@ -90,13 +100,15 @@ def _write_sources(schema: dict, users: pd.DataFrame, items: pd.DataFrame, inter
     """Write the offline sources; return the static rows' time and the history table."""
     features_dir.mkdir(parents=True, exist_ok=True)
     static_at = inter["timestamp"].min() - STATIC_LEAD
-    history = history_rows(inter, feats.history_length)
+    windows = feats.count_windows_days
+    history = history_rows(inter, feats.history_length, windows)
     tables = {
         USER_STATIC_FV: static_rows(users, USER_KEY, feature_columns(schema, "user"), static_at),
         ITEM_STATIC_FV: static_rows(items, ITEM_KEY, feature_columns(schema, "item"), static_at),
         USER_HISTORY_FV: history,
         USER_HISTORY_INDEX_FV: history_index_rows(history),
         USER_SEEN_FV: seen_rows(inter),
+        ITEM_POPULARITY_FV: item_popularity_rows(inter, windows, items[ITEM_KEY].to_numpy(), static_at),
     }
     for name, table in tables.items():
         pq.write_table(table, features_dir / SOURCE_FILES[name])
@@ -141,32 +153,32 @@ def _fill_online(schema: dict, inter: pd.DataFrame, feats: FeaturesParams, featu
     return store, how
 
 
-def _user_chunks(entity_df: pd.DataFrame, max_pairs: int) -> np.ndarray:
-    """Chunk id per entity row, whole users per chunk, about max_pairs (entity x feature rows) each.
+def _chunks(entity_df: pd.DataFrame, key: str, max_pairs: int) -> np.ndarray:
+    """Chunk id per entity row, whole entities per chunk, about max_pairs (entity x feature rows) each.
 
-    The file store joins every entity row of a user with every feature row of that user before it
+    The file store joins every entity row of a key with every feature row of that key before it
     filters by time, so a user with d timestamps costs ~d^2 rows; chunks bound that memory.
     """
-    per_user = entity_df.groupby(USER_KEY, sort=False)[USER_KEY].transform("size").to_numpy()
-    first = ~entity_df[USER_KEY].duplicated().to_numpy()
-    cost = np.where(first, per_user.astype(np.int64) * (per_user + 1), 0)
+    per_key = entity_df.groupby(key, sort=False)[key].transform("size").to_numpy()
+    first = ~entity_df[key].duplicated().to_numpy()
+    cost = np.where(first, per_key.astype(np.int64) * (per_key + 1), 0)
     return np.cumsum(cost) // max_pairs
 
 
 def point_in_time(store: "FeatureStore", keys: pd.DataFrame, refs: list[str],
-                  max_pairs: int = 2_000_000) -> pd.DataFrame:
-    """Features `refs` of each (user_id, timestamp) row of keys as of its timestamp, row-aligned.
+                  max_pairs: int = 2_000_000, key: str = USER_KEY) -> pd.DataFrame:
+    """Features `refs` of each (key, timestamp) row of keys as of its timestamp, row-aligned.
 
     Feast's file store collapses entity rows with the same key and timestamp (feast#6787), so the
-    join runs on the distinct (user, timestamp) pairs and is mapped back by position.
+    join runs on the distinct (key, timestamp) pairs and is mapped back by position.
     """
-    keys = keys[[USER_KEY, "timestamp"]].reset_index(drop=True)
-    group = keys.groupby([USER_KEY, "timestamp"], sort=False).ngroup().to_numpy()
+    keys = keys[[key, "timestamp"]].reset_index(drop=True)
+    group = keys.groupby([key, "timestamp"], sort=False).ngroup().to_numpy()
     entity_df = keys.drop_duplicates(ignore_index=True).rename(columns={"timestamp": TIMESTAMP_FIELD})
     entity_df["__row"] = np.arange(len(entity_df))
-    entity_df = entity_df.sort_values([USER_KEY, TIMESTAMP_FIELD], kind="mergesort", ignore_index=True)
+    entity_df = entity_df.sort_values([key, TIMESTAMP_FIELD], kind="mergesort", ignore_index=True)
     parts = [store.get_historical_features(entity_df=chunk, features=refs).to_df()
-             for _, chunk in entity_df.groupby(_user_chunks(entity_df, max_pairs), sort=True)]
+             for _, chunk in entity_df.groupby(_chunks(entity_df, key, max_pairs), sort=True)]
     joined = pd.concat(parts, ignore_index=True)
     # An entity row whose feature rows all postdate it is dropped by Feast, not returned as NaN:
     # every pair must come back exactly once or the examples would silently shrink.
@@ -180,16 +192,17 @@ def point_in_time(store: "FeatureStore", keys: pd.DataFrame, refs: list[str],
 
 
 def _user_features(store: "FeatureStore", schema: dict, examples: pd.DataFrame,
-                   history: pa.Table) -> tuple[pd.DataFrame, pa.Array]:
-    """Static user features and recent_items of each example, as of its timestamp."""
+                   history: pa.Table) -> tuple[pd.DataFrame, pa.Table]:
+    """Static user features of each example and its user_history_fv row (recent_items + counts),
+    as of its timestamp."""
     index_ref = f"{USER_HISTORY_INDEX_FV}:{HISTORY_ROW}"
     joined = point_in_time(store, examples, [*user_static_refs(schema), index_ref])
     row = joined.pop(HISTORY_ROW)
     # Every user has a history row dated at their first interaction, so none may be missing.
     if row.isna().any():
         raise RuntimeError(f"{int(row.isna().sum())} examples found no {USER_HISTORY_FV} row")
-    recent = history.column(RECENT_ITEMS).take(pa.array(row.to_numpy(dtype=np.int64)))
-    return joined, recent.combine_chunks()
+    behaviour = history.drop_columns([USER_KEY, TIMESTAMP_FIELD])
+    return joined, behaviour.take(pa.array(row.to_numpy(dtype=np.int64))).combine_chunks()
 
 
 def _item_catalog(store: "FeatureStore", schema: dict, items: pd.DataFrame,
@@ -241,18 +254,23 @@ def materialize(ingested: Path, split: SplitParams, feats: FeaturesParams, featu
     started = time.perf_counter()
     schema, users, items, inter = _read_inputs(ingested)
     static_at, history = _write_sources(schema, users, items, inter, feats, features_dir)
+    timings = {"sources": time.perf_counter() - started}
 
     latest = inter["timestamp"].max() + NOW_OFFSET
     store, online = _fill_online(schema, inter, feats, features_dir, feast_dir, static_at,
                                  end=latest + pd.Timedelta(seconds=1))
+    timings["online"] = time.perf_counter() - started - timings["sources"]
 
     examples = inter[[USER_KEY, ITEM_KEY, "timestamp", "weight"]].reset_index(drop=True)
     examples["timestamp"] = examples["timestamp"].astype("datetime64[us, UTC]")
     examples["split"] = temporal_split(examples, split).to_numpy()
-    static, recent = _user_features(store, schema, examples, history)
+    static, behaviour = _user_features(store, schema, examples, history)
     types = {"split": pa.string(), **_source_types(features_dir, USER_STATIC_FV)}
-    table = _arrow(pd.concat([examples, static], axis=1), types).append_column(RECENT_ITEMS, recent)
+    table = _arrow(pd.concat([examples, static], axis=1), types)
+    for name in behaviour.column_names:
+        table = table.append_column(name, behaviour.column(name))
     catalog = _item_catalog(store, schema, items, latest)
+    timings["point_in_time_join"] = time.perf_counter() - started - sum(timings.values())
     checked = {}
     if checks is not None:
         from validation.training import validate_training_set
@@ -267,4 +285,5 @@ def materialize(ingested: Path, split: SplitParams, feats: FeaturesParams, featu
     (training_dir / "split.json").write_text(json.dumps(counts, indent=2) + "\n")
     return {"examples": len(examples), "items": len(catalog), "history_rows": history.num_rows,
             "online_materialization": online,
-            **counts, **checked, "seconds": round(time.perf_counter() - started, 2)}
+            **counts, **checked, "seconds": round(time.perf_counter() - started, 2),
+            "seconds_by_step": {k: round(v, 2) for k, v in timings.items()}}

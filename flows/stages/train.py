@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from flows.errors import DataContractError, MissingStageInput
 from models.params import ModelParams, TrainParams
@@ -26,6 +27,19 @@ def _read(path: Path, upstream: str) -> pd.DataFrame:
     if not path.exists():
         raise MissingStageInput(f"{path}: not found; run the {upstream} stage first")
     return pd.read_parquet(path)
+
+
+def _longest_list(path: Path, column: str, batch_rows: int = 1_000_000) -> int | None:
+    """Longest list in a parquet column, read one column batch at a time (None: no such column)."""
+    import pyarrow.compute as pc
+
+    f = pq.ParquetFile(path)
+    if column not in f.schema_arrow.names:
+        return None
+    best = 0
+    for batch in f.iter_batches(batch_size=batch_rows, columns=[column]):
+        best = max(best, int(pc.max(pc.list_value_length(batch.column(0))).as_py() or 0))
+    return max(best, 1)
 
 
 def _file_digest(path: Path) -> str:
@@ -38,7 +52,7 @@ def _file_digest(path: Path) -> str:
 
 def checkpoint_key(model: ModelParams, cfg: TrainParams, seed: int, inputs: list[Path]) -> str:
     """Hash of everything that determines the trained weights (threads excluded: it changes speed only)."""
-    doc = {"model": model.model_dump(), "train": cfg.model_dump(exclude={"threads"}), "seed": seed,
+    doc = {"model": model.model_dump(), "train": cfg.model_dump(exclude={"threads", "read_batch_rows"}), "seed": seed,
            "inputs": {p.name: _file_digest(p) for p in inputs}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -62,7 +76,7 @@ def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: Model
     checkpoint_dir (default out_dir.parent / 'model_ckpt') holds per-epoch checkpoints until success."""
     import torch
 
-    from models.encoding import FeatureEncoder
+    from models.encoding import HISTORY_COLUMN, FeatureEncoder
     from models.training import TrainingStream, catalog_inputs, fit, model_config, save_model
     from models.early_stopping import ValidationTask, carve, outside
     from models.distributed import join_launched_group
@@ -74,31 +88,46 @@ def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: Model
         raise MissingStageInput(f"{schema_path}: not found; run the ingest stage first")
     schema = json.loads(schema_path.read_text())
     items = _read(training_dir / "items.parquet", "materialize")
-    examples = _read(training_dir / "examples.parquet", "materialize")
+    examples_path = training_dir / "examples.parquet"
+    if not examples_path.exists():
+        raise MissingStageInput(f"{examples_path}: not found; run the materialize stage first")
+    # The encoder needs ids, times, user features and counts, not the history lists (the widest
+    # column): those are streamed with the samples, and only their longest length is read here.
+    scalar = [c for c in pq.read_schema(examples_path).names if c != HISTORY_COLUMN]
+    examples = pd.read_parquet(examples_path, columns=scalar)
     if "split" not in examples.columns:
-        raise DataContractError(f"{training_dir / 'examples.parquet'}: required column 'split' is missing")
+        raise DataContractError(f"{examples_path}: required column 'split' is missing")
+    history_length = _longest_list(examples_path, HISTORY_COLUMN)
     train_part = examples[examples["split"] == "train"].reset_index(drop=True)
     streams = {"eval": samples_dir / "train.parquet", "full": samples_dir / "full.parquet"}
     needed = ["eval", "full"] if cfg.refit_full else ["eval"]
-    rows = {name: _read(streams[name], "sample") for name in needed}
     for name in needed:
-        if len(rows[name]) == 0:
+        if not streams[name].exists():
+            raise MissingStageInput(f"{streams[name]}: not found; run the sample stage first")
+        if pq.ParquetFile(streams[name]).metadata.num_rows == 0:
             raise DataContractError(f"{streams[name]}: no training rows (check split and sample params)")
 
-    key = checkpoint_key(model, cfg, seed, [streams[n] for n in needed] + [training_dir / "examples.parquet",
+    key = checkpoint_key(model, cfg, seed, [streams[n] for n in needed] + [examples_path,
                                                                             training_dir / "items.parquet", schema_path])
     ckpt = (checkpoint_dir or out_dir.parent / "model_ckpt") / key
     metrics: dict = {}
     loss_rows: list[tuple[int, str, float, float | None]] = []
 
-    def run(name: str, stream_rows: pd.DataFrame, seen_rows: pd.DataFrame, epochs: int | None,
-            validation_rows: pd.DataFrame | None = None):
-        encoder = FeatureEncoder.fit(schema, items, seen_rows, min_count=model.min_count)
+    def run(name: str, seen_rows: pd.DataFrame, epochs: int | None,
+            validation_rows: pd.DataFrame | None = None, full_rows: pd.DataFrame | None = None):
+        encoder = FeatureEncoder.fit(schema, items, seen_rows, min_count=model.min_count,
+                                     history_length=history_length,
+                                     behaviour_counts=model.behaviour_counts)
         catalog = catalog_inputs(encoder, items)
-        stream = TrainingStream.build(encoder, stream_rows, items, catalog)
         task = None
-        if validation_rows is not None:
-            task = ValidationTask.build(encoder, seen_rows[outside(seen_rows, validation_rows)], validation_rows)
+        if validation_rows is None:
+            # streamed from disk in batches into memory-mapped arrays (bounded memory)
+            stream = TrainingStream.from_parquet(encoder, streams[name], items, catalog,
+                                                 spill=ckpt / f"{name}_stream", batch_rows=cfg.read_batch_rows)
+        else:
+            # the validation run filters rows by key, so it holds its stream in memory
+            stream_rows = pd.read_parquet(streams["eval"])
+            task = ValidationTask.build(encoder, full_rows[outside(full_rows, validation_rows)], validation_rows)
             stream = TrainingStream.build(encoder, stream_rows[outside(stream_rows, validation_rows)], items, catalog)
         result = fit(stream, model_config(encoder, model), cfg, seed, epochs=epochs, validation=task,
                      checkpoint=ckpt / f"{name}.pt", log=_Progress(name))
@@ -114,15 +143,18 @@ def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: Model
 
     epochs = cfg.epochs
     if cfg.early_stopping:
-        val_rows = train_part[carve(train_part, cfg.val_fraction).to_numpy()]
+        # with the history lists: validation queries are encoded from their rows
+        full_train = pd.read_parquet(examples_path)
+        full_train = full_train[full_train["split"] == "train"].reset_index(drop=True)
+        val_rows = full_train[carve(full_train, cfg.val_fraction).to_numpy()]
         if len(val_rows):
-            _, chosen = run("validation", rows["eval"], train_part, None, val_rows)
+            _, chosen = run("validation", train_part, None, val_rows, full_train)
             epochs = chosen.best_epoch or cfg.epochs
         else:
             metrics["validation"] = {"skipped": "no user has enough training rows for a validation split"}
     for name in needed:
         seen_rows = train_part if name == "eval" else examples
-        encoder, result = run(name, rows[name], seen_rows, epochs)
+        encoder, result = run(name, seen_rows, epochs)
         if rank != 0:
             continue
         save_model(out_dir / name, result.model, encoder,

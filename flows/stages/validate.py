@@ -69,10 +69,11 @@ def validate(cfg: ValidateParams, ingested: Path, docs_dir: Path, summary_path: 
 
 def table_checks(sources: dict, suites: dict[str, list], profiles: dict[str, list],
                  cfg: ValidateParams) -> list:
-    """A row check per table (batches with derived columns) and a profile check on a sample."""
-    from validation.batches import sample, to_pandas
+    """A row check per table (batches with derived columns), an exact distinct-count check and a
+    profile check on a sample (means)."""
+    from validation.batches import distinct_values, sample, to_pandas
     from validation.runner import Check
-    from validation.suites import derived_columns, parent_ids, profile_columns
+    from validation.suites import counts_distinct, derived_columns, parent_ids, profile_columns
 
     parents = {"users": parent_ids(sources["users"], "user_id"), "items": parent_ids(sources["items"], "item_id")}
     checks = []
@@ -83,9 +84,16 @@ def table_checks(sources: dict, suites: dict[str, list], profiles: dict[str, lis
         def batches(source=source, derived=derived):  # noqa: ANN202 - bound per table
             return (derived.apply(to_pandas(b)) for b in source.batches(cfg.chunk_rows))
         checks.append(Check(table, table, expectations, batches))
-        if table in profiles:
-            cols = profile_columns(profiles[table])
-            checks.append(Check(table, f"{table}_profile", profiles[table],
+        exact = [e for e in profiles.get(table, []) if counts_distinct(e)]
+        sampled = [e for e in profiles.get(table, []) if not counts_distinct(e)]
+        if exact:
+            cols, cap = profile_columns(exact), cfg.categorical_cardinality[1] + 1
+            checks.append(Check(table, f"{table}_distinct", exact,
+                                lambda source=source, cols=cols, cap=cap: [
+                                    distinct_values(source, cols, cfg.chunk_rows, cap)]))
+        if sampled:
+            cols = profile_columns(sampled)
+            checks.append(Check(table, f"{table}_profile", sampled,
                                 lambda source=source, cols=cols: [sample(source, cols, cfg.sample_rows,
                                                                          cfg.chunk_rows)]))
     return checks
