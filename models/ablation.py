@@ -58,6 +58,8 @@ def default_rows(params: Params) -> list[AblationRow]:
                     "SSL with random feature masking"),
         AblationRow("ssl_correlated", [f"train.ssl_weight={ssl}", "train.ssl_masking=correlated"],
                     "SSL with correlated feature masking"),
+        AblationRow("learned_temperature", ["model.learn_temperature=true"],
+                    "softmax temperature trained with the towers (from model.temperature)"),
         AblationRow("loss_listwise", ["train.loss=listwise"], "sampled softmax"),
         AblationRow("loss_pairwise", ["train.loss=pairwise"], "BPR"),
         AblationRow("loss_pointwise", ["train.loss=pointwise"], "binary cross-entropy"),

@@ -66,7 +66,7 @@ def profile(stream, config, cfg, seed: int, steps: int) -> list[tuple[str, float
     model = TwoTower(config)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(seed)
-    batch_loss = BatchLoss(stream, cfg, config.temperature, make_augmenter(stream, cfg, []))
+    batch_loss = BatchLoss(stream, cfg, make_augmenter(stream, cfg, []))
     perm = torch.randperm(len(stream), generator=gen)
 
     def step(i: int) -> None:

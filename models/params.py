@@ -30,6 +30,7 @@ class ModelParams(_Section):
     embedding_dim: PositiveInt = 64
     user_id_embedding: bool = False
     temperature: float = Field(0.07, gt=0)
+    learn_temperature: bool = False   # true: temperature is a trained parameter starting at `temperature`
     min_count: PositiveInt = 1        # a feature value needs this many distinct users/items, else OOV
     behaviour_counts: bool = True     # user tower reads interactions_total / interactions_<w>d (Feast)
 

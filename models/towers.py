@@ -10,6 +10,7 @@ et al. 2016, averaged watch embeddings). The model returns the two L2-normalized
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -17,6 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 Batch = dict[str, torch.Tensor]
+
+
+# a learned temperature below this makes the logits explode (cosine scores are in [-1, 1])
+MIN_TAU = 0.01
 
 
 @dataclass
@@ -33,7 +38,8 @@ class TwoTowerConfig:
     hidden: list[int] = field(default_factory=lambda: [128])
     dim: int = 64
     user_id_embedding: bool = False
-    temperature: float = 0.07
+    temperature: float = 0.07         # softmax temperature, or its starting value when learned
+    learn_temperature: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,7 +118,16 @@ class TwoTower(nn.Module):
                    + (e if cfg.user_id_embedding else 0))
         self.item_tower = Tower(item_in, cfg.hidden, cfg.dim)
         self.user_tower = Tower(user_in, cfg.hidden, cfg.dim)
+        # learned in log space (stays positive); scoring at serving is a dot product, so only the
+        # training loss reads it
+        self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.temperature))) if cfg.learn_temperature else None
         self.apply(self._init_weights)
+
+    def tau(self) -> torch.Tensor | float:
+        """The softmax temperature of the retrieval loss; a learned one is kept >= MIN_TAU."""
+        if self.log_tau is None:
+            return self.cfg.temperature
+        return self.log_tau.exp().clamp(min=MIN_TAU)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -52,6 +52,7 @@ def model_config(encoder: FeatureEncoder, params: ModelParams) -> TwoTowerConfig
         dim=params.dim,
         user_id_embedding=params.user_id_embedding,
         temperature=params.temperature,
+        learn_temperature=params.learn_temperature,
     )
 
 
@@ -279,6 +280,8 @@ class FitResult:
                     "stopped_early": self.stopped_early}
         if self.resumed_from:
             out["resumed_from_epoch"] = self.resumed_from
+        if self.model.log_tau is not None:
+            out["learned_temperature"] = round(float(self.model.tau().detach()), 5)
         if self.notes:
             out["notes"] = list(self.notes)
         return out
@@ -288,9 +291,8 @@ class BatchLoss:
     """Retrieval loss (+ α · SSL loss) of one batch: in-batch negatives, shared easy negatives drawn
     ∝ popularity^easy_power, the examples' own hard negatives, accidental hits masked."""
 
-    def __init__(self, stream: TrainingStream, cfg: TrainParams, temperature: float,
-                 augmenter: ItemAugmenter | None):
-        self.stream, self.cfg, self.temperature, self.augmenter = stream, cfg, temperature, augmenter
+    def __init__(self, stream: TrainingStream, cfg: TrainParams, augmenter: ItemAugmenter | None):
+        self.stream, self.cfg, self.augmenter = stream, cfg, augmenter
         counts = stream.counts.numpy()
         self.n_hard = min(round(cfg.negatives * cfg.hard_ratio), stream.hard.shape[1])
         self.n_easy = cfg.negatives - round(cfg.negatives * cfg.hard_ratio)
@@ -302,7 +304,7 @@ class BatchLoss:
     def __call__(self, model: TwoTower, b: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         # record_function labels name the parts of a step in models/bench_train.py's profile; they cost
         # nothing measurable when no profiler is running
-        s, tau = self.stream, self.temperature
+        s, tau = self.stream, model.tau()
         item = s.item_idx[b]                                                # (B,)
         user = s.users["user"][b]                                           # (B,)
         with record_function("towers"):
@@ -400,7 +402,7 @@ def fit(stream: TrainingStream, config: TwoTowerConfig, cfg: TrainParams, seed: 
     gen = torch.Generator().manual_seed(seed)       # the permutation: the same on every rank
     result = FitResult(model=model)
     augmenter = make_augmenter(stream, cfg, result.notes)
-    batch_loss = BatchLoss(stream, cfg, config.temperature, augmenter)
+    batch_loss = BatchLoss(stream, cfg, augmenter)
     if cfg.negatives and batch_loss.n_hard == 0 and cfg.hard_ratio > 0:
         result.notes.append("no hard negatives in the stream (ranking logs empty or none before the examples)")
     if checkpoint is not None and checkpoint.exists():

@@ -294,3 +294,24 @@ def test_stream_read_from_disk_in_batches_equals_the_in_memory_one(synthetic, tm
     cfg = TrainParams(epochs=2, batch_size=128, threads=1, negatives=4, ssl_weight=0.1)
     a, b = fit(memory, config, cfg, seed=5), fit(disk, config, cfg, seed=5)
     assert a.losses == b.losses
+
+
+def test_learned_temperature_trains_and_round_trips(synthetic, tmp_path):
+    import torch
+
+    from flows.stages.sample import sample
+    from models.inference import load_bundle
+    from models.training import fit, save_model
+    from models.towers import MIN_TAU
+
+    torch.set_num_threads(1)
+    _, training, schema = synthetic
+    sample(training, SampleParams(), 0, tmp_path / "samples")
+    encoder, stream, config, _ = _stream_and_config(training, schema, tmp_path / "samples")
+    config.learn_temperature, config.temperature = True, 0.2
+    result = fit(stream, config, TrainParams(epochs=3, batch_size=256, threads=1, lr=0.01), seed=1)
+    tau = result.summary(len(stream))["learned_temperature"]
+    assert MIN_TAU <= tau and abs(tau - 0.2) > 1e-3            # it moved from its start
+    save_model(tmp_path / "m", result.model, encoder)
+    loaded = load_bundle(tmp_path / "m").model
+    assert float(loaded.tau().detach()) == pytest.approx(tau, abs=1e-5)
