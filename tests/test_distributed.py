@@ -95,8 +95,9 @@ def test_train_stage_with_two_workers_and_early_stopping(synthetic, tmp_path):
     model_dir = tmp_path / "artifacts/model"
     assert metrics["eval"]["epochs"] == metrics["validation"]["best_epoch"] >= 1
     assert len(metrics["validation"]["val_ndcg@20"]) >= 1
-    loss = pd.read_csv(model_dir / "loss.csv")
-    assert set(loss["model"]) == {"validation", "eval"} and np.isfinite(loss["loss"]).all()
+    curves = model_dir / "curves"
+    assert sorted(p.stem for p in curves.iterdir()) == ["eval", "validation"]
+    assert all(np.isfinite(pd.read_csv(p)["loss"]).all() for p in curves.iterdir())
     assert not any((tmp_path / "artifacts/model_ckpt").glob("*/*.pt"))
     items = pd.read_parquet(training / "items.parquet")
     vectors = load_bundle(model_dir / "eval").encode_items(items)

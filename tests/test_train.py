@@ -115,11 +115,12 @@ def test_train_writes_models_metrics_and_loss_curve(synthetic):
             assert (model_dir / name / f).exists()
     metrics = json.loads((model_dir / "train_metrics.json").read_text())
     assert metrics["eval"]["epochs"] == FAST_TRAIN.epochs and metrics["eval"]["examples_per_s"] > 0
-    loss = pd.read_csv(model_dir / "loss.csv")
-    assert list(loss.columns) == ["epoch", "model", "loss", "val_ndcg@20"]
-    assert set(loss["model"]) == {"eval", "full"} and len(loss) == 2 * FAST_TRAIN.epochs
-    eval_loss = loss[loss["model"] == "eval"]["loss"].to_numpy()
-    assert eval_loss[-1] < eval_loss[0]  # it learns
+    assert sorted(p.name for p in (model_dir / "curves").iterdir()) == ["eval.csv", "full.csv"]
+    for name in ("eval", "full"):
+        loss = pd.read_csv(model_dir / "curves" / f"{name}.csv")
+        assert list(loss.columns) == ["epoch", "loss"] and loss["epoch"].tolist() == list(range(1, 9))
+        assert loss["loss"].iloc[-1] == pytest.approx(metrics[name]["final_loss"], abs=1e-6)
+        assert loss["loss"].iloc[-1] < loss["loss"].iloc[0]    # it learns
 
 
 def test_train_without_refit_copies_eval_model(synthetic, tmp_path):
@@ -242,8 +243,12 @@ def test_train_stage_with_every_loss_hard_negatives_and_ssl(synthetic, tmp_path,
     metrics = train(tmp_path / "samples", training, schema, SMALL_MODEL, cfg, 0, tmp_path / "artifacts/model")
     assert metrics["eval"]["hard_negatives_per_example"] > 0
     assert metrics["eval"]["epochs"] == metrics["validation"]["best_epoch"] == metrics["full"]["epochs"]
-    loss_csv = pd.read_csv(tmp_path / "artifacts/model/loss.csv")
-    assert set(loss_csv["model"]) == {"validation", "eval", "full"} and np.isfinite(loss_csv["loss"]).all()
+    curves = tmp_path / "artifacts/model/curves"
+    assert sorted(p.stem for p in curves.iterdir()) == ["eval", "full", "validation"]
+    validation = pd.read_csv(curves / "validation.csv")
+    assert list(validation.columns) == ["epoch", "loss", "val_ndcg@20"]
+    assert validation["val_ndcg@20"].tolist() == pytest.approx(metrics["validation"]["val_ndcg@20"], abs=1e-6)
+    assert all(np.isfinite(pd.read_csv(p)["loss"]).all() for p in curves.iterdir())
     assert not (tmp_path / "artifacts/model_ckpt").exists() or not any((tmp_path / "artifacts/model_ckpt").iterdir())
 
 

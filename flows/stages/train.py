@@ -29,6 +29,21 @@ def _read(path: Path, upstream: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+CURVES = "curves"
+
+
+def _write_curves(folder: Path, rows: dict[str, list[tuple[int, float, float | None]]]) -> None:
+    """One CSV per trained model (DVC plots draw one line per file): epoch, loss[, val_ndcg@20]."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name, curve in rows.items():
+        validated = any(v is not None for _, _, v in curve)
+        with (folder / f"{name}.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["epoch", "loss", *(["val_ndcg@20"] if validated else [])])
+            writer.writerows((e, loss, *([v] if validated else [])) for e, loss, v in curve)
+
+
 def _longest_list(path: Path, column: str, batch_rows: int = 1_000_000) -> int | None:
     """Longest list in a parquet column, read one column batch at a time (None: no such column)."""
     import pyarrow.compute as pc
@@ -70,7 +85,7 @@ class _Progress:
 def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: ModelParams, cfg: TrainParams,
           seed: int, out_dir: Path, checkpoint_dir: Path | None = None) -> dict:
     """Writes out_dir/eval/ and out_dir/full/ (model.pt, encoder.json, model.json), out_dir/train_metrics.json
-    and out_dir/loss.csv (epoch, model, loss, val_ndcg@20). full/ is a refit on all rows when
+    and out_dir/curves/<model>.csv (epoch, loss[, val_ndcg@20]). full/ is a refit on all rows when
     cfg.refit_full, else a copy of eval/. cfg.workers > 1 trains data-parallel (models/distributed.py). Vocabularies: the whole catalog (items.parquet) + users and user
     feature values of the examples the model may see (split == 'train' for eval, all rows for full).
     checkpoint_dir (default out_dir.parent / 'model_ckpt') holds per-epoch checkpoints until success."""
@@ -111,7 +126,7 @@ def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: Model
                                                                             training_dir / "items.parquet", schema_path])
     ckpt = (checkpoint_dir or out_dir.parent / "model_ckpt") / key
     metrics: dict = {}
-    loss_rows: list[tuple[int, str, float, float | None]] = []
+    loss_rows: dict[str, list[tuple[int, float, float | None]]] = {}
 
     def run(name: str, seen_rows: pd.DataFrame, epochs: int | None,
             validation_rows: pd.DataFrame | None = None, full_rows: pd.DataFrame | None = None):
@@ -137,8 +152,8 @@ def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: Model
         if stream.hard.shape[1] == 0:
             metrics[name]["hard_negatives_note"] = "no hard negatives: ranking logs empty or sample.hard_negatives is 0"
         val = result.val_ndcg or [None] * len(result.losses)
-        loss_rows.extend((e + 1, name, round(loss, 6), None if v is None else round(v, 6))
-                         for e, (loss, v) in enumerate(zip(result.losses, val)))
+        loss_rows[name] = [(e + 1, round(loss, 6), None if v is None else round(v, 6))
+                           for e, (loss, v) in enumerate(zip(result.losses, val))]
         return encoder, result
 
     epochs = cfg.epochs
@@ -168,9 +183,6 @@ def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: Model
         metrics["full"] = {"copy_of": "eval"}
 
     (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with (out_dir / "loss.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["epoch", "model", "loss", "val_ndcg@20"])
-        writer.writerows(loss_rows)
+    _write_curves(out_dir / CURVES, loss_rows)
     shutil.rmtree(ckpt, ignore_errors=True)    # done: a rerun with the same key starts afresh
     return metrics
