@@ -8,6 +8,8 @@ file and the problem.
 """
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -46,6 +48,16 @@ class SourceFiles:
     items: Path
     interactions: Path
     ranking_logs: Path | None
+
+    def fingerprint(self) -> str:
+        """Names, sizes and modification times of the files (what `make` would look at): changes
+        when a file is replaced or edited, without reading the data."""
+        h = hashlib.sha256()
+        for path in (self.users, self.items, self.interactions, self.ranking_logs):
+            if path is not None:
+                st = path.stat()
+                h.update(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
 
 
 @dataclass(frozen=True)

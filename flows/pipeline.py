@@ -70,8 +70,11 @@ def build_flow():  # noqa: ANN201 - returns a prefect Flow
     @flow(name="towerflow")
     def towerflow_pipeline(root: str, stages: list[str], force: bool = False) -> list[dict[str, Any]]:
         runs: list[dict[str, Any]] = []
+        refresh = _source_refresh(Path(root)) if "ingest" in stages and not force else set()
+        if refresh:
+            get_run_logger().info("ingest: the source directory's files changed since the last ingest")
         for name in stages:
-            run = reproduce_stage.with_options(name=name)(Path(root), name, force)
+            run = reproduce_stage.with_options(name=name)(Path(root), name, force or name in refresh)
             runs.append(asdict(run))
             get_run_logger().info("%s: %s in %.1fs", name, "ran" if run.ran else "up to date", run.seconds)
             if not run.ok:
@@ -79,6 +82,18 @@ def build_flow():  # noqa: ANN201 - returns a prefect Flow
         return runs
 
     return towerflow_pipeline
+
+
+def _source_refresh(root: Path) -> set[str]:
+    """{"ingest"} when a source directory's files changed since they were ingested: DVC tracks the
+    `data` params, not the files of the directory they name (flows/stages/ingest.py)."""
+    from flows.params import load_params
+    from flows.stages.ingest import source_changed
+
+    params = load_params(root / "params.yaml")
+    with _working_directory(root):      # a relative data.source is relative to the project, as in DVC
+        changed = source_changed(params.data, params.paths.resolved(root).cache)
+    return {"ingest"} if changed else set()
 
 
 @contextmanager

@@ -17,7 +17,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows.contract import Tables, check_directory, logs_schema, read_source
+from flows.contract import SourceFiles, Tables, check_directory, logs_schema, read_source
+from flows.errors import DataContractError
 from flows.params import DataParams, SimulatorParams
 
 DEMO = "demo"
@@ -31,6 +32,33 @@ def check_source(data: DataParams) -> None:
     """
     if data.source != DEMO:
         check_directory(Path(data.source), data)
+
+
+SOURCE_STATE = "source.json"
+
+
+def record_source(cache_dir: Path, files: SourceFiles) -> None:
+    """Remember which source files the ingested tables came from (outside DVC's outputs, so a
+    touched but identical source re-ingests without changing anything downstream)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / SOURCE_STATE).write_text(json.dumps({"fingerprint": files.fingerprint()}) + "\n")
+
+
+def source_changed(data: DataParams, cache_dir: Path) -> bool:
+    """True when a source directory's files differ from the ones last ingested.
+
+    DVC sees the `data` params, not the files of a source directory ("demo" is not a path, so it
+    cannot be a declared dependency), so `towerflow run` asks this before reproducing ingest and
+    forces it when the files were replaced or edited. A source that cannot be read is "changed":
+    ingest then runs and reports what is wrong with it."""
+    if data.source == DEMO:
+        return False
+    state = cache_dir / SOURCE_STATE
+    try:
+        current = check_directory(Path(data.source), data).fingerprint()
+        return json.loads(state.read_text()).get("fingerprint") != current
+    except (OSError, ValueError, DataContractError):
+        return True
 
 
 def ingest(data: DataParams, sim: SimulatorParams, seed: int, cache_dir: Path, out_dir: Path) -> dict[str, Any]:
@@ -53,6 +81,8 @@ def ingest(data: DataParams, sim: SimulatorParams, seed: int, cache_dir: Path, o
         _swap(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if data.source != DEMO:
+        record_source(cache_dir, files)
     return {
         "source": data.source if data.source == DEMO else str(source.resolve()),
         "users": tables.users.num_rows, "items": tables.items.num_rows,
