@@ -69,7 +69,7 @@ class FeatureRepo:
     user_history: "FeatureView"
     user_history_index: "FeatureView"
     user_seen: "FeatureView"
-    item_popularity: "FeatureView"
+    item_popularity: "FeatureView | None"     # None without count windows
     user_serving: "FeatureService"
 
     def objects(self) -> list[Any]:
@@ -185,9 +185,10 @@ def build_repo(schema: dict, features_dir: Path) -> FeatureRepo:
                           online=False)
     user_seen = _view(USER_SEEN_FV, user, paths[USER_SEEN_FV], [SEEN_ITEMS],
                       "every item the user interacted with (serving filter)")
-    popularity = _view(ITEM_POPULARITY_FV, item, paths[ITEM_POPULARITY_FV],
-                       source_features(paths[ITEM_POPULARITY_FV], ITEM_KEY),
-                       "interactions with the item over windows of whole days before each midnight")
+    popularity_cols = source_features(paths[ITEM_POPULARITY_FV], ITEM_KEY)
+    popularity = _view(ITEM_POPULARITY_FV, item, paths[ITEM_POPULARITY_FV], popularity_cols,
+                       "interactions with the item over windows of whole days before each midnight") \
+        if popularity_cols else None
     served = [v for v in (user_static, user_history, user_seen) if v is not None]
     serving = FeatureService(name=USER_SERVING_SERVICE, features=served)
     return FeatureRepo(user, item, user_static, item_static, user_history, history_index,

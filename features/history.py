@@ -127,8 +127,8 @@ def item_popularity_rows(interactions: pd.DataFrame, windows: tuple[int, ...],
                          items: np.ndarray, since: pd.Timestamp) -> pa.Table:
     """Per item, rows dated at UTC midnights D: item_popularity_<w>d = interactions on the w whole
     days before D. A row is written wherever a value changes (the day after an active day d, and
-    the day its count leaves each window, d + 1 + w) plus an all-zero row per catalog item at
-    `since`, so every example at or after `since` finds one. Rows only count days before their
+    the day its count leaves each window, d + 1 + w) plus an all-zero row per item (catalog or
+    interactions) at `since`, so every example at or after `since` finds one. Rows only count days before their
     date, so an example never sees its own day: popularity as of the last midnight."""
     names = item_popularity_columns(windows)
     catalog = pd.Series(items).drop_duplicates()

@@ -314,3 +314,15 @@ def test_missing_and_bad_inputs_are_named(tmp_path):
     (ing / "schema.json").write_text(json.dumps(schema))
     with pytest.raises(DataContractError, match="shoe_size"):
         materialize(ing, SPLIT, FeaturesParams(), **dirs)
+
+
+def test_without_count_windows_only_the_total_is_built(tmp_path):
+    ing = _ingested(tmp_path, False)
+    dirs = {"features_dir": tmp_path / "features", "feast_dir": tmp_path / "feast",
+            "training_dir": tmp_path / "training"}
+    materialize(ing, SPLIT, FeaturesParams(history_length=HISTORY, count_windows_days=()), **dirs)
+    ex = pd.read_parquet(dirs["training_dir"] / "examples.parquet")
+    assert [c for c in ex.columns if c.startswith("interactions_")] == ["interactions_total"]
+    from features.store import open_store
+    views = {v.name for v in open_store(dirs["feast_dir"], dirs["features_dir"]).list_feature_views()}
+    assert "item_popularity_fv" not in views and "user_history_fv" in views
