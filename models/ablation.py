@@ -44,6 +44,8 @@ def default_rows(params: Params) -> list[AblationRow]:
         AblationRow("no_logq", ["train.logq=false"], "in-batch softmax without the logQ correction"),
         # keep probability min(1, sqrt(t/f) + t/f) = 1 for every item once t ≥ 1 ≥ f
         AblationRow("no_downsampling", ["sample.popular_threshold=1.0"], "every positive kept"),
+        AblationRow("strong_downsampling", ["sample.popular_threshold=0.001"],
+                    "popular positives kept with prob. min(1, sqrt(t/f) + t/f) at t = 0.001"),
         AblationRow("easy_negatives_only", [*with_negatives, "train.hard_ratio=0"],
                     "extra negatives from the catalog only: no hard negatives"),
         AblationRow("hard_negatives", [*with_negatives, f"train.hard_ratio={hard_ratio}"],

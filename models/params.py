@@ -19,7 +19,7 @@ class SplitParams(_Section):
 
 
 class SampleParams(_Section):
-    popular_threshold: float = Field(0.001, gt=0)
+    popular_threshold: float = Field(0.01, gt=0)
     hard_negatives: NonNegativeInt = 16            # items per example mined from ranking logs (0: none)
     shown_unclicked_negatives: bool = False        # also mine shown-but-not-clicked items (ablation)
 
