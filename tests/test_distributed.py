@@ -65,10 +65,13 @@ def test_two_workers_learn_like_one_resume_and_write_checkpoints_from_rank_0(syn
     two_cfg = DDP_TRAIN.model_copy(update={"workers": 2})
     whole = fit(stream, config, two_cfg, seed=0)
 
-    # same shape as one worker: it learns, and ends close to where one worker ends
+    # same shape as one worker: it learns every epoch, and ends near where one worker ends (each
+    # rank's batch is batch_size, so two workers take half the optimizer steps per epoch: their loss
+    # trails one worker's a little)
     assert len(whole.losses) == 4 and all(np.isfinite(whole.losses))
+    assert all(b < a for a, b in zip(whole.losses, whole.losses[1:]))
     assert whole.losses[-1] < whole.losses[0] - 0.2 and one.losses[-1] < one.losses[0] - 0.2
-    assert abs(whole.losses[-1] - one.losses[-1]) < 0.05 * one.losses[-1]
+    assert abs(whole.losses[-1] - one.losses[-1]) < 0.12 * one.losses[-1]
     assert not whole.model.training
 
     # killed after epoch 2, resumed: the same run as the uninterrupted one; rank 0 alone checkpoints

@@ -191,6 +191,7 @@ def test_bad_input_names_file_and_leaves_out_dir(make_bad, names: str, problem: 
     out = tmp_path / "ingested"
     _run(src, out)  # a good previous run
     before = _snapshot(out)
+    recorded = (tmp_path / "cache" / "source.json").read_text()   # which source files it read
     source, data = make_bad(src)
     if preflight:
         with pytest.raises(DataContractError) as pre:
@@ -201,7 +202,8 @@ def test_bad_input_names_file_and_leaves_out_dir(make_bad, names: str, problem: 
     message = str(err.value)
     assert names in message and problem in message and "\n" not in message
     assert _snapshot(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ingested", "src"]  # no temp dirs left
+    assert (tmp_path / "cache" / "source.json").read_text() == recorded       # a failure records nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "ingested", "src"]  # no temp dirs left
 
 
 def test_check_source_passes_good_and_demo(int_source: Path) -> None:
