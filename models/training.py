@@ -110,7 +110,7 @@ class TrainingStream:
     Built from a DataFrame (in memory) or streamed from a parquet file in row batches (`from_parquet`):
     then the wide per-example arrays (history, features, hard negatives) are written to memory-mapped
     .npy files in a spill folder and batches gather their rows from there, so the process holds one
-    parquet batch plus the 1-D columns (~24 bytes per example), whatever the stream's size."""
+    parquet batch plus the 1-D columns (ids, weights, user-item pairs: tens of bytes per example)."""
 
     users: Batch                      # per example
     items: Batch                      # per item-vocabulary index

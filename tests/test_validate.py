@@ -249,6 +249,27 @@ def test_distribution_range_and_floor_checks(clean: Path, tmp_path: Path):
     assert "users.gender" not in message  # 2 values: inside the bounds
 
 
+def test_cardinality_is_exact_over_batches_not_a_sample(clean: Path, tmp_path: Path):
+    """40 distinct titles in batches of 16 and a 10-row sample: the lower bound sees all 40 (a sample
+    would count at most 10), and the upper bound is caught even when the excess is in a late batch."""
+    from validation.batches import Source, distinct_values
+
+    items = Source("items", clean / "items.parquet")
+    titles = pd.read_parquet(clean / "items.parquet")["title"]
+    got = distinct_values(items, ["title", "year"], chunk_rows=16, cap=1000)
+    assert got["title"].count() == titles.nunique() and len(got) == titles.nunique()
+    assert distinct_values(items, ["title"], chunk_rows=7, cap=5)["title"].count() == 5
+    lo = titles.nunique() - 2
+    summary = _run(clean, tmp_path / "ok", tmp_path / "gx",
+                   ValidateParams(chunk_rows=16, sample_rows=10, categorical_cardinality=(lo, 1000)))
+    # other columns have few values and rightly warn; the title column has all of its values
+    assert [w for w in summary["warned"] if w["column"] == "title"] == [], summary["warned"]
+    assert any(w["column"] == "gender" for w in summary["warned"])
+    _check_failure(clean, tmp_path / "r", tmp_path / "gx", [f"items.title: distinct values outside [1, {lo}]"],
+                   ValidateParams(chunk_rows=16, sample_rows=10, categorical_cardinality=(1, lo),
+                                  severity={"distribution": "error"}))
+
+
 def _examples(ingested: Path) -> pd.DataFrame:
     """A training set shaped like materialize's examples.parquet, built by hand from the tables."""
     inter = pd.read_parquet(ingested / "interactions.parquet")

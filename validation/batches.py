@@ -158,8 +158,8 @@ def distinct_values(source: Source, columns: list[str], chunk_rows: int, cap: in
         for c in columns:
             if c not in batch.column_names or len(seen[c]) >= cap:
                 continue
-            values = batch.column(c).unique().drop_null().to_pylist()
-            seen[c].update(values[: cap - len(seen[c])] if len(seen[c]) + len(values) > cap else values)
+            new = [v for v in batch.column(c).unique().drop_null().to_pylist() if v not in seen[c]]
+            seen[c].update(new[: cap - len(seen[c])])
     longest = max((len(v) for v in seen.values()), default=0)
     return pd.DataFrame({c: pd.Series(sorted(v, key=str) + [None] * (longest - len(v)), dtype=object)
                          for c, v in seen.items() if c in source.columns})
