@@ -74,12 +74,10 @@ def _windows(items: np.ndarray, cut: np.ndarray, start: np.ndarray, length: int)
     return pa.ListArray.from_arrays(pa.array(offsets), _id_array(items[flat]))
 
 
-def _count_before(users: np.ndarray, ts: np.ndarray, rank: np.ndarray, q_users: np.ndarray,
-                  q_ts: np.ndarray) -> np.ndarray:
+def _count_before(right: pd.DataFrame, q_users: np.ndarray, q_ts: np.ndarray) -> np.ndarray:
     """Per query (user, time): how many of that user's interactions are dated strictly before it.
 
-    users/ts are sorted by (user, time) and rank is each row's position within its user."""
-    right = pd.DataFrame({"u": users, "t": ts, "n": rank + 1}).sort_values("t", kind="mergesort")
+    right: the interactions as u (user code), t (time), n (position within the user + 1), by t."""
     left = pd.DataFrame({"u": q_users, "t": q_ts, "q": np.arange(len(q_ts))}).sort_values(
         "t", kind="mergesort")
     # the newest interaction strictly before each query time; its rank + 1 is the count
@@ -114,10 +112,11 @@ def history_rows(interactions: pd.DataFrame, history_length: int,
         RECENT_ITEMS: _windows(items, cut, start, history_length),
         INTERACTIONS_TOTAL: pa.array(total.astype(np.int64)),
     }
-    rank = np.arange(n) - user_start
     codes = pd.factorize(users)[0]
+    ranked = pd.DataFrame({"u": codes, "t": ts, "n": np.arange(n) - user_start + 1}).sort_values(
+        "t", kind="mergesort")
     for days, name in zip(windows, user_count_columns(windows)[1:]):
-        older = _count_before(codes, ts, rank, codes[start], stamp - days * _DAY_US)
+        older = _count_before(ranked, codes[start], stamp - days * _DAY_US)
         columns[name] = pa.array((total - older).astype(np.int64))
     columns[TIMESTAMP_FIELD] = _ts_array(stamp)
     return pa.table(columns)

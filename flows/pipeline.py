@@ -87,12 +87,11 @@ def build_flow():  # noqa: ANN201 - returns a prefect Flow
 def _source_refresh(root: Path) -> set[str]:
     """{"ingest"} when a source directory's files changed since they were ingested: DVC tracks the
     `data` params, not the files of the directory they name (flows/stages/ingest.py)."""
-    from flows.params import load_params
+    from flows.params import load_params, resolve_source
     from flows.stages.ingest import source_changed
 
     params = load_params(root / "params.yaml")
-    with _working_directory(root):      # a relative data.source is relative to the project, as in DVC
-        changed = source_changed(params.data, params.paths.resolved(root).cache)
+    changed = source_changed(resolve_source(params.data, root), params.paths.resolved(root).cache)
     return {"ingest"} if changed else set()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -205,11 +206,28 @@ class SideEncoder:
         )
 
 
+def longest_list(chunks: Iterable) -> int:
+    """Longest list over a column's chunks (arrow arrays or pandas list columns); at least 1."""
+    best = 0
+    for chunk in chunks:
+        arr = chunk if isinstance(chunk, (pa.Array, pa.ChunkedArray)) else \
+            pa.array(pd.Series(chunk).tolist(), from_pandas=True)
+        if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+            best = max(best, int(pc.max(pc.list_value_length(arr)).as_py() or 0))
+    return max(best, 1)
+
+
+def parquet_column(path: Path, column: str, batch_rows: int) -> Iterator[pa.Array]:
+    """One column of a parquet file, batch_rows rows at a time (nothing when it has no such column)."""
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path)
+    if column in f.schema_arrow.names:
+        yield from (b.column(0) for b in f.iter_batches(batch_size=batch_rows, columns=[column]))
+
+
 def _longest_list(frame: pd.DataFrame, column: str) -> int:
-    if column not in frame.columns or len(frame) == 0:
-        return 1
-    _, _, positions = _flatten_lists(frame[column])
-    return int(positions.max()) + 1 if len(positions) else 1
+    return longest_list([frame[column]]) if column in frame.columns else 1
 
 
 def _id_kind(dtype_name: str) -> str:

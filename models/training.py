@@ -15,7 +15,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 from torch.profiler import record_function
 
-from models.encoding import FeatureEncoder, pad_lists
+from models.encoding import FeatureEncoder, longest_list, pad_lists, parquet_column
 from models.losses import LOSSES, info_nce
 from models.negatives import popularity_distribution
 from models.params import ModelParams, TrainParams
@@ -87,18 +87,8 @@ def _list_widths(encoder: FeatureEncoder, lists: Callable[[str], Iterable]) -> d
     """Fixed widths of the list inputs, so that every batch writes into the same (N, width) array:
     history = the encoder's history length; multi-valued features and hard negatives = their longest
     list (lists(column) yields the column's chunks: a pre-pass reads that one column only)."""
-    import pyarrow.compute as pc
-
-    def longest(column: str) -> int:
-        best = 0
-        for chunk in lists(column):
-            arr = chunk if isinstance(chunk, (pa.Array, pa.ChunkedArray)) else \
-                pa.array(pd.Series(chunk).tolist(), from_pandas=True)
-            if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-                best = max(best, int(pc.max(pc.list_value_length(arr)).as_py() or 0))
-        return max(best, 1)
-    widths = {"history": encoder.history_length, "hard": longest(HARD_NEGATIVES_COLUMN)}
-    widths.update({f"multi:{c}": longest(c) for c in encoder.users.multi})
+    widths = {"history": encoder.history_length, "hard": longest_list(lists(HARD_NEGATIVES_COLUMN))}
+    widths.update({f"multi:{c}": longest_list(lists(c)) for c in encoder.users.multi})
     return widths
 
 
@@ -156,12 +146,7 @@ class TrainingStream:
         import pyarrow.parquet as pq
 
         f = pq.ParquetFile(path)
-        names = set(f.schema_arrow.names)
-
-        def lists(column: str) -> Iterator[pa.Array]:
-            if column in names:
-                yield from (b.column(0) for b in f.iter_batches(batch_size=batch_rows, columns=[column]))
-        widths = _list_widths(encoder, lists)
+        widths = _list_widths(encoder, lambda column: parquet_column(path, column, batch_rows))
         # list columns stay arrow-backed (pd.ArrowDtype): no Python object per list or value
         arrow_lists = lambda t: pd.ArrowDtype(t) if pa.types.is_list(t) or pa.types.is_large_list(t) else None  # noqa: E731
         frames = (b.to_pandas(types_mapper=arrow_lists) for b in f.iter_batches(batch_size=batch_rows))

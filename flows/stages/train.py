@@ -44,19 +44,6 @@ def _write_curves(folder: Path, rows: dict[str, list[tuple[int, float, float | N
             writer.writerows((e, loss, *([v] if validated else [])) for e, loss, v in curve)
 
 
-def _longest_list(path: Path, column: str, batch_rows: int = 1_000_000) -> int | None:
-    """Longest list in a parquet column, read one column batch at a time (None: no such column)."""
-    import pyarrow.compute as pc
-
-    f = pq.ParquetFile(path)
-    if column not in f.schema_arrow.names:
-        return None
-    best = 0
-    for batch in f.iter_batches(batch_size=batch_rows, columns=[column]):
-        best = max(best, int(pc.max(pc.list_value_length(batch.column(0))).as_py() or 0))
-    return max(best, 1)
-
-
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -91,7 +78,7 @@ def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: Model
     checkpoint_dir (default out_dir.parent / 'model_ckpt') holds per-epoch checkpoints until success."""
     import torch
 
-    from models.encoding import HISTORY_COLUMN, FeatureEncoder
+    from models.encoding import HISTORY_COLUMN, FeatureEncoder, longest_list, parquet_column
     from models.training import TrainingStream, catalog_inputs, fit, model_config, save_model
     from models.early_stopping import ValidationTask, carve, outside
     from models.distributed import join_launched_group
@@ -112,7 +99,7 @@ def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: Model
     examples = pd.read_parquet(examples_path, columns=scalar)
     if "split" not in examples.columns:
         raise DataContractError(f"{examples_path}: required column 'split' is missing")
-    history_length = _longest_list(examples_path, HISTORY_COLUMN)
+    history_length = longest_list(parquet_column(examples_path, HISTORY_COLUMN, cfg.read_batch_rows))
     train_part = examples[examples["split"] == "train"].reset_index(drop=True)
     streams = {"eval": samples_dir / "train.parquet", "full": samples_dir / "full.parquet"}
     needed = ["eval", "full"] if cfg.refit_full else ["eval"]
