@@ -15,16 +15,28 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup pipeline test bench ablate clean
+PIP_VERSION := 26.3
+LOCK_FLAGS := --quiet --extra dev --no-emit-find-links --no-emit-index-url --strip-extras --no-header \
+              --annotation-style=line
+
+.PHONY: setup lock pipeline test bench ablate clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Every package version comes from requirements.lock (generated from pyproject.toml by `make lock`),
+# so a fresh machine a month from now installs what passed CI. torch==2.13.0+cpu is the local wheel.
+$(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch==2.13.0 is pinned in pyproject.toml: pip takes the local CPU wheel.
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION)
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# Re-resolve the lock after editing pyproject.toml's dependencies (UPGRADE=1: newest allowed versions).
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION) pip-tools
+	$(BIN)/pip-compile $(LOCK_FLAGS) $(if $(UPGRADE),--upgrade) -o requirements.lock pyproject.toml
 
 pipeline: setup
 	$(BIN)/towerflow run
@@ -33,7 +45,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python -m flows.bench --out reports/bench.json
+	$(BIN)/towerflow bench --out reports/bench.json
 
 ablate: setup
 	$(BIN)/towerflow ablate

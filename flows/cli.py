@@ -149,7 +149,7 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
             raise MissingStageInput(f"{schema_path} not found: run `towerflow run` first")
         import json
         id_dtype = json.loads(schema_path.read_text())["user_id_dtype"]
-        from flows.recommend import parse_id, read_ids_file, recommend as _recommend
+        from flows.serving.recommend import parse_id, read_ids_file, recommend as _recommend
         if users_file is not None:
             ids = read_ids_file(users_file, id_dtype)
         else:
@@ -180,8 +180,23 @@ def ablate(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOpti
            out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: paths.reports.")) -> None:
     """Ablation table (mean ± std over seeds) in a temporary copy: writes ablation.md and ablation.json."""
     with _errors():
-        from models.ablation import run_cli
+        from flows.experiments.ablation import run_cli
         run_cli(params_file, set_ or [], seeds, only, out_dir)
+
+
+@app.command()
+def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
+          out: Path = typer.Option(Path("reports/bench.json"), "--out", help="Where the figures are written."),
+          repeats: int = typer.Option(50, "--repeats", min=1, help="Timed calls per latency figure.")) -> None:
+    """Time every stage on the demo, training throughput and recommendation latency (a temporary copy)."""
+    with _errors():
+        import json
+
+        from flows.experiments.bench import bench as _bench
+        result = _bench(params_file.resolve().parent, out, set_ or [], repeats)
+        typer.echo(json.dumps({k: result[k] for k in ("stage_seconds", "total_seconds", "recommend", "features")},
+                              indent=2))
+        typer.echo(f"written to {out}")
 
 
 def main() -> None:

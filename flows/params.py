@@ -58,12 +58,21 @@ class FeatureKinds(_Section):
     multi: list[str] | None = None
 
 
+class DemoChecks(_Section):
+    """Checks that hold for the demo (MovieLens-100K rates 1-5 stars), not for every source in the
+    contract: applied by `validate_for_source` only when `data.source` is "demo"."""
+
+    rating_range: tuple[float, float] | None = (1.0, 5.0)
+    rating_mean: tuple[float, float] | None = (2.5, 4.5)
+
+
 class DataParams(_Section):
     source: str = "demo"
     ranking_logs: Literal["auto", "simulate", "none"] = "auto"
     max_users: PositiveInt | None = None
     user_features: FeatureKinds = FeatureKinds()
     item_features: FeatureKinds = FeatureKinds()
+    demo: DemoChecks = DemoChecks()
 
 
 class SimulatorParams(_Section):
@@ -101,6 +110,15 @@ def resolve_source(data: DataParams, root: Path) -> DataParams:
     if data.source == "demo" or Path(data.source).is_absolute():
         return data
     return data.model_copy(update={"source": str(root / data.source)})
+
+
+def validate_for_source(data: DataParams, validate: ValidateParams) -> ValidateParams:
+    """The validate section for this source: the demo's own checks fill what validate leaves open
+    (null); a value set in validate always wins. Other sources get validate as it is."""
+    if data.source != "demo":
+        return validate
+    demo = {k: v for k, v in data.demo if getattr(validate, k) is None and v is not None}
+    return validate.model_copy(update=demo) if demo else validate
 
 
 # `validate` (the section's name in params.yaml and dvc.yaml) shadows pydantic's deprecated

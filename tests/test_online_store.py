@@ -142,7 +142,7 @@ def test_serving_features_equal_offline_features_now(tmp_path, string_ids):
     from the offline store (point-in-time join) just after each user's last interaction."""
     from features.definitions import RECENT_ITEMS, user_history_refs, user_static_refs
     from features.store import open_store
-    from flows.recommend import NOT_TOWER_INPUTS
+    from flows.serving.recommend import NOT_TOWER_INPUTS
     from flows.stages.materialize import point_in_time
     from models.encoding import FeatureEncoder
 
@@ -243,7 +243,7 @@ def test_rerun_materializes_incrementally_and_serves_what_a_rebuild_serves(tmp_p
 
 
 def test_feature_bench_runs_on_a_store(tmp_path):
-    from features.bench import main
+    from flows.experiments.features_bench import main
 
     ing = _ingested(tmp_path, True)
     dirs = _materialize(tmp_path, ing, "sqlite")

@@ -1,12 +1,11 @@
 """Stage publish: encode the catalog with the published model and serve it from Qdrant.
 
 Writes index_dir/item_vectors.parquet (item_id, vector) and index_dir/manifest.json, after the
-alias has moved to a verified collection (flows.qdrant_index); a failed publish leaves both the
+alias has moved to a verified collection (flows.serving.index); a failed publish leaves both the
 alias and index_dir as they were.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from datetime import datetime, timezone
@@ -20,18 +19,9 @@ import pyarrow.parquet as pq
 
 from flows.errors import MissingStageInput, PublishError
 from flows.params import PublishParams
-
-MODEL_FILES = ("model.pt", "encoder.json")
-
-
-def model_digest(model_dir: Path) -> str:
-    """Hash of the model files: serving checks that its user tower is the one the index was built with."""
-    digest = hashlib.sha256()
-    for name in MODEL_FILES:
-        digest.update(name.encode())
-        digest.update((model_dir / name).read_bytes())
-    return digest.hexdigest()[:16]
-
+from flows.serving.bundle import model_digest
+from flows.serving.index import open_qdrant, publish_vectors
+from models.inference import load_bundle
 
 def publish(model_dir: Path, training_dir: Path, cfg: PublishParams, index_dir: Path, qdrant_path: Path) -> dict:
     """Encode data/training/items.parquet with the model in model_dir, publish it to Qdrant
@@ -40,9 +30,6 @@ def publish(model_dir: Path, training_dir: Path, cfg: PublishParams, index_dir: 
     items_path = training_dir / "items.parquet"
     if not items_path.is_file():
         raise MissingStageInput(f"{items_path}: not found; run the materialize stage first")
-    from flows.qdrant_index import open_qdrant, publish_vectors
-    from models.inference import load_bundle
-
     bundle = load_bundle(model_dir)
     items = pd.read_parquet(items_path)
     if "item_id" not in items.columns:

@@ -1,7 +1,7 @@
 """Ad-hoc benchmark (not a test): validation time and peak RSS on the demo and on a large table.
 
-    python -m validation.bench --demo data/ingested            # the demo tables as ingested
-    python -m validation.bench --rows 10000000                 # synthetic interactions, 10M rows
+    python -m flows.experiments.validation_bench --demo data/ingested            # the demo tables as ingested
+    python -m flows.experiments.validation_bench --rows 10000000                 # synthetic interactions, 10M rows
 
 Each run validates in a fresh GX context and docs folder under --work; peak RSS is the process's
 (ru_maxrss), so run one measurement per process.
@@ -39,7 +39,7 @@ def synthetic(out: Path, rows: int, users: int = 100_000, items: int = 20_000, s
                 "user_id": rng.integers(0, users, n), "item_id": rng.integers(0, items, n),
                 "timestamp": pa.array(start + rng.integers(0, 3 * 365 * 86400 * 10**6, n), ts),
                 "rating": rng.integers(1, 6, n).astype(np.float64), "weight": np.ones(n)}, schema=schema))
-    from flows.contract import logs_schema
+    from flows.sources.contract import logs_schema
     pq.write_table(logs_schema(pa.int64(), pa.int64()).empty_table(), out / "ranking_logs.parquet")
     (out / "schema.json").write_text(json.dumps({
         "user_id_dtype": "int64", "item_id_dtype": "int64",

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from flows.errors import DataContractError
-from flows.recommend import read_ids_file
+from flows.serving.recommend import read_ids_file
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -78,7 +78,7 @@ def published_project(root: Path, string_ids: bool) -> dict[str, Any]:
 @pytest.mark.parametrize("string_ids", [False, True], ids=["int_ids", "string_ids"])
 def test_recommend_end_to_end(tmp_path: Path, string_ids: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.errors import PublishError
-    from flows.recommend import recommend
+    from flows.serving.recommend import recommend
 
     monkeypatch.delenv("QDRANT_URL", raising=False)
     kw = published_project(tmp_path, string_ids)

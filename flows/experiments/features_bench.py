@@ -1,8 +1,8 @@
-"""`python -m features.bench`: online feature latency and materialization time of a feature store.
+"""`python -m flows.experiments.features_bench`: online feature latency and materialization time of a feature store.
 
 Point it at a COPY of a materialized store (it rewrites the online rows): e.g.
     cp -r data/feast data/features /tmp/fs/ && \\
-    python -m features.bench --feast-dir /tmp/fs/feast --features-dir /tmp/fs/features \\
+    python -m flows.experiments.features_bench --feast-dir /tmp/fs/feast --features-dir /tmp/fs/features \\
         --schema data/ingested/schema.json --out /tmp/fs/feature_bench.json [--online redis]
 Measures, after one warm-up call each:
 - `online_user_features` (what `towerflow recommend` calls) for 1 user and for a batch of 1,000

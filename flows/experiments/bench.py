@@ -1,12 +1,12 @@
-"""`make bench`: time every stage on the demo, training throughput, and recommendation latency.
+"""`towerflow bench` (`make bench`): time every stage on the demo, training throughput, and recommendation latency.
 
 Runs in a temporary copy of the project (so the workspace's DVC outputs and dvc.lock are untouched),
 reusing the workspace's demo cache, and writes the figures to a JSON file (default reports/bench.json).
 """
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from features.bench import bench as feature_bench, percentiles
-from flows.environment import configure_environment
+from flows.experiments.features_bench import bench as feature_bench, percentiles
 
 PROJECT_FILES = ("flows", "features", "models", "validation", "dvc.yaml", "params.yaml")
 
@@ -48,7 +47,7 @@ def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50) -> dic
                                  params.features.online_store, repeats, 1000)
 
     result = {
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "overrides": overrides,
         "stage_seconds": stages,
         "total_seconds": round(sum(stages.values()), 2),
@@ -67,7 +66,7 @@ def _recommend_latency(paths, params, repeats: int) -> dict[str, Any]:  # noqa: 
     """End-to-end `recommend` calls (Feast online + user tower + Qdrant), after one warm-up call."""
     import pandas as pd
 
-    from flows.recommend import recommend
+    from flows.serving.recommend import recommend
 
     users = pd.read_parquet(paths.ingested / "users.parquet")["user_id"].tolist()
     kwargs = dict(model_dir=paths.model / "full", feast_dir=paths.feast, features_dir=paths.features,
@@ -86,21 +85,3 @@ def _recommend_latency(paths, params, repeats: int) -> dict[str, Any]:  # noqa: 
     return {"one_user_k20": percentiles(single),
             "batch_k20": {"users": len(batch_users), "seconds": round(batch, 3),
                           "users_per_s": round(len(batch_users) / batch, 1)}}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("reports/bench.json"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--repeats", type=int, default=50)
-    args = parser.parse_args()
-    root = Path.cwd()
-    configure_environment(root)
-    result = bench(root, args.out, args.overrides, args.repeats)
-    print(json.dumps({k: result[k] for k in ("stage_seconds", "total_seconds", "recommend", "features")},
-                     indent=2))
-    print(f"written to {args.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -11,8 +11,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-import flows.demo
-from flows.demo import MEMBER, demo_source, wheel
+import flows.sources.demo
+from flows.sources.demo import MEMBER, demo_source, wheel
 from flows.errors import DataContractError
 from flows.params import DataParams, SimulatorParams
 from flows.stages.ingest import ingest
@@ -60,7 +60,7 @@ def test_demo_ingest_then_cached(cache: Path, tmp_path: Path, monkeypatch: pytes
         raise AssertionError("the demo cache was not used")
 
     monkeypatch.setattr(subprocess, "run", refuse)
-    monkeypatch.setattr(flows.demo, "convert", refuse)
+    monkeypatch.setattr(flows.sources.demo, "convert", refuse)
     again = ingest(DataParams(source="demo", ranking_logs="none", max_users=50), SimulatorParams(), 42, cache, out)
     assert again["users"] == 50 and again["items"] == 1682
     assert {p.name: p.stat().st_mtime_ns for p in (cache / "ml-100k").iterdir()} == built

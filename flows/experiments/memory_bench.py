@@ -1,6 +1,6 @@
 """Peak memory of building the training stream: whole file in memory vs streamed from disk.
 
-    .venv/bin/python -m models.bench_memory --rows 2000000 [--out reports/stream_memory.json]
+    .venv/bin/python -m flows.experiments.memory_bench --rows 2000000 [--out reports/stream_memory.json]
 
 Writes a synthetic samples file shaped like data/samples/full.parquet (ids, weight, 50 recent items,
 16 hard negatives, 4 behaviour counts) into a temporary folder, then builds the TrainingStream in a
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="towerflow-memory-") as tmp:
         write_samples(Path(tmp), args.rows)
         for mode in ("streamed", "in_memory"):
-            out = subprocess.run([sys.executable, "-m", "models.bench_memory", "--batch-rows",
+            out = subprocess.run([sys.executable, "-m", "flows.experiments.memory_bench", "--batch-rows",
                                   str(args.batch_rows), "--child", tmp, mode],
                                  check=True, capture_output=True, text=True).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))

@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

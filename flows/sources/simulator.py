@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from flows.contract import LOG_STAGES, TIMESTAMP, logs_schema
+from flows.sources.contract import LOG_STAGES, TIMESTAMP, logs_schema
 from flows.params import SimulatorParams
 
 # Calibration targets of the relevance model: a median popularity-sampled (user, item) pair is

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from tests.datagen import make_contract_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

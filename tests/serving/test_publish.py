@@ -13,7 +13,7 @@ import pytest
 from qdrant_client import models
 
 from flows.errors import PublishError, TowerflowError
-from flows.qdrant_index import (
+from flows.serving.index import (
     alias_target,
     content_version,
     open_qdrant,

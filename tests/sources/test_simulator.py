@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.contract import normalize_interactions
+from flows.sources.contract import normalize_interactions
 from flows.params import SimulatorParams
-from flows.simulator import simulate
+from flows.sources.simulator import simulate
 from tests.datagen import make_contract_dataset
 
 PARAMS = SimulatorParams(request_fraction=0.3, candidates=60, ranked=25, shown=10, chunk_requests=97)

@@ -1,6 +1,6 @@
 """Training throughput and a profile of one training step, on a materialized training set.
 
-    .venv/bin/python -m models.bench_train --data /tmp/demo --epochs 2 --workers 1 2
+    .venv/bin/python -m flows.experiments.train_bench --data /tmp/demo --epochs 2 --workers 1 2
 
 reads <data>/samples/full.parquet, <data>/training/{examples,items}.parquet and
 <data>/ingested/schema.json (the train stage's refit run: the largest stream), with the model and

@@ -96,10 +96,9 @@ def recommend(
 
     from features.online import online_user_features
     from features.store import open_store
-    from flows.qdrant_index import open_qdrant, query_top_k
+    from flows.serving.bundle import model_digest
+    from flows.serving.index import open_qdrant, query_top_k
     from models.inference import load_bundle
-
-    from flows.stages.publish import model_digest
 
     bundle = load_bundle(model_dir)
     # The user tower must be the one whose item tower filled the index, or the scores mean nothing.

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.contract import feature_kinds
+from flows.sources.contract import feature_kinds
 from flows.errors import DataContractError
 from flows.params import DataParams, FeatureKinds, SimulatorParams
 from flows.stages.ingest import check_source, ingest
