@@ -1,8 +1,8 @@
 """The `towerflow` command line. Kept light: heavy libraries are imported inside the commands."""
 from __future__ import annotations
 
+import json
 import os
-import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
+import yaml
 
 from flows.environment import configure_environment
-from flows.errors import TowerflowError
+from flows.errors import MissingStageInput, TowerflowError
+from flows.params import load_params, resolve_source
 from flows.stages.registry import STAGES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -53,7 +55,6 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks."))
 
 
 def _load(params_file: Path, overrides: Optional[list[str]]):  # noqa: ANN202
-    from flows.params import load_params
     return load_params(params_file, overrides or [])
 
 
@@ -67,8 +68,7 @@ def stage(name: str = typer.Argument(..., help="One of: " + ", ".join(STAGES)),
         params = _load(params_file, set_)
         root = params_file.resolve().parent
         if name == "ingest":
-            from flows.params import resolve_source
-            from flows.stages.ingest import check_source
+            from flows.stages.ingest import check_source  # pyarrow: only when a run starts
             check_source(resolve_source(params.data, root))
         from flows.stages.registry import run_stage
         t0 = time.perf_counter()
@@ -91,7 +91,6 @@ def run(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
     with _errors():
         params = _load(params_file, set_)  # bad keys or types fail here, before anything runs
         root = params_file.resolve().parent
-        from flows.params import resolve_source
         from flows.stages.ingest import check_source
         check_source(resolve_source(params.data, root))  # a broken data source stops the run before anything is written
         stages = STAGES
@@ -122,7 +121,6 @@ def _print_summary(runs, params, root: Path, total: float) -> None:  # noqa: ANN
         typer.echo("dvc.lock records this run: `git add dvc.lock && git commit` to version it")
     metrics = root / paths.reports / "metrics.json"
     if metrics.exists():
-        import json
         m = json.loads(metrics.read_text())
         for model in ("two_tower", "ease", "most_popular"):
             if model in m:
@@ -145,9 +143,7 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
         paths = params.paths.resolved(params_file.resolve().parent)
         schema_path = paths.ingested / "schema.json"
         if not schema_path.exists():
-            from flows.errors import MissingStageInput
             raise MissingStageInput(f"{schema_path} not found: run `towerflow run` first")
-        import json
         id_dtype = json.loads(schema_path.read_text())["user_id_dtype"]
         from flows.serving.recommend import parse_id, read_ids_file, recommend as _recommend
         if users_file is not None:
@@ -169,7 +165,6 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
 def params(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption) -> None:
     """Print the validated config (after --set overrides)."""
     with _errors():
-        import yaml
         typer.echo(yaml.safe_dump(_load(params_file, set_).model_dump(mode="json"), sort_keys=False))
 
 
@@ -190,8 +185,6 @@ def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOptio
           repeats: int = typer.Option(50, "--repeats", min=1, help="Timed calls per latency figure.")) -> None:
     """Time every stage on the demo, training throughput and recommendation latency (a temporary copy)."""
     with _errors():
-        import json
-
         from flows.experiments.bench import bench as _bench
         result = _bench(params_file.resolve().parent, out, set_ or [], repeats)
         typer.echo(json.dumps({k: result[k] for k in ("stage_seconds", "total_seconds", "recommend", "features")},

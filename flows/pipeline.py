@@ -18,6 +18,8 @@ from typing import Any, Iterator
 import yaml
 
 from flows.errors import StageFailed
+from flows.params import apply_overrides, load_params, read_raw, resolve_source
+from flows.stages.ingest import source_changed
 from flows.stages.registry import STAGES
 
 
@@ -87,9 +89,6 @@ def build_flow():  # noqa: ANN201 - returns a prefect Flow
 def _source_refresh(root: Path) -> set[str]:
     """{"ingest"} when a source directory's files changed since they were ingested: DVC tracks the
     `data` params, not the files of the directory they name (flows/stages/ingest.py)."""
-    from flows.params import load_params, resolve_source
-    from flows.stages.ingest import source_changed
-
     params = load_params(root / "params.yaml")
     changed = source_changed(resolve_source(params.data, root), params.paths.resolved(root).cache)
     return {"ingest"} if changed else set()
@@ -105,8 +104,6 @@ def params_overridden(params_path: Path, overrides: list[str]) -> Iterator[None]
     if not overrides:
         yield
         return
-    from flows.params import apply_overrides, read_raw
-
     original = params_path.read_text()
     params_path.write_text(yaml.safe_dump(apply_overrides(read_raw(params_path), overrides),
                                           sort_keys=False))

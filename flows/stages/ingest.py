@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flows.sources.contract import SourceFiles, Tables, check_directory, logs_schema, read_source
+from flows.sources.demo import demo_source
+from flows.sources.simulator import simulate
 from flows.errors import DataContractError
 from flows.params import DataParams, SimulatorParams
 
@@ -65,7 +67,6 @@ def ingest(data: DataParams, sim: SimulatorParams, seed: int, cache_dir: Path, o
     """Read, check and normalize the source; write the contract tables, ranking logs and schema.json."""
     started = time.perf_counter()
     if data.source == DEMO:
-        from flows.sources.demo import demo_source  # only the demo needs pip and zip handling
         source = demo_source(cache_dir)
     else:
         source = Path(data.source)
@@ -113,7 +114,6 @@ def _write(tables: Tables, kinds: dict[str, dict[str, list[str]]], logs_origin: 
     sim_dir.mkdir()
     summary: dict[str, Any] = {}
     if logs_origin == "simulated":
-        from flows.sources.simulator import simulate  # numpy/scipy work only when logs are simulated
         summary = simulate(tables.interactions, tables.items["item_id"], sim, seed,
                            out / "ranking_logs.parquet", sim_dir)
     else:
