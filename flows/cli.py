@@ -13,7 +13,7 @@ import typer
 import yaml
 
 from flows.environment import configure_environment
-from flows.errors import MissingStageInput, TowerflowError
+from flows.errors import TRANSIENT_EXIT, MissingStageInput, TowerflowError, TransientError
 from flows.params import load_params, resolve_source
 from flows.stages.registry import STAGES
 
@@ -33,6 +33,12 @@ def _errors() -> Iterator[None]:
     """Expected failures print one line and exit 1; --debug shows the traceback."""
     try:
         yield
+    except (TransientError, ConnectionError, TimeoutError) as exc:
+        # exit 75 (EX_TEMPFAIL): the flow retries the stage with backoff (flows/pipeline.py)
+        if _debug():
+            traceback.print_exc()
+        typer.echo(f"towerflow: transient error (a retry may pass): {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(TRANSIENT_EXIT) from None
     except TowerflowError as exc:
         if _debug():
             traceback.print_exc()
@@ -93,15 +99,19 @@ def run(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
         root = params_file.resolve().parent
         from flows.stages.ingest import check_source
         check_source(resolve_source(params.data, root))  # a broken data source stops the run before anything is written
-        stages = STAGES
-        if until:
-            if until not in STAGES:
-                raise TowerflowError(f"unknown stage '{until}' for --until; stages are: {', '.join(STAGES)}")
-            stages = STAGES[: STAGES.index(until) + 1]
+        stages = tuple(_stages_until(until) or STAGES)
         from flows.pipeline import run_pipeline
         t0 = time.perf_counter()
         runs = run_pipeline(root, stages, overrides=set_ or [], force=force)
         _print_summary(runs, params, root, time.perf_counter() - t0)
+
+
+def _stages_until(until: Optional[str]) -> list[str] | None:
+    if until is None:
+        return None
+    if until not in STAGES:
+        raise TowerflowError(f"unknown stage '{until}' for --until; stages are: {', '.join(STAGES)}")
+    return list(STAGES[: STAGES.index(until) + 1])
 
 
 def _print_summary(runs, params, root: Path, total: float) -> None:  # noqa: ANN001
@@ -177,6 +187,30 @@ def ablate(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOpti
     with _errors():
         from flows.experiments.ablation import run_cli
         run_cli(params_file, set_ or [], seeds, only, out_dir)
+
+
+@app.command()
+def schedule(name: str = typer.Option("nightly", "--name", help="Deployment name: towerflow/<name>."),
+             cron: Optional[str] = typer.Option(None, "--cron", help='Cron expression, e.g. "0 3 * * *" (UTC).'),
+             interval: Optional[float] = typer.Option(None, "--interval", help="Seconds between runs."),
+             until: Optional[str] = typer.Option(None, "--until", help="Scheduled runs stop after this stage."),
+             params_file: Path = ParamsOption) -> None:
+    """Create (or update) a Prefect deployment of the pipeline on a cron or an interval."""
+    with _errors():
+        _load(params_file, None)   # a broken params.yaml fails now, not at 3 am
+        from flows.schedule import create
+        deployment_id = create(params_file.resolve().parent, name, cron, interval, _stages_until(until))
+        typer.echo(f"deployment towerflow/{name} ({deployment_id}): "
+                   f"{'cron ' + repr(cron) if cron else f'every {interval:g} s'}; "
+                   f"run `towerflow serve --name {name}` to execute it")
+
+
+@app.command()
+def serve(name: str = typer.Option("nightly", "--name", help="The deployment created by `towerflow schedule`.")) -> None:
+    """Serve a scheduled deployment in the foreground (Ctrl-C stops it)."""
+    with _errors():
+        from flows.schedule import serve as _serve
+        _serve(name)
 
 
 @app.command()

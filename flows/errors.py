@@ -1,6 +1,10 @@
 """Domain errors: expected failures that the CLI prints as one readable line (no traceback)."""
 from __future__ import annotations
 
+# `towerflow stage` exits with this code (EX_TEMPFAIL) when the failure may pass on a retry: a
+# connection refused or reset, a timeout. Anything else is final; the flow retries only these.
+TRANSIENT_EXIT = 75
+
 
 class TowerflowError(Exception):
     """Base class: the message names what failed, where, and what to try."""
@@ -28,3 +32,11 @@ class PublishError(TowerflowError):
 
 class StageFailed(TowerflowError):
     """A pipeline stage failed (its own message was printed above)."""
+
+
+class RunInProgress(TowerflowError):
+    """Another pipeline run of the same project holds the run lock."""
+
+
+class TransientError(TowerflowError):
+    """A failure that may pass on a retry (a service briefly unreachable); the stage exits 75."""

@@ -101,6 +101,14 @@ class PublishParams(_Section):
     verify_sample: PositiveInt = 32
 
 
+class RunParams(_Section):
+    """How `towerflow run` and scheduled runs execute the stages (read by the flow, not by a stage)."""
+
+    retries: int = Field(2, ge=0)                # per stage, for transient failures only (exit 75)
+    retry_delay_s: float = Field(10.0, ge=0)     # first retry after this, then doubled (exponential)
+    stage_timeout_s: PositiveInt = 4 * 3600      # a stage running longer fails the run
+
+
 class ReportParams(_Section):
     drift_share_threshold: float = Field(0.5, gt=0, le=1)
 
@@ -140,6 +148,7 @@ with warnings.catch_warnings():
         evaluate: EvaluateParams = EvaluateParams()
         publish: PublishParams = PublishParams()
         report: ReportParams = ReportParams()
+        run: RunParams = RunParams()
 
 
 def _describe(err: ValidationError, origin: str) -> str:

@@ -1,8 +1,10 @@
 """The Prefect flow: runs the DVC stages in order, one task each.
 
 Each task reproduces its own DVC stage through DVC's API, so DVC owns caching and dvc.lock (a stage
-whose deps and params are unchanged is skipped) and Prefect owns orchestration, retries, logs and
-schedules. DVC runs the stage's `cmd` (`towerflow stage <name>`), the same code a user runs alone.
+whose deps and params are unchanged is skipped) and Prefect owns orchestration, retries, timeouts,
+logs and schedules. DVC runs the stage's `cmd` (`towerflow stage <name>`), the same code a user runs
+alone. The flow is a module-level object so that a deployment (`towerflow schedule`/`serve`, or a
+work pool worker) can load it from its entrypoint `flows/pipeline.py:towerflow_pipeline`.
 """
 from __future__ import annotations
 
@@ -16,11 +18,20 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
+from dvc.exceptions import DvcException
+from dvc.repo import Repo
+from prefect import flow, get_run_logger, task
+from prefect.states import Failed
+from prefect.tasks import exponential_backoff
 
-from flows.errors import StageFailed
-from flows.params import apply_overrides, load_params, read_raw, resolve_source
+from flows.errors import TRANSIENT_EXIT, StageFailed
+from flows.params import RunParams, apply_overrides, load_params, read_raw, resolve_source
+from flows.run_lock import run_lock
 from flows.stages.ingest import source_changed
 from flows.stages.registry import STAGES
+
+class TransientStageFailure(RuntimeError):
+    """A stage failed in a way a retry may fix; raised so that the Prefect task retries it."""
 
 
 @dataclass
@@ -33,9 +44,6 @@ class StageRun:
 
 
 def _reproduce(root: Path, name: str, force: bool) -> StageRun:
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
     # DVC prints its own progress; without this Prefect's root handler prints every line twice.
     logging.getLogger("dvc").propagate = False
     t0 = time.perf_counter()
@@ -47,6 +55,8 @@ def _reproduce(root: Path, name: str, force: bool) -> StageRun:
     except DvcException as exc:
         # The stage printed its own one-line error; DVC's message says which stage and command.
         cause = exc.__cause__ or exc
+        if f"exited with {TRANSIENT_EXIT}" in str(cause):
+            raise TransientStageFailure(f"stage '{name}' failed and may pass on a retry: {cause}") from exc
         return StageRun(name, False, time.perf_counter() - t0, ok=False,
                         error=f"stage '{name}' failed: {cause}")
     return StageRun(name, bool(changed), time.perf_counter() - t0)
@@ -62,28 +72,36 @@ def _working_directory(path: Path) -> Iterator[None]:
         os.chdir(previous)
 
 
-def build_flow():  # noqa: ANN201 - returns a prefect Flow
-    """Build the Prefect flow lazily (importing prefect starts its settings machinery)."""
-    from prefect import flow, get_run_logger, task
-    from prefect.states import Failed
+def _stage_task(name: str, cfg: RunParams):  # noqa: ANN202 - a prefect Task
+    """The reproduce task of one stage, with the run section's retries and timeout. Only transient
+    failures raise (and so are retried); a stage that failed on its data returns a failed StageRun."""
+    return task(_reproduce, name=name, retries=cfg.retries, timeout_seconds=cfg.stage_timeout_s,
+                retry_delay_seconds=exponential_backoff(backoff_factor=cfg.retry_delay_s) if cfg.retries else 0)
 
-    reproduce_stage = task(name="reproduce-stage", retries=0)(_reproduce)
 
-    @flow(name="towerflow")
-    def towerflow_pipeline(root: str, stages: list[str], force: bool = False) -> list[dict[str, Any]]:
-        runs: list[dict[str, Any]] = []
-        refresh = _source_refresh(Path(root)) if "ingest" in stages and not force else set()
+@flow(name="towerflow")
+def towerflow_pipeline(root: str, stages: list[str] | None = None, force: bool = False) -> list[dict[str, Any]]:
+    """Reproduce `stages` (default: all) of the project at `root`, in order; stop at the first failure.
+    One run at a time per project: a second one is refused while the first holds the run lock."""
+    project = Path(root)
+    put_venv_on_path()   # a deployment's run starts in a fresh process: DVC must find `towerflow`
+    names = list(stages or STAGES)
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        return Failed(message=f"unknown stages {unknown}; stages are: {', '.join(STAGES)}")
+    params = load_params(project / "params.yaml")
+    runs: list[dict[str, Any]] = []
+    with run_lock(project):
+        refresh = _source_refresh(project) if "ingest" in names and not force else set()
         if refresh:
             get_run_logger().info("ingest: the source directory's files changed since the last ingest")
-        for name in stages:
-            run = reproduce_stage.with_options(name=name)(Path(root), name, force or name in refresh)
+        for name in names:
+            run = _stage_task(name, params.run)(project, name, force or name in refresh)
             runs.append(asdict(run))
             get_run_logger().info("%s: %s in %.1fs", name, "ran" if run.ran else "up to date", run.seconds)
             if not run.ok:
                 return Failed(message=run.error, data=runs)  # a failed run, without a traceback
-        return runs
-
-    return towerflow_pipeline
+    return runs
 
 
 def _source_refresh(root: Path) -> set[str]:
@@ -113,7 +131,7 @@ def params_overridden(params_path: Path, overrides: list[str]) -> Iterator[None]
         params_path.write_text(original)
 
 
-def _put_venv_on_path() -> None:
+def put_venv_on_path() -> None:
     """DVC runs `towerflow stage ...` in a shell: make this interpreter's scripts resolvable."""
     bindir = str(Path(sys.executable).parent)
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
@@ -123,10 +141,11 @@ def _put_venv_on_path() -> None:
 def run_pipeline(root: Path, stages: tuple[str, ...] = STAGES, overrides: list[str] | None = None,
                  force: bool = False) -> list[StageRun]:
     """Run the Prefect flow over the DVC stages; raise StageFailed on the first failing stage."""
-    _put_venv_on_path()
     with params_overridden(root / "params.yaml", overrides or []):
-        state = build_flow()(str(root), list(stages), force, return_state=True)
+        state = towerflow_pipeline(str(root), list(stages), force, return_state=True)
     data = state.result(raise_on_failure=False)
     if state.is_failed():
+        if isinstance(data, BaseException) and not isinstance(data, TransientStageFailure):
+            raise data
         raise StageFailed(state.message or "pipeline failed")
     return [StageRun(**d) for d in data]

@@ -1,0 +1,69 @@
+"""Scheduled runs: a Prefect deployment of the pipeline flow, and a foreground process serving it.
+
+`towerflow schedule` registers the deployment `towerflow/<name>` (cron or interval, the project root
+as its parameter) with the Prefect API: the server at PREFECT_API_URL when set, else the project's own
+database under .prefect/. `towerflow serve` reads that deployment back and serves it in the
+foreground (Prefect's `flow.serve`): it starts the scheduled runs and any run triggered from the UI,
+the API or `prefect deployment run`. To run on infrastructure instead, see README "Scheduled runs"
+(a work pool + `prefect worker start`); the flow's entrypoint is `flows.pipeline.towerflow_pipeline`.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+
+from flows.errors import ConfigError
+from flows.pipeline import towerflow_pipeline
+
+FLOW_NAME = "towerflow"
+
+
+def deployment(root: Path, name: str, cron: str | None = None, interval_s: float | None = None,
+               stages: list[str] | None = None) -> RunnerDeployment:
+    """The pipeline of the project at `root` as a deployment named `name`, on a cron or an interval."""
+    if (cron is None) == (interval_s is None):
+        raise ConfigError("give exactly one of --cron or --interval")
+    if interval_s is not None and interval_s <= 0:
+        raise ConfigError(f"--interval must be a positive number of seconds, got {interval_s:g}")
+    if cron is not None:
+        _check_cron(cron)
+    parameters: dict[str, Any] = {"root": str(root.resolve())}
+    if stages:
+        parameters["stages"] = stages
+    return towerflow_pipeline.to_deployment(
+        name=name, cron=cron, interval=timedelta(seconds=interval_s) if interval_s else None,
+        parameters=parameters, description=f"towerflow pipeline of {root.resolve()}",
+        # by module, not file path: the runner loads it from the installed package wherever it starts
+        entrypoint_type=EntrypointType.MODULE_PATH)
+
+
+def _check_cron(cron: str) -> None:
+    try:
+        CronSchedule(cron=cron)     # Prefect's own parser: what the server would refuse
+    except ValueError:
+        raise ConfigError(f"--cron {cron!r} is not a valid cron expression (e.g. \"0 3 * * *\")") from None
+
+
+def create(root: Path, name: str, cron: str | None, interval_s: float | None,
+           stages: list[str] | None = None) -> str:
+    """Register (or update) the deployment; returns its id."""
+    return str(deployment(root, name, cron, interval_s, stages).apply())
+
+
+def serve(name: str) -> None:
+    """Serve the registered deployment `towerflow/<name>` in the foreground until interrupted."""
+    with get_client(sync_client=True) as client:
+        try:
+            registered = client.read_deployment_by_name(f"{FLOW_NAME}/{name}")
+        except Exception as exc:   # ObjectNotFound, or the API is not reachable
+            raise ConfigError(f"no deployment '{FLOW_NAME}/{name}' ({type(exc).__name__}): create it with "
+                              f"`towerflow schedule --name {name} --cron ...`") from exc
+    towerflow_pipeline.serve(name=name, schedules=[s.schedule for s in registered.schedules],
+                             parameters=registered.parameters, description=registered.description,
+                             print_starting_message=True,
+                             entrypoint_type=EntrypointType.MODULE_PATH)
