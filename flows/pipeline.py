@@ -101,7 +101,26 @@ def towerflow_pipeline(root: str, stages: list[str] | None = None, force: bool =
             get_run_logger().info("%s: %s in %.1fs", name, "ran" if run.ran else "up to date", run.seconds)
             if not run.ok:
                 return Failed(message=run.error, data=runs)  # a failed run, without a traceback
+        pushed = _push_task(params.run)(project)
+        if pushed is not None:
+            get_run_logger().info("pushed %d file(s) to the DVC remote '%s'", pushed[1], pushed[0])
     return runs
+
+
+def _push(root: Path) -> tuple[str, int] | None:
+    """After a successful run, push the outputs to the default DVC remote when one is set (so any run
+    can be restored elsewhere with `dvc pull`); (remote, files pushed), or None without a remote."""
+    with _working_directory(root), Repo(".") as repo:
+        remote = repo.config["core"].get("remote")
+        if not remote:
+            return None
+        return remote, repo.push()
+
+
+def _push_task(cfg: RunParams):  # noqa: ANN202 - a prefect Task
+    # network I/O: every failure here is worth a retry (a failed push leaves the run's outputs intact)
+    return task(_push, name="dvc-push", retries=cfg.retries, timeout_seconds=cfg.stage_timeout_s,
+                retry_delay_seconds=exponential_backoff(backoff_factor=cfg.retry_delay_s) if cfg.retries else 0)
 
 
 def _source_refresh(root: Path) -> set[str]:

@@ -7,6 +7,7 @@ a broken source stops before anything is written.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,8 +29,14 @@ def flow_project(tmp_path_factory, contract_source):
     from prefect.testing.utilities import prefect_test_harness
 
     root = make_project(tmp_path_factory.mktemp("flowproj"), contract_source)
+    remote = tmp_path_factory.mktemp("dvc_remote")
+    run([DVC, "remote", "add", "-d", "store", str(remote)], root)
     with prefect_test_harness(server_startup_timeout=120):
         first = run_pipeline(root)
+        # the run as a user versions it: params + dvc.lock in git, outputs in the DVC cache and remote
+        run(["git", "add", "-A"], root)
+        run(["git", "commit", "-qm", "first run"], root)
+        _snapshot(root, "first")
         second = run_pipeline(root)
         # a parameter change reruns only the stages that depend on it
         params = yaml.safe_load((root / "params.yaml").read_text())
@@ -37,6 +44,17 @@ def flow_project(tmp_path_factory, contract_source):
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         third = run_pipeline(root)
     return root, first, second, third
+
+
+REPRODUCED = ("artifacts/model/full/model.pt", "artifacts/model/eval/model.pt", "reports/metrics.json")
+
+
+def _snapshot(root: Path, name: str) -> None:
+    """Copies of the files a reproduction must give back byte for byte."""
+    keep = root.parent / f"{root.name}-{name}"
+    for rel in REPRODUCED:
+        (keep / rel).parent.mkdir(parents=True, exist_ok=True)
+        (keep / rel).write_bytes((root / rel).read_bytes())
 
 
 def _declared_outputs(root: Path) -> list[Path]:
@@ -161,3 +179,26 @@ def test_edited_source_directory_is_reingested(tmp_path, contract_source):
         third = run_pipeline(root, stages=("ingest",))
     assert [r.ran for r in (*first, *second, *third)] == [True, True, False]
     assert len(pd.read_parquet(root / "data/ingested/interactions.parquet")) == len(inter) - 7
+
+
+def test_the_run_is_pushed_to_the_remote(flow_project):
+    root, *_ = flow_project
+    status = run([DVC, "status", "--cloud", "--json"], root)
+    assert json.loads(status.stdout or "{}") == {}       # nothing only local: every output is on the remote
+
+
+def test_going_back_restores_the_run_byte_for_byte_and_retraining_reproduces_it(flow_project, tmp_path):
+    root, *_ = flow_project
+    work = tmp_path / "copy"                              # the other tests keep the original as it is
+    shutil.copytree(root, work, symlinks=True)
+    first = root.parent / f"{root.name}-first"
+    assert (work / REPRODUCED[0]).read_bytes() != (first / REPRODUCED[0]).read_bytes()  # epochs changed
+    run(["git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock"], work)
+    run([DVC, "checkout", "--force"], work)
+    for rel in REPRODUCED:
+        assert (work / rel).read_bytes() == (first / rel).read_bytes(), rel
+    # same params, same seed: training again gives the same model and the same metrics
+    run([DVC, "repro", "--force", "--single-item", "train"], work)
+    run([DVC, "repro", "--force", "--single-item", "evaluate"], work)
+    assert json.loads((work / "reports/metrics.json").read_text()) == \
+        json.loads((first / "reports/metrics.json").read_text())
