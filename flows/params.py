@@ -84,6 +84,12 @@ class SimulatorParams(_Section):
     impatient_share: float = Field(0.5, ge=0, le=1)
     chunk_requests: PositiveInt = 5000
     latent_rank: PositiveInt = 16
+    # Effects for measuring rankers (issue 16); the defaults keep the original world exactly.
+    position_bias: float | None = Field(None, ge=0)       # η: patient users examine ∝ (1/position)^η
+    impatient_bias_factor: float = Field(3.0, ge=1)       # impatient users: (1/position)^(η · factor)
+    logging_strength: float | None = Field(None, ge=0, le=1)  # ranker knows relevance: 0 random .. 1 perfect
+    neighbour_effect: float = Field(0.0, ge=0, le=1)      # γ: examination x (1 - γ · mean neighbour relevance)
+    grid_columns: PositiveInt | None = None               # lay the shown items out in a grid this wide
 
     @model_validator(mode="after")
     def _funnel_narrows(self) -> "SimulatorParams":

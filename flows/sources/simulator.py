@@ -42,10 +42,51 @@ IMPATIENT_RATIO = 0.45
 SCORE_BLOCK = 1024  # requests per block when gathering item factors (bounds memory)
 
 
-def examination(shown: int) -> dict[str, np.ndarray]:
+def examination(shown: int, eta: float | None = None, impatient_factor: float = 3.0) -> dict[str, np.ndarray]:
+    """P(examined | position) per user type. eta None: the original curves (geometric for impatient
+    users, a slow power law for patient ones); eta set: the position-bias model of Joachims et al. 2017,
+    ∝ (1/position)^η for patient users and ^(η · impatient_factor) for impatient ones."""
     pos = np.arange(1, shown + 1, dtype=np.float64)
-    return {"impatient": TOP_EXAMINE * IMPATIENT_RATIO ** (pos - 1),
-            "patient": TOP_EXAMINE * pos ** -PATIENT_POWER}
+    if eta is None:
+        return {"impatient": TOP_EXAMINE * IMPATIENT_RATIO ** (pos - 1),
+                "patient": TOP_EXAMINE * pos ** -PATIENT_POWER}
+    return {"impatient": TOP_EXAMINE * pos ** -(eta * impatient_factor), "patient": TOP_EXAMINE * pos ** -eta}
+
+
+def ranker_scores(logit: np.ndarray, keep: np.ndarray, noise: np.ndarray, params: SimulatorParams) -> np.ndarray:
+    """The logging ranker's scores. logging_strength s: s · relevance + (1 - s) · noise scaled to the
+    spread of relevance among the candidates (0: a random order, 1: the true order); else the original
+    true logit + N(0, ranker_noise). `noise` is one standard normal draw either way, so switching the
+    parameter leaves every other random draw of the world unchanged."""
+    if params.logging_strength is None:
+        return logit + params.ranker_noise * noise
+    spread = float(np.std(logit[keep])) if keep.any() else 1.0
+    s = params.logging_strength
+    return s * logit + (1.0 - s) * spread * noise
+
+
+def neighbour_factor(p_rel: np.ndarray, shown: np.ndarray, gamma: float, columns: int | None) -> np.ndarray:
+    """(R, S) multiplier of each shown item's examination: 1 - γ · the mean relevance of its neighbours
+    (the items beside it in a list; left/right/above/below in a grid of `columns`). A highly relevant
+    neighbour draws the eye away (the independence assumption of position-bias models breaks)."""
+    rel = np.where(shown, p_rel, np.nan)                                  # (R, S)
+    r, s = rel.shape
+    if columns is None:
+        offsets = [(0, -1), (0, 1)]
+        grid = rel.reshape(r, 1, s)
+    else:
+        rows = -(-s // columns)
+        grid = np.full((r, rows * columns), np.nan)
+        grid[:, :s] = rel
+        grid = grid.reshape(r, rows, columns)
+        offsets = [(0, -1), (0, 1), (-1, 0), (1, 0)]
+    padded = np.pad(grid, ((0, 0), (1, 1), (1, 1)), constant_values=np.nan)
+    h, w = grid.shape[1:]
+    stack = np.stack([padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in offsets])
+    with np.errstate(invalid="ignore"):
+        counts = np.sum(~np.isnan(stack), axis=0)
+        mean = np.where(counts > 0, np.nansum(stack, axis=0) / np.maximum(counts, 1), 0.0)
+    return (1.0 - gamma * mean).reshape(r, -1)[:, :s]
 
 
 def _logit(p: float) -> float:
@@ -202,15 +243,22 @@ def _chunk(world: World, anchors: np.ndarray, first_request: int, params: Simula
     fresh[:, 0] = True
     keep = _first_unique(cand, fresh, params.candidates)
     logit = world.scale * _raw_scores(world, users, cand) + world.bias + world.bonus * seen
-    score = logit + params.ranker_noise * rng.standard_normal(cand.shape)
+    score = ranker_scores(logit, keep, rng.standard_normal(cand.shape), params)
     order = np.argsort(np.where(keep, -score, np.inf), axis=1, kind="stable")  # best first, dropped last
     cand, logit, score, keep = (np.take_along_axis(a, order, axis=1) for a in (cand, logit, score, keep))
     rows, rank = np.nonzero(keep)  # row-major: by request, then by ranker score
     shown = rank < params.shown
     stage = np.where(shown, 2, np.where(rank < params.ranked, 1, 0))
     impatient = world.impatient[users[rows]]
-    p_exam = np.where(shown, curves[impatient.astype(int), np.minimum(rank, params.shown - 1)], 0.0)
+    p_position = np.where(shown, curves[impatient.astype(int), np.minimum(rank, params.shown - 1)], 0.0)
     p_rel = 1.0 / (1.0 + np.exp(-logit[rows, rank]))
+    p_exam = p_position
+    if params.neighbour_effect > 0:
+        width = min(params.shown, cand.shape[1])
+        head = keep[:, :width]
+        factor = neighbour_factor(1.0 / (1.0 + np.exp(-logit[:, :width])), head, params.neighbour_effect,
+                                  params.grid_columns)
+        p_exam = np.where(shown, p_position * factor[rows, np.minimum(rank, width - 1)], 0.0)
     clicked = shown & (rng.random(len(rows)) < p_exam * p_rel)
     req = pc.binary_join_element_wise(
         "sim-", pc.utf8_lpad(pc.cast(pa.array(first_request + np.arange(len(users))), pa.string()), 8, "0"), "")
@@ -224,11 +272,14 @@ def _chunk(world: World, anchors: np.ndarray, first_request: int, params: Simula
         "position": pa.array(rank + 1, mask=~shown, type=pa.int64()),
         "ranker_score": score[rows, rank], "clicked": clicked,
     })
+    if params.grid_columns is not None:    # the page layout, as optional context columns of the logs
+        logs = logs.append_column("grid_row", pa.array(rank // params.grid_columns + 1, mask=~shown, type=pa.int64()))
+        logs = logs.append_column("grid_col", pa.array(rank % params.grid_columns + 1, mask=~shown, type=pa.int64()))
     s = np.nonzero(shown)[0]
     truth = pa.table({
         "request_id": request_id.take(pa.array(s)), "item_id": item_id.take(pa.array(s)),
         "user_type": pa.array(["patient", "impatient"]).take(pa.array(impatient[s].astype(int))),
-        "p_examine": p_exam[s], "p_relevant": p_rel[s],
+        "p_examine": p_exam[s], "p_relevant": p_rel[s], "p_examine_position": p_position[s],
     })
     return logs, truth
 
@@ -240,14 +291,17 @@ def simulate(interactions: pa.Table, catalog: pa.Array, params: SimulatorParams,
     rng = np.random.default_rng(seed)
     truth_dir.mkdir(parents=True, exist_ok=True)
     schema = logs_schema(interactions.schema.field("user_id").type, interactions.schema.field("item_id").type)
+    if params.grid_columns is not None:
+        schema = schema.append(pa.field("grid_row", pa.int64())).append(pa.field("grid_col", pa.int64()))
     truth_schema = pa.schema([("request_id", pa.string()), ("item_id", schema.field("item_id").type),
-                              ("user_type", pa.string()), ("p_examine", pa.float64()), ("p_relevant", pa.float64())])
+                              ("user_type", pa.string()), ("p_examine", pa.float64()), ("p_relevant", pa.float64()),
+                              ("p_examine_position", pa.float64())])
     # Rows with a null id or time are the validate stage's finding; they cannot anchor a request.
     valid = interactions.filter(pc.and_(pc.and_(pc.is_valid(interactions["user_id"]),
                                                 pc.is_valid(interactions["item_id"])),
                                         pc.is_valid(interactions["timestamp"])))
     world = build_world(valid, catalog, params, rng) if valid.num_rows else None
-    curve = examination(params.shown)
+    curve = examination(params.shown, params.position_bias, params.impatient_bias_factor)
     counts = {"requests": 0, "log_rows": 0, "shown": 0, "clicks": 0}
     with pq.ParquetWriter(logs_path, schema) as logs_w, \
             pq.ParquetWriter(truth_dir / "truth.parquet", truth_schema) as truth_w:
@@ -271,6 +325,15 @@ def simulate(interactions: pa.Table, catalog: pa.Array, params: SimulatorParams,
     return {**counts, "seconds": round(time.perf_counter() - started, 2)}
 
 
+def _propensity_formula(params: SimulatorParams) -> dict[str, str]:
+    if params.position_bias is None:
+        return {"impatient": f"{TOP_EXAMINE} * {IMPATIENT_RATIO}^(position-1)",
+                "patient": f"{TOP_EXAMINE} * position^-{PATIENT_POWER}"}
+    eta = params.position_bias
+    return {"impatient": f"{TOP_EXAMINE} * position^-{eta * params.impatient_bias_factor:g}",
+            "patient": f"{TOP_EXAMINE} * position^-{eta:g}"}
+
+
 def _write_truth(world: World | None, params: SimulatorParams, seed: int, curve: dict[str, np.ndarray],
                  truth_dir: Path, n_req: int) -> None:
     if world is None:
@@ -285,8 +348,14 @@ def _write_truth(world: World | None, params: SimulatorParams, seed: int, curve:
         "click_model": "P(click) = P(examined | position, user_type) * P(relevant | user, item)",
         "positions": list(range(1, params.shown + 1)),
         "propensity": {k: [float(x) for x in v] for k, v in curve.items()},
-        "propensity_formula": {"impatient": f"{TOP_EXAMINE} * {IMPATIENT_RATIO}^(position-1)",
-                               "patient": f"{TOP_EXAMINE} * position^-{PATIENT_POWER}"},
+        "propensity_formula": _propensity_formula(params),
+        "neighbour_effect": {"gamma": params.neighbour_effect, "grid_columns": params.grid_columns,
+                             "formula": "p_examine = p_examine_position * (1 - gamma * mean p_relevant of "
+                                        "the neighbours (list: beside; grid: left/right/above/below))"},
+        "logging_ranker": ({"noise_std": params.ranker_noise, "formula": "true logit + N(0, noise_std)"}
+                           if params.logging_strength is None else
+                           {"strength": params.logging_strength,
+                            "formula": "s * true logit + (1 - s) * std(true logit) * N(0, 1)"}),
         "mixture": {"impatient": share, "patient": 1.0 - share, "configured_impatient_share": params.impatient_share},
         "relevance": {
             "formula": "sigmoid(scale * user_f.item_f + bias + bonus * interacted(user, item))",

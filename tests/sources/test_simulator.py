@@ -13,7 +13,7 @@ import pytest
 from flows.sources.contract import normalize_interactions
 from flows.params import SimulatorParams
 from flows.sources.simulator import simulate
-from tests.datagen import make_contract_dataset
+from datagen import make_contract_dataset
 
 PARAMS = SimulatorParams(request_fraction=0.3, candidates=60, ranked=25, shown=10, chunk_requests=97)
 
@@ -118,3 +118,66 @@ def test_empty_interactions_write_empty_logs(source, tmp_path: Path) -> None:
     logs = pq.read_table(out / "ranking_logs.parquet")
     assert logs.num_rows == 0 and logs.schema.field("user_id").type == pa.string()
     assert pq.read_table(out / "simulation/truth.parquet").num_rows == 0
+
+
+# --- effects for measuring rankers (position bias η, logging strength, neighbours, grid) -------------
+
+def _frames(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    logs = pd.read_parquet(out / "ranking_logs.parquet")
+    truth = pd.read_parquet(out / "simulation/truth.parquet")
+    shown = logs[logs["stage"] == "shown"].merge(truth, on=["request_id", "item_id"])
+    return logs, shown
+
+
+def test_position_bias_eta_sets_the_propensity_curves(source, tmp_path: Path) -> None:
+    params = PARAMS.model_copy(update={"position_bias": 2.0, "impatient_bias_factor": 2.0})
+    _, out = _simulate(source, tmp_path, seed=3, params=params)
+    _, shown = _frames(out)
+    pos = shown["position"].astype(float)
+    eta = np.where(shown["user_type"] == "patient", 2.0, 4.0)
+    np.testing.assert_allclose(shown["p_examine_position"], 0.95 * pos ** -eta)
+    np.testing.assert_allclose(shown["p_examine"], shown["p_examine_position"])   # no neighbour effect
+    truth = json.loads((out / "simulation/truth.json").read_text())
+    np.testing.assert_allclose(truth["propensity"]["patient"], 0.95 * np.arange(1, 11) ** -2.0)
+
+
+def _rank_correlation(shown: pd.DataFrame) -> float:
+    """Mean per-request Spearman correlation of -position with true relevance."""
+    corr = shown.groupby("request_id").apply(
+        lambda g: g["p_relevant"].rank().corr((-g["position"]).rank()) if len(g) > 2 else np.nan,
+        include_groups=False)
+    return float(corr.mean())
+
+
+def test_logging_strength_runs_from_random_to_perfect(source, tmp_path: Path) -> None:
+    perfect = _frames(_simulate(source, tmp_path / "s1", 3, PARAMS.model_copy(update={"logging_strength": 1.0}))[1])[1]
+    random_ = _frames(_simulate(source, tmp_path / "s0", 3, PARAMS.model_copy(update={"logging_strength": 0.0}))[1])[1]
+    assert _rank_correlation(perfect) > 0.99
+    assert abs(_rank_correlation(random_)) < 0.1
+
+
+def test_neighbour_effect_lowers_examination_next_to_relevant_items(source, tmp_path: Path) -> None:
+    params = PARAMS.model_copy(update={"neighbour_effect": 0.5})
+    _, out = _simulate(source, tmp_path, seed=3, params=params)
+    _, shown = _frames(out)
+    one = shown[shown["request_id"] == shown["request_id"].iloc[0]].sort_values("position")
+    rel = one["p_relevant"].to_numpy()
+    for i in range(len(one)):
+        nb = [rel[j] for j in (i - 1, i + 1) if 0 <= j < len(rel)]
+        expected = one["p_examine_position"].iloc[i] * (1 - 0.5 * np.mean(nb))
+        assert one["p_examine"].iloc[i] == pytest.approx(expected)
+    assert (shown["p_examine"] < shown["p_examine_position"]).all()
+
+
+def test_grid_layout_writes_rows_and_columns_and_uses_grid_neighbours(source, tmp_path: Path) -> None:
+    params = PARAMS.model_copy(update={"grid_columns": 5, "neighbour_effect": 0.5})
+    _, out = _simulate(source, tmp_path, seed=3, params=params)
+    logs, shown = _frames(out)
+    assert logs.loc[logs["stage"] != "shown", ["grid_row", "grid_col"]].isna().all().all()
+    np.testing.assert_array_equal(shown["grid_row"], (shown["position"] - 1) // 5 + 1)
+    np.testing.assert_array_equal(shown["grid_col"], (shown["position"] - 1) % 5 + 1)
+    one = shown[shown["request_id"] == shown["request_id"].iloc[0]].set_index(["grid_row", "grid_col"])
+    rel = one["p_relevant"]
+    r, c = 1, 2                                   # top row: left, right and below are its neighbours
+    nb = [rel[k] for k in ((1, 1), (1, 3), (2, 2)) if k in rel.index]
+    assert one.loc[(r, c), "p_examine"] == pytest.approx(one.loc[(r, c), "p_examine_position"] * (1 - 0.5 * np.mean(nb)))
