@@ -341,7 +341,26 @@ def normalize_logs(path: Path, table: pa.Table) -> pa.Table:
         "ranker_score": _cast(path, "ranker_score", table["ranker_score"], pa.float64(), "float64"),
         "clicked": _cast(path, "clicked", table["clicked"], pa.bool_(), "bool"),
     }
+    for col in table.column_names:     # per-impression context (device, page, grid_row ...): kept
+        if col not in cols:
+            cols[col] = _context(path, col, table[col])
     return pa.table(cols)
+
+
+def _context(path: Path, col: str, arr: pa.ChunkedArray) -> pa.ChunkedArray:
+    """An optional context column of the ranking logs: integers stay int64, other numbers become
+    float64, text / categories / flags become strings (a categorical context for the bias tower)."""
+    typ = arr.type
+    if pa.types.is_dictionary(typ):
+        arr, typ = pc.cast(arr, typ.value_type), typ.value_type
+    if pa.types.is_integer(typ):
+        return _cast(path, col, arr, pa.int64(), "int64")
+    if pa.types.is_floating(typ) or pa.types.is_decimal(typ):
+        return _cast(path, col, arr, pa.float64(), "float64")
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_boolean(typ) or pa.types.is_null(typ):
+        return _cast(path, col, arr, pa.string(), "text")
+    raise DataContractError(f"{path}: context column '{col}' holds {typ}; ranking_logs context columns must be "
+                            f"numbers or text (one value per impression)")
 
 
 def unify_ids(tables: Tables) -> Tables:

@@ -117,8 +117,11 @@ def _write(tables: Tables, kinds: dict[str, dict[str, list[str]]], logs_origin: 
         summary = simulate(tables.interactions, tables.items["item_id"], sim, seed,
                            out / "ranking_logs.parquet", sim_dir)
     else:
-        logs = tables.ranking_logs.cast(schema) if tables.ranking_logs is not None and logs_origin == "source" \
-            else schema.empty_table()
+        logs = schema.empty_table()
+        if tables.ranking_logs is not None and logs_origin == "source":
+            context = [f for f in tables.ranking_logs.schema if f.name not in schema.names]
+            logs = tables.ranking_logs.select([*schema.names, *(f.name for f in context)]).cast(
+                pa.schema([*schema, *context], metadata=schema.metadata))
         pq.write_table(logs, out / "ranking_logs.parquet")
         summary = {"log_rows": logs.num_rows}
         note = ("The ranking logs came from the source; there is no simulated ground truth.\n"
@@ -129,6 +132,8 @@ def _write(tables: Tables, kinds: dict[str, dict[str, list[str]]], logs_origin: 
         "user_features": kinds["user_features"], "item_features": kinds["item_features"],
         "has_rating": "rating" in tables.interactions.column_names,
         "ranking_logs": logs_origin, "source": data.source,
+        # optional per-impression context columns of the logs (device, page, grid_row ...)
+        "log_context": [n for n in pq.read_schema(out / "ranking_logs.parquet").names if n not in schema.names],
     }
     (out / "schema.json").write_text(json.dumps(meta, indent=2) + "\n")
     return summary

@@ -227,3 +227,35 @@ def test_semantic_problems_pass_through_for_validate(tmp_path: Path) -> None:
     written = pq.read_table(out / "interactions.parquet")
     assert written.schema.field("user_id").type == pa.int64() and written["user_id"].null_count == 1
     assert written["timestamp"].null_count == 1
+
+
+def test_context_columns_of_the_logs_are_kept_with_their_types(str_source: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("users", "items", "interactions"):
+        (src / f"{name}.parquet").write_bytes((str_source / f"{name}.parquet").read_bytes())
+    logs = pd.read_parquet(str_source / "ranking_logs.parquet")
+    logs["device"] = pd.Categorical(["phone", "tv"] * (len(logs) // 2) + ["phone"] * (len(logs) % 2))
+    logs["page"] = 1
+    logs["dwell"] = 0.5
+    logs.to_parquet(src / "ranking_logs.parquet")
+    out = tmp_path / "ingested"
+    _run(src, out)
+    table = pq.read_table(out / "ranking_logs.parquet")
+    assert table.schema.field("device").type == pa.string()
+    assert table.schema.field("page").type == pa.int64() and table.schema.field("dwell").type == pa.float64()
+    assert table.column_names[:8] == ["request_id", "user_id", "item_id", "timestamp", "stage", "position",
+                                      "ranker_score", "clicked"]
+    assert json.loads((out / "schema.json").read_text())["log_context"] == ["device", "page", "dwell"]
+
+
+def test_a_nested_context_column_is_a_contract_error(str_source: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("users", "items", "interactions"):
+        (src / f"{name}.parquet").write_bytes((str_source / f"{name}.parquet").read_bytes())
+    logs = pq.read_table(str_source / "ranking_logs.parquet")
+    logs = logs.append_column("slots", pa.array([[1, 2]] * logs.num_rows))
+    pq.write_table(logs, src / "ranking_logs.parquet")
+    with pytest.raises(DataContractError, match="context column 'slots' holds list"):
+        _run(src, tmp_path / "ingested")
