@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from flows.errors import ValidationFailed
+from validation.errors import ValidationFailed
 from validation.runner import Failure
 
 log = logging.getLogger("towerflow.validate")
