@@ -94,6 +94,16 @@ def item_popularity_columns(windows: "tuple[int, ...] | list[int]") -> list[str]
     return [f"item_popularity_{w}d" for w in windows]
 
 
+# Names materialize adds to examples.parquet or Feast uses itself ("__row": the training join's
+# row index): a feature column of the contract may not take them, nor a count or popularity name.
+RESERVED = {USER_KEY, ITEM_KEY, "timestamp", "weight", "split", RECENT_ITEMS, SEEN_ITEMS,
+            HISTORY_ROW, TIMESTAMP_FIELD, "__row", INTERACTIONS_TOTAL}
+
+
+def is_reserved(column: str) -> bool:
+    return column in RESERVED or is_count_column(column) or column.startswith("item_popularity_")
+
+
 def is_count_column(name: str) -> bool:
     """A behaviour count of user_history_fv (the encoder log-scales these)."""
     return name == INTERACTIONS_TOTAL or (name.startswith("interactions_") and name.endswith("d")

@@ -1,16 +1,55 @@
-"""The run summary of a validation (validation.json) and what a failure or a warning prints."""
+"""One validation run, shared by both gates: the contract gate (the ingested tables,
+validation/contract.py) and the training-set gate (validation/training_set.py).
+
+A run checks the data (validation/runner.py), writes its summary (the run summary JSON: per table
+rows and expectations evaluated/failed/warned, the failures and the warnings), saves the row counts
+for the next run's volume check when it passed, and then stops the pipeline on errors or logs the
+warnings.
+"""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from validation.errors import ValidationFailed
-from validation.runner import Failure
+from validation.params import ValidateParams
+from validation.runner import Check, Failure, run_checks
+from validation.suites import suite_parameters
+from validation.volume import load_previous, save_counts, volume_parameters
 
 log = logging.getLogger("towerflow.validate")
+
+
+def run_gate(validate_cfg: ValidateParams, checks: list[Check], counts: dict[str, int],
+             context_root: Path, site: str, docs_dir: Path, summary_path: Path,
+             parameters: dict[str, Any] | None = None, started: float | None = None,
+             what: str = "validation") -> dict[str, Any]:
+    """Run `checks`; write docs_dir/ (Data Docs, always) and summary_path; return the summary.
+
+    counts: the row count of each table whose volume is checked against the previous run that passed
+    (kept in context_root/volume.json, updated only when this run passes). parameters: run-time
+    values of the suites besides the clock, the timestamp floor and the volume bounds. Raises
+    ValidationFailed ("<what> failed: ...") when an error-severity expectation failed.
+    """
+    started = time.perf_counter() if started is None else started
+    values = {**suite_parameters(datetime.now(timezone.utc), validate_cfg), **(parameters or {}),
+              **volume_parameters(load_previous(context_root), list(counts), validate_cfg)}
+    stats, failures, index = run_checks(checks, values, validate_cfg.severity.model_dump(),
+                                        context_root, site, docs_dir)
+    for table, rows in counts.items():
+        stats.setdefault(table, {})["rows"] = rows
+    summary = summarize(stats, failures, index, started)
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
+    summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if summary["success"]:
+        save_counts(context_root, counts)
+    raise_or_warn(failures, index, what=what)
+    return summary
 
 
 def summarize(stats: dict[str, dict], failures: list[Failure], index: Path, started: float) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from validation.params import ValidateParams
+from validation.runner import Check
 from validation.suites import Expect
 
 STATE = "volume.json"
@@ -54,6 +55,11 @@ def volume_suite(tables: list[str]) -> list:
 
 def volume_frame(counts: dict[str, int]) -> pd.DataFrame:
     return pd.DataFrame({t: [n] for t, n in counts.items()})
+
+
+def volume_check(counts: dict[str, int]) -> Check:
+    """The volume suite of these tables, run on their one-row frame of counts."""
+    return Check(SUITE, SUITE, volume_suite(list(counts)), lambda: [volume_frame(counts)])
 
 
 def volume_parameters(previous: dict[str, int], tables: list[str], cfg: ValidateParams) -> dict[str, Any]:
