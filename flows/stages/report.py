@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from evidently import DataDefinition, Dataset, Report
+from evidently.presets import DataDriftPreset
 
 from flows.errors import DataContractError, MissingStageInput
 from flows.params import ReportParams
@@ -128,9 +130,6 @@ def report(report_cfg: ReportParams, ingested: Path, training_dir: Path, out_dir
     num, cat = _informative(ref, cur, num), _informative(ref, cur, cat)
     if not num + cat:
         raise DataContractError(f"{examples_path}: no column varies, nothing to compare for drift")
-
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.presets import DataDriftPreset
 
     definition = DataDefinition(numerical_columns=num, categorical_columns=cat)
     report_ = Report([DataDriftPreset(drift_share=report_cfg.drift_share_threshold)], include_tests=True)
