@@ -129,7 +129,8 @@ def _fresh_store(features_cfg: FeaturesParams, schema: dict, features_dir: Path,
 
 
 def fill_online(features_cfg: FeaturesParams, schema: dict, interactions: pd.DataFrame,
-                sources: OfflineSources, features_dir: Path, feast_dir: Path) -> tuple["FeatureStore", Refresh]:
+                sources: OfflineSources, features_dir: Path,
+                feast_dir: Path) -> tuple["FeatureStore", Refresh]:
     """Bring the registry + online store up to the sources' "now" rows: incrementally when the rows
     already online are still right, else rebuilt over the full range (see module doc)."""
     end = sources.now + pd.Timedelta(seconds=1)  # the end is exclusive; the "now" rows must go online

@@ -48,7 +48,8 @@ def table_checks(validate_cfg: ValidateParams, schema: dict[str, Any],
     profile check on a sample (means)."""
     chunk_rows, sample_rows = validate_cfg.chunk_rows, validate_cfg.sample_rows
     suites, profiles = build_suites(schema, validate_cfg), build_profiles(schema, validate_cfg)
-    parents = {"users": parent_ids(sources["users"], "user_id"), "items": parent_ids(sources["items"], "item_id")}
+    parents = {"users": parent_ids(sources["users"], "user_id"),
+               "items": parent_ids(sources["items"], "item_id")}
     checks = []
     for table, expectations in suites.items():
         source = sources[table]

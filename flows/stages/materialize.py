@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features.definitions import ITEM_KEY, RESERVED, USER_KEY, feature_columns, is_reserved
+from features.definitions import RESERVED, USER_KEY, feature_columns, is_reserved
 from features.history import write_sources
 from features.params import FeaturesParams
 from features.refresh import fill_online

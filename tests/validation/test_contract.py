@@ -16,5 +16,6 @@ def test_schema_ids_must_be_int64_or_string(tmp_path: Path):
     path.write_text(json.dumps({"user_id_dtype": "int64", "item_id_dtype": "string"}))
     assert read_schema(path)["item_id_dtype"] == "string"
     path.write_text(json.dumps({"user_id_dtype": "float64", "item_id_dtype": "string"}))
-    with pytest.raises(ValidationFailed, match=r"schema.json: 'user_id_dtype' must be 'int64' or 'string', got 'float64'"):
+    with pytest.raises(ValidationFailed,
+                       match=r"schema.json: 'user_id_dtype' must be 'int64' or 'string', got 'float64'"):
         read_schema(path)
