@@ -19,7 +19,7 @@ The views, all without TTL (a TTL would drop examples whose newest feature row i
   `user_history_fv`, holding each row's position in that view's source. The training join asks Feast
   for this scalar and takes the lists by position: the file (Dask) store pickles object columns to
   hash them on every persist, which made the list join take ~90 s on 100k interactions; the scalar
-  join picks the very same rows in seconds (tests/test_materialize.py checks they agree).
+  join picks the very same rows in seconds (tests/features/test_feature_repo.py checks they agree).
 - `user_seen_fv`: `seen_items`, every item the user interacted with, dated "now" (serving only).
 Views without feature columns (a contract with no user or item features) are left out.
 """
@@ -92,6 +92,16 @@ def user_count_columns(windows: "tuple[int, ...] | list[int]") -> list[str]:
 
 def item_popularity_columns(windows: "tuple[int, ...] | list[int]") -> list[str]:
     return [f"item_popularity_{w}d" for w in windows]
+
+
+# Names materialize adds to examples.parquet or Feast uses itself ("__row": the training join's
+# row index): a feature column of the contract may not take them, nor a count or popularity name.
+RESERVED = {USER_KEY, ITEM_KEY, "timestamp", "weight", "split", RECENT_ITEMS, SEEN_ITEMS,
+            HISTORY_ROW, TIMESTAMP_FIELD, "__row", INTERACTIONS_TOTAL}
+
+
+def is_reserved(column: str) -> bool:
+    return column in RESERVED or is_count_column(column) or column.startswith("item_popularity_")
 
 
 def is_count_column(name: str) -> bool:

@@ -4,26 +4,39 @@ Point-in-time rule of the behaviour view: the row dated t for a user holds the i
 the user's interactions strictly before t. Feast's file store takes, for an example at time T, the
 newest row dated <= T, i.e. the row dated T itself, so an example never sees its own item or anything
 later. Item popularity rows are dated at UTC midnights and count whole days before that midnight.
+`write_sources` writes every view's source into features_dir (features/definitions.py names them).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from features.definitions import (
     HISTORY_ROW,
     INTERACTIONS_TOTAL,
     ITEM_KEY,
+    ITEM_POPULARITY_FV,
+    ITEM_STATIC_FV,
     RECENT_ITEMS,
     SEEN_ITEMS,
+    SOURCE_FILES,
     TIMESTAMP_FIELD,
+    USER_HISTORY_FV,
+    USER_HISTORY_INDEX_FV,
     USER_KEY,
+    USER_SEEN_FV,
+    USER_STATIC_FV,
+    feature_columns,
     item_popularity_columns,
     user_count_columns,
 )
+from features.params import FeaturesParams
 
 # How far after a user's last interaction the "now" history row is dated: strictly after every
 # interaction of that user, so no training example can pick it up.
@@ -191,3 +204,33 @@ def seen_rows(interactions: pd.DataFrame) -> pa.Table:
         SEEN_ITEMS: _windows(items, ends, starts, max(len(df), 1)),
         TIMESTAMP_FIELD: _ts_array(micros(df["last"].iloc[starts]) + _NOW_US),
     })
+
+
+@dataclass(frozen=True)
+class OfflineSources:
+    """What the online fill and the training join need to know about the sources just written."""
+
+    static_at: pd.Timestamp   # the static rows' date (STATIC_LEAD before the first interaction)
+    now: pd.Timestamp         # the latest "now" row's date (NOW_OFFSET after the last interaction)
+    history: pa.Table         # user_history_fv's rows in file order (the join takes lists by position)
+
+
+def write_sources(features_cfg: FeaturesParams, schema: dict, users: pd.DataFrame, items: pd.DataFrame,
+                  interactions: pd.DataFrame, features_dir: Path) -> OfflineSources:
+    """Write the offline source of every view into features_dir (SOURCE_FILES)."""
+    features_dir.mkdir(parents=True, exist_ok=True)
+    static_at = interactions["timestamp"].min() - STATIC_LEAD
+    windows = features_cfg.count_windows_days
+    history = history_rows(interactions, features_cfg.history_length, windows)
+    tables = {
+        USER_STATIC_FV: static_rows(users, USER_KEY, feature_columns(schema, "user"), static_at),
+        ITEM_STATIC_FV: static_rows(items, ITEM_KEY, feature_columns(schema, "item"), static_at),
+        USER_HISTORY_FV: history,
+        USER_HISTORY_INDEX_FV: history_index_rows(history),
+        USER_SEEN_FV: seen_rows(interactions),
+        ITEM_POPULARITY_FV: item_popularity_rows(interactions, windows, items[ITEM_KEY].to_numpy(),
+                                                 static_at),
+    }
+    for name, table in tables.items():
+        pq.write_table(table, features_dir / SOURCE_FILES[name])
+    return OfflineSources(static_at, interactions["timestamp"].max() + NOW_OFFSET, history)

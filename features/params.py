@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, PositiveInt, field_validator
+from pydantic import PositiveInt, field_validator
+
+from models.params import Section
 
 
-class FeaturesParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class FeaturesParams(Section):
     history_length: PositiveInt = 50
     # Behaviour counts over these windows (days): interactions_<w>d per user (user tower inputs)
     # and item_popularity_<w>d per item, both point-in-time correct Feast features.

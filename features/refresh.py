@@ -11,6 +11,7 @@ previous end is unchanged:
 Then the new rows (new history rows, the moved "now" and seen rows of users with new interactions)
 are all dated at or after the previous end. Anything else rebuilds the store from scratch.
 `<feast_dir>/materialized.json` holds the digests of the last successful materialization.
+`fill_online` applies this: it plans, materializes and records.
 """
 from __future__ import annotations
 
@@ -18,13 +19,19 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features.definitions import ITEM_KEY, ITEM_STATIC_FV, SOURCE_FILES, USER_KEY, USER_STATIC_FV
+from features.definitions import ITEM_KEY, ITEM_STATIC_FV, SOURCE_FILES, USER_KEY, USER_STATIC_FV, build_repo
+from features.history import OfflineSources
+from features.params import FeaturesParams
+from features.store import DEFAULT_REDIS, open_store, redis_connection_string, reset_online
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
 
 STATE_FILE = "materialized.json"
 STATE_VERSION = 1
@@ -75,9 +82,6 @@ def _without_meta(message):  # noqa: ANN001, ANN202 (a protobuf message)
 
 def definition_digest(schema: dict, features_dir: Path, history_length: int, online: str) -> str:
     """Digest of everything that decides how a row is stored online (see module doc)."""
-    from features.definitions import build_repo
-    from features.store import DEFAULT_REDIS, redis_connection_string
-
     specs = [_without_meta(o.to_proto().spec).SerializeToString(deterministic=True)
              for o in build_repo(schema, features_dir).objects()]
     endpoint = redis_connection_string(os.environ.get("REDIS_URL") or DEFAULT_REDIS) \
@@ -112,3 +116,37 @@ def record(feast_dir: Path, definition: str, static: str, inter: pd.DataFrame,
     state = {"version": STATE_VERSION, "end": end.isoformat(), "definition": definition,
              "static": static, "interactions": interactions_digest(inter, end)}
     (Path(feast_dir) / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def _fresh_store(features_cfg: FeaturesParams, schema: dict, features_dir: Path,
+                 feast_dir: Path) -> "FeatureStore":
+    """A new registry + online store: a stale view or row from an earlier run must not survive."""
+    (feast_dir / "registry.db").unlink(missing_ok=True)
+    reset_online(feast_dir, features_dir, features_cfg.online_store)
+    store = open_store(feast_dir, features_dir, features_cfg.online_store)
+    store.apply(build_repo(schema, features_dir).objects())
+    return store
+
+
+def fill_online(features_cfg: FeaturesParams, schema: dict, interactions: pd.DataFrame,
+                sources: OfflineSources, features_dir: Path,
+                feast_dir: Path) -> tuple["FeatureStore", Refresh]:
+    """Bring the registry + online store up to the sources' "now" rows: incrementally when the rows
+    already online are still right, else rebuilt over the full range (see module doc)."""
+    end = sources.now + pd.Timedelta(seconds=1)  # the end is exclusive; the "now" rows must go online
+    definition = definition_digest(schema, features_dir, features_cfg.history_length,
+                                   features_cfg.online_store)
+    static = static_digest(features_dir)
+    how, _ = plan(feast_dir, features_cfg.online_store, definition, static, interactions, end)
+    # Forget the old state first: a run that dies mid-write must rebuild next time.
+    (feast_dir / STATE_FILE).unlink(missing_ok=True)
+    if how == "full":
+        store = _fresh_store(features_cfg, schema, features_dir, feast_dir)
+        store.materialize(start_date=sources.static_at.to_pydatetime(), end_date=end.to_pydatetime())
+    else:
+        store = open_store(feast_dir, features_dir, features_cfg.online_store)
+        if how == "incremental":
+            # From each view's last materialized end (in the registry) to the new end.
+            store.materialize_incremental(end_date=end.to_pydatetime())
+    record(feast_dir, definition, static, interactions, end)
+    return store, how

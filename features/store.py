@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote, urlsplit
 
 from features.definitions import ITEM_KEY, PROJECT, USER_KEY
-from flows.errors import ConfigError
+from features.errors import FeatureStoreConfigError
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -39,8 +39,8 @@ def redis_connection_string(url: str) -> str:
         return url
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise ConfigError(f"REDIS_URL={url!r}: expected redis://[:password@]host[:port][/db] "
-                          "or host:port")
+        raise FeatureStoreConfigError(
+            f"REDIS_URL={url!r}: expected redis://[:password@]host[:port][/db] or host:port")
     out = [f"{parts.hostname}:{parts.port or 6379}"]
     db = parts.path.lstrip("/")
     if db:
@@ -61,7 +61,7 @@ def recorded_kind(feast_dir: Path) -> OnlineKind:
         return "sqlite"
     kind = json.loads(path.read_text()).get("type")
     if kind not in ("sqlite", "redis"):
-        raise ConfigError(f"{path}: unknown online store type {kind!r}")
+        raise FeatureStoreConfigError(f"{path}: unknown online store type {kind!r}")
     return kind
 
 
@@ -117,6 +117,7 @@ def reset_online(feast_dir: Path, features_dir: Path, online: OnlineKind) -> Non
         except RedisConnectionError as exc:
             # The URL may hold a password: name the host only.
             host = store.config.online_store.connection_string.split(",")[0]
-            raise ConfigError(f"features.online_store is redis but no Redis answers at {host} "
-                              f"({exc}); start redis-server or set REDIS_URL") from None
+            raise FeatureStoreConfigError(
+                f"features.online_store is redis but no Redis answers at {host} ({exc}); "
+                "start redis-server or set REDIS_URL") from None
     (feast_dir / KIND_FILE).write_text(json.dumps({"type": online}) + "\n")

@@ -7,16 +7,14 @@ from __future__ import annotations
 from datetime import date, datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
+
+from models.params import Section
 
 Severity = Literal["error", "warn"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SeverityParams(_Section):
+class SeverityParams(Section):
     """What a failed check does: 'error' stops the pipeline, 'warn' is reported and the run goes on.
 
     Every expectation belongs to one check: columns (required columns and their types), keys (ids
@@ -38,7 +36,7 @@ def _pair(value: tuple[float, float] | None, name: str) -> None:
         raise ValueError(f"{name}: lower bound {value[0]} is above upper bound {value[1]}")
 
 
-class ValidateParams(_Section):
+class ValidateParams(Section):
     # Events before this are taken as broken clocks or unit mix-ups (milliseconds read as seconds
     # land in 1970); naive values are UTC, like every timestamp of the contract.
     timestamp_floor: datetime = datetime(1990, 1, 1, tzinfo=timezone.utc)

@@ -248,8 +248,8 @@ def _failures(check: Check, sums: list[_Sum], parameters: dict[str, Any],
     for s in sums:
         if s.decided():
             continue
-        cfg = s.config
-        meta = cfg.meta or {}
+        config = s.config
+        meta = config.meta or {}
         column, kind = meta.get("column"), meta.get("check", "values")
         problem = meta.get("problem", "")
         if meta.get("template"):
@@ -258,7 +258,7 @@ def _failures(check: Check, sums: list[_Sum], parameters: dict[str, Any],
         if meta.get("scalar"):  # a one-row frame of counts: the value is the observation
             failed, rows, examples, observed = None, None, [], (examples or [observed])[0]
         out.append(Failure(
-            table=meta.get("table", check.table), column=column, expectation=cfg.type,
+            table=meta.get("table", check.table), column=column, expectation=config.type,
             problem=problem, check=kind, severity=severity.get(kind, "error"), failed_rows=failed,
             rows=rows, examples=examples, observed=observed, error=s.error))
     return out

@@ -121,13 +121,14 @@ class Expect:
                  "timestamp before validate.timestamp_floor", min_value={"$PARAMETER": "floor"}),
         ]
 
-    def null_share(self, columns: list[str], cfg: ValidateParams) -> list:
+    def null_share(self, columns: list[str], validate_cfg: ValidateParams) -> list:
         return [self("ExpectColumnValuesToNotBeNull", c, "distribution",
-                     f"more than {cfg.max_null_share:.0%} nulls", mostly=1 - cfg.max_null_share)
+                     f"more than {validate_cfg.max_null_share:.0%} nulls",
+                     mostly=1 - validate_cfg.max_null_share)
                 for c in columns]
 
-    def cardinality(self, columns: list[str], cfg: ValidateParams) -> list:
-        lo, hi = cfg.categorical_cardinality
+    def cardinality(self, columns: list[str], validate_cfg: ValidateParams) -> list:
+        lo, hi = validate_cfg.categorical_cardinality
         return [self("ExpectColumnUniqueValueCountToBeBetween", c, "distribution",
                      f"distinct values outside [{lo}, {hi}]", min_value=lo, max_value=hi)
                 for c in columns]
@@ -138,12 +139,12 @@ def features(schema: dict[str, Any], side: str) -> dict[str, list[str]]:
     return {k: list(kinds.get(k, [])) for k in ("categorical", "numeric", "multi")}
 
 
-def suite_parameters(now: datetime, cfg: ValidateParams) -> dict[str, Any]:
+def suite_parameters(now: datetime, validate_cfg: ValidateParams) -> dict[str, Any]:
     """Run-time values of the suites' parameters: `now` must be tz-aware (timestamps are UTC)."""
-    return {"now": now, "floor": cfg.timestamp_floor}
+    return {"now": now, "floor": validate_cfg.timestamp_floor}
 
 
-def build_suites(schema: dict[str, Any], cfg: ValidateParams) -> dict[str, list]:
+def build_suites(schema: dict[str, Any], validate_cfg: ValidateParams) -> dict[str, list]:
     """Table name -> the row-level GX expectations its data must meet (exact batch by batch)."""
     e = Expect()
 
@@ -153,14 +154,14 @@ def build_suites(schema: dict[str, Any], cfg: ValidateParams) -> dict[str, list]
         return [*e.exists([key, *cols]), *e.not_null([key]), e.id_type(key, kind),
                 e.unique(UNIQUE[table], key, "duplicate ids"),
                 *[e.numeric(c) for c in feats["numeric"]],
-                *e.null_share(cols, cfg)]
+                *e.null_share(cols, validate_cfg)]
 
     uid, iid = schema["user_id_dtype"], schema["item_id_dtype"]
     rating = ["rating"] if schema.get("has_rating") else []
-    rating_range = [] if not rating or cfg.rating_range is None else [
+    rating_range = [] if not rating or validate_cfg.rating_range is None else [
         e("ExpectColumnValuesToBeBetween", "rating", "values",
-          f"rating outside validate.rating_range {list(cfg.rating_range)}",
-          min_value=cfg.rating_range[0], max_value=cfg.rating_range[1])]
+          f"rating outside validate.rating_range {list(validate_cfg.rating_range)}",
+          min_value=validate_cfg.rating_range[0], max_value=validate_cfg.rating_range[1])]
     interactions = [
         *e.exists(["user_id", "item_id", "timestamp", "weight", *rating]),
         e("ExpectTableRowCountToBeBetween", None, "values", "no interactions", min_value=1),
@@ -203,12 +204,13 @@ def build_suites(schema: dict[str, Any], cfg: ValidateParams) -> dict[str, list]
     }
 
 
-def build_profiles(schema: dict[str, Any], cfg: ValidateParams) -> dict[str, list]:
+def build_profiles(schema: dict[str, Any], validate_cfg: ValidateParams) -> dict[str, list]:
     """Table name -> distribution expectations that need the whole column (run on a sample)."""
     e = Expect()
-    out = {side + "s": e.cardinality(features(schema, side)["categorical"], cfg) for side in ("user", "item")}
-    if schema.get("has_rating") and cfg.rating_mean is not None:
-        lo, hi = cfg.rating_mean
+    out = {side + "s": e.cardinality(features(schema, side)["categorical"], validate_cfg)
+           for side in ("user", "item")}
+    if schema.get("has_rating") and validate_cfg.rating_mean is not None:
+        lo, hi = validate_cfg.rating_mean
         out["interactions"] = [e("ExpectColumnMeanToBeBetween", "rating", "distribution",
                                  f"mean rating outside validate.rating_mean [{lo}, {hi}]",
                                  min_value=lo, max_value=hi)]

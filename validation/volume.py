@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from validation.params import ValidateParams
+from validation.runner import Check
 from validation.suites import Expect
 
 STATE = "volume.json"
@@ -56,11 +57,17 @@ def volume_frame(counts: dict[str, int]) -> pd.DataFrame:
     return pd.DataFrame({t: [n] for t, n in counts.items()})
 
 
-def volume_parameters(previous: dict[str, int], tables: list[str], cfg: ValidateParams) -> dict[str, Any]:
-    out: dict[str, Any] = {"factor": cfg.volume_factor}
+def volume_check(counts: dict[str, int]) -> Check:
+    """The volume suite of these tables, run on their one-row frame of counts."""
+    return Check(SUITE, SUITE, volume_suite(list(counts)), lambda: [volume_frame(counts)])
+
+
+def volume_parameters(previous: dict[str, int], tables: list[str],
+                      validate_cfg: ValidateParams) -> dict[str, Any]:
+    out: dict[str, Any] = {"factor": validate_cfg.volume_factor}
     for t in tables:
         prev = previous.get(t, 0)
         out[f"{t}_previous"] = prev if prev else "none"
-        out[f"{t}_min_rows"] = prev / cfg.volume_factor if prev else 0
-        out[f"{t}_max_rows"] = prev * cfg.volume_factor if prev else None
+        out[f"{t}_min_rows"] = prev / validate_cfg.volume_factor if prev else 0
+        out[f"{t}_max_rows"] = prev * validate_cfg.volume_factor if prev else None
     return out

@@ -28,10 +28,10 @@ def _validate(p: Params, paths: PathsParams) -> dict[str, Any]:
 
 def _materialize(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.materialize import materialize
-    from validation.training import TrainingChecks
-    checks = TrainingChecks(p.validate, context_root=paths.cache / "gx",
-                            docs_dir=paths.reports / "training_validation")
-    return materialize(paths.ingested, p.split, p.features, features_dir=paths.features,
+    from validation.training_set import TrainingSetChecks
+    checks = TrainingSetChecks(p.validate, context_root=paths.cache / "gx",
+                               docs_dir=paths.reports / "training_validation")
+    return materialize(p.split, p.features, paths.ingested, features_dir=paths.features,
                        feast_dir=paths.feast, training_dir=paths.training, checks=checks)
 
 
@@ -61,7 +61,7 @@ def _publish(p: Params, paths: PathsParams) -> dict[str, Any]:
 
 def _report(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.report import report
-    return report(paths.ingested, paths.training, p.report, out_dir=paths.reports / "drift")
+    return report(p.report, paths.ingested, paths.training, out_dir=paths.reports / "drift")
 
 
 _RUNNERS: dict[str, Callable[[Params, PathsParams], dict[str, Any]]] = {

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from evidently import DataDefinition, Dataset, Report
+from evidently.presets import DataDriftPreset
 
 from flows.errors import DataContractError, MissingStageInput
 from flows.params import ReportParams
@@ -99,11 +101,11 @@ def _informative(ref: pd.DataFrame, cur: pd.DataFrame, columns: list[str]) -> li
     return [c for c in columns if both[c].nunique(dropna=True) > 1]
 
 
-def report(ingested: Path, training_dir: Path, cfg: ReportParams, out_dir: Path) -> dict:
+def report(report_cfg: ReportParams, ingested: Path, training_dir: Path, out_dir: Path) -> dict:
     """Evidently DataDriftPreset of training-period vs holdout interactions.
 
     Writes out_dir/drift.html, out_dir/drift.json (the Evidently snapshot) and out_dir/summary.json
-    (drift share, drifted columns, dataset_drift = share >= cfg.drift_share_threshold).
+    (drift share, drifted columns, dataset_drift = share >= report_cfg.drift_share_threshold).
     """
     examples_path = training_dir / "examples.parquet"
     examples = _read_parquet(examples_path, "materialize")
@@ -129,11 +131,8 @@ def report(ingested: Path, training_dir: Path, cfg: ReportParams, out_dir: Path)
     if not num + cat:
         raise DataContractError(f"{examples_path}: no column varies, nothing to compare for drift")
 
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.presets import DataDriftPreset
-
     definition = DataDefinition(numerical_columns=num, categorical_columns=cat)
-    report_ = Report([DataDriftPreset(drift_share=cfg.drift_share_threshold)], include_tests=True)
+    report_ = Report([DataDriftPreset(drift_share=report_cfg.drift_share_threshold)], include_tests=True)
     with warnings.catch_warnings():
         # Evidently correlates columns for its plots; a column that is constant within one period
         # (legitimately: that is drift) makes numpy warn about 0/0 there.
@@ -144,7 +143,7 @@ def report(ingested: Path, training_dir: Path, cfg: ReportParams, out_dir: Path)
     snapshot.save_html(str(out_dir / "drift.html"))
     snapshot.save_json(str(out_dir / "drift.json"))
 
-    summary = summarize(snapshot.dict(), cfg.drift_share_threshold)
+    summary = summarize(snapshot.dict(), report_cfg.drift_share_threshold)
     summary.update(reference_rows=len(ref), current_rows=len(cur))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

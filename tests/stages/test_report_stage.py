@@ -54,7 +54,7 @@ def training_files(tmp_path: Path, string_ids: bool = False, shift_test: bool = 
 def test_report_writes_html_json_and_a_summary(tmp_path: Path) -> None:
     ingested, training = training_files(tmp_path, string_ids=True)
     out = tmp_path / "drift"
-    summary = report(ingested, training, ReportParams(drift_share_threshold=0.5), out)
+    summary = report(ReportParams(drift_share_threshold=0.5), ingested, training, out)
     assert (out / "drift.html").stat().st_size > 10_000
     assert json.loads((out / "drift.json").read_text())["metrics"]
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -71,7 +71,7 @@ def test_report_writes_html_json_and_a_summary(tmp_path: Path) -> None:
 
 def test_shifted_holdout_is_flagged(tmp_path: Path) -> None:
     ingested, training = training_files(tmp_path, shift_test=True)
-    summary = report(ingested, training, ReportParams(drift_share_threshold=0.1), tmp_path / "drift")
+    summary = report(ReportParams(drift_share_threshold=0.1), ingested, training, tmp_path / "drift")
     assert {"rating", "hour_of_day"} <= set(summary["drifted_columns"])
     assert "user_gender" not in summary["drifted_columns"]
     assert summary["dataset_drift"] is True
@@ -80,8 +80,8 @@ def test_shifted_holdout_is_flagged(tmp_path: Path) -> None:
 def test_missing_inputs_and_empty_holdout_are_named(tmp_path: Path) -> None:
     ingested, training = training_files(tmp_path)
     with pytest.raises(MissingStageInput, match="examples.parquet"):
-        report(ingested, tmp_path / "nowhere", ReportParams(), tmp_path / "drift")
+        report(ReportParams(), ingested, tmp_path / "nowhere", tmp_path / "drift")
     examples = pd.read_parquet(training / "examples.parquet")
     examples.assign(split="train").to_parquet(training / "examples.parquet", index=False)
     with pytest.raises(DataContractError, match=r"both splits \(train: \d+, test: 0\)"):
-        report(ingested, training, ReportParams(), tmp_path / "drift")
+        report(ReportParams(), ingested, training, tmp_path / "drift")

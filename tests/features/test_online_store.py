@@ -16,14 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from features.errors import FeatureStoreConfigError
 from features.params import FeaturesParams
-from flows.errors import ConfigError
 from flows.stages.materialize import materialize
 from models.params import SplitParams
-from tests.test_materialize import _ingested, _schema
+from tests.features.feature_data import HISTORY, contract_schema, ingested_tables
 
 SPLIT = SplitParams(test_fraction=0.2, min_user_interactions=5)
-HISTORY = 3
 
 
 def _free_port() -> int:
@@ -63,7 +62,7 @@ def redis_url(tmp_path_factory):
 def _materialize(root: Path, ing: Path, online: str) -> dict:
     dirs = {"features_dir": root / "features", "feast_dir": root / "feast",
             "training_dir": root / "training"}
-    materialize(ing, SPLIT, FeaturesParams(history_length=HISTORY, online_store=online), **dirs)
+    materialize(SPLIT, FeaturesParams(history_length=HISTORY, online_store=online), ing, **dirs)
     return dirs
 
 
@@ -90,8 +89,8 @@ def _same(a: pd.DataFrame, b: pd.DataFrame) -> None:
 @pytest.mark.parametrize("string_ids", [False, True], ids=["int_ids", "string_ids"])
 def test_redis_serves_what_sqlite_serves(tmp_path, redis_url, monkeypatch, string_ids):
     monkeypatch.setenv("REDIS_URL", redis_url)
-    ing = _ingested(tmp_path, string_ids)
-    schema = _schema(string_ids)
+    ing = ingested_tables(tmp_path, string_ids)
+    schema = contract_schema(string_ids)
     lite = _materialize(tmp_path / "sqlite", ing, "sqlite")
     red = _materialize(tmp_path / "redis", ing, "redis")
     assert not (red["feast_dir"] / "online.db").exists()
@@ -118,10 +117,10 @@ def test_redis_serves_what_sqlite_serves(tmp_path, redis_url, monkeypatch, strin
     assert all(r == [] for r in dropped["recent_items"]) and all(s == [] for s in dropped["seen_items"])
 
 
-def test_redis_down_is_a_named_config_error(tmp_path, monkeypatch):
+def test_redis_down_is_a_named_store_config_error(tmp_path, monkeypatch):
     monkeypatch.setenv("REDIS_URL", f"127.0.0.1:{_free_port()}")
-    ing = _ingested(tmp_path, False)
-    with pytest.raises(ConfigError, match="no Redis answers at 127.0.0.1"):
+    ing = ingested_tables(tmp_path, False)
+    with pytest.raises(FeatureStoreConfigError, match="no Redis answers at 127.0.0.1"):
         _materialize(tmp_path / "out", ing, "redis")
 
 
@@ -132,7 +131,7 @@ def test_redis_url_forms():
     assert conn("redis://cache:6380") == "cache:6380"
     assert conn("redis://:s%40cret@cache/2") == "cache:6379,db=2,password=s@cret"
     assert conn("rediss://bob:pw@cache:7000/0") == "cache:7000,db=0,password=pw,username=bob,ssl=true"
-    with pytest.raises(ConfigError, match="REDIS_URL"):
+    with pytest.raises(FeatureStoreConfigError, match="REDIS_URL"):
         conn("http://cache:6379")
 
 
@@ -142,12 +141,12 @@ def test_serving_features_equal_offline_features_now(tmp_path, string_ids):
     from the offline store (point-in-time join) just after each user's last interaction."""
     from features.definitions import RECENT_ITEMS, user_history_refs, user_static_refs
     from features.store import open_store
+    from features.training_set import point_in_time
     from flows.serving.recommend import NOT_TOWER_INPUTS
-    from flows.stages.materialize import point_in_time
     from models.encoding import FeatureEncoder
 
-    ing = _ingested(tmp_path, string_ids)
-    schema = _schema(string_ids)
+    ing = ingested_tables(tmp_path, string_ids)
+    schema = contract_schema(string_ids)
     dirs = _materialize(tmp_path, ing, "sqlite")
     inter = pd.read_parquet(ing / "interactions.parquet")
     users = inter["user_id"].drop_duplicates().sample(10, random_state=1).tolist()
@@ -187,8 +186,8 @@ def _item_popularity(dirs: dict, items: list) -> dict:
 
 
 def test_rerun_materializes_incrementally_and_serves_what_a_rebuild_serves(tmp_path):
-    ing = _ingested(tmp_path, False)
-    schema = _schema(False)
+    ing = ingested_tables(tmp_path, False)
+    schema = contract_schema(False)
     full = pd.read_parquet(ing / "interactions.parquet")
     cut = full["timestamp"].quantile(0.7)
     # The newer part arrives a day later, well after the first run's end.
@@ -196,7 +195,7 @@ def test_rerun_materializes_incrementally_and_serves_what_a_rebuild_serves(tmp_p
     older = full[full["timestamp"] < cut]
     older.to_parquet(ing / "interactions.parquet", index=False)
     work = tmp_path / "work"
-    run = lambda: materialize(ing, SPLIT, FeaturesParams(history_length=HISTORY),  # noqa: E731
+    run = lambda: materialize(SPLIT, FeaturesParams(history_length=HISTORY), ing,  # noqa: E731
                               features_dir=work / "features", feast_dir=work / "feast",
                               training_dir=work / "training")["online_materialization"]
     dirs = {"features_dir": work / "features", "feast_dir": work / "feast", "training_dir": work / "training"}
@@ -234,20 +233,20 @@ def test_rerun_materializes_incrementally_and_serves_what_a_rebuild_serves(tmp_p
     users.to_parquet(ing / "users.parquet", index=False)
     assert run() == "full"
     assert _serving(dirs, schema, [users["user_id"].iloc[0]])["occupation"].iloc[0] == "CHANGED"
-    assert materialize(ing, SPLIT, FeaturesParams(history_length=HISTORY + 1),
+    assert materialize(SPLIT, FeaturesParams(history_length=HISTORY + 1), ing,
                        **dirs)["online_materialization"] == "full"
     # A store that lost its online rows (or its state) is rebuilt, not extended.
     (dirs["feast_dir"] / "online.db").unlink()
-    assert materialize(ing, SPLIT, FeaturesParams(history_length=HISTORY + 1),
+    assert materialize(SPLIT, FeaturesParams(history_length=HISTORY + 1), ing,
                        **dirs)["online_materialization"] == "full"
 
 
 def test_feature_bench_runs_on_a_store(tmp_path):
     from flows.experiments.features_bench import main
 
-    ing = _ingested(tmp_path, True)
+    ing = ingested_tables(tmp_path, True)
     dirs = _materialize(tmp_path, ing, "sqlite")
-    (tmp_path / "schema.json").write_text(json.dumps(_schema(True)))
+    (tmp_path / "schema.json").write_text(json.dumps(contract_schema(True)))
     out = tmp_path / "bench.json"
     main(["--feast-dir", str(dirs["feast_dir"]), "--features-dir", str(dirs["features_dir"]),
           "--schema", str(tmp_path / "schema.json"), "--repeats", "5", "--batch", "1000",
@@ -259,4 +258,4 @@ def test_feature_bench_runs_on_a_store(tmp_path):
     assert 0 < got["online_1_user"]["p50_ms"] <= got["online_1_user"]["p99_ms"]
     # The store still serves every user afterwards (bench refilled it).
     users = pd.read_parquet(ing / "interactions.parquet")["user_id"].unique().tolist()
-    assert _serving(dirs, _schema(True), users)["known"].all()
+    assert _serving(dirs, contract_schema(True), users)["known"].all()

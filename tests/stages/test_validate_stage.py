@@ -9,36 +9,16 @@ from typing import Callable
 import pandas as pd
 import pytest
 
-from flows.errors import MissingStageInput, ValidationFailed
+from flows.errors import MissingStageInput
 from flows.stages.validate import validate
-from tests.datagen import make_contract_dataset
+from tests.validation.contract_data import ingested_tables
+from validation.errors import ValidationFailed
 from validation.params import ValidateParams
-
-
-def _ingested(out: Path, string_ids: bool = False) -> Path:
-    """Contract tables + weight + schema.json, as ingest writes them (timestamps in us, UTC)."""
-    make_contract_dataset(out, n_users=40, n_items=30, per_user=(3, 8), string_ids=string_ids,
-                          with_logs=True)
-    inter = pd.read_parquet(out / "interactions.parquet")
-    inter["timestamp"] = inter["timestamp"].astype("datetime64[us, UTC]")
-    inter["weight"] = 1.0
-    inter.to_parquet(out / "interactions.parquet", index=False)
-    logs = pd.read_parquet(out / "ranking_logs.parquet")
-    logs["timestamp"] = logs["timestamp"].astype("datetime64[us, UTC]")
-    logs.to_parquet(out / "ranking_logs.parquet", index=False)
-    dtype = "string" if string_ids else "int64"
-    (out / "schema.json").write_text(json.dumps({
-        "user_id_dtype": dtype, "item_id_dtype": dtype,
-        "user_features": {"categorical": ["age_bucket", "gender", "occupation"], "numeric": [], "multi": []},
-        "item_features": {"categorical": ["title"], "numeric": ["year"], "multi": ["genres"]},
-        "has_rating": True, "ranking_logs": "source", "source": "test",
-    }))
-    return out
 
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _ingested(tmp_path_factory.mktemp("ingested"))
+    return ingested_tables(tmp_path_factory.mktemp("ingested"))
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +80,7 @@ def test_rerun_in_same_context_keeps_only_this_runs_results(clean: Path, tmp_pat
 
 
 def test_string_ids_and_empty_ranking_logs_pass(tmp_path: Path, gx_root: Path):
-    data = _ingested(tmp_path / "in", string_ids=True)
+    data = ingested_tables(tmp_path / "in", string_ids=True)
     _edit("ranking_logs", lambda df: df.iloc[:0])(data)
     summary = _run(data, tmp_path / "reports", gx_root)
     assert summary["success"] and summary["tables"]["ranking_logs"]["rows"] == 0
@@ -251,14 +231,9 @@ def test_distribution_range_and_floor_checks(clean: Path, tmp_path: Path):
 
 def test_cardinality_is_exact_over_batches_not_a_sample(clean: Path, tmp_path: Path):
     """40 distinct titles in batches of 16 and a 10-row sample: the lower bound sees all 40 (a sample
-    would count at most 10), and the upper bound is caught even when the excess is in a late batch."""
-    from validation.batches import Source, distinct_values
-
-    items = Source("items", clean / "items.parquet")
+    would count at most 10), and the upper bound is caught even when the excess is in a late batch
+    (the distinct values themselves: tests/validation/test_batches.py)."""
     titles = pd.read_parquet(clean / "items.parquet")["title"]
-    got = distinct_values(items, ["title", "year"], chunk_rows=16, cap=1000)
-    assert got["title"].count() == titles.nunique() and len(got) == titles.nunique()
-    assert distinct_values(items, ["title"], chunk_rows=7, cap=5)["title"].count() == 5
     lo = titles.nunique() - 2
     summary = _run(clean, tmp_path / "ok", tmp_path / "gx",
                    ValidateParams(chunk_rows=16, sample_rows=10, categorical_cardinality=(lo, 1000)))
@@ -268,56 +243,3 @@ def test_cardinality_is_exact_over_batches_not_a_sample(clean: Path, tmp_path: P
     _check_failure(clean, tmp_path / "r", tmp_path / "gx", [f"items.title: distinct values outside [1, {lo}]"],
                    ValidateParams(chunk_rows=16, sample_rows=10, categorical_cardinality=(1, lo),
                                   severity={"distribution": "error"}))
-
-
-def _examples(ingested: Path) -> pd.DataFrame:
-    """A training set shaped like materialize's examples.parquet, built by hand from the tables."""
-    inter = pd.read_parquet(ingested / "interactions.parquet")
-    users = pd.read_parquet(ingested / "users.parquet")
-    ex = inter[["user_id", "item_id", "timestamp", "weight"]].assign(
-        split=["test" if i % 5 == 0 else "train" for i in range(len(inter))])
-    ex = ex.merge(users, on="user_id", how="left")
-    total = ex.groupby("user_id").cumcount()
-    return ex.assign(recent_items=[[] for _ in range(len(ex))], interactions_total=total,
-                     interactions_7d=total.clip(upper=2))
-
-
-def test_training_set_validation(clean: Path, tmp_path: Path):
-    import pyarrow as pa
-
-    from validation.training import validate_training_set
-
-    schema = json.loads((clean / "schema.json").read_text())
-    good = _examples(clean)
-
-    def run(frame: pd.DataFrame) -> dict:
-        return validate_training_set(ValidateParams(), pa.Table.from_pandas(frame, preserve_index=False),
-                                     schema, clean, tmp_path / "gx", tmp_path / "docs")
-
-    summary = run(good)
-    assert summary["success"] and summary["tables"]["training"]["rows"] == len(good)
-    assert (tmp_path / "docs" / "index.html").exists()
-    assert json.loads((tmp_path / "docs" / "summary.json").read_text())["success"]
-    assert json.loads((tmp_path / "gx" / "volume.json").read_text())["rows"]["training"] == len(good)
-    bad = good.iloc[1:].copy()
-    bad.loc[bad.index[0], "item_id"] = 99999
-    bad.loc[bad.index[1], "split"] = "valid"
-    bad["gender"] = None
-    with pytest.raises(ValidationFailed) as err:
-        run(bad)
-    message = str(err.value)
-    for text in ["training set validation failed: 3 expectations on 1 table", "docs/index.html",
-                 f"training: not one row per interaction ({len(good)} interactions) "
-                 f"[expect_column_values_to_be_between] observed {len(good) - 1}",
-                 "training.item_id: not in items.item_id", "99999",
-                 "training.split: split not in ['train', 'test']", "valid",
-                 "warning: training.gender: more than 10% nulls"]:
-        assert text in message, f"{text!r} not in:\n{message}"
-    counts = good.copy()
-    counts.loc[counts.index[3], "interactions_7d"] = counts.loc[counts.index[3], "interactions_total"] + 1
-    counts.loc[counts.index[4], "interactions_total"] = -1
-    with pytest.raises(ValidationFailed) as err:
-        run(counts)
-    for text in ["training.interactions_total: negative count", "-1",
-                 "training.interactions_7d: window count above interactions_total"]:
-        assert text in str(err.value), f"{text!r} not in:\n{err.value}"

@@ -1,23 +1,27 @@
-"""The second validation point: the built training set, checked by materialize before it is written.
+"""The training-set gate: the built training set, checked by materialize before it is written.
 
 `materialize` calls `validate_training_set` on the examples table it has built and writes
 `examples.parquet` only when it passes, so a broken join never reaches sample/train (the contract
-tables were checked by the validate stage before materialize started). Same GX context, runner and
-severities as the validate stage; Data Docs go to their own site (`reports/training_validation/`,
-an output of materialize) so that the two stages never write each other's outputs.
+tables were checked by the validate stage before materialize started, validation/contract.py). Same
+GX context, run (validation/gate.py) and severities as the contract gate; Data Docs go to their own
+site (`reports/training_validation/`, an output of materialize) so that the two stages never write
+each other's outputs.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from validation.batches import Derived, Source, sample, to_pandas
+from validation.gate import run_gate
 from validation.params import ValidateParams
+from validation.runner import Check
+from validation.suites import Expect, features, parent_ids, unknown_column
+from validation.volume import volume_frame, volume_suite
 
 TABLE = "training"
 SITE = "towerflow_training_docs"
@@ -25,21 +29,19 @@ SPLITS = ["train", "test"]
 
 
 @dataclass(frozen=True)
-class TrainingChecks:
+class TrainingSetChecks:
     """What materialize needs to validate the training set it built."""
 
-    cfg: ValidateParams
+    validate_cfg: ValidateParams
     context_root: Path  # the GX context's folder (paths.cache/gx), shared with the validate stage
     docs_dir: Path      # Data Docs + summary.json of this check (reports/training_validation)
 
 
-def training_suites(schema: dict[str, Any], cfg: ValidateParams,
+def training_suites(schema: dict[str, Any], validate_cfg: ValidateParams,
                     counts: list[str] = ()) -> tuple[list, list, list]:
     """(row suite, profile suite, volume suite) of examples.parquet (docs/ARCHITECTURE.md).
     counts: its behaviour count columns (interactions_total first): never null or negative, and a
     window never counts more than the total."""
-    from validation.suites import Expect, features
-
     e = Expect()
     feats = features(schema, "user")
     cols = [c for k in ("categorical", "numeric", "multi") for c in feats[k]]
@@ -53,7 +55,7 @@ def training_suites(schema: dict[str, Any], cfg: ValidateParams,
         e("ExpectColumnValuesToBeInSet", "split", "values", f"split not in {SPLITS}", value_set=SPLITS),
         *[e.numeric(c) for c in feats["numeric"]],
         # Point-in-time features are null where Feast found no row at or before the timestamp.
-        *e.null_share(cols, cfg),
+        *e.null_share(cols, validate_cfg),
         *e.not_null(list(counts)),
         *[e("ExpectColumnValuesToBeBetween", c, "values", "negative count", min_value=0) for c in counts],
         *[e("ExpectColumnPairValuesAToBeGreaterThanB", c, "values", f"window count above {counts[0]}",
@@ -66,57 +68,38 @@ def training_suites(schema: dict[str, Any], cfg: ValidateParams,
           "not one row per interaction ({interactions_rows} interactions)", column=TABLE,
           min_value={"$PARAMETER": "interactions_rows"}, max_value={"$PARAMETER": "interactions_rows"},
           meta={"table": TABLE, "template": True, "scalar": True}),
-        *_volume(),
+        *volume_suite([TABLE]),
     ]
     return rows, profile, volume
 
 
-def _volume() -> list:
-    from validation.volume import volume_suite
-    return volume_suite([TABLE])
-
-
-def validate_training_set(cfg: ValidateParams, examples: pa.Table, schema: dict[str, Any], ingested: Path,
-                          context_root: Path, docs_dir: Path) -> dict[str, Any]:
+def validate_training_set(validate_cfg: ValidateParams, examples: pa.Table, schema: dict[str, Any],
+                          ingested: Path, count_columns: list[str], context_root: Path,
+                          docs_dir: Path) -> dict[str, Any]:
     """Validate the examples table (in memory, batch by batch) against the ingested ids.
 
     schema: ingested/schema.json as materialize read it (id dtypes, user feature columns).
+    count_columns: the behaviour count columns of examples, interactions_total first.
 
     Writes docs_dir/ (Data Docs, index.html) and docs_dir/summary.json on every run, pass or fail;
     updates the training row count in context_root/volume.json when it passes. Raises
     ValidationFailed when the training set must not be written; warnings alone are logged.
     """
-    from validation.batches import Derived, Source, sample, to_pandas
-    from validation.runner import Check, run_checks
-    from validation.summary import raise_or_warn, summarize
-    from validation.suites import parent_ids, suite_parameters, unknown_column
-    from validation.volume import load_previous, save_counts, volume_frame, volume_parameters
-
     started = time.perf_counter()
+    chunk_rows = validate_cfg.chunk_rows
     source = Source(TABLE, table=examples)
     interactions = Source("interactions", path=ingested / "interactions.parquet").rows
     derived = Derived(references={
         unknown_column("user_id", "users"): ("user_id", parent_ids(Source("users", ingested / "users.parquet"), "user_id")),
         unknown_column("item_id", "items"): ("item_id", parent_ids(Source("items", ingested / "items.parquet"), "item_id")),
     })
-    from features.definitions import INTERACTIONS_TOTAL, is_count_column
-
-    counts = [c for c in examples.column_names if is_count_column(c)]
-    counts = sorted(counts, key=lambda c: c != INTERACTIONS_TOTAL)  # the total first
-    rows, profile, volume = training_suites(schema, cfg, counts)
+    rows, profile, volume = training_suites(schema, validate_cfg, count_columns)
     checks = [
-        Check(TABLE, TABLE, rows, lambda: (derived.apply(to_pandas(b)) for b in source.batches(cfg.chunk_rows))),
+        Check(TABLE, TABLE, rows, lambda: (derived.apply(to_pandas(b)) for b in source.batches(chunk_rows))),
         Check(TABLE, f"{TABLE}_profile", profile,
-              lambda: [sample(source, ["split"], cfg.sample_rows, cfg.chunk_rows)]),
+              lambda: [sample(source, ["split"], validate_cfg.sample_rows, chunk_rows)]),
         Check(TABLE, f"{TABLE}_volume", volume, lambda: [volume_frame({TABLE: examples.num_rows})]),
     ]
-    params = {**suite_parameters(datetime.now(timezone.utc), cfg), "interactions_rows": interactions,
-              **volume_parameters(load_previous(context_root), [TABLE], cfg)}
-    stats, failures, index = run_checks(checks, params, cfg.severity.model_dump(), context_root, SITE, docs_dir)
-    stats[TABLE]["rows"] = examples.num_rows
-    summary = summarize(stats, failures, index, started)
-    (docs_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    if summary["success"]:
-        save_counts(context_root, {TABLE: examples.num_rows})
-    raise_or_warn(failures, index, what="training set validation")
-    return summary
+    return run_gate(validate_cfg, checks, {TABLE: examples.num_rows}, context_root, SITE, docs_dir,
+                    docs_dir / "summary.json", parameters={"interactions_rows": interactions},
+                    started=started, what="training set validation")

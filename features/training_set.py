@@ -1,0 +1,144 @@
+"""The training set: each interaction with its user's features as of its time, joined point-in-time
+by Feast `get_historical_features` from the offline store, and the item catalog as Feast serves it.
+
+Per example: the static user features (user_static_fv) and the user_history_fv row in force
+(recent_items and the behaviour counts). The lists are not joined by Feast itself: the join asks for
+user_history_index_fv's scalar row number and takes the lists by position from the history table
+(features/definitions.py says why).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.definitions import (
+    HISTORY_ROW,
+    INTERACTIONS_TOTAL,
+    ITEM_KEY,
+    ITEM_STATIC_FV,
+    SOURCE_FILES,
+    TIMESTAMP_FIELD,
+    USER_HISTORY_FV,
+    USER_HISTORY_INDEX_FV,
+    USER_KEY,
+    USER_STATIC_FV,
+    is_count_column,
+    item_static_refs,
+    user_static_refs,
+)
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+EXAMPLE_KEYS = [USER_KEY, ITEM_KEY, "timestamp", "weight"]
+
+
+def example_keys(interactions: pd.DataFrame) -> pd.DataFrame:
+    """One row per interaction, in file order: user, item, timestamp (us, UTC) and weight."""
+    examples = interactions[EXAMPLE_KEYS].reset_index(drop=True)
+    examples["timestamp"] = examples["timestamp"].astype("datetime64[us, UTC]")
+    return examples
+
+
+def _chunks(entity_df: pd.DataFrame, key: str, max_pairs: int) -> np.ndarray:
+    """Chunk id per entity row, whole entities per chunk, about max_pairs (entity x feature rows) each.
+
+    The file store joins every entity row of a key with every feature row of that key before it
+    filters by time, so a user with d timestamps costs ~d^2 rows; chunks bound that memory.
+    """
+    per_key = entity_df.groupby(key, sort=False)[key].transform("size").to_numpy()
+    first = ~entity_df[key].duplicated().to_numpy()
+    cost = np.where(first, per_key.astype(np.int64) * (per_key + 1), 0)
+    return np.cumsum(cost) // max_pairs
+
+
+def point_in_time(store: "FeatureStore", keys: pd.DataFrame, refs: list[str],
+                  max_pairs: int = 2_000_000, key: str = USER_KEY) -> pd.DataFrame:
+    """Features `refs` of each (key, timestamp) row of keys as of its timestamp, row-aligned.
+
+    Feast's file store collapses entity rows with the same key and timestamp (feast#6787), so the
+    join runs on the distinct (key, timestamp) pairs and is mapped back by position.
+    """
+    keys = keys[[key, "timestamp"]].reset_index(drop=True)
+    group = keys.groupby([key, "timestamp"], sort=False).ngroup().to_numpy()
+    entity_df = keys.drop_duplicates(ignore_index=True).rename(columns={"timestamp": TIMESTAMP_FIELD})
+    entity_df["__row"] = np.arange(len(entity_df))
+    entity_df = entity_df.sort_values([key, TIMESTAMP_FIELD], kind="mergesort", ignore_index=True)
+    parts = [store.get_historical_features(entity_df=chunk, features=refs).to_df()
+             for _, chunk in entity_df.groupby(_chunks(entity_df, key, max_pairs), sort=True)]
+    joined = pd.concat(parts, ignore_index=True)
+    # An entity row whose feature rows all postdate it is dropped by Feast, not returned as NaN:
+    # every pair must come back exactly once or the examples would silently shrink.
+    rows = np.sort(joined["__row"].to_numpy())
+    if len(rows) != len(entity_df) or not np.array_equal(rows, np.arange(len(entity_df))):
+        raise RuntimeError(f"Feast point-in-time join returned {len(joined)} rows for "
+                           f"{len(entity_df)} distinct (user, timestamp) pairs")
+    joined = joined.sort_values("__row", ignore_index=True)
+    names = [r.split(":", 1)[1] for r in refs]
+    return joined[names].iloc[group].reset_index(drop=True)
+
+
+def _user_features(store: "FeatureStore", schema: dict, examples: pd.DataFrame,
+                   history: pa.Table) -> tuple[pd.DataFrame, pa.Table]:
+    """Static user features of each example and its user_history_fv row (recent_items + counts),
+    as of its timestamp."""
+    index_ref = f"{USER_HISTORY_INDEX_FV}:{HISTORY_ROW}"
+    joined = point_in_time(store, examples, [*user_static_refs(schema), index_ref])
+    row = joined.pop(HISTORY_ROW)
+    # Every user has a history row dated at their first interaction, so none may be missing.
+    if row.isna().any():
+        raise RuntimeError(f"{int(row.isna().sum())} examples found no {USER_HISTORY_FV} row")
+    behaviour = history.drop_columns([USER_KEY, TIMESTAMP_FIELD])
+    return joined, behaviour.take(pa.array(row.to_numpy(dtype=np.int64))).combine_chunks()
+
+
+def training_examples(store: "FeatureStore", schema: dict, examples: pd.DataFrame,
+                      history: pa.Table, features_dir: Path) -> pa.Table:
+    """examples (keys, weight, split) + the user features as of each timestamp, typed like the
+    offline sources; history: the rows of user_history_fv's source, in file order."""
+    static, behaviour = _user_features(store, schema, examples, history)
+    types = {"split": pa.string(), **_source_types(features_dir, USER_STATIC_FV)}
+    table = _arrow(pd.concat([examples, static], axis=1), types)
+    for name in behaviour.column_names:
+        table = table.append_column(name, behaviour.column(name))
+    return table
+
+
+def item_catalog(store: "FeatureStore", schema: dict, items: pd.DataFrame, at: pd.Timestamp,
+                 features_dir: Path) -> pa.Table:
+    """items.parquet's rows with their features as Feast serves them (no TTL: any time works)."""
+    refs = item_static_refs(schema)
+    if not refs:
+        catalog = items[[ITEM_KEY]].reset_index(drop=True)
+    else:
+        entity_df = pd.DataFrame({ITEM_KEY: items[ITEM_KEY].to_numpy(), TIMESTAMP_FIELD: at,
+                                  "__row": np.arange(len(items))})
+        joined = store.get_historical_features(entity_df=entity_df, features=refs).to_df()
+        if len(joined) != len(items) or joined["__row"].nunique() != len(items):
+            raise RuntimeError(f"Feast returned {len(joined)} catalog rows for {len(items)} items")
+        joined = joined.sort_values("__row", ignore_index=True)
+        catalog = joined[[ITEM_KEY, *[r.split(":", 1)[1] for r in refs]]]
+    return _arrow(catalog, _source_types(features_dir, ITEM_STATIC_FV))
+
+
+def count_columns(columns: list[str]) -> list[str]:
+    """The behaviour count columns among `columns`, interactions_total first (the training-set
+    checks bound each window by the total)."""
+    return sorted((c for c in columns if is_count_column(c)), key=lambda c: c != INTERACTIONS_TOTAL)
+
+
+def _arrow(frame: pd.DataFrame, types: dict[str, pa.DataType]) -> pa.Table:
+    """frame as arrow with the source column types (Feast hands back numpy arrays, widened ints)."""
+    fields = [pa.field(c, types[c]) if c in types else
+              pa.Schema.from_pandas(frame[[c]], preserve_index=False).field(c) for c in frame.columns]
+    return pa.Table.from_pandas(frame, schema=pa.schema(fields), preserve_index=False)
+
+
+def _source_types(features_dir: Path, view: str) -> dict[str, pa.DataType]:
+    schema = pq.read_schema(features_dir / SOURCE_FILES[view])
+    return {f.name: f.type for f in schema if f.name != TIMESTAMP_FIELD}

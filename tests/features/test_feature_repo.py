@@ -1,0 +1,179 @@
+"""The Feast repo the features library builds (offline sources, registry, SQLite online store):
+point-in-time joins, the training join's lists, online reads and entity types."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from features.history import write_sources
+from features.online import online_user_features
+from features.params import FeaturesParams
+from features.refresh import fill_online
+from features.store import open_store
+from features.training_set import EXAMPLE_KEYS, example_keys, point_in_time, training_examples
+from tests.features.feature_data import (
+    HISTORY,
+    contract_schema,
+    expected_count,
+    expected_recent,
+    ingested_tables,
+)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["int_ids", "string_ids"])
+def repo(request, tmp_path_factory) -> dict:
+    """The offline sources, registry and online store as materialize builds them, from the library
+    calls alone."""
+    root = tmp_path_factory.mktemp("string" if request.param else "int")
+    ing = ingested_tables(root, request.param)
+    schema = contract_schema(request.param)
+    inter = pd.read_parquet(ing / "interactions.parquet", columns=EXAMPLE_KEYS)
+    dirs = {"features_dir": root / "features", "feast_dir": root / "feast"}
+    features_cfg = FeaturesParams(history_length=HISTORY)
+    sources = write_sources(features_cfg, schema, pd.read_parquet(ing / "users.parquet"),
+                            pd.read_parquet(ing / "items.parquet"), inter, dirs["features_dir"])
+    fill_online(features_cfg, schema, inter, sources, **dirs)
+    return {"ingested": ing, "schema": schema, "string_ids": request.param, "sources": sources,
+            "interactions": inter, **dirs}
+
+
+def test_direct_feast_join_of_history_view_agrees(repo):
+    """The examples take lists by the row Feast picked in the index view; the list view agrees."""
+    store = open_store(repo["feast_dir"], repo["features_dir"])
+    ex = training_examples(store, repo["schema"], example_keys(repo["interactions"]),
+                           repo["sources"].history, repo["features_dir"]).to_pandas()
+    assert len(ex) == len(repo["interactions"])
+    direct = point_in_time(store, ex, ["user_history_fv:recent_items", "user_history_fv:interactions_7d",
+                                       "user_history_fv:interactions_total"])
+    assert [list(x) for x in direct["recent_items"]] == [list(x) for x in ex["recent_items"]]
+    for col in ["interactions_7d", "interactions_total"]:
+        assert direct[col].tolist() == ex[col].tolist()
+
+
+def _expected_popularity(inter: pd.DataFrame, item, at: pd.Timestamp, days: int) -> int:
+    """Brute force: interactions with item on the `days` whole UTC days before at's day."""
+    midnight = at.floor("D")
+    mine = inter[(inter["item_id"] == item) & (inter["timestamp"] < midnight)
+                 & (inter["timestamp"] >= midnight - pd.Timedelta(days=days))]
+    return len(mine)
+
+
+def test_item_popularity_as_of_any_time(repo):
+    """Feast's point-in-time join of item_popularity_fv gives whole-day counts before each time."""
+    inter = pd.read_parquet(repo["ingested"] / "interactions.parquet")
+    store = open_store(repo["feast_dir"], repo["features_dir"])
+    rng = np.random.default_rng(0)
+    lo, hi = inter["timestamp"].min(), inter["timestamp"].max() + pd.Timedelta(days=40)
+    items = inter["item_id"].value_counts().index[:8].tolist()
+    offsets = rng.uniform(0, (hi - lo).total_seconds(), 60)
+    keys = pd.DataFrame({"item_id": rng.choice(np.array(items, dtype=object), 60).tolist(),
+                         "timestamp": [(lo + pd.Timedelta(seconds=float(o))).floor("s") for o in offsets]})
+    # exact midnights and the first instant of an item's life are the edge cases
+    keys = pd.concat([keys, pd.DataFrame({"item_id": items[:2], "timestamp": [
+        inter["timestamp"].max().ceil("D"), inter["timestamp"].min()]})], ignore_index=True)
+    refs = [f"item_popularity_fv:item_popularity_{w}d" for w in (1, 7, 30)]
+    got = point_in_time(store, keys, refs, key="item_id")
+    for (item, at), row in zip(keys.itertuples(index=False), got.itertuples(index=False)):
+        assert list(row) == [_expected_popularity(inter, item, at, w) for w in (1, 7, 30)], (item, at)
+    assert got["item_popularity_30d"].max() > 0
+
+
+def test_planted_item_popularity_rows_respect_time(repo, tmp_path):
+    """A popularity row dated after an example time is not seen; one dated before it is."""
+    features, feast = tmp_path / "features", tmp_path / "feast"
+    shutil.copytree(repo["features_dir"], features)
+    shutil.copytree(repo["feast_dir"], feast)
+    source = features / "item_popularity.parquet"
+    rows = pq.read_table(source).to_pandas()
+    inter = pd.read_parquet(repo["ingested"] / "interactions.parquet")
+    item = inter["item_id"].iloc[0]
+    at = inter["timestamp"].median().floor("s")
+    planted = rows[rows["item_id"] == item].head(1).assign(item_popularity_7d=999_999,
+                                                           event_timestamp=at)
+    pq.write_table(pa.Table.from_pandas(pd.concat([rows, planted], ignore_index=True),
+                                        schema=pq.read_schema(source), preserve_index=False), source)
+    store = open_store(feast, features)
+    keys = pd.DataFrame({"item_id": [item] * 3,
+                         "timestamp": [at - pd.Timedelta(seconds=1), at, at + pd.Timedelta(hours=1)]})
+    got = point_in_time(store, keys, ["item_popularity_fv:item_popularity_7d"], key="item_id")
+    assert got["item_popularity_7d"].tolist()[0] == _expected_popularity(inter, item, keys["timestamp"][0], 7)
+    assert got["item_popularity_7d"].tolist()[1:] == [999_999, 999_999]
+
+
+def test_planted_feature_rows_respect_time(repo, tmp_path):
+    """A static row dated after an entity time is not seen; one dated before it is."""
+    features, feast = tmp_path / "features", tmp_path / "feast"
+    shutil.copytree(repo["features_dir"], features)
+    shutil.copytree(repo["feast_dir"], feast)
+    inter = pd.read_parquet(repo["ingested"] / "interactions.parquet")
+    user = inter["user_id"].iloc[0]
+    t_first, t_last = inter.loc[inter["user_id"] == user, "timestamp"].agg(["min", "max"])
+    mid = (t_first + (t_last - t_first) / 2).floor("s")
+    static = pq.read_table(features / "user_static.parquet").to_pandas()
+    planted = static[static["user_id"] == user].assign(occupation="PLANTED", event_timestamp=mid)
+    pq.write_table(pa.Table.from_pandas(pd.concat([static, planted], ignore_index=True),
+                                        schema=pq.read_schema(features / "user_static.parquet"),
+                                        preserve_index=False), features / "user_static.parquet")
+
+    store = open_store(feast, features)
+    keys = pd.DataFrame({"user_id": [user] * 4,
+                         "timestamp": [t_first, mid - pd.Timedelta(seconds=1), mid, t_last]})
+    got = point_in_time(store, keys, ["user_static_fv:occupation"])["occupation"].tolist()
+    original = static.loc[static["user_id"] == user, "occupation"].iloc[0]
+    assert got == [original, original, "PLANTED", "PLANTED"]
+
+
+def test_online_store_serves_now(repo):
+    inter = pd.read_parquet(repo["ingested"] / "interactions.parquet")
+    users = pd.read_parquet(repo["ingested"] / "users.parquet").set_index("user_id")
+    store = open_store(repo["feast_dir"], repo["features_dir"])
+    known = list(inter["user_id"].unique()[:3])
+    lonely, missing = ("u9999", "u0404x") if repo["string_ids"] else (9999, 404404)
+    ids = [known[0], missing, lonely, *known, known[0]]
+    got = online_user_features(store, repo["schema"], ids)
+
+    assert got.columns.tolist() == ["user_id", "age_bucket", "gender", "occupation", "age",
+                                    "recent_items", "interactions_total", "interactions_1d",
+                                    "interactions_7d", "interactions_30d", "seen_items", "known"]
+    assert got["user_id"].tolist() == ids
+    assert got["known"].tolist() == [True, False, True, True, True, True, True]
+    forever = inter["timestamp"].max() + pd.Timedelta(days=1)
+    for row in got[got["user_id"].isin(known)].itertuples():
+        assert row.recent_items == expected_recent(inter, row.user_id, forever, HISTORY)
+        # counts as of the user's "now" row: windows end just after the last interaction
+        now = inter.loc[inter["user_id"] == row.user_id, "timestamp"].max() + pd.Timedelta(seconds=1)
+        assert row.interactions_total == expected_count(inter, row.user_id, now, None)
+        assert row.interactions_7d == expected_count(inter, row.user_id, now, 7)
+        assert sorted(row.seen_items) == sorted(inter.loc[inter["user_id"] == row.user_id, "item_id"])
+        assert row.occupation == users.loc[row.user_id, "occupation"]
+        assert row.age == users.loc[row.user_id, "age"]
+    miss = got.iloc[1]
+    assert miss["recent_items"] == [] and miss["seen_items"] == [] and pd.isna(miss["age"])
+    assert miss["interactions_total"] == 0 and got.iloc[2]["interactions_30d"] == 0
+    alone = got.iloc[2]
+    assert alone["recent_items"] == [] and alone["seen_items"] == []
+    assert alone["occupation"] == users.loc[lonely, "occupation"]
+    # An id of the wrong type is an unknown user, not an exception.
+    odd = online_user_features(store, repo["schema"], ["not-an-int" if not repo["string_ids"] else 7])
+    assert odd["known"].tolist() == [False]
+    assert online_user_features(store, repo["schema"], []).empty
+
+
+def test_registry_matches_the_id_types(repo):
+    from feast import ValueType
+
+    assert (repo["feast_dir"] / "registry.db").exists() and (repo["feast_dir"] / "online.db").exists()
+    store = open_store(repo["feast_dir"], repo["features_dir"])
+    views = {v.name: v for v in store.list_feature_views()}
+    assert set(views) == {"user_static_fv", "item_static_fv", "user_history_fv",
+                          "user_history_index_fv", "user_seen_fv", "item_popularity_fv"}
+    assert not views["user_history_index_fv"].online and views["user_history_fv"].online
+    assert all(v.ttl in (None, pd.Timedelta(0)) for v in views.values())
+    want = ValueType.STRING if repo["string_ids"] else ValueType.INT64
+    assert store.get_entity("user").value_type == want
+    assert store.get_entity("item").value_type == want
