@@ -13,7 +13,7 @@ import typer
 import yaml
 
 from flows.environment import configure_environment
-from flows.errors import TRANSIENT_EXIT, MissingStageInput, TowerflowError, TransientError
+from flows.errors import EXPECTED_ERRORS, TRANSIENT_EXIT, MissingStageInput, TowerflowError, TransientError
 from flows.params import load_params, resolve_source
 from flows.stages.registry import STAGES
 
@@ -39,7 +39,7 @@ def _errors() -> Iterator[None]:
             traceback.print_exc()
         typer.echo(f"towerflow: transient error (a retry may pass): {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(TRANSIENT_EXIT) from None
-    except TowerflowError as exc:
+    except EXPECTED_ERRORS as exc:
         if _debug():
             traceback.print_exc()
         typer.echo(f"towerflow: error: {exc}", err=True)

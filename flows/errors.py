@@ -1,6 +1,9 @@
 """Domain errors: expected failures that the CLI prints as one readable line (no traceback)."""
 from __future__ import annotations
 
+from features.errors import FeatureError
+from validation.errors import ValidationFailed
+
 # `towerflow stage` exits with this code (EX_TEMPFAIL) when the failure may pass on a retry: a
 # connection refused or reset, a timeout. Anything else is final; the flow retries only these.
 TRANSIENT_EXIT = 75
@@ -16,10 +19,6 @@ class ConfigError(TowerflowError):
 
 class DataContractError(TowerflowError):
     """The data source does not follow the contract (docs/DATA.md)."""
-
-
-class ValidationFailed(TowerflowError):
-    """Great Expectations found data that must not reach a model."""
 
 
 class MissingStageInput(TowerflowError):
@@ -40,3 +39,7 @@ class RunInProgress(TowerflowError):
 
 class TransientError(TowerflowError):
     """A failure that may pass on a retry (a service briefly unreachable); the stage exits 75."""
+
+
+# What the CLI prints as one line (no traceback): our own errors and the libraries' domain errors.
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (TowerflowError, FeatureError, ValidationFailed)

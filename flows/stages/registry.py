@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from flows.params import Params, PathsParams, resolve_source
+from flows.params import Params, PathsParams, resolve_source, validate_for_source
 
 STAGES: tuple[str, ...] = (
     "ingest", "validate", "materialize", "sample", "train", "evaluate", "publish", "report",
@@ -22,14 +22,14 @@ def _ingest(p: Params, paths: PathsParams) -> dict[str, Any]:
 
 def _validate(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.validate import validate
-    return validate(p.validate, paths.ingested, docs_dir=paths.reports / "validation",
+    return validate(validate_for_source(p.data, p.validate), paths.ingested, docs_dir=paths.reports / "validation",
                     summary_path=paths.reports / "validation.json", context_root=paths.cache / "gx")
 
 
 def _materialize(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.materialize import materialize
     from validation.training_set import TrainingSetChecks
-    checks = TrainingSetChecks(p.validate, context_root=paths.cache / "gx",
+    checks = TrainingSetChecks(validate_for_source(p.data, p.validate), context_root=paths.cache / "gx",
                                docs_dir=paths.reports / "training_validation")
     return materialize(p.split, p.features, paths.ingested, features_dir=paths.features,
                        feast_dir=paths.feast, training_dir=paths.training, checks=checks)

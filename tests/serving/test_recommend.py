@@ -64,7 +64,7 @@ def published_project(root: Path, string_ids: bool) -> dict[str, Any]:
     src = make_contract_dataset(root / "source", n_users=60, n_items=50, seed=4, string_ids=string_ids)
     ingested, training = root / "ingested", root / "training"
     ingest(DataParams(source=str(src), ranking_logs="none"), SimulatorParams(), 0, root / "cache", ingested)
-    materialize(ingested, SplitParams(), FeaturesParams(history_length=10), root / "features", root / "feast", training)
+    materialize(SplitParams(), FeaturesParams(history_length=10), ingested, root / "features", root / "feast", training)
     sample(training, SampleParams(popular_threshold=0.01), 0, root / "samples")
     train(root / "samples", training, ingested / "schema.json", ModelParams(dim=8, embedding_dim=8, hidden=[16]),
           TrainParams(epochs=1, batch_size=128, threads=1), 0, root / "model")
