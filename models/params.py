@@ -9,22 +9,22 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SplitParams(_Section):
+class SplitParams(Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     min_user_interactions: PositiveInt = 5
 
 
-class SampleParams(_Section):
+class SampleParams(Section):
     popular_threshold: float = Field(0.01, gt=0)
     hard_negatives: NonNegativeInt = 16            # items per example mined from ranking logs (0: none)
     shown_unclicked_negatives: bool = False        # also mine shown-but-not-clicked items (ablation)
 
 
-class ModelParams(_Section):
+class ModelParams(Section):
     dim: PositiveInt = 64
     hidden: list[PositiveInt] = [128]
     embedding_dim: PositiveInt = 64
@@ -35,7 +35,7 @@ class ModelParams(_Section):
     behaviour_counts: bool = True     # user tower reads interactions_total / interactions_<w>d (Feast)
 
 
-class TrainParams(_Section):
+class TrainParams(Section):
     epochs: PositiveInt = 10                       # the most epochs; early stopping may choose fewer
     batch_size: PositiveInt = 1024
     lr: float = Field(0.003, gt=0)
@@ -61,7 +61,7 @@ class TrainParams(_Section):
     workers: PositiveInt = 1                       # data-parallel processes (torch DDP, gloo); 1: in process
 
 
-class EvaluateParams(_Section):
+class EvaluateParams(Section):
     ks: list[PositiveInt] = [20, 100]
     tail_share: float = Field(0.8, gt=0, lt=1)     # tail = the less popular share of the catalog
     ease: bool = True                               # compute the EASE baseline
