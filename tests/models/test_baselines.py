@@ -10,14 +10,20 @@ import pytest
 import torch
 
 from models.params import EvaluateParams
-from tests.test_train import synthetic_training_dir
+from training_data import synthetic_training_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
+
+
+def test_most_popular_scores_count_training_interactions():
+    from models.baselines import most_popular_scores
+
+    assert most_popular_scores(np.array([2, 2, 0, 2]), 4).tolist() == [1.0, 0.0, 3.0, 0.0]
 
 
 # --- EASE --------------------------------------------------------------------------------------
@@ -133,14 +139,15 @@ def _numpy_ease(lam: float):
 
 
 def test_lambda_tuning_picks_the_best_validation_ndcg(tmp_path):
-    from flows.stages.evaluate import ease_baseline, holdout
+    from models.baselines import ease_baseline
+    from models.holdout import catalog_task
     from models.split import temporal_split
 
     training, _ = synthetic_training_dir(tmp_path, n_users=150, n_items=80)
     examples = pd.read_parquet(training / "examples.parquet")
     items = pd.read_parquet(training / "items.parquet")
     cfg = EvaluateParams(ks=[10], ease_lambdas=[0.5, 5.0, 50.0, 5000.0])
-    out = ease_baseline(holdout(examples, items), examples, items, cfg, [10], training)
+    out = ease_baseline(cfg, catalog_task(examples, items), examples, items, [10])
     scan = out["ease_validation"]["by_lambda"]
     assert len(set(scan.values())) == 4, scan                     # λ matters on this data
     assert out["ease_lambda"] == max(cfg.ease_lambdas, key=lambda lam: scan[f"{lam:g}"])
@@ -159,13 +166,13 @@ def test_lambda_tuning_picks_the_best_validation_ndcg(tmp_path):
 
 
 def test_ease_is_skipped_above_the_catalog_limit(tmp_path):
-    from flows.stages.evaluate import ease_baseline, holdout
+    from models.baselines import ease_baseline
+    from models.holdout import catalog_task
 
     training, _ = synthetic_training_dir(tmp_path, n_users=40, n_items=30)
     examples = pd.read_parquet(training / "examples.parquet")
     items = pd.read_parquet(training / "items.parquet")
-    out = ease_baseline(holdout(examples, items), examples, items, EvaluateParams(ease_max_items=29),
-                        [20], training)
+    out = ease_baseline(EvaluateParams(ease_max_items=29), catalog_task(examples, items), examples, items, [20])
     assert out["ease_lambda"] is None
     assert "30 items > evaluate.ease_max_items=29" in out["ease"]["skipped"]
 
@@ -179,18 +186,18 @@ DEMO = ROOT / "data" / "training"
 def test_demo_protocol_reproduces_the_reference_figures():
     """The issue's reference implementation of this protocol measured on the demo split:
     MostPop R@20 0.0959 / NDCG@20 0.1132, EASE (λ=250) R@20 0.1961 / NDCG@20 0.2051 (tolerance ±0.005)."""
-    from flows.stages.evaluate import holdout
     from models.baselines import binary_matrix, ease_scorer, ease_weights, gram, most_popular_scores
+    from models.holdout import catalog_task
     from models.metrics import full_catalog_metrics
 
     examples = pd.read_parquet(DEMO / "examples.parquet", columns=["user_id", "item_id", "timestamp", "split"])
-    task = holdout(examples, pd.read_parquet(DEMO / "items.parquet", columns=["item_id"]))
-    n_users, n_items = len(task["queries"]), len(task["catalog"])
-    pop = most_popular_scores(task["train_cols"][task["train_cols"] >= 0], n_items)
-    b = ease_weights(gram(binary_matrix(*task["train_pairs"], task["train_pairs"][0].max() + 1, n_items)), 250.0)
+    task = catalog_task(examples, pd.read_parquet(DEMO / "items.parquet", columns=["item_id"]))
+    n_users, n_items = task.n_users, task.n_items
+    pop = most_popular_scores(task.train_cols[task.train_cols >= 0], n_items)
+    b = ease_weights(gram(binary_matrix(*task.train_pairs, task.train_pairs[0].max() + 1, n_items)), 250.0)
     scorers = {"most_popular": lambda s, e: pop.expand(e - s, -1),
-               "ease": ease_scorer(b, binary_matrix(*task["seen"], n_users, n_items))}
-    got = {name: full_catalog_metrics(fn, n_users, n_items, task["seen"], task["relevant"], [20])
+               "ease": ease_scorer(b, binary_matrix(*task.seen, n_users, n_items))}
+    got = {name: full_catalog_metrics(fn, n_users, n_items, task.seen, task.relevant, [20])
            for name, fn in scorers.items()}
     assert got["most_popular"]["recall@20"] == pytest.approx(0.0959, abs=0.005)
     assert got["most_popular"]["ndcg@20"] == pytest.approx(0.1132, abs=0.005)

@@ -1,4 +1,5 @@
-"""train → evaluate on synthetic taste-group data, reproducibility, and the inference bundle."""
+"""evaluate stage after train on synthetic taste-group data: the model beats most popular, same seed
+gives the same metrics, string ids, missing model; and the inference bundle it loads."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from flows.errors import MissingStageInput
+from flows.stages.evaluate import evaluate
+from models.inference import load_bundle
 from models.params import EvaluateParams, ModelParams, TrainParams
-from tests.test_train import SMALL_MODEL, run_sample_train, synthetic_training_dir
+from training_data import SMALL_MODEL, run_sample_train, synthetic_training_dir
 
 KS = EvaluateParams(ks=[10, 20])
 
@@ -19,17 +23,15 @@ def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
     """600 users (the taste groups need a few hundred users to be learnable beyond popularity)."""
     root = tmp_path_factory.mktemp("eval")
     training, schema = synthetic_training_dir(root, n_users=600)
-    cfg = TrainParams(epochs=8, batch_size=256, lr=0.005, threads=1, refit_full=False)
-    model_dir = run_sample_train(root, training, schema, seed=0, train_cfg=cfg)
+    train_cfg = TrainParams(epochs=8, batch_size=256, lr=0.005, threads=1, refit_full=False)
+    model_dir = run_sample_train(root, training, schema, seed=0, train_cfg=train_cfg)
     return root, training, model_dir
 
 
 def test_two_tower_beats_most_popular(trained):
-    from flows.stages.evaluate import evaluate
-
     root, training, model_dir = trained
     out = root / "reports" / "metrics.json"
-    result = evaluate(training, model_dir, KS, out)
+    result = evaluate(KS, training, model_dir, out)
     assert json.loads(out.read_text()) == result
     names = {f"{m}@{k}" for k in (10, 20) for m in ("recall", "ndcg", "hitrate", "coverage", "tail_recall")}
     assert set(result["two_tower"]) == set(result["most_popular"]) == set(result["ease"]) == names
@@ -49,22 +51,18 @@ def test_two_tower_beats_most_popular(trained):
 
 
 def test_same_seed_gives_identical_metrics(tmp_path):
-    from flows.stages.evaluate import evaluate
-
     training, schema = synthetic_training_dir(tmp_path / "data", n_users=120)
-    cfg = TrainParams(epochs=2, batch_size=128, threads=1, refit_full=False)
+    train_cfg = TrainParams(epochs=2, batch_size=128, threads=1, refit_full=False)
     runs = []
     for name in ("a", "b"):
-        model_dir = run_sample_train(tmp_path / name, training, schema, seed=5, train_cfg=cfg)
-        runs.append(evaluate(training, model_dir, KS, tmp_path / name / "metrics.json"))
+        model_dir = run_sample_train(tmp_path / name, training, schema, seed=5, train_cfg=train_cfg)
+        runs.append(evaluate(KS, training, model_dir, tmp_path / name / "metrics.json"))
     assert runs[0] == runs[1]
-    other = run_sample_train(tmp_path / "c", training, schema, seed=6, train_cfg=cfg)
-    assert evaluate(training, other, KS, tmp_path / "c" / "metrics.json") != runs[0]
+    other = run_sample_train(tmp_path / "c", training, schema, seed=6, train_cfg=train_cfg)
+    assert evaluate(KS, training, other, tmp_path / "c" / "metrics.json") != runs[0]
 
 
 def test_bundle_encodes_unknown_users_and_items(trained):
-    from models.inference import load_bundle
-
     _, training, model_dir = trained
     bundle = load_bundle(model_dir / "eval")
     assert bundle.dim == SMALL_MODEL.dim
@@ -90,14 +88,11 @@ def test_bundle_encodes_unknown_users_and_items(trained):
 
 
 def test_string_ids_train_and_evaluate(tmp_path):
-    from flows.stages.evaluate import evaluate
-    from models.inference import load_bundle
-
     training, schema = synthetic_training_dir(tmp_path / "data", n_users=60, string_ids=True)
-    cfg = TrainParams(epochs=1, batch_size=128, threads=1)
-    model_dir = run_sample_train(tmp_path, training, schema, seed=0, train_cfg=cfg,
-                                 model=ModelParams(dim=8, embedding_dim=8, hidden=[8], user_id_embedding=True))
-    result = evaluate(training, model_dir, KS, tmp_path / "metrics.json")
+    train_cfg = TrainParams(epochs=1, batch_size=128, threads=1)
+    model_dir = run_sample_train(tmp_path, training, schema, seed=0, train_cfg=train_cfg,
+                                 model_cfg=ModelParams(dim=8, embedding_dim=8, hidden=[8], user_id_embedding=True))
+    result = evaluate(KS, training, model_dir, tmp_path / "metrics.json")
     assert result["n_users"] > 0 and 0 <= result["two_tower"]["recall@20"] <= 1
     bundle = load_bundle(model_dir / "full")
     vecs = bundle.encode_users(pd.DataFrame({"user_id": ["u9999"], "recent_items": [["i0001"]]}))
@@ -105,70 +100,6 @@ def test_string_ids_train_and_evaluate(tmp_path):
 
 
 def test_evaluate_reports_a_missing_model(trained, tmp_path):
-    from flows.errors import MissingStageInput
-    from flows.stages.evaluate import evaluate
-
     _, training, _ = trained
     with pytest.raises(MissingStageInput, match="model.pt"):
-        evaluate(training, tmp_path / "no-model", KS, tmp_path / "metrics.json")
-
-
-def test_ablation_runner_writes_a_mean_std_table(tmp_path):
-    """Two rows + one row whose param does not exist, 1 epoch, 2 seeds, on tiny synthetic data."""
-    import shutil
-
-    from flows.params import Params
-    from models.ablation import AblationRow, ablate
-
-    training, schema = synthetic_training_dir(tmp_path / "data", n_users=80, n_items=60, with_logs=True)
-    ingested = tmp_path / "data" / "ingested"   # what sample/train read besides data/training
-    ingested.mkdir()
-    shutil.move(schema, ingested / "schema.json")
-    shutil.copy(tmp_path / "data" / "source" / "ranking_logs.parquet", ingested / "ranking_logs.parquet")
-    raw = Params().model_dump(mode="json")
-    raw["paths"].update(ingested="data/ingested", training="data/training")
-    raw["model"].update(dim=8, embedding_dim=8, hidden=[8])
-    raw["train"].update(epochs=1, batch_size=128, threads=1)
-    raw["evaluate"].update(ks=[20], ease_lambdas=[10.0, 100.0])
-    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    rows = [AblationRow("baseline"), AblationRow("no_logq", ["train.logq=false"]),
-            AblationRow("future", ["train.no_such_knob=1"]), AblationRow("same", ["train.logq=true"])]
-    logs: list[str] = []
-    summary = ablate(raw, tmp_path, tmp_path / "reports", seeds=[0, 1], rows=rows, log=logs.append)
-
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "reports" not in p.parts) == before
-    saved = json.loads((tmp_path / "reports" / "ablation.json").read_text())
-    assert saved == summary
-    ok = {r["name"]: r for r in summary["rows"] if r["status"] == "ok"}
-    assert set(ok) == {"baseline", "no_logq"}
-    for row in ok.values():
-        assert [r["seed"] for r in row["runs"]] == [0, 1]
-        for c in ("recall", "ndcg", "tail_recall", "train_seconds"):
-            values = [r[c] for r in row["runs"]]
-            assert row["mean"][c] == pytest.approx(np.mean(values), abs=1e-6)
-            assert row["std"][c] == pytest.approx(np.std(values, ddof=1), abs=1e-6)
-    # seeds change the model: the two runs of a row differ
-    assert ok["baseline"]["runs"][0]["ndcg"] != ok["baseline"]["runs"][1]["ndcg"]
-    skipped = next(r for r in summary["rows"] if r["name"] == "future")
-    assert skipped["status"] == "skipped" and "no_such_knob" in skipped["reason"]
-    same = next(r for r in summary["rows"] if r["name"] == "same")
-    assert same["status"] == "skipped" and "baseline" in same["reason"]
-    assert set(summary["baselines"]) >= {"most_popular", "ease", "ease_lambda"}
-
-    table = (tmp_path / "reports" / "ablation.md").read_text()
-    assert "| row | overrides | R@20 | NDCG@20 | tail R@20 | train s |" in table
-    line = next(ln for ln in table.splitlines() if ln.startswith("| no_logq "))
-    assert line.count(" ± ") == 4 and "`train.logq=false`" in line
-    assert "| future |" in table and "skipped" in table
-    assert any(ln.startswith("| ease (λ=") for ln in table.splitlines())
-
-
-def test_default_ablation_rows_name_existing_params():
-    from flows.params import Params, apply_overrides, validate_params
-    from models.ablation import default_rows
-
-    raw = Params().model_dump(mode="json")
-    rows = default_rows(Params())
-    assert rows[0].name == "baseline" and len({r.name for r in rows}) == len(rows)
-    for row in rows:
-        validate_params(apply_overrides(raw, row.overrides), origin=row.name)  # raises on an unknown key
+        evaluate(KS, training, tmp_path / "no-model", tmp_path / "metrics.json")
