@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from models.errors import ModelInputError
 
@@ -227,8 +228,6 @@ def longest_list(chunks: Iterable) -> int:
 
 def parquet_column(path: Path, column: str, batch_rows: int) -> Iterator[pa.Array]:
     """One column of a parquet file, batch_rows rows at a time (nothing when it has no such column)."""
-    import pyarrow.parquet as pq
-
     f = pq.ParquetFile(path)
     if column in f.schema_arrow.names:
         yield from (b.column(0) for b in f.iter_batches(batch_size=batch_rows, columns=[column]))

@@ -91,6 +91,7 @@ class BatchLoss:
         """InfoNCE between two masked views of an item batch drawn closer to uniform than the stream."""
         n = min(self.train_cfg.ssl_batch_size, int((self.ssl_p > 0).sum()))
         idx = torch.multinomial(self.ssl_p, n, replacement=False, generator=gen)   # (S,) distinct items
+        assert self.augmenter is not None, "ssl_loss needs an augmenter (make_augmenter)"
         v1, v2 = self.augmenter.views(gather(self.stream.items, idx), gen)
         return info_nce(model.encode_items(v1), model.encode_items(v2), self.train_cfg.ssl_temperature)
 

@@ -104,7 +104,7 @@ class FitResult:
 
     def summary(self, n_examples: int) -> dict:
         total = sum(self.seconds)
-        out = {
+        out: dict[str, Any] = {
             "final_loss": round(self.losses[-1], 6) if self.losses else None,
             "examples": n_examples,
             "epochs": len(self.losses),

@@ -128,7 +128,7 @@ def _fit_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: in
         result = fit(stream, tower_cfg, train_cfg, seed, epochs=epochs, validation=task, checkpoint=checkpoint,
                      log=log, dist=dist)
     metrics = result.summary(len(stream)) | stream.hard_negative_summary()
-    val = result.val_ndcg or [None] * len(result.losses)
+    val: list[float | None] = [*result.val_ndcg] or [None] * len(result.losses)
     curve = [(e + 1, round(loss, 6), None if v is None else round(v, 6))
              for e, (loss, v) in enumerate(zip(result.losses, val))]
     return _Run(encoder=encoder, result=result, metrics=metrics, curve=curve)

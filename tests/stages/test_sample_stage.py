@@ -17,10 +17,10 @@ def training(tmp_path_factory) -> Path:
 
 
 def test_sample_is_deterministic_and_downsamples_popular_items(training, tmp_path):
-    cfg = SampleParams(popular_threshold=0.005)
-    a = run_sample(training, tmp_path / "a", cfg, 7)
-    b = run_sample(training, tmp_path / "b", cfg, 7)
-    run_sample(training, tmp_path / "c", cfg, 8)
+    sample_cfg = SampleParams(popular_threshold=0.005)
+    a = run_sample(training, tmp_path / "a", sample_cfg, 7)
+    b = run_sample(training, tmp_path / "b", sample_cfg, 7)
+    run_sample(training, tmp_path / "c", sample_cfg, 8)
     assert a == b
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a/full.parquet"),
                                   pd.read_parquet(tmp_path / "b/full.parquet"))
