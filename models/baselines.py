@@ -4,13 +4,21 @@ EASE (Steck 2019, "Embarrassingly Shallow Autoencoders for Sparse Data"): an ite
 B = argmin ||X - XB||² + λ||B||² with diag(B) = 0, solved in closed form from P = (XᵀX + λI)⁻¹ as
 B = -P / diag(P) (column-wise), diag(B) = 0; a user's scores are x_u B. X is the binary user × item
 matrix of the training part. A strong baseline on implicit feedback, but it needs a dense items × items
-inverse: O(I²) memory and O(I³) time, hence the catalog-size guard in the evaluate stage.
+inverse: O(I²) memory and O(I³) time, hence the catalog-size guard (evaluate.ease_max_items).
+λ is picked by validation NDCG on the training part's own temporal split (`ease_baseline`).
 """
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
+
+from models.errors import ModelInputError
+from models.holdout import CatalogTask, catalog_task
+from models.metrics import METRICS, full_catalog_metrics, rounded
+from models.params import EvaluateParams
+from models.split import temporal_split
 
 # Above this many items the Gram matrix and its inverse are kept in float32: half the memory (2 × I² × 4
 # bytes), and XᵀX + λI with λ ≥ 1 is well conditioned enough that float32 loses nothing at top-K.
@@ -70,3 +78,54 @@ def ease_scorer(b: np.ndarray, user_items: sp.csr_matrix):  # noqa: ANN201
     def scores(start: int, end: int) -> torch.Tensor:
         return torch.from_numpy(np.asarray(user_items[start:end] @ b, dtype=np.float32))
     return scores
+
+
+def _n_rows(codes: np.ndarray) -> int:
+    return int(codes.max()) + 1 if len(codes) else 0
+
+
+def _fitted_weights(task: CatalogTask, lam: float) -> np.ndarray:
+    """EASE's B fitted on the task's training pairs."""
+    return ease_weights(gram(binary_matrix(*task.train_pairs, _n_rows(task.train_pairs[0]), task.n_items)), lam)
+
+
+def _lambda_scan(eval_cfg: EvaluateParams, examples: pd.DataFrame, items: pd.DataFrame, k: int) -> tuple[float, dict]:
+    """(best λ, the validation figures): NDCG@k of each λ in eval_cfg.ease_lambdas on each user's last
+    share of training rows (the test split's rules), fitted on the rest."""
+    train = examples[examples["split"] == "train"].reset_index(drop=True)
+    val = catalog_task(train.assign(split=temporal_split(train, eval_cfg.validation)), items)
+    tune_at = f"ndcg@{k}"
+    scan: dict[str, float] = {}
+    if val.n_users > 0 and len(eval_cfg.ease_lambdas) > 1:
+        g = gram(binary_matrix(*val.train_pairs, _n_rows(val.train_pairs[0]), val.n_items))
+        queries = binary_matrix(*val.seen, val.n_users, val.n_items)
+        for lam in eval_cfg.ease_lambdas:
+            m = full_catalog_metrics(ease_scorer(ease_weights(g, lam), queries), val.n_users, val.n_items,
+                                     val.seen, val.relevant, [k], metrics=("ndcg",))
+            scan[f"{lam:g}"] = round(m[tune_at], 6)
+        best = max(eval_cfg.ease_lambdas, key=lambda lam: scan[f"{lam:g}"])   # first of equal scores
+    else:
+        best = eval_cfg.ease_lambdas[0]
+    return best, {"metric": tune_at, "users": val.n_users, "by_lambda": scan}
+
+
+def ease_baseline(eval_cfg: EvaluateParams, task: CatalogTask, examples: pd.DataFrame, items: pd.DataFrame,
+                  ks: list[int]) -> dict:
+    """EASE with λ picked by validation NDCG@ks[0] on a split carved from the training part, refit on
+    the whole training part: {"ease": metrics, "ease_lambda", "ease_validation"}. Skipped (with the
+    reason) when eval_cfg.ease is off or the catalog is above eval_cfg.ease_max_items."""
+    n_items = task.n_items
+    if not eval_cfg.ease or n_items > eval_cfg.ease_max_items:
+        reason = ("evaluate.ease is false" if not eval_cfg.ease else
+                  f"catalog has {n_items} items > evaluate.ease_max_items={eval_cfg.ease_max_items} (the closed "
+                  f"form needs ~{ease_memory_gb(n_items):.1f} GB and O(items³) time)")
+        return {"ease": {"skipped": reason}, "ease_lambda": None}
+    if "timestamp" not in examples.columns:
+        raise ModelInputError("column 'timestamp' is needed to carve EASE's validation split "
+                              "(or set evaluate.ease: false)")
+    best, validation = _lambda_scan(eval_cfg, examples, items, ks[0])
+    queries = binary_matrix(*task.seen, task.n_users, n_items)
+    metrics = full_catalog_metrics(ease_scorer(_fitted_weights(task, best), queries), task.n_users, n_items,
+                                   task.seen, task.relevant, ks, metrics=METRICS, tail=task.tail(eval_cfg.tail_share))
+    # no timings here: metrics.json is a DVC metric, and equal inputs must give an equal file
+    return {"ease": rounded(metrics), "ease_lambda": best, "ease_validation": validation}

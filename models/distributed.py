@@ -1,17 +1,19 @@
 """Data-parallel training: torch DistributedDataParallel over processes, gloo backend (CPU).
 
-`fit` (models/training.py) comes here in two cases:
-- `train.workers: N > 1` in one process: `spawn_fit` starts N processes with torch.multiprocessing.spawn
-  (the pre-encoded stream travels through shared memory, not as copies), each joins a gloo group
-  through the torch.distributed env:// variables and runs `fit` as its rank;
-- a process already in a group (one of those, or a torchrun launch across machines, which sets
-  MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE itself): `fit` trains the rank's shard.
+Two ways in, both running the one training loop (models.training.fit) with a GroupContext:
+- `train.workers: N > 1`: the train stage calls `spawn_fit`, which starts N processes with
+  torch.multiprocessing.spawn (the pre-encoded stream travels through shared memory or as the paths of
+  its memory maps, not as copies); each joins a gloo group through the torch.distributed env://
+  variables and runs `fit` as its rank;
+- a torchrun launch across machines (it sets MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE itself): the train
+  stage runs in every process, `join_launched_group` joins the group and returns the rank's context.
 
 Per epoch every rank draws the same seeded permutation and takes a disjoint strided shard of it
 (padded to equal length, like DistributedSampler, because every rank must take the same number of
 steps). `train.batch_size` is per process, so one step sees workers × batch_size examples.
 In-batch softmax under DDP: each rank's negatives are its local batch only (gathering the candidate
 embeddings across ranks would give every row workers × more negatives; left for later).
+This module imports models.training; models.training never imports it.
 """
 from __future__ import annotations
 
@@ -20,77 +22,73 @@ import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
-if TYPE_CHECKING:
-    import torch
-
-    from models.early_stopping import ValidationTask
-    from models.params import TrainParams
-    from models.towers import TwoTower, TwoTowerConfig
-    from models.training import BatchLoss, FitResult, TrainingStream
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the initialized process group, (0, 1) outside one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from models.early_stopping import ValidationTask
+from models.objective import BatchLoss
+from models.params import TrainParams
+from models.stream import TrainingStream
+from models.towers import TwoTower, TwoTowerConfig
+from models.training import DistContext, FitResult, Step, check_stream, fit
 
 
-def shard(perm: "torch.Tensor", rank: int, world: int) -> "torch.Tensor":
+def shard(perm: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """This rank's part of an epoch's permutation: every world-th index from `rank`, after padding the
     permutation with its own head to a multiple of world (a few examples are seen twice per epoch)."""
-    import torch
-
     pad = (-len(perm)) % world
     return torch.cat([perm, perm[:pad]])[rank::world]
 
 
-def rank_generator(seed: int, epoch: int, rank: int) -> "torch.Generator":
-    import torch
-
+def rank_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
     state = np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
 
 
-def sum_over_ranks(*values: float) -> list[float]:
-    import torch
-    import torch.distributed as dist
+class _LossModule(torch.nn.Module):
+    """The whole batch loss as the forward of one module: the towers, the extra negatives and the SSL
+    views all run inside it, so DDP sees one forward per backward and every parameter is used in each
+    step (no find_unused_parameters, which costs a graph traversal per step)."""
 
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
+    def __init__(self, model: TwoTower, batch_loss: BatchLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.batch_loss = batch_loss
 
-
-def from_rank0(values: list[Any]) -> list[Any]:
-    """Rank 0's values on every rank (e.g. the early-stopping decision)."""
-    import torch.distributed as dist
-
-    dist.broadcast_object_list(values, src=0)
-    return values
+    def forward(self, b: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return self.batch_loss(self.model, b, gen)
 
 
-def parallel_step(model: "TwoTower", batch_loss: "BatchLoss") -> Callable[..., "torch.Tensor"]:
-    """The whole batch loss as the forward of one DDP module: the towers, the extra negatives and the
-    SSL views all run inside it, so DDP sees one forward per backward and every parameter is used in
-    each step (no find_unused_parameters, which costs a graph traversal per step)."""
-    import torch
-    from torch.nn.parallel import DistributedDataParallel
+class GroupContext(DistContext):
+    """One rank of an initialized gloo process group."""
 
-    class LossModule(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
 
-        def forward(self, b: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-            return batch_loss(self.model, b, gen)
+    def shard(self, perm: torch.Tensor) -> torch.Tensor:
+        return shard(perm, self.rank, self.world)
 
-    return DistributedDataParallel(LossModule())
+    def sampler(self, seed: int, epoch: int, gen: torch.Generator) -> torch.Generator:
+        # each rank draws its own negatives and SSL items; seeded per (seed, epoch, rank), so a
+        # resumed run draws what the uninterrupted one did without saving every rank's state
+        return rank_generator(seed, epoch, self.rank)
+
+    def step(self, model: TwoTower, batch_loss: BatchLoss) -> Step:
+        return DistributedDataParallel(_LossModule(model, batch_loss))
+
+    def sum(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def broadcast(self, values: list[Any]) -> list[Any]:
+        dist.broadcast_object_list(values, src=0)
+        return values
 
 
 def free_port() -> int:
@@ -99,66 +97,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_fit(stream: "TrainingStream", config: "TwoTowerConfig", cfg: "TrainParams", seed: int,
-              epochs: int | None, validation: "ValidationTask | None", checkpoint: Path | None,
-              log: Callable[[str], None] | None, on_epoch: Callable[[int], None] | None) -> "FitResult":
-    """Run fit in cfg.workers processes; returns rank 0's result (its model equals every rank's).
+def spawn_fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: TrainParams, seed: int,
+              epochs: int | None = None, validation: ValidationTask | None = None, checkpoint: Path | None = None,
+              log: Callable[[str], None] | None = None, on_epoch: Callable[[int], None] | None = None) -> FitResult:
+    """Run fit in train_cfg.workers processes; returns rank 0's result (its model equals every rank's).
     log and on_epoch must be picklable (module-level functions or instances); only rank 0 calls them."""
-    import torch
-    import torch.multiprocessing as mp
-
-    from models.towers import TwoTower
-    from models.training import FitResult
-
+    check_stream(stream)
     port = int(os.environ.get("MASTER_PORT") or free_port())
     with tempfile.TemporaryDirectory(prefix="towerflow-ddp-") as tmp:
         out = Path(tmp) / "result.pt"
-        mp.spawn(_worker, nprocs=cfg.workers, join=True,
-                 args=(cfg.workers, port, out, stream, config, cfg, seed, epochs, validation, checkpoint,
-                       log, on_epoch))
+        mp.spawn(_worker, nprocs=train_cfg.workers, join=True,
+                 args=(train_cfg.workers, port, out, stream, tower_cfg, train_cfg, seed, epochs, validation,
+                       checkpoint, log, on_epoch))
         state = torch.load(out, map_location="cpu", weights_only=False)
-    model = TwoTower(config)
+    model = TwoTower(tower_cfg)
     model.load_state_dict(state.pop("model"))
     model.eval()
     return FitResult(model=model, **state)
 
 
-def _worker(rank: int, world: int, port: int, out: Path, stream: "TrainingStream", config: "TwoTowerConfig",
-            cfg: "TrainParams", seed: int, epochs: int | None, validation: "ValidationTask | None",
+def _worker(rank: int, world: int, port: int, out: Path, stream: TrainingStream, tower_cfg: TwoTowerConfig,
+            train_cfg: TrainParams, seed: int, epochs: int | None, validation: ValidationTask | None,
             checkpoint: Path | None, log: Callable[[str], None] | None,
             on_epoch: Callable[[int], None] | None) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from models.training import fit
-
     os.environ.update(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(port),
                       RANK=str(rank), WORLD_SIZE=str(world))
     # the processes share the machine's cores: threads per rank split train.threads between them
-    torch.set_num_threads(max(1, cfg.threads // world))
+    torch.set_num_threads(max(1, train_cfg.threads // world))
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
     try:
-        result = fit(stream, config, cfg, seed, epochs, validation, checkpoint, log, on_epoch)
+        result = fit(stream, tower_cfg, train_cfg, seed, epochs, validation, checkpoint, log, on_epoch,
+                     dist=GroupContext(rank, world))
         if rank == 0:
-            torch.save({"model": result.model.state_dict(), "losses": result.losses, "seconds": result.seconds,
-                        "val_ndcg": result.val_ndcg, "best_epoch": result.best_epoch,
-                        "stopped_early": result.stopped_early, "resumed_from": result.resumed_from,
-                        "notes": result.notes}, out)
+            torch.save({"model": result.model.state_dict(), **result.progress(),
+                        "resumed_from": result.resumed_from, "notes": result.notes}, out)
     finally:
         dist.destroy_process_group()
 
 
-def join_launched_group(cfg: "TrainParams") -> int:
+def join_launched_group(train_cfg: TrainParams) -> DistContext:
     """Inside a torchrun launch (RANK and WORLD_SIZE set, world > 1), join its gloo group once and
-    return this process's rank; else 0. The train stage then trains each rank's shard in place and
-    writes its outputs from rank 0 only."""
-    import torch
-    import torch.distributed as dist
-
+    return this rank's context; else the one-process context. The train stage then trains each
+    rank's shard in place and writes its outputs from rank 0 only."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or "RANK" not in os.environ:
-        return 0
+        return DistContext()
     if not dist.is_initialized():
-        torch.set_num_threads(max(1, cfg.threads // world))
+        torch.set_num_threads(max(1, train_cfg.threads // world))
         dist.init_process_group("gloo", init_method="env://")
-    return dist.get_rank()
+    return GroupContext(dist.get_rank(), dist.get_world_size())

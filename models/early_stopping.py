@@ -1,9 +1,9 @@
 """The validation split that early stopping watches, and its small full-catalog ranking eval.
 
 Carved from the training part with the same temporal protocol as the test split
-(models.split.temporal_split): each user's last `fraction` of training interactions. The query is the
-user's first validation example (its features and recent_items, all history before it), items of the
-user's remaining training rows are excluded, and the validation items are the ones to find.
+(models.split.temporal_split): each user's last `fraction` of training interactions. The task is the
+test split's (models.holdout): the query is the user's first validation example, items of the user's
+remaining training rows are excluded, and the validation items are the ones to find.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import pandas as pd
 import torch
 
 from models.encoding import FeatureEncoder
+from models.holdout import Pairs, holdout
+from models.metrics import full_catalog_metrics
 from models.params import SplitParams
 from models.split import temporal_split
 from models.towers import Batch, TwoTower
@@ -37,8 +39,8 @@ def outside(rows: pd.DataFrame, held_out: pd.DataFrame) -> np.ndarray:
 @dataclass
 class ValidationTask:
     users: Batch                                  # (U, ...) encoded query rows
-    seen: tuple[np.ndarray, np.ndarray]           # (user row, item index) pairs excluded from ranking
-    relevant: tuple[np.ndarray, np.ndarray]       # (user row, item index) pairs to find
+    seen: Pairs                                   # (user row, item index) pairs excluded from ranking
+    relevant: Pairs                               # (user row, item index) pairs to find
     n_items: int                                  # item-vocabulary size (index 0 = OOV is excluded)
 
     @property
@@ -48,30 +50,24 @@ class ValidationTask:
     @classmethod
     def build(cls, encoder: FeatureEncoder, fit_rows: pd.DataFrame, val_rows: pd.DataFrame) -> "ValidationTask | None":
         """None when no user has a validation item outside their fitting rows."""
-        n_items = encoder.item_ids.size
-        seen = pd.DataFrame({"user_id": fit_rows["user_id"].to_numpy(), "col": encoder.item_ids.lookup(fit_rows["item_id"])})
-        target = pd.DataFrame({"user_id": val_rows["user_id"].to_numpy(), "col": encoder.item_ids.lookup(val_rows["item_id"])})
-        seen, target = seen[seen["col"] > 0].drop_duplicates(), target[target["col"] > 0].drop_duplicates()
-        target = target.merge(seen, how="left", indicator=True).query("_merge == 'left_only'").drop(columns="_merge")
-        queries = val_rows.sort_values("timestamp", kind="stable").drop_duplicates("user_id", keep="first")
-        queries = queries[queries["user_id"].isin(target["user_id"])].reset_index(drop=True)
-        if len(queries) == 0:
+        def column(ids: pd.Series) -> np.ndarray:     # item-vocabulary index; OOV (0) cannot be ranked
+            idx = encoder.item_ids.lookup(ids)
+            return np.where(idx > 0, idx, -1)
+
+        task = holdout(fit_rows, val_rows, column)
+        n_queries = len(task.queries)
+        if n_queries == 0:
             return None
-        row = pd.Index(queries["user_id"])
-        seen = seen[seen["user_id"].isin(row)]
-        users = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in encoder.encode_users(queries).items()}
+        users = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in encoder.encode_users(task.queries).items()}
         # the OOV column is never a recommendation: exclude it for every user
-        oov_rows = np.arange(len(queries))
+        oov_rows = np.arange(n_queries)
         return cls(users=users,
-                   seen=(np.concatenate([row.get_indexer(seen["user_id"]), oov_rows]),
-                         np.concatenate([seen["col"].to_numpy(), np.zeros(len(queries), np.int64)])),
-                   relevant=(row.get_indexer(target["user_id"]), target["col"].to_numpy()),
-                   n_items=n_items)
+                   seen=(np.concatenate([task.seen[0], oov_rows]),
+                         np.concatenate([task.seen[1], np.zeros(n_queries, np.int64)])),
+                   relevant=task.relevant, n_items=encoder.item_ids.size)
 
     def ndcg(self, model: TwoTower, catalog: Batch, k: int = 20) -> float:
         """Mean NDCG@k over the validation users, ranking the whole item vocabulary."""
-        from models.metrics import full_catalog_metrics
-
         was_training = model.training
         model.eval()
         with torch.no_grad():

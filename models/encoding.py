@@ -16,12 +16,21 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from features.definitions import is_count_column
-from flows.errors import DataContractError
+from models.errors import ModelInputError
 
 HISTORY_COLUMN = "recent_items"
 OOV = 0
+INTERACTIONS_TOTAL = "interactions_total"
+
+
+def is_count_column(name: str) -> bool:
+    """A user behaviour count (interactions_total, interactions_<w>d) that the user tower reads
+    log-scaled. The rule lives here, in the bottom layer: the feature views that write these columns
+    (features/) sit above the model library and follow it."""
+    return name == INTERACTIONS_TOTAL or (name.startswith("interactions_") and name.endswith("d")
+                                          and name[len("interactions_"):-1].isdigit())
 
 
 def _category_keys(values: pd.Series) -> pd.Series:
@@ -123,7 +132,7 @@ def _flatten_lists(values: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray
     if not pa.types.is_list(arr.type) and not pa.types.is_large_list(arr.type):
         if len(arr) == 0 or arr.null_count == len(arr):
             return pd.Series([], dtype=object), np.zeros(0, np.int64), np.zeros(0, np.int64)
-        raise DataContractError(f"expected a list column, got values of type {arr.type}")
+        raise ModelInputError(f"expected a list column, got values of type {arr.type}")
     flat = arr.flatten()
     parents = pc.list_parent_indices(arr).to_numpy().astype(np.int64)
     lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int64)
@@ -160,7 +169,7 @@ class SideEncoder:
         cols = {k: list(kinds.get(k) or []) for k in ("categorical", "numeric", "multi")}
         missing = [c for cs in cols.values() for c in cs if c not in frame.columns]
         if missing:
-            raise DataContractError(f"{what}: feature columns {missing} listed in schema.json are missing")
+            raise ModelInputError(f"{what}: feature columns {missing} listed in schema.json are missing")
         multi = {}
         for c in cols["multi"]:
             flat, _, _ = _flatten_lists(frame[c])
@@ -219,8 +228,6 @@ def longest_list(chunks: Iterable) -> int:
 
 def parquet_column(path: Path, column: str, batch_rows: int) -> Iterator[pa.Array]:
     """One column of a parquet file, batch_rows rows at a time (nothing when it has no such column)."""
-    import pyarrow.parquet as pq
-
     f = pq.ParquetFile(path)
     if column in f.schema_arrow.names:
         yield from (b.column(0) for b in f.iter_batches(batch_size=batch_rows, columns=[column]))
@@ -257,7 +264,7 @@ class FeatureEncoder:
         for frame, col, what in ((items, "item_id", "items.parquet"), (examples, "user_id", "examples.parquet"),
                                  (examples, "item_id", "examples.parquet")):
             if col not in frame.columns:
-                raise DataContractError(f"{what}: required column '{col}' is missing")
+                raise ModelInputError(f"{what}: required column '{col}' is missing")
         item_kind = _id_kind(schema.get("item_id_dtype", "string"))
         all_items = pd.concat([items["item_id"], examples["item_id"]], ignore_index=True)
         # one row per user (its latest features), so min_count counts users, not interactions

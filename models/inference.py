@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from flows.errors import MissingStageInput
+from models.checkpoint import load_model
 from models.encoding import FeatureEncoder
-from models.towers import TwoTower, TwoTowerConfig
+from models.towers import TwoTower
 
 
 class TwoTowerBundle:
@@ -43,11 +43,7 @@ class TwoTowerBundle:
 
 
 def load_bundle(model_dir: Path) -> TwoTowerBundle:
-    """Load model_dir/model.pt + encoder.json (model_dir = artifacts/model/eval or .../full)."""
-    for name in ("model.pt", "encoder.json"):
-        if not (model_dir / name).exists():
-            raise MissingStageInput(f"{model_dir / name}: not found; run the train stage first")
-    saved = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
-    model = TwoTower(TwoTowerConfig(**saved["config"]))
-    model.load_state_dict(saved["state_dict"])
-    return TwoTowerBundle(model, FeatureEncoder.load(model_dir / "encoder.json"))
+    """Load model_dir/model.pt + encoder.json (model_dir = artifacts/model/eval or .../full); raises
+    models.errors.ModelNotFound when either file is missing."""
+    model, encoder = load_model(model_dir)
+    return TwoTowerBundle(model, encoder)

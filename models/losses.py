@@ -5,37 +5,53 @@ import torch
 import torch.nn.functional as F
 
 
+def in_batch_logits(
+    q: torch.Tensor,
+    c: torch.Tensor,
+    temperature: torch.Tensor | float,
+    item_ids: torch.Tensor | None = None,
+    log_q: torch.Tensor | None = None,
+    also_positive: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In-batch negatives: row i's positive is item i, the other positives of the batch are its
+    negatives. Returns (pos (B,), neg (B, B), valid (B, B)) for the losses below.
+
+    q (B, D) user embeddings, c (B, D) their positive items' embeddings.
+    item_ids (B,): columns holding the same item as row i's positive (its own column included) are
+    not negatives; None: only its own column is excluded.
+    log_q (B,): log of each batch item's expected count among a row's in-batch negatives. Popular
+    items turn up as negatives more often than a full softmax would weigh them, so their logits are
+    lowered by log Q (Yi et al. 2019, "Sampling-bias-corrected neural modeling", RecSys); the same
+    correction of the positive keeps the estimator consistent.
+    also_positive (B, B) bool: column j is another positive of row i's user (an accidental hit).
+    """
+    pos = (q * c).sum(dim=1) / temperature                          # (B,)
+    neg = q @ c.T / temperature                                     # (B, B)
+    if item_ids is None:
+        valid = ~torch.eye(len(q), dtype=torch.bool, device=q.device)               # (B, B)
+    else:
+        valid = item_ids.unsqueeze(0) != item_ids.unsqueeze(1)                      # (B, B)
+    if also_positive is not None:
+        valid = valid & ~also_positive
+    if log_q is not None:
+        neg = neg - log_q.unsqueeze(0)                              # (B, B)
+        pos = pos - log_q                                           # (B,)
+    return pos, neg, valid
+
+
 def in_batch_softmax(
     q: torch.Tensor,
     c: torch.Tensor,
-    temperature: float,
+    temperature: torch.Tensor | float,
     item_ids: torch.Tensor | None = None,
     log_q: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    also_positive: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sampled softmax where the other positives of the batch are the negatives.
-
-    q (B, D) user embeddings, c (B, D) their positive items' embeddings; row i's label is column i.
-    log_q (B,): log of each batch item's sampling probability in the training stream. Popular items
-    turn up as negatives more often than a full softmax would weigh them, so their logits are lowered
-    by log Q (Yi et al. 2019, "Sampling-bias-corrected neural modeling", RecSys; the same correction
-    for the positive column keeps the estimator consistent).
-    item_ids (B,): columns holding the same item as row i's positive are accidental hits, not
-    negatives, and are masked out.
-    weights (B,): per-example weights; the loss is their weighted mean.
-    """
-    logits = q @ c.T / temperature                                  # (B, B)
-    if log_q is not None:
-        logits = logits - log_q.unsqueeze(0)                        # (B, B)
-    if item_ids is not None:
-        same = item_ids.unsqueeze(0) == item_ids.unsqueeze(1)       # (B, B)
-        hit = same & ~torch.eye(len(item_ids), dtype=torch.bool, device=same.device)
-        logits = logits.masked_fill(hit, float("-inf"))             # (B, B)
-    labels = torch.arange(q.shape[0], device=q.device)              # (B,)
-    loss = F.cross_entropy(logits, labels, reduction="none")        # (B,)
-    if weights is None:
-        return loss.mean()
-    return (loss * weights).sum() / weights.sum().clamp(min=1e-12)
+    """Sampled softmax over in-batch negatives (see in_batch_logits); weights (B,): per-example
+    weights, the loss is their weighted mean. The trainer's listwise loss without extra negatives."""
+    pos, neg, valid = in_batch_logits(q, c, temperature, item_ids, log_q, also_positive)
+    return sampled_softmax(pos, neg, valid, weights)
 
 
 # --- losses over a positive and a set of negatives per example ---------------------------------

@@ -135,3 +135,8 @@ def full_catalog_metrics(
             else:
                 out[name] = sums.get(name, 0.0) / max(counts.get(name, 0), 1)
     return out
+
+
+def rounded(metrics: dict[str, float], digits: int = 6) -> dict[str, float]:
+    """Figures as written to reports (equal inputs give an equal file)."""
+    return {k: round(v, digits) for k, v in metrics.items()}

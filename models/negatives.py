@@ -24,8 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flows.errors import DataContractError
+from models.errors import ModelInputError
 
+HARD_NEGATIVES_COLUMN = "hard_negatives"   # list column of the sampled streams: item ids per example
 LOG_COLUMNS = ["request_id", "user_id", "item_id", "timestamp", "stage", "clicked"]
 READ_BATCH_ROWS = 1 << 20   # rows per parquet batch: bounds the transient memory of reading the logs
 
@@ -57,16 +58,22 @@ class NegativePool:
     def empty(self) -> bool:
         return len(self.request) == 0
 
+    @classmethod
+    def none(cls) -> "NegativePool":
+        """No log rows: every example gets an empty list of hard negatives."""
+        empty = pd.Series([], dtype=object)
+        return cls(request=np.zeros(0, np.int64), user=empty, item=empty, request_user=empty,
+                   request_time=empty, log_rows=0)
+
 
 def load_negative_pool(logs_path: Path, include_shown_unclicked: bool = False) -> NegativePool:
     """Read the negative-stage rows of ranking_logs.parquet batch by batch (the file can be large)."""
     if not logs_path.exists():
-        raise DataContractError(f"{logs_path}: not found; the ingest stage always writes it (0 rows when "
-                                "data.ranking_logs is none)")
+        raise ModelInputError(f"{logs_path}: not found")
     file = pq.ParquetFile(logs_path)
     missing = [c for c in LOG_COLUMNS if c not in file.schema_arrow.names]
     if missing:
-        raise DataContractError(f"{logs_path}: required columns {missing} are missing")
+        raise ModelInputError(f"{logs_path}: required columns {missing} are missing")
     parts = []
     for batch in file.iter_batches(batch_size=READ_BATCH_ROWS, columns=LOG_COLUMNS):
         stage = batch.column("stage")
@@ -152,3 +159,17 @@ def attach_hard_negatives(examples: pd.DataFrame, pool: NegativePool, positives:
     offsets = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32)
     values = pa.array(items[picked[valid]].to_numpy(), type=item_type)
     return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values)
+
+
+def with_hard_negatives(stream: pd.DataFrame, positives: pd.DataFrame, pool: NegativePool, k: int,
+                        rng: np.random.Generator) -> tuple[pd.DataFrame, dict]:
+    """stream + a `hard_negatives` list column of up to k items per row, and counts of what it got;
+    `positives` are the rows whose items must never be negatives of their user (the train part for the
+    evaluation model: test rows stay unseen)."""
+    lists = attach_hard_negatives(stream, pool, positives, k, rng)
+    out = stream.copy()
+    out[HARD_NEGATIVES_COLUMN] = pd.Series(lists.to_pylist(), index=out.index, dtype=object)
+    lengths = np.array([len(v) for v in out[HARD_NEGATIVES_COLUMN]], dtype=np.int64)
+    stats = {"examples_with_hard_negatives": int((lengths > 0).sum()),
+             "mean_hard_negatives": round(float(lengths.mean()), 3) if len(lengths) else 0.0}
+    return out, stats

@@ -12,7 +12,7 @@ import pandas as pd
 from models.params import SplitParams
 
 
-def temporal_split(interactions: pd.DataFrame, cfg: SplitParams) -> pd.Series:
+def temporal_split(interactions: pd.DataFrame, split_cfg: SplitParams) -> pd.Series:
     """'train' / 'test' for each row of interactions (same index)."""
     # Positional index, so a caller's duplicate or non-range index cannot misalign the labels.
     order = interactions[["user_id", "timestamp", "item_id"]].reset_index(drop=True).sort_values(
@@ -21,8 +21,8 @@ def temporal_split(interactions: pd.DataFrame, cfg: SplitParams) -> pd.Series:
     position = by_user.cumcount().to_numpy()                 # 0-based rank by time within user
     n = by_user["user_id"].transform("size").to_numpy()
     # The epsilon keeps 0.29 * 100 from flooring to 28.
-    n_test = np.maximum(1, np.floor(n * cfg.test_fraction + 1e-9)).astype(np.int64)
-    is_test = (n >= cfg.min_user_interactions) & (position >= n - n_test)
+    n_test = np.maximum(1, np.floor(n * split_cfg.test_fraction + 1e-9)).astype(np.int64)
+    is_test = (n >= split_cfg.min_user_interactions) & (position >= n - n_test)
     labels = np.empty(len(order), dtype=object)
     labels[order.index.to_numpy()] = np.where(is_test, "test", "train")
     return pd.Series(labels, index=interactions.index, name="split")

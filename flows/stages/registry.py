@@ -37,20 +37,19 @@ def _materialize(p: Params, paths: PathsParams) -> dict[str, Any]:
 
 def _sample(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.sample import sample
-    return sample(paths.training, p.sample, p.base.seed, out_dir=paths.samples,
-                  ranking_logs=paths.ingested / "ranking_logs.parquet")
+    return sample(p.sample, p.base.seed, paths.training, paths.ingested / "ranking_logs.parquet",
+                  out_dir=paths.samples)
 
 
 def _train(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.train import train
-    return train(paths.samples, paths.training, paths.ingested / "schema.json", p.model, p.train,
-                 p.base.seed, out_dir=paths.model)
+    return train(p.model, p.train, p.base.seed, paths.samples, paths.training, paths.ingested / "schema.json",
+                 out_dir=paths.model)
 
 
 def _evaluate(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.evaluate import evaluate
-    return evaluate(paths.training, paths.model / "eval", p.evaluate,
-                    out_path=paths.reports / "metrics.json")
+    return evaluate(p.evaluate, paths.training, paths.model / "eval", out_path=paths.reports / "metrics.json")
 
 
 def _publish(p: Params, paths: PathsParams) -> dict[str, Any]:

@@ -14,13 +14,24 @@ import hashlib
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
+import torch
 
 from flows.errors import DataContractError, MissingStageInput
+from models.checkpoint import save_model
+from models.distributed import join_launched_group, spawn_fit
+from models.early_stopping import ValidationTask, carve, outside
+from models.encoding import HISTORY_COLUMN, FeatureEncoder, longest_list, parquet_column
 from models.params import ModelParams, TrainParams
+from models.stream import TrainingStream, catalog_inputs
+from models.training import DistContext, FitResult, fit, tower_config
+
+CURVES = "curves"
+Curve = list[tuple[int, float, float | None]]      # per epoch: (epoch, loss, val_ndcg@20 or None)
 
 
 def _read(path: Path, upstream: str) -> pd.DataFrame:
@@ -29,63 +40,21 @@ def _read(path: Path, upstream: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-CURVES = "curves"
+@dataclass(frozen=True)
+class _Inputs:
+    schema: dict
+    items: pd.DataFrame
+    examples_path: Path
+    examples: pd.DataFrame            # every column but the history lists
+    history_length: int               # the longest history list
+    streams: dict[str, Path]          # model name -> its sampled stream, for the models to train
+
+    def key_files(self, schema_path: Path) -> list[Path]:
+        """The files whose content decides the trained weights."""
+        return [*self.streams.values(), self.examples_path, self.examples_path.parent / "items.parquet", schema_path]
 
 
-def _write_curves(folder: Path, rows: dict[str, list[tuple[int, float, float | None]]]) -> None:
-    """One CSV per trained model (DVC plots draw one line per file): epoch, loss[, val_ndcg@20]."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    for name, curve in rows.items():
-        validated = any(v is not None for _, _, v in curve)
-        with (folder / f"{name}.csv").open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["epoch", "loss", *(["val_ndcg@20"] if validated else [])])
-            writer.writerows((e, loss, *([v] if validated else [])) for e, loss, v in curve)
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def checkpoint_key(model: ModelParams, cfg: TrainParams, seed: int, inputs: list[Path]) -> str:
-    """Hash of everything that determines the trained weights (threads excluded: it changes speed only)."""
-    doc = {"model": model.model_dump(), "train": cfg.model_dump(exclude={"threads", "read_batch_rows"}), "seed": seed,
-           "inputs": {p.name: _file_digest(p) for p in inputs}}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class _Progress:
-    """Epoch lines on stderr; a class, not a closure, so spawned data-parallel workers can pickle it."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __call__(self, line: str) -> None:
-        print(f"train[{self.name}] {line}", file=sys.stderr, flush=True)
-
-
-def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: ModelParams, cfg: TrainParams,
-          seed: int, out_dir: Path, checkpoint_dir: Path | None = None) -> dict:
-    """Writes out_dir/eval/ and out_dir/full/ (model.pt, encoder.json, model.json), out_dir/train_metrics.json
-    and out_dir/curves/<model>.csv (epoch, loss[, val_ndcg@20]). full/ is a refit on all rows when
-    cfg.refit_full, else a copy of eval/. cfg.workers > 1 trains data-parallel (models/distributed.py). Vocabularies: the whole catalog (items.parquet) + users and user
-    feature values of the examples the model may see (split == 'train' for eval, all rows for full).
-    checkpoint_dir (default out_dir.parent / 'model_ckpt') holds per-epoch checkpoints until success."""
-    import torch
-
-    from models.encoding import HISTORY_COLUMN, FeatureEncoder, longest_list, parquet_column
-    from models.training import TrainingStream, catalog_inputs, fit, model_config, save_model
-    from models.early_stopping import ValidationTask, carve, outside
-    from models.distributed import join_launched_group
-
-    torch.set_num_threads(cfg.threads)
-    # under torchrun every process runs this stage: each trains its shard, rank 0 alone writes
-    rank = join_launched_group(cfg)
+def _read_inputs(train_cfg: TrainParams, samples_dir: Path, training_dir: Path, schema_path: Path) -> _Inputs:
     if not schema_path.exists():
         raise MissingStageInput(f"{schema_path}: not found; run the ingest stage first")
     schema = json.loads(schema_path.read_text())
@@ -99,77 +68,161 @@ def train(samples_dir: Path, training_dir: Path, schema_path: Path, model: Model
     examples = pd.read_parquet(examples_path, columns=scalar)
     if "split" not in examples.columns:
         raise DataContractError(f"{examples_path}: required column 'split' is missing")
-    history_length = longest_list(parquet_column(examples_path, HISTORY_COLUMN, cfg.read_batch_rows))
-    train_part = examples[examples["split"] == "train"].reset_index(drop=True)
-    streams = {"eval": samples_dir / "train.parquet", "full": samples_dir / "full.parquet"}
-    needed = ["eval", "full"] if cfg.refit_full else ["eval"]
-    for name in needed:
-        if not streams[name].exists():
-            raise MissingStageInput(f"{streams[name]}: not found; run the sample stage first")
-        if pq.ParquetFile(streams[name]).metadata.num_rows == 0:
-            raise DataContractError(f"{streams[name]}: no training rows (check split and sample params)")
+    history_length = longest_list(parquet_column(examples_path, HISTORY_COLUMN, train_cfg.read_batch_rows))
+    all_streams = {"eval": samples_dir / "train.parquet", "full": samples_dir / "full.parquet"}
+    streams = {name: all_streams[name] for name in (["eval", "full"] if train_cfg.refit_full else ["eval"])}
+    for path in streams.values():
+        if not path.exists():
+            raise MissingStageInput(f"{path}: not found; run the sample stage first")
+        if pq.ParquetFile(path).metadata.num_rows == 0:
+            raise DataContractError(f"{path}: no training rows (check split and sample params)")
+    return _Inputs(schema=schema, items=items, examples_path=examples_path, examples=examples,
+                   history_length=history_length, streams=streams)
 
-    key = checkpoint_key(model, cfg, seed, [streams[n] for n in needed] + [examples_path,
-                                                                            training_dir / "items.parquet", schema_path])
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_key(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: list[Path]) -> str:
+    """Hash of everything that determines the trained weights (threads excluded: it changes speed only)."""
+    doc = {"model": model_cfg.model_dump(), "train": train_cfg.model_dump(exclude={"threads", "read_batch_rows"}),
+           "seed": seed, "inputs": {p.name: _file_digest(p) for p in inputs}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _Progress:
+    """Epoch lines on stderr; a class, not a closure, so spawned data-parallel workers can pickle it."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, line: str) -> None:
+        print(f"train[{self.name}] {line}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Run:
+    """One trained model with what the stage reports about it."""
+
+    encoder: FeatureEncoder
+    result: FitResult
+    metrics: dict
+    curve: Curve
+
+
+def _fit_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: int, encoder: FeatureEncoder,
+             stream: TrainingStream, epochs: int | None, task: ValidationTask | None, ckpt: Path,
+             dist: DistContext) -> _Run:
+    """Fit one model (data-parallel over train_cfg.workers processes unless this process already is a
+    rank of a launched group) and summarize it."""
+    tower_cfg = tower_config(encoder, model_cfg)
+    checkpoint, log = ckpt / f"{name}.pt", _Progress(name)
+    if train_cfg.workers > 1 and dist.world == 1:
+        result = spawn_fit(stream, tower_cfg, train_cfg, seed, epochs, task, checkpoint, log)
+    else:
+        result = fit(stream, tower_cfg, train_cfg, seed, epochs=epochs, validation=task, checkpoint=checkpoint,
+                     log=log, dist=dist)
+    metrics = result.summary(len(stream)) | stream.hard_negative_summary()
+    val: list[float | None] = [*result.val_ndcg] or [None] * len(result.losses)
+    curve = [(e + 1, round(loss, 6), None if v is None else round(v, 6))
+             for e, (loss, v) in enumerate(zip(result.losses, val))]
+    return _Run(encoder=encoder, result=result, metrics=metrics, curve=curve)
+
+
+def _fit_encoder(model_cfg: ModelParams, inputs: _Inputs, seen_rows: pd.DataFrame) -> FeatureEncoder:
+    return FeatureEncoder.fit(inputs.schema, inputs.items, seen_rows, min_count=model_cfg.min_count,
+                              history_length=inputs.history_length, behaviour_counts=model_cfg.behaviour_counts)
+
+
+def _validation_run(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: _Inputs, ckpt: Path,
+                    dist: DistContext) -> _Run | None:
+    """Train on the training part minus its validation split, watching validation NDCG@20; None when
+    no user has enough training rows for a validation split."""
+    # with the history lists: validation queries are encoded from their rows
+    full_train = pd.read_parquet(inputs.examples_path)
+    full_train = full_train[full_train["split"] == "train"].reset_index(drop=True)
+    val_rows = full_train[carve(full_train, train_cfg.val_fraction).to_numpy()]
+    if not len(val_rows):
+        return None
+    encoder = _fit_encoder(model_cfg, inputs, _train_part(inputs))
+    catalog = catalog_inputs(encoder, inputs.items)
+    # the validation run filters rows by key, so it holds its stream in memory
+    stream_rows = pd.read_parquet(inputs.streams["eval"])
+    task = ValidationTask.build(encoder, full_train[outside(full_train, val_rows)], val_rows)
+    stream = TrainingStream.build(encoder, stream_rows[outside(stream_rows, val_rows)], inputs.items, catalog)
+    return _fit_run("validation", model_cfg, train_cfg, seed, encoder, stream, None, task, ckpt, dist)
+
+
+def _model_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: _Inputs,
+               epochs: int, ckpt: Path, dist: DistContext) -> _Run:
+    """The eval model (vocabularies from the training part) or the refit model (from every row), its
+    stream read from disk in batches into memory-mapped arrays (bounded memory)."""
+    encoder = _fit_encoder(model_cfg, inputs, _train_part(inputs) if name == "eval" else inputs.examples)
+    catalog = catalog_inputs(encoder, inputs.items)
+    stream = TrainingStream.from_parquet(encoder, inputs.streams[name], inputs.items, catalog,
+                                         spill=ckpt / f"{name}_stream", batch_rows=train_cfg.read_batch_rows)
+    return _fit_run(name, model_cfg, train_cfg, seed, encoder, stream, epochs, None, ckpt, dist)
+
+
+def _train_part(inputs: _Inputs) -> pd.DataFrame:
+    return inputs.examples[inputs.examples["split"] == "train"].reset_index(drop=True)
+
+
+def _write_curves(folder: Path, curves: dict[str, Curve]) -> None:
+    """One CSV per trained model (DVC plots draw one line per file): epoch, loss[, val_ndcg@20]."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name, curve in curves.items():
+        validated = any(v is not None for _, _, v in curve)
+        with (folder / f"{name}.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["epoch", "loss", *(["val_ndcg@20"] if validated else [])])
+            writer.writerows((e, loss, *([v] if validated else [])) for e, loss, v in curve)
+
+
+def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir: Path, training_dir: Path,
+          schema_path: Path, out_dir: Path, checkpoint_dir: Path | None = None) -> dict:
+    """Writes out_dir/eval/ and out_dir/full/ (model.pt, encoder.json, model.json), out_dir/train_metrics.json
+    and out_dir/curves/<model>.csv (epoch, loss[, val_ndcg@20]). full/ is a refit on all rows when
+    train_cfg.refit_full, else a copy of eval/. train_cfg.workers > 1 trains data-parallel
+    (models/distributed.py). Vocabularies: the whole catalog (items.parquet) + users and user feature
+    values of the examples the model may see (split == 'train' for eval, all rows for full).
+    checkpoint_dir (default out_dir.parent / 'model_ckpt') holds per-epoch checkpoints until success."""
+    torch.set_num_threads(train_cfg.threads)
+    # under torchrun every process runs this stage: each trains its shard, rank 0 alone writes
+    dist = join_launched_group(train_cfg)
+    inputs = _read_inputs(train_cfg, samples_dir, training_dir, schema_path)
+    key = checkpoint_key(model_cfg, train_cfg, seed, inputs.key_files(schema_path))
     ckpt = (checkpoint_dir or out_dir.parent / "model_ckpt") / key
-    metrics: dict = {}
-    loss_rows: dict[str, list[tuple[int, float, float | None]]] = {}
-
-    def run(name: str, seen_rows: pd.DataFrame, epochs: int | None,
-            validation_rows: pd.DataFrame | None = None, full_rows: pd.DataFrame | None = None):
-        encoder = FeatureEncoder.fit(schema, items, seen_rows, min_count=model.min_count,
-                                     history_length=history_length,
-                                     behaviour_counts=model.behaviour_counts)
-        catalog = catalog_inputs(encoder, items)
-        task = None
-        if validation_rows is None:
-            # streamed from disk in batches into memory-mapped arrays (bounded memory)
-            stream = TrainingStream.from_parquet(encoder, streams[name], items, catalog,
-                                                 spill=ckpt / f"{name}_stream", batch_rows=cfg.read_batch_rows)
-        else:
-            # the validation run filters rows by key, so it holds its stream in memory
-            stream_rows = pd.read_parquet(streams["eval"])
-            task = ValidationTask.build(encoder, full_rows[outside(full_rows, validation_rows)], validation_rows)
-            stream = TrainingStream.build(encoder, stream_rows[outside(stream_rows, validation_rows)], items, catalog)
-        result = fit(stream, model_config(encoder, model), cfg, seed, epochs=epochs, validation=task,
-                     checkpoint=ckpt / f"{name}.pt", log=_Progress(name))
-        metrics[name] = result.summary(len(stream))
-        metrics[name]["hard_negatives_per_example"] = round(float((stream.hard > 0).sum(dim=1).float().mean()), 3) \
-            if stream.hard.shape[1] else 0.0
-        if stream.hard.shape[1] == 0:
-            metrics[name]["hard_negatives_note"] = "no hard negatives: ranking logs empty or sample.hard_negatives is 0"
-        val = result.val_ndcg or [None] * len(result.losses)
-        loss_rows[name] = [(e + 1, round(loss, 6), None if v is None else round(v, 6))
-                           for e, (loss, v) in enumerate(zip(result.losses, val))]
-        return encoder, result
-
-    epochs = cfg.epochs
-    if cfg.early_stopping:
-        # with the history lists: validation queries are encoded from their rows
-        full_train = pd.read_parquet(examples_path)
-        full_train = full_train[full_train["split"] == "train"].reset_index(drop=True)
-        val_rows = full_train[carve(full_train, cfg.val_fraction).to_numpy()]
-        if len(val_rows):
-            _, chosen = run("validation", train_part, None, val_rows, full_train)
-            epochs = chosen.best_epoch or cfg.epochs
-        else:
+    metrics: dict[str, dict] = {}
+    curves: dict[str, Curve] = {}
+    epochs = train_cfg.epochs
+    if train_cfg.early_stopping:
+        validation = _validation_run(model_cfg, train_cfg, seed, inputs, ckpt, dist)
+        if validation is None:
             metrics["validation"] = {"skipped": "no user has enough training rows for a validation split"}
-    for name in needed:
-        seen_rows = train_part if name == "eval" else examples
-        encoder, result = run(name, seen_rows, epochs)
-        if rank != 0:
-            continue
-        save_model(out_dir / name, result.model, encoder,
-                   extra={"trained_on": streams[name].name, "seed": seed, "train": cfg.model_dump(),
-                          "model": model.model_dump(), **metrics[name]})
-    if rank != 0:
+        else:
+            metrics["validation"], curves["validation"] = validation.metrics, validation.curve
+            epochs = validation.result.best_epoch or train_cfg.epochs
+    for name, stream_path in inputs.streams.items():
+        run = _model_run(name, model_cfg, train_cfg, seed, inputs, epochs, ckpt, dist)
+        metrics[name], curves[name] = run.metrics, run.curve
+        if dist.lead:
+            save_model(out_dir / name, run.result.model, run.encoder,
+                       extra={"trained_on": stream_path.name, "seed": seed, "train": train_cfg.model_dump(),
+                              "model": model_cfg.model_dump(), **run.metrics})
+    if not dist.lead:
         return metrics
-    if not cfg.refit_full:
+    if not train_cfg.refit_full:
         shutil.rmtree(out_dir / "full", ignore_errors=True)
         shutil.copytree(out_dir / "eval", out_dir / "full")
         metrics["full"] = {"copy_of": "eval"}
-
     (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    _write_curves(out_dir / CURVES, loss_rows)
+    _write_curves(out_dir / CURVES, curves)
     shutil.rmtree(ckpt, ignore_errors=True)    # done: a rerun with the same key starts afresh
     return metrics

@@ -5,11 +5,14 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
+import torch
+from torch.multiprocessing import ProcessRaisedException
 
-from models.params import SampleParams, TrainParams
-from tests.test_train import SMALL_MODEL, _stream_and_config, synthetic_training_dir
+from models.distributed import shard, spawn_fit
+from models.params import TrainParams
+from models.training import fit
+from training_data import run_sample, stream_and_config, synthetic_training_dir
 
 DDP_TRAIN = TrainParams(epochs=4, batch_size=128, lr=0.005, threads=2, negatives=8, ssl_weight=0.1,
                         early_stopping=False)
@@ -30,19 +33,13 @@ class RecordEpoch:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> tuple[Path, Path, Path]:
-    from flows.stages.sample import sample
-
     root = tmp_path_factory.mktemp("ddp")
     training, schema = synthetic_training_dir(root)
-    sample(training, SampleParams(), 0, root / "samples")
+    run_sample(training, root / "samples")
     return root, training, schema
 
 
 def test_shard_gives_each_rank_a_disjoint_equal_part_of_the_epoch():
-    import torch
-
-    from models.distributed import shard
-
     perm = torch.randperm(1001, generator=torch.Generator().manual_seed(0))
     parts = [shard(perm, r, 3) for r in range(3)]
     assert {len(p) for p in parts} == {334}                       # equal steps on every rank
@@ -53,17 +50,12 @@ def test_shard_gives_each_rank_a_disjoint_equal_part_of_the_epoch():
 
 
 def test_two_workers_learn_like_one_resume_and_write_checkpoints_from_rank_0(synthetic, tmp_path):
-    import torch
-    from torch.multiprocessing import ProcessRaisedException
-
-    from models.training import fit
-
     torch.set_num_threads(1)
-    _, training, schema = synthetic
-    _, stream, config, _ = _stream_and_config(training, schema, synthetic[0] / "samples")
-    one = fit(stream, config, DDP_TRAIN, seed=0)
+    root, training, schema = synthetic
+    _, stream, tower_cfg, _ = stream_and_config(training, schema, root / "samples")
+    one = fit(stream, tower_cfg, DDP_TRAIN, seed=0)
     two_cfg = DDP_TRAIN.model_copy(update={"workers": 2})
-    whole = fit(stream, config, two_cfg, seed=0)
+    whole = spawn_fit(stream, tower_cfg, two_cfg, seed=0)
 
     # same shape as one worker: it learns every epoch, and ends near where one worker ends (each
     # rank's batch is batch_size, so two workers take half the optimizer steps per epoch: their loss
@@ -77,32 +69,12 @@ def test_two_workers_learn_like_one_resume_and_write_checkpoints_from_rank_0(syn
     # killed after epoch 2, resumed: the same run as the uninterrupted one; rank 0 alone checkpoints
     ckpt, record = tmp_path / "ckpt" / "eval.pt", tmp_path / "epochs.txt"
     with pytest.raises(ProcessRaisedException, match="killed after epoch 2"):
-        fit(stream, config, two_cfg, seed=0, checkpoint=ckpt, on_epoch=RecordEpoch(record, kill_at=2))
+        spawn_fit(stream, tower_cfg, two_cfg, seed=0, checkpoint=ckpt, on_epoch=RecordEpoch(record, kill_at=2))
     assert torch.load(ckpt, weights_only=False)["losses"] == pytest.approx(whole.losses[:2], rel=1e-5)
-    resumed = fit(stream, config, two_cfg, seed=0, checkpoint=ckpt, on_epoch=RecordEpoch(record))
+    resumed = spawn_fit(stream, tower_cfg, two_cfg, seed=0, checkpoint=ckpt, on_epoch=RecordEpoch(record))
     assert record.read_text().split("\n")[:-1] == ["0 1", "0 2", "0 3", "0 4"]
     assert resumed.resumed_from == 2
     np.testing.assert_allclose(resumed.losses, whole.losses, rtol=1e-5)
     for name, tensor in whole.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
 
-
-def test_train_stage_with_two_workers_and_early_stopping(synthetic, tmp_path):
-    from flows.stages.train import train
-    from models.inference import load_bundle
-
-    root, training, schema = synthetic
-    cfg = TrainParams(epochs=2, batch_size=128, threads=2, workers=2, early_stopping=True, patience=1,
-                      refit_full=False)
-    metrics = train(root / "samples", training, schema, SMALL_MODEL, cfg, 0, tmp_path / "artifacts/model")
-    model_dir = tmp_path / "artifacts/model"
-    assert metrics["eval"]["epochs"] == metrics["validation"]["best_epoch"] >= 1
-    assert len(metrics["validation"]["val_ndcg@20"]) >= 1
-    curves = model_dir / "curves"
-    assert sorted(p.stem for p in curves.iterdir()) == ["eval", "validation"]
-    assert all(np.isfinite(pd.read_csv(p)["loss"]).all() for p in curves.iterdir())
-    assert not any((tmp_path / "artifacts/model_ckpt").glob("*/*.pt"))
-    items = pd.read_parquet(training / "items.parquet")
-    vectors = load_bundle(model_dir / "eval").encode_items(items)
-    assert vectors.shape == (len(items), SMALL_MODEL.dim) and np.isfinite(vectors).all()
-    assert (model_dir / "full/model.pt").read_bytes() == (model_dir / "eval/model.pt").read_bytes()

@@ -9,10 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
+from models.baselines import (FLOAT64_MAX_ITEMS, binary_matrix, ease_baseline, ease_dtype, ease_memory_gb, ease_scorer,
+                              ease_weights, gram, most_popular_scores)
+from models.holdout import catalog_task
+from models.metrics import full_catalog_metrics, tail_items, top_k
 from models.params import EvaluateParams
-from tests.test_train import synthetic_training_dir
+from models.split import temporal_split
+from training_data import synthetic_training_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -20,13 +25,15 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
+def test_most_popular_scores_count_training_interactions():
+    assert most_popular_scores(np.array([2, 2, 0, 2]), 4).tolist() == [1.0, 0.0, 3.0, 0.0]
+
+
 # --- EASE --------------------------------------------------------------------------------------
 
 def test_ease_equals_ridge_regression_of_each_item_on_the_others():
     """EASE's closed form vs. the problem it solves: column j of B is the ridge regression of item j
     on every other item (diag(B) = 0), solved here directly, one column at a time."""
-    from models.baselines import binary_matrix, ease_weights, gram
-
     rng = np.random.default_rng(0)
     dense = (rng.random((40, 7)) < 0.35).astype(np.float64)
     rows, cols = dense.nonzero()
@@ -47,8 +54,6 @@ def test_ease_equals_ridge_regression_of_each_item_on_the_others():
 
 
 def test_ease_scores_are_user_rows_times_b_in_float32():
-    from models.baselines import binary_matrix, ease_scorer, ease_weights, gram
-
     x = binary_matrix(np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 0]), 3, 4)
     b = ease_weights(gram(x), 1.0)
     s = ease_scorer(b, x)(1, 3)
@@ -57,8 +62,6 @@ def test_ease_scores_are_user_rows_times_b_in_float32():
 
 
 def test_ease_uses_float32_for_large_catalogs():
-    from models.baselines import FLOAT64_MAX_ITEMS, ease_dtype, ease_memory_gb
-
     assert ease_dtype(FLOAT64_MAX_ITEMS) is np.float64 and ease_dtype(FLOAT64_MAX_ITEMS + 1) is np.float32
     assert ease_memory_gb(20000) == pytest.approx(3.2)
 
@@ -66,8 +69,6 @@ def test_ease_uses_float32_for_large_catalogs():
 # --- metrics -------------------------------------------------------------------------------------
 
 def test_top_k_breaks_ties_by_the_lower_column():
-    from models.metrics import top_k
-
     scores = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, 2.0],
                            [0.0, 0.0, 0.0, 0.0, 5.0, float("nan")]])
     assert top_k(scores, 2).tolist() == [[1, 2], [4, 0]]
@@ -75,8 +76,6 @@ def test_top_k_breaks_ties_by_the_lower_column():
 
 
 def test_hitrate_coverage_and_tail_recall_on_hand_made_rankings():
-    from models.metrics import full_catalog_metrics, tail_items
-
     # training counts per item 0..4: 4, 3, 2, 1, 0 -> head (top 40%) = items 0, 1
     tail = tail_items(np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 3]), 5, head_share=0.4)
     assert tail.tolist() == [False, False, True, True, True]
@@ -133,21 +132,18 @@ def _numpy_ease(lam: float):
 
 
 def test_lambda_tuning_picks_the_best_validation_ndcg(tmp_path):
-    from flows.stages.evaluate import ease_baseline, holdout
-    from models.split import temporal_split
-
     training, _ = synthetic_training_dir(tmp_path, n_users=150, n_items=80)
     examples = pd.read_parquet(training / "examples.parquet")
     items = pd.read_parquet(training / "items.parquet")
-    cfg = EvaluateParams(ks=[10], ease_lambdas=[0.5, 5.0, 50.0, 5000.0])
-    out = ease_baseline(holdout(examples, items), examples, items, cfg, [10], training)
+    eval_cfg = EvaluateParams(ks=[10], ease_lambdas=[0.5, 5.0, 50.0, 5000.0])
+    out = ease_baseline(eval_cfg, catalog_task(examples, items), examples, items, [10])
     scan = out["ease_validation"]["by_lambda"]
     assert len(set(scan.values())) == 4, scan                     # λ matters on this data
-    assert out["ease_lambda"] == max(cfg.ease_lambdas, key=lambda lam: scan[f"{lam:g}"])
+    assert out["ease_lambda"] == max(eval_cfg.ease_lambdas, key=lambda lam: scan[f"{lam:g}"])
     # the validation split is each user's last 20% of their training rows
     train = examples[examples["split"] == "train"].reset_index(drop=True)
-    part = temporal_split(train, cfg.validation)
-    for lam in cfg.ease_lambdas:
+    part = temporal_split(train, eval_cfg.validation)
+    for lam in eval_cfg.ease_lambdas:
         _, ndcg = _numpy_protocol(train[part == "train"], train[part == "test"], items["item_id"],
                                   _numpy_ease(lam), 10)
         assert scan[f"{lam:g}"] == pytest.approx(ndcg, abs=1e-6)
@@ -159,13 +155,10 @@ def test_lambda_tuning_picks_the_best_validation_ndcg(tmp_path):
 
 
 def test_ease_is_skipped_above_the_catalog_limit(tmp_path):
-    from flows.stages.evaluate import ease_baseline, holdout
-
     training, _ = synthetic_training_dir(tmp_path, n_users=40, n_items=30)
     examples = pd.read_parquet(training / "examples.parquet")
     items = pd.read_parquet(training / "items.parquet")
-    out = ease_baseline(holdout(examples, items), examples, items, EvaluateParams(ease_max_items=29),
-                        [20], training)
+    out = ease_baseline(EvaluateParams(ease_max_items=29), catalog_task(examples, items), examples, items, [20])
     assert out["ease_lambda"] is None
     assert "30 items > evaluate.ease_max_items=29" in out["ease"]["skipped"]
 
@@ -179,18 +172,14 @@ DEMO = ROOT / "data" / "training"
 def test_demo_protocol_reproduces_the_reference_figures():
     """The issue's reference implementation of this protocol measured on the demo split:
     MostPop R@20 0.0959 / NDCG@20 0.1132, EASE (λ=250) R@20 0.1961 / NDCG@20 0.2051 (tolerance ±0.005)."""
-    from flows.stages.evaluate import holdout
-    from models.baselines import binary_matrix, ease_scorer, ease_weights, gram, most_popular_scores
-    from models.metrics import full_catalog_metrics
-
     examples = pd.read_parquet(DEMO / "examples.parquet", columns=["user_id", "item_id", "timestamp", "split"])
-    task = holdout(examples, pd.read_parquet(DEMO / "items.parquet", columns=["item_id"]))
-    n_users, n_items = len(task["queries"]), len(task["catalog"])
-    pop = most_popular_scores(task["train_cols"][task["train_cols"] >= 0], n_items)
-    b = ease_weights(gram(binary_matrix(*task["train_pairs"], task["train_pairs"][0].max() + 1, n_items)), 250.0)
+    task = catalog_task(examples, pd.read_parquet(DEMO / "items.parquet", columns=["item_id"]))
+    n_users, n_items = task.n_users, task.n_items
+    pop = most_popular_scores(task.train_cols[task.train_cols >= 0], n_items)
+    b = ease_weights(gram(binary_matrix(*task.train_pairs, task.train_pairs[0].max() + 1, n_items)), 250.0)
     scorers = {"most_popular": lambda s, e: pop.expand(e - s, -1),
-               "ease": ease_scorer(b, binary_matrix(*task["seen"], n_users, n_items))}
-    got = {name: full_catalog_metrics(fn, n_users, n_items, task["seen"], task["relevant"], [20])
+               "ease": ease_scorer(b, binary_matrix(*task.seen, n_users, n_items))}
+    got = {name: full_catalog_metrics(fn, n_users, n_items, task.seen, task.relevant, [20])
            for name, fn in scorers.items()}
     assert got["most_popular"]["recall@20"] == pytest.approx(0.0959, abs=0.005)
     assert got["most_popular"]["ndcg@20"] == pytest.approx(0.1132, abs=0.005)

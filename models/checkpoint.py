@@ -1,0 +1,63 @@
+"""Files of a training run: the per-epoch checkpoint a killed run resumes from, and the trained model.
+
+A checkpoint holds everything that decides the rest of the run (weights, optimizer, LR schedule, the
+torch.Generator behind every random draw) plus the epochs' progress, so a resumed run ends with the
+model an uninterrupted one would. A trained model is model.pt (config + weights), encoder.json
+(vocabularies) and model.json (the readable config and whatever the caller adds).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.encoding import FeatureEncoder
+from models.errors import ModelNotFound
+from models.towers import TwoTower, TwoTowerConfig
+
+MODEL_FILES = ("model.pt", "encoder.json")
+
+
+def save_checkpoint(path: Path, model: TwoTower, opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator,
+                    progress: dict[str, Any]) -> None:
+    """Write then rename, so a kill during the write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                "generator": gen.get_state(), **progress}, tmp)
+    tmp.replace(path)
+
+
+def restore_checkpoint(path: Path, model: TwoTower, opt: torch.optim.Optimizer,
+                       sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator,
+                       progress_keys: tuple[str, ...]) -> dict[str, Any]:
+    """Load the saved states into model, opt, sched and gen; return the saved progress fields."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["schedule"])
+    gen.set_state(state["generator"])
+    return {name: state[name] for name in progress_keys}
+
+
+def save_model(out_dir: Path, model: TwoTower, encoder: FeatureEncoder, extra: dict | None = None) -> None:
+    """out_dir/model.pt (config + weights), encoder.json (vocabularies), model.json (readable config)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict()}, out_dir / "model.pt")
+    encoder.save(out_dir / "encoder.json")
+    meta = {"config": model.cfg.to_dict(), **(extra or {})}
+    (out_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_model(model_dir: Path) -> tuple[TwoTower, FeatureEncoder]:
+    """The model and encoder that save_model wrote to model_dir."""
+    for name in MODEL_FILES:
+        if not (model_dir / name).exists():
+            raise ModelNotFound(f"{model_dir / name}: not found")
+    saved = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
+    model = TwoTower(TwoTowerConfig(**saved["config"]))
+    model.load_state_dict(saved["state_dict"])
+    return model, FeatureEncoder.load(model_dir / "encoder.json")

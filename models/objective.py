@@ -1,0 +1,107 @@
+"""The training objective of one batch: the retrieval loss over in-batch, easy and hard negatives,
+plus the self-supervised item-tower loss (Yao et al. 2021) weighted by train.ssl_weight.
+
+The in-batch part is models.losses.in_batch_logits (the same scoring in_batch_softmax uses); the
+extra negatives are appended as further columns, each source corrected by its own log Q, and the
+configured loss (listwise / pairwise / pointwise) reads them all.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.profiler import record_function
+
+from models.losses import LOSSES, in_batch_logits, info_nce
+from models.negatives import popularity_distribution
+from models.params import TrainParams
+from models.ssl import ItemAugmenter, build_augmenter
+from models.stream import TrainingStream, gather
+from models.towers import TwoTower
+
+
+class BatchLoss:
+    """Retrieval loss (+ α · SSL loss) of one batch: in-batch negatives, shared easy negatives drawn
+    ∝ popularity^easy_power, the examples' own hard negatives, accidental hits masked."""
+
+    def __init__(self, stream: TrainingStream, train_cfg: TrainParams, augmenter: ItemAugmenter | None):
+        self.stream, self.train_cfg, self.augmenter = stream, train_cfg, augmenter
+        counts = stream.counts.numpy()
+        self.n_hard = min(round(train_cfg.negatives * train_cfg.hard_ratio), stream.hard.shape[1])
+        self.n_easy = train_cfg.negatives - round(train_cfg.negatives * train_cfg.hard_ratio)
+        self.easy_p = torch.from_numpy(popularity_distribution(counts, train_cfg.easy_power)).to(torch.float32)
+        self.ssl_p = torch.from_numpy(popularity_distribution(counts, train_cfg.ssl_power)).to(torch.float32)
+        self.log_q = stream.log_q
+        self.listwise_logq = train_cfg.loss == "listwise" and train_cfg.logq
+
+    def __call__(self, model: TwoTower, b: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        # record_function labels name the parts of a step in a profile (the training benchmark); they
+        # cost nothing measurable when no profiler is running
+        s, tau = self.stream, model.tau()
+        item = s.item_idx[b]                                                # (B,)
+        user = s.users["user"][b]                                           # (B,)
+        with record_function("towers"):
+            q, c = model(gather(s.users, b), gather(s.items, item))         # (B, D), (B, D)
+        with record_function("in-batch logits + hit mask"):
+            # log Q of item j among the B in-batch negatives: its stream share times B (Yi et al. 2019)
+            correction = self.log_q[item] + math.log(len(b)) if self.listwise_logq else None   # (B,)
+            pos, inb, valid = in_batch_logits(q, c, tau, item, correction, s.hits(user, item))
+        negs, valids = [inb], [valid]
+        if self.n_easy:
+            with record_function("easy negatives"):
+                easy, valid = self.easy_negatives(model, q, item, user, tau, gen)
+                negs.append(easy)
+                valids.append(valid)
+        if self.n_hard:
+            with record_function("hard negatives"):
+                hard, valid = self.hard_negatives(model, q, b, item, tau, gen)
+                negs.append(hard)
+                valids.append(valid)
+        with record_function("retrieval loss"):
+            loss = LOSSES[self.train_cfg.loss](pos, torch.cat(negs, dim=1), torch.cat(valids, dim=1), s.weights[b])
+        if self.augmenter is not None and self.train_cfg.ssl_weight > 0:
+            with record_function("ssl"):
+                loss = loss + self.train_cfg.ssl_weight * self.ssl_loss(model, gen)
+        return loss
+
+    def easy_negatives(self, model: TwoTower, q: torch.Tensor, item: torch.Tensor, user: torch.Tensor,
+                       tau: torch.Tensor | float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K) logits of K items shared by the batch, drawn ∝ popularity^easy_power, and their mask."""
+        s = self.stream
+        e = torch.multinomial(self.easy_p, self.n_easy, replacement=True, generator=gen)  # (K,)
+        easy = q @ model.encode_items(gather(s.items, e)).T / tau      # (B, K)
+        if self.listwise_logq:
+            easy = easy - torch.log(self.n_easy * self.easy_p[e]).unsqueeze(0)
+        return easy, (e.unsqueeze(0) != item.unsqueeze(1)) & ~s.hits(user, e)
+
+    def hard_negatives(self, model: TwoTower, q: torch.Tensor, b: torch.Tensor, item: torch.Tensor,
+                       tau: torch.Tensor | float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H) logits of a random n_hard of each row's stored hard negatives, and their mask. No log Q:
+        they are chosen per example, not sampled from a proposal."""
+        pool = self.stream.hard[b]                                      # (B, W)
+        # padding (0) sorts last
+        key = torch.rand(pool.shape, generator=gen) + (pool == 0).to(torch.float32)
+        h = pool.gather(1, key.argsort(dim=1)[:, :self.n_hard])         # (B, H)
+        uniq, inv = torch.unique(h, return_inverse=True)
+        ch = model.encode_items(gather(self.stream.items, uniq))        # (U, D)
+        hard = (q.unsqueeze(1) * ch[inv]).sum(dim=-1) / tau             # (B, H)
+        return hard, (h != 0) & (h != item.unsqueeze(1))
+
+    def ssl_loss(self, model: TwoTower, gen: torch.Generator) -> torch.Tensor:
+        """InfoNCE between two masked views of an item batch drawn closer to uniform than the stream."""
+        n = min(self.train_cfg.ssl_batch_size, int((self.ssl_p > 0).sum()))
+        idx = torch.multinomial(self.ssl_p, n, replacement=False, generator=gen)   # (S,) distinct items
+        assert self.augmenter is not None, "ssl_loss needs an augmenter (make_augmenter)"
+        v1, v2 = self.augmenter.views(gather(self.stream.items, idx), gen)
+        return info_nce(model.encode_items(v1), model.encode_items(v2), self.train_cfg.ssl_temperature)
+
+
+def make_augmenter(stream: TrainingStream, train_cfg: TrainParams, notes: list[str]) -> ItemAugmenter | None:
+    """The SSL view maker, or None (with a note when SSL was asked for but cannot work on this catalog)."""
+    if train_cfg.ssl_weight <= 0:
+        return None
+    aug = build_augmenter(stream.items, stream.counts.numpy(), train_cfg.ssl_masking, train_cfg.ssl_dropout)
+    if not aug.can_mask and not any(k.startswith("multi:") for k in stream.items):
+        notes.append("ssl skipped: the item tower has a single feature, so two views cannot differ")
+        return None
+    return aug

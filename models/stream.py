@@ -1,0 +1,230 @@
+"""The positive stream a TwoTower trains on, encoded into tensors once.
+
+A batch is a slice of a seeded permutation of the stream's rows, and the item side of a batch is a
+gather from the pre-encoded catalog, so there is no per-example Python work in the training loop.
+Memory: the stream is held once as columnar tensors (no per-epoch copy, no per-example Python
+objects); the wide per-example arrays can live in memory-mapped files (`TrainingStream.from_parquet`).
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from models.encoding import FeatureEncoder, longest_list, pad_lists, parquet_column
+from models.negatives import HARD_NEGATIVES_COLUMN
+from models.towers import Batch
+
+
+def to_tensors(arrays: dict[str, np.ndarray]) -> Batch:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+
+def catalog_inputs(encoder: FeatureEncoder, items: pd.DataFrame) -> Batch:
+    """Item tower inputs for every item-vocabulary index (row i = index i). Items that only occur in
+    interactions, and row 0 (OOV), keep default features (OOV categories, mean numerics)."""
+    enc = encoder.encode_items(items.drop_duplicates("item_id"))
+    n = encoder.item_ids.size
+    out = {}
+    for key, arr in enc.items():
+        full = np.zeros((n, *arr.shape[1:]), dtype=arr.dtype)
+        full[enc["item"]] = arr
+        out[key] = full
+    out["item"] = np.arange(n, dtype=np.int64)
+    return to_tensors(out)
+
+
+def gather(batch: Batch, idx: torch.Tensor) -> Batch:
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """A tensor over the array's memory (a memory map stays on disk; rows are read on indexing)."""
+    return torch.from_numpy(arr if isinstance(arr, np.memmap) else np.ascontiguousarray(arr))
+
+
+def _list_widths(encoder: FeatureEncoder, lists: Callable[[str], Iterable]) -> dict[str, int]:
+    """Fixed widths of the list inputs, so that every batch writes into the same (N, width) array:
+    history = the encoder's history length; multi-valued features and hard negatives = their longest
+    list (lists(column) yields the column's chunks: a pre-pass reads that one column only)."""
+    widths = {"history": encoder.history_length, "hard": longest_list(lists(HARD_NEGATIVES_COLUMN))}
+    widths.update({f"multi:{c}": longest_list(lists(c)) for c in encoder.users.multi})
+    return widths
+
+
+class _Columns:
+    """The stream's per-example arrays, allocated on first write: (n,) or (n, width) each; 2-D ones
+    are memory-mapped .npy files in `spill` when it is set (1-D columns are small: kept in memory)."""
+
+    def __init__(self, n: int, widths: dict[str, int], spill: Path | None):
+        self.n, self.widths, self.spill = n, widths, spill
+        self.arrays: dict[str, np.ndarray] = {}
+        self.mapped: dict[str, Path] = {}
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
+            spill.mkdir(parents=True)
+
+    def _allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        if self.spill is None or len(shape) == 1:
+            return np.zeros(shape, dtype)
+        self.mapped[name] = self.spill / f"{name.replace(':', '_')}.npy"
+        return np.lib.format.open_memmap(self.mapped[name], mode="w+", dtype=dtype, shape=shape)
+
+    def write(self, name: str, arr: np.ndarray, at: int, end: int) -> None:
+        """Rows at:end of column `name`; a list column is padded or cut to the column's width."""
+        if name not in self.arrays:
+            width = self.widths.get(name)
+            shape = (self.n,) if arr.ndim == 1 else (self.n, width if width is not None else arr.shape[1])
+            self.arrays[name] = self._allocate(name, shape, arr.dtype)
+        target = self.arrays[name]
+        if arr.ndim == 1:
+            target[at:end] = arr
+        else:
+            target[at:end, :arr.shape[1]] = arr[:, :target.shape[1]]
+
+
+def _positives_by_user(user: np.ndarray, item_idx: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's distinct positive items as CSR: (n_users + 1,) row pointers, (P,) item indices."""
+    pairs = np.unique(np.stack([user, item_idx], axis=1), axis=0).reshape(-1, 2)
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(pairs[:, 0], minlength=n_users))])
+    return ptr.astype(np.int64), np.ascontiguousarray(pairs[:, 1])
+
+
+@dataclass
+class TrainingStream:
+    """The positive stream, pre-encoded: per-example user inputs, item indices, weights, log Q, hard
+    negatives (item indices, 0 = padding), and each user's positive items (CSR) for masking accidental hits.
+
+    Built from a DataFrame (in memory) or streamed from a parquet file in row batches (`from_parquet`):
+    then the wide per-example arrays (history, features, hard negatives) are written to memory-mapped
+    .npy files in a spill folder and batches gather their rows from there, so the process holds one
+    parquet batch plus the 1-D columns (ids, weights, user-item pairs: tens of bytes per example)."""
+
+    users: Batch                      # per example
+    items: Batch                      # per item-vocabulary index
+    item_idx: torch.Tensor            # (N,)
+    weights: torch.Tensor             # (N,)
+    counts: torch.Tensor              # (n_items,) positives per item in the stream
+    hard: torch.Tensor                # (N, W) hard-negative item indices, W = 0 without any
+    pos_ptr: torch.Tensor             # (n_users + 1,) CSR row pointers: user index -> its positives
+    pos_items: torch.Tensor           # (P,) item indices of each user's positives, by user
+    mapped: dict[str, Path] = field(default_factory=dict)  # users key (or "hard") -> its .npy memory map
+
+    def __getstate__(self) -> dict:
+        """Memory-mapped arrays travel as their file paths (data-parallel workers map the same
+        files instead of receiving a copy)."""
+        state = dict(self.__dict__)
+        state["users"] = {k: None if k in self.mapped else v for k, v in self.users.items()}
+        if "hard" in self.mapped:
+            state["hard"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for key, path in self.mapped.items():
+            tensor = _tensor(np.load(path, mmap_mode="r+"))
+            if key == "hard":
+                self.hard = tensor
+            else:
+                self.users[key] = tensor
+
+    @classmethod
+    def build(cls, encoder: FeatureEncoder, examples: pd.DataFrame, items: pd.DataFrame,
+              catalog: Batch | None = None) -> "TrainingStream":
+        """From rows in memory (one batch)."""
+        widths = _list_widths(encoder, lambda c: [examples[c]] if c in examples.columns else [])
+        return cls._assemble(encoder, [examples], len(examples), widths, items, catalog, spill=None)
+
+    @classmethod
+    def from_parquet(cls, encoder: FeatureEncoder, path: Path, items: pd.DataFrame,
+                     catalog: Batch | None = None, spill: Path | None = None,
+                     batch_rows: int = 50_000) -> "TrainingStream":
+        """Streamed from a parquet file, batch_rows rows at a time; spill: folder of the memory-mapped
+        arrays (None: in memory). Same arrays, hence the same training, as `build` on the whole file."""
+        f = pq.ParquetFile(path)
+        widths = _list_widths(encoder, lambda column: parquet_column(path, column, batch_rows))
+        # list columns stay arrow-backed (pd.ArrowDtype): no Python object per list or value
+        arrow_lists = lambda t: pd.ArrowDtype(t) if pa.types.is_list(t) or pa.types.is_large_list(t) else None  # noqa: E731
+        frames = (b.to_pandas(types_mapper=arrow_lists) for b in f.iter_batches(batch_size=batch_rows))
+        return cls._assemble(encoder, frames, f.metadata.num_rows, widths, items, catalog, spill)
+
+    @classmethod
+    def _assemble(cls, encoder: FeatureEncoder, frames: Iterable[pd.DataFrame], n: int, widths: dict[str, int],
+                  items: pd.DataFrame, catalog: Batch | None, spill: Path | None) -> "TrainingStream":
+        item_idx = np.zeros(n, np.int64)
+        weights = np.ones(n, np.float32)
+        columns = _Columns(n, widths, spill)
+        at = 0
+        for frame in frames:
+            end = at + len(frame)
+            item_idx[at:end] = encoder.item_ids.lookup(frame["item_id"])
+            if "weight" in frame.columns:
+                weights[at:end] = frame["weight"].to_numpy(np.float32)
+            enc = encoder.encode_users(frame)
+            if HARD_NEGATIVES_COLUMN in frame.columns:
+                enc["hard"] = pad_lists(frame[HARD_NEGATIVES_COLUMN], encoder.item_ids)
+            for name, arr in enc.items():
+                columns.write(name, arr, at, end)
+            at = end
+        if at != n:
+            raise ValueError(f"the training stream yielded {at} rows, expected {n}")
+        arrays, mapped = columns.arrays, columns.mapped
+        hard = arrays.pop("hard", np.zeros((n, 0), np.int64))
+        if hard.shape[1] and not hard.any():
+            hard = np.zeros((n, 0), np.int64)
+            mapped.pop("hard", None)
+        if not arrays:      # an empty stream: the arrays' shapes come from an empty encode
+            arrays = encoder.encode_users(pd.DataFrame({"user_id": pd.Series([], dtype=object)}))
+        users = {k: _tensor(v) for k, v in arrays.items()}
+        ptr, pos_items = _positives_by_user(users["user"].numpy(), item_idx, encoder.user_ids.size)
+        return cls(users=users, items=catalog if catalog is not None else catalog_inputs(encoder, items),
+                   item_idx=torch.from_numpy(item_idx), weights=torch.from_numpy(weights),
+                   counts=torch.from_numpy(np.bincount(item_idx, minlength=encoder.item_ids.size)),
+                   hard=_tensor(hard), pos_ptr=torch.from_numpy(ptr), pos_items=torch.from_numpy(pos_items),
+                   mapped=mapped)
+
+    def __len__(self) -> int:
+        return len(self.item_idx)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.counts)
+
+    @property
+    def log_q(self) -> torch.Tensor:
+        """(n_items,) log of each item's share of the stream (items absent from it are never read)."""
+        return torch.log(self.counts.clamp(min=1).to(torch.float32) / max(len(self), 1))
+
+    def hits(self, user: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(B, C) bool: is candidate item j a positive of row i's user in this stream?
+
+        Per batch, not through a (users x items) table: the batch users' positives are gathered from
+        the CSR lists and matched against the distinct candidates, so the cost is the size of those
+        lists, whatever the catalog size."""
+        uniq, col = torch.unique(candidates, return_inverse=True)          # (U,), (C,)
+        start, end = self.pos_ptr[user], self.pos_ptr[user + 1]             # (B,), (B,)
+        length = end - start
+        row = torch.repeat_interleave(torch.arange(len(user)), length)      # (L,)
+        offset = torch.arange(int(length.sum())) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
+        item = self.pos_items[torch.repeat_interleave(start, length) + offset]  # (L,)
+        lookup = torch.full((self.n_items,), -1, dtype=torch.int64)          # item -> slot in uniq
+        lookup[uniq] = torch.arange(len(uniq))
+        slot = lookup[item]                                                 # (L,)
+        found = slot >= 0
+        table = torch.zeros((len(user), len(uniq)), dtype=torch.bool)       # (B, U)
+        table[row[found], slot[found]] = True
+        return table[:, col]                                                # (B, C)
+
+    def hard_negative_summary(self) -> dict:
+        """Mean stored hard negatives per example, with a note when the stream has none."""
+        if self.hard.shape[1] == 0:
+            return {"hard_negatives_per_example": 0.0,
+                    "hard_negatives_note": "no hard negatives: ranking logs empty or sample.hard_negatives is 0"}
+        return {"hard_negatives_per_example": round(float((self.hard > 0).sum(dim=1).float().mean()), 3)}

@@ -1,0 +1,36 @@
+"""The batch objective (models/objective.py): its in-batch part is the library's in-batch softmax."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from models.encoding import FeatureEncoder
+from models.losses import in_batch_softmax
+from models.objective import BatchLoss
+from models.params import ModelParams, TrainParams
+from models.stream import TrainingStream, gather
+from models.towers import TwoTower
+from models.training import tower_config
+from training_data import TINY_SCHEMA, tiny_frames
+
+
+def test_listwise_loss_without_extra_negatives_is_the_in_batch_softmax():
+    items, examples = tiny_frames()
+    encoder = FeatureEncoder.fit(TINY_SCHEMA, items, examples)
+    stream = TrainingStream.build(encoder, examples.assign(weight=[1.0, 2.0, 0.5]), items)
+    torch.manual_seed(0)
+    model = TwoTower(tower_config(encoder, ModelParams(dim=4, embedding_dim=4, hidden=[8])))
+    b = torch.tensor([2, 0, 1])
+    loss = BatchLoss(stream, TrainParams(negatives=0, ssl_weight=0.0), None)(model, b, torch.Generator())
+
+    item, user = stream.item_idx[b], stream.users["user"][b]
+    q, c = model(gather(stream.users, b), gather(stream.items, item))
+    # log Q of each item among the B in-batch negatives (Yi et al. 2019): its stream share times B
+    log_q = stream.log_q[item] + math.log(len(b))
+    expected = in_batch_softmax(q, c, model.tau(), item, log_q, stream.weights[b], stream.hits(user, item))
+    assert torch.equal(loss, expected)
+    assert stream.hits(user, item)[1, 2]          # user 1's other positive is masked, not a negative
+    no_logq = BatchLoss(stream, TrainParams(negatives=0, ssl_weight=0.0, logq=False), None)(model, b, torch.Generator())
+    assert torch.equal(no_logq, in_batch_softmax(q, c, model.tau(), item, None, stream.weights[b],
+                                                 stream.hits(user, item)))

@@ -1,0 +1,58 @@
+"""The pre-encoded training stream (models/stream.py): hard negatives, per-user positives, and the
+stream read from disk in batches."""
+from __future__ import annotations
+
+import pickle
+
+import pandas as pd
+import torch
+
+from models.encoding import FeatureEncoder
+from models.params import SampleParams, TrainParams
+from models.stream import TrainingStream
+from models.training import fit
+from training_data import (TINY_SCHEMA, retrieved_logs, run_sample, stream_and_config, synthetic_training_dir,
+                           tiny_frames)
+
+
+def test_stream_holds_hard_negatives_and_each_users_positives():
+    items, examples = tiny_frames()
+    enc = FeatureEncoder.fit(TINY_SCHEMA, items, examples)
+    examples["hard_negatives"] = [[12, 13], [], [10]]
+    stream = TrainingStream.build(enc, examples, items)
+    assert stream.hard.tolist() == [[3, 4], [0, 0], [1, 0]]
+    user = stream.users["user"]                         # users 1, 1, 2
+    # user 1 has items 10 and 11 (indices 1, 2); user 2 has item 12 (index 3)
+    assert stream.hits(user, torch.tensor([1, 2, 3, 4])).tolist() == [
+        [True, True, False, False], [True, True, False, False], [False, False, True, False]]
+    assert stream.hard_negative_summary() == {"hard_negatives_per_example": 1.0}
+
+
+def test_stream_read_from_disk_in_batches_equals_the_in_memory_one(tmp_path):
+    """from_parquet (small batches, memory-mapped spill) builds the same arrays as build(), trains to
+    the same weights, and pickles as file paths (what data-parallel workers receive)."""
+    torch.set_num_threads(1)
+    training, schema = synthetic_training_dir(tmp_path / "data")
+    run_sample(training, tmp_path / "samples", SampleParams(hard_negatives=4),
+               ranking_logs=retrieved_logs(training, tmp_path / "logs.parquet"))
+    encoder, memory, tower_cfg, _ = stream_and_config(training, schema, tmp_path / "samples")
+    items = pd.read_parquet(training / "items.parquet")
+    disk = TrainingStream.from_parquet(encoder, tmp_path / "samples" / "train.parquet", items,
+                                       spill=tmp_path / "spill", batch_rows=97)
+    assert len(disk) == len(memory) > 97 * 3
+    assert memory.users.keys() == disk.users.keys()
+    for name in memory.users:
+        torch.testing.assert_close(disk.users[name], memory.users[name], rtol=0, atol=0, msg=name)
+    for name in ("item_idx", "weights", "counts", "hard", "pos_ptr", "pos_items"):
+        torch.testing.assert_close(getattr(disk, name), getattr(memory, name), rtol=0, atol=0, msg=name)
+    assert disk.hard.shape[1] > 0 and {"history", "hard"} <= set(disk.mapped)
+    assert all(p.parent == tmp_path / "spill" and p.exists() for p in disk.mapped.values())
+
+    wire = pickle.dumps(disk)
+    assert len(wire) < disk.users["history"].numel() * 8 / 4      # the history travels as a path
+    again = pickle.loads(wire)
+    torch.testing.assert_close(again.users["history"], disk.users["history"], rtol=0, atol=0)
+
+    train_cfg = TrainParams(epochs=2, batch_size=128, threads=1, negatives=4, ssl_weight=0.1)
+    a, b = fit(memory, tower_cfg, train_cfg, seed=5), fit(disk, tower_cfg, train_cfg, seed=5)
+    assert a.losses == b.losses

@@ -1,0 +1,50 @@
+"""The two towers (models/towers.py): unit vectors, shared item table, config invariants."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.towers import TwoTower, TwoTowerConfig, masked_mean
+
+
+def _config(**kw) -> TwoTowerConfig:
+    base = dict(n_items=6, n_users=4, user_categorical=[3], user_numeric=1, user_multi={"tags": 4},
+                item_categorical=[3, 2], item_numeric=1, item_multi={"genres": 5},
+                embedding_dim=8, hidden=[16], dim=4)
+    return TwoTowerConfig(**{**base, **kw})
+
+
+def _batches(b: int) -> tuple[dict, dict]:
+    g = torch.Generator().manual_seed(0)
+    users = {"user": torch.randint(0, 4, (b,), generator=g), "history": torch.randint(0, 6, (b, 5), generator=g),
+             "cat": torch.randint(0, 3, (b, 1), generator=g), "num": torch.randn(b, 1, generator=g),
+             "multi:tags": torch.randint(0, 4, (b, 2), generator=g)}
+    items = {"item": torch.randint(0, 6, (b,), generator=g),
+             "cat": torch.stack([torch.randint(0, 3, (b,), generator=g), torch.randint(0, 2, (b,), generator=g)], 1),
+             "num": torch.randn(b, 1, generator=g), "multi:genres": torch.randint(0, 5, (b, 3), generator=g)}
+    return users, items
+
+
+@pytest.mark.parametrize("user_id_embedding", [False, True])
+def test_towers_return_unit_vectors_of_the_configured_dim(user_id_embedding):
+    model = TwoTower(_config(user_id_embedding=user_id_embedding))
+    users, items = _batches(7)
+    users["history"][0] = 0  # an empty history is a valid user
+    q, c = model(users, items)
+    assert q.shape == (7, 4) and c.shape == (7, 4)
+    torch.testing.assert_close(q.norm(dim=1), torch.ones(7))
+    torch.testing.assert_close(c.norm(dim=1), torch.ones(7))
+    assert torch.isfinite(q).all()
+
+
+def test_history_shares_the_item_embedding_table_and_ignores_padding():
+    model = TwoTower(_config())
+    idx = torch.tensor([[2, 3, 0, 0], [0, 0, 0, 0]])
+    pooled = masked_mean(model.item_emb, idx)
+    torch.testing.assert_close(pooled[0], model.item_emb.weight[[2, 3]].mean(0))
+    torch.testing.assert_close(pooled[1], torch.zeros(8))
+
+
+def test_config_invariants_are_checked():
+    with pytest.raises(ValueError, match="item vocabulary is empty"):
+        TwoTower(_config(n_items=1))

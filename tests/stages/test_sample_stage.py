@@ -1,0 +1,48 @@
+"""sample stage: deterministic by seed, popular items down-sampled, hard-negative column attached."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from flows.errors import DataContractError, MissingStageInput
+from models.params import SampleParams
+from training_data import run_sample, synthetic_training_dir
+
+
+@pytest.fixture(scope="module")
+def training(tmp_path_factory) -> Path:
+    return synthetic_training_dir(tmp_path_factory.mktemp("synthetic"))[0]
+
+
+def test_sample_is_deterministic_and_downsamples_popular_items(training, tmp_path):
+    sample_cfg = SampleParams(popular_threshold=0.005)
+    a = run_sample(training, tmp_path / "a", sample_cfg, 7)
+    b = run_sample(training, tmp_path / "b", sample_cfg, 7)
+    run_sample(training, tmp_path / "c", sample_cfg, 8)
+    assert a == b
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a/full.parquet"),
+                                  pd.read_parquet(tmp_path / "b/full.parquet"))
+    assert not pd.read_parquet(tmp_path / "a/full.parquet").equals(pd.read_parquet(tmp_path / "c/full.parquet"))
+
+    examples = pd.read_parquet(training / "examples.parquet")
+    train_part = pd.read_parquet(tmp_path / "a/train.parquet")
+    assert set(train_part["split"]) == {"train"}
+    assert a["train"]["rows"] == int((examples["split"] == "train").sum())
+    assert a["full"]["kept"] + a["full"]["dropped"] == len(examples)
+    assert list(train_part.columns) == [*examples.columns, "hard_negatives"]
+
+    # the most popular item loses a larger share of its positives than a rare one
+    full = pd.read_parquet(tmp_path / "a/full.parquet")
+    before, after = examples["item_id"].value_counts(), full["item_id"].value_counts()
+    kept_share = after.reindex(before.index, fill_value=0) / before
+    assert kept_share.iloc[0] < 0.6
+    assert (kept_share[before <= 3] == 1.0).all()
+
+
+def test_sample_names_missing_inputs(training, tmp_path):
+    with pytest.raises(MissingStageInput, match="examples.parquet: not found; run the materialize stage"):
+        run_sample(tmp_path / "nowhere", tmp_path / "out")
+    with pytest.raises(DataContractError, match="logs.parquet: not found; the ingest stage always writes it"):
+        run_sample(training, tmp_path / "out", SampleParams(hard_negatives=2), ranking_logs=tmp_path / "logs.parquet")

@@ -1,0 +1,102 @@
+"""train stage on synthetic contract data (tests/training_data.py): models, metrics, curves, losses,
+hard negatives, early stopping, missing inputs, and two data-parallel workers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.errors import MissingStageInput
+from flows.stages.train import train
+from models.inference import load_bundle
+from models.params import SampleParams, TrainParams
+from training_data import (FAST_TRAIN, SMALL_MODEL, retrieved_logs, run_sample, run_sample_train,
+                           synthetic_training_dir)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("synthetic")
+    training, schema = synthetic_training_dir(root)
+    return root, training, schema
+
+
+def test_train_writes_models_metrics_and_loss_curve(synthetic):
+    root, training, schema = synthetic
+    model_dir = run_sample_train(root, training, schema)
+    for name in ("eval", "full"):
+        for f in ("model.pt", "encoder.json", "model.json"):
+            assert (model_dir / name / f).exists()
+    metrics = json.loads((model_dir / "train_metrics.json").read_text())
+    assert metrics["eval"]["epochs"] == FAST_TRAIN.epochs and metrics["eval"]["examples_per_s"] > 0
+    assert sorted(p.name for p in (model_dir / "curves").iterdir()) == ["eval.csv", "full.csv"]
+    for name in ("eval", "full"):
+        loss = pd.read_csv(model_dir / "curves" / f"{name}.csv")
+        assert list(loss.columns) == ["epoch", "loss"] and loss["epoch"].tolist() == list(range(1, 9))
+        assert loss["loss"].iloc[-1] == pytest.approx(metrics[name]["final_loss"], abs=1e-6)
+        assert loss["loss"].iloc[-1] < loss["loss"].iloc[0]    # it learns
+
+
+def test_train_without_refit_copies_eval_model(synthetic, tmp_path):
+    _, training, schema = synthetic
+    run_sample(training, tmp_path / "samples")
+    train_cfg = TrainParams(epochs=1, batch_size=256, refit_full=False, threads=1, early_stopping=False)
+    metrics = train(SMALL_MODEL, train_cfg, 0, tmp_path / "samples", training, schema, tmp_path / "model")
+    assert metrics["full"] == {"copy_of": "eval"}
+    assert (tmp_path / "model/full/model.pt").read_bytes() == (tmp_path / "model/eval/model.pt").read_bytes()
+
+
+def test_train_reports_missing_samples(synthetic, tmp_path):
+    _, training, schema = synthetic
+    with pytest.raises(MissingStageInput, match="train.parquet"):
+        train(SMALL_MODEL, FAST_TRAIN, 0, tmp_path / "nowhere", training, schema, tmp_path / "model")
+
+
+@pytest.mark.parametrize("loss", ["listwise", "pairwise", "pointwise"])
+def test_train_stage_with_every_loss_hard_negatives_and_ssl(synthetic, tmp_path, loss):
+    _, training, schema = synthetic
+    logs = retrieved_logs(training, tmp_path / "logs.parquet")
+    summary = run_sample(training, tmp_path / "samples", SampleParams(hard_negatives=4), ranking_logs=logs)
+    assert summary["train"]["examples_with_hard_negatives"] > 0 and summary["hard_negatives"]["note"] is None
+    train_cfg = TrainParams(epochs=3, batch_size=256, threads=1, loss=loss, negatives=8, ssl_weight=0.2, patience=1)
+    metrics = train(SMALL_MODEL, train_cfg, 0, tmp_path / "samples", training, schema, tmp_path / "artifacts/model")
+    assert metrics["eval"]["hard_negatives_per_example"] > 0
+    assert metrics["eval"]["epochs"] == metrics["validation"]["best_epoch"] == metrics["full"]["epochs"]
+    curves = tmp_path / "artifacts/model/curves"
+    assert sorted(p.stem for p in curves.iterdir()) == ["eval", "full", "validation"]
+    validation = pd.read_csv(curves / "validation.csv")
+    assert list(validation.columns) == ["epoch", "loss", "val_ndcg@20"]
+    assert validation["val_ndcg@20"].tolist() == pytest.approx(metrics["validation"]["val_ndcg@20"], abs=1e-6)
+    assert all(np.isfinite(pd.read_csv(p)["loss"]).all() for p in curves.iterdir())
+    assert not (tmp_path / "artifacts/model_ckpt").exists() or not any((tmp_path / "artifacts/model_ckpt").iterdir())
+
+
+def test_train_without_ranking_logs_says_so(synthetic, tmp_path):
+    _, training, schema = synthetic
+    summary = run_sample(training, tmp_path / "samples", ranking_logs=None)
+    assert summary["hard_negatives"]["note"].startswith("no hard negatives")
+    train_cfg = TrainParams(epochs=1, batch_size=256, threads=1, negatives=4, early_stopping=False, refit_full=False)
+    metrics = train(SMALL_MODEL, train_cfg, 0, tmp_path / "samples", training, schema, tmp_path / "model")
+    assert "no hard negatives" in metrics["eval"]["hard_negatives_note"]
+
+
+def test_train_stage_with_two_workers_and_early_stopping(synthetic, tmp_path):
+    _, training, schema = synthetic
+    run_sample(training, tmp_path / "samples")
+    train_cfg = TrainParams(epochs=2, batch_size=128, threads=2, workers=2, early_stopping=True, patience=1,
+                            refit_full=False)
+    metrics = train(SMALL_MODEL, train_cfg, 0, tmp_path / "samples", training, schema, tmp_path / "artifacts/model")
+    model_dir = tmp_path / "artifacts/model"
+    assert metrics["eval"]["epochs"] == metrics["validation"]["best_epoch"] >= 1
+    assert len(metrics["validation"]["val_ndcg@20"]) >= 1
+    curves = model_dir / "curves"
+    assert sorted(p.stem for p in curves.iterdir()) == ["eval", "validation"]
+    assert all(np.isfinite(pd.read_csv(p)["loss"]).all() for p in curves.iterdir())
+    assert not any((tmp_path / "artifacts/model_ckpt").glob("*/*.pt"))
+    items = pd.read_parquet(training / "items.parquet")
+    vectors = load_bundle(model_dir / "eval").encode_items(items)
+    assert vectors.shape == (len(items), SMALL_MODEL.dim) and np.isfinite(vectors).all()
+    assert (model_dir / "full/model.pt").read_bytes() == (model_dir / "eval/model.pt").read_bytes()
