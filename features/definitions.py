@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# the behaviour-count naming rule is the model's (its user tower log-scales these columns)
+from models.encoding import INTERACTIONS_TOTAL, is_count_column
+
 if TYPE_CHECKING:
     from feast import Entity, FeatureService, FeatureView
 
@@ -39,7 +42,6 @@ ITEM_KEY = "item_id"
 RECENT_ITEMS = "recent_items"
 SEEN_ITEMS = "seen_items"
 HISTORY_ROW = "history_row"
-INTERACTIONS_TOTAL = "interactions_total"
 
 USER_STATIC_FV = "user_static_fv"
 ITEM_STATIC_FV = "item_static_fv"
@@ -102,12 +104,6 @@ RESERVED = {USER_KEY, ITEM_KEY, "timestamp", "weight", "split", RECENT_ITEMS, SE
 
 def is_reserved(column: str) -> bool:
     return column in RESERVED or is_count_column(column) or column.startswith("item_popularity_")
-
-
-def is_count_column(name: str) -> bool:
-    """A behaviour count of user_history_fv (the encoder log-scales these)."""
-    return name == INTERACTIONS_TOTAL or (name.startswith("interactions_") and name.endswith("d")
-                                          and name[len("interactions_"):-1].isdigit())
 
 
 def source_features(path: Path, key: str) -> list[str]:

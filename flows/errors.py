@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from features.errors import FeatureError
+from models.errors import ModelError
 from validation.errors import ValidationFailed
 
 # `towerflow stage` exits with this code (EX_TEMPFAIL) when the failure may pass on a retry: a
@@ -42,4 +43,4 @@ class TransientError(TowerflowError):
 
 
 # What the CLI prints as one line (no traceback): our own errors and the libraries' domain errors.
-EXPECTED_ERRORS: tuple[type[Exception], ...] = (TowerflowError, FeatureError, ValidationFailed)
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (TowerflowError, ModelError, FeatureError, ValidationFailed)

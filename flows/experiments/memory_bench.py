@@ -66,7 +66,7 @@ def _measure(folder: Path, mode: str, batch_rows: int) -> dict:
     import torch  # noqa: F401  (imports count in the baseline, not in the build)
 
     from models.encoding import FeatureEncoder
-    from models.training import TrainingStream
+    from models.stream import TrainingStream
 
     items = pd.read_parquet(folder / "items.parquet")
     schema = {"user_id_dtype": "int64", "item_id_dtype": "int64", "user_features": {}, "item_features": {}}

@@ -23,7 +23,8 @@ def build_stream(data: Path, model_params, cfg):
     import pandas as pd
 
     from models.encoding import FeatureEncoder
-    from models.training import TrainingStream, model_config
+    from models.stream import TrainingStream
+    from models.training import tower_config
 
     schema = json.loads((data / "ingested/schema.json").read_text())
     items = pd.read_parquet(data / "training/items.parquet")
@@ -34,18 +35,19 @@ def build_stream(data: Path, model_params, cfg):
     spill = Path(tempfile.mkdtemp(prefix="towerflow-bench-stream-"))
     stream = TrainingStream.from_parquet(encoder, data / "samples/full.parquet", items, spill=spill,
                                          batch_rows=cfg.read_batch_rows)
-    return stream, model_config(encoder, model_params)
+    return stream, tower_config(encoder, model_params)
 
 
 def throughput(stream, config, cfg, seed: int, epochs: int, workers: int) -> dict:
     import torch
 
+    from models.distributed import spawn_fit
     from models.training import fit
 
     run_cfg = cfg.model_copy(update={"workers": workers, "epochs": epochs, "early_stopping": False})
     torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
-    result = fit(stream, config, run_cfg, seed)
+    result = spawn_fit(stream, config, run_cfg, seed) if workers > 1 else fit(stream, config, run_cfg, seed)
     wall = time.perf_counter() - start
     per_epoch = sum(result.seconds) / len(result.seconds)
     return {"workers": workers, "threads_per_worker": max(1, cfg.threads // workers),
@@ -59,7 +61,7 @@ def profile(stream, config, cfg, seed: int, steps: int) -> list[tuple[str, float
     from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
 
     from models.towers import TwoTower
-    from models.training import BatchLoss, make_augmenter
+    from models.objective import BatchLoss, make_augmenter
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)

@@ -98,9 +98,13 @@ def recommend(
     from features.store import open_store
     from flows.serving.bundle import model_digest
     from flows.serving.index import open_qdrant, query_top_k
+    from models.errors import ModelNotFound
     from models.inference import load_bundle
 
-    bundle = load_bundle(model_dir)
+    try:
+        bundle = load_bundle(model_dir)
+    except ModelNotFound as exc:
+        raise MissingStageInput(f"{exc}; run the train stage first") from exc
     # The user tower must be the one whose item tower filled the index, or the scores mean nothing.
     if manifest.get("model_digest") != model_digest(model_dir) or bundle.dim != manifest.get("dim"):
         raise PublishError(f"{model_dir} is not the model the published index was built from "

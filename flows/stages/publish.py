@@ -21,6 +21,7 @@ from flows.errors import MissingStageInput, PublishError
 from flows.params import PublishParams
 from flows.serving.bundle import model_digest
 from flows.serving.index import open_qdrant, publish_vectors
+from models.errors import ModelNotFound
 from models.inference import load_bundle
 
 def publish(model_dir: Path, training_dir: Path, cfg: PublishParams, index_dir: Path, qdrant_path: Path) -> dict:
@@ -30,7 +31,10 @@ def publish(model_dir: Path, training_dir: Path, cfg: PublishParams, index_dir: 
     items_path = training_dir / "items.parquet"
     if not items_path.is_file():
         raise MissingStageInput(f"{items_path}: not found; run the materialize stage first")
-    bundle = load_bundle(model_dir)
+    try:
+        bundle = load_bundle(model_dir)
+    except ModelNotFound as exc:
+        raise MissingStageInput(f"{exc}; run the train stage first") from exc
     items = pd.read_parquet(items_path)
     if "item_id" not in items.columns:
         raise PublishError(f"{items_path}: no 'item_id' column")

@@ -1,4 +1,4 @@
-"""The ablation runner (models/ablation.py, moving to flows/experiments/): rows × seeds on tiny data."""
+"""The ablation runner (flows/experiments/ablation.py): rows × seeds on tiny data."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ def test_ablation_runner_writes_a_mean_std_table(tmp_path):
     import shutil
 
     from flows.params import Params
-    from models.ablation import AblationRow, ablate
+    from flows.experiments.ablation import AblationRow, ablate
 
     training, schema = synthetic_training_dir(tmp_path / "data", n_users=80, n_items=60, with_logs=True)
     ingested = tmp_path / "data" / "ingested"   # what sample/train read besides data/training
@@ -61,7 +61,7 @@ def test_ablation_runner_writes_a_mean_std_table(tmp_path):
 
 def test_default_ablation_rows_name_existing_params():
     from flows.params import Params, apply_overrides, validate_params
-    from models.ablation import default_rows
+    from flows.experiments.ablation import default_rows
 
     raw = Params().model_dump(mode="json")
     rows = default_rows(Params())

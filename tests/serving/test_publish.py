@@ -218,9 +218,9 @@ def training_with_model(root: Path, string_ids: bool = False) -> tuple[Path, Pat
         "user_features": {"categorical": ["age_bucket", "gender", "occupation"], "numeric": [], "multi": []},
         "item_features": {"categorical": [], "numeric": ["year"], "multi": ["genres"]},
         "has_rating": True, "ranking_logs": "none", "source": str(src)}))
-    sample(training, SampleParams(popular_threshold=0.01), 0, root / "samples")
-    train(root / "samples", training, schema, ModelParams(dim=8, embedding_dim=8, hidden=[16]),
-          TrainParams(epochs=1, batch_size=128, threads=1), 0, root / "model")
+    sample(SampleParams(popular_threshold=0.01), 0, training, None, root / "samples")
+    train(ModelParams(dim=8, embedding_dim=8, hidden=[16]), TrainParams(epochs=1, batch_size=128, threads=1), 0,
+          root / "samples", training, schema, root / "model")
     return training, schema, root / "model"
 
 

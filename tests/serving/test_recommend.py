@@ -65,9 +65,9 @@ def published_project(root: Path, string_ids: bool) -> dict[str, Any]:
     ingested, training = root / "ingested", root / "training"
     ingest(DataParams(source=str(src), ranking_logs="none"), SimulatorParams(), 0, root / "cache", ingested)
     materialize(SplitParams(), FeaturesParams(history_length=10), ingested, root / "features", root / "feast", training)
-    sample(training, SampleParams(popular_threshold=0.01), 0, root / "samples")
-    train(root / "samples", training, ingested / "schema.json", ModelParams(dim=8, embedding_dim=8, hidden=[16]),
-          TrainParams(epochs=1, batch_size=128, threads=1), 0, root / "model")
+    sample(SampleParams(popular_threshold=0.01), 0, training, None, root / "samples")
+    train(ModelParams(dim=8, embedding_dim=8, hidden=[16]), TrainParams(epochs=1, batch_size=128, threads=1), 0,
+          root / "samples", training, ingested / "schema.json", root / "model")
     cfg = PublishParams(collection_prefix="t", alias="t_live", upsert_batch=50, verify_sample=8)
     publish(root / "model" / "full", training, cfg, root / "index", root / "qdrant")
     return dict(model_dir=root / "model" / "full", feast_dir=root / "feast", features_dir=root / "features",
