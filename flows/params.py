@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import Field, PositiveInt, ValidationError, model_validator
 
 from features.params import FeaturesParams
 from flows.errors import ConfigError
 from models.params import (
+    Section,
     EvaluateParams,
     ModelParams,
     SampleParams,
@@ -25,15 +26,11 @@ from models.params import (
 from validation.params import ValidateParams
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BaseParams(_Section):
+class BaseParams(Section):
     seed: int = 42
 
 
-class PathsParams(_Section):
+class PathsParams(Section):
     cache: Path = Path(".cache/towerflow")
     ingested: Path = Path("data/ingested")
     features: Path = Path("data/features")
@@ -50,7 +47,7 @@ class PathsParams(_Section):
         return PathsParams(**{k: (v if v.is_absolute() else root / v) for k, v in self})
 
 
-class FeatureKinds(_Section):
+class FeatureKinds(Section):
     """Which columns of a users/items table are which kind; None means infer from dtypes."""
 
     categorical: list[str] | None = None
@@ -58,7 +55,7 @@ class FeatureKinds(_Section):
     multi: list[str] | None = None
 
 
-class DemoChecks(_Section):
+class DemoChecks(Section):
     """Checks that hold for the demo (MovieLens-100K rates 1-5 stars), not for every source in the
     contract: applied by `validate_for_source` only when `data.source` is "demo"."""
 
@@ -66,7 +63,7 @@ class DemoChecks(_Section):
     rating_mean: tuple[float, float] | None = (2.5, 4.5)
 
 
-class DataParams(_Section):
+class DataParams(Section):
     source: str = "demo"
     ranking_logs: Literal["auto", "simulate", "none"] = "auto"
     max_users: PositiveInt | None = None
@@ -75,7 +72,7 @@ class DataParams(_Section):
     demo: DemoChecks = DemoChecks()
 
 
-class SimulatorParams(_Section):
+class SimulatorParams(Section):
     request_fraction: float = Field(0.1, gt=0, le=1)
     candidates: PositiveInt = 200
     ranked: PositiveInt = 50
@@ -99,7 +96,7 @@ class SimulatorParams(_Section):
         return self
 
 
-class PublishParams(_Section):
+class PublishParams(Section):
     collection_prefix: str = "towerflow_items"
     alias: str = "towerflow_items"
     keep_versions: PositiveInt = 3
@@ -107,7 +104,7 @@ class PublishParams(_Section):
     verify_sample: PositiveInt = 32
 
 
-class RunParams(_Section):
+class RunParams(Section):
     """How `towerflow run` and scheduled runs execute the stages (read by the flow, not by a stage)."""
 
     retries: int = Field(2, ge=0)                # per stage, for transient failures only (exit 75)
@@ -115,7 +112,7 @@ class RunParams(_Section):
     stage_timeout_s: PositiveInt = 4 * 3600      # a stage running longer fails the run
 
 
-class ReportParams(_Section):
+class ReportParams(Section):
     drift_share_threshold: float = Field(0.5, gt=0, le=1)
 
 
@@ -140,7 +137,7 @@ def validate_for_source(data: DataParams, validate: ValidateParams) -> ValidateP
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
 
-    class Params(_Section):
+    class Params(Section):
         base: BaseParams = BaseParams()
         paths: PathsParams = PathsParams()
         data: DataParams = DataParams()
