@@ -147,25 +147,7 @@ def ablate(raw: dict[str, Any], root: Path, out_dir: Path, seeds: list[int], com
                 summary["rows"].append(entry)
                 log(f"{row.name:<24} = baseline")
                 continue
-            runs = []
-            for seed in seeds:
-                with_ease = "baselines" not in summary
-                try:
-                    result = _run_once(raw, common + FIXED + row.overrides + [f"base.seed={seed}"], work,
-                                       with_ease, k)
-                except TowerflowError as exc:  # e.g. a row that needs ranking logs the data lacks
-                    entry.update(status="failed", reason=f"seed {seed}: {exc}")
-                    log(f"{row.name:<24} failed: {exc}")
-                    break
-                metrics = result.pop("_metrics")
-                if with_ease:
-                    summary["baselines"] = {name: {c: metrics[name].get(f"{c}@{k}") for c in COLUMNS}
-                                            if "skipped" not in metrics[name] else metrics[name]
-                                            for name in ("most_popular", "ease")}
-                    summary["baselines"]["ease_lambda"] = metrics.get("ease_lambda")
-                runs.append({"seed": seed, **result})
-                log(f"{row.name:<24} seed {seed}: " + ", ".join(f"{c}@{k}={result[c]:.4f}" for c in COLUMNS)
-                    + f", train {result['train_seconds']:.1f}s")
+            runs = _run_seeds(raw, common + FIXED + row.overrides, work, seeds, k, row.name, entry, summary, log)
             if entry.get("status") == "failed":
                 summary["rows"].append(entry)
                 continue
@@ -177,6 +159,31 @@ def ablate(raw: dict[str, Any], root: Path, out_dir: Path, seeds: list[int], com
             _write(summary, out_dir)   # after each row: a long run leaves a partial table if stopped
     _write(summary, out_dir)
     return summary
+
+
+def _run_seeds(raw: dict[str, Any], overrides: list[str], work: Path, seeds: list[int], k: int, name: str,
+               entry: dict[str, Any], summary: dict[str, Any], log) -> list[dict]:  # noqa: ANN001
+    """One row's runs, a seed each. The first run of the table also records the baselines (EASE and
+    most popular do not depend on the row). A failure marks the entry failed and stops the row."""
+    runs = []
+    for seed in seeds:
+        with_ease = "baselines" not in summary
+        try:
+            result = _run_once(raw, overrides + [f"base.seed={seed}"], work, with_ease, k)
+        except TowerflowError as exc:  # e.g. a row that needs ranking logs the data lacks
+            entry.update(status="failed", reason=f"seed {seed}: {exc}")
+            log(f"{name:<24} failed: {exc}")
+            break
+        metrics = result.pop("_metrics")
+        if with_ease:
+            summary["baselines"] = {b: {c: metrics[b].get(f"{c}@{k}") for c in COLUMNS}
+                                    if "skipped" not in metrics[b] else metrics[b]
+                                    for b in ("most_popular", "ease")}
+            summary["baselines"]["ease_lambda"] = metrics.get("ease_lambda")
+        runs.append({"seed": seed, **result})
+        log(f"{name:<24} seed {seed}: " + ", ".join(f"{c}@{k}={result[c]:.4f}" for c in COLUMNS)
+            + f", train {result['train_seconds']:.1f}s")
+    return runs
 
 
 def _write(summary: dict, out_dir: Path) -> None:

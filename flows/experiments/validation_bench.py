@@ -39,7 +39,7 @@ def synthetic(out: Path, rows: int, users: int = 100_000, items: int = 20_000, s
                 "user_id": rng.integers(0, users, n), "item_id": rng.integers(0, items, n),
                 "timestamp": pa.array(start + rng.integers(0, 3 * 365 * 86400 * 10**6, n), ts),
                 "rating": rng.integers(1, 6, n).astype(np.float64), "weight": np.ones(n)}, schema=schema))
-    from flows.sources.contract import logs_schema
+    from flows.sources.normalize import logs_schema
     pq.write_table(logs_schema(pa.int64(), pa.int64()).empty_table(), out / "ranking_logs.parquet")
     (out / "schema.json").write_text(json.dumps({
         "user_id_dtype": "int64", "item_id_dtype": "int64",

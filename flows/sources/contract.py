@@ -9,11 +9,9 @@ file and the problem.
 from __future__ import annotations
 
 import hashlib
-
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -21,8 +19,14 @@ import pyarrow.parquet as pq
 
 from flows.errors import DataContractError
 from flows.params import DataParams, FeatureKinds
+from flows.sources.normalize import (
+    KINDS,
+    first_line,
+    normalize_entities,
+    normalize_interactions,
+    normalize_logs,
+)
 
-KINDS: tuple[str, ...] = ("categorical", "numeric", "multi")
 REQUIRED: dict[str, tuple[str, ...]] = {
     "interactions": ("user_id", "item_id", "timestamp"),
     "users": ("user_id",),
@@ -31,15 +35,12 @@ REQUIRED: dict[str, tuple[str, ...]] = {
                      "ranker_score", "clicked"),
 }
 LOG_STAGES: tuple[str, ...] = ("retrieved", "ranked", "shown")
-TIMESTAMP = pa.timestamp("us", tz="UTC")
 # Below this many rows a table is too small to call a column "free text" from its distinct count.
 FREE_TEXT_MIN_ROWS = 20
 FREE_TEXT_DISTINCT_SHARE = 0.9
 # A file this wide is an export mistake (one column per id, a pivot), not a feature table: refuse
 # it before the suites, the Feast schema and the encoders grow one entry per column.
 MAX_COLUMNS = 1000
-# Canonical decimal integers only: "007" stays a string id so that ids are kept exactly as given.
-_CANONICAL_INT = r"^-?(0|[1-9][0-9]{0,17})$"
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def read_schema(path: Path) -> pa.Schema:
             return reader.schema
     except (pa.ArrowException, OSError) as exc:
         kind = "parquet" if path.suffix == ".parquet" else "CSV"
-        raise DataContractError(f"{path}: not a readable {kind} file ({_first_line(exc)})") from exc
+        raise DataContractError(f"{path}: not a readable {kind} file ({first_line(exc)})") from exc
 
 
 def read_table(path: Path) -> pa.Table:
@@ -116,9 +117,9 @@ def read_table(path: Path) -> pa.Table:
         table = pacsv.read_csv(path, convert_options=_csv_options(path))
     except (pa.ArrowException, OSError) as exc:
         if "invalid UTF8" in str(exc):
-            raise DataContractError(f"{path}: not UTF-8 text in an id column ({_first_line(exc)}); "
+            raise DataContractError(f"{path}: not UTF-8 text in an id column ({first_line(exc)}); "
                                     "save the file as UTF-8") from exc
-        raise DataContractError(f"{path}: could not be read ({_first_line(exc)})") from exc
+        raise DataContractError(f"{path}: could not be read ({first_line(exc)})") from exc
     for field in table.schema:
         # pyarrow reads text that is not valid UTF-8 as binary; it would be dropped as "not a feature"
         if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
@@ -134,11 +135,6 @@ def _utf8(value: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def check_columns(path: Path, schema: pa.Schema, required: tuple[str, ...]) -> None:
@@ -221,147 +217,6 @@ def feature_kinds(table: pa.Table, id_col: str, declared: FeatureKinds) -> dict[
 
 
 # ---------------------------------------------------------------------------------- normalization
-
-def _cast(path: Path, col: str, arr: pa.ChunkedArray, typ: pa.DataType, what: str) -> pa.ChunkedArray:
-    try:
-        return pc.cast(arr, typ)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise DataContractError(f"{path}: column '{col}' cannot be read as {what} "
-                                f"({_first_line(exc)})") from exc
-
-
-def _id_array(arr: pa.ChunkedArray) -> pa.ChunkedArray:
-    """int64 for integer ids (and text that is all canonical integers), string for anything else."""
-    typ = arr.type
-    if pa.types.is_dictionary(typ):
-        arr, typ = pc.cast(arr, typ.value_type), typ.value_type
-    if pa.types.is_integer(typ):
-        return pc.cast(arr, pa.int64())
-    if pa.types.is_floating(typ):
-        valid = pc.drop_null(arr)
-        if pc.all(pc.equal(valid, pc.floor(valid))).as_py() in (True, None):
-            return pc.cast(arr, pa.int64())  # float only because a CSV column had nulls
-    as_text = pc.cast(arr, pa.string())
-    valid = pc.drop_null(as_text)
-    if len(valid) and pc.all(pc.match_substring_regex(valid, _CANONICAL_INT)).as_py():
-        return pc.cast(as_text, pa.int64())
-    return as_text
-
-
-def _timestamp(path: Path, col: str, arr: pa.ChunkedArray) -> pa.ChunkedArray:
-    typ = arr.type
-    if pa.types.is_timestamp(typ):
-        # Naive datetimes are taken as UTC (the contract); aware ones are converted.
-        return pc.cast(arr, TIMESTAMP, safe=False)
-    if pa.types.is_date(typ):
-        return pc.cast(pc.cast(arr, pa.timestamp("us")), TIMESTAMP)
-    if pa.types.is_integer(typ) or pa.types.is_floating(typ):  # unix seconds
-        micros = pc.round(pc.multiply(pc.cast(arr, pa.float64()), 1e6))
-        try:
-            return pc.cast(pc.cast(micros, pa.int64()), TIMESTAMP)
-        except pa.ArrowInvalid as exc:  # beyond int64 microseconds: about the year 294,000
-            top = pc.max(pc.abs(pc.cast(arr, pa.float64()))).as_py()
-            raise DataContractError(f"{path}: column '{col}' has unix seconds out of range (e.g. {top:.0f}; "
-                                    "expected seconds since 1970 UTC, not ms or ns)") from exc
-    text = pc.cast(arr, pa.string()).to_pandas()
-    # ISO 8601 only: '03/04/2024' is March 4 or April 3 depending on who wrote it. Text with an
-    # offset ('Z', '+02:00') is converted to UTC, text without one is UTC. The two are parsed
-    # apart: pandas gives naive strings the offset of the first string when they are mixed.
-    has_offset = text.str.contains(r"(?:Z|[+-]\d{2}(?::?\d{2})?)$", regex=True, na=False)
-    parsed = pd.Series(pd.NaT, index=text.index, dtype="datetime64[ns, UTC]")
-    for part in (has_offset, ~has_offset & text.notna()):
-        if part.any():
-            parsed[part] = pd.to_datetime(text[part], utc=True, format="ISO8601", errors="coerce")
-    bad = text[parsed.isna() & text.notna()]
-    if len(bad):
-        raise DataContractError(f"{path}: column '{col}' is neither a datetime nor unix seconds "
-                                f"(e.g. {bad.iloc[0]!r}; use ISO 8601 text, e.g. '2024-03-04T10:00:00+02:00', "
-                                "or seconds since 1970 UTC)")
-    return pa.chunked_array([pa.array(parsed, type=TIMESTAMP)])
-
-
-def _feature(path: Path, col: str, arr: pa.ChunkedArray, kind: str) -> pa.ChunkedArray:
-    typ = arr.type
-    if pa.types.is_dictionary(typ):
-        arr, typ = pc.cast(arr, typ.value_type), typ.value_type
-    if kind == "categorical":
-        return _cast(path, col, arr, pa.string(), "a categorical (string)")
-    if kind == "numeric":
-        return _cast(path, col, arr, pa.float64(), "numeric (float64)")
-    if pa.types.is_string(typ) or pa.types.is_large_string(typ):  # CSV: multi-valued as "a|b|c"
-        return pc.split_pattern(pc.cast(arr, pa.string()), "|")
-    if not (pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)):
-        raise DataContractError(f"{path}: column '{col}' is declared multi-valued but holds {typ} "
-                                f"(expected a list column, or 'a|b|c' text in CSV)")
-    return _cast(path, col, arr, pa.list_(pa.string()), "a list of strings")
-
-
-def normalize_entities(path: Path, table: pa.Table, id_col: str, kinds: dict[str, list[str]]) -> pa.Table:
-    """Id + feature columns with their normalized types; ignored columns are dropped."""
-    cols = {id_col: _id_array(table[id_col])}
-    for kind in KINDS:
-        for col in kinds[kind]:
-            cols[col] = _feature(path, col, table[col], kind)
-    return pa.table(cols)
-
-
-def normalize_interactions(path: Path, table: pa.Table) -> pa.Table:
-    cols = {
-        "user_id": _id_array(table["user_id"]),
-        "item_id": _id_array(table["item_id"]),
-        "timestamp": _timestamp(path, "timestamp", table["timestamp"]),
-    }
-    if "rating" in table.column_names:
-        cols["rating"] = _cast(path, "rating", table["rating"], pa.float64(), "float64")
-    if "weight" in table.column_names:
-        cols["weight"] = _cast(path, "weight", table["weight"], pa.float64(), "float64")
-    else:
-        cols["weight"] = pa.chunked_array([pa.array([1.0] * table.num_rows, pa.float64())])
-    return pa.table(cols)
-
-
-def logs_schema(user_type: pa.DataType, item_type: pa.DataType) -> pa.Schema:
-    """ranking_logs.parquet schema; its pandas metadata makes `position` read back as pandas Int64."""
-    schema = pa.schema([("request_id", pa.string()), ("user_id", user_type), ("item_id", item_type),
-                        ("timestamp", TIMESTAMP), ("stage", pa.string()), ("position", pa.int64()),
-                        ("ranker_score", pa.float64()), ("clicked", pa.bool_())])
-    empty = pd.DataFrame({f.name: pd.Series([], dtype="Int64" if f.name == "position" else object)
-                          for f in schema})
-    return pa.Table.from_pandas(empty, schema=schema, preserve_index=False).schema
-
-
-def normalize_logs(path: Path, table: pa.Table) -> pa.Table:
-    cols = {
-        "request_id": pc.cast(table["request_id"], pa.string()),
-        "user_id": _id_array(table["user_id"]),
-        "item_id": _id_array(table["item_id"]),
-        "timestamp": _timestamp(path, "timestamp", table["timestamp"]),
-        "stage": _cast(path, "stage", table["stage"], pa.string(), "text"),
-        "position": _cast(path, "position", table["position"], pa.int64(), "an integer position"),
-        "ranker_score": _cast(path, "ranker_score", table["ranker_score"], pa.float64(), "float64"),
-        "clicked": _cast(path, "clicked", table["clicked"], pa.bool_(), "bool"),
-    }
-    for col in table.column_names:     # per-impression context (device, page, grid_row ...): kept
-        if col not in cols:
-            cols[col] = _context(path, col, table[col])
-    return pa.table(cols)
-
-
-def _context(path: Path, col: str, arr: pa.ChunkedArray) -> pa.ChunkedArray:
-    """An optional context column of the ranking logs: integers stay int64, other numbers become
-    float64, text / categories / flags become strings (a categorical context for the bias tower)."""
-    typ = arr.type
-    if pa.types.is_dictionary(typ):
-        arr, typ = pc.cast(arr, typ.value_type), typ.value_type
-    if pa.types.is_integer(typ):
-        return _cast(path, col, arr, pa.int64(), "int64")
-    if pa.types.is_floating(typ) or pa.types.is_decimal(typ):
-        return _cast(path, col, arr, pa.float64(), "float64")
-    if pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_boolean(typ) or pa.types.is_null(typ):
-        return _cast(path, col, arr, pa.string(), "text")
-    raise DataContractError(f"{path}: context column '{col}' holds {typ}; ranking_logs context columns must be "
-                            f"numbers or text (one value per impression)")
-
 
 def unify_ids(tables: Tables) -> Tables:
     """One type per id across files: if any file has string user ids, all get string user ids."""

@@ -23,8 +23,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from flows.sources.contract import LOG_STAGES, TIMESTAMP, logs_schema
+from flows.sources.contract import LOG_STAGES
+from flows.sources.normalize import TIMESTAMP, logs_schema
 from flows.params import SimulatorParams
+from flows.sources.click_model import examination, neighbour_factor, propensity_formula, ranker_scores
 
 # Calibration targets of the relevance model: a median popularity-sampled (user, item) pair is
 # relevant with p=0.03, a median observed pair scores p=0.2 from the latent model alone, and the
@@ -34,59 +36,7 @@ from flows.params import SimulatorParams
 P_RANDOM, P_OBSERVED_LATENT, P_OBSERVED = 0.03, 0.2, 0.8
 CALIBRATION_PAIRS = 20000
 OVERSAMPLE = 2.0  # draw 2x candidates; duplicates and already-consumed items are dropped
-# Examination curves. Patient users scan the whole page with a slow power-law decay; impatient users
-# look at the top ~3 (geometric decay).
-TOP_EXAMINE = 0.95
-PATIENT_POWER = 0.4
-IMPATIENT_RATIO = 0.45
 SCORE_BLOCK = 1024  # requests per block when gathering item factors (bounds memory)
-
-
-def examination(shown: int, eta: float | None = None, impatient_factor: float = 3.0) -> dict[str, np.ndarray]:
-    """P(examined | position) per user type. eta None: the original curves (geometric for impatient
-    users, a slow power law for patient ones); eta set: the position-bias model of Joachims et al. 2017,
-    ∝ (1/position)^η for patient users and ^(η · impatient_factor) for impatient ones."""
-    pos = np.arange(1, shown + 1, dtype=np.float64)
-    if eta is None:
-        return {"impatient": TOP_EXAMINE * IMPATIENT_RATIO ** (pos - 1),
-                "patient": TOP_EXAMINE * pos ** -PATIENT_POWER}
-    return {"impatient": TOP_EXAMINE * pos ** -(eta * impatient_factor), "patient": TOP_EXAMINE * pos ** -eta}
-
-
-def ranker_scores(logit: np.ndarray, keep: np.ndarray, noise: np.ndarray, params: SimulatorParams) -> np.ndarray:
-    """The logging ranker's scores. logging_strength s: s · relevance + (1 - s) · noise scaled to the
-    spread of relevance among the candidates (0: a random order, 1: the true order); else the original
-    true logit + N(0, ranker_noise). `noise` is one standard normal draw either way, so switching the
-    parameter leaves every other random draw of the world unchanged."""
-    if params.logging_strength is None:
-        return logit + params.ranker_noise * noise
-    spread = float(np.std(logit[keep])) if keep.any() else 1.0
-    s = params.logging_strength
-    return s * logit + (1.0 - s) * spread * noise
-
-
-def neighbour_factor(p_rel: np.ndarray, shown: np.ndarray, gamma: float, columns: int | None) -> np.ndarray:
-    """(R, S) multiplier of each shown item's examination: 1 - γ · the mean relevance of its neighbours
-    (the items beside it in a list; left/right/above/below in a grid of `columns`). A highly relevant
-    neighbour draws the eye away (the independence assumption of position-bias models breaks)."""
-    rel = np.where(shown, p_rel, np.nan)                                  # (R, S)
-    r, s = rel.shape
-    if columns is None:
-        offsets = [(0, -1), (0, 1)]
-        grid = rel.reshape(r, 1, s)
-    else:
-        rows = -(-s // columns)
-        grid = np.full((r, rows * columns), np.nan)
-        grid[:, :s] = rel
-        grid = grid.reshape(r, rows, columns)
-        offsets = [(0, -1), (0, 1), (-1, 0), (1, 0)]
-    padded = np.pad(grid, ((0, 0), (1, 1), (1, 1)), constant_values=np.nan)
-    h, w = grid.shape[1:]
-    stack = np.stack([padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in offsets])
-    with np.errstate(invalid="ignore"):
-        counts = np.sum(~np.isnan(stack), axis=0)
-        mean = np.where(counts > 0, np.nansum(stack, axis=0) / np.maximum(counts, 1), 0.0)
-    return (1.0 - gamma * mean).reshape(r, -1)[:, :s]
 
 
 def _logit(p: float) -> float:
@@ -325,15 +275,6 @@ def simulate(interactions: pa.Table, catalog: pa.Array, params: SimulatorParams,
     return {**counts, "seconds": round(time.perf_counter() - started, 2)}
 
 
-def _propensity_formula(params: SimulatorParams) -> dict[str, str]:
-    if params.position_bias is None:
-        return {"impatient": f"{TOP_EXAMINE} * {IMPATIENT_RATIO}^(position-1)",
-                "patient": f"{TOP_EXAMINE} * position^-{PATIENT_POWER}"}
-    eta = params.position_bias
-    return {"impatient": f"{TOP_EXAMINE} * position^-{eta * params.impatient_bias_factor:g}",
-            "patient": f"{TOP_EXAMINE} * position^-{eta:g}"}
-
-
 def _write_truth(world: World | None, params: SimulatorParams, seed: int, curve: dict[str, np.ndarray],
                  truth_dir: Path, n_req: int) -> None:
     if world is None:
@@ -348,7 +289,7 @@ def _write_truth(world: World | None, params: SimulatorParams, seed: int, curve:
         "click_model": "P(click) = P(examined | position, user_type) * P(relevant | user, item)",
         "positions": list(range(1, params.shown + 1)),
         "propensity": {k: [float(x) for x in v] for k, v in curve.items()},
-        "propensity_formula": _propensity_formula(params),
+        "propensity_formula": propensity_formula(params),
         "neighbour_effect": {"gamma": params.neighbour_effect, "grid_columns": params.grid_columns,
                              "formula": "p_examine = p_examine_position * (1 - gamma * mean p_relevant of "
                                         "the neighbours (list: beside; grid: left/right/above/below))"},

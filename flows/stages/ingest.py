@@ -17,7 +17,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows.sources.contract import SourceFiles, Tables, check_directory, logs_schema, read_source
+from flows.sources.contract import SourceFiles, Tables, check_directory, read_source
+from flows.sources.normalize import logs_schema
 from flows.sources.demo import demo_source
 from flows.sources.simulator import simulate
 from flows.errors import DataContractError

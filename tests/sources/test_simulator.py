@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.sources.contract import normalize_interactions
+from flows.sources.normalize import normalize_interactions
 from flows.params import SimulatorParams
 from flows.sources.simulator import simulate
 from datagen import make_contract_dataset

@@ -229,11 +229,15 @@ def test_semantic_problems_pass_through_for_validate(tmp_path: Path) -> None:
     assert written["timestamp"].null_count == 1
 
 
-def test_context_columns_of_the_logs_are_kept_with_their_types(str_source: Path, tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
+def _tables_without_logs(source: Path, dst: Path) -> Path:
+    dst.mkdir()
     for name in ("users", "items", "interactions"):
-        (src / f"{name}.parquet").write_bytes((str_source / f"{name}.parquet").read_bytes())
+        (dst / f"{name}.parquet").write_bytes((source / f"{name}.parquet").read_bytes())
+    return dst
+
+
+def test_context_columns_of_the_logs_are_kept_with_their_types(str_source: Path, tmp_path: Path) -> None:
+    src = _tables_without_logs(str_source, tmp_path / "src")
     logs = pd.read_parquet(str_source / "ranking_logs.parquet")
     logs["device"] = pd.Categorical(["phone", "tv"] * (len(logs) // 2) + ["phone"] * (len(logs) % 2))
     logs["page"] = 1
@@ -250,10 +254,7 @@ def test_context_columns_of_the_logs_are_kept_with_their_types(str_source: Path,
 
 
 def test_a_nested_context_column_is_a_contract_error(str_source: Path, tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("users", "items", "interactions"):
-        (src / f"{name}.parquet").write_bytes((str_source / f"{name}.parquet").read_bytes())
+    src = _tables_without_logs(str_source, tmp_path / "src")
     logs = pq.read_table(str_source / "ranking_logs.parquet")
     logs = logs.append_column("slots", pa.array([[1, 2]] * logs.num_rows))
     pq.write_table(logs, src / "ranking_logs.parquet")
