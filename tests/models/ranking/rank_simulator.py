@@ -15,6 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from models.ranking.catalog import RankFeatures, build_features
+from models.ranking.data import LogSpec, RankBatch, RankingLog, inspect_log
+from models.ranking.params import RankParams
+from models.ranking.towers import RankerConfig
+
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -107,3 +112,29 @@ def simulate(cfg: SimConfig) -> SimLog:
                             U + noise * rng.normal(size=U.shape))
         sim.item_vectors = (np.arange(cfg.n_items), V + noise * rng.normal(size=V.shape))
     return sim
+
+
+def read_split(sim: SimLog, directory: Path, params: RankParams,
+               truth: tuple[str, ...] = ("relevance", "user_type")) -> Split:
+    """Write the log, build the features and read both sides of the held-out split into memory."""
+    path = sim.write(directory)
+    features = build_features(path, params.context_columns, item_table=sim.items,
+                              user_vectors=sim.user_vectors, item_vectors=sim.item_vectors)
+    spec = inspect_log(path, context=params.context_columns, truth=truth)
+    kw = dict(batch_requests=params.batch_requests, read_rows=params.read_rows,
+              max_position=params.max_position, max_grid=params.max_grid,
+              test_fraction=params.test_fraction)
+    return Split(path=path, features=features, spec=spec,
+                 train=list(RankingLog(path, features, spec, split="train", **kw)),
+                 test=list(RankingLog(path, features, spec, split="test", **kw)),
+                 config=RankerConfig.build(params, features, spec.grid))
+
+
+@dataclass
+class Split:
+    path: Path
+    features: RankFeatures
+    spec: LogSpec
+    train: list[RankBatch]
+    test: list[RankBatch]
+    config: RankerConfig
