@@ -46,6 +46,10 @@ class RankFeatures:
     item_vectors: np.ndarray = field(default_factory=lambda: np.zeros((1, 0), np.float32))  # (I, Di)
     numeric_names: list[str] = field(default_factory=list)
 
+    def pairs(self, user_ids: np.ndarray, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (user_id, item_id) pairs → vocabulary indices for `Ranker.score`; unknown ids → 0."""
+        return self.users.lookup(user_ids), self.items.lookup(item_ids)
+
 
 def _log_uniques(path: Path, columns: Sequence[str], read_rows: int) -> dict[str, np.ndarray]:
     """Distinct non-null values of each column, one read batch at a time (memory: the distinct values)."""

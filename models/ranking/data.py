@@ -75,7 +75,8 @@ def inspect_log(path: Path, context: Sequence[str] = (), truth: Sequence[str] = 
     """Check the log's columns and detect its optional parts (shown flag, grid layout)."""
     wanted = [*REQUIRED, *context, *truth, *([LOGGED_SCORE] if logged_score else [])]
     names = require_columns(path, wanted, "ranking log")
-    shown_by = "shown" if "shown" in names else "stage" if "stage" in names else "position"
+    shown_by: Literal["shown", "stage", "position"] = (
+        "shown" if "shown" in names else "stage" if "stage" in names else "position")
     return LogSpec(shown_by=shown_by, context=tuple(context), truth=tuple(truth),
                    grid=all(c in names for c in GRID), logged_score=logged_score)
 
@@ -184,7 +185,7 @@ class RankingLog:
         cols = {
             "user": f.users.lookup(table["user_id"].to_numpy(zero_copy_only=False)),  # null → OOV
             "item": f.items.lookup(table["item_id"].to_numpy(zero_copy_only=False)),
-            "position": np.clip(table["position"].to_numpy(), 1, self.max_position),
+            "position": np.clip(_numpy(table, "position", 0).astype(np.int64), 1, self.max_position),
             "clicked": table["clicked"].to_numpy(zero_copy_only=False).astype(np.float32),
             "context": np.zeros((table.num_rows, 0), np.int64),   # (N, C)
         }
@@ -193,7 +194,7 @@ class RankingLog:
                                         for c in self.spec.context], axis=-1)
         if self.spec.grid:
             for c in GRID:  # nullable: a request laid out as a list has no row/col (index 0)
-                cols[c] = np.clip(_numpy(table, c, -1), -1, self.max_grid - 1) + 1
+                cols[c] = np.clip(_numpy(table, c, -1).astype(np.int64), -1, self.max_grid - 1) + 1
         if self.spec.logged_score:
             cols[LOGGED_SCORE] = _numpy(table, LOGGED_SCORE, 0.0).astype(np.float32)
         for c in self.spec.truth:
@@ -201,8 +202,8 @@ class RankingLog:
                     or pa.types.is_boolean(table[c].type)):
                 raise RankingInputError(f"truth column {c!r} must be numeric (got {table[c].type}); "
                                         "encode labels such as user types as integers")
-            cols[f"truth:{c}"] = _numpy(table.set_column(table.schema.get_field_index(c), c,
-                                                         pc.cast(table[c], pa.float32())), c, np.nan)
+            # a null truth value reads as NaN (float arrays convert nulls to NaN)
+            cols[f"truth:{c}"] = pc.cast(table[c], pa.float32()).to_numpy(zero_copy_only=False)
         return cols
 
     def _requests(self, table: pa.Table) -> Iterator[RankBatch]:

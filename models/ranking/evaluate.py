@@ -105,8 +105,9 @@ def mixture_report(model: MixtureEM, batches: Sequence[RankBatch], positions: Se
     held-out requests with a click, and (given the truth) the share of each user type's requests it
     takes and how its curve correlates with each type's true curve."""
     model.eval()
-    curves = [model.component_propensities(b, list(positions)) * b.n_examples for b in batches]
-    curve = (sum(curves) / sum(b.n_examples for b in batches)).numpy()       # (K, P)
+    curves = torch.stack([model.component_propensities(b, list(positions)) * b.n_examples
+                          for b in batches])                                  # (B, K, P)
+    curve = (curves.sum(dim=0) / sum(b.n_examples for b in batches)).numpy()  # (K, P)
     posts = torch.cat([model.posterior(b) for b in batches], dim=1)          # (K, R)
     clicked = posts.sum(dim=0) > 0                                           # (R,)
     types = None
@@ -171,9 +172,9 @@ def lightgbm_ndcg(train: Iterable[RankBatch], test: Sequence[RankBatch], feature
     booster = lgb.train(params, data, num_boost_round=rounds)
     per_request = []
     for batch in test:
-        m = batch.mask
-        scores = torch.full(m.shape, float("-inf"), dtype=torch.float64)    # (R, L)
-        scores[m] = torch.from_numpy(booster.predict(_lgb_rows(batch, features, use_logged_score)))
-        per_request.append(ndcg(scores, _truth(batch, truth), m, k))
+        scores = torch.full(batch.mask.shape, float("-inf"), dtype=torch.float64)  # (R, L)
+        scores[batch.mask] = torch.from_numpy(booster.predict(_lgb_rows(batch, features,
+                                                                        use_logged_score)))
+        per_request.append(ndcg(scores, _truth(batch, truth), batch.mask, k))
     values = torch.cat(per_request)
     return {"ndcg": float(values[~values.isnan()].mean()), "train_rows": n}

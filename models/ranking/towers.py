@@ -11,7 +11,7 @@ mixture of user types (mixture.py) build on the classes here.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -52,9 +52,9 @@ class RankerConfig:
 
     @classmethod
     def build(cls, params: RankParams, features: RankFeatures, grid: bool) -> RankerConfig:
-        p = params.model_dump(exclude={"models", "lightgbm", "lightgbm_rounds", "lightgbm_max_rows",
-                                       "epochs", "lr", "weight_decay", "batch_requests", "read_rows",
-                                       "shuffle_buffer", "test_fraction", "context_columns"})
+        # the architecture fields of the rank section; the rest (epochs, lr, ...) are for fit
+        shared = {f.name for f in fields(cls)} & set(RankParams.model_fields)
+        p = params.model_dump(include=shared)
         return cls(n_users=len(features.users), n_items=len(features.items),
                    item_numeric=features.item_numeric.shape[1],
                    user_vector_dim=features.user_vectors.shape[1],
@@ -79,6 +79,10 @@ class RelevanceTower(nn.Module):
     the MLP's reach), numeric item features and the retrieval towers' embeddings (with their product
     and dot product when they share a size). Never sees a position."""
 
+    item_numeric: torch.Tensor      # (I, Ni) buffers: feature tables indexed by vocabulary index
+    user_vectors: torch.Tensor      # (U, Du)
+    item_vectors: torch.Tensor      # (I, Di)
+
     def __init__(self, cfg: RankerConfig, out_dim: int, tables: dict[str, np.ndarray] | None = None):
         super().__init__()
         e = cfg.embedding_dim
@@ -99,9 +103,11 @@ class RelevanceTower(nn.Module):
         in_dim = (3 * e + cfg.item_numeric + cfg.user_vector_dim + cfg.item_vector_dim
                   + (cfg.user_vector_dim + 1 if self.paired else 0) + int(cfg.use_logged_score))
         self.use_logged_score = cfg.use_logged_score
-        self.body = mlp(in_dim, cfg.hidden[:-1], cfg.hidden[-1]) if cfg.hidden else nn.Identity()
+        self.body = (nn.Sequential(mlp(in_dim, cfg.hidden[:-1], cfg.hidden[-1]), nn.ReLU())
+                     if cfg.hidden else nn.Identity())
         self.out_hidden = cfg.hidden[-1] if cfg.hidden else in_dim
         self.head = nn.Linear(self.out_hidden, out_dim)
+        # larger than nanoGPT's 0.02: u ⊙ i of two 0.02-scale vectors is ~4e-4 and barely learns
         for emb in (self.user_emb, self.item_emb):
             nn.init.normal_(emb.weight, std=0.1)
             with torch.no_grad():
@@ -132,7 +138,7 @@ class RelevanceTower(nn.Module):
 
     def forward(self, user: torch.Tensor, item: torch.Tensor,
                 logged_score: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        h = F.relu(self.body(self.inputs(user, item, logged_score)))         # (R, L, H)
+        h = self.body(self.inputs(user, item, logged_score))                 # (R, L, H)
         return h, self.head(h)                                               # (R, L, H), (R, L, out)
 
 

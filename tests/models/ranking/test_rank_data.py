@@ -11,6 +11,9 @@ from rank_simulator import SimConfig, simulate
 
 from models.ranking.catalog import build_features
 from models.ranking.data import RankingInputError, RankingLog, inspect_log
+from models.ranking.params import RankParams
+from models.ranking.towers import RankerConfig
+from models.ranking.train import build_model
 
 torch.set_num_threads(1)
 
@@ -137,3 +140,8 @@ def test_context_and_grid_columns_reach_the_batch(tmp_path: Path) -> None:
     assert b.row is not None and b.col is not None
     assert (b.row[2][b.mask[2]] == 0).all()                        # no grid: index 0
     assert b.col[0, :4].tolist() == [1, 2, 3, 4] and b.row[0, 4] == 2
+    assert b.row.dtype == b.position.dtype == torch.int64   # nullable float columns become indices
+    # one model over both layouts: the list request reads row/col as unknown
+    params = RankParams(context_columns=["device"])
+    model = build_model("xpa", RankerConfig.build(params, features, grid=True), features, seed=0)
+    assert torch.isfinite(model.loss(b))

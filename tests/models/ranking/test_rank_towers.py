@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,9 @@ def test_every_model_trains_and_serves_from_relevance_alone(grid: Split, name: s
         served = model.score(users, batch.item[batch.mask])                   # (N,)
     assert torch.equal(ranked, moved)                # position and context never reach serving
     assert torch.allclose(served, ranked[batch.mask], atol=1e-5)
-    assert torch.isfinite(model.score(torch.tensor([0]), torch.tensor([0]))).all()  # OOV pair
+    users, items = grid.features.pairs(np.array(["u1", "nobody"]), np.array([3, 99_999]))
+    assert users[1] == 0 and items[1] == 0                                    # unknown ids: OOV
+    assert torch.isfinite(model.score(torch.from_numpy(users), torch.from_numpy(items))).all()
 
 
 def test_same_seed_same_model(grid: Split) -> None:
