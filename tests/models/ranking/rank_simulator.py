@@ -38,6 +38,7 @@ class SimConfig:
     vectors: bool = False                    # also give retrieval vectors (noisy factors) of both sides
     devices: bool = False                    # a per-request context column `device`
     grid_cols: int = 0                       # > 0: a grid layout with this many columns (row, col)
+    neighbour: float = 0.0                   # > 0: relevant neighbours (p ± 1) draw examination away
     seed: int = 0
 
 
@@ -86,6 +87,9 @@ def simulate(cfg: SimConfig) -> SimLog:
         # mobile users examine a little less everywhere: the same curve once normalized at the top
         exam = curves[user_type[u]][:n] * (0.8 if cfg.devices and device == "mobile" else 1.0)
         rel = p_rel[u, cand[:n]]
+        if cfg.neighbour:   # the independence assumption broken: what surrounds an item matters
+            around = (np.r_[0.0, rel[:-1]] + np.r_[rel[1:], 0.0]) / 2
+            exam = exam * np.exp(-cfg.neighbour * around)
         clicked = (rng.random(n) < exam) & (rng.random(n) < rel)
         for j, item in enumerate(cand):
             shown = j < n
