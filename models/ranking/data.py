@@ -1,0 +1,249 @@
+"""Ranking logs → padded request batches, read from parquet in bounded memory.
+
+A log row is one impression: request_id, user_id, item_id, position (1 = top), clicked, and which rows
+were shown (a bool `shown` column, or the contract's `stage == "shown"`, or else every row with a
+position). Optional: per-impression context columns (device, page), a grid layout (`row`, `col`,
+nullable: several page layouts may share one log), the logging ranker's `ranker_score`, and
+evaluation-only truth columns (true relevance, user type) carried through untouched.
+
+Only shown rows are trained on (an item never shown was never examined). Lists may have any length,
+positions beyond 10, and no click. The file is read `read_rows` rows at a time
+(pyarrow `iter_batches`), so a 50M-row log never sits in memory at once: rows of one request must be
+adjacent in the file (the contract writes them so; order inside a request does not matter), and the
+last request of each read batch is held back until its remaining rows arrive.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+if TYPE_CHECKING:
+    from models.ranking.catalog import RankFeatures
+
+REQUIRED: tuple[str, ...] = ("request_id", "user_id", "item_id", "position", "clicked")
+GRID: tuple[str, str] = ("row", "col")
+LOGGED_SCORE = "ranker_score"
+HASH_BUCKETS = 10_000
+
+
+class RankingInputError(ValueError):
+    """The ranking log or feature tables lack what the ranking models need.
+
+    models/errors.py (ModelInputError) does not exist in this worktree yet; once it does, this class
+    should become (or subclass) it so the CLI prints it as one line.
+    """
+
+
+def require_columns(path: Path, columns: Sequence[str], what: str) -> list[str]:
+    """The file's column names; raises if any of `columns` is missing."""
+    if not Path(path).exists():
+        raise RankingInputError(f"{what} not found: {path}")
+    names = pq.ParquetFile(path).schema_arrow.names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise RankingInputError(f"{what} {path} lacks column(s) {missing}; it has {names}")
+    return names
+
+
+@dataclass(frozen=True)
+class LogSpec:
+    """Which columns of one log file are read, and how shown rows are told apart."""
+    shown_by: Literal["shown", "stage", "position"]
+    context: tuple[str, ...] = ()
+    truth: tuple[str, ...] = ()          # evaluation only: never a model input
+    grid: bool = False
+    logged_score: bool = False
+
+    @property
+    def columns(self) -> list[str]:
+        extra = [] if self.shown_by == "position" else [self.shown_by]
+        return [*REQUIRED, *extra, *self.context, *self.truth, *(GRID if self.grid else ()),
+                *([LOGGED_SCORE] if self.logged_score else [])]
+
+
+def inspect_log(path: Path, context: Sequence[str] = (), truth: Sequence[str] = (),
+                logged_score: bool = False) -> LogSpec:
+    """Check the log's columns and detect its optional parts (shown flag, grid layout)."""
+    wanted = [*REQUIRED, *context, *truth, *([LOGGED_SCORE] if logged_score else [])]
+    names = require_columns(path, wanted, "ranking log")
+    shown_by: Literal["shown", "stage", "position"] = (
+        "shown" if "shown" in names else "stage" if "stage" in names else "position")
+    return LogSpec(shown_by=shown_by, context=tuple(context), truth=tuple(truth),
+                   grid=all(c in names for c in GRID), logged_score=logged_score)
+
+
+@dataclass
+class RankBatch:
+    """R requests padded to the longest list L; index 0 means padding, OOV or missing everywhere."""
+    user: torch.Tensor                   # (R,) user index
+    item: torch.Tensor                   # (R, L) item index
+    position: torch.Tensor               # (R, L) 1-based position, clipped to max_position
+    context: torch.Tensor                # (R, L, C) context value index
+    clicked: torch.Tensor                # (R, L) float 0/1
+    mask: torch.Tensor                   # (R, L) bool: a shown impression (not padding)
+    row: torch.Tensor | None = None      # (R, L) grid row + 1, 0 when the layout is a list
+    col: torch.Tensor | None = None      # (R, L)
+    logged_score: torch.Tensor | None = None  # (R, L)
+    truth: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (R, L) float
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.mask.sum())
+
+    def with_position(self, position: int) -> RankBatch:
+        """The same impressions, every one moved to `position` (counterfactual propensity curves)."""
+        return replace(self, position=torch.where(self.mask, position, 0))
+
+
+def _shown(table: pa.Table, spec: LogSpec) -> pa.Array:
+    if spec.shown_by == "shown":
+        return pc.fill_null(table["shown"], False)
+    if spec.shown_by == "stage":
+        return pc.fill_null(pc.equal(table["stage"], "shown"), False)
+    return pc.is_valid(table["position"])
+
+
+def _held_out(request_ids: np.ndarray, test_fraction: float) -> np.ndarray:
+    """(N,) bool, the same for every row of a request in every run: a fixed hash of request_id."""
+    h = pd.util.hash_array(request_ids.astype(object))                        # (N,) uint64
+    return (h % HASH_BUCKETS) < round(test_fraction * HASH_BUCKETS)
+
+
+def _hold_last_request(table: pa.Table) -> tuple[pa.Table, pa.Table | None]:
+    """Split off the rows of the table's last request: its other rows may be in the next read batch."""
+    if table.num_rows == 0:
+        return table, None
+    req = table["request_id"].to_numpy(zero_copy_only=False)
+    same = req == req[-1]                                                     # (N,)
+    start = len(req) - int(np.argmin(same[::-1])) if not same.all() else 0
+    return table.slice(0, start), table.slice(start)
+
+
+def _checked(table: pa.Table, path: Path) -> pa.Table:
+    if table["position"].null_count:
+        raise RankingInputError(f"{path}: {table['position'].null_count} shown row(s) have no position")
+    if table["clicked"].null_count:
+        raise RankingInputError(f"{path}: {table['clicked'].null_count} shown row(s) have a null `clicked`")
+    low = pc.min(table["position"]).as_py()
+    if low is not None and low < 1:
+        raise RankingInputError(f"{path}: positions start at 1 (the top); found {low}")
+    return table
+
+
+def _numpy(table: pa.Table, name: str, fill: float | int | bool) -> np.ndarray:
+    return pc.fill_null(table[name], fill).to_numpy(zero_copy_only=False)
+
+
+class RankingLog:
+    """Re-iterable batches of one log file: every pass re-reads it `read_rows` rows at a time.
+
+    split: "train" or "test" keeps only requests on that side of a fixed hash of request_id, so the
+    held-out requests are the same for every model, every epoch and every run.
+    """
+
+    def __init__(self, path: Path, features: RankFeatures, spec: LogSpec, *, batch_requests: int = 128,
+                 read_rows: int = 100_000, max_position: int = 50, max_grid: int = 16,
+                 split: Literal["all", "train", "test"] = "all", test_fraction: float = 0.0):
+        if split != "all" and not 0 < test_fraction < 1:
+            raise ValueError(f"split={split!r} needs 0 < test_fraction < 1 (got {test_fraction})")
+        self.path, self.features, self.spec = Path(path), features, spec
+        self.batch_requests, self.read_rows = batch_requests, read_rows
+        self.max_position, self.max_grid = max_position, max_grid
+        self.split, self.test_fraction = split, test_fraction
+
+    def __iter__(self) -> Iterator[RankBatch]:
+        carry: pa.Table | None = None
+        for rb in pq.ParquetFile(self.path).iter_batches(batch_size=self.read_rows,
+                                                          columns=self.spec.columns):
+            table = pa.Table.from_batches([rb])
+            if carry is not None:
+                table = pa.concat_tables([carry, table])
+            table, carry = _hold_last_request(table)
+            yield from self._requests(table)
+        if carry is not None:
+            yield from self._requests(carry)
+
+    def _rows(self, table: pa.Table) -> pa.Table:
+        table = table.filter(_shown(table, self.spec))
+        if self.split != "all":
+            held = _held_out(table["request_id"].to_numpy(zero_copy_only=False), self.test_fraction)
+            table = table.filter(pa.array(held if self.split == "test" else ~held))
+        return _checked(table, self.path)
+
+    def _columns(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """Per-row model inputs as numpy, ids already mapped to vocabulary indices."""
+        f = self.features
+        cols = {
+            "user": f.users.lookup(table["user_id"].to_numpy(zero_copy_only=False)),  # null → OOV
+            "item": f.items.lookup(table["item_id"].to_numpy(zero_copy_only=False)),
+            "position": np.clip(_numpy(table, "position", 0).astype(np.int64), 1, self.max_position),
+            "clicked": table["clicked"].to_numpy(zero_copy_only=False).astype(np.float32),
+            "context": np.zeros((table.num_rows, 0), np.int64),   # (N, C)
+        }
+        if self.spec.context:  # a null context value is OOV (index 0), like an unseen one
+            cols["context"] = np.stack([f.contexts[c].lookup(table[c].to_numpy(zero_copy_only=False))
+                                        for c in self.spec.context], axis=-1)
+        if self.spec.grid:
+            for c in GRID:  # nullable: a request laid out as a list has no row/col (index 0)
+                cols[c] = np.clip(_numpy(table, c, -1).astype(np.int64), -1, self.max_grid - 1) + 1
+        if self.spec.logged_score:
+            cols[LOGGED_SCORE] = _numpy(table, LOGGED_SCORE, 0.0).astype(np.float32)
+        for c in self.spec.truth:
+            if not (pa.types.is_integer(table[c].type) or pa.types.is_floating(table[c].type)
+                    or pa.types.is_boolean(table[c].type)):
+                raise RankingInputError(f"truth column {c!r} must be numeric (got {table[c].type}); "
+                                        "encode labels such as user types as integers")
+            # a null truth value reads as NaN (float arrays convert nulls to NaN)
+            cols[f"truth:{c}"] = pc.cast(table[c], pa.float32()).to_numpy(zero_copy_only=False)
+        return cols
+
+    def _requests(self, table: pa.Table) -> Iterator[RankBatch]:
+        table = self._rows(table)
+        if table.num_rows == 0:
+            return
+        codes = pd.factorize(table["request_id"].to_numpy(zero_copy_only=False))[0]  # (N,)
+        cols = self._columns(table)
+        order = np.lexsort((cols["position"], codes))          # by request, then top position first
+        codes = codes[order]
+        cols = {k: v[order] for k, v in cols.items()}
+        new = np.r_[True, codes[1:] != codes[:-1]]             # (N,) first row of a request
+        starts = np.r_[np.flatnonzero(new), len(codes)]        # (R + 1,)
+        group = np.cumsum(new) - 1                             # (N,) request number
+        slot = np.arange(len(codes)) - starts[group]           # (N,) place in its list
+        for r0 in range(0, len(starts) - 1, self.batch_requests):
+            r1 = min(r0 + self.batch_requests, len(starts) - 1)
+            rows = slice(starts[r0], starts[r1])
+            yield self._batch({k: v[rows] for k, v in cols.items()}, group[rows] - r0, slot[rows],
+                              starts[r0:r1] - starts[r0])
+
+    def _batch(self, cols: dict[str, np.ndarray], group: np.ndarray, slot: np.ndarray,
+               firsts: np.ndarray) -> RankBatch:
+        shape = (len(firsts), int(slot.max()) + 1)             # (R, L)
+
+        def pad(v: np.ndarray, fill: float = 0) -> torch.Tensor:
+            out = np.full(shape + v.shape[1:], fill, dtype=v.dtype)
+            out[group, slot] = v
+            return torch.from_numpy(out)
+
+        grid = self.spec.grid
+        return RankBatch(
+            user=torch.from_numpy(cols["user"][firsts]),       # (R,) a request has one user
+            item=pad(cols["item"]),                            # (R, L)
+            position=pad(cols["position"]),                    # (R, L)
+            context=pad(cols["context"]),                      # (R, L, C)
+            clicked=pad(cols["clicked"]),                      # (R, L)
+            mask=pad(np.ones(len(group), dtype=bool)),         # (R, L)
+            row=pad(cols["row"]) if grid else None,            # (R, L)
+            col=pad(cols["col"]) if grid else None,            # (R, L)
+            logged_score=pad(cols[LOGGED_SCORE]) if self.spec.logged_score else None,
+            truth={c: pad(cols[f"truth:{c}"], np.nan) for c in self.spec.truth},
+        )

@@ -1,0 +1,180 @@
+"""Measure ranking models against the truth a simulator (or an annotated log) provides.
+
+- NDCG@k of the relevance tower's ordering of each held-out request against its TRUE relevance
+  (a truth column, linear gains): what debiasing is for, and what clicks alone cannot show.
+- Propensity recovery: the model's examination curve against the true one, both relative to
+  position 1; Pearson correlation and mean absolute error.
+- Click log-likelihood of held-out impressions (pointwise models only).
+- A LightGBM lambdarank baseline with its own position-bias correction (the `position` field of
+  lgb.Dataset, LightGBM >= 4.1) on the same features, the tool users would otherwise pick.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from models.ranking.catalog import RankFeatures
+from models.ranking.data import RankBatch, RankingInputError
+from models.ranking.mixture import MixtureEM
+from models.ranking.towers import Ranker
+
+
+def _truth(batch: RankBatch, name: str) -> torch.Tensor:
+    if name not in batch.truth:
+        raise RankingInputError(f"evaluation needs the truth column {name!r} in the log "
+                                f"(read with truth=[{name!r}]); the batch has {sorted(batch.truth)}")
+    return batch.truth[name]
+
+
+def ndcg(scores: torch.Tensor, gains: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """(R,) NDCG@k per list: rank by score (ties: logged order), linear gains; NaN when IDCG = 0."""
+    gains = torch.nan_to_num(gains * mask, nan=0.0).to(torch.float64)        # (R, L)
+    scores = scores.masked_fill(~mask, float("-inf"))                         # (R, L)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (R, L)
+    k = min(k, gains.shape[1])
+    discount = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64) + 2.0)  # (k,)
+    dcg = (gains.gather(1, order)[:, :k] * discount).sum(dim=1)              # (R,)
+    idcg = (torch.sort(gains, dim=1, descending=True).values[:, :k] * discount).sum(dim=1)
+    return torch.where(idcg > 0, dcg / idcg.clamp(min=1e-12), torch.nan)      # (R,)
+
+
+def relevance_ndcg(model: Ranker, batches: Iterable[RankBatch], k: int = 10,
+                   truth: str = "relevance") -> float:
+    """Mean NDCG@k over requests of the serving ordering (relevance tower, no position)."""
+    model.eval()
+    per_request = []
+    with torch.no_grad():
+        for batch in batches:
+            per_request.append(ndcg(model.ranking_scores(batch), _truth(batch, truth), batch.mask, k))
+    values = torch.cat(per_request)
+    return float(values[~values.isnan()].mean())
+
+
+def logged_ndcg(batches: Iterable[RankBatch], k: int = 10, truth: str = "relevance") -> float:
+    """NDCG@k of the logging ranker's own order (the log's positions), for reference."""
+    per_request = [ndcg(-b.position.to(torch.float64), _truth(b, truth), b.mask, k) for b in batches]
+    values = torch.cat(per_request)
+    return float(values[~values.isnan()].mean())
+
+
+def propensity_curve(model: Ranker, batches: Iterable[RankBatch], positions: Sequence[int]) -> np.ndarray:
+    """(P,) the model's click rate with every held-out impression moved to position p, over its click
+    rate at position 1. Under the position-based click model this ratio is exactly the examination
+    propensity relative to the top, whatever the model's inner parametrization (PAL's σ(bias), an
+    additive logit, a dot product, attention)."""
+    model.eval()
+    totals = np.zeros(len(positions) + 1)
+    with torch.no_grad():
+        for batch in batches:
+            for j, p in enumerate([1, *positions]):
+                log_p, _ = model.log_click(batch.with_position(p))          # (R, L)
+                totals[j] += float((log_p.exp() * batch.mask).sum())
+    return totals[1:] / max(totals[0], 1e-12)
+
+
+def propensity_recovery(estimated: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """Pearson correlation and MAE of two examination curves, each normalized at its first position."""
+    est = np.asarray(estimated, dtype=np.float64) / estimated[0]
+    tru = np.asarray(true, dtype=np.float64) / true[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pearson = float(np.corrcoef(est, tru)[0, 1]) if est.std() > 0 and tru.std() > 0 else float("nan")
+    return {"pearson": pearson, "mae": float(np.abs(est - tru).mean())}
+
+
+def click_loglik(model: Ranker, batches: Iterable[RankBatch]) -> float | None:
+    """Mean log-likelihood per held-out impression; None for listwise models (no click probability)."""
+    if not model.pointwise:
+        return None
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            log_p, log_not_p = model.log_click(batch)                       # (R, L)
+            ll = batch.clicked * log_p + (1 - batch.clicked) * log_not_p    # (R, L)
+            total += float((ll * batch.mask).sum())
+            n += batch.n_examples
+    return total / max(n, 1)
+
+
+def mixture_report(model: MixtureEM, batches: Sequence[RankBatch], positions: Sequence[int],
+                   true_curves: dict[int, np.ndarray] | None = None,
+                   type_column: str = "user_type") -> list[dict]:
+    """What each component learned: its examination curve (relative to position 1), its share of the
+    held-out requests with a click, and (given the truth) the share of each user type's requests it
+    takes and how its curve correlates with each type's true curve."""
+    model.eval()
+    curves = torch.stack([model.component_propensities(b, list(positions)) * b.n_examples
+                          for b in batches])                                  # (B, K, P)
+    curve = (curves.sum(dim=0) / sum(b.n_examples for b in batches)).numpy()  # (K, P)
+    posts = torch.cat([model.posterior(b) for b in batches], dim=1)          # (K, R)
+    clicked = posts.sum(dim=0) > 0                                           # (R,)
+    types = None
+    if true_curves is not None:
+        types = torch.cat([_truth(b, type_column)[:, 0] for b in batches])   # (R,)
+    report = []
+    for k in range(curve.shape[0]):
+        row: dict = {"component": k, "curve": curve[k].round(4).tolist(),
+                     "share": float(posts[k, clicked].mean()) if clicked.any() else float("nan")}
+        if types is not None and true_curves is not None:
+            row["share_of_type"] = {int(t): float(posts[k, clicked & (types == t)].mean())
+                                    for t in sorted(true_curves)}
+            row["pearson_by_type"] = {int(t): propensity_recovery(curve[k], c)["pearson"]
+                                      for t, c in true_curves.items()}
+        report.append(row)
+    return report
+
+
+# --- LightGBM lambdarank with position-bias correction -------------------------------------------
+
+def _lgb_rows(batch: RankBatch, features: RankFeatures, use_logged_score: bool) -> np.ndarray:
+    """(N, F) one row per shown impression, in row-major (request, slot) order: the item index (a
+    categorical feature), numeric item features, both retrieval vectors, their product and dot
+    product when they share a size, the context codes and, if opted in, the logged score."""
+    m = batch.mask.numpy()                                                   # (R, L)
+    item = batch.item.numpy()[m]                                             # (N,)
+    user = np.broadcast_to(batch.user.numpy()[:, None], m.shape)[m]          # (N,)
+    uv, iv = features.user_vectors[user], features.item_vectors[item]        # (N, Du), (N, Di)
+    cols = [item[:, None].astype(np.float64), features.item_numeric[item], uv, iv]
+    if uv.shape[1] == iv.shape[1] > 0:
+        cols += [uv * iv, (uv * iv).sum(axis=1, keepdims=True)]
+    cols.append(batch.context.numpy()[m])                                    # (N, C)
+    if use_logged_score and batch.logged_score is not None:
+        cols.append(batch.logged_score.numpy()[m][:, None])
+    return np.concatenate([np.asarray(c, dtype=np.float64) for c in cols], axis=1)
+
+
+def lightgbm_ndcg(train: Iterable[RankBatch], test: Sequence[RankBatch], features: RankFeatures, *,
+                  rounds: int = 100, max_rows: int = 2_000_000, use_logged_score: bool = False,
+                  seed: int = 0, k: int = 10, truth: str = "relevance", threads: int = 1) -> dict:
+    """Fit LightGBM lambdarank on clicks with position-bias correction (Dataset `position`, LightGBM
+    >= 4.1, the unbiased LambdaMART of Hu et al. 2019) and return its NDCG@k on `test`.
+    LightGBM needs its training matrix in memory: at most `max_rows` impressions (whole batches)."""
+    try:
+        import lightgbm as lgb
+    except ImportError as exc:  # an optional baseline: the models above do not need it
+        raise RankingInputError("the LightGBM baseline needs `pip install 'lightgbm>=4.1,<5'`") from exc
+    xs, ys, pos, groups, n = [], [], [], [], 0
+    for batch in train:
+        m = batch.mask.numpy()
+        xs.append(_lgb_rows(batch, features, use_logged_score))
+        ys.append(batch.clicked.numpy()[m])
+        pos.append(batch.position.numpy()[m] - 1)                            # 0-based position ids
+        groups.append(m.sum(axis=1)[m.any(axis=1)])
+        n += int(m.sum())
+        if n >= max_rows:
+            break
+    data = lgb.Dataset(np.concatenate(xs), np.concatenate(ys), group=np.concatenate(groups),
+                       position=np.concatenate(pos).astype(np.int32), categorical_feature=[0])
+    params = {"objective": "lambdarank", "learning_rate": 0.05, "num_leaves": 31, "verbose": -1,
+              "seed": seed, "deterministic": True, "num_threads": threads, "force_row_wise": True}
+    booster = lgb.train(params, data, num_boost_round=rounds)
+    per_request = []
+    for batch in test:
+        scores = torch.full(batch.mask.shape, float("-inf"), dtype=torch.float64)  # (R, L)
+        scores[batch.mask] = torch.from_numpy(booster.predict(_lgb_rows(batch, features,
+                                                                        use_logged_score)))
+        per_request.append(ndcg(scores, _truth(batch, truth), batch.mask, k))
+    values = torch.cat(per_request)
+    return {"ndcg": float(values[~values.isnan()].mean()), "train_rows": n}

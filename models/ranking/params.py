@@ -1,0 +1,56 @@
+"""The `rank` section of params.yaml: which position-bias models to fit and how.
+
+Kept free of torch imports so that loading params.yaml stays fast. The seed is not here: the caller
+passes `base.seed` (one shared value, STYLE.md §3).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
+
+# models/params.py will expose the one shared `Section` base (COMMON.md); it does not exist in this
+# worktree yet, so this file carries an identical private copy. Replace it with
+# `from models.params import Section` once that rename lands.
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+RankModel = Literal["naive", "pal", "additive", "dot", "bilinear", "mixture", "xpa"]
+
+
+class RankParams(_Section):
+    models: list[RankModel] = Field(["naive", "pal", "additive", "dot", "bilinear", "mixture", "xpa"],
+                                    min_length=1)
+    lightgbm: bool = True                           # LightGBM lambdarank + position field as a baseline row
+    lightgbm_rounds: PositiveInt = 100
+    lightgbm_max_rows: PositiveInt = 2_000_000      # LightGBM holds its matrix in memory: cap its rows
+    embedding_dim: PositiveInt = 16                 # id, position and context embeddings
+    hidden: list[PositiveInt] = [64]                # relevance tower MLP
+    bias_hidden: list[PositiveInt] = [16]           # bias tower MLP (small: its inputs are few)
+    vector_dim: PositiveInt = 8                     # tower output size of the dot-product models
+    epochs: PositiveInt = 5
+    lr: PositiveFloat = 0.01
+    weight_decay: NonNegativeFloat = 0.0
+    batch_requests: PositiveInt = 128               # requests (lists) per optimizer step
+    read_rows: PositiveInt = 100_000                # parquet rows read at once: bounds memory
+    shuffle_buffer: PositiveInt = 32                # batches shuffled together when streaming
+    test_fraction: float = Field(0.2, ge=0, lt=1)   # held-out requests, picked by a hash of request_id
+    max_position: PositiveInt = 50                  # positions beyond share the last embedding
+    max_grid: PositiveInt = 16                      # grid rows/columns beyond share the last embedding
+    context_columns: list[str] = []                 # per-impression bias-tower inputs (device, page, ...)
+    # Zhao et al. 2019: 10% of impressions lose their position (and the other bias inputs), so the
+    # tower learns the "unknown position" value that serving uses (additive and dot-product models)
+    position_dropout: float = Field(0.1, ge=0, lt=1)
+    mixture_k: PositiveInt = 2                      # Yan et al. 2022: components (user types)
+    # E-step sharpness, posterior ∝ exp(-α·Δloss): at 1.0 both components stayed alike on a simulated
+    # log of two user types (shares 49/51%); at 2.0 each type went mostly to its own component
+    mixture_alpha: PositiveFloat = 2.0
+    xpa_heads: PositiveInt = 2                      # Zhuang et al. 2021: cross-positional attention
+    xpa_dim: PositiveInt = 16                       # attention size (a multiple of xpa_heads)
+    # Zhang et al. 2023: keep the bias tower from absorbing relevance when the logger was good
+    observation_dropout: float = Field(0.0, ge=0, lt=1)
+    grad_reversal: NonNegativeFloat = 0.0           # weight of the reversed adversary gradient (0: off)
+    use_logged_score: bool = False                  # the logging ranker's score carries its policy: opt-in

@@ -1,0 +1,89 @@
+"""Build a ranking model by name and fit it on request batches (CPU, deterministic for a seed)."""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+
+from models.ranking.catalog import RankFeatures
+from models.ranking.data import RankBatch
+from models.ranking.mixture import MixtureEM
+from models.ranking.params import RankParams
+from models.ranking.towers import PAL, TABLES, Additive, DotProduct, Ranker, RankerConfig
+from models.ranking.xpa import CrossPositional
+
+MODELS: dict[str, Callable[..., Ranker]] = {
+    "naive": Ranker,
+    "pal": PAL,
+    "additive": Additive,
+    "dot": DotProduct,
+    "bilinear": partial(DotProduct, bilinear=True),
+    "mixture": MixtureEM,
+    "xpa": CrossPositional,
+}
+
+
+def feature_tables(features: RankFeatures) -> dict[str, np.ndarray]:
+    return {name: getattr(features, name) for name in TABLES}
+
+
+def build_model(name: str, cfg: RankerConfig, features: RankFeatures | None, seed: int) -> Ranker:
+    """A fresh model; the same seed gives the same initial weights. features=None: zero feature
+    tables of the configured shapes (to load a saved state_dict into)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown ranking model {name!r}; choose from {sorted(MODELS)}")
+    torch.manual_seed(seed)
+    return MODELS[name](cfg, None if features is None else feature_tables(features))
+
+
+@dataclass
+class FitReport:
+    epochs: int
+    examples: int                        # shown impressions seen, all epochs together
+    seconds: float
+    examples_per_s: float
+    losses: list[float] = field(default_factory=list)   # mean training loss per epoch
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def shuffled(batches: Iterable[RankBatch], rng: random.Random, buffer: int) -> Iterator[RankBatch]:
+    """Batches in a random order within windows of `buffer` batches: a stream is never held whole."""
+    window: list[RankBatch] = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) >= buffer:
+            yield window.pop(rng.randrange(len(window)))
+    rng.shuffle(window)
+    yield from window
+
+
+def fit(model: Ranker, batches: Iterable[RankBatch], cfg: RankParams, seed: int) -> FitReport:
+    """Adam over `cfg.epochs` passes of `batches` (re-iterable: a list, or a RankingLog that re-reads
+    its file). Seeds torch (dropouts) and the batch order, so a seed gives the same model."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    examples, losses = 0, []
+    started = time.perf_counter()
+    for _ in range(cfg.epochs):
+        total, n = 0.0, 0
+        for batch in shuffled(batches, rng, cfg.shuffle_buffer):
+            loss = model.loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, n = total + loss.item(), n + 1
+            examples += batch.n_examples
+        losses.append(total / max(n, 1))
+    model.eval()
+    seconds = time.perf_counter() - started
+    return FitReport(epochs=cfg.epochs, examples=examples, seconds=round(seconds, 3),
+                     examples_per_s=round(examples / max(seconds, 1e-9), 1), losses=losses)
