@@ -26,21 +26,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from models.errors import ModelInputError
+
 if TYPE_CHECKING:
     from models.ranking.catalog import RankFeatures
 
 REQUIRED: tuple[str, ...] = ("request_id", "user_id", "item_id", "position", "clicked")
-GRID: tuple[str, str] = ("row", "col")
+GRID: tuple[str, str] = ("grid_row", "grid_col")   # the simulator's grid layout columns
 LOGGED_SCORE = "ranker_score"
 HASH_BUCKETS = 10_000
 
 
-class RankingInputError(ValueError):
-    """The ranking log or feature tables lack what the ranking models need.
-
-    models/errors.py (ModelInputError) does not exist in this worktree yet; once it does, this class
-    should become (or subclass) it so the CLI prints it as one line.
-    """
+class RankingInputError(ModelInputError):
+    """The ranking log or feature tables lack what the ranking models need (printed as one line)."""
 
 
 def require_columns(path: Path, columns: Sequence[str], what: str) -> list[str]:
@@ -193,8 +191,8 @@ class RankingLog:
             cols["context"] = np.stack([f.contexts[c].lookup(table[c].to_numpy(zero_copy_only=False))
                                         for c in self.spec.context], axis=-1)
         if self.spec.grid:
-            for c in GRID:  # nullable: a request laid out as a list has no row/col (index 0)
-                cols[c] = np.clip(_numpy(table, c, -1).astype(np.int64), -1, self.max_grid - 1) + 1
+            for key, c in zip(("row", "col"), GRID):  # nullable: a list layout has no row/col (index 0)
+                cols[key] = np.clip(_numpy(table, c, -1).astype(np.int64), -1, self.max_grid - 1) + 1
         if self.spec.logged_score:
             cols[LOGGED_SCORE] = _numpy(table, LOGGED_SCORE, 0.0).astype(np.float32)
         for c in self.spec.truth:

@@ -7,21 +7,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
-# models/params.py will expose the one shared `Section` base (COMMON.md); it does not exist in this
-# worktree yet, so this file carries an identical private copy. Replace it with
-# `from models.params import Section` once that rename lands.
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from models.params import Section
 
 
 RankModel = Literal["naive", "pal", "additive", "dot", "bilinear", "mixture", "xpa"]
 
 
-class RankParams(_Section):
+class RankParams(Section):
     models: list[RankModel] = Field(["naive", "pal", "additive", "dot", "bilinear", "mixture", "xpa"],
                                     min_length=1)
     lightgbm: bool = True                           # LightGBM lambdarank + position field as a baseline row

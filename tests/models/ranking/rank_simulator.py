@@ -104,7 +104,7 @@ def simulate(cfg: SimConfig) -> SimLog:
         logs = logs.drop(columns="device")
     if cfg.grid_cols:
         p0 = logs["position"] - 1
-        logs["row"], logs["col"] = p0 // cfg.grid_cols, p0 % cfg.grid_cols
+        logs["grid_row"], logs["grid_col"] = p0 // cfg.grid_cols, p0 % cfg.grid_cols
     feats = V + cfg.feature_noise * rng.normal(size=V.shape)
     items = pd.DataFrame(feats, columns=[f"f{j}" for j in range(d)])
     items.insert(0, "item_id", np.arange(cfg.n_items))

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from rank_simulator import SimConfig, simulate
+from tests.models.ranking.rank_simulator import SimConfig, simulate
 
 from models.ranking.catalog import build_features
 from models.ranking.data import RankingInputError, RankingLog, inspect_log
@@ -129,7 +129,7 @@ def test_bad_inputs_raise_clear_errors(small: tuple, tmp_path: Path) -> None:
 
 def test_context_and_grid_columns_reach_the_batch(tmp_path: Path) -> None:
     sim = simulate(SimConfig(requests=30, devices=True, grid_cols=4, seed=5))
-    sim.logs.loc[sim.logs.request_id == "r000002", ["row", "col"]] = np.nan   # a list layout
+    sim.logs.loc[sim.logs.request_id == "r000002", ["grid_row", "grid_col"]] = np.nan   # a list layout
     path = sim.write(tmp_path)
     features = build_features(path, ["device"], item_table=sim.items)
     spec = inspect_log(path, context=["device"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from rank_simulator import SimConfig, SimLog, Split, read_split, simulate
+from tests.models.ranking.rank_simulator import SimConfig, SimLog, Split, read_split, simulate
 
 from models.ranking import evaluate
 from models.ranking.params import RankParams

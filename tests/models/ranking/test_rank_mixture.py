@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from rank_simulator import SimConfig, read_split, simulate
+from tests.models.ranking.rank_simulator import SimConfig, read_split, simulate
 
 from models.ranking import evaluate
 from models.ranking.mixture import MixtureEM

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from rank_simulator import SimConfig, Split, read_split, simulate
+from tests.models.ranking.rank_simulator import SimConfig, Split, read_split, simulate
 
 from models.ranking.data import RankBatch
 from models.ranking.losses import grad_reverse
