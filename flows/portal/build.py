@@ -43,11 +43,17 @@ class PortalInputs:
 @dataclass
 class _Page:
     out: Path
+    root: Path  # the reports folder: what it links must be inside it, so it can be zipped alone
     sections: list[str] = field(default_factory=list)
     toc: list[tuple[str, str]] = field(default_factory=list)  # (anchor, title)
     missing: list[str] = field(default_factory=list)
 
     def link(self, target: Path, text: str) -> str:
+        """A relative link to a file in the reports folder; a file outside it (artifacts/...) is named,
+        not linked, so a zipped copy of the folder has no dangling link (its figures are inline)."""
+        if self.root.resolve() not in target.resolve().parents:
+            where = PurePosixPath(os.path.relpath(target.resolve(), self.root.resolve().parent)).as_posix()
+            return f'<code title="outside the reports folder">{esc(where)}</code>'
         rel = PurePosixPath(os.path.relpath(target, self.out.parent)).as_posix()
         return f'<a href="{esc(rel)}">{esc(text)}</a>'
 
@@ -64,7 +70,7 @@ def build_portal(reports_dir: Path, inputs: PortalInputs, out: Path | None = Non
     and keeps a copy of metrics.json under reports_dir/history/ for the next run's comparison.
     """
     out = out or reports_dir / "index.html"
-    page = _Page(out)
+    page = _Page(out, reports_dir)
     _gate(page, reports_dir / "gate.json")
     _publish(page, inputs.publish_record)
     _metrics(page, reports_dir, inputs.previous_metrics)
@@ -151,16 +157,16 @@ def _metrics(page: _Page, reports_dir: Path, previous: Path | None) -> None:
     previous = previous or keep_history(reports_dir, path)
     if previous is not None and previous.is_file():
         before = _read_json(previous, page, "previous metrics")
-        note = f"Previous run: {page.link(previous, str(PurePosixPath(*previous.parts[-2:])))}."
+        note = f"previous run: {page.link(previous, str(PurePosixPath(*previous.parts[-2:])))}"
     else:
         before = {}
-        note = "No previous run recorded yet: the next run will show this one beside it."
+        note = "no previous run recorded yet (the next run will show this one beside it)"
     now, before = (x if isinstance(x, dict) else {} for x in (now, before))
     # Flat blocks of numbers (one per model) side by side: a reader compares models and runs at once.
     models = [k for k, v in now.items() if isinstance(v, dict) and v and
               all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values())]
     rest = _flatten({k: v for k, v in now.items() if k not in models})
-    body = f"<p>{note} {page.link(path, 'metrics.json')}</p>"
+    body = f"<p>This run: {page.link(path, 'metrics.json')}; {note}.</p>"
     if models:
         names = list(dict.fromkeys(m for k in models for m in now[k]))
         rows = [[esc(name)] + [_cell(now[k].get(name), (before.get(k) or {}).get(name)) for k in models]
@@ -234,7 +240,8 @@ def _sites(page: _Page, reports_dir: Path, assets: Path | None) -> None:
             result: SiteResult = localize_site(reports_dir / name, assets)
             for rel, urls in result.external.items():
                 page.missing.append(f"{esc(name)}/{esc(rel)} still loads {esc(', '.join(urls))} from the network")
-        items.append(f"<li>{page.link(index, title)} — {_site_summary(reports_dir / name)}{note}</li>")
+        summary = _site_summary(reports_dir / name)
+        items.append(f"<li>{page.link(index, title)}{' — ' + summary if summary else ''}{note}</li>")
     if items:
         page.add("Data validation (Great Expectations Data Docs)", "<ul>" + "".join(items) + "</ul>", "validation")
 

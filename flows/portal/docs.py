@@ -31,6 +31,9 @@ _LOADING_TAG = re.compile(r"<(?:script|link|img|iframe|source|embed|audio|video|
 _URL_ATTR = re.compile(r"""(\s(?:src|href|data)\s*=\s*)(["'])((?:https?:)?//[^"']+)\2""", re.I)
 _CSS_URL = re.compile(r"""(url\(\s*)(["']?)((?:https?:)?//[^"')\s]+)\2(\s*\))""", re.I)
 _CSS_IMPORT = re.compile(r"""(@import\s+)(["'])((?:https?:)?//[^"']+)\2""", re.I)
+# GX 1.24 writes validation result pages four folders deep but links their favicon three levels up:
+# relative links into the site's static/ folder are re-pointed when they do not resolve.
+_STATIC_ATTR = re.compile(r"""(\s(?:src|href)\s*=\s*)(["'])((?:\./|\.\./)*static/[^"']+)\2""", re.I)
 # Subresource integrity asks for a CORS fetch, which file: URLs cannot satisfy: Chromium refuses such
 # a script from disk. The bytes were checked against the committed sha512 when they were vendored.
 _SRI_ATTRS = re.compile(r"""\s(?:integrity|crossorigin)(?:\s*=\s*(["'])[^"']*\1)?""", re.I)
@@ -88,7 +91,16 @@ def rewrite(text: str, page: Path, site: Path, vendor: Path, lock: AssetLock) ->
             changed |= path is not None
             return a.group(0) if path is None else f"{a.group(1)}{a.group(2)}{path}{a.group(2)}"
 
-        out = _URL_ATTR.sub(attr, m.group(0))
+        def static(a: re.Match[str]) -> str:
+            if (page.parent / a.group(3)).exists():
+                return a.group(0)
+            target = site / "static" / a.group(3).split("static/", 1)[1]
+            if not target.exists():
+                return a.group(0)
+            path = PurePosixPath(os.path.relpath(target, page.parent)).as_posix()
+            return f"{a.group(1)}{a.group(2)}{path}{a.group(2)}"
+
+        out = _STATIC_ATTR.sub(static, _URL_ATTR.sub(attr, m.group(0)))
         return _SRI_ATTRS.sub("", out) if changed else out
 
     def css(m: re.Match[str]) -> str:

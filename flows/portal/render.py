@@ -52,13 +52,13 @@ def delta(now: object, before: object) -> str:
     return f'<span class="{"up" if diff > 0 else "down"}">{diff:+.4g}{rel}</span>'
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """Round tick values covering [lo, hi] (1, 2 or 5 times a power of ten apart)."""
+def _ticks(lo: float, hi: float, n: int = 6) -> list[float]:
+    """Round tick values inside [lo, hi], 1, 2, 2.5 or 5 times a power of ten apart (about n of them)."""
     if hi <= lo:
         return [lo]
     raw = (hi - lo) / n
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     first = math.ceil(lo / step) * step
     return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
