@@ -217,10 +217,11 @@ def _site_summary(site_dir: Path) -> str:
         if path.is_file():
             try:
                 s = json.loads(path.read_text())
-                tables = s.get("tables", {})
+                counts = [(len(s.get("tables", {})), "table"), (s.get("errors", 0), "error"),
+                          (s.get("warnings", 0), "warning")]
                 return (f'<span class="{"pass" if s.get("success") else "fail"}">'
-                        f'{"passed" if s.get("success") else "FAILED"}</span>: {len(tables)} table{"s" if len(tables) != 1 else ""}, '
-                        f'{s.get("errors", 0)} errors, {s.get("warnings", 0)} warnings')
+                        f'{"passed" if s.get("success") else "FAILED"}</span>: '
+                        + ", ".join(f"{n} {word}{'s' if n != 1 else ''}" for n, word in counts))
             except (OSError, ValueError, AttributeError):
                 return ""
     return ""

@@ -33,9 +33,11 @@ LOCK = Path(__file__).with_name("assets.lock.json")
 DEFAULT_CACHE = Path(".cache/towerflow/vendor")  # paths.cache/vendor: inside the project, gitignored
 STAMP = ".vendored.json"  # written last, inside the folder before the rename: its presence = complete
 # One retry for a transient failure; npm's default (2 retries, 10-60 s back-off) waits over a minute
-# before it reports an unreachable registry.
-NPM_FLAGS = ["--json", "--ignore-scripts", "--fetch-retries=1", "--fetch-retry-mintimeout=2000",
-             "--fetch-retry-maxtimeout=5000", "--no-fund", "--no-audit", "--no-update-notifier"]
+# before it reports an unreachable registry. --prefer-offline: releases are pinned exactly and checked
+# against the lock, so npm's cache is as good as the registry (and works with no network).
+NPM_FLAGS = ["--json", "--ignore-scripts", "--prefer-offline", "--fetch-retries=1",
+             "--fetch-retry-mintimeout=2000", "--fetch-retry-maxtimeout=5000", "--no-fund", "--no-audit",
+             "--no-update-notifier"]
 
 
 class VendorError(TowerflowError):
