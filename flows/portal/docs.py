@@ -36,7 +36,8 @@ _CSS_IMPORT = re.compile(r"""(@import\s+)(["'])((?:https?:)?//[^"']+)\2""", re.I
 _STATIC_ATTR = re.compile(r"""(\s(?:src|href)\s*=\s*)(["'])((?:\./|\.\./)*static/[^"']+)\2""", re.I)
 # Subresource integrity asks for a CORS fetch, which file: URLs cannot satisfy: Chromium refuses such
 # a script from disk. The bytes were checked against the committed sha512 when they were vendored.
-_SRI_ATTRS = re.compile(r"""\s(?:integrity|crossorigin)(?:\s*=\s*(["'])[^"']*\1)?""", re.I)
+_SRI_ATTRS = re.compile(r"""\s(?:integrity\s*=\s*(["'])[^"']*\1|crossorigin(?:\s*=\s*(["'])[^"']*\2)?(?=[\s/>]))""",
+                        re.I)
 
 
 @dataclass
