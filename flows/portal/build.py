@@ -283,7 +283,8 @@ svg.curves text{font-size:12px;fill:#333}code{background:#f3f4f6;padding:0 3px;b
 .missing li{color:#92400e}
 @media (prefers-color-scheme: dark){body{background:#111827;color:#e5e7eb}section{background:#1f2937;
 border-color:#374151}th{background:#374151}small.prev{color:#9ca3af}td,th{border-color:#374151}
-code{background:#374151}svg.curves text{fill:#e5e7eb}a{color:#93c5fd}.missing li{color:#fcd34d}}
+code{background:#374151}svg.curves text{fill:#e5e7eb}svg.curves .grid{stroke:#374151}
+svg.curves .frame{stroke:#6b7280}a{color:#93c5fd}.missing li{color:#fcd34d}}
 """
 
 

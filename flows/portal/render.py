@@ -84,9 +84,9 @@ def curves_svg(curves: list[Curve], width: int = 640, height: int = 300) -> str:
     parts = [f'<svg class="curves" role="img" aria-label="training loss by epoch" width="{width}" '
              f'height="{height}" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
              f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
-             'fill="none" stroke="#bbb"/>']
+             'class="frame" fill="none" stroke="#bbb"/>']
     for y in _ticks(y_lo, y_hi):
-        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eee"/>'
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid" stroke="#eee"/>'
                      f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
     for x in _ticks(x_lo, x_hi, n=min(10, max(1, int(x_hi - x_lo)))):
         parts.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x:g}</text>')
