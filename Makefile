@@ -19,9 +19,9 @@ PIP_VERSION := 26.3
 LOCK_FLAGS := --quiet --extra dev --no-emit-find-links --no-emit-index-url --strip-extras --no-header \
               --annotation-style=line
 
-.PHONY: setup lock pipeline test bench ablate clean
+.PHONY: setup vendor lock pipeline test bench ablate clean
 
-setup: $(STAMP)
+setup: $(STAMP) vendor
 
 # Every package version comes from requirements.lock (generated from pyproject.toml by `make lock`),
 # so a fresh machine a month from now installs what passed CI. torch==2.13.0+cpu is the local wheel.
@@ -31,6 +31,11 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# The browser assets the report pages load (flows/portal/assets.lock.json: npm releases, sha512-checked)
+# into .cache/towerflow/vendor/, so reports render with no network; a no-op (~0.1 s) once there.
+vendor: $(STAMP)
+	$(BIN)/python -m flows.portal.vendor
 
 # Re-resolve the lock after editing pyproject.toml's dependencies (UPGRADE=1: newest allowed versions).
 lock:

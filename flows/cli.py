@@ -226,6 +226,26 @@ def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOptio
         typer.echo(f"written to {out}")
 
 
+report_app = typer.Typer(no_args_is_help=True, help="The run's report portal (reports/index.html).")
+app.add_typer(report_app, name="report")
+
+
+@report_app.command("open")
+def report_open(browser: bool = typer.Option(False, "--browser", help="Also open it in the default browser."),
+                params_file: Path = ParamsOption) -> None:
+    """Print the path of the report portal: one offline page linking every report of the last run."""
+    with _errors():
+        params = _load(params_file, None)
+        portal = params.paths.resolved(params_file.resolve().parent).reports / "index.html"
+        if not portal.is_file():
+            raise MissingStageInput(f"{portal} not found: run `towerflow run` (the report stage writes it)")
+        typer.echo(str(portal))
+        if browser:
+            import webbrowser  # stdlib, but it probes for browsers: only when asked
+            if not webbrowser.open(portal.as_uri()):
+                typer.echo("towerflow: no browser found; open the path above", err=True)
+
+
 def main() -> None:
     configure_environment(Path.cwd())
     app()

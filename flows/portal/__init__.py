@@ -1,0 +1,1 @@
+"""The offline report portal: vendored browser assets, localized Data Docs, reports/index.html."""

@@ -1,0 +1,104 @@
+"""The portal page from plain run outputs: what it shows, what it says is missing, history, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.portal.build import PortalInputs, build_portal, keep_history
+from flows.portal.render import curves_svg, markdown
+
+from run_outputs import METRICS, write_plain_outputs  # tests/portal/ (conftest puts it on the path)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _hrefs(html: str) -> list[str]:
+    return re.findall(r'href="([^"#]+)"', html)
+
+
+def test_portal_links_what_exists_and_names_what_is_missing(tmp_path):
+    reports, artifacts = tmp_path / "reports", tmp_path / "artifacts"
+    inputs = write_plain_outputs(reports, artifacts)
+    (reports / "quality").mkdir()
+    (reports / "quality" / "quality.html").write_text("<html>quality</html>")
+    out = build_portal(reports, inputs)
+    html = out.read_text()
+
+    assert out == reports / "index.html"
+    for href in _hrefs(html):  # every link is relative and inside the reports folder
+        assert not href.startswith(("/", "http")) and (reports / href).resolve().is_file(), href
+    assert html.count('class="curve"') == 2  # eval.csv and full.csv
+    assert "0.2310" in html and "prev 0.2246" in html and "+0.0064" in html  # metrics beside the previous run
+    assert "Gate passed" in html and "1fec43afffe6" in html and "1,682" in html
+    assert "<td>no_logq</td>" in html and "<strong>logQ</strong>" in html  # ablation.md as a table
+    assert 'href="quality/quality.html"' in html
+    # artifacts live outside reports/: named, not linked, so a zipped reports folder has no dead link
+    assert "<code title=\"outside the reports folder\">artifacts/index/manifest.json</code>" in html
+    # no GX site and no drift report in this run: the page says so and which stage makes them
+    assert "Contract tables (ingested data) Data Docs" in html and "run the validate stage" in html
+    assert "run the materialize stage" in html and "drift report" in html
+    assert "<script" not in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
+
+
+def test_rebuilding_is_byte_identical_and_keeps_one_history_entry(tmp_path):
+    reports = tmp_path / "reports"
+    inputs = write_plain_outputs(reports, tmp_path / "artifacts")
+    first = build_portal(reports, inputs).read_bytes()
+    assert build_portal(reports, inputs).read_bytes() == first
+    assert len(list((reports / "history").glob("*/metrics.json"))) == 2  # the kept previous run + this one
+
+
+def test_history_gives_the_run_before_this_one(tmp_path):
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    metrics = reports / "metrics.json"
+    for i, t in enumerate((1_700_000_000, 1_700_000_100, 1_700_000_200)):
+        metrics.write_text(json.dumps({"m": {"recall@20": 0.1 * i}}))
+        os.utime(metrics, (t, t))
+        previous = keep_history(reports, metrics)
+    assert previous is not None and json.loads(previous.read_text()) == {"m": {"recall@20": 0.1}}
+    assert previous.parent.name == "20231114T221500Z"  # 1_700_000_100 in UTC
+
+
+def test_an_empty_run_gives_a_page_of_what_is_missing(tmp_path):
+    out = build_portal(tmp_path / "reports", PortalInputs())
+    html = out.read_text()
+    for stage in ("evaluate", "train", "publish", "validate", "materialize", "report"):
+        assert f"run the {stage} stage" in html
+
+
+def test_curves_and_markdown_render_plainly():
+    svg = curves_svg([("eval", [(1, 6.9), (2, 6.2), (3, 6.0)]), ("full", [(1, 6.7), (2, 6.05)])])
+    assert svg.count("<polyline") == 2 and 'data-label="full"' in svg and "<title>eval epoch 2: 6.2000</title>" in svg
+    assert curves_svg([]) == ""
+    md = markdown("## A <b>\n\n| a | b |\n|---|---|\n| `x` | 1 |\n\n- one\n  more\n- two")
+    assert md == ("<h4>A &lt;b&gt;</h4>\n<table class=\"md\"><thead><tr><th>a</th><th>b</th></tr></thead>"
+                  "<tbody><tr><td><code>x</code></td><td>1</td></tr></tbody></table>\n"
+                  "<ul><li>one more</li><li>two</li></ul>")
+
+
+def test_report_open_prints_the_portal_path(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    reports = tmp_path / yaml.safe_load((tmp_path / "params.yaml").read_text())["paths"]["reports"]
+    runner = CliRunner()
+    missing = runner.invoke(app, ["report", "open", "--params", str(tmp_path / "params.yaml")])
+    assert missing.exit_code == 1 and "index.html not found: run `towerflow run`" in missing.output
+    build_portal(reports, PortalInputs())
+    result = runner.invoke(app, ["report", "open", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 0 and result.output.strip() == str(reports / "index.html")
+
+
+def test_metrics_json_figures_appear_once_each(tmp_path):
+    reports = tmp_path / "reports"
+    inputs = write_plain_outputs(reports, tmp_path / "artifacts")
+    html = build_portal(reports, inputs).read_text()
+    for model in ("two_tower", "ease"):
+        assert html.count(f"<th>{model}</th>") == 1
+    assert sum(f"<td>{k}</td>" in html for k in METRICS["two_tower"]) == 2
