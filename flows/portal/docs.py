@@ -12,6 +12,7 @@ left to replace, and files whose text does not change are not written (their mti
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from flows.portal.vendor import STAMP, AssetLock, load_lock
 
+log = logging.getLogger("towerflow.portal")
 VENDOR_SUBDIR = Path("static") / "vendor"
 GX_ASSET_HOST = "great-expectations-web-assets.s3."
 # GX's S3 images -> the file GX ships in <site>/static/images/. No dark-theme logo is shipped: the
@@ -162,3 +164,23 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def localize_offline(site: Path, cache: Path) -> SiteResult | None:
+    """What a stage that builds a Data Docs site calls afterwards: vendor the assets if needed (a no-op
+    once done, `make setup` normally did it) and localize the site. When the assets cannot be had (no
+    npm, registry unreachable) the site stays as GX wrote it and a warning says why: reviewing the
+    data must not depend on styling."""
+    from flows.portal.vendor import VendorError, ensure_assets
+
+    if not (site / "index.html").is_file():
+        return None
+    try:
+        assets = ensure_assets(cache)
+    except VendorError as exc:
+        log.warning("%s: Data Docs keep their CDN links (%s)", site, exc)
+        return None
+    result = localize_site(site, assets)
+    if not result.offline:
+        log.warning("%s: loads not mapped to vendored assets: %s", site, sorted(result.external))
+    return result

@@ -27,6 +27,7 @@ from features.params import FeaturesParams
 from features.refresh import fill_online
 from features.training_set import EXAMPLE_KEYS, count_columns, example_keys, item_catalog, training_examples
 from flows.errors import DataContractError, MissingStageInput
+from flows.portal.docs import localize_offline
 from models.params import SplitParams
 from models.split import temporal_split
 from validation.training_set import TrainingSetChecks, validate_training_set
@@ -75,11 +76,13 @@ def _write(training_dir: Path, examples: pa.Table, catalog: pa.Table, split: dic
 
 
 def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: Path, features_dir: Path,
-                feast_dir: Path, training_dir: Path, checks: TrainingSetChecks | None = None) -> dict:
+                feast_dir: Path, training_dir: Path, checks: TrainingSetChecks | None = None,
+                assets_cache: Path | None = None) -> dict:
     """Build the Feast repo and the point-in-time training examples (see module docstring).
 
     With `checks`, the examples are validated (validation/training_set.py) before anything is
     written to training_dir: a failure raises ValidationFailed and leaves training_dir as it was.
+    With assets_cache, those Data Docs load vendored assets only (flows/portal/docs.py).
     """
     started = time.perf_counter()
     schema, users, items, inter = _read_inputs(ingested)
@@ -96,9 +99,13 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
     timings["point_in_time_join"] = time.perf_counter() - started - sum(timings.values())
     checked = {}
     if checks is not None:
-        checked = {"validation_docs": validate_training_set(
-            checks.validate_cfg, table, schema, ingested, count_columns(table.column_names),
-            checks.context_root, checks.docs_dir)["docs"]}
+        try:
+            checked = {"validation_docs": validate_training_set(
+                checks.validate_cfg, table, schema, ingested, count_columns(table.column_names),
+                checks.context_root, checks.docs_dir)["docs"]}
+        finally:
+            if assets_cache is not None:
+                localize_offline(checks.docs_dir, assets_cache)
 
     split = _split_summary(examples, split_cfg)
     _write(training_dir, table, catalog, split)

@@ -23,7 +23,8 @@ def _ingest(p: Params, paths: PathsParams) -> dict[str, Any]:
 def _validate(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.validate import validate
     return validate(validate_for_source(p.data, p.validate), paths.ingested, docs_dir=paths.reports / "validation",
-                    summary_path=paths.reports / "validation.json", context_root=paths.cache / "gx")
+                    summary_path=paths.reports / "validation.json", context_root=paths.cache / "gx",
+                    assets_cache=paths.cache / "vendor")
 
 
 def _materialize(p: Params, paths: PathsParams) -> dict[str, Any]:
@@ -32,7 +33,8 @@ def _materialize(p: Params, paths: PathsParams) -> dict[str, Any]:
     checks = TrainingSetChecks(validate_for_source(p.data, p.validate), context_root=paths.cache / "gx",
                                docs_dir=paths.reports / "training_validation")
     return materialize(p.split, p.features, paths.ingested, features_dir=paths.features,
-                       feast_dir=paths.feast, training_dir=paths.training, checks=checks)
+                       feast_dir=paths.feast, training_dir=paths.training, checks=checks,
+                       assets_cache=paths.cache / "vendor")
 
 
 def _sample(p: Params, paths: PathsParams) -> dict[str, Any]:
