@@ -1,179 +1,167 @@
-"""Stage report: Evidently data drift between the training period and the holdout.
+"""The frames the reports compare: one row per interaction, described by what a retrieval model is
+sensitive to, and the item feature vectors behind Evidently's Diversity and Serendipity.
 
-Each row is one interaction described by what a retrieval model is sensitive to: the rating/weight,
-how popular the item was in the training period, the item's own features, the user's features at the
-time, and when it happened (hour of day, day of week). Reference = split 'train', current = 'test'.
+An interaction row holds its rating/weight, how popular its item is, the item's own features, the
+user's features at the time (including the behaviour counts Feast served to the user tower) and when
+it happened (hour of day, day of week). Ids are left out: they cannot drift in a useful way.
 """
 from __future__ import annotations
 
 import json
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from evidently import DataDefinition, Dataset, Report
-from evidently.presets import DataDriftPreset
 
 from flows.errors import DataContractError, MissingStageInput
-from flows.params import ReportParams
 
 KEYS = ["user_id", "item_id", "timestamp"]
 DAYS = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
 MISSING = "<missing>"
+BEHAVIOUR = "interactions_"      # interactions_total, interactions_<w>d: the user tower's behaviour counts
 
 
-def _read_parquet(path: Path, upstream: str) -> pd.DataFrame:
+@dataclass
+class Frame:
+    """Interaction rows (aligned with the examples) and which columns are which kind."""
+
+    rows: pd.DataFrame
+    numeric: list[str]
+    categorical: list[str]
+
+    @property
+    def columns(self) -> list[str]:
+        return self.numeric + self.categorical
+
+
+@dataclass
+class TrainingData:
+    examples: pd.DataFrame
+    items: pd.DataFrame
+    interactions: pd.DataFrame | None      # only read for the rating, when the source has one
+    schema: dict[str, Any]
+
+
+def read_parquet(path: Path, upstream: str) -> pd.DataFrame:
     if not path.is_file():
         raise MissingStageInput(f"{path}: not found; run the {upstream} stage first")
     return pd.read_parquet(path)
 
 
-def _utc(ts: pd.Series) -> pd.Series:
-    return pd.to_datetime(ts, utc=True).astype("datetime64[us, UTC]")
-
-
-def interaction_frame(examples: pd.DataFrame, items: pd.DataFrame, interactions: pd.DataFrame | None,
-                      schema: dict[str, Any]) -> tuple[pd.DataFrame, list[str], list[str]]:
-    """One row per example: (frame, numeric columns, categorical columns); ids are left out."""
-    train = (examples["split"] == "train").to_numpy()
-    out = pd.DataFrame(index=examples.index)
-    num: list[str] = []
-    cat: list[str] = []
-
-    if "weight" in examples.columns:
-        out["weight"] = examples["weight"].astype("float64")
-        num.append("weight")
-    if interactions is not None and "rating" in interactions.columns:
-        ratings = interactions[KEYS + ["rating"]].assign(timestamp=lambda d: _utc(d["timestamp"]))
-        ratings = ratings.drop_duplicates(KEYS, keep="last")
-        keyed = examples[KEYS].assign(timestamp=_utc(examples["timestamp"]))
-        joined = keyed.merge(ratings, on=KEYS, how="left", validate="many_to_one")
-        out["rating"] = joined["rating"].to_numpy(dtype="float64")
-        num.append("rating")
-
-    # Popularity as known at training time: drift here means the holdout favours other items.
-    train_counts = examples.loc[train, "item_id"].value_counts()
-    out["item_popularity"] = np.log1p(examples["item_id"].map(train_counts).fillna(0).to_numpy(dtype="float64"))
-    num.append("item_popularity")
-
-    item_kinds = schema.get("item_features", {})
-    item_cols = [c for c in item_kinds.get("numeric", []) + item_kinds.get("categorical", []) if c in items.columns]
-    by_item = items.drop_duplicates("item_id").set_index("item_id")[item_cols]
-    joined_items = by_item.reindex(examples["item_id"].to_numpy())
-    for col in item_kinds.get("numeric", []):
-        if col in joined_items.columns:
-            out[f"item_{col}"] = pd.to_numeric(joined_items[col], errors="coerce").to_numpy(dtype="float64")
-            num.append(f"item_{col}")
-    for col in item_kinds.get("categorical", []):
-        if col in joined_items.columns:
-            out[f"item_{col}"] = _categorical(joined_items[col]).to_numpy()
-            cat.append(f"item_{col}")
-
-    user_kinds = schema.get("user_features", {})
-    for col in user_kinds.get("numeric", []):
-        if col in examples.columns:
-            out[f"user_{col}"] = pd.to_numeric(examples[col], errors="coerce").astype("float64")
-            num.append(f"user_{col}")
-    for col in user_kinds.get("categorical", []):
-        if col in examples.columns:
-            out[f"user_{col}"] = _categorical(examples[col])
-            cat.append(f"user_{col}")
-
-    ts = _utc(examples["timestamp"])
-    out["hour_of_day"] = ts.dt.hour.astype("float64")
-    num.append("hour_of_day")
-    out["day_of_week"] = ts.dt.dayofweek.map(dict(enumerate(DAYS)))
-    cat.append("day_of_week")
-    return out, num, cat
-
-
-def _categorical(values: pd.Series) -> pd.Series:
-    # Strings with an explicit missing level, so a change in missingness shows up as drift too.
-    return values.astype(object).where(values.notna(), MISSING).astype(str)
-
-
-def _informative(ref: pd.DataFrame, cur: pd.DataFrame, columns: list[str]) -> list[str]:
-    """Columns with more than one value across both periods (a constant column cannot drift and
-    makes the statistical tests divide by zero)."""
-    both = pd.concat([ref[columns], cur[columns]])
-    return [c for c in columns if both[c].nunique(dropna=True) > 1]
-
-
-def report(report_cfg: ReportParams, ingested: Path, training_dir: Path, out_dir: Path) -> dict:
-    """Evidently DataDriftPreset of training-period vs holdout interactions.
-
-    Writes out_dir/drift.html, out_dir/drift.json (the Evidently snapshot) and out_dir/summary.json
-    (drift share, drifted columns, dataset_drift = share >= report_cfg.drift_share_threshold).
-    """
+def read_training(ingested: Path, training_dir: Path) -> TrainingData:
+    """data/training/{examples,items}.parquet, schema.json and (for the rating) the interactions."""
     examples_path = training_dir / "examples.parquet"
-    examples = _read_parquet(examples_path, "materialize")
-    items = _read_parquet(training_dir / "items.parquet", "materialize")
+    examples = read_parquet(examples_path, "materialize")
+    items = read_parquet(training_dir / "items.parquet", "materialize")
     schema_path = ingested / "schema.json"
     if not schema_path.is_file():
         raise MissingStageInput(f"{schema_path}: not found; run the ingest stage first")
     schema = json.loads(schema_path.read_text())
-    interactions = None
-    if schema.get("has_rating"):
-        interactions = _read_parquet(ingested / "interactions.parquet", "ingest")
+    interactions = read_parquet(ingested / "interactions.parquet", "ingest") if schema.get("has_rating") else None
     for col in KEYS + ["split"]:
         if col not in examples.columns:
             raise DataContractError(f"{examples_path}: column '{col}' is missing")
-
-    frame, num, cat = interaction_frame(examples, items, interactions, schema)
-    ref = frame[(examples["split"] == "train").to_numpy()].reset_index(drop=True)
-    cur = frame[(examples["split"] == "test").to_numpy()].reset_index(drop=True)
-    if ref.empty or cur.empty:
-        raise DataContractError(f"{examples_path}: drift needs rows in both splits "
-                                f"(train: {len(ref)}, test: {len(cur)})")
-    num, cat = _informative(ref, cur, num), _informative(ref, cur, cat)
-    if not num + cat:
-        raise DataContractError(f"{examples_path}: no column varies, nothing to compare for drift")
-
-    definition = DataDefinition(numerical_columns=num, categorical_columns=cat)
-    report_ = Report([DataDriftPreset(drift_share=report_cfg.drift_share_threshold)], include_tests=True)
-    with warnings.catch_warnings():
-        # Evidently correlates columns for its plots; a column that is constant within one period
-        # (legitimately: that is drift) makes numpy warn about 0/0 there.
-        warnings.filterwarnings("ignore", "invalid value encountered in divide", RuntimeWarning)
-        snapshot = report_.run(Dataset.from_pandas(cur[num + cat], data_definition=definition),
-                               Dataset.from_pandas(ref[num + cat], data_definition=definition))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    snapshot.save_html(str(out_dir / "drift.html"))
-    snapshot.save_json(str(out_dir / "drift.json"))
-
-    summary = summarize(snapshot.dict(), report_cfg.drift_share_threshold)
-    summary.update(reference_rows=len(ref), current_rows=len(cur))
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return TrainingData(examples, items, interactions, schema)
 
 
-def summarize(snapshot: dict[str, Any], threshold: float) -> dict[str, Any]:
-    """Drift share from DriftedColumnsCount; per column, Evidently's own verdict (its 'drift' test
-    FAILs when drift is detected, whichever direction the method's score runs)."""
-    share = None
-    columns: dict[str, dict[str, Any]] = {}
-    for m in snapshot["metrics"]:
-        config = m.get("config", {})
-        if config.get("type", "").endswith("DriftedColumnsCount"):
-            share = float(m["value"]["share"])
-        elif config.get("type", "").endswith("ValueDrift"):
-            columns[config["column"]] = {"method": config.get("method"), "threshold": config.get("threshold"),
-                                         "score": float(m["value"]), "drifted": False}
-    for t in snapshot.get("tests", []):
-        params = t.get("metric_config", {}).get("params", {})
-        if params.get("type", "").endswith("ValueDrift") and params.get("column") in columns:
-            columns[params["column"]]["drifted"] = t.get("status") == "FAIL"
-    if share is None:
-        raise DataContractError("Evidently's report has no DriftedColumnsCount metric")
-    drifted = sorted(c for c, v in columns.items() if v["drifted"])
-    return {
-        "drift_share": share,
-        "n_columns": len(columns),
-        "n_drifted": len(drifted),
-        "drifted_columns": drifted,
-        "threshold": threshold,
-        "dataset_drift": share >= threshold,
-        "columns": columns,
-    }
+def utc(ts: pd.Series) -> pd.Series:
+    return pd.to_datetime(ts, utc=True).astype("datetime64[us, UTC]")
+
+
+def categorical(values: pd.Series) -> pd.Series:
+    # Strings with an explicit missing level, so a change in missingness shows up as drift too.
+    return values.astype(object).where(values.notna(), MISSING).astype(str)
+
+
+def _ratings(examples: pd.DataFrame, interactions: pd.DataFrame) -> np.ndarray:
+    ratings = interactions[KEYS + ["rating"]].assign(timestamp=lambda d: utc(d["timestamp"]))
+    ratings = ratings.drop_duplicates(KEYS, keep="last")
+    keyed = examples[KEYS].assign(timestamp=utc(examples["timestamp"]))
+    joined = keyed.merge(ratings, on=KEYS, how="left", validate="many_to_one")
+    return joined["rating"].to_numpy(dtype="float64")
+
+
+def _add(frame: Frame, name: str, values: Any, numeric: bool) -> None:
+    frame.rows[name] = values
+    (frame.numeric if numeric else frame.categorical).append(name)
+
+
+def interaction_frame(data: TrainingData) -> Frame:
+    """One row per example (same order), numeric and categorical columns named by their source:
+    item_<feature>, user_<feature>, and the interaction's own columns."""
+    examples, schema = data.examples, data.schema
+    frame = Frame(pd.DataFrame(index=examples.index), [], [])
+    if "weight" in examples.columns:
+        _add(frame, "weight", examples["weight"].astype("float64"), True)
+    if data.interactions is not None and "rating" in data.interactions.columns:
+        _add(frame, "rating", _ratings(examples, data.interactions), True)
+
+    # Relative popularity (1 = an average item) rather than a raw count, so that a run with more data
+    # is not "drifted" against a smaller one just because every count grew.
+    counts = examples["item_id"].value_counts()
+    relative = examples["item_id"].map(counts).to_numpy(dtype="float64") / max(counts.mean(), 1.0)
+    _add(frame, "item_popularity", np.log1p(relative), True)
+
+    kinds = schema.get("item_features", {})
+    item_cols = [c for c in kinds.get("numeric", []) + kinds.get("categorical", []) if c in data.items.columns]
+    by_item = data.items.drop_duplicates("item_id").set_index("item_id")[item_cols]
+    joined = by_item.reindex(examples["item_id"].to_numpy())
+    for col in kinds.get("numeric", []):
+        if col in joined.columns:
+            _add(frame, f"item_{col}", pd.to_numeric(joined[col], errors="coerce").to_numpy(dtype="float64"), True)
+    for col in kinds.get("categorical", []):
+        if col in joined.columns:
+            _add(frame, f"item_{col}", categorical(joined[col]).to_numpy(), False)
+
+    kinds = schema.get("user_features", {})
+    behaviour = [c for c in examples.columns if c.startswith(BEHAVIOUR) and pd.api.types.is_numeric_dtype(examples[c])]
+    for col in [c for c in kinds.get("numeric", []) if c in examples.columns] + behaviour:
+        _add(frame, f"user_{col}", pd.to_numeric(examples[col], errors="coerce").astype("float64"), True)
+    for col in kinds.get("categorical", []):
+        if col in examples.columns:
+            _add(frame, f"user_{col}", categorical(examples[col]), False)
+
+    ts = utc(examples["timestamp"])
+    _add(frame, "hour_of_day", ts.dt.hour.astype("float64"), True)
+    _add(frame, "day_of_week", ts.dt.dayofweek.map(dict(enumerate(DAYS))), False)
+    return frame
+
+
+def informative(ref: pd.DataFrame, cur: pd.DataFrame, columns: list[str]) -> list[str]:
+    """Columns present on both sides with more than one value across them (a constant column cannot
+    drift and makes the statistical tests divide by zero)."""
+    shared = [c for c in columns if c in ref.columns and c in cur.columns]
+    both = pd.concat([ref[shared], cur[shared]])
+    return [c for c in shared if both[c].nunique(dropna=True) > 1]
+
+
+def bounded(rows: pd.DataFrame, max_rows: int, seed: int) -> pd.DataFrame:
+    """A uniform sample of at most max_rows rows (all of them when fewer), in their original order."""
+    if len(rows) <= max_rows:
+        return rows.reset_index(drop=True)
+    return rows.sample(n=max_rows, random_state=seed).sort_index().reset_index(drop=True)
+
+
+def item_feature_vectors(items: pd.DataFrame, schema: dict[str, Any], max_values: int = 50) -> pd.DataFrame:
+    """item_id + one numeric column per feature value: multi-hot genres/tags, one-hot categories (the
+    max_values most frequent of each column) and min-max scaled numeric features. Evidently's
+    Diversity and Serendipity take the cosine distance between these vectors."""
+    items = items.drop_duplicates("item_id").reset_index(drop=True)
+    kinds = schema.get("item_features", {})
+    parts: dict[str, np.ndarray] = {}
+    for col in kinds.get("multi", []) + kinds.get("categorical", []):
+        if col not in items.columns:
+            continue
+        lists = items[col].map(lambda v: list(v) if isinstance(v, (list, np.ndarray)) else ([] if pd.isna(v) else [v]))
+        exploded = lists.explode().dropna().astype(str)
+        for value in exploded.value_counts().index[:max_values]:
+            parts[f"{col}={value}"] = lists.map(lambda vs, value=value: float(value in map(str, vs))).to_numpy()
+    for col in kinds.get("numeric", []):
+        if col in items.columns:
+            values = pd.to_numeric(items[col], errors="coerce").astype("float64")
+            span = values.max() - values.min()
+            scaled = (values - values.min()) / span if span > 0 else values * 0.0
+            parts[f"{col}_scaled"] = scaled.fillna(0.0).to_numpy()
+    return pd.DataFrame({"item_id": items["item_id"].to_numpy(), **parts})

@@ -1,0 +1,125 @@
+"""Stage report: Evidently model quality and data drift of this run, beside the live model's.
+
+- Quality: Evidently's recsys metrics (flows/reports/quality.py) on the two-tower's holdout
+  recommendations (written by the evaluate stage), with the live bundle's figures beside them.
+- Drift (flows/reports/drift.py) on interaction rows (flows/reports/frames.py): (a) the newest
+  report.newest_days of the training data vs the days before; (b) a sample of this run's training
+  data vs the sample the live bundle kept of its own.
+
+The live bundle is read when the stage runs (it is the publish stage's output, so DVC cannot list it
+as a dependency without a cycle). With nothing published yet, (b) and the comparison say so.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from flows.params import DriftLimits, ReportParams
+from flows.reports.drift import brief, drift_report, skipped_report
+from flows.reports.frames import (
+    Frame,
+    TrainingData,
+    bounded,
+    interaction_frame,
+    item_feature_vectors,
+    read_parquet,
+    read_training,
+    utc,
+)
+from flows.reports.live import LiveBundle, live_bundle
+from flows.reports.quality import add_comparison, check_recs, figures_of, quality_report
+
+NO_LIVE = "no previous published model"
+
+
+def report(report_cfg: ReportParams, limits: DriftLimits, seed: int, ingested: Path, training_dir: Path,
+           recs_path: Path, published_dir: Path, drift_dir: Path, quality_dir: Path) -> dict[str, Any]:
+    """Writes quality_dir/quality.html + quality.json ({"ndcg@20": ..., "k", "users", "previous"}) and
+    drift_dir/{window,published}.html + .json (Evidently), drift_dir/summary.json (per comparison: drift
+    share, drifted columns, rows; or why it was skipped) and drift_dir/reference.parquet (the sample of
+    this run's training rows that a published bundle keeps). limits: the gate's drift thresholds, so
+    Evidently's verdict in the pages matches the gate's."""
+    data = read_training(ingested, training_dir)
+    frame = interaction_frame(data)
+    live = live_bundle(published_dir)
+    sample = bounded(frame.rows[frame.columns], report_cfg.drift_rows, seed)
+    drift_dir.mkdir(parents=True, exist_ok=True)
+    sample.to_parquet(drift_dir / "reference.parquet", index=False)
+    drift = {"window": _window_drift(report_cfg, limits.window, seed, data, frame, drift_dir),
+             "published": _published_drift(limits.published, sample, frame, live, drift_dir)}
+    (drift_dir / "summary.json").write_text(json.dumps(drift, indent=2) + "\n")
+    quality = _quality(report_cfg, seed, data, recs_path, live, quality_dir)
+    return {"live_version": live.version if live else None, f"ndcg@{report_cfg.k}": quality.get(f"ndcg@{report_cfg.k}"),
+            **{f"{name}_drift_share": d.get("drift_share") for name, d in drift.items()}}
+
+
+def _window_drift(report_cfg: ReportParams, limit: float | None, seed: int, data: TrainingData, frame: Frame,
+                  drift_dir: Path) -> dict[str, Any]:
+    html_path, json_path = drift_dir / "window.html", drift_dir / "window.json"
+    ts = utc(data.examples["timestamp"])
+    cutoff = ts.max() - pd.Timedelta(days=report_cfg.newest_days)
+    newest = (ts > cutoff).to_numpy()
+    if newest.all():
+        span = (ts.max() - ts.min()).days
+        return skipped_report(f"the training data spans {span} days, not more than report.newest_days="
+                              f"{report_cfg.newest_days}", "Drift: newest window", html_path, json_path)
+    rows = frame.rows[frame.columns]
+    summary = drift_report(bounded(rows[~newest], report_cfg.drift_rows, seed),
+                           bounded(rows[newest], report_cfg.drift_rows, seed),
+                           frame.numeric, frame.categorical, limit, html_path, json_path)
+    return {**brief(summary), "since": cutoff.isoformat()}
+
+
+def _published_drift(limit: float | None, sample: pd.DataFrame, frame: Frame, live: LiveBundle | None,
+                     drift_dir: Path) -> dict[str, Any]:
+    html_path, json_path = drift_dir / "published.html", drift_dir / "published.json"
+    title = "Drift: this run vs the live model's training data"
+    previous = live.frame("drift_reference.parquet") if live else None
+    if previous is None:
+        why = NO_LIVE if live is None else f"the live bundle {live.version} has no drift_reference.parquet"
+        return skipped_report(why, title, html_path, json_path)
+    # a column's kind follows its dtype on both sides (the samples are written by this stage)
+    numeric = [c for c in frame.numeric if c in previous and pd.api.types.is_numeric_dtype(previous[c])]
+    categorical = [c for c in frame.categorical if c in previous and not pd.api.types.is_numeric_dtype(previous[c])]
+    summary = drift_report(previous, sample, numeric, categorical, limit, html_path, json_path)
+    only = sorted(set(previous.columns) ^ set(sample.columns))
+    return {**brief(summary), "live_version": live.version, **({"columns_on_one_side": only} if only else {})}
+
+
+def _quality(report_cfg: ReportParams, seed: int, data: TrainingData, recs_path: Path, live: LiveBundle | None,
+             quality_dir: Path) -> dict[str, Any]:
+    k = report_cfg.k
+    recs = read_parquet(recs_path, "evaluate")
+    check_recs(recs, recs_path, k)
+    users = pd.Series(recs["user_id"].unique())
+    if len(users) > report_cfg.max_users:
+        recs = recs[recs["user_id"].isin(users.sample(n=report_cfg.max_users, random_state=seed))]
+    train = data.examples.loc[data.examples["split"] == "train", ["user_id", "item_id"]]
+    vectors, note = None, None
+    if data.items["item_id"].nunique() > report_cfg.max_items_for_diversity:
+        note = "diversity and serendipity skipped: more than report.max_items_for_diversity items"
+    else:
+        vectors = item_feature_vectors(data.items, data.schema)
+        if vectors.shape[1] == 1:
+            vectors, note = None, "diversity and serendipity skipped: the items have no features"
+    html_path = quality_dir / "quality.html"
+    figures = quality_report(recs, train, vectors, k, html_path)
+    previous = _previous(live)
+    heading = f"Model quality @{k}: this run vs live {live.version}" if live else f"Model quality @{k}: {NO_LIVE}"
+    add_comparison(html_path, figures, previous.get("figures"), heading)
+    out = {**figures, "k": k, "users": int(recs["user_id"].nunique()), "previous": previous,
+           **({"note": note} if note else {})}
+    (quality_dir / "quality.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def _previous(live: LiveBundle | None) -> dict[str, Any]:
+    """What the gate compares with: the live bundle's quality figures and evaluation metrics."""
+    if live is None:
+        return {"skipped": NO_LIVE}
+    metrics = live.json("metrics.json") or {}
+    return {"version": live.version, "figures": figures_of(live.json("quality.json")),
+            "metrics": metrics.get("two_tower", {})}
