@@ -107,7 +107,7 @@ def _quality(report_cfg: ReportParams, seed: int, data: TrainingData, recs_path:
             vectors, note = None, "diversity and serendipity skipped: the items have no features"
     html_path = quality_dir / "quality.html"
     figures = quality_report(recs, train, vectors, k, html_path)
-    previous = _previous(live)
+    previous = live_baseline(live)
     heading = f"Model quality @{k}: this run vs live {live.version}" if live else f"Model quality @{k}: {NO_LIVE}"
     add_comparison(html_path, figures, previous.get("figures"), heading)
     out = {**figures, "k": k, "users": int(recs["user_id"].nunique()), "previous": previous,
@@ -116,7 +116,7 @@ def _quality(report_cfg: ReportParams, seed: int, data: TrainingData, recs_path:
     return out
 
 
-def _previous(live: LiveBundle | None) -> dict[str, Any]:
+def live_baseline(live: LiveBundle | None) -> dict[str, Any]:
     """What the gate compares with: the live bundle's quality figures and evaluation metrics."""
     if live is None:
         return {"skipped": NO_LIVE}
