@@ -94,7 +94,8 @@ def _brief(summary: object) -> str:
 def run(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
         rerun_all: bool = typer.Option(False, "--rerun-all", help="Rerun every stage even if up to date."),
         force: bool = typer.Option(False, "--force", help="Publish even if the gate blocks this run (needs --reason)."),
-        reason: Optional[str] = typer.Option(None, "--reason", help="Why this run may pass the gate (recorded with who forced it)."),
+        reason: Optional[str] = typer.Option(None, "--reason",
+                                             help="Why this run may pass the gate (recorded with who forced it)."),
         until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage.")) -> None:
     """Run the whole pipeline as a Prefect flow over the DVC stages (skips what is up to date)."""
     with _errors():

@@ -52,7 +52,8 @@ def report(report_cfg: ReportParams, limits: DriftLimits, seed: int, ingested: P
              "published": _published_drift(limits.published, sample, frame, live, drift_dir)}
     (drift_dir / "summary.json").write_text(json.dumps(drift, indent=2) + "\n")
     quality = _quality(report_cfg, seed, data, recs_path, live, quality_dir)
-    return {"live_version": live.version if live else None, f"ndcg@{report_cfg.k}": quality.get(f"ndcg@{report_cfg.k}"),
+    ndcg = f"ndcg@{report_cfg.k}"
+    return {"live_version": live.version if live else None, ndcg: quality.get(ndcg),
             **{f"{name}_drift_share": d.get("drift_share") for name, d in drift.items()}}
 
 

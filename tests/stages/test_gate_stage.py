@@ -110,10 +110,12 @@ def test_drift_over_a_threshold_blocks(tmp_path: Path, published: Path):
     reports = _reports(tmp_path, published, ndcg=0.281, window=0.6, published_share=0.2)
     with pytest.raises(GateBlocked) as err:
         _gate(reports)
-    assert str(err.value).startswith("gate: newest-window drift 0.60 > 0.50 (2 of 10 columns: rating, hour_of_day); see ")
+    assert str(err.value).startswith(
+        "gate: newest-window drift 0.60 > 0.50 (2 of 10 columns: rating, hour_of_day); see ")
     # each comparison has its own threshold; null turns one off
     limits = DriftLimits(window=None, published=0.1)
-    with pytest.raises(GateBlocked, match=r"gate: drift vs the live model's data 0.20 > 0.10 \(1 of 10 columns: item_year\)"):
+    with pytest.raises(GateBlocked,
+                       match=r"gate: drift vs the live model's data 0.20 > 0.10 \(1 of 10 columns: item_year\)"):
         _gate(reports, GateParams(max_drift_share=limits))
     assert _gate(reports, GateParams(max_drift_share=DriftLimits(window=0.7, published=0.5)))["passed"]
 
