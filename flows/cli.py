@@ -1,6 +1,7 @@
 """The `towerflow` command line. Kept light: heavy libraries are imported inside the commands."""
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import time
@@ -91,19 +92,40 @@ def _brief(summary: object) -> str:
 
 @app.command()
 def run(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
-        force: bool = typer.Option(False, "--force", help="Rerun every stage even if up to date."),
+        rerun_all: bool = typer.Option(False, "--rerun-all", help="Rerun every stage even if up to date."),
+        force: bool = typer.Option(False, "--force", help="Publish even if the gate blocks this run (needs --reason)."),
+        reason: Optional[str] = typer.Option(None, "--reason",
+                                             help="Why this run may pass the gate (recorded with who forced it)."),
         until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage.")) -> None:
     """Run the whole pipeline as a Prefect flow over the DVC stages (skips what is up to date)."""
     with _errors():
-        params = _load(params_file, set_)  # bad keys or types fail here, before anything runs
+        overrides = (set_ or []) + _force_overrides(force, reason)
+        params = _load(params_file, overrides)  # bad keys or types fail here, before anything runs
         root = params_file.resolve().parent
         from flows.stages.ingest import check_source
         check_source(resolve_source(params.data, root))  # a broken data source stops the run before anything is written
         stages = tuple(_stages_until(until) or STAGES)
         from flows.pipeline import run_pipeline
         t0 = time.perf_counter()
-        runs = run_pipeline(root, stages, overrides=set_ or [], force=force)
+        runs = run_pipeline(root, stages, overrides=overrides, force=rerun_all)
         _print_summary(runs, params, root, time.perf_counter() - t0)
+
+
+def _force_overrides(force: bool, reason: Optional[str]) -> list[str]:
+    """--force --reason as gate params, so that dvc.lock records who passed the gate and why."""
+    if not force:
+        if reason is not None:
+            raise TowerflowError("--reason goes with --force (it says why the gate is overridden)")
+        return []
+    if not (reason or "").strip():
+        raise TowerflowError("--force needs --reason TEXT: say why this run may publish past the gate")
+    try:
+        who = getpass.getuser()
+    except (OSError, KeyError):   # no login name (a container without a passwd entry)
+        who = "unknown"
+    # JSON strings are YAML strings: a reason with ':' or '#' stays one string
+    return ["gate.force=true", f"gate.force_reason={json.dumps(reason.strip())}",
+            f"gate.forced_by={json.dumps(who)}"]
 
 
 def _stages_until(until: Optional[str]) -> list[str] | None:

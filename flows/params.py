@@ -40,6 +40,7 @@ class PathsParams(Section):
     model: Path = Path("artifacts/model")
     index: Path = Path("artifacts/index")
     qdrant: Path = Path("artifacts/qdrant")
+    published: Path = Path("artifacts/published")    # serving bundles: versions/<v>/, LIVE, history.jsonl
     reports: Path = Path("reports")
 
     def resolved(self, root: Path) -> "PathsParams":
@@ -113,7 +114,39 @@ class RunParams(Section):
 
 
 class ReportParams(Section):
-    drift_share_threshold: float = Field(0.5, gt=0, le=1)
+    """The report stage: Evidently model quality on the holdout recommendations, and data drift."""
+
+    k: PositiveInt = 20                  # K of the recsys metrics (ndcg@K, novelty@K, ...)
+    newest_days: PositiveInt = 30        # window drift: the last N days of the training data vs the days before
+    drift_rows: PositiveInt = 50_000     # rows sampled per side of a drift comparison; also the size of the
+                                         # drift sample a published bundle keeps
+    max_users: PositiveInt = 5_000       # users sampled for the quality report (Serendipity loops over users)
+    max_items_for_diversity: PositiveInt = 20_000  # Diversity/Serendipity need an items x items matrix
+
+
+class DriftLimits(Section):
+    """Largest share of drifted columns that passes, per drift comparison; null: not checked."""
+
+    window: float | None = Field(0.5, gt=0, le=1)      # newest window vs the rest of the training data
+    published: float | None = Field(0.5, gt=0, le=1)   # this run's training data vs the live model's
+
+
+class GateParams(Section):
+    """The gate between report and publish. force overrides it for one run (`towerflow run --force
+    --reason TEXT` sets force, force_reason and forced_by, so dvc.lock records them)."""
+
+    metric: str = "ndcg@20"                            # a two_tower figure of reports/metrics.json
+    max_quality_drop: float | None = Field(0.01, ge=0) # absolute drop of metric vs the live model; null: not checked
+    max_drift_share: DriftLimits = DriftLimits()
+    force: bool = False
+    force_reason: str | None = None
+    forced_by: str | None = None                       # who forced (the CLI sets the login name)
+
+    @model_validator(mode="after")
+    def _force_says_why(self) -> "GateParams":
+        if self.force and not (self.force_reason or "").strip():
+            raise ValueError("gate.force needs gate.force_reason: say why this run may publish past the gate")
+        return self
 
 
 def resolve_source(data: DataParams, root: Path) -> DataParams:
@@ -151,6 +184,7 @@ with warnings.catch_warnings():
         evaluate: EvaluateParams = EvaluateParams()
         publish: PublishParams = PublishParams()
         report: ReportParams = ReportParams()
+        gate: GateParams = GateParams()
         run: RunParams = RunParams()
 
 

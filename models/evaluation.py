@@ -4,22 +4,35 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pandas as pd
 import torch
 
 from models.baselines import ease_baseline, most_popular_scores
+from models.errors import ModelError
 from models.holdout import CatalogTask
 from models.inference import TwoTowerBundle
-from models.metrics import METRICS, full_catalog_metrics, rounded
+from models.metrics import METRICS, full_catalog_metrics, rounded, top_k
 from models.params import EvaluateParams
 
 Scorer = Callable[[int, int], torch.Tensor]     # scores(start, end) → (end - start, n_items) of those queries
 
 
+def finite_vectors(vectors: np.ndarray, what: str) -> torch.Tensor:
+    """The vectors as a tensor; a ModelError when any is NaN or ±inf. A diverged model would otherwise
+    be scored (NaN scores rank last) and published with metrics that look merely bad."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        raise ModelError(f"the model is not finite: {int(bad.sum())} of {len(vectors)} {what} vectors hold "
+                         "NaN or inf (its weights diverged in training); retrain it with a lower train.lr "
+                         "or look for extreme values in the input features")
+    return torch.from_numpy(vectors)
+
+
 def two_tower_scorer(bundle: TwoTowerBundle, task: CatalogTask) -> Scorer:
-    user_vecs = torch.from_numpy(bundle.encode_users(task.queries))      # (U, D)
-    item_vecs = torch.from_numpy(bundle.encode_items(task.catalog))      # (I, D)
-    return lambda s, e: user_vecs[s:e] @ item_vecs.T                     # (b, I)
+    user_vecs = finite_vectors(bundle.encode_users(task.queries), "user")    # (U, D)
+    item_vecs = finite_vectors(bundle.encode_items(task.catalog), "item")    # (I, D)
+    return lambda s, e: user_vecs[s:e] @ item_vecs.T                         # (b, I)
 
 
 def most_popular_scorer(task: CatalogTask) -> Scorer:
@@ -44,3 +57,50 @@ def evaluation_report(eval_cfg: EvaluateParams, task: CatalogTask, bundle: TwoTo
     result["n_items"] = task.n_items
     result["n_tail_items"] = int(tail.sum())
     return result
+
+
+def holdout_recommendations(bundle: TwoTowerBundle, task: CatalogTask, k: int,
+                            batch_size: int = 512) -> pd.DataFrame:
+    """Each queried user's top-k catalog items, ranked as the metrics rank them (the user's training
+    items excluded), plus the held-out items outside that top k with their scores, so that a report
+    computing recall from these rows sees every relevant item. Columns: user_id, item_id, rank
+    (1..k; <NA> outside the top k), score, target (1: held out, the item to find); sorted by user
+    query order, then rank."""
+    scorer = two_tower_scorer(bundle, task)
+    k = min(k, task.n_items)
+    seen_rows, seen_cols = (torch.as_tensor(a, dtype=torch.long) for a in task.seen)
+    rel_rows, rel_cols = (torch.as_tensor(a, dtype=torch.long) for a in task.relevant)
+    parts = []
+    for start in range(0, task.n_users, batch_size):
+        end = min(start + batch_size, task.n_users)
+        s = scorer(start, end).clone()                                       # (b, I)
+        in_seen = (seen_rows >= start) & (seen_rows < end)
+        s[seen_rows[in_seen] - start, seen_cols[in_seen]] = float("-inf")
+        top = top_k(s, k)                                                    # (b, k)
+        users = torch.arange(start, end).repeat_interleave(k)                # (b·k,)
+        ranks = torch.arange(1, k + 1).repeat(end - start)                   # (b·k,)
+        top_scores = s.gather(1, top).reshape(-1)                            # (b·k,)
+        keep = torch.isfinite(top_scores)    # a user who had seen nearly everything: fewer than k left
+        in_rel = (rel_rows >= start) & (rel_rows < end)
+        parts.append(pd.DataFrame({"row": users[keep].numpy(), "col": top.reshape(-1)[keep].numpy(),
+                                   "rank": ranks[keep].numpy(), "score": top_scores[keep].numpy()}))
+        parts.append(pd.DataFrame({"row": rel_rows[in_rel].numpy(), "col": rel_cols[in_rel].numpy(), "rank": 0,
+                                   "score": s[rel_rows[in_rel] - start, rel_cols[in_rel]].numpy()}))
+    return _recs_frame(pd.concat(parts, ignore_index=True), task)
+
+
+def _recs_frame(pairs: pd.DataFrame, task: CatalogTask) -> pd.DataFrame:
+    """(row, col, rank, score) pairs, top-k rows before held-out rows → the recommendations frame."""
+    relevant = pd.MultiIndex.from_arrays([np.asarray(a) for a in task.relevant])
+    pairs = pairs.drop_duplicates(["row", "col"], keep="first")              # a found item: keep its rank
+    target = pd.MultiIndex.from_frame(pairs[["row", "col"]]).isin(relevant)
+    pairs = pairs.assign(rank=pairs["rank"].astype("Int32").replace(0, pd.NA), target=target.astype("int8"))
+    pairs = pairs.sort_values(["row", "rank", "score"], ascending=[True, True, False], na_position="last",
+                              kind="stable")
+    return pd.DataFrame({
+        "user_id": task.queries["user_id"].to_numpy()[pairs["row"].to_numpy()],
+        "item_id": task.catalog["item_id"].to_numpy()[pairs["col"].to_numpy()],
+        "rank": pairs["rank"].array,
+        "score": pairs["score"].to_numpy(dtype="float32"),
+        "target": pairs["target"].to_numpy(),
+    })

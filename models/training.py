@@ -25,6 +25,7 @@ from torch.profiler import record_function
 from models.checkpoint import restore_checkpoint, save_checkpoint
 from models.early_stopping import ValidationTask
 from models.encoding import FeatureEncoder
+from models.errors import ModelError
 from models.objective import BatchLoss, make_augmenter
 from models.params import ModelParams, TrainParams
 from models.stream import TrainingStream
@@ -155,21 +156,34 @@ def _validate_epoch(result: FitResult, validation: ValidationTask, stream: Train
 
 
 def _train_epoch(step: Step, perm: torch.Tensor, sampler: torch.Generator, opt: torch.optim.Optimizer,
-                 sched: torch.optim.lr_scheduler.LRScheduler, batch_size: int) -> tuple[float, int]:
-    """One pass over `perm` in batches; returns (sum of batch loss × batch size, examples seen)."""
+                 sched: torch.optim.lr_scheduler.LRScheduler, batch_size: int, epoch: int) -> tuple[float, int]:
+    """One pass over `perm` in batches; returns (sum of batch loss × batch size, examples seen).
+    Stops at the first non-finite loss, before its update reaches the weights (see `_finite`)."""
     total, seen = 0.0, 0
-    for start in range(0, len(perm), batch_size):
+    n_steps = math.ceil(len(perm) / batch_size)
+    for i, start in enumerate(range(0, len(perm), batch_size)):
         b = perm[start:start + batch_size]                              # (B,)
         loss = step(b, sampler)
+        value = float(loss.detach())
+        _finite(value, epoch, i + 1, n_steps, sched.last_epoch + 1)
         opt.zero_grad(set_to_none=True)
         with record_function("backward"):
             loss.backward()
         with record_function("optimizer"):
             opt.step()
             sched.step()
-        total += float(loss.detach()) * len(b)
+        total += value * len(b)
         seen += len(b)
     return total, seen
+
+
+def _finite(loss: float, epoch: int, step: int, n_steps: int, global_step: int) -> None:
+    """A NaN/inf loss poisons every weight at the next update, and the run would go on for all its
+    epochs to publish a model that scores NaN: stop at the first one and say where."""
+    if not math.isfinite(loss):
+        raise ModelError(f"training loss became {loss} at epoch {epoch}, step {step} of {n_steps} (optimizer "
+                         f"step {global_step}), stopped before its update: lower train.lr "
+                         "(or use train.lr_schedule: cosine), or look for extreme values in the numeric features")
 
 
 def fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: TrainParams, seed: int,
@@ -213,7 +227,8 @@ def fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: TrainParam
         perm = dist.shard(torch.randperm(n, generator=gen))
         # ranks draw their own negatives and SSL items (models/distributed.py says how)
         sampler = dist.sampler(seed, len(result.losses), gen)
-        total, seen = dist.sum(*_train_epoch(step, perm, sampler, opt, sched, train_cfg.batch_size))
+        total, seen = dist.sum(*_train_epoch(step, perm, sampler, opt, sched, train_cfg.batch_size,
+                                             epoch=len(result.losses) + 1))
         result.losses.append(total / seen)
         result.seconds.append(time.perf_counter() - start_time)
         epoch = len(result.losses)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from validation.batches import Derived, Source, UniqueKey, duplicate_hashes
@@ -32,6 +33,7 @@ INT_TYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "ui
              "Int8Dtype", "Int16Dtype", "Int32Dtype", "Int64Dtype"]
 NUMERIC_TYPES = INT_TYPES + ["float32", "float64", "Float32Dtype", "Float64Dtype"]
 STRING_TYPES = ["object", "str", "StringDtype"]
+FLOAT_MAX = float(np.finfo(np.float64).max)    # the bounds of a finite float64
 ID_TYPES = {"int64": ["int64", "Int64Dtype"], "string": STRING_TYPES}
 
 # Which id columns must exist in which table: (table, id column) -> parent table.
@@ -101,6 +103,13 @@ class Expect:
         return self("ExpectColumnValuesToBeInTypeList", column, "columns", "must be numeric",
                     type_list=NUMERIC_TYPES)
 
+    def finite(self, column: str) -> Any:
+        """±inf is an error (check "finite": not in validate.severity, so never only a warning): it
+        passes the type and null checks but turns every mean, norm and gradient downstream into NaN.
+        NaN itself is a null, counted by the null checks (GX skips nulls in range checks)."""
+        return self("ExpectColumnValuesToBeBetween", column, "finite", "non-finite value (inf or -inf)",
+                    min_value=-FLOAT_MAX, max_value=FLOAT_MAX)
+
     def known(self, table: str, column: str, parent: str) -> Any:
         key = "user_id" if parent == "users" else "item_id"
         derived = unknown_column(column, parent)
@@ -153,7 +162,7 @@ def build_suites(schema: dict[str, Any], validate_cfg: ValidateParams) -> dict[s
         cols = [c for k in ("categorical", "numeric", "multi") for c in feats[k]]
         return [*e.exists([key, *cols]), *e.not_null([key]), e.id_type(key, kind),
                 e.unique(UNIQUE[table], key, "duplicate ids"),
-                *[e.numeric(c) for c in feats["numeric"]],
+                *[e.numeric(c) for c in feats["numeric"]], *[e.finite(c) for c in feats["numeric"]],
                 *e.null_share(cols, validate_cfg)]
 
     uid, iid = schema["user_id_dtype"], schema["item_id_dtype"]
@@ -169,9 +178,9 @@ def build_suites(schema: dict[str, Any], validate_cfg: ValidateParams) -> dict[s
         e.id_type("user_id", uid), e.id_type("item_id", iid),
         e.known("interactions", "user_id", "users"), e.known("interactions", "item_id", "items"),
         *e.timestamps("timestamp"),
-        e.numeric("weight"),
+        e.numeric("weight"), e.finite("weight"),
         e("ExpectColumnValuesToBeBetween", "weight", "values", "negative weight", min_value=0),
-        *[e.numeric(c) for c in rating], *rating_range,
+        *[e.numeric(c) for c in rating], *[e.finite(c) for c in rating], *rating_range,
     ]
     shown, not_shown = e.Column("stage") == "shown", e.Column("stage") != "shown"
     logs = [

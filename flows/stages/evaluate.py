@@ -9,7 +9,7 @@ import pandas as pd
 
 from flows.errors import DataContractError, MissingStageInput
 from models.errors import ModelInputError, ModelNotFound
-from models.evaluation import evaluation_report
+from models.evaluation import evaluation_report, holdout_recommendations
 from models.holdout import CatalogTask, catalog_task
 from models.inference import TwoTowerBundle, load_bundle
 from models.params import EvaluateParams
@@ -47,19 +47,27 @@ def _read_model(model_dir: Path) -> TwoTowerBundle:
         raise MissingStageInput(f"{exc}; run the train stage first") from exc
 
 
-def evaluate(eval_cfg: EvaluateParams, training_dir: Path, model_dir: Path, out_path: Path) -> dict:
+def evaluate(eval_cfg: EvaluateParams, training_dir: Path, model_dir: Path, out_path: Path,
+             recs_path: Path | None = None) -> dict:
     """Reads training_dir/{examples,items}.parquet and the eval model under model_dir; writes out_path
     (reports/metrics.json): {"two_tower": {...}, "most_popular": {...}, "ease": {...}, "ease_lambda",
     "ease_validation", "n_users", "n_items", "n_tail_items"}; each model's metrics are recall, ndcg,
-    hitrate, coverage and tail_recall at every K of eval_cfg.ks (see models/metrics.py)."""
+    hitrate, coverage and tail_recall at every K of eval_cfg.ks (see models/metrics.py). With
+    recs_path, also writes the two-tower's holdout recommendations there (parquet: user_id, item_id,
+    rank, score, target; the top max(ks) per user and the held-out items outside it), which the
+    report stage measures with Evidently. A model whose vectors are not finite is refused."""
     examples, items = _read_training(training_dir)
     source = training_dir / "examples.parquet"
     task = _test_task(examples, items, source)
     bundle = _read_model(model_dir)
     try:
         result = evaluation_report(eval_cfg, task, bundle, examples, items)
+        recs = holdout_recommendations(bundle, task, max(eval_cfg.ks)) if recs_path is not None else None
     except ModelInputError as exc:
         raise DataContractError(f"{source}: {exc}") from exc
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
+    if recs is not None:
+        recs_path.parent.mkdir(parents=True, exist_ok=True)
+        recs.to_parquet(recs_path, index=False)
     return result

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from flows.params import Params, PathsParams, resolve_source, validate_for_source
 
 STAGES: tuple[str, ...] = (
-    "ingest", "validate", "materialize", "sample", "train", "evaluate", "publish", "report",
+    "ingest", "validate", "materialize", "sample", "train", "evaluate", "report", "gate", "publish",
 )
 
 
@@ -51,7 +51,8 @@ def _train(p: Params, paths: PathsParams) -> dict[str, Any]:
 
 def _evaluate(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.evaluate import evaluate
-    return evaluate(p.evaluate, paths.training, paths.model / "eval", out_path=paths.reports / "metrics.json")
+    return evaluate(p.evaluate, paths.training, paths.model / "eval", out_path=paths.reports / "metrics.json",
+                    recs_path=paths.reports / "quality" / "recs.parquet")
 
 
 def _publish(p: Params, paths: PathsParams) -> dict[str, Any]:
@@ -62,12 +63,21 @@ def _publish(p: Params, paths: PathsParams) -> dict[str, Any]:
 
 def _report(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.report import report
-    return report(p.report, paths.ingested, paths.training, out_dir=paths.reports / "drift")
+    return report(p.report, p.gate.max_drift_share, p.base.seed, paths.ingested, paths.training,
+                  recs_path=paths.reports / "quality" / "recs.parquet", published_dir=paths.published,
+                  drift_dir=paths.reports / "drift", quality_dir=paths.reports / "quality")
+
+
+def _gate(p: Params, paths: PathsParams) -> dict[str, Any]:
+    from flows.stages.gate import gate
+    return gate(p.gate, paths.reports / "metrics.json", paths.reports / "quality" / "quality.json",
+                paths.reports / "drift" / "summary.json", out_path=paths.reports / "gate.json",
+                portal=p.paths.reports / "index.html")   # as the user wrote it: relative to the project
 
 
 _RUNNERS: dict[str, Callable[[Params, PathsParams], dict[str, Any]]] = {
     "ingest": _ingest, "validate": _validate, "materialize": _materialize, "sample": _sample,
-    "train": _train, "evaluate": _evaluate, "publish": _publish, "report": _report,
+    "train": _train, "evaluate": _evaluate, "report": _report, "gate": _gate, "publish": _publish,
 }
 
 

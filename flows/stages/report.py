@@ -1,179 +1,126 @@
-"""Stage report: Evidently data drift between the training period and the holdout.
+"""Stage report: Evidently model quality and data drift of this run, beside the live model's.
 
-Each row is one interaction described by what a retrieval model is sensitive to: the rating/weight,
-how popular the item was in the training period, the item's own features, the user's features at the
-time, and when it happened (hour of day, day of week). Reference = split 'train', current = 'test'.
+- Quality: Evidently's recsys metrics (flows/reports/quality.py) on the two-tower's holdout
+  recommendations (written by the evaluate stage), with the live bundle's figures beside them.
+- Drift (flows/reports/drift.py) on interaction rows (flows/reports/frames.py): (a) the newest
+  report.newest_days of the training data vs the days before; (b) a sample of this run's training
+  data vs the sample the live bundle kept of its own.
+
+The live bundle is read when the stage runs (it is the publish stage's output, so DVC cannot list it
+as a dependency without a cycle). With nothing published yet, (b) and the comparison say so.
 """
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-from evidently import DataDefinition, Dataset, Report
-from evidently.presets import DataDriftPreset
 
-from flows.errors import DataContractError, MissingStageInput
-from flows.params import ReportParams
+from flows.params import DriftLimits, ReportParams
+from flows.reports.drift import brief, drift_report, skipped_report
+from flows.reports.frames import (
+    Frame,
+    TrainingData,
+    bounded,
+    interaction_frame,
+    item_feature_vectors,
+    read_parquet,
+    read_training,
+    utc,
+)
+from flows.reports.live import LiveBundle, live_bundle
+from flows.reports.quality import add_comparison, check_recs, figures_of, quality_report
 
-KEYS = ["user_id", "item_id", "timestamp"]
-DAYS = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
-MISSING = "<missing>"
-
-
-def _read_parquet(path: Path, upstream: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise MissingStageInput(f"{path}: not found; run the {upstream} stage first")
-    return pd.read_parquet(path)
-
-
-def _utc(ts: pd.Series) -> pd.Series:
-    return pd.to_datetime(ts, utc=True).astype("datetime64[us, UTC]")
+NO_LIVE = "no previous published model"
 
 
-def interaction_frame(examples: pd.DataFrame, items: pd.DataFrame, interactions: pd.DataFrame | None,
-                      schema: dict[str, Any]) -> tuple[pd.DataFrame, list[str], list[str]]:
-    """One row per example: (frame, numeric columns, categorical columns); ids are left out."""
-    train = (examples["split"] == "train").to_numpy()
-    out = pd.DataFrame(index=examples.index)
-    num: list[str] = []
-    cat: list[str] = []
-
-    if "weight" in examples.columns:
-        out["weight"] = examples["weight"].astype("float64")
-        num.append("weight")
-    if interactions is not None and "rating" in interactions.columns:
-        ratings = interactions[KEYS + ["rating"]].assign(timestamp=lambda d: _utc(d["timestamp"]))
-        ratings = ratings.drop_duplicates(KEYS, keep="last")
-        keyed = examples[KEYS].assign(timestamp=_utc(examples["timestamp"]))
-        joined = keyed.merge(ratings, on=KEYS, how="left", validate="many_to_one")
-        out["rating"] = joined["rating"].to_numpy(dtype="float64")
-        num.append("rating")
-
-    # Popularity as known at training time: drift here means the holdout favours other items.
-    train_counts = examples.loc[train, "item_id"].value_counts()
-    out["item_popularity"] = np.log1p(examples["item_id"].map(train_counts).fillna(0).to_numpy(dtype="float64"))
-    num.append("item_popularity")
-
-    item_kinds = schema.get("item_features", {})
-    item_cols = [c for c in item_kinds.get("numeric", []) + item_kinds.get("categorical", []) if c in items.columns]
-    by_item = items.drop_duplicates("item_id").set_index("item_id")[item_cols]
-    joined_items = by_item.reindex(examples["item_id"].to_numpy())
-    for col in item_kinds.get("numeric", []):
-        if col in joined_items.columns:
-            out[f"item_{col}"] = pd.to_numeric(joined_items[col], errors="coerce").to_numpy(dtype="float64")
-            num.append(f"item_{col}")
-    for col in item_kinds.get("categorical", []):
-        if col in joined_items.columns:
-            out[f"item_{col}"] = _categorical(joined_items[col]).to_numpy()
-            cat.append(f"item_{col}")
-
-    user_kinds = schema.get("user_features", {})
-    for col in user_kinds.get("numeric", []):
-        if col in examples.columns:
-            out[f"user_{col}"] = pd.to_numeric(examples[col], errors="coerce").astype("float64")
-            num.append(f"user_{col}")
-    for col in user_kinds.get("categorical", []):
-        if col in examples.columns:
-            out[f"user_{col}"] = _categorical(examples[col])
-            cat.append(f"user_{col}")
-
-    ts = _utc(examples["timestamp"])
-    out["hour_of_day"] = ts.dt.hour.astype("float64")
-    num.append("hour_of_day")
-    out["day_of_week"] = ts.dt.dayofweek.map(dict(enumerate(DAYS)))
-    cat.append("day_of_week")
-    return out, num, cat
+def report(report_cfg: ReportParams, limits: DriftLimits, seed: int, ingested: Path, training_dir: Path,
+           recs_path: Path, published_dir: Path, drift_dir: Path, quality_dir: Path) -> dict[str, Any]:
+    """Writes quality_dir/quality.html + quality.json ({"ndcg@20": ..., "k", "users", "previous"}) and
+    drift_dir/{window,published}.html + .json (Evidently), drift_dir/summary.json (per comparison: drift
+    share, drifted columns, rows; or why it was skipped) and drift_dir/reference.parquet (the sample of
+    this run's training rows that a published bundle keeps). limits: the gate's drift thresholds, so
+    Evidently's verdict in the pages matches the gate's."""
+    data = read_training(ingested, training_dir)
+    frame = interaction_frame(data)
+    live = live_bundle(published_dir)
+    sample = bounded(frame.rows[frame.columns], report_cfg.drift_rows, seed)
+    drift_dir.mkdir(parents=True, exist_ok=True)
+    sample.to_parquet(drift_dir / "reference.parquet", index=False)
+    drift = {"window": _window_drift(report_cfg, limits.window, seed, data, frame, drift_dir),
+             "published": _published_drift(limits.published, sample, frame, live, drift_dir)}
+    (drift_dir / "summary.json").write_text(json.dumps(drift, indent=2) + "\n")
+    quality = _quality(report_cfg, seed, data, recs_path, live, quality_dir)
+    ndcg = f"ndcg@{report_cfg.k}"
+    return {"live_version": live.version if live else None, ndcg: quality.get(ndcg),
+            **{f"{name}_drift_share": d.get("drift_share") for name, d in drift.items()}}
 
 
-def _categorical(values: pd.Series) -> pd.Series:
-    # Strings with an explicit missing level, so a change in missingness shows up as drift too.
-    return values.astype(object).where(values.notna(), MISSING).astype(str)
+def _window_drift(report_cfg: ReportParams, limit: float | None, seed: int, data: TrainingData, frame: Frame,
+                  drift_dir: Path) -> dict[str, Any]:
+    html_path, json_path = drift_dir / "window.html", drift_dir / "window.json"
+    ts = utc(data.examples["timestamp"])
+    cutoff = ts.max() - pd.Timedelta(days=report_cfg.newest_days)
+    newest = (ts > cutoff).to_numpy()
+    if newest.all():
+        span = (ts.max() - ts.min()).days
+        return skipped_report(f"the training data spans {span} days, not more than report.newest_days="
+                              f"{report_cfg.newest_days}", "Drift: newest window", html_path, json_path)
+    rows = frame.rows[frame.columns]
+    summary = drift_report(bounded(rows[~newest], report_cfg.drift_rows, seed),
+                           bounded(rows[newest], report_cfg.drift_rows, seed),
+                           frame.numeric, frame.categorical, limit, html_path, json_path)
+    return {**brief(summary), "since": cutoff.isoformat()}
 
 
-def _informative(ref: pd.DataFrame, cur: pd.DataFrame, columns: list[str]) -> list[str]:
-    """Columns with more than one value across both periods (a constant column cannot drift and
-    makes the statistical tests divide by zero)."""
-    both = pd.concat([ref[columns], cur[columns]])
-    return [c for c in columns if both[c].nunique(dropna=True) > 1]
+def _published_drift(limit: float | None, sample: pd.DataFrame, frame: Frame, live: LiveBundle | None,
+                     drift_dir: Path) -> dict[str, Any]:
+    html_path, json_path = drift_dir / "published.html", drift_dir / "published.json"
+    title = "Drift: this run vs the live model's training data"
+    previous = live.frame("drift_reference.parquet") if live else None
+    if previous is None:
+        why = NO_LIVE if live is None else f"the live bundle {live.version} has no drift_reference.parquet"
+        return skipped_report(why, title, html_path, json_path)
+    # a column's kind follows its dtype on both sides (the samples are written by this stage)
+    numeric = [c for c in frame.numeric if c in previous and pd.api.types.is_numeric_dtype(previous[c])]
+    categorical = [c for c in frame.categorical if c in previous and not pd.api.types.is_numeric_dtype(previous[c])]
+    summary = drift_report(previous, sample, numeric, categorical, limit, html_path, json_path)
+    only = sorted(set(previous.columns) ^ set(sample.columns))
+    return {**brief(summary), "live_version": live.version, **({"columns_on_one_side": only} if only else {})}
 
 
-def report(report_cfg: ReportParams, ingested: Path, training_dir: Path, out_dir: Path) -> dict:
-    """Evidently DataDriftPreset of training-period vs holdout interactions.
-
-    Writes out_dir/drift.html, out_dir/drift.json (the Evidently snapshot) and out_dir/summary.json
-    (drift share, drifted columns, dataset_drift = share >= report_cfg.drift_share_threshold).
-    """
-    examples_path = training_dir / "examples.parquet"
-    examples = _read_parquet(examples_path, "materialize")
-    items = _read_parquet(training_dir / "items.parquet", "materialize")
-    schema_path = ingested / "schema.json"
-    if not schema_path.is_file():
-        raise MissingStageInput(f"{schema_path}: not found; run the ingest stage first")
-    schema = json.loads(schema_path.read_text())
-    interactions = None
-    if schema.get("has_rating"):
-        interactions = _read_parquet(ingested / "interactions.parquet", "ingest")
-    for col in KEYS + ["split"]:
-        if col not in examples.columns:
-            raise DataContractError(f"{examples_path}: column '{col}' is missing")
-
-    frame, num, cat = interaction_frame(examples, items, interactions, schema)
-    ref = frame[(examples["split"] == "train").to_numpy()].reset_index(drop=True)
-    cur = frame[(examples["split"] == "test").to_numpy()].reset_index(drop=True)
-    if ref.empty or cur.empty:
-        raise DataContractError(f"{examples_path}: drift needs rows in both splits "
-                                f"(train: {len(ref)}, test: {len(cur)})")
-    num, cat = _informative(ref, cur, num), _informative(ref, cur, cat)
-    if not num + cat:
-        raise DataContractError(f"{examples_path}: no column varies, nothing to compare for drift")
-
-    definition = DataDefinition(numerical_columns=num, categorical_columns=cat)
-    report_ = Report([DataDriftPreset(drift_share=report_cfg.drift_share_threshold)], include_tests=True)
-    with warnings.catch_warnings():
-        # Evidently correlates columns for its plots; a column that is constant within one period
-        # (legitimately: that is drift) makes numpy warn about 0/0 there.
-        warnings.filterwarnings("ignore", "invalid value encountered in divide", RuntimeWarning)
-        snapshot = report_.run(Dataset.from_pandas(cur[num + cat], data_definition=definition),
-                               Dataset.from_pandas(ref[num + cat], data_definition=definition))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    snapshot.save_html(str(out_dir / "drift.html"))
-    snapshot.save_json(str(out_dir / "drift.json"))
-
-    summary = summarize(snapshot.dict(), report_cfg.drift_share_threshold)
-    summary.update(reference_rows=len(ref), current_rows=len(cur))
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+def _quality(report_cfg: ReportParams, seed: int, data: TrainingData, recs_path: Path, live: LiveBundle | None,
+             quality_dir: Path) -> dict[str, Any]:
+    k = report_cfg.k
+    recs = read_parquet(recs_path, "evaluate")
+    check_recs(recs, recs_path, k)
+    users = pd.Series(recs["user_id"].unique())
+    if len(users) > report_cfg.max_users:
+        recs = recs[recs["user_id"].isin(users.sample(n=report_cfg.max_users, random_state=seed))]
+    train = data.examples.loc[data.examples["split"] == "train", ["user_id", "item_id"]]
+    vectors, note = None, None
+    if data.items["item_id"].nunique() > report_cfg.max_items_for_diversity:
+        note = "diversity and serendipity skipped: more than report.max_items_for_diversity items"
+    else:
+        vectors = item_feature_vectors(data.items, data.schema)
+        if vectors.shape[1] == 1:
+            vectors, note = None, "diversity and serendipity skipped: the items have no features"
+    html_path = quality_dir / "quality.html"
+    figures = quality_report(recs, train, vectors, k, html_path)
+    previous = live_baseline(live)
+    heading = f"Model quality @{k}: this run vs live {live.version}" if live else f"Model quality @{k}: {NO_LIVE}"
+    add_comparison(html_path, figures, previous.get("figures"), heading)
+    out = {**figures, "k": k, "users": int(recs["user_id"].nunique()), "previous": previous,
+           **({"note": note} if note else {})}
+    (quality_dir / "quality.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
 
 
-def summarize(snapshot: dict[str, Any], threshold: float) -> dict[str, Any]:
-    """Drift share from DriftedColumnsCount; per column, Evidently's own verdict (its 'drift' test
-    FAILs when drift is detected, whichever direction the method's score runs)."""
-    share = None
-    columns: dict[str, dict[str, Any]] = {}
-    for m in snapshot["metrics"]:
-        config = m.get("config", {})
-        if config.get("type", "").endswith("DriftedColumnsCount"):
-            share = float(m["value"]["share"])
-        elif config.get("type", "").endswith("ValueDrift"):
-            columns[config["column"]] = {"method": config.get("method"), "threshold": config.get("threshold"),
-                                         "score": float(m["value"]), "drifted": False}
-    for t in snapshot.get("tests", []):
-        params = t.get("metric_config", {}).get("params", {})
-        if params.get("type", "").endswith("ValueDrift") and params.get("column") in columns:
-            columns[params["column"]]["drifted"] = t.get("status") == "FAIL"
-    if share is None:
-        raise DataContractError("Evidently's report has no DriftedColumnsCount metric")
-    drifted = sorted(c for c, v in columns.items() if v["drifted"])
-    return {
-        "drift_share": share,
-        "n_columns": len(columns),
-        "n_drifted": len(drifted),
-        "drifted_columns": drifted,
-        "threshold": threshold,
-        "dataset_drift": share >= threshold,
-        "columns": columns,
-    }
+def live_baseline(live: LiveBundle | None) -> dict[str, Any]:
+    """What the gate compares with: the live bundle's quality figures and evaluation metrics."""
+    if live is None:
+        return {"skipped": NO_LIVE}
+    metrics = live.json("metrics.json") or {}
+    return {"version": live.version, "figures": figures_of(live.json("quality.json")),
+            "metrics": metrics.get("two_tower", {})}

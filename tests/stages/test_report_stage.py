@@ -1,18 +1,30 @@
-"""The drift report: real Evidently on training-format files built from the synthetic dataset."""
+"""The report stage on small data: a real two-tower trained for 2 epochs, its holdout recommendations
+from the evaluate stage, real Evidently quality and drift reports, and a live bundle in tmp built
+from a first run's files the way publish builds it."""
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
-from datagen import make_contract_dataset
-from flows.errors import DataContractError, MissingStageInput
-from flows.params import ReportParams
+from flows.errors import MissingStageInput
+from flows.params import DriftLimits, ReportParams
+from flows.reports.live import bundle_reports
+from flows.stages.evaluate import evaluate
 from flows.stages.report import report
+from models.holdout import catalog_task
+from models.params import EvaluateParams, TrainParams
+from training_data import run_sample_train, synthetic_training_dir
 
+K = 10
+CFG = ReportParams(k=K, newest_days=30, drift_rows=5000)
+FIGURES = {f"{name}@{K}" for name in (
+    "precision", "recall", "f1", "map", "ndcg", "mrr", "hitrate", "score_entropy", "personalization",
+    "novelty", "diversity", "serendipity", "popularity_arp", "popularity_gini", "popularity_coverage")}
 
 
 @pytest.fixture(autouse=True)
@@ -20,68 +32,130 @@ def _no_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DO_NOT_TRACK", "1")
 
 
-def training_files(tmp_path: Path, string_ids: bool = False, shift_test: bool = False) -> tuple[Path, Path]:
-    """ingested/ (interactions, items, schema.json) and training/ (examples with split, items)."""
-    ingested = make_contract_dataset(tmp_path / "ingested", n_users=120, n_items=80, seed=1, string_ids=string_ids)
-    users = pd.read_parquet(ingested / "users.parquet")
-    items = pd.read_parquet(ingested / "items.parquet")
-    inter = pd.read_parquet(ingested / "interactions.parquet").sort_values(["user_id", "timestamp", "item_id"])
-    # Each user's last 20% of interactions is the holdout, as materialize does.
-    pos = inter.groupby("user_id").cumcount()
-    size = inter.groupby("user_id")["item_id"].transform("size")
-    inter["split"] = np.where(pos >= np.ceil(size * 0.8), "test", "train")
-    if shift_test:
-        # The holdout happens at 03:00 and rates everything 5: both must be flagged.
-        test = inter["split"] == "test"
-        inter.loc[test, "rating"] = 5.0
-        inter.loc[test, "timestamp"] = inter.loc[test, "timestamp"].dt.floor("D") + pd.Timedelta(hours=3)
-    (ingested / "schema.json").write_text(json.dumps({
-        "user_id_dtype": "string" if string_ids else "int64", "item_id_dtype": "string" if string_ids else "int64",
-        "user_features": {"categorical": ["age_bucket", "gender", "occupation"], "numeric": [], "multi": []},
-        "item_features": {"categorical": [], "numeric": ["year"], "multi": ["genres"]},
-        "has_rating": True, "ranking_logs": "none", "source": "test"}))
-    inter.drop(columns="split").to_parquet(ingested / "interactions.parquet", index=False)
-    examples = inter.drop(columns="rating").merge(users, on="user_id", how="left")
-    examples["weight"] = 1.0
-    examples["recent_items"] = [[] for _ in range(len(examples))]
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """ingested/ (schema.json + interactions with ratings), training/, reports/{metrics.json,
+    quality/recs.parquet} from a tiny trained model."""
+    root = tmp_path_factory.mktemp("report")
+    training, schema = synthetic_training_dir(root / "data", n_users=150)
+    ingested = root / "ingested"
+    ingested.mkdir()
+    shutil.copy(schema, ingested / "schema.json")
+    shutil.copy(root / "data" / "source" / "interactions.parquet", ingested / "interactions.parquet")
+    model = run_sample_train(root, training, schema, seed=0,
+                             train_cfg=TrainParams(epochs=2, batch_size=256, threads=1, refit_full=False))
+    reports = root / "reports"
+    evaluate(EvaluateParams(ks=[K, 20], ease=False), training, model, reports / "metrics.json",
+             recs_path=reports / "quality" / "recs.parquet")
+    return {"root": root, "ingested": ingested, "training": training, "reports": reports}
+
+
+def _report(run: dict, reports: Path, published: Path, cfg: ReportParams = CFG, training: Path | None = None) -> dict:
+    return report(cfg, DriftLimits(), 0, run["ingested"], training or run["training"],
+                  run["reports"] / "quality" / "recs.parquet", published, reports / "drift", reports / "quality")
+
+
+def test_holdout_recommendations_rank_like_the_metrics(run: dict):
+    recs = pd.read_parquet(run["reports"] / "quality" / "recs.parquet")
+    assert list(recs.columns) == ["user_id", "item_id", "rank", "score", "target"]
+    examples = pd.read_parquet(run["training"] / "examples.parquet")
+    task = catalog_task(examples, pd.read_parquet(run["training"] / "items.parquet"))
+    ranked = recs.dropna(subset=["rank"])
+    assert ranked.groupby("user_id")["rank"].agg(list).map(lambda r: r == list(range(1, 21))).all()
+    assert recs["user_id"].nunique() == task.n_users and int(recs["target"].sum()) == len(task.relevant[0])
+    # held-out items outside the top 20 score at most the user's 20th score
+    cut = ranked.groupby("user_id")["score"].min()
+    missed = recs[recs["rank"].isna()]
+    assert (missed["target"] == 1).all() and (missed["score"].to_numpy() <= cut[missed["user_id"]].to_numpy()).all()
+    # nothing the user trained on is recommended
+    trained = examples.loc[examples["split"] == "train", ["user_id", "item_id"]].drop_duplicates()
+    assert ranked.merge(trained, on=["user_id", "item_id"]).empty
+
+
+def test_report_without_a_live_model_writes_quality_and_drift(run: dict, tmp_path: Path):
+    reports = tmp_path / "reports"
+    t0 = time.perf_counter()
+    summary = _report(run, reports, tmp_path / "published")
+    print(f"report stage on {summary} took {time.perf_counter() - t0:.1f} s")
+    quality = json.loads((reports / "quality" / "quality.json").read_text())
+    assert FIGURES <= set(quality) and quality["k"] == K and quality["users"] > 100
+    assert quality["previous"] == {"skipped": "no previous published model"}
+    # Evidently's ranking figures agree with the evaluate stage's on the same recommendations
+    metrics = json.loads((run["reports"] / "metrics.json").read_text())["two_tower"]
+    for name in ("ndcg", "recall", "hitrate"):
+        assert quality[f"{name}@{K}"] == pytest.approx(metrics[f"{name}@{K}"], abs=1e-6), name
+    page = (reports / "quality" / "quality.html").read_text()
+    assert len(page) > 100_000 and "Model quality @10: no previous published model" in page
+
+    drift = json.loads((reports / "drift" / "summary.json").read_text())
+    window = drift["window"]
+    assert 0 <= window["drift_share"] <= 1 and window["n_columns"] >= 8 and window["threshold"] == 0.5
+    assert window["current_rows"] > 0 and window["reference_rows"] > 0
+    assert {"rating", "item_popularity", "item_year", "user_gender", "hour_of_day", "day_of_week"} <= \
+        set(json.dumps(json.loads((reports / "drift" / "window.json").read_text())).split('"'))
+    assert drift["published"] == {"skipped": "no previous published model"}
+    assert "no previous published model" in (reports / "drift" / "published.html").read_text()
+    assert json.loads((reports / "drift" / "published.json").read_text()) == drift["published"]
+    assert (reports / "drift" / "window.html").stat().st_size > 100_000
+    sample = pd.read_parquet(reports / "drift" / "reference.parquet")
+    assert 0 < len(sample) <= CFG.drift_rows and "rating" in sample and "user_id" not in sample
+    assert summary["live_version"] is None and summary["window_drift_share"] == window["drift_share"]
+
+
+def test_report_against_the_live_bundle(run: dict, tmp_path: Path):
+    """A first run is published (its files copied into versions/v1 as publish does); the second run
+    of the same data compares with it: no drift, the same figures beside each other."""
+    published = tmp_path / "published"
+    first = tmp_path / "first"
+    _report(run, first, published)
+    shutil.copy(run["reports"] / "metrics.json", first / "metrics.json")
+    (first / "gate.json").write_text(json.dumps({"passed": True}))
+    bundle_reports(first, published / "versions" / "v1")
+    (published / "LIVE").write_text(json.dumps({"version": "v1"}))
+
+    second = tmp_path / "second"
+    summary = _report(run, second, published)
+    assert summary["live_version"] == "v1" and summary["published_drift_share"] == 0.0
+    drift = json.loads((second / "drift" / "summary.json").read_text())["published"]
+    assert drift["live_version"] == "v1" and drift["n_drifted"] == 0 and drift["n_columns"] >= 8
+    quality = json.loads((second / "quality" / "quality.json").read_text())
+    first_quality = json.loads((first / "quality" / "quality.json").read_text())
+    assert quality["previous"]["version"] == "v1"
+    assert quality["previous"]["figures"] == {k: v for k, v in first_quality.items() if "@" in k}
+    assert quality["previous"]["metrics"]["ndcg@20"] == json.loads(
+        (run["reports"] / "metrics.json").read_text())["two_tower"]["ndcg@20"]
+    assert "Model quality @10: this run vs live v1" in (second / "quality" / "quality.html").read_text()
+
+
+def test_a_shifted_newest_window_is_flagged(run: dict, tmp_path: Path):
+    """The last 30 days happen at 03:00 and rate everything 5: both must be flagged as drift."""
     training = tmp_path / "training"
-    training.mkdir()
-    examples.to_parquet(training / "examples.parquet", index=False)
-    items.to_parquet(training / "items.parquet", index=False)
-    return ingested, training
+    shutil.copytree(run["training"], training)
+    ingested = tmp_path / "ingested"
+    shutil.copytree(run["ingested"], ingested)
+    for path, column in ((training / "examples.parquet", None), (ingested / "interactions.parquet", "rating")):
+        df = pd.read_parquet(path)
+        ts = pd.to_datetime(df["timestamp"], utc=True)
+        newest = ts > ts.max() - pd.Timedelta(days=30)
+        df["timestamp"] = ts.where(~newest, ts.dt.floor("D") + pd.Timedelta(hours=3))
+        if column:
+            df.loc[newest, column] = 5.0
+        df.to_parquet(path, index=False)
+    summary = report(CFG, DriftLimits(window=0.1), 0, ingested, training, run["reports"] / "quality" / "recs.parquet",
+                     tmp_path / "published", tmp_path / "drift", tmp_path / "quality")
+    window = json.loads((tmp_path / "drift" / "summary.json").read_text())["window"]
+    assert {"rating", "hour_of_day"} <= set(window["drifted_columns"])
+    assert "user_gender" not in window["drifted_columns"]
+    assert window["dataset_drift"] is True and summary["window_drift_share"] > 0.1
 
 
-def test_report_writes_html_json_and_a_summary(tmp_path: Path) -> None:
-    ingested, training = training_files(tmp_path, string_ids=True)
-    out = tmp_path / "drift"
-    summary = report(ReportParams(drift_share_threshold=0.5), ingested, training, out)
-    assert (out / "drift.html").stat().st_size > 10_000
-    assert json.loads((out / "drift.json").read_text())["metrics"]
-    assert json.loads((out / "summary.json").read_text()) == summary
-    cols = set(summary["columns"])
-    # weight is constant 1.0 here, so it is left out rather than reported as "no drift".
-    assert {"rating", "item_popularity", "item_year", "user_gender", "user_occupation",
-            "hour_of_day", "day_of_week"} <= cols and "weight" not in cols
-    assert summary["n_columns"] == len(cols)
-    assert 0.0 <= summary["drift_share"] <= 1.0
-    assert summary["drift_share"] == pytest.approx(summary["n_drifted"] / summary["n_columns"])
-    assert summary["dataset_drift"] == (summary["drift_share"] >= 0.5)
-    assert summary["current_rows"] > 0 and summary["reference_rows"] > summary["current_rows"]
-
-
-def test_shifted_holdout_is_flagged(tmp_path: Path) -> None:
-    ingested, training = training_files(tmp_path, shift_test=True)
-    summary = report(ReportParams(drift_share_threshold=0.1), ingested, training, tmp_path / "drift")
-    assert {"rating", "hour_of_day"} <= set(summary["drifted_columns"])
-    assert "user_gender" not in summary["drifted_columns"]
-    assert summary["dataset_drift"] is True
-
-
-def test_missing_inputs_and_empty_holdout_are_named(tmp_path: Path) -> None:
-    ingested, training = training_files(tmp_path)
-    with pytest.raises(MissingStageInput, match="examples.parquet"):
-        report(ReportParams(), ingested, tmp_path / "nowhere", tmp_path / "drift")
-    examples = pd.read_parquet(training / "examples.parquet")
-    examples.assign(split="train").to_parquet(training / "examples.parquet", index=False)
-    with pytest.raises(DataContractError, match=r"both splits \(train: \d+, test: 0\)"):
-        report(ReportParams(), ingested, training, tmp_path / "drift")
+def test_short_data_skips_the_window_and_missing_inputs_are_named(run: dict, tmp_path: Path):
+    cfg = CFG.model_copy(update={"newest_days": 365})
+    _report(run, tmp_path / "reports", tmp_path / "published", cfg)
+    window = json.loads((tmp_path / "reports" / "drift" / "summary.json").read_text())["window"]
+    assert window["skipped"].startswith("the training data spans ") and "report.newest_days=365" in window["skipped"]
+    with pytest.raises(MissingStageInput, match=r"recs.parquet: not found; run the evaluate stage first"):
+        report(CFG, DriftLimits(), 0, run["ingested"], run["training"], tmp_path / "recs.parquet",
+               tmp_path / "published", tmp_path / "d", tmp_path / "q")
+    with pytest.raises(MissingStageInput, match=r"examples.parquet: not found; run the materialize stage first"):
+        _report(run, tmp_path / "r", tmp_path / "published", training=tmp_path / "nowhere")

@@ -1,0 +1,72 @@
+"""The live bundle as the reports and the gate see it, and the files of a run that each bundle keeps.
+
+The publish stage writes <published>/versions/<version>/ and a pointer <published>/LIVE holding
+{"version": ...}. A bundle keeps this run's figures and drift sample (`BUNDLE_FILES`) so that the
+next run can be compared with the model that is live: its quality figures, its evaluation metrics
+and a sample of the data it was trained on.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from flows.errors import MissingStageInput
+
+# file under reports/ → name in the bundle
+BUNDLE_FILES = {
+    "metrics.json": "metrics.json",                        # evaluate: the gate compares gate.metric
+    "quality/quality.json": "quality.json",                # report: Evidently recsys figures
+    "drift/reference.parquet": "drift_reference.parquet",  # report: sample of the training frame
+    "gate.json": "gate.json",                              # gate: the decision (forced by whom, why)
+}
+
+
+@dataclass
+class LiveBundle:
+    version: str
+    path: Path
+
+    def json(self, name: str) -> dict[str, Any] | None:
+        """A JSON file of the bundle, None when this bundle predates it or it is unreadable."""
+        file = self.path / name
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def frame(self, name: str) -> pd.DataFrame | None:
+        file = self.path / name
+        return pd.read_parquet(file) if file.is_file() else None
+
+
+def live_bundle(published_dir: Path) -> LiveBundle | None:
+    """The bundle LIVE points at; None when nothing was published yet (no LIVE, or it names a version
+    that is not there: a bundle cannot be compared with if its files are gone)."""
+    try:
+        version = json.loads((published_dir / "LIVE").read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(version, str) or not version:
+        return None
+    path = published_dir / "versions" / version
+    return LiveBundle(version, path) if path.is_dir() else None
+
+
+def bundle_reports(reports_dir: Path, bundle_dir: Path) -> list[str]:
+    """Copy this run's BUNDLE_FILES from reports_dir into bundle_dir (the publish stage calls this
+    while it builds a bundle); returns the names written. Every file is required: a bundle without
+    them cannot be the baseline of the next gate."""
+    missing = [str(reports_dir / src) for src in BUNDLE_FILES if not (reports_dir / src).is_file()]
+    if missing:
+        raise MissingStageInput(f"{', '.join(missing)}: not found; run the evaluate, report and gate "
+                                "stages first")
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    for src, name in BUNDLE_FILES.items():
+        shutil.copy2(reports_dir / src, bundle_dir / name)
+    return sorted(BUNDLE_FILES.values())

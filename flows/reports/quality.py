@@ -1,0 +1,125 @@
+"""Evidently's recsys metrics on the holdout recommendations of a run (models/evaluation.py writes
+them), saved as HTML, and flattened into figures: {"ndcg@20": ..., "novelty@20": ...}.
+
+The recommendations hold each queried user's top-K items and also the held-out items the model did
+not rank in its top K (with their scores), so that Evidently's recall counts every relevant item.
+Predictions are the model's scores (recommendations_type "score": Evidently ranks them per user, and
+ScoreDistribution is only defined for scores).
+"""
+from __future__ import annotations
+
+import html
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from evidently import DataDefinition, Dataset, Recsys, Report
+from evidently.metrics import PopularityBiasMetric
+from evidently.presets import RecsysPreset
+
+from flows.errors import DataContractError
+
+RECS_COLUMNS = ("user_id", "item_id", "score", "target")
+# Evidently metric type (the end of config.type) → figure name
+TOP_K = {"PrecisionTopK": "precision", "RecallTopK": "recall", "FBetaTopK": "f1", "MAP": "map",
+         "NDCG": "ndcg", "MRR": "mrr", "HitRate": "hitrate"}
+SINGLE = {"ScoreDistribution": "score_entropy", "Personalization": "personalization", "Novelty": "novelty",
+          "Diversity": "diversity", "Serendipity": "serendipity"}
+
+
+def check_recs(recs: pd.DataFrame, source: Path, k: int) -> None:
+    missing = [c for c in RECS_COLUMNS if c not in recs.columns]
+    if missing:
+        raise DataContractError(f"{source}: columns {missing} are missing (has {list(recs.columns)})")
+    if recs.empty or not (recs["target"] > 0).any():
+        raise DataContractError(f"{source}: no held-out item to find, nothing to measure")
+    deepest = int(recs.groupby("user_id").size().max())
+    if deepest < k:
+        raise DataContractError(f"{source}: holds at most {deepest} items per user, fewer than report.k={k}")
+
+
+def quality_report(recs: pd.DataFrame, train: pd.DataFrame, item_vectors: pd.DataFrame | None, k: int,
+                   html_path: Path, reference: pd.DataFrame | None = None) -> dict[str, float]:
+    """Run RecsysPreset(k) (+ popularity gini and coverage) on recs, with train (user_id, item_id: what
+    the model learned from) for Novelty, Serendipity and popularity bias, and item_vectors (item_id +
+    numeric feature columns, or None) for Diversity and Serendipity. reference: the previous
+    published run's recommendations, shown beside this run's in the HTML. Returns the figures."""
+    features = [c for c in item_vectors.columns if c != "item_id"] if item_vectors is not None else []
+    cur = _with_features(recs, item_vectors)
+    ranking = Recsys(user_id="user_id", item_id="item_id", target="target", prediction="score",
+                     recommendations_type="score")
+    definition = DataDefinition(numerical_columns=["score", *features], ranking=[ranking])
+    train_rows = _with_features(train[["user_id", "item_id"]], item_vectors)
+    train_definition = DataDefinition(numerical_columns=features)
+    metrics = [RecsysPreset(k=k, item_features=features or None, include_tests=False),
+               PopularityBiasMetric(k=k, metric="gini"), PopularityBiasMetric(k=k, metric="coverage")]
+    ref = None
+    if reference is not None:
+        ref = Dataset.from_pandas(_with_features(reference[list(RECS_COLUMNS)], item_vectors),
+                                  data_definition=definition)
+    with warnings.catch_warnings():
+        # pandas FutureWarnings from Evidently's legacy recsys code: nothing the caller can act on
+        warnings.simplefilter("ignore", FutureWarning)
+        snapshot = Report(metrics).run(
+            Dataset.from_pandas(cur, data_definition=definition), ref,
+            additional_data={"current_train_data": Dataset.from_pandas(train_rows,
+                                                                       data_definition=train_definition)})
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.save_html(str(html_path))
+    return flatten(snapshot.dict(), k)
+
+
+def _with_features(rows: pd.DataFrame, item_vectors: pd.DataFrame | None) -> pd.DataFrame:
+    if item_vectors is None:
+        return rows.reset_index(drop=True)
+    joined = rows.merge(item_vectors, on="item_id", how="left")
+    # an item unknown to this catalog (a previous run's recommendation) has no features: zeros
+    return joined.fillna({c: 0.0 for c in item_vectors.columns if c != "item_id"})
+
+
+def flatten(snapshot: dict[str, Any], k: int) -> dict[str, float]:
+    """{"<figure>@<k>": value}: a top-K metric's value at K (the last rank it reports), a single
+    value as it is; popularity bias as popularity_<arp|gini|coverage>@k."""
+    out: dict[str, float] = {}
+    for m in snapshot["metrics"]:
+        config = m.get("config", {})
+        kind = config.get("type", "").rsplit(":", 1)[-1]
+        value = m.get("value")
+        if kind in TOP_K:
+            ranks = value["rank"]
+            last = max(ranks, key=lambda i: ranks[i])   # Evidently numbers NDCG/MRR ranks 2..K+1
+            out[f"{TOP_K[kind]}@{k}"] = round(float(value["value"][last]), 6)
+        elif kind in SINGLE:
+            out[f"{SINGLE[kind]}@{k}"] = round(float(value), 6)
+        elif kind == "PopularityBiasMetric":
+            out[f"popularity_{config.get('metric', 'arp')}@{k}"] = round(float(value), 6)
+    return dict(sorted(out.items()))
+
+
+def figures_of(quality: dict[str, Any] | None) -> dict[str, float]:
+    """The "<figure>@<k>" entries of a quality.json (a live bundle's), without its own comparison."""
+    return {k: float(v) for k, v in (quality or {}).items()
+            if "@" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def add_comparison(html_path: Path, figures: dict[str, float], previous: dict[str, float] | None,
+                   heading: str) -> None:
+    """Put a table of this run's figures beside the live model's at the top of the Evidently page
+    (Evidently's own reference column needs the previous run's recommendations and training data)."""
+    rows = []
+    for name, value in figures.items():
+        before = (previous or {}).get(name)
+        change = "" if before is None else f"{value - before:+.4f}"
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{value:.4f}</td>"
+                    f"<td>{'' if before is None else f'{before:.4f}'}</td><td>{change}</td></tr>")
+    table = (f"<section id='towerflow-comparison' style='font:14px sans-serif;margin:16px 32px'>"
+             f"<h2>{html.escape(heading)}</h2><table border='1' cellpadding='4' style='border-collapse:collapse'>"
+             "<tr><th>figure</th><th>this run</th><th>live model</th><th>change</th></tr>"
+             + "".join(rows) + "</table></section>")
+    page = html_path.read_text()
+    at = page.find("<body>")
+    if at < 0:
+        raise RuntimeError(f"{html_path}: Evidently's page has no <body> to put the comparison in")
+    at += len("<body>")
+    html_path.write_text(page[:at] + table + page[at:])

@@ -1,0 +1,121 @@
+"""Stage gate: between report and publish, decide whether this run may go live.
+
+Rules (params `gate`):
+- quality: gate.metric of the two-tower (reports/metrics.json) may fall by at most
+  gate.max_quality_drop (absolute) below the live model's, as recorded by the report stage;
+- drift: per comparison of reports/drift/summary.json (the newest window vs the rest of the training
+  data; this run's training data vs the live model's), the share of drifted columns may be at most
+  gate.max_drift_share.<comparison>.
+A comparison that could not be made (nothing published yet, a threshold set to null) passes and says
+why. A blocked run writes reports/gate.json and stops with one line naming the reasons; the reports
+stay. gate.force (with gate.force_reason) lets the run pass and records who forced it and why.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from flows.errors import ConfigError, MissingStageInput, TowerflowError
+from flows.params import GateParams
+
+LABELS = {"window": "newest-window drift", "published": "drift vs the live model's data"}
+
+
+class GateBlocked(TowerflowError):
+    """The run failed the gate: it must not be published (unless forced)."""
+
+
+def _read(path: Path, upstream: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise MissingStageInput(f"{path}: not found; run the {upstream} stage first")
+    return json.loads(path.read_text())
+
+
+def quality_check(cfg: GateParams, metrics: dict[str, Any], previous: dict[str, Any],
+                  metrics_path: Path) -> dict[str, Any]:
+    """gate.metric of this run vs the live model's (previous: quality.json's "previous")."""
+    current = metrics.get("two_tower", {})
+    if cfg.metric not in current:
+        raise ConfigError(f"gate.metric '{cfg.metric}' is not a two_tower figure of {metrics_path} "
+                          f"(it has: {', '.join(current)})")
+    check: dict[str, Any] = {"name": "quality", "metric": cfg.metric, "current": current[cfg.metric],
+                             "max_drop": cfg.max_quality_drop}
+    live = previous.get("metrics", {}).get(cfg.metric)
+    if "skipped" in previous:
+        return {**check, "passed": True, "skipped": previous["skipped"]}
+    if live is None:
+        return {**check, "passed": True, "skipped": f"the live bundle {previous.get('version')} has no "
+                                                    f"{cfg.metric} in its metrics.json"}
+    drop = round(live - current[cfg.metric], 6)
+    check.update(live=live, live_version=previous.get("version"), drop=drop)
+    if cfg.max_quality_drop is None:
+        return {**check, "passed": True, "skipped": "gate.max_quality_drop is null"}
+    check["passed"] = drop <= cfg.max_quality_drop
+    if not check["passed"]:
+        check["reason"] = (f"{cfg.metric} fell {drop:.3f} > {cfg.max_quality_drop:.3f} "
+                           f"vs live {previous.get('version')}")
+    return check
+
+
+def drift_check(name: str, summary: dict[str, Any], limit: float | None) -> dict[str, Any]:
+    """One drift comparison of reports/drift/summary.json against its threshold."""
+    check: dict[str, Any] = {"name": f"drift.{name}", "max_drift_share": limit}
+    if "skipped" in summary:
+        return {**check, "passed": True, "skipped": summary["skipped"]}
+    check.update({k: summary[k] for k in ("drift_share", "n_drifted", "n_columns", "drifted_columns")})
+    if limit is None:
+        return {**check, "passed": True, "skipped": f"gate.max_drift_share.{name} is null"}
+    check["passed"] = summary["drift_share"] <= limit
+    if not check["passed"]:
+        columns = ", ".join(summary["drifted_columns"][:5]) + (", ..." if summary["n_drifted"] > 5 else "")
+        check["reason"] = (f"{LABELS[name]} {summary['drift_share']:.2f} > {limit:.2f} "
+                           f"({summary['n_drifted']} of {summary['n_columns']} columns: {columns})")
+    return check
+
+
+def _who(cfg: GateParams) -> str:
+    if cfg.forced_by:
+        return cfg.forced_by
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):      # no login name (a container without a passwd entry)
+        return "unknown"
+
+
+def gate(cfg: GateParams, metrics_path: Path, quality_path: Path, drift_path: Path, out_path: Path,
+         portal: Path) -> dict[str, Any]:
+    """Reads reports/metrics.json (evaluate), reports/quality/quality.json and reports/drift/summary.json
+    (report); writes out_path (reports/gate.json): {passed, checks, reasons, forced, forced_by,
+    force_reason, at, message}. Raises GateBlocked (one line: the reasons, where to look, how to
+    override) when a check failed and the run is not forced."""
+    metrics, quality = _read(metrics_path, "evaluate"), _read(quality_path, "report")
+    drift = _read(drift_path, "report")
+    checks = [quality_check(cfg, metrics, quality.get("previous", {}), metrics_path)]
+    checks += [drift_check(name, drift[name], getattr(cfg.max_drift_share, name)) for name in LABELS if name in drift]
+    reasons = [c["reason"] for c in checks if not c["passed"]]
+    decision: dict[str, Any] = {
+        "passed": not reasons or cfg.force, "forced": cfg.force,
+        "forced_by": _who(cfg) if cfg.force else None, "force_reason": cfg.force_reason if cfg.force else None,
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "live_version": quality.get("previous", {}).get("version"), "checks": checks, "reasons": reasons,
+    }
+    if reasons:
+        decision["message"] = ("gate: " + "; ".join(reasons) + f"; see {portal}"
+                               + (f"; forced by {decision['forced_by']}: {cfg.force_reason}" if cfg.force else
+                                  "; to publish anyway: towerflow run --force --reason TEXT"))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(decision, indent=2) + "\n")
+    if not decision["passed"]:
+        raise GateBlocked(decision["message"])
+    return {"passed": True, "forced": cfg.force, "reasons": len(reasons)}
+
+
+def require_passed(gate_path: Path) -> dict[str, Any]:
+    """The gate's decision for the publish stage: refuses to go on unless this run passed it."""
+    decision = _read(gate_path, "gate")
+    if not decision.get("passed"):
+        raise GateBlocked(decision.get("message") or f"gate: {gate_path} says this run did not pass")
+    return decision

@@ -1,0 +1,192 @@
+"""The gate between report and publish, on real files in tmp: this run's reports (metrics.json,
+quality.json with the live model's figures as the report stage records them, drift/summary.json)
+and a fake published folder (LIVE + versions/<v>/) holding the live model's files."""
+from __future__ import annotations
+
+import getpass
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import _force_overrides, app
+from flows.errors import ConfigError, MissingStageInput, TowerflowError
+from flows.params import DriftLimits, GateParams, load_params
+from flows.reports.live import BUNDLE_FILES, bundle_reports, live_bundle
+from flows.stages.gate import GateBlocked, gate, require_passed
+from flows.stages.report import live_baseline
+
+ROOT = Path(__file__).resolve().parents[2]
+NDCG = 0.25
+
+
+def _drift(share: float, drifted: list[str], n: int = 10) -> dict:
+    return {"drift_share": share, "n_columns": n, "n_drifted": len(drifted), "drifted_columns": drifted}
+
+
+def _reports(root: Path, published: Path, ndcg: float = NDCG, window: float = 0.1,
+             published_share: float | None = 0.0) -> Path:
+    """This run's reports as evaluate and report write them, compared with what `published` holds."""
+    reports = root / "reports"
+    (reports / "quality").mkdir(parents=True, exist_ok=True)
+    (reports / "drift").mkdir(parents=True, exist_ok=True)
+    (reports / "metrics.json").write_text(json.dumps({"two_tower": {"ndcg@20": ndcg, "recall@20": 0.2}}))
+    live = live_bundle(published)
+    quality = {"ndcg@20": ndcg, "novelty@20": 2.5, "k": 20, "users": 100, "previous": live_baseline(live)}
+    (reports / "quality" / "quality.json").write_text(json.dumps(quality))
+    drift = {"window": _drift(window, ["rating", "hour_of_day"] if window > 0.15 else []),
+             "published": ({"skipped": "no previous published model"} if published_share is None else
+                           _drift(published_share, ["item_year"] if published_share else []))}
+    (reports / "drift" / "summary.json").write_text(json.dumps(drift))
+    (reports / "drift" / "reference.parquet").write_bytes(b"PAR1")   # copied as it is
+    return reports
+
+
+def _publish_fake(reports: Path, published: Path, version: str, ndcg: float) -> None:
+    """A live bundle as publish builds it: bundle_reports copies this run's files into it."""
+    (reports / "gate.json").write_text(json.dumps({"passed": True}))
+    bundle = published / "versions" / version
+    assert bundle_reports(reports, bundle) == sorted(BUNDLE_FILES.values())
+    (published / "LIVE").write_text(json.dumps({"version": version}))
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    metrics["two_tower"]["ndcg@20"] = ndcg
+    (bundle / "metrics.json").write_text(json.dumps(metrics))
+
+
+def _gate(reports: Path, cfg: GateParams = GateParams()) -> dict:
+    return gate(cfg, reports / "metrics.json", reports / "quality" / "quality.json",
+                reports / "drift" / "summary.json", reports / "gate.json", Path("reports/index.html"))
+
+
+@pytest.fixture
+def published(tmp_path: Path) -> Path:
+    """A published folder whose live model v1 scored ndcg@20 = 0.281 (this run: 0.25)."""
+    published = tmp_path / "published"
+    _publish_fake(_reports(tmp_path / "v1run", published, published_share=None), published, "v1", 0.281)
+    return published
+
+
+def test_without_a_live_model_the_gate_checks_drift_only(tmp_path: Path):
+    reports = _reports(tmp_path, tmp_path / "nothing", published_share=None)
+    assert _gate(reports) == {"passed": True, "forced": False, "reasons": 0}
+    decision = json.loads((reports / "gate.json").read_text())
+    assert decision["passed"] and decision["reasons"] == [] and decision["live_version"] is None
+    quality, window, pub = decision["checks"]
+    assert quality["skipped"] == pub["skipped"] == "no previous published model" and quality["passed"]
+    assert window["name"] == "drift.window" and window["passed"] and window["drift_share"] == 0.1
+    assert decision["forced"] is False and decision["forced_by"] is None and decision["at"].endswith("+00:00")
+
+
+def test_a_quality_drop_against_the_live_bundle_blocks_in_one_line(tmp_path: Path, published: Path):
+    reports = _reports(tmp_path, published)
+    with pytest.raises(GateBlocked) as err:
+        _gate(reports)
+    message = str(err.value)
+    assert message == ("gate: ndcg@20 fell 0.031 > 0.010 vs live v1; see reports/index.html; "
+                       "to publish anyway: towerflow run --force --reason TEXT")
+    decision = json.loads((reports / "gate.json").read_text())   # written, and the reports stay
+    assert not decision["passed"] and decision["message"] == message and decision["live_version"] == "v1"
+    quality = decision["checks"][0]
+    assert (quality["live"], quality["current"], quality["drop"], quality["passed"]) == (0.281, NDCG, 0.031, False)
+    with pytest.raises(GateBlocked, match="ndcg@20 fell"):
+        require_passed(reports / "gate.json")       # what publish calls: it refuses to go on
+
+
+def test_a_drop_within_the_margin_passes(tmp_path: Path, published: Path):
+    reports = _reports(tmp_path, published, ndcg=0.275)   # 0.006 below the live 0.281
+    assert _gate(reports)["passed"]
+    assert json.loads((reports / "gate.json").read_text())["checks"][0]["drop"] == 0.006
+    assert require_passed(reports / "gate.json")["passed"]
+    # a looser or disabled quality check: the same planted drop passes
+    reports = _reports(tmp_path, published)
+    assert _gate(reports, GateParams(max_quality_drop=0.05))["passed"]
+    assert _gate(reports, GateParams(max_quality_drop=None))["passed"]
+    assert json.loads((reports / "gate.json").read_text())["checks"][0]["skipped"] == "gate.max_quality_drop is null"
+
+
+def test_drift_over_a_threshold_blocks(tmp_path: Path, published: Path):
+    reports = _reports(tmp_path, published, ndcg=0.281, window=0.6, published_share=0.2)
+    with pytest.raises(GateBlocked) as err:
+        _gate(reports)
+    assert str(err.value).startswith(
+        "gate: newest-window drift 0.60 > 0.50 (2 of 10 columns: rating, hour_of_day); see ")
+    # each comparison has its own threshold; null turns one off
+    limits = DriftLimits(window=None, published=0.1)
+    with pytest.raises(GateBlocked,
+                       match=r"gate: drift vs the live model's data 0.20 > 0.10 \(1 of 10 columns: item_year\)"):
+        _gate(reports, GateParams(max_drift_share=limits))
+    assert _gate(reports, GateParams(max_drift_share=DriftLimits(window=0.7, published=0.5)))["passed"]
+
+
+def test_forced_run_passes_and_records_who_and_why(tmp_path: Path, published: Path):
+    reports = _reports(tmp_path, published, window=0.6)
+    cfg = GateParams(force=True, force_reason="hotfix for a broken catalog, reviewed by ops")
+    assert _gate(reports, cfg) == {"passed": True, "forced": True, "reasons": 2}
+    decision = json.loads((reports / "gate.json").read_text())
+    assert decision["passed"] and decision["forced"]
+    assert decision["forced_by"] == getpass.getuser()
+    assert decision["force_reason"] == "hotfix for a broken catalog, reviewed by ops"
+    assert len(decision["reasons"]) == 2 and "forced by" in decision["message"]
+    # the name the CLI records wins over the login name of the process DVC starts
+    _gate(reports, cfg.model_copy(update={"forced_by": "alice"}))
+    assert json.loads((reports / "gate.json").read_text())["forced_by"] == "alice"
+
+
+def test_force_needs_a_reason_and_a_known_metric(tmp_path: Path):
+    with pytest.raises(ValueError, match="gate.force needs gate.force_reason"):
+        GateParams(force=True)
+    with pytest.raises(ConfigError, match="gate.force needs gate.force_reason"):
+        load_params(ROOT / "params.yaml", ["gate.force=true"])
+    reports = _reports(tmp_path, tmp_path / "nothing")
+    with pytest.raises(ConfigError, match=r"gate.metric 'ndcg@50' is not a two_tower figure of .*metrics.json "
+                                          r"\(it has: ndcg@20, recall@20\)"):
+        _gate(reports, GateParams(metric="ndcg@50"))
+    (reports / "drift" / "summary.json").unlink()
+    with pytest.raises(MissingStageInput, match="summary.json: not found; run the report stage first"):
+        _gate(reports)
+
+
+def test_live_bundle_reads_the_live_pointer(tmp_path: Path, published: Path):
+    assert live_bundle(published).version == "v1"
+    assert live_bundle(tmp_path / "nothing") is None
+    (published / "LIVE").write_text(json.dumps({"version": "gone"}))
+    assert live_bundle(published) is None                # a pointer to a missing bundle: nothing to compare
+    with pytest.raises(MissingStageInput, match="gate.json: not found"):
+        bundle_reports(tmp_path / "nothing", tmp_path / "bundle")
+
+
+def test_cli_force_needs_a_reason_in_one_line():
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", "--params", str(ROOT / "params.yaml"), "--force"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "towerflow: error: --force needs --reason TEXT: say why this run may publish past the gate"]
+    result = runner.invoke(app, ["run", "--params", str(ROOT / "params.yaml"), "--reason", "why"])
+    assert result.exit_code == 1 and "--reason goes with --force" in result.output
+
+
+def test_cli_force_becomes_gate_params_that_dvc_lock_records(tmp_path: Path):
+    overrides = _force_overrides(True, "data fix: see #42")
+    params = load_params(ROOT / "params.yaml", overrides)
+    assert params.gate.force and params.gate.force_reason == "data fix: see #42"
+    assert params.gate.forced_by == getpass.getuser()
+    assert _force_overrides(False, None) == []
+    with pytest.raises(TowerflowError):
+        _force_overrides(True, "  ")
+
+
+def test_stage_gate_blocked_through_the_cli_is_one_line(tmp_path: Path, published: Path):
+    """`towerflow stage gate` (what dvc.yaml runs): exit 1, one line, gate.json written."""
+    project = tmp_path / "project"
+    _reports(project, published)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["paths"]["published"] = str(published)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = CliRunner().invoke(app, ["stage", "gate", "--params", str(project / "params.yaml")])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "towerflow: error: gate: ndcg@20 fell 0.031 > 0.010 vs live v1; see reports/index.html; "
+        "to publish anyway: towerflow run --force --reason TEXT"]
+    assert not json.loads((project / "reports" / "gate.json").read_text())["passed"]
