@@ -146,9 +146,8 @@ def _print_summary(runs, params, root: Path, total: float) -> None:  # noqa: ANN
     typer.echo(f"model:    {paths.model / 'full'} (evaluation model: {paths.model / 'eval'})")
     typer.echo(f"index:    alias '{params.publish.alias}' in Qdrant at {where} ({paths.index / 'manifest.json'})")
     typer.echo(f"metrics:  {paths.reports / 'metrics.json'}")
-    typer.echo(f"reports:  {paths.reports / 'validation' / 'index.html'} (contract tables), "
-               f"{paths.reports / 'training_validation' / 'index.html'} (training set), "
-               f"{paths.reports / 'drift' / 'drift.html'} (drift)")
+    typer.echo(f"review:   {paths.reports / 'index.html'} (one offline page: data checks, quality, drift, "
+               f"gate, curves, what was published)")
     if any(r.ran for r in runs):
         typer.echo("dvc.lock records this run: `git add dvc.lock && git commit` to version it")
     metrics = root / paths.reports / "metrics.json"
@@ -252,6 +251,15 @@ report_app = typer.Typer(no_args_is_help=True, help="The run's report portal (re
 app.add_typer(report_app, name="report")
 
 
+@report_app.command("build")
+def report_build(params_file: Path = ParamsOption) -> None:
+    """(Re)build the report portal from the current outputs (`towerflow run` does it after every run)."""
+    with _errors():
+        from flows.portal.run import build_run_portal
+        root = params_file.resolve().parent
+        typer.echo(str(build_run_portal(_load(params_file, None), root)))
+
+
 @report_app.command("open")
 def report_open(browser: bool = typer.Option(False, "--browser", help="Also open it in the default browser."),
                 params_file: Path = ParamsOption) -> None:
@@ -260,7 +268,7 @@ def report_open(browser: bool = typer.Option(False, "--browser", help="Also open
         params = _load(params_file, None)
         portal = params.paths.resolved(params_file.resolve().parent).reports / "index.html"
         if not portal.is_file():
-            raise MissingStageInput(f"{portal} not found: run `towerflow run` (the report stage writes it)")
+            raise MissingStageInput(f"{portal} not found: run `towerflow run` (or `towerflow report build`)")
         typer.echo(str(portal))
         if browser:
             import webbrowser  # stdlib, but it probes for browsers: only when asked

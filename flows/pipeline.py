@@ -25,7 +25,8 @@ from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
 from flows.errors import TRANSIENT_EXIT, StageFailed
-from flows.params import RunParams, apply_overrides, load_params, read_raw, resolve_source
+from flows.params import Params, RunParams, apply_overrides, load_params, read_raw, resolve_source
+from flows.portal.run import build_run_portal
 from flows.run_lock import run_lock
 from flows.stages.ingest import source_changed
 from flows.stages.registry import STAGES
@@ -90,21 +91,37 @@ def towerflow_pipeline(root: str, stages: list[str] | None = None, force: bool =
     if unknown:
         return Failed(message=f"unknown stages {unknown}; stages are: {', '.join(STAGES)}")
     params = load_params(project / "params.yaml")
-    runs: list[dict[str, Any]] = []
     with run_lock(project):
-        refresh = _source_refresh(project) if "ingest" in names and not force else set()
-        if refresh:
-            get_run_logger().info("ingest: the source directory's files changed since the last ingest")
-        for name in names:
-            run = _stage_task(name, params.run)(project, name, force or name in refresh)
-            runs.append(asdict(run))
-            get_run_logger().info("%s: %s in %.1fs", name, "ran" if run.ran else "up to date", run.seconds)
-            if not run.ok:
-                return Failed(message=run.error, data=runs)  # a failed run, without a traceback
+        runs, error = _run_stages(project, names, force, params.run)
+        _portal(params, project)        # after every run, blocked and failed ones included
+        if error:
+            return Failed(message=error, data=runs)  # a failed run, without a traceback
         pushed = _push_task(params.run)(project)
         if pushed is not None:
             get_run_logger().info("pushed %d file(s) to the DVC remote '%s'", pushed[1], pushed[0])
     return runs
+
+
+def _run_stages(project: Path, names: list[str], force: bool, cfg: RunParams) -> tuple[list[dict[str, Any]], str]:
+    """Reproduce the stages in order; (the runs, the first failure's message or "")."""
+    runs: list[dict[str, Any]] = []
+    refresh = _source_refresh(project) if "ingest" in names and not force else set()
+    if refresh:
+        get_run_logger().info("ingest: the source directory's files changed since the last ingest")
+    for name in names:
+        run = _stage_task(name, cfg)(project, name, force or name in refresh)
+        runs.append(asdict(run))
+        get_run_logger().info("%s: %s in %.1fs", name, "ran" if run.ran else "up to date", run.seconds)
+        if not run.ok:
+            return runs, run.error
+    return runs, ""
+
+
+def _portal(params: Params, project: Path) -> None:
+    try:
+        get_run_logger().info("report portal: %s", build_run_portal(params, project))
+    except Exception as exc:   # the portal is a view of the outputs: it must not fail the run
+        get_run_logger().warning("report portal not built: %s: %s", type(exc).__name__, exc)
 
 
 def _push(root: Path) -> tuple[str, int] | None:

@@ -253,16 +253,33 @@ def _evidently(page: _Page, reports_dir: Path) -> None:
         pages = sorted((reports_dir / folder).glob("*.html"))
         if not pages and folder == "drift":
             page.missing.append(f"drift report ({esc(reports_dir / folder)}/*.html): run the {stage} stage")
-        summary = reports_dir / folder / "summary.json"
-        extra = ""
-        if summary.is_file():
-            s = _read_json(summary, page, f"{title} summary")
-            if isinstance(s, dict) and "drift_share" in s:
-                extra = (f" — drift share {fmt(s['drift_share'])} (threshold {fmt(s.get('threshold'))}), "
-                         f"drifted: {esc(', '.join(s.get('drifted_columns', [])) or 'none')}")
-        items += [f"<li>{title}: {page.link(p, p.name)}{extra}</li>" for p in pages]
+        shares = _drift_summaries(reports_dir / folder / "summary.json", page, title)
+        items += [f"<li>{title}: {page.link(p, p.name)}{_drift_note(shares.get(p.stem) or shares.get(''))}</li>"
+                  for p in pages]
     if items:
         page.add("Evidently reports", "<ul>" + "".join(items) + "</ul>", "evidently")
+
+
+def _drift_summaries(path: Path, page: _Page, title: str) -> dict[str, dict]:
+    """Drift figures by report name: summary.json holds one comparison ({"drift_share": ...}, key "")
+    or several by name ({"window": {...}, "published": {...}}, matching window.html, published.html)."""
+    if not path.is_file():
+        return {}
+    s = _read_json(path, page, f"{title} summary")
+    if not isinstance(s, dict):
+        return {}
+    if "drift_share" in s:
+        return {"": s}
+    return {k: v for k, v in s.items() if isinstance(v, dict)}
+
+
+def _drift_note(s: dict | None) -> str:
+    if not s:
+        return ""
+    if s.get("drift_share") is None:
+        return f" — {esc(s.get('skipped') or s.get('reason') or 'not compared')}"
+    return (f" — drift share {fmt(s['drift_share'])} (threshold {fmt(s.get('threshold'))}), "
+            f"drifted: {esc(', '.join(s.get('drifted_columns', [])) or 'none')}")
 
 
 def _ablation(page: _Page, path: Path) -> None:

@@ -82,7 +82,10 @@ def test_flow_runs_every_stage_and_writes_every_declared_output(flow_project):
     assert 0 < metrics["two_tower"]["recall@20"] <= 1
     manifest = json.loads((root / "artifacts/index/manifest.json").read_text())
     assert manifest["verified"] is True
-    assert (root / "reports/drift/drift.html").stat().st_size > 1000
+    assert (root / "reports/drift/window.html").stat().st_size > 1000
+    assert json.loads((root / "reports/gate.json").read_text())["passed"] is True
+    portal = (root / "reports/index.html").read_text()
+    assert "validation/index.html" in portal and "quality/quality.html" in portal
     assert (root / "reports/validation/index.html").exists()
 
 
@@ -94,7 +97,7 @@ def test_second_run_and_dvc_repro_do_nothing(flow_project):
 def test_param_change_reruns_only_dependent_stages(flow_project):
     root, _, _, third = flow_project
     ran = {r.stage for r in third if r.ran}
-    assert ran == {"train", "evaluate", "publish"}
+    assert ran == {"train", "evaluate", "report", "gate", "publish"}
 
 
 def test_dvc_agrees_after_the_flow(flow_project):
