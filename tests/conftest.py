@@ -1,14 +1,10 @@
 """Shared fixtures: a temporary towerflow project (git + DVC) running on a small synthetic dataset."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from flows.environment import configure_environment
 
@@ -16,59 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
 from datagen import make_contract_dataset  # noqa: E402
-
-PROJECT_FILES = ["flows", "features", "models", "validation", "dvc.yaml", "params.yaml", "pyproject.toml"]
-
-# Small and fast: a few hundred users, 2 epochs.
-SMALL_OVERRIDES = {
-    "train": {"epochs": 2, "batch_size": 256},
-    "simulator": {"candidates": 40, "ranked": 20, "shown": 5},
-    "model": {"hidden": [32], "dim": 16, "embedding_dim": 16},
-}
-
-
-def _copy_project(dst: Path) -> None:
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "gx", "*.pyc"))
-        else:
-            shutil.copy2(src, dst / name)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def make_project(root: Path, source: Path, extra: dict | None = None) -> Path:
-    """A fresh git + DVC repo holding the project's code, with params pointing at `source`."""
-    _copy_project(root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params = _merge(params, SMALL_OVERRIDES)
-    params = _merge(params, {"data": {"source": str(source)}})
-    params = _merge(params, extra or {})
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], root)
-    run(["git", "config", "user.email", "t@example.com"], root)
-    run(["git", "config", "user.name", "t"], root)
-    run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], root)
-    run([str(Path(sys.executable).parent / "dvc"), "config", "core.analytics", "false"], root)
-    run(["git", "add", "-A"], root)
-    run(["git", "commit", "-qm", "project"], root)
-    return root
-
 
 @pytest.fixture(scope="session", autouse=True)
 def _environment(tmp_path_factory):

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import make_project, run
+from tests.project import make_project, run
 from flows.pipeline import run_pipeline
 from flows.stages.registry import STAGES
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run
+from tests.project import run
 from flows.errors import RunInProgress, StageFailed
 from flows.pipeline import run_pipeline
 from flows.run_lock import run_lock

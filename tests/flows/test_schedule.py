@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_project
+from tests.project import make_project
 
 BIN = Path(sys.executable).parent
 

@@ -12,9 +12,7 @@ import pytest
 from flows.portal.build import PortalInputs
 from flows.portal.vendor import DEFAULT_CACHE, ensure_assets
 
-sys.path.insert(0, str(Path(__file__).parent))  # the test modules import run_outputs
-
-from run_outputs import make_drift_report, make_gx_site, tiny_tables, write_plain_outputs  # noqa: E402
+from tests.portal.run_outputs import make_drift_report, make_gx_site, tiny_tables, write_plain_outputs
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ from flows.cli import app
 from flows.portal.build import PortalInputs, build_portal, keep_history
 from flows.portal.render import curves_svg, markdown
 
-from run_outputs import METRICS, write_plain_outputs  # tests/portal/ (conftest puts it on the path)
+from tests.portal.run_outputs import METRICS, write_plain_outputs
 
 ROOT = Path(__file__).resolve().parents[2]
 
