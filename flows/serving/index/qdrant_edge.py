@@ -20,6 +20,9 @@ SCROLL_BATCH = 10000
 # Qdrant's default: a filtered search whose candidates take less than this many KB of vectors is
 # answered by an exact scan instead of the graph.
 FULL_SCAN_KB = 10000
+# Quantized search: score 2x the candidates with int8 vectors, rescore them with the originals
+# (with limit 1 and no oversampling, a near-duplicate can win on int8 rounding alone).
+OVERSAMPLING = 2.0
 PAYLOAD_SCHEMA = {"keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer,
                   "float": qe.PayloadSchemaType.Float}
 
@@ -68,7 +71,7 @@ class EdgeIndex(VectorIndex):
         self.shard.flush()
 
     def _params(self, limit: int) -> qe.SearchParams:
-        quantization = qe.QuantizationSearchParams(rescore=True) if self.settings.quantization == "scalar" else None
+        quantization = qe.QuantizationSearchParams(rescore=True, oversampling=OVERSAMPLING) if self.settings.quantization == "scalar" else None
         return qe.SearchParams(hnsw_ef=max(self.settings.search_ef, limit), quantization=quantization)
 
     def _query(self, vectors: np.ndarray, limits: Sequence[int], conditions: Sequence[Condition]) -> list[list[RawHit]]:

@@ -17,6 +17,9 @@ from flows.errors import PublishError, TowerflowError
 from flows.serving.index.base import ITEM_ID, IndexSettings
 from flows.serving.index.qdrant_local import ClientIndex
 
+# Quantized search: score 2x the candidates with int8 vectors, rescore them with the originals
+# (with limit 1 and no oversampling, a near-duplicate can win on int8 rounding alone).
+OVERSAMPLING = 2.0
 PAYLOAD_SCHEMA = {"keyword": models.PayloadSchemaType.KEYWORD, "integer": models.PayloadSchemaType.INTEGER,
                   "float": models.PayloadSchemaType.FLOAT}
 
@@ -59,7 +62,7 @@ class ServerIndex(ClientIndex):
 
     def _search_params(self, limit: int) -> models.SearchParams:
         # ef below the limit would return fewer, worse hits; Qdrant does not raise it by itself.
-        quantization = models.QuantizationSearchParams(rescore=True) if self.settings.quantization == "scalar" else None
+        quantization = models.QuantizationSearchParams(rescore=True, oversampling=OVERSAMPLING) if self.settings.quantization == "scalar" else None
         return models.SearchParams(hnsw_ef=max(self.settings.search_ef, limit), quantization=quantization)
 
 
