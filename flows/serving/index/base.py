@@ -26,11 +26,13 @@ from flows.errors import TowerflowError
 
 ITEM_ID = "item_id"
 Hit = tuple[Any, float]                       # (item_id, cosine score)
-RawHit = tuple[Any, float, dict[str, Any]]    # (item_id, score, payload) as a backend returns it
+RawHit = tuple[Any, float, int]               # (item_id, score, point id) as a backend returns it
 COMPARE = {"gte": operator.ge, "gt": operator.gt, "lte": operator.le, "lt": operator.lt}
 RANGE_KEYS = tuple(COMPARE)
 # A short answer (exclusions or a Python-side filter ate the hits) is asked again this many times larger.
 WIDEN = 4
+# Over-fetch for a Python-side filter: hits needed / share of matching items, plus this margin.
+FILTER_MARGIN = 1.2
 
 
 class BadQuery(TowerflowError):
@@ -77,16 +79,6 @@ class Condition:
     values: tuple[Any, ...] | None = None
     bounds: tuple[tuple[str, float], ...] | None = None
 
-    def matches(self, payload: Mapping[str, Any]) -> bool:
-        value = payload.get(self.field)
-        got = value if isinstance(value, list) else [value]   # multi-valued: any element matches
-        if self.values is not None:
-            return any(v in self.values for v in got if v is not None)
-        return any(v is not None and _in_bounds(float(v), self.bounds or ()) for v in got)
-
-
-def _in_bounds(v: float, bounds: Sequence[tuple[str, float]]) -> bool:
-    return all(COMPARE[op](v, b) for op, b in bounds)
 
 
 def parse_filter(spec: Mapping[str, Any] | None, fields: Mapping[str, str]) -> list[Condition]:
@@ -188,8 +180,8 @@ class VectorIndex(ABC):
 
     @abstractmethod
     def _query(self, vectors: np.ndarray, limits: Sequence[int], conditions: Sequence[Condition]) -> list[list[RawHit]]:
-        """Top-limits[i] hits for each vector, best first; `conditions` are applied only by
-        backends with native_filters, the others return the payload fields they need."""
+        """Top-limits[i] hits for each vector, best first, matching `conditions` (always empty
+        for backends without native_filters: `_point_filter` serves those)."""
 
     @abstractmethod
     def _point_of(self, item_id: Any) -> int | None: ...
@@ -207,6 +199,10 @@ class VectorIndex(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def _point_filter(self, conditions: Sequence[Condition]) -> np.ndarray:
+        """Backends without native filters: a bool mask over point ids, True where all hold."""
+        raise NotImplementedError(f"{self.backend} has native filters")
 
     def _finish(self) -> None:
         """After the initial upsert: build the ANN structures and make the storage durable."""
@@ -261,16 +257,22 @@ class VectorIndex(ABC):
 
     def _search_widening(self, queries: np.ndarray, k: int, skips: list[set], conditions: list[Condition]) -> list[list[Hit]]:
         total = self.count()
-        post = [] if self.native_filters else conditions
-        limits = [min(total, (k + len(s)) * (WIDEN if post else 1)) for s in skips]
+        mask = self._point_filter(conditions) if conditions and not self.native_filters else None
+        share = float(mask.mean()) if mask is not None and len(mask) else 1.0
+        if share == 0:
+            return [[] for _ in skips]
+        # With a Python-side filter, ask for enough hits that the expected matches cover k + skips.
+        limits = [min(total, math.ceil((k + len(s)) / share * (FILTER_MARGIN if mask is not None else 1)))
+                  for s in skips]
+        native = conditions if self.native_filters else []
         out: list[list[Hit]] = [[] for _ in skips]
         pending = [i for i in range(len(skips)) if limits[i] > 0]
         while pending:
-            raw = self._query(queries[pending], [limits[i] for i in pending], conditions)
+            raw = self._query(queries[pending], [limits[i] for i in pending], native)
             still = []
             for i, hits in zip(pending, raw):
-                kept = [(item, score) for item, score, payload in hits
-                        if item not in skips[i] and all(c.matches(payload) for c in post)]
+                kept = [(item, score) for item, score, point in hits
+                        if item not in skips[i] and (mask is None or (point < len(mask) and mask[point]))]
                 if len(kept) >= k or len(hits) < limits[i] or limits[i] >= total:
                     out[i] = kept[:k]
                 else:   # exclusions or the filter ate too many: ask again for more

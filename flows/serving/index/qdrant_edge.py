@@ -82,7 +82,7 @@ class EdgeIndex(VectorIndex):
                                         with_payload=[ITEM_ID], params=self._params(int(lim)))
                         for v, lim in zip(vectors[start:start + QUERY_CHUNK].tolist(), limits[start:start + QUERY_CHUNK])]
             for hits in self.shard.query_batch(qe.QueryBatchRequest(requests)):
-                out.append([(p.payload[ITEM_ID], float(p.score), p.payload) for p in hits if p.payload])
+                out.append([(p.payload[ITEM_ID], float(p.score), int(p.id)) for p in hits if p.payload])
         return out
 
     def _point_of(self, item_id: Any) -> int | None:
