@@ -158,3 +158,55 @@ def test_bundle_json_is_the_record_of_what_went_live(project: Path) -> None:
     assert set(meta) >= {"version", "digest", "model_digest", "backend", "collection", "count", "dim", "distance",
                          "verification", "created_at", "previous", "settings"}
     assert meta["settings"]["fields"] == {"year": "float", "genres": "keyword"}
+
+
+class _SharedClient:
+    """One in-memory Qdrant standing in for a server: every `server_client()` gets it, and
+    closing a handle does not drop the data (as closing a connection to a server would not)."""
+
+    def __init__(self) -> None:
+        from qdrant_client import QdrantClient
+        self.client = QdrantClient(location=":memory:")
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.client, name)
+
+    def close(self) -> None:
+        pass
+
+
+def test_server_backend_moves_the_alias_with_publish_and_rollback(project: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    import flows.serving.index.qdrant_server as server
+    from flows.serving.recommend import Recommender
+
+    warnings.simplefilter("ignore")   # in-memory stand-in: "payload indexes have no effect"
+    shared = _SharedClient()
+    monkeypatch.setenv("QDRANT_URL", "http://qdrant.test:6333")
+    monkeypatch.setattr(server, "server_client", lambda: shared)
+    store = BundleStore(project / "artifacts/published")
+    cfg = {"collection_prefix": "items", "alias": "items_live", "keep_versions": 2}
+
+    first = run_publish(project, **cfg)
+    meta = store.meta(first["version"])
+    assert first["backend"] == meta["backend"] == "qdrant-server" and not any((store.live_dir() / "index").iterdir())
+    assert meta["collection"] == f"items_{first['version']}" and meta["alias"] == "items_live"
+    assert server.alias_target(shared.client, "items_live") == meta["collection"]
+    second = run_publish(project, model="eval", **cfg)
+    second_collection = store.meta(second["version"])["collection"]
+    assert server.alias_target(shared.client, "items_live") == second_collection
+
+    users = pd.read_parquet(project / "data/ingested/interactions.parquet")["user_id"].unique()[:2].tolist()
+    with Recommender.load_live(store.root, project / "data/feast", project / "data/features") as rec:
+        assert rec.index.collection == second_collection and len(rec.recommend(users, 3)) == 6
+
+    result = cli("index", "rollback", "--params", str(project / "params.yaml"))
+    assert result.exit_code == 0, result.output
+    assert store.live() == first["version"] and server.alias_target(shared.client, "items_live") == meta["collection"]
+    # A third version (keep 2: it and the newest other) prunes the oldest; its collection goes too.
+    third = run_publish(project, hnsw_m=8, **cfg)
+    assert third["pruned"] == [first["version"]]
+    names = {c.name for c in shared.client.get_collections().collections}
+    assert names == {second_collection, store.meta(third["version"])["collection"]}
