@@ -141,6 +141,15 @@ class BundleStore:
             return []
         return [json.loads(line) for line in self.history_file.read_text().splitlines() if line.strip()]
 
+    def rolled_back_from(self, version: str) -> dict[str, Any] | None:
+        """The rollback that took `version` off live, unless it was made live again since."""
+        for entry in reversed(self.history()):
+            if entry.get("to") == version:
+                return None
+            if entry.get("action") == "rollback" and entry.get("from") == version:
+                return entry
+        return None
+
     def _available(self) -> str:
         live = self.live()
         names = [f"{v} (live)" if v == live else v for v in self.complete()]

@@ -27,6 +27,10 @@ from flows.serving.index.qdrant_server import collection_name, server_url
 from flows.serving.verify import check_vectors, verify_index
 
 REQUIRED_MODEL_FILES = ("model.pt", "encoder.json")
+# The stage's DVC output: what this run published. Not the bundles themselves, which rollbacks
+# change outside DVC; were they the output, `dvc repro` would see a rollback as a changed output
+# and publish again.
+LAST_PUBLISH = "last_publish.json"
 
 
 def publish(model_dir: Path, training_dir: Path, schema_path: Path, cfg: PublishParams,
@@ -34,10 +38,11 @@ def publish(model_dir: Path, training_dir: Path, schema_path: Path, cfg: Publish
     """Encode training_dir/items.parquet with the model in model_dir and publish both as a bundle.
 
     Writes published_dir/versions/<version>/ (model/, schema.json, item_vectors.parquet,
-    items.parquet, index/, bundle.json), then replaces published_dir/LIVE and appends to
-    published_dir/history.jsonl; removes builds left by killed runs and complete versions beyond
-    cfg.keep_versions (never the live one). The same content as the live bundle changes nothing.
-    Any failure raises PublishError / MissingStageInput and leaves LIVE as it was.
+    items.parquet, index/, bundle.json), then replaces published_dir/LIVE, appends to
+    published_dir/history.jsonl and writes published_dir/last_publish.json (the summary returned);
+    removes builds left by killed runs and complete versions beyond cfg.keep_versions (never the
+    live one). The same content as the live bundle changes nothing; content that a rollback took
+    off live is refused. Any failure raises PublishError / MissingStageInput and leaves LIVE alone.
     """
     items, schema = _inputs(model_dir, training_dir, schema_path)
     store = BundleStore(published_dir)
@@ -85,9 +90,18 @@ def _publish(model_dir: Path, training_dir: Path, schema: dict[str, Any], items:
     with store.locked():
         cleaned = store.clean_partials()
         live = store.live()
-        if live is not None and store.meta(live).get("digest") == digest:
-            return {"action": "unchanged", "version": live, "backend": backend, "count": len(ids), "cleaned": cleaned}
-        version = store.find_digest(digest)   # e.g. rolled back from, or a run killed before its switch
+        # A LIVE naming a deleted folder is replaced like any other: publishing is the repair.
+        if live is not None and live in store.complete() and store.meta(live).get("digest") == digest:
+            summary = {"action": "unchanged", "version": live, "backend": backend, "count": len(ids), "cleaned": cleaned}
+            write_atomic(store.root / LAST_PUBLISH, json.dumps(summary, indent=2) + "\n")
+            return summary
+        version = store.find_digest(digest)   # e.g. a run killed before its switch
+        undone = store.rolled_back_from(version) if version else None
+        if undone is not None:
+            # A scheduled rerun must not undo a deliberate rollback by re-publishing the same bundle.
+            raise PublishError(f"this content is version {version}, rolled back by {undone['who']} at "
+                               f"{undone['when']} ({undone['reason']}); to serve it again on purpose: "
+                               f"`towerflow index rollback --to {version}`")
         action = "reused" if version else "built"
         if version is None:
             version = version_name(digest)
@@ -98,9 +112,11 @@ def _publish(model_dir: Path, training_dir: Path, schema: dict[str, Any], items:
         previous = store.switch(version, "publish", f"{action} from {model_dir}")
         pruned = store.prune(cfg.keep_versions)
     meta = store.meta(version)
-    return {"action": action, "version": version, "previous": previous, "backend": backend,
+    summary = {"action": action, "version": version, "previous": previous, "backend": backend,
             "count": meta["count"], "recall_at_100": meta["verification"].get("recall_at_100"),
             "pruned": pruned, "cleaned": cleaned}
+    write_atomic(store.root / LAST_PUBLISH, json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def content_digest(model_dir: Path, ids: list, vectors: np.ndarray, payloads: list[dict], backend: str,

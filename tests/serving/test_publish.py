@@ -60,7 +60,7 @@ def test_publish_writes_one_complete_bundle_and_makes_it_live(project: Path) -> 
     assert store.complete() == [version] and len(store.history()) == 1
 
 
-def test_new_model_new_version_then_rollback_and_republish_reuses(project: Path) -> None:
+def test_new_model_new_version_then_rollback_which_a_rerun_respects(project: Path) -> None:
     store = BundleStore(project / "artifacts/published")
     first = run_publish(project)["version"]
     second = run_publish(project, model="eval")
@@ -85,9 +85,16 @@ def test_new_model_new_version_then_rollback_and_republish_reuses(project: Path)
     assert lines[1].startswith(f"* {first}") and lines[2].startswith(f"  {second['version']}")
     assert "qdrant-local" in lines[1]
 
-    # Publishing the eval model again: its complete bundle is reused, nothing is rebuilt.
-    again = run_publish(project, model="eval")
-    assert again["action"] == "reused" and again["version"] == second["version"] and store.live() == second["version"]
+    # A rerun publishing the eval model again must not undo the rollback behind the user's back...
+    with pytest.raises(PublishError, match=rf"this content is version {second['version']}, rolled back by .*"
+                                           rf"\(bad ctr\); .*`towerflow index rollback --to {second['version']}`"):
+        run_publish(project, model="eval")
+    assert store.live() == first
+    # ... and `dvc repro` does not see the rollback as a changed output: only the run record is one.
+    record = json.loads((store.root / "last_publish.json").read_text())
+    assert record["version"] == second["version"] and record["action"] == "built"
+    result = cli("index", "rollback", "--to", second["version"], "--params", str(params))
+    assert result.exit_code == 0 and store.live() == second["version"]
 
 
 def test_pruning_keeps_keep_versions_and_never_the_live_one(project: Path) -> None:

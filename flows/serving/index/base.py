@@ -134,7 +134,7 @@ def catalog_payloads(items: pd.DataFrame, features: Mapping[str, Sequence[str]])
     for col in features.get("numeric", []):
         kinds[col] = "float"
     for col in features.get("multi", []):
-        first = next((v for v in items[col] if v is not None and len(v)), None)
+        first = next((v for v in items[col] if isinstance(v, (list, tuple, np.ndarray)) and len(v)), None)
         kinds[col] = "integer" if first is not None and isinstance(first[0], (int, np.integer)) else "keyword"
     columns = {c: items[c].tolist() for c in kinds if c in items.columns}
     payloads = []
