@@ -94,15 +94,18 @@ def _native_filter(index: Any, one: np.ndarray, repeats: int) -> dict[str, dict[
     """Local mode's own filter and must_not, for comparison with over-fetching (what we do)."""
     from qdrant_client import models
 
+    from flows.serving.index.qdrant_local import _blas
+
     cond = models.FieldCondition(key="category", match=models.MatchValue(value="c03"))
     must_not = models.HasIdCondition(has_id=list(range(0, 50)))
     q = one[0].tolist()
-    return {
-        "filter": _timed(lambda: index.client.query_points(index.collection, query=q, limit=10,
-                                                           query_filter=models.Filter(must=[cond])), repeats),
-        "must_not_50_ids": _timed(lambda: index.client.query_points(index.collection, query=q, limit=10,
-                                                                    query_filter=models.Filter(must_not=[must_not])), repeats),
-    }
+
+    def query(qfilter: models.Filter) -> None:
+        with _blas().limit(limits=1, user_api="blas"):   # as LocalIndex searches
+            index.client.query_points(index.collection, query=q, limit=10, query_filter=qfilter)
+
+    return {"filter": _timed(lambda: query(models.Filter(must=[cond])), repeats),
+            "must_not_50_ids": _timed(lambda: query(models.Filter(must_not=[must_not])), repeats)}
 
 
 def bench_indexes(n_items: int, dim: int = 64, backends: tuple[str, ...] = EMBEDDED, repeats: int = 200,

@@ -7,6 +7,7 @@ and never needs the lock a running service holds on the live one.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,13 @@ class LocalIndex(ClientIndex):
         if storage is not None and hasattr(storage, "execute"):
             storage.execute("PRAGMA synchronous=OFF")
 
+    def _query(self, vectors: np.ndarray, limits: Sequence[int], conditions: Sequence[Condition]) -> list[list[RawHit]]:
+        # Local mode scores every point with one numpy matrix product. OpenBLAS splits it over
+        # threads, which on a busy 2-core machine cost more than they bring: 10k points, one query,
+        # 11 ms with 2 threads, 2.6 ms with 1.
+        with _blas().limit(limits=1, user_api="blas"):
+            return super()._query(vectors, limits, conditions)
+
     def _point_of(self, item_id: Any) -> int | None:
         # Local mode filters by scanning in Python; one id map, built once, is far cheaper.
         if self._points is None:
@@ -178,6 +186,12 @@ class LocalIndex(ClientIndex):
             keep[rows["point"].to_numpy()[hit]] = True
             mask &= keep
         return mask
+
+
+@functools.cache
+def _blas() -> Any:
+    from threadpoolctl import ThreadpoolController
+    return ThreadpoolController()   # scans the loaded libraries once (a few ms)
 
 
 def _values(value: Any) -> list[Any]:
