@@ -28,8 +28,10 @@ def check_vectors(vectors: np.ndarray, ids: Sequence[Any], n_items: int, dim: in
                            f"{ids[first]!r}): the model is broken (nan loss in training?)")
     if len(set(ids)) != len(ids):
         seen: set[Any] = set()
-        dup = next(i for i in ids if i in seen or seen.add(i))
-        raise PublishError(f"item_id {dup!r} appears more than once in the catalog")
+        for i in ids:
+            if i in seen:
+                raise PublishError(f"item_id {i!r} appears more than once in the catalog")
+            seen.add(i)
 
 
 def unit(vectors: np.ndarray) -> np.ndarray:
