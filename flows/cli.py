@@ -142,9 +142,10 @@ def _print_summary(runs, params, root: Path, total: float) -> None:  # noqa: ANN
     for r in runs:
         typer.echo(f"{r.stage:<12} {'ran' if r.ran else 'up to date':<12} {r.seconds:7.1f}")
     typer.echo(f"{'total':<12} {'':<12} {total:7.1f}\n")
-    where = os.environ.get("QDRANT_URL") or paths.qdrant
     typer.echo(f"model:    {paths.model / 'full'} (evaluation model: {paths.model / 'eval'})")
-    typer.echo(f"index:    alias '{params.publish.alias}' in Qdrant at {where} ({paths.index / 'manifest.json'})")
+    live = root / paths.published / "LIVE"
+    served = json.loads(live.read_text()).get("version") if live.is_file() else "nothing published yet"
+    typer.echo(f"live:     {served} ({paths.published}; `towerflow index list`)")
     typer.echo(f"metrics:  {paths.reports / 'metrics.json'}")
     typer.echo(f"review:   {paths.reports / 'index.html'} (one offline page: data checks, quality, drift, "
                f"gate, curves, what was published)")
@@ -163,33 +164,70 @@ def _print_summary(runs, params, root: Path, total: float) -> None:  # noqa: ANN
 def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One user id."),
               users_file: Optional[Path] = typer.Option(None, "--users-file", help="Text file, one user id per line (optional header 'user_id')."),
               k: int = typer.Option(20, "--k", min=1, help="How many items per user."),
-              out: Optional[Path] = typer.Option(None, "--out", help="Write user_id,item_id,rank,score CSV here."),
+              out: Optional[Path] = typer.Option(None, "--out", help="Write user_id,item_id,rank,score,cold_start CSV here."),
               include_seen: bool = typer.Option(False, "--include-seen", help="Keep items the user already interacted with."),
+              filter_: Optional[str] = typer.Option(None, "--filter", help='Only items whose fields match, as JSON: \'{"genres": "Comedy", "year": {"gte": 1990}}\'.'),
               params_file: Path = ParamsOption) -> None:
-    """Recommend items from the published index, with Feast online features and the user tower."""
+    """Recommend items from the live published bundle, with Feast online features and its user tower."""
     with _errors():
         if (user_id is None) == (users_file is None):
             raise TowerflowError("give exactly one of --user-id or --users-file")
         params = _load(params_file, None)
         paths = params.paths.resolved(params_file.resolve().parent)
-        schema_path = paths.ingested / "schema.json"
-        if not schema_path.exists():
-            raise MissingStageInput(f"{schema_path} not found: run `towerflow run` first")
-        id_dtype = json.loads(schema_path.read_text())["user_id_dtype"]
-        from flows.serving.recommend import parse_id, read_ids_file, recommend as _recommend
+        from flows.serving.bundles import BundleStore
+        bundle = BundleStore(paths.published).live_dir()   # nothing published: says to run the pipeline
+        id_dtype = json.loads((bundle / "schema.json").read_text())["user_id_dtype"]
+        from flows.serving.recommend import Recommender, parse_filter_json, parse_id, read_ids_file
         if users_file is not None:
             ids = read_ids_file(users_file, id_dtype)
         else:
             ids = [parse_id(user_id.strip(), id_dtype, "--user-id")]
-        recs = _recommend(ids, k, include_seen, model_dir=paths.model / "full", feast_dir=paths.feast,
-                          features_dir=paths.features, schema_path=schema_path, index_dir=paths.index,
-                          qdrant_path=paths.qdrant, alias=params.publish.alias)
+        query_filter = parse_filter_json(filter_)
+        with Recommender.load(bundle, paths.feast, paths.features) as recommender:
+            recs = recommender.recommend(ids, k, exclude_seen=not include_seen, filter=query_filter)
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             recs.to_csv(out, index=False)
             typer.echo(f"wrote {len(recs)} rows for {recs['user_id'].nunique()} users to {out}")
         else:
             typer.echo(recs.to_csv(index=False), nl=False)
+
+
+index_app = typer.Typer(no_args_is_help=True, help="Published bundles: list them, roll back.")
+app.add_typer(index_app, name="index")
+
+
+def _bundle_store(params_file: Path):  # noqa: ANN202
+    from flows.serving.bundles import BundleStore
+    params = _load(params_file, None)
+    return BundleStore(params.paths.resolved(params_file.resolve().parent).published)
+
+
+@index_app.command("list")
+def index_list(params_file: Path = ParamsOption) -> None:
+    """Published versions, oldest first; * marks the live one."""
+    with _errors():
+        from flows.serving.bundles import list_versions
+        store = _bundle_store(params_file)
+        rows = list_versions(store)
+        if not rows:
+            typer.echo(f"nothing published in {store.root}")
+            return
+        typer.echo(f"  {'version':<26} {'items':>9}  {'model':<16}  {'backend':<13}  created")
+        for r in rows:
+            typer.echo(f"{'*' if r['live'] else ' '} {r['version']:<26} {r['count']:>9}  {r['model_digest']:<16}  "
+                       f"{r['backend']:<13}  {r['created_at']}")
+
+
+@index_app.command("rollback")
+def index_rollback(to: Optional[str] = typer.Option(None, "--to", help="Version to make live (default: the one live before the live one)."),
+                   reason: str = typer.Option("", "--reason", help="Recorded in history.jsonl."),
+                   params_file: Path = ParamsOption) -> None:
+    """Make an earlier published version live (model, vectors and index together)."""
+    with _errors():
+        from flows.serving.bundles import rollback
+        old, new = rollback(_bundle_store(params_file), to, reason)
+        typer.echo(f"live: {new} (was {old})")
 
 
 @app.command()

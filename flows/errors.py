@@ -42,5 +42,9 @@ class TransientError(TowerflowError):
     """A failure that may pass on a retry (a service briefly unreachable); the stage exits 75."""
 
 
+class GateBlocked(TowerflowError):
+    """The run failed the quality/drift gate: it must not be published (unless forced)."""
+
+
 # What the CLI prints as one line (no traceback): our own errors and the libraries' domain errors.
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (TowerflowError, ModelError, FeatureError, ValidationFailed)

@@ -38,8 +38,6 @@ class PathsParams(Section):
     training: Path = Path("data/training")
     samples: Path = Path("data/samples")
     model: Path = Path("artifacts/model")
-    index: Path = Path("artifacts/index")
-    qdrant: Path = Path("artifacts/qdrant")
     published: Path = Path("artifacts/published")    # serving bundles: versions/<v>/, LIVE, history.jsonl
     reports: Path = Path("reports")
 
@@ -98,11 +96,19 @@ class SimulatorParams(Section):
 
 
 class PublishParams(Section):
-    collection_prefix: str = "towerflow_items"
-    alias: str = "towerflow_items"
+    collection_prefix: str = "towerflow_items"     # Qdrant server: collection <prefix>_<version>
+    alias: str = "towerflow_items"                 # Qdrant server: the alias moved to the live collection
     keep_versions: PositiveInt = 3
     upsert_batch: PositiveInt = 1000
     verify_sample: PositiveInt = 32
+    backend: Literal["auto", "qdrant-local", "qdrant-edge"] = "auto"
+    local_max_items: PositiveInt = 20000
+    hnsw_m: PositiveInt = 16
+    hnsw_ef_construct: PositiveInt = 100
+    search_ef: PositiveInt = 128
+    quantization: Literal["none", "scalar"] = "none"
+    verify_users: PositiveInt = 200
+    min_recall: float = Field(0.95, ge=0, le=1)
 
 
 class RunParams(Section):

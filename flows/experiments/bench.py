@@ -63,25 +63,24 @@ def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50) -> dic
 
 
 def _recommend_latency(paths, params, repeats: int) -> dict[str, Any]:  # noqa: ANN001
-    """End-to-end `recommend` calls (Feast online + user tower + Qdrant), after one warm-up call."""
+    """Warm in-process recommendations from the live bundle (Feast online + user tower + index),
+    loaded once as a long-running service would, after one warm-up call."""
     import pandas as pd
 
-    from flows.serving.recommend import recommend
+    from flows.serving.recommend import Recommender
 
     users = pd.read_parquet(paths.ingested / "users.parquet")["user_id"].tolist()
-    kwargs = dict(model_dir=paths.model / "full", feast_dir=paths.feast, features_dir=paths.features,
-                  schema_path=paths.ingested / "schema.json", index_dir=paths.index,
-                  qdrant_path=paths.qdrant, alias=params.publish.alias)
-    recommend(users[:1], 20, False, **kwargs)
-    single = []
-    for i in range(repeats):
+    with Recommender.load_live(paths.published, paths.feast, paths.features) as rec:
+        rec.recommend(users[:1], 20)
+        single = []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            rec.recommend([users[i % len(users)]], 20)
+            single.append(time.perf_counter() - t0)
+        batch_users = users[:1000]
         t0 = time.perf_counter()
-        recommend([users[i % len(users)]], 20, False, **kwargs)
-        single.append(time.perf_counter() - t0)
-    batch_users = users[:1000]
-    t0 = time.perf_counter()
-    recommend(batch_users, 20, False, **kwargs)
-    batch = time.perf_counter() - t0
+        rec.recommend(batch_users, 20)
+        batch = time.perf_counter() - t0
     return {"one_user_k20": percentiles(single),
             "batch_k20": {"users": len(batch_users), "seconds": round(batch, 3),
                           "users_per_s": round(len(batch_users) / batch, 1)}}

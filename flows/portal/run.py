@@ -9,23 +9,17 @@ from pathlib import Path
 from flows.params import Params
 from flows.portal.build import PortalInputs, build_portal
 from flows.portal.vendor import VendorError, ensure_assets
+from flows.reports.live import live_bundle
 
 log = logging.getLogger("towerflow.portal")
 
 
 def publish_record(params: Params, root: Path) -> Path | None:
-    """The live bundle's record (bundle.json) when one is published, else the older index manifest."""
-    paths = params.paths.resolved(root)
-    published = getattr(paths, "published", None)
-    if published is not None and (published / "LIVE").is_file():
-        import json
-
-        version = json.loads((published / "LIVE").read_text()).get("version")
-        record = published / "versions" / str(version) / "bundle.json"
-        if record.is_file():
-            return record
-    manifest = paths.index / "manifest.json"
-    return manifest if manifest.is_file() else None
+    """The live bundle's record (bundle.json), or None while nothing is published."""
+    published = params.paths.resolved(root).published
+    live = live_bundle(published)
+    record = live.path / "bundle.json" if live is not None else None
+    return record if record is not None and record.is_file() else None
 
 
 def build_run_portal(params: Params, root: Path) -> Path:

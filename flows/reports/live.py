@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from flows.errors import MissingStageInput
+from flows.errors import GateBlocked, MissingStageInput
 
 # file under reports/ → name in the bundle
 BUNDLE_FILES = {
@@ -70,3 +70,13 @@ def bundle_reports(reports_dir: Path, bundle_dir: Path) -> list[str]:
     for src, name in BUNDLE_FILES.items():
         shutil.copy2(reports_dir / src, bundle_dir / name)
     return sorted(BUNDLE_FILES.values())
+
+
+def require_passed(gate_path: Path) -> dict[str, Any]:
+    """The gate's decision, for the publish stage: refuses to go on unless this run passed it."""
+    if not gate_path.is_file():
+        raise MissingStageInput(f"{gate_path}: not found; run the gate stage first")
+    decision = json.loads(gate_path.read_text())
+    if not decision.get("passed"):
+        raise GateBlocked(decision.get("message") or f"gate: {gate_path} says this run did not pass")
+    return decision

@@ -1,21 +1,27 @@
-"""Serving: top-k items for users from Feast online features, the user tower and the Qdrant alias.
+"""Serving: top-k items for users from one published bundle, Feast online features and the user tower.
 
-The same feature views that fed training (user static features, recent_items) are read online, so
-the user tower sees at serving time what it saw in training. Heavy libraries (feast, torch,
-qdrant_client) are imported inside `recommend`, so reading an ids file stays cheap.
+`Recommender` loads a bundle once (user tower, encoder, schema, index) with the Feast online store,
+and answers many requests: the CLI builds one per call, a long-running service keeps one per live
+version. The same feature views that fed training (user static features, recent_items) are read
+online, so the user tower sees at serving time what it saw in training. Heavy libraries (feast,
+torch, qdrant) are imported in `Recommender.load`, so reading an ids file stays cheap.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from flows.errors import ConfigError, DataContractError, MissingStageInput, PublishError
+from flows.errors import ConfigError, DataContractError, PublishError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-RESULT_COLUMNS = ["user_id", "item_id", "rank", "score"]
+RESULT_COLUMNS = ["user_id", "item_id", "rank", "score", "cold_start"]
+SIMILAR_COLUMNS = ["item_id", "rank", "score"]
+# Users per online-store read + user tower pass + index query batch.
+BATCH_USERS = 1024
 # online_user_features bookkeeping columns that are not user tower inputs.
 NOT_TOWER_INPUTS = ("seen_items", "known")
 
@@ -57,71 +63,112 @@ def read_ids_file(path: Path, id_dtype: str) -> list:
     return ids
 
 
-def _read_json(path: Path, upstream: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise MissingStageInput(f"{path}: not found; run the {upstream} stage first")
-    return json.loads(path.read_text())
-
-
 def _unique(values: list) -> list:
     """Order-preserving de-duplication: a user listed twice is answered once."""
     return list(dict.fromkeys(values))
 
 
-def recommend(
-    user_ids: list,
-    k: int,
-    include_seen: bool,
-    *,
-    model_dir: Path,
-    feast_dir: Path,
-    features_dir: Path,
-    schema_path: Path,
-    index_dir: Path,
-    qdrant_path: Path,
-    alias: str,
-) -> pd.DataFrame:
-    """Columns user_id, item_id, rank (1..k), score (cosine), best first per user, users in input order.
+class Recommender:
+    """One published bundle, loaded once: user tower + encoder + schema + index, and the Feast
+    online store. Not thread-safe for concurrent writes (`add_items`); searches may share it."""
 
-    Unknown users get the tower's answer for default features (cold start). Items the user already
-    interacted with (the `seen_items` online feature) are dropped unless include_seen.
-    """
-    if k < 1:
-        raise ConfigError(f"k must be at least 1, got {k}")
-    users = _unique(list(user_ids))
-    if not users:
-        return pd.DataFrame(columns=RESULT_COLUMNS)
-    schema = _read_json(schema_path, "ingest")
-    manifest = _read_json(index_dir / "manifest.json", "publish")
+    def __init__(self, bundle_dir: Path, meta: dict[str, Any], schema: dict[str, Any], model: Any,
+                 index: Any, store: Any):
+        self.bundle_dir = bundle_dir
+        self.meta = meta
+        self.schema = schema
+        self.model = model
+        self.index = index
+        self.store = store
 
-    from features.online import online_user_features
-    from features.store import open_store
-    from flows.serving.bundle import model_digest
-    from flows.serving.index import open_qdrant, query_top_k
-    from models.errors import ModelNotFound
-    from models.inference import load_bundle
+    @classmethod
+    def load(cls, bundle_dir: Path, feast_dir: Path, features_dir: Path) -> "Recommender":
+        """Open a complete bundle (versions/<version>/) with the online store of feast_dir."""
+        from features.store import open_store
+        from flows.serving.bundles import BUNDLE_JSON, model_digest
+        from flows.serving.index import IndexSettings, open_index
+        from models.inference import load_bundle
 
+        bundle_dir = Path(bundle_dir)
+        meta_path = bundle_dir / BUNDLE_JSON
+        if not meta_path.is_file():
+            raise PublishError(f"{bundle_dir}: not a complete bundle (no {BUNDLE_JSON})")
+        meta = json.loads(meta_path.read_text())
+        # The user tower must be the one whose item tower filled the index, or the scores mean nothing.
+        if model_digest(bundle_dir / "model") != meta.get("model_digest"):
+            raise PublishError(f"{bundle_dir / 'model'}: the model files differ from the ones published "
+                               f"({meta_path}); publish again or roll back")
+        schema = json.loads((bundle_dir / "schema.json").read_text())
+        model = load_bundle(bundle_dir / "model")
+        index = open_index(meta["backend"], IndexSettings.from_dict(meta["settings"]),
+                           path=bundle_dir / "index", collection=meta.get("collection"))
+        return cls(bundle_dir, meta, schema, model, index, open_store(feast_dir, features_dir))
+
+    @classmethod
+    def load_live(cls, published_dir: Path, feast_dir: Path, features_dir: Path) -> "Recommender":
+        from flows.serving.bundles import BundleStore
+        return cls.load(BundleStore(published_dir).live_dir(), feast_dir, features_dir)
+
+    @property
+    def version(self) -> str:
+        return self.meta["version"]
+
+    def recommend(self, user_ids: list, k: int, exclude_seen: bool = True,
+                  filter: Mapping[str, Any] | None = None, batch_users: int = BATCH_USERS) -> pd.DataFrame:
+        """Columns user_id, item_id, rank (1..k), score (cosine), cold_start; best first per user,
+        users in input order (each once). Unknown users get the tower's answer for default features,
+        flagged cold_start. Items the user interacted with (`seen_items`) are left out unless
+        exclude_seen is False; `filter` keeps only items whose payload matches (see index.base)."""
+        from flows.serving.index import BadQuery
+        if k < 1:
+            raise BadQuery(f"k must be at least 1, got {k}")
+        users = _unique(list(user_ids))
+        rows: list[tuple] = []
+        for start in range(0, len(users), batch_users):
+            rows.extend(self._batch(users[start:start + batch_users], k, exclude_seen, filter))
+        out = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+        if self.schema.get("user_id_dtype") == "int64" and len(out):
+            out["user_id"] = out["user_id"].astype("int64")
+        return out.astype({"cold_start": bool})
+
+    def _batch(self, users: list, k: int, exclude_seen: bool, filter: Mapping[str, Any] | None) -> list[tuple]:
+        from features.online import online_user_features
+
+        feats = _aligned(online_user_features(self.store, self.schema, users), users)
+        vectors = self.model.encode_users(feats.drop(columns=[c for c in NOT_TOWER_INPUTS if c in feats.columns]))
+        exclude = [_as_list(s) for s in feats["seen_items"]] if exclude_seen else None
+        hits = self.index.search(vectors, k, exclude=exclude, filter=filter)
+        cold = ~feats["known"].astype(bool).to_numpy()
+        return [(u, item, rank, score, bool(c)) for u, c, user_hits in zip(users, cold, hits)
+                for rank, (item, score) in enumerate(user_hits, start=1)]
+
+    def similar(self, item_id: Any, k: int, filter: Mapping[str, Any] | None = None) -> pd.DataFrame:
+        """Items nearest to an indexed item (itself left out): item_id, rank, score."""
+        hits = self.index.similar(item_id, k, filter=filter)
+        return pd.DataFrame([(i, r, s) for r, (i, s) in enumerate(hits, start=1)], columns=SIMILAR_COLUMNS)
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> "Recommender":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def parse_filter_json(text: str | None) -> dict[str, Any] | None:
+    """--filter '{"genres": "comedy", "year": {"gte": 1990}}' as a dict (fields checked by the index)."""
+    from flows.serving.index import BadQuery
+    if not text:
+        return None
     try:
-        bundle = load_bundle(model_dir)
-    except ModelNotFound as exc:
-        raise MissingStageInput(f"{exc}; run the train stage first") from exc
-    # The user tower must be the one whose item tower filled the index, or the scores mean nothing.
-    if manifest.get("model_digest") != model_digest(model_dir) or bundle.dim != manifest.get("dim"):
-        raise PublishError(f"{model_dir} is not the model the published index was built from "
-                           f"({index_dir / 'manifest.json'}); run the publish stage")
-    feats = _aligned(online_user_features(open_store(feast_dir, features_dir), schema, users), users)
-    vectors = bundle.encode_users(feats.drop(columns=[c for c in NOT_TOWER_INPUTS if c in feats.columns]))
-    exclude = None if include_seen else [_as_list(s) for s in feats["seen_items"]]
-
-    with open_qdrant(qdrant_path) as client:
-        hits = query_top_k(client, alias, vectors, k, exclude=exclude)
-
-    rows = [(u, item, rank, score) for u, user_hits in zip(users, hits)
-            for rank, (item, score) in enumerate(user_hits, start=1)]
-    out = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    if schema.get("user_id_dtype") == "int64" and len(out):
-        out["user_id"] = out["user_id"].astype("int64")
-    return out
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadQuery(f"--filter is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(value, dict):
+        raise BadQuery(f"--filter must be a JSON object of field -> value, got {text!r}")
+    return value
 
 
 def _as_list(value: Any) -> list:

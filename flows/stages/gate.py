@@ -18,14 +18,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flows.errors import ConfigError, MissingStageInput, TowerflowError
+from flows.errors import ConfigError, GateBlocked, MissingStageInput
 from flows.params import GateParams
 
 LABELS = {"window": "newest-window drift", "published": "drift vs the live model's data"}
-
-
-class GateBlocked(TowerflowError):
-    """The run failed the gate: it must not be published (unless forced)."""
 
 
 def _read(path: Path, upstream: str) -> dict[str, Any]:
@@ -112,10 +108,3 @@ def gate(cfg: GateParams, metrics_path: Path, quality_path: Path, drift_path: Pa
         raise GateBlocked(decision["message"])
     return {"passed": True, "forced": cfg.force, "reasons": len(reasons)}
 
-
-def require_passed(gate_path: Path) -> dict[str, Any]:
-    """The gate's decision for the publish stage: refuses to go on unless this run passed it."""
-    decision = _read(gate_path, "gate")
-    if not decision.get("passed"):
-        raise GateBlocked(decision.get("message") or f"gate: {gate_path} says this run did not pass")
-    return decision

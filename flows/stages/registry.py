@@ -57,8 +57,8 @@ def _evaluate(p: Params, paths: PathsParams) -> dict[str, Any]:
 
 def _publish(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.publish import publish
-    return publish(paths.model / "full", paths.training, p.publish, index_dir=paths.index,
-                   qdrant_path=paths.qdrant)
+    return publish(paths.model / "full", paths.training, paths.ingested / "schema.json", p.publish,
+                   published_dir=paths.published, seed=p.base.seed, reports_dir=paths.reports)
 
 
 def _report(p: Params, paths: PathsParams) -> dict[str, Any]:

@@ -17,7 +17,13 @@ PACKAGES = ("flows", "features", "models", "validation")
 def _module_files(stage: str, graph: grimp.ImportGraph) -> set[str]:
     module = f"flows.stages.{stage}"
     modules = graph.find_upstream_modules(module) | {module}
-    return {m.replace(".", "/") + ".py" for m in modules if not m.endswith(".errors")}
+    return {_file(m) for m in modules if not m.endswith(".errors")}
+
+
+def _file(module: str) -> str:
+    """A module's file: a package is its __init__.py."""
+    path = module.replace(".", "/")
+    return f"{path}/__init__.py" if (ROOT / path).is_dir() else f"{path}.py"
 
 
 @pytest.fixture(scope="module")

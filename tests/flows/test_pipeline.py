@@ -80,8 +80,11 @@ def test_flow_runs_every_stage_and_writes_every_declared_output(flow_project):
     assert not missing, missing
     metrics = json.loads((root / "reports/metrics.json").read_text())
     assert 0 < metrics["two_tower"]["recall@20"] <= 1
-    manifest = json.loads((root / "artifacts/index/manifest.json").read_text())
-    assert manifest["verified"] is True
+    live = json.loads((root / "artifacts/published/LIVE").read_text())["version"]
+    bundle = json.loads((root / "artifacts/published/versions" / live / "bundle.json").read_text())
+    assert bundle["verification"]["recall_at_100"] >= 0.95
+    # the run's reports travel with the bundle: the next run's gate compares against them
+    assert (root / "artifacts/published/versions" / live / "metrics.json").is_file()
     assert (root / "reports/drift/window.html").stat().st_size > 1000
     assert json.loads((root / "reports/gate.json").read_text())["passed"] is True
     portal = (root / "reports/index.html").read_text()
@@ -114,7 +117,7 @@ def test_recommend_from_the_published_alias(flow_project):
     user = int(inter["user_id"].iloc[0])
     one = run([TOWERFLOW, "recommend", "--user-id", str(user), "--k", "7"], root)
     rows = [line.split(",") for line in one.stdout.strip().splitlines()]
-    assert rows[0] == ["user_id", "item_id", "rank", "score"]
+    assert rows[0] == ["user_id", "item_id", "rank", "score", "cold_start"]
     assert len(rows) == 8 and [int(r[2]) for r in rows[1:]] == list(range(1, 8))
     seen = set(inter.loc[inter["user_id"] == user, "item_id"])
     assert not seen & {int(r[1]) for r in rows[1:]}
@@ -123,20 +126,20 @@ def test_recommend_from_the_published_alias(flow_project):
     (root / "users.txt").write_text("user_id\n" + "\n".join(map(str, users)) + "\n\n999999\n")
     run([TOWERFLOW, "recommend", "--users-file", "users.txt", "--k", "5", "--out", "recs.csv"], root)
     recs = pd.read_csv(root / "recs.csv")
-    assert list(recs.columns) == ["user_id", "item_id", "rank", "score"]
+    assert list(recs.columns) == ["user_id", "item_id", "rank", "score", "cold_start"]
     assert set(recs["user_id"]) == set(users) | {999999}  # the unknown user gets a cold-start answer
     assert (recs.groupby("user_id").size() == 5).all()
 
 
 def test_broken_source_stops_before_anything_is_written(flow_project, tmp_path):
     root, *_ = flow_project
-    manifest_before = (root / "artifacts/index/manifest.json").read_bytes()
+    manifest_before = (root / "artifacts/published/LIVE").read_bytes()
     ingested_before = (root / "data/ingested/interactions.parquet").read_bytes()
     proc = run([TOWERFLOW, "run", "--set", f"data.source={tmp_path / 'nope'}"], root, check=False)
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and "nope" in lines[0] and "Traceback" not in proc.stderr
-    assert (root / "artifacts/index/manifest.json").read_bytes() == manifest_before
+    assert (root / "artifacts/published/LIVE").read_bytes() == manifest_before
     assert (root / "data/ingested/interactions.parquet").read_bytes() == ingested_before
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -47,73 +46,128 @@ def test_ids_file_without_ids_or_missing(tmp_path: Path) -> None:
         read_ids_file(tmp_path / "nope.txt", "int64")
 
 
-# --- end to end: ingest -> materialize -> sample -> train -> publish -> recommend -----------------
+# --- end to end: a published bundle answers through Recommender and the CLI ------------------------
 
-def published_project(root: Path, string_ids: bool) -> dict[str, Any]:
-    """A tiny project run through the real stages; returns recommend()'s keyword arguments."""
-    from datagen import make_contract_dataset
-    from features.params import FeaturesParams
-    from flows.params import DataParams, PublishParams, SimulatorParams
-    from flows.stages.ingest import ingest
-    from flows.stages.materialize import materialize
+def _published(root: Path, out: Path, **cfg) -> Path:
+    from flows.params import PublishParams
     from flows.stages.publish import publish
-    from flows.stages.sample import sample
-    from flows.stages.train import train
-    from models.params import ModelParams, SampleParams, SplitParams, TrainParams
 
-    src = make_contract_dataset(root / "source", n_users=60, n_items=50, seed=4, string_ids=string_ids)
-    ingested, training = root / "ingested", root / "training"
-    ingest(DataParams(source=str(src), ranking_logs="none"), SimulatorParams(), 0, root / "cache", ingested)
-    materialize(SplitParams(), FeaturesParams(history_length=10), ingested, root / "features", root / "feast", training)
-    sample(SampleParams(popular_threshold=0.01), 0, training, None, root / "samples")
-    train(ModelParams(dim=8, embedding_dim=8, hidden=[16]), TrainParams(epochs=1, batch_size=128, threads=1), 0,
-          root / "samples", training, ingested / "schema.json", root / "model")
-    cfg = PublishParams(collection_prefix="t", alias="t_live", upsert_batch=50, verify_sample=8)
-    publish(root / "model" / "full", training, cfg, root / "index", root / "qdrant")
-    return dict(model_dir=root / "model" / "full", feast_dir=root / "feast", features_dir=root / "features",
-                schema_path=ingested / "schema.json", index_dir=root / "index", qdrant_path=root / "qdrant",
-                alias="t_live")
+    publish(root / "artifacts/model/full", root / "data/training", root / "data/ingested/schema.json",
+            PublishParams(verify_users=20, upsert_batch=20, **cfg), out)
+    return out
 
 
 @pytest.mark.parametrize("string_ids", [False, True], ids=["int_ids", "string_ids"])
-def test_recommend_end_to_end(tmp_path: Path, string_ids: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.errors import PublishError
-    from flows.serving.recommend import recommend
+def test_recommend_end_to_end(trained_root, tmp_path: Path, string_ids: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.serving.recommend import Recommender
 
     monkeypatch.delenv("QDRANT_URL", raising=False)
-    kw = published_project(tmp_path, string_ids)
-    inter = pd.read_parquet(tmp_path / "ingested" / "interactions.parquet")
-    catalog = set(pd.read_parquet(tmp_path / "training" / "items.parquet")["item_id"])
+    root = trained_root(string_ids)
+    published = _published(root, tmp_path / "published")
+    inter = pd.read_parquet(root / "data/ingested/interactions.parquet")
+    catalog = set(pd.read_parquet(root / "data/training/items.parquet")["item_id"])
     users = list(inter["user_id"].drop_duplicates()[:5])
     unknown = "nobody" if string_ids else 987654321
-    asked = [users[0], unknown, *users[1:]]
+    asked = [users[0], unknown, *users[1:], users[0]]
 
-    recs = recommend(asked, 7, False, **kw)
-    assert list(recs.columns) == ["user_id", "item_id", "rank", "score"]
-    assert list(recs["user_id"].drop_duplicates()) == asked
+    with Recommender.load_live(published, root / "data/feast", root / "data/features") as rec:
+        recs = rec.recommend(asked, 7, batch_users=2)          # several batches, a repeated user
+        n = len(catalog)
+        everything = rec.recommend(users, n, exclude_seen=False)
+        unseen = rec.recommend(users, n)
+    assert list(recs.columns) == ["user_id", "item_id", "rank", "score", "cold_start"]
+    assert list(recs["user_id"].drop_duplicates()) == asked[:-1]
     assert all(g["rank"].tolist() == list(range(1, 8)) for _, g in recs.groupby("user_id", sort=False))
     assert all((np.diff(g["score"].to_numpy()) <= 1e-6).all() for _, g in recs.groupby("user_id"))
     assert set(recs["item_id"]) <= catalog
-    # Ids as given: ints stay int64, strings stay str; item ids keep the catalog's type.
+    assert recs.groupby("user_id", sort=False)["cold_start"].first().tolist() == [False, True, False, False, False, False]
     if string_ids:
         assert all(isinstance(u, str) for u in recs["user_id"]) and all(isinstance(i, str) for i in recs["item_id"])
     else:
         assert recs["user_id"].dtype == "int64" and recs["item_id"].dtype == "int64"
-
-    # The whole catalog: with seen items it is every item once; without, exactly the catalog minus
-    # the user's history (over-fetching asked for enough), still best first.
-    n = len(catalog)
-    everything = recommend(users, n, True, **kw)
-    unseen = recommend(users, n, False, **kw)
+    # The whole catalog: with seen items every item once; without, exactly the catalog minus history.
     for u in users:
         seen = set(inter.loc[inter["user_id"] == u, "item_id"])
         ranked = everything.loc[everything["user_id"] == u, "item_id"].tolist()
         assert len(ranked) == n and set(ranked) == catalog
         kept = unseen.loc[unseen["user_id"] == u]
-        assert len(kept) == len(catalog - seen) and set(kept["item_id"]) == catalog - seen
-        assert kept["rank"].tolist() == list(range(1, len(kept) + 1))
+        assert set(kept["item_id"]) == catalog - seen and kept["rank"].tolist() == list(range(1, len(kept) + 1))
     assert not set(zip(recs["user_id"], recs["item_id"])) & set(zip(inter["user_id"], inter["item_id"]))
 
-    # The eval model is not the one whose item vectors are published: refused, not silently wrong.
-    with pytest.raises(PublishError, match="not the model the published index was built from"):
-        recommend(users[:1], 5, False, **{**kw, "model_dir": kw["model_dir"].parent / "eval"})
+
+def test_filters_similar_items_and_bad_queries(trained_root, tmp_path: Path) -> None:
+    from flows.serving.index import BadQuery
+    from flows.serving.recommend import Recommender
+
+    root = trained_root(False)
+    items = pd.read_parquet(root / "data/training/items.parquet").set_index("item_id")
+    users = pd.read_parquet(root / "data/ingested/interactions.parquet")["user_id"].unique()[:4].tolist()
+    for backend in ("qdrant-local", "qdrant-edge"):
+        published = _published(root, tmp_path / backend, backend=backend)
+        with Recommender.load_live(published, root / "data/feast", root / "data/features") as rec:
+            recs = rec.recommend(users, 5, filter={"genres": "comedy", "year": {"gte": 1960}})
+            assert len(recs) and all("comedy" in items.loc[i, "genres"] and items.loc[i, "year"] >= 1960
+                                     for i in recs["item_id"])
+            first = int(items.index[0])
+            similar = rec.similar(first, 4)
+            assert list(similar.columns) == ["item_id", "rank", "score"] and len(similar) == 4
+            assert first not in similar["item_id"].tolist()
+            with pytest.raises(BadQuery, match="unknown filter field 'colour'"):
+                rec.recommend(users, 5, filter={"colour": "red"})
+            with pytest.raises(BadQuery, match="k must be at least 1"):
+                rec.recommend(users, 0)
+            with pytest.raises(BadQuery, match="is not in the index"):
+                rec.similar(-1, 3)
+
+
+def test_cli_recommend_reads_the_live_bundle(project: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    params = str(project / "params.yaml")
+    result = CliRunner().invoke(app, ["recommend", "--user-id", "1", "--params", params])
+    assert result.exit_code == 1 and "LIVE not found: nothing is published yet" in result.output
+    _published(project, project / "artifacts/published")
+    user = int(pd.read_parquet(project / "data/ingested/interactions.parquet")["user_id"].iloc[0])
+    result = CliRunner().invoke(app, ["recommend", "--user-id", str(user), "--k", "3", "--params", params])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0] == "user_id,item_id,rank,score,cold_start" and len(lines) == 4
+    assert all(line.endswith(",False") for line in lines[1:])
+    result = CliRunner().invoke(app, ["recommend", "--user-id", str(user), "--filter", '{"genres": ["kids"', "--params", params])
+    assert result.exit_code == 1 and "--filter is not valid JSON" in result.output
+    result = CliRunner().invoke(app, ["recommend", "--user-id", str(user), "--filter", '{"brand": "x"}', "--params", params])
+    assert result.exit_code == 1 and "unknown filter field 'brand'; filterable fields: genres, year" in result.output
+
+
+def test_a_broken_training_run_cannot_take_the_live_bundle_down(project: Path) -> None:
+    """Issue 14, as a user met it: items with inf features trained a nan model that overwrote
+    artifacts/model/full; publish must refuse it and recommend must keep answering."""
+    import torch
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.serving.bundles import BundleStore
+
+    params = str(project / "params.yaml")
+    runner = CliRunner()
+    assert runner.invoke(app, ["stage", "publish", "--params", params]).exit_code == 0
+    live = BundleStore(project / "artifacts/published").live()
+    user = str(int(pd.read_parquet(project / "data/ingested/interactions.parquet")["user_id"].iloc[0]))
+    before = runner.invoke(app, ["recommend", "--user-id", user, "--k", "5", "--params", params])
+    assert before.exit_code == 0
+
+    model_pt = project / "artifacts/model/full/model.pt"
+    saved = torch.load(model_pt, map_location="cpu", weights_only=True)
+    saved["state_dict"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                           for k, v in saved["state_dict"].items()}
+    torch.save(saved, model_pt)
+
+    refused = runner.invoke(app, ["stage", "publish", "--params", params])
+    assert refused.exit_code == 1
+    assert "item vectors are zero or not finite" in refused.output
+    assert f"the live version ({live}) is unchanged" in refused.output
+    assert BundleStore(project / "artifacts/published").live() == live
+    after = runner.invoke(app, ["recommend", "--user-id", user, "--k", "5", "--params", params])
+    assert after.exit_code == 0 and after.output == before.output

@@ -15,7 +15,9 @@ from flows.cli import _force_overrides, app
 from flows.errors import ConfigError, MissingStageInput, TowerflowError
 from flows.params import DriftLimits, GateParams, load_params
 from flows.reports.live import BUNDLE_FILES, bundle_reports, live_bundle
-from flows.stages.gate import GateBlocked, gate, require_passed
+from flows.errors import GateBlocked
+from flows.reports.live import require_passed
+from flows.stages.gate import gate
 from flows.stages.report import live_baseline
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,0 +1,303 @@
+"""The one interface every vector index behind serving implements, and what they share.
+
+Point ids are 0..n-1 in catalog order, new items get the next ones: Qdrant accepts only unsigned
+ints and UUIDs, while contract item ids may be any int64 or string. The item id travels as the
+`item_id` payload, next to the filterable item features (schema.json's categorical / numeric /
+multi-valued columns), so a hit needs no lookup table to be turned back into an item.
+
+Backends implement a few primitives (`_write`, `_query`, `_point_of`, ...); seen-item exclusion,
+filters that a backend cannot evaluate fast, and the widening of a short answer live here, once.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+
+from flows.errors import TowerflowError
+
+ITEM_ID = "item_id"
+Hit = tuple[Any, float]                       # (item_id, cosine score)
+RawHit = tuple[Any, float, int]               # (item_id, score, point id) as a backend returns it
+COMPARE = {"gte": operator.ge, "gt": operator.gt, "lte": operator.le, "lt": operator.lt}
+RANGE_KEYS = tuple(COMPARE)
+# A short answer (exclusions or a Python-side filter ate the hits) is asked again this many times larger.
+WIDEN = 4
+# Over-fetch for a Python-side filter: hits needed / share of matching items, plus this margin.
+FILTER_MARGIN = 1.2
+
+
+class BadQuery(TowerflowError):
+    """A request the index cannot answer as asked (unknown item or filter field, a bad value):
+    the caller's mistake, so the HTTP layer answers it with a 4xx."""
+
+
+def pause_point(name: str) -> None:
+    """Test hook for the fault tests: with TOWERFLOW_TEST_PAUSE_AT=<name> the process prints
+    `paused at <name>` and sleeps (TOWERFLOW_TEST_PAUSE_S, default 60 s) so that a test can SIGKILL
+    it at a known step. Names: `upsert` (after the first batch), `switch` (bundle complete, LIVE not
+    yet replaced). Unset, it costs one environment lookup."""
+    if os.environ.get("TOWERFLOW_TEST_PAUSE_AT") == name:
+        print(f"paused at {name}", flush=True)
+        time.sleep(float(os.environ.get("TOWERFLOW_TEST_PAUSE_S", "60")))
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """What a backend needs to build or open an index; stored in bundle.json."""
+
+    dim: int
+    fields: dict[str, str] = field(default_factory=dict)   # filterable payload field -> keyword|integer|float
+    id_kind: str = "integer"                                # the item_id payload: integer | keyword
+    hnsw_m: int = 16
+    hnsw_ef_construct: int = 100
+    search_ef: int = 128
+    quantization: str = "none"                              # none | scalar
+    upsert_batch: int = 1000
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "IndexSettings":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One parsed filter clause: the field's value is one of `values`, or lies in `bounds`."""
+
+    field: str
+    values: tuple[Any, ...] | None = None
+    bounds: tuple[tuple[str, float], ...] | None = None
+
+
+
+def parse_filter(spec: Mapping[str, Any] | None, fields: Mapping[str, str]) -> list[Condition]:
+    """{"genres": "comedy", "brand": ["a", "b"], "year": {"gte": 1990, "lt": 2000}} -> conditions
+    (all must hold; a list means any of its values). Unknown fields and wrong types are BadQuery."""
+    if not spec:
+        return []
+    if not isinstance(spec, Mapping):
+        raise BadQuery(f"filter must be an object of field -> value, got {type(spec).__name__}")
+    out = []
+    for name, value in spec.items():
+        kind = fields.get(name)
+        if kind is None:
+            known = ", ".join(sorted(fields)) or "none"
+            raise BadQuery(f"unknown filter field '{name}'; filterable fields: {known}")
+        out.append(_condition(name, kind, value))
+    return out
+
+
+def _condition(name: str, kind: str, value: Any) -> Condition:
+    if isinstance(value, Mapping):
+        bad = [k for k in value if k not in RANGE_KEYS]
+        if bad or not value or kind == "keyword":
+            raise BadQuery(f"filter '{name}': a range takes {'/'.join(RANGE_KEYS)} on a numeric field, got {dict(value)!r}")
+        return Condition(name, bounds=tuple((op, _number(name, b)) for op, b in value.items()))
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise BadQuery(f"filter '{name}': an empty list matches nothing")
+    if kind == "float":   # Qdrant matches only keywords / integers: equality on a float is a closed range
+        if len(values) != 1:
+            raise BadQuery(f"filter '{name}' is numeric: give one value or a range like {{'gte': 1990}}")
+        v = _number(name, values[0])
+        return Condition(name, bounds=(("gte", v), ("lte", v)))
+    want = str if kind == "keyword" else int
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, want):
+            raise BadQuery(f"filter '{name}': expected {'a string' if want is str else 'an integer'}, got {v!r}")
+    return Condition(name, values=tuple(values))
+
+
+def _number(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise BadQuery(f"filter '{name}': expected a finite number, got {v!r}")
+    return float(v)
+
+
+def catalog_payloads(items: pd.DataFrame, features: Mapping[str, Sequence[str]]) -> tuple[dict[str, str], list[dict]]:
+    """The filterable fields (name -> kind) and one payload per catalog row: item_id + the item
+    feature columns of schema.json. Missing values are left out (a filter never matches them)."""
+    kinds: dict[str, str] = {}
+    for col in features.get("categorical", []):
+        kinds[col] = "integer" if pd.api.types.is_integer_dtype(items[col]) else "keyword"
+    for col in features.get("numeric", []):
+        kinds[col] = "float"
+    for col in features.get("multi", []):
+        first = next((v for v in items[col] if isinstance(v, (list, tuple, np.ndarray)) and len(v)), None)
+        kinds[col] = "integer" if first is not None and isinstance(first[0], (int, np.integer)) else "keyword"
+    columns = {c: items[c].tolist() for c in kinds if c in items.columns}
+    payloads = []
+    for row, item in enumerate(items[ITEM_ID].tolist()):
+        payload: dict[str, Any] = {ITEM_ID: plain(item)}
+        for col, values in columns.items():
+            v = _payload_value(values[row], kinds[col])
+            if v is not None:
+                payload[col] = v
+        payloads.append(payload)
+    return {c: k for c, k in kinds.items() if c in columns}, payloads
+
+
+def _payload_value(v: Any, kind: str) -> Any:
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [plain(x) if kind == "integer" else str(x) for x in v if x is not None]
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if kind == "float":
+        f = float(v)
+        return f if math.isfinite(f) else None
+    return plain(v) if kind == "integer" else str(v)
+
+
+def plain(value: Any) -> Any:
+    """A numpy scalar as the Python int / str / float a payload (JSON) can hold."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class VectorIndex(ABC):
+    """A cosine index over the catalog's item vectors. One instance = one open storage; a
+    serving process opens the live version once and queries it from then on."""
+
+    backend: ClassVar[str]
+    native_filters: ClassVar[bool] = True   # False: filters are applied here to over-fetched hits
+
+    def __init__(self, settings: IndexSettings):
+        self.settings = settings
+        # Point count, cached: only this object writes to its storage (embedded storage is locked to
+        # one process, a server collection belongs to one version), and an exact count costs ~5 ms
+        # per call at 30k points in qdrant-edge, more than the search itself.
+        self._size: int | None = None
+
+    # --- primitives each backend implements -----------------------------------------------------
+    @abstractmethod
+    def _write(self, points: Sequence[int], vectors: np.ndarray, payloads: Sequence[dict]) -> None: ...
+
+    @abstractmethod
+    def _query(self, vectors: np.ndarray, limits: Sequence[int], conditions: Sequence[Condition]) -> list[list[RawHit]]:
+        """Top-limits[i] hits for each vector, best first, matching `conditions` (always empty
+        for backends without native_filters: `_point_filter` serves those)."""
+
+    @abstractmethod
+    def _point_of(self, item_id: Any) -> int | None: ...
+
+    @abstractmethod
+    def vector_of(self, item_id: Any) -> np.ndarray | None:
+        """The stored (unit-length) vector of an item, None when it is not in the index."""
+
+    @abstractmethod
+    def count(self) -> int: ...
+
+    @abstractmethod
+    def item_ids(self) -> list[Any]:
+        """Every point's item_id, in point-id order (what verification compares with the catalog)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def _point_filter(self, conditions: Sequence[Condition]) -> np.ndarray:
+        """Backends without native filters: a bool mask over point ids, True where all hold."""
+        raise NotImplementedError(f"{self.backend} has native filters")
+
+    def _finish(self) -> None:
+        """After the initial upsert: build the ANN structures and make the storage durable."""
+
+    # --- the interface ----------------------------------------------------------------------------
+    def build(self, vectors: np.ndarray, ids: Sequence[Any], payloads: Sequence[dict]) -> None:
+        """Fill a new, empty index: point i = ids[i], vectors[i], payloads[i] (item_id added)."""
+        vectors = self._checked(vectors, len(ids), len(payloads))
+        step = self.settings.upsert_batch
+        for start in range(0, len(ids), step):
+            stop = min(start + step, len(ids))
+            self._write(range(start, stop), vectors[start:stop],
+                        [{**payloads[i], ITEM_ID: plain(ids[i])} for i in range(start, stop)])
+            if start == 0:
+                pause_point("upsert")
+        self._finish()
+        self._size = None
+
+    def upsert(self, ids: Sequence[Any], vectors: np.ndarray, payloads: Sequence[dict]) -> list[int]:
+        """Add items (new ids get the next point ids) or replace known ones; returns their points."""
+        vectors = self._checked(vectors, len(ids), len(payloads))
+        next_point, points = self.count(), []
+        for item in ids:
+            point = self._point_of(plain(item))
+            if point is None:
+                point, next_point = next_point, next_point + 1
+            points.append(point)
+        self._write(points, vectors, [{**p, ITEM_ID: plain(i)} for i, p in zip(ids, payloads)])
+        self._size = None
+        return points
+
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[Collection[Any]] | None = None,
+               filter: Mapping[str, Any] | None = None) -> list[list[Hit]]:
+        """Top-k (item_id, score) per query vector, best first, without exclude[i]'s items and
+        only items matching `filter`. Exclusions are over-fetched and dropped here, never sent as
+        a must_not id list (local mode evaluates those in Python, ~40 ms per query at 10k items)."""
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.settings.dim:
+            raise BadQuery(f"query vectors must have shape (n, {self.settings.dim}), got {queries.shape}")
+        if k < 1:
+            raise BadQuery(f"k must be at least 1, got {k}")
+        if exclude is not None and len(exclude) != len(queries):
+            raise BadQuery(f"exclude has {len(exclude)} entries for {len(queries)} query vectors")
+        conditions = parse_filter(filter, self.settings.fields)
+        skips = [set(e) for e in exclude] if exclude is not None else [set() for _ in range(len(queries))]
+        return self._search_widening(queries, k, skips, conditions)
+
+    def similar(self, item_id: Any, k: int, filter: Mapping[str, Any] | None = None) -> list[Hit]:
+        """The k items nearest to an indexed item (itself left out)."""
+        vector = self.vector_of(plain(item_id))
+        if vector is None:
+            raise BadQuery(f"item_id {item_id!r} is not in the index")
+        return self.search(vector[None, :], k, exclude=[{plain(item_id)}], filter=filter)[0]
+
+    def _search_widening(self, queries: np.ndarray, k: int, skips: list[set], conditions: list[Condition]) -> list[list[Hit]]:
+        if self._size is None:
+            self._size = self.count()
+        total = self._size
+        mask = self._point_filter(conditions) if conditions and not self.native_filters else None
+        share = float(mask.mean()) if mask is not None and len(mask) else 1.0
+        if share == 0:
+            return [[] for _ in skips]
+        # With a Python-side filter, ask for enough hits that the expected matches cover k + skips.
+        limits = [min(total, math.ceil((k + len(s)) / share * (FILTER_MARGIN if mask is not None else 1)))
+                  for s in skips]
+        native = conditions if self.native_filters else []
+        out: list[list[Hit]] = [[] for _ in skips]
+        pending = [i for i in range(len(skips)) if limits[i] > 0]
+        while pending:
+            raw = self._query(queries[pending], [limits[i] for i in pending], native)
+            still = []
+            for i, hits in zip(pending, raw):
+                kept = [(item, score) for item, score, point in hits
+                        if item not in skips[i] and (mask is None or (point < len(mask) and mask[point]))]
+                if len(kept) >= k or len(hits) < limits[i] or limits[i] >= total:
+                    out[i] = kept[:k]
+                else:   # exclusions or the filter ate too many: ask again for more
+                    limits[i] = min(total, limits[i] * WIDEN)
+                    still.append(i)
+            pending = still
+        return out
+
+    def _checked(self, vectors: np.ndarray, n_ids: int, n_payloads: int) -> np.ndarray:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.shape != (n_ids, self.settings.dim) or n_payloads != n_ids:
+            raise BadQuery(f"expected {n_ids} vectors of size {self.settings.dim} and as many payloads, got "
+                           f"vectors of shape {vectors.shape} and {n_payloads} payloads")
+        return vectors
+
+    def __enter__(self) -> "VectorIndex":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
