@@ -144,6 +144,8 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
               k: int = typer.Option(20, "--k", min=1, help="How many items per user."),
               out: Optional[Path] = typer.Option(None, "--out", help="Write user_id,item_id,rank,score CSV here."),
               include_seen: bool = typer.Option(False, "--include-seen", help="Keep items the user already interacted with."),
+              rerank: bool = typer.Option(False, "--rerank", help="Re-rank the retrieved items with the rank stage's relevance tower."),
+              rerank_depth: int = typer.Option(100, "--rerank-depth", min=1, help="With --rerank: how many retrieved items to re-rank."),
               params_file: Path = ParamsOption) -> None:
     """Recommend items from the published index, with Feast online features and the user tower."""
     with _errors():
@@ -160,15 +162,55 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
             ids = read_ids_file(users_file, id_dtype)
         else:
             ids = [parse_id(user_id.strip(), id_dtype, "--user-id")]
-        recs = _recommend(ids, k, include_seen, model_dir=paths.model / "full", feast_dir=paths.feast,
-                          features_dir=paths.features, schema_path=schema_path, index_dir=paths.index,
-                          qdrant_path=paths.qdrant, alias=params.publish.alias)
+        ranker = None
+        if rerank:  # loaded first: a missing ranker fails before the index is queried
+            from flows.serving.rerank import load_reranker
+            ranker = load_reranker(paths.ranker)
+        recs = _recommend(ids, max(k, rerank_depth) if rerank else k, include_seen, model_dir=paths.model / "full",
+                          feast_dir=paths.feast, features_dir=paths.features, schema_path=schema_path,
+                          index_dir=paths.index, qdrant_path=paths.qdrant, alias=params.publish.alias)
+        if ranker is not None:
+            from flows.serving.rerank import rerank as _rerank
+            recs = _rerank(recs, ranker, k)
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             recs.to_csv(out, index=False)
             typer.echo(f"wrote {len(recs)} rows for {recs['user_id'].nunique()} users to {out}")
         else:
             typer.echo(recs.to_csv(index=False), nl=False)
+
+
+rank_app = typer.Typer(no_args_is_help=True, help="The rank stage's models: score pairs, the measurement table.")
+app.add_typer(rank_app, name="rank")
+
+
+@rank_app.command("score")
+def rank_score(pairs: Path = typer.Option(..., "--pairs", help="CSV with header user_id,item_id."),
+               out: Path = typer.Option(..., "--out", help="Write user_id,item_id,score CSV here."),
+               params_file: Path = ParamsOption) -> None:
+    """Score user/item pairs with the rank stage's relevance tower (no position)."""
+    with _errors():
+        paths = _load(params_file, None).paths.resolved(params_file.resolve().parent)
+        schema_path = paths.ingested / "schema.json"
+        if not schema_path.exists():
+            raise MissingStageInput(f"{schema_path} not found: run `towerflow run` first")
+        from flows.serving.rerank import load_reranker, read_pairs, score_pairs
+        table = read_pairs(pairs, json.loads(schema_path.read_text()))
+        scores = score_pairs(table, load_reranker(paths.ranker))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scores.to_csv(out, index=False)
+        typer.echo(f"wrote {len(scores)} scores to {out}")
+
+
+@rank_app.command("table")
+def rank_table(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
+               seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per cell: base.seed, base.seed+1, ..."),
+               requests: float = typer.Option(0.03, "--request-fraction", help="simulator.request_fraction of each regenerated log."),
+               out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: paths.reports.")) -> None:
+    """The rankers measured against the simulator's truth across bias strengths and loggers (slow)."""
+    with _errors():
+        from flows.experiments.rank_table import run_cli
+        run_cli(params_file, set_ or [], seeds, requests, out_dir)
 
 
 @app.command()

@@ -23,6 +23,7 @@ from models.params import (
     SplitParams,
     TrainParams,
 )
+from models.ranking.params import RankParams
 from validation.params import ValidateParams
 
 
@@ -40,6 +41,7 @@ class PathsParams(Section):
     model: Path = Path("artifacts/model")
     index: Path = Path("artifacts/index")
     qdrant: Path = Path("artifacts/qdrant")
+    ranker: Path = Path("artifacts/ranker")
     reports: Path = Path("reports")
 
     def resolved(self, root: Path) -> "PathsParams":
@@ -148,6 +150,7 @@ with warnings.catch_warnings():
         sample: SampleParams = SampleParams()
         model: ModelParams = ModelParams()
         train: TrainParams = TrainParams()
+        rank: RankParams = RankParams()
         evaluate: EvaluateParams = EvaluateParams()
         publish: PublishParams = PublishParams()
         report: ReportParams = ReportParams()

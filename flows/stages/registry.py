@@ -11,7 +11,7 @@ from typing import Any, Callable
 from flows.params import Params, PathsParams, resolve_source, validate_for_source
 
 STAGES: tuple[str, ...] = (
-    "ingest", "validate", "materialize", "sample", "train", "evaluate", "publish", "report",
+    "ingest", "validate", "materialize", "sample", "train", "rank", "evaluate", "publish", "report",
 )
 
 
@@ -47,6 +47,13 @@ def _train(p: Params, paths: PathsParams) -> dict[str, Any]:
                  out_dir=paths.model)
 
 
+def _rank(p: Params, paths: PathsParams) -> dict[str, Any]:
+    from flows.stages.rank import rank
+    retrieval = paths.model / "full" if p.rank.retrieval_embeddings else None
+    return rank(p.rank, p.base.seed, paths.ingested, retrieval, out_dir=paths.ranker,
+                report_path=paths.reports / "ranking.json")
+
+
 def _evaluate(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.evaluate import evaluate
     return evaluate(p.evaluate, paths.training, paths.model / "eval", out_path=paths.reports / "metrics.json")
@@ -65,7 +72,7 @@ def _report(p: Params, paths: PathsParams) -> dict[str, Any]:
 
 _RUNNERS: dict[str, Callable[[Params, PathsParams], dict[str, Any]]] = {
     "ingest": _ingest, "validate": _validate, "materialize": _materialize, "sample": _sample,
-    "train": _train, "evaluate": _evaluate, "publish": _publish, "report": _report,
+    "train": _train, "rank": _rank, "evaluate": _evaluate, "publish": _publish, "report": _report,
 }
 
 
