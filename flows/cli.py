@@ -213,6 +213,21 @@ def rank_table(set_: Optional[list[str]] = SetOption, params_file: Path = Params
         run_cli(params_file, set_ or [], seeds, requests, out_dir)
 
 
+@rank_app.command("negatives")
+def rank_negatives(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
+                   seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per row: base.seed, base.seed+1, ..."),
+                   out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: paths.reports.")) -> None:
+    """Retrieval with the debiased ranker's hard negatives vs the logs' (sample, train, evaluate; slow)."""
+    with _errors():
+        from flows.experiments.ranker_negatives import ranker_negatives
+        from flows.params import read_raw
+        root = params_file.resolve().parent
+        params = _load(params_file, set_)
+        out = out_dir or params.paths.resolved(root).reports
+        ranker_negatives(read_raw(params_file), root, out, [params.base.seed + i for i in range(seeds)], set_ or [])
+        typer.echo(f"written {out / 'ranker_negatives.md'} and {out / 'ranker_negatives.json'}")
+
+
 @app.command()
 def params(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption) -> None:
     """Print the validated config (after --set overrides)."""

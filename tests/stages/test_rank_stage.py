@@ -145,3 +145,24 @@ def test_rerank_keeps_k_per_user_and_changes_the_order(ranked: tuple[Path, dict]
     for _, group in out.groupby("user_id"):
         assert group["score"].is_monotonic_decreasing
         assert list(group["retrieval_rank"]) != [1, 2, 3, 4, 5]   # the ranker disagrees with retrieval
+
+
+def test_ranker_hard_negatives_keep_the_low_scored_half_of_each_request(ranked: tuple[Path, dict],
+                                                                       tmp_path: Path) -> None:
+    from flows.experiments.ranker_negatives import ranker_logs
+
+    root, _ = ranked
+    logs = root / "ingested" / "ranking_logs.parquet"
+    counts = ranker_logs(logs, root / "ranker", tmp_path / "logs.parquet", read_rows=1000)  # requests span reads
+    before, after = pd.read_parquet(logs), pd.read_parquet(tmp_path / "logs.parquet")
+    assert counts == {"log_rows": len(before), "kept_rows": len(after)}
+    assert list(after.columns) == list(before.columns)
+    shown = before[before["stage"] == "shown"]
+    pd.testing.assert_frame_equal(after[after["stage"] == "shown"].reset_index(drop=True),
+                                  shown.reset_index(drop=True))
+    per_request = after[after["stage"] != "shown"].groupby("request_id").size()
+    assert per_request.max() <= 1   # 3 unshown items per request: only the lowest is below the median
+    scores = load_ranker(root / "ranker").score(before["user_id"].to_numpy(), before["item_id"].to_numpy())
+    unshown = before.assign(score=scores)[before["stage"] != "shown"]
+    lowest = unshown.loc[unshown.groupby("request_id")["score"].idxmin(), "item_id"]
+    assert set(after.loc[after["stage"] != "shown", "item_id"]) <= set(lowest)
