@@ -166,3 +166,26 @@ def test_ranker_hard_negatives_keep_the_low_scored_half_of_each_request(ranked: 
     unshown = before.assign(score=scores)[before["stage"] != "shown"]
     lowest = unshown.loc[unshown.groupby("request_id")["score"].idxmin(), "item_id"]
     assert set(after.loc[after["stage"] != "shown", "item_id"]) <= set(lowest)
+
+
+def test_recommend_rerank_retrieves_the_depth_and_returns_k(ranked: tuple[Path, dict], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI composition only: retrieval (the published index) is replaced by a fixed top-N."""
+    import io
+
+    root, _ = ranked
+    asked: list[int] = []
+
+    def retrieve(ids: list, k: int, include_seen: bool, **_: object) -> pd.DataFrame:
+        asked.append(k)
+        return pd.DataFrame([(u, item, r + 1, 1.0 - r / 100) for u in ids for r, item in enumerate(range(k))],
+                            columns=["user_id", "item_id", "rank", "score"])
+
+    monkeypatch.setattr("flows.serving.recommend.recommend", retrieve)
+    result = CliRunner().invoke(app, ["recommend", "--user-id", "u1", "--k", "4", "--rerank", "--rerank-depth", "30",
+                                      "--params", str(_params_file(root))])
+    assert result.exit_code == 0, result.output
+    recs = pd.read_csv(io.StringIO(result.output))
+    assert asked == [30]
+    assert list(recs.columns) == ["user_id", "item_id", "rank", "score", "retrieval_rank"]
+    assert list(recs["rank"]) == [1, 2, 3, 4] and recs["retrieval_rank"].max() <= 30
