@@ -205,7 +205,7 @@ def rank_score(pairs: Path = typer.Option(..., "--pairs", help="CSV with header 
 @rank_app.command("table")
 def rank_table(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
                seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per cell: base.seed, base.seed+1, ..."),
-               requests: float = typer.Option(0.03, "--request-fraction", help="simulator.request_fraction of each regenerated log."),
+               requests: float = typer.Option(0.05, "--request-fraction", help="simulator.request_fraction of each regenerated log."),
                out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: paths.reports.")) -> None:
     """The rankers measured against the simulator's truth across bias strengths and loggers (slow)."""
     with _errors():

@@ -189,3 +189,22 @@ def test_recommend_rerank_retrieves_the_depth_and_returns_k(ranked: tuple[Path, 
     assert asked == [30]
     assert list(recs.columns) == ["user_id", "item_id", "rank", "score", "retrieval_rank"]
     assert list(recs["rank"]) == [1, 2, 3, 4] and recs["retrieval_rank"].max() <= 30
+
+
+def test_shown_only_logs_with_two_layouts_and_a_context_column(tmp_path: Path) -> None:
+    """Real logs: only shown rows, a device column for the bias tower, grid pages beside list pages."""
+    sim = simulate(SimConfig(requests=400, unshown=0, devices=True, grid_cols=4, seed=2))
+    logs = sim.logs.copy()
+    lists = logs["request_id"].str[-1].isin(list("02468"))              # half the requests: a list page
+    logs.loc[lists, ["grid_row", "grid_col"]] = None
+    ingested = write_ingested(SimLog(logs=logs, items=sim.items, curves=sim.curves), tmp_path / "ingested")
+    frame = pd.read_parquet(ingested / "ranking_logs.parquet")
+    frame.assign(device=logs["device"], grid_row=logs["grid_row"].astype("Int64"),
+                 grid_col=logs["grid_col"].astype("Int64")).to_parquet(ingested / "ranking_logs.parquet")
+    cfg = RankParams(models=["naive", "xpa"], serve="xpa", epochs=1, context_columns=["device"],
+                     lightgbm=False)
+    report = rank(cfg, 0, ingested, None, tmp_path / "ranker", tmp_path / "ranking.json")
+    assert report["status"] == "ok" and report["log"]["grid"] is True
+    assert report["log"]["context_columns"] == ["device"]
+    assert report["log"]["shown_rows"] == len(logs)
+    assert load_ranker(tmp_path / "ranker").meta["config"]["grid"] is True
