@@ -167,6 +167,8 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
               out: Optional[Path] = typer.Option(None, "--out", help="Write user_id,item_id,rank,score,cold_start CSV here."),
               include_seen: bool = typer.Option(False, "--include-seen", help="Keep items the user already interacted with."),
               filter_: Optional[str] = typer.Option(None, "--filter", help='Only items whose fields match, as JSON: \'{"genres": "Comedy", "year": {"gte": 1990}}\'.'),
+              rerank: bool = typer.Option(False, "--rerank", help="Re-rank the retrieved items with the rank stage's relevance tower."),
+              rerank_depth: int = typer.Option(100, "--rerank-depth", min=1, help="With --rerank: how many retrieved items to re-rank."),
               params_file: Path = ParamsOption) -> None:
     """Recommend items from the live published bundle, with Feast online features and its user tower."""
     with _errors():
@@ -183,8 +185,16 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
         else:
             ids = [parse_id(user_id.strip(), id_dtype, "--user-id")]
         query_filter = parse_filter_json(filter_)
+        ranker = None
+        if rerank:  # loaded first: a missing ranker fails before the index is queried
+            from flows.serving.rerank import load_reranker
+            ranker = load_reranker(paths.ranker)
         with Recommender.load(bundle, paths.feast, paths.features) as recommender:
-            recs = recommender.recommend(ids, k, exclude_seen=not include_seen, filter=query_filter)
+            recs = recommender.recommend(ids, max(k, rerank_depth) if rerank else k,
+                                         exclude_seen=not include_seen, filter=query_filter)
+        if ranker is not None:
+            from flows.serving.rerank import rerank as _rerank
+            recs = _rerank(recs, ranker, k)
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             recs.to_csv(out, index=False)
@@ -228,6 +238,54 @@ def index_rollback(to: Optional[str] = typer.Option(None, "--to", help="Version 
         from flows.serving.bundles import rollback
         old, new = rollback(_bundle_store(params_file), to, reason)
         typer.echo(f"live: {new} (was {old})")
+
+
+rank_app = typer.Typer(no_args_is_help=True, help="The rank stage's models: score pairs, the measurement table.")
+app.add_typer(rank_app, name="rank")
+
+
+@rank_app.command("score")
+def rank_score(pairs: Path = typer.Option(..., "--pairs", help="CSV with header user_id,item_id."),
+               out: Path = typer.Option(..., "--out", help="Write user_id,item_id,score CSV here."),
+               params_file: Path = ParamsOption) -> None:
+    """Score user/item pairs with the rank stage's relevance tower (no position)."""
+    with _errors():
+        paths = _load(params_file, None).paths.resolved(params_file.resolve().parent)
+        schema_path = paths.ingested / "schema.json"
+        if not schema_path.exists():
+            raise MissingStageInput(f"{schema_path} not found: run `towerflow run` first")
+        from flows.serving.rerank import load_reranker, read_pairs, score_pairs
+        table = read_pairs(pairs, json.loads(schema_path.read_text()))
+        scores = score_pairs(table, load_reranker(paths.ranker))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scores.to_csv(out, index=False)
+        typer.echo(f"wrote {len(scores)} scores to {out}")
+
+
+@rank_app.command("table")
+def rank_table(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
+               seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per cell: base.seed, base.seed+1, ..."),
+               requests: float = typer.Option(0.05, "--request-fraction", help="simulator.request_fraction of each regenerated log."),
+               out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: paths.reports.")) -> None:
+    """The rankers measured against the simulator's truth across bias strengths and loggers (slow)."""
+    with _errors():
+        from flows.experiments.rank_table import run_cli
+        run_cli(params_file, set_ or [], seeds, requests, out_dir)
+
+
+@rank_app.command("negatives")
+def rank_negatives(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
+                   seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per row: base.seed, base.seed+1, ..."),
+                   out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: paths.reports.")) -> None:
+    """Retrieval with the debiased ranker's hard negatives vs the logs' (sample, train, evaluate; slow)."""
+    with _errors():
+        from flows.experiments.ranker_negatives import ranker_negatives
+        from flows.params import read_raw
+        root = params_file.resolve().parent
+        params = _load(params_file, set_)
+        out = out_dir or params.paths.resolved(root).reports
+        ranker_negatives(read_raw(params_file), root, out, [params.base.seed + i for i in range(seeds)], set_ or [])
+        typer.echo(f"written {out / 'ranker_negatives.md'} and {out / 'ranker_negatives.json'}")
 
 
 @app.command()

@@ -23,6 +23,7 @@ from models.params import (
     SplitParams,
     TrainParams,
 )
+from models.ranking.params import RankParams
 from validation.params import ValidateParams
 
 
@@ -39,6 +40,7 @@ class PathsParams(Section):
     samples: Path = Path("data/samples")
     model: Path = Path("artifacts/model")
     published: Path = Path("artifacts/published")    # serving bundles: versions/<v>/, LIVE, history.jsonl
+    ranker: Path = Path("artifacts/ranker")          # the served ranker (relevance tower of rank.serve)
     reports: Path = Path("reports")
 
     def resolved(self, root: Path) -> "PathsParams":
@@ -187,6 +189,7 @@ with warnings.catch_warnings():
         sample: SampleParams = SampleParams()
         model: ModelParams = ModelParams()
         train: TrainParams = TrainParams()
+        rank: RankParams = RankParams()
         evaluate: EvaluateParams = EvaluateParams()
         publish: PublishParams = PublishParams()
         report: ReportParams = ReportParams()

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from flows.params import Params, PathsParams, resolve_source, validate_for_source
 
 STAGES: tuple[str, ...] = (
-    "ingest", "validate", "materialize", "sample", "train", "evaluate", "report", "gate", "publish",
+    "ingest", "validate", "materialize", "sample", "train", "rank", "evaluate", "report", "gate", "publish",
 )
 
 
@@ -49,6 +49,13 @@ def _train(p: Params, paths: PathsParams) -> dict[str, Any]:
                  out_dir=paths.model)
 
 
+def _rank(p: Params, paths: PathsParams) -> dict[str, Any]:
+    from flows.stages.rank import rank
+    retrieval = paths.model / "full" if p.rank.retrieval_embeddings else None
+    return rank(p.rank, p.base.seed, paths.ingested, retrieval, out_dir=paths.ranker,
+                report_path=paths.reports / "ranking.json")
+
+
 def _evaluate(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.evaluate import evaluate
     return evaluate(p.evaluate, paths.training, paths.model / "eval", out_path=paths.reports / "metrics.json",
@@ -77,7 +84,7 @@ def _gate(p: Params, paths: PathsParams) -> dict[str, Any]:
 
 _RUNNERS: dict[str, Callable[[Params, PathsParams], dict[str, Any]]] = {
     "ingest": _ingest, "validate": _validate, "materialize": _materialize, "sample": _sample,
-    "train": _train, "evaluate": _evaluate, "report": _report, "gate": _gate, "publish": _publish,
+    "train": _train, "rank": _rank, "evaluate": _evaluate, "report": _report, "gate": _gate, "publish": _publish,
 }
 
 

@@ -98,12 +98,13 @@ def click_loglik(model: Ranker, batches: Iterable[RankBatch]) -> float | None:
     return total / max(n, 1)
 
 
-def mixture_report(model: MixtureEM, batches: Sequence[RankBatch], positions: Sequence[int],
+def mixture_report(model: MixtureEM, batches: Iterable[RankBatch], positions: Sequence[int],
                    true_curves: dict[int, np.ndarray] | None = None,
                    type_column: str = "user_type") -> list[dict]:
     """What each component learned: its examination curve (relative to position 1), its share of the
     held-out requests with a click, and (given the truth) the share of each user type's requests it
-    takes and how its curve correlates with each type's true curve."""
+    takes and how its curve correlates with each type's true curve. `batches` is read three times:
+    a list, or a re-iterable stream such as RankingLog."""
     model.eval()
     curves = torch.stack([model.component_propensities(b, list(positions)) * b.n_examples
                           for b in batches])                                  # (B, K, P)
@@ -145,7 +146,7 @@ def _lgb_rows(batch: RankBatch, features: RankFeatures, use_logged_score: bool) 
     return np.concatenate([np.asarray(c, dtype=np.float64) for c in cols], axis=1)
 
 
-def lightgbm_ndcg(train: Iterable[RankBatch], test: Sequence[RankBatch], features: RankFeatures, *,
+def lightgbm_ndcg(train: Iterable[RankBatch], test: Iterable[RankBatch], features: RankFeatures, *,
                   rounds: int = 100, max_rows: int = 2_000_000, use_logged_score: bool = False,
                   seed: int = 0, k: int = 10, truth: str = "relevance", threads: int = 1) -> dict:
     """Fit LightGBM lambdarank on clicks with position-bias correction (Dataset `position`, LightGBM

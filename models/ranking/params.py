@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from models.params import Section
 
@@ -48,3 +48,13 @@ class RankParams(Section):
     observation_dropout: float = Field(0.0, ge=0, lt=1)
     grad_reversal: NonNegativeFloat = 0.0           # weight of the reversed adversary gradient (0: off)
     use_logged_score: bool = False                  # the logging ranker's score carries its policy: opt-in
+    retrieval_embeddings: bool = True               # the retrieval towers' user/item vectors as features
+    serve: RankModel = "pal"                        # whose relevance tower is saved for serving (one of models)
+    threads: PositiveInt = 1                        # torch and LightGBM threads (small models: 1 is enough)
+
+    @model_validator(mode="after")
+    def _serve_is_trained(self) -> RankParams:
+        if self.serve not in self.models:
+            raise ValueError(f"rank.serve is {self.serve!r} but rank.models trains only {self.models}; "
+                             "add it to rank.models or pick one of them")
+        return self

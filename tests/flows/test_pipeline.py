@@ -100,7 +100,7 @@ def test_second_run_and_dvc_repro_do_nothing(flow_project):
 def test_param_change_reruns_only_dependent_stages(flow_project):
     root, _, _, third = flow_project
     ran = {r.stage for r in third if r.ran}
-    assert ran == {"train", "evaluate", "report", "gate", "publish"}
+    assert ran == {"train", "rank", "evaluate", "report", "gate", "publish"}
 
 
 def test_dvc_agrees_after_the_flow(flow_project):

@@ -1,0 +1,108 @@
+"""Serving with the ranker: re-rank retrieved items, and score given (user_id, item_id) pairs.
+
+Both use the relevance tower of the rank stage's served model alone, never a position: that is the
+point of training it beside a bias tower. `rerank` takes the DataFrame `recommend` returns (the top N
+of retrieval) and keeps the ranker's top k, so the CLI and an HTTP service compose the two the same
+way. torch is imported only when a ranker is loaded.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from flows.errors import ConfigError, DataContractError, MissingStageInput
+
+if TYPE_CHECKING:
+    from models.ranking.bundle import RankerBundle
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+PAIR_COLUMNS = ("user_id", "item_id")
+RERANK_COLUMNS = ["user_id", "item_id", "rank", "score", "retrieval_rank"]
+
+
+def load_reranker(ranker_dir: Path) -> RankerBundle:
+    """The served ranker of the rank stage (paths.ranker)."""
+    from models.errors import ModelNotFound
+    from models.ranking.bundle import load_ranker
+
+    try:
+        return load_ranker(ranker_dir)
+    except ModelNotFound as exc:
+        raise MissingStageInput(f"{exc}; run the rank stage first (towerflow stage rank)") from exc
+
+
+def rerank(recs: pd.DataFrame, ranker: RankerBundle, k: int) -> pd.DataFrame:
+    """recs: user_id, item_id, rank (retrieval order, 1 = best) [, score], users in any order. Returns
+    each user's k items the ranker scores highest: user_id, item_id, rank (1..k), score (the ranker's
+    relevance score) and retrieval_rank; users keep their order of first appearance, ties keep the
+    retrieval order."""
+    if k < 1:
+        raise ConfigError(f"k must be at least 1, got {k}")
+    if recs.empty:
+        return pd.DataFrame(columns=RERANK_COLUMNS)
+    out = pd.DataFrame({
+        "user_id": recs["user_id"].to_numpy(), "item_id": recs["item_id"].to_numpy(),
+        "score": ranker.score(recs["user_id"].to_numpy(), recs["item_id"].to_numpy()),
+        "retrieval_rank": recs["rank"].to_numpy(),
+        "user_order": pd.factorize(recs["user_id"])[0],
+    })
+    out = out.sort_values(["user_order", "score", "retrieval_rank"], ascending=[True, False, True],
+                          kind="stable")
+    if "cold_start" in recs.columns:     # the retrieval side's flag travels with the user
+        out["cold_start"] = recs["cold_start"].to_numpy()
+    out = out.groupby("user_order", sort=False).head(k)
+    out["rank"] = out.groupby("user_order", sort=False).cumcount() + 1
+    return out[[*RERANK_COLUMNS, *(["cold_start"] if "cold_start" in out.columns else [])]].reset_index(drop=True)
+
+
+def _parse_id(text: str, dtype: str, what: str, where: str) -> int | str:
+    if not text:
+        raise DataContractError(f"{where}: empty {what}")
+    if dtype == "string":
+        return text
+    if dtype != "int64":
+        raise ConfigError(f"schema.json: {what}_dtype must be 'int64' or 'string', got {dtype!r}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise DataContractError(f"{where}: {what} '{text}' is not an int64") from None
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise DataContractError(f"{where}: {what} '{text}' is out of the int64 range")
+    return value
+
+
+def read_pairs(path: Path, schema: dict) -> pd.DataFrame:
+    """A CSV of user_id,item_id pairs (the header is required; other columns are not allowed), ids
+    parsed as schema.json's dtypes. A bad row is an error naming file:line."""
+    if not path.is_file():
+        raise DataContractError(f"{path}: pairs file not found")
+    users: list[int | str] = []
+    items: list[int | str] = []
+    # utf-8-sig: files saved by spreadsheet tools start with a BOM
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [c.strip() for c in next(reader, [])]
+        if tuple(header) != PAIR_COLUMNS:
+            raise DataContractError(f"{path}:1: the header must be 'user_id,item_id' (got {','.join(header)!r})")
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != 2:
+                raise DataContractError(f"{where}: expected 2 fields (user_id,item_id), got {len(row)}")
+            users.append(_parse_id(row[0].strip(), schema["user_id_dtype"], "user_id", where))
+            items.append(_parse_id(row[1].strip(), schema["item_id_dtype"], "item_id", where))
+    if not users:
+        raise DataContractError(f"{path}: no pairs after the header")
+    dtype = {"int64": np.int64, "string": object}
+    return pd.DataFrame({"user_id": np.array(users, dtype=dtype[schema["user_id_dtype"]]),
+                         "item_id": np.array(items, dtype=dtype[schema["item_id_dtype"]])})
+
+
+def score_pairs(pairs: pd.DataFrame, ranker: RankerBundle) -> pd.DataFrame:
+    """user_id, item_id, score (the relevance tower's, higher is better), in the input order."""
+    return pairs.assign(score=ranker.score(pairs["user_id"].to_numpy(), pairs["item_id"].to_numpy()))

@@ -1,0 +1,322 @@
+"""rank stage: position-bias rankers learned from the ranking logs, measured against the truth.
+
+Clicks in a ranking log depend on where an item was shown as much as on whether it was relevant.
+Each model of `rank.models` (models/ranking/) is fitted on the shown impressions of the training
+requests; on held-out requests (a fixed hash of request_id) it is measured by NDCG@10 of its
+relevance-only ordering against the simulator's true relevance (or against the clicks when the logs
+came from a source, which has no truth), by how well it recovers the examination curve, and by click
+log-likelihood; LightGBM lambdarank with its position field is one more row. The relevance tower of
+`rank.serve` is saved for serving (`towerflow rank score`, `towerflow recommend --rerank`).
+
+The log is read once in batches of `rank.read_rows` rows: its shown rows, with the truth joined when
+there is one, go to a compact file in a temporary folder, which every epoch then streams again
+(bounded memory: a 50M-row log is never whole in memory). The simulator's truth (shown rows only)
+is held in memory for the join.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from flows.errors import MissingStageInput
+from models.errors import ModelNotFound
+from models.inference import load_bundle
+from models.ranking import evaluate as ev
+from models.ranking.bundle import save_ranker
+from models.ranking.catalog import RankFeatures, Vectors, build_features
+from models.ranking.data import GRID, REQUIRED, LogSpec, RankBatch, RankingLog, inspect_log
+from models.ranking.mixture import MixtureEM
+from models.ranking.params import RankParams
+from models.ranking.towers import Ranker, RankerConfig
+from models.ranking.train import build_model, fit
+
+K = 10                      # NDCG@10: the depth of a page
+RELEVANCE, USER_TYPE = "relevance", "user_type"   # truth columns of the prepared log
+SKIPPED = "no ranking logs (data.ranking_logs is none, or the log has no shown rows)"
+
+
+@dataclass(frozen=True)
+class Truth:
+    """What the evaluation compares with: the simulator's relevance and examination curves, or clicks."""
+    source: Literal["simulation", "clicks"]
+    type_names: tuple[str, ...] = ()          # user type code → name
+    curves: np.ndarray | None = None          # (T, P) true examination at positions 1..P, per type code
+
+
+@dataclass
+class RankData:
+    """The prepared log (shown rows, truth joined) and what the models read from it."""
+    path: Path
+    spec: LogSpec
+    features: RankFeatures
+    truth: Truth
+    rows: int
+    positions: list[int]                      # positions the propensity curves are read at
+
+    def log(self, cfg: RankParams, split: Literal["train", "test"]) -> RankingLog:
+        return RankingLog(self.path, self.features, self.spec, batch_requests=cfg.batch_requests,
+                          read_rows=cfg.read_rows, max_position=cfg.max_position, max_grid=cfg.max_grid,
+                          split=split, test_fraction=cfg.test_fraction)
+
+
+# --- the prepared log ------------------------------------------------------------------------------
+
+def _read_truth(truth_dir: Path) -> tuple[Truth, pd.DataFrame | None]:
+    """The simulator's truth, when ingest simulated the logs: relevance of every shown row and the
+    examination curve of each user type (truth.json)."""
+    table, doc = truth_dir / "truth.parquet", truth_dir / "truth.json"
+    if not (table.is_file() and doc.is_file()):
+        return Truth("clicks"), None
+    curves = json.loads(doc.read_text())["propensity"]
+    names = tuple(sorted(curves))
+    rows = pd.read_parquet(table, columns=["request_id", "item_id", "user_type", "p_relevant"])
+    rows[USER_TYPE] = rows[USER_TYPE].map({n: i for i, n in enumerate(names)}).astype("float32")
+    rows = rows.set_index(["request_id", "item_id"])
+    return Truth("simulation", names, np.array([curves[n] for n in names], dtype=np.float64)), rows
+
+
+def _shown(table: pa.Table, spec: LogSpec) -> pa.Array:
+    if spec.shown_by == "shown":
+        return pc.fill_null(table["shown"], False)
+    if spec.shown_by == "stage":
+        return pc.fill_null(pc.equal(table["stage"], "shown"), False)
+    return pc.is_valid(table["position"])
+
+
+def _with_truth(table: pa.Table, truth: pd.DataFrame | None) -> pa.Table:
+    if truth is None:   # no truth: evaluate against the clicks themselves
+        return table.append_column(RELEVANCE, pc.cast(table["clicked"], pa.float32()))
+    keys = pd.MultiIndex.from_arrays([table["request_id"].to_numpy(zero_copy_only=False),
+                                      table["item_id"].to_numpy(zero_copy_only=False)])
+    at = truth.index.get_indexer(keys)                                       # -1: no truth for the row
+    found = at >= 0
+    rel = np.where(found, truth["p_relevant"].to_numpy()[at], np.nan).astype(np.float32)
+    typ = np.where(found, truth[USER_TYPE].to_numpy()[at], np.nan).astype(np.float32)
+    return table.append_column(RELEVANCE, pa.array(rel)).append_column(USER_TYPE, pa.array(typ))
+
+
+def prepare_log(logs: Path, truth_dir: Path | None, out: Path, context: list[str],
+                read_rows: int) -> tuple[Truth, int, int]:
+    """Write the shown rows of `logs` with the truth columns to `out`, `read_rows` rows at a time;
+    (truth, shown rows, largest position). Row order is kept: a request's rows stay adjacent."""
+    spec = inspect_log(logs, context=context)
+    truth, truth_rows = _read_truth(truth_dir) if truth_dir is not None else (Truth("clicks"), None)
+    keep = [*REQUIRED, *context, *(GRID if spec.grid else ())]
+    rows, top, writer = 0, 0, None
+    try:
+        for rb in pq.ParquetFile(logs).iter_batches(batch_size=read_rows, columns=spec.columns):
+            table = pa.Table.from_batches([rb])
+            table = _with_truth(table.filter(_shown(table, spec)).select(keep), truth_rows)
+            if writer is None:
+                writer = pq.ParquetWriter(out, table.schema)
+            writer.write_table(table)
+            rows += table.num_rows
+            top = max(top, pc.max(table["position"]).as_py() or 0)
+    finally:
+        if writer is not None:
+            writer.close()
+    return truth, rows, top
+
+
+# --- features --------------------------------------------------------------------------------------
+
+def retrieval_vectors(model_dir: Path, ingested: Path) -> tuple[Vectors, Vectors]:
+    """The retrieval towers' user and item embeddings: relevance-tower inputs that know every catalog
+    item and every user, also those the logs never showed. Users are encoded from their static
+    features (no history: a request's history would be the one at its own time)."""
+    try:
+        bundle = load_bundle(model_dir)
+    except ModelNotFound as exc:
+        raise MissingStageInput(f"{exc}; run the train stage first") from exc
+    users = pd.read_parquet(ingested / "users.parquet")
+    items = pd.read_parquet(ingested / "items.parquet")
+    return ((users["user_id"].to_numpy(), bundle.encode_users(users)),
+            (items["item_id"].to_numpy(), bundle.encode_items(items)))
+
+
+def item_table(ingested: Path, schema: dict) -> pd.DataFrame:
+    """item_id + the items' numeric feature columns (categorical ones reach the ranker through the
+    retrieval embeddings)."""
+    numeric = list(schema.get("item_features", {}).get("numeric", []))
+    return pd.read_parquet(ingested / "items.parquet", columns=["item_id", *numeric])
+
+
+def rank_data(cfg: RankParams, logs: Path, truth_dir: Path | None, items: pd.DataFrame | None,
+              vectors: tuple[Vectors, Vectors] | None, work: Path) -> RankData | None:
+    """Prepare the log in `work` and build the features; None when the log has no shown rows."""
+    path = work / "shown.parquet"
+    truth, rows, top = prepare_log(logs, truth_dir, path, list(cfg.context_columns), cfg.read_rows)
+    if rows == 0:
+        return None
+    users_v, items_v = vectors if vectors is not None else (None, None)
+    features = build_features(path, cfg.context_columns, item_table=items, user_vectors=users_v,
+                              item_vectors=items_v, read_rows=cfg.read_rows)
+    columns = (RELEVANCE, USER_TYPE) if truth.source == "simulation" else (RELEVANCE,)
+    spec = inspect_log(path, context=cfg.context_columns, truth=columns)
+    last = min(top, cfg.max_position, *(() if truth.curves is None else (truth.curves.shape[1],)))
+    return RankData(path, spec, features, truth, rows, list(range(1, max(last, 1) + 1)))
+
+
+# --- measurement -----------------------------------------------------------------------------------
+
+def true_curve(batches: Iterable[RankBatch], curves: np.ndarray, positions: list[int]) -> np.ndarray:
+    """(P,) the examination curve the held-out impressions really had, on the same footing as
+    `evaluate.propensity_curve`: clicks expected with every impression at position p, over those at
+    position 1 (each impression weighs by its relevance and examines with its user type's curve)."""
+    at = curves[:, np.asarray(positions) - 1]                                 # (T, P)
+    total = np.zeros(len(positions))
+    for b in batches:
+        typ, rel = b.truth[USER_TYPE], b.truth[RELEVANCE]                     # (R, L) each
+        ok = b.mask & ~typ.isnan() & ~rel.isnan()                             # (R, L)
+        total += (rel[ok].numpy()[:, None] * at[typ[ok].long().numpy()]).sum(axis=0)
+    return total / max(total[0], 1e-12)
+
+
+def _mixture_rows(model: MixtureEM, test: RankingLog, data: RankData) -> dict[str, Any]:
+    """Each component's curve; with the truth, the component that fits each user type best."""
+    curves = data.truth.curves
+    if curves is None:
+        return {"components": ev.mixture_report(model, test, data.positions)}
+    true = {t: curves[t, : len(data.positions)] for t in range(len(curves))}
+    report = ev.mixture_report(model, test, data.positions, true_curves=true, type_column=USER_TYPE)
+    by_type = {}
+    for t, name in enumerate(data.truth.type_names):
+        best = max(report, key=lambda c: -math.inf if math.isnan(c["pearson_by_type"][t])
+                   else c["pearson_by_type"][t])
+        by_type[name] = {"component": best["component"],
+                         **ev.propensity_recovery(np.array(best["curve"]), true[t])}
+    mean = {m: float(np.mean([v[m] for v in by_type.values()])) for m in ("pearson", "mae")}
+    return {"components": report, "propensity_by_type": by_type, "propensity": mean}
+
+
+def measure(model: Ranker, data: RankData, cfg: RankParams) -> dict[str, Any]:
+    """NDCG@10 of the serving order, click log-likelihood and propensity recovery on held-out requests
+    (re-read from the prepared file for each measure rather than held in memory)."""
+    test = data.log(cfg, "test")
+    row: dict[str, Any] = {f"ndcg@{K}": ev.relevance_ndcg(model, test, K, truth=RELEVANCE),
+                           "click_loglik": ev.click_loglik(model, test)}
+    if isinstance(model, MixtureEM):
+        return row | _mixture_rows(model, test, data)
+    if type(model) is Ranker:         # the naive model has no position: its curve is flat
+        return row
+    curve = ev.propensity_curve(model, test, data.positions)
+    row["propensity"] = {"curve": np.round(curve, 4).tolist()}
+    if data.truth.curves is not None:
+        row["propensity"] |= ev.propensity_recovery(curve, true_curve(test, data.truth.curves,
+                                                                      data.positions))
+    return row
+
+
+def fit_and_measure(kind: str, cfg: RankParams, seed: int, data: RankData) -> tuple[Ranker, dict[str, Any]]:
+    """One model of `kind` (a key of models.ranking.train.MODELS) fitted with `cfg`, and its row."""
+    model = build_model(kind, RankerConfig.build(cfg, data.features, data.spec.grid), data.features, seed)
+    report = fit(model, data.log(cfg, "train"), cfg, seed)
+    return model, measure(model, data, cfg) | {"fit": report.to_dict()}
+
+
+def lightgbm_row(cfg: RankParams, seed: int, data: RankData) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    # LightGBM holds at most lightgbm_max_rows training rows; the test side is streamed
+    row = ev.lightgbm_ndcg(data.log(cfg, "train"), data.log(cfg, "test"), data.features,
+                           rounds=cfg.lightgbm_rounds, max_rows=cfg.lightgbm_max_rows,
+                           use_logged_score=cfg.use_logged_score, seed=seed, k=K, truth=RELEVANCE,
+                           threads=cfg.threads)
+    return {f"ndcg@{K}": row["ndcg"], "train_rows": row["train_rows"],
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def clean(value: Any) -> Any:
+    """NaN → None everywhere (JSON has no NaN; DVC and browsers reject it)."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    return value
+
+
+# --- the stage -------------------------------------------------------------------------------------
+
+def _inputs(ingested: Path) -> tuple[dict, Path]:
+    schema_path, logs = ingested / "schema.json", ingested / "ranking_logs.parquet"
+    for path in (schema_path, logs):
+        if not path.is_file():
+            raise MissingStageInput(f"{path}: not found; run the ingest stage first")
+    return json.loads(schema_path.read_text()), logs
+
+
+def _write(out_dir: Path, report_path: Path, report: dict[str, Any]) -> dict[str, Any]:
+    report = clean(report)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    if report["status"] == "skipped":
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(parents=True)
+        (out_dir / "ranker.json").write_text(json.dumps({"skipped": report["reason"]}, indent=2) + "\n")
+    return report
+
+
+def _fit_all(cfg: RankParams, seed: int, data: RankData, out_dir: Path) -> dict[str, Any]:
+    """Every model of cfg.models (the served one saved to out_dir), then LightGBM."""
+    rows: dict[str, Any] = {}
+    for name in cfg.models:
+        model, rows[name] = fit_and_measure(name, cfg, seed, data)
+        if name == cfg.serve:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            save_ranker(out_dir, name, model, data.features, seed,
+                        extra={"context_columns": list(cfg.context_columns), f"ndcg@{K}": rows[name][f"ndcg@{K}"],
+                               "ndcg_vs": data.truth.source})
+    if cfg.lightgbm:
+        rows["lightgbm"] = lightgbm_row(cfg, seed, data)
+    return rows
+
+
+def rank(cfg: RankParams, seed: int, ingested: Path, model_dir: Path | None, out_dir: Path,
+         report_path: Path) -> dict[str, Any]:
+    """Reads ingested/{ranking_logs,items,users}.parquet, schema.json, ingested/simulation/ (the truth,
+    when the logs were simulated) and the retrieval model in model_dir (None: no retrieval
+    embeddings). Writes out_dir (models.ranking.bundle: the served ranker) and report_path
+    (reports/ranking.json: per model NDCG@10, propensity recovery, click log-likelihood, fit speed).
+    Logs without shown rows write a "skipped" report and an out_dir that says so."""
+    started = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    schema, logs = _inputs(ingested)
+    if pq.ParquetFile(logs).metadata.num_rows == 0:
+        return _write(out_dir, report_path, {"status": "skipped", "reason": SKIPPED})
+    vectors = retrieval_vectors(model_dir, ingested) if model_dir is not None else None
+    truth_dir = ingested / "simulation" if schema.get("ranking_logs") == "simulated" else None
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".rank-", dir=out_dir.parent) as tmp:
+        data = rank_data(cfg, logs, truth_dir, item_table(ingested, schema), vectors, Path(tmp))
+        if data is None:
+            return _write(out_dir, report_path, {"status": "skipped", "reason": SKIPPED})
+        test = data.log(cfg, "test")
+        requests = sum(len(b.user) for b in test)
+        logged = ev.logged_ndcg(test, K, truth=RELEVANCE) if requests else math.nan
+        rows = _fit_all(cfg, seed, data, out_dir)
+    fits = [r["fit"] for r in rows.values() if "fit" in r]
+    examples, fit_s = sum(f["examples"] for f in fits), sum(f["seconds"] for f in fits)
+    return _write(out_dir, report_path, {
+        "status": "ok", "ndcg_vs": data.truth.source, "served": cfg.serve, "models": rows,
+        "logged_order": {f"ndcg@{K}": logged},
+        "log": {"shown_rows": data.rows, "positions": len(data.positions), "grid": data.spec.grid,
+                "context_columns": list(cfg.context_columns), "test_requests": requests},
+        "examples": examples, "fit_seconds": round(fit_s, 3),
+        "examples_per_s": round(examples / max(fit_s, 1e-9), 1),
+        "seconds": round(time.perf_counter() - started, 2),
+    })

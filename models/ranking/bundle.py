@@ -1,0 +1,87 @@
+"""The served ranker on disk: one model's weights, its config and the id maps, and scoring raw pairs.
+
+Serving reads the relevance tower alone (no position): `RankerBundle.score(user_ids, item_ids)`.
+The feature tables (numeric item features, retrieval embeddings) are buffers of the model, so they
+travel inside model.pt and a served score never depends on files the ranker did not save.
+
+Layout of a ranker directory:
+  model.pt       state_dict of the whole model (the dot-product models score against the bias tower's
+                 "unknown position" vector, so the bias tower is kept too)
+  ranker.json    {"model": name, "config": RankerConfig, "seed": ..., plus what the caller records}
+  users.parquet  id: user ids in vocabulary order (index = row + 1; 0 is OOV)
+  items.parquet  id: item ids, the same way
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from models.errors import ModelNotFound
+from models.ranking.catalog import RankFeatures, Vocab
+from models.ranking.towers import Ranker, RankerConfig
+from models.ranking.train import build_model
+
+FILES = ("model.pt", "ranker.json", "users.parquet", "items.parquet")
+
+
+def save_ranker(out_dir: Path, name: str, model: Ranker, features: RankFeatures, seed: int,
+                extra: dict[str, Any] | None = None) -> None:
+    """Write the ranker directory (files above); `extra` is merged into ranker.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out_dir / "model.pt")
+    pd.DataFrame({"id": features.users.index.to_numpy()}).to_parquet(out_dir / "users.parquet", index=False)
+    pd.DataFrame({"id": features.items.index.to_numpy()}).to_parquet(out_dir / "items.parquet", index=False)
+    doc = {"model": name, "config": model.cfg.to_dict(), "seed": seed, **(extra or {})}
+    (out_dir / "ranker.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+class RankerBundle:
+    """A loaded ranker: raw (user_id, item_id) pairs → relevance scores. Unknown ids score from the
+    OOV row (whatever features they have: none), like a cold-start user or item."""
+
+    def __init__(self, name: str, model: Ranker, users: Vocab, items: Vocab, meta: dict[str, Any],
+                 batch_size: int = 65536):
+        self.name, self.model, self.users, self.items, self.meta = name, model.eval(), users, items, meta
+        self.batch_size = batch_size
+
+    def score(self, user_ids: np.ndarray | list, item_ids: np.ndarray | list) -> np.ndarray:
+        """(N,) float32 relevance scores, higher is better; the two id lists are aligned."""
+        u = self.users.lookup(np.asarray(user_ids))                          # (N,)
+        i = self.items.lookup(np.asarray(item_ids))                          # (N,)
+        if len(u) != len(i):
+            raise ValueError(f"user_ids and item_ids must align (got {len(u)} and {len(i)})")
+        out = np.empty(len(u), np.float32)
+        with torch.no_grad():
+            for lo in range(0, len(u), self.batch_size):
+                hi = lo + self.batch_size
+                out[lo:hi] = self.model.score(torch.from_numpy(u[lo:hi]), torch.from_numpy(i[lo:hi])).numpy()
+        return out
+
+
+def _ids(path: Path) -> np.ndarray:
+    return pd.read_parquet(path)["id"].to_numpy()
+
+
+def load_ranker(model_dir: Path) -> RankerBundle:
+    """Load a directory written by save_ranker; raises ModelNotFound naming a missing file."""
+    doc = model_dir / "ranker.json"
+    skipped = json.loads(doc.read_text()).get("skipped") if doc.is_file() else None
+    if skipped:
+        raise ModelNotFound(f"{model_dir}: no ranker was trained ({skipped})")
+    for name in FILES:
+        if not (model_dir / name).is_file():
+            raise ModelNotFound(f"{model_dir / name}: not found (no ranker saved in {model_dir})")
+    meta = json.loads((model_dir / "ranker.json").read_text())
+    cfg = RankerConfig(**meta["config"])
+    model = build_model(meta["model"], cfg, None, seed=int(meta.get("seed", 0)))
+    model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
+    users, items = Vocab(_ids(model_dir / "users.parquet")), Vocab(_ids(model_dir / "items.parquet"))
+    if (len(users), len(items)) != (cfg.n_users, cfg.n_items):
+        raise ModelNotFound(f"{model_dir}: id maps ({len(users)}, {len(items)}) do not match the model "
+                            f"({cfg.n_users}, {cfg.n_items}); the directory mixes two saves")
+    return RankerBundle(meta["model"], model, users, items, meta)

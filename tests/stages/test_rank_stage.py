@@ -1,0 +1,210 @@
+"""The rank stage end to end on a small simulated log, the skipped case, `towerflow rank score` and
+re-ranking.
+
+The log comes from the ranking library's test simulator (eta = 2, a logging ranker that knows nothing
+about relevance but, like any trained model, orders the same pair the same way every time), written
+in the ingested layout the stage reads: ranking_logs.parquet in the contract's form (`stage` column),
+items with numeric features only, users without feature columns, and the truth in simulation/.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from tests.models.ranking.rank_simulator import SimConfig, SimLog, simulate
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.serving.rerank import rerank
+from flows.stages.rank import rank
+from models.errors import ModelNotFound
+from models.ranking.bundle import load_ranker
+from models.ranking.params import RankParams
+
+torch.set_num_threads(1)
+PARAMS = RankParams(models=["naive", "pal", "additive"], serve="pal", lightgbm=False, epochs=5)
+LOG_COLUMNS = ["request_id", "user_id", "item_id", "stage", "position", "ranker_score", "clicked"]
+
+
+def write_ingested(sim: SimLog, out: Path) -> Path:
+    """sim as ingest would write it: contract tables, schema.json and the simulator's truth."""
+    (out / "simulation").mkdir(parents=True)
+    logs = sim.logs.assign(stage=np.where(sim.logs["shown"], "shown", "retrieved"))
+    logs[LOG_COLUMNS].to_parquet(out / "ranking_logs.parquet", index=False, row_group_size=5000)
+    sim.items.to_parquet(out / "items.parquet", index=False)
+    pd.DataFrame({"user_id": sorted(sim.logs["user_id"].unique())}).to_parquet(out / "users.parquet")
+    numeric = [c for c in sim.items.columns if c != "item_id"]
+    (out / "schema.json").write_text(json.dumps({
+        "user_id_dtype": "string", "item_id_dtype": "int64", "ranking_logs": "simulated", "log_context": [],
+        "user_features": {"categorical": [], "numeric": [], "multi": []},
+        "item_features": {"categorical": [], "numeric": numeric, "multi": []}}))
+    shown = sim.logs[sim.logs["shown"]]
+    pd.DataFrame({"request_id": shown["request_id"], "item_id": shown["item_id"],
+                  "user_type": "type" + shown["user_type"].astype(str), "p_relevant": shown["relevance"],
+                  "p_examine_position": shown["p_examine"]}).to_parquet(out / "simulation" / "truth.parquet")
+    curves = {f"type{t}": c.tolist() for t, c in sim.curves.items()}
+    (out / "simulation" / "truth.json").write_text(json.dumps({"propensity": curves}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("rank")
+    ingested = write_ingested(simulate(SimConfig(etas=(2.0, 2.0), logging_strength=0.0, seed=0)),
+                              root / "ingested")
+    report = rank(PARAMS, 0, ingested, None, root / "ranker", root / "reports" / "ranking.json")
+    return root, report
+
+
+def test_bias_aware_models_beat_naive_and_recover_the_propensities(ranked: tuple[Path, dict]) -> None:
+    root, report = ranked
+    rows = report["models"]
+    print({name: (row["ndcg@10"], row.get("propensity")) for name, row in rows.items()})
+    assert report["status"] == "ok" and report["ndcg_vs"] == "simulation"
+    for name in ("pal", "additive"):
+        assert rows[name]["ndcg@10"] > rows["naive"]["ndcg@10"] + 0.03
+        assert rows[name]["propensity"]["pearson"] >= 0.9
+        assert rows[name]["click_loglik"] > rows["naive"]["click_loglik"]
+    assert report["examples_per_s"] > 0 and report["log"]["positions"] == 16
+    assert json.loads((root / "reports" / "ranking.json").read_text()) == report
+
+
+def test_the_served_ranker_scores_with_its_relevance_tower(ranked: tuple[Path, dict]) -> None:
+    root, report = ranked
+    bundle = load_ranker(root / "ranker")
+    assert bundle.name == "pal" and bundle.meta["ndcg@10"] == report["models"]["pal"]["ndcg@10"]
+    scores = bundle.score(np.array(["u1", "u1", "nobody"]), np.array([3, 4, 10**9]))
+    assert scores.shape == (3,) and np.isfinite(scores).all()
+    assert scores[0] != scores[1]
+
+
+def test_a_log_without_rows_is_skipped_not_an_error(tmp_path: Path) -> None:
+    sim = simulate(SimConfig(requests=5, seed=1))
+    ingested = write_ingested(SimLog(logs=sim.logs.iloc[:0], items=sim.items, curves=sim.curves),
+                              tmp_path / "ingested")
+    report = rank(PARAMS, 0, ingested, None, tmp_path / "ranker", tmp_path / "ranking.json")
+    assert report["status"] == "skipped" and "no ranking logs" in report["reason"]
+    with pytest.raises(ModelNotFound, match="no ranker was trained"):
+        load_ranker(tmp_path / "ranker")
+
+
+def _params_file(root: Path) -> Path:
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump({"paths": {"ingested": str(root / "ingested"),
+                                              "ranker": str(root / "ranker")}}))
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("user,item\nu1,3\n", ":1: the header must be 'user_id,item_id'"),
+    ("user_id,item_id\nu1,3\nu2,x7\n", ":3: item_id 'x7' is not an int64"),
+    ("user_id,item_id\nu1,3,9\n", ":2: expected 2 fields"),
+    ("user_id,item_id\n", "no pairs after the header"),
+])
+def test_rank_score_names_the_bad_line(ranked: tuple[Path, dict], tmp_path: Path, text: str,
+                                       message: str) -> None:
+    root, _ = ranked
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(text)
+    result = CliRunner().invoke(app, ["rank", "score", "--pairs", str(pairs), "--out", str(tmp_path / "s.csv"),
+                                      "--params", str(_params_file(root))])
+    assert result.exit_code == 1
+    assert str(pairs) in result.output and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_rank_score_writes_one_score_per_pair(ranked: tuple[Path, dict], tmp_path: Path) -> None:
+    root, _ = ranked
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("user_id,item_id\nu1,3\nu2,3\nunknown,5\n")
+    out = tmp_path / "scores.csv"
+    result = CliRunner().invoke(app, ["rank", "score", "--pairs", str(pairs), "--out", str(out),
+                                      "--params", str(_params_file(root))])
+    assert result.exit_code == 0, result.output
+    scores = pd.read_csv(out)
+    assert list(scores.columns) == ["user_id", "item_id", "score"] and len(scores) == 3
+    assert list(scores["user_id"]) == ["u1", "u2", "unknown"]
+
+
+def test_rerank_keeps_k_per_user_and_changes_the_order(ranked: tuple[Path, dict]) -> None:
+    root, _ = ranked
+    bundle = load_ranker(root / "ranker")
+    users = ["u1", "u7"]
+    recs = pd.DataFrame([(u, item, r + 1, 1.0 - r / 100) for u in users for r, item in enumerate(range(30))],
+                        columns=["user_id", "item_id", "rank", "score"])
+    out = rerank(recs, bundle, k=5)
+    assert list(out.columns) == ["user_id", "item_id", "rank", "score", "retrieval_rank"]
+    assert out.groupby("user_id").size().to_dict() == {"u1": 5, "u7": 5}
+    assert list(out["user_id"].drop_duplicates()) == users
+    assert list(out["rank"]) == [1, 2, 3, 4, 5] * 2
+    for _, group in out.groupby("user_id"):
+        assert group["score"].is_monotonic_decreasing
+        assert list(group["retrieval_rank"]) != [1, 2, 3, 4, 5]   # the ranker disagrees with retrieval
+
+
+def test_ranker_hard_negatives_keep_the_low_scored_half_of_each_request(ranked: tuple[Path, dict],
+                                                                       tmp_path: Path) -> None:
+    from flows.experiments.ranker_negatives import ranker_logs
+
+    root, _ = ranked
+    logs = root / "ingested" / "ranking_logs.parquet"
+    counts = ranker_logs(logs, root / "ranker", tmp_path / "logs.parquet", read_rows=1000)  # requests span reads
+    before, after = pd.read_parquet(logs), pd.read_parquet(tmp_path / "logs.parquet")
+    assert counts == {"log_rows": len(before), "kept_rows": len(after)}
+    assert list(after.columns) == list(before.columns)
+    shown = before[before["stage"] == "shown"]
+    pd.testing.assert_frame_equal(after[after["stage"] == "shown"].reset_index(drop=True),
+                                  shown.reset_index(drop=True))
+    per_request = after[after["stage"] != "shown"].groupby("request_id").size()
+    assert per_request.max() <= 1   # 3 unshown items per request: only the lowest is below the median
+    scores = load_ranker(root / "ranker").score(before["user_id"].to_numpy(), before["item_id"].to_numpy())
+    unshown = before.assign(score=scores)[before["stage"] != "shown"]
+    lowest = unshown.loc[unshown.groupby("request_id")["score"].idxmin(), "item_id"]
+    assert set(after.loc[after["stage"] != "shown", "item_id"]) <= set(lowest)
+
+
+def test_recommend_rerank_retrieves_the_depth_and_returns_k(ranked: tuple[Path, dict], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI composition only: retrieval (the published index) is replaced by a fixed top-N."""
+    import io
+
+    root, _ = ranked
+    asked: list[int] = []
+
+    def retrieve(ids: list, k: int, include_seen: bool, **_: object) -> pd.DataFrame:
+        asked.append(k)
+        return pd.DataFrame([(u, item, r + 1, 1.0 - r / 100) for u in ids for r, item in enumerate(range(k))],
+                            columns=["user_id", "item_id", "rank", "score"])
+
+    monkeypatch.setattr("flows.serving.recommend.recommend", retrieve)
+    result = CliRunner().invoke(app, ["recommend", "--user-id", "u1", "--k", "4", "--rerank", "--rerank-depth", "30",
+                                      "--params", str(_params_file(root))])
+    assert result.exit_code == 0, result.output
+    recs = pd.read_csv(io.StringIO(result.output))
+    assert asked == [30]
+    assert list(recs.columns) == ["user_id", "item_id", "rank", "score", "retrieval_rank"]
+    assert list(recs["rank"]) == [1, 2, 3, 4] and recs["retrieval_rank"].max() <= 30
+
+
+def test_shown_only_logs_with_two_layouts_and_a_context_column(tmp_path: Path) -> None:
+    """Real logs: only shown rows, a device column for the bias tower, grid pages beside list pages."""
+    sim = simulate(SimConfig(requests=400, unshown=0, devices=True, grid_cols=4, seed=2))
+    logs = sim.logs.copy()
+    lists = logs["request_id"].str[-1].isin(list("02468"))              # half the requests: a list page
+    logs.loc[lists, ["grid_row", "grid_col"]] = None
+    ingested = write_ingested(SimLog(logs=logs, items=sim.items, curves=sim.curves), tmp_path / "ingested")
+    frame = pd.read_parquet(ingested / "ranking_logs.parquet")
+    frame.assign(device=logs["device"], grid_row=logs["grid_row"].astype("Int64"),
+                 grid_col=logs["grid_col"].astype("Int64")).to_parquet(ingested / "ranking_logs.parquet")
+    cfg = RankParams(models=["naive", "xpa"], serve="xpa", epochs=1, context_columns=["device"],
+                     lightgbm=False)
+    report = rank(cfg, 0, ingested, None, tmp_path / "ranker", tmp_path / "ranking.json")
+    assert report["status"] == "ok" and report["log"]["grid"] is True
+    assert report["log"]["context_columns"] == ["device"]
+    assert report["log"]["shown_rows"] == len(logs)
+    assert load_ranker(tmp_path / "ranker").meta["config"]["grid"] is True
