@@ -119,6 +119,10 @@ class RunParams(Section):
     retries: int = Field(2, ge=0)                # per stage, for transient failures only (exit 75)
     retry_delay_s: float = Field(10.0, ge=0)     # first retry after this, then doubled (exponential)
     stage_timeout_s: PositiveInt = 4 * 3600      # a stage running longer fails the run
+    # Where the stage tasks run: this process's threads, or a Dask / Ray cluster (its workers must see
+    # the project folder). dask needs `pip install prefect-dask`, ray `pip install prefect-ray`.
+    task_runner: Literal["thread", "dask", "ray"] = "thread"
+    task_runner_address: str | None = None       # scheduler address (dask: tcp://host:8786); None: a local cluster
 
 
 class ReportParams(Section):

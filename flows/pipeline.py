@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
-from flows.errors import TRANSIENT_EXIT, StageFailed
+from flows.errors import TRANSIENT_EXIT, ConfigError, StageFailed
 from flows.params import Params, RunParams, apply_overrides, load_params, read_raw, resolve_source
 from flows.portal.run import build_run_portal
 from flows.run_lock import run_lock
@@ -80,7 +80,30 @@ def _stage_task(name: str, cfg: RunParams):  # noqa: ANN202 - a prefect Task
                 retry_delay_seconds=exponential_backoff(backoff_factor=cfg.retry_delay_s) if cfg.retries else 0)
 
 
-@flow(name="towerflow")
+def task_runner(cfg: RunParams):  # noqa: ANN201 - a prefect TaskRunner
+    """The task runner run.task_runner names; a missing integration package is a one-line error."""
+    if cfg.task_runner == "thread":
+        from prefect.task_runners import ThreadPoolTaskRunner
+        return ThreadPoolTaskRunner()
+    try:
+        if cfg.task_runner == "dask":
+            from prefect_dask import DaskTaskRunner
+            return DaskTaskRunner(address=cfg.task_runner_address) if cfg.task_runner_address else DaskTaskRunner()
+        from prefect_ray import RayTaskRunner
+        return RayTaskRunner(address=cfg.task_runner_address) if cfg.task_runner_address else RayTaskRunner()
+    except ImportError as exc:
+        raise ConfigError(f"run.task_runner is {cfg.task_runner} but {exc.name} is not installed: "
+                          f"pip install prefect-{cfg.task_runner}") from exc
+
+
+def _runner_from_environment():  # noqa: ANN202 - a prefect TaskRunner
+    """A deployment's run loads this module in a fresh process: `towerflow serve` passes the project's
+    run.task_runner through these variables (the flow object cannot take it from params.yaml)."""
+    return task_runner(RunParams(task_runner=os.environ.get("TOWERFLOW_TASK_RUNNER", "thread"),
+                                 task_runner_address=os.environ.get("TOWERFLOW_TASK_RUNNER_ADDRESS") or None))
+
+
+@flow(name="towerflow", task_runner=_runner_from_environment())
 def towerflow_pipeline(root: str, stages: list[str] | None = None, force: bool = False) -> list[dict[str, Any]]:
     """Reproduce `stages` (default: all) of the project at `root`, in order; stop at the first failure.
     One run at a time per project: a second one is refused while the first holds the run lock."""
@@ -109,7 +132,8 @@ def _run_stages(project: Path, names: list[str], force: bool, cfg: RunParams) ->
     if refresh:
         get_run_logger().info("ingest: the source directory's files changed since the last ingest")
     for name in names:
-        run = _stage_task(name, cfg)(project, name, force or name in refresh)
+        # submitted: with a Dask or Ray task runner (run.task_runner) the stage runs on a worker
+        run = _stage_task(name, cfg).submit(project, name, force or name in refresh).result()
         runs.append(asdict(run))
         get_run_logger().info("%s: %s in %.1fs", name, "ran" if run.ran else "up to date", run.seconds)
         if not run.ok:
@@ -178,7 +202,9 @@ def run_pipeline(root: Path, stages: tuple[str, ...] = STAGES, overrides: list[s
                  force: bool = False) -> list[StageRun]:
     """Run the Prefect flow over the DVC stages; raise StageFailed on the first failing stage."""
     with params_overridden(root / "params.yaml", overrides or []):
-        state = towerflow_pipeline(str(root), list(stages), force, return_state=True)
+        runner = task_runner(load_params(root / "params.yaml").run)
+        flow_ = towerflow_pipeline.with_options(task_runner=runner)
+        state = flow_(str(root), list(stages), force, return_state=True)
     data = state.result(raise_on_failure=False)
     if state.is_failed():
         if isinstance(data, BaseException) and not isinstance(data, TransientStageFailure):

@@ -9,6 +9,7 @@ the API or `prefect deployment run`. To run on infrastructure instead, see READM
 """
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from flows.errors import ConfigError
+from flows.params import load_params
 from flows.pipeline import towerflow_pipeline
 
 FLOW_NAME = "towerflow"
@@ -55,6 +57,14 @@ def create(root: Path, name: str, cron: str | None, interval_s: float | None,
     return str(deployment(root, name, cron, interval_s, stages).apply())
 
 
+def _runner_environment(root: Path) -> None:
+    """The project's run.task_runner, for the flow runs this process starts (flows/pipeline.py)."""
+    cfg = load_params(root / "params.yaml").run
+    os.environ["TOWERFLOW_TASK_RUNNER"] = cfg.task_runner
+    if cfg.task_runner_address:
+        os.environ["TOWERFLOW_TASK_RUNNER_ADDRESS"] = cfg.task_runner_address
+
+
 def serve(name: str) -> None:
     """Serve the registered deployment `towerflow/<name>` in the foreground until interrupted."""
     with get_client(sync_client=True) as client:
@@ -63,6 +73,7 @@ def serve(name: str) -> None:
         except Exception as exc:   # ObjectNotFound, or the API is not reachable
             raise ConfigError(f"no deployment '{FLOW_NAME}/{name}' ({type(exc).__name__}): create it with "
                               f"`towerflow schedule --name {name} --cron ...`") from exc
+    _runner_environment(Path(registered.parameters["root"]))
     towerflow_pipeline.serve(name=name, schedules=[s.schedule for s in registered.schedules],
                              parameters=registered.parameters, description=registered.description,
                              print_starting_message=True,

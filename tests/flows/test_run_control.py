@@ -17,10 +17,10 @@ from flows.run_lock import run_lock
 DVC = str(Path(sys.executable).parent / "dvc")
 
 
-def _repo(root: Path, cmd: str, retries: int = 2) -> Path:
+def _repo(root: Path, cmd: str, retries: int = 2, **run_cfg: object) -> Path:
     """A git + DVC repo with one stage named `ingest` running `cmd`."""
     root.mkdir(parents=True)
-    (root / "params.yaml").write_text(yaml.safe_dump({"run": {"retries": retries, "retry_delay_s": 0}}))
+    (root / "params.yaml").write_text(yaml.safe_dump({"run": {"retries": retries, "retry_delay_s": 0, **run_cfg}}))
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ingest": {"cmd": cmd, "outs": ["out.txt"]}}}))
     for cmd_ in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
                  ["git", "config", "user.name", "t"], [DVC, "init", "-q"], [DVC, "config", "core.analytics", "false"]):
@@ -70,3 +70,26 @@ def test_a_second_run_is_refused_while_one_holds_the_lock(harness, tmp_path):
             run_pipeline(root, ("ingest",))
     assert not (root / "out.txt").exists()
     assert run_pipeline(root, ("ingest",))[0].ok        # released: the next run goes ahead
+
+
+def test_stages_run_on_a_dask_cluster_by_a_setting(harness, tmp_path):
+    pytest.importorskip("prefect_dask")
+    # run.task_runner: dask with no address starts a local Dask cluster; the stage task is submitted
+    # to it and the run completes the same way
+    root = _repo(tmp_path / "p", "echo ok > out.txt", task_runner="dask")
+    runs = run_pipeline(root, ("ingest",))
+    assert runs[0].ok and runs[0].ran
+    assert (root / "out.txt").read_text().strip() == "ok"
+
+
+def test_a_task_runner_whose_package_is_missing_is_one_line(tmp_path):
+    import importlib.util
+
+    from flows.errors import ConfigError
+    from flows.params import RunParams
+    from flows.pipeline import task_runner
+
+    if importlib.util.find_spec("prefect_ray") is not None:
+        pytest.skip("prefect-ray is installed here")
+    with pytest.raises(ConfigError, match="run.task_runner is ray but prefect_ray is not installed: pip install prefect-ray"):
+        task_runner(RunParams(task_runner="ray"))
