@@ -201,6 +201,52 @@ def index_rollback(to: Optional[str] = typer.Option(None, "--to", help="Version 
         typer.echo(f"live: {new} (was {old})")
 
 
+@index_app.command("add-items")
+def index_add_items(file: Path = typer.Argument(..., help="CSV, JSON lines or parquet: item_id + item feature columns."),
+                    params_file: Path = ParamsOption) -> None:
+    """Add new items to the live version without retraining (encoded by its item tower)."""
+    with _errors():
+        params = _load(params_file, None)
+        from flows.serving.items import add_items_file
+        version, n, now = add_items_file(params.paths.resolved(params_file.resolve().parent).published, file)
+        if now:
+            typer.echo(f"added {n} items to version {version}")
+        else:
+            typer.echo(f"recorded {n} items for version {version}; the running service (which holds the index) "
+                       f"adds them within {params.serve.reload_interval_s:g} s")
+
+
+@app.command("serve-api")
+def serve_api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+              port: int = typer.Option(8000, "--port", help="TCP port."),
+              params_file: Path = ParamsOption) -> None:
+    """Serve recommendations over HTTP from the live bundle (hot reload on publish/rollback)."""
+    with _errors():
+        params = _load(params_file, None)
+        from flows.serving.api import serve
+        serve(params, params_file.resolve().parent, host, port, announce=typer.echo)
+
+
+events_app = typer.Typer(no_args_is_help=True, help="Real-time interactions.")
+app.add_typer(events_app, name="events")
+
+
+@events_app.command("push")
+def events_push(file: Path = typer.Argument(..., help="CSV, JSON lines or parquet: user_id, item_id, timestamp."),
+                params_file: Path = ParamsOption) -> None:
+    """Record interactions durably (serve.events_dir) and push them to the online store."""
+    with _errors():
+        params = _load(params_file, None)
+        root = params_file.resolve().parent
+        paths = params.paths.resolved(root)
+        events_dir = params.serve.events_dir if params.serve.events_dir.is_absolute() else root / params.serve.events_dir
+        from flows.serving.events import push_events_file
+        n, users, log = push_events_file(file, paths.published, paths.feast, paths.features, events_dir,
+                                         params.features.history_length, params.validate.timestamp_floor,
+                                         params.serve.future_tolerance_s)
+        typer.echo(f"pushed {n} events of {users} users to the online store; logged to {log}")
+
+
 @app.command()
 def params(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption) -> None:
     """Print the validated config (after --set overrides)."""

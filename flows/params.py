@@ -110,6 +110,18 @@ class PublishParams(_Section):
     min_recall: float = Field(0.95, ge=0, le=1)
 
 
+class ServeParams(_Section):
+    """The HTTP service (`towerflow serve-api`), real-time events and new items."""
+
+    max_k: PositiveInt = 1000                 # largest k a request may ask for
+    max_batch: PositiveInt = 1000             # users per POST /recommend
+    max_events: PositiveInt = 10000           # events per POST /events (a file has no limit)
+    max_items: PositiveInt = 10000            # items per POST /items
+    reload_interval_s: float = Field(1.0, gt=0)   # how often the service looks at LIVE
+    events_dir: Path = Path("data/events")    # durable log of real-time events (no DVC stage owns it)
+    future_tolerance_s: float = Field(300.0, ge=0)  # clock skew allowed for event timestamps
+
+
 class ReportParams(_Section):
     drift_share_threshold: float = Field(0.5, gt=0, le=1)
 
@@ -149,6 +161,7 @@ with warnings.catch_warnings():
         evaluate: EvaluateParams = EvaluateParams()
         publish: PublishParams = PublishParams()
         report: ReportParams = ReportParams()
+        serve: ServeParams = ServeParams()
 
 
 def _describe(err: ValidationError, origin: str) -> str:
