@@ -1,13 +1,17 @@
 """Prometheus metrics of the HTTP service (prometheus-client), exposed at GET /metrics.
 
 Each app gets its own CollectorRegistry (not the library's global one), so tests and benchmarks
-that start several apps in one process do not collide. Cold-start share = rate of
+that start several apps in one process do not register twice. (Importing feast sets
+PROMETHEUS_MULTIPROCESS_DIR, and a prometheus-client imported after that keeps values in files
+keyed by metric name: apps of one process then share their counts. The service imports
+prometheus-client first; tests compare counts before and after.) Cold-start share = rate of
 `towerflow_users_served_total{cold_start="true"}` over all users served; it is also kept as a
 gauge since the service started, for a quick look without PromQL.
 """
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -40,6 +44,7 @@ class ServiceMetrics:
         self.live = Gauge("towerflow_live_info", "the version being served (value 1)", ["version", "backend"],
                           registry=r)
         self._served = [0, 0]   # [cold, all]: the gauge without reading the counters back
+        self._live: tuple[str, str] | None = None
 
     def served(self, cold: int, total: int) -> None:
         if cold:
@@ -52,7 +57,11 @@ class ServiceMetrics:
             self.cold_share.set(self._served[0] / self._served[1])
 
     def set_live(self, version: str, backend: str) -> None:
-        self.live.clear()
+        if self._live is not None:
+            with warnings.catch_warnings():   # importing feast turns prometheus-client's multiprocess mode on
+                warnings.simplefilter("ignore", UserWarning)
+                self.live.remove(*self._live)
+        self._live = (version, backend)
         self.live.labels(version, backend).set(1)
 
     def exposition(self) -> tuple[bytes, str]:

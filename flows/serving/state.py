@@ -176,7 +176,7 @@ class LiveState:
             self._failed = (version, time.monotonic())
             self.last_error = f"version {version} did not load, still serving {self._served.version if self._served else None}: {exc}"
             log.error(self.last_error)
-            raise
+            return None
         with self._lock:
             old, self._served = self._served, new
             self.reloads += 1
