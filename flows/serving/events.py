@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -35,6 +36,7 @@ from flows.serving.recommend import coerce_id
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
 OPTIONAL_COLUMNS = ("rating", "weight")
 LOCK_FILE = ".lock"
+NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 
 
 def read_frame(path: Path) -> pd.DataFrame:
@@ -77,6 +79,8 @@ def parse_timestamps(values: pd.Series, where: str, floor: datetime, future_s: f
         try:
             if isinstance(value, bool) or value is None or (isinstance(value, float) and not np.isfinite(value)):
                 raise ValueError
+            if isinstance(value, str) and NUMBER.match(value.strip()):   # CSV text: unix seconds
+                value = float(value)
             if isinstance(value, (int, float, np.integer, np.floating)):
                 ts = pd.Timestamp(float(value), unit="s", tz="UTC")
             elif isinstance(value, str):
@@ -87,7 +91,10 @@ def parse_timestamps(values: pd.Series, where: str, floor: datetime, future_s: f
                 ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
             if ts is pd.NaT:
                 raise ValueError
-        except (ValueError, TypeError, OverflowError):
+        except (pd.errors.OutOfBoundsDatetime, OverflowError):
+            raise DataContractError(f"{where}[{row}]: timestamp {value!r} is out of range (unix seconds, not "
+                                    "milliseconds?)") from None
+        except (ValueError, TypeError):
             raise DataContractError(f"{where}[{row}]: timestamp {value!r} is neither ISO 8601 text nor unix "
                                     "seconds (e.g. '2024-03-04T10:00:00Z' or 1709546400)") from None
         if ts < pd.Timestamp(floor):

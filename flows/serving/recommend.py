@@ -55,6 +55,8 @@ def coerce_id(value: Any, id_dtype: str, where: str) -> int | str:
         value = value.item()
     if id_dtype not in ("int64", "string"):
         raise ConfigError(f"schema.json: id dtype must be 'int64' or 'string', got {id_dtype!r}")
+    if value is None or (isinstance(value, float) and value != value):   # null, or NaN from a table
+        raise DataContractError(f"{where}: missing")
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         kind = "an int64" if id_dtype == "int64" else "a string"
         raise DataContractError(f"{where}: {value!r} is not {kind} id")
