@@ -48,7 +48,8 @@ class ItemExists(DataContractError):
 
 def item_kinds(schema: dict[str, Any]) -> dict[str, str]:
     """Item feature column -> categorical | numeric | multi, from schema.json."""
-    return {c: kind for kind, cols in schema.get("item_features", {}).items() for c in cols}
+    features = schema.get("item_features", {})
+    return {c: kind for kind in ("categorical", "numeric", "multi") for c in features.get(kind, [])}
 
 
 def _feature(value: Any, kind: str, where: str) -> Any:
@@ -89,9 +90,9 @@ def normalize_items(frame: pd.DataFrame, schema: dict[str, Any], where: str) -> 
     frame = frame.reset_index(drop=True)
     out = pd.DataFrame({"item_id": [coerce_id(v, schema["item_id_dtype"], f"{where}[{i}].item_id")
                                     for i, v in enumerate(frame["item_id"])]})
-    repeated = out["item_id"][out["item_id"].duplicated()]
-    if len(repeated):
-        raise DataContractError(f"{where}: item_id {repeated.iloc[0]!r} appears more than once")
+    repeated = out["item_id"][out["item_id"].duplicated()].tolist()
+    if repeated:
+        raise DataContractError(f"{where}: item_id {repeated[0]!r} appears more than once")
     for col, kind in kinds.items():
         values = frame[col].tolist() if col in frame.columns else [None] * len(frame)
         out[col] = pd.Series([_feature(v, kind, f"{where}[{i}].{col}") for i, v in enumerate(values)],
