@@ -9,8 +9,9 @@ nothing is dropped. A version that fails to load leaves the current one serving 
 /healthz and the reload metric) and is retried after RETRY_AFTER_S.
 
 The watcher also notices:
-- a rebuilt online store (materialize replaced `online.db`: a new inode), whose old file the open
-  SQLite handle would keep reading: the version keeps serving with a fresh Feast handle;
+- a finished materialization (`materialized.json` rewritten): a full one replaced `online.db`, whose
+  old file the open SQLite handle would keep reading, so the version goes on with a fresh Feast
+  handle. Only once it has finished: during a rebuild the old file still answers for everyone;
 - items added by another process (`towerflow index add-items` while the service holds the index):
   they are upserted from the bundle's sidecar (flows/serving/items.py).
 """
@@ -33,6 +34,7 @@ from flows.serving.recommend import Recommender
 
 log = logging.getLogger("towerflow.serve")
 RETRY_AFTER_S = 5.0
+MATERIALIZED = "materialized.json"     # written by features/refresh.py when a materialization succeeded
 
 Loader = Callable[[Path, Path, Path], Recommender]
 
@@ -46,7 +48,7 @@ class Served:
     known_items: set[Any]
     loaded_at: str
     sidecar: tuple[str, ...]
-    online_inode: int | None
+    materialized: int | None      # mtime_ns of <feast>/materialized.json when the store was opened
     refs: int = 0
     retired: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -56,9 +58,9 @@ class Served:
         return self.rec.version
 
 
-def _inode(path: Path) -> int | None:
+def _mtime(path: Path) -> int | None:
     try:
-        return path.stat().st_ino
+        return path.stat().st_mtime_ns
     except FileNotFoundError:
         return None
 
@@ -92,7 +94,7 @@ class LiveState:
             rec.close()
             raise
         return Served(rec, known, datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      sidecar_signature(bundle), _inode(self.feast_dir / "online.db"))
+                      sidecar_signature(bundle), _mtime(self.feast_dir / MATERIALIZED))
 
     def start(self, watch: bool = True) -> None:
         """Load the live version (raises if nothing is published) and start the watcher."""
@@ -152,12 +154,12 @@ class LiveState:
         live = self.store.live()
         if live is not None and live != current.version:
             return self._switch(live)
-        inode = _inode(self.feast_dir / "online.db")
-        if inode is not None and inode != current.online_inode:
+        materialized = _mtime(self.feast_dir / MATERIALIZED)
+        if materialized is not None and materialized != current.materialized:
             from features.store import open_store
             fresh = open_store(self.feast_dir, self.features_dir)
             with current.lock:
-                current.rec.store, current.online_inode = fresh, inode
+                current.rec.store, current.materialized = fresh, materialized
             return "online store reopened"
         signature = sidecar_signature(current.rec.bundle_dir)
         if signature != current.sidecar:

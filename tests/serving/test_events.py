@@ -151,3 +151,33 @@ def test_event_rows_follow_the_offline_row_rules(project: Path) -> None:
     late = pd.DataFrame({"user_id": [user], "item_id": [item], "timestamp": [last - pd.Timedelta(days=3)]})
     row = event_rows(store, late, history_length=10)[0].iloc[0]
     assert row["event_timestamp"] > last                 # after the row it extends, or Feast keeps the old
+
+
+def test_a_finished_materialization_gives_the_service_a_fresh_online_store(project: Path) -> None:
+    """A full materialization replaces online.db; the open SQLite handle would keep reading the
+    deleted file, so the state reopens the store once materialized.json says the run finished."""
+    import os
+    import sqlite3
+
+    from flows.serving.state import LiveState
+
+    run_publish(project)
+    state = LiveState(project / "artifacts/published", project / "data/feast", project / "data/features")
+    state.start(watch=False)
+    try:
+        user = known_users(project, 1)[0]
+        assert state.check() is None
+        old_store = state.served.rec.store
+        # As a rebuild does: a new file under the same name (here a copy of the old one).
+        feast = project / "data/feast"
+        with sqlite3.connect(feast / "online.db") as src, sqlite3.connect(feast / "rebuilt.db") as dst:
+            src.backup(dst)
+        os.replace(feast / "rebuilt.db", feast / "online.db")
+        assert state.check() is None                    # not finished yet: keep the old handle
+        marker = feast / "materialized.json"
+        marker.write_text(marker.read_text())
+        os.utime(marker, ns=(time.time_ns(), time.time_ns() + 10**9))
+        assert state.check() == "online store reopened" and state.served.rec.store is not old_store
+        assert state.served.rec.answer([user], 3)[0][1] is False      # still a known user
+    finally:
+        state.stop()

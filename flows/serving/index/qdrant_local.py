@@ -178,8 +178,9 @@ class LocalIndex(ClientIndex):
         for point, (item, vector) in rows.items():
             matrix[point], self._items[point], self._present[point] = vector, item, True
         self._row_of = {item: point for point, (item, _) in rows.items()}
-        self._matrix = matrix
-        return matrix
+        # Qdrant scores cosine on normalized vectors; local mode hands back what was upserted.
+        self._matrix = np.where(self._present[:, None], _unit(matrix), 0).astype(np.float32)
+        return self._matrix
 
     def _query(self, vectors: np.ndarray, limits: Sequence[int], conditions: Sequence[Condition]) -> list[list[RawHit]]:
         matrix = self._matrix if self._matrix is not None else self._load_matrix()
