@@ -89,7 +89,8 @@ def in_process(root: Path, repeats: int) -> dict[str, Any]:
             batches.append((time.perf_counter() - w, time.process_time() - c))
         best = min(batches)
         one = users[: min(200, len(users))]
-        options = {"exclude_seen": {"exclude_seen": True}, "no_exclusion": {"exclude_seen": False}}
+        options: dict[str, dict[str, Any]] = {"exclude_seen": {"exclude_seen": True},
+                                              "no_exclusion": {"exclude_seen": False}}
         genre = _some_filter(rec)
         if genre:
             options["filter_" + next(iter(genre))] = {"filter": genre}

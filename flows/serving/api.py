@@ -37,14 +37,13 @@ from flows.serving.bundles import NothingPublished
 from flows.serving.events import EventLog, body_rows, record_events, validate_events
 from flows.serving.index import BadQuery
 from flows.serving.index.base import parse_filter
-from flows.serving.items import ItemExists, add_items, normalize_items
+from flows.serving.items import ItemExists, add_items, normalize_items, sidecar_signature
 from flows.serving.metrics import MetricsMiddleware, ServiceMetrics
 from flows.serving.recommend import Answer, coerce_id
 from flows.serving.state import LiveState, Served
 
 log = logging.getLogger("towerflow.serve")
 DEFAULT_K = 20
-ENDPOINTS = frozenset({"/recommend", "/similar", "/events", "/items", "/healthz", "/version", "/metrics"})
 TRUE, FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 
@@ -153,121 +152,140 @@ def _user_answer(answer: Answer) -> dict[str, Any]:
                       for rank, (item, score) in enumerate(hits, start=1)]}
 
 
-# --- the app ---------------------------------------------------------------------------------------
+# --- handlers: module functions that find the state, config and metrics on the app ----------------
+def _ctx(request: Request) -> tuple[LiveState, ServiceConfig, ServiceMetrics]:
+    app_state = request.app.state
+    return app_state.live, app_state.config, app_state.metrics
+
+
+async def recommend_one(request: Request) -> Response:
+    live, config, metrics = _ctx(request)
+    q = _query(request, {"user_id", "k", "exclude_seen", "filter"})
+    if "user_id" not in q:
+        raise RequestError("missing query parameter 'user_id'")
+    with live.use() as served:
+        user = coerce_id(q["user_id"], served.rec.schema["user_id_dtype"], "user_id")
+        k, exclude = _k(q.get("k"), config.serve.max_k), _flag(q.get("exclude_seen"), "exclude_seen")
+        (answer,) = served.rec.answer([user], k, exclude, _filter(q.get("filter"), served))
+        version = served.version
+    metrics.served(int(answer[1]), 1)
+    return _json({"version": version, **_user_answer(answer)})
+
+
+async def recommend_batch(request: Request) -> Response:
+    live, config, metrics = _ctx(request)
+    body = await _body(request, {"user_ids", "k", "exclude_seen", "filter"})
+    ids = body.get("user_ids")
+    if not isinstance(ids, list) or not ids:
+        raise RequestError("user_ids must be a non-empty list of user ids")
+    if len(ids) > config.serve.max_batch:
+        raise RequestError(f"batch of {len(ids)} users exceeds serve.max_batch ({config.serve.max_batch})", 413)
+    with live.use() as served:
+        dtype = served.rec.schema["user_id_dtype"]
+        users = [coerce_id(u, dtype, f"user_ids[{i}]") for i, u in enumerate(ids)]
+        k, exclude = _k(body.get("k"), config.serve.max_k), _flag(body.get("exclude_seen"), "exclude_seen")
+        answers = served.rec.answer(users, k, exclude, _filter(body.get("filter"), served))
+        version = served.version
+    metrics.served(sum(a[1] for a in answers), len(answers))
+    return _json({"version": version, "k": k, "results": [_user_answer(a) for a in answers]})
+
+
+async def similar(request: Request) -> Response:
+    live, config, _ = _ctx(request)
+    q = _query(request, {"item_id", "k", "filter"})
+    if "item_id" not in q:
+        raise RequestError("missing query parameter 'item_id'")
+    with live.use() as served:
+        item = coerce_id(q["item_id"], served.rec.schema["item_id_dtype"], "item_id")
+        if item not in served.known_items:
+            raise RequestError(f"item_id {item!r} is not in the catalog of version {served.version}", 404)
+        k = _k(q.get("k"), config.serve.max_k)
+        hits = served.rec.index.similar(item, k, filter=_filter(q.get("filter"), served))
+        version = served.version
+    return _json({"version": version, "item_id": item, "items": _user_answer((item, False, hits))["items"]})
+
+
+async def events(request: Request) -> Response:
+    live, config, metrics = _ctx(request)
+    rows = body_rows(await _body(request), "events")
+    if len(rows) > config.serve.max_events:
+        raise RequestError(f"{len(rows)} events exceed serve.max_events ({config.serve.max_events}); "
+                           "send them in parts or use `towerflow events push FILE`", 413)
+    with live.use() as served:
+        valid = validate_events(pd.DataFrame(rows, dtype=object), served.rec.schema, served.known_items, "events",
+                                config.timestamp_floor, config.serve.future_tolerance_s)
+        path = record_events(valid, served.rec.store, EventLog(config.events_dir), config.history_length)
+    metrics.events.inc(len(valid))
+    return _json({"accepted": len(valid), "users": int(valid["user_id"].nunique()), "log": str(path)})
+
+
+async def items(request: Request) -> Response:
+    live, config, metrics = _ctx(request)
+    rows = body_rows(await _body(request), "items")
+    if len(rows) > config.serve.max_items:
+        raise RequestError(f"{len(rows)} items exceed serve.max_items ({config.serve.max_items})", 413)
+    with live.use() as served:
+        new = normalize_items(pd.DataFrame(rows, dtype=object), served.rec.schema, "items")
+        add_items(served.rec, config.published_dir, new, served.known_items)
+        served.sidecar = sidecar_signature(served.rec.bundle_dir)   # ours: the watcher need not sync it
+        version = served.version
+    metrics.items_added.inc(len(new))
+    return _json({"added": len(new), "version": version, "item_ids": new["item_id"].tolist()})
+
+
+async def healthz(request: Request) -> Response:
+    live = request.app.state.live
+    served = live.served
+    body = {"status": "ok" if served else "loading", "version": served.version if served else None,
+            "last_reload_error": live.last_error}
+    return _json(body, 200 if served else 503)
+
+
+async def version(request: Request) -> Response:
+    live = request.app.state.live
+    with live.use() as served:
+        meta = served.rec.meta
+        return _json({"version": served.version, "backend": meta.get("backend"), "collection": meta.get("collection"),
+                      "published_at": meta.get("created_at"), "model_digest": meta.get("model_digest"),
+                      "previous": meta.get("previous"), "items": len(served.known_items),
+                      "loaded_at": served.loaded_at, "reloads": live.reloads})
+
+
+async def prometheus(request: Request) -> Response:
+    content, media = request.app.state.metrics.exposition()
+    return Response(content, media_type=media)
+
+
+async def _domain_error(request: Request, exc: Exception) -> Response:
+    return _json({"error": str(exc)}, status_of(exc))
+
+
+async def _bug(request: Request, exc: Exception) -> Response:
+    # Starlette logs the traceback (it re-raises after this answer): the caller gets no internals.
+    return _json({"error": f"internal error ({type(exc).__name__}); see the service log"}, 500)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    first = errors[0] if errors else {}
+    return _json({"error": f"{'.'.join(map(str, first.get('loc', [])))}: {first.get('msg', 'invalid')}"}, 400)
+
+
+ROUTES = [("GET", "/recommend", recommend_one), ("POST", "/recommend", recommend_batch), ("GET", "/similar", similar),
+          ("POST", "/events", events), ("POST", "/items", items), ("GET", "/healthz", healthz),
+          ("GET", "/version", version), ("GET", "/metrics", prometheus)]
+
+
 def create_app(state: LiveState, config: ServiceConfig, metrics: ServiceMetrics) -> FastAPI:
     """The FastAPI app over a started LiveState."""
     app = FastAPI(title="towerflow", docs_url=None, redoc_url=None, openapi_url=None)
-    cfg = config.serve
-    events_log = EventLog(config.events_dir)
-
-    @app.exception_handler(TowerflowError)
-    async def _domain(request: Request, exc: TowerflowError) -> Response:
-        return _json({"error": str(exc)}, status_of(exc))
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> Response:
-        # Starlette logs the traceback (it re-raises after this answer): the caller gets no internals.
-        return _json({"error": f"internal error ({type(exc).__name__}); see the service log"}, 500)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0] if exc.errors() else {}
-        return _json({"error": f"{'.'.join(map(str, first.get('loc', [])))}: {first.get('msg', 'invalid')}"}, 400)
-
-    @app.get("/recommend")
-    async def recommend_one(request: Request) -> Response:
-        q = _query(request, {"user_id", "k", "exclude_seen", "filter"})
-        if "user_id" not in q:
-            raise RequestError("missing query parameter 'user_id'")
-        with state.use() as served:
-            user = coerce_id(q["user_id"], served.rec.schema["user_id_dtype"], "user_id")
-            k, exclude = _k(q.get("k"), cfg.max_k), _flag(q.get("exclude_seen"), "exclude_seen")
-            (answer,) = served.rec.answer([user], k, exclude, _filter(q.get("filter"), served))
-            version = served.version
-        metrics.served(int(answer[1]), 1)
-        return _json({"version": version, **_user_answer(answer)})
-
-    @app.post("/recommend")
-    async def recommend_batch(request: Request) -> Response:
-        body = await _body(request, {"user_ids", "k", "exclude_seen", "filter"})
-        ids = body.get("user_ids")
-        if not isinstance(ids, list) or not ids:
-            raise RequestError("user_ids must be a non-empty list of user ids")
-        if len(ids) > cfg.max_batch:
-            raise RequestError(f"batch of {len(ids)} users exceeds serve.max_batch ({cfg.max_batch})", 413)
-        with state.use() as served:
-            dtype = served.rec.schema["user_id_dtype"]
-            users = [coerce_id(u, dtype, f"user_ids[{i}]") for i, u in enumerate(ids)]
-            k, exclude = _k(body.get("k"), cfg.max_k), _flag(body.get("exclude_seen"), "exclude_seen")
-            answers = served.rec.answer(users, k, exclude, _filter(body.get("filter"), served))
-            version = served.version
-        metrics.served(sum(a[1] for a in answers), len(answers))
-        return _json({"version": version, "k": k, "results": [_user_answer(a) for a in answers]})
-
-    @app.get("/similar")
-    async def similar(request: Request) -> Response:
-        q = _query(request, {"item_id", "k", "filter"})
-        if "item_id" not in q:
-            raise RequestError("missing query parameter 'item_id'")
-        with state.use() as served:
-            item = coerce_id(q["item_id"], served.rec.schema["item_id_dtype"], "item_id")
-            if item not in served.known_items:
-                raise RequestError(f"item_id {item!r} is not in the catalog of version {served.version}", 404)
-            k = _k(q.get("k"), cfg.max_k)
-            hits = served.rec.index.similar(item, k, filter=_filter(q.get("filter"), served))
-            version = served.version
-        return _json({"version": version, "item_id": item, "items": _user_answer((item, False, hits))["items"]})
-
-    @app.post("/events")
-    async def events(request: Request) -> Response:
-        rows = body_rows(await _body(request), "events")
-        if len(rows) > cfg.max_events:
-            raise RequestError(f"{len(rows)} events exceed serve.max_events ({cfg.max_events}); "
-                               "send them in parts or use `towerflow events push FILE`", 413)
-        with state.use() as served:
-            frame = pd.DataFrame(rows, dtype=object)
-            valid = validate_events(frame, served.rec.schema, served.known_items, "events",
-                                    config.timestamp_floor, cfg.future_tolerance_s)
-            path = record_events(valid, served.rec.store, events_log, config.history_length)
-        metrics.events.inc(len(valid))
-        return _json({"accepted": len(valid), "users": int(valid["user_id"].nunique()), "log": str(path)})
-
-    @app.post("/items")
-    async def items(request: Request) -> Response:
-        rows = body_rows(await _body(request), "items")
-        if len(rows) > cfg.max_items:
-            raise RequestError(f"{len(rows)} items exceed serve.max_items ({cfg.max_items})", 413)
-        with state.use() as served:
-            new = normalize_items(pd.DataFrame(rows, dtype=object), served.rec.schema, "items")
-            sidecar = add_items(served.rec, config.published_dir, new, served.known_items)
-            served.sidecar = tuple(sorted(p.name for p in sidecar.parent.glob("*.parquet")))
-            version = served.version
-        metrics.items_added.inc(len(new))
-        return _json({"added": len(new), "version": version, "item_ids": new["item_id"].tolist()})
-
-    @app.get("/healthz")
-    async def healthz() -> Response:
-        served = state.served
-        body = {"status": "ok" if served else "loading", "version": served.version if served else None,
-                "last_reload_error": state.last_error}
-        return _json(body, 200 if served else 503)
-
-    @app.get("/version")
-    async def version() -> Response:
-        with state.use() as served:
-            meta = served.rec.meta
-            return _json({"version": served.version, "backend": meta.get("backend"),
-                          "collection": meta.get("collection"), "published_at": meta.get("created_at"),
-                          "model_digest": meta.get("model_digest"), "previous": meta.get("previous"),
-                          "items": len(served.known_items), "loaded_at": served.loaded_at,
-                          "reloads": state.reloads})
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        content, media = metrics.exposition()
-        return Response(content, media_type=media)
-
-    app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=ENDPOINTS)
+    app.state.live, app.state.config, app.state.metrics = state, config, metrics
+    for method, path, handler in ROUTES:
+        app.add_api_route(path, handler, methods=[method])
+    app.add_exception_handler(TowerflowError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _bug)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=frozenset(p for _, p, _ in ROUTES))
     return app
 
 

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,23 +75,29 @@ def start_server(app: Any) -> tuple[Any, threading.Thread, int]:
     return server, thread, sock.getsockname()[1]
 
 
-@pytest.fixture
-def service(project: Path) -> Iterator[Service]:
-    """The tiny project published once and served on a loopback port."""
+@contextmanager
+def running(root: Path) -> Iterator[Service]:
+    """The project at root published once and served on a loopback port."""
     from flows.serving.api import build_service
 
-    run_publish(project)
-    params = load_params(project / "params.yaml", SERVE_OVERRIDES)
-    app, state = build_service(params, project)
+    run_publish(root)
+    params = load_params(root / "params.yaml", SERVE_OVERRIDES)
+    app, state = build_service(params, root)
     server, thread, port = start_server(app)
     url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=url, timeout=30) as client:
-            yield Service(url, project, state, client)
+            yield Service(url, root, state, client)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
         state.stop()
+
+
+@pytest.fixture
+def service(project: Path) -> Iterator[Service]:
+    with running(project) as svc:
+        yield svc
 
 
 def metric(service: Service, sample: str) -> float:
@@ -252,3 +259,27 @@ def test_a_version_that_fails_to_load_leaves_the_live_one_serving(service: Servi
     health = service.wait_for(lambda: (h := service.get("/healthz").json())["last_reload_error"] and h)
     assert health["version"] == old and f"version {new} did not load" in health["last_reload_error"]
     assert service.get("/recommend", user_id=known_users(service.root, 1)[0]).status_code == 200
+
+
+def test_string_ids_are_served_as_strings(trained_root, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from tests.serving.conftest import write_params
+
+    monkeypatch.delenv("QDRANT_URL", raising=False)
+    root = tmp_path / "proj"
+    shutil.copytree(trained_root(True), root, ignore=shutil.ignore_patterns("source", "cache", "samples"))
+    write_params(root)
+    inter = pd.read_parquet(root / "data/ingested/interactions.parquet")
+    user, item = str(inter["user_id"].iloc[0]), str(inter["item_id"].iloc[0])
+    with running(root) as svc:
+        body = svc.get("/recommend", user_id=user, k=3).json()
+        assert body["user_id"] == user and body["cold_start"] is False
+        assert all(isinstance(i["item_id"], str) for i in body["items"])
+        batch = svc.post("/recommend", {"user_ids": [user, "nobody"], "k": 2}).json()["results"]
+        assert [(r["user_id"], r["cold_start"]) for r in batch] == [(user, False), ("nobody", True)]
+        assert svc.get("/similar", item_id=item, k=2).status_code == 200
+        r = svc.post("/recommend", {"user_ids": [user, 1.5]})
+        assert r.status_code == 422 and "user_ids[1]: 1.5 is not a string id" in r.json()["error"]
+        assert svc.post("/events", {"user_id": "newcomer", "item_id": item}).status_code == 200
+        assert svc.get("/recommend", user_id="newcomer", k=2).json()["cold_start"] is False
