@@ -21,6 +21,10 @@ The views, all without TTL (a TTL would drop examples whose newest feature row i
   hash them on every persist, which made the list join take ~90 s on 100k interactions; the scalar
   join picks the very same rows in seconds (tests/features/test_feature_repo.py checks they agree).
 - `user_seen_fv`: `seen_items`, every item the user interacted with, dated "now" (serving only).
+`user_history_fv` and `user_seen_fv` read their files through push sources (`user_history_push`,
+`user_seen_push`): materialize and the training join use the files as before, and the serving
+service pushes a user's new "now" rows (features/online.py `event_rows`) straight into the online
+store when an interaction arrives, so the next request sees it without a pipeline run.
 Views without feature columns (a contract with no user or item features) are left out.
 """
 from __future__ import annotations
@@ -50,6 +54,9 @@ USER_HISTORY_INDEX_FV = "user_history_index_fv"
 USER_SEEN_FV = "user_seen_fv"
 ITEM_POPULARITY_FV = "item_popularity_fv"
 USER_SERVING_SERVICE = "two_tower_user_v1"
+# Push sources of the views that real-time events update (one per view: each has its own file).
+USER_HISTORY_PUSH = "user_history_push"
+USER_SEEN_PUSH = "user_seen_push"
 
 # Offline source file of each view, relative to paths.features.
 SOURCE_FILES = {
@@ -151,9 +158,9 @@ def _feast_type(arrow_type: Any, where: str) -> Any:
 
 
 def _view(name: str, entity: "Entity", path: Path, columns: list[str], description: str,
-          online: bool = True) -> "FeatureView":
+          online: bool = True, push: str | None = None) -> "FeatureView":
     import pyarrow.parquet as pq
-    from feast import FeatureView, Field, FileSource
+    from feast import FeatureView, Field, FileSource, PushSource
 
     arrow_schema = pq.read_schema(path)
     fields = [Field(name=c, dtype=_feast_type(arrow_schema.field(c).type, f"{path}:{c}"))
@@ -162,6 +169,9 @@ def _view(name: str, entity: "Entity", path: Path, columns: list[str], descripti
     # registry valid when the checkout moves.
     source = FileSource(name=f"{name.removesuffix('_fv')}_source", path=path.name,
                         timestamp_field=TIMESTAMP_FIELD)
+    if push is not None:
+        # The file stays the batch source (materialize, historical joins); pushes go online only.
+        source = PushSource(name=push, batch_source=source)
     # ttl=None is stored as 0 = "lives forever": the offline join then only requires the feature
     # row to be at or before the example time, and online reads never expire.
     return FeatureView(name=name, entities=[entity], ttl=None, source=source, schema=fields,
@@ -185,12 +195,13 @@ def build_repo(schema: dict, features_dir: Path) -> FeatureRepo:
                         "item features from items.parquet") if item_cols else None
     user_history = _view(USER_HISTORY_FV, user, paths[USER_HISTORY_FV],
                          source_features(paths[USER_HISTORY_FV], USER_KEY),
-                         "items strictly before each interaction time (newest first) and their counts")
+                         "items strictly before each interaction time (newest first) and their counts",
+                         push=USER_HISTORY_PUSH)
     history_index = _view(USER_HISTORY_INDEX_FV, user, paths[USER_HISTORY_INDEX_FV], [HISTORY_ROW],
                           f"row of {SOURCE_FILES[USER_HISTORY_FV]} in force at each time",
                           online=False)
     user_seen = _view(USER_SEEN_FV, user, paths[USER_SEEN_FV], [SEEN_ITEMS],
-                      "every item the user interacted with (serving filter)")
+                      "every item the user interacted with (serving filter)", push=USER_SEEN_PUSH)
     popularity_cols = source_features(paths[ITEM_POPULARITY_FV], ITEM_KEY)
     popularity = _view(ITEM_POPULARITY_FV, item, paths[ITEM_POPULARITY_FV], popularity_cols,
                        "interactions with the item over windows of whole days before each midnight") \

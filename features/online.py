@@ -1,20 +1,27 @@
-"""Serving-time user features from the Feast online store (the views the training examples used)."""
+"""Serving-time user features from the Feast online store (the views the training examples used),
+and the rows that real-time interactions push into it (`event_rows`, `push_event_rows`)."""
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from features.definitions import (
+    INTERACTIONS_TOTAL,
     RECENT_ITEMS,
     SEEN_ITEMS,
+    TIMESTAMP_FIELD,
     USER_HISTORY_FV,
+    USER_HISTORY_PUSH,
     USER_KEY,
     USER_SEEN_FV,
+    USER_SEEN_PUSH,
     feature_columns,
     is_count_column,
     user_static_refs,
 )
+from features.history import NOW_OFFSET
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -82,3 +89,72 @@ def online_user_features(store: "FeatureStore", schema: dict, user_ids: list) ->
             "known": known,
         })
     return pd.DataFrame(rows, columns=[USER_KEY, *columns, RECENT_ITEMS, *counts, SEEN_ITEMS, "known"])
+
+
+def _window_days(name: str) -> int | None:
+    """interactions_7d -> 7; interactions_total -> None (no window)."""
+    return None if name == INTERACTIONS_TOTAL else int(name[len("interactions_"):-1])
+
+
+def _current_rows(store: "FeatureStore", keys: list, counts: list[str]) -> dict[Any, dict[str, Any]]:
+    """Each user's online history + seen row, with the history row's time (None: no row yet)."""
+    refs = [f"{USER_HISTORY_FV}:{RECENT_ITEMS}", *(f"{USER_HISTORY_FV}:{c}" for c in counts),
+            f"{USER_SEEN_FV}:{SEEN_ITEMS}"]
+    response = store.get_online_features(features=refs, entity_rows=[{USER_KEY: k} for k in keys])
+    values = response.to_dict()
+    names = list(response.proto.metadata.feature_names.val)
+    stamps = response.proto.results[names.index(RECENT_ITEMS)].event_timestamps
+    out = {}
+    for i, key in enumerate(keys):
+        has_row = values[RECENT_ITEMS][i] is not None or values[SEEN_ITEMS][i] is not None
+        stamp = pd.Timestamp(stamps[i].ToDatetime(), tz="UTC") if has_row and stamps[i].seconds else None
+        out[key] = {"recent": list(values[RECENT_ITEMS][i] or []), "seen": list(values[SEEN_ITEMS][i] or []),
+                    "counts": {c: int(values[c][i] or 0) for c in counts}, "at": stamp}
+    return out
+
+
+def event_rows(store: "FeatureStore", events: pd.DataFrame, history_length: int
+               ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The new "now" rows of user_history_fv and user_seen_fv after these interactions (user_id,
+    item_id, timestamp as UTC datetimes; ids already of the entity's type), one per user, built on
+    the user's current online row the way features/history.py builds them offline:
+    - recent_items: the new items in front (newest first), cut to history_length;
+    - seen_items: distinct items, newest first;
+    - interactions_total + 1 per event; interactions_<w>d + 1, or 1 when the user's previous
+      interaction is at least w days older (everything before left the window). The online row
+      keeps no timestamps per item, so an older interaction leaving the window in between is only
+      dropped by the next pipeline run: until then that count is an upper bound.
+    - dated `timestamp + 1 s` like the offline "now" row, and always after the current row: a
+      late event (older than the user's latest) still wins over the row it extends.
+    """
+    view = store.get_feature_view(USER_HISTORY_FV, allow_registry_cache=True)
+    counts = [f.name for f in view.features if is_count_column(f.name)]
+    ordered = events.sort_values([USER_KEY, "timestamp", "item_id"], kind="mergesort")
+    keys = list(dict.fromkeys(ordered[USER_KEY].tolist()))
+    current = _current_rows(store, keys, counts)
+    history, seen = [], []
+    for key, group in ordered.groupby(USER_KEY, sort=False):
+        row = current[key]
+        recent, seen_items, totals, at = row["recent"], row["seen"], dict(row["counts"]), row["at"]
+        for item, ts in zip(group["item_id"].tolist(), group["timestamp"].tolist()):
+            ts = pd.Timestamp(ts).tz_convert("UTC")
+            last = at - NOW_OFFSET if at is not None else None
+            for name in counts:
+                days = _window_days(name)
+                gone = days is not None and last is not None and ts - last >= timedelta(days=days)
+                totals[name] = 1 if gone or last is None else totals[name] + 1
+            recent = [item, *recent][:history_length]
+            seen_items = [item, *(s for s in seen_items if s != item)]
+            at = max(ts + NOW_OFFSET, at + timedelta(microseconds=1)) if at is not None else ts + NOW_OFFSET
+        history.append({USER_KEY: key, RECENT_ITEMS: recent, **totals, TIMESTAMP_FIELD: at})
+        seen.append({USER_KEY: key, SEEN_ITEMS: seen_items, TIMESTAMP_FIELD: at})
+    return (pd.DataFrame(history, columns=[USER_KEY, RECENT_ITEMS, *counts, TIMESTAMP_FIELD]),
+            pd.DataFrame(seen, columns=[USER_KEY, SEEN_ITEMS, TIMESTAMP_FIELD]))
+
+
+def push_event_rows(store: "FeatureStore", history: pd.DataFrame, seen: pd.DataFrame) -> None:
+    """Write the rows of `event_rows` to the online store through the views' push sources."""
+    from feast.data_source import PushMode
+
+    store.push(USER_HISTORY_PUSH, history, to=PushMode.ONLINE)
+    store.push(USER_SEEN_PUSH, seen, to=PushMode.ONLINE)

@@ -161,6 +161,18 @@ class GateParams(Section):
         return self
 
 
+class ServeParams(Section):
+    """The HTTP service (`towerflow serve-api`), real-time events and new items."""
+
+    max_k: PositiveInt = 1000                 # largest k a request may ask for
+    max_batch: PositiveInt = 1000             # users per POST /recommend
+    max_events: PositiveInt = 10000           # events per POST /events (a file has no limit)
+    max_items: PositiveInt = 10000            # items per POST /items
+    reload_interval_s: float = Field(1.0, gt=0)   # how often the service looks at LIVE
+    events_dir: Path = Path("data/events")    # durable log of real-time events (no DVC stage owns it)
+    future_tolerance_s: float = Field(300.0, ge=0)  # clock skew allowed for event timestamps
+
+
 def resolve_source(data: DataParams, root: Path) -> DataParams:
     """A relative `data.source` directory is relative to the project root, like every other path."""
     if data.source == "demo" or Path(data.source).is_absolute():
@@ -199,6 +211,9 @@ with warnings.catch_warnings():
         report: ReportParams = ReportParams()
         gate: GateParams = GateParams()
         run: RunParams = RunParams()
+
+
+        serve: ServeParams = ServeParams()
 
 
 def _describe(err: ValidationError, origin: str) -> str:

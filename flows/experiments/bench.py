@@ -1,4 +1,4 @@
-"""`towerflow bench` (`make bench`): time every stage on the demo, training throughput, and recommendation latency.
+"""`towerflow bench` (`make bench`): time every stage on the demo, training throughput, and the serving speed.
 
 Runs in a temporary copy of the project (so the workspace's DVC outputs and dvc.lock are untouched),
 reusing the workspace's demo cache, and writes the figures to a JSON file (default reports/bench.json).
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.experiments.features_bench import bench as feature_bench, percentiles
+from flows.experiments.features_bench import bench as feature_bench
 
 PROJECT_FILES = ("flows", "features", "models", "validation", "dvc.yaml", "params.yaml")
 
@@ -40,7 +40,7 @@ def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50) -> dic
         paths = params.paths.resolved(work)
         train_metrics = json.loads((paths.model / "train_metrics.json").read_text())
         metrics = json.loads((paths.reports / "metrics.json").read_text())
-        latency = _recommend_latency(paths, params, repeats)
+        latency = _serving(work, repeats)
         # last: it rewrites the (temporary copy's) online store to time a full materialization
         features = feature_bench(paths.feast, paths.features,
                                  json.loads((paths.ingested / "schema.json").read_text()),
@@ -62,25 +62,9 @@ def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50) -> dic
     return result
 
 
-def _recommend_latency(paths, params, repeats: int) -> dict[str, Any]:  # noqa: ANN001
-    """Warm in-process recommendations from the live bundle (Feast online + user tower + index),
-    loaded once as a long-running service would, after one warm-up call."""
-    import pandas as pd
+def _serving(work: Path, repeats: int) -> dict[str, Any]:
+    """The warm service on the copy that just ran (flows/experiments/serve_bench.py): in-process and
+    HTTP latency, batch users/s, 50 clients for 30 s, a publish under load, event to effect."""
+    from flows.experiments.serve_bench import bench_service
 
-    from flows.serving.recommend import Recommender
-
-    users = pd.read_parquet(paths.ingested / "users.parquet")["user_id"].tolist()
-    with Recommender.load_live(paths.published, paths.feast, paths.features) as rec:
-        rec.recommend(users[:1], 20)
-        single = []
-        for i in range(repeats):
-            t0 = time.perf_counter()
-            rec.recommend([users[i % len(users)]], 20)
-            single.append(time.perf_counter() - t0)
-        batch_users = users[:1000]
-        t0 = time.perf_counter()
-        rec.recommend(batch_users, 20)
-        batch = time.perf_counter() - t0
-    return {"one_user_k20": percentiles(single),
-            "batch_k20": {"users": len(batch_users), "seconds": round(batch, 3),
-                          "users_per_s": round(len(batch_users) / batch, 1)}}
+    return bench_service(work, work / "params.yaml", repeats=max(repeats, 100))

@@ -9,21 +9,27 @@ torch, qdrant) are imported in `Recommender.load`, so reading an ids file stays 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from flows.errors import ConfigError, DataContractError, PublishError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+CANONICAL_INT = re.compile(r"^-?(0|[1-9][0-9]*)$")
 RESULT_COLUMNS = ["user_id", "item_id", "rank", "score", "cold_start"]
 SIMILAR_COLUMNS = ["item_id", "rank", "score"]
 # Users per online-store read + user tower pass + index query batch.
 BATCH_USERS = 1024
 # online_user_features bookkeeping columns that are not user tower inputs.
 NOT_TOWER_INPUTS = ("seen_items", "known")
+# One user's answer: (user_id, cold_start, [(item_id, score), ...] best first).
+Answer = tuple[Any, bool, list[tuple[Any, float]]]
 
 
 def parse_id(text: str, id_dtype: str, where: str) -> int | str:
@@ -39,6 +45,30 @@ def parse_id(text: str, id_dtype: str, where: str) -> int | str:
     if not INT64_MIN <= value <= INT64_MAX:
         raise DataContractError(f"{where}: '{text}' is out of the int64 range")
     return value
+
+
+def coerce_id(value: Any, id_dtype: str, where: str) -> int | str:
+    """An id from JSON or a table as the schema's dtype. int64: an integer or its canonical text
+    ('7', not '7.0', 'abc' or true); string: text, or an integer taken as its text (ingest unifies
+    mixed id columns the same way). `where` names the field in the error."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):   # a numpy scalar
+        value = value.item()
+    if id_dtype not in ("int64", "string"):
+        raise ConfigError(f"schema.json: id dtype must be 'int64' or 'string', got {id_dtype!r}")
+    if value is None or (isinstance(value, float) and value != value):   # null, or NaN from a table
+        raise DataContractError(f"{where}: missing")
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        kind = "an int64" if id_dtype == "int64" else "a string"
+        raise DataContractError(f"{where}: {value!r} is not {kind} id")
+    if id_dtype == "string":
+        return str(value)
+    text = value.strip() if isinstance(value, str) else None
+    if text is not None and not CANONICAL_INT.match(text):
+        raise DataContractError(f"{where}: {value!r} is not an int64 id")
+    number = int(text) if text is not None else value
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise DataContractError(f"{where}: {value!r} is out of the int64 range")
+    return number
 
 
 def read_ids_file(path: Path, id_dtype: str) -> list:
@@ -119,19 +149,38 @@ class Recommender:
         users in input order (each once). Unknown users get the tower's answer for default features,
         flagged cold_start. Items the user interacted with (`seen_items`) are left out unless
         exclude_seen is False; `filter` keeps only items whose payload matches (see index.base)."""
+        answers = self.answer(user_ids, k, exclude_seen, filter, batch_users)
+        # Column-wise (not one tuple per row): a 943-user, k=100 batch is 94k rows.
+        lengths = np.array([len(hits) for _, _, hits in answers], dtype=np.int64)
+        flat = list(chain.from_iterable(hits for _, _, hits in answers))
+        items, scores = (list(c) for c in zip(*flat)) if flat else ([], [])
+        users = pd.Series([u for u, _, _ in answers], dtype=object)
+        out = pd.DataFrame({
+            "user_id": users.repeat(lengths).reset_index(drop=True),
+            "item_id": pd.Series(items, dtype=None if items else object),
+            "rank": np.concatenate([np.arange(1, n + 1) for n in lengths]) if len(lengths) else np.zeros(0, np.int64),
+            "score": np.asarray(scores, dtype=np.float64),
+            "cold_start": np.repeat(np.array([c for _, c, _ in answers], dtype=bool), lengths),
+        }, columns=RESULT_COLUMNS)
+        if self.schema.get("user_id_dtype") == "int64" and len(out):
+            out["user_id"] = out["user_id"].astype("int64")
+        return out
+
+    def answer(self, user_ids: list, k: int, exclude_seen: bool = True,
+               filter: Mapping[str, Any] | None = None, batch_users: int = BATCH_USERS) -> list[Answer]:
+        """What `recommend` tabulates, without the DataFrame (the service's path): per distinct
+        user in input order, (user_id, cold_start, [(item_id, score), ...] best first). A user
+        whose filter matches nothing is still listed, with no hits."""
         from flows.serving.index import BadQuery
         if k < 1:
             raise BadQuery(f"k must be at least 1, got {k}")
         users = _unique(list(user_ids))
-        rows: list[tuple] = []
+        out: list[Answer] = []
         for start in range(0, len(users), batch_users):
-            rows.extend(self._batch(users[start:start + batch_users], k, exclude_seen, filter))
-        out = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-        if self.schema.get("user_id_dtype") == "int64" and len(out):
-            out["user_id"] = out["user_id"].astype("int64")
-        return out.astype({"cold_start": bool})
+            out.extend(self._batch(users[start:start + batch_users], k, exclude_seen, filter))
+        return out
 
-    def _batch(self, users: list, k: int, exclude_seen: bool, filter: Mapping[str, Any] | None) -> list[tuple]:
+    def _batch(self, users: list, k: int, exclude_seen: bool, filter: Mapping[str, Any] | None) -> list[Answer]:
         from features.online import online_user_features
 
         feats = _aligned(online_user_features(self.store, self.schema, users), users)
@@ -139,8 +188,7 @@ class Recommender:
         exclude = [_as_list(s) for s in feats["seen_items"]] if exclude_seen else None
         hits = self.index.search(vectors, k, exclude=exclude, filter=filter)
         cold = ~feats["known"].astype(bool).to_numpy()
-        return [(u, item, rank, score, bool(c)) for u, c, user_hits in zip(users, cold, hits)
-                for rank, (item, score) in enumerate(user_hits, start=1)]
+        return [(u, bool(c), user_hits) for u, c, user_hits in zip(users, cold, hits)]
 
     def similar(self, item_id: Any, k: int, filter: Mapping[str, Any] | None = None) -> pd.DataFrame:
         """Items nearest to an indexed item (itself left out): item_id, rank, score."""

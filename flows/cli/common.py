@@ -1,0 +1,60 @@
+"""What every command shares: the app, the common options, one-line errors, loading params."""
+from __future__ import annotations
+
+import os
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+from flows.errors import EXPECTED_ERRORS, TRANSIENT_EXIT, TransientError
+from flows.params import load_params
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="towerflow: train two-tower retrieval models and ship them.")
+
+SetOption = typer.Option(None, "--set", "-S", help="Override a params.yaml key for this run: key.sub=value (repeatable).")
+ParamsOption = typer.Option(Path("params.yaml"), "--params", help="The params file; its folder is the project root.")
+
+
+def _debug() -> bool:
+    return os.environ.get("TOWERFLOW_DEBUG", "") not in ("", "0")
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Expected failures print one line and exit 1; --debug shows the traceback."""
+    try:
+        yield
+    except (TransientError, ConnectionError, TimeoutError) as exc:
+        # exit 75 (EX_TEMPFAIL): the flow retries the stage with backoff (flows/pipeline.py)
+        if _debug():
+            traceback.print_exc()
+        typer.echo(f"towerflow: transient error (a retry may pass): {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(TRANSIENT_EXIT) from None
+    except EXPECTED_ERRORS as exc:
+        if _debug():
+            traceback.print_exc()
+        typer.echo(f"towerflow: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a bug, or a library failing: still one line unless --debug
+        if _debug():
+            traceback.print_exc()
+        typer.echo(f"towerflow: unexpected error: {type(exc).__name__}: {exc} "
+                   "(run with --debug for the traceback)", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
+    if debug:
+        os.environ["TOWERFLOW_DEBUG"] = "1"  # inherited by the stage processes DVC starts
+
+
+def _load(params_file: Path, overrides: Optional[list[str]]):  # noqa: ANN202
+    return load_params(params_file, overrides or [])
+

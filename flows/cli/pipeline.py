@@ -1,0 +1,199 @@
+"""Commands that run the pipeline and look at its results: stage, run, schedule, serve, params,
+ablate, bench, report."""
+from __future__ import annotations
+
+import getpass
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+from flows.errors import MissingStageInput, TowerflowError
+from flows.params import resolve_source
+from flows.stages.registry import STAGES
+
+from flows.cli.common import ParamsOption, SetOption, _errors, _load, app
+
+
+@app.command()
+def stage(name: str = typer.Argument(..., help="One of: " + ", ".join(STAGES)),
+          set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption) -> None:
+    """Run one stage in this process (dvc.yaml calls this)."""
+    with _errors():
+        if name not in STAGES:
+            raise TowerflowError(f"unknown stage '{name}'; stages are: {', '.join(STAGES)}")
+        params = _load(params_file, set_)
+        root = params_file.resolve().parent
+        if name == "ingest":
+            from flows.stages.ingest import check_source  # pyarrow: only when a run starts
+            check_source(resolve_source(params.data, root))
+        from flows.stages.registry import run_stage
+        t0 = time.perf_counter()
+        summary = run_stage(name, params, root)
+        typer.echo(f"{name}: done in {time.perf_counter() - t0:.1f}s {_brief(summary)}")
+
+
+def _brief(summary: object) -> str:
+    if not isinstance(summary, dict):
+        return ""
+    items = [f"{k}={v}" for k, v in summary.items() if isinstance(v, (int, float, str, bool))]
+    return ("(" + ", ".join(items[:8]) + ")") if items else ""
+
+
+@app.command()
+def run(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
+        rerun_all: bool = typer.Option(False, "--rerun-all", help="Rerun every stage even if up to date."),
+        force: bool = typer.Option(False, "--force", help="Publish even if the gate blocks this run (needs --reason)."),
+        reason: Optional[str] = typer.Option(None, "--reason",
+                                             help="Why this run may pass the gate (recorded with who forced it)."),
+        until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage.")) -> None:
+    """Run the whole pipeline as a Prefect flow over the DVC stages (skips what is up to date)."""
+    with _errors():
+        overrides = (set_ or []) + _force_overrides(force, reason)
+        params = _load(params_file, overrides)  # bad keys or types fail here, before anything runs
+        root = params_file.resolve().parent
+        from flows.stages.ingest import check_source
+        check_source(resolve_source(params.data, root))  # a broken data source stops the run before anything is written
+        stages = tuple(_stages_until(until) or STAGES)
+        from flows.pipeline import run_pipeline
+        t0 = time.perf_counter()
+        runs = run_pipeline(root, stages, overrides=overrides, force=rerun_all)
+        _print_summary(runs, params, root, time.perf_counter() - t0)
+
+
+def _force_overrides(force: bool, reason: Optional[str]) -> list[str]:
+    """--force --reason as gate params, so that dvc.lock records who passed the gate and why."""
+    if not force:
+        if reason is not None:
+            raise TowerflowError("--reason goes with --force (it says why the gate is overridden)")
+        return []
+    if not (reason or "").strip():
+        raise TowerflowError("--force needs --reason TEXT: say why this run may publish past the gate")
+    try:
+        who = getpass.getuser()
+    except (OSError, KeyError):   # no login name (a container without a passwd entry)
+        who = "unknown"
+    # JSON strings are YAML strings: a reason with ':' or '#' stays one string
+    return ["gate.force=true", f"gate.force_reason={json.dumps(reason.strip())}",
+            f"gate.forced_by={json.dumps(who)}"]
+
+
+def _stages_until(until: Optional[str]) -> list[str] | None:
+    if until is None:
+        return None
+    if until not in STAGES:
+        raise TowerflowError(f"unknown stage '{until}' for --until; stages are: {', '.join(STAGES)}")
+    return list(STAGES[: STAGES.index(until) + 1])
+
+
+def _print_summary(runs, params, root: Path, total: float) -> None:  # noqa: ANN001
+    paths = params.paths
+    typer.echo("\nstage        status       seconds")
+    for r in runs:
+        typer.echo(f"{r.stage:<12} {'ran' if r.ran else 'up to date':<12} {r.seconds:7.1f}")
+    typer.echo(f"{'total':<12} {'':<12} {total:7.1f}\n")
+    typer.echo(f"model:    {paths.model / 'full'} (evaluation model: {paths.model / 'eval'})")
+    live = root / paths.published / "LIVE"
+    served = json.loads(live.read_text()).get("version") if live.is_file() else "nothing published yet"
+    typer.echo(f"live:     {served} ({paths.published}; `towerflow index list`)")
+    typer.echo(f"metrics:  {paths.reports / 'metrics.json'}")
+    typer.echo(f"review:   {paths.reports / 'index.html'} (one offline page: data checks, quality, drift, "
+               f"gate, curves, what was published)")
+    if any(r.ran for r in runs):
+        typer.echo("dvc.lock records this run: `git add dvc.lock && git commit` to version it")
+    metrics = root / paths.reports / "metrics.json"
+    if metrics.exists():
+        m = json.loads(metrics.read_text())
+        for model in ("two_tower", "ease", "most_popular"):
+            if model in m:
+                typer.echo(f"          {model:<12} " + ", ".join(
+                    f"{k}={v:.4f}" for k, v in m[model].items() if isinstance(v, (int, float))))
+
+
+
+@app.command()
+def params(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption) -> None:
+    """Print the validated config (after --set overrides)."""
+    with _errors():
+        typer.echo(yaml.safe_dump(_load(params_file, set_).model_dump(mode="json"), sort_keys=False))
+
+
+@app.command()
+def ablate(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
+           seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per row: base.seed, base.seed+1, ..."),
+           only: Optional[list[str]] = typer.Option(None, "--only", help="Run only this row (repeatable)."),
+           out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: paths.reports.")) -> None:
+    """Ablation table (mean ± std over seeds) in a temporary copy: writes ablation.md and ablation.json."""
+    with _errors():
+        from flows.experiments.ablation import run_cli
+        run_cli(params_file, set_ or [], seeds, only, out_dir)
+
+
+@app.command()
+def schedule(name: str = typer.Option("nightly", "--name", help="Deployment name: towerflow/<name>."),
+             cron: Optional[str] = typer.Option(None, "--cron", help='Cron expression, e.g. "0 3 * * *" (UTC).'),
+             interval: Optional[float] = typer.Option(None, "--interval", help="Seconds between runs."),
+             until: Optional[str] = typer.Option(None, "--until", help="Scheduled runs stop after this stage."),
+             params_file: Path = ParamsOption) -> None:
+    """Create (or update) a Prefect deployment of the pipeline on a cron or an interval."""
+    with _errors():
+        _load(params_file, None)   # a broken params.yaml fails now, not at 3 am
+        from flows.schedule import create
+        deployment_id = create(params_file.resolve().parent, name, cron, interval, _stages_until(until))
+        typer.echo(f"deployment towerflow/{name} ({deployment_id}): "
+                   f"{'cron ' + repr(cron) if cron else f'every {interval:g} s'}; "
+                   f"run `towerflow serve --name {name}` to execute it")
+
+
+@app.command()
+def serve(name: str = typer.Option("nightly", "--name", help="The deployment created by `towerflow schedule`.")) -> None:
+    """Serve a scheduled deployment in the foreground (Ctrl-C stops it)."""
+    with _errors():
+        from flows.schedule import serve as _serve
+        _serve(name)
+
+
+@app.command()
+def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
+          out: Path = typer.Option(Path("reports/bench.json"), "--out", help="Where the figures are written."),
+          repeats: int = typer.Option(50, "--repeats", min=1, help="Timed calls per latency figure.")) -> None:
+    """Time every stage on the demo, training throughput and recommendation latency (a temporary copy)."""
+    with _errors():
+        from flows.experiments.bench import bench as _bench
+        result = _bench(params_file.resolve().parent, out, set_ or [], repeats)
+        typer.echo(json.dumps({k: result[k] for k in ("stage_seconds", "total_seconds", "recommend", "features")},
+                              indent=2))
+        typer.echo(f"written to {out}")
+
+
+report_app = typer.Typer(no_args_is_help=True, help="The run's report portal (reports/index.html).")
+app.add_typer(report_app, name="report")
+
+
+@report_app.command("build")
+def report_build(params_file: Path = ParamsOption) -> None:
+    """(Re)build the report portal from the current outputs (`towerflow run` does it after every run)."""
+    with _errors():
+        from flows.portal.run import build_run_portal
+        root = params_file.resolve().parent
+        typer.echo(str(build_run_portal(_load(params_file, None), root)))
+
+
+@report_app.command("open")
+def report_open(browser: bool = typer.Option(False, "--browser", help="Also open it in the default browser."),
+                params_file: Path = ParamsOption) -> None:
+    """Print the path of the report portal: one offline page linking every report of the last run."""
+    with _errors():
+        params = _load(params_file, None)
+        portal = params.paths.resolved(params_file.resolve().parent).reports / "index.html"
+        if not portal.is_file():
+            raise MissingStageInput(f"{portal} not found: run `towerflow run` (or `towerflow report build`)")
+        typer.echo(str(portal))
+        if browser:
+            import webbrowser  # stdlib, but it probes for browsers: only when asked
+            if not webbrowser.open(portal.as_uri()):
+                typer.echo("towerflow: no browser found; open the path above", err=True)
+

@@ -1,0 +1,61 @@
+"""The rank stage's commands: score pairs, the measurement table, the hard-negatives experiment."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from flows.errors import MissingStageInput
+
+from flows.cli.common import ParamsOption, SetOption, _errors, _load, app
+
+
+rank_app = typer.Typer(no_args_is_help=True, help="The rank stage's models: score pairs, the measurement table.")
+app.add_typer(rank_app, name="rank")
+
+
+@rank_app.command("score")
+def rank_score(pairs: Path = typer.Option(..., "--pairs", help="CSV with header user_id,item_id."),
+               out: Path = typer.Option(..., "--out", help="Write user_id,item_id,score CSV here."),
+               params_file: Path = ParamsOption) -> None:
+    """Score user/item pairs with the rank stage's relevance tower (no position)."""
+    with _errors():
+        paths = _load(params_file, None).paths.resolved(params_file.resolve().parent)
+        schema_path = paths.ingested / "schema.json"
+        if not schema_path.exists():
+            raise MissingStageInput(f"{schema_path} not found: run `towerflow run` first")
+        from flows.serving.rerank import load_reranker, read_pairs, score_pairs
+        table = read_pairs(pairs, json.loads(schema_path.read_text()))
+        scores = score_pairs(table, load_reranker(paths.ranker))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scores.to_csv(out, index=False)
+        typer.echo(f"wrote {len(scores)} scores to {out}")
+
+
+@rank_app.command("table")
+def rank_table(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
+               seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per cell: base.seed, base.seed+1, ..."),
+               requests: float = typer.Option(0.05, "--request-fraction", help="simulator.request_fraction of each regenerated log."),
+               out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: paths.reports.")) -> None:
+    """The rankers measured against the simulator's truth across bias strengths and loggers (slow)."""
+    with _errors():
+        from flows.experiments.rank_table import run_cli
+        run_cli(params_file, set_ or [], seeds, requests, out_dir)
+
+
+@rank_app.command("negatives")
+def rank_negatives(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
+                   seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per row: base.seed, base.seed+1, ..."),
+                   out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: paths.reports.")) -> None:
+    """Retrieval with the debiased ranker's hard negatives vs the logs' (sample, train, evaluate; slow)."""
+    with _errors():
+        from flows.experiments.ranker_negatives import ranker_negatives
+        from flows.params import read_raw
+        root = params_file.resolve().parent
+        params = _load(params_file, set_)
+        out = out_dir or params.paths.resolved(root).reports
+        ranker_negatives(read_raw(params_file), root, out, [params.base.seed + i for i in range(seeds)], set_ or [])
+        typer.echo(f"written {out / 'ranker_negatives.md'} and {out / 'ranker_negatives.json'}")
+

@@ -1,0 +1,140 @@
+"""Commands that serve what is published: recommend, index list/rollback/add-items, serve-api, events."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from flows.errors import TowerflowError
+
+from flows.cli.common import ParamsOption, _errors, _load, app
+
+
+@app.command()
+def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One user id."),
+              users_file: Optional[Path] = typer.Option(None, "--users-file", help="Text file, one user id per line (optional header 'user_id')."),
+              k: int = typer.Option(20, "--k", min=1, help="How many items per user."),
+              out: Optional[Path] = typer.Option(None, "--out", help="Write user_id,item_id,rank,score,cold_start CSV here."),
+              include_seen: bool = typer.Option(False, "--include-seen", help="Keep items the user already interacted with."),
+              filter_: Optional[str] = typer.Option(None, "--filter", help='Only items whose fields match, as JSON: \'{"genres": "Comedy", "year": {"gte": 1990}}\'.'),
+              rerank: bool = typer.Option(False, "--rerank", help="Re-rank the retrieved items with the rank stage's relevance tower."),
+              rerank_depth: int = typer.Option(100, "--rerank-depth", min=1, help="With --rerank: how many retrieved items to re-rank."),
+              params_file: Path = ParamsOption) -> None:
+    """Recommend items from the live published bundle, with Feast online features and its user tower."""
+    with _errors():
+        if (user_id is None) == (users_file is None):
+            raise TowerflowError("give exactly one of --user-id or --users-file")
+        params = _load(params_file, None)
+        paths = params.paths.resolved(params_file.resolve().parent)
+        from flows.serving.bundles import BundleStore
+        bundle = BundleStore(paths.published).live_dir()   # nothing published: says to run the pipeline
+        id_dtype = json.loads((bundle / "schema.json").read_text())["user_id_dtype"]
+        from flows.serving.recommend import Recommender, parse_filter_json, parse_id, read_ids_file
+        if users_file is not None:
+            ids = read_ids_file(users_file, id_dtype)
+        else:
+            ids = [parse_id(user_id.strip(), id_dtype, "--user-id")]
+        query_filter = parse_filter_json(filter_)
+        ranker = None
+        if rerank:  # loaded first: a missing ranker fails before the index is queried
+            from flows.serving.rerank import load_reranker
+            ranker = load_reranker(paths.ranker)
+        with Recommender.load(bundle, paths.feast, paths.features) as recommender:
+            recs = recommender.recommend(ids, max(k, rerank_depth) if rerank else k,
+                                         exclude_seen=not include_seen, filter=query_filter)
+        if ranker is not None:
+            from flows.serving.rerank import rerank as _rerank
+            recs = _rerank(recs, ranker, k)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            recs.to_csv(out, index=False)
+            typer.echo(f"wrote {len(recs)} rows for {recs['user_id'].nunique()} users to {out}")
+        else:
+            typer.echo(recs.to_csv(index=False), nl=False)
+
+
+index_app = typer.Typer(no_args_is_help=True, help="Published bundles: list them, roll back.")
+app.add_typer(index_app, name="index")
+
+
+def _bundle_store(params_file: Path):  # noqa: ANN202
+    from flows.serving.bundles import BundleStore
+    params = _load(params_file, None)
+    return BundleStore(params.paths.resolved(params_file.resolve().parent).published)
+
+
+@index_app.command("list")
+def index_list(params_file: Path = ParamsOption) -> None:
+    """Published versions, oldest first; * marks the live one."""
+    with _errors():
+        from flows.serving.bundles import list_versions
+        store = _bundle_store(params_file)
+        rows = list_versions(store)
+        if not rows:
+            typer.echo(f"nothing published in {store.root}")
+            return
+        typer.echo(f"  {'version':<26} {'items':>9}  {'model':<16}  {'backend':<13}  created")
+        for r in rows:
+            typer.echo(f"{'*' if r['live'] else ' '} {r['version']:<26} {r['count']:>9}  {r['model_digest']:<16}  "
+                       f"{r['backend']:<13}  {r['created_at']}")
+
+
+@index_app.command("rollback")
+def index_rollback(to: Optional[str] = typer.Option(None, "--to", help="Version to make live (default: the one live before the live one)."),
+                   reason: str = typer.Option("", "--reason", help="Recorded in history.jsonl."),
+                   params_file: Path = ParamsOption) -> None:
+    """Make an earlier published version live (model, vectors and index together)."""
+    with _errors():
+        from flows.serving.bundles import rollback
+        old, new = rollback(_bundle_store(params_file), to, reason)
+        typer.echo(f"live: {new} (was {old})")
+
+
+
+@index_app.command("add-items")
+def index_add_items(file: Path = typer.Argument(..., help="CSV, JSON lines or parquet: item_id + item feature columns."),
+                    params_file: Path = ParamsOption) -> None:
+    """Add new items to the live version without retraining (encoded by its item tower)."""
+    with _errors():
+        params = _load(params_file, None)
+        from flows.serving.items import add_items_file
+        version, n, now = add_items_file(params.paths.resolved(params_file.resolve().parent).published, file)
+        if now:
+            typer.echo(f"added {n} items to version {version}")
+        else:
+            typer.echo(f"recorded {n} items for version {version}; the running service (which holds the index) "
+                       f"adds them within {params.serve.reload_interval_s:g} s")
+
+
+@app.command("serve-api")
+def serve_api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+              port: int = typer.Option(8000, "--port", help="TCP port."),
+              params_file: Path = ParamsOption) -> None:
+    """Serve recommendations over HTTP from the live bundle (hot reload on publish/rollback)."""
+    with _errors():
+        params = _load(params_file, None)
+        from flows.serving.api import serve
+        serve(params, params_file.resolve().parent, host, port, announce=typer.echo)
+
+
+events_app = typer.Typer(no_args_is_help=True, help="Real-time interactions.")
+app.add_typer(events_app, name="events")
+
+
+@events_app.command("push")
+def events_push(file: Path = typer.Argument(..., help="CSV, JSON lines or parquet: user_id, item_id, timestamp."),
+                params_file: Path = ParamsOption) -> None:
+    """Record interactions durably (serve.events_dir) and push them to the online store."""
+    with _errors():
+        params = _load(params_file, None)
+        root = params_file.resolve().parent
+        paths = params.paths.resolved(root)
+        events_dir = params.serve.events_dir if params.serve.events_dir.is_absolute() else root / params.serve.events_dir
+        from flows.serving.events import push_events_file
+        n, users, log = push_events_file(file, paths.published, paths.feast, paths.features, events_dir,
+                                         params.features.history_length, params.validate.timestamp_floor,
+                                         params.serve.future_tolerance_s)
+        typer.echo(f"pushed {n} events of {users} users to the online store; logged to {log}")
+

@@ -1,0 +1,250 @@
+"""New items without retraining: encode them with the live item tower, upsert them into its index.
+
+    POST /items  or  towerflow index add-items FILE       {item_id, <item feature columns>...}
+
+A bundle is immutable except for one append-only sidecar, `<bundle>/added_items/`: one parquet
+file per addition (item_id, the item feature columns, the vector this bundle's item tower gave
+it), written (tmp + fsync + rename) before the index is touched. So:
+- a crash between the sidecar and the upsert is repaired by `sync_additions` on the next load
+  (rows of the own sidecar missing from the index are upserted from their stored vectors);
+- a rollback or a new publish knows about them: `sync_additions` also takes the items added to the
+  other kept versions that this one lacks, encodes them with its own item tower (another model's
+  vectors mean nothing here) and records them in its own sidecar;
+- while the service holds an embedded index (one process at a time), the CLI writes the sidecar
+  only and the service's watcher upserts it within serve.reload_interval_s.
+The next pipeline run trains on them only if the source's items table holds them (see the report).
+"""
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flows.errors import DataContractError, PublishError, TowerflowError
+from flows.serving.bundles import BundleStore, fsync_tree
+from flows.serving.recommend import Recommender, coerce_id
+
+ADDED_DIR = "added_items"
+LOCK_FILE = ".additions.lock"
+LOCK_WAIT_S = 30.0
+_SEQ = count()
+
+
+class ItemExists(DataContractError):
+    """An added item's id is already in the catalog (HTTP 409)."""
+
+
+def item_kinds(schema: dict[str, Any]) -> dict[str, str]:
+    """Item feature column -> categorical | numeric | multi, from schema.json."""
+    features = schema.get("item_features", {})
+    return {c: kind for kind in ("categorical", "numeric", "multi") for c in features.get(kind, [])}
+
+
+def _feature(value: Any, kind: str, where: str) -> Any:
+    """One feature value as the catalog stores it (string / float / list of strings); None = missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if kind == "multi":
+        if isinstance(value, str):   # CSV has no lists: 'a|b|c' as in the contract
+            return [v for v in value.split("|") if v]
+        if isinstance(value, (list, tuple, np.ndarray)):
+            return [str(v) for v in value if v is not None]
+        raise DataContractError(f"{where}: {value!r} is not a list of values")
+    if kind == "numeric":
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise DataContractError(f"{where}: {value!r} is not a number") from None
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise DataContractError(f"{where}: {value!r} is not a finite number")
+        return number
+    if isinstance(value, (dict, list)):
+        raise DataContractError(f"{where}: {value!r} is not a single categorical value")
+    return str(value)
+
+
+def normalize_items(frame: pd.DataFrame, schema: dict[str, Any], where: str) -> pd.DataFrame:
+    """item_id + the schema's item feature columns, typed like the catalog. Unknown columns, ids of
+    the wrong type, repeated ids and bad values raise DataContractError naming them."""
+    kinds = item_kinds(schema)
+    unknown = [c for c in frame.columns if c != "item_id" and c not in kinds]
+    if unknown:
+        raise DataContractError(f"{where}: unknown item feature column '{unknown[0]}'; the live model's item "
+                                f"features are: {', '.join(kinds) or 'none'}")
+    if "item_id" not in frame.columns:
+        raise DataContractError(f"{where}: missing required column 'item_id'")
+    if frame.empty:
+        raise DataContractError(f"{where}: no items")
+    frame = frame.reset_index(drop=True)
+    out = pd.DataFrame({"item_id": [coerce_id(v, schema["item_id_dtype"], f"{where}[{i}].item_id")
+                                    for i, v in enumerate(frame["item_id"])]})
+    repeated = out["item_id"][out["item_id"].duplicated()].tolist()
+    if repeated:
+        raise DataContractError(f"{where}: item_id {repeated[0]!r} appears more than once")
+    for col, kind in kinds.items():
+        values = frame[col].tolist() if col in frame.columns else [None] * len(frame)
+        out[col] = pd.Series([_feature(v, kind, f"{where}[{i}].{col}") for i, v in enumerate(values)],
+                             dtype="float64" if kind == "numeric" else object)
+    return out
+
+
+def read_additions(bundle_dir: Path) -> pd.DataFrame:
+    """Every row of a bundle's sidecar, oldest file first (item_id, features, vector)."""
+    files = sorted((Path(bundle_dir) / ADDED_DIR).glob("*.parquet"))
+    if not files:
+        return pd.DataFrame(columns=["item_id", "vector"])
+    return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+
+
+def sidecar_signature(bundle_dir: Path) -> tuple[str, ...]:
+    """What the watcher compares to notice an addition made by another process."""
+    folder = Path(bundle_dir) / ADDED_DIR
+    return tuple(sorted(p.name for p in folder.glob("*.parquet"))) if folder.is_dir() else ()
+
+
+def catalog_ids(bundle_dir: Path) -> set[Any]:
+    """The bundle's catalog (items.parquet) and its added items: what events may refer to."""
+    ids = set(pq.read_table(Path(bundle_dir) / "items.parquet", columns=["item_id"]).column(0).to_pylist())
+    added = read_additions(bundle_dir)
+    return ids | set(added["item_id"].tolist())
+
+
+@contextmanager
+def additions_locked(published_dir: Path) -> Iterator[None]:
+    """One addition at a time across processes (the service and the CLI), so two cannot both add
+    the same id. Held for an encode and a few writes: wait for it (bounded)."""
+    Path(published_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(published_dir) / LOCK_FILE, "a+") as f:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise PublishError(f"{published_dir}: another process has been adding items for "
+                                       f"{LOCK_WAIT_S:.0f} s; try again later") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_sidecar(bundle_dir: Path, items: pd.DataFrame, vectors: np.ndarray) -> Path:
+    folder = Path(bundle_dir) / ADDED_DIR
+    folder.mkdir(exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    path = folder / f"{stamp}-{os.getpid()}-{next(_SEQ)}.parquet"
+    table = pa.Table.from_pandas(items.reset_index(drop=True), preserve_index=False).append_column(
+        "vector", pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]))
+    tmp = folder / f".{path.name}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    fsync_tree(folder)   # the file and its name, before the index changes
+    return path
+
+
+def _payloads(rec: Recommender, items: pd.DataFrame) -> list[dict[str, Any]]:
+    from flows.serving.index import catalog_payloads
+
+    _, payloads = catalog_payloads(items, rec.schema.get("item_features", {}))
+    fields = rec.index.settings.fields    # the kinds the index was built with decide what is filterable
+    return [{k: v for k, v in p.items() if k in fields} for p in payloads]
+
+
+def _encode(rec: Recommender, items: pd.DataFrame) -> np.ndarray:
+    vectors = np.asarray(rec.model.encode_items(items), dtype=np.float32)
+    bad = ~np.isfinite(vectors).all(axis=1) | (np.abs(vectors).sum(axis=1) == 0)
+    if bad.any():
+        raise PublishError(f"the item tower of version {rec.version} gave item_id "
+                           f"{items['item_id'].iloc[int(np.flatnonzero(bad)[0])]!r} a zero or non-finite vector")
+    return vectors
+
+
+def add_items(rec: Recommender, published_dir: Path, items: pd.DataFrame, known: set[Any],
+              upsert: bool = True) -> Path:
+    """Encode normalized items with rec's item tower, record them in its sidecar, then upsert them
+    into its index (upsert=False: the index is held by a running service, which picks them up).
+    `known` (catalog + added ids) is updated. Ids already there raise DataContractError."""
+    with additions_locked(published_dir):
+        known |= set(read_additions(rec.bundle_dir)["item_id"].tolist())   # another process may have added
+        taken = [i for i in items["item_id"].tolist() if i in known]
+        if taken:
+            raise ItemExists(f"item_id {taken[0]!r} already exists in version {rec.version}"
+                                    f"{f' (and {len(taken) - 1} more)' if len(taken) > 1 else ''}")
+        vectors = _encode(rec, items)
+        path = _write_sidecar(rec.bundle_dir, items, vectors)
+        if upsert:
+            rec.index.upsert(items["item_id"].tolist(), vectors, _payloads(rec, items))
+        known |= set(items["item_id"].tolist())
+    return path
+
+
+def sync_additions(rec: Recommender, published_dir: Path, known: set[Any]) -> int:
+    """Bring rec's index up to date with the additions of every kept version (see the module doc);
+    returns how many items were upserted. `known` is updated."""
+    own = read_additions(rec.bundle_dir)
+    missing = own[[rec.index.vector_of(i) is None for i in own["item_id"].tolist()]] if len(own) else own
+    if len(missing):
+        vectors = np.stack(missing["vector"].to_numpy()).astype(np.float32)
+        rec.index.upsert(missing["item_id"].tolist(), vectors, _payloads(rec, missing.drop(columns="vector")))
+    known |= set(own["item_id"].tolist())
+    store = BundleStore(published_dir)
+    others = [read_additions(store.versions / v) for v in store.complete() if store.versions / v != rec.bundle_dir]
+    others = [o for o in others if len(o)]
+    if not others:
+        return len(missing)
+    rows = pd.concat(others, ignore_index=True).drop_duplicates("item_id", keep="last")
+    rows = rows[[i not in known and rec.index.vector_of(i) is None for i in rows["item_id"].tolist()]]
+    if len(rows):
+        # Another version's schema may have other item features: keep the ones this model knows.
+        columns = ["item_id", *(c for c in item_kinds(rec.schema) if c in rows.columns)]
+        features = normalize_items(rows[columns], rec.schema, "added_items")
+        add_items(rec, published_dir, features, known)
+    return len(missing) + len(rows)
+
+
+def add_items_file(published_dir: Path, path: Path) -> tuple[str, int, bool]:
+    """`towerflow index add-items FILE`: (version, items added, index updated now). When a running
+    service holds the embedded index, only the sidecar is written and the service upserts it."""
+    import json
+
+    from flows.serving.bundles import BUNDLE_JSON
+    from flows.serving.events import read_frame
+    from flows.serving.index import IndexSettings, open_index
+    from models.inference import load_bundle
+
+    bundle = BundleStore(published_dir).live_dir()
+    meta = json.loads((bundle / BUNDLE_JSON).read_text())
+    schema = json.loads((bundle / "schema.json").read_text())
+    items = normalize_items(read_frame(path), schema, str(path))
+    index = None
+    if (bundle / "index").is_dir():
+        try:
+            index = open_index(meta["backend"], IndexSettings.from_dict(meta["settings"]), path=bundle / "index",
+                               collection=meta.get("collection"))
+        except TowerflowError:   # locked by the running service: it picks the sidecar up
+            index = None
+    rec = Recommender(bundle, meta, schema, load_bundle(bundle / "model"), index, store=None)
+    try:
+        known = catalog_ids(bundle)
+        if index is not None:
+            sync_additions(rec, published_dir, known)
+        add_items(rec, published_dir, items, known, upsert=index is not None)
+    finally:
+        if index is not None:
+            index.close()
+    return rec.version, len(items), index is not None

@@ -1,0 +1,100 @@
+"""Prometheus metrics of the HTTP service (prometheus-client), exposed at GET /metrics.
+
+Each app gets its own CollectorRegistry (not the library's global one), so tests and benchmarks
+that start several apps in one process do not register twice. (Importing feast sets
+PROMETHEUS_MULTIPROCESS_DIR, and a prometheus-client imported after that keeps values in files
+keyed by metric name: apps of one process then share their counts. The service imports
+prometheus-client first; tests compare counts before and after.) Cold-start share = rate of
+`towerflow_users_served_total{cold_start="true"}` over all users served; it is also kept as a
+gauge since the service started, for a quick look without PromQL.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+
+# Warm requests take ~1-10 ms; a batch or a reload spike, up to seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ServiceMetrics:
+    """The service's counters, histogram and gauges in one registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("towerflow_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("towerflow_request_seconds", "HTTP request latency by endpoint",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.users = Counter("towerflow_users_served", "users answered by /recommend", ["cold_start"], registry=r)
+        self.cold_share = Gauge("towerflow_cold_start_share", "share of users answered with the cold-start path "
+                                "since the service started", registry=r)
+        self.events = Counter("towerflow_events", "interactions accepted by POST /events", registry=r)
+        self.items_added = Counter("towerflow_items_added", "items added by POST /items", registry=r)
+        self.reloads = Counter("towerflow_reloads", "live version changes picked up", ["result"], registry=r)
+        self.live = Gauge("towerflow_live_info", "the version being served (value 1)", ["version", "backend"],
+                          registry=r)
+        self._served = [0, 0]   # [cold, all]: the gauge without reading the counters back
+        self._live: tuple[str, str] | None = None
+
+    def served(self, cold: int, total: int) -> None:
+        if cold:
+            self.users.labels("true").inc(cold)
+        if total - cold:
+            self.users.labels("false").inc(total - cold)
+        self._served[0] += cold
+        self._served[1] += total
+        if self._served[1]:
+            self.cold_share.set(self._served[0] / self._served[1])
+
+    def set_live(self, version: str, backend: str) -> None:
+        if self._live is not None:
+            with warnings.catch_warnings():   # importing feast turns prometheus-client's multiprocess mode on
+                warnings.simplefilter("ignore", UserWarning)
+                self.live.remove(*self._live)
+        self._live = (version, backend)
+        self.live.labels(version, backend).set(1)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware (cheaper than BaseHTTPMiddleware): counts and times every request by
+    its route template; paths that match no route are one label, `other`, so a scan of random
+    URLs cannot grow the label set."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, endpoints: frozenset[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.endpoints = endpoints
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                       send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in self.endpoints else "other"
+        status = [500]
+        t0 = time.perf_counter()
+
+        async def capture(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()

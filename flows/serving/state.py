@@ -1,0 +1,199 @@
+"""The service's warm state: the live Recommender, loaded once, and its hot reload.
+
+A watcher thread looks at `<published>/LIVE` every serve.reload_interval_s. When a publish or a
+rollback names another version, the new bundle is loaded beside the old one (model, index, Feast
+handle, added items synced), and only then is the reference swapped, under a lock, in one
+assignment: a request is answered entirely by the version it started with, never by a half-loaded
+one. The old version is closed when its last in-flight request finishes (a reference count), so
+nothing is dropped. A version that fails to load leaves the current one serving (reported by
+/healthz and the reload metric) and is retried after RETRY_AFTER_S.
+
+The watcher also notices:
+- a finished materialization (`materialized.json` rewritten): a full one replaced `online.db`, whose
+  old file the open SQLite handle would keep reading, so the version goes on with a fresh Feast
+  handle. Only once it has finished: during a rebuild the old file still answers for everyone;
+- items added by another process (`towerflow index add-items` while the service holds the index):
+  they are upserted from the bundle's sidecar (flows/serving/items.py).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from flows.errors import TowerflowError
+from flows.serving.bundles import BundleStore
+from flows.serving.items import catalog_ids, sidecar_signature, sync_additions
+from flows.serving.recommend import Recommender
+
+log = logging.getLogger("towerflow.serve")
+RETRY_AFTER_S = 5.0
+MATERIALIZED = "materialized.json"     # written by features/refresh.py when a materialization succeeded
+
+Loader = Callable[[Path, Path, Path], Recommender]
+
+
+@dataclass
+class Served:
+    """One loaded version and what requests need beside it. `lock` serializes the use of its
+    index and Feast handle between requests and the watcher (item upserts, a store swap)."""
+
+    rec: Recommender
+    known_items: set[Any]
+    loaded_at: str
+    sidecar: tuple[str, ...]
+    materialized: int | None      # mtime_ns of <feast>/materialized.json when the store was opened
+    refs: int = 0
+    retired: bool = False
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @property
+    def version(self) -> str:
+        return self.rec.version
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+class LiveState:
+    """The live version for a long-running process; `use()` lends it to one request."""
+
+    def __init__(self, published_dir: Path, feast_dir: Path, features_dir: Path, interval_s: float = 1.0,
+                 on_change: Callable[["Served"], None] | None = None, loader: Loader | None = None):
+        self.store = BundleStore(published_dir)
+        self.feast_dir, self.features_dir = Path(feast_dir), Path(features_dir)
+        self.interval_s = interval_s
+        self.on_change = on_change
+        self.loader = loader or Recommender.load
+        self._lock = threading.Lock()
+        self._served: Served | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+        self._failed: tuple[str, float] | None = None
+        self.reloads = 0
+
+    # --- loading --------------------------------------------------------------------------------
+    def _load(self, version: str) -> Served:
+        bundle = self.store.versions / version
+        rec = self.loader(bundle, self.feast_dir, self.features_dir)
+        try:
+            known = catalog_ids(bundle)
+            sync_additions(rec, self.store.root, known)
+        except BaseException:
+            rec.close()
+            raise
+        return Served(rec, known, datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      sidecar_signature(bundle), _mtime(self.feast_dir / MATERIALIZED))
+
+    def start(self, watch: bool = True) -> None:
+        """Load the live version (raises if nothing is published) and start the watcher."""
+        self._served = self._load(self.store.live_dir().name)
+        if self.on_change:
+            self.on_change(self._served)
+        if watch:
+            self._thread = threading.Thread(target=self._watch, name="towerflow-live-watcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        with self._lock:
+            served, self._served = self._served, None
+        if served is not None:
+            self._retire(served)
+
+    # --- requests -------------------------------------------------------------------------------
+    @contextmanager
+    def use(self) -> Iterator[Served]:
+        """The live version for one request; it stays open until the request is done."""
+        with self._lock:
+            served = self._served
+            if served is None:
+                raise TowerflowError("the service is not loaded")
+            served.refs += 1
+        try:
+            with served.lock:
+                yield served
+        finally:
+            with self._lock:
+                served.refs -= 1
+                close = served.retired and served.refs == 0
+            if close:
+                served.rec.close()
+
+    @property
+    def served(self) -> Served | None:
+        return self._served
+
+    # --- watching -------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check()
+            except Exception as exc:   # the watcher must outlive any one failure
+                log.exception("live check failed")
+                self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def check(self) -> str | None:
+        """One look at LIVE, the online store and the sidecar; returns what changed, if anything."""
+        current = self._served
+        if current is None:
+            return None
+        live = self.store.live()
+        if live is not None and live != current.version:
+            return self._switch(live)
+        materialized = _mtime(self.feast_dir / MATERIALIZED)
+        if materialized is not None and materialized != current.materialized:
+            from features.store import open_store
+            fresh = open_store(self.feast_dir, self.features_dir)
+            with current.lock:
+                current.rec.store, current.materialized = fresh, materialized
+            return "online store reopened"
+        signature = sidecar_signature(current.rec.bundle_dir)
+        if signature != current.sidecar:
+            with current.lock:
+                added = sync_additions(current.rec, self.store.root, current.known_items)
+                current.sidecar = signature
+            return f"{added} added items synced"
+        return None
+
+    def _switch(self, version: str) -> str | None:
+        if self._failed and self._failed[0] == version and time.monotonic() - self._failed[1] < RETRY_AFTER_S:
+            return None
+        try:
+            new = self._load(version)
+        except Exception as exc:
+            self._failed = (version, time.monotonic())
+            self.last_error = f"version {version} did not load, still serving {self._served.version if self._served else None}: {exc}"
+            log.error(self.last_error)
+            return None
+        with self._lock:
+            old, self._served = self._served, new
+            self.reloads += 1
+        self._failed, self.last_error = None, None
+        if self.on_change:
+            self.on_change(new)
+        if old is not None:
+            self._retire(old)
+        log.info("now serving %s (was %s)", version, old.version if old else None)
+        return f"switched to {version}"
+
+    def _retire(self, served: Served) -> None:
+        """Close a version that no longer takes requests once its last request has finished."""
+        with self._lock:
+            served.retired = True
+            close = served.refs == 0
+        if close:
+            served.rec.close()
