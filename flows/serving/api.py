@@ -33,8 +33,6 @@ from fastapi.responses import Response
 
 from features.errors import FeatureError
 from flows.errors import EXPECTED_ERRORS, DataContractError, TowerflowError
-from models.errors import ModelInputError
-from validation.errors import ValidationFailed
 from flows.params import ServeParams
 from flows.serving.bundles import NothingPublished
 from flows.serving.events import EventLog, body_rows, record_events, validate_events
@@ -44,6 +42,8 @@ from flows.serving.items import ItemExists, add_items, normalize_items, sidecar_
 from flows.serving.metrics import MetricsMiddleware, ServiceMetrics
 from flows.serving.recommend import Answer, coerce_id
 from flows.serving.state import LiveState, Served
+from models.errors import ModelInputError
+from validation.errors import ValidationFailed
 
 log = logging.getLogger("towerflow.serve")
 DEFAULT_K = 20
