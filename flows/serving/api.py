@@ -41,6 +41,7 @@ from flows.serving.index.base import parse_filter
 from flows.serving.items import ItemExists, add_items, normalize_items, sidecar_signature
 from flows.serving.metrics import MetricsMiddleware, ServiceMetrics
 from flows.serving.recommend import Answer, coerce_id
+from flows.serving.rerank import RankerCache, rerank_answers
 from flows.serving.state import LiveState, Served
 from models.errors import ModelInputError
 from validation.errors import ValidationFailed
@@ -65,6 +66,7 @@ class ServiceConfig:
     timestamp_floor: datetime    # validate.timestamp_floor: events before it are refused
     events_dir: Path             # serve.events_dir, absolute
     published_dir: Path
+    ranker: RankerCache | None = None   # rerank=true: the rank stage's relevance tower (paths.ranker)
 
 
 def status_of(exc: Exception) -> int:
@@ -150,6 +152,20 @@ async def _body(request: Request, allowed: set[str] | None = None) -> Any:
     return body
 
 
+def _rerank_depth(args: dict, k: int, config: ServiceConfig) -> int | None:
+    """With rerank=true: how many retrieved items the ranker re-orders (rerank_depth, default 100,
+    at least k); None without."""
+    if args.get("rerank") is None or not _flag(args.get("rerank"), "rerank"):
+        return None
+    return max(k, _k(args.get("rerank_depth", 100), config.serve.max_k))
+
+
+def _ranker(config: ServiceConfig) -> Any:
+    if config.ranker is None:
+        raise RequestError("rerank=true: this service has no ranker configured", 503)
+    return config.ranker.get()
+
+
 def _user_answer(answer: Answer) -> dict[str, Any]:
     user, cold, hits = answer
     return {"user_id": user, "cold_start": cold,
@@ -165,21 +181,24 @@ def _ctx(request: Request) -> tuple[LiveState, ServiceConfig, ServiceMetrics]:
 
 async def recommend_one(request: Request) -> Response:
     live, config, metrics = _ctx(request)
-    q = _query(request, {"user_id", "k", "exclude_seen", "filter"})
+    q = _query(request, {"user_id", "k", "exclude_seen", "filter", "rerank", "rerank_depth"})
     if "user_id" not in q:
         raise RequestError("missing query parameter 'user_id'")
     with live.use() as served:
         user = coerce_id(q["user_id"], served.rec.schema["user_id_dtype"], "user_id")
         k, exclude = _k(q.get("k"), config.serve.max_k), _flag(q.get("exclude_seen"), "exclude_seen")
-        (answer,) = served.rec.answer([user], k, exclude, _filter(q.get("filter"), served))
+        depth = _rerank_depth(q, k, config)
+        (answer,) = served.rec.answer([user], depth or k, exclude, _filter(q.get("filter"), served))
         version = served.version
+    if depth:
+        (answer,) = rerank_answers([answer], _ranker(config), k)
     metrics.served(int(answer[1]), 1)
     return _json({"version": version, **_user_answer(answer)})
 
 
 async def recommend_batch(request: Request) -> Response:
     live, config, metrics = _ctx(request)
-    body = await _body(request, {"user_ids", "k", "exclude_seen", "filter"})
+    body = await _body(request, {"user_ids", "k", "exclude_seen", "filter", "rerank", "rerank_depth"})
     ids = body.get("user_ids")
     if not isinstance(ids, list) or not ids:
         raise RequestError("user_ids must be a non-empty list of user ids")
@@ -189,8 +208,11 @@ async def recommend_batch(request: Request) -> Response:
         dtype = served.rec.schema["user_id_dtype"]
         users = [coerce_id(u, dtype, f"user_ids[{i}]") for i, u in enumerate(ids)]
         k, exclude = _k(body.get("k"), config.serve.max_k), _flag(body.get("exclude_seen"), "exclude_seen")
-        answers = served.rec.answer(users, k, exclude, _filter(body.get("filter"), served))
+        depth = _rerank_depth(body, k, config)
+        answers = served.rec.answer(users, depth or k, exclude, _filter(body.get("filter"), served))
         version = served.version
+    if depth:
+        answers = rerank_answers(answers, _ranker(config), k)
     metrics.served(sum(a[1] for a in answers), len(answers))
     return _json({"version": version, "k": k, "results": [_user_answer(a) for a in answers]})
 
@@ -309,7 +331,7 @@ def build_service(params: Any, root: Path) -> tuple[FastAPI, LiveState]:
     state.start()
     events_dir = params.serve.events_dir if params.serve.events_dir.is_absolute() else root / params.serve.events_dir
     config = ServiceConfig(params.serve, params.features.history_length, params.validate.timestamp_floor,
-                           events_dir, paths.published)
+                           events_dir, paths.published, RankerCache(paths.ranker))
     return create_app(state, config, metrics), state
 
 

@@ -106,3 +106,33 @@ def read_pairs(path: Path, schema: dict) -> pd.DataFrame:
 def score_pairs(pairs: pd.DataFrame, ranker: RankerBundle) -> pd.DataFrame:
     """user_id, item_id, score (the relevance tower's, higher is better), in the input order."""
     return pairs.assign(score=ranker.score(pairs["user_id"].to_numpy(), pairs["item_id"].to_numpy()))
+
+
+def rerank_answers(answers: list, ranker: RankerBundle, k: int) -> list:
+    """The service's form of `rerank`: answers are (user_id, cold_start, [(item_id, score), ...]) in
+    retrieval order; returns the same shape with each user's k items the ranker scores highest."""
+    rows = [(user, item, rank) for user, _, hits in answers for rank, (item, _) in enumerate(hits, start=1)]
+    if not rows:
+        return [(user, cold, []) for user, cold, _ in answers]
+    ranked = rerank(pd.DataFrame(rows, columns=["user_id", "item_id", "rank"]), ranker, k)
+    by_user: dict = {}
+    for user, item, score in zip(ranked["user_id"], ranked["item_id"], ranked["score"]):
+        by_user.setdefault(user, []).append((item, float(score)))
+    return [(user, cold, by_user.get(user, [])) for user, cold, _ in answers]
+
+
+class RankerCache:
+    """The served ranker for a long-running service: loaded on first use, loaded again when the rank
+    stage writes a new one (its folder's newest modification time changes)."""
+
+    def __init__(self, ranker_dir: Path):
+        self.ranker_dir = ranker_dir
+        self._stamp: float | None = None
+        self._ranker: RankerBundle | None = None
+
+    def get(self) -> RankerBundle:
+        files = list(self.ranker_dir.glob("*")) if self.ranker_dir.is_dir() else []
+        stamp = max((f.stat().st_mtime for f in files), default=None)
+        if self._ranker is None or stamp != self._stamp:
+            self._ranker, self._stamp = load_reranker(self.ranker_dir), stamp
+        return self._ranker

@@ -43,4 +43,4 @@ def test_recommend_before_any_run_says_what_to_do(tmp_path):
     params.write_text((ROOT / "params.yaml").read_text())
     result = _invoke("recommend", "--user-id", "1", "--params", str(params))
     assert result.exit_code == 1
-    assert "schema.json not found" in result.output and "towerflow run" in result.output
+    assert "LIVE not found: nothing is published yet" in result.output and "towerflow run" in result.output

@@ -195,6 +195,10 @@ def test_bad_requests_are_4xx_with_a_message_naming_the_problem(service: Service
         assert r.status_code == status and message in r.json()["error"], (content, r.status_code, r.text)
     r = service.get("/similar", item_id=-5)
     assert r.status_code == 404 and "item_id -5 is not in the catalog" in r.json()["error"]
+    r = service.get("/recommend", user_id=1, rerank="maybe")
+    assert r.status_code == 400 and "rerank must be true or false" in r.json()["error"]
+    r = service.get("/recommend", user_id=1, rerank="true")      # this project ran no rank stage
+    assert r.status_code == 503 and "run the rank stage first" in r.json()["error"]
     assert service.get("/nowhere").status_code == 404
     # every answer above was counted, none as a 500
     assert 'status="500"' not in service.get("/metrics").text

@@ -147,6 +147,22 @@ def test_rerank_keeps_k_per_user_and_changes_the_order(ranked: tuple[Path, dict]
         assert list(group["retrieval_rank"]) != [1, 2, 3, 4, 5]   # the ranker disagrees with retrieval
 
 
+def test_the_service_reranks_answers_like_the_cli(ranked: tuple[Path, dict]) -> None:
+    from flows.serving.rerank import RankerCache, rerank_answers
+
+    root, _ = ranked
+    cache = RankerCache(root / "ranker")
+    assert cache.get() is cache.get()                             # loaded once
+    answers = [(u, u == "u7", [(item, 1.0 - r / 100) for r, item in enumerate(range(30))]) for u in ("u1", "u7")]
+    out = rerank_answers(answers, cache.get(), k=5)
+    recs = pd.DataFrame([(u, item, r + 1) for u, _, hits in answers for r, (item, _) in enumerate(hits)],
+                        columns=["user_id", "item_id", "rank"])
+    cli = rerank(recs, cache.get(), k=5)
+    for user, cold, hits in out:
+        assert cold == (user == "u7") and len(hits) == 5
+        assert [i for i, _ in hits] == cli.loc[cli["user_id"] == user, "item_id"].tolist()
+
+
 def test_ranker_hard_negatives_keep_the_low_scored_half_of_each_request(ranked: tuple[Path, dict],
                                                                        tmp_path: Path) -> None:
     from flows.experiments.ranker_negatives import ranker_logs
