@@ -18,6 +18,8 @@ SMALL_OVERRIDES = {
     "train": {"epochs": 2, "batch_size": 256},
     "simulator": {"candidates": 40, "ranked": 20, "shown": 5},
     "model": {"hidden": [32], "dim": 16, "embedding_dim": 16},
+    # tiny data moves ndcg@20 by a few points between runs: the gate's own tests check its margin
+    "gate": {"max_quality_drop": 0.2},
 }
 
 

@@ -59,17 +59,16 @@ def live_bundle(published_dir: Path) -> LiveBundle | None:
 
 
 def bundle_reports(reports_dir: Path, bundle_dir: Path) -> list[str]:
-    """Copy this run's BUNDLE_FILES from reports_dir into bundle_dir (the publish stage calls this
-    while it builds a bundle); returns the names written. Every file is required: a bundle without
-    them cannot be the baseline of the next gate."""
-    missing = [str(reports_dir / src) for src in BUNDLE_FILES if not (reports_dir / src).is_file()]
-    if missing:
-        raise MissingStageInput(f"{', '.join(missing)}: not found; run the evaluate, report and gate "
-                                "stages first")
+    """Copy this run's BUNDLE_FILES that exist from reports_dir into bundle_dir (the publish stage
+    calls this while it builds a bundle); returns the names written. A missing one is not an error:
+    the next gate says which baseline it lacks and skips that comparison (e.g. a report turned off)."""
     bundle_dir.mkdir(parents=True, exist_ok=True)
+    written = []
     for src, name in BUNDLE_FILES.items():
-        shutil.copy2(reports_dir / src, bundle_dir / name)
-    return sorted(BUNDLE_FILES.values())
+        if (reports_dir / src).is_file():
+            shutil.copy2(reports_dir / src, bundle_dir / name)
+            written.append(name)
+    return sorted(written)
 
 
 def require_passed(gate_path: Path) -> dict[str, Any]:

@@ -55,6 +55,11 @@ def project(trained_root, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
 
 
 def write_params(root: Path, publish: dict | None = None) -> Path:
+    """params.yaml for the project, and the gate decision `towerflow stage publish` requires (these
+    tests are about publishing; the gate has its own tests)."""
+    gate = root / "reports" / "gate.json"
+    gate.parent.mkdir(parents=True, exist_ok=True)
+    gate.write_text('{"passed": true, "checks": [], "reasons": []}\n')
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump({"publish": {"verify_users": 20, "upsert_batch": 20, **(publish or {})}}))
     return path

@@ -197,7 +197,18 @@ def test_recommend_rerank_retrieves_the_depth_and_returns_k(ranked: tuple[Path, 
         return pd.DataFrame([(u, item, r + 1, 1.0 - r / 100) for u in ids for r, item in enumerate(range(k))],
                             columns=["user_id", "item_id", "rank", "score"])
 
-    monkeypatch.setattr("flows.serving.recommend.recommend", retrieve)
+    class Retrieval:          # the live bundle's Recommender, answering with the fixed top-N
+        def __enter__(self) -> "Retrieval":
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def recommend(self, ids: list, k: int, exclude_seen: bool = True, filter: object = None) -> pd.DataFrame:
+            return retrieve(ids, k, not exclude_seen)
+
+    monkeypatch.setattr("flows.serving.bundles.BundleStore.live_dir", lambda self: root / "ingested")
+    monkeypatch.setattr("flows.serving.recommend.Recommender.load", classmethod(lambda cls, *a, **kw: Retrieval()))
     result = CliRunner().invoke(app, ["recommend", "--user-id", "u1", "--k", "4", "--rerank", "--rerank-depth", "30",
                                       "--params", str(_params_file(root))])
     assert result.exit_code == 0, result.output
