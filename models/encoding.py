@@ -44,6 +44,35 @@ def _category_keys(values: pd.Series) -> pd.Series:
     return keys.map(lambda v: None if v is None else str(v))
 
 
+SMALL_LOOKUP = 64   # up to this many values, Vocab.lookup keys them in Python (same rules, see _small_keys)
+
+
+def _small_keys(values: pd.Series | np.ndarray | list, kind: str) -> list | None:
+    """Vocab._keys for a few values, element by element: int64 kind → int (non-integral → None);
+    string kind → str, where a float column whose values are all integral prints them as ints (as
+    _category_keys does). None when the dtype is one these rules do not cover."""
+    s = values if isinstance(values, pd.Series) else pd.Series(values)
+    dtype = s.dtype
+    items = s.tolist()
+    if kind == "int64":
+        if pd.api.types.is_integer_dtype(dtype):
+            return [None if v is None or v is pd.NA else int(v) for v in items]
+        return None
+    if pd.api.types.is_bool_dtype(dtype) or isinstance(dtype, (pd.CategoricalDtype, pd.ArrowDtype)):
+        return None
+    if pd.api.types.is_float_dtype(dtype):
+        present = [v for v in items if v is not None and v is not pd.NA and v == v]
+        integral = all(v % 1 == 0 for v in present)
+        return [None if v is None or v is pd.NA or v != v else (str(int(v)) if integral else str(v))
+                for v in items]
+    if pd.api.types.is_integer_dtype(dtype):
+        return [None if v is None or v is pd.NA else str(int(v)) for v in items]
+    if dtype == object and all(isinstance(v, str) or v is None or (isinstance(v, float) and v != v)
+                               for v in items):
+        return [v if isinstance(v, str) else None for v in items]
+    return None
+
+
 @dataclass
 class Vocab:
     """Values ↔ indices 1..n; 0 is OOV. `kind` is 'int64' for integer ids, else 'string'."""
@@ -51,6 +80,7 @@ class Vocab:
     values: list[Any]
     kind: str = "string"
     _index: pd.Index | None = field(default=None, repr=False, compare=False)
+    _positions: dict[Any, int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -79,6 +109,10 @@ class Vocab:
 
     def lookup(self, values: pd.Series | np.ndarray | list) -> np.ndarray:
         """Indices (int64) of values; unknown and null → 0."""
+        if len(values) <= SMALL_LOOKUP:
+            fast = self._lookup_small(values)
+            if fast is not None:
+                return fast
         if self._index is None:
             dtype = "Int64" if self.kind == "int64" else object
             self._index = pd.Index(pd.array(self.values, dtype=dtype))
@@ -87,6 +121,18 @@ class Vocab:
         out = pos.astype(np.int64) + 1  # -1 (missing) becomes 0 = OOV
         out[keys.isna().to_numpy()] = OOV
         return out
+
+    def _lookup_small(self, values: pd.Series | np.ndarray | list) -> np.ndarray | None:
+        """The same indices as the pandas path for a few values (a serving request: one user's features
+        and history), by a dict: pandas costs ~0.2 ms per call, this a few µs. None for dtypes whose
+        key rules it does not spell out (the caller then takes the pandas path)."""
+        keys = _small_keys(values, self.kind)
+        if keys is None:
+            return None
+        if self._positions is None:
+            self._positions = {v: i + 1 for i, v in enumerate(self.values)}
+        get = self._positions.get
+        return np.fromiter((OOV if k is None else get(k, OOV) for k in keys), dtype=np.int64, count=len(keys))
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "values": self.values}
@@ -118,7 +164,11 @@ class NumericStats:
         return cls(mean=mean, std=std if std > 1e-12 else 1.0, log=log)
 
     def transform(self, values: pd.Series) -> np.ndarray:
-        x = self._values(values, self.log).to_numpy()
+        # numpy after the numeric read: the same values as _values (clip keeps NaN), without pandas'
+        # per-call overhead on the one-row frames of serving
+        x = pd.to_numeric(pd.Series(values).reset_index(drop=True), errors="coerce").astype(float).to_numpy()
+        if self.log:
+            x = np.log1p(np.clip(x, 0, None))
         return np.nan_to_num((x - self.mean) / self.std, nan=0.0).astype(np.float32)
 
 

@@ -40,7 +40,7 @@ from flows.serving.index import BadQuery
 from flows.serving.index.base import parse_filter
 from flows.serving.items import ItemExists, add_items, normalize_items, sidecar_signature
 from flows.serving.metrics import MetricsMiddleware, ServiceMetrics
-from flows.serving.recommend import Answer, coerce_id
+from flows.serving.recommend import Answer, coerce_id, parse_filter_json
 from flows.serving.rerank import RankerCache, rerank_answers
 from flows.serving.state import LiveState, Served
 from models.errors import ModelInputError
@@ -123,16 +123,9 @@ def _flag(value: Any, name: str) -> bool:
 
 def _filter(value: Any, served: Served) -> dict[str, Any] | None:
     """A filter object (or its JSON text), checked against the index's fields before any work."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise RequestError(f"filter is not valid JSON ({exc.msg} at character {exc.pos})") from None
-    if not isinstance(value, dict):
-        raise RequestError(f"filter must be a JSON object of field -> value, got {value!r}")
-    parse_filter(value, served.rec.index.settings.fields)   # unknown fields, wrong types: BadQuery
+    value = parse_filter_json(value, "filter")
+    if value is not None:
+        parse_filter(value, served.rec.index.settings.fields)   # unknown fields, wrong types: BadQuery
     return value
 
 

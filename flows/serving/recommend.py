@@ -32,18 +32,21 @@ NOT_TOWER_INPUTS = ("seen_items", "known")
 Answer = tuple[Any, bool, list[tuple[Any, float]]]
 
 
-def parse_id(text: str, id_dtype: str, where: str) -> int | str:
-    """One id as the schema's dtype; `where` names the source in the error (file:line)."""
+def parse_id(text: str, id_dtype: str, where: str, what: str = "user_id") -> int | str:
+    """One id (`what`: user_id, item_id) as the schema's dtype; `where` names the source in the error
+    (file:line)."""
+    if not text:
+        raise DataContractError(f"{where}: empty {what}")
     if id_dtype == "string":
         return text
     if id_dtype != "int64":
-        raise ConfigError(f"schema.json: user_id_dtype must be 'int64' or 'string', got {id_dtype!r}")
+        raise ConfigError(f"schema.json: {what}_dtype must be 'int64' or 'string', got {id_dtype!r}")
     try:
         value = int(text)
     except ValueError:
-        raise DataContractError(f"{where}: '{text}' is not an int64 user id") from None
+        raise DataContractError(f"{where}: {what} '{text}' is not an int64") from None
     if not INT64_MIN <= value <= INT64_MAX:
-        raise DataContractError(f"{where}: '{text}' is out of the int64 range")
+        raise DataContractError(f"{where}: {what} '{text}' is out of the int64 range")
     return value
 
 
@@ -205,17 +208,19 @@ class Recommender:
         self.close()
 
 
-def parse_filter_json(text: str | None) -> dict[str, Any] | None:
-    """--filter '{"genres": "comedy", "year": {"gte": 1990}}' as a dict (fields checked by the index)."""
+def parse_filter_json(value: str | dict | None, name: str = "--filter") -> dict[str, Any] | None:
+    """'{"genres": "comedy", "year": {"gte": 1990}}' (text, or an object already parsed) as a dict;
+    its fields are checked by the index. `name` is what the error calls it (--filter, filter)."""
     from flows.serving.index import BadQuery
-    if not text:
+    if value is None or value == "":
         return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadQuery(f"--filter is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise BadQuery(f"{name} is not valid JSON ({exc.msg} at character {exc.pos})") from None
     if not isinstance(value, dict):
-        raise BadQuery(f"--filter must be a JSON object of field -> value, got {text!r}")
+        raise BadQuery(f"{name} must be a JSON object of field -> value, got {value!r}")
     return value
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from flows.errors import ConfigError, DataContractError, MissingStageInput
+from flows.serving.recommend import parse_id
 
 if TYPE_CHECKING:
     from models.ranking.bundle import RankerBundle
@@ -59,22 +60,6 @@ def rerank(recs: pd.DataFrame, ranker: RankerBundle, k: int) -> pd.DataFrame:
     return out[[*RERANK_COLUMNS, *(["cold_start"] if "cold_start" in out.columns else [])]].reset_index(drop=True)
 
 
-def _parse_id(text: str, dtype: str, what: str, where: str) -> int | str:
-    if not text:
-        raise DataContractError(f"{where}: empty {what}")
-    if dtype == "string":
-        return text
-    if dtype != "int64":
-        raise ConfigError(f"schema.json: {what}_dtype must be 'int64' or 'string', got {dtype!r}")
-    try:
-        value = int(text)
-    except ValueError:
-        raise DataContractError(f"{where}: {what} '{text}' is not an int64") from None
-    if not INT64_MIN <= value <= INT64_MAX:
-        raise DataContractError(f"{where}: {what} '{text}' is out of the int64 range")
-    return value
-
-
 def read_pairs(path: Path, schema: dict) -> pd.DataFrame:
     """A CSV of user_id,item_id pairs (the header is required; other columns are not allowed), ids
     parsed as schema.json's dtypes. A bad row is an error naming file:line."""
@@ -94,8 +79,8 @@ def read_pairs(path: Path, schema: dict) -> pd.DataFrame:
                 continue
             if len(row) != 2:
                 raise DataContractError(f"{where}: expected 2 fields (user_id,item_id), got {len(row)}")
-            users.append(_parse_id(row[0].strip(), schema["user_id_dtype"], "user_id", where))
-            items.append(_parse_id(row[1].strip(), schema["item_id_dtype"], "item_id", where))
+            users.append(parse_id(row[0].strip(), schema["user_id_dtype"], where, "user_id"))
+            items.append(parse_id(row[1].strip(), schema["item_id_dtype"], where, "item_id"))
     if not users:
         raise DataContractError(f"{path}: no pairs after the header")
     dtype = {"int64": np.int64, "string": object}

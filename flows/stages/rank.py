@@ -38,7 +38,7 @@ from models.inference import load_bundle
 from models.ranking import evaluate as ev
 from models.ranking.bundle import save_ranker
 from models.ranking.catalog import RankFeatures, Vectors, build_features
-from models.ranking.data import GRID, REQUIRED, LogSpec, RankBatch, RankingLog, inspect_log
+from models.ranking.data import GRID, REQUIRED, LogSpec, RankBatch, RankingLog, inspect_log, shown_mask
 from models.ranking.mixture import MixtureEM
 from models.ranking.params import RankParams
 from models.ranking.towers import Ranker, RankerConfig
@@ -89,14 +89,6 @@ def _read_truth(truth_dir: Path) -> tuple[Truth, pd.DataFrame | None]:
     return Truth("simulation", names, np.array([curves[n] for n in names], dtype=np.float64)), rows
 
 
-def _shown(table: pa.Table, spec: LogSpec) -> pa.Array:
-    if spec.shown_by == "shown":
-        return pc.fill_null(table["shown"], False)
-    if spec.shown_by == "stage":
-        return pc.fill_null(pc.equal(table["stage"], "shown"), False)
-    return pc.is_valid(table["position"])
-
-
 def _with_truth(table: pa.Table, truth: pd.DataFrame | None) -> pa.Table:
     if truth is None:   # no truth: evaluate against the clicks themselves
         return table.append_column(RELEVANCE, pc.cast(table["clicked"], pa.float32()))
@@ -120,7 +112,7 @@ def prepare_log(logs: Path, truth_dir: Path | None, out: Path, context: list[str
     try:
         for rb in pq.ParquetFile(logs).iter_batches(batch_size=read_rows, columns=spec.columns):
             table = pa.Table.from_batches([rb])
-            table = _with_truth(table.filter(_shown(table, spec)).select(keep), truth_rows)
+            table = _with_truth(table.filter(shown_mask(table, spec)).select(keep), truth_rows)
             if writer is None:
                 writer = pq.ParquetWriter(out, table.schema)
             writer.write_table(table)

@@ -102,7 +102,8 @@ class RankBatch:
         return replace(self, position=torch.where(self.mask, position, 0))
 
 
-def _shown(table: pa.Table, spec: LogSpec) -> pa.Array:
+def shown_mask(table: pa.Table, spec: LogSpec) -> pa.Array:
+    """Which rows of a log batch were shown: a `shown` column, else the contract's stage, else a position."""
     if spec.shown_by == "shown":
         return pc.fill_null(table["shown"], False)
     if spec.shown_by == "stage":
@@ -171,7 +172,7 @@ class RankingLog:
             yield from self._requests(carry)
 
     def _rows(self, table: pa.Table) -> pa.Table:
-        table = table.filter(_shown(table, self.spec))
+        table = table.filter(shown_mask(table, self.spec))
         if self.split != "all":
             held = _held_out(table["request_id"].to_numpy(zero_copy_only=False), self.test_fraction)
             table = table.filter(pa.array(held if self.split == "test" else ~held))

@@ -31,7 +31,7 @@ def test_ids_file_string_ids_stay_strings(tmp_path: Path) -> None:
 
 def test_ids_file_bad_int_names_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, "user_id\n1\n\nabc\n")
-    with pytest.raises(DataContractError, match=r"users\.txt:4: 'abc' is not an int64 user id"):
+    with pytest.raises(DataContractError, match=r"users\.txt:4: user_id 'abc' is not an int64"):
         read_ids_file(path, "int64")
     with pytest.raises(DataContractError, match=r":1: '1.5' is not an int64"):
         read_ids_file(write(tmp_path, "1.5\n"), "int64")
