@@ -150,7 +150,8 @@ def _rerank_depth(args: dict, k: int, config: ServiceConfig) -> int | None:
     at least k); None without."""
     if args.get("rerank") is None or not _flag(args.get("rerank"), "rerank"):
         return None
-    return max(k, _k(args.get("rerank_depth", 100), config.serve.max_k))
+    depth = args.get("rerank_depth", min(100, config.serve.max_k))
+    return max(k, _k(depth, config.serve.max_k))
 
 
 def _ranker(config: ServiceConfig) -> Any:
