@@ -33,7 +33,7 @@ def test_ids_file_bad_int_names_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, "user_id\n1\n\nabc\n")
     with pytest.raises(DataContractError, match=r"users\.txt:4: user_id 'abc' is not an int64"):
         read_ids_file(path, "int64")
-    with pytest.raises(DataContractError, match=r":1: '1.5' is not an int64"):
+    with pytest.raises(DataContractError, match=r":1: user_id '1.5' is not an int64"):
         read_ids_file(write(tmp_path, "1.5\n"), "int64")
     with pytest.raises(DataContractError, match="out of the int64 range"):
         read_ids_file(write(tmp_path, str(2**63) + "\n"), "int64")

@@ -155,8 +155,10 @@ def test_live_bundle_reads_the_live_pointer(tmp_path: Path, published: Path):
     assert live_bundle(tmp_path / "nothing") is None
     (published / "LIVE").write_text(json.dumps({"version": "gone"}))
     assert live_bundle(published) is None                # a pointer to a missing bundle: nothing to compare
-    with pytest.raises(MissingStageInput, match="gate.json: not found"):
-        bundle_reports(tmp_path / "nothing", tmp_path / "bundle")
+    # a run whose reports are missing still builds its bundle: the next gate says what it lacks
+    assert bundle_reports(tmp_path / "nothing", tmp_path / "bundle") == []
+    with pytest.raises(MissingStageInput, match="gate.json: not found; run the gate stage first"):
+        require_passed(tmp_path / "nothing" / "gate.json")
 
 
 def test_cli_force_needs_a_reason_in_one_line():
