@@ -9,15 +9,21 @@ the older ones, which limits forgetting (experience replay, as in continual lear
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from models.checkpoint import save_warm_start
 from models.encoding import FeatureEncoder, SideEncoder, Vocab
 from models.errors import ModelError
+from models.params import TrainParams
+from models.stream import TrainingStream
 from models.towers import TwoTower, TwoTowerConfig
+from models.training import PROGRESS_FIELDS, FitResult, fit
 
 # TwoTowerConfig fields that are vocabulary sizes: these may grow, every other field must match
 SIZE_FIELDS = ("n_items", "n_users", "user_categorical", "item_categorical", "user_multi", "item_multi")
@@ -107,3 +113,14 @@ def data_until(examples: pd.DataFrame) -> str | None:
     if "timestamp" not in examples.columns or not len(examples):
         return None
     return pd.to_datetime(examples["timestamp"], utc=True).max().isoformat()
+
+
+def finetune(model: TwoTower, stream: TrainingStream, train_cfg: TrainParams, seed: int, workdir: Path,
+             log: Callable[[str], None] | None = None) -> FitResult:
+    """Train `model` (already grown to the stream's encoder) for train_cfg.epochs in this process: the
+    training loop resumes from a warm-start checkpoint holding its weights (models/checkpoint.py), so
+    a fine-tune is the ordinary loop with another starting point."""
+    checkpoint = workdir / "finetune.pt"
+    if not checkpoint.exists():
+        save_warm_start(checkpoint, model, train_cfg.lr, train_cfg.weight_decay, seed, PROGRESS_FIELDS)
+    return fit(stream, model.cfg, train_cfg, seed, checkpoint=checkpoint, log=log)
