@@ -160,24 +160,55 @@ def run_bench(data: Path, model_cfg: ModelParams, train_cfg: TrainParams, bench:
             "rows": len(examples), "base": base_fig, "steps": steps}
 
 
+MODELS = ("full", "finetune", "stale", "most_popular")
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    import statistics
+
+    return {"mean": round(statistics.fmean(values), 4),
+            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
+
+
+def run_seeds(data: Path, model_cfg: ModelParams, train_cfg: TrainParams, bench: BenchConfig, seeds: list[int],
+              log: Any = print) -> dict:
+    """run_bench once per seed; the summary holds each step's mean and std over the seeds."""
+    runs = [run_bench(data, model_cfg, train_cfg, BenchConfig(**{**bench.__dict__, "seed": s}), log) for s in seeds]
+    summary = []
+    for k, first in enumerate(runs[0]["steps"]):
+        steps = [r["steps"][k] for r in runs]
+        row: dict[str, Any] = {"increment": first["increment"], "queries": first["metrics"]["queries"]}
+        for way in ("full", "finetune"):
+            row[f"{way}_seconds"] = _mean_std([s[way]["seconds"] for s in steps])
+            row[f"{way}_rows"] = first[way]["rows"]
+        for name in MODELS:
+            for metric in (f"recall@{K}", f"ndcg@{K}"):
+                row[f"{name}_{metric}"] = _mean_std([s["metrics"][name][metric] for s in steps])
+        summary.append(row)
+    return {"config": {**runs[0]["config"], "seeds": seeds}, "rows": runs[0]["rows"], "summary": summary,
+            "runs": runs}
+
+
 def markdown(result: dict) -> str:
     c = result["config"]
+    fmt = lambda f: f"{f['mean']:.4f} ± {f['std']:.4f}"                    # noqa: E731
     lines = ["# Incremental updates: full retrain vs fine-tune (MovieLens-100K by time)", "",
-             f"Base: first {c['base_share']:.0%} of {result['rows']} rows by time; then {c['increments']} equal "
-             f"increments. Full: {c['epochs']} epochs from scratch on every row so far. Fine-tune: "
+             f"Base: the first {c['base_share']:.0%} of {result['rows']} rows by time, then {c['increments']} "
+             f"equal increments. Full: {c['epochs']} epochs from scratch on every row so far. Fine-tune: "
              f"{c['finetune_epochs']} epochs from the previous fine-tuned model on the increment + a "
              f"{c['replay']:.0%} replay of older rows. Stale: the base model, never updated. Scored on the next "
-             f"increment (temporal holdout), @{c['k']}; seed {c['seed']}, {c['threads']} thread(s).", "",
-             "| after inc. | queries | full s | fine-tune s | speed-up | full recall | ft recall | stale recall "
-             "| popular recall | full ndcg | ft ndcg | stale ndcg | popular ndcg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for s in result["steps"]:
-        m, r, n = s["metrics"], f"recall@{c['k']}", f"ndcg@{c['k']}"
-        speed = s["full"]["seconds"] / max(s["finetune"]["seconds"], 1e-9)
-        lines.append(f"| {s['increment']} | {m['queries']['users']} | {s['full']['seconds']} | "
-                     f"{s['finetune']['seconds']} | {speed:.1f}x | " + " | ".join(
-                         f"{m[name][metric]:.4f}" for metric in (r, n)
-                         for name in ("full", "finetune", "stale", "most_popular")) + " |")
+             f"increment (temporal holdout) @{c['k']}; mean ± std over seeds {c['seeds']}; {c['threads']} torch "
+             "thread(s).", "",
+             "| after increment | queried users | rows full / fine-tune | full s | fine-tune s | speed-up |",
+             "|---|---|---|---|---|---|"]
+    for r in result["summary"]:
+        speed = r["full_seconds"]["mean"] / max(r["finetune_seconds"]["mean"], 1e-9)
+        lines.append(f"| {r['increment']} | {r['queries']['users']} | {r['full_rows']} / {r['finetune_rows']} | "
+                     f"{r['full_seconds']['mean']:.1f} | {r['finetune_seconds']['mean']:.1f} | {speed:.1f}x |")
+    for metric in (f"recall@{c['k']}", f"ndcg@{c['k']}"):
+        lines += ["", f"| after increment | {metric} full | fine-tune | stale | most popular |", "|---|---|---|---|---|"]
+        lines += [f"| {r['increment']} | " + " | ".join(fmt(r[f"{name}_{metric}"]) for name in MODELS) + " |"
+                  for r in result["summary"]]
     return "\n".join(lines) + "\n"
 
 

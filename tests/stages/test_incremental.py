@@ -153,3 +153,20 @@ def test_update_rows_takes_newer_rows_and_a_replay_share():
     assert picked.new == 200 and 150 < picked.replay < 250 and len(picked.rows) == picked.new + picked.replay
     assert update_rows(rows, cutoff, replay=0.0, seed=0, inclusive=True).new == 201
     assert len(update_rows(rows, None, replay=0.2, seed=0).rows) == 1000
+
+
+def test_incremental_bench_compares_full_finetune_and_stale(trained, tmp_path):
+    from flows.experiments.incremental import BenchConfig, run_seeds, write
+
+    root, training, schema, _ = trained
+    (tmp_path / "ingested").mkdir()
+    shutil.copy(schema, tmp_path / "ingested" / "schema.json")
+    shutil.copytree(training, tmp_path / "training")
+    bench = BenchConfig(increments=3, epochs=1, finetune_epochs=1)
+    result = run_seeds(tmp_path, SMALL_MODEL, FULL, bench, [0], log=lambda line: None)
+    write(result, tmp_path / "reports")
+    assert [r["increment"] for r in result["summary"]] == [1, 2]
+    step = result["runs"][0]["steps"][0]
+    assert step["finetune"]["rows"] < step["full"]["rows"] and step["finetune"]["new_rows"] > 0
+    assert set(step["metrics"]) == {"full", "finetune", "stale", "most_popular", "queries"}
+    assert "| 2 |" in (tmp_path / "reports" / "incremental.md").read_text()
