@@ -57,8 +57,14 @@ def _read_log(files: list[Path]) -> pd.DataFrame:
 
 
 def _as_source_table(events: pd.DataFrame, source: pa.Table, path: Path) -> pa.Table:
-    """The events in the source interactions' exact schema (columns, id types, weight default)."""
+    """The events in the source interactions' exact schema (columns, id types, weight default). An id
+    that is not an integer where the source's ids are becomes null: an unknown id, dropped later."""
     cols = [c for c in ("user_id", "item_id", "timestamp", "rating", "weight") if c in events.columns]
+    events = events.copy()
+    for col in ("user_id", "item_id"):
+        if source.schema.field(col).type == pa.int64():
+            num = pd.to_numeric(events[col], errors="coerce")
+            events[col] = num.where(num % 1 == 0).astype("Int64")
     normalized = normalize_interactions(path, pa.Table.from_pandas(events[cols], preserve_index=False))
     out = {}
     for field in source.schema:

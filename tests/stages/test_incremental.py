@@ -51,11 +51,12 @@ def test_ingest_appends_logged_events_once(source, tmp_path):
     new = {"user_id": int(known.user_id), "item_id": int(known.item_id), "timestamp": "2030-01-01T00:00:00Z"}
     _log_events(events, [new, new,                                          # a retried POST
                          {**new, "item_id": 999_999},                       # an item the source lacks
+                         {**new, "user_id": "not-a-number"},                # not an id of this source
                          {"user_id": int(known.user_id), "item_id": int(known.item_id),
                           "timestamp": known.timestamp.isoformat(), "rating": float(known.rating)}])
     assert source_changed(data, cache, events)                               # `towerflow run` re-ingests
     summary = ingest(data, SIM, 0, cache, out, events_dir=events)
-    assert summary["events"] == {"read": 4, "added": 1, "duplicates": 2, "unknown": 1}
+    assert summary["events"] == {"read": 5, "added": 1, "duplicates": 2, "unknown": 2}
     assert summary["interactions"] == before["interactions"] + 1
     got = pd.read_parquet(out / "interactions.parquet")
     assert got["timestamp"].max() == pd.Timestamp("2030-01-01", tz="UTC")
