@@ -171,3 +171,15 @@ def test_incremental_bench_compares_full_finetune_and_stale(trained, tmp_path):
     assert step["finetune"]["rows"] < step["full"]["rows"] and step["finetune"]["new_rows"] > 0
     assert set(step["metrics"]) == {"full", "finetune", "stale", "most_popular", "queries"}
     assert "| 2 |" in (tmp_path / "reports" / "incremental.md").read_text()
+
+
+def test_incremental_bench_cli_names_the_missing_examples(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    params = Path(__file__).resolve().parents[2] / "params.yaml"
+    result = CliRunner().invoke(app, ["incremental-bench", "--params", str(params), "--data", str(tmp_path)],
+                                catch_exceptions=False)
+    assert result.exit_code == 1
+    assert "examples.parquet: not found; run the materialize stage first" in result.output
