@@ -6,6 +6,7 @@ same dotted keys as `dvc exp run -S` and YAML value syntax (`--set model.hidden=
 from __future__ import annotations
 
 import copy
+from datetime import datetime
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +72,20 @@ class DataParams(Section):
     user_features: FeatureKinds = FeatureKinds()
     item_features: FeatureKinds = FeatureKinds()
     demo: DemoChecks = DemoChecks()
+    # append the serving API's logged events (serve.events_dir/events-*.jsonl) to the interactions
+    events: bool = True
+
+
+class TrainSection(TrainParams):
+    """The train section: the model library's TrainParams plus how a run updates the live model
+    (docs/INCREMENTAL.md). full: train from scratch. finetune: start from the live bundle's model,
+    train finetune_epochs on the interactions newer than its training data (or than `since`) plus a
+    finetune_replay share of the older ones; without a live bundle, or when its model does not fit
+    the new inputs, a full training that says why in train_metrics.json."""
+    update: Literal["full", "finetune"] = "full"
+    finetune_epochs: PositiveInt = 2
+    finetune_replay: float = Field(0.2, ge=0, le=1)
+    since: datetime | None = None          # finetune: the window starts here instead of at the live cutoff
 
 
 class SimulatorParams(Section):
@@ -204,7 +219,7 @@ with warnings.catch_warnings():
         features: FeaturesParams = FeaturesParams()
         sample: SampleParams = SampleParams()
         model: ModelParams = ModelParams()
-        train: TrainParams = TrainParams()
+        train: TrainSection = TrainSection()
         rank: RankParams = RankParams()
         evaluate: EvaluateParams = EvaluateParams()
         publish: PublishParams = PublishParams()

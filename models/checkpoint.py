@@ -61,3 +61,17 @@ def load_model(model_dir: Path) -> tuple[TwoTower, FeatureEncoder]:
     model = TwoTower(TwoTowerConfig(**saved["config"]))
     model.load_state_dict(saved["state_dict"])
     return model, FeatureEncoder.load(model_dir / "encoder.json")
+
+
+def save_warm_start(path: Path, model: TwoTower, lr: float, weight_decay: float, seed: int,
+                    progress_keys: tuple[str, ...]) -> None:
+    """A checkpoint at epoch 0 holding `model`'s weights, a fresh Adam and LR schedule, and the seed's
+    generator: the training loop "resumes" from it, so a fine-tune starts from trained weights through
+    the same code path (and the same kill-and-resume guarantees) as any run."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # the factor itself is not saved (LambdaLR keeps callables out of its state), only the step count
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+    gen = torch.Generator().manual_seed(seed)
+    empty: dict[str, Any] = {"losses": [], "seconds": [], "val_ndcg": [], "best_epoch": None,
+                             "stopped_early": False}
+    save_checkpoint(path, model, opt, sched, gen, {k: empty.get(k) for k in progress_keys})

@@ -169,6 +169,38 @@ def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOptio
         typer.echo(f"written to {out}")
 
 
+@app.command("incremental-bench")
+def incremental_bench(
+        set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
+        data: Optional[Path] = typer.Option(None, "--data", help="Folder with training/ and ingested/schema.json "
+                                            "(default: the project's paths.training and paths.ingested parent)."),
+        out: Path = typer.Option(Path("reports"), "--out", help="Folder for incremental.json and incremental.md."),
+        epochs: int = typer.Option(10, "--epochs", min=1, help="Epochs of each full training."),
+        finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", min=1,
+                                                      help="Default: train.finetune_epochs."),
+        replay: Optional[float] = typer.Option(None, "--replay", min=0, max=1, help="Default: train.finetune_replay."),
+        increments: int = typer.Option(4, "--increments", min=2, help="Slices after the base (the last: holdout only)."),
+        seeds: int = typer.Option(3, "--seeds", min=1, help="Runs with seeds 0..n-1 (mean ± std).")) -> None:
+    """Full retrain vs fine-tune on the demo's materialized examples split by time (docs/INCREMENTAL.md)."""
+    with _errors():
+        from flows.experiments.incremental import BenchConfig, run_seeds, write
+        params = _load(params_file, set_)
+        paths = params.paths.resolved(params_file.resolve().parent)
+        if data is None:
+            if paths.training.parent != paths.ingested.parent:
+                raise TowerflowError("paths.training and paths.ingested are in different folders: pass --data")
+            data = paths.training.parent
+        if not (data / "training" / "examples.parquet").exists():
+            raise MissingStageInput(f"{data / 'training' / 'examples.parquet'}: not found; run the materialize stage "
+                                    "first (`towerflow run --until materialize`)")
+        bench = BenchConfig(increments=increments, epochs=epochs, seed=0,
+                            finetune_epochs=finetune_epochs or params.train.finetune_epochs,
+                            replay=params.train.finetune_replay if replay is None else replay)
+        result = run_seeds(data, params.model, params.train, bench, list(range(seeds)), log=typer.echo)
+        write(result, out)
+        typer.echo(f"written to {out / 'incremental.md'} and {out / 'incremental.json'}")
+
+
 report_app = typer.Typer(no_args_is_help=True, help="The run's report portal (reports/index.html).")
 app.add_typer(report_app, name="report")
 

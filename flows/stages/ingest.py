@@ -11,6 +11,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 from flows.sources.contract import SourceFiles, Tables, check_directory, read_source
 from flows.sources.normalize import logs_schema
 from flows.sources.demo import demo_source
+from flows.sources.events_log import EventRows, append_events, events_fingerprint
 from flows.sources.simulator import simulate
 from flows.errors import DataContractError
 from flows.params import DataParams, SimulatorParams
@@ -40,32 +42,46 @@ def check_source(data: DataParams) -> None:
 SOURCE_STATE = "source.json"
 
 
-def record_source(cache_dir: Path, files: SourceFiles) -> None:
-    """Remember which source files the ingested tables came from (outside DVC's outputs, so a
-    touched but identical source re-ingests without changing anything downstream)."""
+def record_source(cache_dir: Path, files: SourceFiles, events_dir: Path | None = None) -> None:
+    """Remember which source files (and serving events) the ingested tables came from (outside DVC's
+    outputs, so a touched but identical source re-ingests without changing anything downstream)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    (cache_dir / SOURCE_STATE).write_text(json.dumps({"fingerprint": files.fingerprint()}) + "\n")
+    state = {"fingerprint": files.fingerprint(), "events": events_fingerprint(events_dir)}
+    (cache_dir / SOURCE_STATE).write_text(json.dumps(state) + "\n")
 
 
-def source_changed(data: DataParams, cache_dir: Path) -> bool:
-    """True when a source directory's files differ from the ones last ingested.
+def _read_state(cache_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((cache_dir / SOURCE_STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def source_changed(data: DataParams, cache_dir: Path, events_dir: Path | None = None) -> bool:
+    """True when a source directory's files, or the serving events log, differ from the ones last ingested.
 
     DVC sees the `data` params, not the files of a source directory ("demo" is not a path, so it
-    cannot be a declared dependency), so `towerflow run` asks this before reproducing ingest and
-    forces it when the files were replaced or edited. A source that cannot be read is "changed":
-    ingest then runs and reports what is wrong with it."""
+    cannot be a declared dependency) nor the events the service appends to `events_dir` (no stage
+    owns that folder), so `towerflow run` asks this before reproducing ingest and forces it when the
+    files were replaced or edited or new events were logged. A source that cannot be read is
+    "changed": ingest then runs and reports what is wrong with it."""
+    state = _read_state(cache_dir)
+    # a state written before events were recorded counts as "no events"
+    events_changed = data.events and state.get("events", events_fingerprint(None)) != events_fingerprint(events_dir)
     if data.source == DEMO:
-        return False
-    state = cache_dir / SOURCE_STATE
+        return events_changed
     try:
         current = check_directory(Path(data.source), data).fingerprint()
-        return json.loads(state.read_text()).get("fingerprint") != current
     except (OSError, ValueError, DataContractError):
         return True
+    return state.get("fingerprint") != current or events_changed
 
 
-def ingest(data: DataParams, sim: SimulatorParams, seed: int, cache_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Read, check and normalize the source; write the contract tables, ranking logs and schema.json."""
+def ingest(data: DataParams, sim: SimulatorParams, seed: int, cache_dir: Path, out_dir: Path,
+           events_dir: Path | None = None) -> dict[str, Any]:
+    """Read, check and normalize the source; write the contract tables, ranking logs and schema.json.
+    With data.events, the serving API's events in events_dir/events-*.jsonl are appended to the
+    interactions (flows/sources/events_log.py); schema.json and the summary then count them."""
     started = time.perf_counter()
     if data.source == DEMO:
         source = demo_source(cache_dir)
@@ -73,23 +89,25 @@ def ingest(data: DataParams, sim: SimulatorParams, seed: int, cache_dir: Path, o
         source = Path(data.source)
     files = check_directory(source, data)
     tables, kinds = read_source(files, data)  # everything is in memory: failures happen before writing
+    events = append_events(tables.interactions, tables.users, tables.items, events_dir if data.events else None)
+    tables = replace(tables, interactions=events.interactions)
     logs_origin = _logs_origin(data, tables)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private (0700); out_dir is a normal data directory
     try:
-        sim_summary = _write(tables, kinds, logs_origin, data, sim, seed, tmp)
+        sim_summary = _write(tables, kinds, logs_origin, data, sim, seed, tmp, events)
         _swap(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if data.source != DEMO:
-        record_source(cache_dir, files)
+    record_source(cache_dir, files, events_dir if data.events else None)
     return {
         "source": data.source if data.source == DEMO else str(source.resolve()),
         "users": tables.users.num_rows, "items": tables.items.num_rows,
         "interactions": tables.interactions.num_rows,
         "ranking_logs": sim_summary.get("log_rows", 0), "logs_origin": logs_origin,
+        **({"events": events.summary()} if events.read else {}),
         **({"simulation": sim_summary} if logs_origin == "simulated" else {}),
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -104,7 +122,7 @@ def _logs_origin(data: DataParams, tables: Tables) -> str:
 
 
 def _write(tables: Tables, kinds: dict[str, dict[str, list[str]]], logs_origin: str, data: DataParams,
-           sim: SimulatorParams, seed: int, out: Path) -> dict[str, Any]:
+           sim: SimulatorParams, seed: int, out: Path, events: EventRows) -> dict[str, Any]:
     pq.write_table(tables.users, out / "users.parquet")
     pq.write_table(tables.items, out / "items.parquet")
     pq.write_table(tables.interactions, out / "interactions.parquet")
@@ -136,6 +154,8 @@ def _write(tables: Tables, kinds: dict[str, dict[str, list[str]]], logs_origin: 
         # optional per-impression context columns of the logs (device, page, grid_row ...)
         "log_context": [n for n in pq.read_schema(out / "ranking_logs.parquet").names if n not in schema.names],
     }
+    if events.read:    # only then: a run without serving events writes the schema.json it always did
+        meta["events"] = events.summary()
     (out / "schema.json").write_text(json.dumps(meta, indent=2) + "\n")
     return summary
 

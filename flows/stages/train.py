@@ -22,13 +22,14 @@ import pyarrow.parquet as pq
 import torch
 
 from flows.errors import DataContractError, MissingStageInput
-from models.checkpoint import save_model
+from models.checkpoint import load_model, save_model, save_warm_start
 from models.distributed import join_launched_group, spawn_fit
 from models.early_stopping import ValidationTask, carve, outside
 from models.encoding import HISTORY_COLUMN, FeatureEncoder, longest_list, parquet_column
+from models.finetune import IncompatibleModel, data_until, extend_encoder, grow_model, update_rows
 from models.params import ModelParams, TrainParams
 from models.stream import TrainingStream, catalog_inputs
-from models.training import DistContext, FitResult, fit, tower_config
+from models.training import PROGRESS_FIELDS, DistContext, FitResult, fit, tower_config
 
 CURVES = "curves"
 Curve = list[tuple[int, float, float | None]]      # per epoch: (epoch, loss, val_ndcg@20 or None)
@@ -173,6 +174,70 @@ def _train_part(inputs: _Inputs) -> pd.DataFrame:
     return inputs.examples[inputs.examples["split"] == "train"].reset_index(drop=True)
 
 
+@dataclass(frozen=True)
+class _Live:
+    """The live bundle's model a fine-tune starts from."""
+
+    model_dir: Path
+    version: str
+    cutoff: pd.Timestamp | None      # train.since, or the newest interaction the live model trained on
+    inclusive: bool                  # since: rows at or after it; the live cutoff: rows after it
+    epochs: int                      # train.finetune_epochs
+    replay: float                    # train.finetune_replay
+
+
+def _live_model(train_cfg: TrainParams, published_dir: Path | None) -> tuple[_Live | None, str | None]:
+    """(the live model to fine-tune, None) or (None, why a finetune update trains in full)."""
+    # the update fields belong to the train section of params.yaml (flows/params.py TrainSection); the
+    # stage reads them by name so that it does not depend on the whole params module
+    if getattr(train_cfg, "update", "full") != "finetune":
+        return None, None
+    # the layout of flows/serving/bundles.py (LIVE names the version; versions/<v>/model/), read here
+    # without importing the publishing code, which is not part of what decides the trained weights
+    live_file = published_dir / "LIVE" if published_dir is not None else None
+    if live_file is None or not live_file.is_file():
+        return None, "no live bundle to fine-tune: trained in full"
+    version = json.loads(live_file.read_text())["version"]
+    model_dir = published_dir / "versions" / version / "model"
+    since = getattr(train_cfg, "since", None)
+    if since is not None:
+        cutoff, inclusive = pd.Timestamp(since), True
+        cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff.tz_convert("UTC")
+    else:
+        meta = json.loads((model_dir / "model.json").read_text()) if (model_dir / "model.json").exists() else {}
+        cutoff, inclusive = (pd.Timestamp(meta["data_until"]) if meta.get("data_until") else None), False
+    return _Live(model_dir, version, cutoff, inclusive, getattr(train_cfg, "finetune_epochs", 2),
+                 getattr(train_cfg, "finetune_replay", 0.2)), None
+
+
+def _finetune_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: _Inputs,
+                  live: _Live, ckpt: Path, dist: DistContext) -> _Run:
+    """Start from the live model (vocabularies extended, trained rows kept: models/finetune.py) and train
+    live.epochs on the rows newer than its cutoff plus a replay share of the older ones."""
+    trained, trained_encoder = load_model(live.model_dir)
+    fresh = _fit_encoder(model_cfg, inputs, _train_part(inputs) if name == "eval" else inputs.examples)
+    encoder = extend_encoder(trained_encoder, fresh)
+    model = grow_model(trained, tower_config(encoder, model_cfg), seed)
+    selected = update_rows(pd.read_parquet(inputs.streams[name]), live.cutoff, live.replay, seed,
+                           inclusive=live.inclusive)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    rows_path = ckpt / f"{name}_update.parquet"
+    selected.rows.to_parquet(rows_path, index=False)
+    base = {k: getattr(train_cfg, k) for k in TrainParams.model_fields}     # the TrainParams part
+    cfg = TrainParams(**base | {"epochs": live.epochs, "early_stopping": False})
+    if not (ckpt / f"{name}.pt").exists():      # else: a killed fine-tune resumes from its own checkpoint
+        save_warm_start(ckpt / f"{name}.pt", model, cfg.lr, cfg.weight_decay, seed, PROGRESS_FIELDS)
+    stream = TrainingStream.from_parquet(encoder, rows_path, inputs.items, catalog_inputs(encoder, inputs.items),
+                                         spill=ckpt / f"{name}_stream", batch_rows=cfg.read_batch_rows)
+    run = _fit_run(name, model_cfg, cfg, seed, encoder, stream, cfg.epochs, None, ckpt, dist)
+    run.metrics["update"] = {
+        "mode": "finetune", "from_version": live.version,
+        "cutoff": None if live.cutoff is None else live.cutoff.isoformat(), "new_rows": selected.new,
+        "replay_rows": selected.replay, "new_users": encoder.user_ids.size - trained_encoder.user_ids.size,
+        "new_items": encoder.item_ids.size - trained_encoder.item_ids.size}
+    return run
+
+
 def _write_curves(folder: Path, curves: dict[str, Curve]) -> None:
     """One CSV per trained model (DVC plots draw one line per file): epoch, loss[, val_ndcg@20]."""
     shutil.rmtree(folder, ignore_errors=True)
@@ -186,23 +251,28 @@ def _write_curves(folder: Path, curves: dict[str, Curve]) -> None:
 
 
 def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir: Path, training_dir: Path,
-          schema_path: Path, out_dir: Path, checkpoint_dir: Path | None = None) -> dict:
+          schema_path: Path, out_dir: Path, checkpoint_dir: Path | None = None,
+          published_dir: Path | None = None) -> dict:
     """Writes out_dir/eval/ and out_dir/full/ (model.pt, encoder.json, model.json), out_dir/train_metrics.json
     and out_dir/curves/<model>.csv (epoch, loss[, val_ndcg@20]). full/ is a refit on all rows when
     train_cfg.refit_full, else a copy of eval/. train_cfg.workers > 1 trains data-parallel
     (models/distributed.py). Vocabularies: the whole catalog (items.parquet) + users and user feature
     values of the examples the model may see (split == 'train' for eval, all rows for full).
-    checkpoint_dir (default out_dir.parent / 'model_ckpt') holds per-epoch checkpoints until success."""
+    checkpoint_dir (default out_dir.parent / 'model_ckpt') holds per-epoch checkpoints until success.
+    train_cfg.update == 'finetune' (a TrainSection): each model starts from the live bundle of
+    published_dir instead (docs/INCREMENTAL.md); train_metrics.json's 'update' says what happened."""
     torch.set_num_threads(train_cfg.threads)
     # under torchrun every process runs this stage: each trains its shard, rank 0 alone writes
     dist = join_launched_group(train_cfg)
     inputs = _read_inputs(train_cfg, samples_dir, training_dir, schema_path)
-    key = checkpoint_key(model_cfg, train_cfg, seed, inputs.key_files(schema_path))
+    live, note = _live_model(train_cfg, published_dir)
+    key_files = inputs.key_files(schema_path) + ([live.model_dir / "model.pt"] if live else [])
+    key = checkpoint_key(model_cfg, train_cfg, seed, key_files)
     ckpt = (checkpoint_dir or out_dir.parent / "model_ckpt") / key
     metrics: dict[str, dict] = {}
     curves: dict[str, Curve] = {}
     epochs = train_cfg.epochs
-    if train_cfg.early_stopping:
+    if train_cfg.early_stopping and live is None:
         validation = _validation_run(model_cfg, train_cfg, seed, inputs, ckpt, dist)
         if validation is None:
             metrics["validation"] = {"skipped": "no user has enough training rows for a validation split"}
@@ -210,12 +280,22 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
             metrics["validation"], curves["validation"] = validation.metrics, validation.curve
             epochs = validation.result.best_epoch or train_cfg.epochs
     for name, stream_path in inputs.streams.items():
-        run = _model_run(name, model_cfg, train_cfg, seed, inputs, epochs, ckpt, dist)
+        run = None
+        if live is not None:
+            try:
+                run = _finetune_run(name, model_cfg, train_cfg, seed, inputs, live, ckpt, dist)
+            except IncompatibleModel as exc:    # every model then trains in full, with the reason
+                live, note = None, f"the live model cannot be fine-tuned ({exc}): trained in full"
+        if run is None:
+            run = _model_run(name, model_cfg, train_cfg, seed, inputs, epochs, ckpt, dist)
         metrics[name], curves[name] = run.metrics, run.curve
         if dist.lead:
+            seen = _train_part(inputs) if name == "eval" else inputs.examples
             save_model(out_dir / name, run.result.model, run.encoder,
-                       extra={"trained_on": stream_path.name, "seed": seed, "train": train_cfg.model_dump(),
-                              "model": model_cfg.model_dump(), **run.metrics})
+                       extra={"trained_on": stream_path.name, "seed": seed, "train": train_cfg.model_dump(mode="json"),
+                              "model": model_cfg.model_dump(), "data_until": data_until(seen), **run.metrics})
+    if note is not None:
+        metrics["update"] = {"mode": "full", "note": note}
     if not dist.lead:
         return metrics
     if not train_cfg.refit_full:

@@ -1,0 +1,185 @@
+"""Incremental runs (docs/INCREMENTAL.md): serving events ingested with the source, and train.update:
+finetune starting from the live bundle's model, growing its vocabularies, or falling back to full."""
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from flows.params import DataParams, SimulatorParams, TrainSection
+from flows.stages.ingest import ingest, source_changed
+from flows.stages.train import train
+from models.checkpoint import load_model
+from models.encoding import Vocab
+from models.finetune import IncompatibleModel, extend_encoder, grow_model, update_rows
+from models.params import ModelParams, SampleParams
+from models.training import tower_config
+from tests.datagen import make_contract_dataset
+from tests.training_data import SMALL_MODEL, run_sample, synthetic_training_dir
+
+SIM = SimulatorParams(candidates=40, ranked=20, shown=5)
+# no early stopping, few epochs: the tests compare starting points, not final quality
+FULL = TrainSection(epochs=3, batch_size=256, lr=0.005, threads=1, early_stopping=False, refit_full=False)
+FINETUNE = FULL.model_copy(update={"update": "finetune", "finetune_epochs": 1})
+
+
+def _log_events(events_dir: Path, rows: list[dict]) -> None:
+    events_dir.mkdir(parents=True, exist_ok=True)
+    with (events_dir / "events-20260101.jsonl").open("a") as f:
+        for row in rows:
+            f.write(json.dumps({**row, "received_at": "2026-01-01T00:00:00Z"}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    return make_contract_dataset(tmp_path_factory.mktemp("source"), n_users=40, n_items=30, seed=5)
+
+
+def test_ingest_appends_logged_events_once(source, tmp_path):
+    data = DataParams(source=str(source), ranking_logs="none")
+    cache, out, events = tmp_path / "cache", tmp_path / "ingested", tmp_path / "events"
+    before = ingest(data, SIM, 0, cache, out, events_dir=events)           # no events folder: as always
+    assert "events" not in before and "events" not in json.loads((out / "schema.json").read_text())
+    assert not source_changed(data, cache, events)
+    src = pd.read_parquet(source / "interactions.parquet")
+    known = src.iloc[0]
+    new = {"user_id": int(known.user_id), "item_id": int(known.item_id), "timestamp": "2030-01-01T00:00:00Z"}
+    _log_events(events, [new, new,                                          # a retried POST
+                         {**new, "item_id": 999_999},                       # an item the source lacks
+                         {**new, "user_id": "not-a-number"},                # not an id of this source
+                         {"user_id": int(known.user_id), "item_id": int(known.item_id),
+                          "timestamp": known.timestamp.isoformat(), "rating": float(known.rating)}])
+    assert source_changed(data, cache, events)                               # `towerflow run` re-ingests
+    summary = ingest(data, SIM, 0, cache, out, events_dir=events)
+    assert summary["events"] == {"read": 5, "added": 1, "duplicates": 2, "unknown": 2}
+    assert summary["interactions"] == before["interactions"] + 1
+    got = pd.read_parquet(out / "interactions.parquet")
+    assert got["timestamp"].max() == pd.Timestamp("2030-01-01", tz="UTC")
+    assert json.loads((out / "schema.json").read_text())["events"]["added"] == 1
+    assert not source_changed(data, cache, events)
+    first = (out / "interactions.parquet").read_bytes()
+    ingest(data, SIM, 0, cache, out, events_dir=events)                      # nothing new: nothing changes
+    assert (out / "interactions.parquet").read_bytes() == first
+    off = data.model_copy(update={"events": False})
+    assert ingest(off, SIM, 0, cache, out, events_dir=events)["interactions"] == before["interactions"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, Path, Path]:
+    """A synthetic training set, its samples, a full training and that model published as LIVE."""
+    root = tmp_path_factory.mktemp("incremental")
+    training, schema = synthetic_training_dir(root, n_users=80, n_items=60)
+    run_sample(training, root / "samples", SampleParams(popular_threshold=0.01))
+    train(SMALL_MODEL, FULL, 0, root / "samples", training, schema, root / "model")
+    published = root / "published"
+    shutil.copytree(root / "model" / "full", published / "versions" / "v1" / "model")
+    (published / "LIVE").write_text(json.dumps({"version": "v1"}))
+    return root, training, schema, published
+
+
+def _first_loss(model_dir: Path, name: str = "eval") -> float:
+    return float(pd.read_csv(model_dir / "curves" / f"{name}.csv")["loss"].iloc[0])
+
+
+def test_finetune_starts_from_the_live_weights(trained, tmp_path):
+    root, training, schema, published = trained
+    # since long ago: every row is "new", so both runs see the same data and only the start differs
+    cfg = FINETUNE.model_copy(update={"since": datetime(2000, 1, 1, tzinfo=timezone.utc)})
+    metrics = train(SMALL_MODEL, cfg, 0, root / "samples", training, schema, tmp_path / "model",
+                    published_dir=published)
+    update = metrics["eval"]["update"]
+    assert update["mode"] == "finetune" and update["from_version"] == "v1" and update["replay_rows"] == 0
+    assert metrics["eval"]["epochs"] == 1
+    assert _first_loss(tmp_path / "model") < _first_loss(root / "model") - 0.05
+    assert (tmp_path / "model" / "full" / "model.pt").exists()
+    assert not list((tmp_path / "model_ckpt").glob("*"))                     # cleaned up like a full run
+
+
+def test_finetune_window_is_newer_rows_plus_replay(trained, tmp_path):
+    root, training, schema, published = trained
+    metrics = train(SMALL_MODEL, FINETUNE.model_copy(update={"finetune_replay": 0.5}), 0, root / "samples",
+                    training, schema, tmp_path / "model", published_dir=published)
+    update = metrics["eval"]["update"]
+    live = json.loads((published / "versions/v1/model/model.json").read_text())
+    assert update["cutoff"] == pd.Timestamp(live["data_until"]).isoformat()
+    # the live model saw every row already: only the replay share is left to train on
+    assert update["new_rows"] == 0 and 0 < update["replay_rows"] < metrics["eval"]["examples"] * 3
+
+
+def test_finetune_without_live_bundle_trains_in_full(trained, tmp_path):
+    root, training, schema, _ = trained
+    metrics = train(SMALL_MODEL, FINETUNE, 0, root / "samples", training, schema, tmp_path / "model",
+                    published_dir=tmp_path / "nothing_published")
+    assert metrics["update"] == {"mode": "full", "note": "no live bundle to fine-tune: trained in full"}
+    assert metrics["eval"]["epochs"] == FULL.epochs and "update" not in metrics["eval"]
+
+
+def test_finetune_with_other_model_params_trains_in_full(trained, tmp_path):
+    root, training, schema, published = trained
+    wider = ModelParams(dim=16, embedding_dim=32, hidden=[64])
+    metrics = train(wider, FINETUNE, 0, root / "samples", training, schema, tmp_path / "model",
+                    published_dir=published)
+    assert metrics["update"]["mode"] == "full" and "dim 32 -> 16" in metrics["update"]["note"]
+
+
+def test_new_users_and_items_get_fresh_rows_and_trained_rows_stay(trained):
+    root, *_ = trained
+    model, encoder = load_model(root / "model" / "eval")
+    fresh = extend_encoder(encoder, encoder)
+    assert fresh.to_json() == encoder.to_json()
+    grown_ids = Vocab(values=[9001, *encoder.item_ids.values[::-1], 9002], kind=encoder.item_ids.kind)
+    fresh.item_ids = grown_ids
+    fresh.user_ids = Vocab(values=[*encoder.user_ids.values, 77_777], kind=encoder.user_ids.kind)
+    extended = extend_encoder(encoder, fresh)
+    assert extended.item_ids.values == [*encoder.item_ids.values, 9001, 9002]    # trained indices kept
+    assert extended.item_ids.lookup([encoder.item_ids.values[3]])[0] == 4
+    grown = grow_model(model, tower_config(extended, SMALL_MODEL), seed=0)
+    old, new = model.item_emb.weight.detach(), grown.item_emb.weight.detach()
+    assert new.shape[0] == old.shape[0] + 2
+    assert torch.equal(new[:old.shape[0]], old) and new[old.shape[0]:].abs().sum() > 0
+    assert torch.equal(grown.item_tower.mlp[0].weight, model.item_tower.mlp[0].weight)
+    with pytest.raises(IncompatibleModel, match="embedding_dim"):
+        grow_model(model, tower_config(extended, SMALL_MODEL.model_copy(update={"embedding_dim": 8})), seed=0)
+
+
+def test_update_rows_takes_newer_rows_and_a_replay_share():
+    rows = pd.DataFrame({"timestamp": pd.date_range("2020-01-01", periods=1000, freq="h", tz="UTC")})
+    cutoff = rows["timestamp"].iloc[799]
+    picked = update_rows(rows, cutoff, replay=0.25, seed=0)
+    assert picked.new == 200 and 150 < picked.replay < 250 and len(picked.rows) == picked.new + picked.replay
+    assert update_rows(rows, cutoff, replay=0.0, seed=0, inclusive=True).new == 201
+    assert len(update_rows(rows, None, replay=0.2, seed=0).rows) == 1000
+
+
+def test_incremental_bench_compares_full_finetune_and_stale(trained, tmp_path):
+    from flows.experiments.incremental import BenchConfig, run_seeds, write
+
+    root, training, schema, _ = trained
+    (tmp_path / "ingested").mkdir()
+    shutil.copy(schema, tmp_path / "ingested" / "schema.json")
+    shutil.copytree(training, tmp_path / "training")
+    bench = BenchConfig(increments=3, epochs=1, finetune_epochs=1)
+    result = run_seeds(tmp_path, SMALL_MODEL, FULL, bench, [0], log=lambda line: None)
+    write(result, tmp_path / "reports")
+    assert [r["increment"] for r in result["summary"]] == [1, 2]
+    step = result["runs"][0]["steps"][0]
+    assert step["finetune"]["rows"] < step["full"]["rows"] and step["finetune"]["new_rows"] > 0
+    assert set(step["metrics"]) == {"full", "finetune", "stale", "most_popular", "queries"}
+    assert "| 2 |" in (tmp_path / "reports" / "incremental.md").read_text()
+
+
+def test_incremental_bench_cli_names_the_missing_examples(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    params = Path(__file__).resolve().parents[2] / "params.yaml"
+    result = CliRunner().invoke(app, ["incremental-bench", "--params", str(params), "--data", str(tmp_path)],
+                                catch_exceptions=False)
+    assert result.exit_code == 1
+    assert "examples.parquet: not found; run the materialize stage first" in result.output
