@@ -168,7 +168,8 @@ def _source_refresh(root: Path) -> set[str]:
     """{"ingest"} when a source directory's files changed since they were ingested: DVC tracks the
     `data` params, not the files of the directory they name (flows/stages/ingest.py)."""
     params = load_params(root / "params.yaml")
-    changed = source_changed(resolve_source(params.data, root), params.paths.resolved(root).cache)
+    changed = source_changed(resolve_source(params.data, root), params.paths.resolved(root).cache,
+                             root / params.serve.events_dir)
     return {"ingest"} if changed else set()
 
 

@@ -17,7 +17,8 @@ STAGES: tuple[str, ...] = (
 
 def _ingest(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.ingest import ingest
-    return ingest(p.data, p.simulator, p.base.seed, cache_dir=paths.cache, out_dir=paths.ingested)
+    return ingest(p.data, p.simulator, p.base.seed, cache_dir=paths.cache, out_dir=paths.ingested,
+                  events_dir=p.serve.events_dir)
 
 
 def _validate(p: Params, paths: PathsParams) -> dict[str, Any]:
@@ -46,7 +47,7 @@ def _sample(p: Params, paths: PathsParams) -> dict[str, Any]:
 def _train(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.train import train
     return train(p.model, p.train, p.base.seed, paths.samples, paths.training, paths.ingested / "schema.json",
-                 out_dir=paths.model)
+                 out_dir=paths.model, published_dir=paths.published)
 
 
 def _rank(p: Params, paths: PathsParams) -> dict[str, Any]:
@@ -90,5 +91,7 @@ _RUNNERS: dict[str, Callable[[Params, PathsParams], dict[str, Any]]] = {
 
 def run_stage(name: str, params: Params, root: Path) -> dict[str, Any]:
     """Run one stage in this process with paths resolved against the project root."""
-    params = params.model_copy(update={"data": resolve_source(params.data, root)})
+    events_dir = root / params.serve.events_dir     # an absolute events_dir stays as it is
+    params = params.model_copy(update={"data": resolve_source(params.data, root),
+                                       "serve": params.serve.model_copy(update={"events_dir": events_dir})})
     return _RUNNERS[name](params, params.paths.resolved(root))
