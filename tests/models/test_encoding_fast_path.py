@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.encoding import SMALL_LOOKUP, NumericStats, Vocab
+from models.encoding import NumericStats
+from models.vocab import SMALL_LOOKUP, Vocab
 
 
 def _slow(vocab: Vocab, values: pd.Series) -> np.ndarray:
