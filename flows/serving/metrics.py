@@ -1,10 +1,9 @@
 """Prometheus metrics of the HTTP service (prometheus-client), exposed at GET /metrics.
 
-Each app gets its own CollectorRegistry (not the library's global one), so tests and benchmarks
-that start several apps in one process do not register twice. (Importing feast sets
-PROMETHEUS_MULTIPROCESS_DIR, and a prometheus-client imported after that keeps values in files
-keyed by metric name: apps of one process then share their counts. The service imports
-prometheus-client first; tests compare counts before and after.) Cold-start share = rate of
+Each app gets its own CollectorRegistry (not the library's global one) with in-process values, so
+tests and benchmarks that start several apps in one process neither register twice nor share counts
+(importing feast turns prometheus-client's file-backed multiprocess mode on: see ServiceMetrics).
+Cold-start share = rate of
 `towerflow_users_served_total{cold_start="true"}` over all users served; it is also kept as a
 gauge since the service started, for a quick look without PromQL.
 """
@@ -16,6 +15,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as prometheus_values
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -29,6 +29,11 @@ class ServiceMetrics:
     """The service's counters, histogram and gauges in one registry."""
 
     def __init__(self) -> None:
+        # The service is one process. Importing feast sets PROMETHEUS_MULTIPROC_DIR, and
+        # prometheus-client then keeps every counter in a per-process file keyed by name and labels:
+        # two apps of one process (tests, benchmarks) would read each other's counts when a labelled
+        # child is created. In-process values keep each app's registry its own.
+        prometheus_values.ValueClass = prometheus_values.MutexValue
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("towerflow_requests", "HTTP requests by endpoint and status",
