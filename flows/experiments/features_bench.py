@@ -35,8 +35,9 @@ def percentiles(samples: list[float]) -> dict[str, float]:
             "n": len(ordered)}
 
 
-def _time_calls(call, repeats: int) -> dict[str, float]:  # noqa: ANN001
-    call()                                           # warm-up: first call loads the registry
+def time_calls(call, repeats: int) -> dict[str, float]:  # noqa: ANN001
+    """Latency percentiles of `repeats` calls after one warm-up call (it loads registries, caches)."""
+    call()
     samples = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -86,9 +87,9 @@ def bench(feast_dir: Path, features_dir: Path, schema: dict, online: str, repeat
         "online_store": online,
         "users_in_store": len(ids),
         "materialize_seconds": round(materialize_s, 3),
-        "online_1_user": _time_calls(lambda: online_user_features(store, schema, one), repeats),
+        "online_1_user": time_calls(lambda: online_user_features(store, schema, one), repeats),
         "online_batch_users": len(many),
-        "online_batch": _time_calls(lambda: online_user_features(store, schema, many),
+        "online_batch": time_calls(lambda: online_user_features(store, schema, many),
                                     max(5, repeats // 10)),
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
     }

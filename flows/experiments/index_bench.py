@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from flows.experiments.features_bench import percentiles
+from flows.experiments.features_bench import time_calls
 
 EMBEDDED = ("qdrant-local", "qdrant-edge")
 CATEGORIES = [f"c{i:02d}" for i in range(20)]
@@ -41,16 +41,6 @@ def synthetic(n: int, dim: int, n_queries: int, seed: int) -> tuple[np.ndarray, 
 def _rss_mb() -> float:
     import psutil
     return round(psutil.Process().memory_info().rss / 2**20, 1)
-
-
-def _timed(fn, repeats: int) -> dict[str, float]:  # noqa: ANN001
-    fn()   # warm-up
-    seconds = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - t0)
-    return percentiles(seconds)
 
 
 def run_one(backend: str, n: int, dim: int, repeats: int, n_queries: int, seed: int, folder: Path,
@@ -81,11 +71,11 @@ def run_one(backend: str, n: int, dim: int, repeats: int, n_queries: int, seed: 
         "build_s": round(build_s, 2), "open_s": round(open_s, 2),
         "rss_mb": {"data": rss_data, "after_open": _rss_mb(),
                    "peak": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
-        "query_k10": _timed(lambda: index.search(one(), 10), repeats),
-        "query_k100": _timed(lambda: index.search(one(), 100), repeats),
-        "query_k10_exclude50": _timed(lambda: index.search(one(), 10, exclude=seen), repeats),
-        "query_k10_filter": _timed(lambda: index.search(one(), 10, filter={"category": "c03"}), repeats),
-        "batch_1000_k10_s": round(_timed(lambda: index.search(np.tile(queries, (1000 // len(queries) + 1, 1))[:1000], 10), 1)["p50_ms"] / 1000, 3),
+        "query_k10": time_calls(lambda: index.search(one(), 10), repeats),
+        "query_k100": time_calls(lambda: index.search(one(), 100), repeats),
+        "query_k10_exclude50": time_calls(lambda: index.search(one(), 10, exclude=seen), repeats),
+        "query_k10_filter": time_calls(lambda: index.search(one(), 10, filter={"category": "c03"}), repeats),
+        "batch_1000_k10_s": round(time_calls(lambda: index.search(np.tile(queries, (1000 // len(queries) + 1, 1))[:1000], 10), 1)["p50_ms"] / 1000, 3),
         "recall_at_100": round(ann_recall(index, items, ids, queries, k=100), 4),
     }
     if backend == "qdrant-local" and n <= NATIVE_FILTER_MAX:
@@ -108,8 +98,8 @@ def _native_filter(index: Any, one: np.ndarray, repeats: int) -> dict[str, dict[
         with _blas().limit(limits=1, user_api="blas"):   # as LocalIndex searches
             index.client.query_points(index.collection, query=q, limit=10, query_filter=qfilter)
 
-    return {"filter": _timed(lambda: query(models.Filter(must=[cond])), repeats),
-            "must_not_50_ids": _timed(lambda: query(models.Filter(must_not=[must_not])), repeats)}
+    return {"filter": time_calls(lambda: query(models.Filter(must=[cond])), repeats),
+            "must_not_50_ids": time_calls(lambda: query(models.Filter(must_not=[must_not])), repeats)}
 
 
 def bench_indexes(n_items: int, dim: int = 64, backends: tuple[str, ...] = EMBEDDED, repeats: int = 200,
