@@ -115,7 +115,7 @@ def towerflow_pipeline(root: str, stages: list[str] | None = None, force: bool =
         return Failed(message=f"unknown stages {unknown}; stages are: {', '.join(STAGES)}")
     params = load_params(project / "params.yaml")
     with run_lock(project):
-        runs, error = _run_stages(project, names, force, params.run)
+        runs, error = _run_stages(project, names, force, params)
         _portal(params, project)        # after every run, blocked and failed ones included
         if error:
             return Failed(message=error, data=runs)  # a failed run, without a traceback
@@ -125,15 +125,15 @@ def towerflow_pipeline(root: str, stages: list[str] | None = None, force: bool =
     return runs
 
 
-def _run_stages(project: Path, names: list[str], force: bool, cfg: RunParams) -> tuple[list[dict[str, Any]], str]:
+def _run_stages(project: Path, names: list[str], force: bool, params: Params) -> tuple[list[dict[str, Any]], str]:
     """Reproduce the stages in order; (the runs, the first failure's message or "")."""
     runs: list[dict[str, Any]] = []
-    refresh = _source_refresh(project) if "ingest" in names and not force else set()
+    refresh = _source_refresh(project, params) if "ingest" in names and not force else set()
     if refresh:
         get_run_logger().info("ingest: the source directory's files changed since the last ingest")
     for name in names:
         # submitted: with a Dask or Ray task runner (run.task_runner) the stage runs on a worker
-        run = _stage_task(name, cfg).submit(project, name, force or name in refresh).result()
+        run = _stage_task(name, params.run).submit(project, name, force or name in refresh).result()
         runs.append(asdict(run))
         get_run_logger().info("%s: %s in %.1fs", name, "ran" if run.ran else "up to date", run.seconds)
         if not run.ok:
@@ -164,10 +164,9 @@ def _push_task(cfg: RunParams):  # noqa: ANN202 - a prefect Task
                 retry_delay_seconds=exponential_backoff(backoff_factor=cfg.retry_delay_s) if cfg.retries else 0)
 
 
-def _source_refresh(root: Path) -> set[str]:
+def _source_refresh(root: Path, params: Params) -> set[str]:
     """{"ingest"} when a source directory's files changed since they were ingested: DVC tracks the
     `data` params, not the files of the directory they name (flows/stages/ingest.py)."""
-    params = load_params(root / "params.yaml")
     changed = source_changed(resolve_source(params.data, root), params.paths.resolved(root).cache,
                              root / params.serve.events_dir)
     return {"ingest"} if changed else set()
