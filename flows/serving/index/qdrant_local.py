@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,8 @@ class LocalIndex(ClientIndex):
         self._matrix: np.ndarray | None = None       # (points, dim) unit vectors, row = point id
         self._items = np.empty(0, dtype=object)      # item_id of each row
         self._present = np.zeros(0, dtype=bool)      # rows that hold a point
-        self._row_of: dict[Any, int] = {}            # item_id -> row
+        self._row_index = pd.Index([])                   # item ids, and the row of each:
+        self._row_points = np.zeros(0, dtype=np.int64)   # ids -> positions (get_indexer) -> rows
         if create:
             # Cosine: the towers' outputs are L2-normalized, so this ranks like their dot product.
             self._create(models.VectorParams(size=settings.dim, distance=models.Distance.COSINE))
@@ -178,7 +180,8 @@ class LocalIndex(ClientIndex):
         self._present = np.zeros(len(matrix), dtype=bool)
         for point, (item, vector) in rows.items():
             matrix[point], self._items[point], self._present[point] = vector, item, True
-        self._row_of = {item: point for point, (item, _) in rows.items()}
+        self._row_index = pd.Index([item for item, _ in rows.values()])
+        self._row_points = np.fromiter(rows, dtype=np.int64, count=len(rows))
         # Qdrant scores cosine on normalized vectors; local mode hands back what was upserted.
         self._matrix = np.where(self._present[:, None], _unit(matrix), 0).astype(np.float32)
         return self._matrix
@@ -205,13 +208,29 @@ class LocalIndex(ClientIndex):
         for start in range(0, len(unit), QUERY_CHUNK):
             scores = unit[start:start + QUERY_CHUNK] @ matrix.T                                # (q, points)
             scores[:, blocked] = -np.inf
-            for row, skip in zip(scores, skips[start:start + QUERY_CHUNK]):
-                if skip:
-                    row[[self._row_of[i] for i in skip if i in self._row_of]] = -np.inf
-                top = _top(row, k)
-                top = top[np.isfinite(row[top])]
-                out.append(list(zip(self._items[top].tolist(), row[top].tolist())))
+            rows, cols = self._skipped(skips[start:start + QUERY_CHUNK])
+            scores[rows, cols] = -np.inf
+            top = _top_rows(scores, k)
+            best = np.take_along_axis(scores, top, axis=1)
+            for items, values, finite in zip(self._items[top].tolist(), best.tolist(), np.isfinite(best)):
+                out.append(list(zip(items, values)) if finite.all() else
+                           [(i, v) for i, v, ok in zip(items, values, finite) if ok])
         return out
+
+    def _skipped(self, skips: list[set]) -> tuple[np.ndarray, np.ndarray]:
+        """(query row, point) of every excluded item that is indexed, for one fancy-index assignment
+        (a Python loop per user cost 25 us each: a tenth of a 943-user batch)."""
+        flat = list(chain.from_iterable(skips))
+        if not flat:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        # Integer ids as one int64 array (pd.Index inferring the type of 100k objects took 15 ms);
+        # anything else (strings, a mix) as objects, unconverted. An id of another type misses.
+        ints = np.array(flat) if isinstance(flat[0], (int, np.integer)) else None
+        points = self._row_index.get_indexer(pd.Index(ints if ints is not None and ints.dtype.kind in "iu"
+                                                      else np.array(flat, dtype=object)))
+        rows = np.repeat(np.arange(len(skips)), [len(s) for s in skips])
+        found = points >= 0
+        return rows[found], self._row_points[points[found]]
 
     def _point_filter(self, conditions: Sequence[Condition]) -> np.ndarray:
         key = tuple(conditions)
@@ -253,6 +272,19 @@ def _top(row: np.ndarray, k: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     top = np.argpartition(-row, k - 1)[:k] if k < len(row) else np.arange(len(row))
     return top[np.lexsort((top, -row[top]))]
+
+
+def _top_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """`_top` for every row of a (queries, points) matrix at once: (queries, min(k, points)).
+    torch.topk selects (3x faster than numpy's argpartition here); ties are then ordered as `_top`."""
+    import torch   # loaded with the model wherever a search runs
+
+    k = min(k, scores.shape[1])
+    if k <= 0:
+        return np.zeros((len(scores), 0), dtype=np.int64)
+    values, top = torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), k, dim=1)
+    order = np.lexsort((top.numpy(), -values.numpy()), axis=-1)
+    return np.take_along_axis(top.numpy(), order, axis=1)
 
 
 @functools.cache
