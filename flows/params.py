@@ -186,6 +186,10 @@ class ServeParams(Section):
     reload_interval_s: float = Field(1.0, gt=0)   # how often the service looks at LIVE
     events_dir: Path = Path("data/events")    # durable log of real-time events (no DVC stage owns it)
     future_tolerance_s: float = Field(300.0, ge=0)  # clock skew allowed for event timestamps
+    # Idle keep-alive connections are closed after this long. Above a load balancer's idle timeout
+    # (60 s on common ones), so the balancer, not the service, closes: a service that closes first can
+    # race a request already on its way, which the caller sees as a reset connection.
+    keep_alive_s: float = Field(75.0, gt=0)
 
 
 def resolve_source(data: DataParams, root: Path) -> DataParams:

@@ -148,6 +148,7 @@ async def _load(url: str, users: list, clients: int, seconds: float) -> dict[str
     errors: list[str] = []
     versions: dict[str, int] = {}
     deadline = time.monotonic() + seconds
+    start = time.perf_counter()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
         async def loop(seed: int) -> None:
@@ -160,8 +161,8 @@ async def _load(url: str, users: list, clients: int, seconds: float) -> dict[str
                         errors.append(f"{r.status_code}: {r.text[:200]}")
                         continue
                     versions[r.json()["version"]] = versions.get(r.json()["version"], 0) + 1
-                except httpx.HTTPError as exc:
-                    errors.append(repr(exc))
+                except httpx.HTTPError as exc:   # when, too: a stall or a publish nearby explains it
+                    errors.append(f"{repr(exc)} at {time.perf_counter() - start:.1f} s")
                     continue
                 latencies.append(time.perf_counter() - t0)
 

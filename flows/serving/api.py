@@ -329,14 +329,21 @@ def build_service(params: Any, root: Path) -> tuple[FastAPI, LiveState]:
     return create_app(state, config, metrics), state
 
 
+def server_config(app: FastAPI, serve_params: ServeParams, host: str = "127.0.0.1", port: int = 8000) -> Any:
+    """uvicorn's settings for the service (one worker: an embedded index belongs to one process)."""
+    import uvicorn
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                          timeout_keep_alive=serve_params.keep_alive_s)
+
+
 def serve(params: Any, root: Path, host: str, port: int, announce: Any = print) -> None:
-    """Run the service until interrupted (one worker: an embedded index belongs to one process)."""
+    """Run the service until interrupted."""
     import uvicorn
 
     app, state = build_service(params, root)
     announce(f"serving version {state.served.version if state.served else '?'} at http://{host}:{port} "
              "(GET /recommend, /similar, /version, /healthz, /metrics; POST /recommend, /events, /items)")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.Server(server_config(app, params.serve, host, port)).run()
     finally:
         state.stop()

@@ -57,14 +57,18 @@ class Service:
         raise AssertionError(f"timed out after {timeout} s")
 
 
-def start_server(app: Any) -> tuple[Any, threading.Thread, int]:
+def start_server(app: Any, serve_params: Any) -> tuple[Any, threading.Thread, int]:
     """uvicorn in a thread on a free loopback port, as `towerflow serve-api` runs it."""
     import uvicorn
+
+    from flows.serving.api import server_config
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    config = server_config(app, serve_params)
+    config.lifespan = "off"
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -76,14 +80,14 @@ def start_server(app: Any) -> tuple[Any, threading.Thread, int]:
 
 
 @contextmanager
-def running(root: Path) -> Iterator[Service]:
+def running(root: Path, overrides: tuple[str, ...] = ()) -> Iterator[Service]:
     """The project at root published once and served on a loopback port."""
     from flows.serving.api import build_service
 
     run_publish(root)
-    params = load_params(root / "params.yaml", SERVE_OVERRIDES)
+    params = load_params(root / "params.yaml", [*SERVE_OVERRIDES, *overrides])
     app, state = build_service(params, root)
-    server, thread, port = start_server(app)
+    server, thread, port = start_server(app, params.serve)
     url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=url, timeout=30) as client:
@@ -263,6 +267,23 @@ def test_a_version_that_fails_to_load_leaves_the_live_one_serving(service: Servi
     health = service.wait_for(lambda: (h := service.get("/healthz").json())["last_reload_error"] and h)
     assert health["version"] == old and f"version {new} did not load" in health["last_reload_error"]
     assert service.get("/recommend", user_id=known_users(service.root, 1)[0]).status_code == 200
+
+
+def test_idle_connections_are_kept_open_for_serve_keep_alive_s(project: Path) -> None:
+    """uvicorn's own default (5 s) is below a load balancer's idle timeout: a pooled connection
+    the service closes while a request is on its way is a reset for the caller."""
+    def get(sock: socket.socket) -> bytes:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        return sock.recv(65536)
+
+    with running(project, ("serve.keep_alive_s=1.5",)) as svc:
+        port = int(svc.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            assert get(sock).startswith(b"HTTP/1.1 200")
+            time.sleep(0.8)                      # idle, but within keep_alive_s: the same connection
+            assert get(sock).startswith(b"HTTP/1.1 200")
+            time.sleep(2.5)                      # idle past it: the service closed the connection
+            assert sock.recv(65536) == b""
 
 
 def test_string_ids_are_served_as_strings(trained_root, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
