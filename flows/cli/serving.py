@@ -41,7 +41,8 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
         if rerank:  # loaded first: a missing ranker fails before the index is queried
             from flows.serving.rerank import load_reranker
             ranker = load_reranker(paths.ranker)
-        with Recommender.load(bundle, paths.feast, paths.features) as recommender:
+        # copy_if_held: a running service holds an embedded index; search a copy of it meanwhile
+        with Recommender.load(bundle, paths.feast, paths.features, copy_if_held=True) as recommender:
             recs = recommender.recommend(ids, max(k, rerank_depth) if rerank else k,
                                          exclude_seen=not include_seen, filter=query_filter)
         if ranker is not None:

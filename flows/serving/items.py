@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows.errors import DataContractError, PublishError, TowerflowError
+from flows.errors import DataContractError, PublishError
 from flows.serving.bundles import BundleStore, fsync_tree
 from flows.serving.recommend import Recommender, coerce_id
 
@@ -193,20 +193,28 @@ def add_items(rec: Recommender, published_dir: Path, items: pd.DataFrame, known:
     return path
 
 
-def sync_additions(rec: Recommender, published_dir: Path, known: set[Any]) -> int:
-    """Bring rec's index up to date with the additions of every kept version (see the module doc);
-    returns how many items were upserted. `known` is updated."""
+def sync_own_additions(rec: Recommender) -> int:
+    """Upsert the rows of rec's own sidecar that its index lacks (a crash between the sidecar and
+    the upsert, or a CLI addition while a service held the index); returns how many."""
     own = read_additions(rec.bundle_dir)
     missing = own[[rec.index.vector_of(i) is None for i in own["item_id"].tolist()]] if len(own) else own
     if len(missing):
         vectors = np.stack(missing["vector"].to_numpy()).astype(np.float32)
         rec.index.upsert(missing["item_id"].tolist(), vectors, _payloads(rec, missing.drop(columns="vector")))
-    known |= set(own["item_id"].tolist())
+    return len(missing)
+
+
+def sync_additions(rec: Recommender, published_dir: Path, known: set[Any]) -> int:
+    """Bring rec's index up to date with the additions of every kept version (see the module doc);
+    returns how many items were upserted. `known` is updated."""
+    with additions_locked(published_dir):   # index writes happen under it: readers may copy the index
+        upserted = sync_own_additions(rec)
+    known |= set(read_additions(rec.bundle_dir)["item_id"].tolist())
     store = BundleStore(published_dir)
     others = [read_additions(store.versions / v) for v in store.complete() if store.versions / v != rec.bundle_dir]
     others = [o for o in others if len(o)]
     if not others:
-        return len(missing)
+        return upserted
     rows = pd.concat(others, ignore_index=True).drop_duplicates("item_id", keep="last")
     rows = rows[[i not in known and rec.index.vector_of(i) is None for i in rows["item_id"].tolist()]]
     if len(rows):
@@ -214,7 +222,7 @@ def sync_additions(rec: Recommender, published_dir: Path, known: set[Any]) -> in
         columns = ["item_id", *(c for c in item_kinds(rec.schema) if c in rows.columns)]
         features = normalize_items(rows[columns], rec.schema, "added_items")
         add_items(rec, published_dir, features, known)
-    return len(missing) + len(rows)
+    return upserted + len(rows)
 
 
 def add_items_file(published_dir: Path, path: Path) -> tuple[str, int, bool]:
@@ -224,7 +232,7 @@ def add_items_file(published_dir: Path, path: Path) -> tuple[str, int, bool]:
 
     from flows.serving.bundles import BUNDLE_JSON
     from flows.serving.events import read_frame
-    from flows.serving.index import IndexSettings, open_index
+    from flows.serving.index import IndexInUse, IndexSettings, open_index
     from models.inference import load_bundle
 
     bundle = BundleStore(published_dir).live_dir()
@@ -236,7 +244,7 @@ def add_items_file(published_dir: Path, path: Path) -> tuple[str, int, bool]:
         try:
             index = open_index(meta["backend"], IndexSettings.from_dict(meta["settings"]), path=bundle / "index",
                                collection=meta.get("collection"))
-        except TowerflowError:   # locked by the running service: it picks the sidecar up
+        except IndexInUse:   # held by the running service: it picks the sidecar up
             index = None
     rec = Recommender(bundle, meta, schema, load_bundle(bundle / "model"), index, store=None)
     try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from itertools import chain
 from pathlib import Path
@@ -106,20 +108,26 @@ class Recommender:
     online store. Not thread-safe for concurrent writes (`add_items`); searches may share it."""
 
     def __init__(self, bundle_dir: Path, meta: dict[str, Any], schema: dict[str, Any], model: Any,
-                 index: Any, store: Any):
+                 index: Any, store: Any, scratch: Path | None = None):
         self.bundle_dir = bundle_dir
         self.meta = meta
         self.schema = schema
         self.model = model
         self.index = index
         self.store = store
+        self.scratch = scratch      # a private copy of the index (see `load`), removed on close
 
     @classmethod
-    def load(cls, bundle_dir: Path, feast_dir: Path, features_dir: Path) -> "Recommender":
-        """Open a complete bundle (versions/<version>/) with the online store of feast_dir."""
+    def load(cls, bundle_dir: Path, feast_dir: Path, features_dir: Path,
+             copy_if_held: bool = False) -> "Recommender":
+        """Open a complete bundle (versions/<version>/) with the online store of feast_dir.
+
+        An embedded index is opened by one process at a time. With copy_if_held (the CLI), an
+        index held by another process (a running service) is searched in a private copy instead:
+        the same vectors and the items added so far, at the cost of copying the folder."""
         from features.store import open_store
         from flows.serving.bundles import BUNDLE_JSON, model_digest
-        from flows.serving.index import IndexSettings, open_index
+        from flows.serving.index import IndexInUse, IndexSettings, open_index
         from models.inference import load_bundle
 
         bundle_dir = Path(bundle_dir)
@@ -133,9 +141,19 @@ class Recommender:
                                f"({meta_path}); publish again or roll back")
         schema = json.loads((bundle_dir / "schema.json").read_text())
         model = load_bundle(bundle_dir / "model")
-        index = open_index(meta["backend"], IndexSettings.from_dict(meta["settings"]),
-                           path=bundle_dir / "index", collection=meta.get("collection"))
-        return cls(bundle_dir, meta, schema, model, index, open_store(feast_dir, features_dir))
+        settings = IndexSettings.from_dict(meta["settings"])
+        try:
+            index = open_index(meta["backend"], settings, path=bundle_dir / "index", collection=meta.get("collection"))
+            scratch = None
+        except IndexInUse:
+            if not copy_if_held:
+                raise
+            index, scratch = _open_copy(bundle_dir, meta["backend"], settings)
+        rec = cls(bundle_dir, meta, schema, model, index, open_store(feast_dir, features_dir), scratch)
+        if scratch is not None:
+            from flows.serving.items import sync_own_additions
+            sync_own_additions(rec)     # added by the CLI, not yet upserted by the service
+        return rec
 
     @classmethod
     def load_live(cls, published_dir: Path, feast_dir: Path, features_dir: Path) -> "Recommender":
@@ -201,12 +219,30 @@ class Recommender:
 
     def close(self) -> None:
         self.index.close()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def __enter__(self) -> "Recommender":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_copy(bundle_dir: Path, backend: str, settings: Any) -> tuple[Any, Path]:
+    """The bundle's embedded index copied to a scratch folder (items are not being added while
+    it is copied) and opened there."""
+    from flows.serving.index import copy_storage, open_index
+    from flows.serving.items import additions_locked
+
+    scratch = Path(tempfile.mkdtemp(prefix="towerflow-index-copy-"))
+    try:
+        with additions_locked(bundle_dir.parent.parent):     # <published>/versions/<version>
+            path = copy_storage(bundle_dir / "index", scratch)
+        return open_index(backend, settings, path=path), scratch
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
 
 
 def parse_filter_json(value: str | dict | None, name: str = "--filter") -> dict[str, Any] | None:

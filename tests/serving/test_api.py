@@ -80,11 +80,11 @@ def start_server(app: Any, serve_params: Any) -> tuple[Any, threading.Thread, in
 
 
 @contextmanager
-def running(root: Path, overrides: tuple[str, ...] = ()) -> Iterator[Service]:
+def running(root: Path, overrides: tuple[str, ...] = (), **publish_cfg: Any) -> Iterator[Service]:
     """The project at root published once and served on a loopback port."""
     from flows.serving.api import build_service
 
-    run_publish(root)
+    run_publish(root, **publish_cfg)
     params = load_params(root / "params.yaml", [*SERVE_OVERRIDES, *overrides])
     app, state = build_service(params, root)
     server, thread, port = start_server(app, params.serve)
@@ -284,6 +284,40 @@ def test_idle_connections_are_kept_open_for_serve_keep_alive_s(project: Path) ->
             assert get(sock).startswith(b"HTTP/1.1 200")
             time.sleep(2.5)                      # idle past it: the service closed the connection
             assert sock.recv(65536) == b""
+
+
+@pytest.mark.parametrize("backend", ["qdrant-local", "qdrant-edge"])
+def test_cli_recommend_while_the_service_holds_the_index(project: Path, backend: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An embedded index opens in one process; the CLI searches a copy, with the items added so far."""
+    import tempfile
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    params = ["--params", str(project / "params.yaml")]
+    # A slow watcher: the service has not upserted the CLI's addition yet when the CLI recommends.
+    with running(project, ("serve.reload_interval_s=60",), backend=backend) as svc:
+        user = known_users(project, 1)[0]
+        served = [i["item_id"] for i in svc.get("/recommend", user_id=user, k=5).json()["items"]]
+        result = CliRunner().invoke(app, ["recommend", "--user-id", str(user), "--k", "5", *params])
+        assert result.exit_code == 0, result.output
+        assert [int(line.split(",")[1]) for line in result.output.strip().splitlines()[1:]] == served
+
+        items = project / "new_items.csv"
+        items.write_text("item_id,genres,year\n5200,zzz,2001\n")
+        assert CliRunner().invoke(app, ["index", "add-items", str(items), *params]).exit_code == 0
+        zzz = json.dumps({"genres": "zzz"})
+        assert svc.get("/recommend", user_id=user, k=5, filter=zzz).json()["items"] == []   # not yet
+        result = CliRunner().invoke(app, ["recommend", "--user-id", str(user), "--filter", zzz, *params])
+        assert result.exit_code == 0, result.output
+        assert [line.split(",")[1] for line in result.output.strip().splitlines()[1:]] == ["5200"]
+        assert list(scratch.iterdir()) == []          # the copies are gone
+        assert svc.get("/healthz").status_code == 200
 
 
 def test_string_ids_are_served_as_strings(trained_root, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,14 +9,16 @@ Backends are imported when chosen, so importing this package stays cheap.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 from flows.errors import ConfigError
-from flows.serving.index.base import BadQuery, Hit, IndexSettings, VectorIndex, catalog_payloads, pause_point
+from flows.serving.index.base import (BadQuery, Hit, IndexInUse, IndexSettings, VectorIndex, catalog_payloads,
+                                      pause_point)
 
-__all__ = ["BACKENDS", "BadQuery", "Hit", "IndexSettings", "VectorIndex", "catalog_payloads", "choose_backend",
-           "create_index", "open_index", "pause_point"]
+__all__ = ["BACKENDS", "BadQuery", "Hit", "IndexInUse", "IndexSettings", "VectorIndex", "catalog_payloads",
+           "choose_backend", "copy_storage", "create_index", "open_index", "pause_point"]
 
 BACKENDS = ("qdrant-local", "qdrant-edge", "qdrant-server")
 EMBEDDED = ("qdrant-local", "qdrant-edge")
@@ -44,6 +46,16 @@ def open_index(backend: str, settings: IndexSettings, *, path: Path | None = Non
                collection: str | None = None, client: Any = None) -> VectorIndex:
     """An existing index, for searching (and `upsert` of new items)."""
     return _make(backend, settings, path, collection, client, create=False)
+
+
+def copy_storage(path: Path, into: Path) -> Path:
+    """A private copy of an embedded index's folder, to open while another process holds the
+    original. The caller keeps that process from writing meanwhile (flows/serving/items.py's
+    additions lock: the only writes to a published index are added items)."""
+    target = Path(into) / "index"
+    # Qdrant local mode's `.lock` is only flocked, never read: the copy gets its own.
+    shutil.copytree(path, target, ignore=shutil.ignore_patterns(".lock"))
+    return target
 
 
 def _make(backend: str, settings: IndexSettings, path: Path | None, collection: str | None,

@@ -40,6 +40,11 @@ class BadQuery(TowerflowError):
     the caller's mistake, so the HTTP layer answers it with a 4xx."""
 
 
+class IndexInUse(TowerflowError):
+    """An embedded index's storage is held by another process (one process at a time: a running
+    service, usually). A reader can search a copy instead (`open_copy`)."""
+
+
 def pause_point(name: str) -> None:
     """Test hook for the fault tests: with TOWERFLOW_TEST_PAUSE_AT=<name> the process prints
     `paused at <name>` and sleeps (TOWERFLOW_TEST_PAUSE_S, default 60 s) so that a test can SIGKILL

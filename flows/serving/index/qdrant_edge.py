@@ -13,7 +13,7 @@ import numpy as np
 import qdrant_edge as qe
 
 from flows.errors import TowerflowError
-from flows.serving.index.base import ITEM_ID, Condition, IndexSettings, RawHit, VectorIndex
+from flows.serving.index.base import ITEM_ID, Condition, IndexInUse, IndexSettings, RawHit, VectorIndex
 
 QUERY_CHUNK = 256
 SCROLL_BATCH = 10000
@@ -46,6 +46,8 @@ class EdgeIndex(VectorIndex):
         except TowerflowError:
             raise
         except Exception as exc:   # qdrant-edge raises plain Exception: a locked WAL, a damaged shard
+            if "WouldBlock" in str(exc):    # the WAL's lock: another process has the shard open
+                raise IndexInUse(f"{self.path}: the index storage is open in another process ({exc})") from exc
             raise TowerflowError(f"{self.path}: cannot open the qdrant-edge shard ({exc})") from exc
 
     def _config(self) -> qe.EdgeConfig:

@@ -18,7 +18,7 @@ import pandas as pd
 from qdrant_client import QdrantClient, models
 
 from flows.errors import TowerflowError
-from flows.serving.index.base import COMPARE, ITEM_ID, Condition, Hit, IndexSettings, RawHit, VectorIndex
+from flows.serving.index.base import COMPARE, ITEM_ID, Condition, Hit, IndexInUse, IndexSettings, RawHit, VectorIndex
 
 QUERY_CHUNK = 256
 SCROLL_BATCH = 10000
@@ -125,7 +125,7 @@ class LocalIndex(ClientIndex):
         try:
             client = QdrantClient(path=str(path))
         except RuntimeError as exc:   # qdrant-client's message for a locked folder
-            raise TowerflowError(f"{path}: the index storage is open in another process ({exc})") from exc
+            raise IndexInUse(f"{path}: the index storage is open in another process ({exc})") from exc
         super().__init__(client, LOCAL_COLLECTION, settings)
         self._points: dict[Any, int] | None = None
         self._fields: dict[str, pd.DataFrame] | None = None     # field -> (point, value) rows, lists exploded
