@@ -18,6 +18,7 @@ This module imports models.training; models.training never imports it.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import tempfile
 from collections.abc import Callable
@@ -31,11 +32,15 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from models.early_stopping import ValidationTask
+from models.errors import ModelError
 from models.objective import BatchLoss
 from models.params import TrainParams
 from models.stream import TrainingStream
 from models.towers import TwoTower, TwoTowerConfig
 from models.training import DistContext, FitResult, Step, check_stream, fit
+
+
+ERROR_SUFFIX = ".error.pickle"    # a rank's ModelError, for spawn_fit to raise in the parent
 
 
 def shard(perm: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -106,9 +111,16 @@ def spawn_fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: Trai
     port = int(os.environ.get("MASTER_PORT") or free_port())
     with tempfile.TemporaryDirectory(prefix="towerflow-ddp-") as tmp:
         out = Path(tmp) / "result.pt"
-        mp.spawn(_worker, nprocs=train_cfg.workers, join=True,
-                 args=(train_cfg.workers, port, out, stream, tower_cfg, train_cfg, seed, epochs, validation,
-                       checkpoint, log, on_epoch))
+        try:
+            mp.spawn(_worker, nprocs=train_cfg.workers, join=True,
+                     args=(train_cfg.workers, port, out, stream, tower_cfg, train_cfg, seed, epochs, validation,
+                           checkpoint, log, on_epoch))
+        except mp.ProcessRaisedException:
+            # A rank's own error (a non-finite loss, say) as it would be raised in one process, not
+            # as torch's report of a child's traceback; anything else stays as torch reports it.
+            for error in sorted(Path(tmp).glob(f"*{ERROR_SUFFIX}")):
+                raise pickle.loads(error.read_bytes()) from None
+            raise
         state = torch.load(out, map_location="cpu", weights_only=False)
     model = TwoTower(tower_cfg)
     model.load_state_dict(state.pop("model"))
@@ -131,6 +143,9 @@ def _worker(rank: int, world: int, port: int, out: Path, stream: TrainingStream,
         if rank == 0:
             torch.save({"model": result.model.state_dict(), **result.progress(),
                         "resumed_from": result.resumed_from, "notes": result.notes}, out)
+    except ModelError as exc:
+        out.with_name(f"rank{rank}{ERROR_SUFFIX}").write_bytes(pickle.dumps(exc))
+        raise
     finally:
         dist.destroy_process_group()
 

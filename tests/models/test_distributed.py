@@ -10,6 +10,7 @@ import torch
 from torch.multiprocessing import ProcessRaisedException
 
 from models.distributed import shard, spawn_fit
+from models.errors import ModelError
 from models.params import TrainParams
 from models.training import fit
 from training_data import run_sample, stream_and_config, synthetic_training_dir
@@ -29,6 +30,13 @@ class RecordEpoch:
             f.write(f"{os.environ.get('RANK', 'none')} {epoch}\n")
         if epoch == self.kill_at:
             raise RuntimeError(f"killed after epoch {epoch}")
+
+
+class Diverge:
+    """on_epoch callback that raises the library's own error, as a non-finite loss does in a rank."""
+
+    def __call__(self, epoch: int) -> None:
+        raise ModelError(f"training loss became nan at epoch {epoch}")
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +86,11 @@ def test_two_workers_learn_like_one_resume_and_write_checkpoints_from_rank_0(syn
     for name, tensor in whole.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
 
+
+
+def test_a_ranks_model_error_reaches_the_parent_as_itself(synthetic):
+    root, training, schema = synthetic
+    _, stream, tower_cfg, _ = stream_and_config(training, schema, root / "samples")
+    cfg = DDP_TRAIN.model_copy(update={"workers": 2, "epochs": 1})
+    with pytest.raises(ModelError, match="^training loss became nan at epoch 1$"):
+        spawn_fit(stream, tower_cfg, cfg, seed=0, on_epoch=Diverge())
