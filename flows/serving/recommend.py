@@ -170,6 +170,8 @@ class Recommender:
         users in input order (each once). Unknown users get the tower's answer for default features,
         flagged cold_start. Items the user interacted with (`seen_items`) are left out unless
         exclude_seen is False; `filter` keeps only items whose payload matches (see index.base)."""
+        from flows.serving.index.base import id_array
+
         answers = self.answer(user_ids, k, exclude_seen, filter, batch_users)
         # Column-wise (not one tuple per row): a 943-user, k=100 batch is 94k rows.
         lengths = np.array([len(hits) for _, _, hits in answers], dtype=np.int64)
@@ -179,7 +181,7 @@ class Recommender:
         users = pd.Series([u for u, _, _ in answers], dtype=object)
         out = pd.DataFrame({
             "user_id": users.repeat(lengths).reset_index(drop=True),
-            "item_id": pd.Series(items, dtype=None if items else object),
+            "item_id": id_array(items),
             "rank": np.concatenate([np.arange(1, n + 1) for n in lengths]) if len(lengths) else np.zeros(0, np.int64),
             "score": np.asarray(scores, dtype=np.float64),
             "cold_start": np.repeat(np.array([c for _, c, _ in answers], dtype=bool), lengths),

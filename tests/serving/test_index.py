@@ -209,3 +209,24 @@ def test_payloads_carry_the_catalog_fields_typed() -> None:
     assert fields == {"brand": "keyword", "year": "float", "genres": "keyword"}
     assert payloads[1] == {"item_id": 1001, "genres": list(items["genres"][1])}     # missing values left out
     assert payloads[0]["year"] == 1990.0 and "year" not in payloads[2] and type(payloads[0]["item_id"]) is int
+
+
+def test_local_batch_top_k_takes_the_k_best_and_orders_ties_by_point() -> None:
+    """The batch top-k (torch) returns each row's k best scores, best first, equal scores lowest
+    point first (torch.topk leaves the order of ties open), as the one-row `_top` orders them."""
+    import torch
+
+    from flows.serving.index.qdrant_local import _top_rows
+
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 5, size=(40, 300)).astype(np.float32)    # many ties
+    scores[0, :] = 1.0                                                  # a row of nothing but ties
+    scores[1, 10:] = -np.inf                                            # fewer finite scores than k
+    for k in (1, 7, 50, 300, 500):
+        values, top = _top_rows(torch.from_numpy(scores), k)
+        assert top.shape == (40, min(k, 300))
+        assert np.array_equal(values, np.take_along_axis(scores, top, axis=1))
+        assert np.array_equal(values, -np.sort(-scores, axis=1)[:, :min(k, 300)])     # the k best
+        for vals, points in zip(values, top):
+            assert [(-v, p) for v, p in zip(vals, points)] == sorted((-v, p) for v, p in zip(vals, points))
+    assert _top_rows(torch.from_numpy(scores), 300)[1][0].tolist() == list(range(300))

@@ -169,6 +169,18 @@ def plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def id_array(ids: list) -> np.ndarray:
+    """Item ids as one array: int64 when they are all integers, else objects as they are.
+    (Letting pandas infer the type of 100k ids costs ~15 ms; numpy's int conversion ~3 ms.)"""
+    if ids and isinstance(ids[0], (int, np.integer)) and not isinstance(ids[0], bool):
+        ints = np.array(ids)
+        if ints.dtype.kind in "iu":
+            return ints
+    out = np.empty(len(ids), dtype=object)
+    out[:] = ids
+    return out
+
+
 class VectorIndex(ABC):
     """A cosine index over the catalog's item vectors. One instance = one open storage; a
     serving process opens the live version once and queries it from then on."""
