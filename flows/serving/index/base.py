@@ -268,7 +268,7 @@ class VectorIndex(ABC):
         if exclude is not None and len(exclude) != len(queries):
             raise BadQuery(f"exclude has {len(exclude)} entries for {len(queries)} query vectors")
         conditions = parse_filter(filter, self.settings.fields)
-        skips = [set(e) for e in exclude] if exclude is not None else [set() for _ in range(len(queries))]
+        skips = list(exclude) if exclude is not None else [() for _ in range(len(queries))]
         return self._search_widening(queries, k, skips, conditions)
 
     def similar(self, item_id: Any, k: int, filter: Mapping[str, Any] | None = None) -> list[Hit]:
@@ -278,7 +278,9 @@ class VectorIndex(ABC):
             raise BadQuery(f"item_id {item_id!r} is not in the index")
         return self.search(vector[None, :], k, exclude=[{plain(item_id)}], filter=filter)[0]
 
-    def _search_widening(self, queries: np.ndarray, k: int, skips: list[set], conditions: list[Condition]) -> list[list[Hit]]:
+    def _search_widening(self, queries: np.ndarray, k: int, skips: list[Collection[Any]],
+                         conditions: list[Condition]) -> list[list[Hit]]:
+        skips = [s if isinstance(s, (set, frozenset)) else set(s) for s in skips]   # tested per hit below
         if self._size is None:
             self._size = self.count()
         total = self._size

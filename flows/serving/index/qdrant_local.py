@@ -8,7 +8,7 @@ and never needs the lock a running service holds on the live one.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -196,7 +196,7 @@ class LocalIndex(ClientIndex):
         return [[(self._items[p], float(row[p]), int(p)) for p in _top(row, int(limit))]
                 for row, limit in zip(scores, limits)]
 
-    def _search_widening(self, queries: np.ndarray, k: int, skips: list[set],
+    def _search_widening(self, queries: np.ndarray, k: int, skips: list[Collection[Any]],
                          conditions: list[Condition]) -> list[list[Hit]]:
         """The whole search in numpy: the filter mask and each query's exclusions set scores to
         -inf before one top-k, so nothing is over-fetched or filtered hit by hit in Python."""
@@ -226,7 +226,7 @@ class LocalIndex(ClientIndex):
                            [(i, v) for i, v, ok in zip(items, values, finite) if ok])
         return out
 
-    def _skipped(self, skips: list[set]) -> tuple[np.ndarray, np.ndarray]:
+    def _skipped(self, skips: list[Collection[Any]]) -> tuple[np.ndarray, np.ndarray]:
         """(query row, point) of every excluded item that is indexed, for one fancy-index assignment
         (a Python loop per user cost 25 us each: a tenth of a 943-user batch)."""
         flat = list(chain.from_iterable(skips))
