@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# `make bench` also times the embedded index backends on this many synthetic items (1000000: ~18 min)
+INDEX_ITEMS ?= 100000
 
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -50,7 +52,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/towerflow bench --out reports/bench.json
+	$(BIN)/towerflow bench --out reports/bench.json --index-items $(INDEX_ITEMS)
 
 ablate: setup
 	$(BIN)/towerflow ablate

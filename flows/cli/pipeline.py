@@ -159,12 +159,14 @@ def serve(name: str = typer.Option("nightly", "--name", help="The deployment cre
 @app.command()
 def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
           out: Path = typer.Option(Path("reports/bench.json"), "--out", help="Where the figures are written."),
-          repeats: int = typer.Option(50, "--repeats", min=1, help="Timed calls per latency figure.")) -> None:
+          repeats: int = typer.Option(50, "--repeats", min=1, help="Timed calls per latency figure."),
+          index_items: int = typer.Option(0, "--index-items", min=0, help="Also time the embedded index backends "
+                                          "on a synthetic catalog of this many 64-d items (1000000: ~18 min on 2 cores).")) -> None:
     """Time every stage on the demo, training throughput and recommendation latency (a temporary copy)."""
     with _errors():
         from flows.experiments.bench import bench as _bench
-        result = _bench(params_file.resolve().parent, out, set_ or [], repeats)
-        typer.echo(json.dumps({k: result[k] for k in ("stage_seconds", "total_seconds", "recommend", "features")},
+        result = _bench(params_file.resolve().parent, out, set_ or [], repeats, index_items)
+        typer.echo(json.dumps({k: result[k] for k in ("stage_seconds", "total_seconds", "recommend", "features", "index")},
                               indent=2))
         typer.echo(f"written to {out}")
 

@@ -19,7 +19,9 @@ from flows.experiments.features_bench import bench as feature_bench
 PROJECT_FILES = ("flows", "features", "models", "validation", "dvc.yaml", "params.yaml")
 
 
-def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50) -> dict[str, Any]:
+def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50, index_items: int = 0) -> dict[str, Any]:
+    """index_items > 0: also the embedded index backends on a synthetic catalog of that size."""
+    from flows.experiments.index_bench import bench_for_catalog
     from flows.params import load_params
     from flows.stages.registry import STAGES, run_stage
 
@@ -56,6 +58,8 @@ def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50) -> dic
         "recommend": latency,
         "features": features,
         "materialize": summaries.get("materialize"),
+        # after the rest (its own processes): the catalog-size figures of the embedded indexes
+        "index": bench_for_catalog(index_items) if index_items else None,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))

@@ -27,6 +27,9 @@ from flows.experiments.features_bench import time_calls
 EMBEDDED = ("qdrant-local", "qdrant-edge")
 CATEGORIES = [f"c{i:02d}" for i in range(20)]
 NATIVE_FILTER_MAX = 20000    # local mode's own filter scans every point in Python: ~1 s per query at 100k
+# Local mode upserts ~1k points/s here (228 s per 200k) and publish uses it up to 20k items:
+# `towerflow bench` measures it up to this size and says it skipped it above.
+LOCAL_BENCH_MAX = 100_000
 
 
 def synthetic(n: int, dim: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
@@ -125,6 +128,15 @@ def bench_indexes(n_items: int, dim: int = 64, backends: tuple[str, ...] = EMBED
                 continue
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return results
+
+
+def bench_for_catalog(n_items: int, local_max: int = LOCAL_BENCH_MAX, **kw: Any) -> list[dict[str, Any]]:
+    """`bench_indexes` for `towerflow bench`: every embedded backend, local mode only up to local_max."""
+    backends = EMBEDDED if n_items <= local_max else tuple(b for b in EMBEDDED if b != "qdrant-local")
+    skipped = [{"backend": b, "n_items": n_items, "skipped": f"above {local_max} items (its upserts alone take "
+                f"~{n_items // 1000} s; publish uses it up to publish.local_max_items)"}
+               for b in EMBEDDED if b not in backends]
+    return bench_indexes(n_items, backends=backends, **kw) + skipped
 
 
 def main(argv: list[str] | None = None) -> None:
