@@ -41,7 +41,7 @@ from models.ranking.catalog import RankFeatures, Vectors, build_features
 from models.ranking.data import GRID, REQUIRED, LogSpec, RankBatch, RankingLog, inspect_log, shown_mask
 from models.ranking.mixture import MixtureEM
 from models.ranking.params import RankParams
-from models.ranking.towers import Ranker, RankerConfig
+from models.ranking.towers import Naive, Ranker, RankerConfig
 from models.ranking.train import build_model, fit
 
 K = 10                      # NDCG@10: the depth of a page
@@ -203,7 +203,7 @@ def measure(model: Ranker, data: RankData, cfg: RankParams) -> dict[str, Any]:
                            "click_loglik": ev.click_loglik(model, test)}
     if isinstance(model, MixtureEM):
         return row | _mixture_rows(model, test, data)
-    if type(model) is Ranker:         # the naive model has no position: its curve is flat
+    if isinstance(model, Naive):      # the naive model has no position: its curve is flat
         return row
     curve = ev.propensity_curve(model, test, data.positions)
     row["propensity"] = {"curve": np.round(curve, 4).tolist()}

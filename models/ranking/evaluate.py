@@ -4,7 +4,7 @@
   (a truth column, linear gains): what debiasing is for, and what clicks alone cannot show.
 - Propensity recovery: the model's examination curve against the true one, both relative to
   position 1; Pearson correlation and mean absolute error.
-- Click log-likelihood of held-out impressions (pointwise models only).
+- Click log-likelihood of held-out impressions (click models only).
 - A LightGBM lambdarank baseline with its own position-bias correction (the `position` field of
   lgb.Dataset, LightGBM >= 4.1) on the same features, the tool users would otherwise pick.
 """
@@ -18,7 +18,7 @@ import torch
 from models.ranking.catalog import RankFeatures
 from models.ranking.data import RankBatch, RankingInputError
 from models.ranking.mixture import MixtureEM
-from models.ranking.towers import Ranker
+from models.ranking.towers import ClickRanker, Ranker
 
 
 def _truth(batch: RankBatch, name: str) -> torch.Tensor:
@@ -59,7 +59,7 @@ def logged_ndcg(batches: Iterable[RankBatch], k: int = 10, truth: str = "relevan
     return float(values[~values.isnan()].mean())
 
 
-def propensity_curve(model: Ranker, batches: Iterable[RankBatch], positions: Sequence[int]) -> np.ndarray:
+def propensity_curve(model: ClickRanker, batches: Iterable[RankBatch], positions: Sequence[int]) -> np.ndarray:
     """(P,) the model's click rate with every held-out impression moved to position p, over its click
     rate at position 1. Under the position-based click model this ratio is exactly the examination
     propensity relative to the top, whatever the model's inner parametrization (PAL's σ(bias), an
@@ -85,7 +85,7 @@ def propensity_recovery(estimated: np.ndarray, true: np.ndarray) -> dict[str, fl
 
 def click_loglik(model: Ranker, batches: Iterable[RankBatch]) -> float | None:
     """Mean log-likelihood per held-out impression; None for listwise models (no click probability)."""
-    if not model.pointwise:
+    if not isinstance(model, ClickRanker):
         return None
     model.eval()
     total, n = 0.0, 0

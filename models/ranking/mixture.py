@@ -20,7 +20,7 @@ from models.ranking.towers import BiasTower, Ranker, RankerConfig
 
 
 class MixtureEM(Ranker):
-    pointwise = False         # softmax over a list: says which item is clicked, not whether one is
+    """Not a click model: a softmax over a list says which item is clicked, not whether one is."""
 
     def __init__(self, cfg: RankerConfig, tables: dict[str, np.ndarray] | None = None):
         super().__init__(cfg, tables, rel_out=1)
@@ -52,9 +52,6 @@ class MixtureEM(Ranker):
         losses = self.list_losses(batch)                                      # (K, R)
         post = self.posterior(batch, losses)                                  # (K, R)
         return (post * losses).sum() / post.sum().clamp(min=1)               # M-step
-
-    def log_click(self, batch: RankBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError("a listwise mixture has no per-impression click probability")
 
     def component_propensities(self, batch: RankBatch, positions: list[int]) -> torch.Tensor:
         """(K, P) each component's examination at each position relative to position 1, averaged over

@@ -1,4 +1,4 @@
-"""Position-bias ranking models: towers → Ranker → the two-tower click models (read top to bottom).
+"""Position-bias ranking models: towers → Ranker → click models: naive, two-tower (read top to bottom).
 
 A click in a ranking log needs the user to examine the item (position, layout, device) and to find it
 relevant (user × item). Every model here factorizes the click into a relevance tower (user and item
@@ -11,6 +11,7 @@ mixture of user types (mixture.py) build on the classes here.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -187,11 +188,9 @@ def standardize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x - mean) / (var + 1e-6).sqrt()                                  # (R, L, D)
 
 
-class Ranker(nn.Module):
-    """Naive baseline: the click is the relevance tower alone, so it learns the position bias as if it
-    were relevance. Every other model subclasses this and overrides `log_click`."""
-
-    pointwise = True          # log_click gives calibrated click probabilities (log-likelihood)
+class Ranker(nn.Module, ABC):
+    """A relevance tower and how the model learns from a log (`loss`); it serves with the relevance
+    tower alone. Click models (`ClickRanker`) also give each impression's click probability."""
 
     def __init__(self, cfg: RankerConfig, tables: dict[str, np.ndarray] | None = None, rel_out: int = 1):
         super().__init__()
@@ -214,18 +213,35 @@ class Ranker(nn.Module):
         _, rel = self.relevance(users, items.unsqueeze(1), ls)               # (B, 1, out)
         return self.relevance_score(rel)[:, 0]                               # (B,)
 
+    @abstractmethod
+    def loss(self, batch: RankBatch) -> torch.Tensor:
+        """The training loss of one batch of requests."""
+
+
+class ClickRanker(Ranker):
+    """A click model: P(click) of every impression (calibrated: its log-likelihood is measured),
+    trained with the Bernoulli likelihood of the logged clicks."""
+
+    @abstractmethod
     def log_click(self, batch: RankBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(log P(click), log P(no click)), each (R, L)."""
-        _, rel = self.relevance(batch.user, batch.item, batch.logged_score)  # (R, L, 1)
-        return logit_pair(rel.squeeze(-1))
 
     def loss(self, batch: RankBatch) -> torch.Tensor:
         log_p, log_not_p = self.log_click(batch)
         return bernoulli_nll(log_p, log_not_p, batch.clicked, batch.mask)
 
 
-class TwoTowerRanker(Ranker):
-    """Relevance tower + bias tower. Subclasses say how the two outputs make a click (`combine`).
+class Naive(ClickRanker):
+    """Naive baseline: the click is the relevance tower alone, so it learns the position bias as if it
+    were relevance."""
+
+    def log_click(self, batch: RankBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        _, rel = self.relevance(batch.user, batch.item, batch.logged_score)  # (R, L, 1)
+        return logit_pair(rel.squeeze(-1))
+
+
+class TwoTowerRanker(ClickRanker):
+    """Relevance tower + bias tower. Subclasses say how they make a click (`click`).
 
     The disentangling options of Zhang et al. 2023 ("Towards Disentangling Relevance and Bias in
     Unbiased Learning to Rank", KDD) apply to every subclass: when the logging ranker was good, position
@@ -271,14 +287,9 @@ class TwoTowerRanker(Ranker):
         target = standardize(rel.detach(), mask)                                         # (R, L, ro)
         return masked_mean(((pred - target) ** 2).mean(dim=-1), mask)
 
-    def combine(self, rel: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
+    @abstractmethod
     def click(self, batch: RankBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log P(click), log P(no click)) (R, L) each, and the adversary's loss (0 when off)."""
-        _, rel = self.relevance(batch.user, batch.item, batch.logged_score)  # (R, L, ro)
-        b = self.bias_output(batch)                                          # (R, L, bo)
-        return (*self.combine(rel, b), self.adversary_loss(b, rel, batch.mask))
 
     def log_click(self, batch: RankBatch) -> tuple[torch.Tensor, torch.Tensor]:
         log_p, log_not_p, _ = self.click(batch)
@@ -289,7 +300,21 @@ class TwoTowerRanker(Ranker):
         return bernoulli_nll(log_p, log_not_p, batch.clicked, batch.mask) + aux
 
 
-class PAL(TwoTowerRanker):
+class CombinedTowers(TwoTowerRanker):
+    """The click from the two towers' outputs of each impression alone; subclasses say how (`combine`).
+    (The cross-positional model, xpa.py, also looks at the other impressions of the list.)"""
+
+    @abstractmethod
+    def combine(self, rel: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log P(click), log P(no click)) (R, L) from the relevance and bias outputs."""
+
+    def click(self, batch: RankBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _, rel = self.relevance(batch.user, batch.item, batch.logged_score)  # (R, L, ro)
+        b = self.bias_output(batch)                                          # (R, L, bo)
+        return (*self.combine(rel, b), self.adversary_loss(b, rel, batch.mask))
+
+
+class PAL(CombinedTowers):
     """Guo et al. 2019, "PAL: a position-bias aware learning framework for CTR prediction" (RecSys):
     P(click) = P(seen | position, context) · P(relevant | user, item), BCE on the product."""
 
@@ -298,7 +323,7 @@ class PAL(TwoTowerRanker):
         return log_p, log1mexp(log_p)
 
 
-class Additive(TwoTowerRanker):
+class Additive(CombinedTowers):
     """Zhao et al. 2019, "Recommending what video to watch next" (RecSys): a shallow tower adds a
     position logit to the relevance logit; 10% of impressions train it with the position unknown,
     which is what serving assumes."""
@@ -309,7 +334,7 @@ class Additive(TwoTowerRanker):
         return logit_pair(rel.squeeze(-1) + b.squeeze(-1))                   # (R, L) each
 
 
-class DotProduct(TwoTowerRanker):
+class DotProduct(CombinedTowers):
     """Yan et al. 2022, "Revisiting two-tower models for unbiased learning to rank" (SIGIR): both towers
     output vectors and the click logit is r·e, so how much position matters can depend on the item;
     bilinear: r·W·e + w1·r + w2·e + b. Serving scores r against e of an unknown position (position

@@ -14,11 +14,11 @@ from models.ranking.catalog import RankFeatures
 from models.ranking.data import RankBatch
 from models.ranking.mixture import MixtureEM
 from models.ranking.params import RankParams
-from models.ranking.towers import PAL, TABLES, Additive, DotProduct, Ranker, RankerConfig
+from models.ranking.towers import PAL, TABLES, Additive, DotProduct, Naive, Ranker, RankerConfig
 from models.ranking.xpa import CrossPositional
 
 MODELS: dict[str, Callable[..., Ranker]] = {
-    "naive": Ranker,
+    "naive": Naive,
     "pal": PAL,
     "additive": Additive,
     "dot": DotProduct,
