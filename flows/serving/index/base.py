@@ -5,8 +5,9 @@ ints and UUIDs, while contract item ids may be any int64 or string. The item id 
 `item_id` payload, next to the filterable item features (schema.json's categorical / numeric /
 multi-valued columns), so a hit needs no lookup table to be turned back into an item.
 
-Backends implement a few primitives (`_write`, `_query`, `_point_of`, ...); seen-item exclusion,
-filters that a backend cannot evaluate fast, and the widening of a short answer live here, once.
+Backends implement a few primitives (`_write`, `_query`, `_point_of`, ...); input checks, the
+filter's parsing and seen-item exclusion (over-fetch and drop) live here, once. Qdrant local mode,
+whose own filters and exclusions run point by point in Python, searches its own way (`_search`).
 """
 from __future__ import annotations
 
@@ -26,13 +27,8 @@ from flows.errors import TowerflowError
 
 ITEM_ID = "item_id"
 Hit = tuple[Any, float]                       # (item_id, cosine score)
-RawHit = tuple[Any, float, int]               # (item_id, score, point id) as a backend returns it
 COMPARE = {"gte": operator.ge, "gt": operator.gt, "lte": operator.le, "lt": operator.lt}
 RANGE_KEYS = tuple(COMPARE)
-# A short answer (exclusions or a Python-side filter ate the hits) is asked again this many times larger.
-WIDEN = 4
-# Over-fetch for a Python-side filter: hits needed / share of matching items, plus this margin.
-FILTER_MARGIN = 1.2
 
 
 class BadQuery(TowerflowError):
@@ -186,7 +182,6 @@ class VectorIndex(ABC):
     serving process opens the live version once and queries it from then on."""
 
     backend: ClassVar[str]
-    native_filters: ClassVar[bool] = True   # False: filters are applied here to over-fetched hits
 
     def __init__(self, settings: IndexSettings):
         self.settings = settings
@@ -200,9 +195,8 @@ class VectorIndex(ABC):
     def _write(self, points: Sequence[int], vectors: np.ndarray, payloads: Sequence[dict]) -> None: ...
 
     @abstractmethod
-    def _query(self, vectors: np.ndarray, limits: Sequence[int], conditions: Sequence[Condition]) -> list[list[RawHit]]:
-        """Top-limits[i] hits for each vector, best first, matching `conditions` (always empty
-        for backends without native_filters: `_point_filter` serves those)."""
+    def _query(self, vectors: np.ndarray, limits: Sequence[int], conditions: Sequence[Condition]) -> list[list[Hit]]:
+        """Top-limits[i] hits for each vector, best first, only items matching `conditions`."""
 
     @abstractmethod
     def _point_of(self, item_id: Any) -> int | None: ...
@@ -220,10 +214,6 @@ class VectorIndex(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
-
-    def _point_filter(self, conditions: Sequence[Condition]) -> np.ndarray:
-        """Backends without native filters: a bool mask over point ids, True where all hold."""
-        raise NotImplementedError(f"{self.backend} has native filters")
 
     def _finish(self) -> None:
         """After the initial upsert: build the ANN structures and make the storage durable."""
@@ -269,7 +259,7 @@ class VectorIndex(ABC):
             raise BadQuery(f"exclude has {len(exclude)} entries for {len(queries)} query vectors")
         conditions = parse_filter(filter, self.settings.fields)
         skips = list(exclude) if exclude is not None else [() for _ in range(len(queries))]
-        return self._search_widening(queries, k, skips, conditions)
+        return self._search(queries, k, skips, conditions)
 
     def similar(self, item_id: Any, k: int, filter: Mapping[str, Any] | None = None) -> list[Hit]:
         """The k items nearest to an indexed item (itself left out)."""
@@ -278,35 +268,17 @@ class VectorIndex(ABC):
             raise BadQuery(f"item_id {item_id!r} is not in the index")
         return self.search(vector[None, :], k, exclude=[{plain(item_id)}], filter=filter)[0]
 
-    def _search_widening(self, queries: np.ndarray, k: int, skips: list[Collection[Any]],
-                         conditions: list[Condition]) -> list[list[Hit]]:
-        skips = [s if isinstance(s, (set, frozenset)) else set(s) for s in skips]   # tested per hit below
+    def _search(self, queries: np.ndarray, k: int, skips: list[Collection[Any]],
+                conditions: list[Condition]) -> list[list[Hit]]:
+        """Over-fetch by the exclusions and drop them here: k + len(skip) hits hold k that are not
+        excluded (or all there are). The backend applies the filter itself."""
         if self._size is None:
             self._size = self.count()
-        total = self._size
-        mask = self._point_filter(conditions) if conditions and not self.native_filters else None
-        share = float(mask.mean()) if mask is not None and len(mask) else 1.0
-        if share == 0:
+        if self._size == 0 or not len(queries):
             return [[] for _ in skips]
-        # With a Python-side filter, ask for enough hits that the expected matches cover k + skips.
-        limits = [min(total, math.ceil((k + len(s)) / share * (FILTER_MARGIN if mask is not None else 1)))
-                  for s in skips]
-        native = conditions if self.native_filters else []
-        out: list[list[Hit]] = [[] for _ in skips]
-        pending = [i for i in range(len(skips)) if limits[i] > 0]
-        while pending:
-            raw = self._query(queries[pending], [limits[i] for i in pending], native)
-            still = []
-            for i, hits in zip(pending, raw):
-                kept = [(item, score) for item, score, point in hits
-                        if item not in skips[i] and (mask is None or (point < len(mask) and mask[point]))]
-                if len(kept) >= k or len(hits) < limits[i] or limits[i] >= total:
-                    out[i] = kept[:k]
-                else:   # exclusions or the filter ate too many: ask again for more
-                    limits[i] = min(total, limits[i] * WIDEN)
-                    still.append(i)
-            pending = still
-        return out
+        skips = [s if isinstance(s, (set, frozenset)) else set(s) for s in skips]   # tested per hit
+        raw = self._query(queries, [min(self._size, k + len(s)) for s in skips], conditions)
+        return [[hit for hit in hits if hit[0] not in skip][:k] for hits, skip in zip(raw, skips)]
 
     def _checked(self, vectors: np.ndarray, n_ids: int, n_payloads: int) -> np.ndarray:
         vectors = np.asarray(vectors, dtype=np.float32)

@@ -13,7 +13,7 @@ import numpy as np
 import qdrant_edge as qe
 
 from flows.errors import TowerflowError
-from flows.serving.index.base import ITEM_ID, Condition, IndexInUse, IndexSettings, RawHit, VectorIndex
+from flows.serving.index.base import ITEM_ID, Condition, Hit, IndexInUse, IndexSettings, VectorIndex
 
 QUERY_CHUNK = 256
 SCROLL_BATCH = 10000
@@ -29,7 +29,6 @@ PAYLOAD_SCHEMA = {"keyword": qe.PayloadSchemaType.Keyword, "integer": qe.Payload
 
 class EdgeIndex(VectorIndex):
     backend = "qdrant-edge"
-    native_filters = True
 
     def __init__(self, path: Path, settings: IndexSettings, create: bool = False):
         super().__init__(settings)
@@ -76,15 +75,15 @@ class EdgeIndex(VectorIndex):
         quantization = qe.QuantizationSearchParams(rescore=True, oversampling=OVERSAMPLING) if self.settings.quantization == "scalar" else None
         return qe.SearchParams(hnsw_ef=max(self.settings.search_ef, limit), quantization=quantization)
 
-    def _query(self, vectors: np.ndarray, limits: Sequence[int], conditions: Sequence[Condition]) -> list[list[RawHit]]:
+    def _query(self, vectors: np.ndarray, limits: Sequence[int], conditions: Sequence[Condition]) -> list[list[Hit]]:
         qfilter = edge_filter(conditions) if conditions else None
-        out: list[list[RawHit]] = []
+        out: list[list[Hit]] = []
         for start in range(0, len(vectors), QUERY_CHUNK):
             requests = [qe.QueryRequest(limit=int(lim), query=qe.Query.Nearest(v), filter=qfilter,
                                         with_payload=[ITEM_ID], params=self._params(int(lim)))
                         for v, lim in zip(vectors[start:start + QUERY_CHUNK].tolist(), limits[start:start + QUERY_CHUNK])]
             for hits in self.shard.query_batch(qe.QueryBatchRequest(requests)):
-                out.append([(p.payload[ITEM_ID], float(p.score), int(p.id)) for p in hits if p.payload])
+                out.append([(p.payload[ITEM_ID], float(p.score)) for p in hits if p.payload])
         return out
 
     def _point_of(self, item_id: Any) -> int | None:

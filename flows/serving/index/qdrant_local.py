@@ -18,7 +18,7 @@ import pandas as pd
 from qdrant_client import QdrantClient, models
 
 from flows.errors import TowerflowError
-from flows.serving.index.base import (COMPARE, ITEM_ID, Condition, Hit, IndexInUse, IndexSettings, RawHit, VectorIndex,
+from flows.serving.index.base import (COMPARE, ITEM_ID, Condition, Hit, IndexInUse, IndexSettings, VectorIndex,
                                       id_array)
 
 if TYPE_CHECKING:
@@ -45,15 +45,15 @@ class ClientIndex(VectorIndex):
         self.client.upsert(self.collection, wait=True, points=models.Batch(
             ids=list(points), vectors=vectors.tolist(), payloads=list(payloads)))
 
-    def _query(self, vectors: np.ndarray, limits: Sequence[int], conditions: Sequence[Condition]) -> list[list[RawHit]]:
+    def _query(self, vectors: np.ndarray, limits: Sequence[int], conditions: Sequence[Condition]) -> list[list[Hit]]:
         qfilter = client_filter(conditions) if conditions else None
-        out: list[list[RawHit]] = []
+        out: list[list[Hit]] = []
         for start in range(0, len(vectors), QUERY_CHUNK):
             requests = [models.QueryRequest(query=v.tolist(), limit=lim, filter=qfilter, with_payload=[ITEM_ID],
                                             params=self._search_params(lim))
                         for v, lim in zip(vectors[start:start + QUERY_CHUNK], limits[start:start + QUERY_CHUNK])]
             for resp in self.client.query_batch_points(self.collection, requests=requests):
-                out.append([(p.payload[ITEM_ID], float(p.score), int(p.id)) for p in resp.points if p.payload])
+                out.append([(p.payload[ITEM_ID], float(p.score)) for p in resp.points if p.payload])
         return out
 
     def _search_params(self, limit: int) -> models.SearchParams | None:
@@ -110,7 +110,7 @@ def client_filter(conditions: Sequence[Condition]) -> models.Filter:
 class LocalIndex(ClientIndex):
     """Qdrant local mode in one folder: exact search in Python. Local mode evaluates a filter
     point by point in Python (~107 ms at 10k points), so filters are a cached numpy mask over
-    point ids, and the search over-fetches by the mask's share and drops the rest.
+    point ids, and exclusions and the mask set scores to -inf before one top-k (`_search`).
 
     Searches are one numpy matmul over the stored (unit) vectors, read from the collection once:
     local mode's own search is the same exact cosine ranking but builds a pydantic object per
@@ -118,7 +118,6 @@ class LocalIndex(ClientIndex):
     take 3.3 s instead of ~0.05 s. Qdrant stays the storage (and the format a server would load)."""
 
     backend = "qdrant-local"
-    native_filters = False
 
     def __init__(self, path: Path, settings: IndexSettings, create: bool = False):
         path = Path(path)
@@ -190,14 +189,8 @@ class LocalIndex(ClientIndex):
         self._matrix = np.where(self._present[:, None], _unit(matrix), 0).astype(np.float32)
         return self._matrix
 
-    def _query(self, vectors: np.ndarray, limits: Sequence[int], conditions: Sequence[Condition]) -> list[list[RawHit]]:
-        matrix = self._matrix if self._matrix is not None else self._load_matrix()
-        scores = _unit(vectors) @ matrix.T                                                    # (q, points)
-        return [[(self._items[p], float(row[p]), int(p)) for p in _top(row, int(limit))]
-                for row, limit in zip(scores, limits)]
-
-    def _search_widening(self, queries: np.ndarray, k: int, skips: list[Collection[Any]],
-                         conditions: list[Condition]) -> list[list[Hit]]:
+    def _search(self, queries: np.ndarray, k: int, skips: list[Collection[Any]],
+                conditions: list[Condition]) -> list[list[Hit]]:
         """The whole search in numpy: the filter mask and each query's exclusions set scores to
         -inf before one top-k, so nothing is over-fetched or filtered hit by hit in Python."""
         matrix = self._matrix if self._matrix is not None else self._load_matrix()
@@ -270,18 +263,9 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
-def _top(row: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest scores, best first (ties: lower point id first, as exact search)."""
-    k = min(k, len(row))
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    top = np.argpartition(-row, k - 1)[:k] if k < len(row) else np.arange(len(row))
-    return top[np.lexsort((top, -row[top]))]
-
-
 def _top_rows(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """`_top` for every row of a (queries, points) score matrix at once: the best min(k, points)
-    scores of each row and their points, best first, ties by lower point (as `_top`)."""
+    """The best min(k, points) scores of each row of a (queries, points) score matrix and their
+    points, best first; equal scores lowest point first, as an exact search orders them."""
     import torch
 
     k = min(k, scores.shape[1])

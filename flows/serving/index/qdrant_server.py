@@ -44,7 +44,6 @@ class ServerIndex(ClientIndex):
     """HNSW, quantization and payload indexes are the server's own; filters are native."""
 
     backend = "qdrant-server"
-    native_filters = True
 
     def __init__(self, client: QdrantClient, collection: str, settings: IndexSettings, create: bool = False):
         super().__init__(client, collection, settings)
