@@ -1,6 +1,7 @@
 """Shared fixtures: a temporary towerflow project (git + DVC) running on a small synthetic dataset."""
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +17,22 @@ from datagen import make_contract_dataset  # noqa: E402
 @pytest.fixture(scope="session", autouse=True)
 def _environment(tmp_path_factory):
     configure_environment(tmp_path_factory.mktemp("prefect_home"))
+
+
+@pytest.fixture(scope="session")
+def recbole_wheel(request: pytest.FixtureRequest) -> Path:
+    """The real recbole wheel (the demo's data), fetched with `pip download` into the pytest cache
+    the first time only."""
+    from flows.sources.demo import wheel
+    return wheel(Path(request.config.cache.mkdir("towerflow-recbole")))
+
+
+@pytest.fixture()
+def demo_cache(recbole_wheel: Path, tmp_path: Path) -> Path:
+    """A fresh demo cache that already holds the wheel (as after a first download)."""
+    (tmp_path / "cache").mkdir()
+    shutil.copy(recbole_wheel, tmp_path / "cache" / recbole_wheel.name)
+    return tmp_path / "cache"
 
 
 @pytest.fixture(scope="session")

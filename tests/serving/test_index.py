@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.errors import TowerflowError
-from flows.serving.index import BadQuery, IndexSettings, VectorIndex, catalog_payloads, create_index, open_index
+from flows.serving.index import (EMBEDDED, BadQuery, IndexInUse, IndexSettings, VectorIndex, catalog_payloads,
+                                 create_index, open_index)
 
 N, DIM = 300, 16
 GENRES = ["action", "comedy", "drama", "horror"]
@@ -47,7 +47,16 @@ FEATURES = {"categorical": ["brand"], "numeric": ["year"], "multi": ["genres"]}
 @pytest.fixture(params=BACKENDS)
 def make(request, tmp_path: Path) -> Iterator[Callable[..., VectorIndex]]:
     """make(settings, create=True|False) -> an index of the backend under test (same storage each call)."""
-    backend = request.param
+    yield from _maker(request.param, tmp_path)
+
+
+@pytest.fixture(params=EMBEDDED)
+def make_embedded(request, tmp_path: Path) -> Iterator[Callable[..., VectorIndex]]:
+    """`make` for the backends that keep their storage in a folder of their own."""
+    yield from _maker(request.param, tmp_path)
+
+
+def _maker(backend: str, tmp_path: Path) -> Iterator[Callable[..., VectorIndex]]:
     opened: list[VectorIndex] = []
     client = None
     collection = f"t_{uuid.uuid4().hex[:8]}"
@@ -189,15 +198,13 @@ def test_upsert_adds_new_items_and_replaces_known_ones(make) -> None:
     assert np.allclose(index.vector_of(5001), new[1], atol=1e-5)
 
 
-def test_embedded_storage_reopens_and_is_single_process(make) -> None:
-    if make.backend not in ("qdrant-local", "qdrant-edge"):
-        pytest.skip("server storage belongs to the server")
-    index, items, vectors = built(make, n=60)
+def test_embedded_storage_reopens_and_is_single_process(make_embedded) -> None:
+    index, items, vectors = built(make_embedded, n=60)
     settings = index.settings
-    with pytest.raises(TowerflowError, match="another process|cannot open"):
-        make(settings, create=False)
+    with pytest.raises(IndexInUse, match="the index storage is open in another process"):
+        make_embedded(settings, create=False)
     index.close()
-    again = make(settings, create=False)
+    again = make_embedded(settings, create=False)
     assert again.count() == 60 and again.item_ids() == items["item_id"].tolist()
     (hit,) = again.search(vectors[[9]], 1)
     assert hit[0][0] == items["item_id"][9]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -18,18 +17,9 @@ from flows.params import DataParams, SimulatorParams
 from flows.stages.ingest import ingest
 
 
-@pytest.fixture(scope="session")
-def recbole_wheel(request: pytest.FixtureRequest) -> Path:
-    """The real wheel, fetched with `pip download` into the pytest cache the first time only."""
-    return wheel(Path(request.config.cache.mkdir("towerflow-recbole")))
-
-
 @pytest.fixture()
-def cache(recbole_wheel: Path, tmp_path: Path) -> Path:
-    """A fresh demo cache that already holds the wheel (as after a first download)."""
-    (tmp_path / "cache").mkdir()
-    shutil.copy(recbole_wheel, tmp_path / "cache" / recbole_wheel.name)
-    return tmp_path / "cache"
+def cache(demo_cache: Path) -> Path:
+    return demo_cache
 
 
 def test_demo_ingest_then_cached(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

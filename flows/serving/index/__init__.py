@@ -17,7 +17,7 @@ from flows.errors import ConfigError
 from flows.serving.index.base import (BadQuery, Hit, IndexInUse, IndexSettings, VectorIndex, catalog_payloads,
                                       pause_point)
 
-__all__ = ["BACKENDS", "BadQuery", "Hit", "IndexInUse", "IndexSettings", "VectorIndex", "catalog_payloads",
+__all__ = ["BACKENDS", "EMBEDDED", "BadQuery", "Hit", "IndexInUse", "IndexSettings", "VectorIndex", "catalog_payloads",
            "choose_backend", "copy_storage", "create_index", "open_index", "pause_point"]
 
 BACKENDS = ("qdrant-local", "qdrant-edge", "qdrant-server")
