@@ -18,7 +18,6 @@ from models.split import temporal_split
 from training_data import synthetic_training_dir
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
