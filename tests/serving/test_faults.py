@@ -39,6 +39,12 @@ def _publish_in_process(root: Path, model: str, cfg: dict) -> dict:
                    PublishParams(**cfg), root / "artifacts/published")
 
 
+def _live(root: Path, backend: str) -> tuple[dict, BundleStore, str]:
+    """The publish settings of a fault test, the bundle store and the version published with them."""
+    cfg = {"backend": backend, "upsert_batch": 10, "verify_users": 20}
+    return cfg, BundleStore(root / "artifacts/published"), _publish_in_process(root, "full", cfg)["version"]
+
+
 def _kill_at(root: Path, step: str, model: str, cfg: dict, timeout: float = 120) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOWERFLOW_TEST_PAUSE_AT=step, TOWERFLOW_TEST_PAUSE_S="300")
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(root), model, json.dumps(cfg)], env=env,
@@ -67,10 +73,7 @@ def _answers(root: Path, store: BundleStore) -> None:
 
 @pytest.mark.parametrize("backend", ["qdrant-local", "qdrant-edge"])
 def test_kill_during_upsert_leaves_live_and_the_next_publish_cleans_up(project: Path, backend: str) -> None:
-    cfg = {"backend": backend, "upsert_batch": 10, "verify_users": 20}
-    store = BundleStore(project / "artifacts/published")
-    live = _publish_in_process(project, "full", cfg)["version"]
-
+    cfg, store, live = _live(project, backend)
     _kill_at(project, "upsert", "eval", cfg)
     partials = [p.name for p in store.versions.glob(".partial-*")]
     assert len(partials) == 1 and store.live() == live and store.complete() == [live]
@@ -84,10 +87,7 @@ def test_kill_during_upsert_leaves_live_and_the_next_publish_cleans_up(project: 
 
 @pytest.mark.parametrize("backend", ["qdrant-local", "qdrant-edge"])
 def test_kill_between_upsert_and_switch_leaves_live_and_the_next_publish_switches(project: Path, backend: str) -> None:
-    cfg = {"backend": backend, "upsert_batch": 10, "verify_users": 20}
-    store = BundleStore(project / "artifacts/published")
-    live = _publish_in_process(project, "full", cfg)["version"]
-
+    cfg, store, live = _live(project, backend)
     _kill_at(project, "switch", "eval", cfg)
     (orphan,) = [v for v in store.complete() if v != live]     # complete and verified, never live
     assert store.live() == live and not list(store.versions.glob(".partial-*"))
