@@ -193,10 +193,11 @@ def add_items(rec: Recommender, published_dir: Path, items: pd.DataFrame, known:
     return path
 
 
-def sync_own_additions(rec: Recommender) -> int:
-    """Upsert the rows of rec's own sidecar that its index lacks (a crash between the sidecar and
-    the upsert, or a CLI addition while a service held the index); returns how many."""
-    own = read_additions(rec.bundle_dir)
+def sync_own_additions(rec: Recommender, own: pd.DataFrame | None = None) -> int:
+    """Upsert the rows of rec's own sidecar (`own`, read here when not given) that its index lacks
+    (a crash between the sidecar and the upsert, or a CLI addition while a service held the index);
+    returns how many."""
+    own = read_additions(rec.bundle_dir) if own is None else own
     missing = own[[rec.index.vector_of(i) is None for i in own["item_id"].tolist()]] if len(own) else own
     if len(missing):
         vectors = np.stack(missing["vector"].to_numpy()).astype(np.float32)
@@ -208,8 +209,9 @@ def sync_additions(rec: Recommender, published_dir: Path, known: set[Any]) -> in
     """Bring rec's index up to date with the additions of every kept version (see the module doc);
     returns how many items were upserted. `known` is updated."""
     with additions_locked(published_dir):   # index writes happen under it: readers may copy the index
-        upserted = sync_own_additions(rec)
-    known |= set(read_additions(rec.bundle_dir)["item_id"].tolist())
+        own = read_additions(rec.bundle_dir)
+        upserted = sync_own_additions(rec, own)
+    known |= set(own["item_id"].tolist())
     store = BundleStore(published_dir)
     others = [read_additions(store.versions / v) for v in store.complete() if store.versions / v != rec.bundle_dir]
     others = [o for o in others if len(o)]

@@ -38,7 +38,7 @@ class BadQuery(TowerflowError):
 
 class IndexInUse(TowerflowError):
     """An embedded index's storage is held by another process (one process at a time: a running
-    service, usually). A reader can search a copy instead (`open_copy`)."""
+    service, usually). A reader can search a copy instead (`copy_storage`)."""
 
 
 def pause_point(name: str) -> None:
