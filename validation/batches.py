@@ -96,8 +96,13 @@ class Derived:
         for key, dups in self.unique:
             if all(c in frame.columns for c in key.columns):
                 hashes, valid = _key_hashes(frame, key)
-                hit = valid & np.isin(hashes, dups)
-                extra[key.derived] = _key_values(frame, key).where(hit)
+                hit = pd.Series(valid & np.isin(hashes, dups), index=frame.index)
+                # only the repeated rows get their key spelled out (a string per row of every batch
+                # would cost seconds per million rows for a compound key)
+                values = pd.Series(None, index=frame.index, dtype=object)
+                if hit.any():
+                    values[hit] = _key_values(frame[hit], key)
+                extra[key.derived] = values
         return frame.assign(**extra) if extra else frame
 
 

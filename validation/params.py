@@ -44,6 +44,9 @@ class ValidateParams(Section):
     rating_range: tuple[float, float] | None = None  # every rating in [lo, hi] (null: any)
     rating_mean: tuple[float, float] | None = None   # mean rating in [lo, hi] (null: unchecked)
     max_null_share: float = Field(0.1, ge=0, le=1)   # per feature column (users, items, training set)
+    # Rows of interactions that share (user_id, item_id, timestamp) with another row: a few happen
+    # (a double click logged in the same second); more is a re-delivered export or a double load.
+    max_duplicate_share: float = Field(0.02, ge=0, le=1)
     categorical_cardinality: tuple[PositiveInt, PositiveInt] = (1, 100_000)
     chunk_rows: PositiveInt = 1_000_000               # larger tables are validated in batches
     sample_rows: PositiveInt = 1_000_000              # distribution checks: uniform sample at most this big

@@ -44,6 +44,8 @@ UNIQUE = {
     "items": UniqueKey(("item_id",), "item_id_duplicate"),
     # one item per shown position of a request
     "ranking_logs": UniqueKey(("request_id", "position"), "position_duplicate", "stage", "shown"),
+    # the same event twice: a re-delivered export or a double load (validate.max_duplicate_share)
+    "interactions": UniqueKey(("user_id", "item_id", "timestamp"), "event_duplicate"),
 }
 
 
@@ -117,8 +119,8 @@ class Expect:
                     column=derived, notes=f"Referential integrity: `{derived}` holds {table}.{column} "
                                           f"where it is missing from {parent}.{key}, null elsewhere.")
 
-    def unique(self, key: UniqueKey, about: str, problem: str) -> Any:
-        return self("ExpectColumnValuesToBeNull", about, "keys", problem, column=key.derived,
+    def unique(self, key: UniqueKey, about: str, problem: str, mostly: float = 1.0) -> Any:
+        return self("ExpectColumnValuesToBeNull", about, "keys", problem, column=key.derived, mostly=mostly,
                     notes=f"Unique key: `{key.derived}` holds ({', '.join(key.columns)}) where it "
                           f"occurs more than once, null elsewhere.")
 
@@ -181,6 +183,9 @@ def build_suites(schema: dict[str, Any], validate_cfg: ValidateParams) -> dict[s
         e.numeric("weight"), e.finite("weight"),
         e("ExpectColumnValuesToBeBetween", "weight", "values", "negative weight", min_value=0),
         *[e.numeric(c) for c in rating], *[e.finite(c) for c in rating], *rating_range,
+        e.unique(UNIQUE["interactions"], "user_id",
+                 f"more than {validate_cfg.max_duplicate_share:.0%} of rows repeat another row's "
+                 "(user_id, item_id, timestamp)", mostly=1 - validate_cfg.max_duplicate_share),
     ]
     shown, not_shown = e.Column("stage") == "shown", e.Column("stage") != "shown"
     logs = [

@@ -101,7 +101,20 @@ BROKEN = {
     "future timestamp": (_set("interactions", "timestamp", 4, pd.Timestamp("2999-01-01", tz="UTC")),
                          ["interactions.timestamp", "in the future", "2999-01-01"]),
     "null rating": (_set("interactions", "rating", 0, None), ["interactions.rating", "null values"]),
+    # a re-delivered slice: a tenth of the events twice (validate.max_duplicate_share is 2%)
+    "duplicated events": (_edit("interactions", lambda df: pd.concat([df, df.iloc[::10]], ignore_index=True)),
+                          ["interactions.user_id", "repeat another row's (user_id, item_id, timestamp)"]),
 }
+
+
+def test_a_few_repeated_events_pass(clean: Path, tmp_path: Path, gx_root: Path):
+    """A double click logged in the same second happens in real logs: one repeated row is no error."""
+    data = tmp_path / "in"
+    shutil.copytree(clean, data)
+    _edit("interactions", lambda df: pd.concat([df, df.iloc[[0]]], ignore_index=True))(data)
+    rows = len(pd.read_parquet(data / "interactions.parquet"))
+    assert 2 / rows <= ValidateParams().max_duplicate_share
+    assert _run(data, tmp_path / "reports", gx_root)["success"]
 
 
 def _check_failure(data: Path, reports: Path, gx_root: Path, expected: list[str],
