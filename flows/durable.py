@@ -11,8 +11,20 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+
+def pause_point(name: str) -> None:
+    """Test hook for the kill -9 tests: with TOWERFLOW_TEST_PAUSE_AT=<name> the process prints
+    `paused at <name>` and sleeps (TOWERFLOW_TEST_PAUSE_S, default 60 s) so that a test can SIGKILL
+    it at a known step. Names: `upsert` (after the first index batch), `switch` (bundle complete, LIVE
+    not yet replaced), `prune` (a version renamed out of the listing, not yet removed), `live`
+    (the target's digests verified, LIVE not yet replaced: a publish or a rollback). Unset, it costs one environment lookup."""
+    if os.environ.get("TOWERFLOW_TEST_PAUSE_AT") == name:
+        print(f"paused at {name}", flush=True)
+        time.sleep(float(os.environ.get("TOWERFLOW_TEST_PAUSE_S", "60")))
 
 
 def write_all(fd: int, data: bytes) -> None:

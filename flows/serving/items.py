@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from flows.errors import DataContractError, PublishError
 from flows.serving.recommend import Recommender, coerce_id

@@ -34,9 +34,8 @@ def load_bundle_ranker(bundle_dir: Path) -> RankerBundle:
 
     folder = Path(bundle_dir) / RANKER_DIR
     if not folder.is_dir():
-        raise MissingStageInput(f"version {Path(bundle_dir).name} was published without a ranker (the rank "
-                                "stage had not run, or the bundle predates published rankers); publish again "
-                                "after the rank stage")
+        raise MissingStageInput(f"version {Path(bundle_dir).name} was published without a ranker: run the rank "
+                                "stage first, then publish again (`towerflow run`)")
     try:
         return load_ranker(folder)
     except ModelNotFound as exc:

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows.durable import append_records, fsync_dir, fsync_tree, replace_file, write_atomic
+from flows.durable import append_records, fsync_dir, fsync_tree, pause_point, replace_file, write_atomic
 from flows.errors import PublishError, StoreBusy, TowerflowError
 from flows.locks import file_lock
 
@@ -245,6 +245,7 @@ class BundleStore:
         meta = self.meta(version)
         self.verify(version)
         self._outside(meta, "switch")
+        pause_point("live")
         write_atomic(self.live_file, json.dumps({"version": version}) + "\n")
         entry = {"action": action, "from": previous, "to": version, "who": _user(),
                  "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "reason": reason}
@@ -262,6 +263,7 @@ class BundleStore:
             gone = self.versions / f".deleting-{version}-{os.getpid()}"
             os.rename(self.versions / version, gone)
             fsync_dir(self.versions)
+            pause_point("prune")
             self._outside(meta, "drop")
             shutil.rmtree(gone)
         return doomed
