@@ -93,6 +93,19 @@ def index_rollback(to: Optional[str] = typer.Option(None, "--to", help="Version 
         typer.echo(f"live: {new} (was {old})")
 
 
+@index_app.command("prune")
+def index_prune(keep: Optional[int] = typer.Option(None, "--keep", min=1, help="Versions to keep, the live one included (default: publish.keep_versions)."),
+                params_file: Path = ParamsOption) -> None:
+    """Remove published versions beyond the newest --keep (never the live one) and builds left by killed runs."""
+    with _errors():
+        store = _bundle_store(params_file)
+        with store.locked():
+            cleaned = store.clean_partials()
+            pruned = store.prune(keep if keep is not None else _load(params_file, None).publish.keep_versions)
+        typer.echo(f"removed {len(pruned)} version(s){': ' + ', '.join(pruned) if pruned else ''}"
+                   f"{f' and {len(cleaned)} leftover(s) of killed runs' if cleaned else ''}; live: {store.live()}")
+
+
 
 @index_app.command("add-items")
 def index_add_items(file: Path = typer.Argument(..., help="CSV, JSON lines or parquet: item_id + item feature columns."),

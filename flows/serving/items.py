@@ -32,7 +32,7 @@ from flows.errors import DataContractError, PublishError
 from flows.serving.recommend import Recommender, coerce_id
 # The sidecar's format and lock belong to the store; imported here by name for this module's callers.
 from flows.serving.store import (  # noqa: F401
-    BundleStore, catalog_ids, read_additions, sidecar_signature, write_additions,
+    ADDITIONS_WAIT_S, BundleStore, catalog_ids, read_additions, sidecar_signature, write_additions,
 )
 
 _SEQ = count()
@@ -96,9 +96,10 @@ def normalize_items(frame: pd.DataFrame, schema: dict[str, Any], where: str) -> 
     return out
 
 
-def additions_locked(published_dir: Path):  # noqa: ANN201
-    """One addition at a time across processes (BundleStore.additions_locked)."""
-    return BundleStore(published_dir).additions_locked()
+def additions_locked(published_dir: Path, wait_s: float = ADDITIONS_WAIT_S):  # noqa: ANN201
+    """One addition at a time across processes (BundleStore.additions_locked): a wait past wait_s
+    raises StoreBusy (a LockBusy: the service answers 503 with Retry-After)."""
+    return BundleStore(published_dir).additions_locked(wait_s)
 
 
 def _write_sidecar(bundle_dir: Path, items: pd.DataFrame, vectors: np.ndarray) -> Path:
@@ -118,11 +119,11 @@ def _encode(rec: Recommender, items: pd.DataFrame) -> np.ndarray:
 
 
 def add_items(rec: Recommender, published_dir: Path, items: pd.DataFrame, known: set[Any],
-              upsert: bool = True) -> Path:
+              upsert: bool = True, lock_wait_s: float = ADDITIONS_WAIT_S) -> Path:
     """Encode normalized items with rec's item tower, record them in its sidecar, then upsert them
     into its index (upsert=False: the index is held by a running service, which picks them up).
     `known` (catalog + added ids) is updated. Ids already there raise DataContractError."""
-    with additions_locked(published_dir):
+    with additions_locked(published_dir, lock_wait_s):
         known |= set(read_additions(rec.bundle_dir)["item_id"].tolist())   # another process may have added
         taken = [i for i in items["item_id"].tolist() if i in known]
         if taken:

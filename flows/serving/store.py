@@ -49,6 +49,7 @@ PARTIAL_JSON = "partial.json"     # what a partial build created outside its fol
 LAST_PUBLISH = "last_publish.json"
 PARTIAL = re.compile(r"^\.partial-(?P<version>.+)-(?P<pid>\d+)$")
 DELETING = re.compile(r"^\.deleting-(?P<version>.+)-(?P<pid>\d+)$")
+TMP = re.compile(r"^\..+\.(?P<pid>\d+)\.tmp$")          # flows/durable.py replace_file
 ADDITIONS_WAIT_S = 30.0           # an addition holds the lock for an encode and a few writes
 # Not covered by the digests: the index and the sidecar change after publishing (added items).
 UNHASHED = {INDEX_DIR, ADDED_DIR, BUNDLE_JSON, PARTIAL_JSON}
@@ -269,8 +270,9 @@ class BundleStore:
         return doomed
 
     def clean_partials(self) -> list[str]:
-        """Remove builds and deletions left by killed processes (their pid is gone); a running one is kept."""
-        removed = []
+        """Remove builds, deletions and temporary files left by killed processes (their pid is gone);
+        a running one's are kept."""
+        removed = self._clean_tmp()
         for path in sorted(self.versions.glob(".*-*")) if self.versions.is_dir() else []:
             m = PARTIAL.match(path.name) or DELETING.match(path.name)
             if m is None or (_pid_alive(int(m["pid"])) and int(m["pid"]) != os.getpid()):
@@ -283,6 +285,18 @@ class BundleStore:
                     pass
             shutil.rmtree(path)
             removed.append(path.name)
+        return removed
+
+    def _clean_tmp(self) -> list[str]:
+        """durable.replace_file's `.<name>.<pid>.tmp` of killed writers: in the root and the sidecars."""
+        folders = [self.root, *(self.versions / v / ADDED_DIR for v in self.complete())]
+        removed = []
+        for folder in folders:
+            for path in folder.glob(".*.tmp") if folder.is_dir() else []:
+                m = TMP.match(path.name)
+                if m is not None and not _pid_alive(int(m["pid"])):
+                    path.unlink(missing_ok=True)
+                    removed.append(path.name)
         return removed
 
     def write_last_publish(self, summary: dict[str, Any]) -> None:

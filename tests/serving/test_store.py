@@ -205,3 +205,23 @@ def test_sidecar_and_live_files_are_fsynced_before_their_rename(project: Path, m
     assert calls.index(("fsync", tmp)) < calls.index(("replace", tmp)), calls
     assert calls[-1] == ("fsync", str(path.parent)), calls   # the new name itself
     shutil.rmtree(path.parent)
+
+
+def test_index_prune_keeps_the_live_version_and_removes_what_killed_writers_left(project: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    store = BundleStore(project / "artifacts/published")
+    _publish(project)
+    _publish(project, model="eval")
+    live = _publish(project, ranker=_ranker(project, "a"))["version"]
+    dead = 2**22 + 12345                                       # above the default pid_max: no such process
+    (store.root / f".LIVE.{dead}.tmp").write_text("half")
+    (store.versions / f".partial-x-{dead}").mkdir()
+    result = CliRunner().invoke(app, ["index", "prune", "--keep", "1", "--params", str(project / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "removed 2 version(s)" in result.output and "2 leftover(s)" in result.output
+    assert store.complete() == [live] and not list(store.root.glob(".*.tmp"))
+    assert [p.name for p in store.versions.iterdir()] == [live]
+    _assert_sound(store, live)
