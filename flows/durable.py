@@ -21,7 +21,8 @@ def pause_point(name: str) -> None:
     `paused at <name>` and sleeps (TOWERFLOW_TEST_PAUSE_S, default 60 s) so that a test can SIGKILL
     it at a known step. Names: `upsert` (after the first index batch), `switch` (bundle complete, LIVE
     not yet replaced), `prune` (a version renamed out of the listing, not yet removed), `live`
-    (the target's digests verified, LIVE not yet replaced: a publish or a rollback). Unset, it costs one environment lookup."""
+    (the target's digests verified, LIVE not yet replaced: a publish or a rollback). Unset, it costs
+    one environment lookup."""
     if os.environ.get("TOWERFLOW_TEST_PAUSE_AT") == name:
         print(f"paused at {name}", flush=True)
         time.sleep(float(os.environ.get("TOWERFLOW_TEST_PAUSE_S", "60")))

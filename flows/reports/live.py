@@ -1,9 +1,9 @@
 """The live bundle as the reports and the gate see it, and the files of a run that each bundle keeps.
 
 The publish stage writes the bundle store (flows/serving/store.py: one folder per version and a
-LIVE pointer), read here through it. A bundle keeps this run's figures and drift sample (`BUNDLE_FILES`) so that the
-next run can be compared with the model that is live: its quality figures, its evaluation metrics
-and a sample of the data it was trained on.
+LIVE pointer), read here through it. A bundle keeps this run's figures and drift sample
+(`BUNDLE_FILES`) so that the next run can be compared with the model that is live: its quality
+figures, its evaluation metrics and a sample of the data it was trained on.
 """
 from __future__ import annotations
 
