@@ -34,8 +34,21 @@ class StageFailed(TowerflowError):
     """A pipeline stage failed (its own message was printed above)."""
 
 
-class RunInProgress(TowerflowError):
+class LockBusy(TowerflowError):
+    """Another process holds a lock this one needs (flows/locks.py); it may pass on a retry after
+    `retry_after_s` (the HTTP service answers 503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RunInProgress(LockBusy):
     """Another pipeline run of the same project holds the run lock."""
+
+
+class StoreBusy(PublishError, LockBusy):
+    """Another process is publishing, rolling back, pruning or adding items in the bundle store."""
 
 
 class TransientError(TowerflowError):

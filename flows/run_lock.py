@@ -5,7 +5,6 @@ An OS lock (flock), not a marker file: it is released when the holding process e
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from flows.errors import RunInProgress
+from flows.locks import file_lock
 
 LOCK = Path(".towerflow") / "run.lock"
 
@@ -21,15 +21,13 @@ LOCK = Path(".towerflow") / "run.lock"
 @contextmanager
 def run_lock(root: Path) -> Iterator[None]:
     path = root / LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "{}"
-            raise RunInProgress(f"another towerflow run of {root} is in progress ({_describe(holder)}); "
-                                f"wait for it to finish (lock: {path})") from None
+
+    def busy() -> str:
+        holder = path.read_text().strip() if path.is_file() else ""
+        return (f"another towerflow run of {root} is in progress ({_describe(holder or '{}')}); "
+                f"wait for it to finish (lock: {path})")
+
+    with file_lock(path, busy=busy, error=RunInProgress) as handle:
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
@@ -39,7 +37,6 @@ def run_lock(root: Path) -> Iterator[None]:
         finally:
             handle.seek(0)
             handle.truncate()
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _describe(holder: str) -> str:

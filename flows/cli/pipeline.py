@@ -96,8 +96,8 @@ def _print_summary(runs, params, root: Path, total: float) -> None:  # noqa: ANN
         typer.echo(f"{r.stage:<12} {'ran' if r.ran else 'up to date':<12} {r.seconds:7.1f}")
     typer.echo(f"{'total':<12} {'':<12} {total:7.1f}\n")
     typer.echo(f"model:    {paths.model / 'full'} (evaluation model: {paths.model / 'eval'})")
-    live = root / paths.published / "LIVE"
-    served = json.loads(live.read_text()).get("version") if live.is_file() else "nothing published yet"
+    from flows.serving.store import BundleStore
+    served = BundleStore(root / paths.published).live() or "nothing published yet"
     typer.echo(f"live:     {served} ({paths.published}; `towerflow index list`)")
     typer.echo(f"metrics:  {paths.reports / 'metrics.json'}")
     typer.echo(f"review:   {paths.reports / 'index.html'} (one offline page: data checks, quality, drift, "

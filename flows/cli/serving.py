@@ -28,7 +28,7 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
             raise TowerflowError("give exactly one of --user-id or --users-file")
         params = _load(params_file, None)
         paths = params.paths.resolved(params_file.resolve().parent)
-        from flows.serving.bundles import BundleStore
+        from flows.serving.store import BundleStore
         bundle = BundleStore(paths.published).live_dir()   # nothing published: says to run the pipeline
         id_dtype = json.loads((bundle / "schema.json").read_text())["user_id_dtype"]
         from flows.serving.recommend import Recommender, parse_filter_json, parse_id, read_ids_file
@@ -39,8 +39,8 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
         query_filter = parse_filter_json(filter_)
         ranker = None
         if rerank:  # loaded first: a missing ranker fails before the index is queried
-            from flows.serving.rerank import load_reranker
-            ranker = load_reranker(paths.ranker)
+            from flows.serving.rerank import load_bundle_ranker
+            ranker = load_bundle_ranker(bundle)
         # copy_if_held: a running service holds an embedded index; search a copy of it meanwhile
         with Recommender.load(bundle, paths.feast, paths.features, copy_if_held=True) as recommender:
             recs = recommender.recommend(ids, max(k, rerank_depth) if rerank else k,
@@ -61,9 +61,9 @@ app.add_typer(index_app, name="index")
 
 
 def _bundle_store(params_file: Path):  # noqa: ANN202
-    from flows.serving.bundles import BundleStore
+    from flows.serving.bundles import open_store
     params = _load(params_file, None)
-    return BundleStore(params.paths.resolved(params_file.resolve().parent).published)
+    return open_store(params.paths.resolved(params_file.resolve().parent).published)
 
 
 @index_app.command("list")
@@ -91,6 +91,19 @@ def index_rollback(to: Optional[str] = typer.Option(None, "--to", help="Version 
         from flows.serving.bundles import rollback
         old, new = rollback(_bundle_store(params_file), to, reason)
         typer.echo(f"live: {new} (was {old})")
+
+
+@index_app.command("prune")
+def index_prune(keep: Optional[int] = typer.Option(None, "--keep", min=1, help="Versions to keep, the live one included (default: publish.keep_versions)."),
+                params_file: Path = ParamsOption) -> None:
+    """Remove published versions beyond the newest --keep (never the live one) and builds left by killed runs."""
+    with _errors():
+        store = _bundle_store(params_file)
+        with store.locked():
+            cleaned = store.clean_partials()
+            pruned = store.prune(keep if keep is not None else _load(params_file, None).publish.keep_versions)
+        typer.echo(f"removed {len(pruned)} version(s){': ' + ', '.join(pruned) if pruned else ''}"
+                   f"{f' and {len(cleaned)} leftover(s) of killed runs' if cleaned else ''}; live: {store.live()}")
 
 
 

@@ -10,6 +10,7 @@ from flows.params import Params
 from flows.portal.build import PortalInputs, build_portal
 from flows.portal.vendor import VendorError, ensure_assets
 from flows.reports.live import live_bundle
+from flows.serving.store import BUNDLE_JSON
 
 log = logging.getLogger("towerflow.portal")
 
@@ -18,7 +19,7 @@ def publish_record(params: Params, root: Path) -> Path | None:
     """The live bundle's record (bundle.json), or None while nothing is published."""
     published = params.paths.resolved(root).published
     live = live_bundle(published)
-    record = live.path / "bundle.json" if live is not None else None
+    record = live.path / BUNDLE_JSON if live is not None else None
     return record if record is not None and record.is_file() else None
 
 

@@ -1,9 +1,9 @@
 """The live bundle as the reports and the gate see it, and the files of a run that each bundle keeps.
 
-The publish stage writes <published>/versions/<version>/ and a pointer <published>/LIVE holding
-{"version": ...}. A bundle keeps this run's figures and drift sample (`BUNDLE_FILES`) so that the
-next run can be compared with the model that is live: its quality figures, its evaluation metrics
-and a sample of the data it was trained on.
+The publish stage writes the bundle store (flows/serving/store.py: one folder per version and a
+LIVE pointer), read here through it. A bundle keeps this run's figures and drift sample
+(`BUNDLE_FILES`) so that the next run can be compared with the model that is live: its quality
+figures, its evaluation metrics and a sample of the data it was trained on.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from flows.errors import GateBlocked, MissingStageInput
+from flows.errors import GateBlocked, MissingStageInput, PublishError
+from flows.serving.store import BundleStore
 
 # file under reports/ → name in the bundle
 BUNDLE_FILES = {
@@ -48,13 +49,14 @@ class LiveBundle:
 def live_bundle(published_dir: Path) -> LiveBundle | None:
     """The bundle LIVE points at; None when nothing was published yet (no LIVE, or it names a version
     that is not there: a bundle cannot be compared with if its files are gone)."""
+    store = BundleStore(published_dir)
     try:
-        version = json.loads((published_dir / "LIVE").read_text()).get("version")
-    except (OSError, ValueError, AttributeError):
+        version = store.live()
+    except PublishError:   # an unreadable LIVE: nothing to compare with
         return None
-    if not isinstance(version, str) or not version:
+    if version is None:
         return None
-    path = published_dir / "versions" / version
+    path = store.version_dir(version)
     return LiveBundle(version, path) if path.is_dir() else None
 
 

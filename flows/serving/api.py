@@ -34,7 +34,7 @@ from fastapi.responses import Response
 from features.errors import FeatureError
 from flows.errors import EXPECTED_ERRORS, DataContractError, TowerflowError
 from flows.params import ServeParams
-from flows.serving.bundles import NothingPublished
+from flows.serving.store import NothingPublished
 from flows.serving.events import EventLog, body_rows, record_events, validate_events
 from flows.serving.index import BadQuery
 from flows.serving.index.base import parse_filter
@@ -66,7 +66,7 @@ class ServiceConfig:
     timestamp_floor: datetime    # validate.timestamp_floor: events before it are refused
     events_dir: Path             # serve.events_dir, absolute
     published_dir: Path
-    ranker: RankerCache | None = None   # rerank=true: the rank stage's relevance tower (paths.ranker)
+    ranker: RankerCache | None = None   # rerank=true: the relevance tower published in the served bundle
 
 
 def status_of(exc: Exception) -> int:
@@ -154,10 +154,10 @@ def _rerank_depth(args: dict, k: int, config: ServiceConfig) -> int | None:
     return max(k, _k(depth, config.serve.max_k))
 
 
-def _ranker(config: ServiceConfig) -> Any:
+def _ranker(config: ServiceConfig, version: str) -> Any:
     if config.ranker is None:
         raise RequestError("rerank=true: this service has no ranker configured", 503)
-    return config.ranker.get()
+    return config.ranker.get(version)
 
 
 def _user_answer(answer: Answer) -> dict[str, Any]:
@@ -185,7 +185,7 @@ async def recommend_one(request: Request) -> Response:
         (answer,) = served.rec.answer([user], depth or k, exclude, _filter(q.get("filter"), served))
         version = served.version
     if depth:
-        (answer,) = rerank_answers([answer], _ranker(config), k)
+        (answer,) = rerank_answers([answer], _ranker(config, version), k)
     metrics.served(int(answer[1]), 1)
     return _json({"version": version, **_user_answer(answer)})
 
@@ -206,7 +206,7 @@ async def recommend_batch(request: Request) -> Response:
         answers = served.rec.answer(users, depth or k, exclude, _filter(body.get("filter"), served))
         version = served.version
     if depth:
-        answers = rerank_answers(answers, _ranker(config), k)
+        answers = rerank_answers(answers, _ranker(config, version), k)
     metrics.served(sum(a[1] for a in answers), len(answers))
     return _json({"version": version, "k": k, "results": [_user_answer(a) for a in answers]})
 
@@ -325,7 +325,7 @@ def build_service(params: Any, root: Path) -> tuple[FastAPI, LiveState]:
     state.start()
     events_dir = params.serve.events_dir if params.serve.events_dir.is_absolute() else root / params.serve.events_dir
     config = ServiceConfig(params.serve, params.features.history_length, params.validate.timestamp_floor,
-                           events_dir, paths.published, RankerCache(paths.ranker))
+                           events_dir, paths.published, RankerCache(paths.published))
     return create_app(state, config, metrics), state
 
 

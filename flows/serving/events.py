@@ -6,8 +6,8 @@
    timestamps ISO 8601 or unix seconds, not before validate.timestamp_floor and not in the future.
    Any bad row refuses the whole request, naming the row and the problem.
 2. Durable log: `<serve.events_dir>/events-<UTC day>.jsonl`, one JSON object per line
-   (user_id, item_id, timestamp, received_at), written with O_APPEND and fsynced before the
-   request is answered. No DVC stage owns this folder: the next run's ingest is meant to read it
+   (user_id, item_id, timestamp, received_at), appended whole (flows/durable.py: short writes
+   looped, a failure cut back, a torn tail never extended) and fsynced before the request is answered. No DVC stage owns this folder: the next run's ingest is meant to read it
    next to the source's interactions (so the model trains on them).
 3. Online: each user's new history and seen rows are pushed through the Feast push sources
    (features/online.py), so the next /recommend leaves the item out as seen and the user tower
@@ -17,9 +17,7 @@ user's row from the same old row (a lost update).
 """
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
 from collections.abc import Container, Iterator
 from contextlib import contextmanager
@@ -30,7 +28,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from flows.durable import append_records
 from flows.errors import ConfigError, DataContractError
+from flows.locks import file_lock
 from flows.serving.recommend import coerce_id
 
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
@@ -143,19 +143,16 @@ def validate_events(frame: pd.DataFrame, schema: dict[str, Any], known_items: Co
 class EventLog:
     """Append-only JSON lines, one file per UTC day, fsynced: what the next run trains on."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, lock_wait_s: float | None = None):
         self.folder = Path(folder)
+        self.lock_wait_s = lock_wait_s    # None: wait as long as it takes (held for milliseconds)
 
     @contextmanager
     def locked(self) -> Iterator[None]:
         """One writer at a time across processes (the service and `towerflow events push`)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / LOCK_FILE, "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)   # held for milliseconds: waiting is right
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with file_lock(self.folder / LOCK_FILE, wait_s=self.lock_wait_s,
+                       busy="another process is writing events; try again in a moment"):
+            yield
 
     def append(self, events: pd.DataFrame) -> Path:
         """Write the events durably (call under `locked`); returns the file."""
@@ -166,19 +163,7 @@ class EventLog:
         for row in events.to_dict("records"):
             row["timestamp"] = row["timestamp"].isoformat().replace("+00:00", "Z")
             lines.append(json.dumps({**row, "received_at": stamp}))
-        new = not path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, ("\n".join(lines) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if new:   # the file's name must survive a crash too
-            dir_fd = os.open(self.folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        append_records(path, lines)   # all lines or none, fsynced, never glued to a torn tail
         return path
 
     def read(self) -> pd.DataFrame:
@@ -212,8 +197,7 @@ def push_events_file(path: Path, published_dir: Path, feast_dir: Path, features_
                      history_length: int, floor: datetime, future_s: float) -> tuple[int, int, Path]:
     """`towerflow events push FILE`: (events, users, log file). Validated against the live catalog."""
     from features.store import open_store
-    from flows.serving.bundles import BundleStore
-    from flows.serving.items import catalog_ids
+    from flows.serving.store import BundleStore, catalog_ids
 
     bundle = BundleStore(published_dir).live_dir()
     schema = json.loads((bundle / "schema.json").read_text())

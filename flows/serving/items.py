@@ -2,9 +2,10 @@
 
     POST /items  or  towerflow index add-items FILE       {item_id, <item feature columns>...}
 
-A bundle is immutable except for one append-only sidecar, `<bundle>/added_items/`: one parquet
-file per addition (item_id, the item feature columns, the vector this bundle's item tower gave
-it), written (tmp + fsync + rename) before the index is touched. So:
+A bundle is immutable except for one append-only sidecar, `<bundle>/added_items/` (its format is
+the bundle store's: flows/serving/store.py): one parquet file per addition (item_id, the item
+feature columns, the vector this bundle's item tower gave it), written (tmp + fsync + rename +
+fsync of the folder) before the index is touched. So:
 - a crash between the sidecar and the upsert is repaired by `sync_additions` on the next load
   (rows of the own sidecar missing from the index are upserted from their stored vectors);
 - a rollback or a new publish knows about them: `sync_additions` also takes the items added to the
@@ -16,12 +17,8 @@ The next pipeline run trains on them only if the source's items table holds them
 """
 from __future__ import annotations
 
-import fcntl
 import math
 import os
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from itertools import count
 from pathlib import Path
@@ -30,15 +27,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from flows.errors import DataContractError, PublishError
-from flows.serving.bundles import BundleStore, fsync_tree
 from flows.serving.recommend import Recommender, coerce_id
+# The sidecar's format and lock belong to the store; imported here by name for this module's callers.
+from flows.serving.store import (  # noqa: F401
+    ADDITIONS_WAIT_S, BundleStore, catalog_ids, read_additions, sidecar_signature, write_additions,
+)
 
-ADDED_DIR = "added_items"
-LOCK_FILE = ".additions.lock"
-LOCK_WAIT_S = 30.0
 _SEQ = count()
 
 
@@ -100,69 +96,17 @@ def normalize_items(frame: pd.DataFrame, schema: dict[str, Any], where: str) -> 
     return out
 
 
-def read_additions(bundle_dir: Path) -> pd.DataFrame:
-    """Every row of a bundle's sidecar, oldest file first (item_id, features, vector)."""
-    files = sorted((Path(bundle_dir) / ADDED_DIR).glob("*.parquet"))
-    if not files:
-        return pd.DataFrame(columns=["item_id", "vector"])
-    return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
-
-
-def sidecar_signature(bundle_dir: Path) -> tuple[str, ...]:
-    """What the watcher compares to notice an addition made by another process."""
-    folder = Path(bundle_dir) / ADDED_DIR
-    return tuple(sorted(p.name for p in folder.glob("*.parquet"))) if folder.is_dir() else ()
-
-
-def catalog_ids(bundle_dir: Path) -> set[Any]:
-    """The bundle's catalog (items.parquet) and its added items: what events may refer to."""
-    ids = set(pq.read_table(Path(bundle_dir) / "items.parquet", columns=["item_id"]).column(0).to_pylist())
-    added = read_additions(bundle_dir)
-    return ids | set(added["item_id"].tolist())
-
-
-@contextmanager
-def additions_locked(published_dir: Path) -> Iterator[None]:
-    """One addition at a time across processes (the service and the CLI), so two cannot both add
-    the same id. Held for an encode and a few writes: wait for it (bounded)."""
-    Path(published_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(published_dir) / LOCK_FILE, "a+") as f:
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise PublishError(f"{published_dir}: another process has been adding items for "
-                                       f"{LOCK_WAIT_S:.0f} s; try again later") from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def additions_locked(published_dir: Path, wait_s: float = ADDITIONS_WAIT_S):  # noqa: ANN201
+    """One addition at a time across processes (BundleStore.additions_locked): a wait past wait_s
+    raises StoreBusy (a LockBusy: the service answers 503 with Retry-After)."""
+    return BundleStore(published_dir).additions_locked(wait_s)
 
 
 def _write_sidecar(bundle_dir: Path, items: pd.DataFrame, vectors: np.ndarray) -> Path:
-    folder = Path(bundle_dir) / ADDED_DIR
-    folder.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    path = folder / f"{stamp}-{os.getpid()}-{next(_SEQ)}.parquet"
     table = pa.Table.from_pandas(items.reset_index(drop=True), preserve_index=False).append_column(
         "vector", pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]))
-    tmp = folder / f".{path.name}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    fsync_tree(folder)   # the file and its name, before the index changes
-    return path
-
-
-def _payloads(rec: Recommender, items: pd.DataFrame) -> list[dict[str, Any]]:
-    from flows.serving.index import catalog_payloads
-
-    _, payloads = catalog_payloads(items, rec.schema.get("item_features", {}))
-    fields = rec.index.settings.fields    # the kinds the index was built with decide what is filterable
-    return [{k: v for k, v in p.items() if k in fields} for p in payloads]
+    return write_additions(bundle_dir, f"{stamp}-{os.getpid()}-{next(_SEQ)}", table)
 
 
 def _encode(rec: Recommender, items: pd.DataFrame) -> np.ndarray:
@@ -175,11 +119,11 @@ def _encode(rec: Recommender, items: pd.DataFrame) -> np.ndarray:
 
 
 def add_items(rec: Recommender, published_dir: Path, items: pd.DataFrame, known: set[Any],
-              upsert: bool = True) -> Path:
+              upsert: bool = True, lock_wait_s: float = ADDITIONS_WAIT_S) -> Path:
     """Encode normalized items with rec's item tower, record them in its sidecar, then upsert them
     into its index (upsert=False: the index is held by a running service, which picks them up).
     `known` (catalog + added ids) is updated. Ids already there raise DataContractError."""
-    with additions_locked(published_dir):
+    with additions_locked(published_dir, lock_wait_s):
         known |= set(read_additions(rec.bundle_dir)["item_id"].tolist())   # another process may have added
         taken = [i for i in items["item_id"].tolist() if i in known]
         if taken:
@@ -188,21 +132,9 @@ def add_items(rec: Recommender, published_dir: Path, items: pd.DataFrame, known:
         vectors = _encode(rec, items)
         path = _write_sidecar(rec.bundle_dir, items, vectors)
         if upsert:
-            rec.index.upsert(items["item_id"].tolist(), vectors, _payloads(rec, items))
+            rec.upsert_items(items, vectors)
         known |= set(items["item_id"].tolist())
     return path
-
-
-def sync_own_additions(rec: Recommender, own: pd.DataFrame | None = None) -> int:
-    """Upsert the rows of rec's own sidecar (`own`, read here when not given) that its index lacks
-    (a crash between the sidecar and the upsert, or a CLI addition while a service held the index);
-    returns how many."""
-    own = read_additions(rec.bundle_dir) if own is None else own
-    missing = own[[rec.index.vector_of(i) is None for i in own["item_id"].tolist()]] if len(own) else own
-    if len(missing):
-        vectors = np.stack(missing["vector"].to_numpy()).astype(np.float32)
-        rec.index.upsert(missing["item_id"].tolist(), vectors, _payloads(rec, missing.drop(columns="vector")))
-    return len(missing)
 
 
 def sync_additions(rec: Recommender, published_dir: Path, known: set[Any]) -> int:
@@ -210,7 +142,7 @@ def sync_additions(rec: Recommender, published_dir: Path, known: set[Any]) -> in
     returns how many items were upserted. `known` is updated."""
     with additions_locked(published_dir):   # index writes happen under it: readers may copy the index
         own = read_additions(rec.bundle_dir)
-        upserted = sync_own_additions(rec, own)
+        upserted = rec.sync_own_additions(own)
     known |= set(own["item_id"].tolist())
     store = BundleStore(published_dir)
     others = [read_additions(store.versions / v) for v in store.complete() if store.versions / v != rec.bundle_dir]
@@ -232,8 +164,8 @@ def add_items_file(published_dir: Path, path: Path) -> tuple[str, int, bool]:
     service holds the embedded index, only the sidecar is written and the service upserts it."""
     import json
 
-    from flows.serving.bundles import BUNDLE_JSON
     from flows.serving.events import read_frame
+    from flows.serving.store import BUNDLE_JSON
     from flows.serving.index import IndexInUse, IndexSettings, open_index
     from models.inference import load_bundle
 

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from flows.errors import ConfigError, DataContractError, PublishError
+from flows.serving.store import BUNDLE_JSON, BundleStore, model_digest, read_additions
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 CANONICAL_INT = re.compile(r"^-?(0|[1-9][0-9]*)$")
@@ -126,7 +127,6 @@ class Recommender:
         index held by another process (a running service) is searched in a private copy instead:
         the same vectors and the items added so far, at the cost of copying the folder."""
         from features.store import open_store
-        from flows.serving.bundles import BUNDLE_JSON, model_digest
         from flows.serving.index import IndexInUse, IndexSettings, open_index
         from models.inference import load_bundle
 
@@ -151,13 +151,11 @@ class Recommender:
             index, scratch = _open_copy(bundle_dir, meta["backend"], settings)
         rec = cls(bundle_dir, meta, schema, model, index, open_store(feast_dir, features_dir), scratch)
         if scratch is not None:
-            from flows.serving.items import sync_own_additions
-            sync_own_additions(rec)     # added by the CLI, not yet upserted by the service
+            rec.sync_own_additions()     # added by the CLI, not yet upserted by the service
         return rec
 
     @classmethod
     def load_live(cls, published_dir: Path, feast_dir: Path, features_dir: Path) -> "Recommender":
-        from flows.serving.bundles import BundleStore
         return cls.load(BundleStore(published_dir).live_dir(), feast_dir, features_dir)
 
     @property
@@ -214,6 +212,26 @@ class Recommender:
         cold = ~feats["known"].astype(bool).to_numpy()
         return [(u, bool(c), user_hits) for u, c, user_hits in zip(users, cold, hits)]
 
+    def upsert_items(self, items: pd.DataFrame, vectors: np.ndarray) -> None:
+        """Put items (item_id + feature columns) with their vectors into the index, with the payload
+        fields the index was built with (they decide what is filterable)."""
+        from flows.serving.index import catalog_payloads
+
+        _, payloads = catalog_payloads(items, self.schema.get("item_features", {}))
+        fields = self.index.settings.fields
+        self.index.upsert(items["item_id"].tolist(), vectors, [{k: v for k, v in p.items() if k in fields}
+                                                               for p in payloads])
+
+    def sync_own_additions(self, own: pd.DataFrame | None = None) -> int:
+        """Upsert the rows of this bundle's sidecar (`own`, read here when not given) that the index
+        lacks (a crash between the sidecar and the upsert, or a CLI addition while a service held the
+        index); returns how many."""
+        own = read_additions(self.bundle_dir) if own is None else own
+        missing = own[[self.index.vector_of(i) is None for i in own["item_id"].tolist()]] if len(own) else own
+        if len(missing):
+            self.upsert_items(missing.drop(columns="vector"), np.stack(missing["vector"].to_numpy()).astype(np.float32))
+        return len(missing)
+
     def similar(self, item_id: Any, k: int, filter: Mapping[str, Any] | None = None) -> pd.DataFrame:
         """Items nearest to an indexed item (itself left out): item_id, rank, score."""
         hits = self.index.similar(item_id, k, filter=filter)
@@ -235,11 +253,10 @@ def _open_copy(bundle_dir: Path, backend: str, settings: Any) -> tuple[Any, Path
     """The bundle's embedded index copied to a scratch folder (items are not being added while
     it is copied) and opened there."""
     from flows.serving.index import copy_storage, open_index
-    from flows.serving.items import additions_locked
 
     scratch = Path(tempfile.mkdtemp(prefix="towerflow-index-copy-"))
     try:
-        with additions_locked(bundle_dir.parent.parent):     # <published>/versions/<version>
+        with BundleStore.containing(bundle_dir).additions_locked():
             path = copy_storage(bundle_dir / "index", scratch)
         return open_index(backend, settings, path=path), scratch
     except BaseException:

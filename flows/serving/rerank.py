@@ -16,6 +16,7 @@ import pandas as pd
 
 from flows.errors import ConfigError, DataContractError, MissingStageInput
 from flows.serving.recommend import parse_id
+from flows.serving.store import RANKER_DIR, BundleStore
 
 if TYPE_CHECKING:
     from models.ranking.bundle import RankerBundle
@@ -25,8 +26,24 @@ PAIR_COLUMNS = ("user_id", "item_id")
 RERANK_COLUMNS = ["user_id", "item_id", "rank", "score", "retrieval_rank"]
 
 
+def load_bundle_ranker(bundle_dir: Path) -> RankerBundle:
+    """The ranker published in a bundle (its ranker/ folder): the one `rerank` serves with that
+    version, so a rollback brings back its own ranker."""
+    from models.errors import ModelNotFound
+    from models.ranking.bundle import load_ranker
+
+    folder = Path(bundle_dir) / RANKER_DIR
+    if not folder.is_dir():
+        raise MissingStageInput(f"version {Path(bundle_dir).name} was published without a ranker: run the rank "
+                                "stage first, then publish again (`towerflow run`)")
+    try:
+        return load_ranker(folder)
+    except ModelNotFound as exc:
+        raise MissingStageInput(f"version {Path(bundle_dir).name} has no usable ranker: {exc}") from exc
+
+
 def load_reranker(ranker_dir: Path) -> RankerBundle:
-    """The served ranker of the rank stage (paths.ranker)."""
+    """The rank stage's output (paths.ranker), for offline scoring (`towerflow rank score`)."""
     from models.errors import ModelNotFound
     from models.ranking.bundle import load_ranker
 
@@ -107,17 +124,16 @@ def rerank_answers(answers: list, ranker: RankerBundle, k: int) -> list:
 
 
 class RankerCache:
-    """The served ranker for a long-running service: loaded on first use, loaded again when the rank
-    stage writes a new one (its folder's newest modification time changes)."""
+    """The ranker of the served version for a long-running service: loaded from that version's
+    bundle on first use, and again when another version is live. Bundles are immutable, so a
+    loaded ranker never changes under a request (the rank stage writes its own output folder)."""
 
-    def __init__(self, ranker_dir: Path):
-        self.ranker_dir = ranker_dir
-        self._stamp: float | None = None
+    def __init__(self, published_dir: Path):
+        self.store = BundleStore(published_dir)
+        self._version: str | None = None
         self._ranker: RankerBundle | None = None
 
-    def get(self) -> RankerBundle:
-        files = list(self.ranker_dir.glob("*")) if self.ranker_dir.is_dir() else []
-        stamp = max((f.stat().st_mtime for f in files), default=None)
-        if self._ranker is None or stamp != self._stamp:
-            self._ranker, self._stamp = load_reranker(self.ranker_dir), stamp
+    def get(self, version: str) -> RankerBundle:
+        if self._ranker is None or version != self._version:
+            self._ranker, self._version = load_bundle_ranker(self.store.version_dir(version)), version
         return self._ranker

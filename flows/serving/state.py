@@ -27,14 +27,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from features.refresh import STATE_FILE as MATERIALIZED   # written when a materialization succeeded
 from flows.errors import TowerflowError
-from flows.serving.bundles import BundleStore
-from flows.serving.items import catalog_ids, sidecar_signature, sync_additions
+from flows.serving.items import sync_additions
 from flows.serving.recommend import Recommender
+from flows.serving.store import BundleStore, catalog_ids, sidecar_signature
 
 log = logging.getLogger("towerflow.serve")
 RETRY_AFTER_S = 5.0
-MATERIALIZED = "materialized.json"     # written by features/refresh.py when a materialization succeeded
 
 Loader = Callable[[Path, Path, Path], Recommender]
 
@@ -85,7 +85,7 @@ class LiveState:
 
     # --- loading --------------------------------------------------------------------------------
     def _load(self, version: str) -> Served:
-        bundle = self.store.versions / version
+        bundle = self.store.version_dir(version)
         rec = self.loader(bundle, self.feast_dir, self.features_dir)
         try:
             known = catalog_ids(bundle)

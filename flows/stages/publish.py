@@ -19,9 +19,8 @@ import pyarrow.parquet as pq
 
 from flows.errors import MissingStageInput, PublishError
 from flows.params import PublishParams
-from flows.serving.bundles import (
-    BUNDLE_JSON, MODEL_FILES, BundleStore, model_digest, version_name, write_atomic,
-)
+from flows.serving.bundles import open_store, version_name
+from flows.serving.store import MODEL_DIR, MODEL_FILES, RANKER_DIR, BundleStore, model_digest
 from flows.serving.index import IndexSettings, catalog_payloads, choose_backend, create_index, pause_point
 from flows.serving.index.qdrant_server import collection_name, server_url
 from flows.reports.live import bundle_reports, require_passed
@@ -31,11 +30,11 @@ REQUIRED_MODEL_FILES = ("model.pt", "encoder.json")
 # The stage's DVC output: what this run published. Not the bundles themselves, which rollbacks
 # change outside DVC; were they the output, `dvc repro` would see a rollback as a changed output
 # and publish again.
-LAST_PUBLISH = "last_publish.json"
 
 
 def publish(model_dir: Path, training_dir: Path, schema_path: Path, cfg: PublishParams,
-            published_dir: Path, seed: int = 0, reports_dir: Path | None = None) -> dict[str, Any]:
+            published_dir: Path, seed: int = 0, reports_dir: Path | None = None,
+            ranker_dir: Path | None = None) -> dict[str, Any]:
     """Encode training_dir/items.parquet with the model in model_dir and publish both as a bundle.
 
     Writes published_dir/versions/<version>/ (model/, schema.json, item_vectors.parquet,
@@ -46,15 +45,17 @@ def publish(model_dir: Path, training_dir: Path, schema_path: Path, cfg: Publish
     off live is refused. Any failure raises PublishError / MissingStageInput and leaves LIVE alone.
     With reports_dir (the pipeline's case), nothing is published unless reports_dir/gate.json says
     this run passed the gate, and the run's metrics, quality, gate decision and drift reference are
-    copied into the bundle: the next run's gate compares against them.
+    copied into the bundle: the next run's gate compares against them. ranker_dir (the rank stage's
+    output) is copied into the bundle's ranker/: `rerank` serves the ranker of the live version,
+    and a rollback brings back its own.
     """
     if reports_dir is not None:
         require_passed(reports_dir / "gate.json")
     items, schema = _inputs(model_dir, training_dir, schema_path)
-    store = BundleStore(published_dir)
+    store = open_store(published_dir)
     live = store.live()
     try:
-        return _publish(model_dir, training_dir, schema, items, cfg, store, seed, reports_dir)
+        return _publish(model_dir, training_dir, schema, items, cfg, store, seed, reports_dir, ranker_dir)
     except PublishError as exc:
         raise PublishError(f"publish refused: {exc}; the live version ({live or 'none'}) is unchanged") from exc
 
@@ -75,7 +76,8 @@ def _inputs(model_dir: Path, training_dir: Path, schema_path: Path) -> tuple[pd.
 
 
 def _publish(model_dir: Path, training_dir: Path, schema: dict[str, Any], items: pd.DataFrame,
-             cfg: PublishParams, store: BundleStore, seed: int, reports_dir: Path | None) -> dict[str, Any]:
+             cfg: PublishParams, store: BundleStore, seed: int, reports_dir: Path | None,
+             ranker_dir: Path | None) -> dict[str, Any]:
     from models.inference import load_bundle   # torch: only when a stage really publishes
 
     try:
@@ -91,7 +93,8 @@ def _publish(model_dir: Path, training_dir: Path, schema: dict[str, Any], items:
                              id_kind="keyword" if schema.get("item_id_dtype") == "string" else "integer",
                              hnsw_m=cfg.hnsw_m, hnsw_ef_construct=cfg.hnsw_ef_construct, search_ef=cfg.search_ef,
                              quantization=cfg.quantization, upsert_batch=cfg.upsert_batch)
-    digest = content_digest(model_dir, ids, vectors, payloads, backend, settings)
+    ranker_dir = ranker_dir if ranker_dir is not None and ranker_dir.is_dir() else None
+    digest = content_digest(model_dir, ids, vectors, payloads, backend, settings, ranker_dir)
 
     with store.locked():
         cleaned = store.clean_partials()
@@ -99,7 +102,7 @@ def _publish(model_dir: Path, training_dir: Path, schema: dict[str, Any], items:
         # A LIVE naming a deleted folder is replaced like any other: publishing is the repair.
         if live is not None and live in store.complete() and store.meta(live).get("digest") == digest:
             summary = {"action": "unchanged", "version": live, "backend": backend, "count": len(ids), "cleaned": cleaned}
-            write_atomic(store.root / LAST_PUBLISH, json.dumps(summary, indent=2) + "\n")
+            store.write_last_publish(summary)
             return summary
         version = store.find_digest(digest)   # e.g. a run killed before its switch
         undone = store.rolled_back_from(version) if version else None
@@ -113,7 +116,7 @@ def _publish(model_dir: Path, training_dir: Path, schema: dict[str, Any], items:
             version = version_name(digest)
             queries = user_sample(model, training_dir, schema, cfg.verify_users, seed)
             _build(store, version, model_dir, items, schema, vectors, payloads, queries, backend, settings,
-                   cfg, digest, live, reports_dir)
+                   cfg, digest, live, reports_dir, ranker_dir)
         pause_point("switch")
         previous = store.switch(version, "publish", f"{action} from {model_dir}")
         pruned = store.prune(cfg.keep_versions)
@@ -121,18 +124,23 @@ def _publish(model_dir: Path, training_dir: Path, schema: dict[str, Any], items:
     summary = {"action": action, "version": version, "previous": previous, "backend": backend,
             "count": meta["count"], "recall_at_100": meta["verification"].get("recall_at_100"),
             "pruned": pruned, "cleaned": cleaned}
-    write_atomic(store.root / LAST_PUBLISH, json.dumps(summary, indent=2) + "\n")
+    store.write_last_publish(summary)
     return summary
 
 
 def content_digest(model_dir: Path, ids: list, vectors: np.ndarray, payloads: list[dict], backend: str,
-                   settings: IndexSettings) -> str:
-    """What makes two bundles the same: model files, catalog ids, vectors, payloads and index settings."""
+                   settings: IndexSettings, ranker_dir: Path | None = None) -> str:
+    """What makes two bundles the same: model files, ranker files, catalog ids, vectors, payloads and
+    index settings."""
     h = hashlib.sha256()
     for name in MODEL_FILES:
         if (model_dir / name).is_file():
             h.update(name.encode())
             h.update((model_dir / name).read_bytes())
+    for path in sorted(ranker_dir.rglob("*")) if ranker_dir is not None else []:
+        if path.is_file():
+            h.update(f"{RANKER_DIR}/{path.relative_to(ranker_dir).as_posix()}".encode())
+            h.update(path.read_bytes())
     h.update(json.dumps(ids, default=str).encode())
     h.update(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
     h.update(json.dumps(payloads, sort_keys=True, default=str).encode())
@@ -160,13 +168,15 @@ def user_sample(model: Any, training_dir: Path, schema: dict[str, Any], n: int, 
 def _build(store: BundleStore, version: str, model_dir: Path, items: pd.DataFrame, schema: dict[str, Any],
            vectors: np.ndarray, payloads: list[dict], queries: np.ndarray, backend: str,
            settings: IndexSettings, cfg: PublishParams, digest: str, live: str | None,
-           reports_dir: Path | None = None) -> None:
+           reports_dir: Path | None = None, ranker_dir: Path | None = None) -> None:
     collection = collection_name(cfg.collection_prefix, version) if backend == "qdrant-server" else None
     partial = store.partial(version, {"backend": backend, "collection": collection})
     try:
         _write_files(partial, model_dir, items, schema, vectors)
         if reports_dir is not None:
             bundle_reports(reports_dir, partial)
+        if ranker_dir is not None:
+            shutil.copytree(ranker_dir, partial / RANKER_DIR)
         (partial / "index").mkdir()   # a server bundle keeps it empty: the collection is on the server
         index = create_index(backend, settings, path=partial / "index", collection=collection)
         try:
@@ -181,9 +191,9 @@ def _build(store: BundleStore, version: str, model_dir: Path, items: pd.DataFram
         meta = {"version": version, "digest": digest, "model_digest": model_digest(model_dir), "backend": backend,
                 "collection": collection, "alias": cfg.alias if collection else None, "count": len(ids),
                 "dim": settings.dim, "distance": "cosine", "item_id_dtype": schema.get("item_id_dtype"),
-                "settings": settings.to_dict(), "verification": figures, "created_at": _now(), "previous": live}
-        write_atomic(partial / BUNDLE_JSON, json.dumps(meta, indent=2, default=str) + "\n")
-        store.promote(partial, version)
+                "settings": settings.to_dict(), "verification": figures, "created_at": _now(), "previous": live,
+                "ranker": (partial / RANKER_DIR).is_dir()}
+        store.promote(partial, version, meta)
     except BaseException:
         # The build is not live and never will be: remove it now (a kill leaves it to the next run).
         store.clean_partials()
@@ -192,10 +202,10 @@ def _build(store: BundleStore, version: str, model_dir: Path, items: pd.DataFram
 
 def _write_files(folder: Path, model_dir: Path, items: pd.DataFrame, schema: dict[str, Any],
                  vectors: np.ndarray) -> None:
-    (folder / "model").mkdir()
+    (folder / MODEL_DIR).mkdir()
     for name in MODEL_FILES:
         if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, folder / "model" / name)
+            shutil.copy2(model_dir / name, folder / MODEL_DIR / name)
     (folder / "schema.json").write_text(json.dumps(schema, indent=2) + "\n")
     features = [c for cs in schema.get("item_features", {}).values() for c in cs if c in items.columns]
     items[["item_id", *features]].to_parquet(folder / "items.parquet", index=False)

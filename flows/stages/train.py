@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from flows.errors import DataContractError, MissingStageInput
+from flows.serving.store import BundleStore
 from models.checkpoint import load_model, save_model, save_warm_start
 from models.distributed import join_launched_group, spawn_fit
 from models.early_stopping import ValidationTask, carve, outside
@@ -192,13 +193,13 @@ def _live_model(train_cfg: TrainParams, published_dir: Path | None) -> tuple[_Li
     # stage reads them by name so that it does not depend on the whole params module
     if getattr(train_cfg, "update", "full") != "finetune":
         return None, None
-    # the layout of flows/serving/bundles.py (LIVE names the version; versions/<v>/model/), read here
-    # without importing the publishing code, which is not part of what decides the trained weights
-    live_file = published_dir / "LIVE" if published_dir is not None else None
-    if live_file is None or not live_file.is_file():
+    # read through the store (flows/serving/store.py: files only, no index or publishing code, which
+    # are not part of what decides the trained weights)
+    store = BundleStore(published_dir) if published_dir is not None else None
+    version = store.live() if store is not None else None
+    if version is None:
         return None, "no live bundle to fine-tune: trained in full"
-    version = json.loads(live_file.read_text())["version"]
-    model_dir = published_dir / "versions" / version / "model"
+    model_dir = store.model_dir(version)
     since = getattr(train_cfg, "since", None)
     if since is not None:
         cutoff, inclusive = pd.Timestamp(since), True

@@ -48,3 +48,12 @@ def test_a_stage_importing_an_experiment_breaks_the_contract(tmp_path):
     proc = _lint(project)
     assert proc.returncode != 0
     assert "flows.stages.evaluate -> flows.experiments.bench" in proc.stdout
+
+
+def test_an_import_circle_in_serving_breaks_the_contract(tmp_path):
+    project = _copy(tmp_path)
+    recommend = project / "flows" / "serving" / "recommend.py"
+    recommend.write_text(recommend.read_text() + "\nfrom flows.serving.items import add_items  # planted\n")
+    proc = _lint(project)
+    assert proc.returncode != 0
+    assert "flows.serving.recommend -> flows.serving.items" in proc.stdout

@@ -85,6 +85,9 @@ def test_flow_runs_every_stage_and_writes_every_declared_output(flow_project):
     assert bundle["verification"]["recall_at_100"] >= 0.95
     # the run's reports travel with the bundle: the next run's gate compares against them
     assert (root / "artifacts/published/versions" / live / "metrics.json").is_file()
+    # and so does the rank stage's ranker (`rerank=true` serves the live version's own), under digests
+    assert (root / "artifacts/published/versions" / live / "ranker/ranker.json").is_file()
+    assert "ranker/ranker.json" in bundle["files"] and "model/model.pt" in bundle["files"]
     assert (root / "reports/drift/window.html").stat().st_size > 1000
     assert json.loads((root / "reports/gate.json").read_text())["passed"] is True
     portal = (root / "reports/index.html").read_text()

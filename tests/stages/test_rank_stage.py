@@ -9,6 +9,7 @@ items with numeric features only, users without feature columns, and the truth i
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -151,13 +152,14 @@ def test_the_service_reranks_answers_like_the_cli(ranked: tuple[Path, dict]) -> 
     from flows.serving.rerank import RankerCache, rerank_answers
 
     root, _ = ranked
-    cache = RankerCache(root / "ranker")
-    assert cache.get() is cache.get()                             # loaded once
+    shutil.copytree(root / "ranker", root / "published" / "versions" / "v1" / "ranker", dirs_exist_ok=True)
+    cache = RankerCache(root / "published")
+    assert cache.get("v1") is cache.get("v1")                     # loaded once per served version
     answers = [(u, u == "u7", [(item, 1.0 - r / 100) for r, item in enumerate(range(30))]) for u in ("u1", "u7")]
-    out = rerank_answers(answers, cache.get(), k=5)
+    out = rerank_answers(answers, cache.get("v1"), k=5)
     recs = pd.DataFrame([(u, item, r + 1) for u, _, hits in answers for r, (item, _) in enumerate(hits)],
                         columns=["user_id", "item_id", "rank"])
-    cli = rerank(recs, cache.get(), k=5)
+    cli = rerank(recs, cache.get("v1"), k=5)
     for user, cold, hits in out:
         assert cold == (user == "u7") and len(hits) == 5
         assert [i for i, _ in hits] == cli.loc[cli["user_id"] == user, "item_id"].tolist()
@@ -207,7 +209,10 @@ def test_recommend_rerank_retrieves_the_depth_and_returns_k(ranked: tuple[Path, 
         def recommend(self, ids: list, k: int, exclude_seen: bool = True, filter: object = None) -> pd.DataFrame:
             return retrieve(ids, k, not exclude_seen)
 
-    monkeypatch.setattr("flows.serving.bundles.BundleStore.live_dir", lambda self: root / "ingested")
+    bundle = tmp_path / "versions" / "v1"          # the live bundle: its schema and its ranker
+    shutil.copytree(root / "ranker", bundle / "ranker")
+    shutil.copy2(root / "ingested" / "schema.json", bundle / "schema.json")
+    monkeypatch.setattr("flows.serving.store.BundleStore.live_dir", lambda self: bundle)
     monkeypatch.setattr("flows.serving.recommend.Recommender.load", classmethod(lambda cls, *a, **kw: Retrieval()))
     result = CliRunner().invoke(app, ["recommend", "--user-id", "u1", "--k", "4", "--rerank", "--rerank-depth", "30",
                                       "--params", str(_params_file(root))])

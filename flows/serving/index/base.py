@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 import operator
-import os
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from flows.durable import pause_point  # noqa: F401  (the fault tests' hook, used below and by publish)
 from flows.errors import TowerflowError
 
 ITEM_ID = "item_id"
@@ -39,16 +38,6 @@ class BadQuery(TowerflowError):
 class IndexInUse(TowerflowError):
     """An embedded index's storage is held by another process (one process at a time: a running
     service, usually). A reader can search a copy instead (`copy_storage`)."""
-
-
-def pause_point(name: str) -> None:
-    """Test hook for the fault tests: with TOWERFLOW_TEST_PAUSE_AT=<name> the process prints
-    `paused at <name>` and sleeps (TOWERFLOW_TEST_PAUSE_S, default 60 s) so that a test can SIGKILL
-    it at a known step. Names: `upsert` (after the first batch), `switch` (bundle complete, LIVE not
-    yet replaced). Unset, it costs one environment lookup."""
-    if os.environ.get("TOWERFLOW_TEST_PAUSE_AT") == name:
-        print(f"paused at {name}", flush=True)
-        time.sleep(float(os.environ.get("TOWERFLOW_TEST_PAUSE_S", "60")))
 
 
 @dataclass(frozen=True)
