@@ -66,15 +66,22 @@ def test_an_event_is_logged_pushed_and_changes_the_next_recommendation(service: 
 BAD_EVENTS = [
     ({"user_id": 1, "item_id": 99999}, 422, "events[0]: item_id 99999 is not in the live catalog"),
     ({"user_id": 1, "item_id": "{item}", "timestamp": "yesterday"}, 422,
-     "events[0]: timestamp 'yesterday' is neither ISO 8601 text nor unix seconds"),
+     "events[0].timestamp: timestamp 'yesterday' is neither ISO 8601 text nor unix seconds"),
     ({"user_id": 1, "item_id": "{item}", "timestamp": "03/04/2024 10:00"}, 422, "is neither ISO 8601"),
-    ({"user_id": 1, "item_id": "{item}", "timestamp": 100}, 422, "is before validate.timestamp_floor"),
-    ({"user_id": 1, "item_id": "{item}", "timestamp": "2200-01-01T00:00:00Z"}, 422, "is in the future"),
+    ({"user_id": 1, "item_id": "{item}", "timestamp": 100}, 422,
+     "events[0].timestamp: timestamp before validate.timestamp_floor (got 100)"),
+    ({"user_id": 1, "item_id": "{item}", "timestamp": "2200-01-01T00:00:00Z"}, 422,
+     "events[0].timestamp: timestamp in the future"),
     ({"user_id": 1, "item_id": "{item}", "timestamp": 1717236000000}, 422, "is out of range (unix seconds, not milli"),
     ({"user_id": "abc", "item_id": "{item}"}, 422, "events[0].user_id: 'abc' is not an int64 id"),
     ({"user_id": 1, "item_id": True}, 422, "events[0].item_id: True is not an int64 id"),
     ({"user_id": 1, "item_id": "{item}", "colour": "red"}, 422, "unknown field 'colour'"),
     ({"user_id": 1}, 422, "events[0].item_id: missing"),
+    # the contract's row rules (validation/rows.py), as the validate stage applies them
+    ({"user_id": 1, "item_id": "{item}", "weight": -1}, 422, "events[0].weight: negative weight (got -1)"),
+    ({"user_id": 1, "item_id": "{item}", "weight": "heavy"}, 422, "events[0].weight: 'heavy' is not a number"),
+    ({"user_id": 1, "item_id": "{item}", "rating": 99}, 422,
+     "events[0].rating: rating outside validate.rating_range [1.0, 5.0] (got 99)"),
 ]
 
 
