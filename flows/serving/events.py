@@ -20,7 +20,6 @@ user's row from the same old row (a lost update).
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from collections.abc import Container, Iterator
@@ -32,11 +31,9 @@ from typing import Any
 import pandas as pd
 
 from flows.errors import ConfigError, DataContractError
-from flows.sources.events_log import EVENT_COLUMNS, OPTIONAL_COLUMNS, check_events, read_log
+from flows.sources.events_log import EVENT_COLUMNS, OPTIONAL_COLUMNS, check_events, log_lock, read_log
 from flows.sources.normalize import coerce_id
 from validation.params import EventRules
-
-LOCK_FILE = ".lock"
 
 
 def read_frame(path: Path) -> pd.DataFrame:
@@ -118,13 +115,8 @@ class EventLog:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """One writer at a time across processes (the service and `towerflow events push`)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / LOCK_FILE, "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)   # held for milliseconds: waiting is right
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with log_lock(self.folder):
+            yield
 
     def append(self, events: pd.DataFrame) -> Path:
         """Write the events durably (call under `locked`); returns the file."""
@@ -189,3 +181,4 @@ def push_events_file(path: Path, published_dir: Path, feast_dir: Path, features_
     events = validate_events(read_frame(path), schema, catalog_ids(bundle), str(path), rules)
     log_path = record_events(events, open_store(feast_dir, features_dir), EventLog(events_dir), history_length)
     return len(events), int(events["user_id"].nunique()), log_path
+

@@ -16,8 +16,11 @@ the source's interactions so the next run trains on them:
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +36,7 @@ from validation.params import EventRules
 from validation.rows import fill_defaults, id_problem, parameters, row_problems
 
 EVENT_FILES = "events-*.jsonl"
+LOCK_FILE = ".lock"
 QUARANTINE = "events_quarantine.jsonl"
 CURSOR = "events_cursor.json"
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
@@ -55,6 +59,19 @@ def events_fingerprint(events_dir: Path | None) -> str:
         st = path.stat()
         h.update(f"{path.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+@contextmanager
+def log_lock(events_dir: Path) -> Iterator[None]:
+    """One writer of the log and the online rows it feeds at a time, across processes (the service,
+    `towerflow events push`, materialize's replay): none builds a user's row from a stale one."""
+    events_dir.mkdir(parents=True, exist_ok=True)
+    with open(events_dir / LOCK_FILE, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)   # held for milliseconds by a push: waiting is right
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @dataclass

@@ -35,7 +35,8 @@ def _materialize(p: Params, paths: PathsParams) -> dict[str, Any]:
                                docs_dir=paths.reports / "training_validation")
     return materialize(p.split, p.features, paths.ingested, features_dir=paths.features,
                        feast_dir=paths.feast, training_dir=paths.training, checks=checks,
-                       assets_cache=paths.cache / "vendor")
+                       assets_cache=paths.cache / "vendor", events_dir=p.serve.events_dir if p.data.events else None,
+                       rules=event_rules(p.data, p.validate, p.serve))
 
 
 def _sample(p: Params, paths: PathsParams) -> dict[str, Any]:

@@ -187,3 +187,46 @@ def test_a_finished_materialization_gives_the_service_a_fresh_online_store(proje
         assert state.served.rec.answer([user], 3)[0][1] is False      # still a known user
     finally:
         state.stop()
+
+
+def test_events_logged_after_ingest_survive_rematerialization_exactly_once(project: Path) -> None:
+    """A full rematerialization rebuilds the online store from the ingested tables: the events the
+    service logged after ingest (past its cursor) are replayed once, also when materialize runs again."""
+    from features.params import FeaturesParams
+    from features.store import open_store
+    from flows.params import DataParams, ServeParams, event_rules
+    from flows.serving.events import EventLog, record_events
+    from flows.sources.events_log import CURSOR
+    from flows.stages.materialize import materialize
+    from models.params import SplitParams
+    from validation.params import ValidateParams
+
+    (project / "data/ingested" / CURSOR).write_text('{"files": {}}\n')   # ingest read an empty log
+    user = known_users(project, 1)[0]
+    item = int(pd.read_parquet(project / "data/training/items.parquet")["item_id"].iloc[-1])
+    feast, features = project / "data/feast", project / "data/features"
+    before = online(open_store(feast, features), project, [user]).iloc[0]
+    events = pd.DataFrame({"user_id": [user, 424242], "item_id": [item, item],
+                           "timestamp": [pd.Timestamp.now(tz="UTC").floor("s")] * 2})
+    record_events(events, open_store(feast, features), EventLog(project / "data/events"), 10)
+    pushed = online(open_store(feast, features), project, [user, 424242])
+    rules = event_rules(DataParams(), ValidateParams(), ServeParams())
+
+    def rematerialize(replay: bool, full: bool = True) -> dict:
+        if full:
+            (feast / "materialized.json").unlink()             # as a changed definition does: a full rebuild
+        return materialize(SplitParams(), FeaturesParams(history_length=10), project / "data/ingested", features,
+                           feast, project / "data/training", events_dir=project / "data/events" if replay else None,
+                           rules=rules)
+
+    for full in (True, True, False):        # again, and with the rows still online: never added up
+        summary = rematerialize(replay=True, full=full)
+        assert summary["online_materialization"] == ("full" if full else "unchanged")
+        assert summary["events_replayed"] == {"replayed": 2, "users": 2, "skipped": 0}
+        rows = online(open_store(feast, features), project, [user, 424242])
+        for col in ("recent_items", "seen_items", "interactions_total", "interactions_30d", "known"):
+            assert rows[col].tolist() == pushed[col].tolist(), col
+    assert rows["interactions_total"].iloc[0] == before["interactions_total"] + 1
+    rematerialize(replay=False)                                  # what a run did before: the events vanish
+    rows = online(open_store(feast, features), project, [user, 424242])
+    assert rows["known"].tolist() == [True, False] and rows["recent_items"].iloc[0] == before["recent_items"]
