@@ -94,9 +94,10 @@ def validate_events(frame: pd.DataFrame, schema: dict[str, Any], known_items: Co
         if problem is not None:
             column, what = problem.split(": ", 1)
             given = frame[column].iloc[i] if column in frame.columns else None
-            got = "" if repr(given) in what else f" (got {given!r})"
+            missing = given is None or (isinstance(given, float) and given != given)
+            got = " (missing)" if missing else "" if repr(given) in what else f" (got {given!r})"
             hint = ("; the source's interactions have ratings: send one, or set data.event_rating to the "
-                    "rating an event without one gets" if column == "rating" and pd.isna(given) else "")
+                    "rating an event without one gets" if column == "rating" and missing else "")
             raise DataContractError(f"{where}[{i}].{column}: {what}{got}{hint}")
     for i, item in enumerate(events["item_id"]):
         if item not in known_items:

@@ -230,3 +230,32 @@ def test_events_logged_after_ingest_survive_rematerialization_exactly_once(proje
     rematerialize(replay=False)                                  # what a run did before: the events vanish
     rows = online(open_store(feast, features), project, [user, 424242])
     assert rows["known"].tolist() == [True, False] and rows["recent_items"].iloc[0] == before["recent_items"]
+
+
+def test_the_door_fills_the_documented_defaults_and_the_source_rating_rule() -> None:
+    """What is logged is what validate accepts: weight 1.0, the rating the source's rule gives (or a
+    refusal when it gives none), a timestamp within the clock-skew tolerance logged as the server's."""
+    from flows.errors import DataContractError
+    from flows.params import DataParams, ServeParams, event_rules
+    from flows.serving.events import validate_events
+    from validation.params import ValidateParams
+
+    schema = {"user_id_dtype": "int64", "item_id_dtype": "int64", "has_rating": True}
+    soon = (pd.Timestamp.now(tz="UTC") + pd.Timedelta(seconds=60)).isoformat()
+    frame = pd.DataFrame([{"user_id": 1, "item_id": 7, "timestamp": "2026-11-28T01:00:00Z"},
+                          {"user_id": 2, "item_id": 7, "timestamp": soon, "weight": 0.5, "rating": 2}], dtype=object)
+    demo = event_rules(DataParams(), ValidateParams(), ServeParams())
+    got = validate_events(frame, schema, {7}, "events", demo)
+    assert got["weight"].tolist() == [1.0, 0.5] and got["rating"].tolist() == [4.0, 2.0]
+    assert got["timestamp"].iloc[1] <= pd.Timestamp.now(tz="UTC")            # clamped to the server's clock
+
+    own = event_rules(DataParams(source="/data/shop"), ValidateParams(), ServeParams())
+    try:
+        validate_events(frame, schema, {7}, "events", own)
+        raise AssertionError("an event without a rating was accepted for a source that requires one")
+    except DataContractError as exc:
+        assert str(exc).startswith("events[0].rating: null values (missing); the source's interactions have ratings")
+    filled = event_rules(DataParams(source="/data/shop", event_rating=3.0), ValidateParams(), ServeParams())
+    assert validate_events(frame, schema, {7}, "events", filled)["rating"].tolist() == [3.0, 2.0]
+    no_ratings = validate_events(frame, {**schema, "has_rating": False}, {7}, "events", own)
+    assert "rating" not in no_ratings.columns                                # the source has none to fill
