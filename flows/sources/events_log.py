@@ -51,13 +51,15 @@ def event_files(events_dir: Path | None) -> list[Path]:
     return sorted(events_dir.glob(EVENT_FILES))
 
 
-def events_fingerprint(events_dir: Path | None) -> str:
-    """Names, sizes and modification times of the log files (as SourceFiles.fingerprint does for the
-    source): changes when the service appends, without reading the events."""
+def events_fingerprint(events_dir: Path | None, sizes: dict[str, int] | None = None) -> str:
+    """Names and sizes of the log files (as SourceFiles.fingerprint does for the source): changes when
+    the service appends, without reading the events. `sizes`: the sizes a reader saw (LogRead.seen),
+    so an append made while ingest ran still counts as new next time."""
+    if sizes is None:
+        sizes = {path.name: path.stat().st_size for path in event_files(events_dir)}
     h = hashlib.sha256()
-    for path in event_files(events_dir):
-        st = path.stat()
-        h.update(f"{path.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for name, size in sorted(sizes.items()):
+        h.update(f"{name}|{size}\n".encode())
     return h.hexdigest()
 
 
@@ -81,6 +83,7 @@ class LogRead:
     rows: list[dict[str, Any]] = field(default_factory=list)
     bad: list[dict[str, Any]] = field(default_factory=list)       # quarantine records
     cursor: dict[str, int] = field(default_factory=dict)         # file name -> bytes consumed
+    seen: dict[str, int] = field(default_factory=dict)           # file name -> bytes read (a torn tail too)
 
 
 def read_log(events_dir: Path | None, since: dict[str, int] | None = None) -> LogRead:
@@ -92,7 +95,7 @@ def read_log(events_dir: Path | None, since: dict[str, int] | None = None) -> Lo
             f.seek(start)
             data = f.read()
         complete = data.rfind(b"\n") + 1
-        out.cursor[path.name] = start + complete
+        out.cursor[path.name], out.seen[path.name] = start + complete, start + len(data)
         offset = start
         for raw in data[:complete].split(b"\n")[:-1]:
             _line(out, path.name, offset, raw)
@@ -171,6 +174,7 @@ class EventRows:
     unknown: int               # events of a user or item the source does not have, dropped
     quarantined: int = 0       # lines and events that break the contract: in QUARANTINE, with the reason
     cursor: dict[str, int] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)
     quarantine: tuple[dict[str, Any], ...] = ()
 
     def summary(self) -> dict[str, int]:
@@ -190,7 +194,7 @@ def append_events(interactions: pa.Table, users: pa.Table, items: pa.Table, even
     """interactions + the logged events that meet the contract (see the module docstring)."""
     log = read_log(events_dir)
     if not log.rows and not log.bad:
-        return EventRows(interactions, 0, 0, 0, 0, cursor=log.cursor)
+        return EventRows(interactions, 0, 0, 0, 0, cursor=log.cursor, seen=log.seen)
     schema = _source_schema(interactions)
     raw = pd.DataFrame(log.rows)
     typed, problems = (check_events(raw, schema, rules, datetime.now(timezone.utc)) if len(raw)
@@ -215,7 +219,7 @@ def append_events(interactions: pa.Table, users: pa.Table, items: pa.Table, even
     return EventRows(pa.concat_tables([interactions, added]), read=len(log.rows) + len(log.bad),
                      added=added.num_rows, duplicates=kept.num_rows - added.num_rows,
                      unknown=events.num_rows - kept.num_rows, quarantined=len(quarantine),
-                     cursor=log.cursor, quarantine=tuple(quarantine))
+                     cursor=log.cursor, seen=log.seen, quarantine=tuple(quarantine))
 
 
 def write_events_state(events: EventRows, out_dir: Path) -> None:

@@ -45,11 +45,13 @@ def check_source(data: DataParams) -> None:
 SOURCE_STATE = "source.json"
 
 
-def record_source(cache_dir: Path, files: SourceFiles, events_dir: Path | None = None) -> None:
-    """Remember which source files (and serving events) the ingested tables came from (outside DVC's
-    outputs, so a touched but identical source re-ingests without changing anything downstream)."""
+def record_source(cache_dir: Path, files: SourceFiles, events_dir: Path | None = None,
+                  events_seen: dict[str, int] | None = None) -> None:
+    """Remember which source files (and serving events: the log sizes ingest read) the ingested tables
+    came from (outside DVC's outputs, so a touched but identical source re-ingests without changing
+    anything downstream)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    state = {"fingerprint": files.fingerprint(), "events": events_fingerprint(events_dir)}
+    state = {"fingerprint": files.fingerprint(), "events": events_fingerprint(events_dir, events_seen)}
     (cache_dir / SOURCE_STATE).write_text(json.dumps(state) + "\n")
 
 
@@ -111,7 +113,7 @@ def ingest(data: DataParams, sim: SimulatorParams, seed: int, cache_dir: Path, o
         _swap(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    record_source(cache_dir, files, events_dir if data.events else None)
+    record_source(cache_dir, files, events_dir if data.events else None, events.seen if data.events else None)
     if events.quarantined:   # never fatal: the run goes on with the events that meet the contract
         log.warning("ingest: %d event line(s) broke the contract and were quarantined (%s): %s",
                     events.quarantined, out_dir / QUARANTINE, events.quarantine[0]["reason"])

@@ -219,3 +219,23 @@ def test_incremental_bench_cli_names_the_missing_examples(tmp_path):
                                 catch_exceptions=False)
     assert result.exit_code == 1
     assert "examples.parquet: not found; run the materialize stage first" in result.output
+
+
+def test_an_event_logged_while_ingest_runs_is_new_for_the_next_run(source, tmp_path, monkeypatch):
+    import flows.stages.ingest as stage
+
+    data = DataParams(source=str(source), ranking_logs="none", event_rating=4.0)
+    cache, out, events = tmp_path / "cache", tmp_path / "ingested", tmp_path / "events"
+    known = pd.read_parquet(source / "interactions.parquet").iloc[0]
+    row = {"user_id": int(known.user_id), "item_id": int(known.item_id), "timestamp": "2026-01-01T00:00:00Z"}
+    _log_events(events, [row])
+    read = stage.append_events
+
+    def read_then_the_service_appends(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        rows = read(*args, **kwargs)
+        _log_events(events, [{**row, "timestamp": "2026-01-02T00:00:00Z"}])
+        return rows
+
+    monkeypatch.setattr(stage, "append_events", read_then_the_service_appends)
+    assert ingest(data, SIM, 0, cache, out, events_dir=events)["events"]["added"] == 1
+    assert source_changed(data, cache, events)        # the second event is not in the tables yet
