@@ -199,9 +199,11 @@ def append_events(interactions: pa.Table, users: pa.Table, items: pa.Table, even
     raw = pd.DataFrame(log.rows)
     typed, problems = (check_events(raw, schema, rules, datetime.now(timezone.utc)) if len(raw)
                        else (raw, pd.Series([], dtype=object)))
-    quarantine = [*log.bad, *({"file": raw.at[i, "_file"], "byte": int(raw.at[i, "_byte"]), "reason": problems[i],
-                               "event": {k: v for k, v in log.rows[i].items() if not k.startswith("_")}}
-                              for i in problems.index[problems.notna()])]
+    quarantine = sorted([*log.bad, *({"file": raw.at[i, "_file"], "byte": int(raw.at[i, "_byte"]),
+                                      "reason": problems[i],
+                                      "event": {k: v for k, v in log.rows[i].items() if not k.startswith("_")}}
+                                     for i in problems.index[problems.notna()])],
+                        key=lambda r: (r["file"], r["byte"]))     # in log order
     good = typed[problems.isna()].reset_index(drop=True) if len(raw) else typed
     if len(good):   # the log keeps microseconds, as the contract's timestamp[us, UTC]
         good["timestamp"] = good["timestamp"].dt.floor("us")
