@@ -19,7 +19,8 @@ TIMESTAMP = pa.timestamp("us", tz="UTC")
 # Canonical decimal integers only: "007" stays a string id so that ids are kept exactly as given.
 _CANONICAL_INT = r"^-?(0|[1-9][0-9]{0,17})$"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-CANONICAL_INT = re.compile(r"^-?(0|[1-9][0-9]{0,18})$")    # 19 digits at most: int() stays cheap
+# At most 40 digits: longer text is no int64 id, and int() of thousands of digits is slow or refused.
+CANONICAL_INT = re.compile(r"^-?(0|[1-9][0-9]{0,39})$")
 NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 
 
