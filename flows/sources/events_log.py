@@ -78,7 +78,7 @@ def log_lock(events_dir: Path) -> Iterator[None]:
 
 @dataclass
 class LogRead:
-    """The log's lines from a cursor on: JSON objects (with file and line) and lines that are not."""
+    """The log's lines: JSON objects (with their file and byte offset) and lines that are not."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     bad: list[dict[str, Any]] = field(default_factory=list)       # quarantine records
@@ -86,22 +86,19 @@ class LogRead:
     seen: dict[str, int] = field(default_factory=dict)           # file name -> bytes read (a torn tail too)
 
 
-def read_log(events_dir: Path | None, since: dict[str, int] | None = None) -> LogRead:
-    """Every complete line after `since` (file name -> bytes already consumed; None: from the start)."""
+def read_log(events_dir: Path | None) -> LogRead:
+    """Every line of the log, oldest file first; the cursor stops before a torn trailing line."""
     out = LogRead()
     for path in event_files(events_dir):
-        start = (since or {}).get(path.name, 0)
-        with open(path, "rb") as f:
-            f.seek(start)
-            data = f.read()
+        data = path.read_bytes()
         complete = data.rfind(b"\n") + 1
-        out.cursor[path.name], out.seen[path.name] = start + complete, start + len(data)
-        offset = start
+        out.cursor[path.name], out.seen[path.name] = complete, len(data)
+        offset = 0
         for raw in data[:complete].split(b"\n")[:-1]:
             _line(out, path.name, offset, raw)
             offset += len(raw) + 1
         if complete < len(data):
-            out.bad.append({"file": path.name, "byte": start + complete, "reason": TORN,
+            out.bad.append({"file": path.name, "byte": complete, "reason": TORN,
                             "text": data[complete:complete + 200].decode("utf-8", "replace")})
     return out
 
