@@ -59,7 +59,8 @@ class FeatureKinds(Section):
 
 class DemoChecks(Section):
     """Checks that hold for the demo (MovieLens-100K rates 1-5 stars), not for every source in the
-    contract: applied by `validate_for_source` only when `data.source` is "demo"."""
+    contract: applied by `validate_for_source` only when `data.source` is "demo"; and the demo's rule
+    for an event without a rating (`event_rules`)."""
 
     rating_range: tuple[float, float] | None = (1.0, 5.0)
     rating_mean: tuple[float, float] | None = (2.5, 4.5)
