@@ -154,11 +154,44 @@ def event_rows(store: "FeatureStore", events: pd.DataFrame, history_length: int
     - dated `timestamp + 1 s` like the offline "now" row, and always after the current row: a
       late event (older than the user's latest) still wins over the row it extends.
     """
-    view = store.get_feature_view(USER_HISTORY_FV, allow_registry_cache=True)
-    counts = [f.name for f in view.features if is_count_column(f.name)]
+    counts = behaviour_counts(store)
+    ordered = events.sort_values([USER_KEY, "timestamp", "item_id"], kind="mergesort")
+    current = _current_rows(store, list(dict.fromkeys(ordered[USER_KEY].tolist())), counts)
+    return _extend(current, ordered, counts, history_length)
+
+
+def replay_rows(store: "FeatureStore", events: pd.DataFrame, offline: pd.DataFrame, history_length: int,
+                windows: tuple[int, ...]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`event_rows` built on each user's offline "now" row (from `offline`: the materialized
+    interactions of these users) instead of the online one, so replaying the same events again gives
+    the same rows (exactly once, whatever was pushed in between); dated after the online rows too."""
+    from features.history import history_rows, seen_rows
+
+    counts = behaviour_counts(store)
     ordered = events.sort_values([USER_KEY, "timestamp", "item_id"], kind="mergesort")
     keys = list(dict.fromkeys(ordered[USER_KEY].tolist()))
-    current = _current_rows(store, keys, counts)
+    online = _current_rows(store, keys, counts)
+    base = {k: {"recent": [], "seen": [], "counts": {c: 0 for c in counts}, "at": None} for k in keys}
+    mine = offline[offline[USER_KEY].isin(keys)]
+    if len(mine):
+        hist = history_rows(mine, history_length, windows).to_pandas()
+        now = hist.sort_values(TIMESTAMP_FIELD, kind="mergesort").groupby(USER_KEY, sort=False).tail(1)
+        seen = seen_rows(mine).to_pandas().set_index(USER_KEY)[SEEN_ITEMS]
+        for row in now.to_dict("records"):
+            base[row[USER_KEY]] = {"recent": list(row[RECENT_ITEMS]), "seen": list(seen[row[USER_KEY]]),
+                                   "counts": {c: int(row.get(c) or 0) for c in counts},
+                                   "at": pd.Timestamp(row[TIMESTAMP_FIELD]).tz_convert("UTC")}
+    history, seen_out = _extend(base, ordered, counts, history_length)
+    latest = [online[k]["at"] for k in history[USER_KEY]]
+    stamps = [max(at, prev + timedelta(microseconds=1)) if prev is not None else at
+              for at, prev in zip(history[TIMESTAMP_FIELD], latest)]
+    history[TIMESTAMP_FIELD] = seen_out[TIMESTAMP_FIELD] = stamps
+    return history, seen_out
+
+
+def _extend(current: dict[Any, dict[str, Any]], ordered: pd.DataFrame, counts: list[str], history_length: int
+            ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each user's row (`current`: recent, seen, counts, at) after their events (see event_rows)."""
     history, seen = [], []
     for key, group in ordered.groupby(USER_KEY, sort=False):
         row = current[key]

@@ -25,7 +25,7 @@ from models.params import (
     TrainParams,
 )
 from models.ranking.params import RankParams
-from validation.params import ValidateParams
+from validation.params import EventRules, ValidateParams
 
 
 class BaseParams(Section):
@@ -59,10 +59,13 @@ class FeatureKinds(Section):
 
 class DemoChecks(Section):
     """Checks that hold for the demo (MovieLens-100K rates 1-5 stars), not for every source in the
-    contract: applied by `validate_for_source` only when `data.source` is "demo"."""
+    contract: applied by `validate_for_source` only when `data.source` is "demo"; and the demo's rule
+    for an event without a rating (`event_rules`)."""
 
     rating_range: tuple[float, float] | None = (1.0, 5.0)
     rating_mean: tuple[float, float] | None = (2.5, 4.5)
+    # a real-time event without a rating (a click, a view) counts as MovieLens-100K's median rating
+    event_rating: float | None = 4.0
 
 
 class DataParams(Section):
@@ -74,6 +77,9 @@ class DataParams(Section):
     demo: DemoChecks = DemoChecks()
     # append the serving API's logged events (serve.events_dir/events-*.jsonl) to the interactions
     events: bool = True
+    # an event without a rating, for a source whose interactions have ratings: "required" (refused
+    # at the door) or the rating it gets; null: the source's rule (the demo: data.demo.event_rating)
+    event_rating: float | Literal["required"] | None = None
 
 
 class TrainSection(TrainParams):
@@ -204,8 +210,18 @@ def validate_for_source(data: DataParams, validate: ValidateParams) -> ValidateP
     (null); a value set in validate always wins. Other sources get validate as it is."""
     if data.source != "demo":
         return validate
-    demo = {k: v for k, v in data.demo if getattr(validate, k) is None and v is not None}
+    demo = {k: v for k, v in data.demo if k in ValidateParams.model_fields and getattr(validate, k) is None
+            and v is not None}
     return validate.model_copy(update=demo) if demo else validate
+
+
+def event_rules(data: DataParams, validate: ValidateParams, serve: "ServeParams") -> EventRules:
+    """The contract's per-row rules for real-time events, as the door and ingest apply them."""
+    fill = data.event_rating
+    if fill is None:
+        fill = data.demo.event_rating if data.source == "demo" else "required"
+    return EventRules(validate_for_source(data, validate), None if fill == "required" else float(fill),
+                      serve.future_tolerance_s)
 
 
 # `validate` (the section's name in params.yaml and dvc.yaml) shadows pydantic's deprecated

@@ -86,5 +86,7 @@ def validate_contract(validate_cfg: ValidateParams, schema: dict[str, Any], sour
     started = time.perf_counter() if started is None else started
     counts = {t: s.rows for t, s in sources.items()}
     checks = [*table_checks(validate_cfg, schema, sources), volume_check(counts)]
+    # the events ingest added and quarantined (schema.json), shown beside the verdict (portal, run summary)
+    extra = {"events": schema["events"]} if isinstance(schema.get("events"), dict) else None
     return run_gate(validate_cfg, checks, counts, context_root, SITE, docs_dir, summary_path,
-                    started=started)
+                    started=started, extra=extra)

@@ -28,7 +28,7 @@ log = logging.getLogger("towerflow.validate")
 def run_gate(validate_cfg: ValidateParams, checks: list[Check], counts: dict[str, int],
              context_root: Path, site: str, docs_dir: Path, summary_path: Path,
              parameters: dict[str, Any] | None = None, started: float | None = None,
-             what: str = "validation") -> dict[str, Any]:
+             what: str = "validation", extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run `checks`; write docs_dir/ (Data Docs, always) and summary_path; return the summary.
 
     counts: the row count of each table whose volume is checked against the previous run that passed
@@ -43,7 +43,7 @@ def run_gate(validate_cfg: ValidateParams, checks: list[Check], counts: dict[str
                                         context_root, site, docs_dir)
     for table, rows in counts.items():
         stats.setdefault(table, {})["rows"] = rows
-    summary = summarize(stats, failures, index, started)
+    summary = {**summarize(stats, failures, index, started), **(extra or {})}   # extra: e.g. ingest's events
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if summary["success"]:

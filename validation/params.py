@@ -4,6 +4,7 @@ Kept free of great_expectations imports so that loading params.yaml stays fast.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Any, Literal
 
@@ -74,3 +75,14 @@ class ValidateParams(Section):
         _pair(self.rating_mean, "rating_mean")
         _pair(self.categorical_cardinality, "categorical_cardinality")
         return self
+
+
+@dataclass(frozen=True)
+class EventRules:
+    """What an event must meet beyond the ids: the validate section in force for this source
+    (flows/params.validate_for_source), the rating an event without one gets (None: it must carry
+    one, when the source has ratings) and the clock skew tolerated at the door."""
+
+    validate: ValidateParams
+    rating_fill: float | None = None
+    future_tolerance_s: float = 0.0

@@ -18,11 +18,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from validation.batches import Derived, Source, UniqueKey, duplicate_hashes
 from validation.params import ValidateParams
+from validation.rows import (
+    NULL_PROBLEM,
+    TIMESTAMP_BOUNDS,
+    Bound,
+    finite,
+    id_problem,
+    interaction_bounds,
+    interaction_columns,
+    parameters,
+)
 
 TABLES = ("users", "items", "interactions", "ranking_logs")
 STAGES = ["retrieved", "ranked", "shown"]
@@ -33,7 +42,6 @@ INT_TYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "ui
              "Int8Dtype", "Int16Dtype", "Int32Dtype", "Int64Dtype"]
 NUMERIC_TYPES = INT_TYPES + ["float32", "float64", "Float32Dtype", "Float64Dtype"]
 STRING_TYPES = ["object", "str", "StringDtype"]
-FLOAT_MAX = float(np.finfo(np.float64).max)    # the bounds of a finite float64
 ID_TYPES = {"int64": ["int64", "Int64Dtype"], "string": STRING_TYPES}
 
 # Which id columns must exist in which table: (table, id column) -> parent table.
@@ -95,22 +103,25 @@ class Expect:
         return [self("ExpectColumnToExist", c, "columns", "required column is missing") for c in columns]
 
     def not_null(self, columns: list[str], check: str = "keys") -> list:
-        return [self("ExpectColumnValuesToNotBeNull", c, check, "null values") for c in columns]
+        return [self("ExpectColumnValuesToNotBeNull", c, check, NULL_PROBLEM) for c in columns]
 
     def id_type(self, column: str, kind: str) -> Any:
-        return self("ExpectColumnValuesToBeInTypeList", column, "columns",
-                    f"ids must be {kind} (schema.json)", type_list=ID_TYPES[kind])
+        return self("ExpectColumnValuesToBeInTypeList", column, "columns", id_problem(kind),
+                    type_list=ID_TYPES[kind])
+
+    def bound(self, rule: Bound) -> Any:
+        """A row rule of validation/rows.py; a named bound is a suite parameter."""
+        value = lambda v: {"$PARAMETER": v} if isinstance(v, str) else v  # noqa: E731
+        limits = {k: value(v) for k, v in (("min_value", rule.min_value), ("max_value", rule.max_value))
+                  if v is not None}
+        return self("ExpectColumnValuesToBeBetween", rule.column, rule.check, rule.problem, **limits)
 
     def numeric(self, column: str) -> Any:
         return self("ExpectColumnValuesToBeInTypeList", column, "columns", "must be numeric",
                     type_list=NUMERIC_TYPES)
 
     def finite(self, column: str) -> Any:
-        """±inf is an error (check "finite": not in validate.severity, so never only a warning): it
-        passes the type and null checks but turns every mean, norm and gradient downstream into NaN.
-        NaN itself is a null, counted by the null checks (GX skips nulls in range checks)."""
-        return self("ExpectColumnValuesToBeBetween", column, "finite", "non-finite value (inf or -inf)",
-                    min_value=-FLOAT_MAX, max_value=FLOAT_MAX)
+        return self.bound(finite(column))     # NaN is a null: counted by the null checks
 
     def known(self, table: str, column: str, parent: str) -> Any:
         key = "user_id" if parent == "users" else "item_id"
@@ -125,12 +136,7 @@ class Expect:
                           f"occurs more than once, null elsewhere.")
 
     def timestamps(self, column: str) -> list:
-        return [
-            self("ExpectColumnValuesToBeBetween", column, "values",
-                 "timestamp in the future (or not tz-aware UTC)", max_value={"$PARAMETER": "now"}),
-            self("ExpectColumnValuesToBeBetween", column, "values",
-                 "timestamp before validate.timestamp_floor", min_value={"$PARAMETER": "floor"}),
-        ]
+        return [self.bound(Bound(column, b.problem, b.min_value, b.max_value, b.check)) for b in TIMESTAMP_BOUNDS]
 
     def null_share(self, columns: list[str], validate_cfg: ValidateParams) -> list:
         return [self("ExpectColumnValuesToNotBeNull", c, "distribution",
@@ -152,7 +158,7 @@ def features(schema: dict[str, Any], side: str) -> dict[str, list[str]]:
 
 def suite_parameters(now: datetime, validate_cfg: ValidateParams) -> dict[str, Any]:
     """Run-time values of the suites' parameters: `now` must be tz-aware (timestamps are UTC)."""
-    return {"now": now, "floor": validate_cfg.timestamp_floor}
+    return parameters(now, validate_cfg)
 
 
 def build_suites(schema: dict[str, Any], validate_cfg: ValidateParams) -> dict[str, list]:
@@ -169,20 +175,15 @@ def build_suites(schema: dict[str, Any], validate_cfg: ValidateParams) -> dict[s
 
     uid, iid = schema["user_id_dtype"], schema["item_id_dtype"]
     rating = ["rating"] if schema.get("has_rating") else []
-    rating_range = [] if not rating or validate_cfg.rating_range is None else [
-        e("ExpectColumnValuesToBeBetween", "rating", "values",
-          f"rating outside validate.rating_range {list(validate_cfg.rating_range)}",
-          min_value=validate_cfg.rating_range[0], max_value=validate_cfg.rating_range[1])]
+    # the row rules (validation/rows.py) are the ones the door and ingest apply to real-time events
     interactions = [
-        *e.exists(["user_id", "item_id", "timestamp", "weight", *rating]),
+        *e.exists(interaction_columns(schema)),
         e("ExpectTableRowCountToBeBetween", None, "values", "no interactions", min_value=1),
-        *e.not_null(["user_id", "item_id", "timestamp", "weight", *rating]),
+        *e.not_null(interaction_columns(schema)),
         e.id_type("user_id", uid), e.id_type("item_id", iid),
         e.known("interactions", "user_id", "users"), e.known("interactions", "item_id", "items"),
-        *e.timestamps("timestamp"),
-        e.numeric("weight"), e.finite("weight"),
-        e("ExpectColumnValuesToBeBetween", "weight", "values", "negative weight", min_value=0),
-        *[e.numeric(c) for c in rating], *[e.finite(c) for c in rating], *rating_range,
+        e.numeric("weight"), *[e.numeric(c) for c in rating],
+        *[e.bound(b) for b in interaction_bounds(schema, validate_cfg)],
         e.unique(UNIQUE["interactions"], "user_id",
                  f"more than {validate_cfg.max_duplicate_share:.0%} of rows repeat another row's "
                  "(user_id, item_id, timestamp)", mostly=1 - validate_cfg.max_duplicate_share),

@@ -100,6 +100,7 @@ def _print_summary(runs, params, root: Path, total: float) -> None:  # noqa: ANN
     served = BundleStore(root / paths.published).live() or "nothing published yet"
     typer.echo(f"live:     {served} ({paths.published}; `towerflow index list`)")
     typer.echo(f"metrics:  {paths.reports / 'metrics.json'}")
+    _print_events(root / paths.ingested)
     typer.echo(f"review:   {paths.reports / 'index.html'} (one offline page: data checks, quality, drift, "
                f"gate, curves, what was published)")
     if any(r.ran for r in runs):
@@ -112,6 +113,19 @@ def _print_summary(runs, params, root: Path, total: float) -> None:  # noqa: ANN
                 typer.echo(f"          {model:<12} " + ", ".join(
                     f"{k}={v:.4f}" for k, v in m[model].items() if isinstance(v, (int, float))))
 
+
+
+def _print_events(ingested: Path) -> None:
+    """What ingest did with the serving API's logged events (schema.json "events"), when it read any."""
+    try:
+        events = json.loads((ingested / "schema.json").read_text()).get("events")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(events, dict):
+        quarantined = events.get("quarantined", 0)
+        where = f" ({ingested / 'events_quarantine.jsonl'}: the reasons)" if quarantined else ""
+        typer.echo(f"events:   {events.get('added', 0)} real-time events added to the interactions, "
+                   f"{quarantined} quarantined{where}")
 
 
 @app.command()

@@ -147,8 +147,9 @@ def events_push(file: Path = typer.Argument(..., help="CSV, JSON lines or parque
         paths = params.paths.resolved(root)
         events_dir = params.serve.events_dir if params.serve.events_dir.is_absolute() else root / params.serve.events_dir
         from flows.serving.events import push_events_file
+        from flows.params import event_rules
         n, users, log = push_events_file(file, paths.published, paths.feast, paths.features, events_dir,
-                                         params.features.history_length, params.validate.timestamp_floor,
-                                         params.serve.future_tolerance_s)
+                                         params.features.history_length,
+                                         event_rules(params.data, params.validate, params.serve))
         typer.echo(f"pushed {n} events of {users} users to the online store; logged to {log}")
 

@@ -59,14 +59,14 @@ VARIANTS: dict[str, tuple[Callable[..., Frames] | None, list[str]]] = {
 }
 
 
-def _run(work: Path, overrides: list[str]) -> dict[str, Any]:
-    """Every stage in order until one stops the run; what stopped it and why."""
+def _run(work: Path, overrides: list[str], start: str = "ingest") -> dict[str, Any]:
+    """Every stage from `start` on, in order, until one stops the run; what stopped it and why."""
     from flows.params import load_params
     from flows.stages.registry import STAGES, run_stage
 
     params = load_params(work / "params.yaml", overrides)
     seconds: dict[str, float] = {}
-    for name in STAGES:
+    for name in STAGES[STAGES.index(start):]:
         t0 = time.perf_counter()
         try:
             run_stage(name, params, work)
@@ -109,7 +109,7 @@ def shape_runs(root: Path, shape_name: str, variants: list[str], seed: int = 0,
         log(f"{shape_name} run1 (before any force): {json.dumps(first)[:600]}")
         if not first["published"] and first.get("stopped_at") == "gate":
             first["forced"] = _run(base, [cache, f"data.source={source1}", "gate.force=true",
-                                          "gate.force_reason=gate-bench first run of a shape"])
+                                          "gate.force_reason=gate-bench first run of a shape"], start="gate")
         out["run1"] = first
         log(f"{shape_name} run1: {json.dumps(first)[:400]}")
         for variant in variants:

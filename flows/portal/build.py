@@ -221,10 +221,23 @@ def _site_summary(site_dir: Path) -> str:
                           (s.get("warnings", 0), "warning")]
                 return (f'<span class="{"pass" if s.get("success") else "fail"}">'
                         f'{"passed" if s.get("success") else "FAILED"}</span>: '
-                        + ", ".join(f"{n} {word}{'s' if n != 1 else ''}" for n, word in counts))
+                        + ", ".join(f"{n} {word}{'s' if n != 1 else ''}" for n, word in counts)
+                        + _events_note(s.get("events")))
             except (OSError, ValueError, AttributeError):
                 return ""
     return ""
+
+
+def _events_note(events: Any) -> str:
+    """What ingest did with the serving API's logged events (validation.json "events")."""
+    if not isinstance(events, dict):
+        return ""
+    quarantined = int(events.get("quarantined", 0) or 0)
+    note = f"; real-time events: {int(events.get('added', 0) or 0)} added"
+    if quarantined:
+        note += (f', <span class="fail">{quarantined} quarantined</span> (broke the contract: '
+                 f"<code>events_quarantine.jsonl</code> beside the ingested tables, with the reasons)")
+    return note
 
 
 def _sites(page: _Page, reports_dir: Path, assets: Path | None) -> None:

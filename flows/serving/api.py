@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from fastapi.responses import Response
 
 from features.errors import FeatureError
 from flows.errors import EXPECTED_ERRORS, DataContractError, TowerflowError
-from flows.params import ServeParams
+from flows.params import ServeParams, event_rules
 from flows.serving.store import NothingPublished
 from flows.serving.events import EventLog, body_rows, record_events, validate_events
 from flows.serving.index import BadQuery
@@ -44,6 +43,7 @@ from flows.serving.recommend import Answer, coerce_id, parse_filter_json
 from flows.serving.rerank import RankerCache, rerank_answers
 from flows.serving.state import LiveState, Served
 from models.errors import ModelInputError
+from validation.params import EventRules
 from validation.errors import ValidationFailed
 
 log = logging.getLogger("towerflow.serve")
@@ -63,7 +63,7 @@ class RequestError(TowerflowError):
 class ServiceConfig:
     serve: ServeParams
     history_length: int          # features.history_length: recent_items kept per pushed row
-    timestamp_floor: datetime    # validate.timestamp_floor: events before it are refused
+    event_rules: EventRules      # the contract's row rules for events (flows/params.event_rules)
     events_dir: Path             # serve.events_dir, absolute
     published_dir: Path
     ranker: RankerCache | None = None   # rerank=true: the relevance tower published in the served bundle
@@ -234,7 +234,7 @@ async def events(request: Request) -> Response:
                            "send them in parts or use `towerflow events push FILE`", 413)
     with live.use() as served:
         valid = validate_events(pd.DataFrame(rows, dtype=object), served.rec.schema, served.known_items, "events",
-                                config.timestamp_floor, config.serve.future_tolerance_s)
+                                config.event_rules)
         path = record_events(valid, served.rec.store, EventLog(config.events_dir), config.history_length)
     metrics.events.inc(len(valid))
     return _json({"accepted": len(valid), "users": int(valid["user_id"].nunique()), "log": str(path)})
@@ -324,7 +324,8 @@ def build_service(params: Any, root: Path) -> tuple[FastAPI, LiveState]:
                       on_change=changed)
     state.start()
     events_dir = params.serve.events_dir if params.serve.events_dir.is_absolute() else root / params.serve.events_dir
-    config = ServiceConfig(params.serve, params.features.history_length, params.validate.timestamp_floor,
+    config = ServiceConfig(params.serve, params.features.history_length,
+                           event_rules(params.data, params.validate, params.serve),
                            events_dir, paths.published, RankerCache(paths.published))
     return create_app(state, config, metrics), state
 

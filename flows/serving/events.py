@@ -2,12 +2,16 @@
 
     POST /events  or  towerflow events push FILE      {user_id, item_id, timestamp}
 
-1. Validation: ids of the schema's types, items of the live catalog (bundle catalog + added items),
-   timestamps ISO 8601 or unix seconds, not before validate.timestamp_floor and not in the future.
-   Any bad row refuses the whole request, naming the row and the problem.
+1. Validation: the data contract's per-row rules for interactions (validation/rows.py, the ones the
+   validate stage's suite is built from): ids of the schema's types, timestamps ISO 8601 or unix
+   seconds, not before validate.timestamp_floor and not in the future, weight >= 0 (1.0 when absent),
+   rating within validate.rating_range (when absent: data.event_rating, the source's rule); items of
+   the live catalog (bundle catalog + added items). Any bad row refuses the whole request, naming
+   the row and the problem. What is logged is what the next run's validate accepts.
 2. Durable log: `<serve.events_dir>/events-<UTC day>.jsonl`, one JSON object per line
-   (user_id, item_id, timestamp, received_at), appended whole (flows/durable.py: short writes
-   looped, a failure cut back, a torn tail never extended) and fsynced before the request is answered. No DVC stage owns this folder: the next run's ingest is meant to read it
+   (user_id, item_id, timestamp, weight, [rating], received_at), appended whole (flows/durable.py: short
+   writes looped, a failure cut back, a torn tail never extended) and fsynced before the request is
+   answered. No DVC stage owns this folder: the next run's ingest is meant to read it
    next to the source's interactions (so the model trains on them).
 3. Online: each user's new history and seen rows are pushed through the Feast push sources
    (features/online.py), so the next /recommend leaves the item out as seen and the user tower
@@ -18,25 +22,19 @@ user's row from the same old row (a lost update).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from flows.durable import append_records
 from flows.errors import ConfigError, DataContractError
-from flows.locks import file_lock
-from flows.serving.recommend import coerce_id
-
-EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
-OPTIONAL_COLUMNS = ("rating", "weight")
-LOCK_FILE = ".lock"
-NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+from flows.sources.events_log import EVENT_COLUMNS, OPTIONAL_COLUMNS, check_events, log_lock, read_log
+from flows.sources.normalize import coerce_id
+from validation.params import EventRules
 
 
 def read_frame(path: Path) -> pd.DataFrame:
@@ -71,73 +69,43 @@ def body_rows(body: Any, key: str) -> list[dict[str, Any]]:
     return rows
 
 
-def parse_timestamps(values: pd.Series, where: str, floor: datetime, future_s: float,
-                     now: pd.Timestamp) -> pd.Series:
-    """ISO 8601 text (naive = UTC) or unix seconds -> UTC timestamps, within [floor, now + future_s]."""
-    out = []
-    for row, value in zip(values.index, values.tolist()):
-        try:
-            if isinstance(value, bool) or value is None or (isinstance(value, float) and not np.isfinite(value)):
-                raise ValueError
-            if isinstance(value, str) and NUMBER.match(value.strip()):   # CSV text: unix seconds
-                value = float(value)
-            if isinstance(value, (int, float, np.integer, np.floating)):
-                ts = pd.Timestamp(float(value), unit="s", tz="UTC")
-            elif isinstance(value, str):
-                # ISO 8601 only, like ingest: '03/04/2024' is March or April depending on the writer.
-                ts = pd.to_datetime(value.strip(), format="ISO8601", utc=True)
-            else:
-                ts = pd.Timestamp(value)
-                ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-            if ts is pd.NaT:
-                raise ValueError
-        except (pd.errors.OutOfBoundsDatetime, OverflowError):
-            raise DataContractError(f"{where}[{row}]: timestamp {value!r} is out of range (unix seconds, not "
-                                    "milliseconds?)") from None
-        except (ValueError, TypeError):
-            raise DataContractError(f"{where}[{row}]: timestamp {value!r} is neither ISO 8601 text nor unix "
-                                    "seconds (e.g. '2024-03-04T10:00:00Z' or 1709546400)") from None
-        if ts < pd.Timestamp(floor):
-            raise DataContractError(f"{where}[{row}]: timestamp {value!r} is before validate.timestamp_floor "
-                                    f"({pd.Timestamp(floor).isoformat()}; milliseconds sent as seconds?)")
-        if ts > now + pd.Timedelta(seconds=future_s):
-            raise DataContractError(f"{where}[{row}]: timestamp {value!r} is in the future (server time "
-                                    f"{now.isoformat()})")
-        out.append(ts)
-    return pd.Series(out, index=values.index, dtype="datetime64[ns, UTC]")
-
-
 def validate_events(frame: pd.DataFrame, schema: dict[str, Any], known_items: Container[Any], where: str,
-                    floor: datetime, future_s: float) -> pd.DataFrame:
-    """user_id, item_id, timestamp (+ rating, weight) typed and checked; the first problem raises
-    DataContractError naming `where[row]` and the value. A missing timestamp is the server's time."""
+                    rules: EventRules) -> pd.DataFrame:
+    """user_id, item_id, timestamp, weight (+ rating when the source has ratings) typed, the documented
+    defaults filled and checked with the contract's row rules (flows/sources/events_log.check_events):
+    the first problem raises DataContractError naming `where[row]`. A missing timestamp is the server's
+    time; one up to rules.future_tolerance_s ahead of it (clock skew) is logged as the server's time,
+    so the next run's validate, whose clock is later, accepts every logged row."""
     unknown = [c for c in frame.columns if c not in (*EVENT_COLUMNS, *OPTIONAL_COLUMNS)]
     if unknown:
         raise DataContractError(f"{where}: unknown field '{unknown[0]}'; events have "
                                 f"{', '.join(EVENT_COLUMNS)} (+ {', '.join(OPTIONAL_COLUMNS)})")
-    for col in ("user_id", "item_id"):
+    frame = frame.reset_index(drop=True)
+    for col in ("user_id", "item_id"):      # the ids first: their messages name the field
         if col not in frame.columns:
             raise DataContractError(f"{where}: missing required field '{col}'")
-    frame = frame.reset_index(drop=True)
+        for i, value in enumerate(frame[col]):
+            coerce_id(value, schema[f"{col}_dtype"], f"{where}[{i}].{col}")
     now = pd.Timestamp.now(tz="UTC")
-    users = [coerce_id(v, schema["user_id_dtype"], f"{where}[{i}].user_id") for i, v in enumerate(frame["user_id"])]
-    items = [coerce_id(v, schema["item_id_dtype"], f"{where}[{i}].item_id") for i, v in enumerate(frame["item_id"])]
-    for i, item in enumerate(items):
+    stamps = frame["timestamp"] if "timestamp" in frame.columns else pd.Series([None] * len(frame), dtype=object)
+    frame = frame.assign(timestamp=stamps.where(stamps.notna(), now.isoformat()))
+    ahead = now + pd.Timedelta(seconds=rules.future_tolerance_s)
+    events, problems = check_events(frame, schema, rules, ahead.to_pydatetime())
+    for i, problem in problems.items():
+        if problem is not None:
+            column, what = problem.split(": ", 1)
+            given = frame[column].iloc[i] if column in frame.columns else None
+            missing = given is None or (isinstance(given, float) and given != given)
+            got = " (missing)" if missing else "" if repr(given) in what else f" (got {given!r})"
+            hint = ("; the source's interactions have ratings: send one, or set data.event_rating to the "
+                    "rating an event without one gets" if column == "rating" and missing else "")
+            raise DataContractError(f"{where}[{i}].{column}: {what}{got}{hint}")
+    for i, item in enumerate(events["item_id"]):
         if item not in known_items:
             raise DataContractError(f"{where}[{i}]: item_id {item!r} is not in the live catalog "
                                     "(add it first: POST /items or `towerflow index add-items`)")
-    stamps = (parse_timestamps(frame["timestamp"].where(frame["timestamp"].notna(), now.timestamp()), where,
-                               floor, future_s, now)
-              if "timestamp" in frame.columns else pd.Series([now] * len(frame), dtype="datetime64[ns, UTC]"))
-    out = pd.DataFrame({"user_id": users, "item_id": items, "timestamp": stamps})
-    for col in OPTIONAL_COLUMNS:
-        if col in frame.columns:
-            values = pd.to_numeric(frame[col], errors="coerce")
-            if values.isna().any() or not np.isfinite(values).all():
-                bad = int(np.flatnonzero(values.isna() | ~np.isfinite(values.fillna(0)))[0])
-                raise DataContractError(f"{where}[{bad}]: {col} {frame[col].iloc[bad]!r} is not a finite number")
-            out[col] = values.astype(float)
-    return out
+    events["timestamp"] = events["timestamp"].where(events["timestamp"] <= now, now)
+    return events
 
 
 class EventLog:
@@ -150,8 +118,7 @@ class EventLog:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """One writer at a time across processes (the service and `towerflow events push`)."""
-        with file_lock(self.folder / LOCK_FILE, wait_s=self.lock_wait_s,
-                       busy="another process is writing events; try again in a moment"):
+        with log_lock(self.folder, self.lock_wait_s):
             yield
 
     def append(self, events: pd.DataFrame) -> Path:
@@ -167,12 +134,12 @@ class EventLog:
         return path
 
     def read(self) -> pd.DataFrame:
-        """Every logged event, oldest file first (what an ingest of this folder would read)."""
-        files = sorted(self.folder.glob("events-*.jsonl"))
-        if not files:
+        """Every logged event, oldest file first (what an ingest of this folder would read); a line
+        that is not a JSON object (a torn one) is skipped, as ingest quarantines it."""
+        rows = read_log(self.folder).rows
+        if not rows:
             return pd.DataFrame(columns=[*EVENT_COLUMNS, "received_at"])
-        return pd.concat([pd.read_json(f, lines=True, dtype=False, convert_dates=False) for f in files],
-                         ignore_index=True)
+        return pd.DataFrame(rows).drop(columns=["_file", "_byte"])
 
 
 def record_events(events: pd.DataFrame, store: Any, log: EventLog, history_length: int) -> Path:
@@ -194,13 +161,14 @@ def record_events(events: pd.DataFrame, store: Any, log: EventLog, history_lengt
 
 
 def push_events_file(path: Path, published_dir: Path, feast_dir: Path, features_dir: Path, events_dir: Path,
-                     history_length: int, floor: datetime, future_s: float) -> tuple[int, int, Path]:
+                     history_length: int, rules: EventRules) -> tuple[int, int, Path]:
     """`towerflow events push FILE`: (events, users, log file). Validated against the live catalog."""
     from features.store import open_store
     from flows.serving.store import BundleStore, catalog_ids
 
     bundle = BundleStore(published_dir).live_dir()
     schema = json.loads((bundle / "schema.json").read_text())
-    events = validate_events(read_frame(path), schema, catalog_ids(bundle), str(path), floor, future_s)
+    events = validate_events(read_frame(path), schema, catalog_ids(bundle), str(path), rules)
     log_path = record_events(events, open_store(feast_dir, features_dir), EventLog(events_dir), history_length)
     return len(events), int(events["user_id"].nunique()), log_path
+

@@ -9,7 +9,6 @@ torch, qdrant) are imported in `Recommender.load`, so reading an ids file stays 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -22,9 +21,8 @@ import pandas as pd
 
 from flows.errors import ConfigError, DataContractError, PublishError
 from flows.serving.store import BUNDLE_JSON, BundleStore, model_digest, read_additions
+from flows.sources.normalize import INT64_MAX, INT64_MIN, coerce_id  # noqa: F401 (coerce_id: the serving API's)
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-CANONICAL_INT = re.compile(r"^-?(0|[1-9][0-9]*)$")
 RESULT_COLUMNS = ["user_id", "item_id", "rank", "score", "cold_start"]
 SIMILAR_COLUMNS = ["item_id", "rank", "score"]
 # Users per online-store read + user tower pass + index query batch.
@@ -51,30 +49,6 @@ def parse_id(text: str, id_dtype: str, where: str, what: str = "user_id") -> int
     if not INT64_MIN <= value <= INT64_MAX:
         raise DataContractError(f"{where}: {what} '{text}' is out of the int64 range")
     return value
-
-
-def coerce_id(value: Any, id_dtype: str, where: str) -> int | str:
-    """An id from JSON or a table as the schema's dtype. int64: an integer or its canonical text
-    ('7', not '7.0', 'abc' or true); string: text, or an integer taken as its text (ingest unifies
-    mixed id columns the same way). `where` names the field in the error."""
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):   # a numpy scalar
-        value = value.item()
-    if id_dtype not in ("int64", "string"):
-        raise ConfigError(f"schema.json: id dtype must be 'int64' or 'string', got {id_dtype!r}")
-    if value is None or (isinstance(value, float) and value != value):   # null, or NaN from a table
-        raise DataContractError(f"{where}: missing")
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        kind = "an int64" if id_dtype == "int64" else "a string"
-        raise DataContractError(f"{where}: {value!r} is not {kind} id")
-    if id_dtype == "string":
-        return str(value)
-    text = value.strip() if isinstance(value, str) else None
-    if text is not None and not CANONICAL_INT.match(text):
-        raise DataContractError(f"{where}: {value!r} is not an int64 id")
-    number = int(text) if text is not None else value
-    if not INT64_MIN <= number <= INT64_MAX:
-        raise DataContractError(f"{where}: {value!r} is out of the int64 range")
-    return number
 
 
 def read_ids_file(path: Path, id_dtype: str) -> list:

@@ -3,18 +3,25 @@ normalized pyarrow types. A value that cannot have its declared type raises Data
 the file and the column."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flows.errors import DataContractError
+from flows.errors import ConfigError, DataContractError
 
 KINDS: tuple[str, ...] = ("categorical", "numeric", "multi")
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 # Canonical decimal integers only: "007" stays a string id so that ids are kept exactly as given.
 _CANONICAL_INT = r"^-?(0|[1-9][0-9]{0,17})$"
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# At most 40 digits: longer text is no int64 id, and int() of thousands of digits is slow or refused.
+CANONICAL_INT = re.compile(r"^-?(0|[1-9][0-9]{0,39})$")
+NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 
 
 def first_line(exc: BaseException) -> str:
@@ -46,6 +53,59 @@ def _id_array(arr: pa.ChunkedArray) -> pa.ChunkedArray:
     if len(valid) and pc.all(pc.match_substring_regex(valid, _CANONICAL_INT)).as_py():
         return pc.cast(as_text, pa.int64())
     return as_text
+
+
+def coerce_id(value: Any, id_dtype: str, where: str) -> int | str:
+    """An id from JSON or a table as the schema's dtype. int64: an integer or its canonical text
+    ('7', not '7.0', 'abc' or true); string: text, or an integer taken as its text (ingest unifies
+    mixed id columns the same way). `where` names the field in the error."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):   # a numpy scalar
+        value = value.item()
+    if id_dtype not in ("int64", "string"):
+        raise ConfigError(f"schema.json: id dtype must be 'int64' or 'string', got {id_dtype!r}")
+    if value is None or (isinstance(value, float) and value != value):   # null, or NaN from a table
+        raise DataContractError(f"{where}: missing")
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        kind = "an int64" if id_dtype == "int64" else "a string"
+        raise DataContractError(f"{where}: {value!r} is not {kind} id")
+    if id_dtype == "string":
+        return str(value)
+    text = value.strip() if isinstance(value, str) else None
+    if text is not None and not CANONICAL_INT.match(text):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise DataContractError(f"{where}: {shown!r} is not an int64 id")
+    number = int(text) if text is not None else value
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise DataContractError(f"{where}: {value!r} is out of the int64 range")
+    return number
+
+
+def timestamp_value(value: Any) -> pd.Timestamp:
+    """One event timestamp as UTC: ISO 8601 text (naive = UTC) or unix seconds, as `_timestamp`
+    reads a column. Raises ValueError naming what is wrong with it."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):   # a numpy scalar
+        value = value.item()
+    if isinstance(value, bool) or value is None or (isinstance(value, float) and not np.isfinite(value)):
+        raise ValueError(f"timestamp {value!r} is neither ISO 8601 text nor unix seconds")
+    try:
+        if isinstance(value, str) and NUMBER.match(value.strip()):   # CSV text: unix seconds
+            value = float(value)
+        if isinstance(value, (int, float)):
+            ts = pd.Timestamp(float(value), unit="s", tz="UTC")
+        elif isinstance(value, str):
+            # ISO 8601 only: '03/04/2024' is March or April depending on the writer.
+            ts = pd.to_datetime(value.strip(), format="ISO8601", utc=True)
+        else:
+            ts = pd.Timestamp(value)
+            ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    except (pd.errors.OutOfBoundsDatetime, OverflowError):
+        raise ValueError(f"timestamp {value!r} is out of range (unix seconds, not milliseconds?)") from None
+    except (ValueError, TypeError):
+        ts = pd.NaT
+    if ts is pd.NaT:
+        raise ValueError(f"timestamp {value!r} is neither ISO 8601 text nor unix seconds "
+                         "(e.g. '2024-03-04T10:00:00Z' or 1709546400)")
+    return ts
 
 
 def _timestamp(path: Path, col: str, arr: pa.ChunkedArray) -> pa.ChunkedArray:

@@ -8,6 +8,7 @@ so a failed run leaves a previous out_dir as it was.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -21,12 +22,14 @@ import pyarrow.parquet as pq
 from flows.sources.contract import SourceFiles, Tables, check_directory, read_source
 from flows.sources.normalize import logs_schema
 from flows.sources.demo import demo_source
-from flows.sources.events_log import EventRows, append_events, events_fingerprint
+from flows.sources.events_log import QUARANTINE, EventRows, append_events, events_fingerprint, write_events_state
 from flows.sources.simulator import simulate
 from flows.errors import DataContractError
-from flows.params import DataParams, SimulatorParams
+from flows.params import DataParams, ServeParams, SimulatorParams, event_rules
+from validation.params import EventRules, ValidateParams
 
 DEMO = "demo"
+log = logging.getLogger("towerflow.ingest")
 
 
 def check_source(data: DataParams) -> None:
@@ -42,11 +45,13 @@ def check_source(data: DataParams) -> None:
 SOURCE_STATE = "source.json"
 
 
-def record_source(cache_dir: Path, files: SourceFiles, events_dir: Path | None = None) -> None:
-    """Remember which source files (and serving events) the ingested tables came from (outside DVC's
-    outputs, so a touched but identical source re-ingests without changing anything downstream)."""
+def record_source(cache_dir: Path, files: SourceFiles, events_dir: Path | None = None,
+                  events_seen: dict[str, int] | None = None) -> None:
+    """Remember which source files (and serving events: the log sizes ingest read) the ingested tables
+    came from (outside DVC's outputs, so a touched but identical source re-ingests without changing
+    anything downstream)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    state = {"fingerprint": files.fingerprint(), "events": events_fingerprint(events_dir)}
+    state = {"fingerprint": files.fingerprint(), "events": events_fingerprint(events_dir, events_seen)}
     (cache_dir / SOURCE_STATE).write_text(json.dumps(state) + "\n")
 
 
@@ -78,10 +83,13 @@ def source_changed(data: DataParams, cache_dir: Path, events_dir: Path | None = 
 
 
 def ingest(data: DataParams, sim: SimulatorParams, seed: int, cache_dir: Path, out_dir: Path,
-           events_dir: Path | None = None) -> dict[str, Any]:
+           events_dir: Path | None = None, rules: EventRules | None = None) -> dict[str, Any]:
     """Read, check and normalize the source; write the contract tables, ranking logs and schema.json.
-    With data.events, the serving API's events in events_dir/events-*.jsonl are appended to the
-    interactions (flows/sources/events_log.py); schema.json and the summary then count them."""
+    With data.events, the serving API's events in events_dir/events-*.jsonl that meet the contract's
+    row rules (`rules`; default: the defaults' for this source) are appended to the interactions, the
+    others go to out_dir/events_quarantine.jsonl, and out_dir/events_cursor.json records what was read
+    (flows/sources/events_log.py); schema.json and the summary then count them. The source's own rows
+    are not filtered: validate checks them."""
     started = time.perf_counter()
     if data.source == DEMO:
         source = demo_source(cache_dir)
@@ -89,7 +97,9 @@ def ingest(data: DataParams, sim: SimulatorParams, seed: int, cache_dir: Path, o
         source = Path(data.source)
     files = check_directory(source, data)
     tables, kinds = read_source(files, data)  # everything is in memory: failures happen before writing
-    events = append_events(tables.interactions, tables.users, tables.items, events_dir if data.events else None)
+    rules = rules or event_rules(data, ValidateParams(), ServeParams())
+    events = append_events(tables.interactions, tables.users, tables.items, events_dir if data.events else None,
+                           rules)
     tables = replace(tables, interactions=events.interactions)
     logs_origin = _logs_origin(data, tables)
 
@@ -98,16 +108,22 @@ def ingest(data: DataParams, sim: SimulatorParams, seed: int, cache_dir: Path, o
     tmp.chmod(0o755)  # mkdtemp makes it private (0700); out_dir is a normal data directory
     try:
         sim_summary = _write(tables, kinds, logs_origin, data, sim, seed, tmp, events)
+        if data.events:
+            write_events_state(events, tmp)
         _swap(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    record_source(cache_dir, files, events_dir if data.events else None)
+    record_source(cache_dir, files, events_dir if data.events else None, events.seen if data.events else None)
+    if events.quarantined:   # never fatal: the run goes on with the events that meet the contract
+        log.warning("ingest: %d event line(s) broke the contract and were quarantined (%s): %s",
+                    events.quarantined, out_dir / QUARANTINE, events.quarantine[0]["reason"])
     return {
         "source": data.source if data.source == DEMO else str(source.resolve()),
         "users": tables.users.num_rows, "items": tables.items.num_rows,
         "interactions": tables.interactions.num_rows,
         "ranking_logs": sim_summary.get("log_rows", 0), "logs_origin": logs_origin,
         **({"events": events.summary()} if events.read else {}),
+        **({"events_quarantine": str(out_dir / QUARANTINE)} if events.quarantined else {}),
         **({"simulation": sim_summary} if logs_origin == "simulated" else {}),
         "seconds": round(time.perf_counter() - started, 2),
     }

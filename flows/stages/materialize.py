@@ -6,6 +6,9 @@ Reads `ingested/{users,items,interactions}.parquet` + `schema.json` and writes
   `features.online_store: redis`; `feast_dir/online_store.json` records which): `apply` +
   `materialize` over the full time range, or on a rerun whose older rows are unchanged (only newer
   interactions appended) `materialize_incremental` of the new rows (features/refresh.py);
+- after the online fill, the logged real-time events the ingested tables do not hold (newer than
+  ingest's cursor, `ingested/events_cursor.json`) are replayed into the online store, once
+  (flows/sources/events_replay.py), so a rematerialization does not lose them;
 - `training_dir/examples.parquet`: one row per interaction, user features (static, recent_items and
   the behaviour counts) joined point-in-time by Feast (features/training_set.py), split by
   models/split.py; `training_dir/items.parquet`: the catalog read back from Feast;
@@ -28,8 +31,11 @@ from features.refresh import fill_online
 from features.training_set import EXAMPLE_KEYS, count_columns, example_keys, item_catalog, training_examples
 from flows.errors import DataContractError, MissingStageInput
 from flows.portal.docs import localize_offline
+from flows.sources.events_log import read_cursor
+from flows.sources.events_replay import replay_events
 from models.params import SplitParams
 from models.split import temporal_split
+from validation.params import EventRules
 from validation.training_set import TrainingSetChecks, validate_training_set
 
 
@@ -77,12 +83,14 @@ def _write(training_dir: Path, examples: pa.Table, catalog: pa.Table, split: dic
 
 def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: Path, features_dir: Path,
                 feast_dir: Path, training_dir: Path, checks: TrainingSetChecks | None = None,
-                assets_cache: Path | None = None) -> dict:
+                assets_cache: Path | None = None, events_dir: Path | None = None,
+                rules: EventRules | None = None) -> dict:
     """Build the Feast repo and the point-in-time training examples (see module docstring).
 
     With `checks`, the examples are validated (validation/training_set.py) before anything is
     written to training_dir: a failure raises ValidationFailed and leaves training_dir as it was.
-    With assets_cache, those Data Docs load vendored assets only (flows/portal/docs.py).
+    With assets_cache, those Data Docs load vendored assets only (flows/portal/docs.py). With
+    events_dir and rules, the serving events newer than the ingested ones are replayed online.
     """
     started = time.perf_counter()
     schema, users, items, inter = _read_inputs(ingested)
@@ -90,6 +98,10 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
     timings = {"sources": time.perf_counter() - started}
 
     store, online = fill_online(features_cfg, schema, inter, sources, features_dir, feast_dir)
+    cursor = read_cursor(ingested)
+    replayed = {} if events_dir is None or rules is None or cursor is None else {"events_replayed": replay_events(
+        store, events_dir, cursor, schema, rules, inter, (users[USER_KEY], items["item_id"]),
+        features_cfg.history_length, features_cfg.count_windows_days)}
     timings["online"] = time.perf_counter() - started - timings["sources"]
 
     examples = example_keys(inter)
@@ -110,6 +122,6 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
     split = _split_summary(examples, split_cfg)
     _write(training_dir, table, catalog, split)
     return {"examples": len(examples), "items": catalog.num_rows, "history_rows": sources.history.num_rows,
-            "online_materialization": online,
+            "online_materialization": online, **replayed,
             **split, **checked, "seconds": round(time.perf_counter() - started, 2),
             "seconds_by_step": {k: round(v, 2) for k, v in timings.items()}}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from flows.params import Params, PathsParams, resolve_source, validate_for_source
+from flows.params import Params, PathsParams, event_rules, resolve_source, validate_for_source
 
 STAGES: tuple[str, ...] = (
     "ingest", "validate", "materialize", "sample", "train", "rank", "evaluate", "report", "gate", "publish",
@@ -18,7 +18,7 @@ STAGES: tuple[str, ...] = (
 def _ingest(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.ingest import ingest
     return ingest(p.data, p.simulator, p.base.seed, cache_dir=paths.cache, out_dir=paths.ingested,
-                  events_dir=p.serve.events_dir)
+                  events_dir=p.serve.events_dir, rules=event_rules(p.data, p.validate, p.serve))
 
 
 def _validate(p: Params, paths: PathsParams) -> dict[str, Any]:
@@ -35,7 +35,8 @@ def _materialize(p: Params, paths: PathsParams) -> dict[str, Any]:
                                docs_dir=paths.reports / "training_validation")
     return materialize(p.split, p.features, paths.ingested, features_dir=paths.features,
                        feast_dir=paths.feast, training_dir=paths.training, checks=checks,
-                       assets_cache=paths.cache / "vendor")
+                       assets_cache=paths.cache / "vendor", events_dir=p.serve.events_dir if p.data.events else None,
+                       rules=event_rules(p.data, p.validate, p.serve))
 
 
 def _sample(p: Params, paths: PathsParams) -> dict[str, Any]:

@@ -44,3 +44,18 @@ def test_recommend_before_any_run_says_what_to_do(tmp_path):
     result = _invoke("recommend", "--user-id", "1", "--params", str(params))
     assert result.exit_code == 1
     assert "LIVE not found: nothing is published yet" in result.output and "towerflow run" in result.output
+
+
+def test_the_run_summary_counts_added_and_quarantined_events(tmp_path, capsys):
+    import json
+
+    from flows.cli.pipeline import _print_events
+
+    (tmp_path / "schema.json").write_text(json.dumps({"events": {"read": 4, "added": 3, "quarantined": 1}}))
+    _print_events(tmp_path)
+    out = capsys.readouterr().out
+    assert "3 real-time events added to the interactions, 1 quarantined" in out
+    assert str(tmp_path / "events_quarantine.jsonl") in out
+    (tmp_path / "schema.json").write_text(json.dumps({"user_id_dtype": "int64"}))     # no events read
+    _print_events(tmp_path)
+    assert capsys.readouterr().out == ""

@@ -102,3 +102,19 @@ def test_metrics_json_figures_appear_once_each(tmp_path):
     for model in ("two_tower", "ease"):
         assert html.count(f"<th>{model}</th>") == 1
     assert sum(f"<td>{k}</td>" in html for k in METRICS["two_tower"]) == 2
+
+
+def test_the_validation_verdict_counts_the_quarantined_events(tmp_path):
+    from flows.portal.build import _site_summary
+
+    site = tmp_path / "reports" / "validation"
+    site.mkdir(parents=True)
+    summary = {"success": True, "errors": 0, "warnings": 0, "tables": {"interactions": {}},
+               "events": {"read": 5, "added": 3, "duplicates": 0, "unknown": 0, "quarantined": 2}}
+    (tmp_path / "reports" / "validation.json").write_text(json.dumps(summary))
+    note = _site_summary(site)
+    assert "passed" in note and "real-time events: 3 added" in note and "2 quarantined</span>" in note
+    assert "events_quarantine.jsonl" in note
+    summary["events"]["quarantined"] = 0
+    (tmp_path / "reports" / "validation.json").write_text(json.dumps(summary))
+    assert "quarantined" not in _site_summary(site)

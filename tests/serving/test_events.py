@@ -66,15 +66,22 @@ def test_an_event_is_logged_pushed_and_changes_the_next_recommendation(service: 
 BAD_EVENTS = [
     ({"user_id": 1, "item_id": 99999}, 422, "events[0]: item_id 99999 is not in the live catalog"),
     ({"user_id": 1, "item_id": "{item}", "timestamp": "yesterday"}, 422,
-     "events[0]: timestamp 'yesterday' is neither ISO 8601 text nor unix seconds"),
+     "events[0].timestamp: timestamp 'yesterday' is neither ISO 8601 text nor unix seconds"),
     ({"user_id": 1, "item_id": "{item}", "timestamp": "03/04/2024 10:00"}, 422, "is neither ISO 8601"),
-    ({"user_id": 1, "item_id": "{item}", "timestamp": 100}, 422, "is before validate.timestamp_floor"),
-    ({"user_id": 1, "item_id": "{item}", "timestamp": "2200-01-01T00:00:00Z"}, 422, "is in the future"),
+    ({"user_id": 1, "item_id": "{item}", "timestamp": 100}, 422,
+     "events[0].timestamp: timestamp before validate.timestamp_floor (got 100)"),
+    ({"user_id": 1, "item_id": "{item}", "timestamp": "2200-01-01T00:00:00Z"}, 422,
+     "events[0].timestamp: timestamp in the future"),
     ({"user_id": 1, "item_id": "{item}", "timestamp": 1717236000000}, 422, "is out of range (unix seconds, not milli"),
     ({"user_id": "abc", "item_id": "{item}"}, 422, "events[0].user_id: 'abc' is not an int64 id"),
     ({"user_id": 1, "item_id": True}, 422, "events[0].item_id: True is not an int64 id"),
     ({"user_id": 1, "item_id": "{item}", "colour": "red"}, 422, "unknown field 'colour'"),
     ({"user_id": 1}, 422, "events[0].item_id: missing"),
+    # the contract's row rules (validation/rows.py), as the validate stage applies them
+    ({"user_id": 1, "item_id": "{item}", "weight": -1}, 422, "events[0].weight: negative weight (got -1)"),
+    ({"user_id": 1, "item_id": "{item}", "weight": "heavy"}, 422, "events[0].weight: 'heavy' is not a number"),
+    ({"user_id": 1, "item_id": "{item}", "rating": 99}, 422,
+     "events[0].rating: rating outside validate.rating_range [1.0, 5.0] (got 99)"),
 ]
 
 
@@ -180,3 +187,75 @@ def test_a_finished_materialization_gives_the_service_a_fresh_online_store(proje
         assert state.served.rec.answer([user], 3)[0][1] is False      # still a known user
     finally:
         state.stop()
+
+
+def test_events_logged_after_ingest_survive_rematerialization_exactly_once(project: Path) -> None:
+    """A full rematerialization rebuilds the online store from the ingested tables: the events the
+    service logged after ingest (past its cursor) are replayed once, also when materialize runs again."""
+    from features.params import FeaturesParams
+    from features.store import open_store
+    from flows.params import DataParams, ServeParams, event_rules
+    from flows.serving.events import EventLog, record_events
+    from flows.sources.events_log import CURSOR
+    from flows.stages.materialize import materialize
+    from models.params import SplitParams
+    from validation.params import ValidateParams
+
+    (project / "data/ingested" / CURSOR).write_text('{"files": {}}\n')   # ingest read an empty log
+    user = known_users(project, 1)[0]
+    item = int(pd.read_parquet(project / "data/training/items.parquet")["item_id"].iloc[-1])
+    feast, features = project / "data/feast", project / "data/features"
+    before = online(open_store(feast, features), project, [user]).iloc[0]
+    events = pd.DataFrame({"user_id": [user, 424242], "item_id": [item, item],
+                           "timestamp": [pd.Timestamp.now(tz="UTC").floor("s")] * 2})
+    record_events(events, open_store(feast, features), EventLog(project / "data/events"), 10)
+    pushed = online(open_store(feast, features), project, [user, 424242])
+    rules = event_rules(DataParams(), ValidateParams(), ServeParams())
+
+    def rematerialize(replay: bool, full: bool = True) -> dict:
+        if full:
+            (feast / "materialized.json").unlink()             # as a changed definition does: a full rebuild
+        return materialize(SplitParams(), FeaturesParams(history_length=10), project / "data/ingested", features,
+                           feast, project / "data/training", events_dir=project / "data/events" if replay else None,
+                           rules=rules)
+
+    for full in (True, True, False):        # again, and with the rows still online: never added up
+        summary = rematerialize(replay=True, full=full)
+        assert summary["online_materialization"] == ("full" if full else "unchanged")
+        assert summary["events_replayed"] == {"replayed": 2, "users": 2, "skipped": 0}
+        rows = online(open_store(feast, features), project, [user, 424242])
+        for col in ("recent_items", "seen_items", "interactions_total", "interactions_30d", "known"):
+            assert rows[col].tolist() == pushed[col].tolist(), col
+    assert rows["interactions_total"].iloc[0] == before["interactions_total"] + 1
+    rematerialize(replay=False)                                  # what a run did before: the events vanish
+    rows = online(open_store(feast, features), project, [user, 424242])
+    assert rows["known"].tolist() == [True, False] and rows["recent_items"].iloc[0] == before["recent_items"]
+
+
+def test_the_door_fills_the_documented_defaults_and_the_source_rating_rule() -> None:
+    """What is logged is what validate accepts: weight 1.0, the rating the source's rule gives (or a
+    refusal when it gives none), a timestamp within the clock-skew tolerance logged as the server's."""
+    from flows.errors import DataContractError
+    from flows.params import DataParams, ServeParams, event_rules
+    from flows.serving.events import validate_events
+    from validation.params import ValidateParams
+
+    schema = {"user_id_dtype": "int64", "item_id_dtype": "int64", "has_rating": True}
+    soon = (pd.Timestamp.now(tz="UTC") + pd.Timedelta(seconds=60)).isoformat()
+    frame = pd.DataFrame([{"user_id": 1, "item_id": 7, "timestamp": "2026-11-28T01:00:00Z"},
+                          {"user_id": 2, "item_id": 7, "timestamp": soon, "weight": 0.5, "rating": 2}], dtype=object)
+    demo = event_rules(DataParams(), ValidateParams(), ServeParams())
+    got = validate_events(frame, schema, {7}, "events", demo)
+    assert got["weight"].tolist() == [1.0, 0.5] and got["rating"].tolist() == [4.0, 2.0]
+    assert got["timestamp"].iloc[1] <= pd.Timestamp.now(tz="UTC")            # clamped to the server's clock
+
+    own = event_rules(DataParams(source="/data/shop"), ValidateParams(), ServeParams())
+    try:
+        validate_events(frame, schema, {7}, "events", own)
+        raise AssertionError("an event without a rating was accepted for a source that requires one")
+    except DataContractError as exc:
+        assert str(exc).startswith("events[0].rating: null values (missing); the source's interactions have ratings")
+    filled = event_rules(DataParams(source="/data/shop", event_rating=3.0), ValidateParams(), ServeParams())
+    assert validate_events(frame, schema, {7}, "events", filled)["rating"].tolist() == [3.0, 2.0]
+    no_ratings = validate_events(frame, {**schema, "has_rating": False}, {7}, "events", own)
+    assert "rating" not in no_ratings.columns                                # the source has none to fill

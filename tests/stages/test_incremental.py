@@ -48,18 +48,19 @@ def test_ingest_appends_logged_events_once(source, tmp_path):
     assert not source_changed(data, cache, events)
     src = pd.read_parquet(source / "interactions.parquet")
     known = src.iloc[0]
-    new = {"user_id": int(known.user_id), "item_id": int(known.item_id), "timestamp": "2030-01-01T00:00:00Z"}
+    # as an older service logged it: no weight (1.0 is the contract's default)
+    new = {"user_id": int(known.user_id), "item_id": int(known.item_id), "timestamp": "2026-01-01T00:00:00Z",
+           "rating": 4.0}
     _log_events(events, [new, new,                                          # a retried POST
                          {**new, "item_id": 999_999},                       # an item the source lacks
-                         {**new, "user_id": "not-a-number"},                # not an id of this source
                          {"user_id": int(known.user_id), "item_id": int(known.item_id),
                           "timestamp": known.timestamp.isoformat(), "rating": float(known.rating)}])
     assert source_changed(data, cache, events)                               # `towerflow run` re-ingests
     summary = ingest(data, SIM, 0, cache, out, events_dir=events)
-    assert summary["events"] == {"read": 5, "added": 1, "duplicates": 2, "unknown": 2}
+    assert summary["events"] == {"read": 4, "added": 1, "duplicates": 2, "unknown": 1, "quarantined": 0}
     assert summary["interactions"] == before["interactions"] + 1
     got = pd.read_parquet(out / "interactions.parquet")
-    assert got["timestamp"].max() == pd.Timestamp("2030-01-01", tz="UTC")
+    assert got["timestamp"].max() == pd.Timestamp("2026-01-01", tz="UTC") and got["weight"].iloc[-1] == 1.0
     assert json.loads((out / "schema.json").read_text())["events"]["added"] == 1
     assert not source_changed(data, cache, events)
     first = (out / "interactions.parquet").read_bytes()
@@ -67,6 +68,41 @@ def test_ingest_appends_logged_events_once(source, tmp_path):
     assert (out / "interactions.parquet").read_bytes() == first
     off = data.model_copy(update={"events": False})
     assert ingest(off, SIM, 0, cache, out, events_dir=events)["interactions"] == before["interactions"]
+
+
+def test_events_that_break_the_contract_are_quarantined_and_the_run_goes_on(source, tmp_path):
+    """An older log, a rule tightened since, a torn line: quarantined with the reason and counted;
+    validate then passes on what ingest wrote (the source's own rows keep the strict gate)."""
+    from flows.sources.events_log import CURSOR, QUARANTINE
+    from flows.stages.validate import validate
+    from validation.params import ValidateParams
+
+    data = DataParams(source=str(source), ranking_logs="none")     # not the demo: ratings are required
+    cache, out, events = tmp_path / "cache", tmp_path / "ingested", tmp_path / "events"
+    known = pd.read_parquet(source / "interactions.parquet").iloc[0]
+    ok = {"user_id": int(known.user_id), "item_id": int(known.item_id), "timestamp": "2026-01-01T00:00:00Z",
+          "rating": 4.0, "weight": 2.0}
+    _log_events(events, [ok,
+                         {**ok, "user_id": "not-a-number"},                 # not an id of this source
+                         {k: v for k, v in ok.items() if k != "rating"},    # no rating, none to fill
+                         {**ok, "weight": -1},                              # what the old door let through
+                         {**ok, "timestamp": "2200-01-01T00:00:00Z"}])      # the future
+    log = events / "events-20260101.jsonl"
+    with log.open("a") as f:
+        f.write("garbage\n" + '{"user_id": 1, "item_')                     # a corrupted line, a torn tail
+    summary = ingest(data, SIM, 0, cache, out, events_dir=events)
+    assert summary["events"] == {"read": 7, "added": 1, "duplicates": 0, "unknown": 0, "quarantined": 6}
+    assert summary["events_quarantine"] == str(out / QUARANTINE)
+    reasons = [json.loads(line)["reason"] for line in (out / QUARANTINE).read_text().splitlines()]
+    assert reasons[:4] == ["user_id: ids must be int64 (schema.json) ('not-a-number' is not an int64 id)",
+                           "rating: null values", "weight: negative weight",
+                           "timestamp: timestamp in the future (or not tz-aware UTC)"]
+    assert reasons[4] == "not a JSON object (a torn or corrupted line)" and "torn trailing" in reasons[5]
+    # the torn tail is not consumed: the cursor stops before it, so a finished write is read next time
+    assert json.loads((out / CURSOR).read_text())["files"] == {log.name: log.read_bytes().rfind(b"\n") + 1}
+    result = validate(ValidateParams(), out, docs_dir=tmp_path / "docs", summary_path=tmp_path / "v.json",
+                      context_root=tmp_path / "gx")
+    assert result["success"] and result["events"]["quarantined"] == 6
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +219,23 @@ def test_incremental_bench_cli_names_the_missing_examples(tmp_path):
                                 catch_exceptions=False)
     assert result.exit_code == 1
     assert "examples.parquet: not found; run the materialize stage first" in result.output
+
+
+def test_an_event_logged_while_ingest_runs_is_new_for_the_next_run(source, tmp_path, monkeypatch):
+    import flows.stages.ingest as stage
+
+    data = DataParams(source=str(source), ranking_logs="none", event_rating=4.0)
+    cache, out, events = tmp_path / "cache", tmp_path / "ingested", tmp_path / "events"
+    known = pd.read_parquet(source / "interactions.parquet").iloc[0]
+    row = {"user_id": int(known.user_id), "item_id": int(known.item_id), "timestamp": "2026-01-01T00:00:00Z"}
+    _log_events(events, [row])
+    read = stage.append_events
+
+    def read_then_the_service_appends(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        rows = read(*args, **kwargs)
+        _log_events(events, [{**row, "timestamp": "2026-01-02T00:00:00Z"}])
+        return rows
+
+    monkeypatch.setattr(stage, "append_events", read_then_the_service_appends)
+    assert ingest(data, SIM, 0, cache, out, events_dir=events)["events"]["added"] == 1
+    assert source_changed(data, cache, events)        # the second event is not in the tables yet
