@@ -24,7 +24,7 @@ from flows.serving.bundles import (
 )
 from flows.serving.index import IndexSettings, catalog_payloads, choose_backend, create_index, pause_point
 from flows.serving.index.qdrant_server import collection_name, server_url
-from flows.reports.live import bundle_reports, require_passed
+from flows.reports.live import bundle_reports, lineage, require_passed
 from flows.serving.verify import check_vectors, verify_index
 
 REQUIRED_MODEL_FILES = ("model.pt", "encoder.json")
@@ -181,7 +181,9 @@ def _build(store: BundleStore, version: str, model_dir: Path, items: pd.DataFram
         meta = {"version": version, "digest": digest, "model_digest": model_digest(model_dir), "backend": backend,
                 "collection": collection, "alias": cfg.alias if collection else None, "count": len(ids),
                 "dim": settings.dim, "distance": "cosine", "item_id_dtype": schema.get("item_id_dtype"),
-                "settings": settings.to_dict(), "verification": figures, "created_at": _now(), "previous": live}
+                "settings": settings.to_dict(), "verification": figures, "created_at": _now(), "previous": live,
+                # the next run is compared with this model only on the same source (flows/reports/live.py)
+                "lineage": lineage(schema)}
         write_atomic(partial / BUNDLE_JSON, json.dumps(meta, indent=2, default=str) + "\n")
         store.promote(partial, version)
     except BaseException:

@@ -180,7 +180,8 @@ class _Live:
 
     model_dir: Path
     version: str
-    cutoff: pd.Timestamp | None      # train.since, or the newest interaction the live model trained on
+    trained_until: pd.Timestamp | None   # the newest interaction the live model trained on (model.json)
+    cutoff: pd.Timestamp | None      # train.since, or trained_until
     inclusive: bool                  # since: rows at or after it; the live cutoff: rows after it
     epochs: int                      # train.finetune_epochs
     replay: float                    # train.finetune_replay
@@ -199,15 +200,32 @@ def _live_model(train_cfg: TrainParams, published_dir: Path | None) -> tuple[_Li
         return None, "no live bundle to fine-tune: trained in full"
     version = json.loads(live_file.read_text())["version"]
     model_dir = published_dir / "versions" / version / "model"
+    meta = json.loads((model_dir / "model.json").read_text()) if (model_dir / "model.json").exists() else {}
+    trained_until = pd.Timestamp(meta["data_until"]) if meta.get("data_until") else None
     since = getattr(train_cfg, "since", None)
     if since is not None:
         cutoff, inclusive = pd.Timestamp(since), True
         cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff.tz_convert("UTC")
     else:
-        meta = json.loads((model_dir / "model.json").read_text()) if (model_dir / "model.json").exists() else {}
-        cutoff, inclusive = (pd.Timestamp(meta["data_until"]) if meta.get("data_until") else None), False
-    return _Live(model_dir, version, cutoff, inclusive, getattr(train_cfg, "finetune_epochs", 2),
+        cutoff, inclusive = trained_until, False
+    return _Live(model_dir, version, trained_until, cutoff, inclusive, getattr(train_cfg, "finetune_epochs", 2),
                  getattr(train_cfg, "finetune_replay", 0.2)), None
+
+
+def _saw_holdout(live: _Live, examples: pd.DataFrame) -> str | None:
+    """Why the eval model must not start from the live model: that model may have trained on rows of
+    this run's holdout (the test split), and would then be scored on rows it learned, an optimistic
+    figure the gate would trust. None when the live model's data ends before the holdout starts."""
+    held = examples.loc[examples["split"] == "test", "timestamp"] if "timestamp" in examples.columns else None
+    if held is None or held.empty:
+        return None
+    starts = pd.to_datetime(held, utc=True).min()
+    if live.trained_until is None:
+        return f"live {live.version} does not record its training data's end"
+    if live.trained_until >= starts:
+        return (f"live {live.version} trained on data until {live.trained_until.isoformat()}, after this run's "
+                f"holdout starts ({starts.isoformat()})")
+    return None
 
 
 def _finetune_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: _Inputs,
@@ -281,13 +299,18 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
             epochs = validation.result.best_epoch or train_cfg.epochs
     for name, stream_path in inputs.streams.items():
         run = None
-        if live is not None:
+        # the evaluated model starts from one that never saw this run's holdout; the published one may
+        saw_holdout = _saw_holdout(live, inputs.examples) if live is not None and name == "eval" else None
+        if live is not None and saw_holdout is None:
             try:
                 run = _finetune_run(name, model_cfg, train_cfg, seed, inputs, live, ckpt, dist)
             except IncompatibleModel as exc:    # every model then trains in full, with the reason
                 live, note = None, f"the live model cannot be fine-tuned ({exc}): trained in full"
         if run is None:
             run = _model_run(name, model_cfg, train_cfg, seed, inputs, epochs, ckpt, dist)
+            if saw_holdout is not None:
+                run.metrics["update"] = {"mode": "full", "reason": f"{saw_holdout}: the evaluated model trains in "
+                                         "full so that it never saw the holdout"}
         metrics[name], curves[name] = run.metrics, run.curve
         if dist.lead:
             seen = _train_part(inputs) if name == "eval" else inputs.examples
