@@ -106,6 +106,23 @@ def bundle_reports(reports_dir: Path, bundle_dir: Path) -> list[str]:
     return sorted(written)
 
 
+EVAL_MODEL = "eval_model"     # in a bundle: the model its run evaluated (trained without that run's holdout)
+EVAL_MODEL_FILES = ("model.pt", "encoder.json", "model.json")
+
+
+def bundle_eval_model(eval_dir: Path, bundle_dir: Path) -> bool:
+    """Keep the run's evaluation model in the bundle (publish calls this while it builds one): the next
+    run scores it on its own holdout. The served model cannot stand in: it was refit on every row,
+    the next holdout's included. False when eval_dir holds no model (the next gate then says so)."""
+    if not all((eval_dir / name).is_file() for name in EVAL_MODEL_FILES[:2]):
+        return False
+    (bundle_dir / EVAL_MODEL).mkdir(parents=True, exist_ok=True)
+    for name in EVAL_MODEL_FILES:
+        if (eval_dir / name).is_file():
+            shutil.copy2(eval_dir / name, bundle_dir / EVAL_MODEL / name)
+    return True
+
+
 def require_passed(gate_path: Path) -> dict[str, Any]:
     """The gate's decision, for the publish stage: refuses to go on unless this run passed it."""
     if not gate_path.is_file():

@@ -24,7 +24,7 @@ from flows.serving.bundles import (
 )
 from flows.serving.index import IndexSettings, catalog_payloads, choose_backend, create_index, pause_point
 from flows.serving.index.qdrant_server import collection_name, server_url
-from flows.reports.live import bundle_reports, lineage, require_passed
+from flows.reports.live import bundle_eval_model, bundle_reports, lineage, require_passed
 from flows.serving.verify import check_vectors, verify_index
 
 REQUIRED_MODEL_FILES = ("model.pt", "encoder.json")
@@ -35,7 +35,8 @@ LAST_PUBLISH = "last_publish.json"
 
 
 def publish(model_dir: Path, training_dir: Path, schema_path: Path, cfg: PublishParams,
-            published_dir: Path, seed: int = 0, reports_dir: Path | None = None) -> dict[str, Any]:
+            published_dir: Path, seed: int = 0, reports_dir: Path | None = None,
+            eval_model_dir: Path | None = None) -> dict[str, Any]:
     """Encode training_dir/items.parquet with the model in model_dir and publish both as a bundle.
 
     Writes published_dir/versions/<version>/ (model/, schema.json, item_vectors.parquet,
@@ -46,7 +47,9 @@ def publish(model_dir: Path, training_dir: Path, schema_path: Path, cfg: Publish
     off live is refused. Any failure raises PublishError / MissingStageInput and leaves LIVE alone.
     With reports_dir (the pipeline's case), nothing is published unless reports_dir/gate.json says
     this run passed the gate, and the run's metrics, quality, gate decision and drift reference are
-    copied into the bundle: the next run's gate compares against them.
+    copied into the bundle: the next run's gate compares against them. With eval_model_dir (the
+    train stage's eval/), its model is kept as eval_model/: the one the next run scores on its
+    holdout (the served model was refit on every row, that holdout included).
     """
     if reports_dir is not None:
         require_passed(reports_dir / "gate.json")
@@ -54,7 +57,7 @@ def publish(model_dir: Path, training_dir: Path, schema_path: Path, cfg: Publish
     store = BundleStore(published_dir)
     live = store.live()
     try:
-        return _publish(model_dir, training_dir, schema, items, cfg, store, seed, reports_dir)
+        return _publish(model_dir, training_dir, schema, items, cfg, store, seed, reports_dir, eval_model_dir)
     except PublishError as exc:
         raise PublishError(f"publish refused: {exc}; the live version ({live or 'none'}) is unchanged") from exc
 
@@ -75,7 +78,8 @@ def _inputs(model_dir: Path, training_dir: Path, schema_path: Path) -> tuple[pd.
 
 
 def _publish(model_dir: Path, training_dir: Path, schema: dict[str, Any], items: pd.DataFrame,
-             cfg: PublishParams, store: BundleStore, seed: int, reports_dir: Path | None) -> dict[str, Any]:
+             cfg: PublishParams, store: BundleStore, seed: int, reports_dir: Path | None,
+             eval_model_dir: Path | None = None) -> dict[str, Any]:
     from models.inference import load_bundle   # torch: only when a stage really publishes
 
     try:
@@ -113,7 +117,7 @@ def _publish(model_dir: Path, training_dir: Path, schema: dict[str, Any], items:
             version = version_name(digest)
             queries = user_sample(model, training_dir, schema, cfg.verify_users, seed)
             _build(store, version, model_dir, items, schema, vectors, payloads, queries, backend, settings,
-                   cfg, digest, live, reports_dir)
+                   cfg, digest, live, reports_dir, eval_model_dir)
         pause_point("switch")
         previous = store.switch(version, "publish", f"{action} from {model_dir}")
         pruned = store.prune(cfg.keep_versions)
@@ -160,13 +164,15 @@ def user_sample(model: Any, training_dir: Path, schema: dict[str, Any], n: int, 
 def _build(store: BundleStore, version: str, model_dir: Path, items: pd.DataFrame, schema: dict[str, Any],
            vectors: np.ndarray, payloads: list[dict], queries: np.ndarray, backend: str,
            settings: IndexSettings, cfg: PublishParams, digest: str, live: str | None,
-           reports_dir: Path | None = None) -> None:
+           reports_dir: Path | None = None, eval_model_dir: Path | None = None) -> None:
     collection = collection_name(cfg.collection_prefix, version) if backend == "qdrant-server" else None
     partial = store.partial(version, {"backend": backend, "collection": collection})
     try:
         _write_files(partial, model_dir, items, schema, vectors)
         if reports_dir is not None:
             bundle_reports(reports_dir, partial)
+        if eval_model_dir is not None:
+            bundle_eval_model(eval_model_dir, partial)
         (partial / "index").mkdir()   # a server bundle keeps it empty: the collection is on the server
         index = create_index(backend, settings, path=partial / "index", collection=collection)
         try:

@@ -67,7 +67,8 @@ def _evaluate(p: Params, paths: PathsParams) -> dict[str, Any]:
 def _publish(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.publish import publish
     return publish(paths.model / "full", paths.training, paths.ingested / "schema.json", p.publish,
-                   published_dir=paths.published, seed=p.base.seed, reports_dir=paths.reports)
+                   published_dir=paths.published, seed=p.base.seed, reports_dir=paths.reports,
+                   eval_model_dir=paths.model / "eval")
 
 
 def _report(p: Params, paths: PathsParams) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 
 from flows.errors import GateBlocked
 from flows.params import GateParams
-from flows.reports.live import lineage
+from flows.reports.live import bundle_eval_model, lineage
 from flows.stages.evaluate import evaluate
 from flows.stages.gate import gate
 from models.checkpoint import load_model, save_model
@@ -39,10 +39,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "training": training, "schema": schema, "good": good / "eval", "random": root / "random"}
 
 
-def _publish(published: Path, model_dir: Path, schema: Path, version: str = "v1", source: str | None = None) -> None:
-    """The files of a live bundle that the evaluate stage reads: model/ and schema.json (the lineage)."""
+def _publish(published: Path, model_dir: Path, schema: Path, version: str = "v1", source: str | None = None,
+             served: Path | None = None) -> None:
+    """The files of a live bundle that the evaluate stage reads, as publish writes them: eval_model/
+    (model_dir: what its run evaluated), model/ (served; these tests train no refit: the same model
+    unless given) and schema.json (the lineage)."""
     bundle = published / "versions" / version
-    shutil.copytree(model_dir, bundle / "model")
+    assert bundle_eval_model(model_dir, bundle)
+    shutil.copytree(served or model_dir, bundle / "model")
     recorded = json.loads(schema.read_text())
     (bundle / "schema.json").write_text(json.dumps({**recorded, "source": source or recorded["source"]}))
     (published / "LIVE").write_text(json.dumps({"version": version}))
@@ -70,7 +74,7 @@ def test_the_live_model_on_this_holdout_is_what_evaluating_it_gives(run: dict, t
     _publish(published, run["good"], run["schema"])
     champion = _evaluate(run, run["random"], published, tmp_path / "challenger")
     direct = evaluate(KS, run["training"], run["good"], tmp_path / "direct" / "metrics.json")
-    assert champion["compared"] and champion["live_version"] == "v1"
+    assert champion["compared"] and champion["live_version"] == "v1" and champion["scored"] == "eval_model"
     assert champion["metrics"] == direct["two_tower"]
     assert champion["challenger"] == json.loads((tmp_path / "challenger" / "metrics.json").read_text())["two_tower"]
     assert (champion["cold_users"], champion["cold_items"], champion["n_users"]) == (0, 0, direct["n_users"])
@@ -171,7 +175,26 @@ def test_a_live_model_of_other_ids_or_features_is_not_compared(run: dict, tmp_pa
                                        "the live model"),
                            (other_features, "another feature set: the live model reads user columns ['region'] "
                                             "that this run's data does not have")):
-        published = tmp_path / model_dir.name / "published"
+        published = tmp_path / f"{model_dir.name}-published"
         _publish(published, model_dir, run["schema"])
-        champion = _evaluate(run, run["good"], published, tmp_path / model_dir.name / "reports")
+        champion = _evaluate(run, run["good"], published, tmp_path / f"{model_dir.name}-reports")
         assert not champion["compared"] and champion["reason"] == why
+
+
+def test_the_served_model_is_not_scored_on_rows_it_learned(run: dict, tmp_path: Path):
+    """The bundle's evaluation model is scored, not the served one (here: random weights, a refit on
+    every row in a real run). A bundle without one has its served model scored only when that model's
+    data ends before this holdout starts."""
+    published = tmp_path / "published"
+    _publish(published, run["good"], run["schema"], served=run["random"])
+    champion = _evaluate(run, run["random"], published, tmp_path / "a")
+    assert champion["scored"] == "eval_model" and champion["metrics"]["ndcg@20"] > champion["challenger"]["ndcg@20"]
+    shutil.rmtree(published / "versions" / "v1" / "eval_model")             # a bundle published before it
+    champion = _evaluate(run, run["random"], published, tmp_path / "b")
+    assert not champion["compared"] and champion["scored"] == "model"
+    assert champion["reason"].startswith("the live bundle v1 keeps no evaluation model, and its served model "
+                                         "does not say whether it trained on this run's holdout (from ")
+    shutil.rmtree(published / "versions" / "v1" / "model")
+    shutil.copytree(run["good"], published / "versions" / "v1" / "model")    # trained into the holdout
+    champion = _evaluate(run, run["random"], published, tmp_path / "c")
+    assert not champion["compared"] and "trained on data until " in champion["reason"]

@@ -13,7 +13,7 @@ import pytest
 
 from flows.errors import MissingStageInput
 from flows.params import DriftLimits, ReportParams
-from flows.reports.live import bundle_reports
+from flows.reports.live import bundle_eval_model, bundle_reports
 from flows.stages.evaluate import evaluate
 from flows.stages.report import report
 from models.holdout import catalog_task
@@ -67,6 +67,7 @@ def _publish_first(run: dict, first: Path, published: Path, source: str | None =
     bundle = published / "versions" / "v1"
     bundle_reports(first, bundle)
     shutil.copytree(run["model"] / "eval", bundle / "model")
+    assert bundle_eval_model(run["model"] / "eval", bundle)
     schema = json.loads((run["ingested"] / "schema.json").read_text())
     (bundle / "schema.json").write_text(json.dumps({**schema, "source": source or schema["source"]}))
     (published / "LIVE").write_text(json.dumps({"version": "v1"}))
