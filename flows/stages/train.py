@@ -14,7 +14,7 @@ import hashlib
 import json
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -200,8 +200,7 @@ def _live_model(train_cfg: TrainParams, published_dir: Path | None) -> tuple[_Li
         return None, "no live bundle to fine-tune: trained in full"
     version = json.loads(live_file.read_text())["version"]
     model_dir = published_dir / "versions" / version / "model"
-    meta = json.loads((model_dir / "model.json").read_text()) if (model_dir / "model.json").exists() else {}
-    trained_until = pd.Timestamp(meta["data_until"]) if meta.get("data_until") else None
+    trained_until = _data_until(model_dir)
     since = getattr(train_cfg, "since", None)
     if since is not None:
         cutoff, inclusive = pd.Timestamp(since), True
@@ -212,20 +211,37 @@ def _live_model(train_cfg: TrainParams, published_dir: Path | None) -> tuple[_Li
                  getattr(train_cfg, "finetune_replay", 0.2)), None
 
 
-def _saw_holdout(live: _Live, examples: pd.DataFrame) -> str | None:
-    """Why the eval model must not start from the live model: that model may have trained on rows of
-    this run's holdout (the test split), and would then be scored on rows it learned, an optimistic
-    figure the gate would trust. None when the live model's data ends before the holdout starts."""
+def _data_until(model_dir: Path) -> pd.Timestamp | None:
+    """The newest interaction a saved model trained on (its model.json), None when it does not say."""
+    meta = json.loads((model_dir / "model.json").read_text()) if (model_dir / "model.json").exists() else {}
+    return pd.Timestamp(meta["data_until"]) if meta.get("data_until") else None
+
+
+# the bundle's copy of its run's evaluation model (flows/reports/live.py EVAL_MODEL), read by name as
+# the rest of the bundle layout is
+EVAL_MODEL = "eval_model"
+
+
+def _eval_start(live: _Live, examples: pd.DataFrame) -> tuple[_Live | None, str | None]:
+    """What the eval model fine-tunes from: a model that never saw this run's holdout (the test split),
+    else it would be scored on rows it learned, an optimistic figure the gate would trust. The live
+    bundle's evaluation model (trained without its run's holdout, so without this one's while the data
+    grows by newer rows), else the live model when its data ends before the holdout starts; (None,
+    why) when neither is there."""
+    twin = live.model_dir.parent / EVAL_MODEL
+    if (twin / "model.pt").is_file():
+        until = _data_until(twin)
+        return replace(live, model_dir=twin, trained_until=until, cutoff=live.cutoff if live.inclusive else until), None
     held = examples.loc[examples["split"] == "test", "timestamp"] if "timestamp" in examples.columns else None
     if held is None or held.empty:
-        return None
+        return live, None
     starts = pd.to_datetime(held, utc=True).min()
     if live.trained_until is None:
-        return f"live {live.version} does not record its training data's end"
+        return None, f"live {live.version} keeps no evaluation model and does not record its training data's end"
     if live.trained_until >= starts:
-        return (f"live {live.version} trained on data until {live.trained_until.isoformat()}, after this run's "
-                f"holdout starts ({starts.isoformat()})")
-    return None
+        return None, (f"live {live.version} keeps no evaluation model and trained on data until "
+                      f"{live.trained_until.isoformat()}, after this run's holdout starts ({starts.isoformat()})")
+    return live, None
 
 
 def _finetune_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: _Inputs,
@@ -249,7 +265,7 @@ def _finetune_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, see
                                          spill=ckpt / f"{name}_stream", batch_rows=cfg.read_batch_rows)
     run = _fit_run(name, model_cfg, cfg, seed, encoder, stream, cfg.epochs, None, ckpt, dist)
     run.metrics["update"] = {
-        "mode": "finetune", "from_version": live.version,
+        "mode": "finetune", "from_version": live.version, "from_model": live.model_dir.name,
         "cutoff": None if live.cutoff is None else live.cutoff.isoformat(), "new_rows": selected.new,
         "replay_rows": selected.replay, "new_users": encoder.user_ids.size - trained_encoder.user_ids.size,
         "new_items": encoder.item_ids.size - trained_encoder.item_ids.size}
@@ -284,7 +300,8 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
     dist = join_launched_group(train_cfg)
     inputs = _read_inputs(train_cfg, samples_dir, training_dir, schema_path)
     live, note = _live_model(train_cfg, published_dir)
-    key_files = inputs.key_files(schema_path) + ([live.model_dir / "model.pt"] if live else [])
+    starts = [live.model_dir / "model.pt", live.model_dir.parent / EVAL_MODEL / "model.pt"] if live else []
+    key_files = inputs.key_files(schema_path) + [f for f in starts if f.is_file()]
     key = checkpoint_key(model_cfg, train_cfg, seed, key_files)
     ckpt = (checkpoint_dir or out_dir.parent / "model_ckpt") / key
     metrics: dict[str, dict] = {}
@@ -300,16 +317,16 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
     for name, stream_path in inputs.streams.items():
         run = None
         # the evaluated model starts from one that never saw this run's holdout; the published one may
-        saw_holdout = _saw_holdout(live, inputs.examples) if live is not None and name == "eval" else None
-        if live is not None and saw_holdout is None:
+        start, why_full = _eval_start(live, inputs.examples) if live is not None and name == "eval" else (live, None)
+        if start is not None:
             try:
-                run = _finetune_run(name, model_cfg, train_cfg, seed, inputs, live, ckpt, dist)
+                run = _finetune_run(name, model_cfg, train_cfg, seed, inputs, start, ckpt, dist)
             except IncompatibleModel as exc:    # every model then trains in full, with the reason
                 live, note = None, f"the live model cannot be fine-tuned ({exc}): trained in full"
         if run is None:
             run = _model_run(name, model_cfg, train_cfg, seed, inputs, epochs, ckpt, dist)
-            if saw_holdout is not None:
-                run.metrics["update"] = {"mode": "full", "reason": f"{saw_holdout}: the evaluated model trains in "
+            if why_full is not None:
+                run.metrics["update"] = {"mode": "full", "reason": f"{why_full}: the evaluated model trains in "
                                          "full so that it never saw the holdout"}
         metrics[name], curves[name] = run.metrics, run.curve
         if dist.lead:

@@ -126,6 +126,23 @@ def test_the_evaluated_model_never_saw_the_holdout(trained, tmp_path):
     assert metrics["full"]["update"]["mode"] == "finetune"
 
 
+def test_the_evaluated_model_finetunes_from_the_live_bundles_evaluation_model(trained, tmp_path):
+    """A bundle keeps its run's evaluation model (trained without that run's holdout): the eval model
+    fine-tunes from it, on the rows newer than its own data, and the published model from the served one."""
+    root, training, schema, published = trained
+    bundle = tmp_path / "published" / "versions" / "v1"
+    shutil.copytree(published / "versions" / "v1", bundle)
+    shutil.copytree(root / "model" / "eval", bundle / "eval_model")
+    shutil.copy(published / "LIVE", tmp_path / "published" / "LIVE")
+    metrics = train(SMALL_MODEL, FINETUNE.model_copy(update={"refit_full": True}), 0, root / "samples", training,
+                    schema, tmp_path / "model", published_dir=tmp_path / "published")
+    evaluated, served = metrics["eval"]["update"], metrics["full"]["update"]
+    assert (evaluated["mode"], evaluated["from_model"], served["mode"], served["from_model"]) == \
+        ("finetune", "eval_model", "finetune", "model")
+    twin = json.loads((bundle / "eval_model" / "model.json").read_text())
+    assert evaluated["cutoff"] == pd.Timestamp(twin["data_until"]).isoformat()
+
+
 def test_the_evaluated_model_finetunes_from_a_live_model_older_than_the_holdout(trained, tmp_path):
     root, training, schema, _ = trained
     examples = pd.read_parquet(training / "examples.parquet")
