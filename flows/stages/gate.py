@@ -118,5 +118,13 @@ def gate(cfg: GateParams, metrics_path: Path, quality_path: Path, drift_path: Pa
     out_path.write_text(json.dumps(decision, indent=2) + "\n")
     if not decision["passed"]:
         raise GateBlocked(decision["message"])
-    return {"passed": True, "forced": cfg.force, "reasons": len(reasons)}
+    return {"passed": True, "forced": cfg.force, "reasons": len(reasons), "quality": _quality_line(checks[0])}
+
+
+def _quality_line(check: dict[str, Any]) -> str:
+    """The quality check in one line for the stage's summary: what was compared, or why not."""
+    if "skipped" in check:
+        return check["skipped"]
+    return check.get("reason") or (f"{check['metric']} {check['current']:.4f} vs live {check['live_version']} "
+                                   f"{check['live']:.4f} on this run's holdout (drop {check['drop']:.3f})")
 

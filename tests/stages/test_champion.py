@@ -64,9 +64,10 @@ def _gate(reports: Path, cfg: GateParams = GateParams()) -> dict:
     (reports / "quality" / "quality.json").write_text("{}")
     (reports / "drift").mkdir(exist_ok=True)
     (reports / "drift" / "summary.json").write_text("{}")
-    gate(cfg, reports / "metrics.json", reports / "quality" / "quality.json", reports / "drift" / "summary.json",
-         reports / "gate.json", Path("reports/index.html"), champion_path=reports / "champion.json")
-    return json.loads((reports / "gate.json").read_text())
+    summary = gate(cfg, reports / "metrics.json", reports / "quality" / "quality.json",
+                   reports / "drift" / "summary.json", reports / "gate.json", Path("reports/index.html"),
+                   champion_path=reports / "champion.json")
+    return {**json.loads((reports / "gate.json").read_text()), "summary": summary}
 
 
 def test_the_live_model_on_this_holdout_is_what_evaluating_it_gives(run: dict, tmp_path: Path):
@@ -99,8 +100,10 @@ def test_the_same_model_as_live_passes_with_no_drop(run: dict, tmp_path: Path):
     published, reports = tmp_path / "published", tmp_path / "reports"
     _publish(published, run["good"], run["schema"])
     _evaluate(run, run["good"], published, reports)
-    quality = _gate(reports)["checks"][0]
+    decision = _gate(reports)
+    quality = decision["checks"][0]
     assert quality["passed"] and quality["drop"] == 0 and quality["live"] == quality["current"]
+    assert decision["summary"]["quality"].endswith(" on this run's holdout (drop 0.000)")
 
 
 def test_a_live_bundle_of_another_source_is_reported_and_not_compared(run: dict, tmp_path: Path):

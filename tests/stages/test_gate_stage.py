@@ -86,7 +86,8 @@ def published(tmp_path: Path) -> Path:
 
 def test_without_a_live_model_the_gate_checks_drift_only(tmp_path: Path):
     reports = _reports(tmp_path, None, published_share=None)
-    assert _gate(reports) == {"passed": True, "forced": False, "reasons": 0}
+    assert _gate(reports) == {"passed": True, "forced": False, "reasons": 0,
+                              "quality": "not compared: no previous published model"}
     decision = json.loads((reports / "gate.json").read_text())
     assert decision["passed"] and decision["reasons"] == [] and decision["live_version"] is None
     quality, window, pub = decision["checks"]
@@ -127,7 +128,7 @@ def test_a_drop_within_the_margin_passes(tmp_path: Path):
 def test_a_live_model_of_another_source_is_not_compared(tmp_path: Path):
     change = "new source: this run reads /data/b, live v1 was trained on /data/a"
     reports = _reports(tmp_path, published_share=None, change=change)      # 0.031 below live: not judged
-    assert _gate(reports)["passed"]
+    assert _gate(reports)["quality"] == f"{change}: judged by its own checks (gate.compare_across_sources is false)"
     quality = json.loads((reports / "gate.json").read_text())["checks"][0]
     assert quality["skipped"] == f"{change}: judged by its own checks (gate.compare_across_sources is false)"
     assert "live" not in quality and "drop" not in quality
@@ -162,7 +163,8 @@ def test_drift_over_a_threshold_blocks(tmp_path: Path):
 def test_forced_run_passes_and_records_who_and_why(tmp_path: Path):
     reports = _reports(tmp_path, window=0.6)
     cfg = GateParams(force=True, force_reason="hotfix for a broken catalog, reviewed by ops")
-    assert _gate(reports, cfg) == {"passed": True, "forced": True, "reasons": 2}
+    assert _gate(reports, cfg) == {"passed": True, "forced": True, "reasons": 2, "quality":
+                                   "ndcg@20 0.2500 vs live v1 0.2810 on this run's holdout: fell 0.031 > 0.010"}
     decision = json.loads((reports / "gate.json").read_text())
     assert decision["passed"] and decision["forced"]
     assert decision["forced_by"] == getpass.getuser()
