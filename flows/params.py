@@ -171,6 +171,7 @@ class GateParams(Section):
     metric: str = "ndcg@20"                            # a two_tower figure of reports/metrics.json
     max_quality_drop: float | None = Field(0.01, ge=0) # absolute drop of metric vs the live model; null: not checked
     max_drift_share: DriftLimits = DriftLimits()
+    compare_across_sources: bool = False               # true: compare with a live model of another source too
     force: bool = False
     force_reason: str | None = None
     forced_by: str | None = None                       # who forced (the CLI sets the login name)

@@ -40,6 +40,15 @@ def most_popular_scorer(task: CatalogTask) -> Scorer:
     return lambda s, e: popularity.expand(e - s, -1)                     # (b, I)
 
 
+def scorer_metrics(eval_cfg: EvaluateParams, task: CatalogTask, scorer: Scorer) -> dict:
+    """One model's figures on the task: recall, ndcg, hitrate, coverage and tail_recall at every K of
+    eval_cfg.ks. The one code path of every model the evaluate stage scores (the live model too), so
+    that their figures are comparable."""
+    ks = sorted(set(eval_cfg.ks))
+    return rounded(full_catalog_metrics(scorer, task.n_users, task.n_items, task.seen, task.relevant, ks,
+                                        metrics=METRICS, tail=task.tail(eval_cfg.tail_share)))
+
+
 def evaluation_report(eval_cfg: EvaluateParams, task: CatalogTask, bundle: TwoTowerBundle,
                       examples: pd.DataFrame, items: pd.DataFrame) -> dict:
     """{"two_tower": {...}, "most_popular": {...}, "ease": {...}, "ease_lambda", "ease_validation",
@@ -48,10 +57,8 @@ def evaluation_report(eval_cfg: EvaluateParams, task: CatalogTask, bundle: TwoTo
     tunes λ on a split of their training part)."""
     ks = sorted(set(eval_cfg.ks))
     tail = task.tail(eval_cfg.tail_share)
-    scorers = {"two_tower": two_tower_scorer(bundle, task), "most_popular": most_popular_scorer(task)}
-    result: dict = {name: rounded(full_catalog_metrics(fn, task.n_users, task.n_items, task.seen, task.relevant,
-                                                       ks, metrics=METRICS, tail=tail))
-                    for name, fn in scorers.items()}
+    result: dict = {"two_tower": scorer_metrics(eval_cfg, task, two_tower_scorer(bundle, task)),
+                    "most_popular": scorer_metrics(eval_cfg, task, most_popular_scorer(task))}
     result.update(ease_baseline(eval_cfg, task, examples, items, ks))
     result["n_users"] = task.n_users
     result["n_items"] = task.n_items

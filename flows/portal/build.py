@@ -72,6 +72,7 @@ def build_portal(reports_dir: Path, inputs: PortalInputs, out: Path | None = Non
     out = out or reports_dir / "index.html"
     page = _Page(out, reports_dir)
     _gate(page, reports_dir / "gate.json")
+    _champion(page, reports_dir / "champion.json")
     _publish(page, inputs.publish_record)
     _metrics(page, reports_dir, inputs.previous_metrics)
     _curves(page, inputs.curves_dir)
@@ -112,6 +113,29 @@ def _gate(page: _Page, path: Path) -> None:
     reason = gate.get("reason") or gate.get("message") or ""
     body = f'<p class="verdict {verdict[0]}">Gate {verdict[1]}{": " + esc(reason) if reason else ""}</p>'
     page.add("Gate decision", body + _kv(gate) + f"<p>{page.link(path, path.name)}</p>", "gate")
+
+
+def _champion(page: _Page, path: Path) -> None:
+    """The live model beside this run, both scored on this run's holdout (what the gate compares)."""
+    if not path.is_file():
+        return  # a run before the evaluate stage: nothing to show
+    champion = _read_json(path, page, "champion")
+    if not isinstance(champion, dict):
+        return
+    version, change = champion.get("live_version"), (champion.get("lineage") or {}).get("change")
+    notes = [f"Not compared: {esc(champion.get('reason'))}."] if not champion.get("compared") else [
+        f"Live {esc(version)} scored on this run's holdout: {esc(fmt(champion.get('cold_users')))} of "
+        f"{esc(fmt(champion.get('n_users')))} users and {esc(fmt(champion.get('cold_items')))} of "
+        f"{esc(fmt(champion.get('n_items')))} items are unknown to it (answered cold)."]
+    if change:
+        notes.append(f"New lineage: {esc(change)}; the gate compares only with gate.compare_across_sources.")
+    mine, live = champion.get("challenger") or {}, champion.get("metrics") or {}
+    rows = [(esc(k), esc(fmt(v)), esc(fmt(live.get(k))), delta(v, live.get(k))) for k, v in mine.items()]
+    body = "".join(f"<p>{n}</p>" for n in notes)
+    if live:
+        body += table(["figure", "this run", f"live {esc(version)}", "change"], rows, "metrics")
+    page.add("This run vs the live model, on this run's holdout", body + f"<p>{page.link(path, path.name)}</p>",
+             "champion")
 
 
 def _publish(page: _Page, record: Path | None) -> None:

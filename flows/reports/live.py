@@ -7,6 +7,7 @@ figures, its evaluation metrics and a sample of the data it was trained on.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from flows.errors import GateBlocked, MissingStageInput, PublishError
-from flows.serving.store import BundleStore
+from flows.serving.store import EVAL_MODEL_DIR, BundleStore
 
 # file under reports/ → name in the bundle
 BUNDLE_FILES = {
@@ -45,6 +46,40 @@ class LiveBundle:
         file = self.path / name
         return pd.read_parquet(file) if file.is_file() else None
 
+    def lineage(self) -> dict[str, Any] | None:
+        """The source the live model was trained on: bundle.json's "lineage", or, for a bundle that
+        predates it, the same figures from the schema.json every bundle keeps; None when neither is."""
+        recorded = (self.json("bundle.json") or {}).get("lineage")
+        if isinstance(recorded, dict):
+            return recorded
+        schema = self.json("schema.json")
+        return lineage(schema) if schema is not None else None
+
+
+def lineage(schema: dict[str, Any]) -> dict[str, Any]:
+    """What a run's data is: the resolved data.source (ingest writes it into schema.json) and a digest
+    of the contract the model reads (id types, feature columns by kind). Serving events appended to a
+    source keep its lineage: they are that source's newest rows."""
+    contract = {"user_id_dtype": schema.get("user_id_dtype"), "item_id_dtype": schema.get("item_id_dtype"),
+                **{side: {kind: sorted((schema.get(side) or {}).get(kind) or [])
+                          for kind in ("categorical", "numeric", "multi")}
+                   for side in ("user_features", "item_features")}}
+    digest = hashlib.sha256(json.dumps(contract, sort_keys=True).encode()).hexdigest()[:16]
+    return {"source": schema.get("source"), "schema_digest": digest}
+
+
+def lineage_change(current: dict[str, Any], live: dict[str, Any] | None, version: str) -> str | None:
+    """One line when this run's data is not the live model's lineage (another source, or the same
+    source under another contract); None when it is, or when the live bundle does not say."""
+    if live is None:
+        return None
+    if live.get("source") != current.get("source"):
+        return f"new source: this run reads {current.get('source')}, live {version} was trained on {live.get('source')}"
+    if live.get("schema_digest") != current.get("schema_digest"):
+        return (f"new data contract: the id types or feature columns of {current.get('source')} changed since "
+                f"live {version} (schema {live.get('schema_digest')} -> {current.get('schema_digest')})")
+    return None
+
 
 def live_bundle(published_dir: Path) -> LiveBundle | None:
     """The bundle LIVE points at; None when nothing was published yet (no LIVE, or it names a version
@@ -71,6 +106,23 @@ def bundle_reports(reports_dir: Path, bundle_dir: Path) -> list[str]:
             shutil.copy2(reports_dir / src, bundle_dir / name)
             written.append(name)
     return sorted(written)
+
+
+EVAL_MODEL = EVAL_MODEL_DIR     # in a bundle: the model its run evaluated (trained without that run's holdout)
+EVAL_MODEL_FILES = ("model.pt", "encoder.json", "model.json")
+
+
+def bundle_eval_model(eval_dir: Path, bundle_dir: Path) -> bool:
+    """Keep the run's evaluation model in the bundle (publish calls this while it builds one): the next
+    run scores it on its own holdout. The served model cannot stand in: it was refit on every row,
+    the next holdout's included. False when eval_dir holds no model (the next gate then says so)."""
+    if not all((eval_dir / name).is_file() for name in EVAL_MODEL_FILES[:2]):
+        return False
+    (bundle_dir / EVAL_MODEL).mkdir(parents=True, exist_ok=True)
+    for name in EVAL_MODEL_FILES:
+        if (eval_dir / name).is_file():
+            shutil.copy2(eval_dir / name, bundle_dir / EVAL_MODEL / name)
+    return True
 
 
 def require_passed(gate_path: Path) -> dict[str, Any]:

@@ -97,12 +97,6 @@ def flatten(snapshot: dict[str, Any], k: int) -> dict[str, float]:
     return dict(sorted(out.items()))
 
 
-def figures_of(quality: dict[str, Any] | None) -> dict[str, float]:
-    """The "<figure>@<k>" entries of a quality.json (a live bundle's), without its own comparison."""
-    return {k: float(v) for k, v in (quality or {}).items()
-            if "@" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 def add_comparison(html_path: Path, figures: dict[str, float], previous: dict[str, float] | None,
                    heading: str) -> None:
     """Put a table of this run's figures beside the live model's at the top of the Evidently page

@@ -43,6 +43,8 @@ from flows.errors import PublishError, StoreBusy, TowerflowError
 from flows.locks import file_lock
 
 MODEL_DIR, RANKER_DIR, INDEX_DIR, ADDED_DIR = "model", "ranker", "index", "added_items"
+# the model its run evaluated (trained without that run's holdout): what the next run's gate scores
+EVAL_MODEL_DIR = "eval_model"
 MODEL_FILES = ("model.pt", "encoder.json", "model.json")
 BUNDLE_JSON = "bundle.json"
 PARTIAL_JSON = "partial.json"     # what a partial build created outside its folder (a server collection)

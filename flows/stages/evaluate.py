@@ -1,5 +1,6 @@
 """evaluate stage: full-catalog ranking metrics of the evaluation model vs. most popular and EASE
-(models/evaluation.py) on the test split of data/training."""
+(models/evaluation.py) on the test split of data/training, and of the live model on the same split
+(flows/reports/champion.py: the gate's quality comparison)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from flows.errors import DataContractError, MissingStageInput
+from flows.reports.champion import champion_report
+from flows.reports.live import live_bundle
 from models.errors import ModelInputError, ModelNotFound
 from models.evaluation import evaluation_report, holdout_recommendations
 from models.holdout import CatalogTask, catalog_task
@@ -48,14 +51,18 @@ def _read_model(model_dir: Path) -> TwoTowerBundle:
 
 
 def evaluate(eval_cfg: EvaluateParams, training_dir: Path, model_dir: Path, out_path: Path,
-             recs_path: Path | None = None) -> dict:
+             recs_path: Path | None = None, published_dir: Path | None = None, schema_path: Path | None = None,
+             champion_path: Path | None = None) -> dict:
     """Reads training_dir/{examples,items}.parquet and the eval model under model_dir; writes out_path
     (reports/metrics.json): {"two_tower": {...}, "most_popular": {...}, "ease": {...}, "ease_lambda",
     "ease_validation", "n_users", "n_items", "n_tail_items"}; each model's metrics are recall, ndcg,
     hitrate, coverage and tail_recall at every K of eval_cfg.ks (see models/metrics.py). With
     recs_path, also writes the two-tower's holdout recommendations there (parquet: user_id, item_id,
     rank, score, target; the top max(ks) per user and the held-out items outside it), which the
-    report stage measures with Evidently. A model whose vectors are not finite is refused."""
+    report stage measures with Evidently. With champion_path, also scores the model live in
+    published_dir (read when the stage runs, as the report stage does) on the same holdout and writes
+    champion_path (reports/champion.json, see flows/reports/champion.py; schema_path: this run's
+    ingested schema.json, its source and contract). A model whose vectors are not finite is refused."""
     examples, items = _read_training(training_dir)
     source = training_dir / "examples.parquet"
     task = _test_task(examples, items, source)
@@ -65,9 +72,25 @@ def evaluate(eval_cfg: EvaluateParams, training_dir: Path, model_dir: Path, out_
         recs = holdout_recommendations(bundle, task, max(eval_cfg.ks)) if recs_path is not None else None
     except ModelInputError as exc:
         raise DataContractError(f"{source}: {exc}") from exc
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(out_path, result)
     if recs is not None:
         recs_path.parent.mkdir(parents=True, exist_ok=True)
         recs.to_parquet(recs_path, index=False)
+    if champion_path is not None:
+        live = live_bundle(published_dir) if published_dir is not None else None
+        _write_json(champion_path, champion_report(eval_cfg, task, result["two_tower"], live,
+                                                   _read_schema(schema_path)))
     return result
+
+
+def _read_schema(schema_path: Path | None) -> dict:
+    if schema_path is None:
+        return {}
+    if not schema_path.is_file():
+        raise MissingStageInput(f"{schema_path}: not found; run the ingest stage first")
+    return json.loads(schema_path.read_text())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -2,7 +2,9 @@
 
 Rules (params `gate`):
 - quality: gate.metric of the two-tower (reports/metrics.json) may fall by at most
-  gate.max_quality_drop (absolute) below the live model's, as recorded by the report stage;
+  gate.max_quality_drop (absolute) below the live model's on the same holdout (reports/champion.json,
+  which the evaluate stage writes); a live model of another source, or one that cannot be scored on
+  this data, is not compared;
 - drift: per comparison of reports/drift/summary.json (the newest window vs the rest of the training
   data; this run's training data vs the live model's), the share of drifted columns may be at most
   gate.max_drift_share.<comparison>.
@@ -30,29 +32,38 @@ def _read(path: Path, upstream: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def quality_check(cfg: GateParams, metrics: dict[str, Any], previous: dict[str, Any],
+def quality_check(cfg: GateParams, metrics: dict[str, Any], champion: dict[str, Any],
                   metrics_path: Path) -> dict[str, Any]:
-    """gate.metric of this run vs the live model's (previous: quality.json's "previous")."""
+    """gate.metric of this run's evaluation model vs the live model's, both on this run's holdout
+    (champion: reports/champion.json). Not compared, and so passed with the reason: nothing live, a
+    live model that cannot be scored on this data, or one trained on another source (unless
+    gate.compare_across_sources)."""
     current = metrics.get("two_tower", {})
     if cfg.metric not in current:
         raise ConfigError(f"gate.metric '{cfg.metric}' is not a two_tower figure of {metrics_path} "
                           f"(it has: {', '.join(current)})")
+    version = champion.get("live_version")
     check: dict[str, Any] = {"name": "quality", "metric": cfg.metric, "current": current[cfg.metric],
-                             "max_drop": cfg.max_quality_drop}
-    live = previous.get("metrics", {}).get(cfg.metric)
-    if "skipped" in previous:
-        return {**check, "passed": True, "skipped": previous["skipped"]}
+                             "max_drop": cfg.max_quality_drop, "live_version": version,
+                             "holdout": "this run's"}
+    change = (champion.get("lineage") or {}).get("change")
+    if change and not cfg.compare_across_sources:
+        return {**check, "passed": True, "lineage_change": change,
+                "skipped": f"{change}: judged by its own checks (gate.compare_across_sources is false)"}
+    if not champion.get("compared"):
+        return {**check, "passed": True, "skipped": f"not compared: {champion.get('reason')}"}
+    live = champion.get("metrics", {}).get(cfg.metric)
     if live is None:
-        return {**check, "passed": True, "skipped": f"the live bundle {previous.get('version')} has no "
-                                                    f"{cfg.metric} in its metrics.json"}
+        return {**check, "passed": True, "skipped": f"not compared: champion.json has no live {cfg.metric}"}
     drop = round(live - current[cfg.metric], 6)
-    check.update(live=live, live_version=previous.get("version"), drop=drop)
+    check.update(live=live, drop=drop, **{k: champion[k] for k in ("n_users", "n_items", "cold_users",
+                                                                   "cold_items") if k in champion})
     if cfg.max_quality_drop is None:
         return {**check, "passed": True, "skipped": "gate.max_quality_drop is null"}
     check["passed"] = drop <= cfg.max_quality_drop
     if not check["passed"]:
-        check["reason"] = (f"{cfg.metric} fell {drop:.3f} > {cfg.max_quality_drop:.3f} "
-                           f"vs live {previous.get('version')}")
+        check["reason"] = (f"{cfg.metric} {current[cfg.metric]:.4f} vs live {version} {live:.4f} on this run's "
+                           f"holdout: fell {drop:.3f} > {cfg.max_quality_drop:.3f}")
     return check
 
 
@@ -82,21 +93,22 @@ def _who(cfg: GateParams) -> str:
 
 
 def gate(cfg: GateParams, metrics_path: Path, quality_path: Path, drift_path: Path, out_path: Path,
-         portal: Path) -> dict[str, Any]:
-    """Reads reports/metrics.json (evaluate), reports/quality/quality.json and reports/drift/summary.json
-    (report); writes out_path (reports/gate.json): {passed, checks, reasons, forced, forced_by,
-    force_reason, at, message}. Raises GateBlocked (one line: the reasons, where to look, how to
-    override) when a check failed and the run is not forced."""
-    metrics, quality = _read(metrics_path, "evaluate"), _read(quality_path, "report")
+         portal: Path, champion_path: Path) -> dict[str, Any]:
+    """Reads reports/metrics.json and reports/champion.json (evaluate), reports/quality/quality.json and
+    reports/drift/summary.json (report); writes out_path (reports/gate.json): {passed, checks, reasons,
+    forced, forced_by, force_reason, at, live_version, message}. Raises GateBlocked (one line: the
+    reasons, where to look, how to override) when a check failed and the run is not forced."""
+    metrics, champion = _read(metrics_path, "evaluate"), _read(champion_path, "evaluate")
+    _read(quality_path, "report")    # the report ran: its pages are what a reviewer of the decision reads
     drift = _read(drift_path, "report")
-    checks = [quality_check(cfg, metrics, quality.get("previous", {}), metrics_path)]
+    checks = [quality_check(cfg, metrics, champion, metrics_path)]
     checks += [drift_check(name, drift[name], getattr(cfg.max_drift_share, name)) for name in LABELS if name in drift]
     reasons = [c["reason"] for c in checks if not c["passed"]]
     decision: dict[str, Any] = {
         "passed": not reasons or cfg.force, "forced": cfg.force,
         "forced_by": _who(cfg) if cfg.force else None, "force_reason": cfg.force_reason if cfg.force else None,
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "live_version": quality.get("previous", {}).get("version"), "checks": checks, "reasons": reasons,
+        "live_version": champion.get("live_version"), "checks": checks, "reasons": reasons,
     }
     if reasons:
         decision["message"] = ("gate: " + "; ".join(reasons) + f"; see {portal}"
@@ -106,5 +118,13 @@ def gate(cfg: GateParams, metrics_path: Path, quality_path: Path, drift_path: Pa
     out_path.write_text(json.dumps(decision, indent=2) + "\n")
     if not decision["passed"]:
         raise GateBlocked(decision["message"])
-    return {"passed": True, "forced": cfg.force, "reasons": len(reasons)}
+    return {"passed": True, "forced": cfg.force, "reasons": len(reasons), "quality": _quality_line(checks[0])}
+
+
+def _quality_line(check: dict[str, Any]) -> str:
+    """The quality check in one line for the stage's summary: what was compared, or why not."""
+    if "skipped" in check:
+        return check["skipped"]
+    return check.get("reason") or (f"{check['metric']} {check['current']:.4f} vs live {check['live_version']} "
+                                   f"{check['live']:.4f} on this run's holdout (drop {check['drop']:.3f})")
 

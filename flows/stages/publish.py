@@ -23,7 +23,7 @@ from flows.serving.bundles import open_store, version_name
 from flows.serving.store import MODEL_DIR, MODEL_FILES, RANKER_DIR, BundleStore, model_digest
 from flows.serving.index import IndexSettings, catalog_payloads, choose_backend, create_index, pause_point
 from flows.serving.index.qdrant_server import collection_name, server_url
-from flows.reports.live import bundle_reports, require_passed
+from flows.reports.live import bundle_eval_model, bundle_reports, lineage, require_passed
 from flows.serving.verify import check_vectors, verify_index
 
 REQUIRED_MODEL_FILES = ("model.pt", "encoder.json")
@@ -34,7 +34,7 @@ REQUIRED_MODEL_FILES = ("model.pt", "encoder.json")
 
 def publish(model_dir: Path, training_dir: Path, schema_path: Path, cfg: PublishParams,
             published_dir: Path, seed: int = 0, reports_dir: Path | None = None,
-            ranker_dir: Path | None = None) -> dict[str, Any]:
+            ranker_dir: Path | None = None, eval_model_dir: Path | None = None) -> dict[str, Any]:
     """Encode training_dir/items.parquet with the model in model_dir and publish both as a bundle.
 
     Writes published_dir/versions/<version>/ (model/, schema.json, item_vectors.parquet,
@@ -47,7 +47,9 @@ def publish(model_dir: Path, training_dir: Path, schema_path: Path, cfg: Publish
     this run passed the gate, and the run's metrics, quality, gate decision and drift reference are
     copied into the bundle: the next run's gate compares against them. ranker_dir (the rank stage's
     output) is copied into the bundle's ranker/: `rerank` serves the ranker of the live version,
-    and a rollback brings back its own.
+    and a rollback brings back its own. With eval_model_dir (the train stage's eval/), its model is
+    kept as eval_model/: the one the next run scores on its holdout (the served model was refit on
+    every row, that holdout included).
     """
     if reports_dir is not None:
         require_passed(reports_dir / "gate.json")
@@ -55,7 +57,8 @@ def publish(model_dir: Path, training_dir: Path, schema_path: Path, cfg: Publish
     store = open_store(published_dir)
     live = store.live()
     try:
-        return _publish(model_dir, training_dir, schema, items, cfg, store, seed, reports_dir, ranker_dir)
+        return _publish(model_dir, training_dir, schema, items, cfg, store, seed, reports_dir, ranker_dir,
+                        eval_model_dir)
     except PublishError as exc:
         raise PublishError(f"publish refused: {exc}; the live version ({live or 'none'}) is unchanged") from exc
 
@@ -77,7 +80,7 @@ def _inputs(model_dir: Path, training_dir: Path, schema_path: Path) -> tuple[pd.
 
 def _publish(model_dir: Path, training_dir: Path, schema: dict[str, Any], items: pd.DataFrame,
              cfg: PublishParams, store: BundleStore, seed: int, reports_dir: Path | None,
-             ranker_dir: Path | None) -> dict[str, Any]:
+             ranker_dir: Path | None, eval_model_dir: Path | None = None) -> dict[str, Any]:
     from models.inference import load_bundle   # torch: only when a stage really publishes
 
     try:
@@ -116,7 +119,7 @@ def _publish(model_dir: Path, training_dir: Path, schema: dict[str, Any], items:
             version = version_name(digest)
             queries = user_sample(model, training_dir, schema, cfg.verify_users, seed)
             _build(store, version, model_dir, items, schema, vectors, payloads, queries, backend, settings,
-                   cfg, digest, live, reports_dir, ranker_dir)
+                   cfg, digest, live, reports_dir, ranker_dir, eval_model_dir)
         pause_point("switch")
         previous = store.switch(version, "publish", f"{action} from {model_dir}")
         pruned = store.prune(cfg.keep_versions)
@@ -168,7 +171,8 @@ def user_sample(model: Any, training_dir: Path, schema: dict[str, Any], n: int, 
 def _build(store: BundleStore, version: str, model_dir: Path, items: pd.DataFrame, schema: dict[str, Any],
            vectors: np.ndarray, payloads: list[dict], queries: np.ndarray, backend: str,
            settings: IndexSettings, cfg: PublishParams, digest: str, live: str | None,
-           reports_dir: Path | None = None, ranker_dir: Path | None = None) -> None:
+           reports_dir: Path | None = None, ranker_dir: Path | None = None,
+           eval_model_dir: Path | None = None) -> None:
     collection = collection_name(cfg.collection_prefix, version) if backend == "qdrant-server" else None
     partial = store.partial(version, {"backend": backend, "collection": collection})
     try:
@@ -177,6 +181,8 @@ def _build(store: BundleStore, version: str, model_dir: Path, items: pd.DataFram
             bundle_reports(reports_dir, partial)
         if ranker_dir is not None:
             shutil.copytree(ranker_dir, partial / RANKER_DIR)
+        if eval_model_dir is not None:
+            bundle_eval_model(eval_model_dir, partial)
         (partial / "index").mkdir()   # a server bundle keeps it empty: the collection is on the server
         index = create_index(backend, settings, path=partial / "index", collection=collection)
         try:
@@ -192,7 +198,9 @@ def _build(store: BundleStore, version: str, model_dir: Path, items: pd.DataFram
                 "collection": collection, "alias": cfg.alias if collection else None, "count": len(ids),
                 "dim": settings.dim, "distance": "cosine", "item_id_dtype": schema.get("item_id_dtype"),
                 "settings": settings.to_dict(), "verification": figures, "created_at": _now(), "previous": live,
-                "ranker": (partial / RANKER_DIR).is_dir()}
+                "ranker": (partial / RANKER_DIR).is_dir(),
+                # the next run is compared with this model only on the same source (flows/reports/live.py)
+                "lineage": lineage(schema)}
         store.promote(partial, version, meta)
     except BaseException:
         # The build is not live and never will be: remove it now (a kill leaves it to the next run).

@@ -61,28 +61,32 @@ def _rank(p: Params, paths: PathsParams) -> dict[str, Any]:
 def _evaluate(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.evaluate import evaluate
     return evaluate(p.evaluate, paths.training, paths.model / "eval", out_path=paths.reports / "metrics.json",
-                    recs_path=paths.reports / "quality" / "recs.parquet")
+                    recs_path=paths.reports / "quality" / "recs.parquet", published_dir=paths.published,
+                    schema_path=paths.ingested / "schema.json", champion_path=paths.reports / "champion.json")
 
 
 def _publish(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.publish import publish
     return publish(paths.model / "full", paths.training, paths.ingested / "schema.json", p.publish,
                    published_dir=paths.published, seed=p.base.seed, reports_dir=paths.reports,
-                   ranker_dir=paths.ranker)
+                   ranker_dir=paths.ranker, eval_model_dir=paths.model / "eval")
 
 
 def _report(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.report import report
     return report(p.report, p.gate.max_drift_share, p.base.seed, paths.ingested, paths.training,
                   recs_path=paths.reports / "quality" / "recs.parquet", published_dir=paths.published,
-                  drift_dir=paths.reports / "drift", quality_dir=paths.reports / "quality")
+                  drift_dir=paths.reports / "drift", quality_dir=paths.reports / "quality",
+                  champion_path=paths.reports / "champion.json",
+                  compare_across_sources=p.gate.compare_across_sources)
 
 
 def _gate(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.gate import gate
     return gate(p.gate, paths.reports / "metrics.json", paths.reports / "quality" / "quality.json",
                 paths.reports / "drift" / "summary.json", out_path=paths.reports / "gate.json",
-                portal=p.paths.reports / "index.html")   # as the user wrote it: relative to the project
+                portal=p.paths.reports / "index.html",   # as the user wrote it: relative to the project
+                champion_path=paths.reports / "champion.json")
 
 
 _RUNNERS: dict[str, Callable[[Params, PathsParams], dict[str, Any]]] = {

@@ -29,29 +29,36 @@ from flows.reports.frames import (
     read_training,
     utc,
 )
-from flows.reports.live import LiveBundle, live_bundle
-from flows.reports.quality import add_comparison, check_recs, figures_of, quality_report
+from flows.reports.live import LiveBundle, lineage, lineage_change, live_bundle
+from flows.reports.quality import add_comparison, check_recs, quality_report
 
 NO_LIVE = "no previous published model"
 
 
 def report(report_cfg: ReportParams, limits: DriftLimits, seed: int, ingested: Path, training_dir: Path,
-           recs_path: Path, published_dir: Path, drift_dir: Path, quality_dir: Path) -> dict[str, Any]:
+           recs_path: Path, published_dir: Path, drift_dir: Path, quality_dir: Path,
+           champion_path: Path | None = None, compare_across_sources: bool = False) -> dict[str, Any]:
     """Writes quality_dir/quality.html + quality.json ({"ndcg@20": ..., "k", "users", "previous"}) and
     drift_dir/{window,published}.html + .json (Evidently), drift_dir/summary.json (per comparison: drift
     share, drifted columns, rows; or why it was skipped) and drift_dir/reference.parquet (the sample of
     this run's training rows that a published bundle keeps). limits: the gate's drift thresholds, so
-    Evidently's verdict in the pages matches the gate's."""
+    Evidently's verdict in the pages matches the gate's. champion_path: the evaluate stage's
+    reports/champion.json, the live model on this run's holdout (the quality comparison's figures).
+    A live model of another source (or contract) is not compared unless compare_across_sources."""
     data = read_training(ingested, training_dir)
     frame = interaction_frame(data)
     live = live_bundle(published_dir)
+    new_lineage = None if live is None or compare_across_sources else \
+        lineage_change(lineage(data.schema), live.lineage(), live.version)
     sample = bounded(frame.rows[frame.columns], report_cfg.drift_rows, seed)
     drift_dir.mkdir(parents=True, exist_ok=True)
     sample.to_parquet(drift_dir / "reference.parquet", index=False)
     drift = {"window": _window_drift(report_cfg, limits.window, seed, data, frame, drift_dir),
-             "published": _published_drift(limits.published, sample, frame, live, drift_dir)}
+             "published": _published_drift(limits.published, sample, frame, live, drift_dir, new_lineage)}
     (drift_dir / "summary.json").write_text(json.dumps(drift, indent=2) + "\n")
-    quality = _quality(report_cfg, seed, data, recs_path, live, quality_dir)
+    champion = json.loads(champion_path.read_text()) if champion_path is not None and champion_path.is_file() else {}
+    quality = _quality(report_cfg, seed, data, recs_path, live_baseline(champion, compare_across_sources),
+                       quality_dir)
     ndcg = f"ndcg@{report_cfg.k}"
     return {"live_version": live.version if live else None, ndcg: quality.get(ndcg),
             **{f"{name}_drift_share": d.get("drift_share") for name, d in drift.items()}}
@@ -75,9 +82,11 @@ def _window_drift(report_cfg: ReportParams, limit: float | None, seed: int, data
 
 
 def _published_drift(limit: float | None, sample: pd.DataFrame, frame: Frame, live: LiveBundle | None,
-                     drift_dir: Path) -> dict[str, Any]:
+                     drift_dir: Path, new_lineage: str | None = None) -> dict[str, Any]:
     html_path, json_path = drift_dir / "published.html", drift_dir / "published.json"
     title = "Drift: this run vs the live model's training data"
+    if new_lineage is not None:    # another source's rows differ by nature: that is not drift
+        return skipped_report(new_lineage, title, html_path, json_path)
     previous = live.frame("drift_reference.parquet") if live else None
     if previous is None:
         why = NO_LIVE if live is None else f"the live bundle {live.version} has no drift_reference.parquet"
@@ -90,7 +99,7 @@ def _published_drift(limit: float | None, sample: pd.DataFrame, frame: Frame, li
     return {**brief(summary), "live_version": live.version, **({"columns_on_one_side": only} if only else {})}
 
 
-def _quality(report_cfg: ReportParams, seed: int, data: TrainingData, recs_path: Path, live: LiveBundle | None,
+def _quality(report_cfg: ReportParams, seed: int, data: TrainingData, recs_path: Path, previous: dict[str, Any],
              quality_dir: Path) -> dict[str, Any]:
     k = report_cfg.k
     recs = read_parquet(recs_path, "evaluate")
@@ -108,19 +117,28 @@ def _quality(report_cfg: ReportParams, seed: int, data: TrainingData, recs_path:
             vectors, note = None, "diversity and serendipity skipped: the items have no features"
     html_path = quality_dir / "quality.html"
     figures = quality_report(recs, train, vectors, k, html_path)
-    previous = live_baseline(live)
-    heading = f"Model quality @{k}: this run vs live {live.version}" if live else f"Model quality @{k}: {NO_LIVE}"
-    add_comparison(html_path, figures, previous.get("figures"), heading)
+    add_comparison(html_path, previous.get("challenger") or figures, previous.get("metrics"),
+                   f"Model quality: {previous['line']}")
     out = {**figures, "k": k, "users": int(recs["user_id"].nunique()), "previous": previous,
            **({"note": note} if note else {})}
     (quality_dir / "quality.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
-def live_baseline(live: LiveBundle | None) -> dict[str, Any]:
-    """What the gate compares with: the live bundle's quality figures and evaluation metrics."""
-    if live is None:
-        return {"skipped": NO_LIVE}
-    metrics = live.json("metrics.json") or {}
-    return {"version": live.version, "figures": figures_of(live.json("quality.json")),
-            "metrics": metrics.get("two_tower", {})}
+def live_baseline(champion: dict[str, Any], compare_across_sources: bool = False) -> dict[str, Any]:
+    """The live model beside this run, both on this run's holdout (champion: reports/champion.json), as
+    the gate compares them: {"version", "line", "challenger" (this run's figures), and "metrics" (the
+    live model's) + cold counts, or "skipped": why they are not compared}."""
+    version, change = champion.get("live_version"), (champion.get("lineage") or {}).get("change")
+    why = None if champion.get("compared") else champion.get("reason") or NO_LIVE
+    if change and not compare_across_sources:
+        why = f"{change} (gate.compare_across_sources is false)"
+    if why is not None:
+        return {"version": version, "skipped": why, "line": f"live model not compared: {why}",
+                "challenger": champion.get("challenger")}
+    cold = {k: champion[k] for k in ("n_users", "n_items", "cold_users", "cold_items") if k in champion}
+    line = (f"this run vs live {version}, both on this run's holdout ({cold.get('cold_users')} of "
+            f"{cold.get('n_users')} users and {cold.get('cold_items')} of {cold.get('n_items')} items "
+            "unknown to the live model)")
+    return {"version": version, "holdout": "this run's", "metrics": champion.get("metrics", {}), **cold,
+            "line": line, "challenger": champion.get("challenger"), **({"lineage_change": change} if change else {})}

@@ -14,7 +14,7 @@ import hashlib
 import json
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from flows.errors import DataContractError, MissingStageInput
-from flows.serving.store import BundleStore
+from flows.serving.store import EVAL_MODEL_DIR, BundleStore
 from models.checkpoint import load_model, save_model, save_warm_start
 from models.distributed import join_launched_group, spawn_fit
 from models.early_stopping import ValidationTask, carve, outside
@@ -181,7 +181,8 @@ class _Live:
 
     model_dir: Path
     version: str
-    cutoff: pd.Timestamp | None      # train.since, or the newest interaction the live model trained on
+    trained_until: pd.Timestamp | None   # the newest interaction the live model trained on (model.json)
+    cutoff: pd.Timestamp | None      # train.since, or trained_until
     inclusive: bool                  # since: rows at or after it; the live cutoff: rows after it
     epochs: int                      # train.finetune_epochs
     replay: float                    # train.finetune_replay
@@ -200,15 +201,45 @@ def _live_model(train_cfg: TrainParams, published_dir: Path | None) -> tuple[_Li
     if version is None:
         return None, "no live bundle to fine-tune: trained in full"
     model_dir = store.model_dir(version)
+    trained_until = _data_until(model_dir)
     since = getattr(train_cfg, "since", None)
     if since is not None:
         cutoff, inclusive = pd.Timestamp(since), True
         cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff.tz_convert("UTC")
     else:
-        meta = json.loads((model_dir / "model.json").read_text()) if (model_dir / "model.json").exists() else {}
-        cutoff, inclusive = (pd.Timestamp(meta["data_until"]) if meta.get("data_until") else None), False
-    return _Live(model_dir, version, cutoff, inclusive, getattr(train_cfg, "finetune_epochs", 2),
+        cutoff, inclusive = trained_until, False
+    return _Live(model_dir, version, trained_until, cutoff, inclusive, getattr(train_cfg, "finetune_epochs", 2),
                  getattr(train_cfg, "finetune_replay", 0.2)), None
+
+
+def _data_until(model_dir: Path) -> pd.Timestamp | None:
+    """The newest interaction a saved model trained on (its model.json), None when it does not say."""
+    meta = json.loads((model_dir / "model.json").read_text()) if (model_dir / "model.json").exists() else {}
+    return pd.Timestamp(meta["data_until"]) if meta.get("data_until") else None
+
+
+
+
+def _eval_start(live: _Live, examples: pd.DataFrame) -> tuple[_Live | None, str | None]:
+    """What the eval model fine-tunes from: a model that never saw this run's holdout (the test split),
+    else it would be scored on rows it learned, an optimistic figure the gate would trust. The live
+    bundle's evaluation model (trained without its run's holdout, so without this one's while the data
+    grows by newer rows), else the live model when its data ends before the holdout starts; (None,
+    why) when neither is there."""
+    twin = live.model_dir.parent / EVAL_MODEL_DIR
+    if (twin / "model.pt").is_file():
+        until = _data_until(twin)
+        return replace(live, model_dir=twin, trained_until=until, cutoff=live.cutoff if live.inclusive else until), None
+    held = examples.loc[examples["split"] == "test", "timestamp"] if "timestamp" in examples.columns else None
+    if held is None or held.empty:
+        return live, None
+    starts = pd.to_datetime(held, utc=True).min()
+    if live.trained_until is None:
+        return None, f"live {live.version} keeps no evaluation model and does not record its training data's end"
+    if live.trained_until >= starts:
+        return None, (f"live {live.version} keeps no evaluation model and trained on data until "
+                      f"{live.trained_until.isoformat()}, after this run's holdout starts ({starts.isoformat()})")
+    return live, None
 
 
 def _finetune_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: _Inputs,
@@ -232,7 +263,7 @@ def _finetune_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, see
                                          spill=ckpt / f"{name}_stream", batch_rows=cfg.read_batch_rows)
     run = _fit_run(name, model_cfg, cfg, seed, encoder, stream, cfg.epochs, None, ckpt, dist)
     run.metrics["update"] = {
-        "mode": "finetune", "from_version": live.version,
+        "mode": "finetune", "from_version": live.version, "from_model": live.model_dir.name,
         "cutoff": None if live.cutoff is None else live.cutoff.isoformat(), "new_rows": selected.new,
         "replay_rows": selected.replay, "new_users": encoder.user_ids.size - trained_encoder.user_ids.size,
         "new_items": encoder.item_ids.size - trained_encoder.item_ids.size}
@@ -267,7 +298,8 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
     dist = join_launched_group(train_cfg)
     inputs = _read_inputs(train_cfg, samples_dir, training_dir, schema_path)
     live, note = _live_model(train_cfg, published_dir)
-    key_files = inputs.key_files(schema_path) + ([live.model_dir / "model.pt"] if live else [])
+    starts = [live.model_dir / "model.pt", live.model_dir.parent / EVAL_MODEL_DIR / "model.pt"] if live else []
+    key_files = inputs.key_files(schema_path) + [f for f in starts if f.is_file()]
     key = checkpoint_key(model_cfg, train_cfg, seed, key_files)
     ckpt = (checkpoint_dir or out_dir.parent / "model_ckpt") / key
     metrics: dict[str, dict] = {}
@@ -282,13 +314,18 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
             epochs = validation.result.best_epoch or train_cfg.epochs
     for name, stream_path in inputs.streams.items():
         run = None
-        if live is not None:
+        # the evaluated model starts from one that never saw this run's holdout; the published one may
+        start, why_full = _eval_start(live, inputs.examples) if live is not None and name == "eval" else (live, None)
+        if start is not None:
             try:
-                run = _finetune_run(name, model_cfg, train_cfg, seed, inputs, live, ckpt, dist)
+                run = _finetune_run(name, model_cfg, train_cfg, seed, inputs, start, ckpt, dist)
             except IncompatibleModel as exc:    # every model then trains in full, with the reason
                 live, note = None, f"the live model cannot be fine-tuned ({exc}): trained in full"
         if run is None:
             run = _model_run(name, model_cfg, train_cfg, seed, inputs, epochs, ckpt, dist)
+            if why_full is not None:
+                run.metrics["update"] = {"mode": "full", "reason": f"{why_full}: the evaluated model trains in "
+                                         "full so that it never saw the holdout"}
         metrics[name], curves[name] = run.metrics, run.curve
         if dist.lead:
             seen = _train_part(inputs) if name == "eval" else inputs.examples

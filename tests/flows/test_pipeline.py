@@ -106,6 +106,23 @@ def test_param_change_reruns_only_dependent_stages(flow_project):
     assert ran == {"train", "rank", "evaluate", "report", "gate", "publish"}
 
 
+def test_the_next_run_scores_the_live_evaluation_model_on_its_holdout(flow_project, contract_source):
+    """Each bundle keeps its run's evaluation model and lineage; the third run (3 epochs) scored the
+    first run's (2 epochs) on its own holdout, and the gate compared the two."""
+    root, *_ = flow_project
+    live = json.loads((root / "artifacts/published/LIVE").read_text())["version"]
+    bundle = root / "artifacts/published/versions" / live
+    assert (bundle / "eval_model" / "model.pt").is_file()
+    assert json.loads((bundle / "bundle.json").read_text())["lineage"]["source"] == str(contract_source)
+    champion = json.loads((root / "reports/champion.json").read_text())
+    assert champion["compared"] and champion["scored"] == "eval_model" and champion["live_version"] != live
+    assert champion["lineage"]["change"] is None and champion["cold_users"] == champion["cold_items"] == 0
+    metrics = json.loads((root / "reports/metrics.json").read_text())["two_tower"]
+    assert champion["challenger"] == metrics and champion["metrics"] != metrics
+    quality = json.loads((root / "reports/gate.json").read_text())["checks"][0]
+    assert quality["live"] == champion["metrics"]["ndcg@20"] and quality["current"] == metrics["ndcg@20"]
+
+
 def test_dvc_agrees_after_the_flow(flow_project):
     root, *_ = flow_project
     status = run([DVC, "status", "--json"], root)

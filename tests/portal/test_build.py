@@ -118,3 +118,26 @@ def test_the_validation_verdict_counts_the_quarantined_events(tmp_path):
     summary["events"]["quarantined"] = 0
     (tmp_path / "reports" / "validation.json").write_text(json.dumps(summary))
     assert "quarantined" not in _site_summary(site)
+
+
+def test_the_live_model_on_this_holdout_is_shown_beside_this_run(tmp_path):
+    """reports/champion.json (evaluate): the figures the gate compares, with the cold counts; a live
+    model of another source says so, and one not compared says why."""
+    reports = tmp_path / "reports"
+    inputs = write_plain_outputs(reports, tmp_path / "artifacts")
+    champion = {"compared": True, "live_version": "v7", "challenger": {"ndcg@20": 0.2478},
+                "metrics": {"ndcg@20": 0.2511}, "n_users": 943, "n_items": 1682, "cold_users": 2,
+                "cold_items": 5, "lineage": {"change": None}}
+    (reports / "champion.json").write_text(json.dumps(champion))
+    html = build_portal(reports, inputs).read_text()
+    section = html[html.index('id="champion"'):]
+    section = section[:section.index("</section>")]
+    assert "Live v7 scored on this run's holdout: 2 of 943 users and 5 of 1,682 items" in section
+    assert "<td>ndcg@20</td><td>0.2478</td><td>0.2511</td>" in section and "-0.0033" in section
+    change = "new source: this run reads /data/b, live v7 was trained on /data/a"
+    (reports / "champion.json").write_text(json.dumps({**champion, "lineage": {"change": change}}))
+    assert f"New lineage: {change}" in build_portal(reports, inputs).read_text()
+    (reports / "champion.json").write_text(json.dumps({"compared": False, "live_version": None,
+                                                        "reason": "no previous published model"}))
+    html = build_portal(reports, inputs).read_text()
+    assert "Not compared: no previous published model." in html and "<th>live None</th>" not in html

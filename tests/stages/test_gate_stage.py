@@ -1,6 +1,7 @@
 """The gate between report and publish, on real files in tmp: this run's reports (metrics.json,
-quality.json with the live model's figures as the report stage records them, drift/summary.json)
-and a fake published folder (LIVE + versions/<v>/) holding the live model's files."""
+champion.json with the live model's figures on this run's holdout as the evaluate stage writes it,
+quality.json, drift/summary.json) and a published folder (LIVE + versions/<v>/) holding the live
+model's files. tests/stages/test_champion.py runs the real evaluate stage into the gate."""
 from __future__ import annotations
 
 import getpass
@@ -18,25 +19,37 @@ from flows.reports.live import BUNDLE_FILES, bundle_reports, live_bundle
 from flows.errors import GateBlocked
 from flows.reports.live import require_passed
 from flows.stages.gate import gate
-from flows.stages.report import live_baseline
 
 ROOT = Path(__file__).resolve().parents[2]
 NDCG = 0.25
+LIVE = 0.281        # the live model's ndcg@20 on this run's holdout
 
 
 def _drift(share: float, drifted: list[str], n: int = 10) -> dict:
     return {"drift_share": share, "n_columns": n, "n_drifted": len(drifted), "drifted_columns": drifted}
 
 
-def _reports(root: Path, published: Path, ndcg: float = NDCG, window: float = 0.1,
-             published_share: float | None = 0.0) -> Path:
-    """This run's reports as evaluate and report write them, compared with what `published` holds."""
+def _champion(ndcg: float, live: float | None, change: str | None = None) -> dict:
+    """reports/champion.json as the evaluate stage writes it: live v1 scored on this run's holdout."""
+    mine = {"ndcg@20": ndcg, "recall@20": 0.2}
+    if live is None:
+        return {"compared": False, "live_version": None, "reason": "no previous published model", "challenger": mine}
+    return {"compared": True, "live_version": "v1", "challenger": mine, "metrics": {"ndcg@20": live, "recall@20": 0.2},
+            "n_users": 100, "n_items": 50, "cold_users": 3, "cold_items": 1, "cold_targets": 0,
+            "lineage": {"this_run": {"source": "/data/b"}, "live": {"source": "/data/a" if change else "/data/b"},
+                        "change": change}}
+
+
+def _reports(root: Path, live: float | None = LIVE, ndcg: float = NDCG, window: float = 0.1,
+             published_share: float | None = 0.0, change: str | None = None) -> Path:
+    """This run's reports as evaluate and report write them; live: the live model's ndcg@20 on this
+    run's holdout (None: nothing published)."""
     reports = root / "reports"
     (reports / "quality").mkdir(parents=True, exist_ok=True)
     (reports / "drift").mkdir(parents=True, exist_ok=True)
     (reports / "metrics.json").write_text(json.dumps({"two_tower": {"ndcg@20": ndcg, "recall@20": 0.2}}))
-    live = live_bundle(published)
-    quality = {"ndcg@20": ndcg, "novelty@20": 2.5, "k": 20, "users": 100, "previous": live_baseline(live)}
+    (reports / "champion.json").write_text(json.dumps(_champion(ndcg, live, change)))
+    quality = {"ndcg@20": ndcg, "novelty@20": 2.5, "k": 20, "users": 100}
     (reports / "quality" / "quality.json").write_text(json.dumps(quality))
     drift = {"window": _drift(window, ["rating", "hour_of_day"] if window > 0.15 else []),
              "published": ({"skipped": "no previous published model"} if published_share is None else
@@ -59,57 +72,82 @@ def _publish_fake(reports: Path, published: Path, version: str, ndcg: float) -> 
 
 def _gate(reports: Path, cfg: GateParams = GateParams()) -> dict:
     return gate(cfg, reports / "metrics.json", reports / "quality" / "quality.json",
-                reports / "drift" / "summary.json", reports / "gate.json", Path("reports/index.html"))
+                reports / "drift" / "summary.json", reports / "gate.json", Path("reports/index.html"),
+                champion_path=reports / "champion.json")
 
 
 @pytest.fixture
 def published(tmp_path: Path) -> Path:
-    """A published folder whose live model v1 scored ndcg@20 = 0.281 (this run: 0.25)."""
+    """A published folder whose live model is v1."""
     published = tmp_path / "published"
-    _publish_fake(_reports(tmp_path / "v1run", published, published_share=None), published, "v1", 0.281)
+    _publish_fake(_reports(tmp_path / "v1run", None, published_share=None), published, "v1", LIVE)
     return published
 
 
 def test_without_a_live_model_the_gate_checks_drift_only(tmp_path: Path):
-    reports = _reports(tmp_path, tmp_path / "nothing", published_share=None)
-    assert _gate(reports) == {"passed": True, "forced": False, "reasons": 0}
+    reports = _reports(tmp_path, None, published_share=None)
+    assert _gate(reports) == {"passed": True, "forced": False, "reasons": 0,
+                              "quality": "not compared: no previous published model"}
     decision = json.loads((reports / "gate.json").read_text())
     assert decision["passed"] and decision["reasons"] == [] and decision["live_version"] is None
     quality, window, pub = decision["checks"]
-    assert quality["skipped"] == pub["skipped"] == "no previous published model" and quality["passed"]
+    assert quality["skipped"] == "not compared: no previous published model" and quality["passed"]
+    assert pub["skipped"] == "no previous published model"
     assert window["name"] == "drift.window" and window["passed"] and window["drift_share"] == 0.1
     assert decision["forced"] is False and decision["forced_by"] is None and decision["at"].endswith("+00:00")
 
 
-def test_a_quality_drop_against_the_live_bundle_blocks_in_one_line(tmp_path: Path, published: Path):
-    reports = _reports(tmp_path, published)
+def test_a_quality_drop_against_the_live_model_blocks_in_one_line(tmp_path: Path):
+    reports = _reports(tmp_path)
     with pytest.raises(GateBlocked) as err:
         _gate(reports)
     message = str(err.value)
-    assert message == ("gate: ndcg@20 fell 0.031 > 0.010 vs live v1; see reports/index.html; "
-                       "to publish anyway: towerflow run --force --reason TEXT")
+    assert message == ("gate: ndcg@20 0.2500 vs live v1 0.2810 on this run's holdout: fell 0.031 > 0.010; "
+                       "see reports/index.html; to publish anyway: towerflow run --force --reason TEXT")
     decision = json.loads((reports / "gate.json").read_text())   # written, and the reports stay
     assert not decision["passed"] and decision["message"] == message and decision["live_version"] == "v1"
     quality = decision["checks"][0]
-    assert (quality["live"], quality["current"], quality["drop"], quality["passed"]) == (0.281, NDCG, 0.031, False)
-    with pytest.raises(GateBlocked, match="ndcg@20 fell"):
+    assert (quality["live"], quality["current"], quality["drop"], quality["passed"]) == (LIVE, NDCG, 0.031, False)
+    assert (quality["cold_users"], quality["cold_items"]) == (3, 1)
+    with pytest.raises(GateBlocked, match="ndcg@20 0.2500 vs live v1"):
         require_passed(reports / "gate.json")       # what publish calls: it refuses to go on
 
 
-def test_a_drop_within_the_margin_passes(tmp_path: Path, published: Path):
-    reports = _reports(tmp_path, published, ndcg=0.275)   # 0.006 below the live 0.281
+def test_a_drop_within_the_margin_passes(tmp_path: Path):
+    reports = _reports(tmp_path, ndcg=0.275)   # 0.006 below the live 0.281
     assert _gate(reports)["passed"]
     assert json.loads((reports / "gate.json").read_text())["checks"][0]["drop"] == 0.006
     assert require_passed(reports / "gate.json")["passed"]
     # a looser or disabled quality check: the same planted drop passes
-    reports = _reports(tmp_path, published)
+    reports = _reports(tmp_path)
     assert _gate(reports, GateParams(max_quality_drop=0.05))["passed"]
     assert _gate(reports, GateParams(max_quality_drop=None))["passed"]
     assert json.loads((reports / "gate.json").read_text())["checks"][0]["skipped"] == "gate.max_quality_drop is null"
 
 
-def test_drift_over_a_threshold_blocks(tmp_path: Path, published: Path):
-    reports = _reports(tmp_path, published, ndcg=0.281, window=0.6, published_share=0.2)
+def test_a_live_model_of_another_source_is_not_compared(tmp_path: Path):
+    change = "new source: this run reads /data/b, live v1 was trained on /data/a"
+    reports = _reports(tmp_path, published_share=None, change=change)      # 0.031 below live: not judged
+    assert _gate(reports)["quality"] == f"{change}: judged by its own checks (gate.compare_across_sources is false)"
+    quality = json.loads((reports / "gate.json").read_text())["checks"][0]
+    assert quality["skipped"] == f"{change}: judged by its own checks (gate.compare_across_sources is false)"
+    assert "live" not in quality and "drop" not in quality
+    with pytest.raises(GateBlocked, match="fell 0.031"):                   # the strict comparison, on request
+        _gate(reports, GateParams(compare_across_sources=True))
+
+
+def test_a_live_model_that_cannot_be_scored_is_not_compared(tmp_path: Path):
+    reports = _reports(tmp_path)
+    why = "another id space: the live model's item ids are int64, this run's are string"
+    champion = {"compared": False, "live_version": "v1", "reason": why, "lineage": {"change": None}}
+    (reports / "champion.json").write_text(json.dumps(champion))
+    assert _gate(reports)["passed"]
+    decision = json.loads((reports / "gate.json").read_text())
+    assert decision["checks"][0]["skipped"] == f"not compared: {why}" and decision["live_version"] == "v1"
+
+
+def test_drift_over_a_threshold_blocks(tmp_path: Path):
+    reports = _reports(tmp_path, ndcg=0.281, window=0.6, published_share=0.2)
     with pytest.raises(GateBlocked) as err:
         _gate(reports)
     assert str(err.value).startswith(
@@ -122,10 +160,11 @@ def test_drift_over_a_threshold_blocks(tmp_path: Path, published: Path):
     assert _gate(reports, GateParams(max_drift_share=DriftLimits(window=0.7, published=0.5)))["passed"]
 
 
-def test_forced_run_passes_and_records_who_and_why(tmp_path: Path, published: Path):
-    reports = _reports(tmp_path, published, window=0.6)
+def test_forced_run_passes_and_records_who_and_why(tmp_path: Path):
+    reports = _reports(tmp_path, window=0.6)
     cfg = GateParams(force=True, force_reason="hotfix for a broken catalog, reviewed by ops")
-    assert _gate(reports, cfg) == {"passed": True, "forced": True, "reasons": 2}
+    assert _gate(reports, cfg) == {"passed": True, "forced": True, "reasons": 2, "quality":
+                                   "ndcg@20 0.2500 vs live v1 0.2810 on this run's holdout: fell 0.031 > 0.010"}
     decision = json.loads((reports / "gate.json").read_text())
     assert decision["passed"] and decision["forced"]
     assert decision["forced_by"] == getpass.getuser()
@@ -141,12 +180,15 @@ def test_force_needs_a_reason_and_a_known_metric(tmp_path: Path):
         GateParams(force=True)
     with pytest.raises(ConfigError, match="gate.force needs gate.force_reason"):
         load_params(ROOT / "params.yaml", ["gate.force=true"])
-    reports = _reports(tmp_path, tmp_path / "nothing")
+    reports = _reports(tmp_path, None)
     with pytest.raises(ConfigError, match=r"gate.metric 'ndcg@50' is not a two_tower figure of .*metrics.json "
                                           r"\(it has: ndcg@20, recall@20\)"):
         _gate(reports, GateParams(metric="ndcg@50"))
     (reports / "drift" / "summary.json").unlink()
     with pytest.raises(MissingStageInput, match="summary.json: not found; run the report stage first"):
+        _gate(reports)
+    (reports / "champion.json").unlink()
+    with pytest.raises(MissingStageInput, match="champion.json: not found; run the evaluate stage first"):
         _gate(reports)
 
 
@@ -181,16 +223,15 @@ def test_cli_force_becomes_gate_params_that_dvc_lock_records(tmp_path: Path):
         _force_overrides(True, "  ")
 
 
-def test_stage_gate_blocked_through_the_cli_is_one_line(tmp_path: Path, published: Path):
+def test_stage_gate_blocked_through_the_cli_is_one_line(tmp_path: Path):
     """`towerflow stage gate` (what dvc.yaml runs): exit 1, one line, gate.json written."""
     project = tmp_path / "project"
-    _reports(project, published)
+    _reports(project)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["paths"]["published"] = str(published)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = CliRunner().invoke(app, ["stage", "gate", "--params", str(project / "params.yaml")])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        "towerflow: error: gate: ndcg@20 fell 0.031 > 0.010 vs live v1; see reports/index.html; "
-        "to publish anyway: towerflow run --force --reason TEXT"]
+        "towerflow: error: gate: ndcg@20 0.2500 vs live v1 0.2810 on this run's holdout: fell 0.031 > 0.010; "
+        "see reports/index.html; to publish anyway: towerflow run --force --reason TEXT"]
     assert not json.loads((project / "reports" / "gate.json").read_text())["passed"]

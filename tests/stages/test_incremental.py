@@ -124,27 +124,78 @@ def _first_loss(model_dir: Path, name: str = "eval") -> float:
 
 def test_finetune_starts_from_the_live_weights(trained, tmp_path):
     root, training, schema, published = trained
-    # since long ago: every row is "new", so both runs see the same data and only the start differs
-    cfg = FINETUNE.model_copy(update={"since": datetime(2000, 1, 1, tzinfo=timezone.utc)})
+    # since long ago: every row is "new", so the refit sees all rows and only its start differs from
+    # the evaluated model's (trained in full: the live model saw this run's holdout, see below)
+    cfg = FINETUNE.model_copy(update={"since": datetime(2000, 1, 1, tzinfo=timezone.utc), "refit_full": True})
     metrics = train(SMALL_MODEL, cfg, 0, root / "samples", training, schema, tmp_path / "model",
                     published_dir=published)
-    update = metrics["eval"]["update"]
+    update = metrics["full"]["update"]
     assert update["mode"] == "finetune" and update["from_version"] == "v1" and update["replay_rows"] == 0
-    assert metrics["eval"]["epochs"] == 1
-    assert _first_loss(tmp_path / "model") < _first_loss(root / "model") - 0.05
+    assert metrics["full"]["epochs"] == 1
+    assert _first_loss(tmp_path / "model", "full") < _first_loss(tmp_path / "model", "eval") - 0.05
     assert (tmp_path / "model" / "full" / "model.pt").exists()
     assert not list((tmp_path / "model_ckpt").glob("*"))                     # cleaned up like a full run
 
 
 def test_finetune_window_is_newer_rows_plus_replay(trained, tmp_path):
     root, training, schema, published = trained
-    metrics = train(SMALL_MODEL, FINETUNE.model_copy(update={"finetune_replay": 0.5}), 0, root / "samples",
-                    training, schema, tmp_path / "model", published_dir=published)
-    update = metrics["eval"]["update"]
+    cfg = FINETUNE.model_copy(update={"finetune_replay": 0.5, "refit_full": True})
+    metrics = train(SMALL_MODEL, cfg, 0, root / "samples", training, schema, tmp_path / "model",
+                    published_dir=published)
+    update = metrics["full"]["update"]
     live = json.loads((published / "versions/v1/model/model.json").read_text())
     assert update["cutoff"] == pd.Timestamp(live["data_until"]).isoformat()
-    # the live model saw every row already: only the replay share is left to train on
-    assert update["new_rows"] == 0 and 0 < update["replay_rows"] < metrics["eval"]["examples"] * 3
+    # the live model saw every training row already: the replay share and the test rows are left
+    assert 0 < update["replay_rows"] < metrics["full"]["examples"] * 3
+    assert update["new_rows"] == (pd.to_datetime(pd.read_parquet(root / "samples" / "full.parquet")["timestamp"],
+                                                 utc=True) > pd.Timestamp(live["data_until"])).sum()
+
+
+def test_the_evaluated_model_never_saw_the_holdout(trained, tmp_path):
+    """The live model v1 trained on rows after the start of this run's holdout: the evaluated model
+    trains in full (a fine-tune would score rows it learned); the published one still fine-tunes."""
+    root, training, schema, published = trained
+    metrics = train(SMALL_MODEL, FINETUNE.model_copy(update={"refit_full": True}), 0, root / "samples",
+                    training, schema, tmp_path / "model", published_dir=published)
+    assert metrics["eval"]["update"]["mode"] == "full" and metrics["eval"]["epochs"] == FULL.epochs
+    assert "after this run's holdout starts" in metrics["eval"]["update"]["reason"]
+    assert metrics["full"]["update"]["mode"] == "finetune"
+
+
+def test_the_evaluated_model_finetunes_from_the_live_bundles_evaluation_model(trained, tmp_path):
+    """A bundle keeps its run's evaluation model (trained without that run's holdout): the eval model
+    fine-tunes from it, on the rows newer than its own data, and the published model from the served one."""
+    root, training, schema, published = trained
+    bundle = tmp_path / "published" / "versions" / "v1"
+    shutil.copytree(published / "versions" / "v1", bundle)
+    shutil.copytree(root / "model" / "eval", bundle / "eval_model")
+    shutil.copy(published / "LIVE", tmp_path / "published" / "LIVE")
+    metrics = train(SMALL_MODEL, FINETUNE.model_copy(update={"refit_full": True}), 0, root / "samples", training,
+                    schema, tmp_path / "model", published_dir=tmp_path / "published")
+    evaluated, served = metrics["eval"]["update"], metrics["full"]["update"]
+    assert (evaluated["mode"], evaluated["from_model"], served["mode"], served["from_model"]) == \
+        ("finetune", "eval_model", "finetune", "model")
+    twin = json.loads((bundle / "eval_model" / "model.json").read_text())
+    assert evaluated["cutoff"] == pd.Timestamp(twin["data_until"]).isoformat()
+
+
+def test_the_evaluated_model_finetunes_from_a_live_model_older_than_the_holdout(trained, tmp_path):
+    root, training, schema, _ = trained
+    examples = pd.read_parquet(training / "examples.parquet")
+    times = pd.to_datetime(examples["timestamp"], utc=True)
+    held_from = times[examples["split"] == "test"].min()
+    early = tmp_path / "early" / "training"                 # what the live model was trained on
+    early.mkdir(parents=True)
+    examples[times < held_from].to_parquet(early / "examples.parquet", index=False)
+    shutil.copy(training / "items.parquet", early / "items.parquet")
+    run_sample(early, tmp_path / "early" / "samples", SampleParams(popular_threshold=0.01))
+    train(SMALL_MODEL, FULL, 0, tmp_path / "early" / "samples", early, schema, tmp_path / "early" / "model")
+    published = tmp_path / "published"
+    shutil.copytree(tmp_path / "early" / "model" / "full", published / "versions" / "v0" / "model")
+    (published / "LIVE").write_text(json.dumps({"version": "v0"}))
+    metrics = train(SMALL_MODEL, FINETUNE, 0, root / "samples", training, schema, tmp_path / "model",
+                    published_dir=published)
+    assert metrics["eval"]["update"]["mode"] == "finetune" and metrics["eval"]["update"]["from_version"] == "v0"
 
 
 def test_finetune_without_live_bundle_trains_in_full(trained, tmp_path):
@@ -158,8 +209,8 @@ def test_finetune_without_live_bundle_trains_in_full(trained, tmp_path):
 def test_finetune_with_other_model_params_trains_in_full(trained, tmp_path):
     root, training, schema, published = trained
     wider = ModelParams(dim=16, embedding_dim=32, hidden=[64])
-    metrics = train(wider, FINETUNE, 0, root / "samples", training, schema, tmp_path / "model",
-                    published_dir=published)
+    metrics = train(wider, FINETUNE.model_copy(update={"refit_full": True}), 0, root / "samples", training,
+                    schema, tmp_path / "model", published_dir=published)
     assert metrics["update"]["mode"] == "full" and "dim 32 -> 16" in metrics["update"]["note"]
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from flows.errors import MissingStageInput
 from flows.params import DriftLimits, ReportParams
-from flows.reports.live import bundle_reports
+from flows.reports.live import bundle_eval_model, bundle_reports
 from flows.stages.evaluate import evaluate
 from flows.stages.report import report
 from models.holdout import catalog_task
@@ -47,12 +47,30 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     reports = root / "reports"
     evaluate(EvaluateParams(ks=[K, 20], ease=False), training, model, reports / "metrics.json",
              recs_path=reports / "quality" / "recs.parquet")
-    return {"root": root, "ingested": ingested, "training": training, "reports": reports}
+    return {"root": root, "ingested": ingested, "training": training, "reports": reports, "model": model}
 
 
-def _report(run: dict, reports: Path, published: Path, cfg: ReportParams = CFG, training: Path | None = None) -> dict:
+def _report(run: dict, reports: Path, published: Path, cfg: ReportParams = CFG, training: Path | None = None,
+            strict: bool = False) -> dict:
+    """The report stage, after the evaluate stage scored what `published` holds on this holdout."""
+    evaluate(EvaluateParams(ks=[K, 20], ease=False), run["training"], run["model"], reports / "metrics.json",
+             published_dir=published, schema_path=run["ingested"] / "schema.json",
+             champion_path=reports / "champion.json")
     return report(cfg, DriftLimits(), 0, run["ingested"], training or run["training"],
-                  run["reports"] / "quality" / "recs.parquet", published, reports / "drift", reports / "quality")
+                  run["reports"] / "quality" / "recs.parquet", published, reports / "drift", reports / "quality",
+                  champion_path=reports / "champion.json", compare_across_sources=strict)
+
+
+def _publish_first(run: dict, first: Path, published: Path, source: str | None = None) -> None:
+    """This run's files and model as publish keeps them in versions/v1 (its schema.json: `source`)."""
+    (first / "gate.json").write_text(json.dumps({"passed": True}))
+    bundle = published / "versions" / "v1"
+    bundle_reports(first, bundle)
+    shutil.copytree(run["model"] / "eval", bundle / "model")
+    assert bundle_eval_model(run["model"] / "eval", bundle)
+    schema = json.loads((run["ingested"] / "schema.json").read_text())
+    (bundle / "schema.json").write_text(json.dumps({**schema, "source": source or schema["source"]}))
+    (published / "LIVE").write_text(json.dumps({"version": "v1"}))
 
 
 def test_holdout_recommendations_rank_like_the_metrics(run: dict):
@@ -79,13 +97,13 @@ def test_report_without_a_live_model_writes_quality_and_drift(run: dict, tmp_pat
     print(f"report stage on {summary} took {time.perf_counter() - t0:.1f} s")
     quality = json.loads((reports / "quality" / "quality.json").read_text())
     assert FIGURES <= set(quality) and quality["k"] == K and quality["users"] > 100
-    assert quality["previous"] == {"skipped": "no previous published model"}
+    assert quality["previous"]["skipped"] == "no previous published model"
     # Evidently's ranking figures agree with the evaluate stage's on the same recommendations
     metrics = json.loads((run["reports"] / "metrics.json").read_text())["two_tower"]
     for name in ("ndcg", "recall", "hitrate"):
         assert quality[f"{name}@{K}"] == pytest.approx(metrics[f"{name}@{K}"], abs=1e-6), name
     page = (reports / "quality" / "quality.html").read_text()
-    assert len(page) > 100_000 and "Model quality @10: no previous published model" in page
+    assert len(page) > 100_000 and "Model quality: live model not compared: no previous published model" in page
 
     drift = json.loads((reports / "drift" / "summary.json").read_text())
     window = drift["window"]
@@ -103,15 +121,12 @@ def test_report_without_a_live_model_writes_quality_and_drift(run: dict, tmp_pat
 
 
 def test_report_against_the_live_bundle(run: dict, tmp_path: Path):
-    """A first run is published (its files copied into versions/v1 as publish does); the second run
-    of the same data compares with it: no drift, the same figures beside each other."""
+    """A first run is published (its files and model copied into versions/v1 as publish does); the
+    second run of the same data compares with it: no drift, the same figures on the same holdout."""
     published = tmp_path / "published"
     first = tmp_path / "first"
     _report(run, first, published)
-    shutil.copy(run["reports"] / "metrics.json", first / "metrics.json")
-    (first / "gate.json").write_text(json.dumps({"passed": True}))
-    bundle_reports(first, published / "versions" / "v1")
-    (published / "LIVE").write_text(json.dumps({"version": "v1"}))
+    _publish_first(run, first, published)
 
     second = tmp_path / "second"
     summary = _report(run, second, published)
@@ -119,12 +134,32 @@ def test_report_against_the_live_bundle(run: dict, tmp_path: Path):
     drift = json.loads((second / "drift" / "summary.json").read_text())["published"]
     assert drift["live_version"] == "v1" and drift["n_drifted"] == 0 and drift["n_columns"] >= 8
     quality = json.loads((second / "quality" / "quality.json").read_text())
-    first_quality = json.loads((first / "quality" / "quality.json").read_text())
-    assert quality["previous"]["version"] == "v1"
-    assert quality["previous"]["figures"] == {k: v for k, v in first_quality.items() if "@" in k}
-    assert quality["previous"]["metrics"]["ndcg@20"] == json.loads(
-        (run["reports"] / "metrics.json").read_text())["two_tower"]["ndcg@20"]
-    assert "Model quality @10: this run vs live v1" in (second / "quality" / "quality.html").read_text()
+    previous = quality["previous"]
+    mine = json.loads((run["reports"] / "metrics.json").read_text())["two_tower"]
+    assert previous["version"] == "v1" and previous["metrics"] == previous["challenger"] == mine
+    assert previous["cold_users"] == previous["cold_items"] == 0 and previous["n_users"] > 100
+    page = (second / "quality" / "quality.html").read_text()
+    assert "Model quality: this run vs live v1, both on this run&#x27;s holdout (0 of" in page
+
+
+def test_a_live_model_of_another_source_is_a_new_lineage(run: dict, tmp_path: Path):
+    """The same data under another data.source: drift and quality are not compared, and say why;
+    gate.compare_across_sources asks for both anyway."""
+    published, first = tmp_path / "published", tmp_path / "first"
+    _report(run, first, published)
+    _publish_first(run, first, published, source="/elsewhere/movielens")
+    second = tmp_path / "second"
+    _report(run, second, published)
+    why = f"new source: this run reads {run['root'] / 'data' / 'source'}, live v1 was trained on /elsewhere/movielens"
+    assert json.loads((second / "drift" / "summary.json").read_text())["published"] == {"skipped": why}
+    previous = json.loads((second / "quality" / "quality.json").read_text())["previous"]
+    assert previous["skipped"] == f"{why} (gate.compare_across_sources is false)" and "metrics" not in previous
+    champion = json.loads((second / "champion.json").read_text())
+    assert champion["compared"] and champion["lineage"]["change"] == why       # scored, the gate decides
+    strict = tmp_path / "strict"
+    _report(run, strict, published, strict=True)
+    assert json.loads((strict / "drift" / "summary.json").read_text())["published"]["n_drifted"] == 0
+    assert json.loads((strict / "quality" / "quality.json").read_text())["previous"]["lineage_change"] == why
 
 
 def test_a_shifted_newest_window_is_flagged(run: dict, tmp_path: Path):
