@@ -91,6 +91,9 @@ class TrainSection(TrainParams):
     update: Literal["full", "finetune"] = "full"
     finetune_epochs: PositiveInt = 2
     finetune_replay: float = Field(0.2, ge=0, le=1)
+    # at most this many replayed older rows per new one (null: no cap): a handful of real-time events
+    # must not turn into epochs over a fifth of the history, which moves every weight for nothing new
+    finetune_replay_per_new: float | None = Field(4.0, ge=0)
     since: datetime | None = None          # finetune: the window starts here instead of at the live cutoff
 
 

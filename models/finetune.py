@@ -92,20 +92,24 @@ class UpdateRows:
 
 
 def update_rows(rows: pd.DataFrame, cutoff: pd.Timestamp | None, replay: float, seed: int,
-                inclusive: bool = False) -> UpdateRows:
-    """The rows after `cutoff` (at or after it when inclusive) plus a `replay` share of the older ones (drawn with `seed`).
-    No cutoff (a model that did not record one): every row. No new row: the replay share alone, or
-    every row when that is empty too, so there is always something to train on."""
+                inclusive: bool = False, per_new: float | None = None) -> UpdateRows:
+    """The rows after `cutoff` (at or after it when inclusive) plus a `replay` share of the older ones
+    (drawn with `seed`), at most `per_new` replayed rows per new row. No cutoff (a model that did not
+    record one): every row. No new row: no row (there is nothing new to learn; the caller keeps the
+    model as it is)."""
     if cutoff is None:
         return UpdateRows(rows, None, len(rows), 0)
     times = pd.to_datetime(rows["timestamp"], utc=True)
     newer = (times >= cutoff if inclusive else times > cutoff).to_numpy()
     rng = np.random.default_rng(seed)
     replayed = ~newer & (rng.random(len(rows)) < replay)
+    if per_new is not None and replayed.sum() > per_new * newer.sum():
+        # keep a uniform subset of the drawn replay rows: the cap scales the replay to what is new
+        drawn = np.flatnonzero(replayed)
+        replayed[:] = False
+        replayed[rng.choice(drawn, size=int(per_new * newer.sum()), replace=False)] = True
     keep = newer | replayed
-    if not keep.any():
-        keep[:] = True
-    return UpdateRows(rows[keep].reset_index(drop=True), cutoff, int(newer.sum()), int((keep & ~newer).sum()))
+    return UpdateRows(rows[keep].reset_index(drop=True), cutoff, int(newer.sum()), int(replayed.sum()))
 
 
 def data_until(examples: pd.DataFrame) -> str | None:

@@ -186,6 +186,7 @@ class _Live:
     inclusive: bool                  # since: rows at or after it; the live cutoff: rows after it
     epochs: int                      # train.finetune_epochs
     replay: float                    # train.finetune_replay
+    replay_per_new: float | None = None   # train.finetune_replay_per_new
 
 
 def _live_model(train_cfg: TrainParams, published_dir: Path | None) -> tuple[_Live | None, str | None]:
@@ -209,7 +210,7 @@ def _live_model(train_cfg: TrainParams, published_dir: Path | None) -> tuple[_Li
     else:
         cutoff, inclusive = trained_until, False
     return _Live(model_dir, version, trained_until, cutoff, inclusive, getattr(train_cfg, "finetune_epochs", 2),
-                 getattr(train_cfg, "finetune_replay", 0.2)), None
+                 getattr(train_cfg, "finetune_replay", 0.2), getattr(train_cfg, "finetune_replay_per_new", None)), None
 
 
 def _data_until(model_dir: Path) -> pd.Timestamp | None:
@@ -251,7 +252,14 @@ def _finetune_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, see
     encoder = extend_encoder(trained_encoder, fresh)
     model = grow_model(trained, tower_config(encoder, model_cfg), seed)
     selected = update_rows(pd.read_parquet(inputs.streams[name]), live.cutoff, live.replay, seed,
-                           inclusive=live.inclusive)
+                           inclusive=live.inclusive, per_new=live.replay_per_new)
+    update = {"mode": "finetune", "from_version": live.version, "from_model": live.model_dir.name,
+              "cutoff": None if live.cutoff is None else live.cutoff.isoformat(), "new_rows": selected.new,
+              "replay_rows": selected.replay, "new_users": encoder.user_ids.size - trained_encoder.user_ids.size,
+              "new_items": encoder.item_ids.size - trained_encoder.item_ids.size}
+    if selected.new == 0:     # nothing newer than what the live model learned: its weights stay
+        return _Run(encoder, FitResult(model=model, notes=["no new interaction: weights kept"]),
+                    {"update": {**update, "kept": "no interaction newer than the cutoff: the weights are kept"}}, [])
     ckpt.mkdir(parents=True, exist_ok=True)
     rows_path = ckpt / f"{name}_update.parquet"
     selected.rows.to_parquet(rows_path, index=False)
@@ -262,11 +270,7 @@ def _finetune_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, see
     stream = TrainingStream.from_parquet(encoder, rows_path, inputs.items, catalog_inputs(encoder, inputs.items),
                                          spill=ckpt / f"{name}_stream", batch_rows=cfg.read_batch_rows)
     run = _fit_run(name, model_cfg, cfg, seed, encoder, stream, cfg.epochs, None, ckpt, dist)
-    run.metrics["update"] = {
-        "mode": "finetune", "from_version": live.version, "from_model": live.model_dir.name,
-        "cutoff": None if live.cutoff is None else live.cutoff.isoformat(), "new_rows": selected.new,
-        "replay_rows": selected.replay, "new_users": encoder.user_ids.size - trained_encoder.user_ids.size,
-        "new_items": encoder.item_ids.size - trained_encoder.item_ids.size}
+    run.metrics["update"] = update
     return run
 
 
