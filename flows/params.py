@@ -149,8 +149,10 @@ class DriftParams(Section):
     window_share: float = Field(0.1, gt=0, lt=0.5)   # the newest window: this share of the training rows
     min_window_rows: PositiveInt = 500                # windows are at least this big; fewer rows: not judged
     windows: PositiveInt = 5                          # earlier windows of the same size, each vs its own past
-    margin: float = Field(0.25, ge=0)                 # drifted: above the natural range's top by more than this share
-    floor_numeric: float = Field(0.1, ge=0)           # Wasserstein distance in reference standard deviations
+    past_windows: PositiveInt = 4                     # a window's past: the rows of the windows just before it
+    guard_windows: int = Field(1, ge=0)               # earlier windows next to the newest, left out of the range
+    margin: float = Field(0.5, ge=0)                  # drifted: above the natural range's top by more than this share
+    floor_numeric: float = Field(0.2, ge=0)           # Wasserstein distance in reference standard deviations
     floor_categorical: float = Field(0.1, ge=0)       # Jensen-Shannon distance (0: same shares .. 0.83: disjoint)
 
 

@@ -3,7 +3,12 @@
 Evidently scores each column (flows/reports/drift.py); this module decides which scores are drift.
 The training rows, in time order, are cut into windows of the same number of rows (a share of the
 data, so they follow its own span and pace, not the calendar): the newest window is compared with
-everything before it, and so is each of the `windows` earlier ones. The earlier windows' scores are
+its past (the `past_windows` windows just before it), and so is each of the `windows` earlier ones.
+A past of the same length for every window keeps the comparisons alike under a steady trend (a
+window against all of its history would drift further from an ever longer past). The
+`guard_windows` just before the newest are left out of the range: a fault that began a little before
+the newest window (a replayed batch bigger than a window) would otherwise widen the range meant to
+catch it. The earlier windows' scores are
 a column's natural range: how much it moves from one stretch of this data to the next when nothing
 is broken (a trend, a season, a growing catalog). A column counts as drifted only when its score is
 above that range's top by more than `margin` AND above an effect-size floor (so neither ordinary
@@ -30,25 +35,33 @@ class Windows:
 
     order: np.ndarray        # row positions sorted by time
     size: int                # rows per window
-    count: int               # earlier windows that have a past of at least one window
+    first: int               # the first earlier window of the calibration (guard_windows + 1)
+    count: int               # earlier windows in the calibration (each with a past of >= 1 window)
+    past_windows: int        # a window's past: the rows of this many windows just before it
+
+    @property
+    def earlier(self) -> range:
+        return range(self.first, self.first + self.count)
 
     def current(self, j: int) -> np.ndarray:
         end = len(self.order) - j * self.size
         return self.order[end - self.size:end]
 
     def past(self, j: int) -> np.ndarray:
-        return self.order[:len(self.order) - (j + 1) * self.size]
+        end = len(self.order) - (j + 1) * self.size
+        return self.order[max(0, end - self.past_windows * self.size):end]
 
 
 def plan_windows(ts: pd.Series, cfg: DriftParams) -> Windows | str:
     """The windows of these timestamps, or why the data is too short to judge."""
     n = len(ts)
     size = max(int(np.ceil(cfg.window_share * n)), cfg.min_window_rows)
-    count = min(cfg.windows, n // size - 2)     # window j needs j+1 windows after its past of >= 1 window
+    first = cfg.guard_windows + 1
+    count = min(cfg.windows, n // size - first - 1)   # window j needs a past of >= 1 window before it
     if count < 1:
-        return (f"{n} rows: the newest window, one earlier window and its past need {3 * size} "
+        return (f"{n} rows: the newest window, {first} earlier and a past need {(first + 2) * size} "
                 f"(report.drift.min_window_rows={cfg.min_window_rows}, window_share={cfg.window_share})")
-    return Windows(np.argsort(ts.to_numpy(), kind="stable"), size, count)
+    return Windows(np.argsort(ts.to_numpy(), kind="stable"), size, first, count, cfg.past_windows)
 
 
 def natural_ranges(rows: pd.DataFrame, numeric: list[str], categorical: list[str], windows: Windows,
@@ -56,7 +69,7 @@ def natural_ranges(rows: pd.DataFrame, numeric: list[str], categorical: list[str
     """Each earlier window against its own past, with the same sample sizes as the newest window's
     comparison: {column: [lowest, highest score]} and, per window, its row counts and scores."""
     runs = []
-    for j in range(1, windows.count + 1):
+    for j in windows.earlier:
         past = bounded(rows.iloc[windows.past(j)], max_rows, seed)
         cur = bounded(rows.iloc[windows.current(j)], max_rows, seed)
         runs.append({"window": j, "rows": len(windows.current(j)), "past_rows": len(windows.past(j)),
@@ -79,22 +92,24 @@ def limits(columns: list[str], numeric: list[str], natural: dict[str, list[float
 
 
 def judge(summary: dict[str, Any], numeric: list[str], natural: dict[str, list[float]], cfg: DriftParams,
-          threshold: float | None) -> dict[str, Any]:
+          threshold: float | None, pace: dict[str, str] | None = None) -> dict[str, Any]:
     """The drift summary (drift.summarize) with the calibrated verdict: per column its score beside its
     natural range, floor and limit; the drifted columns and their share; dataset_drift when that share
-    is above threshold (the gate's; None: not checked)."""
+    is above threshold (the gate's; None: not checked). pace: columns shown but not judged, and why."""
     columns = summary["columns"]
     bound = limits(list(columns), numeric, natural, cfg)
     for name, col in columns.items():
         floor = floor_of(name, numeric, cfg)
-        col.update(natural=natural.get(name), floor=floor, limit=bound[name], drifted=col["score"] > bound[name])
-        col["verdict"] = ("drifted" if col["drifted"] else "below the effect-size floor" if col["score"] <= floor
-                          else "within its natural range")
+        col.update(natural=natural.get(name), floor=floor, limit=bound[name],
+                   drifted=name not in (pace or {}) and col["score"] > bound[name])
+        col["verdict"] = (f"not judged: {(pace or {})[name]}" if name in (pace or {}) else "drifted" if col["drifted"]
+                          else "below the effect-size floor" if col["score"] <= floor else "within its natural range")
         col.pop("threshold", None)   # Evidently's: the limit above is the one that decides
     drifted = sorted((c for c, v in columns.items() if v["drifted"]),
                      key=lambda c: -columns[c]["score"] / max(columns[c]["limit"], 1e-12))
-    share = round(len(drifted) / len(columns), 6) if columns else 0.0
-    return {**summary, "drift_share": share, "n_columns": len(columns), "n_drifted": len(drifted),
+    judged = len(columns) - len(set(pace or {}) & set(columns))
+    share = round(len(drifted) / judged, 6) if judged else 0.0
+    return {**summary, "drift_share": share, "n_columns": judged, "n_drifted": len(drifted),
             "drifted_columns": drifted, "threshold": threshold,
             "dataset_drift": threshold is not None and share > threshold, "columns": columns}
 

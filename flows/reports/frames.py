@@ -2,8 +2,9 @@
 sensitive to, and the item feature vectors behind Evidently's Diversity and Serendipity.
 
 An interaction row holds its rating/weight, how popular its item is, the item's own features, the
-user's features at the time (including the behaviour counts Feast served to the user tower) and when
-it happened (hour of day, day of week). Ids are left out: they cannot drift in a useful way.
+user's features at the time (including the behaviour counts Feast served to the user tower), whether
+the user had the item before (repeat) and when it happened (hour of day, day of week). Ids are left
+out: they cannot drift in a useful way.
 """
 from __future__ import annotations
 
@@ -124,6 +125,13 @@ def interaction_frame(data: TrainingData) -> Frame:
             _add(frame, f"user_{col}", categorical(examples[col]), False)
 
     ts = utc(examples["timestamp"])
+    # 1 when the user had this item before (in time order): rating data has none, event data its own
+    # share; a replayed or double-logged stream shows here and not in any marginal of the other columns.
+    order = np.argsort(ts.to_numpy(), kind="stable")
+    pairs = examples[["user_id", "item_id"]].iloc[order]
+    repeat = np.empty(len(examples))
+    repeat[order] = pairs.duplicated().to_numpy(dtype="float64")
+    _add(frame, "repeat", repeat, True)
     _add(frame, "hour_of_day", ts.dt.hour.astype("float64"), True)
     _add(frame, "day_of_week", ts.dt.dayofweek.map(dict(enumerate(DAYS))), False)
     return frame
