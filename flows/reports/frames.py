@@ -125,13 +125,14 @@ def interaction_frame(data: TrainingData) -> Frame:
             _add(frame, f"user_{col}", categorical(examples[col]), False)
 
     ts = utc(examples["timestamp"])
-    # 1 when the user had this item before (in time order): rating data has none, event data its own
-    # share; a replayed or double-logged stream shows here and not in any marginal of the other columns.
+    # "repeat" when the user had this item before (in time order): rating data has none, event data
+    # its own share; a replayed or double-logged stream shows here and in no marginal of the other
+    # columns. Categorical: the share of repeats compared as a distribution, so a few repeats after
+    # none (a re-rated item) stay a small distance, where a numeric 0/1 scaled by a zero std explodes.
     order = np.argsort(ts.to_numpy(), kind="stable")
-    pairs = examples[["user_id", "item_id"]].iloc[order]
-    repeat = np.empty(len(examples))
-    repeat[order] = pairs.duplicated().to_numpy(dtype="float64")
-    _add(frame, "repeat", repeat, True)
+    repeat = np.empty(len(examples), dtype=bool)
+    repeat[order] = examples[["user_id", "item_id"]].iloc[order].duplicated().to_numpy()
+    _add(frame, "repeat", np.where(repeat, "repeat", "first"), False)
     _add(frame, "hour_of_day", ts.dt.hour.astype("float64"), True)
     _add(frame, "day_of_week", ts.dt.dayofweek.map(dict(enumerate(DAYS))), False)
     return frame
