@@ -12,6 +12,8 @@ import pytest
 
 from flows.errors import GateBlocked
 from flows.params import Params, load_params
+from flows.portal.build import PortalInputs, build_portal
+from flows.portal.render import fmt
 from flows.reports.live import bundle_reports
 from flows.stages.gate import gate
 from flows.stages.report import report
@@ -125,11 +127,18 @@ BROKEN = {
 def test_broken_versions_are_stopped_naming_the_column(broken: str, params: Params, live: dict, tmp_path: Path):
     change, comparison, column = BROKEN[broken]
     data = change(live)
-    drift, decision = _report_and_gate(params, stage_inputs(tmp_path, data["users"], data["items"], data["inter"]),
-                                       live["published"])
+    inputs = stage_inputs(tmp_path, data["users"], data["items"], data["inter"])
+    drift, decision = _report_and_gate(params, inputs, live["published"])
     assert not decision["passed"]
     judged = drift[comparison]
     assert judged["drifted_columns"][0] == column and judged["columns"][column]["verdict"] == "drifted"
     score, limit = judged["columns"][column]["score"], judged["columns"][column]["limit"]
     label = {"window": "newest-window drift", "published": "drift vs the live model's data"}[comparison]
     assert f"{label} in " in decision["message"] and f"{column} {score:.2f} > {limit:.2f}" in decision["message"]
+    # the portal and the drift page show the score beside the natural range that made it drift
+    page = build_portal(inputs.reports, PortalInputs()).read_text()
+    natural = judged["columns"][column]["natural"]
+    row = page[page.index(f"<h3>Drift per column: {comparison}"):]
+    assert f'<span class="fail">{column}</span></td><td>{fmt(score)}</td>' in row
+    assert natural is None or f"{fmt(natural[0])} – {fmt(natural[1])}" in row
+    assert "Drift verdict" in (inputs.reports / "drift" / f"{comparison}.html").read_text()
