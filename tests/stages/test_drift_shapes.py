@@ -113,32 +113,30 @@ def _duplicated_last_window(inter: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([inter, copies]).sort_values("timestamp", kind="stable", ignore_index=True)
 
 
-BROKEN = {
-    # the genre column shuffled across the catalog's rows: a join that misaligned item features
-    "genre_shuffled": (lambda d: {**d, "items": d["items"].assign(
-        genre=np.random.default_rng(1).permutation(d["items"]["genre"].to_numpy()))}, "published", "item_genre"),
-    "ratings_x10": (lambda d: {**d, "inter": d["inter"].assign(rating=d["inter"]["rating"] * 10)},
-                    "published", "rating"),
-    "last_window_duplicated": (lambda d: {**d, "inter": _duplicated_last_window(d["inter"])}, "window", "repeat"),
-}
-
-
-@pytest.mark.parametrize("broken", sorted(BROKEN))
-def test_broken_versions_are_stopped_naming_the_column(broken: str, params: Params, live: dict, tmp_path: Path):
-    change, comparison, column = BROKEN[broken]
-    data = change(live)
-    inputs = stage_inputs(tmp_path, data["users"], data["items"], data["inter"])
+def test_broken_versions_are_stopped_naming_the_columns(params: Params, live: dict, tmp_path: Path):
+    """Three faults in one run (each column's score depends on that column alone, so each fault is
+    judged as it would be on its own): the genre column shuffled across the catalog's rows (a join
+    that misaligned item features) and ratings rescaled x10, both against the live model's sample;
+    half the newest tenth of the interactions replayed a second later (exact duplicates would already
+    fail validation's unique keys). Nothing else drifts."""
+    rng = np.random.default_rng(1)
+    items = live["items"].assign(genre=rng.permutation(live["items"]["genre"].to_numpy()))
+    inter = _duplicated_last_window(live["inter"].assign(rating=live["inter"]["rating"] * 10))
+    inputs = stage_inputs(tmp_path, live["users"], items, inter)
     drift, decision = _report_and_gate(params, inputs, live["published"])
     assert not decision["passed"]
-    judged = drift[comparison]
-    assert judged["drifted_columns"][0] == column and judged["columns"][column]["verdict"] == "drifted"
-    score, limit = judged["columns"][column]["score"], judged["columns"][column]["limit"]
-    label = {"window": "newest-window drift", "published": "drift vs the live model's data"}[comparison]
-    assert f"{label} in " in decision["message"] and f"{column} {score:.2f} > {limit:.2f}" in decision["message"]
-    # the portal and the drift page show the score beside the natural range that made it drift
+    assert drift["window"]["drifted_columns"] == ["repeat"]
+    # the replay also shows against the live model's sample, which had no repeats
+    assert set(drift["published"]["drifted_columns"]) == {"rating", "item_genre", "repeat"}
     page = build_portal(inputs.reports, PortalInputs()).read_text()
-    natural = judged["columns"][column]["natural"]
-    row = page[page.index(f"<h3>Drift per column: {comparison}"):]
-    assert f'<span class="fail">{column}</span></td><td>{fmt(score)}</td>' in row
-    assert natural is None or f"{fmt(natural[0])} – {fmt(natural[1])}" in row
-    assert "Drift verdict" in (inputs.reports / "drift" / f"{comparison}.html").read_text()
+    for comparison, column in (("window", "repeat"), ("published", "rating"), ("published", "item_genre")):
+        judged = drift[comparison]["columns"][column]
+        assert judged["verdict"] == "drifted" and judged["score"] > judged["limit"] >= judged["floor"]
+        label = {"window": "newest-window drift", "published": "drift vs the live model's data"}[comparison]
+        assert f"{label} in " in decision["message"]
+        assert f"{column} {judged['score']:.2f} > {judged['limit']:.2f}" in decision["message"]
+        # the portal shows the score beside the natural range that made it drift
+        row = page[page.index(f"<h3>Drift per column: {comparison}"):]
+        assert f'<span class="fail">{column}</span></td><td>{fmt(judged["score"])}</td>' in row
+        assert f"{fmt(judged['natural'][0])} – {fmt(judged['natural'][1])}" in row
+        assert "Drift verdict" in (inputs.reports / "drift" / f"{comparison}.html").read_text()
