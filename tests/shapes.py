@@ -38,8 +38,9 @@ class Shape:
     days: int = 365
     users: int = 1_500
     items: int = 1_700
-    busy_days: int = 0           # the last busy_days carry busy_factor x the volume, from newly joined users
+    busy_days: int = 0           # the last busy_days carry busy_factor x the volume ...
     busy_factor: float = 3.0
+    busy_new_users: bool = False  # ... from users who join then (a campaign), else from everyone (a season)
     weekly: bool = False         # weekends twice as busy, in the afternoon instead of the evening
     half_stars: bool = False
     rating_trend: float = 0.0    # rating points added from the first to the last day
@@ -47,7 +48,7 @@ class Shape:
 
 
 SHAPES = {
-    "trend_busy_month": Shape(rows=36_000, days=3 * 365, users=3_000, busy_days=30, rating_trend=0.3),
+    "trend_busy_month": Shape(rows=36_000, days=3 * 365, users=2_000, busy_days=30, rating_trend=0.3),
     "half_stars_5x_catalog": Shape(rows=30_000, days=2 * 365, users=1_500, items=8_400, half_stars=True),
     "weekly_season": Shape(rows=30_000, days=180, users=1_200, weekly=True),
 }
@@ -58,6 +59,8 @@ def _days(shape: Shape, join: np.ndarray, activity: np.ndarray, rng: np.random.G
     user keeps their own pace and volume grows with the user base (weekends doubled if weekly)."""
     day = np.arange(shape.days)
     volume = np.cumsum(np.bincount(join, weights=activity, minlength=shape.days))
+    if shape.busy_days and not shape.busy_new_users:
+        volume[-shape.busy_days:] *= shape.busy_factor
     if shape.weekly:
         volume = volume * np.where((pd.Timestamp(shape.start).dayofweek + day) % 7 >= 5, 2.0, 1.0)
     return np.sort(rng.choice(shape.days, shape.rows, p=volume / volume.sum()))
@@ -81,8 +84,9 @@ def make_shape(shape: Shape, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame,
     """(users, items, interactions) in the contract, interactions sorted by time."""
     rng = np.random.default_rng(seed)
     # users join over the span (sorted by join day), a third of them at the start: the volume grows
-    # with them; a busy last month is a campaign: (busy_factor - 1) x the users so far join at its start
-    n_busy = int(shape.users * (shape.busy_factor - 1) / shape.busy_factor) if shape.busy_days else 0
+    # with them; a busy last month is a campaign ((busy_factor - 1) x the users so far join at its
+    # start) or a season (everyone busy_factor x as active)
+    n_busy = int(shape.users * (shape.busy_factor - 1) / shape.busy_factor) if shape.busy_new_users else 0
     base = shape.users - n_busy
     join = np.where(rng.random(base) < 1 / 3, 0, rng.integers(0, shape.days - shape.busy_days, base))
     join = np.sort(np.concatenate([join, rng.integers(shape.days - shape.busy_days, shape.days - shape.busy_days + 3,
