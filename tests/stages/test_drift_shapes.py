@@ -126,8 +126,11 @@ def test_broken_versions_are_stopped_naming_the_columns(params: Params, live: di
     drift, decision = _report_and_gate(params, inputs, live["published"])
     assert not decision["passed"]
     assert drift["window"]["drifted_columns"] == ["repeat"]
-    # the replay also shows against the live model's sample, which had no repeats
-    assert set(drift["published"]["drifted_columns"]) == {"rating", "item_genre", "repeat"}
+    # the replay also shows against the live model's sample (it had no repeats, and fewer recent
+    # interactions per user); nothing else does
+    published = set(drift["published"]["drifted_columns"])
+    assert {"rating", "item_genre", "repeat"} <= published
+    assert all(c.startswith("user_interactions_") for c in published - {"rating", "item_genre", "repeat"})
     page = build_portal(inputs.reports, PortalInputs()).read_text()
     for comparison, column in (("window", "repeat"), ("published", "rating"), ("published", "item_genre")):
         judged = drift[comparison]["columns"][column]
