@@ -41,11 +41,13 @@ NO_LIVE = "no previous published model"
 
 def report(report_cfg: ReportParams, limits: DriftLimits, seed: int, ingested: Path, training_dir: Path,
            recs_path: Path, published_dir: Path, drift_dir: Path, quality_dir: Path) -> dict[str, Any]:
-    """Writes quality_dir/quality.html + quality.json ({"ndcg@20": ..., "k", "users", "previous"}) and
-    drift_dir/{window,published}.html + .json (Evidently), drift_dir/summary.json (per comparison: drift
-    share, drifted columns, rows; or why it was skipped) and drift_dir/reference.parquet (the sample of
-    this run's training rows that a published bundle keeps). limits: the gate's drift thresholds, so
-    Evidently's verdict in the pages matches the gate's."""
+    """Writes quality_dir/quality.html + quality.json ({"ndcg@20": ..., "k", "users", "previous",
+    "not_computed": {figure: reason} when Evidently could not compute some}) and
+    drift_dir/{window,published}.html + .json (Evidently, with the verdict table on top),
+    drift_dir/summary.json (per comparison: each column's score beside its natural range, floor, limit
+    and verdict, the drifted columns and their share; or why it was not judged, with the row count)
+    and drift_dir/reference.parquet (the sample of this run's training rows that a published bundle
+    keeps). limits: the gate's drift thresholds (shares of drifted columns)."""
     data = read_training(ingested, training_dir)
     frame = interaction_frame(data)
     live = live_bundle(published_dir)
