@@ -149,22 +149,39 @@ class RunParams(Section):
     task_runner_address: str | None = None       # scheduler address (dask: tcp://host:8786); None: a local cluster
 
 
+class DriftParams(Section):
+    """How the report stage judges drift (flows/reports/drift_calibration.py). Windows are shares of
+    the training rows in time order, not calendar days, so every window holds enough rows whatever
+    the data's span or pace; each earlier window compared with its own past gives each column its
+    natural drift, and only a column beyond it (and beyond the effect-size floor) counts as drifted."""
+
+    window_share: float = Field(0.1, gt=0, lt=0.5)   # the newest window: this share of the training rows
+    min_window_rows: PositiveInt = 500                # windows are at least this big; fewer rows: not judged
+    windows: PositiveInt = 5                          # earlier windows of the same size, each vs its own past
+    past_windows: PositiveInt = 4                     # a window's past: the rows of the windows just before it
+    guard_windows: int = Field(1, ge=0)               # earlier windows next to the newest, left out of the range
+    margin: float = Field(0.5, ge=0)                  # drifted: above the natural range's top by more than this share
+    floor_numeric: float = Field(0.2, ge=0)           # Wasserstein distance in reference standard deviations
+    floor_categorical: float = Field(0.1, ge=0)       # Jensen-Shannon distance (0: same shares .. 0.83: disjoint)
+
+
 class ReportParams(Section):
     """The report stage: Evidently model quality on the holdout recommendations, and data drift."""
 
     k: PositiveInt = 20                  # K of the recsys metrics (ndcg@K, novelty@K, ...)
-    newest_days: PositiveInt = 30        # window drift: the last N days of the training data vs the days before
     drift_rows: PositiveInt = 50_000     # rows sampled per side of a drift comparison; also the size of the
                                          # drift sample a published bundle keeps
+    drift: DriftParams = DriftParams()
     max_users: PositiveInt = 5_000       # users sampled for the quality report (Serendipity loops over users)
     max_items_for_diversity: PositiveInt = 20_000  # Diversity/Serendipity need an items x items matrix
 
 
 class DriftLimits(Section):
-    """Largest share of drifted columns that passes, per drift comparison; null: not checked."""
+    """Largest share of drifted columns (beyond their natural range) that passes, per drift
+    comparison; 0: any drifted column blocks; null: not checked."""
 
-    window: float | None = Field(0.5, gt=0, le=1)      # newest window vs the rest of the training data
-    published: float | None = Field(0.5, gt=0, le=1)   # this run's training data vs the live model's
+    window: float | None = Field(0.0, ge=0, le=1)      # newest window vs the rest of the training data
+    published: float | None = Field(0.0, ge=0, le=1)   # this run's training data vs the live model's
 
 
 class GateParams(Section):

@@ -285,7 +285,7 @@ def _sites(page: _Page, reports_dir: Path, assets: Path | None) -> None:
 
 
 def _evidently(page: _Page, reports_dir: Path) -> None:
-    items = []
+    items, details = [], []
     for folder, title, stage in EVIDENTLY:
         pages = sorted((reports_dir / folder).glob("*.html"))
         if not pages and folder == "drift":
@@ -293,8 +293,25 @@ def _evidently(page: _Page, reports_dir: Path) -> None:
         shares = _drift_summaries(reports_dir / folder / "summary.json", page, title)
         items += [f"<li>{title}: {page.link(p, p.name)}{_drift_note(shares.get(p.stem) or shares.get(''))}</li>"
                   for p in pages]
+        details += [_drift_columns(name, s) for name, s in shares.items() if isinstance(s.get("columns"), dict)]
+    quality = reports_dir / "quality" / "quality.json"
+    failed = (_read_json(quality, page, "quality figures") or {}).get("not_computed", {}) if quality.is_file() else {}
+    items += [f"<li>Model quality: {esc(name)} not computed: {esc(why)}</li>" for name, why in failed.items()]
     if items:
-        page.add("Evidently reports", "<ul>" + "".join(items) + "</ul>", "evidently")
+        page.add("Evidently reports", "<ul>" + "".join(items) + "</ul>" + "".join(details), "evidently")
+
+
+def _drift_columns(name: str, s: dict) -> str:
+    """Per column: this run's score beside its natural range (earlier windows of the same data), the
+    effect-size floor and the limit they give: why a column was or was not flagged."""
+    rows = []
+    for col, c in sorted(s["columns"].items(), key=lambda kv: (not kv[1].get("drifted"), kv[0])):
+        nat = c.get("natural")
+        rows.append((f'<span class="{"fail" if c.get("drifted") else ""}">{esc(col)}</span>', esc(fmt(c.get("score"))),
+                     esc(f"{fmt(nat[0])} – {fmt(nat[1])}") if nat else "—", esc(fmt(c.get("floor"))),
+                     esc(fmt(c.get("limit"))), esc(c.get("verdict", ""))))
+    return (f"<h3>Drift per column: {esc(name or 'drift')}</h3>"
+            + table(["column", "score", "natural range", "floor", "limit", "verdict"], rows, "drift"))
 
 
 def _drift_summaries(path: Path, page: _Page, title: str) -> dict[str, dict]:
@@ -315,7 +332,8 @@ def _drift_note(s: dict | None) -> str:
         return ""
     if s.get("drift_share") is None:
         return f" — {esc(s.get('skipped') or s.get('reason') or 'not compared')}"
-    return (f" — drift share {fmt(s['drift_share'])} (threshold {fmt(s.get('threshold'))}), "
+    judged = f"{s['n_drifted']} of {s['n_columns']} columns beyond their natural range, " if "n_drifted" in s else ""
+    return (f" — {judged}drift share {fmt(s['drift_share'])} (threshold {fmt(s.get('threshold'))}), "
             f"drifted: {esc(', '.join(s.get('drifted_columns', [])) or 'none')}")
 
 

@@ -2,8 +2,9 @@
 sensitive to, and the item feature vectors behind Evidently's Diversity and Serendipity.
 
 An interaction row holds its rating/weight, how popular its item is, the item's own features, the
-user's features at the time (including the behaviour counts Feast served to the user tower) and when
-it happened (hour of day, day of week). Ids are left out: they cannot drift in a useful way.
+user's features at the time (including the behaviour counts Feast served to the user tower), whether
+the user had the item before (repeat) and when it happened (hour of day, day of week). Ids are left
+out: they cannot drift in a useful way.
 """
 from __future__ import annotations
 
@@ -124,6 +125,14 @@ def interaction_frame(data: TrainingData) -> Frame:
             _add(frame, f"user_{col}", categorical(examples[col]), False)
 
     ts = utc(examples["timestamp"])
+    # "repeat" when the user had this item before (in time order): rating data has none, event data
+    # its own share; a replayed or double-logged stream shows here and in no marginal of the other
+    # columns. Categorical: the share of repeats compared as a distribution, so a few repeats after
+    # none (a re-rated item) stay a small distance, where a numeric 0/1 scaled by a zero std explodes.
+    order = np.argsort(ts.to_numpy(), kind="stable")
+    repeat = np.empty(len(examples), dtype=bool)
+    repeat[order] = examples[["user_id", "item_id"]].iloc[order].duplicated().to_numpy()
+    _add(frame, "repeat", np.where(repeat, "repeat", "first"), False)
     _add(frame, "hour_of_day", ts.dt.hour.astype("float64"), True)
     _add(frame, "day_of_week", ts.dt.dayofweek.map(dict(enumerate(DAYS))), False)
     return frame

@@ -15,8 +15,22 @@ from typing import Any
 
 import pandas as pd
 from evidently import DataDefinition, Dataset, Recsys, Report
-from evidently.metrics import PopularityBiasMetric
-from evidently.presets import RecsysPreset
+from evidently.metrics import (
+    MAP,
+    MRR,
+    NDCG,
+    Diversity,
+    FBetaTopK,
+    HitRate,
+    Novelty,
+    Personalization,
+    PopularityBiasMetric,
+    PrecisionTopK,
+    RecallTopK,
+    RecCasesTable,
+    ScoreDistribution,
+    Serendipity,
+)
 
 from flows.errors import DataContractError
 
@@ -40,34 +54,65 @@ def check_recs(recs: pd.DataFrame, source: Path, k: int) -> None:
 
 
 def quality_report(recs: pd.DataFrame, train: pd.DataFrame, item_vectors: pd.DataFrame | None, k: int,
-                   html_path: Path, reference: pd.DataFrame | None = None) -> dict[str, float]:
-    """Run RecsysPreset(k) (+ popularity gini and coverage) on recs, with train (user_id, item_id: what
-    the model learned from) for Novelty, Serendipity and popularity bias, and item_vectors (item_id +
-    numeric feature columns, or None) for Diversity and Serendipity. reference: the previous
-    published run's recommendations, shown beside this run's in the HTML. Returns the figures."""
+                   html_path: Path, reference: pd.DataFrame | None = None) -> tuple[dict[str, float], dict[str, str]]:
+    """Run RecsysPreset(k)'s metrics (+ popularity gini and coverage) on recs, with train (user_id,
+    item_id: what the model learned from) for Novelty, Serendipity and popularity bias, and
+    item_vectors (item_id + numeric feature columns, or None) for Diversity and Serendipity.
+    reference: the previous published run's recommendations, shown beside this run's in the HTML.
+    Returns (figures, not computed: {figure: reason}): a metric that raises on this data (Novelty's
+    histogram on a catalog where every item was seen once) is left out of the page and named, and
+    the others are still computed."""
     features = [c for c in item_vectors.columns if c != "item_id"] if item_vectors is not None else []
-    cur = _with_features(recs, item_vectors)
     ranking = Recsys(user_id="user_id", item_id="item_id", target="target", prediction="score",
                      recommendations_type="score")
     definition = DataDefinition(numerical_columns=["score", *features], ranking=[ranking])
     train_rows = _with_features(train[["user_id", "item_id"]], item_vectors)
-    train_definition = DataDefinition(numerical_columns=features)
-    metrics = [RecsysPreset(k=k, item_features=features or None, include_tests=False),
-               PopularityBiasMetric(k=k, metric="gini"), PopularityBiasMetric(k=k, metric="coverage")]
+    cur = Dataset.from_pandas(_with_features(recs, item_vectors), data_definition=definition)
     ref = None
     if reference is not None:
         ref = Dataset.from_pandas(_with_features(reference[list(RECS_COLUMNS)], item_vectors),
                                   data_definition=definition)
-    with warnings.catch_warnings():
-        # pandas FutureWarnings from Evidently's legacy recsys code: nothing the caller can act on
-        warnings.simplefilter("ignore", FutureWarning)
-        snapshot = Report(metrics).run(
-            Dataset.from_pandas(cur, data_definition=definition), ref,
-            additional_data={"current_train_data": Dataset.from_pandas(train_rows,
-                                                                       data_definition=train_definition)})
+    extra = {"current_train_data": Dataset.from_pandas(train_rows, data_definition=DataDefinition(
+        numerical_columns=features))}
+
+    def run(metrics: list[Any]) -> Any:
+        with warnings.catch_warnings():
+            # pandas FutureWarnings from Evidently's legacy recsys code: nothing the caller can act on
+            warnings.simplefilter("ignore", FutureWarning)
+            return Report(metrics).run(cur, ref, additional_data=extra)
+
+    metrics = _metrics(k, features)
+    not_computed: dict[str, str] = {}
+    try:
+        snapshot = run([m for _, m in metrics])
+    except Exception:  # noqa: BLE001 - which metric failed is found below, each on its own
+        kept = []
+        for name, metric in metrics:
+            try:
+                run([metric])
+                kept.append(metric)
+            except Exception as exc:  # noqa: BLE001 - Evidently raises plain errors from numpy/pandas
+                not_computed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        snapshot = run(kept) if kept else None
     html_path.parent.mkdir(parents=True, exist_ok=True)
+    if snapshot is None:
+        html_path.write_text("<!doctype html><html><head><meta charset='utf-8'><title>Model quality</title></head>"
+                             "<body><p>No quality metric could be computed on this data.</p></body></html>\n")
+        return {}, not_computed
     snapshot.save_html(str(html_path))
-    return flatten(snapshot.dict(), k)
+    return flatten(snapshot.dict(), k), not_computed
+
+
+def _metrics(k: int, features: list[str]) -> list[tuple[str, Any]]:
+    """(figure name, metric): RecsysPreset(k)'s metrics one by one (so each can fail alone), the
+    recommendation cases table, and popularity bias as gini and coverage."""
+    top_k = [cls(k=k) for cls in (PrecisionTopK, RecallTopK, FBetaTopK, MAP, NDCG, MRR, HitRate)]
+    single = [ScoreDistribution(k=k), Personalization(k=k), Novelty(k=k)]
+    if features:
+        single += [Diversity(k=k, item_features=features), Serendipity(k=k, item_features=features)]
+    named = [(f"{({**TOP_K, **SINGLE})[type(m).__name__]}@{k}", m) for m in top_k + single]
+    named += [(f"popularity_{how}@{k}", PopularityBiasMetric(k=k, metric=how)) for how in ("arp", "gini", "coverage")]
+    return named + [("recommendation cases", RecCasesTable())]
 
 
 def _with_features(rows: pd.DataFrame, item_vectors: pd.DataFrame | None) -> pd.DataFrame:
@@ -98,15 +143,18 @@ def flatten(snapshot: dict[str, Any], k: int) -> dict[str, float]:
 
 
 def add_comparison(html_path: Path, figures: dict[str, float], previous: dict[str, float] | None,
-                   heading: str) -> None:
+                   heading: str, not_computed: dict[str, str] | None = None) -> None:
     """Put a table of this run's figures beside the live model's at the top of the Evidently page
-    (Evidently's own reference column needs the previous run's recommendations and training data)."""
+    (Evidently's own reference column needs the previous run's recommendations and training data),
+    and the figures that could not be computed, each with its reason."""
     rows = []
     for name, value in figures.items():
         before = (previous or {}).get(name)
         change = "" if before is None else f"{value - before:+.4f}"
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{value:.4f}</td>"
                     f"<td>{'' if before is None else f'{before:.4f}'}</td><td>{change}</td></tr>")
+    rows += [f"<tr><td>{html.escape(name)}</td><td colspan='3'>not computed: {html.escape(why)}</td></tr>"
+             for name, why in (not_computed or {}).items()]
     table = (f"<section id='towerflow-comparison' style='font:14px sans-serif;margin:16px 32px'>"
              f"<h2>{html.escape(heading)}</h2><table border='1' cellpadding='4' style='border-collapse:collapse'>"
              "<tr><th>figure</th><th>this run</th><th>live model</th><th>change</th></tr>"

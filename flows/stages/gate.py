@@ -68,19 +68,35 @@ def quality_check(cfg: GateParams, metrics: dict[str, Any], champion: dict[str, 
 
 
 def drift_check(name: str, summary: dict[str, Any], limit: float | None) -> dict[str, Any]:
-    """One drift comparison of reports/drift/summary.json against its threshold."""
+    """One drift comparison of reports/drift/summary.json against its threshold: the share of columns
+    whose score is beyond their natural range (the report stage's calibrated verdict,
+    flows/reports/drift_calibration.py); 0 by default: any such column blocks. A window too short to
+    judge was skipped by the report stage and passes here, with its row count."""
     check: dict[str, Any] = {"name": f"drift.{name}", "max_drift_share": limit}
     if "skipped" in summary:
-        return {**check, "passed": True, "skipped": summary["skipped"]}
+        return {**check, "passed": True, "skipped": summary["skipped"],
+                **({"rows": summary["rows"]} if "rows" in summary else {})}
     check.update({k: summary[k] for k in ("drift_share", "n_drifted", "n_columns", "drifted_columns")})
     if limit is None:
         return {**check, "passed": True, "skipped": f"gate.max_drift_share.{name} is null"}
     check["passed"] = summary["drift_share"] <= limit
     if not check["passed"]:
-        columns = ", ".join(summary["drifted_columns"][:5]) + (", ..." if summary["n_drifted"] > 5 else "")
-        check["reason"] = (f"{LABELS[name]} {summary['drift_share']:.2f} > {limit:.2f} "
-                           f"({summary['n_drifted']} of {summary['n_columns']} columns: {columns})")
+        columns = summary.get("columns", {})
+        named = [f"{c} {columns[c]['score']:.2f} > {columns[c]['limit']:.2f}" if c in columns else c
+                 for c in summary["drifted_columns"][:5]]
+        share = f", share {summary['drift_share']:.2f} > {limit:.2f}" if limit > 0 else ""
+        check["reason"] = (f"{LABELS[name]} in {summary['n_drifted']} of {summary['n_columns']} columns beyond "
+                           f"their natural range ({', '.join(named)}{', ...' if summary['n_drifted'] > 5 else ''})"
+                           + share)
     return check
+
+
+def missing_inputs(quality: dict[str, Any], drift: dict[str, Any]) -> list[str]:
+    """What the report stage could not give the gate: figures Evidently could not compute on this data
+    (quality.json "not_computed") and drift comparisons absent from summary.json. Recorded in
+    gate.json; none of them is one the checks need (the quality check reads metrics.json)."""
+    missing = [f"quality.json: {name} not computed ({why})" for name, why in quality.get("not_computed", {}).items()]
+    return missing + [f"drift/summary.json: no '{name}' comparison" for name in LABELS if name not in drift]
 
 
 def _who(cfg: GateParams) -> str:
@@ -99,7 +115,7 @@ def gate(cfg: GateParams, metrics_path: Path, quality_path: Path, drift_path: Pa
     forced, forced_by, force_reason, at, live_version, message}. Raises GateBlocked (one line: the
     reasons, where to look, how to override) when a check failed and the run is not forced."""
     metrics, champion = _read(metrics_path, "evaluate"), _read(champion_path, "evaluate")
-    _read(quality_path, "report")    # the report ran: its pages are what a reviewer of the decision reads
+    quality = _read(quality_path, "report")    # its pages are what a reviewer of the decision reads
     drift = _read(drift_path, "report")
     checks = [quality_check(cfg, metrics, champion, metrics_path)]
     checks += [drift_check(name, drift[name], getattr(cfg.max_drift_share, name)) for name in LABELS if name in drift]
@@ -110,6 +126,7 @@ def gate(cfg: GateParams, metrics_path: Path, quality_path: Path, drift_path: Pa
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "live_version": champion.get("live_version"), "checks": checks, "reasons": reasons,
     }
+    decision["missing_inputs"] = missing_inputs(quality, drift)
     if reasons:
         decision["message"] = ("gate: " + "; ".join(reasons) + f"; see {portal}"
                                + (f"; forced by {decision['forced_by']}: {cfg.force_reason}" if cfg.force else

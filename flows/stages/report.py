@@ -2,9 +2,11 @@
 
 - Quality: Evidently's recsys metrics (flows/reports/quality.py) on the two-tower's holdout
   recommendations (written by the evaluate stage), with the live bundle's figures beside them.
-- Drift (flows/reports/drift.py) on interaction rows (flows/reports/frames.py): (a) the newest
-  report.newest_days of the training data vs the days before; (b) a sample of this run's training
-  data vs the sample the live bundle kept of its own.
+- Drift (flows/reports/drift.py) on interaction rows (flows/reports/frames.py): (a) the newest window
+  of the training rows (report.drift.window_share of them, in time order) vs the rows before; (b) a
+  sample of this run's training data vs the sample the live bundle kept of its own. Each column's
+  score is judged against its natural range: what the same comparison gave for earlier windows of
+  this data (flows/reports/drift_calibration.py); (b) uses the same range.
 
 The live bundle is read when the stage runs (it is the publish stage's output, so DVC cannot list it
 as a dependency without a cycle). With nothing published yet, (b) and the comparison say so.
@@ -19,7 +21,9 @@ import pandas as pd
 
 from flows.params import DriftLimits, ReportParams
 from flows.reports.drift import brief, drift_report, skipped_report
+from flows.reports.drift_calibration import Windows, add_verdict, judge, limits, natural_ranges, plan_windows
 from flows.reports.frames import (
+    BEHAVIOUR,
     Frame,
     TrainingData,
     bounded,
@@ -38,13 +42,16 @@ NO_LIVE = "no previous published model"
 def report(report_cfg: ReportParams, limits: DriftLimits, seed: int, ingested: Path, training_dir: Path,
            recs_path: Path, published_dir: Path, drift_dir: Path, quality_dir: Path,
            champion_path: Path | None = None, compare_across_sources: bool = False) -> dict[str, Any]:
-    """Writes quality_dir/quality.html + quality.json ({"ndcg@20": ..., "k", "users", "previous"}) and
-    drift_dir/{window,published}.html + .json (Evidently), drift_dir/summary.json (per comparison: drift
-    share, drifted columns, rows; or why it was skipped) and drift_dir/reference.parquet (the sample of
-    this run's training rows that a published bundle keeps). limits: the gate's drift thresholds, so
-    Evidently's verdict in the pages matches the gate's. champion_path: the evaluate stage's
-    reports/champion.json, the live model on this run's holdout (the quality comparison's figures).
-    A live model of another source (or contract) is not compared unless compare_across_sources."""
+    """Writes quality_dir/quality.html + quality.json ({"ndcg@20": ..., "k", "users", "previous",
+    "not_computed": {figure: reason} when Evidently could not compute some}) and
+    drift_dir/{window,published}.html + .json (Evidently, with the verdict table on top),
+    drift_dir/summary.json (per comparison: each column's score beside its natural range, floor, limit
+    and verdict, the drifted columns and their share; or why it was not judged, with the row count)
+    and drift_dir/reference.parquet (the sample of this run's training rows that a published bundle
+    keeps). limits: the gate's drift thresholds (shares of drifted columns). champion_path: the
+    evaluate stage's reports/champion.json, the live model on this run's holdout (the quality
+    comparison's figures). A live model of another source (or contract) is not compared unless
+    compare_across_sources."""
     data = read_training(ingested, training_dir)
     frame = interaction_frame(data)
     live = live_bundle(published_dir)
@@ -53,8 +60,11 @@ def report(report_cfg: ReportParams, limits: DriftLimits, seed: int, ingested: P
     sample = bounded(frame.rows[frame.columns], report_cfg.drift_rows, seed)
     drift_dir.mkdir(parents=True, exist_ok=True)
     sample.to_parquet(drift_dir / "reference.parquet", index=False)
-    drift = {"window": _window_drift(report_cfg, limits.window, seed, data, frame, drift_dir),
-             "published": _published_drift(limits.published, sample, frame, live, drift_dir, new_lineage)}
+    window, natural = _window_drift(report_cfg, limits.window, seed, data, frame, drift_dir)
+    drift = {"window": window,
+             "published": _judged_published(report_cfg, limits.published, window, natural, frame, drift_dir,
+                                            _published_drift(limits.published, sample, frame, live, drift_dir,
+                                                              new_lineage))}
     (drift_dir / "summary.json").write_text(json.dumps(drift, indent=2) + "\n")
     champion = json.loads(champion_path.read_text()) if champion_path is not None and champion_path.is_file() else {}
     quality = _quality(report_cfg, seed, data, recs_path, live_baseline(champion, compare_across_sources),
@@ -65,20 +75,62 @@ def report(report_cfg: ReportParams, limits: DriftLimits, seed: int, ingested: P
 
 
 def _window_drift(report_cfg: ReportParams, limit: float | None, seed: int, data: TrainingData, frame: Frame,
-                  drift_dir: Path) -> dict[str, Any]:
+                  drift_dir: Path) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """The newest window vs its past, judged against the earlier windows' natural range; returns the
+    summary and that range (the published comparison is judged with it too)."""
     html_path, json_path = drift_dir / "window.html", drift_dir / "window.json"
     ts = utc(data.examples["timestamp"])
-    cutoff = ts.max() - pd.Timedelta(days=report_cfg.newest_days)
-    newest = (ts > cutoff).to_numpy()
-    if newest.all():
-        span = (ts.max() - ts.min()).days
-        return skipped_report(f"the training data spans {span} days, not more than report.newest_days="
-                              f"{report_cfg.newest_days}", "Drift: newest window", html_path, json_path)
+    windows = plan_windows(ts, report_cfg.drift)
+    if not isinstance(windows, Windows):
+        return {**skipped_report(f"not judged: {windows}", "Drift: newest window", html_path, json_path),
+                "rows": len(ts)}, {}
     rows = frame.rows[frame.columns]
-    summary = drift_report(bounded(rows[~newest], report_cfg.drift_rows, seed),
-                           bounded(rows[newest], report_cfg.drift_rows, seed),
-                           frame.numeric, frame.categorical, limit, html_path, json_path)
-    return {**brief(summary), "since": cutoff.isoformat()}
+    natural, runs = natural_ranges(rows, frame.numeric, frame.categorical, windows, report_cfg.drift_rows, seed)
+    bound = limits(frame.columns, frame.numeric, natural, report_cfg.drift)
+    newest, past = windows.current(0), windows.past(0)
+    summary = drift_report(bounded(rows.iloc[past], report_cfg.drift_rows, seed),
+                           bounded(rows.iloc[newest], report_cfg.drift_rows, seed),
+                           frame.numeric, frame.categorical, limit, html_path, json_path, limits=bound)
+    summary = judge(summary, frame.numeric, natural, report_cfg.drift, limit, pace=_pace(frame))
+    span = ts.iloc[newest]
+    summary.update(since=span.min().isoformat(), until=span.max().isoformat(), window_rows=windows.size,
+                   calibration=[{k: v for k, v in r.items() if k != "scores"} for r in runs])
+    add_verdict(html_path, summary, f"Drift verdict: the newest {windows.size} rows vs the {len(past)} before",
+                _note(report_cfg, windows.count))
+    return brief(summary), natural
+
+
+def _pace(frame: Frame) -> dict[str, str]:
+    """The behaviour counts (interactions in the last w days) follow the data's pace: a busy month
+    raises them, a campaign's new users lower them, with nothing broken. The window check shows them
+    and does not judge them; the comparison with the live model's data does, and a double-logged
+    stream shows in `repeat`."""
+    why = "counts calendar days, so it moves with the data's pace; judged against the live model's data"
+    return {c: why for c in frame.columns if c.startswith(f"user_{BEHAVIOUR}")}
+
+
+def _note(report_cfg: ReportParams, count: int) -> str:
+    cfg = report_cfg.drift
+    natural = (f"Natural range: the scores of the {count} earlier windows of the same size, each against its "
+               f"own past. A column is drifted when its score is above the range's top by more than "
+               f"{cfg.margin:.0%} and above" if count else
+               "No natural range (the training data is too short for windows): a column is drifted above")
+    return (f"{natural} the floor (Wasserstein distance / reference std {cfg.floor_numeric}, Jensen-Shannon "
+            f"distance {cfg.floor_categorical}). This table is the verdict the gate reads.")
+
+
+def _judged_published(report_cfg: ReportParams, limit: float | None, window: dict[str, Any],
+                      natural: dict[str, list[float]], frame: Frame, drift_dir: Path,
+                      summary: dict[str, Any]) -> dict[str, Any]:
+    """The published comparison judged like the window: a whole training set moves less from one run
+    to the next than its newest window does from its past, so the window's natural range bounds it."""
+    if "columns" not in summary:
+        return summary
+    judged = judge(summary, frame.numeric, natural, report_cfg.drift, limit)
+    add_verdict(drift_dir / "published.html", judged, "Drift verdict: this run vs the live model's data",
+                _note(report_cfg, len(window.get("calibration", [])))
+                + " Evidently's marks below use its own threshold (0.1) for each score.")
+    return judged
 
 
 def _published_drift(limit: float | None, sample: pd.DataFrame, frame: Frame, live: LiveBundle | None,
@@ -116,11 +168,11 @@ def _quality(report_cfg: ReportParams, seed: int, data: TrainingData, recs_path:
         if vectors.shape[1] == 1:
             vectors, note = None, "diversity and serendipity skipped: the items have no features"
     html_path = quality_dir / "quality.html"
-    figures = quality_report(recs, train, vectors, k, html_path)
+    figures, not_computed = quality_report(recs, train, vectors, k, html_path)
     add_comparison(html_path, previous.get("challenger") or figures, previous.get("metrics"),
-                   f"Model quality: {previous['line']}")
+                   f"Model quality: {previous['line']}", not_computed)
     out = {**figures, "k": k, "users": int(recs["user_id"].nunique()), "previous": previous,
-           **({"note": note} if note else {})}
+           **({"note": note} if note else {}), **({"not_computed": not_computed} if not_computed else {})}
     (quality_dir / "quality.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 

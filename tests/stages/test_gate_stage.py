@@ -25,8 +25,12 @@ NDCG = 0.25
 LIVE = 0.281        # the live model's ndcg@20 on this run's holdout
 
 
-def _drift(share: float, drifted: list[str], n: int = 10) -> dict:
-    return {"drift_share": share, "n_columns": n, "n_drifted": len(drifted), "drifted_columns": drifted}
+def _drift(drifted: list[str], n: int = 10) -> dict:
+    """A judged comparison as the report stage writes it: the drifted columns above their limit."""
+    columns = {c: {"score": 0.4 - 0.1 * i, "natural": [0.01, 0.1], "floor": 0.2, "limit": 0.2, "drifted": True,
+                   "verdict": "drifted"} for i, c in enumerate(drifted)}
+    return {"drift_share": len(drifted) / n, "n_columns": n, "n_drifted": len(drifted), "drifted_columns": drifted,
+            "columns": columns}
 
 
 def _champion(ndcg: float, live: float | None, change: str | None = None) -> dict:
@@ -51,9 +55,9 @@ def _reports(root: Path, live: float | None = LIVE, ndcg: float = NDCG, window: 
     (reports / "champion.json").write_text(json.dumps(_champion(ndcg, live, change)))
     quality = {"ndcg@20": ndcg, "novelty@20": 2.5, "k": 20, "users": 100}
     (reports / "quality" / "quality.json").write_text(json.dumps(quality))
-    drift = {"window": _drift(window, ["rating", "hour_of_day"] if window > 0.15 else []),
+    drift = {"window": _drift(["rating", "hour_of_day"] if window > 0.15 else []),
              "published": ({"skipped": "no previous published model"} if published_share is None else
-                           _drift(published_share, ["item_year"] if published_share else []))}
+                           _drift(["item_year"] if published_share else []))}
     (reports / "drift" / "summary.json").write_text(json.dumps(drift))
     (reports / "drift" / "reference.parquet").write_bytes(b"PAR1")   # copied as it is
     return reports
@@ -93,7 +97,8 @@ def test_without_a_live_model_the_gate_checks_drift_only(tmp_path: Path):
     quality, window, pub = decision["checks"]
     assert quality["skipped"] == "not compared: no previous published model" and quality["passed"]
     assert pub["skipped"] == "no previous published model"
-    assert window["name"] == "drift.window" and window["passed"] and window["drift_share"] == 0.1
+    assert window["name"] == "drift.window" and window["passed"] and window["drift_share"] == 0.0
+    assert decision["missing_inputs"] == []
     assert decision["forced"] is False and decision["forced_by"] is None and decision["at"].endswith("+00:00")
 
 
@@ -151,11 +156,13 @@ def test_drift_over_a_threshold_blocks(tmp_path: Path):
     with pytest.raises(GateBlocked) as err:
         _gate(reports)
     assert str(err.value).startswith(
-        "gate: newest-window drift 0.60 > 0.50 (2 of 10 columns: rating, hour_of_day); see ")
-    # each comparison has its own threshold; null turns one off
-    limits = DriftLimits(window=None, published=0.1)
-    with pytest.raises(GateBlocked,
-                       match=r"gate: drift vs the live model's data 0.20 > 0.10 \(1 of 10 columns: item_year\)"):
+        "gate: newest-window drift in 2 of 10 columns beyond their natural range (rating 0.40 > 0.20, "
+        "hour_of_day 0.30 > 0.20); drift vs the live model's data in 1 of 10 columns beyond their natural "
+        "range (item_year 0.40 > 0.20); see ")
+    # each comparison has its own threshold (a share of the columns); null turns one off
+    limits = DriftLimits(window=None, published=0.05)
+    with pytest.raises(GateBlocked, match=r"gate: drift vs the live model's data in 1 of 10 columns beyond their "
+                                          r"natural range \(item_year 0.40 > 0.20\), share 0.10 > 0.05; see "):
         _gate(reports, GateParams(max_drift_share=limits))
     assert _gate(reports, GateParams(max_drift_share=DriftLimits(window=0.7, published=0.5)))["passed"]
 
@@ -235,3 +242,21 @@ def test_stage_gate_blocked_through_the_cli_is_one_line(tmp_path: Path):
         "towerflow: error: gate: ndcg@20 0.2500 vs live v1 0.2810 on this run's holdout: fell 0.031 > 0.010; "
         "see reports/index.html; to publish anyway: towerflow run --force --reason TEXT"]
     assert not json.loads((project / "reports" / "gate.json").read_text())["passed"]
+
+
+def test_a_window_too_short_to_judge_passes_and_missing_inputs_are_recorded(tmp_path: Path):
+    """The report stage could not judge the window (too few rows) nor compute Novelty: the gate still
+    decides on metrics.json, passes the window with its row count and records what it lacked."""
+    reports = _reports(tmp_path, live=None)
+    (reports / "drift" / "summary.json").write_text(json.dumps(
+        {"window": {"skipped": "not judged: 40 rows: the newest window, 2 earlier and a past need 2000", "rows": 40}}))
+    quality = json.loads((reports / "quality" / "quality.json").read_text())
+    quality["not_computed"] = {"novelty@20": "ValueError: Too many bins for data range."}
+    (reports / "quality" / "quality.json").write_text(json.dumps(quality))
+    assert _gate(reports)["passed"]
+    decision = json.loads((reports / "gate.json").read_text())
+    window = decision["checks"][1]
+    assert window["passed"] and window["rows"] == 40 and window["skipped"].startswith("not judged: 40 rows")
+    assert decision["missing_inputs"] == [
+        "quality.json: novelty@20 not computed (ValueError: Too many bins for data range.)",
+        "drift/summary.json: no 'published' comparison"]

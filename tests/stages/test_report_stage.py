@@ -21,7 +21,7 @@ from models.params import EvaluateParams, TrainParams
 from training_data import run_sample_train, synthetic_training_dir
 
 K = 10
-CFG = ReportParams(k=K, newest_days=30, drift_rows=5000)
+CFG = ReportParams(k=K, drift_rows=5000)
 FIGURES = {f"{name}@{K}" for name in (
     "precision", "recall", "f1", "map", "ndcg", "mrr", "hitrate", "score_entropy", "personalization",
     "novelty", "diversity", "serendipity", "popularity_arp", "popularity_gini", "popularity_coverage")}
@@ -107,7 +107,9 @@ def test_report_without_a_live_model_writes_quality_and_drift(run: dict, tmp_pat
 
     drift = json.loads((reports / "drift" / "summary.json").read_text())
     window = drift["window"]
-    assert 0 <= window["drift_share"] <= 1 and window["n_columns"] >= 8 and window["threshold"] == 0.5
+    assert 0 <= window["drift_share"] <= 1 and window["n_columns"] >= 8 and window["threshold"] == 0.0
+    assert window["window_rows"] == CFG.drift.min_window_rows and 1 <= len(window["calibration"]) <= CFG.drift.windows
+    assert all(len(c["natural"]) == 2 for c in window["columns"].values())
     assert window["current_rows"] > 0 and window["reference_rows"] > 0
     assert {"rating", "item_popularity", "item_year", "user_gender", "hour_of_day", "day_of_week"} <= \
         set(json.dumps(json.loads((reports / "drift" / "window.json").read_text())).split('"'))
@@ -163,32 +165,42 @@ def test_a_live_model_of_another_source_is_a_new_lineage(run: dict, tmp_path: Pa
 
 
 def test_a_shifted_newest_window_is_flagged(run: dict, tmp_path: Path):
-    """The last 30 days happen at 03:00 and rate everything 5: both must be flagged as drift."""
+    """The newest window's rows (by time) happen at 03:00 and rate everything 5: both columns are far
+    beyond the range the earlier windows showed, the other columns are not."""
     training = tmp_path / "training"
     shutil.copytree(run["training"], training)
     ingested = tmp_path / "ingested"
     shutil.copytree(run["ingested"], ingested)
+    newest_keys = None
     for path, column in ((training / "examples.parquet", None), (ingested / "interactions.parquet", "rating")):
         df = pd.read_parquet(path)
         ts = pd.to_datetime(df["timestamp"], utc=True)
-        newest = ts > ts.max() - pd.Timedelta(days=30)
+        if newest_keys is None:   # the newest window of the examples: min_window_rows rows
+            newest_keys = set(df.loc[ts.sort_values(kind="stable").index[-CFG.drift.min_window_rows:],
+                                     ["user_id", "item_id"]].itertuples(index=False, name=None))
+        newest = pd.Series([k in newest_keys for k in df[["user_id", "item_id"]].itertuples(index=False, name=None)],
+                           index=df.index)
         df["timestamp"] = ts.where(~newest, ts.dt.floor("D") + pd.Timedelta(hours=3))
         if column:
             df.loc[newest, column] = 5.0
         df.to_parquet(path, index=False)
-    summary = report(CFG, DriftLimits(window=0.1), 0, ingested, training, run["reports"] / "quality" / "recs.parquet",
+    summary = report(CFG, DriftLimits(), 0, ingested, training, run["reports"] / "quality" / "recs.parquet",
                      tmp_path / "published", tmp_path / "drift", tmp_path / "quality")
     window = json.loads((tmp_path / "drift" / "summary.json").read_text())["window"]
     assert {"rating", "hour_of_day"} <= set(window["drifted_columns"])
-    assert "user_gender" not in window["drifted_columns"]
-    assert window["dataset_drift"] is True and summary["window_drift_share"] > 0.1
+    assert "user_gender" not in window["drifted_columns"] and "item_year" not in window["drifted_columns"]
+    assert window["dataset_drift"] is True and summary["window_drift_share"] > 0
+    page = (tmp_path / "drift" / "window.html").read_text()
+    assert "towerflow-drift" in page and "natural range" in page
 
 
 def test_short_data_skips_the_window_and_missing_inputs_are_named(run: dict, tmp_path: Path):
-    cfg = CFG.model_copy(update={"newest_days": 365})
+    cfg = CFG.model_copy(update={"drift": CFG.drift.model_copy(update={"min_window_rows": 2000})})
     _report(run, tmp_path / "reports", tmp_path / "published", cfg)
     window = json.loads((tmp_path / "reports" / "drift" / "summary.json").read_text())["window"]
-    assert window["skipped"].startswith("the training data spans ") and "report.newest_days=365" in window["skipped"]
+    rows = len(pd.read_parquet(run["training"] / "examples.parquet"))
+    assert window["rows"] == rows and window["skipped"].startswith(f"not judged: {rows} rows: ")
+    assert "report.drift.min_window_rows=2000" in window["skipped"]
     with pytest.raises(MissingStageInput, match=r"recs.parquet: not found; run the evaluate stage first"):
         report(CFG, DriftLimits(), 0, run["ingested"], run["training"], tmp_path / "recs.parquet",
                tmp_path / "published", tmp_path / "d", tmp_path / "q")
