@@ -19,17 +19,13 @@ LOCK = Path(".towerflow") / "run.lock"
 
 
 @contextmanager
-def run_lock(root: Path) -> Iterator[None]:
+def run_lock(root: Path, wait_s: float = 0.0) -> Iterator[None]:
+    """Hold the project's run lock; refused at once while another run holds it, or after waiting up to
+    wait_s seconds for it (scheduled runs: a nightly and an hourly deployment take turns)."""
     path = root / LOCK
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "{}"
-            raise RunInProgress(f"another towerflow run of {root} is in progress ({_describe(holder)}); "
-                                f"wait for it to finish (lock: {path})") from None
+        _acquire(handle, path, root, wait_s)
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
@@ -40,6 +36,23 @@ def run_lock(root: Path) -> Iterator[None]:
             handle.seek(0)
             handle.truncate()
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _acquire(handle, path: Path, root: Path, wait_s: float) -> None:  # noqa: ANN001 - an open file
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+    handle.seek(0)
+    holder = handle.read().strip() or "{}"
+    waited = f" after waiting {wait_s:g} s" if wait_s else ""
+    raise RunInProgress(f"another towerflow run of {root} is in progress ({_describe(holder)}){waited}; "
+                        f"wait for it to finish (lock: {path})")
 
 
 def _describe(holder: str) -> str:

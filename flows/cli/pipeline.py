@@ -25,7 +25,9 @@ def stage(name: str = typer.Argument(..., help="One of: " + ", ".join(STAGES)),
     with _errors():
         if name not in STAGES:
             raise TowerflowError(f"unknown stage '{name}'; stages are: {', '.join(STAGES)}")
-        params = _load(params_file, set_)
+        from flows.run_params import stage_params_file
+        # started by a run: its own params file (params.yaml + the run's overrides, flows/run_params.py)
+        params = _load(stage_params_file(params_file), set_)
         root = params_file.resolve().parent
         if name == "ingest":
             from flows.stages.ingest import check_source  # pyarrow: only when a run starts
@@ -53,6 +55,8 @@ def run(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
     """Run the whole pipeline as a Prefect flow over the DVC stages (skips what is up to date)."""
     with _errors():
         overrides = (set_ or []) + _force_overrides(force, reason)
+        from flows.run_params import check_overrides
+        check_overrides(overrides)
         params = _load(params_file, overrides)  # bad keys or types fail here, before anything runs
         root = params_file.resolve().parent
         from flows.stages.ingest import check_source
