@@ -141,23 +141,27 @@ def schedule(name: str = typer.Option("nightly", "--name", help="Deployment name
              cron: Optional[str] = typer.Option(None, "--cron", help='Cron expression, e.g. "0 3 * * *" (UTC).'),
              interval: Optional[float] = typer.Option(None, "--interval", help="Seconds between runs."),
              until: Optional[str] = typer.Option(None, "--until", help="Scheduled runs stop after this stage."),
+             set_: Optional[list[str]] = typer.Option(None, "--set", "-S", help="Override a params.yaml key in "
+                                                      "this deployment's runs: key.sub=value (repeatable)."),
              params_file: Path = ParamsOption) -> None:
     """Create (or update) a Prefect deployment of the pipeline on a cron or an interval."""
     with _errors():
-        _load(params_file, None)   # a broken params.yaml fails now, not at 3 am
+        _load(params_file, set_)   # a broken params.yaml or override fails now, not at 3 am
         from flows.schedule import create
-        deployment_id = create(params_file.resolve().parent, name, cron, interval, _stages_until(until))
+        deployment_id = create(params_file.resolve().parent, name, cron, interval, _stages_until(until), set_)
         typer.echo(f"deployment towerflow/{name} ({deployment_id}): "
-                   f"{'cron ' + repr(cron) if cron else f'every {interval:g} s'}; "
+                   f"{'cron ' + repr(cron) if cron else f'every {interval:g} s'}"
+                   f"{', with ' + ', '.join(set_) if set_ else ''}; "
                    f"run `towerflow serve --name {name}` to execute it")
 
 
 @app.command()
-def serve(name: str = typer.Option("nightly", "--name", help="The deployment created by `towerflow schedule`.")) -> None:
-    """Serve a scheduled deployment in the foreground (Ctrl-C stops it)."""
+def serve(name: Optional[list[str]] = typer.Option(None, "--name", help="A deployment created by `towerflow "
+                                                   "schedule` (repeatable; default: nightly).")) -> None:
+    """Serve scheduled deployments in the foreground (Ctrl-C stops it); their runs take turns."""
     with _errors():
         from flows.schedule import serve as _serve
-        _serve(name)
+        _serve(list(name or ["nightly"]))
 
 
 @app.command()
