@@ -201,7 +201,9 @@ def towerflow_pipeline(root: str, stages: list[str] | None = None, force: bool =
 def _run_stages(project: Path, names: list[str], force: bool, params: Params) -> tuple[list[dict[str, Any]], str]:
     """Reproduce the stages in order; (the runs, the first failure's message or "")."""
     runs: list[dict[str, Any]] = []
-    refresh = set() if force else _source_refresh(project, params, names) | _finetune_refresh(project, params, names)
+    refresh = {} if force else {**source_refresh(project, params, names), **finetune_refresh(project, params, names)}
+    for name, why in refresh.items():
+        get_run_logger().info("%s: %s", name, why)
     for name in names:
         # submitted: with a Dask or Ray task runner (run.task_runner) the stage runs on a worker
         run = _stage_task(name, params.run).submit(project, name, force or name in refresh,
@@ -235,32 +237,30 @@ def _push_task(cfg: RunParams):  # noqa: ANN202 - a prefect Task
                 retry_delay_seconds=exponential_backoff(backoff_factor=cfg.retry_delay_s) if cfg.retries else 0)
 
 
-def _source_refresh(root: Path, params: Params, names: list[str]) -> set[str]:
-    """{"ingest"} when a source directory's files changed since they were ingested: DVC tracks the
-    `data` params, not the files of the directory they name (flows/stages/ingest.py)."""
+def source_refresh(root: Path, params: Params, names: list[str]) -> dict[str, str]:
+    """{"ingest": why} when a source directory's files changed since they were ingested: DVC tracks
+    the `data` params, not the files of the directory they name (flows/stages/ingest.py)."""
     if "ingest" not in names:
-        return set()
+        return {}
     changed = source_changed(resolve_source(params.data, root), params.paths.resolved(root).cache,
                              root / params.serve.events_dir)
-    if changed:
-        get_run_logger().info("ingest: the source directory's files changed since the last ingest")
-    return {"ingest"} if changed else set()
+    return {"ingest": "the source directory's files changed since the last ingest"} if changed else {}
 
 
-def _finetune_refresh(root: Path, params: Params, names: list[str]) -> set[str]:
-    """{"train"} when this run fine-tunes and the model in the workspace (or DVC's run-cache) was not
-    fine-tuned from the version live now: DVC does not track the live bundle, so with unchanged data
-    and params it would skip train, or restore a fine-tune of an older live model."""
+def finetune_refresh(root: Path, params: Params, names: list[str]) -> dict[str, str]:
+    """{"train": why} when this run fine-tunes and the model in the workspace was not fine-tuned from
+    the version live now: DVC does not track the live bundle, so with unchanged data and params it
+    would skip train, or restore from its run-cache a fine-tune of an earlier live model."""
     if "train" not in names or params.train.update != "finetune":
-        return set()
+        return {}
     paths = params.paths.resolved(root)
     live = BundleStore(paths.published).live()
     metrics = paths.model / "train_metrics.json"
     started = json.loads(metrics.read_text()).get("full", {}).get("update", {}) if metrics.is_file() else {}
     if live is None or started.get("from_version") == live:
-        return set()
-    get_run_logger().info("train: fine-tunes the live version %s", live)
-    return {"train"}
+        return {}
+    return {"train": f"fine-tunes the live version {live} (the workspace model started from "
+                     f"{started.get('from_version') or 'no live model'})"}
 
 
 def put_venv_on_path() -> None:

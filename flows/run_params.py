@@ -9,13 +9,12 @@ is only ever read; the next run writes its own file from it, so an override neve
 """
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-
-import yaml
 
 from flows.errors import ConfigError
 from flows.params import apply_overrides, parse_override, read_raw, validate_params
@@ -37,16 +36,40 @@ def check_overrides(overrides: list[str]) -> None:
 
 def write_run_params(root: Path, overrides: list[str]) -> Path:
     """Validate params.yaml + overrides and write them to root/.towerflow/run/params.yaml (fsynced,
-    then renamed over the previous run's file); returns that path."""
+    then renamed over the previous run's file); returns that path. The file is params.yaml's own
+    text with only the overridden values changed (a round-trip edit, as `dvc exp run -S` makes), so
+    DVC and the stages read every other value exactly as they would read it from params.yaml."""
     check_overrides(overrides)
-    raw = apply_overrides(read_raw(root / "params.yaml"), overrides)
-    validate_params(raw, origin="params.yaml" + (" with --set overrides" if overrides else ""))
+    source = root / "params.yaml"
+    # the override errors (unknown keys, a value where a section is) name the key, before any write
+    validate_params(apply_overrides(read_raw(source), overrides),
+                    origin="params.yaml" + (" with --set overrides" if overrides else ""))
     header = ("# Written by towerflow for one run: params.yaml with this run's overrides "
               f"({', '.join(overrides) or 'none'}).\n# Do not edit: the next run rewrites it; "
               "edit params.yaml instead.\n")
     path = root / RUN_PARAMS
-    _write_atomic(path, header + yaml.safe_dump(raw, sort_keys=False))
+    _write_atomic(path, header + _overridden_text(source.read_text(), overrides, str(source)))
     return path
+
+
+def _overridden_text(text: str, overrides: list[str], origin: str) -> str:
+    if not overrides:
+        return text
+    from dvc.utils.serialize import parse_yaml_for_update
+    from dvc.utils.serialize._yaml import _dump
+
+    document = parse_yaml_for_update(text, origin)
+    for override in overrides:
+        keys, value = parse_override(override)
+        node = document
+        for key in keys[:-1]:
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
+    out = io.StringIO()
+    _dump(document, out)
+    return out.getvalue()
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -209,3 +209,33 @@ def test_a_run_stopped_mid_stage_leaves_params_yaml_and_no_stage_behind(harness,
     from flows.run_params import RUN_PARAMS, write_run_params
     write_run_params(root, [])
     assert not yaml.safe_load((root / RUN_PARAMS).read_text())["gate"].get("force")
+
+
+def test_a_finetune_reruns_train_when_the_live_version_changed(tmp_path):
+    """DVC does not track the live bundle: the flow reruns train when this run fine-tunes and the
+    workspace model was fine-tuned from another version than the one live now."""
+    import json
+
+    from flows.params import load_params
+    from flows.pipeline import finetune_refresh
+    from flows.serving.bundles import BUNDLE_JSON, BundleStore
+
+    root = _params_repo(tmp_path / "p", "true")
+    store = BundleStore(root / "artifacts/published")
+    with store.locked():
+        partial = store.partial("v2")
+        (partial / BUNDLE_JSON).write_text(json.dumps({"backend": "qdrant-local"}))
+        store.promote(partial, "v2")
+        store.switch("v2", "publish", "test")
+    metrics = root / "artifacts/model/train_metrics.json"
+    metrics.parent.mkdir(parents=True)
+    finetune = load_params(root / "params.yaml", ["train.update=finetune"])
+    stages = ["train"]
+
+    metrics.write_text(json.dumps({"full": {"update": {"mode": "finetune", "from_version": "v1"}}}))
+    assert "fine-tunes the live version v2" in finetune_refresh(root, finetune, stages)["train"]
+    metrics.write_text(json.dumps({"full": {"update": {"mode": "finetune", "from_version": "v2"}}}))
+    assert finetune_refresh(root, finetune, stages) == {}
+    metrics.unlink()                                    # no model yet (or a full one): train runs anyway
+    assert "train" in finetune_refresh(root, finetune, stages)
+    assert finetune_refresh(root, load_params(root / "params.yaml"), stages) == {}     # update: full
