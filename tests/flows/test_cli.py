@@ -44,3 +44,16 @@ def test_recommend_before_any_run_says_what_to_do(tmp_path):
     result = _invoke("recommend", "--user-id", "1", "--params", str(params))
     assert result.exit_code == 1
     assert "LIVE not found: nothing is published yet" in result.output and "towerflow run" in result.output
+
+
+def test_a_stage_started_by_a_run_reads_the_runs_params_file(tmp_path, monkeypatch):
+    # what flows/reproduce.py sets for the stage commands of a run: its params file, not params.yaml
+    from flows.run_params import ENV, write_run_params
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    missing = tmp_path / "not-there"
+    monkeypatch.setenv(ENV, str(write_run_params(tmp_path, [f"data.source={missing}"])))
+    result = _invoke("stage", "ingest", "--params", str(tmp_path / "params.yaml"))
+    assert result.exit_code == 1
+    assert str(missing) in result.output
+    assert (tmp_path / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()
