@@ -78,7 +78,9 @@ def _in_own_process(root: Path, action: str, timeout_s: float,
                       "started")
     if not result.is_file():
         return None, f"failed: its process ended with exit code {code} before saying how it went"
-    return json.loads(result.read_text()), ""
+    outcome = json.loads(result.read_text())
+    result.unlink()
+    return outcome, ""
 
 
 # The stage process groups this process is waiting for, by leader pid. A stopped run (SIGTERM or

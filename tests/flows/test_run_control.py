@@ -123,6 +123,10 @@ def test_a_hung_stage_is_stopped_with_its_processes_at_the_timeout(harness, tmp_
     assert not [pid for pid in pids if _alive(pid)], "a stage process outlived the timeout"
     # the timeout is ours, not Prefect's, which would warn that it cannot interrupt a blocking call
     assert "cannot interrupt" not in "".join(capfd.readouterr())
+    # nothing of the stopped stage holds the project (DVC's locks included): the next run goes ahead
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ingest": {"cmd": "echo ok > out.txt",
+                                                                          "outs": ["out.txt"]}}}))
+    assert run_pipeline(root, ("ingest",))[0].ok
 
 
 PARAMS_TEXT = """# the shared params: comments and layout must survive every run
