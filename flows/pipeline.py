@@ -203,7 +203,9 @@ def towerflow_pipeline(root: str, stages: list[str] | None = None, force: bool =
 def _run_stages(project: Path, names: list[str], force: bool, params: Params) -> tuple[list[dict[str, Any]], str]:
     """Reproduce the stages in order; (the runs, the first failure's message or "")."""
     runs: list[dict[str, Any]] = []
-    refresh = {} if force else {**source_refresh(project, params, names), **finetune_refresh(project, params, names)}
+    live = BundleStore(params.paths.resolved(project).published).live()
+    refresh = {} if force else {**source_refresh(project, params, names),
+                                **finetune_refresh(project, params, names, live)}
     for name, why in refresh.items():
         get_run_logger().info("%s: %s", name, why)
     for name in names:
@@ -249,15 +251,13 @@ def source_refresh(root: Path, params: Params, names: list[str]) -> dict[str, st
     return {"ingest": "the source directory's files changed since the last ingest"} if changed else {}
 
 
-def finetune_refresh(root: Path, params: Params, names: list[str]) -> dict[str, str]:
+def finetune_refresh(root: Path, params: Params, names: list[str], live: str | None) -> dict[str, str]:
     """{"train": why} when this run fine-tunes and the model in the workspace was not fine-tuned from
-    the version live now: DVC does not track the live bundle, so with unchanged data and params it
-    would skip train, or restore from its run-cache a fine-tune of an earlier live model."""
+    the version `live` (live now): DVC does not track the live bundle, so with unchanged data and
+    params it would skip train, or restore from its run-cache a fine-tune of an earlier live model."""
     if "train" not in names or params.train.update != "finetune":
         return {}
-    paths = params.paths.resolved(root)
-    live = BundleStore(paths.published).live()
-    metrics = paths.model / "train_metrics.json"
+    metrics = params.paths.resolved(root).model / "train_metrics.json"
     started = json.loads(metrics.read_text()).get("full", {}).get("update", {}) if metrics.is_file() else {}
     if live is None or started.get("from_version") == live:
         return {}

@@ -222,24 +222,19 @@ def test_a_finetune_reruns_train_when_the_live_version_changed(tmp_path):
 
     from flows.params import load_params
     from flows.pipeline import finetune_refresh
-    from flows.serving.bundles import BUNDLE_JSON, BundleStore
 
     root = _params_repo(tmp_path / "p", "true")
-    store = BundleStore(root / "artifacts/published")
-    with store.locked():
-        partial = store.partial("v2")
-        (partial / BUNDLE_JSON).write_text(json.dumps({"backend": "qdrant-local"}))
-        store.promote(partial, "v2")
-        store.switch("v2", "publish", "test")
-    metrics = root / "artifacts/model/train_metrics.json"
+    metrics = root / "artifacts/model/train_metrics.json"     # as the train stage writes it
     metrics.parent.mkdir(parents=True)
     finetune = load_params(root / "params.yaml", ["train.update=finetune"])
     stages = ["train"]
 
     metrics.write_text(json.dumps({"full": {"update": {"mode": "finetune", "from_version": "v1"}}}))
-    assert "fine-tunes the live version v2" in finetune_refresh(root, finetune, stages)["train"]
+    assert "fine-tunes the live version v2" in finetune_refresh(root, finetune, stages, "v2")["train"]
     metrics.write_text(json.dumps({"full": {"update": {"mode": "finetune", "from_version": "v2"}}}))
-    assert finetune_refresh(root, finetune, stages) == {}
+    assert finetune_refresh(root, finetune, stages, "v2") == {}
+    assert finetune_refresh(root, finetune, stages, None) == {}            # nothing live: train decides
     metrics.unlink()                                    # no model yet (or a full one): train runs anyway
-    assert "train" in finetune_refresh(root, finetune, stages)
-    assert finetune_refresh(root, load_params(root / "params.yaml"), stages) == {}     # update: full
+    assert "train" in finetune_refresh(root, finetune, stages, "v2")
+    assert finetune_refresh(root, load_params(root / "params.yaml"), stages, "v2") == {}    # update: full
+    assert finetune_refresh(root, finetune, ["ingest"], "v2") == {}                        # not running train
