@@ -18,20 +18,25 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 PIP_VERSION := 26.3
+# --generate-hashes: every file pip installs must match the hash recorded when the lock was made (a
+# replaced or tampered release on the index fails the install); --allow-unsafe pins setuptools too.
 LOCK_FLAGS := --quiet --extra dev --no-emit-find-links --no-emit-index-url --strip-extras --no-header \
-              --annotation-style=line
+              --annotation-style=line --generate-hashes --allow-unsafe
 
 .PHONY: setup vendor lock pipeline test bench ablate clean
 
 setup: $(STAMP) vendor
 
 # Every package version comes from requirements.lock (generated from pyproject.toml by `make lock`),
-# so a fresh machine a month from now installs what passed CI. torch==2.13.0+cpu is the local wheel.
+# so a fresh machine a month from now installs what passed CI, byte for byte: --require-hashes
+# refuses any file whose sha256 is not the locked one. torch==2.13.0+cpu is the local wheel (pip's
+# find-links). The project itself goes in after, without dependencies or an isolated build env (its
+# build backend is the locked, hash-checked setuptools).
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION)
-	$(BIN)/python -m pip install --quiet -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # The browser assets the report pages load (flows/portal/assets.lock.json: npm releases, sha512-checked)

@@ -142,7 +142,8 @@ class RunParams(Section):
 
     retries: int = Field(2, ge=0)                # per stage, for transient failures only (exit 75)
     retry_delay_s: float = Field(10.0, ge=0)     # first retry after this, then doubled (exponential)
-    stage_timeout_s: PositiveInt = 4 * 3600      # a stage running longer fails the run
+    stage_timeout_s: PositiveInt = 4 * 3600      # a stage running longer is stopped (with its processes): the run fails
+    lock_wait_s: float = Field(4 * 3600, ge=0)   # a scheduled run waits this long for the run before it to end
     # Where the stage tasks run: this process's threads, or a Dask / Ray cluster (its workers must see
     # the project folder). dask needs `pip install prefect-dask`, ray `pip install prefect-ray`.
     task_runner: Literal["thread", "dask", "ray"] = "thread"

@@ -1,33 +1,36 @@
 """The Prefect flow: runs the DVC stages in order, one task each.
 
-Each task reproduces its own DVC stage through DVC's API, so DVC owns caching and dvc.lock (a stage
-whose deps and params are unchanged is skipped) and Prefect owns orchestration, retries, timeouts,
-logs and schedules. DVC runs the stage's `cmd` (`towerflow stage <name>`), the same code a user runs
-alone. The flow is a module-level object so that a deployment (`towerflow schedule`/`serve`, or a
+Each task reproduces its own DVC stage through DVC's API, in a process group of its own
+(flows/reproduce.py) that run.stage_timeout_s stops with everything it started; DVC owns caching and
+dvc.lock (a stage whose deps and params are unchanged is skipped) and Prefect owns orchestration,
+retries, logs and schedules. DVC runs the stage's `cmd` (`towerflow stage <name>`), the same code a
+user runs alone. A run's --set overrides reach the stages in the run's own params file
+(flows/run_params.py); params.yaml is never written. The flow is a module-level object so that a deployment (`towerflow schedule`/`serve`, or a
 work pool worker) can load it from its entrypoint `flows/pipeline.py:towerflow_pipeline`.
 """
 from __future__ import annotations
 
-import logging
+import json
 import os
+import signal
+import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import yaml
-from dvc.exceptions import DvcException
-from dvc.repo import Repo
 from prefect import flow, get_run_logger, task
 from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
-from flows.errors import TRANSIENT_EXIT, ConfigError, StageFailed
-from flows.params import Params, RunParams, apply_overrides, load_params, read_raw, resolve_source
+from flows.errors import ConfigError, StageFailed
+from flows.params import Params, RunParams, load_params, resolve_source
 from flows.portal.run import build_run_portal
 from flows.run_lock import run_lock
+from flows.run_params import RUN_PARAMS, write_run_params
+from flows.serving.store import BundleStore
 from flows.stages.ingest import source_changed
 from flows.stages.registry import STAGES
 
@@ -44,39 +47,101 @@ class StageRun:
     error: str = ""
 
 
-def _reproduce(root: Path, name: str, force: bool) -> StageRun:
-    # DVC prints its own progress; without this Prefect's root handler prints every line twice.
-    logging.getLogger("dvc").propagate = False
+# After SIGTERM, a stage's processes get this long to end before SIGKILL.
+STOP_GRACE_S = 10.0
+
+
+def _reproduce(root: Path, name: str, force: bool, timeout_s: float) -> StageRun:
+    """Reproduce the DVC stage `name` in a process group of its own (flows/reproduce.py), stopped with
+    every process in it when it runs past timeout_s."""
     t0 = time.perf_counter()
-    try:
-        # DVC resolves targets and stage paths against the working directory.
-        with _working_directory(root), Repo(".") as repo:
-            repo.scm_context.quiet = True  # one "git add dvc.lock" hint at the end, not one per stage
-            changed = repo.reproduce(targets=[name], single_item=True, force=force)
-    except DvcException as exc:
-        # The stage printed its own one-line error; DVC's message says which stage and command.
-        cause = exc.__cause__ or exc
-        if f"exited with {TRANSIENT_EXIT}" in str(cause):
-            raise TransientStageFailure(f"stage '{name}' failed and may pass on a retry: {cause}") from exc
-        return StageRun(name, False, time.perf_counter() - t0, ok=False,
-                        error=f"stage '{name}' failed: {cause}")
-    return StageRun(name, bool(changed), time.perf_counter() - t0)
+    outcome, why = _in_own_process(root, name, timeout_s, ["--force"] if force else [])
+    seconds = time.perf_counter() - t0
+    if outcome is None:
+        return StageRun(name, False, seconds, ok=False, error=f"stage '{name}' {why}")
+    if outcome.get("transient"):
+        raise TransientStageFailure(f"stage '{name}' failed and may pass on a retry: {outcome['error']}")
+    if not outcome["ok"]:
+        return StageRun(name, False, seconds, ok=False, error=f"stage '{name}' failed: {outcome['error']}")
+    return StageRun(name, outcome["ran"], seconds)
 
 
-@contextmanager
-def _working_directory(path: Path) -> Iterator[None]:
-    previous = Path.cwd()
-    os.chdir(path)
+def _in_own_process(root: Path, action: str, timeout_s: float,
+                    extra: list[str]) -> tuple[dict[str, Any] | None, str]:
+    """(the outcome flows/reproduce.py wrote, "") or (None, why there is none)."""
+    result = root / RUN_PARAMS.parent / f"{action}.result.json"
+    result.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "flows.reproduce", str(root), action, str(result), str(os.getpid()), *extra]
+    code = run_in_own_group(argv, root, timeout_s)
+    if code is None:
+        return None, (f"ran past run.stage_timeout_s ({timeout_s:g} s): stopped it and the processes it "
+                      "started")
+    if not result.is_file():
+        return None, f"failed: its process ended with exit code {code} before saying how it went"
+    outcome = json.loads(result.read_text())
+    result.unlink()
+    return outcome, ""
+
+
+# The stage process groups this process is waiting for, by leader pid. A stopped run (SIGTERM or
+# Ctrl-C, raised in the flow's main thread) ends them: the worker thread waiting for a stage would
+# otherwise keep the interpreter alive, and the stage running, until the stage ends by itself.
+_RUNNING: dict[int, subprocess.Popen] = {}
+
+
+def run_in_own_group(argv: list[str], cwd: Path, timeout_s: float) -> int | None:
+    """Run argv as the leader of a new process group (session); its exit code, or None when it ran
+    past timeout_s. Then, or when this run is stopped, or when it leaves processes behind, the whole
+    group is stopped: SIGTERM, and SIGKILL after STOP_GRACE_S."""
+    proc = subprocess.Popen(argv, cwd=cwd, start_new_session=True)
+    _RUNNING[proc.pid] = proc
     try:
-        yield
-    finally:
-        os.chdir(previous)
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:   # also on an exception here: a stage never outlives the run that started it
+        _stop_group(proc)
+        _RUNNING.pop(proc.pid, None)
+
+
+def stop_running_stages() -> None:
+    """Ask every stage group this process waits for to stop (their waiting threads finish the job)."""
+    for pid in list(_RUNNING):
+        with suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _group_alive(proc.pid, proc):
+            break
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline and _group_alive(proc.pid, proc):
+            time.sleep(0.1)
+    proc.wait()
+
+
+def _group_alive(pgid: int, leader: subprocess.Popen) -> bool:
+    """Whether a process of group `pgid` still runs (zombies waiting to be reaped do not count)."""
+    import psutil
+
+    leader.poll()   # reap the leader once it ended
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return False
 
 
 def _stage_task(name: str, cfg: RunParams):  # noqa: ANN202 - a prefect Task
-    """The reproduce task of one stage, with the run section's retries and timeout. Only transient
-    failures raise (and so are retried); a stage that failed on its data returns a failed StageRun."""
-    return task(_reproduce, name=name, retries=cfg.retries, timeout_seconds=cfg.stage_timeout_s,
+    """The reproduce task of one stage, with the run section's retries. Only transient failures raise
+    (and so are retried); a stage that failed on its data or ran past its time returns a failed
+    StageRun. No Prefect timeout: _reproduce enforces run.stage_timeout_s on the stage's processes."""
+    return task(_reproduce, name=name, retries=cfg.retries,
                 retry_delay_seconds=exponential_backoff(backoff_factor=cfg.retry_delay_s) if cfg.retries else 0)
 
 
@@ -104,22 +169,32 @@ def _runner_from_environment():  # noqa: ANN202 - a prefect TaskRunner
 
 
 @flow(name="towerflow", task_runner=_runner_from_environment())
-def towerflow_pipeline(root: str, stages: list[str] | None = None, force: bool = False) -> list[dict[str, Any]]:
-    """Reproduce `stages` (default: all) of the project at `root`, in order; stop at the first failure.
-    One run at a time per project: a second one is refused while the first holds the run lock."""
+def towerflow_pipeline(root: str, stages: list[str] | None = None, force: bool = False,
+                       overrides: list[str] | None = None, wait_for_lock: bool = False) -> list[dict[str, Any]]:
+    """Reproduce `stages` (default: all) of the project at `root`, in order, with `overrides` (--set
+    key=value) applied for this run only; stop at the first failure. One run at a time per project: a
+    second one is refused while the first holds the run lock (a scheduled run, `wait_for_lock`, waits
+    up to run.lock_wait_s for it instead). The lock comes first: nothing is written before it."""
     project = Path(root)
     put_venv_on_path()   # a deployment's run starts in a fresh process: DVC must find `towerflow`
     names = list(stages or STAGES)
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         return Failed(message=f"unknown stages {unknown}; stages are: {', '.join(STAGES)}")
-    params = load_params(project / "params.yaml")
-    with run_lock(project):
-        runs, error = _run_stages(project, names, force, params)
+    wait_s = load_params(project / "params.yaml", list(overrides or [])).run.lock_wait_s if wait_for_lock else 0.0
+    with run_lock(project, wait_s=wait_s):
+        params = load_params(write_run_params(project, list(overrides or [])))
+        if overrides:
+            get_run_logger().info("this run's params: params.yaml with %s (%s)", ", ".join(overrides), RUN_PARAMS)
+        try:
+            runs, error = _run_stages(project, names, force, params)
+        except BaseException:    # the run is being stopped (SIGTERM, Ctrl-C): its stage stops too
+            stop_running_stages()
+            raise
         _portal(params, project)        # after every run, blocked and failed ones included
         if error:
             return Failed(message=error, data=runs)  # a failed run, without a traceback
-        pushed = _push_task(params.run)(project)
+        pushed = _push_task(params.run)(project, params.run.stage_timeout_s)
         if pushed is not None:
             get_run_logger().info("pushed %d file(s) to the DVC remote '%s'", pushed[1], pushed[0])
     return runs
@@ -128,12 +203,15 @@ def towerflow_pipeline(root: str, stages: list[str] | None = None, force: bool =
 def _run_stages(project: Path, names: list[str], force: bool, params: Params) -> tuple[list[dict[str, Any]], str]:
     """Reproduce the stages in order; (the runs, the first failure's message or "")."""
     runs: list[dict[str, Any]] = []
-    refresh = _source_refresh(project, params) if "ingest" in names and not force else set()
-    if refresh:
-        get_run_logger().info("ingest: the source directory's files changed since the last ingest")
+    live = BundleStore(params.paths.resolved(project).published).live()
+    refresh = {} if force else {**source_refresh(project, params, names),
+                                **finetune_refresh(project, params, names, live)}
+    for name, why in refresh.items():
+        get_run_logger().info("%s: %s", name, why)
     for name in names:
         # submitted: with a Dask or Ray task runner (run.task_runner) the stage runs on a worker
-        run = _stage_task(name, params.run).submit(project, name, force or name in refresh).result()
+        run = _stage_task(name, params.run).submit(project, name, force or name in refresh,
+                                                   params.run.stage_timeout_s).result()
         runs.append(asdict(run))
         get_run_logger().info("%s: %s in %.1fs", name, "ran" if run.ran else "up to date", run.seconds)
         if not run.ok:
@@ -148,47 +226,43 @@ def _portal(params: Params, project: Path) -> None:
         get_run_logger().warning("report portal not built: %s: %s", type(exc).__name__, exc)
 
 
-def _push(root: Path) -> tuple[str, int] | None:
-    """After a successful run, push the outputs to the default DVC remote when one is set (so any run
-    can be restored elsewhere with `dvc pull`); (remote, files pushed), or None without a remote."""
-    with _working_directory(root), Repo(".") as repo:
-        remote = repo.config["core"].get("remote")
-        if not remote:
-            return None
-        return remote, repo.push()
+def _push(root: Path, timeout_s: float) -> tuple[str, int] | None:
+    """After a successful run, push the outputs to the default DVC remote when one is set; (remote,
+    files pushed), or None without a remote. In its own process group, like a stage (timeout)."""
+    outcome, why = _in_own_process(root, "push", timeout_s, [])
+    if outcome is None:
+        raise StageFailed(f"dvc push {why}")
+    return (outcome["remote"], outcome["pushed"]) if outcome["remote"] else None
 
 
 def _push_task(cfg: RunParams):  # noqa: ANN202 - a prefect Task
     # network I/O: every failure here is worth a retry (a failed push leaves the run's outputs intact)
-    return task(_push, name="dvc-push", retries=cfg.retries, timeout_seconds=cfg.stage_timeout_s,
+    return task(_push, name="dvc-push", retries=cfg.retries,
                 retry_delay_seconds=exponential_backoff(backoff_factor=cfg.retry_delay_s) if cfg.retries else 0)
 
 
-def _source_refresh(root: Path, params: Params) -> set[str]:
-    """{"ingest"} when a source directory's files changed since they were ingested: DVC tracks the
-    `data` params, not the files of the directory they name (flows/stages/ingest.py)."""
+def source_refresh(root: Path, params: Params, names: list[str]) -> dict[str, str]:
+    """{"ingest": why} when a source directory's files changed since they were ingested: DVC tracks
+    the `data` params, not the files of the directory they name (flows/stages/ingest.py)."""
+    if "ingest" not in names:
+        return {}
     changed = source_changed(resolve_source(params.data, root), params.paths.resolved(root).cache,
                              root / params.serve.events_dir)
-    return {"ingest"} if changed else set()
+    return {"ingest": "the source directory's files changed since the last ingest"} if changed else {}
 
 
-@contextmanager
-def params_overridden(params_path: Path, overrides: list[str]) -> Iterator[None]:
-    """Apply --set overrides to params.yaml for the duration of one run, then restore the file.
-
-    DVC reads params.yaml, so the override must be there for dvc.lock to record the values the run
-    used; afterwards `dvc status` truthfully shows that the workspace params differ from that run.
-    """
-    if not overrides:
-        yield
-        return
-    original = params_path.read_text()
-    params_path.write_text(yaml.safe_dump(apply_overrides(read_raw(params_path), overrides),
-                                          sort_keys=False))
-    try:
-        yield
-    finally:
-        params_path.write_text(original)
+def finetune_refresh(root: Path, params: Params, names: list[str], live: str | None) -> dict[str, str]:
+    """{"train": why} when this run fine-tunes and the model in the workspace was not fine-tuned from
+    the version `live` (live now): DVC does not track the live bundle, so with unchanged data and
+    params it would skip train, or restore from its run-cache a fine-tune of an earlier live model."""
+    if "train" not in names or params.train.update != "finetune":
+        return {}
+    metrics = params.paths.resolved(root).model / "train_metrics.json"
+    started = json.loads(metrics.read_text()).get("full", {}).get("update", {}) if metrics.is_file() else {}
+    if live is None or started.get("from_version") == live:
+        return {}
+    return {"train": f"fine-tunes the live version {live} (the workspace model started from "
+                     f"{started.get('from_version') or 'no live model'})"}
 
 
 def put_venv_on_path() -> None:
@@ -200,11 +274,11 @@ def put_venv_on_path() -> None:
 
 def run_pipeline(root: Path, stages: tuple[str, ...] = STAGES, overrides: list[str] | None = None,
                  force: bool = False) -> list[StageRun]:
-    """Run the Prefect flow over the DVC stages; raise StageFailed on the first failing stage."""
-    with params_overridden(root / "params.yaml", overrides or []):
-        runner = task_runner(load_params(root / "params.yaml").run)
-        flow_ = towerflow_pipeline.with_options(task_runner=runner)
-        state = flow_(str(root), list(stages), force, return_state=True)
+    """Run the Prefect flow over the DVC stages; raise StageFailed on the first failing stage.
+    params.yaml is only read: the flow passes `overrides` to the stages in the run's own params file."""
+    runner = task_runner(load_params(root / "params.yaml", overrides).run)
+    flow_ = towerflow_pipeline.with_options(task_runner=runner)
+    state = flow_(str(root), list(stages), force, list(overrides or []), return_state=True)
     data = state.result(raise_on_failure=False)
     if state.is_failed():
         if isinstance(data, BaseException) and not isinstance(data, TransientStageFailure):

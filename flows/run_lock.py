@@ -19,15 +19,18 @@ LOCK = Path(".towerflow") / "run.lock"
 
 
 @contextmanager
-def run_lock(root: Path) -> Iterator[None]:
+def run_lock(root: Path, wait_s: float = 0.0) -> Iterator[None]:
+    """Hold the project's run lock; refused at once while another run holds it, or after waiting up to
+    wait_s seconds for it (scheduled runs: a nightly and an hourly deployment take turns)."""
     path = root / LOCK
 
     def busy() -> str:
         holder = path.read_text().strip() if path.is_file() else ""
-        return (f"another towerflow run of {root} is in progress ({_describe(holder or '{}')}); "
+        waited = f" after waiting {wait_s:g} s" if wait_s else ""
+        return (f"another towerflow run of {root} is in progress ({_describe(holder or '{}')}){waited}; "
                 f"wait for it to finish (lock: {path})")
 
-    with file_lock(path, busy=busy, error=RunInProgress) as handle:
+    with file_lock(path, wait_s=wait_s, busy=busy, error=RunInProgress) as handle:
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))

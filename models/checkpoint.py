@@ -8,6 +8,7 @@ model an uninterrupted one would. A trained model is model.pt (config + weights)
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +24,24 @@ MODEL_FILES = ("model.pt", "encoder.json")
 def save_checkpoint(path: Path, model: TwoTower, opt: torch.optim.Optimizer,
                     sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator,
                     progress: dict[str, Any]) -> None:
-    """Write then rename, so a kill during the write leaves the previous checkpoint intact."""
+    """Write, fsync, then rename, so a kill (or a power cut) during the write leaves the previous
+    checkpoint intact. Only tensors, numbers, strings and containers: restore loads it weights_only."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
-                "generator": gen.get_state(), **progress}, tmp)
+    with open(tmp, "wb") as handle:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                    "generator": gen.get_state(), **progress}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
     tmp.replace(path)
 
 
 def restore_checkpoint(path: Path, model: TwoTower, opt: torch.optim.Optimizer,
                        sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator,
                        progress_keys: tuple[str, ...]) -> dict[str, Any]:
-    """Load the saved states into model, opt, sched and gen; return the saved progress fields."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    """Load the saved states into model, opt, sched and gen; return the saved progress fields.
+    weights_only: unpickling a checkpoint never runs code (a planted file cannot either)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["schedule"])

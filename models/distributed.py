@@ -121,7 +121,7 @@ def spawn_fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: Trai
             for error in sorted(Path(tmp).glob(f"*{ERROR_SUFFIX}")):
                 raise pickle.loads(error.read_bytes()) from None
             raise
-        state = torch.load(out, map_location="cpu", weights_only=False)
+        state = torch.load(out, map_location="cpu", weights_only=True)   # rank 0's result: data only
     model = TwoTower(tower_cfg)
     model.load_state_dict(state.pop("model"))
     model.eval()

@@ -25,7 +25,9 @@ def stage(name: str = typer.Argument(..., help="One of: " + ", ".join(STAGES)),
     with _errors():
         if name not in STAGES:
             raise TowerflowError(f"unknown stage '{name}'; stages are: {', '.join(STAGES)}")
-        params = _load(params_file, set_)
+        from flows.run_params import stage_params_file
+        # started by a run: its own params file (params.yaml + the run's overrides, flows/run_params.py)
+        params = _load(stage_params_file(params_file), set_)
         root = params_file.resolve().parent
         if name == "ingest":
             from flows.stages.ingest import check_source  # pyarrow: only when a run starts
@@ -53,6 +55,8 @@ def run(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
     """Run the whole pipeline as a Prefect flow over the DVC stages (skips what is up to date)."""
     with _errors():
         overrides = (set_ or []) + _force_overrides(force, reason)
+        from flows.run_params import check_overrides
+        check_overrides(overrides)
         params = _load(params_file, overrides)  # bad keys or types fail here, before anything runs
         root = params_file.resolve().parent
         from flows.stages.ingest import check_source
@@ -151,23 +155,27 @@ def schedule(name: str = typer.Option("nightly", "--name", help="Deployment name
              cron: Optional[str] = typer.Option(None, "--cron", help='Cron expression, e.g. "0 3 * * *" (UTC).'),
              interval: Optional[float] = typer.Option(None, "--interval", help="Seconds between runs."),
              until: Optional[str] = typer.Option(None, "--until", help="Scheduled runs stop after this stage."),
+             set_: Optional[list[str]] = typer.Option(None, "--set", "-S", help="Override a params.yaml key in "
+                                                      "this deployment's runs: key.sub=value (repeatable)."),
              params_file: Path = ParamsOption) -> None:
     """Create (or update) a Prefect deployment of the pipeline on a cron or an interval."""
     with _errors():
-        _load(params_file, None)   # a broken params.yaml fails now, not at 3 am
+        _load(params_file, set_)   # a broken params.yaml or override fails now, not at 3 am
         from flows.schedule import create
-        deployment_id = create(params_file.resolve().parent, name, cron, interval, _stages_until(until))
+        deployment_id = create(params_file.resolve().parent, name, cron, interval, _stages_until(until), set_)
         typer.echo(f"deployment towerflow/{name} ({deployment_id}): "
-                   f"{'cron ' + repr(cron) if cron else f'every {interval:g} s'}; "
+                   f"{'cron ' + repr(cron) if cron else f'every {interval:g} s'}"
+                   f"{', with ' + ', '.join(set_) if set_ else ''}; "
                    f"run `towerflow serve --name {name}` to execute it")
 
 
 @app.command()
-def serve(name: str = typer.Option("nightly", "--name", help="The deployment created by `towerflow schedule`.")) -> None:
-    """Serve a scheduled deployment in the foreground (Ctrl-C stops it)."""
+def serve(name: Optional[list[str]] = typer.Option(None, "--name", help="A deployment created by `towerflow "
+                                                   "schedule` (repeatable; default: nightly).")) -> None:
+    """Serve scheduled deployments in the foreground (Ctrl-C stops it); their runs take turns."""
     with _errors():
         from flows.schedule import serve as _serve
-        _serve(name)
+        _serve(list(name or ["nightly"]))
 
 
 @app.command()

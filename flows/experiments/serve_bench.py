@@ -209,7 +209,7 @@ def event_to_effect(url: str, users: list, n: int = 20) -> dict[str, Any]:
 
 def publish_under_load(root: Path, params: Path, url: str, users: list, clients: int, seconds: float) -> dict[str, Any]:
     """The load above while another process publishes artifacts/model/eval (a new version)."""
-    from flows.serving.bundles import BundleStore
+    from flows.serving.store import BundleStore
 
     store = BundleStore(root / "artifacts/published")
     before = store.live()

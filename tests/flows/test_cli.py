@@ -59,3 +59,16 @@ def test_the_run_summary_counts_added_and_quarantined_events(tmp_path, capsys):
     (tmp_path / "schema.json").write_text(json.dumps({"user_id_dtype": "int64"}))     # no events read
     _print_events(tmp_path)
     assert capsys.readouterr().out == ""
+
+
+def test_a_stage_started_by_a_run_reads_the_runs_params_file(tmp_path, monkeypatch):
+    # what flows/reproduce.py sets for the stage commands of a run: its params file, not params.yaml
+    from flows.run_params import ENV, write_run_params
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    missing = tmp_path / "not-there"
+    monkeypatch.setenv(ENV, str(write_run_params(tmp_path, [f"data.source={missing}"])))
+    result = _invoke("stage", "ingest", "--params", str(tmp_path / "params.yaml"))
+    assert result.exit_code == 1
+    assert str(missing) in result.output
+    assert (tmp_path / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()

@@ -1,15 +1,21 @@
-"""How the flow runs stages: transient failures are retried with backoff, final ones are not, and a
-second run of the same project is refused while one holds the run lock. A real DVC repo in a temp
+"""How the flow runs stages: transient failures are retried with backoff, final ones are not, a
+second run of the same project is refused while one holds the run lock, a hung stage is stopped with
+its processes, and a run's overrides reach its stages and dvc.lock but never params.yaml. A real DVC repo in a temp
 dir whose stages are small shell commands; the real Prefect flow under the test harness."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.project import run
+from tests.project import ROOT, run
+from flows.cli import _force_overrides
 from flows.errors import RunInProgress, StageFailed
 from flows.pipeline import run_pipeline
 from flows.run_lock import run_lock
@@ -90,3 +96,145 @@ def test_a_task_runner_whose_package_is_missing_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "prefect_ray", None)     # not installed, whether it is here or not
     with pytest.raises(ConfigError, match="run.task_runner is ray but prefect_ray is not installed: pip install prefect-ray"):
         task_runner(RunParams(task_runner="ray"))
+
+
+# --- a stage that runs past run.stage_timeout_s, and overrides that never touch params.yaml ---
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its reaper does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_hung_stage_is_stopped_with_its_processes_at_the_timeout(harness, tmp_path, capfd):
+    # the stage's shell starts a background child and then blocks: both must be gone after the timeout
+    root = _repo(tmp_path / "p", "sleep 300 & echo $! > bg.pid; echo $$ > sh.pid; sleep 300",
+                 retries=0, stage_timeout_s=2)
+    t0 = time.monotonic()
+    with pytest.raises(StageFailed) as failed:
+        run_pipeline(root, ("ingest",))
+    assert time.monotonic() - t0 < 60
+    assert str(failed.value) == ("stage 'ingest' ran past run.stage_timeout_s (2 s): stopped it and the "
+                                 "processes it started")
+    pids = [int((root / name).read_text()) for name in ("sh.pid", "bg.pid")]
+    assert not [pid for pid in pids if _alive(pid)], "a stage process outlived the timeout"
+    # the timeout is ours, not Prefect's, which would warn that it cannot interrupt a blocking call
+    assert "cannot interrupt" not in "".join(capfd.readouterr())
+    # nothing of the stopped stage holds the project (DVC's locks included): the next run goes ahead
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ingest": {"cmd": "echo ok > out.txt",
+                                                                          "outs": ["out.txt"]}}}))
+    assert run_pipeline(root, ("ingest",))[0].ok
+
+
+PARAMS_TEXT = """# the shared params: comments and layout must survive every run
+run:
+  retries: 0        # no retries here
+  retry_delay_s: 0
+gate:
+  max_quality_drop: 0.01
+"""
+
+
+def _params_repo(root: Path, cmd: str) -> Path:
+    """A stage that declares the gate params and copies the params file it was given."""
+    _repo(root, "true")
+    (root / "params.yaml").write_text(PARAMS_TEXT)
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ingest": {
+        "cmd": cmd, "params": ["gate"], "outs": ["out.txt"]}}}))
+    return root
+
+
+def _locked_gate(root: Path) -> dict:
+    return yaml.safe_load((root / "dvc.lock").read_text())["stages"]["ingest"]["params"]["params.yaml"]["gate"]
+
+
+def test_overrides_reach_the_stage_and_dvc_lock_but_never_params_yaml(harness, tmp_path):
+    root = _params_repo(tmp_path / "p", 'cp "$TOWERFLOW_RUN_PARAMS" seen.yaml && date +%s%N > out.txt')
+    forced = ["gate.max_quality_drop=0.5", *_force_overrides(True, "a data fix: see #42")]
+    assert run_pipeline(root, ("ingest",), overrides=forced)[0].ran
+    assert (root / "params.yaml").read_text() == PARAMS_TEXT            # byte for byte
+    seen = yaml.safe_load((root / "seen.yaml").read_text())["gate"]
+    assert seen["max_quality_drop"] == 0.5 and seen["force"] is True
+    locked = _locked_gate(root)                                         # dvc.lock records what the run used
+    assert locked["max_quality_drop"] == 0.5 and locked["force"] is True
+    assert locked["force_reason"] == "a data fix: see #42"
+    # the next run without overrides is not forced: its params come from params.yaml again
+    assert run_pipeline(root, ("ingest",))[0].ran
+    assert not yaml.safe_load((root / "seen.yaml").read_text())["gate"].get("force")
+    assert not _locked_gate(root).get("force") and _locked_gate(root)["max_quality_drop"] == 0.01
+    assert (root / "params.yaml").read_text() == PARAMS_TEXT
+
+
+def test_a_paths_override_is_refused_in_one_line(tmp_path):
+    from flows.errors import ConfigError
+    from flows.run_params import write_run_params
+
+    root = _params_repo(tmp_path / "p", "true")
+    with pytest.raises(ConfigError, match=r"--set paths.model: paths.\* decide where dvc.yaml's outputs are"):
+        write_run_params(root, ["paths.model=elsewhere"])
+
+
+RUN_SCRIPT = """
+import sys
+from pathlib import Path
+from flows.pipeline import run_pipeline
+run_pipeline(Path(sys.argv[1]), ("ingest",), overrides=["gate.force=true", "gate.force_reason=x"])
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_a_run_stopped_mid_stage_leaves_params_yaml_and_no_stage_behind(harness, tmp_path, sig):
+    from prefect.settings import PREFECT_API_URL
+
+    root = _params_repo(tmp_path / "p", "echo $$ > stage.pid; sleep 300; echo ok > out.txt")
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(root)], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (root / "stage.pid").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert (root / "stage.pid").exists(), "the stage never started"
+        stage_pid = int((root / "stage.pid").read_text())
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (root / "params.yaml").read_text() == PARAMS_TEXT
+    deadline = time.monotonic() + 15      # the stage's process notices its run is gone within ~1 s
+    while _alive(stage_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(stage_pid), "the stage ran on after its run was stopped"
+    # and the next run is not forced: it writes its own params from params.yaml
+    from flows.run_params import RUN_PARAMS, write_run_params
+    write_run_params(root, [])
+    assert not yaml.safe_load((root / RUN_PARAMS).read_text())["gate"].get("force")
+
+
+def test_a_finetune_reruns_train_when_the_live_version_changed(tmp_path):
+    """DVC does not track the live bundle: the flow reruns train when this run fine-tunes and the
+    workspace model was fine-tuned from another version than the one live now."""
+    import json
+
+    from flows.params import load_params
+    from flows.pipeline import finetune_refresh
+
+    root = _params_repo(tmp_path / "p", "true")
+    metrics = root / "artifacts/model/train_metrics.json"     # as the train stage writes it
+    metrics.parent.mkdir(parents=True)
+    finetune = load_params(root / "params.yaml", ["train.update=finetune"])
+    stages = ["train"]
+
+    metrics.write_text(json.dumps({"full": {"update": {"mode": "finetune", "from_version": "v1"}}}))
+    assert "fine-tunes the live version v2" in finetune_refresh(root, finetune, stages, "v2")["train"]
+    metrics.write_text(json.dumps({"full": {"update": {"mode": "finetune", "from_version": "v2"}}}))
+    assert finetune_refresh(root, finetune, stages, "v2") == {}
+    assert finetune_refresh(root, finetune, stages, None) == {}            # nothing live: train decides
+    metrics.unlink()                                    # no model yet (or a full one): train runs anyway
+    assert "train" in finetune_refresh(root, finetune, stages, "v2")
+    assert finetune_refresh(root, load_params(root / "params.yaml"), stages, "v2") == {}    # update: full
+    assert finetune_refresh(root, finetune, ["ingest"], "v2") == {}                        # not running train

@@ -1,7 +1,8 @@
 """Scheduled runs against a real Prefect server started by the test (loopback, temporary home).
 
-`towerflow schedule` registers the deployment, `towerflow serve` serves it, `prefect deployment run
---watch` triggers a run and waits; the run must complete and leave the stages' outputs.
+`towerflow schedule` registers two deployments of one project (one with its own --set overrides),
+`towerflow serve` serves both, the test triggers both at once through the API; both runs must
+complete, one after the other, each with its deployment's overrides, and leave the stages' outputs.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.project import make_project
 
@@ -74,35 +76,80 @@ def _env(url: str, home: Path) -> dict[str, str]:
                 PATH=str(BIN) + os.pathsep + os.environ.get("PATH", ""))
 
 
-def test_scheduled_deployment_runs_on_a_real_server(prefect_server, tmp_path, contract_source):
+def _api(url: str, path: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}{path}", data=data, method="GET" if body is None else "POST",
+                                     headers={"Accept": "application/json", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as resp:
+        return json.loads(resp.read())
+
+
+def _schedule(root: Path, env: dict[str, str], *args: str) -> str:
+    created = subprocess.run([str(BIN / "towerflow"), "schedule", *args], cwd=root, env=env,
+                             capture_output=True, text=True)
+    assert created.returncode == 0, created.stderr
+    return created.stdout
+
+
+def _wait_finished(url: str, run_ids: list[str], timeout: float = 420) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = [_api(url, f"/flow_runs/{run_id}") for run_id in run_ids]
+        if all(r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs):
+            return runs
+        time.sleep(2)
+    raise AssertionError(f"flow runs not finished after {timeout}s: {[r['state_type'] for r in runs]}")
+
+
+def test_two_deployments_with_their_own_overrides_take_turns_on_a_real_server(prefect_server, tmp_path,
+                                                                             contract_source):
+    """A nightly full deployment and an hourly one with --set overrides, served by one process and
+    triggered together: both complete, one after the other (the run lock), each with its overrides,
+    and params.yaml is never written."""
     url, home = prefect_server
     root = make_project(tmp_path / "proj", contract_source)
+    params_before = (root / "params.yaml").read_bytes()
     env = _env(url, home)
-    created = subprocess.run([str(BIN / "towerflow"), "schedule", "--name", "t", "--cron", "0 3 * * *",
-                              "--until", "validate"], cwd=root, env=env, capture_output=True, text=True)
-    assert created.returncode == 0, created.stderr
-    assert "deployment towerflow/t" in created.stdout
+    assert "deployment towerflow/nightly" in _schedule(root, env, "--name", "nightly", "--cron", "0 3 * * *",
+                                                        "--until", "validate")
+    out = _schedule(root, env, "--name", "hourly", "--cron", "30 * * * *", "--until", "validate",
+                    "--set", "train.update=finetune", "--set", "data.max_users=120")
+    assert "with train.update=finetune, data.max_users=120" in out
 
-    with urllib.request.urlopen(urllib.request.Request(
-            f"{url}/deployments/name/towerflow/t", headers={"Accept": "application/json"})) as resp:
-        registered = json.loads(resp.read())
-    assert registered["parameters"]["root"] == str(root.resolve())
-    assert registered["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+    nightly = _api(url, "/deployments/name/towerflow/nightly")
+    hourly = _api(url, "/deployments/name/towerflow/hourly")
+    assert nightly["parameters"]["root"] == hourly["parameters"]["root"] == str(root.resolve())
+    assert "overrides" not in nightly["parameters"]
+    assert hourly["parameters"]["overrides"] == ["train.update=finetune", "data.max_users=120"]
+    assert nightly["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
 
-    server = subprocess.Popen([str(BIN / "towerflow"), "serve", "--name", "t"], cwd=root, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    server = subprocess.Popen([str(BIN / "towerflow"), "serve", "--name", "nightly", "--name", "hourly"],
+                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
     try:
-        triggered = subprocess.run([str(BIN / "prefect"), "deployment", "run", "towerflow/t", "--watch",
-                                    "--watch-timeout", "300"], cwd=root, env=env, capture_output=True,
-                                   text=True, timeout=360)
+        run_ids = [_api(url, f"/deployments/{d['id']}/create_flow_run", {})["id"] for d in (nightly, hourly)]
+        runs = _wait_finished(url, run_ids)
     finally:
         _stop(server)
-    out = triggered.stdout + triggered.stderr + "\n--- towerflow serve:\n" + server.stdout.read()
-    assert triggered.returncode == 0, out
-    assert "Completed" in out, out
-    assert (root / "data/ingested/interactions.parquet").exists()
-    assert json.loads((root / "reports/validation.json").read_text())["success"] is True
-    assert not (root / "data/training").exists()          # --until validate: nothing after it ran
+    log = server.stdout.read()
+    assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"], log
+    first, second = sorted(runs, key=lambda r: min(t["start_time"] for t in _tasks(url, r)))
+    assert (root / "reports/validation.json").exists() and not (root / "data/training").exists()
+    assert (root / "params.yaml").read_bytes() == params_before
+    # dvc.lock records the run that ended last, with its deployment's overrides (or none)
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    data = lock["stages"]["ingest"]["params"]["params.yaml"]["data"]
+    last = max(runs, key=lambda r: r["end_time"])
+    assert data["max_users"] == (120 if last["deployment_id"] == hourly["id"] else None), log
+    # the later run waited for the lock: its first stage started after the first run's last task ended
+    assert max(t["end_time"] for t in _tasks(url, first)) <= min(t["start_time"] for t in _tasks(url, second)), log
+
+
+def _tasks(url: str, flow_run: dict) -> list[dict]:
+    """The task runs (stages, push) of a flow run: all of them run while it holds the run lock."""
+    tasks = _api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
+    assert tasks and all(t["start_time"] and t["end_time"] for t in tasks), tasks
+    return tasks
 
 
 def test_bad_schedule_is_one_line(prefect_server, tmp_path, contract_source):

@@ -78,7 +78,7 @@ def test_two_workers_learn_like_one_resume_and_write_checkpoints_from_rank_0(syn
     ckpt, record = tmp_path / "ckpt" / "eval.pt", tmp_path / "epochs.txt"
     with pytest.raises(ProcessRaisedException, match="killed after epoch 2"):
         spawn_fit(stream, tower_cfg, two_cfg, seed=0, checkpoint=ckpt, on_epoch=RecordEpoch(record, kill_at=2))
-    assert torch.load(ckpt, weights_only=False)["losses"] == pytest.approx(whole.losses[:2], rel=1e-5)
+    assert torch.load(ckpt, weights_only=True)["losses"] == pytest.approx(whole.losses[:2], rel=1e-5)
     resumed = spawn_fit(stream, tower_cfg, two_cfg, seed=0, checkpoint=ckpt, on_epoch=RecordEpoch(record))
     assert record.read_text().split("\n")[:-1] == ["0 1", "0 2", "0 3", "0 4"]
     assert resumed.resumed_from == 2

@@ -1,0 +1,123 @@
+"""The per-run params file: params.yaml plus one run's `--set` / `--force` overrides.
+
+`towerflow run --set k=v` (and `--force --reason`) never edit params.yaml: a run stopped half-way used
+to leave it rewritten (comments gone, `gate.force: true` for every later run). Instead the flow, once
+it holds the run lock, writes the run's params to `.towerflow/run/params.yaml` (atomically); every
+stage of the run reads that file (`TOWERFLOW_RUN_PARAMS`, set by flows/reproduce.py), and DVC reads
+params.yaml's values from it for that run, so dvc.lock records what the run used. params.yaml itself
+is only ever read; the next run writes its own file from it, so an override never outlives its run.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from flows.errors import ConfigError
+from flows.params import apply_overrides, parse_override, read_raw, validate_params
+
+RUN_PARAMS = Path(".towerflow") / "run" / "params.yaml"
+# set for the stage commands a run starts: `towerflow stage` reads its params from this file
+ENV = "TOWERFLOW_RUN_PARAMS"
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """paths.* shape dvc.yaml's outputs (DVC templates them from params.yaml itself): a per-run value
+    would make a stage write where DVC does not look."""
+    for text in overrides:
+        keys, _ = parse_override(text)
+        if keys[0] == "paths":
+            raise ConfigError(f"--set {'.'.join(keys)}: paths.* decide where dvc.yaml's outputs are; "
+                              "change them in params.yaml")
+
+
+def write_run_params(root: Path, overrides: list[str]) -> Path:
+    """Validate params.yaml + overrides and write them to root/.towerflow/run/params.yaml (fsynced,
+    then renamed over the previous run's file); returns that path. The file is params.yaml's own
+    text with only the overridden values changed (a round-trip edit, as `dvc exp run -S` makes), so
+    DVC and the stages read every other value exactly as they would read it from params.yaml."""
+    check_overrides(overrides)
+    source = root / "params.yaml"
+    # the override errors (unknown keys, a value where a section is) name the key, before any write
+    validate_params(apply_overrides(read_raw(source), overrides),
+                    origin="params.yaml" + (" with --set overrides" if overrides else ""))
+    header = ("# Written by towerflow for one run: params.yaml with this run's overrides "
+              f"({', '.join(overrides) or 'none'}).\n# Do not edit: the next run rewrites it; "
+              "edit params.yaml instead.\n")
+    path = root / RUN_PARAMS
+    _write_atomic(path, header + _overridden_text(source.read_text(), overrides, str(source)))
+    return path
+
+
+def _overridden_text(text: str, overrides: list[str], origin: str) -> str:
+    if not overrides:
+        return text
+    from dvc.utils.serialize import parse_yaml_for_update
+    from dvc.utils.serialize._yaml import _dump
+
+    document = parse_yaml_for_update(text, origin)
+    for override in overrides:
+        keys, value = parse_override(override)
+        node = document
+        for key in keys[:-1]:
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
+    out = io.StringIO()
+    _dump(document, out)
+    return out.getvalue()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)       # the rename itself survives a crash
+    finally:
+        os.close(folder)
+
+
+def stage_params_file(params_file: Path) -> Path:
+    """The file a stage reads its params from: the run's file when a run started it, else `params_file`."""
+    run_file = os.environ.get(ENV)
+    return Path(run_file) if run_file else params_file
+
+
+@contextmanager
+def dvc_reads_params_from(params_yaml: Path, run_file: Path) -> Iterator[None]:
+    """While inside, DVC (in this process) reads the values of `params_yaml` from `run_file`.
+
+    DVC has no per-invocation params file: `dvc exp run -S` edits params.yaml in the workspace, the
+    very thing a stopped run must not leave behind. So the one function through which a stage's
+    params dependency reads its file is pointed at the run's file for params.yaml: DVC's skip
+    decisions, run-cache keys and dvc.lock then see the run's values, under params.yaml's name (as a
+    user who had edited params.yaml would get). tests/flows/test_run_params.py checks dvc.lock."""
+    from dvc.dependency import param
+
+    original = param.read_param_file
+    target = os.path.realpath(params_yaml)
+
+    def read(fs, path, *args, **kwargs):  # noqa: ANN001, ANN202 - DVC's own signature
+        if os.path.realpath(path) == target:
+            path = os.fspath(run_file)
+        return original(fs, path, *args, **kwargs)
+
+    param.read_param_file = read
+    try:
+        yield
+    finally:
+        param.read_param_file = original
