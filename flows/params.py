@@ -193,6 +193,9 @@ class GateParams(Section):
     max_quality_drop: float | None = Field(0.01, ge=0) # absolute drop of metric vs the live model; null: not checked
     max_drift_share: DriftLimits = DriftLimits()
     compare_across_sources: bool = False               # true: compare with a live model of another source too
+    # the items both catalogs hold keep their features: per column, agreement beyond chance with the live
+    # bundle's catalog (flows/reports/consistency.py); below it, a column was shuffled or mis-joined
+    min_feature_agreement: float | None = Field(0.5, ge=-1, le=1)
     force: bool = False
     force_reason: str | None = None
     forced_by: str | None = None                       # who forced (the CLI sets the login name)

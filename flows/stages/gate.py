@@ -91,6 +91,27 @@ def drift_check(name: str, summary: dict[str, Any], limit: float | None) -> dict
     return check
 
 
+def catalog_check(summary: dict[str, Any] | None, min_agreement: float | None) -> dict[str, Any]:
+    """The items both catalogs hold keep their features (reports/drift/summary.json "catalog"): every
+    item feature column agrees with the live bundle's catalog beyond chance at least min_agreement."""
+    check: dict[str, Any] = {"name": "catalog", "min_agreement": min_agreement}
+    if summary is None:
+        return {**check, "passed": True, "skipped": "drift/summary.json has no catalog comparison"}
+    if "skipped" in summary:
+        return {**check, "passed": True, "skipped": summary["skipped"]}
+    columns = summary.get("columns", {})
+    check.update(common_items=summary.get("common_items"), columns=columns)
+    if min_agreement is None:
+        return {**check, "passed": True, "skipped": "gate.min_feature_agreement is null"}
+    bad = sorted((v["agreement"], c) for c, v in columns.items() if v["agreement"] < min_agreement)
+    check["passed"] = not bad
+    if bad:
+        named = ", ".join(f"{c} {a:.2f} ({columns[c]['changed_share']:.0%} changed)" for a, c in bad)
+        check["reason"] = (f"item features disagree with the live catalog on {summary.get('common_items'):,} "
+                           f"common items: {named} < {min_agreement:.2f}")
+    return check
+
+
 def missing_inputs(quality: dict[str, Any], drift: dict[str, Any]) -> list[str]:
     """What the report stage could not give the gate: figures Evidently could not compute on this data
     (quality.json "not_computed") and drift comparisons absent from summary.json. Recorded in
@@ -119,6 +140,7 @@ def gate(cfg: GateParams, metrics_path: Path, quality_path: Path, drift_path: Pa
     drift = _read(drift_path, "report")
     checks = [quality_check(cfg, metrics, champion, metrics_path)]
     checks += [drift_check(name, drift[name], getattr(cfg.max_drift_share, name)) for name in LABELS if name in drift]
+    checks.append(catalog_check(drift.get("catalog"), cfg.min_feature_agreement))
     reasons = [c["reason"] for c in checks if not c["passed"]]
     decision: dict[str, Any] = {
         "passed": not reasons or cfg.force, "forced": cfg.force,

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from flows.params import DriftLimits, ReportParams
+from flows.reports.consistency import feature_agreement
 from flows.reports.drift import brief, drift_report, skipped_report
 from flows.reports.drift_calibration import Windows, add_verdict, judge, limits, natural_ranges, plan_windows
 from flows.reports.frames import (
@@ -65,6 +66,7 @@ def report(report_cfg: ReportParams, limits: DriftLimits, seed: int, ingested: P
              "published": _judged_published(report_cfg, limits.published, window, natural, frame, drift_dir,
                                             _published_drift(limits.published, sample, frame, live, drift_dir,
                                                               new_lineage))}
+    drift["catalog"] = _catalog_agreement(data, live, new_lineage)
     (drift_dir / "summary.json").write_text(json.dumps(drift, indent=2) + "\n")
     champion = json.loads(champion_path.read_text()) if champion_path is not None and champion_path.is_file() else {}
     quality = _quality(report_cfg, seed, data, recs_path, live_baseline(champion, compare_across_sources),
@@ -72,6 +74,21 @@ def report(report_cfg: ReportParams, limits: DriftLimits, seed: int, ingested: P
     ndcg = f"ndcg@{report_cfg.k}"
     return {"live_version": live.version if live else None, ndcg: quality.get(ndcg),
             **{f"{name}_drift_share": d.get("drift_share") for name, d in drift.items()}}
+
+
+def _catalog_agreement(data: TrainingData, live: LiveBundle | None, new_lineage: str | None) -> dict[str, Any]:
+    """The item features of the items both catalogs hold, this run's vs the live bundle's (what a
+    distribution test cannot see: a column shuffled across rows keeps its distribution)."""
+    if live is None:
+        return {"skipped": NO_LIVE}
+    if new_lineage is not None:
+        return {"skipped": new_lineage}
+    live_items, live_schema = live.frame("items.parquet"), live.json("schema.json")
+    if live_items is None or live_schema is None:
+        return {"skipped": f"the live bundle {live.version} keeps no catalog (items.parquet, schema.json)"}
+    result = feature_agreement(live_items, data.items, live_schema.get("item_features", {}),
+                               data.schema.get("item_features", {}), min_agreement=None)
+    return {**result, "live_version": live.version}
 
 
 def _window_drift(report_cfg: ReportParams, limit: float | None, seed: int, data: TrainingData, frame: Frame,

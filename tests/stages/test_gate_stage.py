@@ -94,7 +94,8 @@ def test_without_a_live_model_the_gate_checks_drift_only(tmp_path: Path):
                               "quality": "not compared: no previous published model"}
     decision = json.loads((reports / "gate.json").read_text())
     assert decision["passed"] and decision["reasons"] == [] and decision["live_version"] is None
-    quality, window, pub = decision["checks"]
+    quality, window, pub, catalog = decision["checks"]
+    assert catalog["name"] == "catalog" and catalog["passed"] and "skipped" in catalog
     assert quality["skipped"] == "not compared: no previous published model" and quality["passed"]
     assert pub["skipped"] == "no previous published model"
     assert window["name"] == "drift.window" and window["passed"] and window["drift_share"] == 0.0
@@ -260,3 +261,21 @@ def test_a_window_too_short_to_judge_passes_and_missing_inputs_are_recorded(tmp_
     assert decision["missing_inputs"] == [
         "quality.json: novelty@20 not computed (ValueError: Too many bins for data range.)",
         "drift/summary.json: no 'published' comparison"]
+
+
+def test_a_feature_column_shuffled_across_the_catalog_is_blocked_naming_it(tmp_path: Path):
+    """Drift cannot see a column shuffled across item rows (its distribution is unchanged); the items
+    both catalogs hold can: their genres no longer agree with the live catalog beyond chance."""
+    reports = _reports(tmp_path, live=NDCG)
+    summary = json.loads((reports / "drift" / "summary.json").read_text())
+    summary["catalog"] = {"common_items": 2000, "live_version": "v1", "columns": {
+        "year": {"kind": "numeric", "agreement": 0.998, "changed_share": 0.02},
+        "genres": {"kind": "multi", "agreement": 0.004, "changed_share": 0.96}}}
+    (reports / "drift" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(GateBlocked) as err:
+        _gate(reports)
+    assert ("item features disagree with the live catalog on 2,000 common items: genres 0.00 (96% changed) "
+            "< 0.50") in str(err.value)
+    summary["catalog"]["columns"]["genres"] = {"kind": "multi", "agreement": 0.93, "changed_share": 0.05}
+    (reports / "drift" / "summary.json").write_text(json.dumps(summary))
+    assert _gate(reports)["passed"]      # 5% of items re-tagged: a catalog that lives
