@@ -41,6 +41,7 @@ from models.ranking.catalog import RankFeatures, Vectors, build_features
 from models.ranking.data import GRID, REQUIRED, LogSpec, RankBatch, RankingLog, inspect_log, shown_mask
 from models.ranking.mixture import MixtureEM
 from models.ranking.params import RankParams
+from models.ranking.seen import Seen, seen_in, split_ndcg
 from models.ranking.towers import Naive, Ranker, RankerConfig
 from models.ranking.train import build_model, fit
 
@@ -66,6 +67,14 @@ class RankData:
     truth: Truth
     rows: int
     positions: list[int]                      # positions the propensity curves are read at
+    seen: Seen                                # users and items of the training requests
+
+    def ids(self, cfg: RankParams) -> bool:
+        """Whether the relevance tower learns id embeddings (rank.features_only, auto decided here)."""
+        if cfg.features_only != "auto":
+            return not cfg.features_only
+        has_features = self.features.item_numeric.shape[1] + self.features.item_vectors.shape[1] > 0
+        return self.seen.ids_worth_learning(has_features)
 
     def log(self, cfg: RankParams, split: Literal["train", "test"]) -> RankingLog:
         return RankingLog(self.path, self.features, self.spec, batch_requests=cfg.batch_requests,
@@ -156,11 +165,15 @@ def rank_data(cfg: RankParams, logs: Path, truth_dir: Path | None, items: pd.Dat
         return None
     users_v, items_v = vectors if vectors is not None else (None, None)
     features = build_features(path, cfg.context_columns, item_table=items, user_vectors=users_v,
-                              item_vectors=items_v, read_rows=cfg.read_rows)
+                              item_vectors=items_v, read_rows=cfg.read_rows, scaling=cfg.numeric_scaling)
     columns = (RELEVANCE, USER_TYPE) if truth.source == "simulation" else (RELEVANCE,)
     spec = inspect_log(path, context=cfg.context_columns, truth=columns)
     last = min(top, cfg.max_position, *(() if truth.curves is None else (truth.curves.shape[1],)))
-    return RankData(path, spec, features, truth, rows, list(range(1, max(last, 1) + 1)))
+    train = RankingLog(path, features, spec, batch_requests=cfg.batch_requests, read_rows=cfg.read_rows,
+                       max_position=cfg.max_position, max_grid=cfg.max_grid, split="train",
+                       test_fraction=cfg.test_fraction)
+    seen = seen_in(train, len(features.users), len(features.items))
+    return RankData(path, spec, features, truth, rows, list(range(1, max(last, 1) + 1)), seen)
 
 
 # --- measurement -----------------------------------------------------------------------------------
@@ -200,6 +213,7 @@ def measure(model: Ranker, data: RankData, cfg: RankParams) -> dict[str, Any]:
     (re-read from the prepared file for each measure rather than held in memory)."""
     test = data.log(cfg, "test")
     row: dict[str, Any] = {f"ndcg@{K}": ev.relevance_ndcg(model, test, K, truth=RELEVANCE),
+                           "split": split_ndcg(model, test, data.seen, K, truth=RELEVANCE),
                            "click_loglik": ev.click_loglik(model, test)}
     if isinstance(model, MixtureEM):
         return row | _mixture_rows(model, test, data)
@@ -215,7 +229,9 @@ def measure(model: Ranker, data: RankData, cfg: RankParams) -> dict[str, Any]:
 
 def fit_and_measure(kind: str, cfg: RankParams, seed: int, data: RankData) -> tuple[Ranker, dict[str, Any]]:
     """One model of `kind` (a key of models.ranking.train.MODELS) fitted with `cfg`, and its row."""
-    model = build_model(kind, RankerConfig.build(cfg, data.features, data.spec.grid), data.features, seed)
+    model = build_model(kind, RankerConfig.build(cfg, data.features, data.spec.grid, ids=data.ids(cfg)),
+                        data.features, seed)
+    model.relevance.forget(data.seen.users, data.seen.items)
     report = fit(model, data.log(cfg, "train"), cfg, seed)
     return model, measure(model, data, cfg) | {"fit": report.to_dict()}
 
@@ -272,10 +288,20 @@ def _fit_all(cfg: RankParams, seed: int, data: RankData, out_dir: Path) -> dict[
             shutil.rmtree(out_dir, ignore_errors=True)
             save_ranker(out_dir, name, model, data.features, seed,
                         extra={"context_columns": list(cfg.context_columns), f"ndcg@{K}": rows[name][f"ndcg@{K}"],
+                               "numeric_scaling": data.features.numeric_scaling,
                                "ndcg_vs": data.truth.source})
     if cfg.lightgbm:
         rows["lightgbm"] = lightgbm_row(cfg, seed, data)
     return rows
+
+
+def _id_report(cfg: RankParams, data: RankData) -> dict[str, Any]:
+    """What the relevance tower read: ids or features only (and why), and how much training showed."""
+    shown = data.seen.item_impressions[data.seen.items]
+    return {"id_embeddings": data.ids(cfg), "features_only": cfg.features_only, "id_dropout": cfg.id_dropout,
+            "item_numeric": data.features.numeric_names, "retrieval_embeddings": data.features.item_vectors.shape[1] > 0,
+            "training_items": int(data.seen.items.sum()), "training_users": int(data.seen.users.sum()),
+            "median_item_impressions": float(np.median(shown)) if len(shown) else 0.0}
 
 
 def rank(cfg: RankParams, seed: int, ingested: Path, model_dir: Path | None, out_dir: Path,
@@ -308,6 +334,7 @@ def rank(cfg: RankParams, seed: int, ingested: Path, model_dir: Path | None, out
         "logged_order": {f"ndcg@{K}": logged},
         "log": {"shown_rows": data.rows, "positions": len(data.positions), "grid": data.spec.grid,
                 "context_columns": list(cfg.context_columns), "test_requests": requests},
+        "relevance_features": _id_report(cfg, data),
         "examples": examples, "fit_seconds": round(fit_s, 3),
         "examples_per_s": round(examples / max(fit_s, 1e-9), 1),
         "seconds": round(time.perf_counter() - started, 2),

@@ -49,6 +49,17 @@ class RankParams(Section):
     grad_reversal: NonNegativeFloat = 0.0           # weight of the reversed adversary gradient (0: off)
     use_logged_score: bool = False                  # the logging ranker's score carries its policy: opt-in
     retrieval_embeddings: bool = True               # the retrieval towers' user/item vectors as features
+    # Generalizing to users and items the logs never showed (issue 22): during training this share of
+    # user and item ids is replaced by the OOV id, so the tower also learns to score from features alone
+    # (what an unseen id gets: ids absent from the training requests are zeroed to OOV before fitting)
+    id_dropout: float = Field(0.1, ge=0, lt=1)
+    # items scored from their features alone, no item id embeddings (feature-described catalogs: web
+    # search documents, query-document pairs); auto: so when items have features and are shown too
+    # rarely in training for an id to be learned (median impressions below 30). User ids stay.
+    features_only: bool | Literal["auto"] = "auto"
+    # numeric item features scaled over the catalog: quantile (rank → standard normal; robust to heavy
+    # tails and outliers) or standard (mean / standard deviation)
+    numeric_scaling: Literal["quantile", "standard"] = "quantile"
     serve: RankModel = "pal"                        # whose relevance tower is saved for serving (one of models)
     threads: PositiveInt = 1                        # torch and LightGBM threads (small models: 1 is enough)
 

@@ -74,6 +74,19 @@ def test_bias_aware_models_beat_naive_and_recover_the_propensities(ranked: tuple
     assert json.loads((root / "reports" / "ranking.json").read_text()) == report
 
 
+def test_the_report_splits_seen_and_unseen_and_says_what_the_tower_read(ranked: tuple[Path, dict]) -> None:
+    root, report = ranked
+    split = report["models"]["pal"]["split"]
+    assert set(split) == {"items_seen", "items_unseen", "users_seen", "users_unseen"}
+    # 120 items, 3,000 requests: every item and user is in training, so all held-out ones are seen
+    assert split["users_seen"]["requests"] == report["log"]["test_requests"] and split["users_unseen"]["requests"] == 0
+    assert split["users_seen"]["ndcg@10"] == pytest.approx(report["models"]["pal"]["ndcg@10"])
+    features = report["relevance_features"]
+    assert features["id_embeddings"] is True and features["features_only"] == "auto"   # items repeat: ids learned
+    assert features["item_numeric"] == [f"f{j}" for j in range(6)] and features["median_item_impressions"] > 100
+    assert load_ranker(root / "ranker").meta["numeric_scaling"]["method"] == "quantile"
+
+
 def test_the_served_ranker_scores_with_its_relevance_tower(ranked: tuple[Path, dict]) -> None:
     root, report = ranked
     bundle = load_ranker(root / "ranker")
