@@ -6,7 +6,9 @@ requests; on held-out requests (a fixed hash of request_id) it is measured by ND
 relevance-only ordering against the simulator's true relevance (or against the clicks when the logs
 came from a source, which has no truth), by how well it recovers the examination curve, and by click
 log-likelihood; LightGBM lambdarank with its position field is one more row. The relevance tower of
-`rank.serve` is saved for serving (`towerflow rank score`, `towerflow recommend --rerank`).
+`rank.serve` is saved for serving (`towerflow rank score`, `towerflow recommend --rerank`); with
+`rank.serve: auto` the one that does best on validation requests by a debiased metric
+(models/ranking/select.py), the choice and its figures recorded in ranking.json.
 
 The log is read once in batches of `rank.read_rows` rows: its shown rows, with the truth joined when
 there is one, go to a compact file in a temporary folder, which every epoch then streams again
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,7 +44,8 @@ from models.ranking.catalog import RankFeatures, Vectors, build_features
 from models.ranking.data import GRID, REQUIRED, LogSpec, RankBatch, RankingLog, inspect_log, shown_mask
 from models.ranking.mixture import MixtureEM
 from models.ranking.params import RankParams
-from models.ranking.seen import Seen, seen_in, split_ndcg
+from models.ranking import select
+from models.ranking.seen import Seen, id_report, seen_in, split_ndcg
 from models.ranking.towers import Naive, Ranker, RankerConfig
 from models.ranking.train import build_model, fit
 
@@ -76,10 +80,18 @@ class RankData:
         has_features = self.features.item_numeric.shape[1] + self.features.item_vectors.shape[1] > 0
         return self.seen.ids_worth_learning(has_features)
 
-    def log(self, cfg: RankParams, split: Literal["train", "test"]) -> RankingLog:
-        return RankingLog(self.path, self.features, self.spec, batch_requests=cfg.batch_requests,
-                          read_rows=cfg.read_rows, max_position=cfg.max_position, max_grid=cfg.max_grid,
-                          split=split, test_fraction=cfg.test_fraction)
+    def log(self, cfg: RankParams, split: Literal["train", "test", "valid"]) -> RankingLog:
+        return _log(self.path, self.features, self.spec, cfg, split)
+
+
+def _log(path: Path, features: RankFeatures, spec: LogSpec, cfg: RankParams,
+         split: Literal["train", "test", "valid"]) -> RankingLog:
+    """One split of the prepared log. Validation requests are carved out only to choose the served
+    model (rank.serve: auto); a named model trains on every non-test request."""
+    return RankingLog(path, features, spec, batch_requests=cfg.batch_requests, read_rows=cfg.read_rows,
+                      max_position=cfg.max_position, max_grid=cfg.max_grid, split=split,
+                      test_fraction=cfg.test_fraction,
+                      valid_fraction=cfg.validation_fraction if cfg.serve == "auto" else 0.0)
 
 
 # --- the prepared log ------------------------------------------------------------------------------
@@ -169,10 +181,7 @@ def rank_data(cfg: RankParams, logs: Path, truth_dir: Path | None, items: pd.Dat
     columns = (RELEVANCE, USER_TYPE) if truth.source == "simulation" else (RELEVANCE,)
     spec = inspect_log(path, context=cfg.context_columns, truth=columns)
     last = min(top, cfg.max_position, *(() if truth.curves is None else (truth.curves.shape[1],)))
-    train = RankingLog(path, features, spec, batch_requests=cfg.batch_requests, read_rows=cfg.read_rows,
-                       max_position=cfg.max_position, max_grid=cfg.max_grid, split="train",
-                       test_fraction=cfg.test_fraction)
-    seen = seen_in(train, len(features.users), len(features.items))
+    seen = seen_in(_log(path, features, spec, cfg, "train"), len(features.users), len(features.items))
     return RankData(path, spec, features, truth, rows, list(range(1, max(last, 1) + 1)), seen)
 
 
@@ -279,29 +288,31 @@ def _write(out_dir: Path, report_path: Path, report: dict[str, Any]) -> dict[str
     return report
 
 
-def _fit_all(cfg: RankParams, seed: int, data: RankData, out_dir: Path) -> dict[str, Any]:
-    """Every model of cfg.models (the served one saved to out_dir), then LightGBM."""
+def _fit_all(cfg: RankParams, seed: int, data: RankData,
+             out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every model of cfg.models, the served one (rank.serve, or the validation's choice) saved to
+    out_dir, then LightGBM: (rows, how the served one was chosen)."""
     rows: dict[str, Any] = {}
+    models: dict[str, Ranker] = {}
     for name in cfg.models:
-        model, rows[name] = fit_and_measure(name, cfg, seed, data)
-        if name == cfg.serve:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            save_ranker(out_dir, name, model, data.features, seed,
-                        extra={"context_columns": list(cfg.context_columns), f"ndcg@{K}": rows[name][f"ndcg@{K}"],
-                               "numeric_scaling": data.features.numeric_scaling,
-                               "ndcg_vs": data.truth.source})
+        models[name], rows[name] = fit_and_measure(name, cfg, seed, data)
+    if cfg.serve == "auto":
+        choice = select.choose(models, data.log(cfg, "valid"), data.positions,
+                               RELEVANCE if data.truth.source == "simulation" else None, K)
+        serving = choice.to_dict()
+        if choice.warning:
+            print(f"rank: warning: {choice.warning}", file=sys.stderr, flush=True)
+    else:
+        serving = {"mode": "named", "served": cfg.serve}
+    served = serving["served"]
+    shutil.rmtree(out_dir, ignore_errors=True)
+    save_ranker(out_dir, served, models[served], data.features, seed,
+                extra={"context_columns": list(cfg.context_columns), f"ndcg@{K}": rows[served][f"ndcg@{K}"],
+                       "numeric_scaling": data.features.numeric_scaling, "ndcg_vs": data.truth.source,
+                       "chosen_by": serving})
     if cfg.lightgbm:
         rows["lightgbm"] = lightgbm_row(cfg, seed, data)
-    return rows
-
-
-def _id_report(cfg: RankParams, data: RankData) -> dict[str, Any]:
-    """What the relevance tower read: ids or features only (and why), and how much training showed."""
-    shown = data.seen.item_impressions[data.seen.items]
-    return {"id_embeddings": data.ids(cfg), "features_only": cfg.features_only, "id_dropout": cfg.id_dropout,
-            "item_numeric": data.features.numeric_names, "retrieval_embeddings": data.features.item_vectors.shape[1] > 0,
-            "training_items": int(data.seen.items.sum()), "training_users": int(data.seen.users.sum()),
-            "median_item_impressions": float(np.median(shown)) if len(shown) else 0.0}
+    return rows, serving
 
 
 def rank(cfg: RankParams, seed: int, ingested: Path, model_dir: Path | None, out_dir: Path,
@@ -326,15 +337,16 @@ def rank(cfg: RankParams, seed: int, ingested: Path, model_dir: Path | None, out
         test = data.log(cfg, "test")
         requests = sum(len(b.user) for b in test)
         logged = ev.logged_ndcg(test, K, truth=RELEVANCE) if requests else math.nan
-        rows = _fit_all(cfg, seed, data, out_dir)
+        rows, serving = _fit_all(cfg, seed, data, out_dir)
     fits = [r["fit"] for r in rows.values() if "fit" in r]
     examples, fit_s = sum(f["examples"] for f in fits), sum(f["seconds"] for f in fits)
     return _write(out_dir, report_path, {
-        "status": "ok", "ndcg_vs": data.truth.source, "served": cfg.serve, "models": rows,
+        "status": "ok", "ndcg_vs": data.truth.source, "served": serving["served"], "serve": serving,
+        "models": rows,
         "logged_order": {f"ndcg@{K}": logged},
         "log": {"shown_rows": data.rows, "positions": len(data.positions), "grid": data.spec.grid,
                 "context_columns": list(cfg.context_columns), "test_requests": requests},
-        "relevance_features": _id_report(cfg, data),
+        "relevance_features": id_report(data.seen, data.ids(cfg), cfg, data.features),
         "examples": examples, "fit_seconds": round(fit_s, 3),
         "examples_per_s": round(examples / max(fit_s, 1e-9), 1),
         "seconds": round(time.perf_counter() - started, 2),

@@ -60,12 +60,16 @@ class RankParams(Section):
     # numeric item features scaled over the catalog: quantile (rank → standard normal; robust to heavy
     # tails and outliers) or standard (mean / standard deviation)
     numeric_scaling: Literal["quantile", "standard"] = "quantile"
-    serve: RankModel = "pal"                        # whose relevance tower is saved for serving (one of models)
+    # auto: the model of `models` that validates best by a debiased metric (models/ranking/select.py)
+    serve: RankModel | Literal["auto"] = "auto"
+    validation_fraction: float = Field(0.1, ge=0, lt=0.5)   # requests held out to choose the served model
     threads: PositiveInt = 1                        # torch and LightGBM threads (small models: 1 is enough)
 
     @model_validator(mode="after")
     def _serve_is_trained(self) -> RankParams:
-        if self.serve not in self.models:
+        if self.serve == "auto" and self.validation_fraction <= 0:
+            raise ValueError("rank.serve: auto chooses on validation requests; set rank.validation_fraction > 0")
+        if self.serve != "auto" and self.serve not in self.models:
             raise ValueError(f"rank.serve is {self.serve!r} but rank.models trains only {self.models}; "
                              "add it to rank.models or pick one of them")
         return self

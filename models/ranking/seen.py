@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from models.ranking.catalog import RankFeatures
 from models.ranking.data import RankBatch
 from models.ranking.evaluate import ndcg, truth_column
+from models.ranking.params import RankParams
 from models.ranking.towers import Ranker
 
 # An id shown fewer times than this in training (the median item) is not worth an embedding when the
@@ -35,6 +38,16 @@ class Seen:
         they are all there is; with them, only when the typical shown item was shown often enough."""
         shown = self.item_impressions[self.items]
         return not has_item_features or (len(shown) > 0 and float(np.median(shown)) >= MIN_ID_IMPRESSIONS)
+
+
+def id_report(seen: Seen, ids: bool, cfg: RankParams, features: RankFeatures) -> dict[str, Any]:
+    """What the relevance tower read (ranking.json): item ids or features only (and why), and how much
+    training showed."""
+    shown = seen.item_impressions[seen.items]
+    return {"id_embeddings": ids, "features_only": cfg.features_only, "id_dropout": cfg.id_dropout,
+            "item_numeric": features.numeric_names, "retrieval_embeddings": features.item_vectors.shape[1] > 0,
+            "training_items": int(seen.items.sum()), "training_users": int(seen.users.sum()),
+            "median_item_impressions": float(np.median(shown)) if len(shown) else 0.0}
 
 
 def seen_in(batches: Iterable[RankBatch], n_users: int, n_items: int) -> Seen:
