@@ -106,6 +106,10 @@ def test_serve_auto_chooses_by_the_truth_on_validation_requests(tmp_path: Path) 
     assert named["serve"] == {"mode": "named", "served": "pal"}
     assert named["log"]["test_requests"] == report["log"]["test_requests"]
     assert report["models"]["pal"]["fit"]["examples"] < 0.95 * named["models"]["pal"]["fit"]["examples"]
+    assert report["models"]["pal"]["fit"]["valid_losses"] == []                     # early stopping is opt-in
+    stopped = rank(cfg.model_copy(update={"models": ["pal"], "patience": 1}), 0, ingested, None,
+                   tmp_path / "r3", tmp_path / "r3.json")["models"]["pal"]["fit"]
+    assert len(stopped["valid_losses"]) == stopped["epochs"] and stopped["best_epoch"] >= 1
 
 
 def test_the_served_ranker_scores_with_its_relevance_tower(ranked: tuple[Path, dict]) -> None:

@@ -16,7 +16,7 @@ from models.ranking.catalog import Vocab, _scaled, quantile_knots, quantile_norm
 from models.ranking.params import RankParams
 from models.ranking.seen import Seen, seen_in, split_ndcg
 from models.ranking.towers import RankerConfig
-from models.ranking.train import build_model, fit
+from models.ranking.train import build_model, fit, validation_loss
 
 torch.set_num_threads(1)
 
@@ -108,3 +108,15 @@ def test_quantile_scaling_keeps_a_heavy_tailed_feature_spread() -> None:
     assert quantile[items.lookup(np.array([1])), 0] == 0                     # missing: the median
     knots = quantile_knots(np.array([0.0, 0.0, 0.0, 1.0]))                  # a binary feature stays two values
     assert quantile_normal(np.array([0.0]), knots)[0] < 0 < quantile_normal(np.array([1.0]), knots)[0]
+
+
+def test_early_stopping_keeps_the_best_epoch_on_held_out_requests(tmp_path: Path) -> None:
+    params = RankParams(epochs=30, lr=0.05, patience=2)
+    split = read_split(simulate(SimConfig(n_users=40, n_items=60, requests=300, seed=3)), tmp_path, params)
+    model = build_model("pal", split.config, split.features, seed=0)
+    report = fit(model, split.train, params, seed=0, valid=split.test)
+    print(report.best_epoch, report.epochs, np.round(report.valid_losses, 4))
+    assert report.epochs < 30 and report.epochs == report.best_epoch + 2          # stopped by patience
+    assert len(report.valid_losses) == report.epochs
+    assert validation_loss(model, split.test) == pytest.approx(min(report.valid_losses))   # best weights back
+    assert not model.training
