@@ -112,6 +112,10 @@ class SimulatorParams(Section):
     logging_strength: float | None = Field(None, ge=0, le=1)  # ranker knows relevance: 0 random .. 1 perfect
     neighbour_effect: float = Field(0.0, ge=0, le=1)      # γ: examination x (1 - γ · mean neighbour relevance)
     grid_columns: PositiveInt | None = None               # lay the shown items out in a grid this wide
+    # The logging ranker's error (issue 22): persistent per item or low-rank per user-item, as a trained
+    # ranker repeats its mistakes; this share of its variance is redrawn per request (1: the old world).
+    logger_error: Literal["item", "user_item"] = "item"
+    logger_error_redraw: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _funnel_narrows(self) -> "SimulatorParams":

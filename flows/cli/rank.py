@@ -38,11 +38,19 @@ def rank_score(pairs: Path = typer.Option(..., "--pairs", help="CSV with header 
 def rank_table(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
                seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per cell: base.seed, base.seed+1, ..."),
                requests: float = typer.Option(0.05, "--request-fraction", help="simulator.request_fraction of each regenerated log."),
-               out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: paths.reports.")) -> None:
+               out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: paths.reports."),
+               etas: Optional[list[float]] = typer.Option(None, "--eta", help="Only these η (repeatable)."),
+               strengths: Optional[list[float]] = typer.Option(None, "--logger", help="Only these logging strengths."),
+               redraws: Optional[list[float]] = typer.Option(None, "--redraw", help="Only these logger_error_redraw (0 persistent, 1 redrawn)."),
+               rows: Optional[list[str]] = typer.Option(None, "--row", help="Only these rows (naive, pal, ...)."),
+               neighbour: bool = typer.Option(True, "--neighbour/--no-neighbour", help="The neighbour-effect set.")) -> None:
     """The rankers measured against the simulator's truth across bias strengths and loggers (slow)."""
     with _errors():
-        from flows.experiments.rank_table import run_cli
-        run_cli(params_file, set_ or [], seeds, requests, out_dir)
+        from flows.experiments import rank_table as rt
+        subset = {k: tuple(v) for k, v in (("etas", etas), ("strengths", strengths), ("redraws", redraws)) if v}
+        subset |= {"rows": list(rows)} if rows else {}
+        subset |= {} if neighbour else {"neighbour": False}
+        rt.run_cli(params_file, set_ or [], seeds, requests, out_dir, subset or None)
 
 
 @rank_app.command("negatives")

@@ -2,7 +2,8 @@
 
 On the project's ingested interactions, the flows simulator regenerates the ranking logs for every
 position-bias strength η ∈ {0.5, 1, 2} × logging strength ∈ {0, 0.5, 1} (what the logging ranker knew
-about true relevance: 0 random, 1 perfect) and every seed; each row (each model of the rank stage,
+about true relevance: 0 random, 1 perfect) × the logger's error persistent (it repeats its mistakes,
+as a trained ranker does: the confounded case) or redrawn per request × every seed; each row (each model of the rank stage,
 the disentangling variants of Zhang et al. 2023, LightGBM lambdarank with its position field) is
 fitted and measured exactly as the rank stage does (flows/stages/rank.py): NDCG@10 of its relevance
 ordering against true relevance, propensity recovery (Pearson, MAE), click log-likelihood, all on
@@ -16,17 +17,19 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow.parquet as pq
 
+from flows.errors import ConfigError
 from flows.params import Params, SimulatorParams, apply_overrides, read_raw, validate_params
 from models.ranking.params import RankParams
 
 ETAS = (0.5, 1.0, 2.0)
 STRENGTHS = (0.0, 0.5, 1.0)
+REDRAWS = (0.0, 1.0)                  # simulator.logger_error_redraw: persistent errors, redrawn ones
 GAMMA, GRID_COLUMNS = 0.5, 5          # the neighbour-effect set: γ, and the grid's width
 # row name → (model kind, rank-section overrides)
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -51,10 +54,13 @@ class Cell:
     seed: int
     gamma: float = 0.0
     grid: int | None = None
+    redraw: float = 0.0               # share of the logger's error redrawn per request (0: persistent)
 
     @property
     def setting(self) -> str:
         base = f"η={self.eta:g}, logger={self.strength:g}"
+        if self.redraw:
+            base += ", errors redrawn" if self.redraw == 1 else f", errors {self.redraw:g} redrawn"
         if self.gamma:
             base += f", γ={self.gamma:g} " + (f"grid {self.grid} wide" if self.grid else "list")
         return base
@@ -62,7 +68,7 @@ class Cell:
     def simulator(self, sim: SimulatorParams, request_fraction: float) -> SimulatorParams:
         return sim.model_copy(update={"position_bias": self.eta, "logging_strength": self.strength,
                                       "neighbour_effect": self.gamma, "grid_columns": self.grid,
-                                      "request_fraction": request_fraction})
+                                      "logger_error_redraw": self.redraw, "request_fraction": request_fraction})
 
 
 def _metrics(row: dict[str, Any]) -> dict[str, float | None]:
@@ -118,8 +124,11 @@ def _fmt(cell: dict[str, Any] | None, digits: int) -> str:
 
 
 def _section(summary: dict[str, Any], settings: list[str], rows: list[str], metric: str, title: str,
-             digits: int = 3) -> list[str]:
-    table = summary["table"]
+             digits: int = 3, table: dict[str, Any] | None = None) -> list[str]:
+    table = summary["table"] if table is None else table
+    rows = [r for r in rows if any(table.get(s, {}).get(r, {}).get(metric) for s in settings)]
+    if not settings or not rows:
+        return []
     lines = [f"### {title}", "", "| row | " + " | ".join(settings) + " |",
              "|---|" + "---|" * len(settings)]
     for row in rows:
@@ -128,18 +137,47 @@ def _section(summary: dict[str, Any], settings: list[str], rows: list[str], metr
     return [*lines, ""]
 
 
+def gains(summary: dict[str, Any]) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """NDCG@10 minus naive's on the same log (paired by seed: the log's own difficulty cancels),
+    summarized like the table: {setting: {row: {"ndcg@10": {"mean", "std", "n"}}}}."""
+    paired = [{"setting": run["setting"], "rows": {
+        row: {"ndcg@10": m["ndcg@10"] - run["rows"]["naive"]["ndcg@10"]}
+        for row, m in run["rows"].items() if row not in ("naive", LOGGED) and m.get("ndcg@10") is not None}}
+        for run in summary["runs"] if (run["rows"].get("naive") or {}).get("ndcg@10") is not None]
+    return _summarize(paired)
+
+
+def _columns(summary: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """The measured settings, in the order they ran: persistent-error worlds, redrawn-error worlds, and
+    the neighbour-effect set (with its γ = 0 reference). A partial table has no empty columns."""
+    seen: dict[str, dict[str, Any]] = {}
+    for run in summary["runs"]:
+        seen.setdefault(run["setting"], run.get("cell", {}))
+    main = [s for s, c in seen.items() if not c.get("gamma") and not c.get("redraw")]
+    redrawn = [s for s, c in seen.items() if not c.get("gamma") and c.get("redraw")]
+    near = [s for s, c in seen.items() if c.get("gamma")]
+    base = Cell(1.0, 0.0, 0).setting
+    return main, redrawn, ([base] if near and base in seen else []) + near
+
+
 def markdown(summary: dict[str, Any]) -> str:
-    main = [Cell(e, s, 0).setting for e in ETAS for s in STRENGTHS]
-    neighbour = [Cell(1.0, 0.0, 0).setting, *(Cell(1.0, 0.0, 0, GAMMA, g).setting for g in (None, GRID_COLUMNS))]
-    rows = [*ROWS, LIGHTGBM, LOGGED]
+    main, redrawn, neighbour = _columns(summary)
+    measured = {row for setting in summary.get("table", {}).values() for row in setting}
+    rows = [r for r in (*ROWS, LIGHTGBM, LOGGED) if r in measured]
     head = [f"## Ranking table: {len(summary['seeds'])} seeds ({', '.join(map(str, summary['seeds']))}), "
             "mean ± std", "",
             f"Logs regenerated by the flows simulator on the ingested interactions at request_fraction "
             f"{summary['request_fraction']} ({summary['test_requests']} held-out requests per log on "
-            f"average); relevance features: {summary['features']}. Run time {summary['seconds'] / 60:.1f} "
-            "min on 2 shared cores.", ""]
+            f"average); relevance features: {summary['features']}. Unless a column says \"errors redrawn\", "
+            "the logging ranker's error is persistent (simulator.logger_error_redraw 0). Run time "
+            f"{summary['seconds'] / 60:.1f} min on 2 shared cores.", ""]
+    near_rows = [r for r in (*NEIGHBOUR_ROWS, LOGGED) if r in measured]
     parts = [
         _section(summary, main, rows, "ndcg@10", "NDCG@10 of the relevance ordering vs true relevance"),
+        _section(summary, main + redrawn, [r for r in rows if r not in ("naive", LOGGED)], "ndcg@10",
+                 "NDCG@10 gain over naive on the same log (paired by seed)", table=gains(summary)),
+        _section(summary, redrawn, rows, "ndcg@10",
+                 "NDCG@10 with the logger's error redrawn per request (no confounding: the old world)"),
         _section(summary, main, [r for r in rows if r not in ("naive", LIGHTGBM, LOGGED)], "pearson",
                  "Propensity recovery: Pearson correlation with the true examination curve "
                  "(mixture: mean over user types of the best component)"),
@@ -147,18 +185,23 @@ def markdown(summary: dict[str, Any]) -> str:
                  "Propensity recovery: mean absolute error (curves relative to position 1)"),
         _section(summary, main, [r for r in rows if r not in ("mixture", LIGHTGBM, LOGGED)], "click_loglik",
                  "Click log-likelihood per held-out impression", digits=4),
-        _section(summary, neighbour, [*NEIGHBOUR_ROWS, LOGGED], "ndcg@10", "Neighbour effect: NDCG@10"),
-        _section(summary, neighbour, [*NEIGHBOUR_ROWS], "click_loglik", "Neighbour effect: click log-likelihood",
-                 digits=4),
+        _section(summary, neighbour, near_rows, "ndcg@10", "Neighbour effect: NDCG@10"),
+        _section(summary, neighbour, [r for r in near_rows if r != LOGGED], "click_loglik",
+                 "Neighbour effect: click log-likelihood", digits=4),
     ]
     return "\n".join(head + [line for part in parts for line in part])
 
 
-def cells(seeds: list[int]) -> list[tuple[Cell, list[str]]]:
-    """Every world with the rows measured in it."""
-    main = [(Cell(e, s, seed), [*ROWS, LIGHTGBM]) for e in ETAS for s in STRENGTHS for seed in seeds]
-    near = [(Cell(1.0, 0.0, seed, GAMMA, g), list(NEIGHBOUR_ROWS)) for g in (None, GRID_COLUMNS) for seed in seeds]
-    return main + near
+def cells(seeds: list[int], etas: tuple[float, ...] = ETAS, strengths: tuple[float, ...] = STRENGTHS,
+          redraws: tuple[float, ...] = REDRAWS, rows: list[str] | None = None,
+          neighbour: bool = True) -> list[tuple[Cell, list[str]]]:
+    """Every world with the rows measured in it (or the subset named: `towerflow rank table --eta ...`)."""
+    main_rows = rows or [*ROWS, LIGHTGBM]
+    main = [(Cell(e, s, seed, redraw=r), main_rows) for r in redraws for e in etas for s in strengths
+            for seed in seeds]
+    near = [(Cell(1.0, 0.0, seed, GAMMA, g), [r for r in NEIGHBOUR_ROWS if rows is None or r in rows])
+            for g in (None, GRID_COLUMNS) for seed in seeds]
+    return main + (near if neighbour else [])
 
 
 def rank_table(params: Params, root: Path, out_dir: Path, seeds: list[int], request_fraction: float,
@@ -182,6 +225,7 @@ def rank_table(params: Params, root: Path, out_dir: Path, seeds: list[int], requ
         with tempfile.TemporaryDirectory(prefix="towerflow-rank-table-") as tmp:
             result, test = run_cell(cell, params, rows, request_fraction, paths.ingested, vectors, Path(tmp))
         summary["runs"].append({"setting": cell.setting, "seed": cell.seed, "rows": result,
+                                "cell": {k: v for k, v in asdict(cell).items() if k != "seed"},
                                 "test_requests": test, "seconds": round(time.perf_counter() - t0, 1)})
         summary["test_requests"] = round(statistics.fmean(r["test_requests"] for r in summary["runs"]))
         log(f"{cell.setting}, seed {cell.seed}: {time.perf_counter() - t0:.0f}s  " + ", ".join(
@@ -199,13 +243,19 @@ def _write(summary: dict[str, Any], out_dir: Path) -> None:
 
 
 def run_cli(params_file: Path, overrides: list[str], n_seeds: int, request_fraction: float,
-            out_dir: Path | None) -> dict:
-    """`towerflow rank table`: seeds base.seed, base.seed+1, ...; writes to out_dir (default paths.reports)."""
+            out_dir: Path | None, subset: dict[str, Any] | None = None) -> dict:
+    """`towerflow rank table`: seeds base.seed, base.seed+1, ...; writes to out_dir (default paths.reports).
+    `subset`: keyword arguments of `cells` (etas, strengths, redraws, rows, neighbour) for a smaller table."""
     root = params_file.resolve().parent
     params = validate_params(apply_overrides(read_raw(params_file), overrides),
                              origin=f"{params_file} with --set overrides")
     seeds = [params.base.seed + i for i in range(n_seeds)]
     out = out_dir or params.paths.resolved(root).reports
-    summary = rank_table(params, root, out, seeds, request_fraction, log=lambda line: print(line, flush=True))
+    unknown = set((subset or {}).get("rows") or ()) - {*ROWS, LIGHTGBM}
+    if unknown:
+        raise ConfigError(f"unknown table rows {sorted(unknown)}; known: {[*ROWS, LIGHTGBM]}")
+    only = cells(seeds, **subset) if subset else None
+    summary = rank_table(params, root, out, seeds, request_fraction, log=lambda line: print(line, flush=True),
+                         only=only)
     print(f"written {out / 'ranking_table.md'} and {out / 'ranking_table.json'}")
     return summary

@@ -28,8 +28,9 @@ def examination(shown: int, eta: float | None = None, impatient_factor: float = 
 def ranker_scores(logit: np.ndarray, keep: np.ndarray, noise: np.ndarray, params: SimulatorParams) -> np.ndarray:
     """The logging ranker's scores. logging_strength s: s · relevance + (1 - s) · noise scaled to the
     spread of relevance among the candidates (0: a random order, 1: the true order); else the original
-    true logit + N(0, ranker_noise). `noise` is one standard normal draw either way, so switching the
-    parameter leaves every other random draw of the world unchanged."""
+    true logit + ranker_noise · noise. `noise` is the logger's unit-variance error (persistent and
+    per-request parts mixed by the simulator), the same draw either way, so switching the parameter
+    leaves every other random draw of the world unchanged."""
     if params.logging_strength is None:
         return logit + params.ranker_noise * noise
     spread = float(np.std(logit[keep])) if keep.any() else 1.0

@@ -3,7 +3,9 @@
 The world: a fixed relevance model P(relevant | user, item) (a low-rank factorization of the
 interaction matrix, squashed by a calibrated sigmoid, plus a bonus for pairs the user really
 interacted with); a retrieval step (the interacted item, two-hop co-occurrence walks from the user's
-earlier items, popularity samples); a noisy ranker (true logit + N(0, ranker_noise)); and a
+earlier items, popularity samples); a noisy logging ranker (true logit + an error that, like a real
+trained ranker's, is mostly persistent: per item or low-rank per user-item, only the share
+`logger_error_redraw` of its variance drawn afresh per request); and a
 position-based click model (Richardson et al. 2007; Joachims et al. 2017): P(click) =
 P(examined | position, user type) x P(relevant | user, item), with impatient and patient users.
 
@@ -63,6 +65,8 @@ class World:
     bias: float
     bonus: float
     impatient: np.ndarray       # bool per user code
+    err_user: np.ndarray        # (n_users, k) the logging ranker's persistent error: err_user . err_item
+    err_item: np.ndarray        # (n_items, k)   (item mode: k = 1 and err_user = 1)
 
 
 def _factorize(pairs: sp.csr_matrix, rank: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -86,13 +90,30 @@ def _randomized_svd(pairs: sp.csr_matrix, rank: int, rng: np.random.Generator) -
     return (q @ ub[:, :k]) * root, vt[:k].T * root
 
 
-def _raw_scores(world: World, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Latent score of (users[r], items[r, m]) pairs, in blocks of requests."""
+def _dot(user_f: np.ndarray, item_f: np.ndarray, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """user_f[users[r]] . item_f[items[r, m]], in blocks of requests (bounds memory)."""
     out = np.empty(items.shape, dtype=np.float64)
     for lo in range(0, len(users), SCORE_BLOCK):
         hi = lo + SCORE_BLOCK
-        out[lo:hi] = np.einsum("rk,rmk->rm", world.user_f[users[lo:hi]], world.item_f[items[lo:hi]])
+        out[lo:hi] = np.einsum("rk,rmk->rm", user_f[users[lo:hi]], item_f[items[lo:hi]])
     return out
+
+
+def _raw_scores(world: World, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Latent score of (users[r], items[r, m]) pairs."""
+    return _dot(world.user_f, world.item_f, users, items)
+
+
+def logger_error(n_users: int, n_items: int, params: SimulatorParams, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The logging ranker's persistent error as factors (err_user, err_item), unit variance per pair:
+    per item (a catalog-wide mistake, as a ranker that mis-weighs a feature makes) or low-rank per
+    user-item (a model trained on other data). Its own generator: the world's other draws stay as
+    they were whatever this is."""
+    rng = np.random.default_rng([seed, 0x10_6E_E4])
+    if params.logger_error == "item":
+        return np.ones((n_users, 1)), rng.standard_normal((n_items, 1))
+    k = params.latent_rank
+    return rng.standard_normal((n_users, k)), rng.standard_normal((n_items, k)) / np.sqrt(k)
 
 
 def _observed(world: World, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +125,7 @@ def _observed(world: World, users: np.ndarray, items: np.ndarray) -> tuple[np.nd
 
 
 def build_world(inter: pa.Table, catalog: pa.Array, params: SimulatorParams,
-                rng: np.random.Generator) -> World:
+                rng: np.random.Generator, seed: int) -> World:
     """Index users/items, factorize the interaction matrix, calibrate relevance, draw user types."""
     users_np = inter["user_id"].to_numpy(zero_copy_only=False)
     items_np = inter["item_id"].to_numpy(zero_copy_only=False)
@@ -123,6 +144,7 @@ def build_world(inter: pa.Table, catalog: pa.Array, params: SimulatorParams,
     by_key = np.lexsort((t, keys))
     pair_keys, first_at = np.unique(keys[by_key], return_index=True)
     counts = np.bincount(i, minlength=n_items) + 1.0  # +1: never-interacted catalog items can be retrieved
+    err_user, err_item = logger_error(n_users, n_items, params, seed)
     world = World(
         user_ids=pa.array(user_vals, type=inter.schema.field("user_id").type),
         item_ids=pa.array(item_vals, type=inter.schema.field("item_id").type),
@@ -132,7 +154,7 @@ def build_world(inter: pa.Table, catalog: pa.Array, params: SimulatorParams,
         pair_keys=pair_keys, pair_first=t[by_key][first_at],
         user_f=user_f, item_f=item_f,
         pop=counts / counts.sum(), scale=1.0, bias=0.0, bonus=_logit(P_OBSERVED) - _logit(P_OBSERVED_LATENT),
-        impatient=rng.random(n_users) < params.impatient_share)
+        impatient=rng.random(n_users) < params.impatient_share, err_user=err_user, err_item=err_item)
     _calibrate(world, rng)
     return world
 
@@ -193,7 +215,10 @@ def _chunk(world: World, anchors: np.ndarray, first_request: int, params: Simula
     fresh[:, 0] = True
     keep = _first_unique(cand, fresh, params.candidates)
     logit = world.scale * _raw_scores(world, users, cand) + world.bias + world.bonus * seen
-    score = ranker_scores(logit, keep, rng.standard_normal(cand.shape), params)
+    # The per-request draw is made whatever the redraw share, so every other draw stays in step.
+    fresh, persistent = rng.standard_normal(cand.shape), _dot(world.err_user, world.err_item, users, cand)
+    r = params.logger_error_redraw
+    score = ranker_scores(logit, keep, np.sqrt(r) * fresh + np.sqrt(1.0 - r) * persistent, params)
     order = np.argsort(np.where(keep, -score, np.inf), axis=1, kind="stable")  # best first, dropped last
     cand, logit, score, keep = (np.take_along_axis(a, order, axis=1) for a in (cand, logit, score, keep))
     rows, rank = np.nonzero(keep)  # row-major: by request, then by ranker score
@@ -250,7 +275,7 @@ def simulate(interactions: pa.Table, catalog: pa.Array, params: SimulatorParams,
     valid = interactions.filter(pc.and_(pc.and_(pc.is_valid(interactions["user_id"]),
                                                 pc.is_valid(interactions["item_id"])),
                                         pc.is_valid(interactions["timestamp"])))
-    world = build_world(valid, catalog, params, rng) if valid.num_rows else None
+    world = build_world(valid, catalog, params, rng, seed) if valid.num_rows else None
     curve = examination(params.shown, params.position_bias, params.impatient_bias_factor)
     counts = {"requests": 0, "log_rows": 0, "shown": 0, "clicks": 0}
     with pq.ParquetWriter(logs_path, schema) as logs_w, \
@@ -293,10 +318,12 @@ def _write_truth(world: World | None, params: SimulatorParams, seed: int, curve:
         "neighbour_effect": {"gamma": params.neighbour_effect, "grid_columns": params.grid_columns,
                              "formula": "p_examine = p_examine_position * (1 - gamma * mean p_relevant of "
                                         "the neighbours (list: beside; grid: left/right/above/below))"},
-        "logging_ranker": ({"noise_std": params.ranker_noise, "formula": "true logit + N(0, noise_std)"}
-                           if params.logging_strength is None else
-                           {"strength": params.logging_strength,
-                            "formula": "s * true logit + (1 - s) * std(true logit) * N(0, 1)"}),
+        "logging_ranker": {**({"noise_std": params.ranker_noise, "formula": "true logit + noise_std * error"}
+                              if params.logging_strength is None else
+                              {"strength": params.logging_strength,
+                               "formula": "s * true logit + (1 - s) * std(true logit) * error"}),
+                           "error": f"sqrt(r) * N(0, 1) per request + sqrt(1 - r) * persistent "
+                                    f"({params.logger_error}), r = {params.logger_error_redraw:g}"},
         "mixture": {"impatient": share, "patient": 1.0 - share, "configured_impatient_share": params.impatient_share},
         "relevance": {
             "formula": "sigmoid(scale * user_f.item_f + bias + bonus * interacted(user, item))",

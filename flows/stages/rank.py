@@ -6,7 +6,9 @@ requests; on held-out requests (a fixed hash of request_id) it is measured by ND
 relevance-only ordering against the simulator's true relevance (or against the clicks when the logs
 came from a source, which has no truth), by how well it recovers the examination curve, and by click
 log-likelihood; LightGBM lambdarank with its position field is one more row. The relevance tower of
-`rank.serve` is saved for serving (`towerflow rank score`, `towerflow recommend --rerank`).
+`rank.serve` is saved for serving (`towerflow rank score`, `towerflow recommend --rerank`); with
+`rank.serve: auto` the one that does best on validation requests by a debiased metric
+(models/ranking/select.py), the choice and its figures recorded in ranking.json.
 
 The log is read once in batches of `rank.read_rows` rows: its shown rows, with the truth joined when
 there is one, go to a compact file in a temporary folder, which every epoch then streams again
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,6 +44,8 @@ from models.ranking.catalog import RankFeatures, Vectors, build_features
 from models.ranking.data import GRID, REQUIRED, LogSpec, RankBatch, RankingLog, inspect_log, shown_mask
 from models.ranking.mixture import MixtureEM
 from models.ranking.params import RankParams
+from models.ranking import select
+from models.ranking.seen import Seen, id_report, seen_in, split_ndcg
 from models.ranking.towers import Naive, Ranker, RankerConfig
 from models.ranking.train import build_model, fit
 
@@ -66,11 +71,27 @@ class RankData:
     truth: Truth
     rows: int
     positions: list[int]                      # positions the propensity curves are read at
+    seen: Seen                                # users and items of the training requests
 
-    def log(self, cfg: RankParams, split: Literal["train", "test"]) -> RankingLog:
-        return RankingLog(self.path, self.features, self.spec, batch_requests=cfg.batch_requests,
-                          read_rows=cfg.read_rows, max_position=cfg.max_position, max_grid=cfg.max_grid,
-                          split=split, test_fraction=cfg.test_fraction)
+    def ids(self, cfg: RankParams) -> bool:
+        """Whether the relevance tower learns id embeddings (rank.features_only, auto decided here)."""
+        if cfg.features_only != "auto":
+            return not cfg.features_only
+        has_features = self.features.item_numeric.shape[1] + self.features.item_vectors.shape[1] > 0
+        return self.seen.ids_worth_learning(has_features)
+
+    def log(self, cfg: RankParams, split: Literal["train", "test", "valid"]) -> RankingLog:
+        return _log(self.path, self.features, self.spec, cfg, split)
+
+
+def _log(path: Path, features: RankFeatures, spec: LogSpec, cfg: RankParams,
+         split: Literal["train", "test", "valid"]) -> RankingLog:
+    """One split of the prepared log. Validation requests are carved out only to choose the served
+    model (rank.serve: auto); a named model trains on every non-test request."""
+    return RankingLog(path, features, spec, batch_requests=cfg.batch_requests, read_rows=cfg.read_rows,
+                      max_position=cfg.max_position, max_grid=cfg.max_grid, split=split,
+                      test_fraction=cfg.test_fraction,
+                      valid_fraction=cfg.validation_fraction if cfg.serve == "auto" else 0.0)
 
 
 # --- the prepared log ------------------------------------------------------------------------------
@@ -156,11 +177,12 @@ def rank_data(cfg: RankParams, logs: Path, truth_dir: Path | None, items: pd.Dat
         return None
     users_v, items_v = vectors if vectors is not None else (None, None)
     features = build_features(path, cfg.context_columns, item_table=items, user_vectors=users_v,
-                              item_vectors=items_v, read_rows=cfg.read_rows)
+                              item_vectors=items_v, read_rows=cfg.read_rows, scaling=cfg.numeric_scaling)
     columns = (RELEVANCE, USER_TYPE) if truth.source == "simulation" else (RELEVANCE,)
     spec = inspect_log(path, context=cfg.context_columns, truth=columns)
     last = min(top, cfg.max_position, *(() if truth.curves is None else (truth.curves.shape[1],)))
-    return RankData(path, spec, features, truth, rows, list(range(1, max(last, 1) + 1)))
+    seen = seen_in(_log(path, features, spec, cfg, "train"), len(features.users), len(features.items))
+    return RankData(path, spec, features, truth, rows, list(range(1, max(last, 1) + 1)), seen)
 
 
 # --- measurement -----------------------------------------------------------------------------------
@@ -200,6 +222,7 @@ def measure(model: Ranker, data: RankData, cfg: RankParams) -> dict[str, Any]:
     (re-read from the prepared file for each measure rather than held in memory)."""
     test = data.log(cfg, "test")
     row: dict[str, Any] = {f"ndcg@{K}": ev.relevance_ndcg(model, test, K, truth=RELEVANCE),
+                           "split": split_ndcg(model, test, data.seen, K, truth=RELEVANCE),
                            "click_loglik": ev.click_loglik(model, test)}
     if isinstance(model, MixtureEM):
         return row | _mixture_rows(model, test, data)
@@ -215,8 +238,11 @@ def measure(model: Ranker, data: RankData, cfg: RankParams) -> dict[str, Any]:
 
 def fit_and_measure(kind: str, cfg: RankParams, seed: int, data: RankData) -> tuple[Ranker, dict[str, Any]]:
     """One model of `kind` (a key of models.ranking.train.MODELS) fitted with `cfg`, and its row."""
-    model = build_model(kind, RankerConfig.build(cfg, data.features, data.spec.grid), data.features, seed)
-    report = fit(model, data.log(cfg, "train"), cfg, seed)
+    model = build_model(kind, RankerConfig.build(cfg, data.features, data.spec.grid, ids=data.ids(cfg)),
+                        data.features, seed)
+    model.relevance.forget(data.seen.users, data.seen.items)
+    report = fit(model, data.log(cfg, "train"), cfg, seed,
+                 valid=data.log(cfg, "valid") if cfg.serve == "auto" and cfg.patience else None)
     return model, measure(model, data, cfg) | {"fit": report.to_dict()}
 
 
@@ -263,19 +289,31 @@ def _write(out_dir: Path, report_path: Path, report: dict[str, Any]) -> dict[str
     return report
 
 
-def _fit_all(cfg: RankParams, seed: int, data: RankData, out_dir: Path) -> dict[str, Any]:
-    """Every model of cfg.models (the served one saved to out_dir), then LightGBM."""
+def _fit_all(cfg: RankParams, seed: int, data: RankData,
+             out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every model of cfg.models, the served one (rank.serve, or the validation's choice) saved to
+    out_dir, then LightGBM: (rows, how the served one was chosen)."""
     rows: dict[str, Any] = {}
+    models: dict[str, Ranker] = {}
     for name in cfg.models:
-        model, rows[name] = fit_and_measure(name, cfg, seed, data)
-        if name == cfg.serve:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            save_ranker(out_dir, name, model, data.features, seed,
-                        extra={"context_columns": list(cfg.context_columns), f"ndcg@{K}": rows[name][f"ndcg@{K}"],
-                               "ndcg_vs": data.truth.source})
+        models[name], rows[name] = fit_and_measure(name, cfg, seed, data)
+    if cfg.serve == "auto":
+        choice = select.choose(models, data.log(cfg, "valid"), data.positions,
+                               RELEVANCE if data.truth.source == "simulation" else None, K)
+        serving = choice.to_dict()
+        if choice.warning:
+            print(f"rank: warning: {choice.warning}", file=sys.stderr, flush=True)
+    else:
+        serving = {"mode": "named", "served": cfg.serve}
+    served = serving["served"]
+    shutil.rmtree(out_dir, ignore_errors=True)
+    save_ranker(out_dir, served, models[served], data.features, seed,
+                extra={"context_columns": list(cfg.context_columns), f"ndcg@{K}": rows[served][f"ndcg@{K}"],
+                       "numeric_scaling": data.features.numeric_scaling, "ndcg_vs": data.truth.source,
+                       "chosen_by": serving})
     if cfg.lightgbm:
         rows["lightgbm"] = lightgbm_row(cfg, seed, data)
-    return rows
+    return rows, serving
 
 
 def rank(cfg: RankParams, seed: int, ingested: Path, model_dir: Path | None, out_dir: Path,
@@ -300,14 +338,16 @@ def rank(cfg: RankParams, seed: int, ingested: Path, model_dir: Path | None, out
         test = data.log(cfg, "test")
         requests = sum(len(b.user) for b in test)
         logged = ev.logged_ndcg(test, K, truth=RELEVANCE) if requests else math.nan
-        rows = _fit_all(cfg, seed, data, out_dir)
+        rows, serving = _fit_all(cfg, seed, data, out_dir)
     fits = [r["fit"] for r in rows.values() if "fit" in r]
     examples, fit_s = sum(f["examples"] for f in fits), sum(f["seconds"] for f in fits)
     return _write(out_dir, report_path, {
-        "status": "ok", "ndcg_vs": data.truth.source, "served": cfg.serve, "models": rows,
+        "status": "ok", "ndcg_vs": data.truth.source, "served": serving["served"], "serve": serving,
+        "models": rows,
         "logged_order": {f"ndcg@{K}": logged},
         "log": {"shown_rows": data.rows, "positions": len(data.positions), "grid": data.spec.grid,
                 "context_columns": list(cfg.context_columns), "test_requests": requests},
+        "relevance_features": id_report(data.seen, data.ids(cfg), cfg, data.features),
         "examples": examples, "fit_seconds": round(fit_s, 3),
         "examples_per_s": round(examples / max(fit_s, 1e-9), 1),
         "seconds": round(time.perf_counter() - started, 2),

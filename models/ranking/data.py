@@ -111,10 +111,22 @@ def shown_mask(table: pa.Table, spec: LogSpec) -> pa.Array:
     return pc.is_valid(table["position"])
 
 
+def _bucket(request_ids: np.ndarray) -> np.ndarray:
+    """(N,) the request's hash bucket, the same for every row of a request in every run."""
+    return pd.util.hash_array(request_ids.astype(object)) % HASH_BUCKETS     # (N,) uint64
+
+
 def _held_out(request_ids: np.ndarray, test_fraction: float) -> np.ndarray:
-    """(N,) bool, the same for every row of a request in every run: a fixed hash of request_id."""
-    h = pd.util.hash_array(request_ids.astype(object))                        # (N,) uint64
-    return (h % HASH_BUCKETS) < round(test_fraction * HASH_BUCKETS)
+    """(N,) bool: the request is in the test split (a fixed hash of request_id)."""
+    return _bucket(request_ids) < round(test_fraction * HASH_BUCKETS)
+
+
+def split_of(request_ids: np.ndarray, test_fraction: float, valid_fraction: float = 0.0) -> np.ndarray:
+    """(N,) 0 train, 1 test, 2 validation: the test buckets first, the validation ones right after
+    (valid_fraction 0 leaves train and test as they always were)."""
+    b = _bucket(request_ids)
+    test, valid = round(test_fraction * HASH_BUCKETS), round((test_fraction + valid_fraction) * HASH_BUCKETS)
+    return np.where(b < test, 1, np.where(b < valid, 2, 0))
 
 
 def _hold_last_request(table: pa.Table) -> tuple[pa.Table, pa.Table | None]:
@@ -151,9 +163,13 @@ class RankingLog:
 
     def __init__(self, path: Path, features: RankFeatures, spec: LogSpec, *, batch_requests: int = 128,
                  read_rows: int = 100_000, max_position: int = 50, max_grid: int = 16,
-                 split: Literal["all", "train", "test"] = "all", test_fraction: float = 0.0):
+                 split: Literal["all", "train", "test", "valid"] = "all", test_fraction: float = 0.0,
+                 valid_fraction: float = 0.0):
         if split != "all" and not 0 < test_fraction < 1:
             raise ValueError(f"split={split!r} needs 0 < test_fraction < 1 (got {test_fraction})")
+        if split == "valid" and not 0 < valid_fraction < 1 - test_fraction:
+            raise ValueError(f"split='valid' needs 0 < valid_fraction < 1 - test_fraction (got {valid_fraction})")
+        self.valid_fraction = valid_fraction
         self.path, self.features, self.spec = Path(path), features, spec
         self.batch_requests, self.read_rows = batch_requests, read_rows
         self.max_position, self.max_grid = max_position, max_grid
@@ -174,8 +190,9 @@ class RankingLog:
     def _rows(self, table: pa.Table) -> pa.Table:
         table = table.filter(shown_mask(table, self.spec))
         if self.split != "all":
-            held = _held_out(table["request_id"].to_numpy(zero_copy_only=False), self.test_fraction)
-            table = table.filter(pa.array(held if self.split == "test" else ~held))
+            side = split_of(table["request_id"].to_numpy(zero_copy_only=False), self.test_fraction,
+                            self.valid_fraction)
+            table = table.filter(pa.array(side == ("train", "test", "valid").index(self.split)))
         return _checked(table, self.path)
 
     def _columns(self, table: pa.Table) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ from models.ranking.mixture import MixtureEM
 from models.ranking.towers import ClickRanker, Ranker
 
 
-def _truth(batch: RankBatch, name: str) -> torch.Tensor:
+def truth_column(batch: RankBatch, name: str) -> torch.Tensor:
     if name not in batch.truth:
         raise RankingInputError(f"evaluation needs the truth column {name!r} in the log "
                                 f"(read with truth=[{name!r}]); the batch has {sorted(batch.truth)}")
@@ -47,14 +47,14 @@ def relevance_ndcg(model: Ranker, batches: Iterable[RankBatch], k: int = 10,
     per_request = []
     with torch.no_grad():
         for batch in batches:
-            per_request.append(ndcg(model.ranking_scores(batch), _truth(batch, truth), batch.mask, k))
+            per_request.append(ndcg(model.ranking_scores(batch), truth_column(batch, truth), batch.mask, k))
     values = torch.cat(per_request)
     return float(values[~values.isnan()].mean())
 
 
 def logged_ndcg(batches: Iterable[RankBatch], k: int = 10, truth: str = "relevance") -> float:
     """NDCG@k of the logging ranker's own order (the log's positions), for reference."""
-    per_request = [ndcg(-b.position.to(torch.float64), _truth(b, truth), b.mask, k) for b in batches]
+    per_request = [ndcg(-b.position.to(torch.float64), truth_column(b, truth), b.mask, k) for b in batches]
     values = torch.cat(per_request)
     return float(values[~values.isnan()].mean())
 
@@ -113,7 +113,7 @@ def mixture_report(model: MixtureEM, batches: Iterable[RankBatch], positions: Se
     clicked = posts.sum(dim=0) > 0                                           # (R,)
     types = None
     if true_curves is not None:
-        types = torch.cat([_truth(b, type_column)[:, 0] for b in batches])   # (R,)
+        types = torch.cat([truth_column(b, type_column)[:, 0] for b in batches])   # (R,)
     report = []
     for k in range(curve.shape[0]):
         row: dict = {"component": k, "curve": curve[k].round(4).tolist(),
@@ -176,6 +176,6 @@ def lightgbm_ndcg(train: Iterable[RankBatch], test: Iterable[RankBatch], feature
         scores = torch.full(batch.mask.shape, float("-inf"), dtype=torch.float64)  # (R, L)
         scores[batch.mask] = torch.from_numpy(booster.predict(_lgb_rows(batch, features,
                                                                         use_logged_score)))
-        per_request.append(ndcg(scores, _truth(batch, truth), batch.mask, k))
+        per_request.append(ndcg(scores, truth_column(batch, truth), batch.mask, k))
     values = torch.cat(per_request)
     return {"ndcg": float(values[~values.isnan()].mean()), "train_rows": n}

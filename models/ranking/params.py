@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from models.params import Section
 
@@ -49,12 +49,31 @@ class RankParams(Section):
     grad_reversal: NonNegativeFloat = 0.0           # weight of the reversed adversary gradient (0: off)
     use_logged_score: bool = False                  # the logging ranker's score carries its policy: opt-in
     retrieval_embeddings: bool = True               # the retrieval towers' user/item vectors as features
-    serve: RankModel = "pal"                        # whose relevance tower is saved for serving (one of models)
+    # Generalizing to users and items the logs never showed (issue 22): during training this share of
+    # user and item ids is replaced by the OOV id, so the tower also learns to score from features alone
+    # (what an unseen id gets: ids absent from the training requests are zeroed to OOV before fitting)
+    id_dropout: float = Field(0.1, ge=0, lt=1)
+    # items scored from their features alone, no item id embeddings (feature-described catalogs: web
+    # search documents, query-document pairs); auto: so when items have features and are shown too
+    # rarely in training for an id to be learned (median impressions below 30). User ids stay.
+    features_only: bool | Literal["auto"] = "auto"
+    # numeric item features scaled over the catalog: quantile (rank → standard normal; robust to heavy
+    # tails and outliers) or standard (mean / standard deviation)
+    numeric_scaling: Literal["quantile", "standard"] = "quantile"
+    # auto: the model of `models` that validates best by a debiased metric (models/ranking/select.py)
+    serve: RankModel | Literal["auto"] = "auto"
+    validation_fraction: float = Field(0.1, ge=0, lt=0.5)   # requests held out to choose the served model
+    # early stopping (with serve: auto's validation requests): stop after this many epochs without a
+    # lower validation click loss and keep the best epoch's weights; 0: off. Off by default: on a small
+    # log (1,500 requests) it stopped PAL at an epoch whose click loss was best but ranking was not
+    patience: NonNegativeInt = 0
     threads: PositiveInt = 1                        # torch and LightGBM threads (small models: 1 is enough)
 
     @model_validator(mode="after")
     def _serve_is_trained(self) -> RankParams:
-        if self.serve not in self.models:
+        if self.serve == "auto" and self.validation_fraction <= 0:
+            raise ValueError("rank.serve: auto chooses on validation requests; set rank.validation_fraction > 0")
+        if self.serve != "auto" and self.serve not in self.models:
             raise ValueError(f"rank.serve is {self.serve!r} but rank.models trains only {self.models}; "
                              "add it to rank.models or pick one of them")
         return self

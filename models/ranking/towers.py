@@ -50,13 +50,17 @@ class RankerConfig:
     mixture_alpha: float = 1.0
     xpa_heads: int = 2
     xpa_dim: int = 16
+    id_dropout: float = 0.0              # share of ids replaced by OOV in training
+    ids: bool = True                     # item id embeddings at all (False: rank.features_only)
 
     @classmethod
-    def build(cls, params: RankParams, features: RankFeatures, grid: bool) -> RankerConfig:
+    def build(cls, params: RankParams, features: RankFeatures, grid: bool, ids: bool | None = None) -> RankerConfig:
+        """ids None: as rank.features_only says (auto, without the data to judge it by: ids on)."""
         # the architecture fields of the rank section; the rest (epochs, lr, ...) are for fit
         shared = {f.name for f in fields(cls)} & set(RankParams.model_fields)
         p = params.model_dump(include=shared)
         return cls(n_users=len(features.users), n_items=len(features.items),
+                   ids=params.features_only is not True if ids is None else ids,
                    item_numeric=features.item_numeric.shape[1],
                    user_vector_dim=features.user_vectors.shape[1],
                    item_vector_dim=features.item_vectors.shape[1],
@@ -104,6 +108,7 @@ class RelevanceTower(nn.Module):
         in_dim = (3 * e + cfg.item_numeric + cfg.user_vector_dim + cfg.item_vector_dim
                   + (cfg.user_vector_dim + 1 if self.paired else 0) + int(cfg.use_logged_score))
         self.use_logged_score = cfg.use_logged_score
+        self.ids, self.id_dropout = cfg.ids, cfg.id_dropout
         self.body = (nn.Sequential(mlp(in_dim, cfg.hidden[:-1], cfg.hidden[-1]), nn.ReLU())
                      if cfg.hidden else nn.Identity())
         self.out_hidden = cfg.hidden[-1] if cfg.hidden else in_dim
@@ -114,18 +119,34 @@ class RelevanceTower(nn.Module):
             with torch.no_grad():
                 emb.weight[0].zero_()
 
+    def forget(self, users_seen: np.ndarray, items_seen: np.ndarray) -> None:
+        """Zero the id embeddings of users and items absent from training: they would otherwise keep
+        their random initial vectors (noise) where the OOV row, which id dropout trained, is zero."""
+        with torch.no_grad():
+            for emb, seen in ((self.user_emb, users_seen), (self.item_emb, items_seen)):
+                emb.weight[torch.from_numpy(~np.asarray(seen, dtype=bool))] = 0.0
+
+    def _id(self, index: torch.Tensor, learned: bool = True) -> torch.Tensor:
+        """The index the id embedding reads: OOV when ids are not learned, or for a dropped-out share in
+        training (the feature tables still read the true index)."""
+        if not learned:
+            return torch.zeros_like(index)
+        if self.training and self.id_dropout > 0:
+            return index * (torch.rand(index.shape) >= self.id_dropout)
+        return index
+
     def inputs(self, user: torch.Tensor, item: torch.Tensor,
                logged_score: torch.Tensor | None) -> torch.Tensor:
         L = item.shape[1]
         uv = self.user_vectors[user]                                         # (R, Du)
         num = self.item_numeric[item]                                        # (R, L, Ni)
         iv = self.item_vectors[item]                                         # (R, L, Di)
-        u = self.user_emb(user)                                              # (R, E)
+        u = self.user_emb(self._id(user))                                    # (R, E)
         if self.user_proj is not None:
             u = u + self.user_proj(uv)                                       # (R, E)
         u = u.unsqueeze(1).expand(-1, L, -1)                                 # (R, L, E)
         uv = uv.unsqueeze(1).expand(-1, L, -1)                               # (R, L, Du)
-        i = self.item_emb(item)                                              # (R, L, E)
+        i = self.item_emb(self._id(item, self.ids))                                  # (R, L, E)
         if self.item_proj is not None:
             i = i + self.item_proj(torch.cat([num, iv], dim=-1))             # (R, L, E)
         parts = [u, i, u * i, num, uv, iv]

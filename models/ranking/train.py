@@ -48,6 +48,8 @@ class FitReport:
     seconds: float
     examples_per_s: float
     losses: list[float] = field(default_factory=list)   # mean training loss per epoch
+    valid_losses: list[float] = field(default_factory=list)   # mean validation loss per epoch (early stopping)
+    best_epoch: int | None = None        # the epoch whose weights were kept (1-based; None: the last)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,14 +66,27 @@ def shuffled(batches: Iterable[RankBatch], rng: random.Random, buffer: int) -> I
     yield from window
 
 
-def fit(model: Ranker, batches: Iterable[RankBatch], cfg: RankParams, seed: int) -> FitReport:
+def validation_loss(model: Ranker, batches: Iterable[RankBatch]) -> float:
+    """Mean loss per batch on held-out requests, without the training-time dropouts."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        losses = [float(model.loss(b)) for b in batches]
+    model.train(was_training)
+    return sum(losses) / len(losses) if losses else float("nan")
+
+
+def fit(model: Ranker, batches: Iterable[RankBatch], cfg: RankParams, seed: int,
+        valid: Iterable[RankBatch] | None = None) -> FitReport:
     """Adam over `cfg.epochs` passes of `batches` (re-iterable: a list, or a RankingLog that re-reads
-    its file). Seeds torch (dropouts) and the batch order, so a seed gives the same model."""
+    its file). Seeds torch (dropouts) and the batch order, so a seed gives the same model. With
+    `valid` (held-out requests): early stopping on their loss, `cfg.patience` epochs without a better
+    one end training, and the best epoch's weights are kept."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
-    examples, losses = 0, []
+    examples, losses, stop = 0, [], _EarlyStop(cfg.patience)
     started = time.perf_counter()
     for _ in range(cfg.epochs):
         total, n = 0.0, 0
@@ -83,7 +98,31 @@ def fit(model: Ranker, batches: Iterable[RankBatch], cfg: RankParams, seed: int)
             total, n = total + loss.item(), n + 1
             examples += batch.n_examples
         losses.append(total / max(n, 1))
+        if valid is not None and stop.done(model, validation_loss(model, valid)):
+            break
+    stop.restore(model)
     model.eval()
     seconds = time.perf_counter() - started
-    return FitReport(epochs=cfg.epochs, examples=examples, seconds=round(seconds, 3),
-                     examples_per_s=round(examples / max(seconds, 1e-9), 1), losses=losses)
+    return FitReport(epochs=len(losses), examples=examples, seconds=round(seconds, 3),
+                     examples_per_s=round(examples / max(seconds, 1e-9), 1), losses=losses,
+                     valid_losses=stop.losses, best_epoch=stop.best_epoch)
+
+
+class _EarlyStop:
+    """Keeps the weights of the epoch with the lowest validation loss; done after `patience` worse ones."""
+
+    def __init__(self, patience: int):
+        self.patience, self.losses = patience, []
+        self.best_epoch: int | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def done(self, model: Ranker, loss: float) -> bool:
+        self.losses.append(loss)
+        if self.best_epoch is None or loss < self.losses[self.best_epoch - 1]:
+            self.best_epoch = len(self.losses)
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return len(self.losses) - self.best_epoch >= self.patience
+
+    def restore(self, model: Ranker) -> None:
+        if self.state is not None:
+            model.load_state_dict(self.state)

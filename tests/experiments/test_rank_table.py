@@ -8,7 +8,7 @@ import pytest
 import torch
 from tests.datagen import make_contract_dataset
 
-from flows.experiments.rank_table import LIGHTGBM, LOGGED, Cell, markdown, rank_table
+from flows.experiments.rank_table import LIGHTGBM, LOGGED, Cell, cells, gains, markdown, rank_table
 from flows.params import DataParams, Params, SimulatorParams
 from flows.stages.ingest import ingest
 
@@ -31,12 +31,13 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Params]:
 def test_the_table_averages_seeds_per_setting(project: tuple[Path, Params]) -> None:
     root, params = project
     only = [(Cell(2.0, 0.0, seed), ["naive", "pal", "mixture", LIGHTGBM]) for seed in (0, 1)]
+    only.append((Cell(2.0, 0.0, 0, redraw=1.0), ["naive", "pal"]))
     only.append((Cell(1.0, 0.0, 0, gamma=0.5, grid=4), ["xpa"]))
     lines: list[str] = []
     summary = rank_table(params, root, root / "reports", [0, 1], request_fraction=0.5, log=lines.append,
                          only=only)
 
-    assert len(summary["runs"]) == 3 and len(lines) == 3
+    assert len(summary["runs"]) == 4 and len(lines) == 4
     assert json.loads((root / "reports" / "ranking_table.json").read_text()) == summary
     cell = summary["table"]["η=2, logger=0"]
     assert set(cell) == {"naive", "pal", "mixture", LIGHTGBM, LOGGED}
@@ -47,8 +48,25 @@ def test_the_table_averages_seeds_per_setting(project: tuple[Path, Params]) -> N
     assert "pearson" not in cell["naive"] and "click_loglik" not in cell["mixture"]
     grid = summary["table"]["η=1, logger=0, γ=0.5 grid 4 wide"]
     assert set(grid) == {"xpa", LOGGED}
+    # the persistence axis: the same world with the logger's error redrawn is its own setting
+    redrawn = summary["table"]["η=2, logger=0, errors redrawn"]
+    assert set(redrawn) == {"naive", "pal", LOGGED}
+    assert redrawn["pal"]["ndcg@10"]["mean"] != cell["pal"]["ndcg@10"]["mean"]
+    gain = gains(summary)["η=2, logger=0"]["pal"]["ndcg@10"]
+    assert gain["mean"] == pytest.approx(ndcg["mean"] - cell["naive"]["ndcg@10"]["mean"])
 
     text = (root / "reports" / "ranking_table.md").read_text()
     assert text == markdown(summary)
     pal = next(line for line in text.splitlines() if line.startswith("| pal |"))
-    assert f"{ndcg['mean']:.3f} ± {ndcg['std']:.3f}" in pal and pal.count("–") == 8
+    assert f"{ndcg['mean']:.3f} ± {ndcg['std']:.3f}" in pal and pal.count("–") == 0   # measured columns only
+    assert "error redrawn per request" in text and "| η=2, logger=0, errors redrawn |" in text
+    assert "| dot |" not in text                                                          # rows not measured
+
+
+def test_the_default_table_crosses_persistent_and_redrawn_loggers() -> None:
+    every = cells([1, 2])
+    main = {(c.eta, c.strength, c.redraw) for c, _ in every if not c.gamma}
+    assert main == {(e, s, r) for e in (0.5, 1.0, 2.0) for s in (0.0, 0.5, 1.0) for r in (0.0, 1.0)}
+    assert all(c.redraw == 0.0 for c, _ in every if c.gamma)
+    small = cells([1], etas=(1.0,), strengths=(0.5,), redraws=(0.0,), rows=["naive", "pal"], neighbour=False)
+    assert [(c.setting, rows) for c, rows in small] == [("η=1, logger=0.5", ["naive", "pal"])]

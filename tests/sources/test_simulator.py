@@ -181,3 +181,37 @@ def test_grid_layout_writes_rows_and_columns_and_uses_grid_neighbours(source, tm
     r, c = 1, 2                                   # top row: left, right and below are its neighbours
     nb = [rel[k] for k in ((1, 1), (1, 3), (2, 2)) if k in rel.index]
     assert one.loc[(r, c), "p_examine"] == pytest.approx(one.loc[(r, c), "p_examine_position"] * (1 - 0.5 * np.mean(nb)))
+
+
+def _logs(source, out: Path, **update) -> pd.DataFrame:
+    params = PARAMS.model_copy(update={"logging_strength": 0.0, "chunk_requests": 10_000, **update})
+    return pd.read_parquet(_simulate(source, out, 3, params)[1] / "ranking_logs.parquet")
+
+
+def test_the_logger_repeats_its_errors_unless_they_are_redrawn(source, tmp_path: Path) -> None:
+    """A random logger (strength 0) whose error is persistent scores an item the same in every request
+    (per item) or a (user, item) pair the same (user_item); redrawn, the same item scores differently."""
+    spread = {}
+    for mode, keys in (("item", ["item_id"]), ("user_item", ["user_id", "item_id"])):
+        for redraw in (0.0, 1.0):
+            logs = _logs(source, tmp_path / f"{mode}{redraw}", logger_error=mode, logger_error_redraw=redraw)
+            repeated = logs.groupby(keys)["ranker_score"].filter(lambda s: len(s) > 1)
+            spread[mode, redraw] = logs.loc[repeated.index].groupby(keys)["ranker_score"].std().max()
+    assert spread["item", 0.0] < 1e-9 and spread["user_item", 0.0] < 1e-9
+    assert spread["item", 1.0] > 0.1 and spread["user_item", 1.0] > 0.1
+    # user_item errors are not item errors: the same item scores differently for different users
+    per_item = _logs(source, tmp_path / "ui", logger_error="user_item").groupby("item_id")["ranker_score"].std()
+    assert per_item.max() > 0.1
+
+
+def test_fully_redrawn_errors_leave_the_persistent_draw_out(source, tmp_path: Path) -> None:
+    """logger_error_redraw 1 is the old world: which persistent error model is configured changes nothing,
+    and a persistent logger's world differs only in the logger's order (relevance and user types stay)."""
+    a = _logs(source, tmp_path / "a", logger_error="item", logger_error_redraw=1.0)
+    b = _logs(source, tmp_path / "b", logger_error="user_item", logger_error_redraw=1.0)
+    pd.testing.assert_frame_equal(a, b)
+    c = _logs(source, tmp_path / "c", logger_error="item", logger_error_redraw=0.0)
+    assert not np.allclose(a["ranker_score"], c["ranker_score"])
+    assert (a["request_id"] == c["request_id"]).all() and (a["user_id"] == c["user_id"]).all()
+    truth = json.loads((tmp_path / "c/simulation/truth.json").read_text())
+    assert "persistent (item), r = 0" in truth["logging_ranker"]["error"]

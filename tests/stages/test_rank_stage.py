@@ -75,6 +75,44 @@ def test_bias_aware_models_beat_naive_and_recover_the_propensities(ranked: tuple
     assert json.loads((root / "reports" / "ranking.json").read_text()) == report
 
 
+def test_the_report_splits_seen_and_unseen_and_says_what_the_tower_read(ranked: tuple[Path, dict]) -> None:
+    root, report = ranked
+    split = report["models"]["pal"]["split"]
+    assert set(split) == {"items_seen", "items_unseen", "users_seen", "users_unseen"}
+    # 120 items, 3,000 requests: every item and user is in training, so all held-out ones are seen
+    assert split["users_seen"]["requests"] == report["log"]["test_requests"] and split["users_unseen"]["requests"] == 0
+    assert split["users_seen"]["ndcg@10"] == pytest.approx(report["models"]["pal"]["ndcg@10"])
+    features = report["relevance_features"]
+    assert features["id_embeddings"] is True and features["features_only"] == "auto"   # items repeat: ids learned
+    assert features["item_numeric"] == [f"f{j}" for j in range(6)] and features["median_item_impressions"] > 100
+    assert load_ranker(root / "ranker").meta["numeric_scaling"]["method"] == "quantile"
+
+
+def test_serve_auto_chooses_by_the_truth_on_validation_requests(tmp_path: Path) -> None:
+    """rank.serve: auto (the default) on simulated logs: validation requests apart from training and
+    test, every model's true NDCG@10 there, the best served and recorded in ranking.json and ranker.json."""
+    sim = simulate(SimConfig(etas=(2.0, 2.0), logging_strength=0.0, requests=1500, seed=2))
+    ingested = write_ingested(sim, tmp_path / "ingested")
+    cfg = RankParams(models=["naive", "pal"], lightgbm=False, epochs=3)
+    assert cfg.serve == "auto"
+    report = rank(cfg, 0, ingested, None, tmp_path / "ranker", tmp_path / "ranking.json")
+    serve = report["serve"]
+    print(serve)
+    assert serve["mode"] == "auto" and serve["metric"] == "ndcg@10 vs truth" and set(serve["validation"]) == {"naive", "pal"}
+    assert report["served"] == serve["served"] == max(serve["validation"], key=serve["validation"].get) == "pal"
+    assert serve["position_biased"] and serve["propensity_from"] == "pal" and serve["warning"] is None
+    assert load_ranker(tmp_path / "ranker").meta["chosen_by"] == serve
+    # validation requests are neither trained on nor tested on: fewer training examples than with serve named
+    named = rank(cfg.model_copy(update={"serve": "pal"}), 0, ingested, None, tmp_path / "r2", tmp_path / "r2.json")
+    assert named["serve"] == {"mode": "named", "served": "pal"}
+    assert named["log"]["test_requests"] == report["log"]["test_requests"]
+    assert report["models"]["pal"]["fit"]["examples"] < 0.95 * named["models"]["pal"]["fit"]["examples"]
+    assert report["models"]["pal"]["fit"]["valid_losses"] == []                     # early stopping is opt-in
+    stopped = rank(cfg.model_copy(update={"models": ["pal"], "patience": 1}), 0, ingested, None,
+                   tmp_path / "r3", tmp_path / "r3.json")["models"]["pal"]["fit"]
+    assert len(stopped["valid_losses"]) == stopped["epochs"] and stopped["best_epoch"] >= 1
+
+
 def test_the_served_ranker_scores_with_its_relevance_tower(ranked: tuple[Path, dict]) -> None:
     root, report = ranked
     bundle = load_ranker(root / "ranker")

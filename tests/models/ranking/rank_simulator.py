@@ -142,3 +142,15 @@ class Split:
     train: list[RankBatch]
     test: list[RankBatch]
     config: RankerConfig
+
+
+def hold_out_items(sim: SimLog, share: float, test_fraction: float) -> np.ndarray:
+    """Drop the last `share` of the items from every training request of the log (the split is the
+    one RankingLog makes), so they are seen only in held-out requests: new items. Returns their ids."""
+    from models.ranking.data import _held_out
+
+    held = np.arange(int(round(len(sim.items) * (1 - share))), len(sim.items))
+    logs = sim.logs
+    test = _held_out(logs["request_id"].to_numpy(), test_fraction)
+    sim.logs = logs[test | ~logs["item_id"].isin(held)].reset_index(drop=True)
+    return held

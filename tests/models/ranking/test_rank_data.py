@@ -145,3 +145,19 @@ def test_context_and_grid_columns_reach_the_batch(tmp_path: Path) -> None:
     params = RankParams(context_columns=["device"])
     model = build_model("xpa", RankerConfig.build(params, features, grid=True), features, seed=0)
     assert torch.isfinite(model.loss(b))
+
+
+def test_the_validation_split_is_carved_from_training_only() -> None:
+    from models.ranking.data import _held_out, split_of
+
+    ids = np.array([f"r{i}" for i in range(20000)])
+    side = split_of(ids, 0.2, 0.1)
+    assert ((side == 1) == _held_out(ids, 0.2)).all()                        # the test split never moves
+    assert abs((side == 2).mean() - 0.1) < 0.01 and abs((side == 0).mean() - 0.7) < 0.01
+    assert (split_of(ids, 0.2) != 2).all()
+
+
+def test_serve_auto_needs_validation_requests() -> None:
+    with pytest.raises(ValueError, match="validation_fraction"):
+        RankParams(serve="auto", validation_fraction=0.0)
+    assert RankParams(serve="pal", validation_fraction=0.0).serve == "pal"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tests.models.ranking.rank_simulator import SimConfig, SimLog, Split, read_split, simulate
 
-from models.ranking import evaluate
+from models.ranking import evaluate, select
 from models.ranking.params import RankParams
 from models.ranking.towers import Ranker
 from models.ranking.train import build_model, fit
@@ -71,3 +71,39 @@ def test_lightgbm_lambdarank_with_position_is_a_baseline_row(log: tuple[SimLog, 
     print("lightgbm", row)
     assert 0.0 < row["ndcg"] <= 1.0
     assert row["train_rows"] == sum(b.n_examples for b in split.train)
+
+
+def test_the_debiased_validation_serves_a_bias_model_where_raw_clicks_would_not(
+        log: tuple[SimLog, Split], fitted: dict[str, Ranker]) -> None:
+    """rank.serve: auto without truth: clicks weighted by the estimated propensities pick what true
+    relevance picks; the choice names its metric, figures and the curve it used."""
+    _, split = log
+    choice = select.choose(fitted, split.test, POSITIONS, truth=None)
+    truth = select.choose(fitted, split.test, POSITIONS, truth="relevance")
+    print(choice.validation, truth.validation)
+    assert choice.metric == "ipw_dcg@10" and truth.metric == "ndcg@10 vs truth"
+    assert choice.served in ("pal", "additive") and truth.served in ("pal", "additive")
+    assert choice.validation["naive"] < min(choice.validation["pal"], choice.validation["additive"])
+    assert choice.estimated_by == "pal" and choice.biased and choice.warning is None
+    assert choice.propensity[0] == pytest.approx(1.0) and choice.propensity[-1] < 0.2
+    # the same clicks unweighted favour the naive model, which learned the logger's order (0.310 vs 0.301)
+    raw = {n: select.ipw_dcg(m, split.test, np.ones(len(POSITIONS))) for n, m in fitted.items()}
+    assert raw["naive"] > max(raw["pal"], raw["additive"])
+
+
+def test_a_naive_model_is_never_served_silently(log: tuple[SimLog, Split], fitted: dict[str, Ranker]) -> None:
+    _, split = log
+    alone = select.choose({"naive": fitted["naive"]}, split.test, POSITIONS, truth=None)
+    assert alone.served == "naive" and alone.propensity is None and "no bias model" in alone.warning
+    # a bias model whose relevance tower learned nothing: naive validates best, the clicks are biased
+    blank = build_model("pal", split.config, split.features, seed=1)
+    blank.bias.load_state_dict(fitted["pal"].bias.state_dict())
+    choice = select.choose({"naive": fitted["naive"], "pal": blank}, split.test, POSITIONS, truth=None)
+    assert choice.served == "naive" and choice.biased
+    assert "position-biased" in choice.warning
+
+
+
+def test_without_validation_requests_a_bias_model_is_served_with_a_warning(fitted: dict[str, Ranker]) -> None:
+    choice = select.choose(fitted, [], POSITIONS, truth="relevance")
+    assert choice.served == "pal" and choice.metric == "none" and "no validation requests" in choice.warning

@@ -1,0 +1,99 @@
+"""Which trained ranker to serve (`rank.serve: auto`): the best on validation requests by a metric
+that position bias cannot fool.
+
+Raw clicks favour whatever the logger showed high, so a model that copies the logger looks good on
+them. With the simulator's truth the choice is made on true relevance (NDCG@k); without it, by the
+inverse-propensity-weighted DCG of the clicks (Joachims et al. 2017; Agarwal et al. 2019): each click
+counts 1 / P(examined | its logged position), the propensities the bias models estimated, so the
+estimate is unbiased for the relevance DCG of the model's order under the position-based model. The
+validation requests are held out by request from both training and the test split.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.ranking.data import RankBatch
+from models.ranking.evaluate import propensity_curve, relevance_ndcg
+from models.ranking.towers import ClickRanker, Naive, Ranker
+
+MIN_PROPENSITY = 0.05     # clip: one click at a position seen 1% of the time would weigh 100x
+BIASED_BELOW = 0.8        # clicks are position-biased when the deepest examination is below this (vs the top)
+ESTIMATORS = ("pal", "additive", "dot", "bilinear", "xpa")   # bias models whose curve the weights use
+
+
+@dataclass(frozen=True)
+class Choice:
+    served: str
+    metric: str                          # "ndcg@k vs truth" or "ipw_dcg@k"
+    validation: dict[str, float]         # every candidate's figure
+    propensity: list[float] | None       # the curve the weights used (relative to position 1)
+    estimated_by: str | None
+    biased: bool | None                  # the clicks are known to be position-biased
+    warning: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"mode": "auto", "served": self.served, "metric": self.metric, "validation": self.validation,
+                "propensity": self.propensity, "propensity_from": self.estimated_by,
+                "position_biased": self.biased, "warning": self.warning}
+
+
+def ipw_dcg(model: Ranker, batches: Iterable[RankBatch], propensity: np.ndarray, k: int = 10) -> float:
+    """Mean over requests of Σ over clicked items in the model's top k of 1 / (propensity of the
+    logged position · log2(1 + the model's rank)). `propensity[p - 1]`: examination at position p
+    (relative to the top); positions beyond the curve use its last value."""
+    prop = torch.as_tensor(np.maximum(propensity, MIN_PROPENSITY), dtype=torch.float64)      # (P,)
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            scores = model.ranking_scores(b).masked_fill(~b.mask, float("-inf"))          # (R, L)
+            rank = torch.argsort(torch.argsort(scores, dim=1, descending=True, stable=True), dim=1) + 1
+            weight = 1.0 / prop[(b.position.clamp(min=1) - 1).clamp(max=len(prop) - 1)]     # (R, L)
+            gain = b.clicked.to(torch.float64) * weight / torch.log2(rank.to(torch.float64) + 1.0)
+            total += float((gain * (b.mask & (rank <= k))).sum())
+            n += len(b.user)
+    return total / max(n, 1)
+
+
+def estimated_propensity(models: Mapping[str, Ranker], batches: Iterable[RankBatch],
+                         positions: Sequence[int]) -> tuple[np.ndarray | None, str | None]:
+    """The examination curve of the first trained bias model of ESTIMATORS, on `batches`."""
+    for name in ESTIMATORS:
+        model = models.get(name)
+        if isinstance(model, ClickRanker) and not isinstance(model, Naive):
+            return propensity_curve(model, batches, positions), name
+    return None, None
+
+
+def choose(models: Mapping[str, Ranker], valid: Iterable[RankBatch], positions: Sequence[int],
+           truth: str | None, k: int = 10) -> Choice:
+    """The model with the best debiased validation figure (truth: the name of a true-relevance column
+    of the batches, else None). A naive model chosen while the clicks are position-biased, or any
+    choice made without propensities, carries a warning (recorded in ranking.json, never silent)."""
+    if not any(len(b.user) for b in valid):        # a tiny log: no request fell in the validation buckets
+        served = next((n for n in ESTIMATORS if n in models), next(iter(models)))
+        return Choice(served, "none", {}, None, None, None,
+                      f"no validation requests (rank.validation_fraction too small for this log): served {served}")
+    curve, source = estimated_propensity(models, valid, positions)
+    biased = None if curve is None else bool(curve.min() < BIASED_BELOW)
+    if truth is not None:
+        metric = f"ndcg@{k} vs truth"
+        figures = {n: relevance_ndcg(m, valid, k, truth=truth) for n, m in models.items()}
+    else:
+        metric = f"ipw_dcg@{k}"
+        weights = curve if curve is not None else np.ones(len(positions))
+        figures = {n: ipw_dcg(m, valid, weights, k) for n, m in models.items()}
+    served = max(figures, key=lambda n: -np.inf if np.isnan(figures[n]) else figures[n])
+    warning = None
+    if curve is None and truth is None:
+        warning = ("no bias model estimated the propensities (add pal or additive to rank.models): "
+                   "the served ranker was chosen on raw clicks, which favour the logger's order")
+    elif isinstance(models[served], Naive) and biased:
+        warning = (f"the naive model (no position correction) validated best although the clicks are "
+                   f"position-biased (examination falls to {curve.min():.2f} of the top)")
+    return Choice(served, metric, {n: float(v) for n, v in figures.items()},
+                  None if curve is None else np.round(curve, 4).tolist(), source, biased, warning)
