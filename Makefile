@@ -23,7 +23,7 @@ PIP_VERSION := 26.3
 LOCK_FLAGS := --quiet --extra dev --no-emit-find-links --no-emit-index-url --strip-extras --no-header \
               --annotation-style=line --generate-hashes --allow-unsafe
 
-.PHONY: setup vendor lock pipeline test bench ablate clean
+.PHONY: setup vendor lock pipeline test bench gate-bench ablate clean
 
 setup: $(STAMP) vendor
 
@@ -58,6 +58,10 @@ test: setup
 
 bench: setup
 	$(BIN)/towerflow bench --out reports/bench.json --index-items $(INDEX_ITEMS)
+
+# The whole pipeline on three generated data shapes, a healthy and four broken second runs each (~90 min)
+gate-bench: setup
+	$(BIN)/towerflow gate-bench
 
 ablate: setup
 	$(BIN)/towerflow ablate

@@ -193,6 +193,22 @@ def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOptio
         typer.echo(f"written to {out}")
 
 
+@app.command("gate-bench")
+def gate_bench(params_file: Path = ParamsOption,
+               shapes: str = typer.Option("trend,halfstar,weekly", "--shapes",
+                                          help="Data shapes of flows/sources/shapes.py, comma-separated."),
+               variants: str = typer.Option("healthy,one_epoch,shuffled,ratings_x10,duplicated", "--variants",
+                                            help="Second runs after a first one published (comma-separated)."),
+               out: Path = typer.Option(Path("reports/gate_shapes.json"), "--out",
+                                        help="Where the verdicts are written.")) -> None:
+    """The whole pipeline with default params on data shaped unlike the demo, twice: does the gate pass
+    the healthy second run and stop each broken one? (~5 min per run on 2 cores)"""
+    with _errors():
+        from flows.experiments.gate_shapes import gate_bench as _gate_bench
+        _gate_bench(params_file.resolve().parent, out, shapes.split(","), variants.split(","), log=typer.echo)
+        typer.echo(f"written to {out}")
+
+
 @app.command("incremental-bench")
 def incremental_bench(
         set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,

@@ -1,4 +1,4 @@
-"""`towerflow gate-bench`: does the gate, with default params, pass healthy runs of data shaped unlike
+"""`towerflow gate-bench` (`make gate-bench`): does the gate, with default params, pass healthy runs of data shaped unlike
 the demo and stop broken ones?
 
 For each shape of flows/sources/shapes.py, in a temporary copy of the project: run 1 on the data up to
@@ -126,6 +126,12 @@ def shape_runs(root: Path, shape_name: str, variants: list[str], seed: int = 0,
 
 def gate_bench(root: Path, out: Path, shapes: list[str], variants: list[str], seed: int = 0,
                log: Callable[[str], None] = print) -> dict[str, Any]:
+    from flows.errors import ConfigError
+
+    for given, known in ((shapes, SHAPES), (variants, VARIANTS)):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown {', '.join(unknown)}: choose from {', '.join(known)}")
     result = {name: shape_runs(root, name, variants, seed, log) for name in shapes}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
