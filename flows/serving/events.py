@@ -17,7 +17,6 @@ user's row from the same old row (a lost update).
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -31,11 +30,13 @@ import numpy as np
 import pandas as pd
 
 from flows.errors import ConfigError, DataContractError
+from flows.serving.locks import flock_bounded
 from flows.serving.recommend import coerce_id
 
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
 OPTIONAL_COLUMNS = ("rating", "weight")
 LOCK_FILE = ".lock"
+LOCK_WAIT_S = 30.0
 NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 
 
@@ -143,19 +144,29 @@ def validate_events(frame: pd.DataFrame, schema: dict[str, Any], known_items: Co
 class EventLog:
     """Append-only JSON lines, one file per UTC day, fsynced: what the next run trains on."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, wait_s: float = LOCK_WAIT_S):
         self.folder = Path(folder)
+        self.wait_s = wait_s
+        self._held = 0
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """One writer at a time across processes (the service and `towerflow events push`)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / LOCK_FILE, "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)   # held for milliseconds: waiting is right
+        """One writer at a time across processes (the service and `towerflow events push`), waited
+        for at most wait_s (ServiceBusy after). Re-entrant: a caller may hold it across several
+        `record_events` calls (the service's chunked pushes)."""
+        if self._held:
+            self._held += 1
             try:
                 yield
             finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                self._held -= 1
+            return
+        with flock_bounded(self.folder / LOCK_FILE, self.wait_s, "writing events"):
+            self._held = 1
+            try:
+                yield
+            finally:
+                self._held = 0
 
     def append(self, events: pd.DataFrame) -> Path:
         """Write the events durably (call under `locked`); returns the file."""

@@ -13,15 +13,22 @@ it), written (tmp + fsync + rename) before the index is touched. So:
 - while the service holds an embedded index (one process at a time), the CLI writes the sidecar
   only and the service's watcher upserts it within serve.reload_interval_s.
 The next pipeline run trains on them only if the source's items table holds them (see the report).
+
+Removal (DELETE /items/{id}, `towerflow index remove-items`) is a tombstone in the same sidecar (a
+file of item_id + removed=true), replayed like the additions: the item leaves the catalog and every
+answer (its index point stays, hidden), in this version and, on their next load, in the other kept
+versions and in new ones (a catalog item too), until it is added again. For one item, the newest
+operation across the kept versions wins (files are named by UTC time, so names sort in time).
+Index writes go in chunks of UPSERT_CHUNK under the caller's lock, so reads go on between them.
 """
 from __future__ import annotations
 
-import fcntl
 import math
 import os
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from itertools import count
 from pathlib import Path
@@ -34,16 +41,22 @@ import pyarrow.parquet as pq
 
 from flows.errors import DataContractError, PublishError
 from flows.serving.bundles import BundleStore, fsync_tree
+from flows.serving.locks import flock_bounded
 from flows.serving.recommend import Recommender, coerce_id
 
 ADDED_DIR = "added_items"
 LOCK_FILE = ".additions.lock"
 LOCK_WAIT_S = 30.0
+UPSERT_CHUNK = 32      # items per index write: a read waits for at most one chunk (~30 ms in local mode)
 _SEQ = count()
 
 
 class ItemExists(DataContractError):
     """An added item's id is already in the catalog (HTTP 409)."""
+
+
+class UnknownItem(DataContractError):
+    """An item to remove is not in the catalog (HTTP 404)."""
 
 
 def item_kinds(schema: dict[str, Any]) -> dict[str, str]:
@@ -100,12 +113,37 @@ def normalize_items(frame: pd.DataFrame, schema: dict[str, Any], where: str) -> 
     return out
 
 
-def read_additions(bundle_dir: Path) -> pd.DataFrame:
-    """Every row of a bundle's sidecar, oldest file first (item_id, features, vector)."""
+def read_ops(bundle_dir: Path) -> pd.DataFrame:
+    """Every row of a bundle's sidecar, oldest file first, with `op` (its file's name: sorts in
+    time) and `removed` (a tombstone row)."""
     files = sorted((Path(bundle_dir) / ADDED_DIR).glob("*.parquet"))
     if not files:
-        return pd.DataFrame(columns=["item_id", "vector"])
-    return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+        return pd.DataFrame({"item_id": [], "vector": [], "removed": pd.Series([], dtype=bool),
+                             "op": pd.Series([], dtype=object)})
+    frames = [pq.read_table(f).to_pandas().assign(op=f.name) for f in files]
+    ops = pd.concat(frames, ignore_index=True)
+    ops["removed"] = ops["removed"].fillna(False).astype(bool) if "removed" in ops else False
+    return ops
+
+
+def _latest(ops: pd.DataFrame) -> pd.DataFrame:
+    """Each item's newest operation."""
+    return ops.sort_values("op", kind="stable").drop_duplicates("item_id", keep="last")
+
+
+def read_additions(bundle_dir: Path, ops: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The items a bundle's sidecar adds and has not removed since: item_id, features, vector."""
+    ops = read_ops(bundle_dir) if ops is None else ops
+    added = _latest(ops)
+    added = added.loc[~added["removed"].astype(bool)]
+    return added.drop(columns=["removed", "op"]).reset_index(drop=True)
+
+
+def read_removed(bundle_dir: Path, ops: pd.DataFrame | None = None) -> set[Any]:
+    """The items whose newest operation in a bundle's sidecar is a removal."""
+    ops = read_ops(bundle_dir) if ops is None else ops
+    latest = _latest(ops)
+    return set(latest.loc[latest["removed"].astype(bool), "item_id"].tolist())
 
 
 def sidecar_signature(bundle_dir: Path) -> tuple[str, ...]:
@@ -117,44 +155,46 @@ def sidecar_signature(bundle_dir: Path) -> tuple[str, ...]:
 def catalog_ids(bundle_dir: Path) -> set[Any]:
     """The bundle's catalog (items.parquet) and its added items: what events may refer to."""
     ids = set(pq.read_table(Path(bundle_dir) / "items.parquet", columns=["item_id"]).column(0).to_pylist())
-    added = read_additions(bundle_dir)
-    return ids | set(added["item_id"].tolist())
+    ops = read_ops(bundle_dir)
+    return (ids | set(read_additions(bundle_dir, ops)["item_id"].tolist())) - read_removed(bundle_dir, ops)
 
 
-@contextmanager
-def additions_locked(published_dir: Path) -> Iterator[None]:
-    """One addition at a time across processes (the service and the CLI), so two cannot both add
-    the same id. Held for an encode and a few writes: wait for it (bounded)."""
-    Path(published_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(published_dir) / LOCK_FILE, "a+") as f:
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise PublishError(f"{published_dir}: another process has been adding items for "
-                                       f"{LOCK_WAIT_S:.0f} s; try again later") from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def additions_locked(published_dir: Path, wait_s: float = LOCK_WAIT_S) -> Any:
+    """One addition or removal at a time across processes (the service and the CLI), so two cannot
+    both add the same id. Held for an encode and a few writes: waited for at most wait_s
+    (ServiceBusy after)."""
+    return flock_bounded(Path(published_dir) / LOCK_FILE, wait_s, "adding or removing items")
 
 
-def _write_sidecar(bundle_dir: Path, items: pd.DataFrame, vectors: np.ndarray) -> Path:
+def _write_sidecar(bundle_dir: Path, table: pa.Table) -> Path:
     folder = Path(bundle_dir) / ADDED_DIR
     folder.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     path = folder / f"{stamp}-{os.getpid()}-{next(_SEQ)}.parquet"
-    table = pa.Table.from_pandas(items.reset_index(drop=True), preserve_index=False).append_column(
-        "vector", pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]))
     tmp = folder / f".{path.name}.tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, path)
     fsync_tree(folder)   # the file and its name, before the index changes
     return path
+
+
+def _additions_table(items: pd.DataFrame, vectors: np.ndarray) -> pa.Table:
+    return pa.Table.from_pandas(items.reset_index(drop=True), preserve_index=False).append_column(
+        "vector", pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]))
+
+
+def _tombstones(ids: Sequence[Any]) -> pa.Table:
+    return pa.table({"item_id": pa.array(list(ids)), "removed": pa.array([True] * len(ids))})
+
+
+def _upsert(rec: Recommender, ids: list[Any], vectors: np.ndarray, payloads: list[dict[str, Any]],
+            lock: threading.RLock | None) -> None:
+    """Index writes in chunks, each under `lock` (the served version's): a read waits for one chunk."""
+    for start in range(0, len(ids), UPSERT_CHUNK):
+        stop = start + UPSERT_CHUNK
+        with lock or nullcontext():
+            rec.index.upsert(ids[start:stop], vectors[start:stop], payloads[start:stop])
+        time.sleep(0.0005)    # let a waiting reader take the lock before the next chunk
 
 
 def _payloads(rec: Recommender, items: pd.DataFrame) -> list[dict[str, Any]]:
@@ -174,87 +214,102 @@ def _encode(rec: Recommender, items: pd.DataFrame) -> np.ndarray:
     return vectors
 
 
+def _refresh(bundle_dir: Path, known: set[Any]) -> None:
+    """`known` as the sidecar says now: another process may have added or removed items."""
+    ops = read_ops(bundle_dir)
+    known |= set(read_additions(bundle_dir, ops)["item_id"].tolist())
+    known -= read_removed(bundle_dir, ops)
+
+
 def add_items(rec: Recommender, published_dir: Path, items: pd.DataFrame, known: set[Any],
-              upsert: bool = True) -> Path:
+              upsert: bool = True, lock: threading.RLock | None = None, wait_s: float = LOCK_WAIT_S) -> Path:
     """Encode normalized items with rec's item tower, record them in its sidecar, then upsert them
-    into its index (upsert=False: the index is held by a running service, which picks them up).
-    `known` (catalog + added ids) is updated. Ids already there raise DataContractError."""
-    with additions_locked(published_dir):
-        known |= set(read_additions(rec.bundle_dir)["item_id"].tolist())   # another process may have added
+    into its index (upsert=False: the index is held by a running service, which picks them up),
+    in chunks under `lock`. `known` (catalog + added ids) is updated. Ids already there raise
+    ItemExists."""
+    with additions_locked(published_dir, wait_s):
+        _refresh(rec.bundle_dir, known)
         taken = [i for i in items["item_id"].tolist() if i in known]
         if taken:
             raise ItemExists(f"item_id {taken[0]!r} already exists in version {rec.version}"
-                                    f"{f' (and {len(taken) - 1} more)' if len(taken) > 1 else ''}")
+                             f"{f' (and {len(taken) - 1} more)' if len(taken) > 1 else ''}")
         vectors = _encode(rec, items)
-        path = _write_sidecar(rec.bundle_dir, items, vectors)
+        path = _write_sidecar(rec.bundle_dir, _additions_table(items, vectors))
         if upsert:
-            rec.index.upsert(items["item_id"].tolist(), vectors, _payloads(rec, items))
+            _upsert(rec, items["item_id"].tolist(), vectors, _payloads(rec, items), lock)
         known |= set(items["item_id"].tolist())
     return path
 
 
-def sync_own_additions(rec: Recommender, own: pd.DataFrame | None = None) -> int:
-    """Upsert the rows of rec's own sidecar (`own`, read here when not given) that its index lacks
-    (a crash between the sidecar and the upsert, or a CLI addition while a service held the index);
-    returns how many."""
-    own = read_additions(rec.bundle_dir) if own is None else own
-    missing = own[[rec.index.vector_of(i) is None for i in own["item_id"].tolist()]] if len(own) else own
+def remove_items(rec: Recommender, published_dir: Path, ids: list[Any], known: set[Any], apply: bool = True,
+                 lock: threading.RLock | None = None, wait_s: float = LOCK_WAIT_S) -> Path:
+    """Record a tombstone for each id in rec's sidecar, then hide them in its index (apply=False:
+    a running service holds the index and applies it). Ids not in the catalog raise UnknownItem."""
+    with additions_locked(published_dir, wait_s):
+        _refresh(rec.bundle_dir, known)
+        missing = [i for i in ids if i not in known]
+        if missing:
+            raise UnknownItem(f"item_id {missing[0]!r} is not in the catalog of version {rec.version}")
+        path = _write_sidecar(rec.bundle_dir, _tombstones(ids))
+        if apply:
+            with lock or nullcontext():
+                rec.index.hide(ids)
+        known -= set(ids)
+    return path
+
+
+def sync_own_additions(rec: Recommender, ops: pd.DataFrame | None = None,
+                       lock: threading.RLock | None = None) -> int:
+    """Apply rec's own sidecar (`ops`, read here when not given) to its index: upsert the added rows
+    it lacks or hides (a crash between the sidecar and the upsert, or a CLI addition while a service
+    held the index), hide the removed ones (the hidden set lives in memory); returns how many
+    were upserted."""
+    ops = read_ops(rec.bundle_dir) if ops is None else ops
+    own = read_additions(rec.bundle_dir, ops)
+    index = rec.index
+    missing = own[[index.vector_of(i) is None or i in index.hidden for i in own["item_id"].tolist()]]
     if len(missing):
         vectors = np.stack(missing["vector"].to_numpy()).astype(np.float32)
-        rec.index.upsert(missing["item_id"].tolist(), vectors, _payloads(rec, missing.drop(columns="vector")))
+        _upsert(rec, missing["item_id"].tolist(), vectors, _payloads(rec, missing.drop(columns="vector")), lock)
+    removed = read_removed(rec.bundle_dir, ops) - index.hidden
+    if removed:
+        with lock or nullcontext():
+            index.hide(sorted(removed, key=str))
     return len(missing)
 
 
-def sync_additions(rec: Recommender, published_dir: Path, known: set[Any]) -> int:
-    """Bring rec's index up to date with the additions of every kept version (see the module doc);
-    returns how many items were upserted. `known` is updated."""
-    with additions_locked(published_dir):   # index writes happen under it: readers may copy the index
-        own = read_additions(rec.bundle_dir)
-        upserted = sync_own_additions(rec, own)
-    known |= set(own["item_id"].tolist())
+def _others_latest(published_dir: Path, bundle_dir: Path) -> pd.DataFrame:
+    """The newest operation per item in the sidecars of the other kept versions."""
     store = BundleStore(published_dir)
-    others = [read_additions(store.versions / v) for v in store.complete() if store.versions / v != rec.bundle_dir]
+    others = [read_ops(store.versions / v) for v in store.complete() if store.versions / v != Path(bundle_dir)]
     others = [o for o in others if len(o)]
-    if not others:
+    return _latest(pd.concat(others, ignore_index=True)) if others else pd.DataFrame(columns=["item_id", "op"])
+
+
+def sync_additions(rec: Recommender, published_dir: Path, known: set[Any], lock: threading.RLock | None = None,
+                   wait_s: float = LOCK_WAIT_S) -> int:
+    """Bring rec's index up to date with the additions and removals of every kept version (see the
+    module doc); returns how many items were upserted. `known` is updated."""
+    with additions_locked(published_dir, wait_s):   # index writes happen under it: readers may copy the index
+        ops = read_ops(rec.bundle_dir)
+        upserted = sync_own_additions(rec, ops, lock)
+    known |= set(read_additions(rec.bundle_dir, ops)["item_id"].tolist())
+    known -= read_removed(rec.bundle_dir, ops)
+    latest = _others_latest(published_dir, rec.bundle_dir)
+    if not len(latest):
         return upserted
-    rows = pd.concat(others, ignore_index=True).drop_duplicates("item_id", keep="last")
-    rows = rows[[i not in known and rec.index.vector_of(i) is None for i in rows["item_id"].tolist()]]
+    own_op = dict(zip(_latest(ops)["item_id"].tolist(), _latest(ops)["op"].tolist())) if len(ops) else {}
+    newer = latest[[op > own_op.get(i, "") for i, op in zip(latest["item_id"].tolist(), latest["op"].tolist())]]
+    removed = newer.loc[newer["removed"].astype(bool)]
+    gone = [i for i in removed["item_id"].tolist() if i in known]
+    if gone:
+        remove_items(rec, published_dir, gone, known, lock=lock, wait_s=wait_s)
+    rows = newer.loc[~newer["removed"].astype(bool)]
+    index = rec.index
+    rows = rows[[i not in known and (index.vector_of(i) is None or i in index.hidden) for i in rows["item_id"].tolist()]]
     if len(rows):
         # Another version's schema may have other item features: keep the ones this model knows.
         columns = ["item_id", *(c for c in item_kinds(rec.schema) if c in rows.columns)]
         features = normalize_items(rows[columns], rec.schema, "added_items")
-        add_items(rec, published_dir, features, known)
+        add_items(rec, published_dir, features, known, lock=lock, wait_s=wait_s)
     return upserted + len(rows)
-
-
-def add_items_file(published_dir: Path, path: Path) -> tuple[str, int, bool]:
-    """`towerflow index add-items FILE`: (version, items added, index updated now). When a running
-    service holds the embedded index, only the sidecar is written and the service upserts it."""
-    import json
-
-    from flows.serving.bundles import BUNDLE_JSON
-    from flows.serving.events import read_frame
-    from flows.serving.index import IndexInUse, IndexSettings, open_index
-    from models.inference import load_bundle
-
-    bundle = BundleStore(published_dir).live_dir()
-    meta = json.loads((bundle / BUNDLE_JSON).read_text())
-    schema = json.loads((bundle / "schema.json").read_text())
-    items = normalize_items(read_frame(path), schema, str(path))
-    index = None
-    if (bundle / "index").is_dir():
-        try:
-            index = open_index(meta["backend"], IndexSettings.from_dict(meta["settings"]), path=bundle / "index",
-                               collection=meta.get("collection"))
-        except IndexInUse:   # held by the running service: it picks the sidecar up
-            index = None
-    rec = Recommender(bundle, meta, schema, load_bundle(bundle / "model"), index, store=None)
-    try:
-        known = catalog_ids(bundle)
-        if index is not None:
-            sync_additions(rec, published_dir, known)
-        add_items(rec, published_dir, items, known, upsert=index is not None)
-    finally:
-        if index is not None:
-            index.close()
-    return rec.version, len(items), index is not None

@@ -30,6 +30,7 @@ from typing import Any
 from flows.errors import TowerflowError
 from flows.serving.bundles import BundleStore
 from flows.serving.items import catalog_ids, sidecar_signature, sync_additions
+from flows.serving.locks import ServiceBusy
 from flows.serving.recommend import Recommender
 
 log = logging.getLogger("towerflow.serve")
@@ -116,16 +117,29 @@ class LiveState:
 
     # --- requests -------------------------------------------------------------------------------
     @contextmanager
-    def use(self) -> Iterator[Served]:
-        """The live version for one request; it stays open until the request is done."""
+    def use(self, wait_s: float | None = None) -> Iterator[Served]:
+        """The live version for one request, with its lock; it stays open until the request is
+        done. Waiting longer than wait_s for the lock (a write holds it) raises ServiceBusy."""
+        with self.borrow() as served:
+            if not served.lock.acquire(timeout=-1 if wait_s is None else wait_s):
+                raise ServiceBusy(f"the live version has been busy for {wait_s:g} s (a write in progress); "
+                                  "try again")
+            try:
+                yield served
+            finally:
+                served.lock.release()
+
+    @contextmanager
+    def borrow(self) -> Iterator[Served]:
+        """The live version, kept open but not locked: for a write that takes `served.lock` only
+        around each of its index or online-store steps, so reads go on between them."""
         with self._lock:
             served = self._served
             if served is None:
                 raise TowerflowError("the service is not loaded")
             served.refs += 1
         try:
-            with served.lock:
-                yield served
+            yield served
         finally:
             with self._lock:
                 served.refs -= 1
@@ -144,7 +158,8 @@ class LiveState:
                 self.check()
             except Exception as exc:   # the watcher must outlive any one failure
                 log.exception("live check failed")
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                # /healthz shows it: the kind of failure, never its text (paths, URLs: see the log)
+                self.last_error = f"the live check failed ({type(exc).__name__}); see the service log"
 
     def check(self) -> str | None:
         """One look at LIVE, the online store and the sidecar; returns what changed, if anything."""
@@ -163,9 +178,9 @@ class LiveState:
             return "online store reopened"
         signature = sidecar_signature(current.rec.bundle_dir)
         if signature != current.sidecar:
-            with current.lock:
-                added = sync_additions(current.rec, self.store.root, current.known_items)
-                current.sidecar = signature
+            # index writes in chunks under current.lock: requests go on between them
+            added = sync_additions(current.rec, self.store.root, current.known_items, lock=current.lock)
+            current.sidecar = signature
             return f"{added} added items synced"
         return None
 
@@ -176,8 +191,9 @@ class LiveState:
             new = self._load(version)
         except Exception as exc:
             self._failed = (version, time.monotonic())
-            self.last_error = f"version {version} did not load, still serving {self._served.version if self._served else None}: {exc}"
-            log.error(self.last_error)
+            self.last_error = (f"version {version} did not load ({type(exc).__name__}), still serving "
+                               f"{self._served.version if self._served else None}; see the service log")
+            log.error("%s: %s", self.last_error, exc)
             return None
         with self._lock:
             old, self._served = self._served, new

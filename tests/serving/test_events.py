@@ -72,7 +72,7 @@ BAD_EVENTS = [
     ({"user_id": 1, "item_id": "{item}", "timestamp": "2200-01-01T00:00:00Z"}, 422, "is in the future"),
     ({"user_id": 1, "item_id": "{item}", "timestamp": 1717236000000}, 422, "is out of range (unix seconds, not milli"),
     ({"user_id": "abc", "item_id": "{item}"}, 422, "events[0].user_id: 'abc' is not an int64 id"),
-    ({"user_id": 1, "item_id": True}, 422, "events[0].item_id: True is not an int64 id"),
+    ({"user_id": 1, "item_id": True}, 400, "events[0].item_id: True is not an id"),
     ({"user_id": 1, "item_id": "{item}", "colour": "red"}, 422, "unknown field 'colour'"),
     ({"user_id": 1}, 422, "events[0].item_id: missing"),
 ]

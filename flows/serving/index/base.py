@@ -189,6 +189,9 @@ class VectorIndex(ABC):
         # one process, a server collection belongs to one version), and an exact count costs ~5 ms
         # per call at 30k points in qdrant-edge, more than the search itself.
         self._size: int | None = None
+        # Removed items (tombstones, flows/serving/items.py): their points stay, searches skip them.
+        # Kept in memory: whoever opens the index re-applies the bundle's tombstones.
+        self.hidden: set[Any] = set()
 
     # --- primitives each backend implements -----------------------------------------------------
     @abstractmethod
@@ -243,7 +246,12 @@ class VectorIndex(ABC):
             points.append(point)
         self._write(points, vectors, [{**p, ITEM_ID: plain(i)} for i, p in zip(ids, payloads)])
         self._size = None
+        self.hidden.difference_update(plain(i) for i in ids)    # added again after a removal
         return points
+
+    def hide(self, ids: Sequence[Any]) -> None:
+        """Leave these items out of every answer from now on (a removal); `upsert` brings them back."""
+        self.hidden.update(plain(i) for i in ids)
 
     def search(self, queries: np.ndarray, k: int, exclude: Sequence[Collection[Any]] | None = None,
                filter: Mapping[str, Any] | None = None) -> list[list[Hit]]:
@@ -264,7 +272,7 @@ class VectorIndex(ABC):
     def similar(self, item_id: Any, k: int, filter: Mapping[str, Any] | None = None) -> list[Hit]:
         """The k items nearest to an indexed item (itself left out)."""
         vector = self.vector_of(plain(item_id))
-        if vector is None:
+        if vector is None or plain(item_id) in self.hidden:
             raise BadQuery(f"item_id {item_id!r} is not in the index")
         return self.search(vector[None, :], k, exclude=[{plain(item_id)}], filter=filter)[0]
 
@@ -277,6 +285,8 @@ class VectorIndex(ABC):
         if self._size == 0 or not len(queries):
             return [[] for _ in skips]
         skips = [s if isinstance(s, (set, frozenset)) else set(s) for s in skips]   # tested per hit
+        if self.hidden:
+            skips = [s | self.hidden for s in skips]
         raw = self._query(queries, [min(self._size, k + len(s)) for s in skips], conditions)
         return [[hit for hit in hits if hit[0] not in skip][:k] for hits, skip in zip(raw, skips)]
 
