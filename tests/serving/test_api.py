@@ -80,13 +80,15 @@ def start_server(app: Any, serve_params: Any) -> tuple[Any, threading.Thread, in
 
 
 @contextmanager
-def running(root: Path, overrides: tuple[str, ...] = (), **publish_cfg: Any) -> Iterator[Service]:
-    """The project at root published once and served on a loopback port."""
+def running(root: Path, overrides: tuple[str, ...] = (), env: dict[str, str] | None = None,
+            **publish_cfg: Any) -> Iterator[Service]:
+    """The project at root published once and served on a loopback port; `env` holds its tokens
+    (TOWERFLOW_API_TOKEN, TOWERFLOW_READ_TOKEN; none by default)."""
     from flows.serving.api import build_service
 
     run_publish(root, **publish_cfg)
     params = load_params(root / "params.yaml", [*SERVE_OVERRIDES, *overrides])
-    app, state = build_service(params, root)
+    app, state = build_service(params, root, env=env or {})
     server, thread, port = start_server(app, params.serve)
     url = f"http://127.0.0.1:{port}"
     try:
