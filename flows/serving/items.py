@@ -122,7 +122,7 @@ def read_ops(bundle_dir: Path) -> pd.DataFrame:
                              "op": pd.Series([], dtype=object)})
     frames = [pq.read_table(f).to_pandas().assign(op=f.name) for f in files]
     ops = pd.concat(frames, ignore_index=True)
-    ops["removed"] = ops["removed"].fillna(False).astype(bool) if "removed" in ops else False
+    ops["removed"] = ops["removed"].eq(True) if "removed" in ops else False    # addition rows: NaN
     return ops
 
 

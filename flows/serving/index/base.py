@@ -267,6 +267,8 @@ class VectorIndex(ABC):
             raise BadQuery(f"exclude has {len(exclude)} entries for {len(queries)} query vectors")
         conditions = parse_filter(filter, self.settings.fields)
         skips = list(exclude) if exclude is not None else [() for _ in range(len(queries))]
+        if self.hidden:    # removed items: skipped like the user's seen ones, by every backend
+            skips = [self.hidden.union(s) for s in skips]
         return self._search(queries, k, skips, conditions)
 
     def similar(self, item_id: Any, k: int, filter: Mapping[str, Any] | None = None) -> list[Hit]:
@@ -285,8 +287,6 @@ class VectorIndex(ABC):
         if self._size == 0 or not len(queries):
             return [[] for _ in skips]
         skips = [s if isinstance(s, (set, frozenset)) else set(s) for s in skips]   # tested per hit
-        if self.hidden:
-            skips = [s | self.hidden for s in skips]
         raw = self._query(queries, [min(self._size, k + len(s)) for s in skips], conditions)
         return [[hit for hit in hits if hit[0] not in skip][:k] for hits, skip in zip(raw, skips)]
 
