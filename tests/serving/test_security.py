@@ -125,13 +125,18 @@ def test_answers_and_messages_carry_no_secrets_or_paths(project: Path, capsys: p
             raise ConfigError(f"REDIS_URL={url!r}: expected redis://[:password@]host[:port][/db]")
     assert "hunter2" not in capsys.readouterr().err
 
-    run_publish(project)
-    from flows.serving.bundles import BundleStore
+    import json
+
+    from flows.serving.bundles import BundleStore, write_atomic
     store = BundleStore(project / "artifacts/published")
     with running(project) as svc:
-        (store.versions / store.live() / "model" / "model.pt").write_bytes(b"broken")
+        old = store.live()
         new = run_publish(project, model="eval")["version"]
+        svc.wait_for(lambda: svc.get("/version").json()["version"] == new)
+        write_atomic(store.live_file, json.dumps({"version": old}) + "\n")
+        svc.wait_for(lambda: svc.get("/version").json()["version"] == old)
         (store.versions / new / "model" / "model.pt").write_bytes(b"broken")
+        write_atomic(store.live_file, json.dumps({"version": new}) + "\n")
         health = svc.wait_for(lambda: (h := svc.get("/healthz").json())["last_reload_error"] and h)
         assert f"version {new} did not load" in health["last_reload_error"]
         assert str(project) not in health["last_reload_error"] and "model.pt" not in health["last_reload_error"]
