@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import pandas as pd
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -46,10 +46,10 @@ from flows.params import ServeParams
 from flows.serving import schemas as S
 from flows.serving.events import EventLog, record_events, validate_events
 from flows.serving.guard import Guard, Tokens, json_shape_error, require_safe_bind
-from flows.serving.http_errors import RequestError, bug, domain_error, http_error, openapi_with_bearer, validation_error
+from flows.serving.http_errors import (RequestError, body_schema, bug, domain_error, http_error, json_body,
+                                      openapi_with_bearer, validation_error)
 from flows.serving.index.base import parse_filter
 from flows.serving.items import add_items, normalize_items, remove_items, sidecar_signature
-from flows.serving.locks import ServiceBusy
 from flows.serving.metrics import MetricsMiddleware, ServiceMetrics
 from flows.serving.recommend import Answer, coerce_id, parse_filter_json
 from flows.serving.rerank import RankerCache, rerank_answers
@@ -57,7 +57,6 @@ from flows.serving.state import LiveState, Served
 
 log = logging.getLogger("towerflow.serve")
 DEFAULT_K = 20
-EVENT_CHUNK = 500      # events pushed online per hold of the version's lock
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,8 @@ def recommend_one(request: Request, q: Annotated[S.RecommendQuery, Query()]) -> 
     return _json({"version": version, **_user_answer(answer)})
 
 
-def recommend_batch(request: Request, body: S.RecommendBatch) -> Response:
+def recommend_batch(request: Request, body: Annotated[S.RecommendBatch, Depends(json_body(S.RecommendBatch))]
+                    ) -> Response:
     live, config, metrics = _ctx(request)
     if len(body.user_ids) > config.serve.max_batch:
         raise RequestError(f"batch of {len(body.user_ids)} users exceeds serve.max_batch "
@@ -170,24 +170,14 @@ def similar(request: Request, q: Annotated[S.SimilarQuery, Query()]) -> Response
     return _json({"version": version, "item_id": item, "items": _user_answer((item, False, hits))["items"]})
 
 
-def _record(events: pd.DataFrame, served: Served, config: ServiceConfig) -> Path:
-    """Log and push the events in chunks, holding the event log's lock throughout (one writer) and
-    the version's lock only for each chunk's online-store read and push (reads go on between)."""
-    log_ = EventLog(config.events_dir, config.serve.lock_wait_s)
-    path = config.events_dir
-    with log_.locked():
-        for start in range(0, len(events), EVENT_CHUNK):
-            if not served.lock.acquire(timeout=config.serve.lock_wait_s):
-                raise ServiceBusy(f"the live version stayed busy for {config.serve.lock_wait_s:g} s")
-            try:
-                path = record_events(events.iloc[start:start + EVENT_CHUNK], served.rec.store, log_,
-                                     config.history_length)
-            finally:
-                served.lock.release()
-    return path
+def _record(events: pd.DataFrame, live: LiveState, served: Served, config: ServiceConfig) -> Path:
+    """Log the events and push them online through the version's own writer handle of the online
+    store (its own SQLite connection: reads never wait for the push, only for SQLite's commit)."""
+    return record_events(events, live.events_store(served), EventLog(config.events_dir, config.serve.lock_wait_s),
+                         config.history_length)
 
 
-def events(request: Request, body: S.EventsBody) -> Response:
+def events(request: Request, body: Annotated[S.EventsBody, Depends(json_body(S.EventsBody))]) -> Response:
     live, config, metrics = _ctx(request)
     rows = [e.model_dump(exclude_unset=True) for e in body.events]
     if not rows:
@@ -198,12 +188,12 @@ def events(request: Request, body: S.EventsBody) -> Response:
     with live.borrow() as served:
         valid = validate_events(pd.DataFrame(rows, dtype=object), served.rec.schema, served.known_items, "events",
                                 config.timestamp_floor, config.serve.future_tolerance_s)
-        path = _record(valid, served, config)
+        path = _record(valid, live, served, config)
     metrics.events.inc(len(valid))
     return _json({"accepted": len(valid), "users": int(valid["user_id"].nunique()), "log": path.name})
 
 
-def items(request: Request, body: S.ItemsBody) -> Response:
+def items(request: Request, body: Annotated[S.ItemsBody, Depends(json_body(S.ItemsBody))]) -> Response:
     live, config, metrics = _ctx(request)
     rows = [i.model_dump(exclude_unset=True) for i in body.items]
     if len(rows) > config.serve.max_items:
@@ -253,15 +243,15 @@ async def prometheus(request: Request) -> Response:
     return Response(content, media_type=media)
 
 
-def _route(method: str, path: str, handler: Any, model: Any = None) -> tuple[str, str, Any, Any]:
-    return method, path, handler, model
+def _route(method: str, path: str, handler: Any, model: Any = None, body: Any = None) -> tuple[str, str, Any, Any, Any]:
+    return method, path, handler, model, body
 
 
 ROUTES = [_route("GET", "/recommend", recommend_one, S.RecommendAnswer),
-          _route("POST", "/recommend", recommend_batch, S.BatchAnswer),
+          _route("POST", "/recommend", recommend_batch, S.BatchAnswer, S.RecommendBatch),
           _route("GET", "/similar", similar, S.SimilarAnswer),
-          _route("POST", "/events", events, S.EventsAnswer),
-          _route("POST", "/items", items, S.ItemsAnswer),
+          _route("POST", "/events", events, S.EventsAnswer, S.EventsBody),
+          _route("POST", "/items", items, S.ItemsAnswer, S.ItemsBody),
           _route("DELETE", "/items/{item_id}", remove_item, S.RemovedAnswer),
           _route("GET", "/healthz", healthz, S.Health),
           _route("GET", "/version", version, S.VersionInfo),
@@ -272,21 +262,23 @@ def create_app(state: LiveState, config: ServiceConfig, metrics: ServiceMetrics,
     """The FastAPI app over a started LiveState; its schema at /openapi.json (no docs UI)."""
     app = FastAPI(title="towerflow", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.live, app.state.config, app.state.metrics = state, config, metrics
-    for method, path, handler, model in ROUTES:
+    for method, path, handler, model, body in ROUTES:
         # Handlers return their JSON themselves (no second validation pass on the hot path); the
         # models document the answers, and the schema fuzz test checks that they conform.
         app.add_api_route(path, handler, methods=[method], response_model=model, responses=S.ERRORS,
-                          response_class=JSONResponse if model is not None else PlainTextResponse)
+                          response_class=JSONResponse if model is not None else PlainTextResponse,
+                          openapi_extra=body_schema(body) if body is not None else None)
     for domain in EXPECTED_ERRORS:   # ours and the libraries' domain errors: a JSON error, not a 500
         app.add_exception_handler(domain, domain_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, bug)
-    app.openapi = lambda: openapi_with_bearer(app)    # type: ignore[method-assign]
+    bodies = tuple(body for *_, body in ROUTES if body is not None)
+    app.openapi = lambda: openapi_with_bearer(app, bodies)    # type: ignore[method-assign]
     app.add_middleware(Guard, tokens=tokens, allowed_hosts=config.serve.allowed_hosts,
                        max_body_bytes=config.serve.max_body_bytes)
     # outermost: refusals by the guard are counted and timed too
-    endpoints = frozenset(p for _, p, _, _ in ROUTES) | {"/openapi.json"}
+    endpoints = frozenset(route[1] for route in ROUTES) | {"/openapi.json"}
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=endpoints)
     return app
 

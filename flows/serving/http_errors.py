@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
+from pydantic import BaseModel, ValidationError
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
@@ -21,7 +22,7 @@ from starlette.exceptions import HTTPException
 from features.errors import FeatureError
 from flows.errors import EXPECTED_ERRORS, DataContractError, TowerflowError
 from flows.serving.bundles import NothingPublished
-from flows.serving.guard import OPEN_PATHS, public_message
+from flows.serving.guard import BODY_KEY, OPEN_PATHS, public_message
 from flows.serving.index import BadQuery
 from flows.serving.items import ItemExists, UnknownItem
 from flows.serving.locks import ServiceBusy
@@ -129,11 +130,40 @@ async def validation_error(request: Request, exc: Exception) -> Response:
     return error_response(public_message(validation_message(errors)), 400)
 
 
-def openapi_with_bearer(app: FastAPI) -> dict[str, Any]:
-    """The generated schema, plus the bearer token scheme on every path but the open ones."""
+def json_body(model: type[BaseModel]) -> Any:
+    """A dependency that parses the request body into `model`. FastAPI runs plain-function
+    dependencies in its thread pool, so parsing and validating a large body (10,000 events: ~0.1 s)
+    happens off the event loop; FastAPI's own body parameters would do it on the loop. The route
+    documents the body with `body_schema(model)`."""
+    def parse(request: Request) -> BaseModel:
+        raw = request.scope.get(BODY_KEY, b"")
+        if not raw.strip():
+            raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as exc:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+    parse.__name__ = f"parse_{model.__name__}"
+    return parse
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI requestBody of a route whose body `json_body(model)` parses."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def openapi_with_bearer(app: FastAPI, bodies: tuple[type[BaseModel], ...] = ()) -> dict[str, Any]:
+    """The generated schema, plus the request body models and the bearer token scheme on every
+    path but the open ones."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        schema.setdefault("components", {})["securitySchemes"] = {
+        components = schema.setdefault("components", {})
+        for model in bodies:    # the request bodies parsed by json_body, with the models they use
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.setdefault("schemas", {}).update(body.pop("$defs", {}))
+            components["schemas"][model.__name__] = body
+        components["securitySchemes"] = {
             "bearer": {"type": "http", "scheme": "bearer",
                        "description": "TOWERFLOW_API_TOKEN for writes; TOWERFLOW_READ_TOKEN (if set) for reads"}}
         for path, operations in schema.get("paths", {}).items():

@@ -52,6 +52,7 @@ class Served:
     materialized: int | None      # mtime_ns of <feast>/materialized.json when the store was opened
     refs: int = 0
     retired: bool = False
+    events_store: Any = None      # a second online-store handle for pushes (own SQLite connection)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
@@ -151,6 +152,17 @@ class LiveState:
     def served(self) -> Served | None:
         return self._served
 
+    def events_store(self, served: Served) -> Any:
+        """The online-store handle pushes go through, opened once per version and store: its own
+        SQLite connection, so a push of 10,000 events does not hold the one requests read with."""
+        store = served.events_store
+        if store is None:    # opened outside the lock that every request takes (~0.1 s)
+            from features.store import open_store
+            store = open_store(self.feast_dir, self.features_dir)
+            with self._lock:
+                served.events_store = store = served.events_store or store
+        return store
+
     # --- watching -------------------------------------------------------------------------------
     def _watch(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -175,6 +187,7 @@ class LiveState:
             fresh = open_store(self.feast_dir, self.features_dir)
             with current.lock:
                 current.rec.store, current.materialized = fresh, materialized
+                current.events_store = None     # reopened on the next push, on the new file
             return "online store reopened"
         signature = sidecar_signature(current.rec.bundle_dir)
         if signature != current.sidecar:
