@@ -46,8 +46,8 @@ from flows.params import ServeParams
 from flows.serving import schemas as S
 from flows.serving.events import EventLog, record_events, validate_events
 from flows.serving.guard import Guard, Tokens, json_shape_error, require_safe_bind
-from flows.serving.http_errors import (RequestError, body_schema, bug, domain_error, http_error, json_body,
-                                      openapi_with_bearer, validation_error)
+from flows.serving.bodies import body_schema, json_body
+from flows.serving.http_errors import RequestError, bug, domain_error, http_error, openapi_with_bearer, validation_error
 from flows.serving.index.base import parse_filter
 from flows.serving.items import add_items, normalize_items, remove_items, sidecar_signature
 from flows.serving.metrics import MetricsMiddleware, ServiceMetrics

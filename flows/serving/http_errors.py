@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from features.errors import FeatureError
 from flows.errors import EXPECTED_ERRORS, DataContractError, TowerflowError
 from flows.serving.bundles import NothingPublished
-from flows.serving.guard import BODY_KEY, OPEN_PATHS, public_message
+from flows.serving.guard import OPEN_PATHS, public_message
 from flows.serving.index import BadQuery
 from flows.serving.items import ItemExists, UnknownItem
 from flows.serving.locks import ServiceBusy
@@ -128,29 +128,6 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
 async def validation_error(request: Request, exc: Exception) -> Response:
     errors = list(exc.errors()) if isinstance(exc, RequestValidationError) else []
     return error_response(public_message(validation_message(errors)), 400)
-
-
-def json_body(model: type[BaseModel]) -> Any:
-    """A dependency that parses the request body into `model`. FastAPI runs plain-function
-    dependencies in its thread pool, so parsing and validating a large body (10,000 events: ~0.1 s)
-    happens off the event loop; FastAPI's own body parameters would do it on the loop. The route
-    documents the body with `body_schema(model)`."""
-    def parse(request: Request) -> BaseModel:
-        raw = request.scope.get(BODY_KEY, b"")
-        if not raw.strip():
-            raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
-        try:
-            return model.model_validate_json(raw)
-        except ValidationError as exc:
-            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-    parse.__name__ = f"parse_{model.__name__}"
-    return parse
-
-
-def body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The OpenAPI requestBody of a route whose body `json_body(model)` parses."""
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
 def openapi_with_bearer(app: FastAPI, bodies: tuple[type[BaseModel], ...] = ()) -> dict[str, Any]:

@@ -8,7 +8,7 @@ value can make the service work long: ids 256 characters, feature text 1,024, a 
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, StrictBool, StrictInt, WithJsonSchema,
                       model_validator)
@@ -74,7 +74,7 @@ class RecommendBatch(Strict):
     rerank_depth: K | None = None
 
 
-def _rows(key: str, data: Any) -> Any:
+def rows_of(key: str, data: Any) -> Any:
     """`{key: [...]}` as documented; a bare list or one object are taken too (earlier clients)."""
     if isinstance(data, list):
         return {key: data}
@@ -99,12 +99,14 @@ class Event(BaseModel):
 class EventsBody(Strict):
     """POST /events (at most serve.max_events)."""
 
+    rows_key: ClassVar[str] = "events"
+
     events: list[Event] = Field(max_length=ROWS_CEILING)
 
     @model_validator(mode="before")
     @classmethod
     def wrap_rows(cls, data: Any) -> Any:
-        return _rows("events", data)
+        return rows_of("events", data)
 
 
 FeatureValue = (Annotated[str, Field(max_length=TEXT_MAX_CHARS)] | float | int | bool | None |
@@ -123,12 +125,14 @@ class Item(BaseModel):
 class ItemsBody(Strict):
     """POST /items (at most serve.max_items)."""
 
+    rows_key: ClassVar[str] = "items"
+
     items: list[Item] = Field(max_length=ROWS_CEILING)
 
     @model_validator(mode="before")
     @classmethod
     def wrap_rows(cls, data: Any) -> Any:
-        return _rows("items", data)
+        return rows_of("items", data)
 
 
 # --- responses -----------------------------------------------------------------------------------
