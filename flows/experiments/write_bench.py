@@ -79,6 +79,7 @@ async def _run(url: str, users: list, items: bytes, events: bytes) -> dict[str, 
         loops = [asyncio.create_task(_reads(client, users, stop, reads)),
                  asyncio.create_task(_health(client, stop, health))]
         await asyncio.sleep(1.0)
+        metrics_before = (await client.get("/metrics")).text
         t0 = time.perf_counter()
 
         async def post(path: str, body: bytes) -> tuple[int, float, str]:
@@ -90,6 +91,8 @@ async def _run(url: str, users: list, items: bytes, events: bytes) -> dict[str, 
         t1 = time.perf_counter()
         stop.set()
         await asyncio.gather(*loops)
+        metrics_after = (await client.get("/metrics")).text
+    served = {path: server_p99(metrics_before, metrics_after, path) for path in ("/recommend", "/healthz")}
     during = [(b - a) for a, b, _ in reads if a >= t0 and b <= t1]
     before = [(b - a) for a, b, _ in reads if b < t0]
     probes = [(b - a) for a, b, _ in health if a >= t0 and b <= t1]
@@ -101,7 +104,30 @@ async def _run(url: str, users: list, items: bytes, events: bytes) -> dict[str, 
             "recommend_during": percentiles(during) if during else None,
             "recommend_errors": sum(1 for *_, s in reads if s != 200),
             "healthz_during": percentiles(probes) if probes else None,
-            "healthz_max_ms": round(1000 * max(probes), 1) if probes else None}
+            "healthz_max_ms": round(1000 * max(probes), 1) if probes else None,
+            "server_side_p99_at_most_ms": served}
+
+
+def _buckets(text: str, path: str) -> dict[float, float]:
+    prefix = f'towerflow_request_seconds_bucket{{endpoint="{path}",le="'
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            le, value = line[len(prefix):].split('"}')
+            out[float(le)] = float(value)
+    return out
+
+
+def server_p99(before: str, after: str, path: str) -> float | None:
+    """The service's own latency histogram (request in to answer out, no client queueing) over the
+    window: the upper bound of the bucket that holds the 99th percentile, in ms."""
+    old, new = _buckets(before, path), _buckets(after, path)
+    counts = {le: new[le] - old.get(le, 0.0) for le in new}
+    total = counts.get(float("inf"), 0.0)
+    if not total:
+        return None
+    le = next(le for le in sorted(counts) if counts[le] >= 0.99 * total)
+    return round(1000 * le, 1) if le != float("inf") else None
 
 
 def writes_under_load(url: str, bundle: Path, users: list) -> dict[str, Any]:

@@ -267,7 +267,7 @@ def sync_own_additions(rec: Recommender, ops: pd.DataFrame | None = None,
     ops = read_ops(rec.bundle_dir) if ops is None else ops
     own = read_additions(rec.bundle_dir, ops)
     index = rec.index
-    missing = own[[index.vector_of(i) is None or i in index.hidden for i in own["item_id"].tolist()]]
+    missing = own[[not index.has(i) or i in index.hidden for i in own["item_id"].tolist()]]
     if len(missing):
         vectors = np.stack(missing["vector"].to_numpy()).astype(np.float32)
         _upsert(rec, missing["item_id"].tolist(), vectors, _payloads(rec, missing.drop(columns="vector")), lock)
@@ -306,7 +306,7 @@ def sync_additions(rec: Recommender, published_dir: Path, known: set[Any], lock:
         remove_items(rec, published_dir, gone, known, lock=lock, wait_s=wait_s)
     rows = newer.loc[~newer["removed"].astype(bool)]
     index = rec.index
-    rows = rows[[i not in known and (index.vector_of(i) is None or i in index.hidden) for i in rows["item_id"].tolist()]]
+    rows = rows[[i not in known and (not index.has(i) or i in index.hidden) for i in rows["item_id"].tolist()]]
     if len(rows):
         # Another version's schema may have other item features: keep the ones this model knows.
         columns = ["item_id", *(c for c in item_kinds(rec.schema) if c in rows.columns)]

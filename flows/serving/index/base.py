@@ -249,6 +249,10 @@ class VectorIndex(ABC):
         self.hidden.difference_update(plain(i) for i in ids)    # added again after a removal
         return points
 
+    def has(self, item_id: Any) -> bool:
+        """Whether the item has a point (hidden or not); cheaper than vector_of (no vector read)."""
+        return self._point_of(plain(item_id)) is not None
+
     def hide(self, ids: Sequence[Any]) -> None:
         """Leave these items out of every answer from now on (a removal); `upsert` brings them back."""
         self.hidden.update(plain(i) for i in ids)
