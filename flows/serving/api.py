@@ -46,7 +46,7 @@ from flows.errors import EXPECTED_ERRORS, DataContractError
 from flows.params import ServeParams
 from flows.serving import schemas as S
 from flows.serving.events import EventLog, record_events, validate_events
-from flows.serving.guard import Guard, Tokens, json_shape_error, require_safe_bind
+from flows.serving.guard import Guard, MaskSecrets, Tokens, json_shape_error, require_safe_bind
 from flows.serving.bodies import body_schema, json_body
 from flows.serving.http_errors import RequestError, bug, domain_error, http_error, openapi_with_bearer, validation_error
 from flows.serving.index.base import parse_filter
@@ -320,6 +320,7 @@ def serve(params: Any, root: Path, host: str, port: int, announce: Any = print) 
     # A write's Python work (validation, Feast, pandas) hands the GIL to the event loop and the
     # reads every 1 ms instead of 5 ms: /healthz and /recommend wait less behind a large write.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    log.addFilter(MaskSecrets())
     app, state = build_service(params, root)
     announce(f"serving version {state.served.version if state.served else '?'} at http://{host}:{port} "
              "(GET /recommend, /similar, /version, /healthz, /metrics, /openapi.json; POST /recommend, /events, "

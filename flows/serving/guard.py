@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -94,6 +95,17 @@ def require_safe_bind(host: str, tokens: Tokens) -> None:
 def mask_secrets(text: str) -> str:
     """scheme://user:password@host -> scheme://user:***@host (REDIS_URL, QDRANT_URL in messages)."""
     return _SECRET_IN_URL.sub(r"\g<head>***@", text)
+
+
+class MaskSecrets(logging.Filter):
+    """Masks URL passwords in the service log's messages (a failed Redis connection names its URL)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_secrets(message)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        return True
 
 
 def public_message(text: str, root: Path | None = None) -> str:

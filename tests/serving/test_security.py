@@ -142,6 +142,18 @@ def test_answers_and_messages_carry_no_secrets_or_paths(project: Path, capsys: p
         assert str(project) not in health["last_reload_error"] and "model.pt" not in health["last_reload_error"]
 
 
+def test_the_service_log_masks_url_passwords(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from flows.serving.guard import MaskSecrets
+
+    logger = logging.getLogger("towerflow.test-mask")
+    logger.addFilter(MaskSecrets())
+    with caplog.at_level(logging.ERROR, logger="towerflow.test-mask"):
+        logger.error("cannot reach %s", "redis://:hunter2@cache:6379")
+    assert caplog.messages == ["cannot reach redis://:***@cache:6379"]
+
+
 def test_json_shape_is_bounded_before_parsing() -> None:
     assert json_shape_error(b'{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}') is None   # inside a string
     assert json_shape_error(b'{"a": "\\" [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}') is None   # escaped quote
