@@ -225,6 +225,11 @@ class ServeParams(Section):
     # (60 s on common ones), so the balancer, not the service, closes: a service that closes first can
     # race a request already on its way, which the caller sees as a reset connection.
     keep_alive_s: float = Field(75.0, gt=0)
+    # Names the service answers to (the Host header; port ignored): a web page the operator opens
+    # cannot reach a loopback service through a DNS name it controls (DNS rebinding). "*": any.
+    allowed_hosts: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"], min_length=1)
+    max_body_bytes: PositiveInt = 8 * 1024 * 1024   # larger request bodies: 413, before they are read whole
+    lock_wait_s: float = Field(5.0, gt=0)     # a write waiting longer for another one: 503 + Retry-After
 
 
 def resolve_source(data: DataParams, root: Path) -> DataParams:

@@ -23,6 +23,12 @@ def _debug() -> bool:
     return os.environ.get("TOWERFLOW_DEBUG", "") not in ("", "0")
 
 
+def _masked(exc: BaseException) -> str:
+    """The message with passwords in URLs (REDIS_URL, QDRANT_URL) masked."""
+    from flows.serving.guard import mask_secrets
+    return mask_secrets(str(exc))
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
     """Expected failures print one line and exit 1; --debug shows the traceback."""
@@ -32,19 +38,19 @@ def _errors() -> Iterator[None]:
         # exit 75 (EX_TEMPFAIL): the flow retries the stage with backoff (flows/pipeline.py)
         if _debug():
             traceback.print_exc()
-        typer.echo(f"towerflow: transient error (a retry may pass): {type(exc).__name__}: {exc}", err=True)
+        typer.echo(f"towerflow: transient error (a retry may pass): {type(exc).__name__}: {_masked(exc)}", err=True)
         raise typer.Exit(TRANSIENT_EXIT) from None
     except EXPECTED_ERRORS as exc:
         if _debug():
             traceback.print_exc()
-        typer.echo(f"towerflow: error: {exc}", err=True)
+        typer.echo(f"towerflow: error: {_masked(exc)}", err=True)
         raise typer.Exit(1) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
     except Exception as exc:  # a bug, or a library failing: still one line unless --debug
         if _debug():
             traceback.print_exc()
-        typer.echo(f"towerflow: unexpected error: {type(exc).__name__}: {exc} "
+        typer.echo(f"towerflow: unexpected error: {type(exc).__name__}: {_masked(exc)} "
                    "(run with --debug for the traceback)", err=True)
         raise typer.Exit(1) from None
 

@@ -1,4 +1,5 @@
-"""Commands that serve what is published: recommend, index list/rollback/add-items, serve-api, events."""
+"""Commands that serve what is published: recommend, index list/rollback/add-items/remove-items, serve-api,
+events."""
 from __future__ import annotations
 
 import json
@@ -113,7 +114,7 @@ def index_add_items(file: Path = typer.Argument(..., help="CSV, JSON lines or pa
     """Add new items to the live version without retraining (encoded by its item tower)."""
     with _errors():
         params = _load(params_file, None)
-        from flows.serving.items import add_items_file
+        from flows.serving.item_files import add_items_file
         version, n, now = add_items_file(params.paths.resolved(params_file.resolve().parent).published, file)
         if now:
             typer.echo(f"added {n} items to version {version}")
@@ -122,11 +123,28 @@ def index_add_items(file: Path = typer.Argument(..., help="CSV, JSON lines or pa
                        f"adds them within {params.serve.reload_interval_s:g} s")
 
 
+@index_app.command("remove-items")
+def index_remove_items(ids: list[str] = typer.Argument(..., help="Item ids to remove from the live catalog."),
+                       params_file: Path = ParamsOption) -> None:
+    """Remove items from the live version (a tombstone, replayed into the other kept and future
+    versions, until the item is added again)."""
+    with _errors():
+        params = _load(params_file, None)
+        from flows.serving.item_files import remove_items_ids
+        version, n, now = remove_items_ids(params.paths.resolved(params_file.resolve().parent).published, ids)
+        if now:
+            typer.echo(f"removed {n} items from version {version}")
+        else:
+            typer.echo(f"recorded the removal of {n} items for version {version}; the running service (which holds "
+                       f"the index) applies it within {params.serve.reload_interval_s:g} s")
+
+
 @app.command("serve-api")
 def serve_api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
               port: int = typer.Option(8000, "--port", help="TCP port."),
               params_file: Path = ParamsOption) -> None:
-    """Serve recommendations over HTTP from the live bundle (hot reload on publish/rollback)."""
+    """Serve recommendations over HTTP from the live bundle (hot reload on publish/rollback).
+    Writes need TOWERFLOW_API_TOKEN when it is set (required for a --host other than loopback)."""
     with _errors():
         params = _load(params_file, None)
         from flows.serving.api import serve

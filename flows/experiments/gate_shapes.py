@@ -104,7 +104,10 @@ def shape_runs(root: Path, shape_name: str, variants: list[str], seed: int = 0,
         if vendor.is_dir():
             (base / ".cache/towerflow/vendor").symlink_to(vendor.resolve())
         cache = "paths.cache=.cache/towerflow"
-        source1 = cut(users, items, inter, first_cut, Path(tmp) / "source1")
+        # one source folder, as a user's export is: a second run reads the same path with newer files
+        # (another path would be another lineage, judged without comparing with the live model)
+        source = Path(tmp) / "source"
+        source1 = cut(users, items, inter, first_cut, source)
         first = _run(base, [cache, f"data.source={source1}"])
         log(f"{shape_name} run1 (before any force): {json.dumps(first)[:600]}")
         if not first["published"] and first.get("stopped_at") == "gate":
@@ -115,7 +118,7 @@ def shape_runs(root: Path, shape_name: str, variants: list[str], seed: int = 0,
         for variant in variants:
             change, overrides = VARIANTS[variant]
             frames = change(users, items, inter, seed) if change else (users, items, inter)
-            source2 = cut(*frames, end_of(frames[2]), Path(tmp) / f"source-{variant}")
+            source2 = cut(*frames, end_of(frames[2]), source)
             work = Path(tmp) / variant
             shutil.copytree(base, work, symlinks=True)
             result = _run(work, [cache, f"data.source={source2}", *overrides])

@@ -8,7 +8,9 @@
 - over HTTP (`towerflow serve-api` in its own process, loopback): one client p50/p99; 50
   concurrent clients for 30 s (an httpx async loop): throughput, p50/p99, errors; the same while a
   publish (another process) switches versions: errors, and every answer's version complete;
-- event to effect: POST /events, then the next /recommend no longer holds the item.
+- event to effect: POST /events, then the next /recommend no longer holds the item;
+- /recommend and /healthz while a 5,000-item POST /items and a 10,000-event POST /events run at
+  the same time (flows/experiments/write_bench.py).
 `--from-run` takes the outputs of a finished run made before bundles existed, copies its Feast
 store and publishes its model with the current publish code into a temporary folder.
 """
@@ -248,10 +250,27 @@ def bench_service(root: Path, params: Path, clients: int = CLIENTS, seconds: flo
         result["event_to_effect"] = event_to_effect(url, users[len(users) // 2:])
         if (root / "artifacts/model/eval").is_dir():
             result["http_load_during_publish"] = publish_under_load(root, params, url, users, clients, seconds)
+        result["reads_during_writes"] = _writes(root, url, users)   # last: it adds 5,000 items
     finally:
         server.terminate()
         server.wait(timeout=30)
     return result
+
+
+def _writes(root: Path, url: str, users: list) -> dict[str, Any]:
+    from flows.experiments.write_bench import writes_under_load
+    from flows.serving.bundles import BundleStore
+    return writes_under_load(url, BundleStore(root / "artifacts/published").live_dir(), users)
+
+
+def writes_only(root: Path, params: Path, port: int = 8765) -> dict[str, Any]:
+    """Only the reads-during-writes figure (flows/experiments/write_bench.py)."""
+    server = start_server(params, port)
+    try:
+        return {"reads_during_writes": _writes(root, f"http://127.0.0.1:{port}", _users(root))}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def _publish(model: Path, root: Path) -> None:
@@ -268,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clients", type=int, default=CLIENTS)
     ap.add_argument("--seconds", type=float, default=SECONDS)
     ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--writes-only", action="store_true", help="only /recommend and /healthz during large writes")
     ap.add_argument("--publish", type=Path, help="internal: publish this model dir into --root")
     ap.add_argument("--root", type=Path)
     args = ap.parse_args(argv)
@@ -279,8 +299,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="towerflow-serve-bench-") as tmp:
         work = Path(tmp)
         params = prepare_from_run(args.from_run.resolve(), work)
-        result = {"machine": {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()},
-                  **bench_service(work, params, args.clients, args.seconds, args.repeats)}
+        figures = (writes_only(work, params) if args.writes_only else
+                   bench_service(work, params, args.clients, args.seconds, args.repeats))
+        result = {"machine": {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}, **figures}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps(result, indent=2, default=str))

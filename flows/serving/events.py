@@ -36,6 +36,8 @@ from flows.sources.events_log import EVENT_COLUMNS, OPTIONAL_COLUMNS, check_even
 from flows.sources.normalize import coerce_id
 from validation.params import EventRules
 
+LOCK_WAIT_S = 30.0    # a writer waits this long for another before it gives up (503 + Retry-After)
+
 
 def read_frame(path: Path) -> pd.DataFrame:
     """A CSV, JSON lines or parquet file as it is (ids of CSV files stay text: coerce_id reads them)."""
@@ -111,15 +113,29 @@ def validate_events(frame: pd.DataFrame, schema: dict[str, Any], known_items: Co
 class EventLog:
     """Append-only JSON lines, one file per UTC day, fsynced: what the next run trains on."""
 
-    def __init__(self, folder: Path, lock_wait_s: float | None = None):
+    def __init__(self, folder: Path, wait_s: float = LOCK_WAIT_S):
         self.folder = Path(folder)
-        self.lock_wait_s = lock_wait_s    # None: wait as long as it takes (held for milliseconds)
+        self.wait_s = wait_s
+        self._held = 0
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """One writer at a time across processes (the service and `towerflow events push`)."""
-        with log_lock(self.folder, self.lock_wait_s):
-            yield
+        """One writer at a time across processes (the service and `towerflow events push`), waited
+        for at most wait_s (LockBusy after). Re-entrant: a caller may hold it across several
+        `record_events` calls (the service's chunked pushes)."""
+        if self._held:
+            self._held += 1
+            try:
+                yield
+            finally:
+                self._held -= 1
+            return
+        with log_lock(self.folder, self.wait_s):
+            self._held = 1
+            try:
+                yield
+            finally:
+                self._held = 0
 
     def append(self, events: pd.DataFrame) -> Path:
         """Write the events durably (call under `locked`); returns the file."""

@@ -2,10 +2,9 @@
 
     POST /items  or  towerflow index add-items FILE       {item_id, <item feature columns>...}
 
-A bundle is immutable except for one append-only sidecar, `<bundle>/added_items/` (its format is
-the bundle store's: flows/serving/store.py): one parquet file per addition (item_id, the item
-feature columns, the vector this bundle's item tower gave it), written (tmp + fsync + rename +
-fsync of the folder) before the index is touched. So:
+A bundle is immutable except for one append-only sidecar, `<bundle>/added_items/`: one parquet
+file per addition (item_id, the item feature columns, the vector this bundle's item tower gave
+it), written (tmp + fsync + rename) before the index is touched. So:
 - a crash between the sidecar and the upsert is repaired by `sync_additions` on the next load
   (rows of the own sidecar missing from the index are upserted from their stored vectors);
 - a rollback or a new publish knows about them: `sync_additions` also takes the items added to the
@@ -14,11 +13,21 @@ fsync of the folder) before the index is touched. So:
 - while the service holds an embedded index (one process at a time), the CLI writes the sidecar
   only and the service's watcher upserts it within serve.reload_interval_s.
 The next pipeline run trains on them only if the source's items table holds them (see the report).
+
+Removal (DELETE /items/{id}, `towerflow index remove-items`) is a tombstone in the same sidecar (a
+file of item_id + removed=true), replayed like the additions: the item leaves the catalog and every
+answer (its index point stays, hidden), in this version and, on their next load, in the other kept
+versions and in new ones (a catalog item too), until it is added again. For one item, the newest
+operation across the kept versions wins (files are named by UTC time, so names sort in time).
+Index writes go in chunks of UPSERT_CHUNK under the caller's lock, so reads go on between them.
 """
 from __future__ import annotations
 
 import math
 import os
+import threading
+from collections.abc import Sequence
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from itertools import count
 from pathlib import Path
@@ -32,7 +41,8 @@ from flows.errors import DataContractError, PublishError
 from flows.serving.recommend import Recommender, coerce_id
 # The sidecar's format and lock belong to the store; imported here by name for this module's callers.
 from flows.serving.store import (  # noqa: F401
-    ADDITIONS_WAIT_S, BundleStore, catalog_ids, read_additions, sidecar_signature, write_additions,
+    ADDITIONS_LOCK, ADDITIONS_WAIT_S, BundleStore, catalog_ids, latest_ops, read_additions, read_ops, read_removed,
+    sidecar_signature, write_additions,
 )
 
 _SEQ = count()
@@ -40,6 +50,10 @@ _SEQ = count()
 
 class ItemExists(DataContractError):
     """An added item's id is already in the catalog (HTTP 409)."""
+
+
+class UnknownItem(DataContractError):
+    """An item to remove is not in the catalog (HTTP 404)."""
 
 
 def item_kinds(schema: dict[str, Any]) -> dict[str, str]:
@@ -96,17 +110,24 @@ def normalize_items(frame: pd.DataFrame, schema: dict[str, Any], where: str) -> 
     return out
 
 
-def additions_locked(published_dir: Path, wait_s: float = ADDITIONS_WAIT_S):  # noqa: ANN201
-    """One addition at a time across processes (BundleStore.additions_locked): a wait past wait_s
-    raises StoreBusy (a LockBusy: the service answers 503 with Retry-After)."""
+def additions_locked(published_dir: Path, wait_s: float = ADDITIONS_WAIT_S) -> Any:
+    """One addition or removal at a time across processes (BundleStore.additions_locked): a wait past
+    wait_s raises StoreBusy (a LockBusy: the service answers 503 with Retry-After)."""
     return BundleStore(published_dir).additions_locked(wait_s)
 
 
-def _write_sidecar(bundle_dir: Path, items: pd.DataFrame, vectors: np.ndarray) -> Path:
+def _write_sidecar(bundle_dir: Path, table: pa.Table) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    table = pa.Table.from_pandas(items.reset_index(drop=True), preserve_index=False).append_column(
-        "vector", pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]))
     return write_additions(bundle_dir, f"{stamp}-{os.getpid()}-{next(_SEQ)}", table)
+
+
+def _additions_table(items: pd.DataFrame, vectors: np.ndarray) -> pa.Table:
+    return pa.Table.from_pandas(items.reset_index(drop=True), preserve_index=False).append_column(
+        "vector", pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]))
+
+
+def _tombstones(ids: Sequence[Any]) -> pa.Table:
+    return pa.table({"item_id": pa.array(list(ids)), "removed": pa.array([True] * len(ids))})
 
 
 def _encode(rec: Recommender, items: pd.DataFrame) -> np.ndarray:
@@ -118,75 +139,82 @@ def _encode(rec: Recommender, items: pd.DataFrame) -> np.ndarray:
     return vectors
 
 
+def _refresh(bundle_dir: Path, known: set[Any]) -> None:
+    """`known` as the sidecar says now: another process may have added or removed items."""
+    ops = read_ops(bundle_dir)
+    known |= set(read_additions(bundle_dir, ops)["item_id"].tolist())
+    known -= read_removed(bundle_dir, ops)
+
+
 def add_items(rec: Recommender, published_dir: Path, items: pd.DataFrame, known: set[Any],
-              upsert: bool = True, lock_wait_s: float = ADDITIONS_WAIT_S) -> Path:
+              upsert: bool = True, lock: threading.RLock | None = None, wait_s: float = ADDITIONS_WAIT_S) -> Path:
     """Encode normalized items with rec's item tower, record them in its sidecar, then upsert them
-    into its index (upsert=False: the index is held by a running service, which picks them up).
-    `known` (catalog + added ids) is updated. Ids already there raise DataContractError."""
-    with additions_locked(published_dir, lock_wait_s):
-        known |= set(read_additions(rec.bundle_dir)["item_id"].tolist())   # another process may have added
+    into its index (upsert=False: the index is held by a running service, which picks them up),
+    in chunks under `lock`. `known` (catalog + added ids) is updated. Ids already there raise
+    ItemExists."""
+    with additions_locked(published_dir, wait_s):
+        _refresh(rec.bundle_dir, known)
         taken = [i for i in items["item_id"].tolist() if i in known]
         if taken:
             raise ItemExists(f"item_id {taken[0]!r} already exists in version {rec.version}"
-                                    f"{f' (and {len(taken) - 1} more)' if len(taken) > 1 else ''}")
+                             f"{f' (and {len(taken) - 1} more)' if len(taken) > 1 else ''}")
         vectors = _encode(rec, items)
-        path = _write_sidecar(rec.bundle_dir, items, vectors)
+        path = _write_sidecar(rec.bundle_dir, _additions_table(items, vectors))
         if upsert:
-            rec.upsert_items(items, vectors)
+            rec.upsert_items(items, vectors, lock)
         known |= set(items["item_id"].tolist())
     return path
 
 
-def sync_additions(rec: Recommender, published_dir: Path, known: set[Any]) -> int:
-    """Bring rec's index up to date with the additions of every kept version (see the module doc);
-    returns how many items were upserted. `known` is updated."""
-    with additions_locked(published_dir):   # index writes happen under it: readers may copy the index
-        own = read_additions(rec.bundle_dir)
-        upserted = rec.sync_own_additions(own)
-    known |= set(own["item_id"].tolist())
+def remove_items(rec: Recommender, published_dir: Path, ids: list[Any], known: set[Any], apply: bool = True,
+                 lock: threading.RLock | None = None, wait_s: float = ADDITIONS_WAIT_S) -> Path:
+    """Record a tombstone for each id in rec's sidecar, then hide them in its index (apply=False:
+    a running service holds the index and applies it). Ids not in the catalog raise UnknownItem."""
+    with additions_locked(published_dir, wait_s):
+        _refresh(rec.bundle_dir, known)
+        missing = [i for i in ids if i not in known]
+        if missing:
+            raise UnknownItem(f"item_id {missing[0]!r} is not in the catalog of version {rec.version}")
+        path = _write_sidecar(rec.bundle_dir, _tombstones(ids))
+        if apply:
+            with lock or nullcontext():
+                rec.index.hide(ids)
+        known -= set(ids)
+    return path
+
+
+def _others_latest(published_dir: Path, bundle_dir: Path) -> pd.DataFrame:
+    """The newest operation per item in the sidecars of the other kept versions."""
     store = BundleStore(published_dir)
-    others = [read_additions(store.versions / v) for v in store.complete() if store.versions / v != rec.bundle_dir]
+    others = [read_ops(store.versions / v) for v in store.complete() if store.versions / v != Path(bundle_dir)]
     others = [o for o in others if len(o)]
-    if not others:
+    return latest_ops(pd.concat(others, ignore_index=True)) if others else pd.DataFrame(columns=["item_id", "op"])
+
+
+def sync_additions(rec: Recommender, published_dir: Path, known: set[Any], lock: threading.RLock | None = None,
+                   wait_s: float = ADDITIONS_WAIT_S) -> int:
+    """Bring rec's index up to date with the additions and removals of every kept version (see the
+    module doc); returns how many items were upserted. `known` is updated."""
+    with additions_locked(published_dir, wait_s):   # index writes happen under it: readers may copy the index
+        ops = read_ops(rec.bundle_dir)
+        upserted = rec.sync_own_additions(ops, lock)
+    known |= set(read_additions(rec.bundle_dir, ops)["item_id"].tolist())
+    known -= read_removed(rec.bundle_dir, ops)
+    latest = _others_latest(published_dir, rec.bundle_dir)
+    if not len(latest):
         return upserted
-    rows = pd.concat(others, ignore_index=True).drop_duplicates("item_id", keep="last")
-    rows = rows[[i not in known and rec.index.vector_of(i) is None for i in rows["item_id"].tolist()]]
+    own_op = dict(zip(latest_ops(ops)["item_id"].tolist(), latest_ops(ops)["op"].tolist())) if len(ops) else {}
+    newer = latest[[op > own_op.get(i, "") for i, op in zip(latest["item_id"].tolist(), latest["op"].tolist())]]
+    removed = newer.loc[newer["removed"].astype(bool)]
+    gone = [i for i in removed["item_id"].tolist() if i in known]
+    if gone:
+        remove_items(rec, published_dir, gone, known, lock=lock, wait_s=wait_s)
+    rows = newer.loc[~newer["removed"].astype(bool)]
+    index = rec.index
+    rows = rows[[i not in known and (not index.has(i) or i in index.hidden) for i in rows["item_id"].tolist()]]
     if len(rows):
         # Another version's schema may have other item features: keep the ones this model knows.
         columns = ["item_id", *(c for c in item_kinds(rec.schema) if c in rows.columns)]
         features = normalize_items(rows[columns], rec.schema, "added_items")
-        add_items(rec, published_dir, features, known)
+        add_items(rec, published_dir, features, known, lock=lock, wait_s=wait_s)
     return upserted + len(rows)
-
-
-def add_items_file(published_dir: Path, path: Path) -> tuple[str, int, bool]:
-    """`towerflow index add-items FILE`: (version, items added, index updated now). When a running
-    service holds the embedded index, only the sidecar is written and the service upserts it."""
-    import json
-
-    from flows.serving.events import read_frame
-    from flows.serving.store import BUNDLE_JSON
-    from flows.serving.index import IndexInUse, IndexSettings, open_index
-    from models.inference import load_bundle
-
-    bundle = BundleStore(published_dir).live_dir()
-    meta = json.loads((bundle / BUNDLE_JSON).read_text())
-    schema = json.loads((bundle / "schema.json").read_text())
-    items = normalize_items(read_frame(path), schema, str(path))
-    index = None
-    if (bundle / "index").is_dir():
-        try:
-            index = open_index(meta["backend"], IndexSettings.from_dict(meta["settings"]), path=bundle / "index",
-                               collection=meta.get("collection"))
-        except IndexInUse:   # held by the running service: it picks the sidecar up
-            index = None
-    rec = Recommender(bundle, meta, schema, load_bundle(bundle / "model"), index, store=None)
-    try:
-        known = catalog_ids(bundle)
-        if index is not None:
-            sync_additions(rec, published_dir, known)
-        add_items(rec, published_dir, items, known, upsert=index is not None)
-    finally:
-        if index is not None:
-            index.close()
-    return rec.version, len(items), index is not None

@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -20,11 +23,12 @@ import numpy as np
 import pandas as pd
 
 from flows.errors import ConfigError, DataContractError, PublishError
-from flows.serving.store import BUNDLE_JSON, BundleStore, model_digest, read_additions
+from flows.serving.store import BUNDLE_JSON, BundleStore, model_digest, read_additions, read_ops, read_removed
 from flows.sources.normalize import INT64_MAX, INT64_MIN, coerce_id  # noqa: F401 (coerce_id: the serving API's)
 
 RESULT_COLUMNS = ["user_id", "item_id", "rank", "score", "cold_start"]
 SIMILAR_COLUMNS = ["item_id", "rank", "score"]
+UPSERT_CHUNK = 32      # items per index write: a read waits for at most one chunk (~30 ms in local mode)
 # Users per online-store read + user tower pass + index query batch.
 BATCH_USERS = 1024
 # online_user_features bookkeeping columns that are not user tower inputs.
@@ -186,24 +190,38 @@ class Recommender:
         cold = ~feats["known"].astype(bool).to_numpy()
         return [(u, bool(c), user_hits) for u, c, user_hits in zip(users, cold, hits)]
 
-    def upsert_items(self, items: pd.DataFrame, vectors: np.ndarray) -> None:
+    def upsert_items(self, items: pd.DataFrame, vectors: np.ndarray, lock: threading.RLock | None = None) -> None:
         """Put items (item_id + feature columns) with their vectors into the index, with the payload
-        fields the index was built with (they decide what is filterable)."""
+        fields the index was built with (they decide what is filterable), in chunks of UPSERT_CHUNK
+        each under `lock` (the served version's): a read waits for one chunk, not the whole write."""
         from flows.serving.index import catalog_payloads
 
         _, payloads = catalog_payloads(items, self.schema.get("item_features", {}))
         fields = self.index.settings.fields
-        self.index.upsert(items["item_id"].tolist(), vectors, [{k: v for k, v in p.items() if k in fields}
-                                                               for p in payloads])
+        payloads = [{k: v for k, v in p.items() if k in fields} for p in payloads]
+        ids = items["item_id"].tolist()
+        for start in range(0, len(ids), UPSERT_CHUNK):
+            stop = start + UPSERT_CHUNK
+            with lock or nullcontext():
+                self.index.upsert(ids[start:stop], vectors[start:stop], payloads[start:stop])
+            time.sleep(0.0005)    # let a waiting reader take the lock before the next chunk
 
-    def sync_own_additions(self, own: pd.DataFrame | None = None) -> int:
-        """Upsert the rows of this bundle's sidecar (`own`, read here when not given) that the index
-        lacks (a crash between the sidecar and the upsert, or a CLI addition while a service held the
-        index); returns how many."""
-        own = read_additions(self.bundle_dir) if own is None else own
-        missing = own[[self.index.vector_of(i) is None for i in own["item_id"].tolist()]] if len(own) else own
+    def sync_own_additions(self, ops: pd.DataFrame | None = None, lock: threading.RLock | None = None) -> int:
+        """Apply this bundle's sidecar (`ops`, read here when not given) to the index: upsert the added
+        rows it lacks or hides (a crash between the sidecar and the upsert, or a CLI addition while a
+        service held the index) and hide the removed ones (the hidden set lives in memory); returns
+        how many were upserted."""
+        ops = read_ops(self.bundle_dir) if ops is None else ops
+        own = read_additions(self.bundle_dir, ops)
+        index = self.index
+        missing = own[[not index.has(i) or i in index.hidden for i in own["item_id"].tolist()]] if len(own) else own
         if len(missing):
-            self.upsert_items(missing.drop(columns="vector"), np.stack(missing["vector"].to_numpy()).astype(np.float32))
+            self.upsert_items(missing.drop(columns="vector"),
+                              np.stack(missing["vector"].to_numpy()).astype(np.float32), lock)
+        removed = read_removed(self.bundle_dir, ops) - index.hidden
+        if removed:
+            with lock or nullcontext():
+                index.hide(sorted(removed, key=str))
         return len(missing)
 
     def similar(self, item_id: Any, k: int, filter: Mapping[str, Any] | None = None) -> pd.DataFrame:

@@ -29,6 +29,7 @@ from typing import Any
 
 from features.refresh import STATE_FILE as MATERIALIZED   # written when a materialization succeeded
 from flows.errors import TowerflowError
+from flows.errors import LockBusy
 from flows.serving.items import sync_additions
 from flows.serving.recommend import Recommender
 from flows.serving.store import BundleStore, catalog_ids, sidecar_signature
@@ -51,6 +52,7 @@ class Served:
     materialized: int | None      # mtime_ns of <feast>/materialized.json when the store was opened
     refs: int = 0
     retired: bool = False
+    events_store: Any = None      # a second online-store handle for pushes (own SQLite connection)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
@@ -116,16 +118,29 @@ class LiveState:
 
     # --- requests -------------------------------------------------------------------------------
     @contextmanager
-    def use(self) -> Iterator[Served]:
-        """The live version for one request; it stays open until the request is done."""
+    def use(self, wait_s: float | None = None) -> Iterator[Served]:
+        """The live version for one request, with its lock; it stays open until the request is
+        done. Waiting longer than wait_s for the lock (a write holds it) raises LockBusy (the service answers 503 with Retry-After)."""
+        with self.borrow() as served:
+            if not served.lock.acquire(timeout=-1 if wait_s is None else wait_s):
+                raise LockBusy(f"the live version has been busy for {wait_s:g} s (a write in progress); "
+                               "try again")
+            try:
+                yield served
+            finally:
+                served.lock.release()
+
+    @contextmanager
+    def borrow(self) -> Iterator[Served]:
+        """The live version, kept open but not locked: for a write that takes `served.lock` only
+        around each of its index or online-store steps, so reads go on between them."""
         with self._lock:
             served = self._served
             if served is None:
                 raise TowerflowError("the service is not loaded")
             served.refs += 1
         try:
-            with served.lock:
-                yield served
+            yield served
         finally:
             with self._lock:
                 served.refs -= 1
@@ -137,6 +152,17 @@ class LiveState:
     def served(self) -> Served | None:
         return self._served
 
+    def events_store(self, served: Served) -> Any:
+        """The online-store handle pushes go through, opened once per version and store: its own
+        SQLite connection, so a push of 10,000 events does not hold the one requests read with."""
+        store = served.events_store
+        if store is None:    # opened outside the lock that every request takes (~0.1 s)
+            from features.store import open_store
+            store = open_store(self.feast_dir, self.features_dir)
+            with self._lock:
+                served.events_store = store = served.events_store or store
+        return store
+
     # --- watching -------------------------------------------------------------------------------
     def _watch(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -144,7 +170,8 @@ class LiveState:
                 self.check()
             except Exception as exc:   # the watcher must outlive any one failure
                 log.exception("live check failed")
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                # /healthz shows it: the kind of failure, never its text (paths, URLs: see the log)
+                self.last_error = f"the live check failed ({type(exc).__name__}); see the service log"
 
     def check(self) -> str | None:
         """One look at LIVE, the online store and the sidecar; returns what changed, if anything."""
@@ -160,12 +187,13 @@ class LiveState:
             fresh = open_store(self.feast_dir, self.features_dir)
             with current.lock:
                 current.rec.store, current.materialized = fresh, materialized
+                current.events_store = None     # reopened on the next push, on the new file
             return "online store reopened"
         signature = sidecar_signature(current.rec.bundle_dir)
         if signature != current.sidecar:
-            with current.lock:
-                added = sync_additions(current.rec, self.store.root, current.known_items)
-                current.sidecar = signature
+            # index writes in chunks under current.lock: requests go on between them
+            added = sync_additions(current.rec, self.store.root, current.known_items, lock=current.lock)
+            current.sidecar = signature
             return f"{added} added items synced"
         return None
 
@@ -176,8 +204,9 @@ class LiveState:
             new = self._load(version)
         except Exception as exc:
             self._failed = (version, time.monotonic())
-            self.last_error = f"version {version} did not load, still serving {self._served.version if self._served else None}: {exc}"
-            log.error(self.last_error)
+            self.last_error = (f"version {version} did not load ({type(exc).__name__}), still serving "
+                               f"{self._served.version if self._served else None}; see the service log")
+            log.error("%s: %s", self.last_error, exc)
             return None
         with self._lock:
             old, self._served = self._served, new

@@ -52,7 +52,8 @@ LAST_PUBLISH = "last_publish.json"
 PARTIAL = re.compile(r"^\.partial-(?P<version>.+)-(?P<pid>\d+)$")
 DELETING = re.compile(r"^\.deleting-(?P<version>.+)-(?P<pid>\d+)$")
 TMP = re.compile(r"^\..+\.(?P<pid>\d+)\.tmp$")          # flows/durable.py replace_file
-ADDITIONS_WAIT_S = 30.0           # an addition holds the lock for an encode and a few writes
+ADDITIONS_WAIT_S = 30.0
+ADDITIONS_LOCK = ".additions.lock"     # in the store's root: one addition or removal at a time           # an addition holds the lock for an encode and a few writes
 # Not covered by the digests: the index and the sidecar change after publishing (added items).
 UNHASHED = {INDEX_DIR, ADDED_DIR, BUNDLE_JSON, PARTIAL_JSON}
 
@@ -316,31 +317,57 @@ class BundleStore:
     @contextmanager
     def additions_locked(self, wait_s: float = ADDITIONS_WAIT_S) -> Iterator[None]:
         """One addition (or index copy) at a time across processes (the service and the CLI)."""
-        with file_lock(self.root / ".additions.lock", wait_s=wait_s, error=StoreBusy,
-                       busy=f"{self.root}: another process has been adding items for {wait_s:.0f} s; try again later"):
+        busy = f"another process has been adding or removing items for {wait_s:g} s; try again later"
+        with file_lock(self.root / ADDITIONS_LOCK, wait_s=wait_s, error=StoreBusy, busy=busy):
             yield
 
 
-def read_additions(bundle_dir: Path) -> "Any":
-    """Every row of a bundle's sidecar, oldest file first (item_id, features, vector)."""
+def read_ops(bundle_dir: Path) -> "pd.DataFrame":
+    """Every row of a bundle's sidecar, oldest file first, with `op` (its file's name: sorts in
+    time) and `removed` (a tombstone row)."""
     import pandas as pd
 
     files = sorted((Path(bundle_dir) / ADDED_DIR).glob("*.parquet"))
     if not files:
-        return pd.DataFrame(columns=["item_id", "vector"])
-    return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+        return pd.DataFrame({"item_id": [], "vector": [], "removed": pd.Series([], dtype=bool),
+                             "op": pd.Series([], dtype=object)})
+    frames = [pq.read_table(f).to_pandas().assign(op=f.name) for f in files]
+    ops = pd.concat(frames, ignore_index=True)
+    ops["removed"] = ops["removed"].eq(True) if "removed" in ops else False    # addition rows: NaN
+    return ops
 
 
-def catalog_ids(bundle_dir: Path) -> set[Any]:
-    """The bundle's catalog (items.parquet) and its added items: what events may refer to."""
-    ids = set(pq.read_table(Path(bundle_dir) / "items.parquet", columns=["item_id"]).column(0).to_pylist())
-    return ids | set(read_additions(bundle_dir)["item_id"].tolist())
+def latest_ops(ops: "pd.DataFrame") -> "pd.DataFrame":
+    """Each item's newest operation."""
+    return ops.sort_values("op", kind="stable").drop_duplicates("item_id", keep="last")
+
+
+def read_additions(bundle_dir: Path, ops: "pd.DataFrame | None" = None) -> "pd.DataFrame":
+    """The items a bundle's sidecar adds and has not removed since: item_id, features, vector."""
+    ops = read_ops(bundle_dir) if ops is None else ops
+    added = latest_ops(ops)
+    added = added.loc[~added["removed"].astype(bool)]
+    return added.drop(columns=["removed", "op"]).reset_index(drop=True)
+
+
+def read_removed(bundle_dir: Path, ops: "pd.DataFrame | None" = None) -> set[Any]:
+    """The items whose newest operation in a bundle's sidecar is a removal."""
+    ops = read_ops(bundle_dir) if ops is None else ops
+    latest = latest_ops(ops)
+    return set(latest.loc[latest["removed"].astype(bool), "item_id"].tolist())
 
 
 def sidecar_signature(bundle_dir: Path) -> tuple[str, ...]:
     """What the watcher compares to notice an addition made by another process."""
     folder = Path(bundle_dir) / ADDED_DIR
     return tuple(sorted(p.name for p in folder.glob("*.parquet"))) if folder.is_dir() else ()
+
+
+def catalog_ids(bundle_dir: Path) -> set[Any]:
+    """The bundle's catalog (items.parquet) and its added items: what events may refer to."""
+    ids = set(pq.read_table(Path(bundle_dir) / "items.parquet", columns=["item_id"]).column(0).to_pylist())
+    ops = read_ops(bundle_dir)
+    return (ids | set(read_additions(bundle_dir, ops)["item_id"].tolist())) - read_removed(bundle_dir, ops)
 
 
 def write_additions(bundle_dir: Path, name: str, table: pa.Table) -> Path:

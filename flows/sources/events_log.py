@@ -70,7 +70,7 @@ def log_lock(events_dir: Path, wait_s: float | None = None) -> Iterator[None]:
     wait_s: None waits (a push holds it for milliseconds); a number gives up with LockBusy after it."""
     events_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(events_dir / LOCK_FILE, wait_s=wait_s,
-                   busy="another process is writing events; try again in a moment"):
+                   busy=lambda: f"another process has been writing events for {wait_s:g} s; try again later"):
         yield
 
 

@@ -80,13 +80,15 @@ def start_server(app: Any, serve_params: Any) -> tuple[Any, threading.Thread, in
 
 
 @contextmanager
-def running(root: Path, overrides: tuple[str, ...] = (), **publish_cfg: Any) -> Iterator[Service]:
-    """The project at root published once and served on a loopback port."""
+def running(root: Path, overrides: tuple[str, ...] = (), env: dict[str, str] | None = None,
+            **publish_cfg: Any) -> Iterator[Service]:
+    """The project at root published once and served on a loopback port; `env` holds its tokens
+    (TOWERFLOW_API_TOKEN, TOWERFLOW_READ_TOKEN; none by default)."""
     from flows.serving.api import build_service
 
     run_publish(root, **publish_cfg)
     params = load_params(root / "params.yaml", [*SERVE_OVERRIDES, *overrides])
-    app, state = build_service(params, root)
+    app, state = build_service(params, root, env=env or {})
     server, thread, port = start_server(app, params.serve)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -164,18 +166,40 @@ def test_recommend_similar_version_health_and_metrics(service: Service) -> None:
 
 # --- bad requests: each a 4xx that names the problem, never a 500 ----------------------------------
 BAD_GETS = [
-    ({"user_id": 1, "k": 0}, 400, "k must be between 1 and 50 (serve.max_k), got 0"),
+    ({"user_id": 1, "k": 0}, 400, "k: Input should be greater than or equal to 1"),
     ({"user_id": 1, "k": 10**9}, 400, "k must be between 1 and 50 (serve.max_k), got 1000000000"),
-    ({"user_id": 1, "k": "ten"}, 400, "k must be an integer, got 'ten'"),
+    ({"user_id": 1, "k": "ten"}, 400, "k: Input should be a valid integer"),
+    ({"user_id": 1, "k": "²"}, 400, "k: Input should be a valid integer"),          # isdigit() says yes
+    ({"user_id": 1, "k": "9" * 5000}, 400, "k: Unable to parse input string as an integer"),
     ({"user_id": "abc"}, 422, "user_id: 'abc' is not an int64 id"),
     ({"user_id": "1.5"}, 422, "user_id: '1.5' is not an int64 id"),
     ({"user_id": str(2**64)}, 422, "is out of the int64 range"),
+    ({"user_id": "9" * 5000}, 400, "user_id: String should have at most 256 characters"),
     ({"user_id": 1, "filter": '{"colour": "red"}'}, 400, "unknown filter field 'colour'; filterable fields: genres, year"),
     ({"user_id": 1, "filter": '{"genres": '}, 400, "filter is not valid JSON"),
     ({"user_id": 1, "filter": '{"year": "new"}'}, 400, "filter 'year': expected a finite number, got 'new'"),
-    ({"user_id": 1, "exclude_seen": "maybe"}, 400, "exclude_seen must be true or false, got 'maybe'"),
-    ({"user": 1}, 400, "unknown query parameter 'user'"),
+    ({"user_id": 1, "filter": "[" * 3000}, 400, "filter: the filter nests 3000 levels deep; at most 16"),
+    ({"user_id": 1, "filter": "x" * 5000}, 400, "filter: String should have at most 4096 characters"),
+    ({"user_id": 1, "exclude_seen": "maybe"}, 400, "exclude_seen: Input should be a valid boolean"),
+    ({"user_id": 1, "user": 1}, 400, "unknown query parameter 'user'"),
     ({}, 400, "missing query parameter 'user_id'"),
+]
+BAD_POSTS = [
+    (b'{"user_ids": [1, 2', 400, "the request body is not valid JSON"),
+    (b'[1, 2]', 400, "the request body must be a JSON object"),
+    (b'', 400, "the request body is missing"),
+    (json.dumps({"user_ids": list(range(1, 7))}).encode(), 413, "batch of 6 users exceeds serve.max_batch (5)"),
+    (json.dumps({"user_ids": [1, "x"]}).encode(), 422, "user_ids[1]: 'x' is not an int64 id"),
+    (json.dumps({"user_ids": [1, 2.5]}).encode(), 400, "user_ids[1]: 2.5 is not an id"),
+    (json.dumps({"user_ids": [1, 2**64]}).encode(), 422, "user_ids[1]: 18446744073709551616 is out of the int64 range"),
+    (json.dumps({"user_ids": [1], "k": True}).encode(), 400, "k: Input should be a valid integer"),
+    (b'{"user_ids": [1], "k": 1e400}', 400, "k: Input should be a valid integer"),
+    (json.dumps({"user_ids": []}).encode(), 400, "user_ids: List should have at least 1 item"),
+    (json.dumps({"user_ids": [1], "filter": {"brand": "x"}}).encode(), 400, "unknown filter field 'brand'"),
+    (json.dumps({"user_ids": [1], "colour": 1}).encode(), 400, "unknown field 'colour'"),
+    (b'{"user_ids": [' + b"9" * 5000 + b']}', 400, "the request body holds a number of 5000 characters; at most 64"),
+    (b"[" * 3000 + b"]" * 3000, 400, "the request body nests 3000 levels deep; at most 16"),
+    (b'{"user_ids": [1], "filter": ' + b'{"a": ' * 40 + b'1' + b'}' * 41, 400, "nests 41 levels deep"),
 ]
 
 
@@ -183,27 +207,18 @@ def test_bad_requests_are_4xx_with_a_message_naming_the_problem(service: Service
     for params, status, message in BAD_GETS:
         r = service.get("/recommend", **params)
         assert r.status_code == status and message in r.json()["error"], (params, r.status_code, r.text)
-    posts = [
-        (b'{"user_ids": [1, 2', 400, "the request body is not valid JSON"),
-        (b'[1, 2]', 400, "the request body must be a JSON object"),
-        (json.dumps({"user_ids": list(range(1, 7))}).encode(), 413, "batch of 6 users exceeds serve.max_batch (5)"),
-        (json.dumps({"user_ids": [1, "x"]}).encode(), 422, "user_ids[1]: 'x' is not an int64 id"),
-        (json.dumps({"user_ids": [1, 2.5]}).encode(), 422, "user_ids[1]: 2.5 is not an int64 id"),
-        (json.dumps({"user_ids": [1], "k": True}).encode(), 400, "k must be an integer, got True"),
-        (json.dumps({"user_ids": []}).encode(), 400, "user_ids must be a non-empty list"),
-        (json.dumps({"user_ids": [1], "filter": {"brand": "x"}}).encode(), 400, "unknown filter field 'brand'"),
-        (json.dumps({"user_ids": [1], "colour": 1}).encode(), 400, "unknown field 'colour'"),
-    ]
-    for content, status, message in posts:
+    for content, status, message in BAD_POSTS:
         r = service.post("/recommend", content=content)
-        assert r.status_code == status and message in r.json()["error"], (content, r.status_code, r.text)
+        assert r.status_code == status and message in r.json()["error"], (content[:80], r.status_code, r.text)
     r = service.get("/similar", item_id=-5)
     assert r.status_code == 404 and "item_id -5 is not in the catalog" in r.json()["error"]
     r = service.get("/recommend", user_id=1, rerank="maybe")
-    assert r.status_code == 400 and "rerank must be true or false" in r.json()["error"]
+    assert r.status_code == 400 and "rerank: Input should be a valid boolean" in r.json()["error"]
     r = service.get("/recommend", user_id=1, rerank="true")      # this project ran no rank stage
     assert r.status_code == 503 and "run the rank stage first" in r.json()["error"]
-    assert service.get("/nowhere").status_code == 404
+    assert str(service.root) not in r.text                      # no absolute path in an answer
+    assert service.get("/nowhere").json() == {"error": "Not Found"}
+    assert service.client.put("/items", json={}).status_code == 405
     # every answer above was counted, none as a 500
     assert 'status="500"' not in service.get("/metrics").text
 
@@ -339,6 +354,6 @@ def test_string_ids_are_served_as_strings(trained_root, tmp_path: Path, monkeypa
         assert [(r["user_id"], r["cold_start"]) for r in batch] == [(user, False), ("nobody", True)]
         assert svc.get("/similar", item_id=item, k=2).status_code == 200
         r = svc.post("/recommend", {"user_ids": [user, 1.5]})
-        assert r.status_code == 422 and "user_ids[1]: 1.5 is not a string id" in r.json()["error"]
+        assert r.status_code == 400 and "user_ids[1]: 1.5 is not an id" in r.json()["error"]
         assert svc.post("/events", {"user_id": "newcomer", "item_id": item}).status_code == 200
         assert svc.get("/recommend", user_id="newcomer", k=2).json()["cold_start"] is False

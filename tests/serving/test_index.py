@@ -198,6 +198,29 @@ def test_upsert_adds_new_items_and_replaces_known_ones(make) -> None:
     assert np.allclose(index.vector_of(5001), new[1], atol=1e-5)
 
 
+def test_searches_after_upserts_see_them_as_a_fresh_read_would(make) -> None:
+    """The search arrays a warm index keeps are updated by each upsert (not re-read: a large POST
+    /items writes in chunks between reads); filters and exclusions see the new payloads."""
+    index, items, vectors = built(make, n=100)
+    queries = unit(6, DIM, 11)
+    index.search(queries, 5)
+    index.search(queries, 5, filter={"genres": "kids"})          # caches warm before the writes
+    new = unit(4, DIM, 12)
+    index.upsert([5000, 5001], new[:2], [{"genres": ["kids"]}, {}])
+    index.upsert([5002, 1003], new[2:], [{"genres": ["kids"]}, {"genres": ["docs"]}])
+    ids = items["item_id"].tolist() + [5000, 5001, 5002]
+    everything = np.vstack([vectors, new[:3]])
+    everything[3] = new[3]
+    genres = items["genres"].tolist() + [["kids"], [], ["kids"]]
+    genres[3] = ["docs"]
+    for query_filter, keep in ((None, None), ({"genres": "kids"}, lambda j: "kids" in genres[j])):
+        hits = index.search(np.vstack([queries, new]), 5, filter=query_filter)
+        want = exact(everything, np.vstack([queries, new]), ids, 5, keep)
+        assert np.mean([overlap([i for i, _ in h], w) for h, w in zip(hits, want)]) >= 0.95, query_filter
+    assert index.search(new[[3]], 1)[0][0][0] == 1003
+    assert index.search(new[[3]], 1, exclude=[{1003}])[0][0][0] != 1003
+
+
 def test_embedded_storage_reopens_and_is_single_process(make_embedded) -> None:
     index, items, vectors = built(make_embedded, n=60)
     settings = index.settings

@@ -178,6 +178,9 @@ class VectorIndex(ABC):
         # one process, a server collection belongs to one version), and an exact count costs ~5 ms
         # per call at 30k points in qdrant-edge, more than the search itself.
         self._size: int | None = None
+        # Removed items (tombstones, flows/serving/items.py): their points stay, searches skip them.
+        # Kept in memory: whoever opens the index re-applies the bundle's tombstones.
+        self.hidden: set[Any] = set()
 
     # --- primitives each backend implements -----------------------------------------------------
     @abstractmethod
@@ -232,7 +235,16 @@ class VectorIndex(ABC):
             points.append(point)
         self._write(points, vectors, [{**p, ITEM_ID: plain(i)} for i, p in zip(ids, payloads)])
         self._size = None
+        self.hidden.difference_update(plain(i) for i in ids)    # added again after a removal
         return points
+
+    def has(self, item_id: Any) -> bool:
+        """Whether the item has a point (hidden or not); cheaper than vector_of (no vector read)."""
+        return self._point_of(plain(item_id)) is not None
+
+    def hide(self, ids: Sequence[Any]) -> None:
+        """Leave these items out of every answer from now on (a removal); `upsert` brings them back."""
+        self.hidden.update(plain(i) for i in ids)
 
     def search(self, queries: np.ndarray, k: int, exclude: Sequence[Collection[Any]] | None = None,
                filter: Mapping[str, Any] | None = None) -> list[list[Hit]]:
@@ -248,12 +260,14 @@ class VectorIndex(ABC):
             raise BadQuery(f"exclude has {len(exclude)} entries for {len(queries)} query vectors")
         conditions = parse_filter(filter, self.settings.fields)
         skips = list(exclude) if exclude is not None else [() for _ in range(len(queries))]
+        if self.hidden:    # removed items: skipped like the user's seen ones, by every backend
+            skips = [self.hidden.union(s) for s in skips]
         return self._search(queries, k, skips, conditions)
 
     def similar(self, item_id: Any, k: int, filter: Mapping[str, Any] | None = None) -> list[Hit]:
         """The k items nearest to an indexed item (itself left out)."""
         vector = self.vector_of(plain(item_id))
-        if vector is None:
+        if vector is None or plain(item_id) in self.hidden:
             raise BadQuery(f"item_id {item_id!r} is not in the index")
         return self.search(vector[None, :], k, exclude=[{plain(item_id)}], filter=filter)[0]
 
