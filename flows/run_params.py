@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from flows.durable import write_atomic
 from flows.errors import ConfigError
 from flows.params import apply_overrides, parse_override, read_raw, validate_params
 
@@ -48,17 +48,27 @@ def write_run_params(root: Path, overrides: list[str]) -> Path:
               f"({', '.join(overrides) or 'none'}).\n# Do not edit: the next run rewrites it; "
               "edit params.yaml instead.\n")
     path = root / RUN_PARAMS
-    _write_atomic(path, header + _overridden_text(source.read_text(), overrides, str(source)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, header + _overridden_text(source.read_text(), overrides, str(source)))
     return path
 
 
 def _overridden_text(text: str, overrides: list[str], origin: str) -> str:
+    """params.yaml's text with the overridden values changed (comments and layout kept). Checked by
+    reading it back: the result must hold exactly params.yaml + overrides, or the run stops here."""
     if not overrides:
         return text
-    from dvc.utils.serialize import parse_yaml_for_update
-    from dvc.utils.serialize._yaml import _dump
+    import yaml
+    from ruamel.yaml import YAML
 
-    document = parse_yaml_for_update(text, origin)
+    # quotes kept as written: a round trip without them turns `"::1"` in a flow list into `::1`,
+    # which no YAML parser reads back (DVC's own editor drops them)
+    editor = YAML()
+    editor.preserve_quotes = True
+    editor.width = 4096           # never fold a long line: the comments stay where they are
+    editor.representer.add_representer(    # `null` as params.yaml writes it, not an empty value
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    document = editor.load(text)
     for override in overrides:
         keys, value = parse_override(override)
         node = document
@@ -68,27 +78,13 @@ def _overridden_text(text: str, overrides: list[str], origin: str) -> str:
             node = node[key]
         node[keys[-1]] = value
     out = io.StringIO()
-    _dump(document, out)
-    return out.getvalue()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)       # the rename itself survives a crash
-    finally:
-        os.close(folder)
+    editor.dump(document, out)
+    result = out.getvalue()
+    expected = apply_overrides(yaml.safe_load(text) or {}, overrides)
+    if yaml.safe_load(result) != expected:
+        raise ConfigError(f"{origin}: the overrides {', '.join(overrides)} could not be written back as the same "
+                          "values; write them in params.yaml instead")
+    return result
 
 
 def stage_params_file(params_file: Path) -> Path:

@@ -72,3 +72,18 @@ def test_a_stage_started_by_a_run_reads_the_runs_params_file(tmp_path, monkeypat
     assert result.exit_code == 1
     assert str(missing) in result.output
     assert (tmp_path / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()
+
+
+def test_the_runs_params_file_reads_back_as_params_yaml_plus_the_overrides(tmp_path):
+    """The run's file is params.yaml's text edited in place: quoted scalars stay quoted (a round trip
+    that drops them turns `"::1"` in a flow list into YAML no parser reads) and nulls stay `null`."""
+    import yaml
+
+    from flows.params import apply_overrides
+    from flows.run_params import write_run_params
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    overrides = ["data.source=/elsewhere", "train.epochs=3", "gate.force=true", "gate.force_reason=a reason"]
+    written = write_run_params(tmp_path, overrides).read_text()
+    assert yaml.safe_load(written) == apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+    assert '"::1"' in written and "max_users: null" in written
