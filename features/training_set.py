@@ -46,15 +46,15 @@ def example_keys(interactions: pd.DataFrame) -> pd.DataFrame:
 
 
 def _chunks(entity_df: pd.DataFrame, key: str, max_pairs: int) -> np.ndarray:
-    """Chunk id per entity row, whole entities per chunk, about max_pairs (entity x feature rows) each.
+    """Chunk id per entity row (sorted by key), about max_pairs (entity x feature rows) per chunk.
 
     The file store joins every entity row of a key with every feature row of that key before it
-    filters by time, so a user with d timestamps costs ~d^2 rows; chunks bound that memory.
+    filters by time, so a row of a user with d timestamps costs ~d rows and the user ~d^2. A chunk
+    may cut a user's rows apart (each row's point-in-time answer depends on the feature rows alone):
+    one heavy user (a bot, a shared account: 17k events) no longer makes one 300M-row join.
     """
-    per_key = entity_df.groupby(key, sort=False)[key].transform("size").to_numpy()
-    first = ~entity_df[key].duplicated().to_numpy()
-    cost = np.where(first, per_key.astype(np.int64) * (per_key + 1), 0)
-    return np.cumsum(cost) // max_pairs
+    per_row = entity_df.groupby(key, sort=False)[key].transform("size").to_numpy().astype(np.int64)
+    return (np.cumsum(per_row) - per_row) // max_pairs
 
 
 def point_in_time(store: "FeatureStore", keys: pd.DataFrame, refs: list[str],
