@@ -38,21 +38,18 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make the names in folder (a rename, a new file) durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_file(path: Path) -> None:
+    """Flush a file (or a folder: its names) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the names in folder (a rename, a new file) durable."""
+    fsync_file(folder)
 
 
 def fsync_tree(root: Path) -> None:

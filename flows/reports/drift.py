@@ -131,6 +131,16 @@ def skipped_report(why: str, title: str, html_path: Path, json_path: Path) -> di
     return {"skipped": why}
 
 
+def put_at_top(html_path: Path, section: str, what: str) -> None:
+    """Insert `section` right after the <body> of an Evidently page (its own layout follows)."""
+    page = html_path.read_text()
+    at = page.find("<body>")
+    if at < 0:
+        raise RuntimeError(f"{html_path}: Evidently's page has no <body> to put {what} in")
+    at += len("<body>")
+    html_path.write_text(page[:at] + section + page[at:])
+
+
 def brief(summary: dict[str, Any]) -> dict[str, Any]:
     """The summary as summary.json keeps it: with the per-column scores, which the calibration
     (flows/reports/drift_calibration.py) judges and the portal shows beside their natural range."""

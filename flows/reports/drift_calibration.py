@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from flows.params import DriftParams
-from flows.reports.drift import column_scores
+from flows.reports.drift import column_scores, put_at_top
 from flows.reports.frames import bounded
 
 
@@ -133,9 +133,4 @@ def add_verdict(html_path: Path, summary: dict[str, Any], heading: str, note: st
     """Put the verdict table at the top of Evidently's page (its own marks use its thresholds)."""
     section = (f"<section id='towerflow-drift' style='font:14px sans-serif;margin:16px 32px'>"
                f"<h2>{html.escape(heading)}</h2>{verdict_table(summary, note)}</section>")
-    page = html_path.read_text()
-    at = page.find("<body>")
-    if at < 0:
-        raise RuntimeError(f"{html_path}: Evidently's page has no <body> to put the drift verdict in")
-    at += len("<body>")
-    html_path.write_text(page[:at] + section + page[at:])
+    put_at_top(html_path, section, "the drift verdict")

@@ -33,6 +33,7 @@ from evidently.metrics import (
 )
 
 from flows.errors import DataContractError
+from flows.reports.drift import put_at_top
 
 RECS_COLUMNS = ("user_id", "item_id", "score", "target")
 # Evidently metric type (the end of config.type) → figure name
@@ -159,9 +160,4 @@ def add_comparison(html_path: Path, figures: dict[str, float], previous: dict[st
              f"<h2>{html.escape(heading)}</h2><table border='1' cellpadding='4' style='border-collapse:collapse'>"
              "<tr><th>figure</th><th>this run</th><th>live model</th><th>change</th></tr>"
              + "".join(rows) + "</table></section>")
-    page = html_path.read_text()
-    at = page.find("<body>")
-    if at < 0:
-        raise RuntimeError(f"{html_path}: Evidently's page has no <body> to put the comparison in")
-    at += len("<body>")
-    html_path.write_text(page[:at] + table + page[at:])
+    put_at_top(html_path, table, "the comparison")
