@@ -19,6 +19,13 @@ from flows.experiments.features_bench import bench as feature_bench
 PROJECT_FILES = ("flows", "features", "models", "validation", "dvc.yaml", "params.yaml")
 
 
+def copy_project(root: Path, work: Path) -> None:
+    """The project's code and config into work (a temporary project the benchmarks run in)."""
+    for name in PROJECT_FILES:
+        src = root / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, work / name)
+
+
 def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50, index_items: int = 0) -> dict[str, Any]:
     """index_items > 0: also the embedded index backends on a synthetic catalog of that size."""
     from flows.experiments.index_bench import bench_for_catalog
@@ -27,9 +34,7 @@ def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50, index_
 
     with tempfile.TemporaryDirectory(prefix="towerflow-bench-") as tmp:
         work = Path(tmp)
-        for name in PROJECT_FILES:
-            src = root / name
-            (shutil.copytree if src.is_dir() else shutil.copy2)(src, work / name)
+        copy_project(root, work)
         params = load_params(work / "params.yaml",
                              [f"paths.cache={(root / '.cache/towerflow').resolve()}", *overrides])
         stages: dict[str, float] = {}

@@ -26,9 +26,9 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from flows.experiments.bench import copy_project
 from flows.sources.shapes import SHAPES, cut, end_of, generate
 
-PROJECT_FILES = ("flows", "features", "models", "validation", "dvc.yaml", "params.yaml")
 STOP_STAGES = ("validate", "materialize", "gate")
 Frames = tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
 
@@ -82,12 +82,6 @@ def _gate(work: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _copy_project(root: Path, work: Path) -> None:
-    for name in PROJECT_FILES:
-        src = root / name
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, work / name)
-
-
 def shape_runs(root: Path, shape_name: str, variants: list[str], seed: int = 0,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     shape = SHAPES[shape_name]
@@ -97,7 +91,7 @@ def shape_runs(root: Path, shape_name: str, variants: list[str], seed: int = 0,
                            "items": len(items)}
     with tempfile.TemporaryDirectory(prefix=f"towerflow-gate-{shape_name}-") as tmp:
         base = Path(tmp) / "project"
-        _copy_project(root, base)
+        copy_project(root, base)
         # a cache of its own (GX context, volume counts) with the workspace's vendored report assets
         (base / ".cache/towerflow").mkdir(parents=True)
         vendor = root / ".cache/towerflow/vendor"
