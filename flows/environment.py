@@ -24,3 +24,6 @@ def configure_environment(root: Path) -> None:
     # Prefect keeps its database and settings in the project, not in the user's home.
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+    # Prefect's temporary server gets 20 s to start by default; on a busy 2-core machine (a scheduled
+    # run beside a training job) it took longer and the whole run failed before its first stage.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,9 @@ from flows.serving.http_errors import RequestError, bug, domain_error, http_erro
 from flows.serving.index.base import parse_filter
 from flows.serving.items import add_items, normalize_items, remove_items, sidecar_signature
 from flows.serving.metrics import MetricsMiddleware, ServiceMetrics
-from flows.serving.recommend import Answer, coerce_id, parse_filter_json
+from flows.serving.discovery import announced
+from flows.serving.ids import parse_filter_json
+from flows.serving.recommend import Answer, coerce_id
 from flows.serving.rerank import RankerCache, rerank_answers
 from flows.serving.state import LiveState, Served
 from validation.params import EventRules
@@ -313,6 +316,10 @@ def server_config(app: FastAPI, serve_params: ServeParams, host: str = "127.0.0.
                           timeout_keep_alive=serve_params.keep_alive_s)
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def serve(params: Any, root: Path, host: str, port: int, announce: Any = print) -> None:
     """Run the service until interrupted. A non-loopback --host needs the write token."""
     import uvicorn
@@ -329,7 +336,13 @@ def serve(params: Any, root: Path, host: str, port: int, announce: Any = print) 
     if host not in params.serve.allowed_hosts and "*" not in params.serve.allowed_hosts:
         announce(f"note: requests must name one of serve.allowed_hosts ({', '.join(params.serve.allowed_hosts)}) "
                  "in their Host header; add the name clients use to reach this service")
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler found
+    # before it: Python's default would end the process before the cleanup below (the index closed,
+    # the advertisement removed) runs.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        uvicorn.Server(server_config(app, params.serve, host, port)).run()
+        # advertised to `towerflow recommend` of this project, which then asks this warm process
+        with announced(root, host, port, params.paths.resolved(root).published):
+            uvicorn.Server(server_config(app, params.serve, host, port)).run()
     finally:
         state.stop()

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flows.errors import ConfigError, DataContractError, PublishError
+from flows.errors import DataContractError, PublishError
 from flows.serving.store import BUNDLE_JSON, BundleStore, model_digest, read_additions, read_ops, read_removed
-from flows.sources.normalize import INT64_MAX, INT64_MIN, coerce_id  # noqa: F401 (coerce_id: the serving API's)
+from flows.serving.ids import RESULT_COLUMNS
+from flows.sources.normalize import coerce_id  # noqa: F401 (coerce_id: the serving API's)
 
-RESULT_COLUMNS = ["user_id", "item_id", "rank", "score", "cold_start"]
 SIMILAR_COLUMNS = ["item_id", "rank", "score"]
 UPSERT_CHUNK = 32      # items per index write: a read waits for at most one chunk (~30 ms in local mode)
 # Users per online-store read + user tower pass + index query batch.
@@ -35,46 +35,6 @@ BATCH_USERS = 1024
 NOT_TOWER_INPUTS = ("seen_items", "known")
 # One user's answer: (user_id, cold_start, [(item_id, score), ...] best first).
 Answer = tuple[Any, bool, list[tuple[Any, float]]]
-
-
-def parse_id(text: str, id_dtype: str, where: str, what: str = "user_id") -> int | str:
-    """One id (`what`: user_id, item_id) as the schema's dtype; `where` names the source in the error
-    (file:line)."""
-    if not text:
-        raise DataContractError(f"{where}: empty {what}")
-    if id_dtype == "string":
-        return text
-    if id_dtype != "int64":
-        raise ConfigError(f"schema.json: {what}_dtype must be 'int64' or 'string', got {id_dtype!r}")
-    try:
-        value = int(text)
-    except ValueError:
-        raise DataContractError(f"{where}: {what} '{text}' is not an int64") from None
-    if not INT64_MIN <= value <= INT64_MAX:
-        raise DataContractError(f"{where}: {what} '{text}' is out of the int64 range")
-    return value
-
-
-def read_ids_file(path: Path, id_dtype: str) -> list:
-    """User ids from a text file, one per line; an optional first line `user_id` is a header and
-    blank lines are skipped. Ids are returned as the schema's dtype ('int64' -> int, 'string' -> str)."""
-    if not path.is_file():
-        raise DataContractError(f"{path}: users file not found")
-    ids: list[int | str] = []
-    first = True
-    # utf-8-sig: files saved by spreadsheet tools start with a BOM.
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        text = line.strip()
-        if not text:
-            continue
-        if first and text == "user_id":
-            first = False
-            continue
-        first = False
-        ids.append(parse_id(text, id_dtype, f"{path}:{lineno}"))
-    if not ids:
-        raise DataContractError(f"{path}: no user ids found (one id per line, optional header 'user_id')")
-    return ids
 
 
 def _unique(values: list) -> list:
@@ -254,22 +214,6 @@ def _open_copy(bundle_dir: Path, backend: str, settings: Any) -> tuple[Any, Path
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-
-
-def parse_filter_json(value: str | dict | None, name: str = "--filter") -> dict[str, Any] | None:
-    """'{"genres": "comedy", "year": {"gte": 1990}}' (text, or an object already parsed) as a dict;
-    its fields are checked by the index. `name` is what the error calls it (--filter, filter)."""
-    from flows.serving.index import BadQuery
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise BadQuery(f"{name} is not valid JSON ({exc.msg} at character {exc.pos})") from None
-    if not isinstance(value, dict):
-        raise BadQuery(f"{name} must be a JSON object of field -> value, got {value!r}")
-    return value
 
 
 def _as_list(value: Any) -> list:

@@ -15,13 +15,12 @@ import numpy as np
 import pandas as pd
 
 from flows.errors import ConfigError, DataContractError, MissingStageInput
-from flows.serving.recommend import parse_id
+from flows.serving.ids import parse_id
 from flows.serving.store import RANKER_DIR, BundleStore
 
 if TYPE_CHECKING:
     from models.ranking.bundle import RankerBundle
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 PAIR_COLUMNS = ("user_id", "item_id")
 RERANK_COLUMNS = ["user_id", "item_id", "rank", "score", "retrieval_rank"]
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from flows.errors import DataContractError
-from flows.serving.recommend import read_ids_file
+from flows.serving.ids import read_ids_file
 
 
 def write(tmp_path: Path, text: str) -> Path:
