@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.errors import ConfigError, DataContractError
-from flows.sources.normalize import INT64_MAX, INT64_MIN
+from flows.int64 import INT64_MAX, INT64_MIN
 
 RESULT_COLUMNS = ["user_id", "item_id", "rank", "score", "cold_start"]
 
@@ -57,9 +57,9 @@ def read_ids_file(path: Path, id_dtype: str) -> list:
 def parse_filter_json(value: str | dict | None, name: str = "--filter") -> dict[str, Any] | None:
     """'{"genres": "comedy", "year": {"gte": 1990}}' (text, or an object already parsed) as a dict;
     its fields are checked by the index. `name` is what the error calls it (--filter, filter)."""
-    from flows.serving.index import BadQuery
     if value is None or value == "":
         return None
+    from flows.serving.index import BadQuery  # (numpy, the index base) only for a filter
     if isinstance(value, str):
         try:
             value = json.loads(value)

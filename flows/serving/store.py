@@ -33,14 +33,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any, Protocol
 
 from flows.durable import append_records, fsync_dir, fsync_tree, pause_point, replace_file, write_atomic
 from flows.errors import PublishError, StoreBusy, TowerflowError
 from flows.locks import file_lock
+
+if TYPE_CHECKING:  # pyarrow and pandas are imported where used: reading LIVE stays cheap (the CLI)
+    import pandas as pd
+    import pyarrow as pa
 
 MODEL_DIR, RANKER_DIR, INDEX_DIR, ADDED_DIR = "model", "ranker", "index", "added_items"
 # the model its run evaluated (trained without that run's holdout): what the next run's gate scores
@@ -331,6 +332,8 @@ def read_ops(bundle_dir: Path) -> "pd.DataFrame":
     if not files:
         return pd.DataFrame({"item_id": [], "vector": [], "removed": pd.Series([], dtype=bool),
                              "op": pd.Series([], dtype=object)})
+    import pyarrow.parquet as pq
+
     frames = [pq.read_table(f).to_pandas().assign(op=f.name) for f in files]
     ops = pd.concat(frames, ignore_index=True)
     ops["removed"] = ops["removed"].eq(True) if "removed" in ops else False    # addition rows: NaN
@@ -365,12 +368,14 @@ def sidecar_signature(bundle_dir: Path) -> tuple[str, ...]:
 
 def catalog_ids(bundle_dir: Path) -> set[Any]:
     """The bundle's catalog (items.parquet) and its added items: what events may refer to."""
+    import pyarrow.parquet as pq
+
     ids = set(pq.read_table(Path(bundle_dir) / "items.parquet", columns=["item_id"]).column(0).to_pylist())
     ops = read_ops(bundle_dir)
     return (ids | set(read_additions(bundle_dir, ops)["item_id"].tolist())) - read_removed(bundle_dir, ops)
 
 
-def write_additions(bundle_dir: Path, name: str, table: pa.Table) -> Path:
+def write_additions(bundle_dir: Path, name: str, table: "pa.Table") -> Path:
     """One sidecar file (call under `additions_locked`): written, fsynced, renamed, its folder
     fsynced, before the index changes. A kill leaves the file whole or absent."""
     folder = Path(bundle_dir) / ADDED_DIR
@@ -379,5 +384,7 @@ def write_additions(bundle_dir: Path, name: str, table: pa.Table) -> Path:
     if new:
         fsync_dir(folder.parent)
     path = folder / f"{name}.parquet"
+    import pyarrow.parquet as pq
+
     replace_file(path, lambda tmp: pq.write_table(table, tmp))
     return path

@@ -18,7 +18,7 @@ KINDS: tuple[str, ...] = ("categorical", "numeric", "multi")
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 # Canonical decimal integers only: "007" stays a string id so that ids are kept exactly as given.
 _CANONICAL_INT = r"^-?(0|[1-9][0-9]{0,17})$"
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+from flows.int64 import INT64_MAX, INT64_MIN
 # At most 40 digits: longer text is no int64 id, and int() of thousands of digits is slow or refused.
 CANONICAL_INT = re.compile(r"^-?(0|[1-9][0-9]{0,39})$")
 NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
