@@ -18,6 +18,7 @@ import torch
 
 from models.ranking.data import RankBatch
 from models.ranking.evaluate import propensity_curve, relevance_ndcg
+from models.ranking.lambdarank import LambdaRanker
 from models.ranking.towers import ClickRanker, Naive, Ranker
 
 MIN_PROPENSITY = 0.05     # clip: one click at a position seen 1% of the time would weigh 100x
@@ -41,7 +42,7 @@ class Choice:
                 "position_biased": self.biased, "warning": self.warning}
 
 
-def ipw_dcg(model: Ranker, batches: Iterable[RankBatch], propensity: np.ndarray, k: int = 10) -> float:
+def ipw_dcg(model: Ranker | LambdaRanker, batches: Iterable[RankBatch], propensity: np.ndarray, k: int = 10) -> float:
     """Mean over requests of Σ over clicked items in the model's top k of 1 / (propensity of the
     logged position · log2(1 + the model's rank)). `propensity[p - 1]`: examination at position p
     (relative to the top); positions beyond the curve use its last value."""
@@ -59,7 +60,7 @@ def ipw_dcg(model: Ranker, batches: Iterable[RankBatch], propensity: np.ndarray,
     return total / max(n, 1)
 
 
-def estimated_propensity(models: Mapping[str, Ranker], batches: Iterable[RankBatch],
+def estimated_propensity(models: Mapping[str, Ranker | LambdaRanker], batches: Iterable[RankBatch],
                          positions: Sequence[int]) -> tuple[np.ndarray | None, str | None]:
     """The examination curve of the first trained bias model of ESTIMATORS, on `batches`."""
     for name in ESTIMATORS:
@@ -69,7 +70,7 @@ def estimated_propensity(models: Mapping[str, Ranker], batches: Iterable[RankBat
     return None, None
 
 
-def choose(models: Mapping[str, Ranker], valid: Iterable[RankBatch], positions: Sequence[int],
+def choose(models: Mapping[str, Ranker | LambdaRanker], valid: Iterable[RankBatch], positions: Sequence[int],
            truth: str | None, k: int = 10) -> Choice:
     """The model with the best debiased validation figure (truth: the name of a true-relevance column
     of the batches, else None). A naive model chosen while the clicks are position-biased, or any
