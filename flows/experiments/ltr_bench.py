@@ -77,10 +77,13 @@ def run_world(world: LtrWorld, shape: LtrShape, logger: Logger, cfg: RankParams,
     save_served(trained, cfg, seed, data, work / "ranker")
     held = world.held_out
     rows = {RANDOM: ndcg_by_query(held, np.random.default_rng(seed).random(len(held)))}
-    for name, model in trained.models.items():
-        rows[DEBIASED_GBM if name == "lightgbm" else name] = ndcg_by_query(held, _pair_scores(model, data.features, held))
-    naive_gbm, _ = lambdarank_fit(cfg, seed, data, position=False)
-    rows[NAIVE_GBM] = ndcg_by_query(held, _pair_scores(naive_gbm, data.features, held))
+    names = {"lightgbm": DEBIASED_GBM, "lightgbm_naive": NAIVE_GBM}
+    models = dict(trained.models)
+    for name, position in (("lightgbm", True), ("lightgbm_naive", False)):   # rows even when not candidates
+        if name not in models:
+            models[name] = lambdarank_fit(cfg, seed, data, position=position)[0]
+    for name, model in models.items():
+        rows[names.get(name, name)] = ndcg_by_query(held, _pair_scores(model, data.features, held))
     ceiling, _ = lambdarank_fit(cfg, seed, data, label=RELEVANCE)
     rows[LABELS] = ndcg_by_query(held, _pair_scores(ceiling, data.features, held))
     # the served ranker as `towerflow rank score` reads it: from its directory, raw ids in

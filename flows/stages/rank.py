@@ -44,6 +44,8 @@ from models.ranking.catalog import RankFeatures, Vectors, build_features
 from models.ranking.data import (GRID, REQUIRED, LogSpec, RankBatch, RankingInputError, RankingLog, inspect_log,
                                  shown_mask)
 from models.ranking.lambdarank import NAME as LIGHTGBM, LambdaRanker, fit_lambdarank
+
+LIGHTGBM_NAIVE = f"{LIGHTGBM}_naive"      # the same without position correction
 from models.ranking.mixture import MixtureEM
 from models.ranking.params import RankParams
 from models.ranking import select
@@ -315,21 +317,23 @@ class Trained:
 
 
 def train_rankers(cfg: RankParams, seed: int, data: RankData) -> Trained:
-    """Every model of cfg.models and, with cfg.lightgbm, LightGBM lambdarank with its position
-    correction: each fitted on the training requests and measured on the held-out ones; with
+    """Every model of cfg.models and LightGBM lambdarank with its position correction (cfg.lightgbm)
+    and without (cfg.lightgbm_naive): each fitted on the training requests and measured on the held-out ones; with
     rank.serve: auto all of them are candidates, scored on the validation requests (models/ranking/
     select.py). LightGBM reads features only: a catalog without any gets a row saying so."""
     rows: dict[str, Any] = {}
     models: dict[str, Servable] = {}
     for name in cfg.models:
         models[name], rows[name] = fit_and_measure(name, cfg, seed, data)
-    if cfg.lightgbm:
+    for name, position in ((LIGHTGBM, True), (LIGHTGBM_NAIVE, False)):
+        if not getattr(cfg, name):
+            continue
         try:
-            models[LIGHTGBM], rows[LIGHTGBM] = lambdarank_fit(cfg, seed, data)
+            models[name], rows[name] = lambdarank_fit(cfg, seed, data, position=position)
         except RankingInputError as exc:
-            if cfg.serve == LIGHTGBM:
+            if cfg.serve == name:
                 raise
-            rows[LIGHTGBM] = {"skipped": str(exc)}
+            rows[name] = {"skipped": str(exc)}
     if cfg.serve == "auto":
         choice = select.choose(models, data.log(cfg, "valid"), data.positions,
                                RELEVANCE if data.truth.source == "simulation" else None, K)

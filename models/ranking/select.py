@@ -70,6 +70,11 @@ def estimated_propensity(models: Mapping[str, Ranker | LambdaRanker], batches: I
     return None, None
 
 
+def _naive(model: Ranker | LambdaRanker) -> bool:
+    """Learns from raw clicks without any position correction."""
+    return isinstance(model, Naive) or (isinstance(model, LambdaRanker) and not model.position)
+
+
 def choose(models: Mapping[str, Ranker | LambdaRanker], valid: Iterable[RankBatch], positions: Sequence[int],
            truth: str | None, k: int = 10) -> Choice:
     """The model with the best debiased validation figure (truth: the name of a true-relevance column
@@ -93,8 +98,8 @@ def choose(models: Mapping[str, Ranker | LambdaRanker], valid: Iterable[RankBatc
     if curve is None and truth is None:
         warning = ("no bias model estimated the propensities (add pal or additive to rank.models): "
                    "the served ranker was chosen on raw clicks, which favour the logger's order")
-    elif isinstance(models[served], Naive) and biased:
-        warning = (f"the naive model (no position correction) validated best although the clicks are "
+    elif _naive(models[served]) and biased:
+        warning = (f"a naive model (no position correction) validated best although the clicks are "
                    f"position-biased (examination falls to {curve.min():.2f} of the top)")
     return Choice(served, metric, {n: float(v) for n, v in figures.items()},
                   None if curve is None else np.round(curve, 4).tolist(), source, biased, warning)

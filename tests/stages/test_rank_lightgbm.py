@@ -32,7 +32,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("gbm")
     ingested = write_ingested(simulate(SimConfig(etas=(2.0, 2.0), logging_strength=0.0, requests=1500, seed=3)),
                               root / "ingested")
-    cfg = RankParams(models=["pal"], epochs=1, lr=1e-6, lightgbm_rounds=30)
+    cfg = RankParams(models=["pal"], epochs=1, lr=1e-6, lightgbm_rounds=30, lightgbm_naive=False)
     return root, rank(cfg, 0, ingested, None, root / "ranker", root / "reports" / "ranking.json")
 
 
