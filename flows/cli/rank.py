@@ -67,3 +67,20 @@ def rank_negatives(set_: Optional[list[str]] = SetOption, params_file: Path = Pa
         ranker_negatives(read_raw(params_file), root, out, [params.base.seed + i for i in range(seeds)], set_ or [])
         typer.echo(f"written {out / 'ranker_negatives.md'} and {out / 'ranker_negatives.json'}")
 
+
+
+@rank_app.command("ltr-bench")
+def rank_ltr_bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption,
+                   seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds: base.seed, base.seed+1, ..."),
+                   queries: int = typer.Option(600, "--queries", min=10, help="Queries of the generated world."),
+                   sessions: int = typer.Option(10, "--sessions", min=1, help="Logged sessions per logged query."),
+                   out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: paths.reports.")) -> None:
+    """The rankers on an LTR-shaped world (graded labels, numeric documents, held-out queries; slow)."""
+    with _errors():
+        from flows.experiments.ltr_bench import ltr_bench
+        from flows.experiments.ltr_data import LtrShape
+        params = _load(params_file, set_)
+        out = out_dir or params.paths.resolved(params_file.resolve().parent).reports
+        ltr_bench(params.rank, LtrShape(queries=queries, sessions=sessions),
+                  [params.base.seed + i for i in range(seeds)], out)
+        typer.echo(f"written {out / 'rank_ltr.md'} and {out / 'rank_ltr.json'}")

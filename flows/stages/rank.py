@@ -39,15 +39,19 @@ from flows.errors import MissingStageInput
 from models.errors import ModelNotFound
 from models.inference import load_bundle
 from models.ranking import evaluate as ev
-from models.ranking.bundle import save_ranker
+from models.ranking.bundle import Servable, save_ranker
 from models.ranking.catalog import RankFeatures, Vectors, build_features
-from models.ranking.data import GRID, REQUIRED, LogSpec, RankBatch, RankingLog, inspect_log, shown_mask
+from models.ranking.data import (GRID, REQUIRED, LogSpec, RankBatch, RankingInputError, RankingLog, inspect_log,
+                                 shown_mask)
+from models.ranking.lambdarank import NAME as LIGHTGBM, LambdaRanker, fit_lambdarank
+
+LIGHTGBM_NAIVE = f"{LIGHTGBM}_naive"      # the same without position correction
 from models.ranking.mixture import MixtureEM
 from models.ranking.params import RankParams
 from models.ranking import select
 from models.ranking.seen import Seen, id_report, seen_in, split_ndcg
 from models.ranking.towers import Naive, Ranker, RankerConfig
-from models.ranking.train import build_model, fit
+from models.ranking.train import build_model, feature_tables, fit
 
 K = 10                      # NDCG@10: the depth of a page
 RELEVANCE, USER_TYPE = "relevance", "user_type"   # truth columns of the prepared log
@@ -246,15 +250,26 @@ def fit_and_measure(kind: str, cfg: RankParams, seed: int, data: RankData) -> tu
     return model, measure(model, data, cfg) | {"fit": report.to_dict()}
 
 
-def lightgbm_row(cfg: RankParams, seed: int, data: RankData) -> dict[str, Any]:
+def lambdarank_fit(cfg: RankParams, seed: int, data: RankData, *, position: bool = True,
+                   label: str | None = None) -> tuple[LambdaRanker, dict[str, Any]]:
+    """LightGBM lambdarank (models/ranking/lambdarank.py) on the training requests' clicks (label: a
+    truth column instead), with its position correction or without, and its row: NDCG@10 of held-out
+    requests and its seen / unseen split, as the networks'. It holds at most lightgbm_max_rows
+    training rows; the test side is streamed."""
     t0 = time.perf_counter()
-    # LightGBM holds at most lightgbm_max_rows training rows; the test side is streamed
-    row = ev.lightgbm_ndcg(data.log(cfg, "train"), data.log(cfg, "test"), data.features,
-                           rounds=cfg.lightgbm_rounds, max_rows=cfg.lightgbm_max_rows,
-                           use_logged_score=cfg.use_logged_score, seed=seed, k=K, truth=RELEVANCE,
-                           threads=cfg.threads)
-    return {f"ndcg@{K}": row["ndcg"], "train_rows": row["train_rows"],
-            "seconds": round(time.perf_counter() - t0, 3)}
+    model = fit_lambdarank(data.log(cfg, "train"), feature_tables(data.features), position=position,
+                           label=label, rounds=cfg.lightgbm_rounds, max_rows=cfg.lightgbm_max_rows,
+                           seed=seed, threads=cfg.threads)
+    test = data.log(cfg, "test")
+    return model, {f"ndcg@{K}": ev.relevance_ndcg(model, test, K, truth=RELEVANCE),
+                   "split": split_ndcg(model, test, data.seen, K, truth=RELEVANCE),
+                   "position_correction": position, "train_rows": model.train_rows,
+                   "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def lightgbm_row(cfg: RankParams, seed: int, data: RankData) -> dict[str, Any]:
+    """The row of LightGBM lambdarank with its position correction (the rank table's baseline)."""
+    return lambdarank_fit(cfg, seed, data)[1]
 
 
 def clean(value: Any) -> Any:
@@ -289,14 +304,36 @@ def _write(out_dir: Path, report_path: Path, report: dict[str, Any]) -> dict[str
     return report
 
 
-def _fit_all(cfg: RankParams, seed: int, data: RankData,
-             out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every model of cfg.models, the served one (rank.serve, or the validation's choice) saved to
-    out_dir, then LightGBM: (rows, how the served one was chosen)."""
+@dataclass
+class Trained:
+    """Every fitted candidate, its row, and which one serves (rank.serve, or the validation's choice)."""
+    models: dict[str, Servable]
+    rows: dict[str, Any]
+    serving: dict[str, Any]
+
+    @property
+    def served(self) -> str:
+        return self.serving["served"]
+
+
+def train_rankers(cfg: RankParams, seed: int, data: RankData) -> Trained:
+    """Every model of cfg.models and LightGBM lambdarank with its position correction (cfg.lightgbm)
+    and without (cfg.lightgbm_naive): each fitted on the training requests and measured on the held-out ones; with
+    rank.serve: auto all of them are candidates, scored on the validation requests (models/ranking/
+    select.py). LightGBM reads features only: a catalog without any gets a row saying so."""
     rows: dict[str, Any] = {}
-    models: dict[str, Ranker] = {}
+    models: dict[str, Servable] = {}
     for name in cfg.models:
         models[name], rows[name] = fit_and_measure(name, cfg, seed, data)
+    for name, position in ((LIGHTGBM, True), (LIGHTGBM_NAIVE, False)):
+        if not getattr(cfg, name):
+            continue
+        try:
+            models[name], rows[name] = lambdarank_fit(cfg, seed, data, position=position)
+        except RankingInputError as exc:
+            if cfg.serve == name:
+                raise
+            rows[name] = {"skipped": str(exc)}
     if cfg.serve == "auto":
         choice = select.choose(models, data.log(cfg, "valid"), data.positions,
                                RELEVANCE if data.truth.source == "simulation" else None, K)
@@ -305,15 +342,18 @@ def _fit_all(cfg: RankParams, seed: int, data: RankData,
             print(f"rank: warning: {choice.warning}", file=sys.stderr, flush=True)
     else:
         serving = {"mode": "named", "served": cfg.serve}
-    served = serving["served"]
+    return Trained(models, rows, serving)
+
+
+def save_served(trained: Trained, cfg: RankParams, seed: int, data: RankData, out_dir: Path) -> None:
+    """The served ranker to out_dir (models/ranking/bundle.py), with how it was chosen."""
+    served = trained.served
     shutil.rmtree(out_dir, ignore_errors=True)
-    save_ranker(out_dir, served, models[served], data.features, seed,
-                extra={"context_columns": list(cfg.context_columns), f"ndcg@{K}": rows[served][f"ndcg@{K}"],
+    save_ranker(out_dir, served, trained.models[served], data.features, seed,
+                extra={"context_columns": list(cfg.context_columns),
+                       f"ndcg@{K}": trained.rows[served][f"ndcg@{K}"],
                        "numeric_scaling": data.features.numeric_scaling, "ndcg_vs": data.truth.source,
-                       "chosen_by": serving})
-    if cfg.lightgbm:
-        rows["lightgbm"] = lightgbm_row(cfg, seed, data)
-    return rows, serving
+                       "chosen_by": trained.serving})
 
 
 def rank(cfg: RankParams, seed: int, ingested: Path, model_dir: Path | None, out_dir: Path,
@@ -338,7 +378,9 @@ def rank(cfg: RankParams, seed: int, ingested: Path, model_dir: Path | None, out
         test = data.log(cfg, "test")
         requests = sum(len(b.user) for b in test)
         logged = ev.logged_ndcg(test, K, truth=RELEVANCE) if requests else math.nan
-        rows, serving = _fit_all(cfg, seed, data, out_dir)
+        trained = train_rankers(cfg, seed, data)
+        save_served(trained, cfg, seed, data, out_dir)
+        rows, serving = trained.rows, trained.serving
     fits = [r["fit"] for r in rows.values() if "fit" in r]
     examples, fit_s = sum(f["examples"] for f in fits), sum(f["seconds"] for f in fits)
     return _write(out_dir, report_path, {

@@ -6,7 +6,8 @@ travel inside model.pt and a served score never depends on files the ranker did 
 
 Layout of a ranker directory:
   model.pt       state_dict of the whole model (the dot-product models score against the bias tower's
-                 "unknown position" vector, so the bias tower is kept too)
+                 "unknown position" vector, so the bias tower is kept too); for LightGBM lambdarank
+                 (models/ranking/lambdarank.py) model.txt (the booster) and tables.npz (its features)
   ranker.json    {"model": name, "config": RankerConfig, "seed": ..., plus what the caller records}
   users.parquet  id: user ids in vocabulary order (index = row + 1; 0 is OOV)
   items.parquet  id: item ids, the same way
@@ -22,29 +23,40 @@ import pandas as pd
 import torch
 
 from models.errors import ModelNotFound
+from models.ranking import lambdarank
 from models.ranking.catalog import RankFeatures, Vocab
+from models.ranking.data import RankingInputError
+from models.ranking.lambdarank import LambdaRanker
 from models.ranking.towers import Ranker, RankerConfig
 from models.ranking.train import build_model
 
-FILES = ("model.pt", "ranker.json", "users.parquet", "items.parquet")
+ID_FILES = ("ranker.json", "users.parquet", "items.parquet")
+FILES = ("model.pt", *ID_FILES)                                  # a network's directory
+LAMBDARANK_FILES = (lambdarank.BOOSTER, lambdarank.TABLES_FILE, *ID_FILES)
+Servable = Ranker | LambdaRanker
 
 
-def save_ranker(out_dir: Path, name: str, model: Ranker, features: RankFeatures, seed: int,
+def save_ranker(out_dir: Path, name: str, model: Servable, features: RankFeatures, seed: int,
                 extra: dict[str, Any] | None = None) -> None:
     """Write the ranker directory (files above); `extra` is merged into ranker.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out_dir / "model.pt")
+    if isinstance(model, LambdaRanker):
+        model.save(out_dir)
+        doc = {"model": lambdarank.NAME, "position": model.position, "train_rows": model.train_rows,
+               "seed": seed, "item_numeric": features.numeric_names}
+    else:
+        torch.save(model.state_dict(), out_dir / "model.pt")
+        doc = {"model": name, "config": model.cfg.to_dict(), "seed": seed}
     pd.DataFrame({"id": features.users.index.to_numpy()}).to_parquet(out_dir / "users.parquet", index=False)
     pd.DataFrame({"id": features.items.index.to_numpy()}).to_parquet(out_dir / "items.parquet", index=False)
-    doc = {"model": name, "config": model.cfg.to_dict(), "seed": seed, **(extra or {})}
-    (out_dir / "ranker.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out_dir / "ranker.json").write_text(json.dumps(doc | (extra or {}), indent=2) + "\n")
 
 
 class RankerBundle:
     """A loaded ranker: raw (user_id, item_id) pairs → relevance scores. Unknown ids score from the
     OOV row (whatever features they have: none), like a cold-start user or item."""
 
-    def __init__(self, name: str, model: Ranker, users: Vocab, items: Vocab, meta: dict[str, Any],
+    def __init__(self, name: str, model: Servable, users: Vocab, items: Vocab, meta: dict[str, Any],
                  batch_size: int = 65536):
         self.name, self.model, self.users, self.items, self.meta = name, model.eval(), users, items, meta
         self.batch_size = batch_size
@@ -73,15 +85,25 @@ def load_ranker(model_dir: Path) -> RankerBundle:
     skipped = json.loads(doc.read_text()).get("skipped") if doc.is_file() else None
     if skipped:
         raise ModelNotFound(f"{model_dir}: no ranker was trained ({skipped})")
-    for name in FILES:
+    meta = json.loads(doc.read_text()) if doc.is_file() else {}
+    gbm = meta.get("model") == lambdarank.NAME
+    for name in LAMBDARANK_FILES if gbm else FILES:
         if not (model_dir / name).is_file():
             raise ModelNotFound(f"{model_dir / name}: not found (no ranker saved in {model_dir})")
-    meta = json.loads((model_dir / "ranker.json").read_text())
-    cfg = RankerConfig(**meta["config"])
-    model = build_model(meta["model"], cfg, None, seed=int(meta.get("seed", 0)))
-    model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
     users, items = Vocab(_ids(model_dir / "users.parquet")), Vocab(_ids(model_dir / "items.parquet"))
-    if (len(users), len(items)) != (cfg.n_users, cfg.n_items):
+    model: Servable
+    if gbm:
+        try:
+            model = LambdaRanker.load(model_dir, position=bool(meta.get("position", True)))
+        except RankingInputError as exc:   # LightGBM not installed, or a booster of another save
+            raise ModelNotFound(f"{model_dir}: {exc}") from exc
+        shape = (len(model.tables["user_vectors"]), len(model.tables["item_numeric"]))
+    else:
+        cfg = RankerConfig(**meta["config"])
+        model = build_model(meta["model"], cfg, None, seed=int(meta.get("seed", 0)))
+        model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
+        shape = (cfg.n_users, cfg.n_items)
+    if (len(users), len(items)) != shape:
         raise ModelNotFound(f"{model_dir}: id maps ({len(users)}, {len(items)}) do not match the model "
-                            f"({cfg.n_users}, {cfg.n_items}); the directory mixes two saves")
+                            f"{shape}; the directory mixes two saves")
     return RankerBundle(meta["model"], model, users, items, meta)

@@ -5,8 +5,6 @@
 - Propensity recovery: the model's examination curve against the true one, both relative to
   position 1; Pearson correlation and mean absolute error.
 - Click log-likelihood of held-out impressions (click models only).
-- A LightGBM lambdarank baseline with its own position-bias correction (the `position` field of
-  lgb.Dataset, LightGBM >= 4.1) on the same features, the tool users would otherwise pick.
 """
 from __future__ import annotations
 
@@ -15,8 +13,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from models.ranking.catalog import RankFeatures
 from models.ranking.data import RankBatch, RankingInputError
+from models.ranking.lambdarank import LambdaRanker
 from models.ranking.mixture import MixtureEM
 from models.ranking.towers import ClickRanker, Ranker
 
@@ -40,7 +38,7 @@ def ndcg(scores: torch.Tensor, gains: torch.Tensor, mask: torch.Tensor, k: int) 
     return torch.where(idcg > 0, dcg / idcg.clamp(min=1e-12), torch.nan)      # (R,)
 
 
-def relevance_ndcg(model: Ranker, batches: Iterable[RankBatch], k: int = 10,
+def relevance_ndcg(model: Ranker | LambdaRanker, batches: Iterable[RankBatch], k: int = 10,
                    truth: str = "relevance") -> float:
     """Mean NDCG@k over requests of the serving ordering (relevance tower, no position)."""
     model.eval()
@@ -125,57 +123,3 @@ def mixture_report(model: MixtureEM, batches: Iterable[RankBatch], positions: Se
                                       for t, c in true_curves.items()}
         report.append(row)
     return report
-
-
-# --- LightGBM lambdarank with position-bias correction -------------------------------------------
-
-def _lgb_rows(batch: RankBatch, features: RankFeatures, use_logged_score: bool) -> np.ndarray:
-    """(N, F) one row per shown impression, in row-major (request, slot) order: the item index (a
-    categorical feature), numeric item features, both retrieval vectors, their product and dot
-    product when they share a size, the context codes and, if opted in, the logged score."""
-    m = batch.mask.numpy()                                                   # (R, L)
-    item = batch.item.numpy()[m]                                             # (N,)
-    user = np.broadcast_to(batch.user.numpy()[:, None], m.shape)[m]          # (N,)
-    uv, iv = features.user_vectors[user], features.item_vectors[item]        # (N, Du), (N, Di)
-    cols = [item[:, None].astype(np.float64), features.item_numeric[item], uv, iv]
-    if uv.shape[1] == iv.shape[1] > 0:
-        cols += [uv * iv, (uv * iv).sum(axis=1, keepdims=True)]
-    cols.append(batch.context.numpy()[m])                                    # (N, C)
-    if use_logged_score and batch.logged_score is not None:
-        cols.append(batch.logged_score.numpy()[m][:, None])
-    return np.concatenate([np.asarray(c, dtype=np.float64) for c in cols], axis=1)
-
-
-def lightgbm_ndcg(train: Iterable[RankBatch], test: Iterable[RankBatch], features: RankFeatures, *,
-                  rounds: int = 100, max_rows: int = 2_000_000, use_logged_score: bool = False,
-                  seed: int = 0, k: int = 10, truth: str = "relevance", threads: int = 1) -> dict:
-    """Fit LightGBM lambdarank on clicks with position-bias correction (Dataset `position`, LightGBM
-    >= 4.1, the unbiased LambdaMART of Hu et al. 2019) and return its NDCG@k on `test`.
-    LightGBM needs its training matrix in memory: at most `max_rows` impressions (whole batches)."""
-    try:
-        import lightgbm as lgb
-    except ImportError as exc:  # an optional baseline: the models above do not need it
-        raise RankingInputError("the LightGBM baseline needs `pip install 'lightgbm>=4.1,<5'`") from exc
-    xs, ys, pos, groups, n = [], [], [], [], 0
-    for batch in train:
-        m = batch.mask.numpy()
-        xs.append(_lgb_rows(batch, features, use_logged_score))
-        ys.append(batch.clicked.numpy()[m])
-        pos.append(batch.position.numpy()[m] - 1)                            # 0-based position ids
-        groups.append(m.sum(axis=1)[m.any(axis=1)])
-        n += int(m.sum())
-        if n >= max_rows:
-            break
-    data = lgb.Dataset(np.concatenate(xs), np.concatenate(ys), group=np.concatenate(groups),
-                       position=np.concatenate(pos).astype(np.int32), categorical_feature=[0])
-    params = {"objective": "lambdarank", "learning_rate": 0.05, "num_leaves": 31, "verbose": -1,
-              "seed": seed, "deterministic": True, "num_threads": threads, "force_row_wise": True}
-    booster = lgb.train(params, data, num_boost_round=rounds)
-    per_request = []
-    for batch in test:
-        scores = torch.full(batch.mask.shape, float("-inf"), dtype=torch.float64)  # (R, L)
-        scores[batch.mask] = torch.from_numpy(booster.predict(_lgb_rows(batch, features,
-                                                                        use_logged_score)))
-        per_request.append(ndcg(scores, truth_column(batch, truth), batch.mask, k))
-    values = torch.cat(per_request)
-    return {"ndcg": float(values[~values.isnan()].mean()), "train_rows": n}

@@ -18,7 +18,12 @@ RankModel = Literal["naive", "pal", "additive", "dot", "bilinear", "mixture", "x
 class RankParams(Section):
     models: list[RankModel] = Field(["naive", "pal", "additive", "dot", "bilinear", "mixture", "xpa"],
                                     min_length=1)
-    lightgbm: bool = True                           # LightGBM lambdarank + position field as a baseline row
+    # LightGBM lambdarank + position field: a row of the report and a candidate of serve: auto
+    lightgbm: bool = True
+    # LightGBM lambdarank on the raw clicks (no position correction): a row and a candidate too, the
+    # ranker a team replacing LightGBM ran before; served only by validation, and then with a warning
+    # when the clicks are position-biased. It won on a confounding logger's clicks (docs/RANKING.md)
+    lightgbm_naive: bool = True
     lightgbm_rounds: PositiveInt = 100
     lightgbm_max_rows: PositiveInt = 2_000_000      # LightGBM holds its matrix in memory: cap its rows
     embedding_dim: PositiveInt = 16                 # id, position and context embeddings
@@ -60,8 +65,9 @@ class RankParams(Section):
     # numeric item features scaled over the catalog: quantile (rank → standard normal; robust to heavy
     # tails and outliers) or standard (mean / standard deviation)
     numeric_scaling: Literal["quantile", "standard"] = "quantile"
-    # auto: the model of `models` that validates best by a debiased metric (models/ranking/select.py)
-    serve: RankModel | Literal["auto"] = "auto"
+    # auto: the model of `models` (and LightGBM, when `lightgbm`) that validates best by a debiased
+    # metric (models/ranking/select.py); lightgbm: LightGBM lambdarank with its position correction
+    serve: RankModel | Literal["auto", "lightgbm", "lightgbm_naive"] = "auto"
     validation_fraction: float = Field(0.1, ge=0, lt=0.5)   # requests held out to choose the served model
     # early stopping (with serve: auto's validation requests): stop after this many epochs without a
     # lower validation click loss and keep the best epoch's weights; 0: off. Off by default: on a small
@@ -73,7 +79,10 @@ class RankParams(Section):
     def _serve_is_trained(self) -> RankParams:
         if self.serve == "auto" and self.validation_fraction <= 0:
             raise ValueError("rank.serve: auto chooses on validation requests; set rank.validation_fraction > 0")
-        if self.serve != "auto" and self.serve not in self.models:
+        for name in ("lightgbm", "lightgbm_naive"):
+            if self.serve == name and not getattr(self, name):
+                raise ValueError(f"rank.serve is {name!r} but rank.{name} is false; set rank.{name}: true")
+        if self.serve not in ("auto", "lightgbm", "lightgbm_naive") and self.serve not in self.models:
             raise ValueError(f"rank.serve is {self.serve!r} but rank.models trains only {self.models}; "
                              "add it to rank.models or pick one of them")
         return self

@@ -18,6 +18,7 @@ from models.ranking.catalog import RankFeatures
 from models.ranking.data import RankBatch
 from models.ranking.evaluate import ndcg, truth_column
 from models.ranking.params import RankParams
+from models.ranking.lambdarank import LambdaRanker
 from models.ranking.towers import Ranker
 
 # An id shown fewer times than this in training (the median item) is not worth an embedding when the
@@ -61,7 +62,7 @@ def seen_in(batches: Iterable[RankBatch], n_users: int, n_items: int) -> Seen:
     return Seen(users, impressions > 0, impressions)
 
 
-def split_ndcg(model: Ranker, batches: Iterable[RankBatch], seen: Seen, k: int = 10,
+def split_ndcg(model: Ranker | LambdaRanker, batches: Iterable[RankBatch], seen: Seen, k: int = 10,
                truth: str = "relevance") -> dict[str, dict[str, float | int]]:
     """NDCG@k of the serving order on held-out requests, split four ways: among each list's items seen
     in training / unseen (each sub-list of at least MIN_LIST items ranked on its own), and over the

@@ -18,6 +18,7 @@ import torch
 
 from models.ranking.data import RankBatch
 from models.ranking.evaluate import propensity_curve, relevance_ndcg
+from models.ranking.lambdarank import LambdaRanker
 from models.ranking.towers import ClickRanker, Naive, Ranker
 
 MIN_PROPENSITY = 0.05     # clip: one click at a position seen 1% of the time would weigh 100x
@@ -41,7 +42,7 @@ class Choice:
                 "position_biased": self.biased, "warning": self.warning}
 
 
-def ipw_dcg(model: Ranker, batches: Iterable[RankBatch], propensity: np.ndarray, k: int = 10) -> float:
+def ipw_dcg(model: Ranker | LambdaRanker, batches: Iterable[RankBatch], propensity: np.ndarray, k: int = 10) -> float:
     """Mean over requests of Σ over clicked items in the model's top k of 1 / (propensity of the
     logged position · log2(1 + the model's rank)). `propensity[p - 1]`: examination at position p
     (relative to the top); positions beyond the curve use its last value."""
@@ -59,7 +60,7 @@ def ipw_dcg(model: Ranker, batches: Iterable[RankBatch], propensity: np.ndarray,
     return total / max(n, 1)
 
 
-def estimated_propensity(models: Mapping[str, Ranker], batches: Iterable[RankBatch],
+def estimated_propensity(models: Mapping[str, Ranker | LambdaRanker], batches: Iterable[RankBatch],
                          positions: Sequence[int]) -> tuple[np.ndarray | None, str | None]:
     """The examination curve of the first trained bias model of ESTIMATORS, on `batches`."""
     for name in ESTIMATORS:
@@ -69,7 +70,12 @@ def estimated_propensity(models: Mapping[str, Ranker], batches: Iterable[RankBat
     return None, None
 
 
-def choose(models: Mapping[str, Ranker], valid: Iterable[RankBatch], positions: Sequence[int],
+def _naive(model: Ranker | LambdaRanker) -> bool:
+    """Learns from raw clicks without any position correction."""
+    return isinstance(model, Naive) or (isinstance(model, LambdaRanker) and not model.position)
+
+
+def choose(models: Mapping[str, Ranker | LambdaRanker], valid: Iterable[RankBatch], positions: Sequence[int],
            truth: str | None, k: int = 10) -> Choice:
     """The model with the best debiased validation figure (truth: the name of a true-relevance column
     of the batches, else None). A naive model chosen while the clicks are position-biased, or any
@@ -92,8 +98,8 @@ def choose(models: Mapping[str, Ranker], valid: Iterable[RankBatch], positions: 
     if curve is None and truth is None:
         warning = ("no bias model estimated the propensities (add pal or additive to rank.models): "
                    "the served ranker was chosen on raw clicks, which favour the logger's order")
-    elif isinstance(models[served], Naive) and biased:
-        warning = (f"the naive model (no position correction) validated best although the clicks are "
+    elif _naive(models[served]) and biased:
+        warning = (f"a naive model (no position correction) validated best although the clicks are "
                    f"position-biased (examination falls to {curve.min():.2f} of the top)")
     return Choice(served, metric, {n: float(v) for n, v in figures.items()},
                   None if curve is None else np.round(curve, 4).tolist(), source, biased, warning)

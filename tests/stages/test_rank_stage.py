@@ -28,7 +28,7 @@ from models.ranking.bundle import load_ranker
 from models.ranking.params import RankParams
 
 torch.set_num_threads(1)
-PARAMS = RankParams(models=["naive", "pal", "additive"], serve="pal", lightgbm=False, epochs=5)
+PARAMS = RankParams(models=["naive", "pal", "additive"], serve="pal", lightgbm=False, lightgbm_naive=False, epochs=5)
 LOG_COLUMNS = ["request_id", "user_id", "item_id", "stage", "position", "ranker_score", "clicked"]
 
 
@@ -93,7 +93,7 @@ def test_serve_auto_chooses_by_the_truth_on_validation_requests(tmp_path: Path) 
     test, every model's true NDCG@10 there, the best served and recorded in ranking.json and ranker.json."""
     sim = simulate(SimConfig(etas=(2.0, 2.0), logging_strength=0.0, requests=1500, seed=2))
     ingested = write_ingested(sim, tmp_path / "ingested")
-    cfg = RankParams(models=["naive", "pal"], lightgbm=False, epochs=3)
+    cfg = RankParams(models=["naive", "pal"], lightgbm=False, lightgbm_naive=False, epochs=3)
     assert cfg.serve == "auto"
     report = rank(cfg, 0, ingested, None, tmp_path / "ranker", tmp_path / "ranking.json")
     serve = report["serve"]

@@ -1,0 +1,156 @@
+"""`towerflow rank ltr-bench`: the rankers on a learning-to-rank-shaped world (issue 22 item 4).
+
+For each logger (a random one; a confounding one, strength 0.9 with errors persistent per document)
+and seed, flows/experiments/ltr_data.py writes a feature-described catalog with graded labels in the
+contract; the rank stage's own functions (flows/stages/rank.py: rank_data, train_rankers, save_served)
+train every model of rank.models and LightGBM lambdarank on the logged queries' clicks and choose what
+to serve (rank.serve: auto). Then every ranker scores the held-out queries, whose documents the log
+never showed, and is measured by NDCG@10 against the true labels (gains 2^label − 1):
+
+- random order; LightGBM lambdarank naive and with its position correction; each network;
+- the served ranker, read back from the saved ranker directory and scored exactly as
+  `towerflow rank score` does (flows/serving/rerank.py: load_reranker, score_pairs);
+- LightGBM lambdarank trained on the true labels of the same training requests (the ceiling).
+
+Writes <out_dir>/rank_ltr.{json,md}; the data and models live in a temporary folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from flows.experiments.ltr_data import LtrShape, LtrWorld, Logger, generate, write_ingested
+from models.ranking.params import RankParams
+
+LOGGERS = (Logger(0.0, persistent=False), Logger(0.9, persistent=True))
+RANDOM, NAIVE_GBM, DEBIASED_GBM = "random order", "lightgbm naive", "lightgbm (lambdarank + position)"
+SERVED, LABELS = "served (rank.serve: auto)", "lightgbm on the true labels"
+K = 10
+
+
+def ndcg_by_query(held_out: pd.DataFrame, scores: np.ndarray, k: int = K) -> float:
+    """Mean over queries of NDCG@k of `scores` (aligned with held_out's rows) against the labels,
+    gains 2^label − 1; queries without a relevant document are left out."""
+    frame = held_out.assign(score=scores)
+    values = []
+    for _, q in frame.groupby("user_id", sort=False):
+        gains = (2.0 ** q["label"].to_numpy() - 1)
+        order = np.argsort(-q["score"].to_numpy(), kind="stable")[:k]
+        discount = 1.0 / np.log2(np.arange(2, len(order) + 2))
+        ideal = (np.sort(gains)[::-1][:k] * discount).sum()
+        if ideal > 0:
+            values.append(float((gains[order] * discount).sum() / ideal))
+    return statistics.fmean(values) if values else float("nan")
+
+
+def _pair_scores(model: Any, features: Any, held_out: pd.DataFrame) -> np.ndarray:
+    users, items = features.pairs(held_out["user_id"].to_numpy(), held_out["item_id"].to_numpy())
+    with torch.no_grad():
+        return model.eval().score(torch.from_numpy(users), torch.from_numpy(items)).numpy()
+
+
+def run_world(world: LtrWorld, shape: LtrShape, logger: Logger, cfg: RankParams, seed: int,
+              work: Path) -> dict[str, Any]:
+    """One logged world: every row's held-out NDCG@10, what auto served and its validation figures."""
+    from flows.serving.rerank import load_reranker, score_pairs
+    from flows.stages.rank import (RELEVANCE, item_table, lambdarank_fit, rank_data, save_served,
+                                   train_rankers)
+
+    ingested = write_ingested(world, shape, logger, seed, work / "ingested")
+    schema = json.loads((ingested / "schema.json").read_text())
+    t0 = time.perf_counter()
+    data = rank_data(cfg, ingested / "ranking_logs.parquet", ingested / "simulation",
+                     item_table(ingested, schema), None, work)
+    if data is None:
+        raise RuntimeError("the LTR world logged nothing")
+    trained = train_rankers(cfg, seed, data)
+    save_served(trained, cfg, seed, data, work / "ranker")
+    held = world.held_out
+    rows = {RANDOM: ndcg_by_query(held, np.random.default_rng(seed).random(len(held)))}
+    names = {"lightgbm": DEBIASED_GBM, "lightgbm_naive": NAIVE_GBM}
+    models = dict(trained.models)
+    for name, position in (("lightgbm", True), ("lightgbm_naive", False)):   # rows even when not candidates
+        if name not in models:
+            models[name] = lambdarank_fit(cfg, seed, data, position=position)[0]
+    for name, model in models.items():
+        rows[names.get(name, name)] = ndcg_by_query(held, _pair_scores(model, data.features, held))
+    ceiling, _ = lambdarank_fit(cfg, seed, data, label=RELEVANCE)
+    rows[LABELS] = ndcg_by_query(held, _pair_scores(ceiling, data.features, held))
+    # the served ranker as `towerflow rank score` reads it: from its directory, raw ids in
+    served = score_pairs(held[["user_id", "item_id"]], load_reranker(work / "ranker"))
+    rows[SERVED] = ndcg_by_query(held, served["score"].to_numpy())
+    return {"logger": logger.name, "seed": seed, "rows": rows, "served": trained.served,
+            "serve": trained.serving, "relevance_features": data.ids(cfg) is False,
+            "seen_split": {n: r.get("split") for n, r in trained.rows.items()},
+            "logged_requests_ndcg": {n: r.get(f"ndcg@{K}") for n, r in trained.rows.items()},
+            "held_out": {"queries": int(held["user_id"].nunique()), "documents": len(held)},
+            "log": {"shown_rows": data.rows}, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    out: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        for row, v in run["rows"].items():
+            out.setdefault(run["logger"], {}).setdefault(row, []).append(v)
+    return {lg: {r: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+                 for r, v in rows.items()} for lg, rows in out.items()}
+
+
+def targets(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Issue 22 item 4: served ≥ debiased LightGBM with the random logger, ≥ naive LightGBM with the
+    confounding one; and the share of the gap from naive to the label-trained model each bias model closes."""
+    out: dict[str, Any] = {}
+    for logger, rows in summary.items():
+        m = {r: v["mean"] for r, v in rows.items()}
+        bar = DEBIASED_GBM if logger == LOGGERS[0].name else NAIVE_GBM
+        gap = m[LABELS] - m.get("naive", np.nan)
+        out[logger] = {"served_vs": bar, "served_minus_bar": m[SERVED] - m[bar], "met": bool(m[SERVED] >= m[bar]),
+                       "gap_closed": {r: (m[r] - m["naive"]) / gap if gap > 0 else None
+                                      for r in m if r not in (RANDOM, LABELS, "naive") and "naive" in m}}
+    return out
+
+
+def _markdown(doc: dict[str, Any]) -> str:
+    loggers = list(doc["summary"])
+    rows = list(dict.fromkeys(r for lg in loggers for r in doc["summary"][lg]))
+    lines = [f"# Rankers on an LTR-shaped world: NDCG@{K} of held-out queries vs the true labels", "",
+             f"shape: {doc['shape']}", f"seeds: {doc['seeds']}; load average at the end: {doc['loadavg']}", "",
+             "| row | " + " | ".join(loggers) + " |", "|---|" + "---|" * len(loggers)]
+    for r in rows:
+        cells = [(lambda c: f"{c['mean']:.3f} ± {c['std']:.3f}" if c else "–")(doc["summary"][lg].get(r))
+                 for lg in loggers]
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    lines += ["", "served: " + "; ".join(f"{run['logger']} seed {run['seed']}: {run['served']}"
+                                       for run in doc["runs"]), "", "targets: " + json.dumps(doc["targets"])]
+    return "\n".join(lines) + "\n"
+
+
+def ltr_bench(cfg: RankParams, shape: LtrShape, seeds: list[int], out_dir: Path,
+              loggers: tuple[Logger, ...] = LOGGERS) -> dict[str, Any]:
+    torch.set_num_threads(cfg.threads)
+    runs, started = [], time.perf_counter()
+    for seed in seeds:
+        world = generate(shape, seed)
+        for logger in loggers:
+            with tempfile.TemporaryDirectory(prefix=".ltr-") as tmp:
+                runs.append(run_world(world, shape, logger, cfg, seed, Path(tmp)))
+            print(f"ltr-bench: {runs[-1]['logger']} seed {seed}: served {runs[-1]['served']}, "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in runs[-1]["rows"].items()), flush=True)
+    summary = _summary(runs)
+    doc = {"shape": asdict(shape), "seeds": seeds, "rank": cfg.model_dump(mode="json"), "summary": summary,
+           "targets": targets(summary), "runs": runs, "seconds": round(time.perf_counter() - started, 1),
+           "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "rank_ltr.json").write_text(json.dumps(doc, indent=2, default=float) + "\n")
+    (out_dir / "rank_ltr.md").write_text(_markdown(doc))
+    return doc

@@ -1,0 +1,82 @@
+"""The LTR-shaped world (flows/experiments/ltr_data.py) has the documented shape, and the benchmark runs
+the rank stage's functions on it end to end (a tiny world: the figures are checked for sanity only)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from flows.experiments.ltr_bench import (DEBIASED_GBM, LABELS, NAIVE_GBM, RANDOM, SERVED, ltr_bench,
+                                         ndcg_by_query)
+from flows.experiments.ltr_data import Logger, LtrShape, click_log, generate, write_ingested
+from models.ranking.params import RankParams
+
+torch.set_num_threads(1)
+SMALL = LtrShape(queries=60, docs_min=8, docs_max=12, features=12, informative=6, sessions=4)
+
+
+def test_the_world_has_graded_labels_numeric_documents_and_held_out_queries() -> None:
+    world = generate(SMALL, 0)
+    docs = world.docs
+    assert set(docs["label"]) == {0, 1, 2}
+    shares = docs["label"].value_counts(normalize=True)
+    assert shares[0] == pytest.approx(0.6, abs=0.02) and shares[1] == pytest.approx(0.3, abs=0.02)
+    features = [c for c in docs.columns if c not in ("item_id", "user_id", "label")]
+    assert len(features) == SMALL.features + SMALL.query_features
+    assert all(pd.api.types.is_float_dtype(docs[c]) for c in features)
+    sizes = docs.groupby("user_id").size()
+    assert sizes.min() >= SMALL.docs_min and sizes.max() <= SMALL.docs_max and len(sizes) == SMALL.queries
+    assert docs["item_id"].is_unique                      # a query-document pair is an item
+    held = world.held_out
+    logged = set(world.queries.loc[world.queries["logged"], "user_id"])
+    assert 0.5 < len(logged) / SMALL.queries < 0.9 and not set(held["user_id"]) & logged
+    # the label is a function of the features: the informative ones correlate with it
+    corr = [abs(np.corrcoef(docs[f"f{j}"].rank(), docs["label"])[0, 1]) for j in range(SMALL.features)]
+    assert max(corr) > 0.2
+
+
+@pytest.mark.parametrize("logger", [Logger(0.0, False), Logger(0.9, True)])
+def test_the_log_shows_every_document_of_logged_queries_only(logger: Logger) -> None:
+    world = generate(SMALL, 0)
+    logs, truth = click_log(world, SMALL, logger, seed=0)
+    logged = world.queries.loc[world.queries["logged"], "user_id"]
+    assert set(logs["user_id"]) == set(logged)
+    assert logs["request_id"].nunique() == len(logged) * SMALL.sessions
+    assert not set(logs["item_id"]) & set(world.held_out["item_id"])     # held-out documents never shown
+    assert logs.groupby("request_id")["position"].max().equals(logs.groupby("request_id").size())
+    assert set(truth["user_type"]) == {"patient", "impatient"} and len(truth) == len(logs)
+    top = logs.merge(world.docs[["item_id", "label"]])
+    first, deep = top[top["position"] == 1], top[top["position"] >= 5]
+    assert first["clicked"].mean() > deep["clicked"].mean()              # position bias
+    if logger.persistent:   # a logger that repeats its order: the same document at the same place
+        assert (logs.groupby(["user_id", "item_id"])["position"].nunique() == 1).all()
+        assert first["label"].mean() > top["label"].mean() + 0.3          # and it knew the labels
+
+
+def test_ndcg_uses_exponential_gains_per_query() -> None:
+    held = pd.DataFrame({"user_id": ["a"] * 3 + ["b"] * 2, "item_id": range(5), "label": [0, 2, 1, 0, 0]})
+    assert ndcg_by_query(held, np.array([0.0, 2.0, 1.0, 5.0, 4.0])) == pytest.approx(1.0)   # b has no gain: left out
+    # order 0, 2, 1 of a: gains 0, 1, 3 at ranks 1..3 over the ideal 3, 1
+    expected = (1 / np.log2(3) + 3 / np.log2(4)) / (3 + 1 / np.log2(3))
+    assert ndcg_by_query(held, np.array([2.0, 0.0, 1.0, 0.0, 0.0])) == pytest.approx(expected)
+
+
+def test_the_bench_measures_every_row_and_the_served_ranker(tmp_path: Path) -> None:
+    pytest.importorskip("lightgbm", minversion="4.1")
+    cfg = RankParams(models=["naive", "pal"], epochs=1, lightgbm_rounds=10)
+    shape = LtrShape(queries=40, docs_min=8, docs_max=12, features=12, informative=6, sessions=3)
+    doc = ltr_bench(cfg, shape, [0], tmp_path, loggers=(Logger(0.0, False),))
+    (run,) = doc["runs"]
+    rows = run["rows"]
+    assert set(rows) == {RANDOM, "naive", "pal", DEBIASED_GBM, NAIVE_GBM, LABELS, SERVED}
+    assert all(0 < v <= 1 for v in rows.values())
+    served = {"lightgbm": DEBIASED_GBM, "lightgbm_naive": NAIVE_GBM}.get(run["served"], run["served"])
+    assert rows[SERVED] == pytest.approx(rows[served], abs=1e-6)        # rank score reads what was chosen
+    assert rows[LABELS] > rows[RANDOM]
+    assert run["relevance_features"] is True                          # ~4 impressions per document: no ids
+    saved = json.loads((tmp_path / "rank_ltr.json").read_text())
+    assert saved["targets"]["random"]["served_vs"] == DEBIASED_GBM and (tmp_path / "rank_ltr.md").is_file()
