@@ -32,27 +32,30 @@ class MinimalTwoTower(nn.Module):
 
 
 def minimal_fit(stream: TrainingStream, cfg: TwoTowerConfig, batch_size: int, lr: float, seed: int,
-                epochs: int) -> list[float]:
-    """Seconds per epoch of the minimal model on the stream (the same batches as ours: a seeded
-    permutation, slices of batch_size)."""
+                epochs: int) -> tuple[list[float], list[float]]:
+    """(seconds, mean loss) per epoch of the minimal model on the stream (the same batches as ours: a
+    seeded permutation, slices of batch_size)."""
     torch.manual_seed(seed)
     model = MinimalTwoTower(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history, items = stream.users["history"], stream.item_idx
-    seconds = []
+    seconds, losses = [], []
     for _ in range(epochs):
-        start_time = time.perf_counter()
+        start_time, total = time.perf_counter(), 0.0
         perm = torch.randperm(len(stream), generator=gen)
         for start in range(0, len(perm), batch_size):
             b = perm[start:start + batch_size]                                      # (B,)
             q, c = model(history[b], items[b])
             logits = q @ c.T / cfg.temperature                                       # (B, B)
             loss = F.cross_entropy(logits, torch.arange(len(b)))
-            if not math.isfinite(float(loss.detach())):   # the same per-step sync as ours (its NaN check)
+            value = float(loss.detach())        # the same per-step sync as ours (its NaN check)
+            if not math.isfinite(value):
                 raise RuntimeError("the minimal model's loss is not finite")
+            total += value * len(b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         seconds.append(time.perf_counter() - start_time)
-    return seconds
+        losses.append(total / len(perm))
+    return seconds, losses

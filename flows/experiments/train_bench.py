@@ -86,7 +86,8 @@ def compare(stream, config, cfg, seed: int, epochs: int = 1, rounds: int = 3) ->
     ours, minimal, loads = [], [], [os.getloadavg()[0]]
     for _ in range(rounds):
         ours.append(len(stream) * epochs / sum(fit(stream, config, run_cfg, seed).seconds))
-        minimal.append(len(stream) * epochs / sum(minimal_fit(stream, config, cfg.batch_size, cfg.lr, seed, epochs)))
+        seconds, _ = minimal_fit(stream, config, cfg.batch_size, cfg.lr, seed, epochs)
+        minimal.append(len(stream) * epochs / sum(seconds))
         loads.append(os.getloadavg()[0])
     return {"examples": len(stream), "batch_size": cfg.batch_size, "threads": threads, "device": cfg.device,
             "epochs_per_round": epochs, "rounds": rounds,
