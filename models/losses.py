@@ -67,9 +67,12 @@ class _InBatchListwise(torch.autograd.Function):
         # diagonal = each row's positive included), weights (B,) summing to 1
         logits = torch.addmm(bias.neg().unsqueeze(0), qs, c.T)                     # (B, B)
         pos = logits.diagonal().clone()                                             # (B,)
-        logits.masked_fill_(~keep, float("-inf"))
-        top = logits.amax(dim=1, keepdim=True)                                      # (B, 1), finite: the diagonal
-        prob = logits.sub_(top).exp_()                                              # (B, B), in place
+        # the row maxima over the kept columns (finite: the diagonal is kept)
+        top = torch.where(keep, logits, float("-inf")).amax(dim=1, keepdim=True)   # (B, 1)
+        # exp of the unmasked logits, then the mask as a product: exp over -inf entries took 4.5x as
+        # long as over finite ones here (3.4 vs 0.74 ms for 1024 x 1024); clamp: a masked column above
+        # the kept maximum must not overflow (inf x 0 is NaN)
+        prob = logits.sub_(top).clamp_(max=0.0).exp_().mul_(keep)                  # (B, B), in place
         total = prob.sum(dim=1, keepdim=True)                                       # (B, 1)
         prob.div_(total)                                                            # softmax over each row
         loss = ((top.squeeze(1) + total.squeeze(1).log() - pos) * weights).sum()

@@ -90,3 +90,18 @@ def test_extra_negatives_or_other_losses_keep_the_reference_path(sampled):
     _, stream, _, _ = stream_and_config(*sampled)
     assert not BatchLoss(stream, TrainParams(negatives=8), None).fused
     assert not BatchLoss(stream, TrainParams(loss="pairwise"), None).fused
+
+
+def test_accidental_hits_match_a_dense_user_item_table(sampled):
+    _, stream, _, _ = stream_and_config(*sampled)
+    counts = stream.pos_ptr[1:] - stream.pos_ptr[:-1]
+    dense = torch.zeros((len(counts), stream.n_items), dtype=torch.bool)     # fine at test size only
+    dense[torch.repeat_interleave(torch.arange(len(counts)), counts), stream.pos_items] = True
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        b = torch.randint(0, len(stream), (300,), generator=g)              # users repeat within a batch
+        user, item = stream.users["user"][b], stream.item_idx[b]
+        assert torch.equal(stream.hits(user, item), dense[user][:, item])
+        other = torch.randint(0, stream.n_items, (17,), generator=g)        # candidates outside the batch
+        assert torch.equal(stream.hits(user, other), dense[user][:, other])
+    assert dense[user][:, item].any() and not dense[user][:, item].all()     # the check is not vacuous
