@@ -105,3 +105,24 @@ def test_accidental_hits_match_a_dense_user_item_table(sampled):
         other = torch.randint(0, stream.n_items, (17,), generator=g)        # candidates outside the batch
         assert torch.equal(stream.hits(user, other), dense[user][:, other])
     assert dense[user][:, item].any() and not dense[user][:, item].all()     # the check is not vacuous
+
+
+def test_fused_listwise_rows_lost_to_underflow_are_redone_exactly():
+    # row 0's accidental hit (column 1) scores 400 above everything it keeps at temperature 0.005:
+    # shifted by the row's overall maximum, its kept columns underflow in float32
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    q0 = torch.stack([e1, e2, e2, -e1])
+    c0 = torch.stack([-e1, e1, e2, e2])
+    also = torch.zeros((4, 4), dtype=torch.bool)
+    also[0, 1] = True
+    out = []
+    for loss_fn in (in_batch_softmax, in_batch_listwise):
+        q, c = q0.clone().requires_grad_(), c0.clone().requires_grad_()
+        loss = loss_fn(q, c, 0.005, also_positive=also)
+        loss.backward()
+        out.append((loss.detach(), q.grad, c.grad))
+    assert torch.isfinite(out[1][0])
+    shifted = (q0[0] @ c0.T - (q0[0] @ c0.T).max()) / 0.005
+    assert torch.exp(shifted[[0, 2, 3]]).sum() < 1e-30                        # the redo path ran
+    for ref, fused in zip(*out):
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-4)
