@@ -87,7 +87,9 @@ class BatchLoss:
             hits = s.hits(user, item).to(dev)                               # (B, B)
             weights = s.weights[b].to(dev)                                  # (B,)
             if self.fused:
-                loss = in_batch_listwise(q, c, tau, item.to(dev), correction, weights, hits)
+                # no item ids: every stream row is one of its user's positives, so a column holding
+                # row i's own item is already one of row i's hits
+                loss = in_batch_listwise(q, c, tau, None, correction, weights, hits)
             else:
                 pos, inb, valid = in_batch_logits(q, c, tau, item.to(dev), correction, hits)
         if not self.fused:

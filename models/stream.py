@@ -225,7 +225,7 @@ class TrainingStream:
         lookup[uniq] = torch.arange(len(uniq))
         table = torch.zeros((len(users), len(uniq) + 1), dtype=torch.bool)  # (V, U + 1)
         table[row, lookup[item]] = True
-        return table[row_of.unsqueeze(1), col.unsqueeze(0)]                 # (B, C)
+        return table.index_select(0, row_of).index_select(1, col)          # (B, C)
 
     def hard_negative_summary(self) -> dict:
         """Mean stored hard negatives per example, with a note when the stream has none."""
