@@ -14,6 +14,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export DVC_NO_UPDATER := 1
 export GX_ANALYTICS_ENABLED := false
+# idle OpenMP threads sleep instead of spinning on shared cores (flows/environment.py says why)
+export OMP_WAIT_POLICY := PASSIVE
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 

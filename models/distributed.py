@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from models.device import resolve_threads
 from models.early_stopping import ValidationTask
 from models.errors import ModelError
 from models.objective import BatchLoss
@@ -135,7 +136,7 @@ def _worker(rank: int, world: int, port: int, out: Path, stream: TrainingStream,
     os.environ.update(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(port),
                       RANK=str(rank), WORLD_SIZE=str(world))
     # the processes share the machine's cores: threads per rank split train.threads between them
-    torch.set_num_threads(max(1, train_cfg.threads // world))
+    torch.set_num_threads(max(1, resolve_threads(train_cfg.threads) // world))
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
     try:
         result = fit(stream, tower_cfg, train_cfg, seed, epochs, validation, checkpoint, log, on_epoch,
@@ -158,6 +159,6 @@ def join_launched_group(train_cfg: TrainParams) -> DistContext:
     if world <= 1 or "RANK" not in os.environ:
         return DistContext()
     if not dist.is_initialized():
-        torch.set_num_threads(max(1, train_cfg.threads // world))
+        torch.set_num_threads(max(1, resolve_threads(train_cfg.threads) // world))
         dist.init_process_group("gloo", init_method="env://")
     return GroupContext(dist.get_rank(), dist.get_world_size())

@@ -70,9 +70,10 @@ class ValidationTask:
         """Mean NDCG@k over the validation users, ranking the whole item vocabulary."""
         was_training = model.training
         model.eval()
+        device = next(model.parameters()).device      # the training device: scored there, ranked on the CPU
         with torch.no_grad():
-            item_vecs = model.encode_items(catalog)                               # (I, D)
-            user_vecs = model.encode_users(self.users)                            # (U, D)
+            item_vecs = model.encode_items({k: v.to(device) for k, v in catalog.items()}).float().cpu()   # (I, D)
+            user_vecs = model.encode_users({k: v.to(device) for k, v in self.users.items()}).float().cpu()  # (U, D)
         model.train(was_training)
         metrics = full_catalog_metrics(lambda s, e: user_vecs[s:e] @ item_vecs.T, self.n_users, self.n_items,
                                        self.seen, self.relevant, [k])

@@ -16,8 +16,10 @@ class TwoTowerBundle:
     """A trained TwoTower with the encoder it was trained with. Unknown ids, feature values or
     missing columns fall back to OOV / mean values, so new users and items still get vectors."""
 
-    def __init__(self, model: TwoTower, encoder: FeatureEncoder, batch_size: int = 4096):
-        self.model = model.eval()
+    def __init__(self, model: TwoTower, encoder: FeatureEncoder, batch_size: int = 4096,
+                 device: torch.device | None = None):
+        self.device = device or torch.device("cpu")
+        self.model = model.to(self.device).eval()
         self.encoder = encoder
         self.batch_size = batch_size
         self.dim: int = model.cfg.dim
@@ -27,9 +29,9 @@ class TwoTowerBundle:
         out = np.zeros((n, self.dim), dtype=np.float32)
         with torch.no_grad():
             for start in range(0, n, self.batch_size):
-                batch = {k: torch.from_numpy(np.ascontiguousarray(v[start:start + self.batch_size]))
+                batch = {k: torch.from_numpy(np.ascontiguousarray(v[start:start + self.batch_size])).to(self.device)
                          for k, v in inputs.items()}
-                out[start:start + self.batch_size] = tower(batch).numpy()   # (b, D)
+                out[start:start + self.batch_size] = tower(batch).float().cpu().numpy()   # (b, D)
         return out
 
     def encode_items(self, items: pd.DataFrame) -> np.ndarray:
@@ -42,8 +44,8 @@ class TwoTowerBundle:
         return self._run(self.encoder.encode_users(users), self.model.encode_users)
 
 
-def load_bundle(model_dir: Path) -> TwoTowerBundle:
-    """Load model_dir/model.pt + encoder.json (model_dir = artifacts/model/eval or .../full); raises
-    models.errors.ModelNotFound when either file is missing."""
+def load_bundle(model_dir: Path, device: torch.device | None = None) -> TwoTowerBundle:
+    """Load model_dir/model.pt + encoder.json (model_dir = artifacts/model/eval or .../full), encoding on
+    `device` (default the CPU); raises models.errors.ModelNotFound when either file is missing."""
     model, encoder = load_model(model_dir)
-    return TwoTowerBundle(model, encoder)
+    return TwoTowerBundle(model, encoder, device=device)

@@ -54,6 +54,67 @@ def in_batch_softmax(
     return sampled_softmax(pos, neg, valid, weights)
 
 
+_TINY = 1e-30     # below: a softmax row sum that lost its kept columns to float32 underflow
+
+
+class _InBatchListwise(torch.autograd.Function):
+    """The listwise in-batch loss in a few passes over the (B, B) logits, with a hand-written
+    backward: autograd of the reference (in_batch_logits + sampled_softmax) walks the (B, B) matrix
+    about fifteen times (divide, log Q, mask, concatenate, logsumexp and their backwards), which
+    was a third of a training step in the profile; this keeps one matrix and reuses it in place."""
+
+    @staticmethod
+    def forward(ctx, qs: torch.Tensor, c: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        # qs (B, D) = q / temperature, c (B, D), bias (B,) log Q per column, keep (B, B) bool (the
+        # diagonal = each row's positive included), weights (B,) summing to 1
+        logits = torch.addmm(bias.neg().unsqueeze(0), qs, c.T)                     # (B, B)
+        pos = logits.diagonal().clone()                                             # (B,)
+        # shift each row by its maximum over every column (one pass, no masked copy): the shifted
+        # logits are <= 0 and never overflow. exp over the unmasked logits, then the mask as a product:
+        # exp over -inf entries took 4.5x as long as over finite ones here (3.4 vs 0.74 ms, 1024 x 1024)
+        top = logits.amax(dim=1, keepdim=True)                                      # (B, 1)
+        prob = logits.sub_(top).exp_().mul_(keep)                                   # (B, B), in place
+        total = prob.sum(dim=1, keepdim=True)                                       # (B, 1)
+        # a row whose kept columns all underflow (masked columns ~87 above every kept one: only at a
+        # tiny learned temperature) is redone shifted by its kept maximum, as the reference does
+        low = total.squeeze(1) < _TINY
+        if bool(low.any()):
+            rows = low.nonzero().squeeze(1)
+            redo = torch.addmm(bias.neg().unsqueeze(0), qs[rows], c.T).masked_fill_(~keep[rows], float("-inf"))
+            top[rows] = redo.amax(dim=1, keepdim=True)
+            prob[rows] = redo.sub_(top[rows]).exp_()
+            total[rows] = prob[rows].sum(dim=1, keepdim=True)
+        prob.div_(total)                                                            # softmax over each row
+        loss = ((top.squeeze(1) + total.squeeze(1).log() - pos) * weights).sum()
+        ctx.save_for_backward(qs, c, prob, weights)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        qs, c, prob, weights = ctx.saved_tensors
+        g = prob * (weights.unsqueeze(1) * grad)              # (B, B): d loss / d logits
+        g.diagonal().sub_(weights * grad)                     # the positive's own -1
+        return g @ c, g.T @ qs, None, None, None
+
+
+def in_batch_listwise(q: torch.Tensor, c: torch.Tensor, temperature: torch.Tensor | float,
+                      item_ids: torch.Tensor | None = None, log_q: torch.Tensor | None = None,
+                      weights: torch.Tensor | None = None, also_positive: torch.Tensor | None = None) -> torch.Tensor:
+    """The same loss as in_batch_softmax (same arguments, same value and gradients up to float
+    rounding), computed by _InBatchListwise: the training step's path when there are no extra negatives."""
+    n = len(q)
+    # kept columns: each row's own positive and its negatives (other items, not accidental hits)
+    keep = ~also_positive if also_positive is not None else torch.ones((n, n), dtype=torch.bool, device=q.device)
+    if item_ids is not None:
+        keep &= item_ids.unsqueeze(0) != item_ids.unsqueeze(1)
+    keep.fill_diagonal_(True)                                                       # (B, B)
+    bias = log_q.to(q.dtype) if log_q is not None else q.new_zeros(n)
+    w = weights.to(q.dtype) if weights is not None else q.new_ones(n)
+    w = w / w.sum().clamp(min=1e-12)
+    return _InBatchListwise.apply(q / temperature, c, bias, keep, w)
+
+
 # --- losses over a positive and a set of negatives per example ---------------------------------
 # pos (B,) logits of each example's positive item; neg (B, M) logits of its negatives (in-batch
 # columns, shared easy negatives and per-example hard negatives, concatenated); valid (B, M) False

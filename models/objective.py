@@ -8,24 +8,45 @@ configured loss (listwise / pairwise / pointwise) reads them all.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch.profiler import record_function
 
-from models.losses import LOSSES, in_batch_logits, info_nce
+from models.device import autocast
+from models.losses import LOSSES, in_batch_listwise, in_batch_logits, info_nce
 from models.negatives import popularity_distribution
 from models.params import TrainParams
 from models.ssl import ItemAugmenter, build_augmenter
 from models.stream import TrainingStream, gather
-from models.towers import TwoTower
+from models.towers import Batch, TwoTower
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch's tensors on `device` (the same tensors on the CPU); non_blocking from pinned memory."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class BatchLoss:
     """Retrieval loss (+ α · SSL loss) of one batch: in-batch negatives, shared easy negatives drawn
-    ∝ popularity^easy_power, the examples' own hard negatives, accidental hits masked."""
+    ∝ popularity^easy_power, the examples' own hard negatives, accidental hits masked.
 
-    def __init__(self, stream: TrainingStream, train_cfg: TrainParams, augmenter: ItemAugmenter | None):
+    Every random draw, gather and mask is made on the CPU from the run's generator, whatever the
+    device: a GPU run sees the same batches, negatives and SSL views as a CPU run; only the towers and
+    the losses run on `device` (the towers under bf16 autocast when `mixed_precision`, on a GPU).
+    `fused` (default): the listwise loss without extra negatives through losses.in_batch_listwise (the
+    same loss, fewer passes); False keeps the reference path (in_batch_logits + sampled_softmax)."""
+
+    def __init__(self, stream: TrainingStream, train_cfg: TrainParams, augmenter: ItemAugmenter | None,
+                 device: torch.device | None = None, mixed_precision: bool = False, fused: bool = True,
+                 compile: bool = False):
         self.stream, self.train_cfg, self.augmenter = stream, train_cfg, augmenter
+        self.compile = compile
+        self._compiled: dict[tuple[int, str], Callable[[Batch], torch.Tensor]] = {}
+        self.device = device or torch.device("cpu")
+        self.mixed_precision = mixed_precision
         counts = stream.counts.numpy()
         self.n_hard = min(round(train_cfg.negatives * train_cfg.hard_ratio), stream.hard.shape[1])
         self.n_easy = train_cfg.negatives - round(train_cfg.negatives * train_cfg.hard_ratio)
@@ -33,32 +54,58 @@ class BatchLoss:
         self.ssl_p = torch.from_numpy(popularity_distribution(counts, train_cfg.ssl_power)).to(torch.float32)
         self.log_q = stream.log_q
         self.listwise_logq = train_cfg.loss == "listwise" and train_cfg.logq
+        self.fused = fused and train_cfg.loss == "listwise" and self.n_easy == 0 and self.n_hard == 0
+
+    def _tower(self, model: TwoTower, name: str) -> Callable[[Batch], torch.Tensor]:
+        """model.<name> (encode_users / encode_items), through torch.compile when asked. The method is
+        compiled, not the module, so the saved weights keep their names; dynamic shapes: the last
+        batch, the SSL and negative batches differ in size and must not recompile."""
+        if not self.compile:
+            return getattr(model, name)
+        key = (id(model), name)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(getattr(model, name), dynamic=True)
+        return self._compiled[key]
+
+    def _encode(self, model: TwoTower, name: str, batch: Batch) -> torch.Tensor:
+        """One tower on `device`, under autocast when asked; float32 out (the losses stay float32)."""
+        with autocast(self.device, self.mixed_precision):
+            return self._tower(model, name)(to_device(batch, self.device)).float()
 
     def __call__(self, model: TwoTower, b: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         # record_function labels name the parts of a step in a profile (the training benchmark); they
         # cost nothing measurable when no profiler is running
-        s, tau = self.stream, model.tau()
+        s, tau, dev = self.stream, model.tau(), self.device
         item = s.item_idx[b]                                                # (B,)
         user = s.users["user"][b]                                           # (B,)
         with record_function("towers"):
-            q, c = model(gather(s.users, b), gather(s.items, item))         # (B, D), (B, D)
+            q = self._encode(model, "encode_users", gather(s.users, b))        # (B, D)
+            c = self._encode(model, "encode_items", gather(s.items, item))     # (B, D)
         with record_function("in-batch logits + hit mask"):
             # log Q of item j among the B in-batch negatives: its stream share times B (Yi et al. 2019)
-            correction = self.log_q[item] + math.log(len(b)) if self.listwise_logq else None   # (B,)
-            pos, inb, valid = in_batch_logits(q, c, tau, item, correction, s.hits(user, item))
-        negs, valids = [inb], [valid]
-        if self.n_easy:
-            with record_function("easy negatives"):
-                easy, valid = self.easy_negatives(model, q, item, user, tau, gen)
-                negs.append(easy)
-                valids.append(valid)
-        if self.n_hard:
-            with record_function("hard negatives"):
-                hard, valid = self.hard_negatives(model, q, b, item, tau, gen)
-                negs.append(hard)
-                valids.append(valid)
-        with record_function("retrieval loss"):
-            loss = LOSSES[self.train_cfg.loss](pos, torch.cat(negs, dim=1), torch.cat(valids, dim=1), s.weights[b])
+            correction = (self.log_q[item] + math.log(len(b))).to(dev) if self.listwise_logq else None   # (B,)
+            hits = s.hits(user, item).to(dev)                               # (B, B)
+            weights = s.weights[b].to(dev)                                  # (B,)
+            if self.fused:
+                # no item ids: every stream row is one of its user's positives, so a column holding
+                # row i's own item is already one of row i's hits
+                loss = in_batch_listwise(q, c, tau, None, correction, weights, hits)
+            else:
+                pos, inb, valid = in_batch_logits(q, c, tau, item.to(dev), correction, hits)
+        if not self.fused:
+            negs, valids = [inb], [valid]
+            if self.n_easy:
+                with record_function("easy negatives"):
+                    easy, valid = self.easy_negatives(model, q, item, user, tau, gen)
+                    negs.append(easy)
+                    valids.append(valid)
+            if self.n_hard:
+                with record_function("hard negatives"):
+                    hard, valid = self.hard_negatives(model, q, b, item, tau, gen)
+                    negs.append(hard)
+                    valids.append(valid)
+            with record_function("retrieval loss"):
+                loss = LOSSES[self.train_cfg.loss](pos, torch.cat(negs, dim=1), torch.cat(valids, dim=1), weights)
         if self.augmenter is not None and self.train_cfg.ssl_weight > 0:
             with record_function("ssl"):
                 loss = loss + self.train_cfg.ssl_weight * self.ssl_loss(model, gen)
@@ -69,10 +116,10 @@ class BatchLoss:
         """(B, K) logits of K items shared by the batch, drawn ∝ popularity^easy_power, and their mask."""
         s = self.stream
         e = torch.multinomial(self.easy_p, self.n_easy, replacement=True, generator=gen)  # (K,)
-        easy = q @ model.encode_items(gather(s.items, e)).T / tau      # (B, K)
+        easy = q @ self._encode(model, "encode_items", gather(s.items, e)).T / tau      # (B, K)
         if self.listwise_logq:
-            easy = easy - torch.log(self.n_easy * self.easy_p[e]).unsqueeze(0)
-        return easy, (e.unsqueeze(0) != item.unsqueeze(1)) & ~s.hits(user, e)
+            easy = easy - torch.log(self.n_easy * self.easy_p[e]).unsqueeze(0).to(self.device)
+        return easy, ((e.unsqueeze(0) != item.unsqueeze(1)) & ~s.hits(user, e)).to(self.device)
 
     def hard_negatives(self, model: TwoTower, q: torch.Tensor, b: torch.Tensor, item: torch.Tensor,
                        tau: torch.Tensor | float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,9 +130,9 @@ class BatchLoss:
         key = torch.rand(pool.shape, generator=gen) + (pool == 0).to(torch.float32)
         h = pool.gather(1, key.argsort(dim=1)[:, :self.n_hard])         # (B, H)
         uniq, inv = torch.unique(h, return_inverse=True)
-        ch = model.encode_items(gather(self.stream.items, uniq))        # (U, D)
-        hard = (q.unsqueeze(1) * ch[inv]).sum(dim=-1) / tau             # (B, H)
-        return hard, (h != 0) & (h != item.unsqueeze(1))
+        ch = self._encode(model, "encode_items", gather(self.stream.items, uniq))   # (U, D)
+        hard = (q.unsqueeze(1) * ch[inv.to(self.device)]).sum(dim=-1) / tau     # (B, H)
+        return hard, ((h != 0) & (h != item.unsqueeze(1))).to(self.device)
 
     def ssl_loss(self, model: TwoTower, gen: torch.Generator) -> torch.Tensor:
         """InfoNCE between two masked views of an item batch drawn closer to uniform than the stream."""
@@ -93,7 +140,8 @@ class BatchLoss:
         idx = torch.multinomial(self.ssl_p, n, replacement=False, generator=gen)   # (S,) distinct items
         assert self.augmenter is not None, "ssl_loss needs an augmenter (make_augmenter)"
         v1, v2 = self.augmenter.views(gather(self.stream.items, idx), gen)
-        return info_nce(model.encode_items(v1), model.encode_items(v2), self.train_cfg.ssl_temperature)
+        return info_nce(self._encode(model, "encode_items", v1), self._encode(model, "encode_items", v2),
+                        self.train_cfg.ssl_temperature)
 
 
 def make_augmenter(stream: TrainingStream, train_cfg: TrainParams, notes: list[str]) -> ItemAugmenter | None:

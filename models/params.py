@@ -57,7 +57,10 @@ class TrainParams(Section):
     val_fraction: float = Field(0.2, gt=0, lt=1)   # each user's last share of training rows
     refit_full: bool = True
     read_batch_rows: PositiveInt = 50_000           # rows per parquet batch when streaming the samples
-    threads: PositiveInt = 1                       # torch threads in all (split between workers)
+    threads: PositiveInt | Literal["auto"] = "auto"  # torch threads in all (split between workers); auto: min(2, cores)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: a CUDA GPU when present (models/device.py)
+    mixed_precision: bool = True                   # bf16 autocast of the towers, on a GPU only (never on the CPU)
+    compile: bool = False                          # torch.compile the towers (needs a C compiler; compile time first)
     workers: PositiveInt = 1                       # data-parallel processes (torch DDP, gloo); 1: in process
 
 

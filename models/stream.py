@@ -209,18 +209,23 @@ class TrainingStream:
         the CSR lists and matched against the distinct candidates, so the cost is the size of those
         lists, whatever the catalog size."""
         uniq, col = torch.unique(candidates, return_inverse=True)          # (U,), (C,)
-        start, end = self.pos_ptr[user], self.pos_ptr[user + 1]             # (B,), (B,)
+        # each distinct user once: active users fill a batch several times, and their positive lists
+        # are the longest (the lists' total length is most of this function's cost)
+        users, row_of = torch.unique(user, return_inverse=True)             # (V,), (B,)
+        start, end = self.pos_ptr[users], self.pos_ptr[users + 1]           # (V,), (V,)
         length = end - start
-        row = torch.repeat_interleave(torch.arange(len(user)), length)      # (L,)
-        offset = torch.arange(int(length.sum())) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
-        item = self.pos_items[torch.repeat_interleave(start, length) + offset]  # (L,)
-        lookup = torch.full((self.n_items,), -1, dtype=torch.int64)          # item -> slot in uniq
+        total = int(length.sum())
+        row = torch.repeat_interleave(torch.arange(len(users)), length, output_size=total)       # (L,)
+        # position of each listed positive in pos_items: its list's start + its rank in the list
+        shift = torch.repeat_interleave(start - (torch.cumsum(length, 0) - length), length, output_size=total)
+        item = self.pos_items[torch.arange(total) + shift]                  # (L,)
+        # item -> slot in uniq; items that are not candidates go to a spare last column, dropped after
+        # (no boolean indexing: it costs a nonzero pass)
+        lookup = torch.full((self.n_items,), len(uniq), dtype=torch.int64)
         lookup[uniq] = torch.arange(len(uniq))
-        slot = lookup[item]                                                 # (L,)
-        found = slot >= 0
-        table = torch.zeros((len(user), len(uniq)), dtype=torch.bool)       # (B, U)
-        table[row[found], slot[found]] = True
-        return table[:, col]                                                # (B, C)
+        table = torch.zeros((len(users), len(uniq) + 1), dtype=torch.bool)  # (V, U + 1)
+        table[row, lookup[item]] = True
+        return table.index_select(0, row_of).index_select(1, col)          # (B, C)
 
     def hard_negative_summary(self) -> dict:
         """Mean stored hard negatives per example, with a note when the stream has none."""

@@ -23,6 +23,7 @@ import torch
 from torch.profiler import record_function
 
 from models.checkpoint import restore_checkpoint, save_checkpoint
+from models.device import resolve_device
 from models.early_stopping import ValidationTask
 from models.encoding import FeatureEncoder
 from models.errors import ModelError
@@ -132,6 +133,15 @@ def lr_factor(train_cfg: TrainParams, steps_per_epoch: int) -> Callable[[int], f
     return lambda t: 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
 
 
+def training_device(train_cfg: TrainParams, dist: DistContext) -> torch.device:
+    """train.device resolved on this machine; a data-parallel rank takes GPU rank % GPUs (its gloo
+    all-reduce then runs on CUDA tensors)."""
+    device = resolve_device(train_cfg.device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.rank % torch.cuda.device_count())
+    return device
+
+
 def check_stream(stream: TrainingStream) -> None:
     if len(stream) == 0:
         raise ValueError("the training stream is empty: nothing to train on")
@@ -205,15 +215,17 @@ def fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: TrainParam
         raise ValueError(f"train.workers={train_cfg.workers}: fit trains in one process; start the workers "
                          "with models.distributed.spawn_fit")
     epochs = epochs or train_cfg.epochs
+    device = training_device(train_cfg, dist)
     torch.manual_seed(seed)
-    model = TwoTower(tower_cfg)
+    model = TwoTower(tower_cfg).to(device)     # initialized on the CPU generator: the same weights anywhere
     opt = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     n = len(stream)
     steps = math.ceil(math.ceil(n / dist.world) / train_cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(train_cfg, steps))
     gen = torch.Generator().manual_seed(seed)       # the permutation: the same on every rank
     result = FitResult(model=model)
-    batch_loss = BatchLoss(stream, train_cfg, make_augmenter(stream, train_cfg, result.notes))
+    batch_loss = BatchLoss(stream, train_cfg, make_augmenter(stream, train_cfg, result.notes), device=device,
+                           mixed_precision=train_cfg.mixed_precision, compile=train_cfg.compile)
     if train_cfg.negatives and batch_loss.n_hard == 0 and train_cfg.hard_ratio > 0:
         result.notes.append("no hard negatives in the stream (ranking logs empty or none before the examples)")
     if checkpoint is not None and checkpoint.exists():
@@ -242,5 +254,6 @@ def fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: TrainParam
             save_checkpoint(checkpoint, model, opt, sched, gen, result.progress())
         if dist.lead and on_epoch is not None:
             on_epoch(epoch)
-    model.eval()
+    # the trained model leaves on the CPU: saving, publishing and the callers' scoring are device-free
+    result.model = model.cpu().eval()
     return result

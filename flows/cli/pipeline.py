@@ -188,7 +188,8 @@ def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOptio
     with _errors():
         from flows.experiments.bench import bench as _bench
         result = _bench(params_file.resolve().parent, out, set_ or [], repeats, index_items)
-        typer.echo(json.dumps({k: result[k] for k in ("stage_seconds", "total_seconds", "recommend", "features", "index")},
+        typer.echo(json.dumps({k: result[k] for k in ("stage_seconds", "total_seconds", "train_throughput", "recommend",
+                                                  "features", "index")},
                               indent=2))
         typer.echo(f"written to {out}")
 

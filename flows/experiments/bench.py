@@ -1,4 +1,5 @@
-"""`towerflow bench` (`make bench`): time every stage on the demo, training throughput, and the serving speed.
+"""`towerflow bench` (`make bench`): time every stage on the demo, training throughput (ours beside a
+minimal two-tower of the same sizes), and the serving speed.
 
 Runs in a temporary copy of the project (so the workspace's DVC outputs and dvc.lock are untouched),
 reusing the workspace's demo cache, and writes the figures to a JSON file (default reports/bench.json).
@@ -47,6 +48,8 @@ def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50, index_
         paths = params.paths.resolved(work)
         train_metrics = json.loads((paths.model / "train_metrics.json").read_text())
         metrics = json.loads((paths.reports / "metrics.json").read_text())
+        # ours against the minimal two-tower of the same sizes, on this run's refit stream
+        throughput = _training(paths, params)
         latency = _serving(work, repeats)
         # last: it rewrites the (temporary copy's) online store to time a full materialization
         features = feature_bench(paths.feast, paths.features,
@@ -59,6 +62,7 @@ def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50, index_
         "stage_seconds": stages,
         "total_seconds": round(sum(stages.values()), 2),
         "train": train_metrics,
+        "train_throughput": throughput,
         "metrics": metrics,
         "recommend": latency,
         "features": features,
@@ -69,6 +73,15 @@ def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50, index_
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def _training(paths, params, rounds: int = 3) -> dict[str, Any]:  # noqa: ANN001
+    """Training examples/s of ours and of the minimal two-tower, alternated (flows/experiments/train_bench.py)."""
+    from flows.experiments.train_bench import compare, stream_at
+
+    stream, config = stream_at(paths.samples / "full.parquet", paths.training, paths.ingested / "schema.json",
+                               params.model, params.train)
+    return compare(stream, config, params.train, params.base.seed, epochs=1, rounds=rounds)
 
 
 def _serving(work: Path, repeats: int) -> dict[str, Any]:

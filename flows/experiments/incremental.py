@@ -129,9 +129,10 @@ def run_bench(data: Path, model_cfg: ModelParams, train_cfg: TrainParams, bench:
     import pandas as pd
     import torch
 
+    from models.device import resolve_threads
     from models.encoding import HISTORY_COLUMN
 
-    torch.set_num_threads(train_cfg.threads)
+    torch.set_num_threads(resolve_threads(train_cfg.threads))
     schema = json.loads((data / "ingested" / "schema.json").read_text())
     items = pd.read_parquet(data / "training" / "items.parquet")
     examples = pd.read_parquet(data / "training" / "examples.parquet").drop(columns=["split"])
@@ -156,7 +157,7 @@ def run_bench(data: Path, model_cfg: ModelParams, train_cfg: TrainParams, bench:
         log(f"increment {k}: full {full_fig['seconds']} s {figures['full']}, "
             f"finetune {tune_fig['seconds']} s {figures['finetune']}, stale {figures['stale']}")
     return {"config": {**bench.__dict__, "model": model_cfg.model_dump(), "batch_size": cfg.batch_size,
-                       "lr": cfg.lr, "threads": cfg.threads, "k": K},
+                       "lr": cfg.lr, "threads": resolve_threads(cfg.threads), "k": K},
             "rows": len(examples), "base": base_fig, "steps": steps}
 
 

@@ -7,7 +7,8 @@ reads <data>/samples/full.parquet, <data>/training/{examples,items}.parquet and
 train sections of params.yaml (overridable with --set train.batch_size=2048), and prints
 examples/s and s/epoch per worker count, then the share of a step's time in each part of the loss
 (the record_function labels of models/training.py) from torch.profiler over --profile-steps steps.
-Nothing is written.
+--compare N: ours against the minimal two-tower of the same sizes, alternated N times (`compare`,
+also part of `towerflow bench`). Nothing is written.
 """
 from __future__ import annotations
 
@@ -20,20 +21,27 @@ from pathlib import Path
 
 
 def build_stream(data: Path, model_params, cfg):
+    """The stream of <data>/samples/full.parquet (a project's data folder)."""
+    return stream_at(data / "samples/full.parquet", data / "training", data / "ingested/schema.json",
+                     model_params, cfg)
+
+
+def stream_at(samples: Path, training: Path, schema_path: Path, model_params, cfg):
+    """The train stage's refit stream of `samples` with its vocabularies, and the tower config."""
     import pandas as pd
 
     from models.encoding import FeatureEncoder
     from models.stream import TrainingStream
     from models.training import tower_config
 
-    schema = json.loads((data / "ingested/schema.json").read_text())
-    items = pd.read_parquet(data / "training/items.parquet")
-    examples = pd.read_parquet(data / "training/examples.parquet")
+    schema = json.loads(schema_path.read_text())
+    items = pd.read_parquet(training / "items.parquet")
+    examples = pd.read_parquet(training / "examples.parquet")
     encoder = FeatureEncoder.fit(schema, items, examples, min_count=model_params.min_count,
                                  behaviour_counts=model_params.behaviour_counts)
     # as the train stage reads it: streamed into memory maps (kept in a temporary folder)
     spill = Path(tempfile.mkdtemp(prefix="towerflow-bench-stream-"))
-    stream = TrainingStream.from_parquet(encoder, data / "samples/full.parquet", items, spill=spill,
+    stream = TrainingStream.from_parquet(encoder, samples, items, spill=spill,
                                          batch_rows=cfg.read_batch_rows)
     return stream, tower_config(encoder, model_params)
 
@@ -44,15 +52,48 @@ def throughput(stream, config, cfg, seed: int, epochs: int, workers: int) -> dic
     from models.distributed import spawn_fit
     from models.training import fit
 
+    from models.device import resolve_threads
+
     run_cfg = cfg.model_copy(update={"workers": workers, "epochs": epochs, "early_stopping": False})
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     start = time.perf_counter()
     result = spawn_fit(stream, config, run_cfg, seed) if workers > 1 else fit(stream, config, run_cfg, seed)
     wall = time.perf_counter() - start
     per_epoch = sum(result.seconds) / len(result.seconds)
-    return {"workers": workers, "threads_per_worker": max(1, cfg.threads // workers),
+    return {"workers": workers, "threads_per_worker": max(1, resolve_threads(cfg.threads) // workers),
             "s_per_epoch": round(per_epoch, 3), "examples_per_s": round(len(stream) / per_epoch),
             "wall_s_incl_startup": round(wall, 1), "losses": [round(x, 4) for x in result.losses]}
+
+
+def compare(stream, config, cfg, seed: int, epochs: int = 1, rounds: int = 3) -> dict:
+    """Our training (models.training.fit, one process) against the minimal two-tower of the same sizes
+    (flows/experiments/minimal_two_tower.py) on the same stream and threads: `rounds` alternations of
+    `epochs` epochs each, so both see the same machine load. The ratio (ours / minimal examples/s, the
+    median of the rounds' ratios) is the figure to read on a shared machine; the load averages say how
+    shared it was."""
+    import os
+    import statistics
+
+    import torch
+
+    from flows.experiments.minimal_two_tower import minimal_fit
+    from models.device import resolve_threads
+    from models.training import fit
+
+    threads = resolve_threads(cfg.threads)
+    torch.set_num_threads(threads)
+    run_cfg = cfg.model_copy(update={"workers": 1, "epochs": epochs, "early_stopping": False})
+    ours, minimal, loads = [], [], [os.getloadavg()[0]]
+    for _ in range(rounds):
+        ours.append(len(stream) * epochs / sum(fit(stream, config, run_cfg, seed).seconds))
+        seconds, _ = minimal_fit(stream, config, cfg.batch_size, cfg.lr, seed, epochs)
+        minimal.append(len(stream) * epochs / sum(seconds))
+        loads.append(os.getloadavg()[0])
+    return {"examples": len(stream), "batch_size": cfg.batch_size, "threads": threads, "device": cfg.device,
+            "epochs_per_round": epochs, "rounds": rounds,
+            "ours_examples_per_s": [round(x) for x in ours], "minimal_examples_per_s": [round(x) for x in minimal],
+            "ratio_ours_to_minimal": round(statistics.median(o / m for o, m in zip(ours, minimal)), 3),
+            "load_average_1min": [round(x, 2) for x in loads], "cpus": os.cpu_count()}
 
 
 def profile(stream, config, cfg, seed: int, steps: int) -> list[tuple[str, float, float]]:
@@ -61,9 +102,10 @@ def profile(stream, config, cfg, seed: int, steps: int) -> list[tuple[str, float
     from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
 
     from models.towers import TwoTower
+    from models.device import resolve_threads
     from models.objective import BatchLoss, make_augmenter
 
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     torch.manual_seed(seed)
     model = TwoTower(config)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -106,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--profile-steps", type=int, default=20)
+    ap.add_argument("--compare", type=int, default=0, metavar="ROUNDS",
+                    help="also time ours against the minimal two-tower, alternating ROUNDS times")
     args = ap.parse_args(argv)
     params = load_params(args.params, args.set)
     stream, config = build_stream(args.data, params.model, params.train)
@@ -114,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{math.ceil(len(stream) / cfg.batch_size)} steps/epoch, threads {cfg.threads}")
     for w in args.workers:
         print(json.dumps(throughput(stream, config, cfg, params.base.seed, args.epochs, w)), flush=True)
+    if args.compare:
+        print(json.dumps(compare(stream, config, cfg, params.base.seed, args.epochs, args.compare)), flush=True)
     if args.profile_steps:
         print(f"profile, 1 process, mean of {args.profile_steps} steps:")
         for label, ms, share in profile(stream, config, cfg, params.base.seed, args.profile_steps):

@@ -11,6 +11,7 @@ import pandas as pd
 from flows.errors import DataContractError, MissingStageInput
 from flows.reports.champion import champion_report
 from flows.reports.live import live_bundle
+from models.device import resolve_device
 from models.errors import ModelInputError, ModelNotFound
 from models.evaluation import evaluation_report, holdout_recommendations
 from models.holdout import CatalogTask, catalog_task
@@ -43,16 +44,16 @@ def _test_task(examples: pd.DataFrame, items: pd.DataFrame, source: Path) -> Cat
     return task
 
 
-def _read_model(model_dir: Path) -> TwoTowerBundle:
+def _read_model(model_dir: Path, device: str) -> TwoTowerBundle:
     try:
-        return load_bundle(_model_subdir(model_dir))
+        return load_bundle(_model_subdir(model_dir), resolve_device(device))
     except ModelNotFound as exc:
         raise MissingStageInput(f"{exc}; run the train stage first") from exc
 
 
 def evaluate(eval_cfg: EvaluateParams, training_dir: Path, model_dir: Path, out_path: Path,
              recs_path: Path | None = None, published_dir: Path | None = None, schema_path: Path | None = None,
-             champion_path: Path | None = None) -> dict:
+             champion_path: Path | None = None, device: str = "cpu") -> dict:
     """Reads training_dir/{examples,items}.parquet and the eval model under model_dir; writes out_path
     (reports/metrics.json): {"two_tower": {...}, "most_popular": {...}, "ease": {...}, "ease_lambda",
     "ease_validation", "n_users", "n_items", "n_tail_items"}; each model's metrics are recall, ndcg,
@@ -62,11 +63,12 @@ def evaluate(eval_cfg: EvaluateParams, training_dir: Path, model_dir: Path, out_
     report stage measures with Evidently. With champion_path, also scores the model live in
     published_dir (read when the stage runs, as the report stage does) on the same holdout and writes
     champion_path (reports/champion.json, see flows/reports/champion.py; schema_path: this run's
-    ingested schema.json, its source and contract). A model whose vectors are not finite is refused."""
+    ingested schema.json, its source and contract). A model whose vectors are not finite is refused.
+    device: where the model encodes the queries and the catalog (train.device: auto | cpu | cuda)."""
     examples, items = _read_training(training_dir)
     source = training_dir / "examples.parquet"
     task = _test_task(examples, items, source)
-    bundle = _read_model(model_dir)
+    bundle = _read_model(model_dir, device)
     try:
         result = evaluation_report(eval_cfg, task, bundle, examples, items)
         recs = holdout_recommendations(bundle, task, max(eval_cfg.ks)) if recs_path is not None else None

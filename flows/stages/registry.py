@@ -62,7 +62,8 @@ def _evaluate(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.evaluate import evaluate
     return evaluate(p.evaluate, paths.training, paths.model / "eval", out_path=paths.reports / "metrics.json",
                     recs_path=paths.reports / "quality" / "recs.parquet", published_dir=paths.published,
-                    schema_path=paths.ingested / "schema.json", champion_path=paths.reports / "champion.json")
+                    schema_path=paths.ingested / "schema.json", champion_path=paths.reports / "champion.json",
+                    device=p.train.device)
 
 
 def _publish(p: Params, paths: PathsParams) -> dict[str, Any]:

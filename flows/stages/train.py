@@ -24,6 +24,7 @@ import torch
 from flows.errors import DataContractError, MissingStageInput
 from flows.serving.store import EVAL_MODEL_DIR, BundleStore
 from models.checkpoint import load_model, save_model, save_warm_start
+from models.device import resolve_threads
 from models.distributed import join_launched_group, spawn_fit
 from models.early_stopping import ValidationTask, carve, outside
 from models.encoding import HISTORY_COLUMN, FeatureEncoder, longest_list, parquet_column
@@ -91,8 +92,10 @@ def _file_digest(path: Path) -> str:
 
 
 def checkpoint_key(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: list[Path]) -> str:
-    """Hash of everything that determines the trained weights (threads excluded: it changes speed only)."""
-    doc = {"model": model_cfg.model_dump(), "train": train_cfg.model_dump(exclude={"threads", "read_batch_rows"}),
+    """Hash of everything that determines the trained weights (threads and compile excluded: they change
+    speed only)."""
+    doc = {"model": model_cfg.model_dump(),
+           "train": train_cfg.model_dump(exclude={"threads", "read_batch_rows", "compile"}),
            "seed": seed, "inputs": {p.name: _file_digest(p) for p in inputs}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -297,7 +300,7 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
     checkpoint_dir (default out_dir.parent / 'model_ckpt') holds per-epoch checkpoints until success.
     train_cfg.update == 'finetune' (a TrainSection): each model starts from the live bundle of
     published_dir instead (docs/INCREMENTAL.md); train_metrics.json's 'update' says what happened."""
-    torch.set_num_threads(train_cfg.threads)
+    torch.set_num_threads(resolve_threads(train_cfg.threads))
     # under torchrun every process runs this stage: each trains its shard, rank 0 alone writes
     dist = join_launched_group(train_cfg)
     inputs = _read_inputs(train_cfg, samples_dir, training_dir, schema_path)

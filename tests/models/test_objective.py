@@ -22,7 +22,8 @@ def test_listwise_loss_without_extra_negatives_is_the_in_batch_softmax():
     torch.manual_seed(0)
     model = TwoTower(tower_config(encoder, ModelParams(dim=4, embedding_dim=4, hidden=[8])))
     b = torch.tensor([2, 0, 1])
-    loss = BatchLoss(stream, TrainParams(negatives=0, ssl_weight=0.0), None)(model, b, torch.Generator())
+    loss = BatchLoss(stream, TrainParams(negatives=0, ssl_weight=0.0), None, fused=False)(model, b, torch.Generator())
+    fused = BatchLoss(stream, TrainParams(negatives=0, ssl_weight=0.0), None)(model, b, torch.Generator())
 
     item, user = stream.item_idx[b], stream.users["user"][b]
     q, c = model(gather(stream.users, b), gather(stream.items, item))
@@ -30,7 +31,8 @@ def test_listwise_loss_without_extra_negatives_is_the_in_batch_softmax():
     log_q = stream.log_q[item] + math.log(len(b))
     expected = in_batch_softmax(q, c, model.tau(), item, log_q, stream.weights[b], stream.hits(user, item))
     assert torch.equal(loss, expected)
+    assert torch.allclose(fused, expected, rtol=1e-6, atol=1e-6)    # the training path: same loss, fewer passes
     assert stream.hits(user, item)[1, 2]          # user 1's other positive is masked, not a negative
     no_logq = BatchLoss(stream, TrainParams(negatives=0, ssl_weight=0.0, logq=False), None)(model, b, torch.Generator())
-    assert torch.equal(no_logq, in_batch_softmax(q, c, model.tau(), item, None, stream.weights[b],
-                                                 stream.hits(user, item)))
+    assert torch.allclose(no_logq, in_batch_softmax(q, c, model.tau(), item, None, stream.weights[b],
+                                                 stream.hits(user, item)), rtol=1e-6, atol=1e-6)
