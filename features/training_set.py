@@ -59,28 +59,40 @@ def _chunks(entity_df: pd.DataFrame, key: str, max_pairs: int) -> np.ndarray:
 
 def point_in_time(store: "FeatureStore", keys: pd.DataFrame, refs: list[str],
                   max_pairs: int = 2_000_000, key: str = USER_KEY) -> pd.DataFrame:
-    """Features `refs` of each (key, timestamp) row of keys as of its timestamp, row-aligned.
+    """Features `refs` of each (key, timestamp) row of keys as of its timestamp, row-aligned; a row
+    with no feature row at or before its time (within the view's TTL) gets nulls.
 
     Feast's file store collapses entity rows with the same key and timestamp (feast#6787), so the
-    join runs on the distinct (key, timestamp) pairs and is mapped back by position.
+    join runs on the distinct (key, timestamp) pairs and is mapped back by position. Only the file
+    store is chunked (`_chunks`, at most ~max_pairs entity x feature rows per call): DuckDB and
+    Spark join in their own engines, which spill to disk instead of holding every pair in pandas.
     """
     keys = keys[[key, "timestamp"]].reset_index(drop=True)
     group = keys.groupby([key, "timestamp"], sort=False).ngroup().to_numpy()
     entity_df = keys.drop_duplicates(ignore_index=True).rename(columns={"timestamp": TIMESTAMP_FIELD})
-    entity_df["__row"] = np.arange(len(entity_df))
-    entity_df = entity_df.sort_values([key, TIMESTAMP_FIELD], kind="mergesort", ignore_index=True)
-    parts = [store.get_historical_features(entity_df=chunk, features=refs).to_df()
-             for _, chunk in entity_df.groupby(_chunks(entity_df, key, max_pairs), sort=True)]
-    joined = pd.concat(parts, ignore_index=True)
-    # An entity row whose feature rows all postdate it is dropped by Feast, not returned as NaN:
-    # every pair must come back exactly once or the examples would silently shrink.
-    rows = np.sort(joined["__row"].to_numpy())
-    if len(rows) != len(entity_df) or not np.array_equal(rows, np.arange(len(entity_df))):
-        raise RuntimeError(f"Feast point-in-time join returned {len(joined)} rows for "
-                           f"{len(entity_df)} distinct (user, timestamp) pairs")
-    joined = joined.sort_values("__row", ignore_index=True)
+    n_pairs = len(entity_df)
+    entity_df["__row"] = np.arange(n_pairs)
+    if store.config.offline_store.type == "file":
+        entity_df = entity_df.sort_values([key, TIMESTAMP_FIELD], kind="mergesort", ignore_index=True)
+        parts = [store.get_historical_features(entity_df=chunk, features=refs).to_df()
+                 for _, chunk in entity_df.groupby(_chunks(entity_df, key, max_pairs), sort=True)]
+        joined = pd.concat(parts, ignore_index=True)
+    else:
+        joined = store.get_historical_features(entity_df=entity_df, features=refs).to_df()
+    rows = joined["__row"].to_numpy()
+    if len(np.unique(rows)) != len(rows) or len(rows) > n_pairs:
+        raise RuntimeError(f"Feast point-in-time join returned {len(joined)} rows (some twice) for "
+                           f"{n_pairs} distinct ({key}, timestamp) pairs")
+    # The file store drops a pair whose feature rows all postdate it (or lie beyond the TTL);
+    # DuckDB and Spark return it with nulls. Both become nulls here, so every store gives the same
+    # row-aligned answer and the examples never silently shrink.
     names = [r.split(":", 1)[1] for r in refs]
-    return joined[names].iloc[group].reset_index(drop=True)
+    joined = joined.set_index("__row")[names]
+    if len(joined) < n_pairs:
+        joined = joined.reindex(np.arange(n_pairs))
+    else:
+        joined = joined.sort_index()
+    return joined.iloc[group].reset_index(drop=True)
 
 
 def _user_features(store: "FeatureStore", schema: dict, examples: pd.DataFrame,
