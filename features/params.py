@@ -24,6 +24,9 @@ class FeaturesParams(Section):
     # file up to offline_auto_rows interactions, duckdb above (README "Outgrowing one machine").
     offline_store: Literal["file", "duckdb", "spark", "auto"] = "auto"
     offline_auto_rows: PositiveInt = 200_000
+    # duckdb only: DuckDB's memory limit; beyond it joins spill to <paths.feast>/duckdb-tmp. Its own
+    # default (80% of the machine's RAM) got a 1M-interaction join OOM-killed at 19 GB on 24 GB.
+    duckdb_memory_limit: str = "4GB"
     # spark only: memory of the local driver JVM (local mode runs every task inside it).
     spark_driver_memory: str = "4g"
 

@@ -123,7 +123,7 @@ def record(feast_dir: Path, definition: str, static: str, inter: pd.DataFrame,
 def _open(features_cfg: FeaturesParams, features_dir: Path, feast_dir: Path,
           offline: OfflineKind) -> "FeatureStore":
     return open_store(feast_dir, features_dir, features_cfg.online_store, offline,
-                      features_cfg.spark_driver_memory)
+                      features_cfg.spark_driver_memory, features_cfg.duckdb_memory_limit)
 
 
 def _fresh_store(features_cfg: FeaturesParams, schema: dict, features_dir: Path,

@@ -76,6 +76,17 @@ def _online_config(feast_dir: Path, kind: OnlineKind) -> dict:
     return {"type": "sqlite", "path": str(feast_dir / "online.db")}
 
 
+def _duckdb_backend(feast_dir: Path, memory_limit: str) -> None:
+    """Point ibis's default backend (Feast's DuckDB store reads and joins through it) at a DuckDB
+    connection with a memory limit that spills to feast_dir/duckdb-tmp. Process-wide, as ibis's
+    default backend is; Feast's DuckDB store has no setting of its own for it."""
+    import ibis
+
+    spill = feast_dir / "duckdb-tmp"
+    spill.mkdir(parents=True, exist_ok=True)
+    ibis.set_backend(ibis.duckdb.connect(memory_limit=memory_limit, temp_directory=str(spill)))
+
+
 def _offline_config(feast_dir: Path, kind: OfflineKind, spark_driver_memory: str) -> dict:
     if kind == "file":
         return {"type": "file"}
@@ -116,7 +127,8 @@ def _offline_config(feast_dir: Path, kind: OfflineKind, spark_driver_memory: str
 
 
 def open_store(feast_dir: Path, features_dir: Path, online: OnlineKind | None = None,
-               offline: OfflineKind = "file", spark_driver_memory: str = "4g") -> "FeatureStore":
+               offline: OfflineKind = "file", spark_driver_memory: str = "4g",
+               duckdb_memory_limit: str = "4GB") -> "FeatureStore":
     """The FeatureStore over feast_dir (registry + online store); created on first use.
 
     online=None opens the kind recorded in feast_dir (what materialize filled). `offline` must be
@@ -127,12 +139,15 @@ def open_store(feast_dir: Path, features_dir: Path, online: OnlineKind | None = 
 
     feast_dir = Path(feast_dir).resolve()
     feast_dir.mkdir(parents=True, exist_ok=True)
+    offline_config = _offline_config(feast_dir, offline, spark_driver_memory)
+    if offline == "duckdb":
+        _duckdb_backend(feast_dir, duckdb_memory_limit)
     config = RepoConfig(
         project=PROJECT,
         provider="local",
         registry=str(feast_dir / "registry.db"),
         online_store=_online_config(feast_dir, online or recorded_kind(feast_dir)),
-        offline_store=_offline_config(feast_dir, offline, spark_driver_memory),
+        offline_store=offline_config,
         entity_key_serialization_version=3,
         # FileSource paths are relative to repo_path (features/definitions.py), so the registry
         # holds no absolute paths.
