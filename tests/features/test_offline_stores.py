@@ -168,16 +168,29 @@ def test_auto_picks_duckdb_above_the_measured_size():
     assert FeaturesParams(offline_store="spark").offline_for(10) == "spark"
 
 
-def test_switching_the_offline_store_rebuilds_the_registry(tmp_path):
-    """The registry's sources follow the offline store, so a switch must not reuse the old ones."""
+def test_switching_the_offline_store_rebuilds_and_duckdb_extends_incrementally(tmp_path):
+    """The registry's sources follow the offline store, so a switch must not reuse the old ones;
+    on DuckDB, newer interactions are materialized incrementally to the same online rows as a full
+    build through the file store."""
     ing = ingested_tables(tmp_path, False)
     schema = contract_schema(False)
     inter = pd.read_parquet(ing / "interactions.parquet", columns=EXAMPLE_KEYS)
     users, items = pd.read_parquet(ing / "users.parquet"), pd.read_parquet(ing / "items.parquet")
-    dirs = {"features_dir": tmp_path / "features", "feast_dir": tmp_path / "feast"}
-    hows = []
-    for offline in ("file", "file", "duckdb", "duckdb"):
+    later = inter.sample(10, random_state=1).assign(
+        timestamp=inter["timestamp"].max() + pd.to_timedelta(np.arange(1, 11), unit="h"))
+    grown = pd.concat([inter, later], ignore_index=True)
+
+    def fill(root, offline: str, rows: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+        dirs = {"features_dir": root / "features", "feast_dir": root / "feast"}
         cfg = FeaturesParams(history_length=HISTORY, offline_store=offline)
-        sources = write_sources(cfg, schema, users, items, inter, dirs["features_dir"])
-        hows.append(fill_online(cfg, schema, inter, sources, **dirs)[1])
+        sources = write_sources(cfg, schema, users, items, rows, dirs["features_dir"])
+        how = fill_online(cfg, schema, rows, sources, **dirs)[1]
+        return how, online_user_features(open_store(dirs["feast_dir"], dirs["features_dir"]), schema,
+                                         users["user_id"].tolist())
+
+    hows = [fill(tmp_path, o, inter)[0] for o in ("file", "file", "duckdb", "duckdb")]
     assert hows == ["full", "unchanged", "full", "unchanged"]
+    how, incremental = fill(tmp_path, "duckdb", grown)
+    assert how == "incremental"
+    _, full = fill(tmp_path / "rebuilt", "file", grown)
+    pd.testing.assert_frame_equal(incremental, full)
