@@ -23,7 +23,10 @@ class FeaturesParams(Section):
     # spark (contrib, pyspark; local[*] unless $SPARK_MASTER names a cluster; needs Java), or auto:
     # file up to offline_auto_rows interactions, duckdb above (README "Outgrowing one machine").
     offline_store: Literal["file", "duckdb", "spark", "auto"] = "auto"
-    offline_auto_rows: PositiveInt = 200_000
+    # Measured (flows/experiments/offline_bench.py, generated heavy-tailed data): at 20k interactions
+    # DuckDB took 31 s (materialize + join) to the file store's 55 s; below it DuckDB's import cost
+    # (ibis, a few seconds) is not earned back.
+    offline_auto_rows: PositiveInt = 20_000
     # duckdb only: DuckDB's memory limit; beyond it joins spill to <paths.feast>/duckdb-tmp. Its own
     # default (80% of the machine's RAM) got a 1M-interaction join OOM-killed at 19 GB on 24 GB.
     duckdb_memory_limit: str = "4GB"
