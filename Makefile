@@ -25,7 +25,7 @@ PIP_VERSION := 26.3
 LOCK_FLAGS := --quiet --extra dev --no-emit-find-links --no-emit-index-url --strip-extras --no-header \
               --annotation-style=line --generate-hashes --allow-unsafe
 
-.PHONY: setup vendor lock pipeline test bench gate-bench ablate clean
+.PHONY: setup vendor lock pipeline test bench bench-offline gate-bench ablate clean
 
 setup: $(STAMP) vendor
 
@@ -57,6 +57,13 @@ pipeline: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Feast's offline stores (features.offline_store) on N generated interactions: time and peak RSS of
+# materialization and the training join, per store, into reports/offline_stores.json.
+N ?= 1000000
+OFFLINE_STORES ?= file duckdb spark
+bench-offline: setup
+	$(BIN)/python -m flows.experiments.offline_bench --rows $(N) --stores $(OFFLINE_STORES) --out reports/offline_stores.json
 
 bench: setup
 	$(BIN)/towerflow bench --out reports/bench.json --index-items $(INDEX_ITEMS)

@@ -157,18 +157,38 @@ def _feast_type(arrow_type: Any, where: str) -> Any:
     raise TypeError(f"{where}: column type {arrow_type} has no Feast feature type")
 
 
+def batch_source(name: str, path: Path, offline: str) -> Any:
+    """The view's parquet file as a source the offline store `offline` reads.
+
+    The file store resolves a path relative to the store's repo_path (= features_dir, see
+    features/store.py), which keeps the registry valid when the checkout moves. DuckDB (ibis
+    `read_parquet`) and Spark read paths relative to the process's working directory, so they get
+    the absolute path (a moved checkout changes the definition digest: features/refresh.py then
+    rebuilds the registry). Spark's offline store only reads SparkSources.
+    """
+    from feast import FileSource
+
+    if offline == "file":
+        return FileSource(name=name, path=path.name, timestamp_field=TIMESTAMP_FIELD)
+    if offline == "duckdb":
+        return FileSource(name=name, path=str(path.resolve()), timestamp_field=TIMESTAMP_FIELD)
+    if offline == "spark":
+        from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
+
+        return SparkSource(name=name, path=str(path.resolve()), file_format="parquet",
+                           timestamp_field=TIMESTAMP_FIELD)
+    raise ValueError(f"unknown offline store {offline!r} (file | duckdb | spark)")
+
+
 def _view(name: str, entity: "Entity", path: Path, columns: list[str], description: str,
-          online: bool = True, push: str | None = None) -> "FeatureView":
+          online: bool = True, push: str | None = None, offline: str = "file") -> "FeatureView":
     import pyarrow.parquet as pq
-    from feast import FeatureView, Field, FileSource, PushSource
+    from feast import FeatureView, Field, PushSource
 
     arrow_schema = pq.read_schema(path)
     fields = [Field(name=c, dtype=_feast_type(arrow_schema.field(c).type, f"{path}:{c}"))
               for c in columns]
-    # A path relative to the store's repo_path (= features_dir, see features/store.py) keeps the
-    # registry valid when the checkout moves.
-    source = FileSource(name=f"{name.removesuffix('_fv')}_source", path=path.name,
-                        timestamp_field=TIMESTAMP_FIELD)
+    source = batch_source(f"{name.removesuffix('_fv')}_source", path, offline)
     if push is not None:
         # The file stays the batch source (materialize, historical joins); pushes go online only.
         source = PushSource(name=push, batch_source=source)
@@ -178,8 +198,9 @@ def _view(name: str, entity: "Entity", path: Path, columns: list[str], descripti
                        online=online, description=description)
 
 
-def build_repo(schema: dict, features_dir: Path) -> FeatureRepo:
-    """Entities, views and the serving FeatureService for the sources in features_dir."""
+def build_repo(schema: dict, features_dir: Path, offline: str = "file") -> FeatureRepo:
+    """Entities, views and the serving FeatureService for the sources in features_dir, read by
+    the offline store `offline` (file | duckdb | spark: features/store.py)."""
     from feast import Entity, FeatureService, ValueType
 
     def value_type(dtype: str) -> "ValueType":
@@ -190,22 +211,23 @@ def build_repo(schema: dict, features_dir: Path) -> FeatureRepo:
     paths = {name: features_dir / f for name, f in SOURCE_FILES.items()}
     user_cols, item_cols = feature_columns(schema, "user"), feature_columns(schema, "item")
     user_static = _view(USER_STATIC_FV, user, paths[USER_STATIC_FV], user_cols,
-                        "user features from users.parquet") if user_cols else None
+                        "user features from users.parquet", offline=offline) if user_cols else None
     item_static = _view(ITEM_STATIC_FV, item, paths[ITEM_STATIC_FV], item_cols,
-                        "item features from items.parquet") if item_cols else None
+                        "item features from items.parquet", offline=offline) if item_cols else None
     user_history = _view(USER_HISTORY_FV, user, paths[USER_HISTORY_FV],
                          source_features(paths[USER_HISTORY_FV], USER_KEY),
                          "items strictly before each interaction time (newest first) and their counts",
-                         push=USER_HISTORY_PUSH)
+                         push=USER_HISTORY_PUSH, offline=offline)
     history_index = _view(USER_HISTORY_INDEX_FV, user, paths[USER_HISTORY_INDEX_FV], [HISTORY_ROW],
                           f"row of {SOURCE_FILES[USER_HISTORY_FV]} in force at each time",
-                          online=False)
+                          online=False, offline=offline)
     user_seen = _view(USER_SEEN_FV, user, paths[USER_SEEN_FV], [SEEN_ITEMS],
-                      "every item the user interacted with (serving filter)", push=USER_SEEN_PUSH)
+                      "every item the user interacted with (serving filter)", push=USER_SEEN_PUSH,
+                      offline=offline)
     popularity_cols = source_features(paths[ITEM_POPULARITY_FV], ITEM_KEY)
     popularity = _view(ITEM_POPULARITY_FV, item, paths[ITEM_POPULARITY_FV], popularity_cols,
-                       "interactions with the item over windows of whole days before each midnight") \
-        if popularity_cols else None
+                       "interactions with the item over windows of whole days before each midnight",
+                       offline=offline) if popularity_cols else None
     served = [v for v in (user_static, user_history, user_seen) if v is not None]
     serving = FeatureService(name=USER_SERVING_SERVICE, features=served)
     return FeatureRepo(user, item, user_static, item_static, user_history, history_index,

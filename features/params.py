@@ -7,6 +7,8 @@ from pydantic import PositiveInt, field_validator
 
 from models.params import Section
 
+OfflineKind = Literal["file", "duckdb", "spark"]
+
 
 class FeaturesParams(Section):
     history_length: PositiveInt = 50
@@ -16,6 +18,20 @@ class FeaturesParams(Section):
     # Where serving reads features: sqlite (<paths.feast>/online.db) or redis ($REDIS_URL,
     # default localhost:6379; the endpoint comes from the environment, never from here).
     online_store: Literal["sqlite", "redis"] = "sqlite"
+    # The Feast offline store that runs the point-in-time training join and reads the sources for
+    # materialization: file (pandas/Dask), duckdb (ibis + DuckDB, one process, spills to disk),
+    # spark (contrib, pyspark; local[*] unless $SPARK_MASTER names a cluster; needs Java), or auto:
+    # file up to offline_auto_rows interactions, duckdb above (README "Outgrowing one machine").
+    offline_store: Literal["file", "duckdb", "spark", "auto"] = "auto"
+    # Measured (flows/experiments/offline_bench.py, generated heavy-tailed data): at 20k interactions
+    # DuckDB took 31 s (materialize + join) to the file store's 55 s; below it DuckDB's import cost
+    # (ibis, a few seconds) is not earned back.
+    offline_auto_rows: PositiveInt = 20_000
+    # duckdb only: DuckDB's memory limit; beyond it joins spill to <paths.feast>/duckdb-tmp. Its own
+    # default (80% of the machine's RAM) got a 1M-interaction join OOM-killed at 19 GB on 24 GB.
+    duckdb_memory_limit: str = "4GB"
+    # spark only: memory of the local driver JVM (local mode runs every task inside it).
+    spark_driver_memory: str = "4g"
 
     @field_validator("count_windows_days")
     @classmethod
@@ -23,3 +39,9 @@ class FeaturesParams(Section):
         if len(set(windows)) != len(windows):
             raise ValueError(f"windows must be distinct, got {list(windows)}")
         return tuple(sorted(windows))
+
+    def offline_for(self, interactions: int) -> OfflineKind:
+        """The offline store a run over `interactions` rows uses (auto resolved by size)."""
+        if self.offline_store != "auto":
+            return self.offline_store
+        return "duckdb" if interactions > self.offline_auto_rows else "file"

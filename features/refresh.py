@@ -4,8 +4,9 @@ The online store only ever gets rows dated in the materialized window. A rerun m
 window (Feast `materialize_incremental`, from the registry's last end time) instead of rewriting
 every row only when the rows already written are still right, i.e. everything dated before the
 previous end is unchanged:
-- the repo definition (views, fields, types, entities: the registry protos), the history length,
-  the online store kind and the Redis endpoint it wrote to (hashed: it may hold a password);
+- the repo definition (views, fields, types, entities: the registry protos, whose sources follow
+  the offline store), the history length, the online store kind and the Redis endpoint it wrote
+  to (hashed: it may hold a password);
 - the static sources (user/item features and their date, which follows the first interaction);
 - every interaction dated before the previous end (a late arrival rewrites older history rows).
 Then the new rows (new history rows, the moved "now" and seen rows of users with new interactions)
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 
 from features.definitions import ITEM_KEY, ITEM_STATIC_FV, SOURCE_FILES, USER_KEY, USER_STATIC_FV, build_repo
 from features.history import OfflineSources
-from features.params import FeaturesParams
+from features.params import FeaturesParams, OfflineKind
 from features.store import DEFAULT_REDIS, open_store, redis_connection_string, reset_online
 
 if TYPE_CHECKING:
@@ -80,10 +81,11 @@ def _without_meta(message):  # noqa: ANN001, ANN202 (a protobuf message)
     return message
 
 
-def definition_digest(schema: dict, features_dir: Path, history_length: int, online: str) -> str:
+def definition_digest(schema: dict, features_dir: Path, history_length: int, online: str,
+                      offline: str = "file") -> str:
     """Digest of everything that decides how a row is stored online (see module doc)."""
     specs = [_without_meta(o.to_proto().spec).SerializeToString(deterministic=True)
-             for o in build_repo(schema, features_dir).objects()]
+             for o in build_repo(schema, features_dir, offline).objects()]
     endpoint = redis_connection_string(os.environ.get("REDIS_URL") or DEFAULT_REDIS) \
         if online == "redis" else ""
     return _sha(*specs, f"{STATE_VERSION}|{history_length}|{online}|{endpoint}".encode())
@@ -118,13 +120,19 @@ def record(feast_dir: Path, definition: str, static: str, inter: pd.DataFrame,
     (Path(feast_dir) / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
+def _open(features_cfg: FeaturesParams, features_dir: Path, feast_dir: Path,
+          offline: OfflineKind) -> "FeatureStore":
+    return open_store(feast_dir, features_dir, features_cfg.online_store, offline,
+                      features_cfg.spark_driver_memory, features_cfg.duckdb_memory_limit)
+
+
 def _fresh_store(features_cfg: FeaturesParams, schema: dict, features_dir: Path,
-                 feast_dir: Path) -> "FeatureStore":
+                 feast_dir: Path, offline: OfflineKind) -> "FeatureStore":
     """A new registry + online store: a stale view or row from an earlier run must not survive."""
     (feast_dir / "registry.db").unlink(missing_ok=True)
     reset_online(feast_dir, features_dir, features_cfg.online_store)
-    store = open_store(feast_dir, features_dir, features_cfg.online_store)
-    store.apply(build_repo(schema, features_dir).objects())
+    store = _open(features_cfg, features_dir, feast_dir, offline)
+    store.apply(build_repo(schema, features_dir, offline).objects())
     return store
 
 
@@ -132,19 +140,22 @@ def fill_online(features_cfg: FeaturesParams, schema: dict, interactions: pd.Dat
                 sources: OfflineSources, features_dir: Path,
                 feast_dir: Path) -> tuple["FeatureStore", Refresh]:
     """Bring the registry + online store up to the sources' "now" rows: incrementally when the rows
-    already online are still right, else rebuilt over the full range (see module doc)."""
+    already online are still right, else rebuilt over the full range (see module doc). The store
+    comes back opened on the offline store `features_cfg.offline_for(len(interactions))`, which
+    also runs the training join."""
     end = sources.now + pd.Timedelta(seconds=1)  # the end is exclusive; the "now" rows must go online
+    offline = features_cfg.offline_for(len(interactions))
     definition = definition_digest(schema, features_dir, features_cfg.history_length,
-                                   features_cfg.online_store)
+                                   features_cfg.online_store, offline)
     static = static_digest(features_dir)
     how, _ = plan(feast_dir, features_cfg.online_store, definition, static, interactions, end)
     # Forget the old state first: a run that dies mid-write must rebuild next time.
     (feast_dir / STATE_FILE).unlink(missing_ok=True)
     if how == "full":
-        store = _fresh_store(features_cfg, schema, features_dir, feast_dir)
+        store = _fresh_store(features_cfg, schema, features_dir, feast_dir, offline)
         store.materialize(start_date=sources.static_at.to_pydatetime(), end_date=end.to_pydatetime())
     else:
-        store = open_store(feast_dir, features_dir, features_cfg.online_store)
+        store = _open(features_cfg, features_dir, feast_dir, offline)
         if how == "incremental":
             # From each view's last materialized end (in the registry) to the new end.
             store.materialize_incremental(end_date=end.to_pydatetime())

@@ -1,9 +1,10 @@
 """Open the project's Feast FeatureStore from a programmatic RepoConfig (no feature_store.yaml).
 
 The config lives in code so that the paths come from params.yaml (`paths.feast`, `paths.features`)
-and a moved checkout still works: provider local, registry `<feast_dir>/registry.db`, file (Dask)
-offline store whose sources sit in `features_dir`, and one of two online stores
-(`features.online_store` in params.yaml):
+and a moved checkout still works: provider local, registry `<feast_dir>/registry.db`, an offline
+store whose sources sit in `features_dir` (`features.offline_store`: file = pandas/Dask, duckdb =
+ibis on DuckDB, spark = the contrib Spark store; the registry's sources are built for it by
+features/definitions.py), and one of two online stores (`features.online_store` in params.yaml):
 - `sqlite`: `<feast_dir>/online.db`, nothing to run;
 - `redis`: the Redis server at $REDIS_URL (default localhost:6379). The endpoint, and any password in
   it, comes from the environment, never from params.yaml or a file.
@@ -13,14 +14,17 @@ materialize records which kind it filled in `<feast_dir>/online_store.json`, so 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote, urlsplit
 
 from features.definitions import ITEM_KEY, PROJECT, USER_KEY
 from features.errors import FeatureStoreConfigError
+from features.params import OfflineKind
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -72,21 +76,78 @@ def _online_config(feast_dir: Path, kind: OnlineKind) -> dict:
     return {"type": "sqlite", "path": str(feast_dir / "online.db")}
 
 
-def open_store(feast_dir: Path, features_dir: Path, online: OnlineKind | None = None) -> "FeatureStore":
+def _duckdb_backend(feast_dir: Path, memory_limit: str) -> None:
+    """Point ibis's default backend (Feast's DuckDB store reads and joins through it) at a DuckDB
+    connection with a memory limit that spills to feast_dir/duckdb-tmp. Process-wide, as ibis's
+    default backend is; Feast's DuckDB store has no setting of its own for it."""
+    import ibis
+
+    spill = feast_dir / "duckdb-tmp"
+    spill.mkdir(parents=True, exist_ok=True)
+    ibis.set_backend(ibis.duckdb.connect(memory_limit=memory_limit, temp_directory=str(spill)))
+
+
+def _offline_config(feast_dir: Path, kind: OfflineKind, spark_driver_memory: str) -> dict:
+    if kind == "file":
+        return {"type": "file"}
+    if kind == "duckdb":
+        missing = [m for m in ("duckdb", "ibis") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise FeatureStoreConfigError(
+                f"features.offline_store is duckdb but {', '.join(missing)} is not installed; "
+                "pip install duckdb ibis-framework (requirements.lock pins both)")
+        return {"type": "duckdb"}
+    if kind == "spark":
+        if importlib.util.find_spec("pyspark") is None:
+            raise FeatureStoreConfigError("features.offline_store is spark but pyspark is not "
+                                          "installed; pip install pyspark (requirements.lock pins it)")
+        if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+            raise FeatureStoreConfigError("features.offline_store is spark but no Java runtime is "
+                                          "on PATH (nor JAVA_HOME); apt-get install default-jre-headless")
+        return {"type": "spark", "spark_conf": {
+            # local[*]: every task in this process's JVM; a cluster URL moves the join there (the
+            # sources must then sit where its executors can read them).
+            "spark.master": os.environ.get("SPARK_MASTER") or "local[*]",
+            "spark.driver.memory": spark_driver_memory,
+            # Feast writes and reads naive UTC timestamps: the session must not shift them to the
+            # machine's zone.
+            "spark.sql.session.timeZone": "UTC",
+            # pandas <-> Spark through Arrow (the entity frame in, the joined rows out), not pickles.
+            "spark.sql.execution.arrow.pyspark.enabled": "true",
+            "spark.ui.enabled": "false",
+            "spark.ui.showConsoleProgress": "false",
+            # Spark's default of 200 shuffle partitions is for clusters: on one machine each is a
+            # task of its own (the demo's join took 66 s with it). Spark's adaptive execution
+            # still splits a skewed partition.
+            "spark.sql.shuffle.partitions": str(2 * (os.cpu_count() or 1)),
+            "spark.sql.warehouse.dir": str(feast_dir / "spark-warehouse"),
+            "spark.local.dir": str(feast_dir / "spark-tmp"),
+        }}
+    raise FeatureStoreConfigError(f"unknown offline store {kind!r} (file | duckdb | spark)")
+
+
+def open_store(feast_dir: Path, features_dir: Path, online: OnlineKind | None = None,
+               offline: OfflineKind = "file", spark_driver_memory: str = "4g",
+               duckdb_memory_limit: str = "4GB") -> "FeatureStore":
     """The FeatureStore over feast_dir (registry + online store); created on first use.
 
-    online=None opens the kind recorded in feast_dir (what materialize filled).
+    online=None opens the kind recorded in feast_dir (what materialize filled). `offline` must be
+    the kind the registry was built for (features/refresh.py); readers of the online store
+    (serving) never touch the offline store and can leave it at file.
     """
     from feast import FeatureStore, RepoConfig
 
     feast_dir = Path(feast_dir).resolve()
     feast_dir.mkdir(parents=True, exist_ok=True)
+    offline_config = _offline_config(feast_dir, offline, spark_driver_memory)
+    if offline == "duckdb":
+        _duckdb_backend(feast_dir, duckdb_memory_limit)
     config = RepoConfig(
         project=PROJECT,
         provider="local",
         registry=str(feast_dir / "registry.db"),
         online_store=_online_config(feast_dir, online or recorded_kind(feast_dir)),
-        offline_store={"type": "file"},
+        offline_store=offline_config,
         entity_key_serialization_version=3,
         # FileSource paths are relative to repo_path (features/definitions.py), so the registry
         # holds no absolute paths.

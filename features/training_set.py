@@ -57,30 +57,47 @@ def _chunks(entity_df: pd.DataFrame, key: str, max_pairs: int) -> np.ndarray:
     return (np.cumsum(per_row) - per_row) // max_pairs
 
 
+# Entity x feature rows per join call (`_chunks`), by offline store. Every store Feast has joins
+# each entity row with every feature row of its key before it filters by time (DuckDB's and Spark's
+# too: an inner join and a window, not an ASOF join), so one heavy user still makes d^2 rows. The
+# file store holds them in pandas; DuckDB spills beyond features.duckdb_memory_limit and Spark
+# beyond its executors' memory, so they take far larger calls (fewer fixed costs per call).
+MAX_PAIRS = {"file": 2_000_000, "duckdb": 50_000_000, "spark": 50_000_000}
+
+
 def point_in_time(store: "FeatureStore", keys: pd.DataFrame, refs: list[str],
-                  max_pairs: int = 2_000_000, key: str = USER_KEY) -> pd.DataFrame:
-    """Features `refs` of each (key, timestamp) row of keys as of its timestamp, row-aligned.
+                  max_pairs: int | None = None, key: str = USER_KEY) -> pd.DataFrame:
+    """Features `refs` of each (key, timestamp) row of keys as of its timestamp, row-aligned; a row
+    with no feature row at or before its time (within the view's TTL) gets nulls.
 
     Feast's file store collapses entity rows with the same key and timestamp (feast#6787), so the
-    join runs on the distinct (key, timestamp) pairs and is mapped back by position.
+    join runs on the distinct (key, timestamp) pairs and is mapped back by position, in calls of
+    about max_pairs entity x feature rows (`_chunks`; default MAX_PAIRS of the store).
     """
     keys = keys[[key, "timestamp"]].reset_index(drop=True)
     group = keys.groupby([key, "timestamp"], sort=False).ngroup().to_numpy()
     entity_df = keys.drop_duplicates(ignore_index=True).rename(columns={"timestamp": TIMESTAMP_FIELD})
-    entity_df["__row"] = np.arange(len(entity_df))
+    n_pairs = len(entity_df)
+    entity_df["__row"] = np.arange(n_pairs)
+    max_pairs = max_pairs or MAX_PAIRS[store.config.offline_store.type]
     entity_df = entity_df.sort_values([key, TIMESTAMP_FIELD], kind="mergesort", ignore_index=True)
     parts = [store.get_historical_features(entity_df=chunk, features=refs).to_df()
              for _, chunk in entity_df.groupby(_chunks(entity_df, key, max_pairs), sort=True)]
     joined = pd.concat(parts, ignore_index=True)
-    # An entity row whose feature rows all postdate it is dropped by Feast, not returned as NaN:
-    # every pair must come back exactly once or the examples would silently shrink.
-    rows = np.sort(joined["__row"].to_numpy())
-    if len(rows) != len(entity_df) or not np.array_equal(rows, np.arange(len(entity_df))):
-        raise RuntimeError(f"Feast point-in-time join returned {len(joined)} rows for "
-                           f"{len(entity_df)} distinct (user, timestamp) pairs")
-    joined = joined.sort_values("__row", ignore_index=True)
+    rows = joined["__row"].to_numpy()
+    if len(np.unique(rows)) != len(rows) or len(rows) > n_pairs:
+        raise RuntimeError(f"Feast point-in-time join returned {len(joined)} rows (some twice) for "
+                           f"{n_pairs} distinct ({key}, timestamp) pairs")
+    # The file store drops a pair whose feature rows all postdate it (or lie beyond the TTL);
+    # DuckDB and Spark return it with nulls. Both become nulls here, so every store gives the same
+    # row-aligned answer and the examples never silently shrink.
     names = [r.split(":", 1)[1] for r in refs]
-    return joined[names].iloc[group].reset_index(drop=True)
+    joined = joined.set_index("__row")[names]
+    if len(joined) < n_pairs:
+        joined = joined.reindex(np.arange(n_pairs))
+    else:
+        joined = joined.sort_index()
+    return joined.iloc[group].reset_index(drop=True)
 
 
 def _user_features(store: "FeatureStore", schema: dict, examples: pd.DataFrame,

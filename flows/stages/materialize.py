@@ -2,7 +2,8 @@
 
 Reads `ingested/{users,items,interactions}.parquet` + `schema.json` and writes
 - `features_dir/*.parquet`: the offline sources of the feature views (features/history.py);
-- `feast_dir/registry.db` + the online store (`feast_dir/online.db`, or Redis with
+- `feast_dir/registry.db` (its sources built for the offline store `features.offline_store`
+  picks: file, duckdb or spark, features/store.py) + the online store (`feast_dir/online.db`, or Redis with
   `features.online_store: redis`; `feast_dir/online_store.json` records which): `apply` +
   `materialize` over the full time range, or on a rerun whose older rows are unchanged (only newer
   interactions appended) `materialize_incremental` of the new rows (features/refresh.py);
@@ -122,6 +123,7 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
     split = _split_summary(examples, split_cfg)
     _write(training_dir, table, catalog, split)
     return {"examples": len(examples), "items": catalog.num_rows, "history_rows": sources.history.num_rows,
-            "online_materialization": online, **replayed,
+            "online_materialization": online, "offline_store": store.config.offline_store.type,
+            **replayed,
             **split, **checked, "seconds": round(time.perf_counter() - started, 2),
             "seconds_by_step": {k: round(v, 2) for k, v in timings.items()}}

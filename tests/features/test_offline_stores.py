@@ -1,0 +1,196 @@
+"""The offline stores `features.offline_store` selects (file, duckdb, spark) give the same
+point-in-time answers: on Feast's pitfalls (entity rows before any feature row, a TTL, several
+entity rows with the same key and time, a row exactly at a feature time or at the TTL's edge, an
+unknown key) against brute-force values, and on the project's own repo (training examples, item
+catalog and the online rows materialization writes) against the file store."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from features.definitions import PROJECT, batch_source
+from features.history import write_sources
+from features.online import online_user_features
+from features.params import FeaturesParams
+from features.refresh import fill_online
+from features.store import open_store
+from features.training_set import EXAMPLE_KEYS, example_keys, item_catalog, point_in_time, training_examples
+from tests.features.feature_data import HISTORY, contract_schema, ingested_tables
+
+ENGINES = ["duckdb", "spark"]
+TTL = timedelta(days=3)
+
+
+def day(d: int, hour: int = 0) -> pd.Timestamp:
+    return pd.Timestamp(2024, 1, d, hour, tz="UTC")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_spark():
+    """One Spark session serves the module (it starts a JVM); stop it after."""
+    yield
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        return
+    session = SparkSession.getActiveSession()
+    if session is not None:
+        session.stop()
+
+
+# --- Feast's pitfalls on a one-view repo with a TTL ------------------------------------------------
+
+FEATURE_ROWS = pd.DataFrame({          # out of time order on purpose
+    "driver_id": [1, 2, 1, 4, 4],
+    "event_timestamp": [day(15), day(10), day(5), day(2), day(8)],
+    "rating": [20, 30, 10, 40, 41],
+})
+# (driver, time) -> expected rating (None: no row in force)
+CASES = [
+    (1, day(1), None),        # before the driver's first feature row: the file store drops it
+    (1, day(5), 10),          # exactly at a feature row's time: that row is in force
+    (1, day(7), 10),
+    (1, day(7), 10),          # the same key and time twice (feast#6787 collapses these)
+    (1, day(10), None),       # 5 days after the day-5 row, before the next one: expired (TTL 3 days)
+    (1, day(17), 20),
+    (2, day(12), 30),
+    (2, day(13), 30),         # exactly at the TTL's edge: still in force
+    (2, day(13, 1), None),    # an hour past the TTL: expired
+    (4, day(9), 41),          # the newest of two rows before the time, not the first
+    (4, day(3), 40),          # the older row, at a time before the newer one
+    (3, day(10), None),       # a driver with no feature rows at all
+]
+
+
+def _pitfall_store(root, offline: str):
+    from feast import Entity, FeatureView, Field, ValueType
+    from feast.types import Int64
+
+    features = root / offline / "features"
+    features.mkdir(parents=True)
+    path = features / "driver.parquet"
+    pq.write_table(pa.Table.from_pandas(FEATURE_ROWS.astype({"event_timestamp": "datetime64[us, UTC]"}),
+                                        preserve_index=False), path)
+    driver = Entity(name="driver", join_keys=["driver_id"], value_type=ValueType.INT64)
+    view = FeatureView(name="driver_fv", entities=[driver], ttl=TTL, online=True,
+                       source=batch_source("driver_source", path, offline),
+                       schema=[Field(name="rating", dtype=Int64)])
+    store = open_store(root / offline / "feast", features, "sqlite", offline, "1g")
+    assert store.config.project == PROJECT and store.config.offline_store.type == offline
+    store.apply([driver, view])
+    return store
+
+
+def _case_keys() -> pd.DataFrame:
+    keys = pd.DataFrame([(d, t) for d, t, _ in CASES], columns=["driver_id", "timestamp"])
+    return keys.iloc[np.random.default_rng(0).permutation(len(keys))].reset_index(drop=True)
+
+
+def _ratings(frame: pd.DataFrame) -> list:
+    return [None if pd.isna(v) else int(v) for v in frame["rating"]]
+
+
+@pytest.fixture(scope="module")
+def pitfall_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pitfalls")
+    keys = _case_keys()
+    got = point_in_time(_pitfall_store(root, "file"), keys, ["driver_fv:rating"], key="driver_id")
+    return root, keys, got
+
+
+def test_file_store_pitfalls_come_back_as_the_brute_force_values(pitfall_file):
+    _, keys, got = pitfall_file
+    expected = {(d, t): r for d, t, r in CASES}
+    assert _ratings(got) == [expected[(d, t)] for d, t in zip(keys["driver_id"], keys["timestamp"])]
+
+
+@pytest.mark.parametrize("offline", ENGINES)
+def test_pitfalls_agree_with_the_file_store(pitfall_file, offline):
+    root, keys, file_got = pitfall_file
+    store = _pitfall_store(root, offline)
+    got = point_in_time(store, keys, ["driver_fv:rating"], key="driver_id")
+    assert _ratings(got) == _ratings(file_got)
+    # materialization through this offline store writes the rows in force at the end (TTL applied
+    # to the window start as Feast does), as through the file store
+    end = day(16)
+    file_store = open_store(root / "file" / "feast", root / "file" / "features", "sqlite", "file")
+    for s in (file_store, store):
+        s.materialize(start_date=(end - TTL).to_pydatetime(), end_date=end.to_pydatetime())
+    rows = [{"driver_id": d} for d in (1, 2, 3, 4)]
+    online = store.get_online_features(features=["driver_fv:rating"], entity_rows=rows).to_dict()
+    assert online["rating"] == file_store.get_online_features(
+        features=["driver_fv:rating"], entity_rows=rows).to_dict()["rating"] == [20, None, None, None]
+
+
+# --- the project's repo ----------------------------------------------------------------------------
+
+def _build(root, ing, schema: dict, offline: str) -> dict:
+    inter = pd.read_parquet(ing / "interactions.parquet", columns=EXAMPLE_KEYS)
+    users, items = pd.read_parquet(ing / "users.parquet"), pd.read_parquet(ing / "items.parquet")
+    dirs = {"features_dir": root / offline / "features", "feast_dir": root / offline / "feast"}
+    cfg = FeaturesParams(history_length=HISTORY, offline_store=offline)
+    sources = write_sources(cfg, schema, users, items, inter, dirs["features_dir"])
+    store, how = fill_online(cfg, schema, inter, sources, **dirs)
+    assert how == "full" and store.config.offline_store.type == offline
+    examples = example_keys(inter)
+    examples["split"] = "train"
+    table = training_examples(store, schema, examples, sources.history, dirs["features_dir"])
+    catalog = item_catalog(store, schema, items, sources.now, dirs["features_dir"])
+    # serving opens the store without naming an offline store (it only reads online rows)
+    online = online_user_features(open_store(dirs["feast_dir"], dirs["features_dir"]), schema,
+                                  users["user_id"].tolist())
+    return {"examples": table, "catalog": catalog, "online": online}
+
+
+# Spark runs on int ids only: each of its jobs costs seconds of JVM work even on tiny data.
+@pytest.mark.parametrize("string_ids,engines", [(False, ENGINES), (True, ["duckdb"])],
+                         ids=["int_ids", "string_ids"])
+def test_training_join_catalog_and_online_rows_agree_with_the_file_store(tmp_path, string_ids, engines):
+    ing = ingested_tables(tmp_path, string_ids)
+    schema = contract_schema(string_ids)
+    want = _build(tmp_path, ing, schema, "file")
+    for offline in engines:
+        got = _build(tmp_path, ing, schema, offline)
+        assert got["examples"].schema == want["examples"].schema, offline
+        assert got["examples"].equals(want["examples"]), offline
+        assert got["catalog"].equals(want["catalog"]), offline
+        pd.testing.assert_frame_equal(got["online"], want["online"])
+
+
+def test_auto_picks_duckdb_above_the_measured_size():
+    cfg = FeaturesParams(offline_auto_rows=1000)
+    assert cfg.offline_for(1000) == "file" and cfg.offline_for(1001) == "duckdb"
+    assert FeaturesParams(offline_store="spark").offline_for(10) == "spark"
+
+
+def test_switching_the_offline_store_rebuilds_and_duckdb_extends_incrementally(tmp_path):
+    """The registry's sources follow the offline store, so a switch must not reuse the old ones;
+    on DuckDB, newer interactions are materialized incrementally to the same online rows as a full
+    build through the file store."""
+    ing = ingested_tables(tmp_path, False)
+    schema = contract_schema(False)
+    inter = pd.read_parquet(ing / "interactions.parquet", columns=EXAMPLE_KEYS)
+    users, items = pd.read_parquet(ing / "users.parquet"), pd.read_parquet(ing / "items.parquet")
+    later = inter.sample(10, random_state=1).assign(
+        timestamp=inter["timestamp"].max() + pd.to_timedelta(np.arange(1, 11), unit="h"))
+    grown = pd.concat([inter, later], ignore_index=True)
+
+    def fill(root, offline: str, rows: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+        dirs = {"features_dir": root / "features", "feast_dir": root / "feast"}
+        cfg = FeaturesParams(history_length=HISTORY, offline_store=offline)
+        sources = write_sources(cfg, schema, users, items, rows, dirs["features_dir"])
+        how = fill_online(cfg, schema, rows, sources, **dirs)[1]
+        return how, online_user_features(open_store(dirs["feast_dir"], dirs["features_dir"]), schema,
+                                         users["user_id"].tolist())
+
+    hows = [fill(tmp_path, o, inter)[0] for o in ("file", "file", "duckdb", "duckdb")]
+    assert hows == ["full", "unchanged", "full", "unchanged"]
+    how, incremental = fill(tmp_path, "duckdb", grown)
+    assert how == "incremental"
+    _, full = fill(tmp_path / "rebuilt", "file", grown)
+    pd.testing.assert_frame_equal(incremental, full)
