@@ -255,7 +255,9 @@ def _open_copy(bundle_dir: Path, backend: str, settings: Any) -> tuple[Any, Path
     try:
         with BundleStore.containing(bundle_dir).additions_locked():
             path = copy_storage(bundle_dir / "index", scratch)
-        return open_index(backend, settings, path=path), scratch
+        index = open_index(backend, settings, path=path)
+        index.keep_writes_in_memory()     # thrown away on close: added items need not reach its files
+        return index, scratch
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
