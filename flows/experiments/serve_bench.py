@@ -287,13 +287,27 @@ def load_only(root: Path, params: Path, workers: int, clients: int = CLIENTS, se
         url = f"http://127.0.0.1:{port}"
         users = _users(root)
         asyncio.run(_load(url, users, 4, 2.0))     # warm every process
-        before = os.getloadavg()
+        before, cpu = os.getloadavg(), _cpu_seconds(server.pid)
         result = asyncio.run(_load(url, users, clients, seconds))
+        cpu = _cpu_seconds(server.pid) - cpu
         return {"workers": workers, "load_avg_before": before, "load_avg_after": os.getloadavg(),
-                "http_load": result}
+                "http_load": result, "service_cpu_s": round(cpu, 1),
+                "service_cpu_ms_per_request": round(1000 * cpu / max(1, result["requests"]), 2)}
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its children, from /proc (Linux)."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except (FileNotFoundError, ProcessLookupError):
+        return total
+    return total + sum(_cpu_seconds(int(child)) for child in children)
 
 
 def _publish(model: Path, root: Path) -> None:

@@ -317,8 +317,10 @@ def create_app(state: LiveState, config: ServiceConfig, metrics: ServiceMetrics,
     app.add_exception_handler(Exception, bug)
     bodies = tuple(body for *_, body in ROUTES if body is not None)
     app.openapi = lambda: openapi_with_bearer(app, bodies)    # type: ignore[method-assign]
+    relayed = frozenset((method, path) for method, path, handler, *_ in ROUTES
+                        if writer is not None and handler in FORWARDS and method == "POST")
     app.add_middleware(Guard, tokens=tokens, allowed_hosts=config.serve.allowed_hosts,
-                       max_body_bytes=config.serve.max_body_bytes)
+                       max_body_bytes=config.serve.max_body_bytes, relayed=relayed)
     # outermost: refusals by the guard are counted and timed too
     endpoints = frozenset(route[1] for route in ROUTES) | {"/openapi.json"}
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=endpoints)

@@ -111,6 +111,13 @@ def test_two_workers_share_additions_removals_publish_and_rollback(project: Path
         everywhere = by_process(url, "/recommend", {"user_id": user, "k": n + 1, "exclude_seen": "false"})
         assert all(9001 in [i["item_id"] for i in r.json()["items"]] for r in everywhere.values())
 
+        # what the writer refuses comes back as it answered (the reader leaves relayed bodies unparsed)
+        deep = b'{"items": [' + b"[" * 40 + b"]" * 40 + b"]}"
+        refused = httpx.post(url + "/items", content=deep, headers={"content-type": "application/json"})
+        assert refused.status_code == 400 and "levels deep" in refused.json()["error"], refused.text
+        taken = httpx.post(url + "/items", json={"items": [{"item_id": 9001}]}, timeout=60)
+        assert taken.status_code == 409 and "9001" in taken.json()["error"], taken.text
+
         removed = httpx.delete(url + "/items/9001", timeout=60)
         assert removed.status_code == 200, removed.text
         until_every_process(url, lambda v: v["items"] == n, timeout=RELOAD_S + 5)
