@@ -2,6 +2,7 @@
 and the rows that real-time interactions push into it (`event_rows`, `push_event_rows`)."""
 from __future__ import annotations
 
+import weakref
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -66,11 +67,29 @@ def response_columns(response: Any) -> dict[str, list]:
     return columns
 
 
+# store -> (the registry it was read from, the count names). Feast builds a FeatureView from the
+# registry proto on every get_feature_view, through typeguard-checked constructors: about half of
+# a warm one-user answer's CPU (2.5 of 5 ms here). Weak keys: a closed store takes its entry along.
+_COUNTS: "weakref.WeakKeyDictionary[Any, tuple[tuple[int, bytes], list[str]]]" = weakref.WeakKeyDictionary()
+
+
 def behaviour_counts(store: "FeatureStore") -> list[str]:
-    """The count features of the registered user_history_fv (their windows are a materialize param)."""
+    """The count features of the registered user_history_fv (their windows are a materialize param).
+    Read again whenever the store's cached registry is another one or was updated since (an apply)."""
+    proto = getattr(getattr(store, "registry", None), "cached_registry_proto", None)
+    stamp = (id(proto), proto.last_updated.SerializeToString()) if proto is not None else None
+    cached = _COUNTS.get(store)
+    if stamp is not None and cached is not None and cached[0] == stamp:
+        return cached[1]
     # the cached registry (as get_online_features reads it): a fresh read costs ~4 ms per request
     view = store.get_feature_view(USER_HISTORY_FV, allow_registry_cache=True)
-    return [f.name for f in view.features if is_count_column(f.name)]
+    names = [f.name for f in view.features if is_count_column(f.name)]
+    if stamp is not None:
+        try:
+            _COUNTS[store] = (stamp, names)
+        except TypeError:     # a store object that cannot be weakly referenced: no memo
+            pass
+    return names
 
 
 def online_user_features(store: "FeatureStore", schema: dict, user_ids: list) -> pd.DataFrame:

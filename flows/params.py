@@ -230,6 +230,9 @@ class ServeParams(Section):
     allowed_hosts: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"], min_length=1)
     max_body_bytes: PositiveInt = 8 * 1024 * 1024   # larger request bodies: 413, before they are read whole
     lock_wait_s: float = Field(5.0, gt=0)     # a write waiting longer for another one: 503 + Retry-After
+    # torch threads in each serve-api process (writer and every reader): a request's torch work is a
+    # small MLP and one matrix product, and several processes with a thread pool each fight for cores.
+    threads: PositiveInt = 1
 
 
 def resolve_source(data: DataParams, root: Path) -> DataParams:

@@ -197,13 +197,16 @@ def index_remove_items(ids: list[str] = typer.Argument(..., help="Item ids to re
 @app.command("serve-api")
 def serve_api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
               port: int = typer.Option(8000, "--port", help="TCP port."),
+              workers: int = typer.Option(1, "--workers", min=1,
+                                          help="Reader processes sharing the port (each with its own index copy); "
+                                               "writes run in one more process."),
               params_file: Path = ParamsOption) -> None:
     """Serve recommendations over HTTP from the live bundle (hot reload on publish/rollback).
     Writes need TOWERFLOW_API_TOKEN when it is set (required for a --host other than loopback)."""
     with _errors():
         params = _load(params_file, None)
-        from flows.serving.api import serve
-        serve(params, params_file.resolve().parent, host, port, announce=typer.echo)
+        from flows.serving.workers import serve
+        serve(params, params_file.resolve().parent, host, port, workers, announce=typer.echo)
 
 
 events_app = typer.Typer(no_args_is_help=True, help="Real-time interactions.")

@@ -120,11 +120,13 @@ def _some_filter(rec: Any) -> dict[str, Any] | None:
     return {fields[0]: str(column.mode().iloc[0])} if len(column) else None
 
 
-def start_server(params: Path, port: int) -> subprocess.Popen:
-    """`towerflow serve-api` in its own process (its output in serve-api.log beside params)."""
+def start_server(params: Path, port: int, workers: int = 1) -> subprocess.Popen:
+    """`towerflow serve-api --workers N` in its own processes (output in serve-api.log beside params);
+    returns once every reader has loaded (the supervisor prints "serving version" then)."""
     import httpx
 
-    cmd = [sys.executable, "-m", "flows.cli", "serve-api", "--port", str(port), "--params", str(params)]
+    cmd = [sys.executable, "-m", "flows.cli", "serve-api", "--port", str(port), "--params", str(params),
+           "--workers", str(workers)]
     log = params.parent / "serve-api.log"
     with open(log, "w") as out:   # a file, not a pipe: nobody reads a pipe while the load runs
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -133,7 +135,8 @@ def start_server(params: Path, port: int) -> subprocess.Popen:
         if proc.poll() is not None:
             raise RuntimeError(f"serve-api exited: {log.read_text()[-2000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+            if (httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+                    and "serving version" in log.read_text()):
                 return proc
         except httpx.HTTPError:
             pass
@@ -172,6 +175,7 @@ async def _load(url: str, users: list, clients: int, seconds: float) -> dict[str
         await asyncio.gather(*(loop(i) for i in range(clients)))
         elapsed = time.perf_counter() - t0
     return {"clients": clients, "seconds": round(elapsed, 1), "requests": len(latencies) + len(errors),
+            "over_2s": sum(1 for t in latencies if t > 2.0),
             "throughput_rps": round(len(latencies) / elapsed, 1), "latency": percentiles(latencies) if latencies else None,
             "errors": len(errors), "first_errors": errors[:3], "versions": versions}
 
@@ -263,14 +267,47 @@ def _writes(root: Path, url: str, users: list) -> dict[str, Any]:
     return writes_under_load(url, BundleStore(root / "artifacts/published").live_dir(), users)
 
 
-def writes_only(root: Path, params: Path, port: int = 8765) -> dict[str, Any]:
+def writes_only(root: Path, params: Path, port: int = 8765, workers: int = 1) -> dict[str, Any]:
     """Only the reads-during-writes figure (flows/experiments/write_bench.py)."""
-    server = start_server(params, port)
+    server = start_server(params, port, workers)
     try:
-        return {"reads_during_writes": _writes(root, f"http://127.0.0.1:{port}", _users(root))}
+        return {"workers": workers, "load_avg": os.getloadavg(),
+                "reads_during_writes": _writes(root, f"http://127.0.0.1:{port}", _users(root))}
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def load_only(root: Path, params: Path, workers: int, clients: int = CLIENTS, seconds: float = SECONDS,
+              port: int = 8765) -> dict[str, Any]:
+    """Only the throughput figure: `clients` concurrent GET /recommend loops against serve-api
+    --workers N (the client is one asyncio process on the same machine)."""
+    server = start_server(params, port, workers)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        users = _users(root)
+        asyncio.run(_load(url, users, 4, 2.0))     # warm every process
+        before, cpu = os.getloadavg(), _cpu_seconds(server.pid)
+        result = asyncio.run(_load(url, users, clients, seconds))
+        cpu = _cpu_seconds(server.pid) - cpu
+        return {"workers": workers, "load_avg_before": before, "load_avg_after": os.getloadavg(),
+                "http_load": result, "service_cpu_s": round(cpu, 1),
+                "service_cpu_ms_per_request": round(1000 * cpu / max(1, result["requests"]), 2)}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its children, from /proc (Linux)."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except (FileNotFoundError, ProcessLookupError):
+        return total
+    return total + sum(_cpu_seconds(int(child)) for child in children)
 
 
 def _publish(model: Path, root: Path) -> None:
@@ -288,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=SECONDS)
     ap.add_argument("--repeats", type=int, default=300)
     ap.add_argument("--writes-only", action="store_true", help="only /recommend and /healthz during large writes")
+    ap.add_argument("--load-only", action="store_true", help="only the --clients throughput figure")
+    ap.add_argument("--workers", type=int, default=1, help="serve-api --workers for --writes-only / --load-only")
     ap.add_argument("--publish", type=Path, help="internal: publish this model dir into --root")
     ap.add_argument("--root", type=Path)
     args = ap.parse_args(argv)
@@ -299,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="towerflow-serve-bench-") as tmp:
         work = Path(tmp)
         params = prepare_from_run(args.from_run.resolve(), work)
-        figures = (writes_only(work, params) if args.writes_only else
+        figures = (writes_only(work, params, workers=args.workers) if args.writes_only else
+                   load_only(work, params, args.workers, args.clients, args.seconds) if args.load_only else
                    bench_service(work, params, args.clients, args.seconds, args.repeats))
         result = {"machine": {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}, **figures}
     args.out.parent.mkdir(parents=True, exist_ok=True)

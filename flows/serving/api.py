@@ -17,8 +17,9 @@ Handlers are plain functions, run by FastAPI in its thread pool: the event loop 
 so /healthz answers while a write encodes or fsyncs. Reads take the live version's lock for their
 few milliseconds; writes take it only around each chunk of index upserts or online-store pushes
 (flows/serving/items.py, `_record`), so reads go on between the chunks; a wait for a lock longer
-than serve.lock_wait_s is a 503 with Retry-After. One worker process: an embedded index belongs
-to one process.
+than serve.lock_wait_s is a 503 with Retry-After. `towerflow serve-api` runs this app in a writer
+process and N reader processes (flows/serving/workers.py); a reader's app (`writer` given) hands
+the writes to the writer (flows/serving/writer.py) and keeps its own copy of the index.
 
 Bad input is the caller's mistake, never a 500: shape errors are 400 naming the field, domain
 errors map to 4xx (422 data that does not fit, 404 unknown item, 409 existing item, 413 too
@@ -29,8 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -46,22 +45,21 @@ from flows.errors import EXPECTED_ERRORS, DataContractError
 from flows.params import ServeParams, event_rules
 from flows.serving import schemas as S
 from flows.serving.events import EventLog, record_events, validate_events
-from flows.serving.guard import Guard, MaskSecrets, Tokens, json_shape_error, require_safe_bind
+from flows.serving.guard import BODY_KEY, Guard, Tokens, json_shape_error
 from flows.serving.bodies import body_schema, json_body
 from flows.serving.http_errors import RequestError, bug, domain_error, http_error, openapi_with_bearer, validation_error
 from flows.serving.index.base import parse_filter
 from flows.serving.items import add_items, normalize_items, remove_items, sidecar_signature
 from flows.serving.metrics import MetricsMiddleware, ServiceMetrics
-from flows.serving.discovery import announced
 from flows.serving.ids import parse_filter_json
 from flows.serving.recommend import Answer, coerce_id
 from flows.serving.rerank import RankerCache, rerank_answers
 from flows.serving.state import LiveState, Served
+from flows.serving.writer import WriterClient
 from validation.params import EventRules
 
 log = logging.getLogger("towerflow.serve")
 DEFAULT_K = 20
-SWITCH_INTERVAL_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -225,6 +223,42 @@ def remove_item(request: Request, item_id: Annotated[str, PathParam(min_length=1
     return _json({"removed": item, "version": version})
 
 
+# --- a reader process's writes: handed to the writer process (flows/serving/writer.py) -------------
+def _forward(request: Request) -> Response:
+    """Relay the checked request to the writer and its answer back. An accepted item addition or
+    removal is applied to this process's index before the answer: a 200 means "recommendable here"."""
+    live, _, metrics = _ctx(request)
+    scope = request.scope
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    path = scope.get("raw_path", b"").decode("latin-1") or scope["path"]
+    relayed = request.app.state.writer.forward(scope["method"], path, scope.get(BODY_KEY, b""), headers)
+    if relayed.status == 200:
+        answer = json.loads(relayed.body)
+        if scope["path"] == "/events":
+            metrics.events.inc(answer.get("accepted", 0))
+        else:
+            metrics.items_added.inc(answer.get("added", 0))
+            with live.borrow() as served:
+                live.sync(served)
+    return Response(relayed.body, relayed.status, headers=relayed.headers)
+
+
+def forward_events(request: Request) -> Response:
+    return _forward(request)
+
+
+def forward_items(request: Request) -> Response:
+    return _forward(request)
+
+
+def forward_remove(request: Request, item_id: Annotated[str, PathParam(min_length=1, max_length=S.ID_MAX_CHARS)]
+                   ) -> Response:
+    return _forward(request)
+
+
+FORWARDS = {events: forward_events, items: forward_items, remove_item: forward_remove}
+
+
 async def healthz(request: Request) -> Response:
     live = request.app.state.live
     served = live.served
@@ -240,7 +274,7 @@ def version(request: Request) -> Response:
         return _json({"version": served.version, "backend": meta.get("backend"), "collection": meta.get("collection"),
                       "published_at": meta.get("created_at"), "model_digest": meta.get("model_digest"),
                       "previous": meta.get("previous"), "items": len(served.known_items),
-                      "loaded_at": served.loaded_at, "reloads": live.reloads})
+                      "loaded_at": served.loaded_at, "reloads": live.reloads, "pid": os.getpid()})
 
 
 async def prometheus(request: Request) -> Response:
@@ -263,11 +297,15 @@ ROUTES = [_route("GET", "/recommend", recommend_one, S.RecommendAnswer),
           _route("GET", "/metrics", prometheus)]
 
 
-def create_app(state: LiveState, config: ServiceConfig, metrics: ServiceMetrics, tokens: Tokens = Tokens()) -> FastAPI:
-    """The FastAPI app over a started LiveState; its schema at /openapi.json (no docs UI)."""
+def create_app(state: LiveState, config: ServiceConfig, metrics: ServiceMetrics, tokens: Tokens = Tokens(),
+               writer: WriterClient | None = None) -> FastAPI:
+    """The FastAPI app over a started LiveState; its schema at /openapi.json (no docs UI). With
+    `writer`, the writes are handed to that writer process (a reader process of serve-api)."""
     app = FastAPI(title="towerflow", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
-    app.state.live, app.state.config, app.state.metrics = state, config, metrics
+    app.state.live, app.state.config, app.state.metrics, app.state.writer = state, config, metrics, writer
     for method, path, handler, model, body in ROUTES:
+        if writer is not None:
+            handler = FORWARDS.get(handler, handler)
         # Handlers return their JSON themselves (no second validation pass on the hot path); the
         # models document the answers, and the schema fuzz test checks that they conform.
         app.add_api_route(path, handler, methods=[method], response_model=model, responses=S.ERRORS,
@@ -280,17 +318,21 @@ def create_app(state: LiveState, config: ServiceConfig, metrics: ServiceMetrics,
     app.add_exception_handler(Exception, bug)
     bodies = tuple(body for *_, body in ROUTES if body is not None)
     app.openapi = lambda: openapi_with_bearer(app, bodies)    # type: ignore[method-assign]
+    relayed = frozenset((method, path) for method, path, handler, *_ in ROUTES
+                        if writer is not None and handler in FORWARDS and method == "POST")
     app.add_middleware(Guard, tokens=tokens, allowed_hosts=config.serve.allowed_hosts,
-                       max_body_bytes=config.serve.max_body_bytes)
+                       max_body_bytes=config.serve.max_body_bytes, relayed=relayed)
     # outermost: refusals by the guard are counted and timed too
     endpoints = frozenset(route[1] for route in ROUTES) | {"/openapi.json"}
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=endpoints)
     return app
 
 
-def build_service(params: Any, root: Path, env: dict[str, str] | None = None) -> tuple[FastAPI, LiveState]:
+def build_service(params: Any, root: Path, env: dict[str, str] | None = None,
+                  writer: WriterClient | None = None) -> tuple[FastAPI, LiveState]:
     """The app and its started state for a project (params.yaml's folder is `root`); tokens from
-    `env` (the process environment by default)."""
+    `env` (the process environment by default). Without `writer` it answers everything itself
+    (the writer process, and tests in one process); with one it is a reader process."""
     tokens = Tokens.from_env(os.environ if env is None else env)
     paths = params.paths.resolved(root)
     metrics = ServiceMetrics()
@@ -300,49 +342,17 @@ def build_service(params: Any, root: Path, env: dict[str, str] | None = None) ->
         metrics.reloads.labels("ok").inc()
 
     state = LiveState(paths.published, paths.feast, paths.features, params.serve.reload_interval_s,
-                      on_change=changed)
+                      on_change=changed, reader=writer is not None)
     state.start()
     events_dir = params.serve.events_dir if params.serve.events_dir.is_absolute() else root / params.serve.events_dir
     config = ServiceConfig(params.serve, params.features.history_length,
                            event_rules(params.data, params.validate, params.serve),
                            events_dir, paths.published, RankerCache(paths.published), root=Path(root).resolve())
-    return create_app(state, config, metrics, tokens), state
+    return create_app(state, config, metrics, tokens, writer), state
 
 
 def server_config(app: FastAPI, serve_params: ServeParams, host: str = "127.0.0.1", port: int = 8000) -> Any:
-    """uvicorn's settings for the service (one worker: an embedded index belongs to one process)."""
+    """uvicorn's settings for one process of the service (flows/serving/workers.py runs several)."""
     import uvicorn
     return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                           timeout_keep_alive=serve_params.keep_alive_s)
-
-
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
-def serve(params: Any, root: Path, host: str, port: int, announce: Any = print) -> None:
-    """Run the service until interrupted. A non-loopback --host needs the write token."""
-    import uvicorn
-
-    require_safe_bind(host, Tokens.from_env(os.environ))
-    # A write's Python work (validation, Feast, pandas) hands the GIL to the event loop and the
-    # reads every 1 ms instead of 5 ms: /healthz and /recommend wait less behind a large write.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    log.addFilter(MaskSecrets())
-    app, state = build_service(params, root)
-    announce(f"serving version {state.served.version if state.served else '?'} at http://{host}:{port} "
-             "(GET /recommend, /similar, /version, /healthz, /metrics, /openapi.json; POST /recommend, /events, "
-             "/items; DELETE /items/{id})")
-    if host not in params.serve.allowed_hosts and "*" not in params.serve.allowed_hosts:
-        announce(f"note: requests must name one of serve.allowed_hosts ({', '.join(params.serve.allowed_hosts)}) "
-                 "in their Host header; add the name clients use to reach this service")
-    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler found
-    # before it: Python's default would end the process before the cleanup below (the index closed,
-    # the advertisement removed) runs.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        # advertised to `towerflow recommend` of this project, which then asks this warm process
-        with announced(root, host, port, params.paths.resolved(root).published):
-            uvicorn.Server(server_config(app, params.serve, host, port)).run()
-    finally:
-        state.stop()

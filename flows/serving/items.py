@@ -192,14 +192,21 @@ def _others_latest(published_dir: Path, bundle_dir: Path) -> pd.DataFrame:
 
 
 def sync_additions(rec: Recommender, published_dir: Path, known: set[Any], lock: threading.RLock | None = None,
-                   wait_s: float = ADDITIONS_WAIT_S) -> int:
+                   wait_s: float = ADDITIONS_WAIT_S, reader: bool = False) -> int:
     """Bring rec's index up to date with the additions and removals of every kept version (see the
-    module doc); returns how many items were upserted. `known` is updated."""
-    with additions_locked(published_dir, wait_s):   # index writes happen under it: readers may copy the index
+    module doc); returns how many items were upserted. `known` is updated. reader=True (a reader
+    process of the service, flows/serving/writer.py): only this version's own sidecar, read without
+    the lock (its files appear whole, by rename) since nobody copies a reader's private index; the
+    writer process carries the other versions' operations into that sidecar, and they arrive here
+    from there."""
+    # index writes happen under the lock: another process may be copying this index
+    with additions_locked(published_dir, wait_s) if not reader else nullcontext():
         ops = read_ops(rec.bundle_dir)
         upserted = rec.sync_own_additions(ops, lock)
     known |= set(read_additions(rec.bundle_dir, ops)["item_id"].tolist())
     known -= read_removed(rec.bundle_dir, ops)
+    if reader:
+        return upserted
     latest = _others_latest(published_dir, rec.bundle_dir)
     if not len(latest):
         return upserted

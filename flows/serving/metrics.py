@@ -29,7 +29,8 @@ class ServiceMetrics:
     """The service's counters, histogram and gauges in one registry."""
 
     def __init__(self) -> None:
-        # The service is one process. Importing feast sets PROMETHEUS_MULTIPROC_DIR, and
+        # One registry per process: with serve-api --workers N, each reader counts its own requests
+        # (README: a scrape sees the reader that answers it). Importing feast sets PROMETHEUS_MULTIPROC_DIR, and
         # prometheus-client then keeps every counter in a per-process file keyed by name and labels:
         # two apps of one process (tests, benchmarks) would read each other's counts when a labelled
         # child is created. In-process values keep each app's registry its own.

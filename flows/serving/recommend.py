@@ -58,14 +58,16 @@ class Recommender:
 
     @classmethod
     def load(cls, bundle_dir: Path, feast_dir: Path, features_dir: Path,
-             copy_if_held: bool = False) -> "Recommender":
+             copy_if_held: bool = False, private: bool = False) -> "Recommender":
         """Open a complete bundle (versions/<version>/) with the online store of feast_dir.
 
         An embedded index is opened by one process at a time. With copy_if_held (the CLI), an
         index held by another process (a running service) is searched in a private copy instead:
-        the same vectors and the items added so far, at the cost of copying the folder."""
+        the same vectors and the items added so far, at the cost of copying the folder. With
+        private (the service's reader processes), an embedded index is always a private copy: the
+        writer process holds the original (flows/serving/writer.py)."""
         from features.store import open_store
-        from flows.serving.index import IndexInUse, IndexSettings, open_index
+        from flows.serving.index import EMBEDDED, IndexInUse, IndexSettings, open_index
         from models.inference import load_bundle
 
         bundle_dir = Path(bundle_dir)
@@ -80,12 +82,15 @@ class Recommender:
         schema = json.loads((bundle_dir / "schema.json").read_text())
         model = load_bundle(bundle_dir / "model")
         settings = IndexSettings.from_dict(meta["settings"])
-        try:
-            index = open_index(meta["backend"], settings, path=bundle_dir / "index", collection=meta.get("collection"))
-            scratch = None
-        except IndexInUse:
-            if not copy_if_held:
-                raise
+        index, scratch = None, None
+        if not (private and meta["backend"] in EMBEDDED):
+            try:
+                index = open_index(meta["backend"], settings, path=bundle_dir / "index",
+                                   collection=meta.get("collection"))
+            except IndexInUse:
+                if not copy_if_held:
+                    raise
+        if index is None:
             index, scratch = _open_copy(bundle_dir, meta["backend"], settings)
         rec = cls(bundle_dir, meta, schema, model, index, open_store(feast_dir, features_dir), scratch)
         if scratch is not None:
@@ -210,7 +215,9 @@ def _open_copy(bundle_dir: Path, backend: str, settings: Any) -> tuple[Any, Path
     try:
         with BundleStore.containing(bundle_dir).additions_locked():
             path = copy_storage(bundle_dir / "index", scratch)
-        return open_index(backend, settings, path=path), scratch
+        index = open_index(backend, settings, path=path)
+        index.keep_writes_in_memory()     # thrown away on close: added items need not reach its files
+        return index, scratch
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

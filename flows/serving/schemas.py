@@ -197,6 +197,7 @@ class VersionInfo(BaseModel):
     items: int
     loaded_at: str
     reloads: int
+    pid: int            # the process that answered (serve-api --workers N: one of N)
 
 
 class ErrorBody(BaseModel):

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ class Served:
     retired: bool = False
     events_store: Any = None      # a second online-store handle for pushes (own SQLite connection)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    syncing: threading.Lock = field(default_factory=threading.Lock)   # one sidecar sync at a time
 
     @property
     def version(self) -> str:
@@ -71,12 +73,17 @@ class LiveState:
     """The live version for a long-running process; `use()` lends it to one request."""
 
     def __init__(self, published_dir: Path, feast_dir: Path, features_dir: Path, interval_s: float = 1.0,
-                 on_change: Callable[["Served"], None] | None = None, loader: Loader | None = None):
+                 on_change: Callable[["Served"], None] | None = None, loader: Loader | None = None,
+                 reader: bool = False):
+        """reader: a reader process of a service whose writes run in a writer process
+        (flows/serving/writer.py): its embedded index is a private copy, and it only applies the
+        sidecar, never writes it."""
         self.store = BundleStore(published_dir)
+        self.reader = reader
         self.feast_dir, self.features_dir = Path(feast_dir), Path(features_dir)
         self.interval_s = interval_s
         self.on_change = on_change
-        self.loader = loader or Recommender.load
+        self.loader = loader or (partial(Recommender.load, private=True) if reader else Recommender.load)
         self._lock = threading.Lock()
         self._served: Served | None = None
         self._stop = threading.Event()
@@ -91,7 +98,7 @@ class LiveState:
         rec = self.loader(bundle, self.feast_dir, self.features_dir)
         try:
             known = catalog_ids(bundle)
-            sync_additions(rec, self.store.root, known)
+            sync_additions(rec, self.store.root, known, reader=self.reader)
         except BaseException:
             rec.close()
             raise
@@ -189,13 +196,21 @@ class LiveState:
                 current.rec.store, current.materialized = fresh, materialized
                 current.events_store = None     # reopened on the next push, on the new file
             return "online store reopened"
-        signature = sidecar_signature(current.rec.bundle_dir)
-        if signature != current.sidecar:
-            # index writes in chunks under current.lock: requests go on between them
-            added = sync_additions(current.rec, self.store.root, current.known_items, lock=current.lock)
-            current.sidecar = signature
-            return f"{added} added items synced"
-        return None
+        added = self.sync(current)
+        return f"{added} added items synced" if added is not None else None
+
+    def sync(self, served: Served) -> int | None:
+        """Apply what the sidecar gained since `served` last looked (another process's additions or
+        removals) to its index; None when nothing changed. Index writes go in chunks under
+        served.lock: requests go on between them."""
+        with served.syncing:    # the watcher and a reader's forwarded write would upsert the same rows twice
+            signature = sidecar_signature(served.rec.bundle_dir)
+            if signature == served.sidecar:
+                return None
+            added = sync_additions(served.rec, self.store.root, served.known_items, lock=served.lock,
+                                   reader=self.reader)
+            served.sidecar = signature
+            return added
 
     def _switch(self, version: str) -> str | None:
         if self._failed and self._failed[0] == version and time.monotonic() - self._failed[1] < RETRY_AFTER_S:

@@ -286,3 +286,28 @@ def test_response_columns_decode_like_feasts_to_dict() -> None:
     decoded = response_columns(response)
     assert decoded == response.to_dict()
     assert decoded["recent_items"] == [[5, 6], [], None] and decoded["age"] == ["18-24", None, ""]
+
+
+def test_count_names_are_read_once_per_registry_and_again_after_an_apply(tmp_path, monkeypatch):
+    """behaviour_counts builds a FeatureView from the registry once per store and registry state
+    (it was half of a warm answer's CPU), and reads it again when the registry changes."""
+    from features.definitions import build_repo
+    from features.online import behaviour_counts
+    from features.store import open_store
+
+    ing = ingested_tables(tmp_path, False)
+    schema = contract_schema(False)
+    dirs = _materialize(tmp_path, ing, "sqlite")
+    store = open_store(dirs["feast_dir"], dirs["features_dir"])
+    assert behaviour_counts(store) == ["interactions_total", "interactions_1d", "interactions_7d", "interactions_30d"]
+    reads = []
+    real = store.get_feature_view
+    monkeypatch.setattr(store, "get_feature_view", lambda *a, **k: reads.append(a) or real(*a, **k))
+    for _ in range(3):
+        behaviour_counts(store)
+    assert reads == []                                         # answered from the memo
+
+    # the same store object after a materialization with other windows is applied through it
+    materialize(SPLIT, FeaturesParams(history_length=HISTORY, count_windows_days=(3,)), ing, **dirs)
+    store.apply(build_repo(schema, dirs["features_dir"]).objects())
+    assert behaviour_counts(store) == ["interactions_total", "interactions_3d"] and len(reads) == 1

@@ -260,3 +260,19 @@ def test_local_batch_top_k_takes_the_k_best_and_orders_ties_by_point() -> None:
         for vals, points in zip(values, top):
             assert [(-v, p) for v, p in zip(vals, points)] == sorted((-v, p) for v, p in zip(vals, points))
     assert _top_rows(torch.from_numpy(scores), 300)[1][0].tolist() == list(range(300))
+
+
+def test_a_private_copy_keeps_its_writes_in_memory(make_embedded) -> None:
+    """A reader's private copy (thrown away on close) answers with the items upserted into it, and
+    its files are left as copied: local mode no longer commits each point to SQLite there."""
+    index, items, vectors = built(make_embedded, n=60)
+    index.keep_writes_in_memory()
+    new = unit(1, DIM, 9)
+    fields, payloads = catalog_payloads(catalog(61).tail(1).assign(item_id=[7777]), FEATURES)
+    index.upsert([7777], new, payloads)
+    assert index.search(new, 1)[0][0][0] == 7777 and index.count() == 61
+    settings = index.settings
+    index.close()
+    again = make_embedded(settings, create=False)
+    expected = 60 if make_embedded.backend == "qdrant-local" else 61   # qdrant-edge: its upserts cost little
+    assert again.count() == expected

@@ -56,7 +56,9 @@ def served(project: Path):  # noqa: ANN201
     try:
         while True:
             try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                # ready, and advertised (the supervisor advertises once every reader has loaded)
+                if (httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+                        and list((project / SERVICES_DIR).glob("*.json"))):
                     break
             except httpx.HTTPError:
                 pass

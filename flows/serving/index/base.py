@@ -210,6 +210,10 @@ class VectorIndex(ABC):
     def _finish(self) -> None:
         """After the initial upsert: build the ANN structures and make the storage durable."""
 
+    def keep_writes_in_memory(self) -> None:
+        """This index is a private copy, removed when closed (flows/serving/recommend.py
+        `_open_copy`): later writes need not reach its storage. A backend may then skip that work."""
+
     # --- the interface ----------------------------------------------------------------------------
     def build(self, vectors: np.ndarray, ids: Sequence[Any], payloads: Sequence[dict]) -> None:
         """Fill a new, empty index: point i = ids[i], vectors[i], payloads[i] (item_id added)."""

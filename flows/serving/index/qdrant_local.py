@@ -168,6 +168,17 @@ class LocalIndex(ClientIndex):
             storage.execute("PRAGMA journal_mode=WAL")
             storage.execute("PRAGMA synchronous=NORMAL")
 
+    def keep_writes_in_memory(self) -> None:
+        """Local mode commits every upserted point to its SQLite file: in a private copy (a service
+        reader's, thrown away on close) that was a third of the reader's CPU for a 5,000-item
+        addition (1.0 of 2.9 s), taken from the reads. Without its persistence handle local mode
+        keeps the points in memory only. Skipped if qdrant-client's internals change."""
+        collection = getattr(getattr(self.client, "_client", None), "collections", {}).get(LOCAL_COLLECTION)
+        persistence = getattr(collection, "storage", None)
+        if persistence is not None and hasattr(persistence, "persist"):
+            persistence.close()
+            collection.storage = None
+
     def _storage(self) -> Any:
         collections = getattr(getattr(self.client, "_client", None), "collections", {})
         storage = getattr(getattr(collections.get(LOCAL_COLLECTION), "storage", None), "storage", None)
