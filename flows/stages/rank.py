@@ -50,7 +50,8 @@ from models.ranking.mixture import MixtureEM
 from models.ranking.params import RankParams
 from models.ranking import select
 from models.ranking.seen import Seen, id_report, seen_in, split_ndcg
-from models.ranking.towers import Naive, Ranker, RankerConfig
+from models.ranking.config import RankerConfig
+from models.ranking.ranker import Naive, Ranker
 from models.ranking.train import build_model, feature_tables, fit
 
 K = 10                      # NDCG@10: the depth of a page

@@ -21,7 +21,7 @@ import torch
 from models.ranking.data import RankBatch, ValidBy
 from models.ranking.evaluate import propensity_curve, relevance_ndcg
 from models.ranking.lambdarank import LambdaRanker
-from models.ranking.towers import ClickRanker, Naive, Ranker
+from models.ranking.ranker import ClickRanker, Naive, Ranker
 
 MIN_PROPENSITY = 0.05     # clip: one click at a position seen 1% of the time would weigh 100x
 BIASED_BELOW = 0.8        # clicks are position-biased when the deepest examination is below this (vs the top)

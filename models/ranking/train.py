@@ -14,7 +14,9 @@ from models.ranking.catalog import RankFeatures
 from models.ranking.data import RankBatch
 from models.ranking.mixture import MixtureEM
 from models.ranking.params import RankParams
-from models.ranking.towers import PAL, TABLES, Additive, DotProduct, Naive, Ranker, RankerConfig
+from models.ranking.config import TABLES, RankerConfig
+from models.ranking.ranker import Naive, Ranker
+from models.ranking.two_tower import PAL, Additive, DotProduct
 from models.ranking.xpa import CrossPositional
 
 MODELS: dict[str, Callable[..., Ranker]] = {

@@ -12,7 +12,7 @@ from tests.models.ranking.rank_simulator import SimConfig, simulate
 from models.ranking.catalog import build_features
 from models.ranking.data import RankingInputError, RankingLog, inspect_log
 from models.ranking.params import RankParams
-from models.ranking.towers import RankerConfig
+from models.ranking.config import RankerConfig
 from models.ranking.train import build_model
 
 torch.set_num_threads(1)

@@ -15,7 +15,7 @@ from models.ranking import evaluate
 from models.ranking.catalog import Vocab, _scaled, quantile_knots, quantile_normal
 from models.ranking.params import RankParams
 from models.ranking.seen import Seen, seen_in, split_ndcg
-from models.ranking.towers import RankerConfig
+from models.ranking.config import RankerConfig
 from models.ranking.train import build_model, fit, validation_loss
 
 torch.set_num_threads(1)
