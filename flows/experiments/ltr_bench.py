@@ -130,8 +130,10 @@ def _markdown(doc: dict[str, Any]) -> str:
         cells = [(lambda c: f"{c['mean']:.3f} ± {c['std']:.3f}" if c else "–")(doc["summary"][lg].get(r))
                  for lg in loggers]
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
-    lines += ["", "served: " + "; ".join(f"{run['logger']} seed {run['seed']}: {run['served']}"
-                                       for run in doc["runs"]), "", "targets: " + json.dumps(doc["targets"])]
+    lines += ["", "served: " + "; ".join(
+        f"{run['logger']} seed {run['seed']}: {run['served']}"
+        + (f" (validation by {run['serve']['validation_split']['by']})" if "validation_split" in run["serve"] else "")
+        for run in doc["runs"]), "", "targets: " + json.dumps(doc["targets"])]
     return "\n".join(lines) + "\n"
 
 

@@ -120,6 +120,8 @@ class _EarlyStop:
 
     def done(self, model: Ranker, loss: float) -> bool:
         self.losses.append(loss)
+        if loss != loss:      # NaN: no validation request (a small log, or few users held out): train on
+            return False
         if self.best_epoch is None or loss < self.losses[self.best_epoch - 1]:
             self.best_epoch = len(self.losses)
             self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -120,3 +120,11 @@ def test_early_stopping_keeps_the_best_epoch_on_held_out_requests(tmp_path: Path
     assert len(report.valid_losses) == report.epochs
     assert validation_loss(model, split.test) == pytest.approx(min(report.valid_losses))   # best weights back
     assert not model.training
+
+
+def test_early_stopping_without_validation_requests_trains_every_epoch(tmp_path: Path) -> None:
+    """Few users held out can leave validation empty: training must not stop for lack of a figure."""
+    params = RankParams(epochs=3, patience=1)
+    split = read_split(simulate(SimConfig(n_users=40, n_items=60, requests=150, seed=3)), tmp_path, params)
+    report = fit(build_model("pal", split.config, split.features, seed=0), split.train, params, seed=0, valid=[])
+    assert report.epochs == 3 and report.best_epoch is None
