@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ MIN_VALIDATION_USERS = 20
 
 @dataclass(frozen=True)
 class ValidationSplit:
-    """How the validation requests were held out (ranking.json `serve.validation`)."""
+    """How the validation requests were held out (ranking.json `serve.validation_split`)."""
     by: ValidBy
     fraction: float
     log_users: int
@@ -45,10 +46,10 @@ class ValidationSplit:
         return {"by": self.by, "fraction": self.fraction, "log_users": self.log_users, "reason": self.reason}
 
 
-def validation_by(setting: str, log_users: int, fraction: float) -> ValidationSplit:
+def validation_by(setting: Literal["auto", "user", "request"], log_users: int, fraction: float) -> ValidationSplit:
     """rank.validation_by resolved for a log with `log_users` distinct users."""
-    if setting in ("user", "request"):
-        return ValidationSplit(setting, fraction, log_users, "rank.validation_by")  # type: ignore[arg-type]
+    if setting != "auto":
+        return ValidationSplit(setting, fraction, log_users, "rank.validation_by")
     expected = log_users * fraction
     if expected >= MIN_VALIDATION_USERS:
         return ValidationSplit("user", fraction, log_users,
