@@ -74,6 +74,7 @@ def rank_ltr_bench(set_: Optional[list[str]] = SetOption, params_file: Path = Pa
                    seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds: base.seed, base.seed+1, ..."),
                    queries: int = typer.Option(600, "--queries", min=10, help="Queries of the generated world."),
                    sessions: int = typer.Option(10, "--sessions", min=1, help="Logged sessions per logged query."),
+                   diagnostics: bool = typer.Option(False, "--diagnostics", help="Also PAL with the true examination curve and the naive network on the true labels."),
                    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: paths.reports.")) -> None:
     """The rankers on an LTR-shaped world (graded labels, numeric documents, held-out queries; slow)."""
     with _errors():
@@ -82,5 +83,5 @@ def rank_ltr_bench(set_: Optional[list[str]] = SetOption, params_file: Path = Pa
         params = _load(params_file, set_)
         out = out_dir or params.paths.resolved(params_file.resolve().parent).reports
         ltr_bench(params.rank, LtrShape(queries=queries, sessions=sessions),
-                  [params.base.seed + i for i in range(seeds)], out)
+                  [params.base.seed + i for i in range(seeds)], out, diagnostics=diagnostics)
         typer.echo(f"written {out / 'rank_ltr.md'} and {out / 'rank_ltr.json'}")

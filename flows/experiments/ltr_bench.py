@@ -10,7 +10,10 @@ never showed, and is measured by NDCG@10 against the true labels (gains 2^label 
 - random order; LightGBM lambdarank naive and with its position correction; each network;
 - the served ranker, read back from the saved ranker directory and scored exactly as
   `towerflow rank score` does (flows/serving/rerank.py: load_reranker, score_pairs);
-- LightGBM lambdarank trained on the true labels of the same training requests (the ceiling).
+- LightGBM lambdarank trained on the true labels of the same training requests (the ceiling);
+- with `diagnostics`: PAL with the simulator's examination curve in place of its bias tower (what
+  exact propensities would give) and the naive network trained on the true relevance instead of the
+  clicks (what the relevance tower can learn at all): they tell the clicks' limit from the model's.
 
 Writes <out_dir>/rank_ltr.{json,md}; the data and models live in a temporary folder.
 """
@@ -21,21 +24,45 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from flows.experiments.ltr_data import LtrShape, LtrWorld, Logger, generate, write_ingested
+from models.ranking.config import RankerConfig
+from models.ranking.data import RankBatch
 from models.ranking.params import RankParams
+from models.ranking.train import build_model, feature_tables, fit
+from models.ranking.two_tower import PAL
+
+if TYPE_CHECKING:
+    from flows.stages.rank import RankData
 
 LOGGERS = (Logger(0.0, persistent=False), Logger(0.9, persistent=True))
 RANDOM, NAIVE_GBM, DEBIASED_GBM = "random order", "lightgbm naive", "lightgbm (lambdarank + position)"
 SERVED, LABELS = "served (rank.serve: auto)", "lightgbm on the true labels"
+TRUE_CURVE, NET_LABELS = "pal with the true examination curve", "naive network on the true labels"
 K = 10
+
+
+class KnownExamination(PAL):
+    """PAL whose examination is the given curve, not learned: the bias tower stays unused. What PAL
+    would reach if it estimated the propensities exactly (a diagnostic, never served)."""
+
+    exam_logit: torch.Tensor        # (P,) logit of P(examined | position p + 1)
+
+    def __init__(self, cfg: RankerConfig, tables: dict[str, np.ndarray], curve: np.ndarray):
+        super().__init__(cfg, tables)
+        c = np.clip(curve, 1e-6, 1 - 1e-6)      # position 1 is examined with probability 1: a finite logit
+        self.register_buffer("exam_logit", torch.as_tensor(np.log(c / (1 - c)), dtype=torch.float32))
+
+    def bias_output(self, batch: RankBatch) -> torch.Tensor:
+        at = (batch.position.clamp(min=1) - 1).clamp(max=len(self.exam_logit) - 1)     # (R, L)
+        return self.exam_logit[at].unsqueeze(-1)                                      # (R, L, 1)
 
 
 def ndcg_by_query(held_out: pd.DataFrame, scores: np.ndarray, k: int = K) -> float:
@@ -59,8 +86,29 @@ def _pair_scores(model: Any, features: Any, held_out: pd.DataFrame) -> np.ndarra
         return model.eval().score(torch.from_numpy(users), torch.from_numpy(items)).numpy()
 
 
+def diagnostic_rows(data: RankData, shape: LtrShape, cfg: RankParams, seed: int, held: pd.DataFrame,
+                    relevance: str) -> dict[str, float]:
+    """TRUE_CURVE and NET_LABELS (see the module docstring) on the held-out queries."""
+    if data.truth.curves is None:
+        raise ValueError("the diagnostic rows need the simulator's examination curves (simulation/truth.json)")
+    share = {"impatient": shape.impatient_share, "patient": 1 - shape.impatient_share}
+    curve = np.array([share[n] for n in data.truth.type_names]) @ data.truth.curves     # (P,) the users' mix
+    config = RankerConfig.build(cfg, data.features, data.spec.grid, ids=data.ids(cfg))
+    torch.manual_seed(seed)
+    known = KnownExamination(config, feature_tables(data.features), curve)
+    labelled = build_model("naive", config, data.features, seed)
+    train = data.log(cfg, "train")
+    by_label = [replace(b, clicked=b.truth[relevance].nan_to_num(0.0)) for b in train]   # labels as clicks
+    out = {}
+    for row, model, batches in ((TRUE_CURVE, known, train), (NET_LABELS, labelled, by_label)):
+        model.relevance.forget(data.seen.users, data.seen.items)
+        fit(model, batches, cfg, seed)
+        out[row] = ndcg_by_query(held, _pair_scores(model, data.features, held))
+    return out
+
+
 def run_world(world: LtrWorld, shape: LtrShape, logger: Logger, cfg: RankParams, seed: int,
-              work: Path) -> dict[str, Any]:
+              work: Path, diagnostics: bool = False) -> dict[str, Any]:
     """One logged world: every row's held-out NDCG@10, what auto served and its validation figures."""
     from flows.serving.rerank import load_reranker, score_pairs
     from flows.stages.rank import (RELEVANCE, item_table, lambdarank_fit, rank_data, save_served,
@@ -89,6 +137,8 @@ def run_world(world: LtrWorld, shape: LtrShape, logger: Logger, cfg: RankParams,
     # the served ranker as `towerflow rank score` reads it: from its directory, raw ids in
     served = score_pairs(held[["user_id", "item_id"]], load_reranker(work / "ranker"))
     rows[SERVED] = ndcg_by_query(held, served["score"].to_numpy())
+    if diagnostics:
+        rows |= diagnostic_rows(data, shape, cfg, seed, held, RELEVANCE)
     return {"logger": logger.name, "seed": seed, "rows": rows, "served": trained.served,
             "serve": trained.serving, "relevance_features": data.ids(cfg) is False,
             "seen_split": {n: r.get("split") for n, r in trained.rows.items()},
@@ -130,20 +180,22 @@ def _markdown(doc: dict[str, Any]) -> str:
         cells = [(lambda c: f"{c['mean']:.3f} ± {c['std']:.3f}" if c else "–")(doc["summary"][lg].get(r))
                  for lg in loggers]
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
-    lines += ["", "served: " + "; ".join(f"{run['logger']} seed {run['seed']}: {run['served']}"
-                                       for run in doc["runs"]), "", "targets: " + json.dumps(doc["targets"])]
+    lines += ["", "served: " + "; ".join(
+        f"{run['logger']} seed {run['seed']}: {run['served']}"
+        + (f" (validation by {run['serve']['validation_split']['by']})" if "validation_split" in run["serve"] else "")
+        for run in doc["runs"]), "", "targets: " + json.dumps(doc["targets"])]
     return "\n".join(lines) + "\n"
 
 
 def ltr_bench(cfg: RankParams, shape: LtrShape, seeds: list[int], out_dir: Path,
-              loggers: tuple[Logger, ...] = LOGGERS) -> dict[str, Any]:
+              loggers: tuple[Logger, ...] = LOGGERS, diagnostics: bool = False) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     runs, started = [], time.perf_counter()
     for seed in seeds:
         world = generate(shape, seed)
         for logger in loggers:
             with tempfile.TemporaryDirectory(prefix=".ltr-") as tmp:
-                runs.append(run_world(world, shape, logger, cfg, seed, Path(tmp)))
+                runs.append(run_world(world, shape, logger, cfg, seed, Path(tmp), diagnostics))
             print(f"ltr-bench: {runs[-1]['logger']} seed {seed}: served {runs[-1]['served']}, "
                   + ", ".join(f"{k} {v:.3f}" for k, v in runs[-1]["rows"].items()), flush=True)
     summary = _summary(runs)

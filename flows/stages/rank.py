@@ -41,8 +41,8 @@ from models.inference import load_bundle
 from models.ranking import evaluate as ev
 from models.ranking.bundle import Servable, save_ranker
 from models.ranking.catalog import RankFeatures, Vectors, build_features
-from models.ranking.data import (GRID, REQUIRED, LogSpec, RankBatch, RankingInputError, RankingLog, inspect_log,
-                                 shown_mask)
+from models.ranking.data import (GRID, REQUIRED, LogSpec, RankBatch, RankingInputError, RankingLog, distinct_users,
+                                 inspect_log, shown_mask)
 from models.ranking.lambdarank import NAME as LIGHTGBM, LambdaRanker, fit_lambdarank
 
 LIGHTGBM_NAIVE = f"{LIGHTGBM}_naive"      # the same without position correction
@@ -50,7 +50,8 @@ from models.ranking.mixture import MixtureEM
 from models.ranking.params import RankParams
 from models.ranking import select
 from models.ranking.seen import Seen, id_report, seen_in, split_ndcg
-from models.ranking.towers import Naive, Ranker, RankerConfig
+from models.ranking.config import RankerConfig
+from models.ranking.ranker import Naive, Ranker
 from models.ranking.train import build_model, feature_tables, fit
 
 K = 10                      # NDCG@10: the depth of a page
@@ -76,6 +77,7 @@ class RankData:
     rows: int
     positions: list[int]                      # positions the propensity curves are read at
     seen: Seen                                # users and items of the training requests
+    validation: select.ValidationSplit | None = None   # how serve: auto's validation was held out
 
     def ids(self, cfg: RankParams) -> bool:
         """Whether the relevance tower learns id embeddings (rank.features_only, auto decided here)."""
@@ -85,17 +87,18 @@ class RankData:
         return self.seen.ids_worth_learning(has_features)
 
     def log(self, cfg: RankParams, split: Literal["train", "test", "valid"]) -> RankingLog:
-        return _log(self.path, self.features, self.spec, cfg, split)
+        return _log(self.path, self.features, self.spec, cfg, split, self.validation)
 
 
 def _log(path: Path, features: RankFeatures, spec: LogSpec, cfg: RankParams,
-         split: Literal["train", "test", "valid"]) -> RankingLog:
+         split: Literal["train", "test", "valid"], validation: select.ValidationSplit | None) -> RankingLog:
     """One split of the prepared log. Validation requests are carved out only to choose the served
-    model (rank.serve: auto); a named model trains on every non-test request."""
+    model (rank.serve: auto, `validation` says how); a named model trains on every non-test request."""
     return RankingLog(path, features, spec, batch_requests=cfg.batch_requests, read_rows=cfg.read_rows,
                       max_position=cfg.max_position, max_grid=cfg.max_grid, split=split,
                       test_fraction=cfg.test_fraction,
-                      valid_fraction=cfg.validation_fraction if cfg.serve == "auto" else 0.0)
+                      valid_fraction=validation.fraction if validation is not None else 0.0,
+                      valid_by=validation.by if validation is not None else "request")
 
 
 # --- the prepared log ------------------------------------------------------------------------------
@@ -185,8 +188,10 @@ def rank_data(cfg: RankParams, logs: Path, truth_dir: Path | None, items: pd.Dat
     columns = (RELEVANCE, USER_TYPE) if truth.source == "simulation" else (RELEVANCE,)
     spec = inspect_log(path, context=cfg.context_columns, truth=columns)
     last = min(top, cfg.max_position, *(() if truth.curves is None else (truth.curves.shape[1],)))
-    seen = seen_in(_log(path, features, spec, cfg, "train"), len(features.users), len(features.items))
-    return RankData(path, spec, features, truth, rows, list(range(1, max(last, 1) + 1)), seen)
+    validation = (select.validation_by(cfg.validation_by, distinct_users(path, cfg.read_rows), cfg.validation_fraction)
+                  if cfg.serve == "auto" else None)
+    seen = seen_in(_log(path, features, spec, cfg, "train", validation), len(features.users), len(features.items))
+    return RankData(path, spec, features, truth, rows, list(range(1, max(last, 1) + 1)), seen, validation)
 
 
 # --- measurement -----------------------------------------------------------------------------------
@@ -316,6 +321,19 @@ class Trained:
         return self.serving["served"]
 
 
+def _validation_record(data: RankData, cfg: RankParams) -> dict[str, Any]:
+    """How the validation requests were held out, and how many requests and users they hold."""
+    if data.validation is None:
+        raise ValueError("rank.serve is auto but the data was prepared for a named model: "
+                         "call rank_data with the same rank params")
+    users: set[int] = set()
+    requests = 0
+    for b in data.log(cfg, "valid"):
+        users.update(b.user.tolist())
+        requests += len(b.user)
+    return data.validation.to_dict() | {"requests": requests, "users": len(users)}
+
+
 def train_rankers(cfg: RankParams, seed: int, data: RankData) -> Trained:
     """Every model of cfg.models and LightGBM lambdarank with its position correction (cfg.lightgbm)
     and without (cfg.lightgbm_naive): each fitted on the training requests and measured on the held-out ones; with
@@ -337,7 +355,7 @@ def train_rankers(cfg: RankParams, seed: int, data: RankData) -> Trained:
     if cfg.serve == "auto":
         choice = select.choose(models, data.log(cfg, "valid"), data.positions,
                                RELEVANCE if data.truth.source == "simulation" else None, K)
-        serving = choice.to_dict()
+        serving = choice.to_dict() | {"validation_split": _validation_record(data, cfg)}
         if choice.warning:
             print(f"rank: warning: {choice.warning}", file=sys.stderr, flush=True)
     else:

@@ -27,7 +27,8 @@ from models.ranking import lambdarank
 from models.ranking.catalog import RankFeatures, Vocab
 from models.ranking.data import RankingInputError
 from models.ranking.lambdarank import LambdaRanker
-from models.ranking.towers import Ranker, RankerConfig
+from models.ranking.config import RankerConfig
+from models.ranking.ranker import Ranker
 from models.ranking.train import build_model
 
 ID_FILES = ("ranker.json", "users.parquet", "items.parquet")

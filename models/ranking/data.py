@@ -111,9 +111,14 @@ def shown_mask(table: pa.Table, spec: LogSpec) -> pa.Array:
     return pc.is_valid(table["position"])
 
 
-def _bucket(request_ids: np.ndarray) -> np.ndarray:
-    """(N,) the request's hash bucket, the same for every row of a request in every run."""
-    return pd.util.hash_array(request_ids.astype(object)) % HASH_BUCKETS     # (N,) uint64
+ValidBy = Literal["user", "request"]
+USER_HASH_KEY = "towerflow-users!"   # 16 bytes: user buckets independent of the request buckets
+
+
+def _bucket(ids: np.ndarray, key: str | None = None) -> np.ndarray:
+    """(N,) the id's hash bucket, the same for every row of a request (or user) in every run."""
+    kw = {} if key is None else {"hash_key": key}
+    return pd.util.hash_array(ids.astype(object), **kw) % HASH_BUCKETS       # (N,) uint64
 
 
 def _held_out(request_ids: np.ndarray, test_fraction: float) -> np.ndarray:
@@ -121,12 +126,35 @@ def _held_out(request_ids: np.ndarray, test_fraction: float) -> np.ndarray:
     return _bucket(request_ids) < round(test_fraction * HASH_BUCKETS)
 
 
-def split_of(request_ids: np.ndarray, test_fraction: float, valid_fraction: float = 0.0) -> np.ndarray:
-    """(N,) 0 train, 1 test, 2 validation: the test buckets first, the validation ones right after
-    (valid_fraction 0 leaves train and test as they always were)."""
+def validation_users(user_ids: np.ndarray, valid_fraction: float) -> np.ndarray:
+    """(N,) bool: the user is one of the validation users (a fixed hash of user_id)."""
+    return _bucket(user_ids, USER_HASH_KEY) < round(valid_fraction * HASH_BUCKETS)
+
+
+def split_of(request_ids: np.ndarray, test_fraction: float, valid_fraction: float = 0.0,
+             user_ids: np.ndarray | None = None) -> np.ndarray:
+    """(N,) 0 train, 1 test, 2 validation. The test split is a fixed hash of request_id, whatever the
+    validation. Validation by request (user_ids None): the request buckets right after the test ones.
+    Validation by user: every non-test request of the users whose id hashes into the first
+    valid_fraction of the user buckets, so training never sees a validation user (a served ranker meets
+    new users and, where items belong to one query, new items; a validation of seen users' requests
+    favours memorizing). valid_fraction 0 leaves train and test as they always were."""
     b = _bucket(request_ids)
-    test, valid = round(test_fraction * HASH_BUCKETS), round((test_fraction + valid_fraction) * HASH_BUCKETS)
-    return np.where(b < test, 1, np.where(b < valid, 2, 0))
+    test = b < round(test_fraction * HASH_BUCKETS)
+    if user_ids is None:
+        valid = b < round((test_fraction + valid_fraction) * HASH_BUCKETS)
+    else:
+        valid = validation_users(user_ids, valid_fraction)
+    return np.where(test, 1, np.where(valid, 2, 0))
+
+
+def distinct_users(path: Path, read_rows: int) -> int:
+    """Distinct user_id values of a log file, read `read_rows` rows at a time."""
+    seen: set = set()
+    for rb in pq.ParquetFile(path).iter_batches(batch_size=read_rows, columns=["user_id"]):
+        seen.update(pc.unique(rb.column(0)).to_pylist())
+    seen.discard(None)
+    return len(seen)
 
 
 def _hold_last_request(table: pa.Table) -> tuple[pa.Table, pa.Table | None]:
@@ -158,18 +186,20 @@ class RankingLog:
     """Re-iterable batches of one log file: every pass re-reads it `read_rows` rows at a time.
 
     split: "train" or "test" keeps only requests on that side of a fixed hash of request_id, so the
-    held-out requests are the same for every model, every epoch and every run.
+    held-out requests are the same for every model, every epoch and every run; "valid" (with
+    valid_fraction > 0) the validation requests, carved from training by request or by user
+    (`valid_by`, see split_of).
     """
 
     def __init__(self, path: Path, features: RankFeatures, spec: LogSpec, *, batch_requests: int = 128,
                  read_rows: int = 100_000, max_position: int = 50, max_grid: int = 16,
                  split: Literal["all", "train", "test", "valid"] = "all", test_fraction: float = 0.0,
-                 valid_fraction: float = 0.0):
+                 valid_fraction: float = 0.0, valid_by: ValidBy = "request"):
         if split != "all" and not 0 < test_fraction < 1:
             raise ValueError(f"split={split!r} needs 0 < test_fraction < 1 (got {test_fraction})")
         if split == "valid" and not 0 < valid_fraction < 1 - test_fraction:
             raise ValueError(f"split='valid' needs 0 < valid_fraction < 1 - test_fraction (got {valid_fraction})")
-        self.valid_fraction = valid_fraction
+        self.valid_fraction, self.valid_by = valid_fraction, valid_by
         self.path, self.features, self.spec = Path(path), features, spec
         self.batch_requests, self.read_rows = batch_requests, read_rows
         self.max_position, self.max_grid = max_position, max_grid
@@ -190,8 +220,9 @@ class RankingLog:
     def _rows(self, table: pa.Table) -> pa.Table:
         table = table.filter(shown_mask(table, self.spec))
         if self.split != "all":
+            users = table["user_id"].to_numpy(zero_copy_only=False) if self.valid_by == "user" else None
             side = split_of(table["request_id"].to_numpy(zero_copy_only=False), self.test_fraction,
-                            self.valid_fraction)
+                            self.valid_fraction, users)
             table = table.filter(pa.array(side == ("train", "test", "valid").index(self.split)))
         return _checked(table, self.path)
 

@@ -16,7 +16,7 @@ import torch
 from models.ranking.data import RankBatch, RankingInputError
 from models.ranking.lambdarank import LambdaRanker
 from models.ranking.mixture import MixtureEM
-from models.ranking.towers import ClickRanker, Ranker
+from models.ranking.ranker import ClickRanker, Ranker
 
 
 def truth_column(batch: RankBatch, name: str) -> torch.Tensor:

@@ -16,7 +16,9 @@ import torch.nn as nn
 
 from models.ranking.data import RankBatch
 from models.ranking.losses import list_softmax_loss
-from models.ranking.towers import BiasTower, Ranker, RankerConfig
+from models.ranking.bias import BiasTower
+from models.ranking.config import RankerConfig
+from models.ranking.ranker import Ranker
 
 
 class MixtureEM(Ranker):

@@ -68,7 +68,12 @@ class RankParams(Section):
     # auto: the model of `models` (and LightGBM, when `lightgbm`) that validates best by a debiased
     # metric (models/ranking/select.py); lightgbm: LightGBM lambdarank with its position correction
     serve: RankModel | Literal["auto", "lightgbm", "lightgbm_naive"] = "auto"
-    validation_fraction: float = Field(0.1, ge=0, lt=0.5)   # requests held out to choose the served model
+    validation_fraction: float = Field(0.1, ge=0, lt=0.5)   # share held out to choose the served model
+    # how the validation share is held out: user (that share of the users, all their non-test requests:
+    # the choice then measures users, and items of theirs, that training never saw, as serving meets
+    # them), request (a hash of request_id: the users and items are the training ones), or auto: user
+    # when the log has enough users for a stable figure (models/ranking/select.py: validation_by)
+    validation_by: Literal["auto", "user", "request"] = "auto"
     # early stopping (with serve: auto's validation requests): stop after this many epochs without a
     # lower validation click loss and keep the best epoch's weights; 0: off. Off by default: on a small
     # log (1,500 requests) it stopped PAL at an epoch whose click loss was best but ranking was not

@@ -19,7 +19,7 @@ from models.ranking.data import RankBatch
 from models.ranking.evaluate import ndcg, truth_column
 from models.ranking.params import RankParams
 from models.ranking.lambdarank import LambdaRanker
-from models.ranking.towers import Ranker
+from models.ranking.ranker import Ranker
 
 # An id shown fewer times than this in training (the median item) is not worth an embedding when the
 # item has features: at a median of ~10 impressions, item ids cost NDCG@10 on the demo (PAL 0.940 vs

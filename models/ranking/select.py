@@ -6,24 +6,57 @@ them. With the simulator's truth the choice is made on true relevance (NDCG@k); 
 inverse-propensity-weighted DCG of the clicks (Joachims et al. 2017; Agarwal et al. 2019): each click
 counts 1 / P(examined | its logged position), the propensities the bias models estimated, so the
 estimate is unbiased for the relevance DCG of the model's order under the position-based model. The
-validation requests are held out by request from both training and the test split.
+validation requests are held apart from both training and the test split, by user where the log has
+enough users (`validation_by`): the served ranker meets users (and their items) that training never
+saw, and a validation on the training users' other requests favours what memorizes them.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
-from models.ranking.data import RankBatch
+from models.ranking.data import RankBatch, ValidBy
 from models.ranking.evaluate import propensity_curve, relevance_ndcg
 from models.ranking.lambdarank import LambdaRanker
-from models.ranking.towers import ClickRanker, Naive, Ranker
+from models.ranking.ranker import ClickRanker, Naive, Ranker
 
 MIN_PROPENSITY = 0.05     # clip: one click at a position seen 1% of the time would weigh 100x
 BIASED_BELOW = 0.8        # clicks are position-biased when the deepest examination is below this (vs the top)
 ESTIMATORS = ("pal", "additive", "dot", "bilinear", "xpa")   # bias models whose curve the weights use
+
+
+# validation by user needs enough validation users for the figure to mean something: below this many
+# expected ones (log users × validation_fraction), auto holds out requests instead
+MIN_VALIDATION_USERS = 20
+
+
+@dataclass(frozen=True)
+class ValidationSplit:
+    """How the validation requests were held out (ranking.json `serve.validation_split`)."""
+    by: ValidBy
+    fraction: float
+    log_users: int
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"by": self.by, "fraction": self.fraction, "log_users": self.log_users, "reason": self.reason}
+
+
+def validation_by(setting: Literal["auto", "user", "request"], log_users: int, fraction: float) -> ValidationSplit:
+    """rank.validation_by resolved for a log with `log_users` distinct users."""
+    if setting != "auto":
+        return ValidationSplit(setting, fraction, log_users, "rank.validation_by")
+    expected = log_users * fraction
+    if expected >= MIN_VALIDATION_USERS:
+        return ValidationSplit("user", fraction, log_users,
+                               f"auto: ~{expected:.0f} validation users (>= {MIN_VALIDATION_USERS}), none of them in training")
+    return ValidationSplit("request", fraction, log_users,
+                           f"auto: {log_users} users give ~{expected:.1f} validation users (< {MIN_VALIDATION_USERS}); "
+                           "held out by request, whose users and items training saw")
 
 
 @dataclass(frozen=True)

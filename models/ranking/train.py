@@ -14,7 +14,9 @@ from models.ranking.catalog import RankFeatures
 from models.ranking.data import RankBatch
 from models.ranking.mixture import MixtureEM
 from models.ranking.params import RankParams
-from models.ranking.towers import PAL, TABLES, Additive, DotProduct, Naive, Ranker, RankerConfig
+from models.ranking.config import TABLES, RankerConfig
+from models.ranking.ranker import Naive, Ranker
+from models.ranking.two_tower import PAL, Additive, DotProduct
 from models.ranking.xpa import CrossPositional
 
 MODELS: dict[str, Callable[..., Ranker]] = {
@@ -118,6 +120,8 @@ class _EarlyStop:
 
     def done(self, model: Ranker, loss: float) -> bool:
         self.losses.append(loss)
+        if loss != loss:      # NaN: no validation request (a small log, or few users held out): train on
+            return False
         if self.best_epoch is None or loss < self.losses[self.best_epoch - 1]:
             self.best_epoch = len(self.losses)
             self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from models.ranking.data import RankBatch
 from models.ranking.losses import logit_pair
-from models.ranking.towers import RankerConfig, TwoTowerRanker
+from models.ranking.config import RankerConfig
+from models.ranking.two_tower import TwoTowerRanker
 
 
 def neighbour_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from flows.experiments.ltr_bench import (DEBIASED_GBM, LABELS, NAIVE_GBM, RANDOM, SERVED, ltr_bench,
-                                         ndcg_by_query)
+from flows.experiments.ltr_bench import (DEBIASED_GBM, LABELS, NAIVE_GBM, NET_LABELS, RANDOM, SERVED, TRUE_CURVE,
+                                         ltr_bench, ndcg_by_query)
 from flows.experiments.ltr_data import Logger, LtrShape, click_log, generate, write_ingested
 from models.ranking.params import RankParams
 
@@ -69,10 +69,10 @@ def test_the_bench_measures_every_row_and_the_served_ranker(tmp_path: Path) -> N
     pytest.importorskip("lightgbm", minversion="4.1")
     cfg = RankParams(models=["naive", "pal"], epochs=1, lightgbm_rounds=10)
     shape = LtrShape(queries=40, docs_min=8, docs_max=12, features=12, informative=6, sessions=3)
-    doc = ltr_bench(cfg, shape, [0], tmp_path, loggers=(Logger(0.0, False),))
+    doc = ltr_bench(cfg, shape, [0], tmp_path, loggers=(Logger(0.0, False),), diagnostics=True)
     (run,) = doc["runs"]
     rows = run["rows"]
-    assert set(rows) == {RANDOM, "naive", "pal", DEBIASED_GBM, NAIVE_GBM, LABELS, SERVED}
+    assert set(rows) == {RANDOM, "naive", "pal", DEBIASED_GBM, NAIVE_GBM, LABELS, SERVED, TRUE_CURVE, NET_LABELS}
     assert all(0 < v <= 1 for v in rows.values())
     served = {"lightgbm": DEBIASED_GBM, "lightgbm_naive": NAIVE_GBM}.get(run["served"], run["served"])
     assert rows[SERVED] == pytest.approx(rows[served], abs=1e-6)        # rank score reads what was chosen

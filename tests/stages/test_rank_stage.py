@@ -91,7 +91,7 @@ def test_the_report_splits_seen_and_unseen_and_says_what_the_tower_read(ranked: 
 def test_serve_auto_chooses_by_the_truth_on_validation_requests(tmp_path: Path) -> None:
     """rank.serve: auto (the default) on simulated logs: validation requests apart from training and
     test, every model's true NDCG@10 there, the best served and recorded in ranking.json and ranker.json."""
-    sim = simulate(SimConfig(etas=(2.0, 2.0), logging_strength=0.0, requests=1500, seed=2))
+    sim = simulate(SimConfig(etas=(2.0, 2.0), logging_strength=0.0, requests=1500, n_users=300, seed=2))
     ingested = write_ingested(sim, tmp_path / "ingested")
     cfg = RankParams(models=["naive", "pal"], lightgbm=False, lightgbm_naive=False, epochs=3)
     assert cfg.serve == "auto"
@@ -106,6 +106,12 @@ def test_serve_auto_chooses_by_the_truth_on_validation_requests(tmp_path: Path) 
     named = rank(cfg.model_copy(update={"serve": "pal"}), 0, ingested, None, tmp_path / "r2", tmp_path / "r2.json")
     assert named["serve"] == {"mode": "named", "served": "pal"}
     assert named["log"]["test_requests"] == report["log"]["test_requests"]
+    # validation by user (300 users: ~30 validation users, enough for auto): training never saw them,
+    # so the users of auto's training and of its validation partition the named model's training users
+    split = serve["validation_split"]
+    assert split["by"] == "user" and split["fraction"] == 0.1 and split["log_users"] == 300 and split["users"] >= 15
+    trained_users = report["relevance_features"]["training_users"]
+    assert trained_users + split["users"] == named["relevance_features"]["training_users"]
     assert report["models"]["pal"]["fit"]["examples"] < 0.95 * named["models"]["pal"]["fit"]["examples"]
     assert report["models"]["pal"]["fit"]["valid_losses"] == []                     # early stopping is opt-in
     stopped = rank(cfg.model_copy(update={"models": ["pal"], "patience": 1}), 0, ingested, None,
@@ -234,8 +240,9 @@ def test_recommend_rerank_retrieves_the_depth_and_returns_k(ranked: tuple[Path, 
 
     def retrieve(ids: list, k: int, include_seen: bool, **_: object) -> pd.DataFrame:
         asked.append(k)
-        return pd.DataFrame([(u, item, r + 1, 1.0 - r / 100) for u in ids for r, item in enumerate(range(k))],
-                            columns=["user_id", "item_id", "rank", "score"])
+        # as Recommender.recommend answers: with the cold-start flag per row
+        return pd.DataFrame([(u, item, r + 1, 1.0 - r / 100, False) for u in ids for r, item in enumerate(range(k))],
+                            columns=["user_id", "item_id", "rank", "score", "cold_start"])
 
     class Retrieval:          # the live bundle's Recommender, answering with the fixed top-N
         def __enter__(self) -> "Retrieval":
@@ -257,8 +264,9 @@ def test_recommend_rerank_retrieves_the_depth_and_returns_k(ranked: tuple[Path, 
     assert result.exit_code == 0, result.output
     recs = pd.read_csv(io.StringIO(result.output))
     assert asked == [30]
-    assert list(recs.columns) == ["user_id", "item_id", "rank", "score", "retrieval_rank"]
-    assert list(recs["rank"]) == [1, 2, 3, 4] and recs["retrieval_rank"].max() <= 30
+    # the CLI's answer columns (flows/cli/serving.py RESULT_COLUMNS, the same with or without a service)
+    assert list(recs.columns) == ["user_id", "item_id", "rank", "score", "cold_start"]
+    assert list(recs["rank"]) == [1, 2, 3, 4] and recs["item_id"].max() < 30     # re-ranked from the top 30
 
 
 def test_shown_only_logs_with_two_layouts_and_a_context_column(tmp_path: Path) -> None:

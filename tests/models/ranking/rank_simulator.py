@@ -18,7 +18,7 @@ import pandas as pd
 from models.ranking.catalog import RankFeatures, build_features
 from models.ranking.data import LogSpec, RankBatch, RankingLog, inspect_log
 from models.ranking.params import RankParams
-from models.ranking.towers import RankerConfig
+from models.ranking.config import RankerConfig
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from tests.models.ranking.rank_simulator import SimConfig, simulate
 from models.ranking.catalog import build_features
 from models.ranking.data import RankingInputError, RankingLog, inspect_log
 from models.ranking.params import RankParams
-from models.ranking.towers import RankerConfig
+from models.ranking.config import RankerConfig
 from models.ranking.train import build_model
 
 torch.set_num_threads(1)
@@ -161,3 +161,29 @@ def test_serve_auto_needs_validation_requests() -> None:
     with pytest.raises(ValueError, match="validation_fraction"):
         RankParams(serve="auto", validation_fraction=0.0)
     assert RankParams(serve="pal", validation_fraction=0.0).serve == "pal"
+
+
+def test_validation_by_user_holds_out_every_request_of_its_users(small: tuple) -> None:
+    """Validation by user must not leak: no validation user has a training request, the test split
+    stays where it was, and together the three splits are the whole log."""
+    _, path, features = small
+    spec = inspect_log(path)
+    kw = dict(test_fraction=0.2, valid_fraction=0.3, valid_by="user")
+
+    def users(split: str) -> set[int]:
+        return {u for b in RankingLog(path, features, spec, split=split, read_rows=17, **kw) for u in b.user.tolist()}
+
+    train, valid = users("train"), users("valid")
+    assert train and valid and not train & valid
+    test_by_user = _requests(RankingLog(path, features, spec, split="test", **kw))
+    assert test_by_user == _requests(RankingLog(path, features, spec, split="test", test_fraction=0.2))
+    parts = [_requests(RankingLog(path, features, spec, split=s, **kw)) for s in ("train", "test", "valid")]
+    assert sum(map(len, parts)) == len(set.union(*parts)) == 80
+
+
+def test_validation_by_auto_needs_enough_users() -> None:
+    from models.ranking.select import MIN_VALIDATION_USERS, validation_by
+
+    assert validation_by("auto", 10 * MIN_VALIDATION_USERS, 0.1).by == "user"
+    assert validation_by("auto", 5 * MIN_VALIDATION_USERS, 0.1).by == "request"
+    assert validation_by("user", 3, 0.1).by == "user"

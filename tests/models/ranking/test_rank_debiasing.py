@@ -11,7 +11,7 @@ from tests.models.ranking.rank_simulator import SimConfig, SimLog, Split, read_s
 from models.ranking import evaluate, select
 from models.ranking.lambdarank import fit_lambdarank
 from models.ranking.params import RankParams
-from models.ranking.towers import Ranker
+from models.ranking.ranker import Ranker
 from models.ranking.train import build_model, feature_tables, fit
 
 torch.set_num_threads(1)

@@ -15,7 +15,7 @@ from models.ranking import evaluate
 from models.ranking.catalog import Vocab, _scaled, quantile_knots, quantile_normal
 from models.ranking.params import RankParams
 from models.ranking.seen import Seen, seen_in, split_ndcg
-from models.ranking.towers import RankerConfig
+from models.ranking.config import RankerConfig
 from models.ranking.train import build_model, fit, validation_loss
 
 torch.set_num_threads(1)
@@ -120,3 +120,11 @@ def test_early_stopping_keeps_the_best_epoch_on_held_out_requests(tmp_path: Path
     assert len(report.valid_losses) == report.epochs
     assert validation_loss(model, split.test) == pytest.approx(min(report.valid_losses))   # best weights back
     assert not model.training
+
+
+def test_early_stopping_without_validation_requests_trains_every_epoch(tmp_path: Path) -> None:
+    """Few users held out can leave validation empty: training must not stop for lack of a figure."""
+    params = RankParams(epochs=3, patience=1)
+    split = read_split(simulate(SimConfig(n_users=40, n_items=60, requests=150, seed=3)), tmp_path, params)
+    report = fit(build_model("pal", split.config, split.features, seed=0), split.train, params, seed=0, valid=[])
+    assert report.epochs == 3 and report.best_epoch is None

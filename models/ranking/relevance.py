@@ -1,0 +1,107 @@
+"""The relevance tower: P(relevant | user, item), the part of every ranking model that serves.
+
+It reads id embeddings (optional: rank.features_only), numeric item features and the retrieval towers'
+user/item embeddings, never a position. Inputs are RankBatch tensors (models.ranking.data): user (R,),
+item (R, L); index 0 is OOV or padding.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from models.ranking.config import TABLES, RankerConfig
+
+
+def mlp(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(in_dim, h), nn.ReLU()]
+        in_dim = h
+    return nn.Sequential(*layers, nn.Linear(in_dim, out_dim))
+
+
+
+class RelevanceTower(nn.Module):
+    """P(relevant | user, item): id embeddings, their elementwise product (matrix factorization inside
+    the MLP's reach), numeric item features and the retrieval towers' embeddings (with their product
+    and dot product when they share a size). Never sees a position."""
+
+    item_numeric: torch.Tensor      # (I, Ni) buffers: feature tables indexed by vocabulary index
+    user_vectors: torch.Tensor      # (U, Du)
+    item_vectors: torch.Tensor      # (I, Di)
+
+    def __init__(self, cfg: RankerConfig, out_dim: int, tables: dict[str, np.ndarray] | None = None):
+        super().__init__()
+        e = cfg.embedding_dim
+        self.user_emb = nn.Embedding(cfg.n_users, e, padding_idx=0)   # OOV user: zero vector
+        self.item_emb = nn.Embedding(cfg.n_items, e, padding_idx=0)
+        for name, rows, cols in zip(TABLES, (cfg.n_items, cfg.n_users, cfg.n_items),
+                                    (cfg.item_numeric, cfg.user_vector_dim, cfg.item_vector_dim)):
+            value = torch.zeros(rows, cols) if tables is None else torch.as_tensor(tables[name])
+            if tuple(value.shape) != (rows, cols):
+                raise ValueError(f"feature table {name} must be ({rows}, {cols}), got {tuple(value.shape)}")
+            self.register_buffer(name, value.to(torch.float32))   # saved with the model for serving
+        # features projected into the id-embedding space, added to the id vector: a user or item the
+        # logs never showed still gets a vector, and u ⊙ i then works like a factorization machine
+        n_item_feat = cfg.item_numeric + cfg.item_vector_dim
+        self.user_proj = nn.Linear(cfg.user_vector_dim, e, bias=False) if cfg.user_vector_dim else None
+        self.item_proj = nn.Linear(n_item_feat, e, bias=False) if n_item_feat else None
+        self.paired = cfg.user_vector_dim == cfg.item_vector_dim > 0
+        in_dim = (3 * e + cfg.item_numeric + cfg.user_vector_dim + cfg.item_vector_dim
+                  + (cfg.user_vector_dim + 1 if self.paired else 0) + int(cfg.use_logged_score))
+        self.use_logged_score = cfg.use_logged_score
+        self.ids, self.id_dropout = cfg.ids, cfg.id_dropout
+        self.body = (nn.Sequential(mlp(in_dim, cfg.hidden[:-1], cfg.hidden[-1]), nn.ReLU())
+                     if cfg.hidden else nn.Identity())
+        self.out_hidden = cfg.hidden[-1] if cfg.hidden else in_dim
+        self.head = nn.Linear(self.out_hidden, out_dim)
+        # larger than nanoGPT's 0.02: u ⊙ i of two 0.02-scale vectors is ~4e-4 and barely learns
+        for emb in (self.user_emb, self.item_emb):
+            nn.init.normal_(emb.weight, std=0.1)
+            with torch.no_grad():
+                emb.weight[0].zero_()
+
+    def forget(self, users_seen: np.ndarray, items_seen: np.ndarray) -> None:
+        """Zero the id embeddings of users and items absent from training: they would otherwise keep
+        their random initial vectors (noise) where the OOV row, which id dropout trained, is zero."""
+        with torch.no_grad():
+            for emb, seen in ((self.user_emb, users_seen), (self.item_emb, items_seen)):
+                emb.weight[torch.from_numpy(~np.asarray(seen, dtype=bool))] = 0.0
+
+    def _id(self, index: torch.Tensor, learned: bool = True) -> torch.Tensor:
+        """The index the id embedding reads: OOV when ids are not learned, or for a dropped-out share in
+        training (the feature tables still read the true index)."""
+        if not learned:
+            return torch.zeros_like(index)
+        if self.training and self.id_dropout > 0:
+            return index * (torch.rand(index.shape) >= self.id_dropout)
+        return index
+
+    def inputs(self, user: torch.Tensor, item: torch.Tensor,
+               logged_score: torch.Tensor | None) -> torch.Tensor:
+        L = item.shape[1]
+        uv = self.user_vectors[user]                                         # (R, Du)
+        num = self.item_numeric[item]                                        # (R, L, Ni)
+        iv = self.item_vectors[item]                                         # (R, L, Di)
+        u = self.user_emb(self._id(user))                                    # (R, E)
+        if self.user_proj is not None:
+            u = u + self.user_proj(uv)                                       # (R, E)
+        u = u.unsqueeze(1).expand(-1, L, -1)                                 # (R, L, E)
+        uv = uv.unsqueeze(1).expand(-1, L, -1)                               # (R, L, Du)
+        i = self.item_emb(self._id(item, self.ids))                                  # (R, L, E)
+        if self.item_proj is not None:
+            i = i + self.item_proj(torch.cat([num, iv], dim=-1))             # (R, L, E)
+        parts = [u, i, u * i, num, uv, iv]
+        if self.paired:
+            parts += [uv * iv, (uv * iv).sum(dim=-1, keepdim=True)]          # (R, L, D), (R, L, 1)
+        if self.use_logged_score:
+            if logged_score is None:
+                raise ValueError("this model reads the logged ranker score (use_logged_score); pass it")
+            parts.append(logged_score.unsqueeze(-1))                         # (R, L, 1)
+        return torch.cat(parts, dim=-1)                                      # (R, L, in)
+
+    def forward(self, user: torch.Tensor, item: torch.Tensor,
+                logged_score: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(self.inputs(user, item, logged_score))                 # (R, L, H)
+        return h, self.head(h)                                               # (R, L, H), (R, L, out)
