@@ -43,15 +43,16 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
         else:
             ids = [parse_id(user_id.strip(), id_dtype, "--user-id")]
         query_filter = parse_filter_json(filter_)
-        if not local:
+        # re-ranked answers carry the retrieval rank, which the service does not return: asked here
+        if not local and not rerank:
             from flows.serving.discovery import find_service
             service = find_service(params_file.resolve().parent, paths.published, bundle.name)
             rows = None if service is None else _ask_service(service, ids, k, include_seen, query_filter,
-                                                             rerank, rerank_depth, params.serve)
+                                                             params.serve)
             if rows is not None:
                 typer.echo(f"answered by the running service at {service.url} (--local loads the bundle here)",
                            err=True)
-                _write_rows(rows, out)
+                _write_rows(rows, out, RESULT_COLUMNS)
                 return
         from flows.serving.recommend import Recommender
         ranker = None
@@ -65,22 +66,20 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
         if ranker is not None:
             from flows.serving.rerank import rerank as _rerank
             recs = _rerank(recs, ranker, k)
-        _write_rows(recs[list(RESULT_COLUMNS)].itertuples(index=False, name=None), out)
+        _write_rows(recs.itertuples(index=False, name=None), out, list(recs.columns))
 
 
 def _ask_service(service, ids: list, k: int, include_seen: bool, query_filter: dict | None,  # noqa: ANN001
-                 rerank: bool, rerank_depth: int, serve) -> list[tuple] | None:  # noqa: ANN001
+                 serve) -> list[tuple] | None:  # noqa: ANN001
     """The rows of `towerflow recommend` answered by a running service, in batches of its
     serve.max_batch; None when the request is beyond its limits or any batch fails (the caller
     then loads the bundle itself, which also names what is wrong with a bad request)."""
-    if k > serve.max_k or (rerank and rerank_depth > serve.max_k):
+    if k > serve.max_k:
         return None
     rows: list[tuple] = []
     for start in range(0, len(ids), serve.max_batch):
         body = {"user_ids": ids[start:start + serve.max_batch], "k": k, "exclude_seen": not include_seen,
-                "filter": query_filter, "rerank": rerank}
-        if rerank:
-            body["rerank_depth"] = rerank_depth
+                "filter": query_filter}
         try:
             answer = service.recommend(body)
         except Exception:  # noqa: BLE001 (refused, timed out, 4xx/5xx: the local path answers or explains)
@@ -91,9 +90,9 @@ def _ask_service(service, ids: list, k: int, include_seen: bool, query_filter: d
     return rows
 
 
-def _write_rows(rows, out: Path | None) -> None:  # noqa: ANN001
-    """user_id,item_id,rank,score,cold_start as CSV to `out` or stdout (the csv module: the answer
-    from a service needs no pandas)."""
+def _write_rows(rows, out: Path | None, columns: list[str]) -> None:  # noqa: ANN001
+    """The answer rows as CSV to `out` or stdout (the csv module: the answer from a service needs no
+    pandas)."""
     import csv
     import io
     import sys
@@ -104,7 +103,7 @@ def _write_rows(rows, out: Path | None) -> None:  # noqa: ANN001
         out.parent.mkdir(parents=True, exist_ok=True)
     with (open(out, "w", newline="") if out is not None else target) as handle:  # type: ignore[union-attr]
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(RESULT_COLUMNS)
+        writer.writerow(columns)
         writer.writerows(rows)
         if out is None:
             sys.stdout.write(handle.getvalue())
