@@ -25,7 +25,7 @@ class DeviceUnavailable(ModelError):
     """The configured device is not on this machine."""
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, setting: str = "train.device") -> torch.device:
     """'auto': the first CUDA GPU when torch sees one, else the CPU; 'cpu'; 'cuda' (or 'cuda:N'): that
     GPU, or DeviceUnavailable saying why not (a CPU-only torch build, or no GPU visible)."""
     if name == "auto":
@@ -34,16 +34,16 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
         if torch.version.cuda is None:
-            raise DeviceUnavailable(f"train.device is {name!r} but this torch ({torch.__version__}) is a CPU-only "
-                                    "build: install a CUDA build of torch, or set train.device: auto (or cpu)")
+            raise DeviceUnavailable(f"{setting} is {name!r} but this torch ({torch.__version__}) is a CPU-only "
+                                    f"build: install a CUDA build of torch, or set {setting}: auto (or cpu)")
         if not torch.cuda.is_available():
-            raise DeviceUnavailable(f"train.device is {name!r} but no CUDA GPU is visible (driver missing, or "
-                                    "CUDA_VISIBLE_DEVICES empty): set train.device: auto (or cpu)")
+            raise DeviceUnavailable(f"{setting} is {name!r} but no CUDA GPU is visible (driver missing, or "
+                                    f"CUDA_VISIBLE_DEVICES empty): set {setting}: auto (or cpu)")
         index = int(name.split(":", 1)[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
-            raise DeviceUnavailable(f"train.device is {name!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+            raise DeviceUnavailable(f"{setting} is {name!r} but only {torch.cuda.device_count()} GPU(s) are visible")
         return torch.device(name)
-    raise DeviceUnavailable(f"train.device must be auto, cpu or cuda[:N] (got {name!r})")
+    raise DeviceUnavailable(f"{setting} must be auto, cpu or cuda[:N] (got {name!r})")
 
 
 def resolve_threads(threads: int | str) -> int:

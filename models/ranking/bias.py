@@ -41,7 +41,7 @@ class BiasTower(nn.Module):
 
     def unknown(self) -> torch.Tensor:
         """(out,) the tower's output when nothing about the impression is known (serving)."""
-        idx = torch.zeros(1, dtype=torch.long)
+        idx = torch.zeros(1, dtype=torch.long, device=self.position.weight.device)
         parts = [self.position(idx)] + [t(idx) for t in (self.row, self.col) if t is not None]
         parts += [t(idx) for t in self.context]
         return self.mlp(torch.cat(parts, dim=-1))[0]                         # (out,)

@@ -97,6 +97,17 @@ class RankBatch:
     def n_examples(self) -> int:
         return int(self.mask.sum())
 
+    def to(self, device: torch.device) -> RankBatch:
+        """The same batch on `device` (training on a GPU); itself on the CPU."""
+        if device.type == "cpu":
+            return self
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+        return replace(self, user=move(self.user), item=move(self.item), position=move(self.position),
+                       context=move(self.context), clicked=move(self.clicked), mask=move(self.mask),
+                       row=move(self.row), col=move(self.col), logged_score=move(self.logged_score),
+                       truth={k: v.to(device, non_blocking=True) for k, v in self.truth.items()})
+
     def with_position(self, position: int) -> RankBatch:
         """The same impressions, every one moved to `position` (counterfactual propensity curves)."""
         return replace(self, position=torch.where(self.mask, position, 0))

@@ -79,6 +79,9 @@ class RankParams(Section):
     # log (1,500 requests) it stopped PAL at an epoch whose click loss was best but ranking was not
     patience: NonNegativeInt = 0
     threads: PositiveInt = 1                        # torch and LightGBM threads (small models: 1 is enough)
+    # where the neural rankers train: auto = a CUDA GPU when torch sees one, else the CPU (models/device.py);
+    # they are returned, scored and saved on the CPU
+    device: str = "auto"
 
     @model_validator(mode="after")
     def _serve_is_trained(self) -> RankParams:

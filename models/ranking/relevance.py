@@ -75,7 +75,7 @@ class RelevanceTower(nn.Module):
         if not learned:
             return torch.zeros_like(index)
         if self.training and self.id_dropout > 0:
-            return index * (torch.rand(index.shape) >= self.id_dropout)
+            return index * (torch.rand(index.shape, device=index.device) >= self.id_dropout)
         return index
 
     def inputs(self, user: torch.Tensor, item: torch.Tensor,

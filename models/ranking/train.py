@@ -10,6 +10,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from models.device import resolve_device
 from models.ranking.catalog import RankFeatures
 from models.ranking.data import RankBatch
 from models.ranking.mixture import MixtureEM
@@ -68,12 +69,13 @@ def shuffled(batches: Iterable[RankBatch], rng: random.Random, buffer: int) -> I
     yield from window
 
 
-def validation_loss(model: Ranker, batches: Iterable[RankBatch]) -> float:
+def validation_loss(model: Ranker, batches: Iterable[RankBatch], device: torch.device | None = None) -> float:
     """Mean loss per batch on held-out requests, without the training-time dropouts."""
+    device = device or torch.device("cpu")
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        losses = [float(model.loss(b)) for b in batches]
+        losses = [float(model.loss(b.to(device))) for b in batches]
     model.train(was_training)
     return sum(losses) / len(losses) if losses else float("nan")
 
@@ -84,8 +86,10 @@ def fit(model: Ranker, batches: Iterable[RankBatch], cfg: RankParams, seed: int,
     its file). Seeds torch (dropouts) and the batch order, so a seed gives the same model. With
     `valid` (held-out requests): early stopping on their loss, `cfg.patience` epochs without a better
     one end training, and the best epoch's weights are kept."""
+    device = resolve_device(cfg.device, "rank.device")   # before anything is trained: `cuda` without a GPU says so
     torch.manual_seed(seed)
     rng = random.Random(seed)
+    model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     examples, losses, stop = 0, [], _EarlyStop(cfg.patience)
@@ -93,17 +97,17 @@ def fit(model: Ranker, batches: Iterable[RankBatch], cfg: RankParams, seed: int,
     for _ in range(cfg.epochs):
         total, n = 0.0, 0
         for batch in shuffled(batches, rng, cfg.shuffle_buffer):
-            loss = model.loss(batch)
+            loss = model.loss(batch.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total, n = total + loss.item(), n + 1
             examples += batch.n_examples
         losses.append(total / max(n, 1))
-        if valid is not None and stop.done(model, validation_loss(model, valid)):
+        if valid is not None and stop.done(model, validation_loss(model, valid, device)):
             break
     stop.restore(model)
-    model.eval()
+    model.cpu().eval()       # scored, evaluated and saved on the CPU
     seconds = time.perf_counter() - started
     return FitReport(epochs=len(losses), examples=examples, seconds=round(seconds, 3),
                      examples_per_s=round(examples / max(seconds, 1e-9), 1), losses=losses,

@@ -53,7 +53,7 @@ class TwoTowerRanker(ClickRanker):
     def bias_output(self, batch: RankBatch) -> torch.Tensor:
         drop = None
         if self.training and self.drops_position and self.cfg.position_dropout > 0:
-            drop = torch.rand(batch.mask.shape) < self.cfg.position_dropout             # (R, L)
+            drop = torch.rand(batch.mask.shape, device=batch.mask.device) < self.cfg.position_dropout             # (R, L)
         return self.observation_dropout(self.bias(batch, drop))                         # (R, L, out)
 
     def observation_dropout(self, b: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ class TwoTowerRanker(ClickRanker):
         positions flows back. Not rescaled: the bias is a logit, and serving drops it anyway."""
         if not self.training or self.cfg.observation_dropout == 0:
             return b
-        keep = torch.rand(b.shape[:-1] + (1,)) >= self.cfg.observation_dropout          # (R, L, 1)
+        keep = torch.rand(b.shape[:-1] + (1,), device=b.device) >= self.cfg.observation_dropout          # (R, L, 1)
         return b * keep
 
     def adversary_loss(self, b: torch.Tensor, rel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,47 @@
+"""rank.device: the neural rankers train where models/device.py says (a GPU when torch sees one) and
+come back on the CPU; a device that is not there stops before any weight changes."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.models.ranking.rank_simulator import SimConfig, simulate, read_split
+
+from models.device import DeviceUnavailable
+from models.ranking.params import RankParams
+from models.ranking.train import build_model, fit
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    sim = simulate(SimConfig(etas=(1.0, 1.0), logging_strength=0.0, seed=1))
+    return read_split(sim, tmp_path_factory.mktemp("device"), RankParams(epochs=1))
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_auto_trains_on_this_machine_and_returns_a_cpu_model(split) -> None:  # noqa: ANN001
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model("pal", split.config, split.features, seed=0)
+    report = fit(model, split.train, RankParams(epochs=1, device="auto"), seed=0)
+    assert report.examples > 0
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    if expected == "cpu":   # the same run as an explicit cpu one, to the bit
+        again = build_model("pal", split.config, split.features, seed=0)
+        fit(again, split.train, RankParams(epochs=1, device="cpu"), seed=0)
+        assert all(torch.equal(a, b) for a, b in zip(_weights(model).values(), _weights(again).values()))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_without_a_gpu_stops_before_training(split) -> None:  # noqa: ANN001
+    model = build_model("pal", split.config, split.features, seed=0)
+    before = _weights(model)
+    with pytest.raises(DeviceUnavailable, match="rank.device|train.device|cuda"):
+        fit(model, split.train, RankParams(epochs=1, device="cuda"), seed=0)
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+
+
+def test_a_batch_on_the_cpu_is_not_copied(split) -> None:  # noqa: ANN001
+    batch = next(iter(split.train))
+    assert batch.to(torch.device("cpu")) is batch
