@@ -23,7 +23,7 @@ PIP_VERSION := 26.3
 LOCK_FLAGS := --quiet --extra dev --no-emit-find-links --no-emit-index-url --strip-extras --no-header \
               --annotation-style=line --generate-hashes --allow-unsafe
 
-.PHONY: setup vendor lock pipeline test bench gate-bench ablate clean
+.PHONY: setup vendor lock pipeline test bench bench-scale gate-bench ablate clean
 
 setup: $(STAMP) vendor
 
@@ -58,6 +58,12 @@ test: setup
 
 bench: setup
 	$(BIN)/towerflow bench --out reports/bench.json --index-items $(INDEX_ITEMS)
+
+# The whole pipeline on N generated interactions (N/10 users, N/50 items), one row of
+# reports/bench_scale.json per N: `make bench-scale N=1000000`
+N ?= 100000
+bench-scale: setup
+	$(BIN)/towerflow bench --scale $(N)
 
 # The whole pipeline on three generated data shapes, a healthy and four broken second runs each (~90 min)
 gate-bench: setup
