@@ -189,14 +189,16 @@ def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOptio
                                               "stage's seconds, peak RSS and rows/s merged into --out "
                                               "(default reports/bench_scale.json)."),
           users: Optional[int] = typer.Option(None, "--users", min=1, help="With --scale: users (default N/10)."),
-          items: Optional[int] = typer.Option(None, "--items", min=1, help="With --scale: items (default N/50).")) -> None:
+          items: Optional[int] = typer.Option(None, "--items", min=1, help="With --scale: items (default N/50)."),
+          until: Optional[str] = typer.Option(None, "--until", help="With --scale: stop after this stage.")) -> None:
     """Time every stage on the demo, training throughput and recommendation latency (a temporary copy)."""
     with _errors():
         if scale is not None:
             from flows.experiments.scale_bench import scale_bench
             target = Path("reports/bench_scale.json") if out == Path("reports/bench.json") else out
             try:
-                row = scale_bench(params_file.resolve().parent, target, scale, set_ or [], users, items, log=typer.echo)
+                row = scale_bench(params_file.resolve().parent, target, scale, set_ or [], users, items,
+                                  stages=_stages_until(until), log=typer.echo)
             except ValueError as exc:    # a shape that cannot be generated (more users than interactions)
                 raise TowerflowError(str(exc)) from exc
             typer.echo(f"total {row['total_seconds']}s, peak RSS {row['peak_rss_mb']} MB, "

@@ -102,8 +102,10 @@ def scale_run(root: Path, n: int, overrides: list[str], users: int | None = None
               seed: int = 0, stages: tuple[str, ...] | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """One row: the data's shape, then per stage its figures (see the module docstring)."""
+    from flows.params import load_params
     from flows.stages.registry import STAGES
 
+    load_params(root / "params.yaml", overrides)    # a bad --set fails here, not in every stage
     shape = scaled(n, users, items)
     with tempfile.TemporaryDirectory(prefix=f"towerflow-scale-{n}-") as tmp:
         work = Path(tmp) / "project"
@@ -142,7 +144,7 @@ def scale_run(root: Path, n: int, overrides: list[str], users: int | None = None
                 break
         row["total_seconds"] = round(sum(s["seconds"] for s in row["stages"].values()), 2)
         row["completed"] = all("error" not in s for s in row["stages"].values()) and \
-            len(row["stages"]) == len(stages or STAGES)
+            len(row["stages"]) == len(STAGES)
         row["peak_rss_mb"] = max((s["peak_tree_rss_mb"] for s in row["stages"].values()), default=0.0)
         row["notes"] = _notes(work)
     return row
@@ -179,8 +181,10 @@ def merge_row(out: Path, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def scale_bench(root: Path, out: Path, n: int, overrides: list[str], users: int | None = None,
-                items: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    row = scale_run(root, n, overrides, users, items, log=log)
+                items: int | None = None, stages: list[str] | None = None,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """stages: the first ones only (a partial row says so: completed is false)."""
+    row = scale_run(root, n, overrides, users, items, stages=tuple(stages) if stages else None, log=log)
     row["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     merge_row(out, row)
     return row
