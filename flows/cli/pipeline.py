@@ -201,6 +201,8 @@ def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOptio
                                   stages=_stages_until(until), log=typer.echo)
             except ValueError as exc:    # a shape that cannot be generated (more users than interactions)
                 raise TowerflowError(str(exc)) from exc
+            from flows.experiments.scale_bench import markdown_table
+            typer.echo(markdown_table(json.loads(target.read_text())))
             typer.echo(f"total {row['total_seconds']}s, peak RSS {row['peak_rss_mb']} MB, "
                        f"completed={row['completed']}; written to {target}")
             return

@@ -18,6 +18,7 @@ reports/bench_scale.json), one row per N: a new run of the same N replaces its r
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -188,3 +189,25 @@ def scale_bench(root: Path, out: Path, n: int, overrides: list[str], users: int 
     row["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     merge_row(out, row)
     return row
+
+
+def markdown_table(doc: dict[str, Any]) -> str:
+    """Seconds and peak tree RSS (MB) per stage and N, and the exponent b of seconds ∝ N^b between the
+    two largest N that ran the stage (1: linear; > 1: superlinear), for the README."""
+    rows = [r for r in doc.get("rows", []) if r.get("stages")]
+    if not rows:
+        return ""
+    names = list(dict.fromkeys(name for r in rows for name in r["stages"]))
+    head = "| stage | " + " | ".join(f"N={r['n']:,}: s / MB" for r in rows) + " | exponent |"
+    lines = [head, "|" + "---|" * (len(rows) + 2)]
+    for name in names:
+        cells = [f"{r['stages'][name]['seconds']:g} / {r['stages'][name]['peak_tree_rss_mb']:.0f}"
+                 if name in r["stages"] and "error" not in r["stages"][name] else
+                 ("failed" if name in r["stages"] else "") for r in rows]
+        ran = [r for r in rows if name in r["stages"] and "error" not in r["stages"][name]]
+        exponent = ""
+        if len(ran) >= 2:
+            a, b = ran[-2], ran[-1]
+            exponent = f"{math.log(b['stages'][name]['seconds'] / a['stages'][name]['seconds']) / math.log(b['n'] / a['n']):.2f}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {exponent} |")
+    return "\n".join(lines)

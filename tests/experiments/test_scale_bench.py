@@ -9,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.experiments.scale_bench import merge_row, run_measured
+from flows.experiments.scale_bench import markdown_table, merge_row, run_measured
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,3 +54,13 @@ def test_rows_merge_by_n(tmp_path: Path) -> None:
     merge_row(out, {"n": 1000, "total_seconds": 3.0})
     rows = json.loads(out.read_text())["rows"]
     assert [(r["n"], r["total_seconds"]) for r in rows] == [(100, 2.0), (1000, 3.0)]
+
+
+def test_table_gives_the_exponent_between_the_two_largest_n() -> None:
+    stage = lambda s: {"seconds": s, "peak_tree_rss_mb": 100.0}  # noqa: E731
+    doc = {"rows": [{"n": 10, "stages": {"train": stage(1.0), "rank": stage(1.0)}},
+                    {"n": 100, "stages": {"train": stage(10.0), "rank": stage(1.0)}},
+                    {"n": 1000, "stages": {"train": stage(1000.0), "rank": {**stage(5.0), "error": "x"}}}]}
+    lines = markdown_table(doc).splitlines()
+    assert lines[2].startswith("| train |") and lines[2].endswith("| 2.00 |")     # 10 s -> 1000 s over 10x
+    assert "failed" in lines[3] and lines[3].endswith("| 0.00 |")                 # the two largest that ran
