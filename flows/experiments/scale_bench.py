@@ -100,9 +100,10 @@ def _set_args(overrides: list[str]) -> list[str]:
 
 
 def scale_run(root: Path, n: int, overrides: list[str], users: int | None = None, items: int | None = None,
-              seed: int = 0, stages: tuple[str, ...] | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """One row: the data's shape, then per stage its figures (see the module docstring)."""
+              seed: int = 0, stages: tuple[str, ...] | None = None, log: Callable[[str], None] = print,
+              progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """One row: the data's shape, then per stage its figures (see the module docstring). progress
+    gets the row so far after each stage (a run stopped halfway keeps what it measured)."""
     from flows.params import load_params
     from flows.stages.registry import STAGES
 
@@ -141,6 +142,8 @@ def scale_run(root: Path, n: int, overrides: list[str], users: int | None = None
                 fig["error"] = _last_error(log_path)
             row["stages"][name] = fig
             log(f"scale {n}: {name:<12} {json.dumps(fig)}")
+            if progress is not None:
+                progress({**row, "completed": False})
             if not ok:
                 break
         row["total_seconds"] = round(sum(s["seconds"] for s in row["stages"].values()), 2)
@@ -185,8 +188,10 @@ def scale_bench(root: Path, out: Path, n: int, overrides: list[str], users: int 
                 items: int | None = None, stages: list[str] | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """stages: the first ones only (a partial row says so: completed is false)."""
-    row = scale_run(root, n, overrides, users, items, stages=tuple(stages) if stages else None, log=log)
-    row["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    row = scale_run(root, n, overrides, users, items, stages=tuple(stages) if stages else None, log=log,
+                    progress=lambda partial: merge_row(out, {**partial, "date": date}))
+    row["date"] = date
     merge_row(out, row)
     return row
 
