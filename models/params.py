@@ -67,5 +67,6 @@ class EvaluateParams(Section):
     ease: bool = True                               # compute the EASE baseline
     ease_lambdas: list[PositiveFloat] = Field([50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0], min_length=1)
     ease_max_items: PositiveInt = 10000             # EASE inverts an items × items matrix: skipped above
+    max_users: PositiveInt | None = 20_000          # held-out users scored per model (a fixed sample above; null: all)
     # λ is picked on each user's last share of their training interactions (the test split's rules)
     validation: SplitParams = SplitParams()
