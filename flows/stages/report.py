@@ -179,7 +179,8 @@ def _quality(report_cfg: ReportParams, seed: int, data: TrainingData, recs_path:
         recs = recs[recs["user_id"].isin(users.sample(n=report_cfg.max_users, random_state=seed))]
     train = data.examples.loc[data.examples["split"] == "train", ["user_id", "item_id"]]
     note = None
-    sample = diversity_sample(recs, train, k, report_cfg.max_items_for_diversity, seed)
+    sample = diversity_sample(recs, train, k, report_cfg.max_items_for_diversity, report_cfg.max_users_pairwise,
+                              seed)
     items = data.items
     if sample is not None:     # the vectors of the sampled items only: a catalog's would be items x features
         items = items[items["item_id"].isin(pd.concat([sample.recs["item_id"], sample.train["item_id"]]))]
