@@ -82,6 +82,18 @@ def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log_path: Path)
             "peak_tree_rss_mb": round(peak[0] / 2**20, 1)}
 
 
+def _commit(root: Path) -> str | None:
+    """The code measured: the checkout's commit, '+changes' when it has uncommitted ones (None: no git)."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def _last_error(log_path: Path) -> str:
     lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
     return lines[-1][:600] if lines else ""
@@ -128,7 +140,7 @@ def scale_run(root: Path, n: int, overrides: list[str], users: int | None = None
         log(f"scale {n}: generated {json.dumps(data)}")
         base = [f"data.source={source}", "paths.cache=.cache/towerflow", *GATE_FORCE, *overrides]
         env = _stage_env(work)
-        row: dict[str, Any] = {"n": n, "data": data, "overrides": overrides, "stages": {}}
+        row: dict[str, Any] = {"n": n, "data": data, "overrides": overrides, "code": _commit(root), "stages": {}}
         for name in stages or STAGES:
             load_start = os.getloadavg()
             log_path = Path(tmp) / f"{name}.log"
