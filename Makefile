@@ -25,7 +25,7 @@ PIP_VERSION := 26.3
 LOCK_FLAGS := --quiet --extra dev --no-emit-find-links --no-emit-index-url --strip-extras --no-header \
               --annotation-style=line --generate-hashes --allow-unsafe
 
-.PHONY: setup vendor lock pipeline test bench bench-offline gate-bench ablate clean
+.PHONY: setup vendor lock pipeline test bench bench-offline bench-scale gate-bench ablate clean
 
 setup: $(STAMP) vendor
 
@@ -58,15 +58,21 @@ pipeline: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Both benches below take N generated interactions (`make bench-scale N=1000000`).
+N ?= 100000
 # Feast's offline stores (features.offline_store) on N generated interactions: time and peak RSS of
 # materialization and the training join, per store, into reports/offline_stores.json.
-N ?= 1000000
 OFFLINE_STORES ?= file duckdb spark
 bench-offline: setup
 	$(BIN)/python -m flows.experiments.offline_bench --rows $(N) --stores $(OFFLINE_STORES) --out reports/offline_stores.json
 
 bench: setup
 	$(BIN)/towerflow bench --out reports/bench.json --index-items $(INDEX_ITEMS)
+
+# The whole pipeline on N generated interactions (N/10 users, N/50 items), one row of
+# reports/bench_scale.json per N
+bench-scale: setup
+	$(BIN)/towerflow bench --scale $(N)
 
 # The whole pipeline on three generated data shapes, a healthy and four broken second runs each (~90 min)
 gate-bench: setup

@@ -178,7 +178,8 @@ class ReportParams(Section):
                                          # drift sample a published bundle keeps
     drift: DriftParams = DriftParams()
     max_users: PositiveInt = 5_000       # users sampled for the quality report (Serendipity loops over users)
-    max_items_for_diversity: PositiveInt = 20_000  # Diversity/Serendipity need an items x items matrix
+    max_items_for_diversity: PositiveInt = 10_000  # above: Diversity/Serendipity on sampled users (items x items matrix)
+    max_users_pairwise: PositiveInt = 1_000       # users Diversity/Serendipity are measured on (a sample above)
 
 
 class DriftLimits(Section):

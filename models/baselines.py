@@ -15,7 +15,7 @@ import scipy.sparse as sp
 import torch
 
 from models.errors import ModelInputError
-from models.holdout import CatalogTask, catalog_task
+from models.holdout import CatalogTask, catalog_task, sample_queries
 from models.metrics import METRICS, full_catalog_metrics, rounded
 from models.params import EvaluateParams
 from models.split import temporal_split
@@ -93,7 +93,8 @@ def _lambda_scan(eval_cfg: EvaluateParams, examples: pd.DataFrame, items: pd.Dat
     """(best λ, the validation figures): NDCG@k of each λ in eval_cfg.ease_lambdas on each user's last
     share of training rows (the test split's rules), fitted on the rest."""
     train = examples[examples["split"] == "train"].reset_index(drop=True)
-    val = catalog_task(train.assign(split=temporal_split(train, eval_cfg.validation)), items)
+    val = sample_queries(catalog_task(train.assign(split=temporal_split(train, eval_cfg.validation)), items),
+                         eval_cfg.max_users)
     tune_at = f"ndcg@{k}"
     scan: dict[str, float] = {}
     if val.n_users > 0 and len(eval_cfg.ease_lambdas) > 1:

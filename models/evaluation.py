@@ -12,7 +12,7 @@ from models.baselines import ease_baseline, most_popular_scores
 from models.errors import ModelError
 from models.holdout import CatalogTask
 from models.inference import TwoTowerBundle
-from models.metrics import METRICS, full_catalog_metrics, rounded, top_k
+from models.metrics import METRICS, full_catalog_metrics, pairs_by_row, rounded, rows_between, top_k
 from models.params import EvaluateParams
 
 Scorer = Callable[[int, int], torch.Tensor]     # scores(start, end) → (end - start, n_items) of those queries
@@ -75,20 +75,20 @@ def holdout_recommendations(bundle: TwoTowerBundle, task: CatalogTask, k: int,
     query order, then rank."""
     scorer = two_tower_scorer(bundle, task)
     k = min(k, task.n_items)
-    seen_rows, seen_cols = (torch.as_tensor(a, dtype=torch.long) for a in task.seen)
-    rel_rows, rel_cols = (torch.as_tensor(a, dtype=torch.long) for a in task.relevant)
+    seen_rows, seen_cols = pairs_by_row(task.seen)
+    rel_rows, rel_cols = pairs_by_row(task.relevant)
     parts = []
     for start in range(0, task.n_users, batch_size):
         end = min(start + batch_size, task.n_users)
         s = scorer(start, end).clone()                                       # (b, I)
-        in_seen = (seen_rows >= start) & (seen_rows < end)
+        in_seen = rows_between(seen_rows, start, end)
         s[seen_rows[in_seen] - start, seen_cols[in_seen]] = float("-inf")
         top = top_k(s, k)                                                    # (b, k)
         users = torch.arange(start, end).repeat_interleave(k)                # (b·k,)
         ranks = torch.arange(1, k + 1).repeat(end - start)                   # (b·k,)
         top_scores = s.gather(1, top).reshape(-1)                            # (b·k,)
         keep = torch.isfinite(top_scores)    # a user who had seen nearly everything: fewer than k left
-        in_rel = (rel_rows >= start) & (rel_rows < end)
+        in_rel = rows_between(rel_rows, start, end)
         parts.append(pd.DataFrame({"row": users[keep].numpy(), "col": top.reshape(-1)[keep].numpy(),
                                    "rank": ranks[keep].numpy(), "score": top_scores[keep].numpy()}))
         parts.append(pd.DataFrame({"row": rel_rows[in_rel].numpy(), "col": rel_cols[in_rel].numpy(), "rank": 0,

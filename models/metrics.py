@@ -77,6 +77,20 @@ def ranking_metrics(top: torch.Tensor, relevant: torch.Tensor, ks: list[int],
     return out
 
 
+def pairs_by_row(pairs: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) pairs sorted by row, so that a batch of users is a slice (rows_between)."""
+    rows, cols = (torch.as_tensor(a, dtype=torch.long) for a in pairs)
+    order = torch.argsort(rows, stable=True)
+    return rows[order], cols[order]
+
+
+def rows_between(rows: torch.Tensor, start: int, end: int) -> slice:
+    """The slice of sorted rows in [start, end): a mask over every pair per batch would make the
+    metrics quadratic in the data (pairs × batches: 8M × 2,000 at 10M interactions)."""
+    lo, hi = torch.searchsorted(rows, torch.tensor([start, end])).tolist()
+    return slice(lo, hi)
+
+
 def full_catalog_metrics(
     scores: Callable[[int, int], torch.Tensor],
     n_users: int,
@@ -100,8 +114,8 @@ def full_catalog_metrics(
     if "tail_recall" in metrics and tail is None:
         raise ValueError("tail_recall needs the tail item mask (tail=...)")
     k_max = min(max(ks), n_items)
-    seen_rows, seen_cols = (torch.as_tensor(a, dtype=torch.long) for a in seen)
-    rel_rows, rel_cols = (torch.as_tensor(a, dtype=torch.long) for a in relevant)
+    seen_rows, seen_cols = pairs_by_row(seen)
+    rel_rows, rel_cols = pairs_by_row(relevant)
     tail_t = None
     if "tail_recall" in metrics:  # one extra False column for the padding below
         tail_t = torch.cat([torch.as_tensor(tail, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)])
@@ -111,10 +125,10 @@ def full_catalog_metrics(
     for start in range(0, n_users, batch_size):
         end = min(start + batch_size, n_users)
         s = scores(start, end).clone()                                   # (b, I)
-        in_seen = (seen_rows >= start) & (seen_rows < end)
+        in_seen = rows_between(seen_rows, start, end)
         s[seen_rows[in_seen] - start, seen_cols[in_seen]] = float("-inf")
         rel = torch.zeros((end - start, n_items + 1), dtype=torch.bool)  # (b, I+1)
-        in_rel = (rel_rows >= start) & (rel_rows < end)
+        in_rel = rows_between(rel_rows, start, end)
         rel[rel_rows[in_rel] - start, rel_cols[in_rel]] = True
         top = top_k(s, k_max)                                            # (b, Kmax)
         ranked = torch.isfinite(s.gather(1, top))                        # (b, Kmax) not excluded

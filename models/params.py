@@ -69,6 +69,7 @@ class EvaluateParams(Section):
     tail_share: float = Field(0.8, gt=0, lt=1)     # tail = the less popular share of the catalog
     ease: bool = True                               # compute the EASE baseline
     ease_lambdas: list[PositiveFloat] = Field([50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0], min_length=1)
-    ease_max_items: PositiveInt = 20000             # EASE inverts an items × items matrix: skipped above
+    ease_max_items: PositiveInt = 10000             # EASE inverts an items × items matrix: skipped above
+    max_users: PositiveInt | None = 20_000          # held-out users scored per model (a fixed sample above; null: all)
     # λ is picked on each user's last share of their training interactions (the test split's rules)
     validation: SplitParams = SplitParams()

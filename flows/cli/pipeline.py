@@ -183,9 +183,29 @@ def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOptio
           out: Path = typer.Option(Path("reports/bench.json"), "--out", help="Where the figures are written."),
           repeats: int = typer.Option(50, "--repeats", min=1, help="Timed calls per latency figure."),
           index_items: int = typer.Option(0, "--index-items", min=0, help="Also time the embedded index backends "
-                                          "on a synthetic catalog of this many 64-d items (1000000: ~18 min on 2 cores).")) -> None:
+                                          "on a synthetic catalog of this many 64-d items (1000000: ~18 min on 2 cores)."),
+          scale: Optional[int] = typer.Option(None, "--scale", min=1000, help="Instead: the whole pipeline on this many "
+                                              "generated interactions (string ids, Zipf items, ranking logs), each "
+                                              "stage's seconds, peak RSS and rows/s merged into --out "
+                                              "(default reports/bench_scale.json)."),
+          users: Optional[int] = typer.Option(None, "--users", min=1, help="With --scale: users (default N/10)."),
+          items: Optional[int] = typer.Option(None, "--items", min=1, help="With --scale: items (default N/50)."),
+          until: Optional[str] = typer.Option(None, "--until", help="With --scale: stop after this stage.")) -> None:
     """Time every stage on the demo, training throughput and recommendation latency (a temporary copy)."""
     with _errors():
+        if scale is not None:
+            from flows.experiments.scale_bench import scale_bench
+            target = Path("reports/bench_scale.json") if out == Path("reports/bench.json") else out
+            try:
+                row = scale_bench(params_file.resolve().parent, target, scale, set_ or [], users, items,
+                                  stages=_stages_until(until), log=typer.echo)
+            except ValueError as exc:    # a shape that cannot be generated (more users than interactions)
+                raise TowerflowError(str(exc)) from exc
+            from flows.experiments.scale_bench import markdown_table
+            typer.echo(markdown_table(json.loads(target.read_text())))
+            typer.echo(f"total {row['total_seconds']}s, peak RSS {row['peak_rss_mb']} MB, "
+                       f"completed={row['completed']}; written to {target}")
+            return
         from flows.experiments.bench import bench as _bench
         result = _bench(params_file.resolve().parent, out, set_ or [], repeats, index_items)
         typer.echo(json.dumps({k: result[k] for k in ("stage_seconds", "total_seconds", "train_throughput", "recommend",

@@ -33,6 +33,7 @@ from evidently.metrics import (
 )
 
 from flows.errors import DataContractError
+from flows.reports.diversity import DiversitySample
 from flows.reports.drift import put_at_top
 
 RECS_COLUMNS = ("user_id", "item_id", "score", "target")
@@ -55,14 +56,22 @@ def check_recs(recs: pd.DataFrame, source: Path, k: int) -> None:
 
 
 def quality_report(recs: pd.DataFrame, train: pd.DataFrame, item_vectors: pd.DataFrame | None, k: int,
-                   html_path: Path, reference: pd.DataFrame | None = None) -> tuple[dict[str, float], dict[str, str]]:
+                   html_path: Path, reference: pd.DataFrame | None = None,
+                   diversity: DiversitySample | None = None) -> tuple[dict[str, float], dict[str, str]]:
     """Run RecsysPreset(k)'s metrics (+ popularity gini and coverage) on recs, with train (user_id,
     item_id: what the model learned from) for Novelty, Serendipity and popularity bias, and
     item_vectors (item_id + numeric feature columns, or None) for Diversity and Serendipity.
     reference: the previous published run's recommendations, shown beside this run's in the HTML.
     Returns (figures, not computed: {figure: reason}): a metric that raises on this data (Novelty's
     histogram on a catalog where every item was seen once) is left out of the page and named, and
-    the others are still computed."""
+    the others are still computed. diversity (flows/reports/diversity.py): Diversity and Serendipity
+    on those users only, in a report of their own (the page shows them in the figures table)."""
+    if diversity is not None and item_vectors is not None:
+        figures, not_computed = quality_report(recs, train, None, k, html_path, reference)
+        if diversity.users == 0:
+            return figures, {**not_computed, **{f"{m}@{k}": diversity.note for m in ("diversity", "serendipity")}}
+        sampled, failed = _pairwise_figures(diversity, item_vectors, k)
+        return dict(sorted({**figures, **sampled}.items())), {**not_computed, **failed}
     features = [c for c in item_vectors.columns if c != "item_id"] if item_vectors is not None else []
     ranking = Recsys(user_id="user_id", item_id="item_id", target="target", prediction="score",
                      recommendations_type="score")
@@ -102,6 +111,30 @@ def quality_report(recs: pd.DataFrame, train: pd.DataFrame, item_vectors: pd.Dat
         return {}, not_computed
     snapshot.save_html(str(html_path))
     return flatten(snapshot.dict(), k), not_computed
+
+
+def _pairwise_figures(sample: DiversitySample, item_vectors: pd.DataFrame, k: int) -> tuple[dict[str, float],
+                                                                                         dict[str, str]]:
+    """Diversity and Serendipity of the sampled users (their recommendations and training rows)."""
+    features = [c for c in item_vectors.columns if c != "item_id"]
+    ranking = Recsys(user_id="user_id", item_id="item_id", target="target", prediction="score",
+                     recommendations_type="score")
+    cur = Dataset.from_pandas(_with_features(sample.recs[list(RECS_COLUMNS)], item_vectors),
+                              data_definition=DataDefinition(numerical_columns=["score", *features], ranking=[ranking]))
+    train = Dataset.from_pandas(_with_features(sample.train[["user_id", "item_id"]], item_vectors),
+                                data_definition=DataDefinition(numerical_columns=features))
+    figures: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    for metric in (Diversity(k=k, item_features=features), Serendipity(k=k, item_features=features)):
+        name = f"{SINGLE[type(metric).__name__]}@{k}"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                snapshot = Report([metric]).run(cur, None, additional_data={"current_train_data": train})
+            figures.update(flatten(snapshot.dict(), k))
+        except Exception as exc:  # noqa: BLE001 - Evidently raises plain errors from numpy/pandas
+            failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    return figures, failed
 
 
 def _metrics(k: int, features: list[str]) -> list[tuple[str, Any]]:

@@ -14,7 +14,7 @@ from flows.reports.live import live_bundle
 from models.device import resolve_device
 from models.errors import ModelInputError, ModelNotFound
 from models.evaluation import evaluation_report, holdout_recommendations
-from models.holdout import CatalogTask, catalog_task
+from models.holdout import CatalogTask, catalog_task, sample_queries
 from models.inference import TwoTowerBundle, load_bundle
 from models.params import EvaluateParams
 
@@ -67,13 +67,17 @@ def evaluate(eval_cfg: EvaluateParams, training_dir: Path, model_dir: Path, out_
     device: where the model encodes the queries and the catalog (train.device: auto | cpu | cuda)."""
     examples, items = _read_training(training_dir)
     source = training_dir / "examples.parquet"
-    task = _test_task(examples, items, source)
+    full = _test_task(examples, items, source)
+    task = sample_queries(full, eval_cfg.max_users)
     bundle = _read_model(model_dir, device)
     try:
         result = evaluation_report(eval_cfg, task, bundle, examples, items)
         recs = holdout_recommendations(bundle, task, max(eval_cfg.ks)) if recs_path is not None else None
     except ModelInputError as exc:
         raise DataContractError(f"{source}: {exc}") from exc
+    if task.n_users < full.n_users:
+        result["users_sampled"] = (f"{task.n_users} of {full.n_users} held-out users (evaluate.max_users), the "
+                                   "same for every model: full-catalog scoring costs users x items")
     _write_json(out_path, result)
     if recs is not None:
         recs_path.parent.mkdir(parents=True, exist_ok=True)

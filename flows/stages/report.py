@@ -21,6 +21,7 @@ import pandas as pd
 
 from flows.params import DriftLimits, ReportParams
 from flows.reports.consistency import feature_agreement
+from flows.reports.diversity import diversity_sample
 from flows.reports.drift import brief, drift_report, skipped_report
 from flows.reports.drift_calibration import Windows, add_verdict, judge, limits, natural_ranges, plan_windows
 from flows.reports.frames import (
@@ -177,18 +178,22 @@ def _quality(report_cfg: ReportParams, seed: int, data: TrainingData, recs_path:
     if len(users) > report_cfg.max_users:
         recs = recs[recs["user_id"].isin(users.sample(n=report_cfg.max_users, random_state=seed))]
     train = data.examples.loc[data.examples["split"] == "train", ["user_id", "item_id"]]
-    vectors, note = None, None
-    if data.items["item_id"].nunique() > report_cfg.max_items_for_diversity:
-        note = "diversity and serendipity skipped: more than report.max_items_for_diversity items"
-    else:
-        vectors = item_feature_vectors(data.items, data.schema)
-        if vectors.shape[1] == 1:
-            vectors, note = None, "diversity and serendipity skipped: the items have no features"
+    note = None
+    sample = diversity_sample(recs, train, k, report_cfg.max_items_for_diversity, report_cfg.max_users_pairwise,
+                              seed)
+    items = data.items
+    if sample is not None:     # the vectors of the sampled items only: a catalog's would be items x features
+        items = items[items["item_id"].isin(pd.concat([sample.recs["item_id"], sample.train["item_id"]]))]
+        note = sample.note
+    vectors = item_feature_vectors(items, data.schema)
+    if vectors.shape[1] == 1:
+        vectors, note = None, "diversity and serendipity skipped: the items have no features"
     html_path = quality_dir / "quality.html"
-    figures, not_computed = quality_report(recs, train, vectors, k, html_path)
+    figures, not_computed = quality_report(recs, train, vectors, k, html_path, diversity=sample)
     add_comparison(html_path, previous.get("challenger") or figures, previous.get("metrics"),
                    f"Model quality: {previous['line']}", not_computed)
     out = {**figures, "k": k, "users": int(recs["user_id"].nunique()), "previous": previous,
+           **({"diversity_sample": {"users": sample.users, "items": sample.items}} if sample is not None else {}),
            **({"note": note} if note else {}), **({"not_computed": not_computed} if not_computed else {})}
     (quality_dir / "quality.json").write_text(json.dumps(out, indent=2) + "\n")
     return out

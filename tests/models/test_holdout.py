@@ -6,7 +6,7 @@ import pandas as pd
 
 from models.early_stopping import ValidationTask
 from models.encoding import FeatureEncoder
-from models.holdout import catalog_task
+from models.holdout import catalog_task, sample_queries
 
 T = pd.Timestamp("2024-01-01", tz="UTC")
 
@@ -55,3 +55,23 @@ def test_validation_task_follows_the_same_protocol_in_vocabulary_space():
     assert sorted(zip(*task.seen)) == sorted([(u, column[c]) for u, c in zip(*catalog.seen)] + oov)
     assert ValidationTask.build(encoder, train, held[held["user_id"] == 2]) is None
     assert isinstance(task.seen[0], np.ndarray)
+
+
+def test_sampled_queries_keep_their_own_pairs_and_the_whole_training_part():
+    rng = np.random.default_rng(0)
+    rows = [(u, int(i), d, "train") for u in range(60) for d, i in enumerate(rng.choice(40, 5, replace=False))]
+    rows += [(u, 40 + u % 10, 9, "test") for u in range(60)]
+    examples, items = _rows(rows), pd.DataFrame({"item_id": range(50)})
+    full = catalog_task(examples, items)
+    task = sample_queries(full, 25)
+    assert task.n_users == 25 and sample_queries(full, 60) is full and sample_queries(full, None) is full
+    assert task.train_pairs is full.train_pairs and task.n_items == full.n_items
+    kept = task.queries["user_id"].tolist()
+    # every kept user's pairs come along, renumbered to the user's new row; nobody else's
+    for name in ("seen", "relevant"):
+        old = {(full.queries["user_id"][r], c) for r, c in zip(*getattr(full, name))}
+        new = {(task.queries["user_id"][r], c) for r, c in zip(*getattr(task, name))}
+        assert new == {(u, c) for u, c in old if u in kept}
+    # the same users for a larger data set that holds them (the sample follows ids, not positions)
+    more = catalog_task(pd.concat([examples, _rows([(u, 41, 10, "test") for u in range(60, 90)])]), items)
+    assert set(sample_queries(more, 25).queries["user_id"]) <= set(kept) | set(range(60, 90))

@@ -33,3 +33,21 @@ def test_full_catalog_metrics_excludes_seen_items_and_averages_users():
     # a catalog smaller than K still scores
     m10 = full_catalog_metrics(lambda s, e: scores[s:e], 2, 4, seen, relevant, ks=[10])
     assert m10["recall@10"] == 1.0
+
+
+def test_pairs_in_any_order_give_the_batch_size_independent_metrics():
+    """Seen and held-out pairs are sliced per batch after one sort by user: their order and the batch
+    size must not change a figure."""
+    rng = np.random.default_rng(0)
+    n_users, n_items = 37, 50
+    scores = torch.from_numpy(rng.normal(size=(n_users, n_items)).astype(np.float32))
+    pairs = np.unique(rng.integers(0, [n_users, n_items], size=(400, 2)), axis=0)
+    seen, relevant = (pairs[:200, 0], pairs[:200, 1]), (pairs[200:, 0], pairs[200:, 1])
+    kw = dict(ks=[5, 10], metrics=("recall", "ndcg", "coverage"))
+    one = full_catalog_metrics(lambda s, e: scores[s:e], n_users, n_items, seen, relevant, batch_size=n_users, **kw)
+    mixed = full_catalog_metrics(lambda s, e: scores[s:e], n_users, n_items,
+                                 *(tuple(a[order] for a in p) for p in (seen, relevant)
+                                   for order in [rng.permutation(len(p[0]))]),
+                                 batch_size=4, **kw)
+    assert mixed == pytest.approx(one)
+    assert one["recall@10"] > 0

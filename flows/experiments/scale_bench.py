@@ -1,0 +1,230 @@
+"""`towerflow bench --scale N` (`make bench-scale N=...`): the whole pipeline on N generated interactions.
+
+Generates contract data of N interactions (flows/sources/shapes.py `scaled`: Zipf item popularity,
+heavy-tailed user activity, multi-valued item features, string ids, ranking logs; users N/10 and
+items N/50 unless given) and runs every stage on it in a temporary copy of the project, each stage
+as its own process (`towerflow stage NAME`, as dvc.yaml runs it), so that each gets its own figures:
+
+- wall seconds, and interactions per second (N / seconds: how fast the stage gets through the data);
+- peak RSS of the largest process of the stage (the kernel's ru_maxrss of the reaped child, which
+  covers its own children) and of the stage's whole process tree (summed RSS, sampled every 0.2 s);
+- the load average when the stage starts and ends (the machine is shared: read timings beside it).
+
+A stage that fails is recorded with its last error line, and the stages after it are not run. The
+gate is forced (reason recorded): the bench times publishing, whatever the gate says of a model of
+random data; the gate's verdict is kept in the row. Results are merged into a JSON file (default
+reports/bench_scale.json), one row per N: a new run of the same N replaces its row.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from flows.experiments.bench import copy_project
+from flows.sources.shapes import generate_topics, scaled, write_source
+
+POLL_S = 0.2
+GATE_FORCE = ["gate.force=true", "gate.force_reason=scale bench - times every stage, publishing included"]
+
+
+def _tree_rss(proc: Any) -> int:
+    """Summed RSS (bytes) of a process and its descendants; processes that end meanwhile count 0."""
+    import psutil
+
+    total = 0
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log_path: Path) -> dict[str, Any]:
+    """Run cmd to its end: {"seconds", "peak_rss_mb" (largest process), "peak_tree_rss_mb", "rc"}."""
+    import psutil
+
+    peak = [0]
+    with open(log_path, "wb") as log:
+        t0 = time.perf_counter()
+        child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        done = threading.Event()
+
+        def poll() -> None:
+            proc = psutil.Process(child.pid)
+            while not done.is_set():
+                peak[0] = max(peak[0], _tree_rss(proc))
+                done.wait(POLL_S)
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
+        # wait4, not Popen.wait: its rusage is the reaped child's, ru_maxrss covering its children too
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - t0
+        child.returncode = os.waitstatus_to_exitcode(status)
+        done.set()
+        watcher.join()
+    return {"seconds": round(seconds, 2), "rc": child.returncode,
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),           # Linux: kilobytes
+            "peak_tree_rss_mb": round(peak[0] / 2**20, 1)}
+
+
+def _commit(root: Path) -> str | None:
+    """The code measured: the checkout's commit, '+changes' when it has uncommitted ones (None: no git)."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
+def _last_error(log_path: Path) -> str:
+    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1][:600] if lines else ""
+
+
+def _stage_env(work: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # the copy's code, not an installed one: the stage runs what this checkout holds
+    env["PYTHONPATH"] = os.pathsep.join([str(work), *filter(None, [env.get("PYTHONPATH")])])
+    env.pop("TOWERFLOW_RUN_PARAMS", None)
+    return env
+
+
+def _set_args(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def scale_run(root: Path, n: int, overrides: list[str], users: int | None = None, items: int | None = None,
+              seed: int = 0, stages: tuple[str, ...] | None = None, log: Callable[[str], None] = print,
+              progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """One row: the data's shape, then per stage its figures (see the module docstring). progress
+    gets the row so far after each stage (a run stopped halfway keeps what it measured)."""
+    from flows.params import load_params
+    from flows.stages.registry import STAGES
+
+    load_params(root / "params.yaml", overrides)    # a bad --set fails here, not in every stage
+    shape = scaled(n, users, items)
+    with tempfile.TemporaryDirectory(prefix=f"towerflow-scale-{n}-") as tmp:
+        work = Path(tmp) / "project"
+        work.mkdir()
+        copy_project(root, work)
+        cache = work / ".cache/towerflow"
+        cache.mkdir(parents=True)
+        vendor = root / ".cache/towerflow/vendor"
+        if vendor.is_dir():     # the workspace's vendored report assets: no download per bench
+            (cache / "vendor").symlink_to(vendor.resolve())
+        t0 = time.perf_counter()
+        users_df, items_df, inter, logs = generate_topics(shape, seed)
+        source = write_source(users_df, items_df, inter, logs, Path(tmp) / "source")
+        data = {"interactions": len(inter), "users": len(users_df), "items": len(items_df),
+                "ranking_logs": 0 if logs is None else len(logs),
+                "generate_seconds": round(time.perf_counter() - t0, 2)}
+        del users_df, items_df, inter, logs
+        log(f"scale {n}: generated {json.dumps(data)}")
+        base = [f"data.source={source}", "paths.cache=.cache/towerflow", *GATE_FORCE, *overrides]
+        env = _stage_env(work)
+        row: dict[str, Any] = {"n": n, "data": data, "overrides": overrides, "code": _commit(root), "stages": {}}
+        for name in stages or STAGES:
+            load_start = os.getloadavg()
+            log_path = Path(tmp) / f"{name}.log"
+            cmd = [sys.executable, "-m", "flows.cli", "stage", name, "--params", str(work / "params.yaml"),
+                   *_set_args(base)]
+            fig = run_measured(cmd, work, env, log_path)
+            fig["rows_per_s"] = round(n / max(fig["seconds"], 1e-9), 1)
+            fig["loadavg"] = [round(x, 2) for x in (*load_start, *os.getloadavg())]
+            ok = fig.pop("rc") == 0
+            if not ok:
+                fig["error"] = _last_error(log_path)
+            row["stages"][name] = fig
+            log(f"scale {n}: {name:<12} {json.dumps(fig)}")
+            if progress is not None:
+                progress({**row, "completed": False})
+            if not ok:
+                break
+        row["total_seconds"] = round(sum(s["seconds"] for s in row["stages"].values()), 2)
+        row["completed"] = all("error" not in s for s in row["stages"].values()) and \
+            len(row["stages"]) == len(STAGES)
+        row["peak_rss_mb"] = max((s["peak_tree_rss_mb"] for s in row["stages"].values()), default=0.0)
+        row["notes"] = _notes(work)
+    return row
+
+
+def _notes(work: Path) -> dict[str, Any]:
+    """What the stages skipped or capped at this size, read from their own outputs."""
+    out: dict[str, Any] = {}
+    metrics = work / "reports" / "metrics.json"
+    if metrics.is_file():
+        m = json.loads(metrics.read_text())
+        out["ease"] = m.get("ease", {}).get("skipped", "computed")
+        out["ndcg@20"] = {k: v.get("ndcg@20") for k, v in m.items() if isinstance(v, dict) and "ndcg@20" in v}
+    quality = work / "reports" / "quality" / "quality.json"
+    if quality.is_file():
+        q = json.loads(quality.read_text())
+        out["quality_report"] = {k: q[k] for k in ("note", "not_computed", "diversity_items") if k in q}
+    gate = work / "reports" / "gate.json"
+    if gate.is_file():
+        g = json.loads(gate.read_text())
+        out["gate"] = {k: g[k] for k in ("passed", "forced", "reasons") if k in g}
+    return out
+
+
+def merge_row(out: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """Put row into out's rows (replacing the row of the same n), sorted by n."""
+    doc = json.loads(out.read_text()) if out.is_file() else {}
+    rows = [r for r in doc.get("rows", []) if r.get("n") != row["n"]]
+    doc = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+           "rows": sorted([*rows, row], key=lambda r: r["n"])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return doc
+
+
+def scale_bench(root: Path, out: Path, n: int, overrides: list[str], users: int | None = None,
+                items: int | None = None, stages: list[str] | None = None,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """stages: the first ones only (a partial row says so: completed is false)."""
+    date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    row = scale_run(root, n, overrides, users, items, stages=tuple(stages) if stages else None, log=log,
+                    progress=lambda partial: merge_row(out, {**partial, "date": date}))
+    row["date"] = date
+    merge_row(out, row)
+    return row
+
+
+def markdown_table(doc: dict[str, Any]) -> str:
+    """Seconds and peak tree RSS (MB) per stage and N, and the exponent b of seconds ∝ N^b between the
+    two largest N that ran the stage (1: linear; > 1: superlinear), for the README."""
+    rows = [r for r in doc.get("rows", []) if r.get("stages")]
+    if not rows:
+        return ""
+    names = list(dict.fromkeys(name for r in rows for name in r["stages"]))
+    head = "| stage | " + " | ".join(f"N={r['n']:,}: s / MB" for r in rows) + " | exponent |"
+    lines = [head, "|" + "---|" * (len(rows) + 2)]
+    for name in names:
+        cells = [f"{r['stages'][name]['seconds']:g} / {r['stages'][name]['peak_tree_rss_mb']:.0f}"
+                 if name in r["stages"] and "error" not in r["stages"][name] else
+                 ("failed" if name in r["stages"] else "") for r in rows]
+        ran = [r for r in rows if name in r["stages"] and "error" not in r["stages"][name]]
+        exponent = ""
+        if len(ran) >= 2:
+            a, b = ran[-2], ran[-1]
+            exponent = f"{math.log(b['stages'][name]['seconds'] / a['stages'][name]['seconds']) / math.log(b['n'] / a['n']):.2f}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {exponent} |")
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""`towerflow bench --scale N`: generated data through the stages, one measured row per N in the json."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.experiments.scale_bench import markdown_table, merge_row, run_measured
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_scale_writes_a_row_per_stage(tmp_path: Path) -> None:
+    out = tmp_path / "bench_scale.json"
+    result = CliRunner().invoke(app, ["bench", "--scale", "2000", "--until", "ingest", "--out", str(out),
+                                      "--params", str(ROOT / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["n"] == 2000 and row["data"]["users"] == 200 and row["data"]["items"] == 40
+    assert row["data"]["ranking_logs"] > 0
+    ingest = row["stages"]["ingest"]
+    assert "error" not in ingest, ingest
+    assert ingest["seconds"] > 0 and ingest["peak_rss_mb"] > 50 and ingest["peak_tree_rss_mb"] > 0
+    assert ingest["rows_per_s"] == round(2000 / ingest["seconds"], 1) and len(ingest["loadavg"]) == 6
+    assert row["completed"] is False          # stopped after ingest: a partial row says so
+
+
+def test_peak_rss_covers_the_stage_process_tree(tmp_path: Path) -> None:
+    """A process whose child holds 300 MB: both figures see it; a failing command keeps its exit code."""
+    child = "import numpy as np, time; a = np.ones(300 * 2**20 // 8); time.sleep(1.0)"
+    parent = f"import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-c', {child!r}]) + 3)"
+    fig = run_measured([sys.executable, "-c", parent], tmp_path, dict(os.environ), tmp_path / "log")
+    assert fig["rc"] == 3
+    assert fig["peak_rss_mb"] > 300 and fig["peak_tree_rss_mb"] > 300
+    assert fig["seconds"] >= 1.0
+
+
+def test_bad_overrides_stop_before_generating(tmp_path: Path) -> None:
+    out = tmp_path / "bench_scale.json"
+    result = CliRunner().invoke(app, ["bench", "--scale", "1000", "--out", str(out),
+                                      "--params", str(ROOT / "params.yaml"), "--set", "data.max_users=0"])
+    assert result.exit_code == 1 and "data.max_users" in result.output
+    assert not out.exists()
+
+
+def test_rows_merge_by_n(tmp_path: Path) -> None:
+    out = tmp_path / "bench_scale.json"
+    merge_row(out, {"n": 1000, "total_seconds": 1.0})
+    merge_row(out, {"n": 100, "total_seconds": 2.0})
+    merge_row(out, {"n": 1000, "total_seconds": 3.0})
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["n"], r["total_seconds"]) for r in rows] == [(100, 2.0), (1000, 3.0)]
+
+
+def test_table_gives_the_exponent_between_the_two_largest_n() -> None:
+    stage = lambda s: {"seconds": s, "peak_tree_rss_mb": 100.0}  # noqa: E731
+    doc = {"rows": [{"n": 10, "stages": {"train": stage(1.0), "rank": stage(1.0)}},
+                    {"n": 100, "stages": {"train": stage(10.0), "rank": stage(1.0)}},
+                    {"n": 1000, "stages": {"train": stage(1000.0), "rank": {**stage(5.0), "error": "x"}}}]}
+    lines = markdown_table(doc).splitlines()
+    assert lines[2].startswith("| train |") and lines[2].endswith("| 2.00 |")     # 10 s -> 1000 s over 10x
+    assert "failed" in lines[3] and lines[3].endswith("| 0.00 |")                 # the two largest that ran

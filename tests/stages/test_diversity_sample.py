@@ -1,0 +1,57 @@
+"""Evidently's Diversity and Serendipity on a sample of users when the catalog or the user count is
+large (flows/reports/diversity.py), beside the full quality report's other figures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from flows.reports.diversity import diversity_sample
+from flows.reports.frames import item_feature_vectors
+from flows.reports.quality import quality_report
+
+SCHEMA = {"item_features": {"multi": ["genres"], "categorical": [], "numeric": ["price"]}}
+
+
+def _data(n_users: int = 120, n_items: int = 900, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(n_items)],
+                          "genres": [["a", "b", "c"][: 1 + i % 3] for i in range(n_items)],
+                          "price": rng.random(n_items)})
+    users = [f"u{i}" for i in range(n_users)]
+    recs = pd.DataFrame({"user_id": np.repeat(users, 25), "item_id": rng.choice(items["item_id"], 25 * n_users),
+                         "score": rng.random(25 * n_users), "target": rng.integers(0, 2, 25 * n_users)})
+    train = pd.DataFrame({"user_id": rng.choice(users, 40 * n_users), "item_id": rng.choice(items["item_id"], 40 * n_users)})
+    return items, recs, train
+
+
+def test_small_data_is_not_sampled() -> None:
+    _, recs, train = _data()
+    assert diversity_sample(recs, train, k=20, max_items=900, max_users=120, seed=0) is None
+
+
+def test_sample_keeps_within_both_caps_and_passes_only_its_users_rows() -> None:
+    _, recs, train = _data()
+    sample = diversity_sample(recs, train, k=20, max_items=400, max_users=10, seed=0)
+    assert 0 < sample.users <= 10 and sample.items <= 400
+    chosen = set(sample.recs["user_id"])
+    assert len(chosen) == sample.users and set(sample.train["user_id"]) <= chosen
+    top = sample.recs[sample.recs.groupby("user_id")["score"].rank(ascending=False) <= 21]
+    assert pd.concat([top["item_id"], sample.train["item_id"]]).nunique() == sample.items
+    assert "report.max_users_pairwise=10" in sample.note
+    again = diversity_sample(recs, train, k=20, max_items=400, max_users=10, seed=0)
+    assert set(again.recs["user_id"]) == chosen                         # seeded
+
+
+def test_sampled_figures_join_the_full_report(tmp_path: Path) -> None:
+    items, recs, train = _data()
+    sample = diversity_sample(recs, train, k=20, max_items=500, max_users=20, seed=0)
+    vectors = item_feature_vectors(items[items["item_id"].isin(pd.concat([sample.recs["item_id"],
+                                                                          sample.train["item_id"]]))], SCHEMA)
+    figures, not_computed = quality_report(recs, train, vectors, 20, tmp_path / "q.html", diversity=sample)
+    assert not not_computed
+    assert {"diversity@20", "serendipity@20", "novelty@20", "ndcg@20"} <= set(figures)
+    # the other figures are those of every user, as without the sample
+    whole, _ = quality_report(recs, train, None, 20, tmp_path / "w.html")
+    assert figures["ndcg@20"] == whole["ndcg@20"] and figures["novelty@20"] == whole["novelty@20"]
