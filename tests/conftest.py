@@ -22,9 +22,13 @@ def _environment(tmp_path_factory):
 @pytest.fixture(scope="session")
 def recbole_wheel(request: pytest.FixtureRequest) -> Path:
     """The real recbole wheel (the demo's data), fetched with `pip download` into the pytest cache
-    the first time only."""
+    the first time only (under a lock: xdist workers share the cache, and a second download could
+    see the first one's half-written file)."""
+    from flows.locks import file_lock
     from flows.sources.demo import wheel
-    return wheel(Path(request.config.cache.mkdir("towerflow-recbole")))
+    cache = Path(request.config.cache.mkdir("towerflow-recbole"))
+    with file_lock(cache.parent / "towerflow-recbole.lock", wait_s=None):
+        return wheel(cache)
 
 
 @pytest.fixture()
