@@ -55,8 +55,13 @@ lock:
 pipeline: setup
 	$(BIN)/towerflow run
 
+# The suite on every core, at most 4 (pytest-xdist); TEST_WORKERS=0 runs it in one process. Each
+# worker takes whole test files (--dist loadfile), so a module's fixture (a pipeline run) is built
+# once; what several files share is built once per run under a file lock (tests/once.py).
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Both benches below take N generated interactions (`make bench-scale N=1000000`).
 N ?= 100000

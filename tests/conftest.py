@@ -1,6 +1,7 @@
 """Shared fixtures: a temporary towerflow project (git + DVC) running on a small synthetic dataset."""
 from __future__ import annotations
 
+import importlib.machinery
 import shutil
 import sys
 from pathlib import Path
@@ -14,6 +15,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from datagen import make_contract_dataset  # noqa: E402
 
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):      # a pytest-xdist worker
+        # execnet starts a worker with `python -c`, so its __main__ has neither __spec__ nor __file__.
+        # pyspark (the Spark offline store) takes that for a doctest run: `import pyspark.sql.connect`,
+        # which great_expectations does on import, calls sys.exit(0) when the connect extras are
+        # missing. A spec named __main__ says "a real program"; multiprocessing's spawn skips
+        # re-importing a main of that name, exactly as it skips one with no spec at all.
+        main = sys.modules["__main__"]
+        if main.__spec__ is None and not hasattr(main, "__file__"):
+            main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _environment(tmp_path_factory):
     configure_environment(tmp_path_factory.mktemp("prefect_home"))
@@ -22,9 +35,13 @@ def _environment(tmp_path_factory):
 @pytest.fixture(scope="session")
 def recbole_wheel(request: pytest.FixtureRequest) -> Path:
     """The real recbole wheel (the demo's data), fetched with `pip download` into the pytest cache
-    the first time only."""
+    the first time only (under a lock: xdist workers share the cache, and a second download could
+    see the first one's half-written file)."""
+    from flows.locks import file_lock
     from flows.sources.demo import wheel
-    return wheel(Path(request.config.cache.mkdir("towerflow-recbole")))
+    cache = Path(request.config.cache.mkdir("towerflow-recbole"))
+    with file_lock(cache.parent / "towerflow-recbole.lock", wait_s=None):
+        return wheel(cache)
 
 
 @pytest.fixture()

@@ -131,11 +131,18 @@ def test_dvc_agrees_after_the_flow(flow_project):
     assert "Running stage" not in repro.stdout + repro.stderr
 
 
-def test_recommend_from_the_published_alias(flow_project):
+def test_recommend_from_the_published_alias(flow_project, monkeypatch):
+    from flows.cli import app
+
     root, *_ = flow_project
     inter = pd.read_parquet(root / "data/ingested/interactions.parquet")
     user = int(inter["user_id"].iloc[0])
-    one = run([TOWERFLOW, "recommend", "--user-id", str(user), "--k", "7"], root)
+    # in this process, as a user in the project folder would type it (the default params.yaml, paths
+    # relative to it): a `towerflow` subprocess would add two cold starts of ~10 s (import feast)
+    # and nothing more; the entry point itself is run by the tests below
+    monkeypatch.chdir(root)
+    one = CliRunner().invoke(app, ["recommend", "--user-id", str(user), "--k", "7"])
+    assert one.exit_code == 0, one.output
     rows = [line.split(",") for line in one.stdout.strip().splitlines()]
     assert rows[0] == ["user_id", "item_id", "rank", "score", "cold_start"]
     assert len(rows) == 8 and [int(r[2]) for r in rows[1:]] == list(range(1, 8))
@@ -144,7 +151,8 @@ def test_recommend_from_the_published_alias(flow_project):
 
     users = sorted(inter["user_id"].unique())[:5]
     (root / "users.txt").write_text("user_id\n" + "\n".join(map(str, users)) + "\n\n999999\n")
-    run([TOWERFLOW, "recommend", "--users-file", "users.txt", "--k", "5", "--out", "recs.csv"], root)
+    many = CliRunner().invoke(app, ["recommend", "--users-file", "users.txt", "--k", "5", "--out", "recs.csv"])
+    assert many.exit_code == 0, many.output
     recs = pd.read_csv(root / "recs.csv")
     assert list(recs.columns) == ["user_id", "item_id", "rank", "score", "cold_start"]
     assert set(recs["user_id"]) == set(users) | {999999}  # the unknown user gets a cold-start answer
@@ -163,19 +171,6 @@ def test_broken_source_stops_before_anything_is_written(flow_project, tmp_path):
     assert (root / "data/ingested/interactions.parquet").read_bytes() == ingested_before
 
 
-def test_dvc_repro_alone_builds_everything_then_does_nothing(tmp_path, contract_source):
-    """The same stages through plain `dvc repro` (no Prefect): a second repro reproduces nothing."""
-    root = make_project(tmp_path / "dvcproj", contract_source,
-                        extra={"data": {"max_users": 150}, "train": {"refit_full": False}})
-    first = run([DVC, "repro"], root)
-    for name in STAGES:
-        assert f"Running stage '{name}'" in first.stdout, first.stdout[-2000:]
-    assert json.loads((root / "reports/metrics.json").read_text())["n_users"] <= 150
-    second = run([DVC, "repro"], root)
-    assert "Running stage" not in second.stdout
-    assert json.loads(run([DVC, "status", "--json"], root).stdout or "{}") == {}
-
-
 def test_debug_flag_shows_the_traceback(flow_project, tmp_path):
     root, *_ = flow_project
     quiet = run([TOWERFLOW, "stage", "ingest", "--set", f"data.source={tmp_path / 'missing'}"], root, check=False)
@@ -184,27 +179,6 @@ def test_debug_flag_shows_the_traceback(flow_project, tmp_path):
     assert quiet.returncode == loud.returncode == 1
     assert "Traceback" not in quiet.stderr and "Traceback" in loud.stderr
     assert "missing" in quiet.stderr.strip().splitlines()[-1]
-
-
-def test_edited_source_directory_is_reingested(tmp_path, contract_source):
-    """DVC tracks the data params, not the files of the source directory: the flow notices edited
-    files and re-ingests; unchanged files are left alone."""
-    import shutil
-
-    import pandas as pd
-    from prefect.testing.utilities import prefect_test_harness
-
-    source = tmp_path / "source"
-    shutil.copytree(contract_source, source)
-    root = make_project(tmp_path / "proj", source)
-    with prefect_test_harness(server_startup_timeout=120):
-        first = run_pipeline(root, stages=("ingest",))
-        inter = pd.read_parquet(source / "interactions.parquet")
-        inter.iloc[:-7].to_parquet(source / "interactions.parquet", index=False)   # same params
-        second = run_pipeline(root, stages=("ingest",))
-        third = run_pipeline(root, stages=("ingest",))
-    assert [r.ran for r in (*first, *second, *third)] == [True, True, False]
-    assert len(pd.read_parquet(root / "data/ingested/interactions.parquet")) == len(inter) - 7
 
 
 def test_the_run_is_pushed_to_the_remote(flow_project):

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-_BUILT: dict[bool, Path] = {}
+from tests.once import built_once
 
 
-def _build(root: Path, string_ids: bool) -> Path:
+def _build(root: Path, string_ids: bool) -> None:
     from datagen import make_contract_dataset
     from features.params import FeaturesParams
     from flows.params import DataParams, SimulatorParams
@@ -30,16 +30,15 @@ def _build(root: Path, string_ids: bool) -> Path:
     sample(SampleParams(popular_threshold=0.01), 0, training, None, root / "data/samples")
     train(ModelParams(dim=8, embedding_dim=8, hidden=[16]), TrainParams(epochs=1, batch_size=128, threads=1), 0,
           root / "data/samples", training, ingested / "schema.json", root / "artifacts/model")
-    return root
 
 
 @pytest.fixture(scope="session")
 def trained_root(tmp_path_factory) -> Any:
-    """trained_root(string_ids) -> the session's project folder (params.yaml paths layout)."""
+    """trained_root(string_ids) -> the run's project folder (params.yaml paths layout), built once
+    for every xdist worker; read it, or copy it before writing (as `project` does)."""
     def get(string_ids: bool = False) -> Path:
-        if string_ids not in _BUILT:
-            _BUILT[string_ids] = _build(tmp_path_factory.mktemp("str" if string_ids else "int"), string_ids)
-        return _BUILT[string_ids]
+        return built_once(tmp_path_factory, "trained_str" if string_ids else "trained_int",
+                          lambda root: _build(root, string_ids))
     return get
 
 
