@@ -95,6 +95,13 @@ def run_sample(training: Path, out_dir: Path, sample_cfg: SampleParams = SampleP
     return sample(sample_cfg, seed, training, ranking_logs, out_dir)
 
 
+def sampled_synthetic(root: Path) -> tuple[Path, Path, Path]:
+    """(training_dir, schema, samples_dir) of the synthetic data, sampled with the default params."""
+    training, schema = synthetic_training_dir(root)
+    run_sample(training, root / "samples")
+    return training, schema, root / "samples"
+
+
 def run_sample_train(root: Path, training: Path, schema: Path, seed: int = 0,
                      train_cfg: TrainParams = FAST_TRAIN, model_cfg: ModelParams = SMALL_MODEL) -> Path:
     from flows.stages.train import train

@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from flows.experiments.scale_bench import tree_rss
+
 SCHEMA = {"user_id_dtype": "int64", "item_id_dtype": "int64",
           "user_features": {"categorical": ["age_bucket", "gender", "occupation"], "numeric": ["age"],
                             "multi": []},
@@ -135,23 +137,6 @@ def _read_sources(features_dir: Path, inter, users, cfg):  # noqa: ANN001, ANN20
     return OfflineSources(history=history, static_at=first - STATIC_LEAD, now=last + NOW_OFFSET)
 
 
-def _tree_rss(pid: int) -> int:
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def measure(ingested: Path, work: Path, offline: str, limit_s: float) -> dict:
     """run_store in a fresh process; peak summed RSS of its tree, wall time, load average."""
     result = work / f"result_{offline}.json"
@@ -166,7 +151,7 @@ def measure(ingested: Path, work: Path, offline: str, limit_s: float) -> dict:
 
     def watch() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            peak[0] = max(peak[0], tree_rss(proc.pid))
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch, daemon=True)

@@ -36,12 +36,14 @@ POLL_S = 0.2
 GATE_FORCE = ["gate.force=true", "gate.force_reason=scale bench - times every stage, publishing included"]
 
 
-def _tree_rss(proc: Any) -> int:
-    """Summed RSS (bytes) of a process and its descendants; processes that end meanwhile count 0."""
+def tree_rss(proc: Any) -> int:
+    """Summed RSS (bytes) of a process (a psutil.Process or a pid) and its descendants; processes that
+    end meanwhile count 0."""
     import psutil
 
     total = 0
     try:
+        proc = psutil.Process(proc) if isinstance(proc, int) else proc
         procs = [proc, *proc.children(recursive=True)]
     except psutil.Error:
         return 0
@@ -66,7 +68,7 @@ def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log_path: Path)
         def poll() -> None:
             proc = psutil.Process(child.pid)
             while not done.is_set():
-                peak[0] = max(peak[0], _tree_rss(proc))
+                peak[0] = max(peak[0], tree_rss(proc))
                 done.wait(POLL_S)
 
         watcher = threading.Thread(target=poll, daemon=True)

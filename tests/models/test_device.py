@@ -13,7 +13,7 @@ from flows.environment import configure_environment
 from models.device import AUTO_THREADS, DeviceUnavailable, autocast, resolve_device, resolve_threads
 from models.params import TrainParams
 from models.training import fit
-from training_data import run_sample, stream_and_config, synthetic_training_dir
+from training_data import sampled_synthetic, stream_and_config
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -63,10 +63,7 @@ def test_cli_environment_makes_idle_openmp_threads_sleep(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def sampled(tmp_path_factory) -> tuple[Path, Path, Path]:
-    root = tmp_path_factory.mktemp("synthetic")
-    training, schema = synthetic_training_dir(root)
-    run_sample(training, root / "samples")
-    return training, schema, root / "samples"
+    return sampled_synthetic(tmp_path_factory.mktemp("synthetic"))
 
 
 def test_fit_on_the_cpu_returns_a_cpu_model_and_cuda_fails_before_training(sampled):

@@ -12,7 +12,7 @@ from models.losses import in_batch_listwise, in_batch_softmax
 from models.objective import BatchLoss, make_augmenter
 from models.params import TrainParams
 from models.towers import TwoTower
-from training_data import run_sample, stream_and_config, synthetic_training_dir
+from training_data import sampled_synthetic, stream_and_config
 
 
 def _inputs(n: int = 12, d: int = 6, seed: int = 0) -> dict:
@@ -50,10 +50,7 @@ def test_fused_listwise_gradcheck():
 
 @pytest.fixture(scope="module")
 def sampled(tmp_path_factory) -> tuple[Path, Path, Path]:
-    root = tmp_path_factory.mktemp("synthetic")
-    training, schema = synthetic_training_dir(root)
-    run_sample(training, root / "samples")
-    return training, schema, root / "samples"
+    return sampled_synthetic(tmp_path_factory.mktemp("synthetic"))
 
 
 def _trajectory(stream, tower_cfg, train_cfg: TrainParams, fused: bool, steps: int) -> list[float]:

@@ -14,16 +14,12 @@ from models.params import TrainParams
 from models.stream import TrainingStream
 from models.towers import MIN_TAU
 from models.training import fit
-from training_data import run_sample, stream_and_config, synthetic_training_dir
+from training_data import sampled_synthetic, stream_and_config
 
 
 @pytest.fixture(scope="module")
 def sampled(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(training_dir, schema, samples_dir) of the synthetic data, sampled with the default params."""
-    root = tmp_path_factory.mktemp("synthetic")
-    training, schema = synthetic_training_dir(root)
-    run_sample(training, root / "samples")
-    return training, schema, root / "samples"
+    return sampled_synthetic(tmp_path_factory.mktemp("synthetic"))
 
 
 @pytest.fixture(autouse=True)
