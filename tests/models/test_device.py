@@ -23,9 +23,13 @@ def test_auto_picks_the_gpu_when_there_is_one_else_the_cpu():
     assert resolve_device("cpu") == torch.device("cpu")
 
 
-@pytest.mark.skipif(not NO_GPU, reason="a GPU is visible: cuda resolves")
 @pytest.mark.parametrize("name", ["cuda", "cuda:0"])
 def test_cuda_without_a_gpu_is_a_clear_error(name):
+    if not NO_GPU:          # a GPU machine: cuda resolves, and a GPU beyond the count is the clear error
+        assert resolve_device(name).type == "cuda"
+        with pytest.raises(DeviceUnavailable, match=r"train.device is 'cuda:99' but only"):
+            resolve_device("cuda:99")
+        return
     with pytest.raises(DeviceUnavailable, match=r"train.device is 'cuda.*(CPU-only|no CUDA GPU).*auto"):
         resolve_device(name)
 
