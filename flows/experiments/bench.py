@@ -79,9 +79,10 @@ def _training(paths, params, rounds: int = 3) -> dict[str, Any]:  # noqa: ANN001
     """Training examples/s of ours and of the minimal two-tower, alternated (flows/experiments/train_bench.py)."""
     from flows.experiments.train_bench import compare, stream_at
 
-    stream, config = stream_at(paths.samples / "full.parquet", paths.training, paths.ingested / "schema.json",
-                               params.model, params.train)
-    return compare(stream, config, params.train, params.base.seed, epochs=1, rounds=rounds)
+    with tempfile.TemporaryDirectory(prefix="towerflow-bench-stream-") as spill:
+        stream, config = stream_at(paths.samples / "full.parquet", paths.training, paths.ingested / "schema.json",
+                                   params.model, params.train, Path(spill))
+        return compare(stream, config, params.train, params.base.seed, epochs=1, rounds=rounds)
 
 
 def _serving(work: Path, repeats: int) -> dict[str, Any]:

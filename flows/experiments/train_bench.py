@@ -20,14 +20,15 @@ import time
 from pathlib import Path
 
 
-def build_stream(data: Path, model_params, cfg):
+def build_stream(data: Path, model_params, cfg, spill: Path):
     """The stream of <data>/samples/full.parquet (a project's data folder)."""
     return stream_at(data / "samples/full.parquet", data / "training", data / "ingested/schema.json",
-                     model_params, cfg)
+                     model_params, cfg, spill)
 
 
-def stream_at(samples: Path, training: Path, schema_path: Path, model_params, cfg):
-    """The train stage's refit stream of `samples` with its vocabularies, and the tower config."""
+def stream_at(samples: Path, training: Path, schema_path: Path, model_params, cfg, spill: Path):
+    """The train stage's refit stream of `samples` with its vocabularies, and the tower config; its
+    memory maps go in `spill` (the caller's temporary folder, removed by the caller)."""
     import pandas as pd
 
     from models.encoding import FeatureEncoder
@@ -39,8 +40,7 @@ def stream_at(samples: Path, training: Path, schema_path: Path, model_params, cf
     examples = pd.read_parquet(training / "examples.parquet")
     encoder = FeatureEncoder.fit(schema, items, examples, min_count=model_params.min_count,
                                  behaviour_counts=model_params.behaviour_counts)
-    # as the train stage reads it: streamed into memory maps (kept in a temporary folder)
-    spill = Path(tempfile.mkdtemp(prefix="towerflow-bench-stream-"))
+    # as the train stage reads it: streamed into memory maps
     stream = TrainingStream.from_parquet(encoder, samples, items, spill=spill,
                                          batch_rows=cfg.read_batch_rows)
     return stream, tower_config(encoder, model_params)
@@ -152,7 +152,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="also time ours against the minimal two-tower, alternating ROUNDS times")
     args = ap.parse_args(argv)
     params = load_params(args.params, args.set)
-    stream, config = build_stream(args.data, params.model, params.train)
+    with tempfile.TemporaryDirectory(prefix="towerflow-bench-stream-") as spill:
+        stream, config = build_stream(args.data, params.model, params.train, Path(spill))
+        _report(args, params, stream, config)
+
+
+def _report(args, params, stream, config) -> None:  # noqa: ANN001
     cfg = params.train
     print(f"stream: {len(stream)} examples, {stream.n_items} items, batch {cfg.batch_size}, "
           f"{math.ceil(len(stream) / cfg.batch_size)} steps/epoch, threads {cfg.threads}")
