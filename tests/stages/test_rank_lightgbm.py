@@ -10,10 +10,8 @@ import pandas as pd
 import pytest
 import torch
 from tests.models.ranking.rank_simulator import SimConfig, simulate
-from tests.stages.test_rank_stage import _params_file, write_ingested
-from typer.testing import CliRunner
+from tests.stages.test_rank_stage import rank_score_cli, write_ingested
 
-from flows.cli import app
 from flows.serving.rerank import RankerCache, rerank_answers
 from flows.stages.rank import rank
 from models.errors import ModelNotFound
@@ -68,13 +66,7 @@ def test_the_saved_booster_scores_raw_ids_from_features_alone(served: tuple[Path
 
 def test_rank_score_and_the_service_use_the_lightgbm_ranker(served: tuple[Path, dict], tmp_path: Path) -> None:
     root, _ = served
-    pairs = tmp_path / "pairs.csv"
-    pairs.write_text("user_id,item_id\nu1,3\nu1,4\nunknown,5\n")
-    out = tmp_path / "scores.csv"
-    result = CliRunner().invoke(app, ["rank", "score", "--pairs", str(pairs), "--out", str(out),
-                                      "--params", str(_params_file(root))])
-    assert result.exit_code == 0, result.output
-    scores = pd.read_csv(out)
+    scores = rank_score_cli(root, tmp_path, "user_id,item_id\nu1,3\nu1,4\nunknown,5\n")
     expected = load_ranker(root / "ranker").score(np.array(["u1", "u1", "unknown"]), np.array([3, 4, 5]))
     assert np.allclose(scores["score"], expected, atol=1e-5)
     shutil.copytree(root / "ranker", tmp_path / "published" / "versions" / "v1" / "ranker")

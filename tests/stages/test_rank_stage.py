@@ -145,6 +145,16 @@ def _params_file(root: Path) -> Path:
     return path
 
 
+def rank_score_cli(root: Path, tmp_path: Path, pairs_csv: str) -> pd.DataFrame:
+    """`towerflow rank score` of the pairs (CSV text) with the ranker in root; its scores file."""
+    pairs, out = tmp_path / "pairs.csv", tmp_path / "scores.csv"
+    pairs.write_text(pairs_csv)
+    result = CliRunner().invoke(app, ["rank", "score", "--pairs", str(pairs), "--out", str(out),
+                                      "--params", str(_params_file(root))])
+    assert result.exit_code == 0, result.output
+    return pd.read_csv(out)
+
+
 @pytest.mark.parametrize("text, message", [
     ("user,item\nu1,3\n", ":1: the header must be 'user_id,item_id'"),
     ("user_id,item_id\nu1,3\nu2,x7\n", ":3: item_id 'x7' is not an int64"),
@@ -165,13 +175,7 @@ def test_rank_score_names_the_bad_line(ranked: tuple[Path, dict], tmp_path: Path
 
 def test_rank_score_writes_one_score_per_pair(ranked: tuple[Path, dict], tmp_path: Path) -> None:
     root, _ = ranked
-    pairs = tmp_path / "pairs.csv"
-    pairs.write_text("user_id,item_id\nu1,3\nu2,3\nunknown,5\n")
-    out = tmp_path / "scores.csv"
-    result = CliRunner().invoke(app, ["rank", "score", "--pairs", str(pairs), "--out", str(out),
-                                      "--params", str(_params_file(root))])
-    assert result.exit_code == 0, result.output
-    scores = pd.read_csv(out)
+    scores = rank_score_cli(root, tmp_path, "user_id,item_id\nu1,3\nu2,3\nunknown,5\n")
     assert list(scores.columns) == ["user_id", "item_id", "score"] and len(scores) == 3
     assert list(scores["user_id"]) == ["u1", "u2", "unknown"]
 
