@@ -98,17 +98,16 @@ def _write_rows(rows, out: Path | None, columns: list[str]) -> None:  # noqa: AN
     import sys
 
     rows = list(rows)
-    target = io.StringIO() if out is None else None
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    with (open(out, "w", newline="") if out is not None else target) as handle:  # type: ignore[union-attr]
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows(rows)
-        if out is None:
-            sys.stdout.write(handle.getvalue())
-    if out is not None:
-        typer.echo(f"wrote {len(rows)} rows for {len({row[0] for row in rows})} users to {out}")
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    if out is None:
+        sys.stdout.write(text.getvalue())
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text.getvalue())
+    typer.echo(f"wrote {len(rows)} rows for {len({row[0] for row in rows})} users to {out}")
 
 
 index_app = typer.Typer(no_args_is_help=True, help="Published bundles: list them, roll back.")
