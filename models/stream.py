@@ -41,6 +41,22 @@ def catalog_inputs(encoder: FeatureEncoder, items: pd.DataFrame) -> Batch:
     return to_tensors(out)
 
 
+def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For groups of `counts` elements: (group of each element, its rank within the group)."""
+    total = int(counts.sum())
+    group = torch.repeat_interleave(torch.arange(len(counts)), counts, output_size=total)
+    first = torch.cumsum(counts, 0) - counts
+    return group, torch.arange(total) - first[group]
+
+
+def _groups(labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions grouped by label (0..n-1): (positions sorted by label, (n + 1,) CSR pointers)."""
+    order = torch.argsort(labels, stable=True)
+    ptr = torch.zeros(n + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(torch.bincount(labels, minlength=n), 0)
+    return order, ptr
+
+
 def gather(batch: Batch, idx: torch.Tensor) -> Batch:
     return {k: v[idx] for k, v in batch.items()}
 
@@ -207,25 +223,32 @@ class TrainingStream:
 
         Per batch, not through a (users x items) table: the batch users' positives are gathered from
         the CSR lists and matched against the distinct candidates, so the cost is the size of those
-        lists, whatever the catalog size."""
+        lists, whatever the catalog size. The few matches are then spread to the rows and columns that
+        hold their user and item and written into the mask directly: a dense (users x candidates)
+        table gathered to (B, C) cost more than the rest of this function together (profiled at
+        700k interactions: 5.1 ms a step)."""
         uniq, col = torch.unique(candidates, return_inverse=True)          # (U,), (C,)
         # each distinct user once: active users fill a batch several times, and their positive lists
         # are the longest (the lists' total length is most of this function's cost)
         users, row_of = torch.unique(user, return_inverse=True)             # (V,), (B,)
-        start, end = self.pos_ptr[users], self.pos_ptr[users + 1]           # (V,), (V,)
-        length = end - start
-        total = int(length.sum())
-        row = torch.repeat_interleave(torch.arange(len(users)), length, output_size=total)       # (L,)
-        # position of each listed positive in pos_items: its list's start + its rank in the list
-        shift = torch.repeat_interleave(start - (torch.cumsum(length, 0) - length), length, output_size=total)
-        item = self.pos_items[torch.arange(total) + shift]                  # (L,)
-        # item -> slot in uniq; items that are not candidates go to a spare last column, dropped after
-        # (no boolean indexing: it costs a nonzero pass)
-        lookup = torch.full((self.n_items,), len(uniq), dtype=torch.int64)
+        start, length = self.pos_ptr[users], self.pos_ptr[users + 1] - self.pos_ptr[users]
+        slot, item = _expand(length)                                        # (L,): user slot, rank in list
+        item = self.pos_items[start[slot] + item]                           # (L,) the listed positives
+        lookup = torch.full((self.n_items,), -1, dtype=torch.int64)        # item -> slot in uniq, or -1
         lookup[uniq] = torch.arange(len(uniq))
-        table = torch.zeros((len(users), len(uniq) + 1), dtype=torch.bool)  # (V, U + 1)
-        table[row, lookup[item]] = True
-        return table.index_select(0, row_of).index_select(1, col)          # (B, C)
+        cand = lookup[item]
+        matched = cand >= 0
+        pair_user, pair_item = slot[matched], cand[matched]                 # (K,) (user slot, item slot)
+        rows_of_user, row_ptr = _groups(row_of, len(users))
+        cols_of_item, col_ptr = _groups(col, len(uniq))
+        # each matched pair to every batch row of its user, then to every column of its item
+        k, j = _expand(row_ptr[pair_user + 1] - row_ptr[pair_user])
+        row = rows_of_user[row_ptr[pair_user[k]] + j]
+        pair_item = pair_item[k]
+        k, j = _expand(col_ptr[pair_item + 1] - col_ptr[pair_item])
+        out = torch.zeros((len(user), len(candidates)), dtype=torch.bool)
+        out[row[k], cols_of_item[col_ptr[pair_item[k]] + j]] = True
+        return out
 
     def hard_negative_summary(self) -> dict:
         """Mean stored hard negatives per example, with a note when the stream has none."""

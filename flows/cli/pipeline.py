@@ -190,7 +190,10 @@ def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOptio
                                               "(default reports/bench_scale.json)."),
           users: Optional[int] = typer.Option(None, "--users", min=1, help="With --scale: users (default N/10)."),
           items: Optional[int] = typer.Option(None, "--items", min=1, help="With --scale: items (default N/50)."),
-          until: Optional[str] = typer.Option(None, "--until", help="With --scale: stop after this stage.")) -> None:
+          until: Optional[str] = typer.Option(None, "--until", help="With --scale: stop after this stage."),
+          keep: Optional[Path] = typer.Option(None, "--keep", help="With --scale: build the project copy, the "
+                                              "generated source and the stage logs in this new folder and keep "
+                                              "them (default: a temporary folder, removed).")) -> None:
     """Time every stage on the demo, training throughput and recommendation latency (a temporary copy)."""
     with _errors():
         if scale is not None:
@@ -198,7 +201,7 @@ def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOptio
             target = Path("reports/bench_scale.json") if out == Path("reports/bench.json") else out
             try:
                 row = scale_bench(params_file.resolve().parent, target, scale, set_ or [], users, items,
-                                  stages=_stages_until(until), log=typer.echo)
+                                  stages=_stages_until(until), log=typer.echo, keep=keep)
             except ValueError as exc:    # a shape that cannot be generated (more users than interactions)
                 raise TowerflowError(str(exc)) from exc
             from flows.experiments.scale_bench import markdown_table

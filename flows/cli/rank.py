@@ -75,13 +75,15 @@ def rank_ltr_bench(set_: Optional[list[str]] = SetOption, params_file: Path = Pa
                    queries: int = typer.Option(600, "--queries", min=10, help="Queries of the generated world."),
                    sessions: int = typer.Option(10, "--sessions", min=1, help="Logged sessions per logged query."),
                    diagnostics: bool = typer.Option(False, "--diagnostics", help="Also PAL with the true examination curve and the naive network on the true labels."),
+                   logger: str = typer.Option("both", "--logger", help="random | confounding | both: the logging rankers to simulate."),
                    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: paths.reports.")) -> None:
     """The rankers on an LTR-shaped world (graded labels, numeric documents, held-out queries; slow)."""
     with _errors():
-        from flows.experiments.ltr_bench import ltr_bench
+        from flows.experiments.ltr_bench import loggers_named, ltr_bench
         from flows.experiments.ltr_data import LtrShape
         params = _load(params_file, set_)
+        loggers = loggers_named(logger)
         out = out_dir or params.paths.resolved(params_file.resolve().parent).reports
         ltr_bench(params.rank, LtrShape(queries=queries, sessions=sessions),
-                  [params.base.seed + i for i in range(seeds)], out, diagnostics=diagnostics)
+                  [params.base.seed + i for i in range(seeds)], out, loggers=loggers, diagnostics=diagnostics)
         typer.echo(f"written {out / 'rank_ltr.md'} and {out / 'rank_ltr.json'}")

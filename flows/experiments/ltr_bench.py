@@ -43,6 +43,14 @@ if TYPE_CHECKING:
     from flows.stages.rank import RankData
 
 LOGGERS = (Logger(0.0, persistent=False), Logger(0.9, persistent=True))
+LOGGER_CHOICES = {"random": LOGGERS[:1], "confounding": LOGGERS[1:], "both": LOGGERS}
+
+
+def loggers_named(name: str) -> tuple[Logger, ...]:
+    """The --logger choice: random, confounding or both."""
+    if name not in LOGGER_CHOICES:
+        raise ValueError(f"--logger {name!r}: choose one of {', '.join(LOGGER_CHOICES)}")
+    return LOGGER_CHOICES[name]
 RANDOM, NAIVE_GBM, DEBIASED_GBM = "random order", "lightgbm naive", "lightgbm (lambdarank + position)"
 SERVED, LABELS = "served (rank.serve: auto)", "lightgbm on the true labels"
 TRUE_CURVE, NET_LABELS = "pal with the true examination curve", "naive network on the true labels"

@@ -17,6 +17,7 @@ reports/bench_scale.json), one row per N: a new run of the same N replaces its r
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from flows.experiments.bench import copy_project
 from flows.sources.shapes import generate_topics, scaled, write_source
@@ -115,15 +116,16 @@ def _set_args(overrides: list[str]) -> list[str]:
 
 def scale_run(root: Path, n: int, overrides: list[str], users: int | None = None, items: int | None = None,
               seed: int = 0, stages: tuple[str, ...] | None = None, log: Callable[[str], None] = print,
-              progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              progress: Callable[[dict[str, Any]], None] | None = None, keep: Path | None = None) -> dict[str, Any]:
     """One row: the data's shape, then per stage its figures (see the module docstring). progress
-    gets the row so far after each stage (a run stopped halfway keeps what it measured)."""
+    gets the row so far after each stage (a run stopped halfway keeps what it measured). keep: a new
+    folder to build in and leave behind (the project copy, the source, each stage's log)."""
     from flows.params import load_params
     from flows.stages.registry import STAGES
 
     load_params(root / "params.yaml", overrides)    # a bad --set fails here, not in every stage
     shape = scaled(n, users, items)
-    with tempfile.TemporaryDirectory(prefix=f"towerflow-scale-{n}-") as tmp:
+    with _workspace(n, keep) as tmp:
         work = Path(tmp) / "project"
         work.mkdir()
         copy_project(root, work)
@@ -168,6 +170,19 @@ def scale_run(root: Path, n: int, overrides: list[str], users: int | None = None
     return row
 
 
+@contextlib.contextmanager
+def _workspace(n: int, keep: Path | None) -> Iterator[str]:
+    """A temporary folder, or `keep` (which must not exist yet: a bench never writes into old results)."""
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix=f"towerflow-scale-{n}-") as tmp:
+            yield tmp
+        return
+    if keep.exists():
+        raise ValueError(f"--keep {keep}: the folder exists; give a new one")
+    keep.mkdir(parents=True)
+    yield str(keep.resolve())
+
+
 def _notes(work: Path) -> dict[str, Any]:
     """What the stages skipped or capped at this size, read from their own outputs."""
     out: dict[str, Any] = {}
@@ -200,11 +215,11 @@ def merge_row(out: Path, row: dict[str, Any]) -> dict[str, Any]:
 
 def scale_bench(root: Path, out: Path, n: int, overrides: list[str], users: int | None = None,
                 items: int | None = None, stages: list[str] | None = None,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
+                log: Callable[[str], None] = print, keep: Path | None = None) -> dict[str, Any]:
     """stages: the first ones only (a partial row says so: completed is false)."""
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     row = scale_run(root, n, overrides, users, items, stages=tuple(stages) if stages else None, log=log,
-                    progress=lambda partial: merge_row(out, {**partial, "date": date}))
+                    progress=lambda partial: merge_row(out, {**partial, "date": date}), keep=keep)
     row["date"] = date
     merge_row(out, row)
     return row
