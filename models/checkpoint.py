@@ -16,13 +16,15 @@ import torch
 
 from models.encoding import FeatureEncoder
 from models.errors import ModelNotFound
+from models.optim import TowerOptimizer, TowerSchedule, make_optimizer, set_sparse
+from models.params import TrainParams
 from models.towers import TwoTower, TwoTowerConfig
 
 MODEL_FILES = ("model.pt", "encoder.json")
 
 
-def save_checkpoint(path: Path, model: TwoTower, opt: torch.optim.Optimizer,
-                    sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator,
+def save_checkpoint(path: Path, model: TwoTower, opt: TowerOptimizer | torch.optim.Optimizer,
+                    sched: TowerSchedule | torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator,
                     progress: dict[str, Any]) -> None:
     """Write, fsync, then rename, so a kill (or a power cut) during the write leaves the previous
     checkpoint intact. Only tensors, numbers, strings and containers: restore loads it weights_only."""
@@ -36,8 +38,8 @@ def save_checkpoint(path: Path, model: TwoTower, opt: torch.optim.Optimizer,
     tmp.replace(path)
 
 
-def restore_checkpoint(path: Path, model: TwoTower, opt: torch.optim.Optimizer,
-                       sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator,
+def restore_checkpoint(path: Path, model: TwoTower, opt: TowerOptimizer | torch.optim.Optimizer,
+                       sched: TowerSchedule | torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator,
                        progress_keys: tuple[str, ...]) -> dict[str, Any]:
     """Load the saved states into model, opt, sched and gen; return the saved progress fields.
     weights_only: unpickling a checkpoint never runs code (a planted file cannot either)."""
@@ -69,14 +71,15 @@ def load_model(model_dir: Path) -> tuple[TwoTower, FeatureEncoder]:
     return model, FeatureEncoder.load(model_dir / "encoder.json")
 
 
-def save_warm_start(path: Path, model: TwoTower, lr: float, weight_decay: float, seed: int,
+def save_warm_start(path: Path, model: TwoTower, train_cfg: TrainParams, seed: int,
                     progress_keys: tuple[str, ...]) -> None:
-    """A checkpoint at epoch 0 holding `model`'s weights, a fresh Adam and LR schedule, and the seed's
-    generator: the training loop "resumes" from it, so a fine-tune starts from trained weights through
-    the same code path (and the same kill-and-resume guarantees) as any run."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    """A checkpoint at epoch 0 holding `model`'s weights, a fresh optimizer (the run's: models/optim.py)
+    and LR schedule, and the seed's generator: the training loop "resumes" from it, so a fine-tune
+    starts from trained weights through the same code path (and the same kill-and-resume guarantees)
+    as any run."""
     # the factor itself is not saved (LambdaLR keeps callables out of its state), only the step count
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+    opt, sched = make_optimizer(model, train_cfg, lambda t: 1.0)
+    set_sparse(model, None)
     gen = torch.Generator().manual_seed(seed)
     empty: dict[str, Any] = {"losses": [], "seconds": [], "val_ndcg": [], "best_epoch": None,
                              "stopped_early": False}

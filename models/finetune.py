@@ -126,5 +126,5 @@ def finetune(model: TwoTower, stream: TrainingStream, train_cfg: TrainParams, se
     a fine-tune is the ordinary loop with another starting point."""
     checkpoint = workdir / "finetune.pt"
     if not checkpoint.exists():
-        save_warm_start(checkpoint, model, train_cfg.lr, train_cfg.weight_decay, seed, PROGRESS_FIELDS)
+        save_warm_start(checkpoint, model, train_cfg, seed, PROGRESS_FIELDS)
     return fit(stream, model.cfg, train_cfg, seed, checkpoint=checkpoint, log=log)

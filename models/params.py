@@ -62,6 +62,8 @@ class TrainParams(Section):
     mixed_precision: bool = True                   # bf16 autocast of the towers, on a GPU only (never on the CPU)
     compile: bool = False                          # torch.compile the towers (needs a C compiler; compile time first)
     workers: PositiveInt = 1                       # data-parallel processes (torch DDP, gloo); 1: in process
+    # embedding tables of at least this many rows train on sparse gradients (SparseAdam; models/optim.py)
+    sparse_min_rows: PositiveInt | Literal["auto", "off"] = "auto"
 
 
 class EvaluateParams(Section):

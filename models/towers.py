@@ -47,8 +47,9 @@ class TwoTowerConfig:
 
 def masked_mean(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     """Mean of the embeddings of the non-zero indices of each row; all-padding rows give zeros."""
-    # embedding_bag pools without materializing (B, L, E) and skips padding_idx in the mean
-    return F.embedding_bag(idx, emb.weight, mode="mean", padding_idx=0)  # (B, E)
+    # embedding_bag pools without materializing (B, L, E) and skips padding_idx in the mean; a table
+    # marked sparse (models/optim.py) gets a sparse gradient here too
+    return F.embedding_bag(idx, emb.weight, mode="mean", padding_idx=0, sparse=emb.sparse)  # (B, E)
 
 
 class CategoricalEncoder(nn.Module):

@@ -28,6 +28,7 @@ from models.early_stopping import ValidationTask
 from models.encoding import FeatureEncoder
 from models.errors import ModelError
 from models.objective import BatchLoss, make_augmenter
+from models.optim import TowerOptimizer, TowerSchedule, make_optimizer, set_sparse, sparse_min_rows, sparse_note
 from models.params import ModelParams, TrainParams
 from models.stream import TrainingStream
 from models.towers import TwoTower, TwoTowerConfig
@@ -165,8 +166,8 @@ def _validate_epoch(result: FitResult, validation: ValidationTask, stream: Train
     return line
 
 
-def _train_epoch(step: Step, perm: torch.Tensor, sampler: torch.Generator, opt: torch.optim.Optimizer,
-                 sched: torch.optim.lr_scheduler.LRScheduler, batch_size: int, epoch: int) -> tuple[float, int]:
+def _train_epoch(step: Step, perm: torch.Tensor, sampler: torch.Generator, opt: TowerOptimizer,
+                 sched: TowerSchedule, batch_size: int, epoch: int) -> tuple[float, int]:
     """One pass over `perm` in batches; returns (sum of batch loss × batch size, examples seen).
     Stops at the first non-finite loss, before its update reaches the weights (see `_finite`)."""
     total, seen = 0.0, 0
@@ -218,12 +219,16 @@ def fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: TrainParam
     device = training_device(train_cfg, dist)
     torch.manual_seed(seed)
     model = TwoTower(tower_cfg).to(device)     # initialized on the CPU generator: the same weights anywhere
-    opt = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     n = len(stream)
     steps = math.ceil(math.ceil(n / dist.world) / train_cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(train_cfg, steps))
+    opt, sched = make_optimizer(model, train_cfg, lr_factor(train_cfg, steps))
     gen = torch.Generator().manual_seed(seed)       # the permutation: the same on every rank
     result = FitResult(model=model)
+    if (note := sparse_note(train_cfg)) is not None:
+        result.notes.append(note)
+    if opt.sparse_tables:
+        result.notes.append(f"{opt.sparse_tables} embedding table(s) of >= {sparse_min_rows(train_cfg)} rows on sparse "
+                            "gradients (SparseAdam)")
     batch_loss = BatchLoss(stream, train_cfg, make_augmenter(stream, train_cfg, result.notes), device=device,
                            mixed_precision=train_cfg.mixed_precision, compile=train_cfg.compile)
     if train_cfg.negatives and batch_loss.n_hard == 0 and train_cfg.hard_ratio > 0:
@@ -254,6 +259,8 @@ def fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: TrainParam
             save_checkpoint(checkpoint, model, opt, sched, gen, result.progress())
         if dist.lead and on_epoch is not None:
             on_epoch(epoch)
-    # the trained model leaves on the CPU: saving, publishing and the callers' scoring are device-free
+    # the trained model leaves on the CPU, its tables dense: saving, publishing and the callers'
+    # scoring are device-free
+    set_sparse(model, None)
     result.model = model.cpu().eval()
     return result

@@ -269,7 +269,7 @@ def _finetune_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, see
     base = {k: getattr(train_cfg, k) for k in TrainParams.model_fields}     # the TrainParams part
     cfg = TrainParams(**base | {"epochs": live.epochs, "early_stopping": False})
     if not (ckpt / f"{name}.pt").exists():      # else: a killed fine-tune resumes from its own checkpoint
-        save_warm_start(ckpt / f"{name}.pt", model, cfg.lr, cfg.weight_decay, seed, PROGRESS_FIELDS)
+        save_warm_start(ckpt / f"{name}.pt", model, cfg, seed, PROGRESS_FIELDS)
     stream = TrainingStream.from_parquet(encoder, rows_path, inputs.items, catalog_inputs(encoder, inputs.items),
                                          spill=ckpt / f"{name}_stream", batch_rows=cfg.read_batch_rows)
     run = _fit_run(name, model_cfg, cfg, seed, encoder, stream, cfg.epochs, None, ckpt, dist)

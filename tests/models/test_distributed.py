@@ -94,3 +94,14 @@ def test_a_ranks_model_error_reaches_the_parent_as_itself(synthetic):
     cfg = DDP_TRAIN.model_copy(update={"workers": 2, "epochs": 1})
     with pytest.raises(ModelError, match="^training loss became nan at epoch 1$"):
         spawn_fit(stream, tower_cfg, cfg, seed=0, on_epoch=Diverge())
+
+
+def test_two_workers_train_with_sparse_embedding_gradients(synthetic):
+    # the large tables' sparse gradients go through DDP's gloo all-reduce like the dense ones
+    torch.set_num_threads(1)
+    root, training, schema = synthetic
+    _, stream, tower_cfg, _ = stream_and_config(training, schema, root / "samples")
+    cfg = DDP_TRAIN.model_copy(update={"workers": 2, "epochs": 2, "sparse_min_rows": 1})
+    result = spawn_fit(stream, tower_cfg, cfg, seed=0)
+    assert any("sparse gradients" in n for n in result.notes)
+    assert len(result.losses) == 2 and result.losses[1] < result.losses[0]

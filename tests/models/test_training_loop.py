@@ -27,10 +27,13 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-def test_resume_after_interruption_ends_like_an_uninterrupted_run(sampled, tmp_path):
+@pytest.mark.parametrize("sparse_min_rows", ["off", 1])     # 1: every embedding table on SparseAdam
+def test_resume_after_interruption_ends_like_an_uninterrupted_run(sampled, tmp_path, sparse_min_rows):
     _, stream, tower_cfg, _ = stream_and_config(*sampled)
-    train_cfg = TrainParams(epochs=4, batch_size=256, threads=1, negatives=8, ssl_weight=0.1, lr_schedule="cosine")
+    train_cfg = TrainParams(epochs=4, batch_size=256, threads=1, negatives=8, ssl_weight=0.1, lr_schedule="cosine",
+                            sparse_min_rows=sparse_min_rows)
     whole = fit(stream, tower_cfg, train_cfg, seed=3)
+    assert any("sparse gradients" in n for n in whole.notes) == (sparse_min_rows == 1)
 
     class Killed(Exception):
         pass

@@ -1,0 +1,89 @@
+"""The optimizer pair (models/optim.py): large tables on sparse gradients + SparseAdam, the rest on Adam."""
+from __future__ import annotations
+
+import torch
+
+from models.optim import SPARSE_AUTO_ROWS, TowerOptimizer, make_optimizer, set_sparse, sparse_min_rows, sparse_note
+from models.params import TrainParams
+from models.towers import TwoTower, TwoTowerConfig
+
+
+def _model(n_items: int = 60) -> TwoTower:
+    torch.manual_seed(0)
+    return TwoTower(TwoTowerConfig(n_items=n_items, n_users=1, user_categorical=[5], user_numeric=1, user_multi={},
+                                   item_categorical=[7], item_numeric=2, item_multi={"genre": 9}))
+
+
+def _batch(n_items: int, gen: torch.Generator) -> tuple[dict, dict]:
+    b = 32
+    users = {"user": torch.zeros(b, dtype=torch.long), "history": torch.randint(0, n_items, (b, 6), generator=gen),
+             "cat": torch.randint(0, 5, (b, 1), generator=gen), "num": torch.randn(b, 1, generator=gen)}
+    items = {"item": torch.randint(1, n_items, (b,), generator=gen), "cat": torch.randint(0, 7, (b, 1), generator=gen),
+             "num": torch.randn(b, 2, generator=gen), "multi:genre": torch.randint(0, 9, (b, 3), generator=gen)}
+    return users, items
+
+
+def _steps(model: TwoTower, opt: TowerOptimizer, steps: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        users, items = _batch(model.cfg.n_items, gen)
+        q, c = model(users, items)
+        # scaled so that every used row's gradient is far above Adam's eps, which the two optimizers
+        # place differently (SparseAdam adds it before the bias correction)
+        loss = -1e4 * (q * c).sum(dim=1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_only_tables_of_at_least_min_rows_get_sparse_gradients():
+    model = _model(n_items=60)
+    sparse = set_sparse(model, 50)
+    assert [t.num_embeddings for t in sparse] == [60]            # the item-id table, not the 5/7/9-row ones
+    users, items = _batch(60, torch.Generator().manual_seed(0))
+    q, c = model(users, items)
+    (q.sum() + c.sum()).backward()
+    assert model.item_emb.weight.grad.is_sparse                   # history pooling and item id, both sparse
+    assert not model.item_cat.tables[0].weight.grad.is_sparse
+    set_sparse(model, None)
+    assert not any(m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding))
+
+
+def test_first_update_equals_dense_adams():
+    # Adam's first step moves exactly the rows a batch used (the moments of the others are zero), so
+    # SparseAdam's must be the same update; afterwards they differ only by the lazy moments
+    dense, sparse = _model(), _model()
+    _steps(dense, TowerOptimizer(dense, 0.01, 0.0, None), 1)
+    opt = TowerOptimizer(sparse, 0.01, 0.0, 1)
+    assert len(opt.parts) == 2 and opt.sparse_tables == 4
+    _steps(sparse, opt, 1)
+    for (name, a), b in zip(dense.state_dict().items(), sparse.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_state_round_trips_and_refuses_another_layout():
+    model = _model()
+    opt, sched = make_optimizer(model, TrainParams(sparse_min_rows=1), lambda t: 0.5)
+    _steps(model, opt, 2)
+    sched.step()
+    again, again_sched = make_optimizer(_model(), TrainParams(sparse_min_rows=1), lambda t: 0.5)
+    again.load_state_dict(opt.state_dict())
+    again_sched.load_state_dict(sched.state_dict())
+    assert again_sched.last_epoch == sched.last_epoch == 1
+    assert again.parts[1].state_dict()["state"].keys() == opt.parts[1].state_dict()["state"].keys()
+    dense_only, _ = make_optimizer(_model(), TrainParams(sparse_min_rows="off"), lambda t: 1.0)
+    try:
+        dense_only.load_state_dict(opt.state_dict())
+    except ValueError as exc:
+        assert "other parts" in str(exc)
+    else:
+        raise AssertionError("a two-part optimizer state loaded into a one-part optimizer")
+
+
+def test_auto_threshold_and_what_turns_sparse_off():
+    assert sparse_min_rows(TrainParams()) == SPARSE_AUTO_ROWS
+    assert sparse_min_rows(TrainParams(sparse_min_rows=10)) == 10
+    assert sparse_min_rows(TrainParams(sparse_min_rows="off")) is None
+    decayed = TrainParams(weight_decay=1e-4)
+    assert sparse_min_rows(decayed) is None and "weight_decay" in sparse_note(decayed)
+    assert sparse_note(TrainParams()) is None
