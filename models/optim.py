@@ -1,10 +1,9 @@
 """The two-tower's optimizer: Adam, with the large embedding tables on sparse gradients (SparseAdam).
 
 Dense Adam reads and writes every row of every table at every step (the weights, their gradient and
-two moments): the cost of a step grows with the catalog, not the batch. Measured on 2 threads, one
-step of 1,024 examples with 50-item histories took 98 ms with 14k items, 423 ms with 200k and
-1,268 ms with 1M (docs/TRAINING.md): at the 200k-item scale the optimizer, not the model, is the
-work. A table of at least `train.sparse_min_rows` rows (the item-id table shared by the item tower and
+two moments): the cost of a step grows with the catalog, not the batch. Measured on 2 idle threads, one
+step of 1,024 examples with 50-item histories took 30 ms with 14k items, 163 ms with 200k and
+845 ms with 1M (docs/TRAINING.md): at the 200k-item scale the optimizer, not the model, is the work. A table of at least `train.sparse_min_rows` rows (the item-id table shared by the item tower and
 the history pooling, the user-id table, large categorical vocabularies) therefore gets sparse
 gradients and SparseAdam, which touches only the rows a batch used (the "lazy Adam" of the
 recommender literature: a row's moments decay only when it is used). Smaller tables and the MLPs stay
@@ -24,7 +23,11 @@ import torch.nn as nn
 
 from models.params import TrainParams
 
-SPARSE_AUTO_ROWS = 50_000    # `train.sparse_min_rows: auto`: the crossover measured in docs/TRAINING.md
+# `train.sparse_min_rows: auto`. Measured on 2 idle threads, a step of 1,024 examples with 50-item
+# histories (ms, dense Adam / sparse + SparseAdam): 14k items 29.6 / 62.4, 100k 68.7 / 96.5, 200k
+# 162.8 / 107.8, 1M 844.8 / 132.0; the sparse step pays for coalescing the batch's ~50k row indices,
+# so below ~135k rows dense is faster
+SPARSE_AUTO_ROWS = 150_000
 
 
 def sparse_min_rows(train_cfg: TrainParams) -> int | None:
