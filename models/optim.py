@@ -1,9 +1,10 @@
 """The two-tower's optimizer: Adam, with the large embedding tables on sparse gradients (SparseAdam).
 
 Dense Adam reads and writes every row of every table at every step (the weights, their gradient and
-two moments): the cost of a step grows with the catalog, not the batch. Measured on 2 idle threads, one
-step of 1,024 examples with 50-item histories took 30 ms with 14k items, 163 ms with 200k and
-845 ms with 1M (docs/TRAINING.md): at the 200k-item scale the optimizer, not the model, is the work. A table of at least `train.sparse_min_rows` rows (the item-id table shared by the item tower and
+two moments): the cost of a step grows with the catalog, not the batch. Measured on 2 idle threads,
+one step of 1,024 examples with 50-item histories took 30 ms with 14k items, 163 ms with 200k and
+845 ms with 1M (docs/TRAINING.md): at the 200k-item scale the optimizer, not the model, is the work.
+A table of at least `train.sparse_min_rows` rows (the item-id table shared by the item tower and
 the history pooling, the user-id table, large categorical vocabularies) therefore gets sparse
 gradients and SparseAdam, which touches only the rows a batch used (the "lazy Adam" of the
 recommender literature: a row's moments decay only when it is used). Smaller tables and the MLPs stay
@@ -31,7 +32,8 @@ SPARSE_AUTO_ROWS = 150_000
 
 
 def sparse_min_rows(train_cfg: TrainParams) -> int | None:
-    """The table size from which gradients are sparse, or None when none are (set off, or weight decay)."""
+    """The table size from which gradients are sparse, or None when none are (set off, weight decay,
+    torch.compile)."""
     setting = train_cfg.sparse_min_rows
     if setting == "off" or train_cfg.weight_decay > 0 or train_cfg.compile:
         return None

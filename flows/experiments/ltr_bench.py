@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 LOGGERS = (Logger(0.0, persistent=False), Logger(0.9, persistent=True))
 LOGGER_CHOICES = {"random": LOGGERS[:1], "confounding": LOGGERS[1:], "both": LOGGERS}
+RANDOM, NAIVE_GBM, DEBIASED_GBM = "random order", "lightgbm naive", "lightgbm (lambdarank + position)"
+SERVED, LABELS = "served (rank.serve: auto)", "lightgbm on the true labels"
+TRUE_CURVE, NET_LABELS = "pal with the true examination curve", "naive network on the true labels"
+K = 10
 
 
 def loggers_named(name: str) -> tuple[Logger, ...]:
@@ -51,10 +55,6 @@ def loggers_named(name: str) -> tuple[Logger, ...]:
     if name not in LOGGER_CHOICES:
         raise ValueError(f"--logger {name!r}: choose one of {', '.join(LOGGER_CHOICES)}")
     return LOGGER_CHOICES[name]
-RANDOM, NAIVE_GBM, DEBIASED_GBM = "random order", "lightgbm naive", "lightgbm (lambdarank + position)"
-SERVED, LABELS = "served (rank.serve: auto)", "lightgbm on the true labels"
-TRUE_CURVE, NET_LABELS = "pal with the true examination curve", "naive network on the true labels"
-K = 10
 
 
 class KnownExamination(PAL):

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from flows.experiments.ltr_bench import (DEBIASED_GBM, LABELS, NAIVE_GBM, NET_LABELS, RANDOM, SERVED, TRUE_CURVE,
-                                         ltr_bench, ndcg_by_query)
+from flows.experiments.ltr_bench import (DEBIASED_GBM, LABELS, LOGGERS, NAIVE_GBM, NET_LABELS, RANDOM, SERVED,
+                                         TRUE_CURVE, loggers_named, ltr_bench, ndcg_by_query)
 from flows.experiments.ltr_data import Logger, LtrShape, click_log, generate, write_ingested
 from models.ranking.params import RankParams
 
@@ -80,3 +80,11 @@ def test_the_bench_measures_every_row_and_the_served_ranker(tmp_path: Path) -> N
     assert run["relevance_features"] is True                          # ~4 impressions per document: no ids
     saved = json.loads((tmp_path / "rank_ltr.json").read_text())
     assert saved["targets"]["random"]["served_vs"] == DEBIASED_GBM and (tmp_path / "rank_ltr.md").is_file()
+
+
+def test_logger_choice_names_the_simulated_loggers() -> None:
+    assert loggers_named("both") == LOGGERS
+    assert [lg.name for lg in loggers_named("random")] == ["random"]
+    assert [lg.persistent for lg in loggers_named("confounding")] == [True]
+    with pytest.raises(ValueError, match="choose one of random, confounding, both"):
+        loggers_named("good")

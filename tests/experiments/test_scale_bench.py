@@ -15,10 +15,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_scale_writes_a_row_per_stage(tmp_path: Path) -> None:
-    out = tmp_path / "bench_scale.json"
-    result = CliRunner().invoke(app, ["bench", "--scale", "2000", "--until", "ingest", "--out", str(out),
-                                      "--params", str(ROOT / "params.yaml")])
+    out, kept = tmp_path / "bench_scale.json", tmp_path / "kept"
+    args = ["bench", "--scale", "2000", "--until", "ingest", "--out", str(out), "--params", str(ROOT / "params.yaml"),
+            "--keep", str(kept)]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    # --keep leaves the project copy, the generated source and the stage's log behind
+    assert (kept / "project" / "params.yaml").is_file() and (kept / "ingest.log").is_file()
+    assert (kept / "source" / "interactions.parquet").is_file()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 1 and "exists" in again.output      # never writes into an earlier bench
     row = json.loads(out.read_text())["rows"][0]
     assert row["n"] == 2000 and row["data"]["users"] == 200 and row["data"]["items"] == 40
     assert row["data"]["ranking_logs"] > 0
