@@ -92,10 +92,10 @@ def _file_digest(path: Path) -> str:
 
 
 def checkpoint_key(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: list[Path]) -> str:
-    """Hash of everything that determines the trained weights (threads and compile excluded: they change
-    speed only)."""
+    """Hash of everything that determines the trained weights (threads and read_batch_rows excluded:
+    they change speed only; compile is in: it keeps every embedding table on dense Adam, models/optim.py)."""
     doc = {"model": model_cfg.model_dump(),
-           "train": train_cfg.model_dump(exclude={"threads", "read_batch_rows", "compile"}),
+           "train": train_cfg.model_dump(exclude={"threads", "read_batch_rows"}),
            "seed": seed, "inputs": {p.name: _file_digest(p) for p in inputs}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
