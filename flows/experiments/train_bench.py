@@ -9,6 +9,11 @@ examples/s and s/epoch per worker count, then the share of a step's time in each
 (the record_function labels of models/training.py) from torch.profiler over --profile-steps steps.
 --compare N: ours against the minimal two-tower of the same sizes, alternated N times (`compare`,
 also part of `towerflow bench`). Nothing is written.
+
+    .venv/bin/python -m flows.experiments.train_bench --catalog-sweep 14000 200000 1000000
+
+needs no data: ms per step of a two-tower with that many item rows, dense Adam against sparse
+gradients + SparseAdam (`catalog_sweep`; the table behind `train.sparse_min_rows: auto`, docs/TRAINING.md).
 """
 from __future__ import annotations
 
@@ -138,11 +143,45 @@ def profile(stream, config, cfg, seed: int, steps: int) -> list[tuple[str, float
                   ("step", total, 1.0)]
 
 
+def catalog_sweep(rows: list[int], steps: int = 25, warmup: int = 5, batch: int = 1024,
+                  history: int = 50) -> list[dict]:
+    """ms per training step (forward, in-batch loss, backward, optimizer) of a two-tower whose item-id
+    table has `rows` rows, with every table on dense Adam and with the item table on sparse gradients
+    (models/optim.py): batches of `batch` examples with `history`-item histories, random ids."""
+    import torch
+
+    from models.losses import in_batch_listwise
+    from models.optim import TowerOptimizer
+    from models.towers import TwoTower, TwoTowerConfig
+
+    def step_ms(n: int, sparse: bool) -> float:
+        torch.manual_seed(0)
+        model = TwoTower(TwoTowerConfig(n_items=n, n_users=1, user_categorical=[10], user_numeric=2, user_multi={},
+                                        item_categorical=[20], item_numeric=3, item_multi={"genre": 50}))
+        opt = TowerOptimizer(model, 1e-3, 0.0, n if sparse else None)
+        gen, total = torch.Generator().manual_seed(0), 0.0
+        for i in range(warmup + steps):
+            users = {"user": torch.zeros(batch, dtype=torch.long), "history": torch.randint(0, n, (batch, history), generator=gen),
+                     "cat": torch.randint(0, 10, (batch, 1), generator=gen), "num": torch.randn(batch, 2, generator=gen)}
+            items = {"item": torch.randint(1, n, (batch,), generator=gen), "cat": torch.randint(0, 20, (batch, 1), generator=gen),
+                     "num": torch.randn(batch, 3, generator=gen), "multi:genre": torch.randint(0, 50, (batch, 4), generator=gen)}
+            start = time.perf_counter()
+            loss = in_batch_listwise(model.encode_users(users), model.encode_items(items), 0.07)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += (time.perf_counter() - start) if i >= warmup else 0.0
+        return 1000 * total / steps
+
+    return [{"item_rows": n, "dense_adam_ms": round(step_ms(n, False), 1), "sparse_ms": round(step_ms(n, True), 1)}
+            for n in rows]
+
+
 def main(argv: list[str] | None = None) -> None:
     from flows.params import load_params
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--data", type=Path)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--set", action="append", default=[], help="params override, e.g. train.batch_size=2048")
     ap.add_argument("--epochs", type=int, default=2)
@@ -150,7 +189,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile-steps", type=int, default=20)
     ap.add_argument("--compare", type=int, default=0, metavar="ROUNDS",
                     help="also time ours against the minimal two-tower, alternating ROUNDS times")
+    ap.add_argument("--catalog-sweep", type=int, nargs="+", metavar="ROWS",
+                    help="instead: ms per step, dense Adam vs sparse gradients, at these item-table sizes")
     args = ap.parse_args(argv)
+    if args.catalog_sweep:
+        import torch
+
+        from models.device import resolve_threads
+        params = load_params(args.params, args.set)
+        torch.set_num_threads(resolve_threads(params.train.threads))
+        for row in catalog_sweep(args.catalog_sweep):
+            print(json.dumps(row), flush=True)
+        return
+    if args.data is None:
+        ap.error("--data is required (or --catalog-sweep)")
     params = load_params(args.params, args.set)
     with tempfile.TemporaryDirectory(prefix="towerflow-bench-stream-") as spill:
         stream, config = build_stream(args.data, params.model, params.train, Path(spill))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from flows.experiments.minimal_two_tower import MinimalTwoTower, minimal_fit
-from flows.experiments.train_bench import compare
+from flows.experiments.train_bench import catalog_sweep, compare, main
 from models.params import TrainParams
 from training_data import run_sample, stream_and_config, synthetic_training_dir
 
@@ -27,3 +27,12 @@ def test_minimal_two_tower_learns_and_ours_is_timed_beside_it(tmp_path):
     assert len(figures["ours_examples_per_s"]) == len(figures["minimal_examples_per_s"]) == 2
     assert all(x > 0 for x in figures["ours_examples_per_s"] + figures["minimal_examples_per_s"])
     assert figures["ratio_ours_to_minimal"] > 0 and len(figures["load_average_1min"]) == 3
+
+
+def test_catalog_sweep_times_dense_and_sparse_steps(capsys):
+    torch.set_num_threads(1)
+    rows = catalog_sweep([300, 3000], steps=2, warmup=1, batch=64, history=5)
+    assert [r["item_rows"] for r in rows] == [300, 3000]
+    assert all(r["dense_adam_ms"] > 0 and r["sparse_ms"] > 0 for r in rows)
+    main(["--catalog-sweep", "300"])                    # no --data needed
+    assert '"item_rows": 300' in capsys.readouterr().out
