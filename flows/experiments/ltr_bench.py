@@ -13,7 +13,10 @@ never showed, and is measured by NDCG@10 against the true labels (gains 2^label 
 - LightGBM lambdarank trained on the true labels of the same training requests (the ceiling);
 - with `diagnostics`: PAL with the simulator's examination curve in place of its bias tower (what
   exact propensities would give) and the naive network trained on the true relevance instead of the
-  clicks (what the relevance tower can learn at all): they tell the clicks' limit from the model's.
+  clicks (what the relevance tower can learn at all): they tell the clicks' limit from the model's;
+  and the naive network with a listwise loss (softmax over each list's clicks, as lambdarank compares
+  documents within a list) instead of its pointwise click likelihood, plain and weighted by the inverse
+  of the simulator's examination curve (what the loss form is worth, with and without debiasing).
 
 Writes <out_dir>/rank_ltr.{json,md}; the data and models live in a temporary folder.
 """
@@ -35,7 +38,9 @@ import torch
 from flows.experiments.ltr_data import LtrShape, LtrWorld, Logger, generate, write_ingested
 from models.ranking.config import RankerConfig
 from models.ranking.data import RankBatch
+from models.ranking.losses import list_softmax_loss
 from models.ranking.params import RankParams
+from models.ranking.ranker import Naive
 from models.ranking.train import build_model, feature_tables, fit
 from models.ranking.two_tower import PAL
 
@@ -47,6 +52,7 @@ LOGGER_CHOICES = {"random": LOGGERS[:1], "confounding": LOGGERS[1:], "both": LOG
 RANDOM, NAIVE_GBM, DEBIASED_GBM = "random order", "lightgbm naive", "lightgbm (lambdarank + position)"
 SERVED, LABELS = "served (rank.serve: auto)", "lightgbm on the true labels"
 TRUE_CURVE, NET_LABELS = "pal with the true examination curve", "naive network on the true labels"
+LISTWISE, IPW_LISTWISE = "naive network, listwise loss", "listwise loss, IPW with the true curve"
 K = 10
 
 
@@ -73,6 +79,29 @@ class KnownExamination(PAL):
         return self.exam_logit[at].unsqueeze(-1)                                      # (R, L, 1)
 
 
+class ListwiseClicks(Naive):
+    """The relevance tower trained with the softmax cross-entropy of each list's clicks
+    (models/ranking/losses.py list_softmax_loss), each click's term weighted by 1 / P(examined | its
+    position) when `curve` is given (inverse propensity weighting, clipped at 0.05; still divided by the
+    list's click count, not by the weights, or a one-click list would lose its weight). A diagnostic,
+    never served."""
+
+    def __init__(self, cfg: RankerConfig, tables: dict[str, np.ndarray], curve: np.ndarray | None = None):
+        super().__init__(cfg, tables)
+        weights = np.ones(1) if curve is None else 1.0 / np.clip(curve, 0.05, 1.0)
+        self.register_buffer("click_weight", torch.as_tensor(weights, dtype=torch.float32))
+
+    def loss(self, batch: RankBatch) -> torch.Tensor:
+        _, rel = self.relevance(batch.user, batch.item, batch.logged_score)          # (R, L, 1)
+        at = (batch.position.clamp(min=1) - 1).clamp(max=len(self.click_weight) - 1)  # (R, L)
+        clicks = batch.clicked * batch.mask                                            # (R, L)
+        n_clicks = clicks.sum(dim=1)                                                   # (R,)
+        weighted = clicks * self.click_weight[at]                                      # (R, L)
+        # list_softmax_loss averages over the weights it is given: scale back to a mean over clicks
+        scale = weighted.sum(dim=1) / n_clicks.clamp(min=1)                            # (R,)
+        return (list_softmax_loss(rel.squeeze(-1), weighted, batch.mask) * scale).mean()
+
+
 def ndcg_by_query(held_out: pd.DataFrame, scores: np.ndarray, k: int = K) -> float:
     """Mean over queries of NDCG@k of `scores` (aligned with held_out's rows) against the labels,
     gains 2^label − 1; queries without a relevant document are left out."""
@@ -96,19 +125,25 @@ def _pair_scores(model: Any, features: Any, held_out: pd.DataFrame) -> np.ndarra
 
 def diagnostic_rows(data: RankData, shape: LtrShape, cfg: RankParams, seed: int, held: pd.DataFrame,
                     relevance: str) -> dict[str, float]:
-    """TRUE_CURVE and NET_LABELS (see the module docstring) on the held-out queries."""
+    """TRUE_CURVE, NET_LABELS, LISTWISE and IPW_LISTWISE (see the module docstring) on the held-out queries."""
     if data.truth.curves is None:
         raise ValueError("the diagnostic rows need the simulator's examination curves (simulation/truth.json)")
     share = {"impatient": shape.impatient_share, "patient": 1 - shape.impatient_share}
     curve = np.array([share[n] for n in data.truth.type_names]) @ data.truth.curves     # (P,) the users' mix
     config = RankerConfig.build(cfg, data.features, data.spec.grid, ids=data.ids(cfg))
+    tables = feature_tables(data.features)
     torch.manual_seed(seed)
-    known = KnownExamination(config, feature_tables(data.features), curve)
+    known = KnownExamination(config, tables, curve)
     labelled = build_model("naive", config, data.features, seed)
+    torch.manual_seed(seed)
+    listwise = ListwiseClicks(config, tables)
+    torch.manual_seed(seed)
+    ipw_listwise = ListwiseClicks(config, tables, curve)
     train = data.log(cfg, "train")
     by_label = [replace(b, clicked=b.truth[relevance].nan_to_num(0.0)) for b in train]   # labels as clicks
     out = {}
-    for row, model, batches in ((TRUE_CURVE, known, train), (NET_LABELS, labelled, by_label)):
+    for row, model, batches in ((TRUE_CURVE, known, train), (NET_LABELS, labelled, by_label),
+                                (LISTWISE, listwise, train), (IPW_LISTWISE, ipw_listwise, train)):
         model.relevance.forget(data.seen.users, data.seen.items)
         fit(model, batches, cfg, seed)
         out[row] = ndcg_by_query(held, _pair_scores(model, data.features, held))

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from flows.experiments.ltr_bench import (DEBIASED_GBM, LABELS, LOGGERS, NAIVE_GBM, NET_LABELS, RANDOM, SERVED,
-                                         TRUE_CURVE, loggers_named, ltr_bench, ndcg_by_query)
+from flows.experiments.ltr_bench import (DEBIASED_GBM, IPW_LISTWISE, LABELS, LISTWISE, LOGGERS, NAIVE_GBM,
+                                         NET_LABELS, RANDOM, SERVED, TRUE_CURVE, ListwiseClicks, loggers_named,
+                                         ltr_bench, ndcg_by_query)
 from flows.experiments.ltr_data import Logger, LtrShape, click_log, generate, write_ingested
 from models.ranking.params import RankParams
 
@@ -72,7 +73,8 @@ def test_the_bench_measures_every_row_and_the_served_ranker(tmp_path: Path) -> N
     doc = ltr_bench(cfg, shape, [0], tmp_path, loggers=(Logger(0.0, False),), diagnostics=True)
     (run,) = doc["runs"]
     rows = run["rows"]
-    assert set(rows) == {RANDOM, "naive", "pal", DEBIASED_GBM, NAIVE_GBM, LABELS, SERVED, TRUE_CURVE, NET_LABELS}
+    assert set(rows) == {RANDOM, "naive", "pal", DEBIASED_GBM, NAIVE_GBM, LABELS, SERVED, TRUE_CURVE, NET_LABELS,
+                         LISTWISE, IPW_LISTWISE}
     assert all(0 < v <= 1 for v in rows.values())
     served = {"lightgbm": DEBIASED_GBM, "lightgbm_naive": NAIVE_GBM}.get(run["served"], run["served"])
     assert rows[SERVED] == pytest.approx(rows[served], abs=1e-6)        # rank score reads what was chosen
@@ -88,3 +90,20 @@ def test_logger_choice_names_the_simulated_loggers() -> None:
     assert [lg.persistent for lg in loggers_named("confounding")] == [True]
     with pytest.raises(ValueError, match="choose one of random, confounding, both"):
         loggers_named("good")
+
+
+def test_the_listwise_diagnostic_weights_each_click_by_its_inverse_propensity() -> None:
+    from models.ranking.config import RankerConfig
+    from models.ranking.data import RankBatch
+
+    cfg = RankerConfig(n_users=3, n_items=5, item_numeric=0, user_vector_dim=0, item_vector_dim=0)
+    batch = RankBatch(user=torch.tensor([1]), item=torch.tensor([[1, 2, 3]]), position=torch.tensor([[1, 2, 3]]),
+                      context=torch.zeros((1, 3, 0), dtype=torch.long), clicked=torch.tensor([[0.0, 0.0, 1.0]]),
+                      mask=torch.ones((1, 3), dtype=torch.bool))
+    torch.manual_seed(0)
+    plain = ListwiseClicks(cfg, None)
+    torch.manual_seed(0)
+    weighted = ListwiseClicks(cfg, None, np.array([1.0, 0.5, 0.25]))
+    # one click, at position 3 (examined 1 time in 4): the same softmax term, 4 times the weight
+    assert plain.loss(batch).item() > 0
+    assert weighted.loss(batch).item() == pytest.approx(4 * plain.loss(batch).item(), rel=1e-5)
