@@ -60,7 +60,23 @@ def set_sparse(model: nn.Module, min_rows: int | None) -> list[nn.Embedding]:
     return [t for t in tables if t.sparse]
 
 
-class TowerOptimizer:
+class _Parts:
+    """State of several torch optimizers (or schedules) saved and restored as one."""
+
+    parts: list[Any]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        parts = state.get("parts")
+        if parts is None or len(parts) != len(self.parts):
+            raise ValueError("the checkpoint's optimizer has other parts (dense/sparse tables) than this run's")
+        for part, saved in zip(self.parts, parts):
+            part.load_state_dict(saved)
+
+
+class TowerOptimizer(_Parts):
     """Adam over the dense parameters and SparseAdam over the sparse tables' weights, as one."""
 
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, min_rows: int | None):
@@ -80,18 +96,8 @@ class TowerOptimizer:
         for opt in self.parts:
             opt.step()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"parts": [opt.state_dict() for opt in self.parts]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        parts = state.get("parts")
-        if parts is None or len(parts) != len(self.parts):
-            raise ValueError("the checkpoint's optimizer has other parts (dense/sparse tables) than this run's")
-        for opt, part in zip(self.parts, parts):
-            opt.load_state_dict(part)
-
-
-class TowerSchedule:
+class TowerSchedule(_Parts):
     """One LambdaLR per optimizer part, stepped together."""
 
     def __init__(self, opt: TowerOptimizer, factor: Callable[[int], float]):
@@ -104,13 +110,6 @@ class TowerSchedule:
     def step(self) -> None:
         for sched in self.parts:
             sched.step()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"parts": [s.state_dict() for s in self.parts]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for sched, part in zip(self.parts, state["parts"]):
-            sched.load_state_dict(part)
 
 
 def make_optimizer(model: nn.Module, train_cfg: TrainParams,
