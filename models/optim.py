@@ -35,7 +35,7 @@ def sparse_min_rows(train_cfg: TrainParams) -> int | None:
     """The table size from which gradients are sparse, or None when none are (set off, weight decay,
     torch.compile)."""
     setting = train_cfg.sparse_min_rows
-    if setting == "off" or train_cfg.weight_decay > 0 or train_cfg.compile:
+    if setting == "off" or sparse_note(train_cfg) is not None:
         return None
     return SPARSE_AUTO_ROWS if setting == "auto" else int(setting)
 

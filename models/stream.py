@@ -231,9 +231,9 @@ class TrainingStream:
         # each distinct user once: active users fill a batch several times, and their positive lists
         # are the longest (the lists' total length is most of this function's cost)
         users, row_of = torch.unique(user, return_inverse=True)             # (V,), (B,)
-        start, length = self.pos_ptr[users], self.pos_ptr[users + 1] - self.pos_ptr[users]
-        slot, item = _expand(length)                                        # (L,): user slot, rank in list
-        item = self.pos_items[start[slot] + item]                           # (L,) the listed positives
+        start = self.pos_ptr[users]                                          # (V,)
+        slot, rank = _expand(self.pos_ptr[users + 1] - start)               # (L,): user slot, rank in list
+        item = self.pos_items[start[slot] + rank]                           # (L,) the listed positives
         lookup = torch.full((self.n_items,), -1, dtype=torch.int64)        # item -> slot in uniq, or -1
         lookup[uniq] = torch.arange(len(uniq))
         cand = lookup[item]
