@@ -25,6 +25,20 @@ LOCAL = ("file:", "data:", "about:", "blob:")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} missing: apt-get install -y chromium "
                                 "(Debian's package; .ci/run installs it)")
 
+# A page is ready when it and its fonts have loaded and every vega chart it embeds is drawn. Not
+# Playwright's "networkidle" (500 ms without a request, which Playwright itself discourages): on a
+# loaded CI machine it timed out on pages that had nothing left to fetch. A generous limit: the
+# condition is exact, so waiting longer costs only a broken page's time.
+STATE = """() => ({
+  readyState: document.readyState,
+  fonts: document.fonts.status,
+  vegaCalls: (document.documentElement.innerHTML.match(/vegaEmbed\\(/g) || []).length,
+  vegaDrawn: document.querySelectorAll('.vega-embed canvas, .vega-embed svg').length,
+})"""
+READY = f"""() => {{ const s = ({STATE})();
+  return s.readyState === 'complete' && s.fonts === 'loaded' && (s.vegaCalls === 0 || s.vegaDrawn > 0); }}"""
+READY_MS = 120_000
+
 # What each page shows once its scripts ran (evaluated in the page).
 PROBE = """() => ({
   refs: [...document.querySelectorAll('a[href], [data-href], script[src], link[href], img[src]')]
@@ -49,6 +63,7 @@ class Visit:
 
 def _crawl(context, start: Path, root: Path, shots: Path | None) -> dict[Path, Visit]:
     """Open start and every local .html page reachable from it under root; check each reference."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     visits: dict[Path, Visit] = {}
     queue = [start]
     while queue:
@@ -59,8 +74,11 @@ def _crawl(context, start: Path, root: Path, shots: Path | None) -> dict[Path, V
         visit = Visit({})
         page.on("pageerror", lambda e, v=visit: v.errors.append(f"script error: {e}"))
         page.on("requestfailed", lambda r, v=visit: v.errors.append(f"failed: {r.url} ({r.failure})"))
-        page.goto(path.as_uri(), wait_until="load")
-        page.wait_for_load_state("networkidle")  # vega renders after load
+        page.goto(path.as_uri(), wait_until="load", timeout=READY_MS)
+        try:  # vega draws after load; every file is local, so "ready" is a state of the page
+            page.wait_for_function(READY, timeout=READY_MS)
+        except PlaywrightTimeout:
+            visit.errors.append(f"not ready after {READY_MS} ms: {page.evaluate(STATE)}")
         visit.probe = page.evaluate(PROBE)
         for ref in visit.probe["refs"]:
             url = urljoin(page.url, ref)
