@@ -56,14 +56,35 @@ def tree_rss(proc: Any) -> int:
     return total
 
 
+# Runs a command and writes its exit code and ru_maxrss (kB) to a file. Started fresh (exec'd), so its
+# own memory is a Python interpreter's: a child's ru_maxrss starts at the peak RSS of the process it
+# was forked from (Linux carries the parent's high-water mark through fork and exec), and the bench
+# process, which generated the data, was gigabytes at 10M (every stage's figure read at least that).
+MAXRSS_WRAPPER = """
+import json, os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+rc = os.waitstatus_to_exitcode(status)
+with open(sys.argv[1], "w") as out:
+    json.dump({"rc": rc, "maxrss_kb": usage.ru_maxrss}, out)
+sys.exit(rc if rc >= 0 else 128 - rc)
+"""
+
+
 def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log_path: Path) -> dict[str, Any]:
-    """Run cmd to its end: {"seconds", "peak_rss_mb" (largest process), "peak_tree_rss_mb", "rc"}."""
+    """Run cmd to its end: {"seconds", "peak_rss_mb" (largest process), "peak_tree_rss_mb", "rc"}.
+
+    peak_rss_mb is the kernel's ru_maxrss of cmd's process, which covers its own children, read by a
+    fresh wrapper process (MAXRSS_WRAPPER); peak_tree_rss_mb is the summed RSS of the whole tree,
+    sampled every POLL_S (the wrapper's ~10 MB included)."""
     import psutil
 
     peak = [0]
+    figures = log_path.with_suffix(".maxrss.json")
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()
-        child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen([sys.executable, "-I", "-c", MAXRSS_WRAPPER, str(figures), *cmd], cwd=cwd,
+                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         done = threading.Event()
 
         def poll() -> None:
@@ -74,14 +95,15 @@ def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log_path: Path)
 
         watcher = threading.Thread(target=poll, daemon=True)
         watcher.start()
-        # wait4, not Popen.wait: its rusage is the reaped child's, ru_maxrss covering its children too
-        _, status, usage = os.wait4(child.pid, 0)
+        child.wait()
         seconds = time.perf_counter() - t0
-        child.returncode = os.waitstatus_to_exitcode(status)
         done.set()
         watcher.join()
-    return {"seconds": round(seconds, 2), "rc": child.returncode,
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),           # Linux: kilobytes
+    if not figures.is_file():      # the wrapper itself failed: its error is in the log
+        raise RuntimeError(f"measuring {cmd[:4]} failed: {_last_error(log_path)}")
+    measured = json.loads(figures.read_text())
+    return {"seconds": round(seconds, 2), "rc": measured["rc"],
+            "peak_rss_mb": round(measured["maxrss_kb"] / 1024, 1),     # Linux: kilobytes
             "peak_tree_rss_mb": round(peak[0] / 2**20, 1)}
 
 

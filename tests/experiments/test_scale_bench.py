@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -43,6 +44,14 @@ def test_peak_rss_covers_the_stage_process_tree(tmp_path: Path) -> None:
     assert fig["rc"] == 3
     assert fig["peak_rss_mb"] > 300 and fig["peak_tree_rss_mb"] > 300
     assert fig["seconds"] >= 1.0
+
+
+def test_a_stage_is_not_charged_the_benchs_own_memory(tmp_path: Path) -> None:
+    """The bench process holds the generated data (here 600 MB); a stage's figures are its own."""
+    held = np.ones(600 * 2**20 // 8)
+    fig = run_measured([sys.executable, "-c", "pass"], tmp_path, dict(os.environ), tmp_path / "log")
+    assert held.sum() > 0 and fig["rc"] == 0
+    assert fig["peak_rss_mb"] < 100 and fig["peak_tree_rss_mb"] < 100
 
 
 def test_bad_overrides_stop_before_generating(tmp_path: Path) -> None:
