@@ -35,6 +35,7 @@ GAMMA, GRID_COLUMNS = 0.5, 5          # the neighbour-effect set: γ, and the gr
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "naive": ("naive", {}), "pal": ("pal", {}), "additive": ("additive", {}), "dot": ("dot", {}),
     "bilinear": ("bilinear", {}), "mixture": ("mixture", {}), "xpa": ("xpa", {}),
+    "dla": ("dla", {}),
     "pal + observation dropout": ("pal", {"observation_dropout": 0.3}),
     "pal + gradient reversal": ("pal", {"grad_reversal": 1.0}),
     "additive + observation dropout": ("additive", {"observation_dropout": 0.3}),

@@ -45,3 +45,14 @@ class BiasTower(nn.Module):
         parts = [self.position(idx)] + [t(idx) for t in (self.row, self.col) if t is not None]
         parts += [t(idx) for t in self.context]
         return self.mlp(torch.cat(parts, dim=-1))[0]                         # (out,)
+
+
+def relative_examination(tower: BiasTower, batch: RankBatch, positions: list[int]) -> torch.Tensor:
+    """(P,) examination at each position relative to position 1 for a tower whose output is an
+    examination logit compared by a softmax over the list (the listwise models: Mixture-EM's
+    components, the dual learning algorithm): exp(b(p) − b(1)), averaged over the batch's shown
+    impressions (their context)."""
+    with torch.no_grad():
+        top = tower(batch.with_position(1)).squeeze(-1)                              # (R, L)
+        at = torch.stack([tower(batch.with_position(p)).squeeze(-1) - top for p in positions])  # (P, R, L)
+        return (at.exp() * batch.mask).sum(dim=(1, 2)) / batch.mask.sum().clamp(min=1)          # (P,)

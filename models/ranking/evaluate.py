@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from models.ranking.data import RankBatch, RankingInputError
+from models.ranking.dla import DualLearning
 from models.ranking.lambdarank import LambdaRanker
 from models.ranking.mixture import MixtureEM
 from models.ranking.ranker import ClickRanker, Ranker
@@ -57,12 +58,17 @@ def logged_ndcg(batches: Iterable[RankBatch], k: int = 10, truth: str = "relevan
     return float(values[~values.isnan()].mean())
 
 
-def propensity_curve(model: ClickRanker, batches: Iterable[RankBatch], positions: Sequence[int]) -> np.ndarray:
+def propensity_curve(model: ClickRanker | DualLearning, batches: Iterable[RankBatch],
+                     positions: Sequence[int]) -> np.ndarray:
     """(P,) the model's click rate with every held-out impression moved to position p, over its click
     rate at position 1. Under the position-based click model this ratio is exactly the examination
     propensity relative to the top, whatever the model's inner parametrization (PAL's σ(bias), an
-    additive logit, a dot product, attention)."""
+    additive logit, a dot product, attention). The dual learning algorithm has no click rate: its
+    examination softmax gives the ratio directly (averaged over the impressions)."""
     model.eval()
+    if isinstance(model, DualLearning):
+        curves = [(model.examination(b, list(positions)) * b.n_examples, b.n_examples) for b in batches]
+        return (sum(c for c, _ in curves) / max(sum(n for _, n in curves), 1)).numpy()
     totals = np.zeros(len(positions) + 1)
     with torch.no_grad():
         for batch in batches:

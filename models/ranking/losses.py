@@ -33,13 +33,19 @@ def logit_pair(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return F.logsigmoid(z), F.logsigmoid(-z)
 
 
+def weighted_list_softmax_loss(logits: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(R,) −Σ_i weights_i · log softmax(logits)_i over each list's shown impressions: the softmax
+    cross-entropy with (unnormalized) weighted click labels, as ULTRA's softmax loss; 0 for a list
+    without a weighted click."""
+    log_prob = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=1)  # (R, L)
+    return -(weights * log_prob.masked_fill(~mask, 0.0)).sum(dim=1)                # (R,)
+
+
 def list_softmax_loss(logits: torch.Tensor, clicked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(R,) softmax cross-entropy of each list, averaged over its clicks (the listwise loss of Yan et
     al. 2022); 0 for a list without a click, which says nothing about which item was preferred."""
-    log_prob = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=1)  # (R, L)
-    log_prob = log_prob.masked_fill(~mask, 0.0)                                    # (R, L)
     n_clicks = (clicked * mask).sum(dim=1)                                         # (R,)
-    return -(clicked * log_prob).sum(dim=1) / n_clicks.clamp(min=1)                # (R,)
+    return weighted_list_softmax_loss(logits, clicked, mask) / n_clicks.clamp(min=1)
 
 
 class _GradReverse(torch.autograd.Function):

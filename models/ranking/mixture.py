@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from models.ranking.data import RankBatch
 from models.ranking.losses import list_softmax_loss
-from models.ranking.bias import BiasTower
+from models.ranking.bias import BiasTower, relative_examination
 from models.ranking.config import RankerConfig
 from models.ranking.ranker import Ranker
 
@@ -58,11 +58,4 @@ class MixtureEM(Ranker):
     def component_propensities(self, batch: RankBatch, positions: list[int]) -> torch.Tensor:
         """(K, P) each component's examination at each position relative to position 1, averaged over
         the batch's impressions (their context): exp(b_k(p) − b_k(1)) under the softmax model."""
-        with torch.no_grad():
-            curves = []
-            for tower in self.biases:
-                top = tower(batch.with_position(1)).squeeze(-1)               # (R, L)
-                at = torch.stack([tower(batch.with_position(p)).squeeze(-1) - top
-                                  for p in positions])                        # (P, R, L)
-                curves.append((at.exp() * batch.mask).sum(dim=(1, 2)) / batch.mask.sum())  # (P,)
-            return torch.stack(curves)                                        # (K, P)
+        return torch.stack([relative_examination(tower, batch, positions) for tower in self.biases])

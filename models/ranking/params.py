@@ -12,11 +12,11 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, Pos
 from models.params import Section
 
 
-RankModel = Literal["naive", "pal", "additive", "dot", "bilinear", "mixture", "xpa"]
+RankModel = Literal["naive", "pal", "additive", "dot", "bilinear", "mixture", "xpa", "dla"]
 
 
 class RankParams(Section):
-    models: list[RankModel] = Field(["naive", "pal", "additive", "dot", "bilinear", "mixture", "xpa"],
+    models: list[RankModel] = Field(["naive", "pal", "additive", "dot", "bilinear", "mixture", "xpa", "dla"],
                                     min_length=1)
     # LightGBM lambdarank + position field: a row of the report and a candidate of serve: auto
     lightgbm: bool = True

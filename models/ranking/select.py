@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from models.ranking.data import RankBatch, ValidBy
+from models.ranking.dla import DualLearning
 from models.ranking.evaluate import propensity_curve, relevance_ndcg
 from models.ranking.lambdarank import LambdaRanker
 from models.ranking.ranker import ClickRanker, Naive, Ranker
 
 MIN_PROPENSITY = 0.05     # clip: one click at a position seen 1% of the time would weigh 100x
 BIASED_BELOW = 0.8        # clicks are position-biased when the deepest examination is below this (vs the top)
-ESTIMATORS = ("pal", "additive", "dot", "bilinear", "xpa")   # bias models whose curve the weights use
+ESTIMATORS = ("pal", "additive", "dot", "bilinear", "xpa", "dla")   # bias models whose curve the weights use
 
 
 # validation by user needs enough validation users for the figure to mean something: below this many
@@ -98,7 +99,7 @@ def estimated_propensity(models: Mapping[str, Ranker | LambdaRanker], batches: I
     """The examination curve of the first trained bias model of ESTIMATORS, on `batches`."""
     for name in ESTIMATORS:
         model = models.get(name)
-        if isinstance(model, ClickRanker) and not isinstance(model, Naive):
+        if isinstance(model, (ClickRanker, DualLearning)) and not isinstance(model, Naive):
             return propensity_curve(model, batches, positions), name
     return None, None
 

@@ -13,6 +13,7 @@ import torch
 from models.device import resolve_device
 from models.ranking.catalog import RankFeatures
 from models.ranking.data import RankBatch
+from models.ranking.dla import DualLearning
 from models.ranking.mixture import MixtureEM
 from models.ranking.params import RankParams
 from models.ranking.config import TABLES, RankerConfig
@@ -28,6 +29,7 @@ MODELS: dict[str, Callable[..., Ranker]] = {
     "bilinear": partial(DotProduct, bilinear=True),
     "mixture": MixtureEM,
     "xpa": CrossPositional,
+    "dla": DualLearning,
 }
 
 

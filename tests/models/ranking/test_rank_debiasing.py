@@ -29,7 +29,7 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> tuple[SimLog, Split]:
 def fitted(log: tuple[SimLog, Split]) -> dict[str, Ranker]:
     _, split = log
     models = {}
-    for name in ("naive", "pal", "additive"):
+    for name in ("naive", "pal", "additive", "dla"):
         models[name] = build_model(name, split.config, split.features, seed=0)
         fit(models[name], split.train, PARAMS, seed=0)
     return models
@@ -44,7 +44,7 @@ def test_bias_aware_models_beat_naive_on_true_relevance(log: tuple[SimLog, Split
     assert ndcg["additive"] > ndcg["naive"] + 0.03
 
 
-@pytest.mark.parametrize("name", ["pal", "additive"])
+@pytest.mark.parametrize("name", ["pal", "additive", "dla"])   # dla: learned jointly, listwise
 def test_recovered_propensities_correlate_with_truth(log: tuple[SimLog, Split],
                                                      fitted: dict[str, Ranker], name: str) -> None:
     sim, split = log

@@ -1,6 +1,7 @@
 """Shapes, serving and the loss definitions of the ranking models, on a tiny simulated log."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from tests.models.ranking.rank_simulator import SimConfig, Split, read_split, simulate
 
 from models.ranking.data import RankBatch
+from models.ranking.dla import MAX_WEIGHT, DualLearning, inverse_to_top
 from models.ranking.losses import grad_reverse
 from models.ranking.mixture import MixtureEM
 from models.ranking.params import RankParams
@@ -88,6 +90,37 @@ def test_mixture_requests_without_a_click_carry_no_weight(grid: Split) -> None:
                                       "row", "col")})
     assert torch.allclose(model.loss(batch), model.loss(clicked_only))
     assert model.component_propensities(batch, [1, 2, 3]).shape == (2, 3)
+
+
+def test_dla_weights_each_click_by_the_other_towers_estimate_relative_to_the_top() -> None:
+    logits = torch.tensor([[0.0, -1.0, -2.0, 5.0], [1.0, 3.0, -9.0, 0.0]])
+    position = torch.tensor([[2, 1, 3, 0], [1, 2, 3, 4]])       # list 0: the top is its 2nd impression
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    w = inverse_to_top(logits, position, mask)
+    assert torch.allclose(w[0], torch.tensor([math.exp(-1.0), 1.0, math.exp(1.0), 0.0]))
+    assert torch.allclose(w[1], torch.tensor([1.0, math.exp(-2.0), MAX_WEIGHT, math.exp(1.0)]))   # clipped
+
+
+def test_dla_loss_is_two_weighted_listwise_losses_whose_weights_carry_no_gradient(grid: Split) -> None:
+    model = build_model("dla", grid.config, grid.features, seed=0).eval()   # no id dropout: one draw
+    assert isinstance(model, DualLearning)
+    batch = _batch([[0.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]],
+                   [[True, True, True], [True, True, False], [True, False, False]])
+    _, rel = model.relevance(batch.user, batch.item, None)
+    f, g = rel.squeeze(-1), model.exam_logits(batch)                          # (R, L) each
+
+    def listwise(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:            # ULTRA's softmax loss
+        log_p = torch.log_softmax(s.masked_fill(~batch.mask, -torch.inf), dim=1).masked_fill(~batch.mask, 0)
+        return -(batch.clicked * w * log_p).sum(dim=1)
+
+    exam = listwise(g, torch.exp(f[:, :1] - f).clamp(max=MAX_WEIGHT).detach())   # top = first shown
+    rank = listwise(f, torch.exp(g[:, :1] - g).clamp(max=MAX_WEIGHT).detach())
+    loss = model.loss(batch)
+    assert torch.allclose(loss, (exam + rank).mean(), atol=1e-6)
+    # the bias tower learns from the examination loss alone: the relevance weights are read, not trained
+    grads = torch.autograd.grad(loss, list(model.bias.parameters()))
+    exam_grads = torch.autograd.grad(exam.mean(), list(model.bias.parameters()), allow_unused=True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, exam_grads))
 
 
 def test_xpa_one_item_list_attends_to_nothing_and_stays_finite(grid: Split) -> None:
