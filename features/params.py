@@ -31,6 +31,9 @@ class FeaturesParams(Section):
     # duckdb only: DuckDB's memory limit; beyond it joins spill to <paths.feast>/duckdb-tmp. Its own
     # default (80% of the machine's RAM) got a 1M-interaction join OOM-killed at 19 GB on 24 GB.
     duckdb_memory_limit: str = "4GB"
+    # Training examples joined and written this many at a time (features/training_set.py
+    # write_training_examples): bounds materialize's memory whatever the number of interactions.
+    join_rows: PositiveInt = 1_000_000
     # spark only: memory of the local driver JVM (local mode runs every task inside it).
     spark_driver_memory: str = "4g"
 

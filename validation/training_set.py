@@ -1,7 +1,7 @@
 """The training-set gate: the built training set, checked by materialize before it is written.
 
-`materialize` calls `validate_training_set` on the examples table it has built and writes
-`examples.parquet` only when it passes, so a broken join never reaches sample/train (the contract
+`materialize` calls `validate_training_set` on the examples file it has built (beside the old one) and
+moves it to `examples.parquet` only when it passes, so a broken join never reaches sample/train (the contract
 tables were checked by the validate stage before materialize started, validation/contract.py). Same
 GX context, run (validation/gate.py) and severities as the contract gate; Data Docs go to their own
 site (`reports/training_validation/`, an output of materialize) so that the two stages never write
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 
 from validation.batches import Derived, Source, sample, to_pandas
 from validation.gate import run_gate
@@ -73,10 +72,10 @@ def training_suites(schema: dict[str, Any], validate_cfg: ValidateParams,
     return rows, profile, volume
 
 
-def validate_training_set(validate_cfg: ValidateParams, examples: pa.Table, schema: dict[str, Any],
+def validate_training_set(validate_cfg: ValidateParams, examples: Path, schema: dict[str, Any],
                           ingested: Path, count_columns: list[str], context_root: Path,
                           docs_dir: Path) -> dict[str, Any]:
-    """Validate the examples table (in memory, batch by batch) against the ingested ids.
+    """Validate the examples file (read batch by batch) against the ingested ids.
 
     schema: ingested/schema.json as materialize read it (id dtypes, user feature columns).
     count_columns: the behaviour count columns of examples, interactions_total first.
@@ -87,7 +86,7 @@ def validate_training_set(validate_cfg: ValidateParams, examples: pa.Table, sche
     """
     started = time.perf_counter()
     chunk_rows = validate_cfg.chunk_rows
-    source = Source(TABLE, table=examples)
+    source = Source(TABLE, path=examples)
     interactions = Source("interactions", path=ingested / "interactions.parquet").rows
     derived = Derived(references={
         unknown_column("user_id", "users"): ("user_id", parent_ids(Source("users", ingested / "users.parquet"), "user_id")),
@@ -98,8 +97,8 @@ def validate_training_set(validate_cfg: ValidateParams, examples: pa.Table, sche
         Check(TABLE, TABLE, rows, lambda: (derived.apply(to_pandas(b)) for b in source.batches(chunk_rows))),
         Check(TABLE, f"{TABLE}_profile", profile,
               lambda: [sample(source, ["split"], validate_cfg.sample_rows, chunk_rows)]),
-        Check(TABLE, f"{TABLE}_volume", volume, lambda: [volume_frame({TABLE: examples.num_rows})]),
+        Check(TABLE, f"{TABLE}_volume", volume, lambda: [volume_frame({TABLE: source.rows})]),
     ]
-    return run_gate(validate_cfg, checks, {TABLE: examples.num_rows}, context_root, SITE, docs_dir,
+    return run_gate(validate_cfg, checks, {TABLE: source.rows}, context_root, SITE, docs_dir,
                     docs_dir / "summary.json", parameters={"interactions_rows": interactions},
                     started=started, what="training set validation")

@@ -18,6 +18,7 @@ Reads `ingested/{users,items,interactions}.parquet` + `schema.json` and writes
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from features.definitions import RESERVED, USER_KEY, feature_columns, is_reserve
 from features.history import write_sources
 from features.params import FeaturesParams
 from features.refresh import fill_online
-from features.training_set import EXAMPLE_KEYS, count_columns, example_keys, item_catalog, training_examples
+from features.training_set import EXAMPLE_KEYS, count_columns, example_keys, item_catalog, write_training_examples
 from flows.errors import DataContractError, MissingStageInput
 from flows.portal.docs import localize_offline
 from flows.sources.events_log import read_cursor
@@ -38,6 +39,9 @@ from models.params import SplitParams
 from models.split import temporal_split
 from validation.params import EventRules
 from validation.training_set import TrainingSetChecks, validate_training_set
+
+
+PARTIAL = ".examples.partial.parquet"   # examples being built and checked, in training_dir
 
 
 def _read_inputs(ingested: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -75,11 +79,11 @@ def _split_summary(examples: pd.DataFrame, split_cfg: SplitParams) -> dict:
     }
 
 
-def _write(training_dir: Path, examples: pa.Table, catalog: pa.Table, split: dict) -> None:
-    training_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(examples, training_dir / "examples.parquet")
+def _write(training_dir: Path, examples: Path, catalog: pa.Table, split: dict) -> None:
+    """examples: the checked examples file, moved into place (same folder: an atomic rename)."""
     pq.write_table(catalog, training_dir / "items.parquet")
     (training_dir / "split.json").write_text(json.dumps(split, indent=2) + "\n")
+    os.replace(examples, training_dir / "examples.parquet")
 
 
 def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: Path, features_dir: Path,
@@ -107,21 +111,29 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
 
     examples = example_keys(inter)
     examples["split"] = temporal_split(examples, split_cfg).to_numpy()
-    table = training_examples(store, schema, examples, sources.history, features_dir)
-    catalog = item_catalog(store, schema, items, sources.now, features_dir)
-    timings["point_in_time_join"] = time.perf_counter() - started - sum(timings.values())
-    checked = {}
-    if checks is not None:
-        try:
-            checked = {"validation_docs": validate_training_set(
-                checks.validate_cfg, table, schema, ingested, count_columns(table.column_names),
-                checks.context_root, checks.docs_dir)["docs"]}
-        finally:
-            if assets_cache is not None:
-                localize_offline(checks.docs_dir, assets_cache)
-
-    split = _split_summary(examples, split_cfg)
-    _write(training_dir, table, catalog, split)
+    # Built beside the old examples and moved over them only once checked: a failed check or a crash
+    # leaves training_dir's examples as they were.
+    training_dir.mkdir(parents=True, exist_ok=True)
+    partial = training_dir / PARTIAL
+    try:
+        columns = write_training_examples(store, schema, examples, sources.history, features_dir, partial,
+                                          features_cfg.join_rows).names
+        catalog = item_catalog(store, schema, items, sources.now, features_dir)
+        timings["point_in_time_join"] = time.perf_counter() - started - sum(timings.values())
+        checked = {}
+        if checks is not None:
+            try:
+                checked = {"validation_docs": validate_training_set(
+                    checks.validate_cfg, partial, schema, ingested, count_columns(columns),
+                    checks.context_root, checks.docs_dir)["docs"]}
+            finally:
+                if assets_cache is not None:
+                    localize_offline(checks.docs_dir, assets_cache)
+            timings["validation"] = time.perf_counter() - started - sum(timings.values())
+        split = _split_summary(examples, split_cfg)
+        _write(training_dir, partial, catalog, split)
+    finally:
+        partial.unlink(missing_ok=True)
     return {"examples": len(examples), "items": catalog.num_rows, "history_rows": sources.history.num_rows,
             "online_materialization": online, "offline_store": store.config.offline_store.type,
             **replayed,

@@ -22,6 +22,7 @@ from tests.features.feature_data import (
     expected_recent,
     ingested_tables,
 )
+from validation.errors import ValidationFailed
 from validation.params import ValidateParams
 from validation.training_set import TrainingSetChecks
 
@@ -34,7 +35,9 @@ def run(request, tmp_path_factory) -> dict:
     ing = ingested_tables(root, request.param)
     dirs = {"features_dir": root / "features", "feast_dir": root / "feast",
             "training_dir": root / "training"}
-    summary = materialize(SPLIT, FeaturesParams(history_length=HISTORY), ing, **dirs)
+    # string ids: joined and written 7 examples at a time (features.join_rows), each slice a row group
+    features = FeaturesParams(history_length=HISTORY, join_rows=7 if request.param else 1_000_000)
+    summary = materialize(SPLIT, features, ing, **dirs)
     return {"root": root, "ingested": ing, "summary": summary, "string_ids": request.param,
             "schema": contract_schema(request.param), **dirs}
 
@@ -57,6 +60,14 @@ def test_examples_keep_every_interaction_in_order(run):
     for col in ["user_id", "item_id", "weight"]:
         assert ex[col].tolist() == inter[col].tolist()
     assert (ex["timestamp"] == inter["timestamp"]).all()
+
+
+def test_examples_are_joined_and_written_a_slice_at_a_time(run):
+    meta = pq.ParquetFile(run["training_dir"] / "examples.parquet").metadata
+    n = run["summary"]["examples"]
+    slices = -(-n // 7) if run["string_ids"] else 1
+    assert meta.num_rows == n and meta.num_row_groups == slices > (1 if run["string_ids"] else 0)
+    assert not (run["training_dir"] / ".examples.partial.parquet").exists()
 
 
 def test_recent_items_are_strictly_before_each_example(run):
@@ -149,3 +160,19 @@ def test_training_set_is_validated_before_it_is_written(tmp_path):
     gate = json.loads((tmp_path / "docs" / "summary.json").read_text())
     assert gate["success"] and gate["tables"]["training"]["rows"] == summary["examples"]
     assert (dirs["training_dir"] / "examples.parquet").exists()
+
+
+def test_a_training_set_that_fails_its_checks_leaves_the_old_one(tmp_path):
+    ing = ingested_tables(tmp_path, False)
+    dirs = {"features_dir": tmp_path / "features", "feast_dir": tmp_path / "feast",
+            "training_dir": tmp_path / "training"}
+    checks = TrainingSetChecks(ValidateParams(), context_root=tmp_path / "gx", docs_dir=tmp_path / "docs")
+    materialize(SPLIT, FeaturesParams(history_length=HISTORY, join_rows=5), ing, **dirs, checks=checks)
+    before = (dirs["training_dir"] / "examples.parquet").read_bytes()
+    inter = pd.read_parquet(ing / "interactions.parquet")
+    inter.loc[3, "weight"] = -1.0                     # "negative weight": an error of the training suite
+    inter.to_parquet(ing / "interactions.parquet", index=False)
+    with pytest.raises(ValidationFailed, match="training set"):
+        materialize(SPLIT, FeaturesParams(history_length=HISTORY, join_rows=5), ing, **dirs, checks=checks)
+    assert (dirs["training_dir"] / "examples.parquet").read_bytes() == before
+    assert not (dirs["training_dir"] / ".examples.partial.parquet").exists()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tests.validation.contract_data import ingested_tables
@@ -35,8 +36,10 @@ def test_training_set_validation(tmp_path: Path):
     good = _examples(clean)
 
     def run(frame: pd.DataFrame) -> dict:
-        return validate_training_set(ValidateParams(), pa.Table.from_pandas(frame, preserve_index=False),
-                                     schema, clean, COUNTS, tmp_path / "gx", tmp_path / "docs")
+        path = tmp_path / "examples.parquet"      # materialize checks the file it built, batch by batch
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
+        return validate_training_set(ValidateParams(), path, schema, clean, COUNTS, tmp_path / "gx",
+                                     tmp_path / "docs")
 
     summary = run(good)
     assert summary["success"] and summary["tables"]["training"]["rows"] == len(good)
