@@ -10,11 +10,12 @@ relevance relative to the top's. Under the position-based model the two problems
 pair converges to unbiased estimates of both (the paper's Theorem). Weights are read without
 gradient, as in the authors' implementation (ULTRA).
 
-Why beside the pointwise bias models: a listwise loss compares documents within a list, as
-LightGBM's lambdarank does, and on a large random log that is what the pointwise click likelihood
-lacked (docs/RANKING.md: the naive network went from 0.648 to 0.719 NDCG@10 at 100 sessions per query
-with the listwise loss alone; LightGBM reached 0.743). Not a click model: a softmax over a list says
-which item is clicked, not whether one is. Serves with the relevance tower alone.
+Why beside the pointwise bias models: where the logger was good (position carries relevance) it is
+the one bias model measured above naive (docs/RANKING.md, LTR bench with a confounding logger: 0.751
+NDCG@10 vs naive LightGBM 0.746, PAL 0.699); on a random logger it does not beat PAL (0.712 vs 0.717 at
+100 sessions per query, 0.566 vs 0.694 at 10), although the unweighted listwise loss was what the
+pointwise networks lacked on big random logs. Not a click model: a softmax over a list says which item
+is clicked, not whether one is. Serves with the relevance tower alone.
 """
 from __future__ import annotations
 
