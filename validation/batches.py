@@ -23,6 +23,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 _INTS = {t: pd.Int64Dtype() for t in (pa.int8(), pa.int16(), pa.int32(), pa.int64())}
@@ -35,6 +36,21 @@ def to_pandas(table: pa.Table | pa.RecordBatch) -> pd.DataFrame:
     on non-shown rows); the nullable Int64 keeps the values and dtype GX should see.
     """
     return table.to_pandas(types_mapper=_INTS.get)
+
+
+def row_frame(table: pa.Table | pa.RecordBatch) -> pd.DataFrame:
+    """`to_pandas` for the row checks, with every list column as its lists' lengths (null stays null).
+
+    The row suites only ask of a multi-valued column that it exists and how often it is null, which
+    lengths answer exactly. Python lists in a DataFrame cost twice: the conversion builds a list object
+    per row, and GX fingerprints each batch it is given (`hash_pandas_dataframe`), which falls back to
+    pickling the whole frame when a column holds unhashable lists: 20.6 s per 1M training examples
+    with 20-item histories, hours of a 10M materialize."""
+    lists = [i for i, f in enumerate(table.schema)
+             if pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or pa.types.is_fixed_size_list(f.type)]
+    for i in lists:
+        table = table.set_column(i, table.schema.field(i).name, pc.list_value_length(table.column(i)))
+    return to_pandas(table)
 
 
 @dataclass(frozen=True)

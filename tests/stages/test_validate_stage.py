@@ -206,8 +206,11 @@ def test_batches_give_the_whole_table_verdict(clean: Path, tmp_path: Path):
     assert nulls[0].result["element_count"] == 40 and nulls[0].result["unexpected_count"] == 3
     assert nulls[0].success
     _edit("users", lambda df: df.assign(gender=df["gender"].where(df.index >= 5)))(data)  # 5/40 > 10%
+    # a multi-valued column reaches GX as list lengths (validation.batches.row_frame): nulls still count
+    _edit("items", lambda df: df.assign(genres=df["genres"].where(df.index >= 4)))(data)  # 4/31 > 10%
     _check_failure(data, tmp_path / "r", tmp_path / "gx", ["warning: users.gender: more than 10% nulls",
-                                                            "5 of 40 rows"], cfg)
+                                                            "5 of 40 rows", "warning: items.genres: more than 10% nulls",
+                                                            "4 of 31 rows"], cfg)
 
 
 def test_volume_warns_and_severity_error_stops(clean: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
