@@ -39,16 +39,23 @@ def ndcg(scores: torch.Tensor, gains: torch.Tensor, mask: torch.Tensor, k: int) 
     return torch.where(idcg > 0, dcg / idcg.clamp(min=1e-12), torch.nan)      # (R,)
 
 
-def relevance_ndcg(model: Ranker | LambdaRanker, batches: Iterable[RankBatch], k: int = 10,
-                   truth: str = "relevance") -> float:
-    """Mean NDCG@k over requests of the serving ordering (relevance tower, no position)."""
+def relevance_ndcg_per_request(model: Ranker | LambdaRanker, batches: Iterable[RankBatch], k: int = 10,
+                               truth: str = "relevance") -> np.ndarray:
+    """(R,) NDCG@k of each request under the serving ordering (relevance tower, no position); NaN for
+    a request without any relevant item."""
     model.eval()
     per_request = []
     with torch.no_grad():
         for batch in batches:
             per_request.append(ndcg(model.ranking_scores(batch), truth_column(batch, truth), batch.mask, k))
-    values = torch.cat(per_request)
-    return float(values[~values.isnan()].mean())
+    return torch.cat(per_request).numpy() if per_request else np.empty(0)
+
+
+def relevance_ndcg(model: Ranker | LambdaRanker, batches: Iterable[RankBatch], k: int = 10,
+                   truth: str = "relevance") -> float:
+    """Mean NDCG@k over requests of the serving ordering (relevance tower, no position)."""
+    values = relevance_ndcg_per_request(model, batches, k, truth)
+    return float(values[~np.isnan(values)].mean())
 
 
 def logged_ndcg(batches: Iterable[RankBatch], k: int = 10, truth: str = "relevance") -> float:

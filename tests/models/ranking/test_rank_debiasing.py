@@ -103,6 +103,31 @@ def test_a_naive_model_is_never_served_silently(log: tuple[SimLog, Split], fitte
     choice = select.choose({"naive": fitted["naive"], "pal": blank}, split.test, POSITIONS, truth=None)
     assert choice.served == "naive" and choice.biased
     assert "position-biased" in choice.warning
+    # ... and its lead is far beyond the validation's noise, which is why it is served
+    lead = choice.naive_lead
+    assert lead.significant and lead.corrected == "pal" and lead.lead > select.NAIVE_LEAD_Z * lead.standard_error
+    assert choice.to_dict()["naive_lead"]["requests"] == lead.requests > 0
+
+
+def test_on_biased_clicks_a_naive_candidate_within_the_noise_is_not_served(
+        log: tuple[SimLog, Split], fitted: dict[str, Ranker]) -> None:
+    """A naive candidate that validates level with (or a hair above) a corrected one loses the tie:
+    the model whose training is consistent under the bias is served, and the comparison is recorded."""
+    _, split = log
+    twin = build_model("naive", split.config, split.features, seed=1)
+    twin.relevance.load_state_dict(fitted["pal"].relevance.state_dict())     # the same ordering as pal
+    for truth in (None, "relevance"):
+        choice = select.choose({"naive": twin, "pal": fitted["pal"]}, split.test, POSITIONS, truth=truth)
+        assert choice.validation["naive"] == pytest.approx(choice.validation["pal"])
+        assert choice.served == "pal" and choice.warning is None
+        assert choice.naive_lead.naive == "naive" and not choice.naive_lead.significant
+    # per-request differences of ±0.1 around a mean lead: half a standard error is noise, three are not
+    naive = select.ipw_dcg_per_request(twin, split.test, np.array(choice.propensity))
+    swing = np.where(np.arange(len(naive)) % 2, 0.1, -0.1)
+    se = 0.1 / np.sqrt(len(naive))
+    for lead, served in ((0.5 * se, False), (3 * se, True)):
+        measured = select.naive_lead("naive", "pal", {"naive": naive, "pal": naive - swing - lead})
+        assert measured.lead == pytest.approx(lead, abs=se / 10) and measured.significant is served
 
 
 
