@@ -31,6 +31,7 @@ from features.definitions import (
     item_static_refs,
     user_static_refs,
 )
+from features.history import expand_lists
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -113,7 +114,7 @@ def _user_features(store: "FeatureStore", schema: dict, examples: pd.DataFrame,
     if row.isna().any():
         raise RuntimeError(f"{int(row.isna().sum())} examples found no {USER_HISTORY_FV} row")
     behaviour = history.drop_columns([USER_KEY, TIMESTAMP_FIELD])
-    return joined, behaviour.take(pa.array(row.to_numpy(dtype=np.int64))).combine_chunks()
+    return joined, expand_lists(behaviour.take(pa.array(row.to_numpy(dtype=np.int64))).combine_chunks())
 
 
 def training_examples(store: "FeatureStore", schema: dict, examples: pd.DataFrame,

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from features.history import write_sources
+from features.history import compact_lists, expand_lists, write_sources
 from features.online import online_user_features
 from features.params import FeaturesParams
 from features.refresh import fill_online
@@ -53,6 +53,32 @@ def test_direct_feast_join_of_history_view_agrees(repo):
     assert [list(x) for x in direct["recent_items"]] == [list(x) for x in ex["recent_items"]]
     for col in ["interactions_7d", "interactions_total"]:
         assert direct[col].tolist() == ex[col].tolist()
+
+
+def test_the_held_history_is_compact_and_the_examples_get_plain_lists(repo):
+    """The join holds user_history_fv's rows with dictionary-coded lists (each id once, int32 codes:
+    1.59 -> 0.61 GB at 10M string-id interactions); the source file and the examples keep plain lists."""
+    held = repo["sources"].history
+    written = pq.read_table(repo["features_dir"] / "user_history.parquet")
+    assert pa.types.is_dictionary(held.schema.field("recent_items").type.value_type)
+    assert held.column("recent_items").type.value_type.index_type == pa.int32()
+    assert not pa.types.is_dictionary(written.schema.field("recent_items").type.value_type)
+    assert expand_lists(held).equals(written)
+    if repo["string_ids"]:
+        assert held.column("recent_items").nbytes < 0.8 * written.column("recent_items").nbytes
+    store = open_store(repo["feast_dir"], repo["features_dir"])
+    ex = training_examples(store, repo["schema"], example_keys(repo["interactions"]).iloc[:50],
+                           held, repo["features_dir"])
+    assert ex.schema.field("recent_items").type == written.schema.field("recent_items").type
+
+
+def test_compacted_lists_round_trip_with_nulls_empties_and_slices():
+    lists = pa.array([["x", "y"], None, [], ["y", "x", "x"]], pa.list_(pa.string()))
+    table = pa.table({"user_id": ["a", "b", "c", "d"], "recent_items": lists})
+    for t in (table, table.slice(1), table.slice(2, 1)):
+        assert expand_lists(compact_lists(t)).equals(t)
+    assert expand_lists(compact_lists(table).take(pa.array([3, 1]))).column("recent_items").to_pylist() == \
+        [["y", "x", "x"], None]
 
 
 def _expected_popularity(inter: pd.DataFrame, item, at: pd.Timestamp, days: int) -> int:
