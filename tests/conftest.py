@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from flows.environment import configure_environment
+from flows.environment import configure_environment, skip_type_instrumentation
+
+# as every `towerflow` command does, before any test module imports Feast (configure_environment
+# below runs after collection)
+skip_type_instrumentation()
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
