@@ -38,7 +38,7 @@ def to_pandas(table: pa.Table | pa.RecordBatch) -> pd.DataFrame:
     return table.to_pandas(types_mapper=_INTS.get)
 
 
-def row_frame(table: pa.Table | pa.RecordBatch) -> pd.DataFrame:
+def row_frame(table: pa.Table) -> pd.DataFrame:
     """`to_pandas` for the row checks, with every list column as its lists' lengths (null stays null).
 
     The row suites only ask of a multi-valued column that it exists and how often it is null, which
