@@ -34,6 +34,10 @@ class FeaturesParams(Section):
     # Training examples joined and written this many at a time (features/training_set.py
     # write_training_examples): bounds materialize's memory whatever the number of interactions.
     join_rows: PositiveInt = 1_000_000
+    # A full online fill calls Feast's materialize once per time window of at most this many
+    # user_history rows, in time order (features/refresh.py): Feast's local engine reads and
+    # deduplicates a window's rows in pandas, 11.8 GB high-water for 11M history rows at once.
+    online_window_rows: PositiveInt = 2_000_000
     # spark only: memory of the local driver JVM (local mode runs every task inside it).
     spark_driver_memory: str = "4g"
 

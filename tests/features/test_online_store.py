@@ -241,6 +241,28 @@ def test_rerun_materializes_incrementally_and_serves_what_a_rebuild_serves(tmp_p
                        **dirs)["online_materialization"] == "full"
 
 
+@pytest.mark.parametrize("string_ids", [False, True], ids=["int_ids", "string_ids"])
+def test_a_full_fill_in_time_windows_serves_what_one_window_serves(tmp_path, string_ids):
+    """features.online_window_rows bounds the rows Feast holds per materialize call; the windows, in
+    time order, leave every user and item at the row one call over the whole range leaves."""
+    from features.store import open_store
+
+    ing = ingested_tables(tmp_path, string_ids)
+    schema = contract_schema(string_ids)
+    whole = _materialize(tmp_path / "whole", ing, "sqlite")
+    dirs = {"features_dir": tmp_path / "windows" / "features", "feast_dir": tmp_path / "windows" / "feast",
+            "training_dir": tmp_path / "windows" / "training"}
+    out = materialize(SPLIT, FeaturesParams(history_length=HISTORY, online_window_rows=7), ing, **dirs)
+    assert out["online_materialization"] == "full"
+    history = open_store(dirs["feast_dir"], dirs["features_dir"]).get_feature_view("user_history_fv")
+    rows = out["history_rows"]
+    assert len(history.materialization_intervals) >= rows // 7 - 1 > 3     # one per window
+    ids = _all_users(ing, [])
+    _same(_serving(dirs, schema, ids), _serving(whole, schema, ids))
+    items = pd.read_parquet(ing / "interactions.parquet")["item_id"].unique().tolist()
+    assert _item_popularity(dirs, items) == _item_popularity(whole, items)
+
+
 def test_feature_bench_runs_on_a_store(tmp_path):
     from flows.experiments.features_bench import main
 
