@@ -100,13 +100,19 @@ def test_a_naive_model_is_never_served_silently(log: tuple[SimLog, Split], fitte
     # a bias model whose relevance tower learned nothing: naive validates best, the clicks are biased
     blank = build_model("pal", split.config, split.features, seed=1)
     blank.bias.load_state_dict(fitted["pal"].bias.state_dict())
-    choice = select.choose({"naive": fitted["naive"], "pal": blank}, split.test, POSITIONS, truth=None)
+    clicks = select.choose({"naive": fitted["naive"], "pal": blank}, split.test, POSITIONS, truth=None)
+    assert clicks.validation["naive"] > clicks.validation["pal"] and clicks.biased
+    # the weighted clicks of ~6 requests for each of 100 users put the naive lead (0.136) within 1.645
+    # standard errors (0.098, clustered by user): the corrected model is served
+    assert not clicks.naive_lead.significant and clicks.served == "pal" and clicks.warning is None
+    # the simulator's truth measures the same lead (0.10) to ± 0.014: beyond the noise, so it is served,
+    # with the warning
+    choice = select.choose({"naive": fitted["naive"], "pal": blank}, split.test, POSITIONS, truth="relevance")
     assert choice.served == "naive" and choice.biased
     assert "position-biased" in choice.warning
-    # ... and its lead is far beyond the validation's noise, which is why it is served
     lead = choice.naive_lead
     assert lead.significant and lead.corrected == "pal" and lead.lead > select.NAIVE_LEAD_Z * lead.standard_error
-    assert choice.to_dict()["naive_lead"]["requests"] == lead.requests > 0
+    assert choice.to_dict()["naive_lead"]["requests"] == lead.requests > lead.users > 1
 
 
 def test_on_biased_clicks_a_naive_candidate_within_the_noise_is_not_served(
@@ -128,6 +134,24 @@ def test_on_biased_clicks_a_naive_candidate_within_the_noise_is_not_served(
     for lead, served in ((0.5 * se, False), (3 * se, True)):
         measured = select.naive_lead("naive", "pal", {"naive": naive, "pal": naive - swing - lead})
         assert measured.lead == pytest.approx(lead, abs=se / 10) and measured.significant is served
+
+
+def test_the_naive_lead_counts_users_not_requests() -> None:
+    """40 users with 50 requests each, whose per-user leads scatter ±0.02 around 0.004: 2,000 requests
+    treated as independent would call the lead certain (z ≈ 8); 40 users do not (z ≈ 1.3)."""
+    rng = np.random.default_rng(0)
+    per_user = 0.004 + 0.02 * rng.choice([-1.0, 1.0], 40)
+    per_user += 0.004 - per_user.mean()                          # exactly 0.004 on average
+    users = np.repeat(np.arange(40), 50)
+    diff = per_user[users] + rng.normal(0, 0.001, len(users))
+    corrected = np.full(len(users), 0.5)
+    figures = {"naive": corrected + diff, "pal": corrected}
+    alone = select.naive_lead("naive", "pal", figures)
+    clustered = select.naive_lead("naive", "pal", figures, users)
+    assert alone.significant and alone.users == 2000
+    assert not clustered.significant and clustered.users == 40 and clustered.requests == 2000
+    assert clustered.standard_error == pytest.approx(0.02 / np.sqrt(40), rel=0.1)
+    assert clustered.to_dict()["users"] == 40
 
 
 
