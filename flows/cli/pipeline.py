@@ -193,15 +193,23 @@ def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOptio
           until: Optional[str] = typer.Option(None, "--until", help="With --scale: stop after this stage."),
           keep: Optional[Path] = typer.Option(None, "--keep", help="With --scale: build the project copy, the "
                                               "generated source and the stage logs in this new folder and keep "
-                                              "them (default: a temporary folder, removed).")) -> None:
+                                              "them (default: a temporary folder, removed)."),
+          resume: Optional[Path] = typer.Option(None, "--resume", help="Go on with a bench kept by --keep: the "
+                                                "stages after the last one that passed (up to --until), into "
+                                                "the same row; --set adds to its settings (e.g. train.epochs).")) -> None:
     """Time every stage on the demo, training throughput and recommendation latency (a temporary copy)."""
     with _errors():
-        if scale is not None:
+        if resume is not None and (scale is not None or keep is not None):
+            raise TowerflowError("--resume goes on with a kept bench of its own size: give it without --scale "
+                                 "and --keep")
+        if scale is not None or resume is not None:
             from flows.experiments.scale_bench import scale_bench
             target = Path("reports/bench_scale.json") if out == Path("reports/bench.json") else out
+            _stages_until(until)        # an unknown stage name fails before anything runs
             try:
-                row = scale_bench(params_file.resolve().parent, target, scale, set_ or [], users, items,
-                                  stages=_stages_until(until), log=typer.echo, keep=keep)
+                row = scale_bench(params_file.resolve().parent, target, scale or 0, set_ or [], users, items,
+                                  stages=_stages_until(until), log=typer.echo, keep=keep, resume=resume,
+                                  until=until)
             except ValueError as exc:    # a shape that cannot be generated (more users than interactions)
                 raise TowerflowError(str(exc)) from exc
             from flows.experiments.scale_bench import markdown_table

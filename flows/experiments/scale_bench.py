@@ -14,6 +14,10 @@ A stage that fails is recorded with its last error line, and the stages after it
 gate is forced (reason recorded): the bench times publishing, whatever the gate says of a model of
 random data; the gate's verdict is kept in the row. Results are merged into a JSON file (default
 reports/bench_scale.json), one row per N: a new run of the same N replaces its row.
+
+A run in a --keep folder can be stopped (`--until STAGE`) and taken up again later (`--resume DIR`):
+the stages after the last one that passed run in the same project copy, into the same row. At 10M a
+whole run takes hours on 2 cores; this measures it in parts.
 """
 from __future__ import annotations
 
@@ -28,12 +32,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from flows.experiments.bench import copy_project
 from flows.sources.shapes import generate_topics, scaled, write_source
 
 POLL_S = 0.2
+RESUME_FILE = "resume.json"     # in a --keep folder: the row so far and the stages' --set arguments
 GATE_FORCE = ["gate.force=true", "gate.force_reason=scale bench - times every stage, publishing included"]
 
 
@@ -165,31 +170,74 @@ def scale_run(root: Path, n: int, overrides: list[str], users: int | None = None
         del users_df, items_df, inter, logs
         log(f"scale {n}: generated {json.dumps(data)}")
         base = [f"data.source={source}", "paths.cache=.cache/towerflow", *GATE_FORCE, *overrides]
-        env = _stage_env(work)
         row: dict[str, Any] = {"n": n, "data": data, "overrides": overrides, "code": _commit(root), "stages": {}}
-        for name in stages or STAGES:
-            load_start = os.getloadavg()
-            log_path = Path(tmp) / f"{name}.log"
-            cmd = [sys.executable, "-m", "flows.cli", "stage", name, "--params", str(work / "params.yaml"),
-                   *_set_args(base)]
-            fig = run_measured(cmd, work, env, log_path)
-            fig["rows_per_s"] = round(n / max(fig["seconds"], 1e-9), 1)
-            fig["loadavg"] = [round(x, 2) for x in (*load_start, *os.getloadavg())]
-            ok = fig.pop("rc") == 0
-            if not ok:
-                fig["error"] = _last_error(log_path)
-            row["stages"][name] = fig
-            log(f"scale {n}: {name:<12} {json.dumps(fig)}")
-            if progress is not None:
-                progress({**row, "completed": False})
-            if not ok:
-                break
-        row["total_seconds"] = round(sum(s["seconds"] for s in row["stages"].values()), 2)
-        row["completed"] = all("error" not in s for s in row["stages"].values()) and \
-            len(row["stages"]) == len(STAGES)
-        row["peak_rss_mb"] = max((s["peak_tree_rss_mb"] for s in row["stages"].values()), default=0.0)
-        row["notes"] = _notes(work)
+        return _run_stages(Path(tmp), row, base, stages or STAGES, log, progress, keep is not None)
+
+
+def _run_stages(tmp: Path, row: dict[str, Any], base: list[str], names: Sequence[str],
+                log: Callable[[str], None], progress: Callable[[dict[str, Any]], None] | None,
+                resumable: bool) -> dict[str, Any]:
+    """Run `names` in tmp/project with the --set arguments `base`, each stage's figures into row.
+    resumable: the row and base are also kept in tmp/RESUME_FILE after each stage (`--resume`)."""
+    from flows.stages.registry import STAGES
+
+    n, work = row["n"], tmp / "project"
+    env = _stage_env(work)
+    for name in names:
+        load_start = os.getloadavg()
+        log_path = tmp / f"{name}.log"
+        cmd = [sys.executable, "-m", "flows.cli", "stage", name, "--params", str(work / "params.yaml"),
+               *_set_args(base)]
+        fig = run_measured(cmd, work, env, log_path)
+        fig["rows_per_s"] = round(n / max(fig["seconds"], 1e-9), 1)
+        fig["loadavg"] = [round(x, 2) for x in (*load_start, *os.getloadavg())]
+        ok = fig.pop("rc") == 0
+        if not ok:
+            fig["error"] = _last_error(log_path)
+        row["stages"][name] = fig
+        log(f"scale {n}: {name:<12} {json.dumps(fig)}")
+        if resumable:
+            (tmp / RESUME_FILE).write_text(json.dumps({"row": row, "base": base}, indent=2, default=str) + "\n")
+        if progress is not None:
+            progress({**row, "completed": False})
+        if not ok:
+            break
+    row["total_seconds"] = round(sum(s["seconds"] for s in row["stages"].values()), 2)
+    row["completed"] = all("error" not in s for s in row["stages"].values()) and \
+        len(row["stages"]) == len(STAGES)
+    row["peak_rss_mb"] = max((s["peak_tree_rss_mb"] for s in row["stages"].values()), default=0.0)
+    row["notes"] = _notes(work)
     return row
+
+
+def scale_resume(kept: Path, overrides: list[str], until: str | None = None,
+                 log: Callable[[str], None] = print,
+                 progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Go on with a bench kept by `--keep` (stopped by `--until`, or by a failed stage, which is run
+    again): the stages after the last one that passed, up to `until`, in the kept project, with
+    `overrides` added to the --set arguments (recorded in the row as `resumed`). A 10M run can be
+    measured in parts this way, each part as long as one sitting allows."""
+    from flows.stages.registry import STAGES
+
+    state_file = kept / RESUME_FILE
+    if not state_file.is_file():
+        raise ValueError(f"--resume {kept}: no {RESUME_FILE} there; resume a folder made by "
+                         "`towerflow bench --scale N --keep DIR`")
+    from flows.params import load_params
+
+    load_params(kept / "project" / "params.yaml", overrides)      # a bad --set fails before any stage
+    state = json.loads(state_file.read_text())
+    row, base = state["row"], state["base"]
+    row["stages"] = {k: v for k, v in row["stages"].items() if "error" not in v}
+    done = [name for name in STAGES if name in row["stages"]]
+    last = STAGES.index(done[-1]) + 1 if done else 0
+    end = STAGES.index(until) + 1 if until else len(STAGES)
+    names = STAGES[last:end]
+    if not names:
+        raise ValueError(f"--resume {kept}: nothing left to run (done: {', '.join(done) or 'none'})")
+    if overrides:
+        row["resumed"] = [*row.get("resumed", []), {"from": names[0], "overrides": overrides}]
+    return _run_stages(kept.resolve(), row, [*base, *overrides], names, log, progress, True)
 
 
 @contextlib.contextmanager
@@ -237,11 +285,17 @@ def merge_row(out: Path, row: dict[str, Any]) -> dict[str, Any]:
 
 def scale_bench(root: Path, out: Path, n: int, overrides: list[str], users: int | None = None,
                 items: int | None = None, stages: list[str] | None = None,
-                log: Callable[[str], None] = print, keep: Path | None = None) -> dict[str, Any]:
-    """stages: the first ones only (a partial row says so: completed is false)."""
+                log: Callable[[str], None] = print, keep: Path | None = None,
+                resume: Path | None = None, until: str | None = None) -> dict[str, Any]:
+    """stages: the first ones only (a partial row says so: completed is false). resume: a kept folder
+    to go on with (n, users, items and stages are then its own; until bounds the stages run)."""
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    row = scale_run(root, n, overrides, users, items, stages=tuple(stages) if stages else None, log=log,
-                    progress=lambda partial: merge_row(out, {**partial, "date": date}), keep=keep)
+    progress = lambda partial: merge_row(out, {**partial, "date": date})  # noqa: E731
+    if resume is not None:
+        row = scale_resume(resume, overrides, until, log, progress)
+    else:
+        row = scale_run(root, n, overrides, users, items, stages=tuple(stages) if stages else None, log=log,
+                        progress=progress, keep=keep)
     row["date"] = date
     merge_row(out, row)
     return row

@@ -35,6 +35,23 @@ def test_bench_scale_writes_a_row_per_stage(tmp_path: Path) -> None:
     assert ingest["rows_per_s"] == round(2000 / ingest["seconds"], 1) and len(ingest["loadavg"]) == 6
     assert row["completed"] is False          # stopped after ingest: a partial row says so
 
+    # taken up again in the kept folder: the next stage, into the same row, with a setting added
+    resume = ["bench", "--resume", str(kept), "--until", "validate", "--out", str(out),
+              "--params", str(ROOT / "params.yaml"), "--set", "validate.max_null_share=0.2"]
+    result = CliRunner().invoke(app, resume)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 and list(rows[0]["stages"]) == ["ingest", "validate"]
+    assert rows[0]["stages"]["ingest"] == ingest and "error" not in rows[0]["stages"]["validate"]
+    assert rows[0]["resumed"] == [{"from": "validate", "overrides": ["validate.max_null_share=0.2"]}]
+    assert (kept / "validate.log").is_file()
+    again = CliRunner().invoke(app, resume)
+    assert again.exit_code == 1 and "nothing left" in again.output
+    both = CliRunner().invoke(app, [*resume, "--scale", "2000"])
+    assert both.exit_code == 1 and "--resume" in both.output
+    stranger = CliRunner().invoke(app, ["bench", "--resume", str(tmp_path), "--out", str(out)])
+    assert stranger.exit_code == 1 and "resume.json" in stranger.output
+
 
 def test_peak_rss_covers_the_stage_process_tree(tmp_path: Path) -> None:
     """A process whose child holds 300 MB: both figures see it; a failing command keeps its exit code."""
