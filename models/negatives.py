@@ -123,29 +123,47 @@ def _pair_keys(users: pd.Index, items: pd.Index, user_ids, item_ids) -> np.ndarr
     return np.where((u >= 0) & (i >= 0), u.astype(np.int64) * len(items) + i, -1)
 
 
-def attach_hard_negatives(examples: pd.DataFrame, pool: NegativePool, positives: pd.DataFrame, k: int,
-                          rng: np.random.Generator) -> pa.Array:
-    """A list of up to k distinct item ids per example (a pyarrow list array aligned with `examples`).
+@dataclass(frozen=True)
+class NegativeSampler:
+    """The pool prepared against one stream's positives: its usable rows (no (user, item) pair that is
+    a positive), grouped by request, as codes into `items`."""
 
-    Drawn with replacement from the pool of the example's latest request at or before its timestamp,
-    after removing every (user, item) pair in `positives` (the stream's source rows); duplicates are
-    then dropped, so a small pool gives fewer than k. Vectorized: one (N, k) draw."""
-    n = len(examples)
-    # the stream's own id type (int64 or string), so the list column matches item_id
-    item_type = pa.array(examples["item_id"].iloc[:1]).type if n else pa.int64()
-    if k == 0 or pool.empty or n == 0:
-        return pa.array([[]] * n, type=pa.list_(item_type))
+    pool: NegativePool
+    items: pd.Index              # item ids of the positives and the pool
+    item_code: np.ndarray        # (U,) usable pool rows' item codes, by request
+    start: np.ndarray            # (R,) first usable row of each request
+    count: np.ndarray            # (R,) usable rows of each request
+    item_type: pa.DataType       # the stream's item id type (int64 or string): the list column's
+
+
+def prepare_negatives(pool: NegativePool, positives: pd.DataFrame, item_type: pa.DataType) -> NegativeSampler:
+    """Remove from `pool` every (user, item) pair of `positives` (user_id, item_id): the stream's source
+    rows, whose items must never be negatives of their user."""
+    if pool.empty:
+        return NegativeSampler(pool, pd.Index([]), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                               np.zeros(0, np.int64), item_type)
     users = pd.Index(pd.unique(pd.concat([positives["user_id"], pool.user], ignore_index=True)))
     items = pd.Index(pd.unique(pd.concat([positives["item_id"], pool.item], ignore_index=True)))
     positive_keys = np.unique(_pair_keys(users, items, positives["user_id"], positives["item_id"]))
     usable = ~np.isin(_pair_keys(users, items, pool.user, pool.item), positive_keys)
     request = pool.request[usable]
-    item_code = items.get_indexer(pool.item[usable])
-    n_req = len(pool.request_user)
-    count = np.bincount(request, minlength=n_req)
+    count = np.bincount(request, minlength=len(pool.request_user))
     start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    return NegativeSampler(pool, items, items.get_indexer(pool.item[usable]), start, count, item_type)
 
-    req = latest_request(examples, pool)                                  # (N,)
+
+def draw_hard_negatives(sampler: NegativeSampler, examples: pd.DataFrame, k: int,
+                        rng: np.random.Generator) -> pa.Array:
+    """A list of up to k distinct item ids per row of `examples` (user_id, timestamp), aligned with it.
+
+    Drawn with replacement from the usable pool of the example's latest request at or before its
+    timestamp; duplicates are then dropped, so a small pool gives fewer than k. Vectorized: one (N, k)
+    draw, so consecutive calls on consecutive rows draw what one call on all of them would."""
+    n = len(examples)
+    if k == 0 or sampler.pool.empty or n == 0:
+        return pa.array([[]] * n, type=pa.list_(sampler.item_type))
+    item_code, count, start = sampler.item_code, sampler.count, sampler.start
+    req = latest_request(examples, sampler.pool)                          # (N,)
     has = req >= 0
     size = np.where(has, count[np.maximum(req, 0)], 0)                    # (N,)
     draw = np.floor(rng.random((n, k)) * size[:, None]).astype(np.int64)  # (N, k)
@@ -157,8 +175,23 @@ def attach_hard_negatives(examples: pd.DataFrame, pool: NegativePool, positives:
     picked[dup] = -1
     valid = picked >= 0
     offsets = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32)
-    values = pa.array(items[picked[valid]].to_numpy(), type=item_type)
+    values = pa.array(sampler.items[picked[valid]].to_numpy(), type=sampler.item_type)
     return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values)
+
+
+def item_id_type(examples: pd.DataFrame) -> pa.DataType:
+    """The arrow type of a frame's item_id (int64 or string): the hard-negative lists use it."""
+    return pa.array(examples["item_id"].iloc[:1]).type if len(examples) else pa.int64()
+
+
+def attach_hard_negatives(examples: pd.DataFrame, pool: NegativePool, positives: pd.DataFrame, k: int,
+                          rng: np.random.Generator) -> pa.Array:
+    """A list of up to k distinct item ids per example (a pyarrow list array aligned with `examples`),
+    from `pool` less every (user, item) pair in `positives` (see draw_hard_negatives)."""
+    item_type = item_id_type(examples)
+    if k == 0 or pool.empty or len(examples) == 0:
+        return pa.array([[]] * len(examples), type=pa.list_(item_type))
+    return draw_hard_negatives(prepare_negatives(pool, positives, item_type), examples, k, rng)
 
 
 def with_hard_negatives(stream: pd.DataFrame, positives: pd.DataFrame, pool: NegativePool, k: int,

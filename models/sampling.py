@@ -6,12 +6,18 @@ min(1, sqrt(t/f) + t/f). Head items still appear often, but no longer dominate t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from models.negatives import NegativePool, with_hard_negatives
+from models.negatives import (HARD_NEGATIVES_COLUMN, NegativePool, NegativeSampler, draw_hard_negatives,
+                              prepare_negatives)
 from models.params import SampleParams
 
 
@@ -31,40 +37,107 @@ def downsample_mask(item_ids: pd.Series, threshold: float, uniforms: np.ndarray)
     return uniforms < keep_probability(item_ids, threshold)
 
 
-@dataclass
-class SampledStreams:
-    """The positive streams of the two models, each row with its hard negatives, and their counts."""
-
-    train: pd.DataFrame        # from split == 'train': trains the evaluation model
-    full: pd.DataFrame         # from all rows: trains the refit model
-    summary: dict              # rows kept / dropped per stream, hard-negative counts
+STREAMS = {"train": "train.parquet", "full": "full.parquet"}   # stream -> file in the samples folder
+KEY_COLUMNS = ["user_id", "item_id", "split", "timestamp"]   # all that sampling decides on
+DRAW_ROWS = 1_000_000     # kept rows per hard-negative draw: bounds its (rows, k) arrays
 
 
-def sample_streams(sample_cfg: SampleParams, seed: int, examples: pd.DataFrame,
-                   pool: NegativePool) -> SampledStreams:
-    """Down-sample popular items' positives of `examples` (user_id, item_id, split, timestamp[, weight])
-    and attach up to sample_cfg.hard_negatives items per row from `pool`."""
-    if "weight" not in examples.columns:
-        examples = examples.assign(weight=1.0)
+class _Lists:
+    """Hard-negative lists handed out in stream order from chunks drawn as they are needed."""
+
+    def __init__(self, chunks: Iterator[pa.Array]) -> None:
+        self._chunks, self._held, self._at = chunks, [], 0
+
+    def take(self, n: int) -> pa.Array:
+        while sum(len(c) for c in self._held) - self._at < n:
+            self._held.append(next(self._chunks))
+        whole = pa.concat_arrays(self._held) if len(self._held) > 1 else self._held[0]
+        out = whole.slice(self._at, n)
+        rest = whole.slice(self._at + n)
+        self._held, self._at = ([rest] if len(rest) else []), 0
+        return out
+
+
+def _draws(sampler: NegativeSampler, keys: pd.DataFrame, rows: np.ndarray, k: int,
+           rng: np.random.Generator) -> Iterator[pa.Array]:
+    for at in range(0, len(rows), DRAW_ROWS):
+        yield draw_hard_negatives(sampler, keys.iloc[rows[at:at + DRAW_ROWS]], k, rng)
+
+
+def write_sampled_streams(sample_cfg: SampleParams, seed: int, examples_path: Path, pool: NegativePool,
+                          out_dir: Path, read_rows: int = 200_000) -> dict:
+    """Down-sample popular items' positives of examples_path (user_id, item_id, split, timestamp[,
+    weight], any feature columns) and write each stream of STREAMS to out_dir with a `hard_negatives`
+    list column of up to sample_cfg.hard_negatives items per row from `pool`; returns the summary.
+
+    Streamed: the decisions read the key columns only, the hard negatives are drawn DRAW_ROWS kept
+    rows at a time, and the rows (with their feature lists) are copied read_rows at a time, so memory
+    does not grow with the examples' width (10M examples with 16 negatives each as Python lists took
+    13.2 GB). The train stream is split == 'train' (the evaluation model), full is every row (the refit
+    model). Each file is written beside its place and moved there when complete."""
+    source = pq.ParquetFile(examples_path)
+    keys = source.read(columns=KEY_COLUMNS).to_pandas()
     # one draw per example row, shared by both streams: a train row kept for the evaluation model
     # is decided by the same coin as in the refit stream (only the frequencies differ)
-    uniforms = np.random.default_rng(seed).random(len(examples))
-    is_train = (examples["split"] == "train").to_numpy()
-    train_part = examples[is_train].reset_index(drop=True)
-    keep_train = downsample_mask(train_part["item_id"], sample_cfg.popular_threshold, uniforms[is_train])
-    keep_full = downsample_mask(examples["item_id"], sample_cfg.popular_threshold, uniforms)
-    # a separate stream from the positive coins, so turning negatives on keeps the same positives
-    rng = np.random.default_rng([seed, 1])
+    uniforms = np.random.default_rng(seed).random(len(keys))
+    is_train = (keys["split"] == "train").to_numpy()
+    keep_train = downsample_mask(keys["item_id"][is_train].reset_index(drop=True), sample_cfg.popular_threshold,
+                                 uniforms[is_train])
+    keep = {"train": np.zeros(len(keys), bool), "full": downsample_mask(keys["item_id"], sample_cfg.popular_threshold,
+                                                                        uniforms)}
+    keep["train"][np.flatnonzero(is_train)[keep_train]] = True
+    # positives whose items are never a user's negatives: the train rows for the evaluation model
+    # (test rows stay unseen), every row for the refit model
+    item_type = source.schema_arrow.field("item_id").type
+    samplers = {"train": prepare_negatives(pool, keys[is_train], item_type),
+                "full": prepare_negatives(pool, keys, item_type)}
+    # a separate stream from the positive coins, so turning negatives on keeps the same positives; the
+    # full stream's draws follow the train stream's in it (k doubles per kept row, one 64-bit step each)
     k = sample_cfg.hard_negatives
-    train_rows, train_stats = with_hard_negatives(train_part[keep_train].reset_index(drop=True), train_part,
-                                                  pool, k, rng)
-    full_rows, full_stats = with_hard_negatives(examples[keep_full].reset_index(drop=True), examples, pool, k, rng)
-    summary = {
+    kept = {name: np.flatnonzero(mask) for name, mask in keep.items()}
+    drawn = int(len(kept["train"]) * k) if not pool.empty else 0
+    rngs = {"train": np.random.default_rng([seed, 1]),
+            "full": np.random.Generator(np.random.PCG64([seed, 1]).advance(drawn))}
+    lists = {name: _Lists(_draws(samplers[name], keys, kept[name], k, rngs[name])) for name in STREAMS}
+    del keys
+
+    schema = source.schema_arrow.remove_metadata()
+    add_weight = "weight" not in schema.names
+    if add_weight:
+        schema = schema.append(pa.field("weight", pa.float64()))
+    schema = schema.append(pa.field(HARD_NEGATIVES_COLUMN, pa.list_(item_type)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = {name: out_dir / f".{file}.partial" for name, file in STREAMS.items()}
+    stats = {name: {"with": 0, "total": 0} for name in STREAMS}
+    writers = {name: pq.ParquetWriter(partial[name], schema) for name in STREAMS}
+    try:
+        offset = 0
+        for batch in source.iter_batches(batch_size=read_rows):
+            for name, writer in writers.items():
+                rows = batch.filter(pa.array(keep[name][offset:offset + batch.num_rows]))
+                negatives = lists[name].take(rows.num_rows)
+                lengths = pc.list_value_length(negatives)
+                stats[name]["with"] += int(pc.sum(pc.greater(lengths, 0)).as_py() or 0)
+                stats[name]["total"] += int(pc.sum(lengths).as_py() or 0)
+                columns = [*rows.columns, *([pa.array(np.ones(rows.num_rows))] if add_weight else []), negatives]
+                writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))
+            offset += batch.num_rows
+    finally:
+        for writer in writers.values():
+            writer.close()
+    for name, file in STREAMS.items():
+        os.replace(partial[name], out_dir / file)
+
+    def counts(name: str, rows: int) -> dict:
+        n = len(kept[name])
+        return {"rows": rows, "kept": n, "dropped": rows - n,
+                "examples_with_hard_negatives": stats[name]["with"],
+                "mean_hard_negatives": round(stats[name]["total"] / n, 3) if n else 0.0}
+
+    return {
         "popular_threshold": sample_cfg.popular_threshold,
-        "train": {"rows": int(len(train_part)), "kept": int(keep_train.sum()),
-                  "dropped": int((~keep_train).sum()), **train_stats},
-        "full": {"rows": int(len(examples)), "kept": int(keep_full.sum()), "dropped": int((~keep_full).sum()),
-                 **full_stats},
+        "train": counts("train", int(is_train.sum())),
+        "full": counts("full", len(is_train)),
         "hard_negatives": {
             "per_example": k, "shown_unclicked": sample_cfg.shown_unclicked_negatives,
             "log_rows": pool.log_rows, "pool_rows": int(len(pool.request)),
@@ -73,4 +146,3 @@ def sample_streams(sample_cfg: SampleParams, seed: int, examples: pd.DataFrame,
                                                 "sample.hard_negatives is 0",
         },
     }
-    return SampledStreams(train=train_rows, full=full_rows, summary=summary)

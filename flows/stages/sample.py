@@ -5,23 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
+import pyarrow.parquet as pq
 
 from flows.errors import DataContractError, MissingStageInput
 from models.negatives import NegativePool, load_negative_pool
 from models.params import SampleParams
-from models.sampling import sample_streams
+from models.sampling import KEY_COLUMNS, write_sampled_streams
 
 
-def _read_examples(training_dir: Path) -> pd.DataFrame:
+def _examples_file(training_dir: Path) -> Path:
     src = training_dir / "examples.parquet"
     if not src.exists():
         raise MissingStageInput(f"{src}: not found; run the materialize stage first")
-    examples = pd.read_parquet(src)
-    for col in ("user_id", "item_id", "split", "timestamp"):
-        if col not in examples.columns:
+    names = pq.read_schema(src).names
+    for col in KEY_COLUMNS:
+        if col not in names:
             raise DataContractError(f"{src}: required column '{col}' is missing")
-    return examples
+    return src
 
 
 def _read_pool(sample_cfg: SampleParams, ranking_logs: Path | None) -> NegativePool:
@@ -40,9 +40,7 @@ def sample(sample_cfg: SampleParams, seed: int, training_dir: Path, ranking_logs
     Reads training_dir/examples.parquet and ranking_logs (ingested/ranking_logs.parquet; None or 0 rows:
     no hard negatives); writes out_dir/train.parquet (from split == 'train'), out_dir/full.parquet (all
     rows), each with a `hard_negatives` list column, and out_dir/sample.json."""
-    streams = sample_streams(sample_cfg, seed, _read_examples(training_dir), _read_pool(sample_cfg, ranking_logs))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    streams.train.to_parquet(out_dir / "train.parquet", index=False)
-    streams.full.to_parquet(out_dir / "full.parquet", index=False)
-    (out_dir / "sample.json").write_text(json.dumps(streams.summary, indent=2) + "\n")
-    return streams.summary
+    summary = write_sampled_streams(sample_cfg, seed, _examples_file(training_dir),
+                                    _read_pool(sample_cfg, ranking_logs), out_dir)
+    (out_dir / "sample.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
