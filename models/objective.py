@@ -18,7 +18,7 @@ from models.losses import LOSSES, in_batch_listwise, in_batch_logits, info_nce
 from models.negatives import popularity_distribution
 from models.params import TrainParams
 from models.ssl import ItemAugmenter, build_augmenter
-from models.stream import TrainingStream, gather
+from models.stream import TrainingStream, gather, widen
 from models.towers import Batch, TwoTower
 
 
@@ -125,7 +125,7 @@ class BatchLoss:
                        tau: torch.Tensor | float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H) logits of a random n_hard of each row's stored hard negatives, and their mask. No log Q:
         they are chosen per example, not sampled from a proposal."""
-        pool = self.stream.hard[b]                                      # (B, W)
+        pool = widen(self.stream.hard[b])                               # (B, W)
         # padding (0) sorts last
         key = torch.rand(pool.shape, generator=gen) + (pool == 0).to(torch.float32)
         h = pool.gather(1, key.argsort(dim=1)[:, :self.n_hard])         # (B, H)

@@ -58,7 +58,13 @@ def _groups(labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gather(batch: Batch, idx: torch.Tensor) -> Batch:
-    return {k: v[idx] for k, v in batch.items()}
+    """Rows idx of every input, index columns widened back to int64 (see _Columns)."""
+    return {k: widen(v[idx]) for k, v in batch.items()}
+
+
+def widen(t: torch.Tensor) -> torch.Tensor:
+    """int32 index rows (as the stream stores them) as the int64 the towers and masks use."""
+    return t.long() if t.dtype == torch.int32 else t
 
 
 def _tensor(arr: np.ndarray) -> torch.Tensor:
@@ -75,9 +81,15 @@ def _list_widths(encoder: FeatureEncoder, lists: Callable[[str], Iterable]) -> d
     return widths
 
 
+INDEX_LIMIT = np.iinfo(np.int32).max
+
+
 class _Columns:
     """The stream's per-example arrays, allocated on first write: (n,) or (n, width) each; 2-D ones
-    are memory-mapped .npy files in `spill` when it is set (1-D columns are small: kept in memory)."""
+    are memory-mapped .npy files in `spill` when it is set (1-D columns are small: kept in memory).
+    2-D integer columns (history, hard negatives, categories: vocabulary indices) are stored as int32
+    and widened per batch (`gather`): at 10M examples the history alone was 4.0 GB as int64, and every
+    page a shuffled epoch touches stays resident (the process's RSS counts the mapped pages)."""
 
     def __init__(self, n: int, widths: dict[str, int], spill: Path | None):
         self.n, self.widths, self.spill = n, widths, spill
@@ -95,10 +107,13 @@ class _Columns:
 
     def write(self, name: str, arr: np.ndarray, at: int, end: int) -> None:
         """Rows at:end of column `name`; a list column is padded or cut to the column's width."""
+        narrow = arr.ndim == 2 and arr.dtype == np.int64
+        if narrow and arr.size and (arr.max() > INDEX_LIMIT or arr.min() < 0):
+            raise ValueError(f"stream column {name}: index values outside [0, {INDEX_LIMIT}]")
         if name not in self.arrays:
             width = self.widths.get(name)
             shape = (self.n,) if arr.ndim == 1 else (self.n, width if width is not None else arr.shape[1])
-            self.arrays[name] = self._allocate(name, shape, arr.dtype)
+            self.arrays[name] = self._allocate(name, shape, np.dtype(np.int32) if narrow else arr.dtype)
         target = self.arrays[name]
         if arr.ndim == 1:
             target[at:end] = arr
@@ -128,7 +143,7 @@ class TrainingStream:
     item_idx: torch.Tensor            # (N,)
     weights: torch.Tensor             # (N,)
     counts: torch.Tensor              # (n_items,) positives per item in the stream
-    hard: torch.Tensor                # (N, W) hard-negative item indices, W = 0 without any
+    hard: torch.Tensor                # (N, W) int32 hard-negative item indices, W = 0 without any
     pos_ptr: torch.Tensor             # (n_users + 1,) CSR row pointers: user index -> its positives
     pos_items: torch.Tensor           # (P,) item indices of each user's positives, by user
     mapped: dict[str, Path] = field(default_factory=dict)  # users key (or "hard") -> its .npy memory map
@@ -192,9 +207,9 @@ class TrainingStream:
         if at != n:
             raise ValueError(f"the training stream yielded {at} rows, expected {n}")
         arrays, mapped = columns.arrays, columns.mapped
-        hard = arrays.pop("hard", np.zeros((n, 0), np.int64))
+        hard = arrays.pop("hard", np.zeros((n, 0), np.int32))
         if hard.shape[1] and not hard.any():
-            hard = np.zeros((n, 0), np.int64)
+            hard = np.zeros((n, 0), np.int32)
             mapped.pop("hard", None)
         if not arrays:      # an empty stream: the arrays' shapes come from an empty encode
             arrays = encoder.encode_users(pd.DataFrame({"user_id": pd.Series([], dtype=object)}))

@@ -9,7 +9,7 @@ import torch
 
 from models.encoding import FeatureEncoder
 from models.params import SampleParams, TrainParams
-from models.stream import TrainingStream
+from models.stream import TrainingStream, gather
 from models.training import fit
 from training_data import (TINY_SCHEMA, retrieved_logs, run_sample, stream_and_config, synthetic_training_dir,
                            tiny_frames)
@@ -26,6 +26,10 @@ def test_stream_holds_hard_negatives_and_each_users_positives():
     assert stream.hits(user, torch.tensor([1, 2, 3, 4])).tolist() == [
         [True, True, False, False], [True, True, False, False], [False, False, True, False]]
     assert stream.hard_negative_summary() == {"hard_negatives_per_example": 1.0}
+    # index columns are held as int32 (half the memory of a 10M stream's history) and gathered as int64
+    assert stream.hard.dtype == stream.users["history"].dtype == torch.int32
+    rows = gather(stream.users, torch.tensor([2, 0]))
+    assert rows["history"].dtype == torch.int64 and rows["history"].tolist() == stream.users["history"][[2, 0]].tolist()
 
 
 def test_stream_read_from_disk_in_batches_equals_the_in_memory_one(tmp_path):
