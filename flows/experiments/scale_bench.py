@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from flows.experiments.bench import copy_project
 from flows.sources.shapes import generate_topics, scaled, write_source
 
 POLL_S = 0.2
+CODE_FOLDERS = ("flows", "features", "models", "validation")   # what a resumed bench takes from the checkout
 RESUME_FILE = "resume.json"     # in a --keep folder: the row so far and the stages' --set arguments
 GATE_FORCE = ["gate.force=true", "gate.force_reason=scale bench - times every stage, publishing included"]
 
@@ -210,13 +212,14 @@ def _run_stages(tmp: Path, row: dict[str, Any], base: list[str], names: Sequence
     return row
 
 
-def scale_resume(kept: Path, overrides: list[str], until: str | None = None,
+def scale_resume(root: Path, kept: Path, overrides: list[str], until: str | None = None,
                  log: Callable[[str], None] = print,
                  progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Go on with a bench kept by `--keep` (stopped by `--until`, or by a failed stage, which is run
-    again): the stages after the last one that passed, up to `until`, in the kept project, with
-    `overrides` added to the --set arguments (recorded in the row as `resumed`). A 10M run can be
-    measured in parts this way, each part as long as one sitting allows."""
+    again): the stages after the last one that passed, up to `until`, in the kept project with the
+    code of `root` (its code folders copied over the kept ones; the kept params.yaml stays) and
+    `overrides` added to the --set arguments; the row records each part's start, settings and commit
+    (`resumed`). A 10M run can be measured in parts this way, each part as long as one sitting allows."""
     from flows.stages.registry import STAGES
 
     state_file = kept / RESUME_FILE
@@ -235,8 +238,10 @@ def scale_resume(kept: Path, overrides: list[str], until: str | None = None,
     names = STAGES[last:end]
     if not names:
         raise ValueError(f"--resume {kept}: nothing left to run (done: {', '.join(done) or 'none'})")
-    if overrides:
-        row["resumed"] = [*row.get("resumed", []), {"from": names[0], "overrides": overrides}]
+    for name in CODE_FOLDERS:
+        shutil.rmtree(kept / "project" / name, ignore_errors=True)
+        shutil.copytree(root / name, kept / "project" / name)
+    row["resumed"] = [*row.get("resumed", []), {"from": names[0], "overrides": overrides, "code": _commit(root)}]
     return _run_stages(kept.resolve(), row, [*base, *overrides], names, log, progress, True)
 
 
@@ -292,7 +297,7 @@ def scale_bench(root: Path, out: Path, n: int, overrides: list[str], users: int 
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     progress = lambda partial: merge_row(out, {**partial, "date": date})  # noqa: E731
     if resume is not None:
-        row = scale_resume(resume, overrides, until, log, progress)
+        row = scale_resume(root, resume, overrides, until, log, progress)
     else:
         row = scale_run(root, n, overrides, users, items, stages=tuple(stages) if stages else None, log=log,
                         progress=progress, keep=keep)

@@ -43,7 +43,8 @@ def test_bench_scale_writes_a_row_per_stage(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 1 and list(rows[0]["stages"]) == ["ingest", "validate"]
     assert rows[0]["stages"]["ingest"] == ingest and "error" not in rows[0]["stages"]["validate"]
-    assert rows[0]["resumed"] == [{"from": "validate", "overrides": ["validate.max_null_share=0.2"]}]
+    assert rows[0]["resumed"] == [{"from": "validate", "overrides": ["validate.max_null_share=0.2"],
+                                   "code": rows[0]["code"]}]
     assert (kept / "validate.log").is_file()
     again = CliRunner().invoke(app, resume)
     assert again.exit_code == 1 and "nothing left" in again.output
