@@ -37,6 +37,7 @@ from features.definitions import (
     build_repo,
 )
 from features.history import OfflineSources
+from features.memory import return_freed_memory
 from features.params import FeaturesParams, OfflineKind
 from features.store import DEFAULT_REDIS, open_store, redis_connection_string, reset_online
 
@@ -185,4 +186,7 @@ def fill_online(features_cfg: FeaturesParams, schema: dict, interactions: pd.Dat
             # From each view's last materialized end (in the registry) to the new end.
             store.materialize_incremental(end_date=end.to_pydatetime())
     record(feast_dir, definition, static, interactions, end)
+    if how != "unchanged":
+        return_freed_memory()
     return store, how
+

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from features.definitions import RESERVED, USER_KEY, feature_columns, is_reserved
 from features.history import write_sources
 from features.params import FeaturesParams
+from features.memory import return_freed_memory
 from features.refresh import fill_online
 from features.training_set import EXAMPLE_KEYS, count_columns, example_keys, item_catalog, write_training_examples
 from flows.errors import DataContractError, MissingStageInput
@@ -111,6 +112,8 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
 
     examples = example_keys(inter)
     examples["split"] = temporal_split(examples, split_cfg).to_numpy()
+    del inter, users            # the join holds slices of its own on top of what is held here
+    return_freed_memory()
     # Built beside the old examples and moved over them only once checked: a failed check or a crash
     # leaves training_dir's examples as they were.
     training_dir.mkdir(parents=True, exist_ok=True)
