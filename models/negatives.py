@@ -193,16 +193,3 @@ def attach_hard_negatives(examples: pd.DataFrame, pool: NegativePool, positives:
         return pa.array([[]] * len(examples), type=pa.list_(item_type))
     return draw_hard_negatives(prepare_negatives(pool, positives, item_type), examples, k, rng)
 
-
-def with_hard_negatives(stream: pd.DataFrame, positives: pd.DataFrame, pool: NegativePool, k: int,
-                        rng: np.random.Generator) -> tuple[pd.DataFrame, dict]:
-    """stream + a `hard_negatives` list column of up to k items per row, and counts of what it got;
-    `positives` are the rows whose items must never be negatives of their user (the train part for the
-    evaluation model: test rows stay unseen)."""
-    lists = attach_hard_negatives(stream, pool, positives, k, rng)
-    out = stream.copy()
-    out[HARD_NEGATIVES_COLUMN] = pd.Series(lists.to_pylist(), index=out.index, dtype=object)
-    lengths = np.array([len(v) for v in out[HARD_NEGATIVES_COLUMN]], dtype=np.int64)
-    stats = {"examples_with_hard_negatives": int((lengths > 0).sum()),
-             "mean_hard_negatives": round(float(lengths.mean()), 3) if len(lengths) else 0.0}
-    return out, stats

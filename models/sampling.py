@@ -45,10 +45,12 @@ DRAW_ROWS = 1_000_000     # kept rows per hard-negative draw: bounds its (rows, 
 class _Lists:
     """Hard-negative lists handed out in stream order from chunks drawn as they are needed."""
 
-    def __init__(self, chunks: Iterator[pa.Array]) -> None:
-        self._chunks, self._held, self._at = chunks, [], 0
+    def __init__(self, chunks: Iterator[pa.Array], item_type: pa.DataType) -> None:
+        self._chunks, self._held, self._at, self._type = chunks, [], 0, item_type
 
     def take(self, n: int) -> pa.Array:
+        if n == 0:          # a batch without rows of this stream (e.g. only test rows)
+            return pa.array([], type=pa.list_(self._type))
         while sum(len(c) for c in self._held) - self._at < n:
             self._held.append(next(self._chunks))
         whole = pa.concat_arrays(self._held) if len(self._held) > 1 else self._held[0]
@@ -98,8 +100,7 @@ def write_sampled_streams(sample_cfg: SampleParams, seed: int, examples_path: Pa
     drawn = int(len(kept["train"]) * k) if not pool.empty else 0
     rngs = {"train": np.random.default_rng([seed, 1]),
             "full": np.random.Generator(np.random.PCG64([seed, 1]).advance(drawn))}
-    lists = {name: _Lists(_draws(samplers[name], keys, kept[name], k, rngs[name])) for name in STREAMS}
-    del keys
+    lists = {name: _Lists(_draws(samplers[name], keys, kept[name], k, rngs[name]), item_type) for name in STREAMS}
 
     schema = source.schema_arrow.remove_metadata()
     add_weight = "weight" not in schema.names
@@ -122,9 +123,13 @@ def write_sampled_streams(sample_cfg: SampleParams, seed: int, examples_path: Pa
                 columns = [*rows.columns, *([pa.array(np.ones(rows.num_rows))] if add_weight else []), negatives]
                 writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))
             offset += batch.num_rows
-    finally:
-        for writer in writers.values():
+    except BaseException:
+        for name, writer in writers.items():
             writer.close()
+            partial[name].unlink(missing_ok=True)
+        raise
+    for writer in writers.values():
+        writer.close()
     for name, file in STREAMS.items():
         os.replace(partial[name], out_dir / file)
 

@@ -70,3 +70,13 @@ def test_streamed_sampling_draws_what_one_pass_draws(training, tmp_path, monkeyp
         assert a.drop(columns=["hard_negatives"]).equals(b.drop(columns=["hard_negatives"]))
         assert [list(v) for v in a["hard_negatives"]] == [list(v) for v in b["hard_negatives"]]
     assert not list((tmp_path / "parts").glob(".*partial"))      # written beside, then moved in
+
+    # batches holding no row of a stream (the test rows first: the train stream's first batches)
+    examples = pd.read_parquet(training / "examples.parquet")
+    (tmp_path / "reordered").mkdir()
+    examples.sort_values("split", kind="stable").to_parquet(tmp_path / "reordered" / "examples.parquet")
+    assert examples.sort_values("split")["split"].iloc[0] == "test" and (examples["split"] == "test").sum() > 101
+    out = sampling.write_sampled_streams(cfg, 3, tmp_path / "reordered" / "examples.parquet",
+                                         load_negative_pool(logs), tmp_path / "reordered_out", read_rows=101)
+    assert out["train"]["rows"] == whole["train"]["rows"]
+    assert len(pd.read_parquet(tmp_path / "reordered_out" / "train.parquet")) == out["train"]["kept"]
