@@ -46,18 +46,17 @@ class _Lists:
     """Hard-negative lists handed out in stream order from chunks drawn as they are needed."""
 
     def __init__(self, chunks: Iterator[pa.Array], item_type: pa.DataType) -> None:
-        self._chunks, self._held, self._at, self._type = chunks, [], 0, item_type
+        self._chunks, self._held, self._type = chunks, [], item_type
 
     def take(self, n: int) -> pa.Array:
         if n == 0:          # a batch without rows of this stream (e.g. only test rows)
             return pa.array([], type=pa.list_(self._type))
-        while sum(len(c) for c in self._held) - self._at < n:
+        while sum(len(c) for c in self._held) < n:
             self._held.append(next(self._chunks))
         whole = pa.concat_arrays(self._held) if len(self._held) > 1 else self._held[0]
-        out = whole.slice(self._at, n)
-        rest = whole.slice(self._at + n)
-        self._held, self._at = ([rest] if len(rest) else []), 0
-        return out
+        rest = whole.slice(n)
+        self._held = [rest] if len(rest) else []
+        return whole.slice(0, n)
 
 
 def _draws(sampler: NegativeSampler, keys: pd.DataFrame, rows: np.ndarray, k: int,

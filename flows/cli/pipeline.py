@@ -205,11 +205,10 @@ def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOptio
         if scale is not None or resume is not None:
             from flows.experiments.scale_bench import scale_bench
             target = Path("reports/bench_scale.json") if out == Path("reports/bench.json") else out
-            _stages_until(until)        # an unknown stage name fails before anything runs
+            stages = _stages_until(until)     # an unknown stage name fails before anything runs
             try:
                 row = scale_bench(params_file.resolve().parent, target, scale or 0, set_ or [], users, items,
-                                  stages=_stages_until(until), log=typer.echo, keep=keep, resume=resume,
-                                  until=until)
+                                  stages=stages, log=typer.echo, keep=keep, resume=resume, until=until)
             except ValueError as exc:    # a shape that cannot be generated (more users than interactions)
                 raise TowerflowError(str(exc)) from exc
             from flows.experiments.scale_bench import markdown_table

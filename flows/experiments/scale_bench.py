@@ -220,14 +220,13 @@ def scale_resume(root: Path, kept: Path, overrides: list[str], until: str | None
     code of `root` (its code folders copied over the kept ones; the kept params.yaml stays) and
     `overrides` added to the --set arguments; the row records each part's start, settings and commit
     (`resumed`). A 10M run can be measured in parts this way, each part as long as one sitting allows."""
+    from flows.params import load_params
     from flows.stages.registry import STAGES
 
     state_file = kept / RESUME_FILE
     if not state_file.is_file():
         raise ValueError(f"--resume {kept}: no {RESUME_FILE} there; resume a folder made by "
                          "`towerflow bench --scale N --keep DIR`")
-    from flows.params import load_params
-
     load_params(kept / "project" / "params.yaml", overrides)      # a bad --set fails before any stage
     state = json.loads(state_file.read_text())
     row, base = state["row"], state["base"]
