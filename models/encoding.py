@@ -94,6 +94,17 @@ def pad_lists(values: pd.Series, vocab: Vocab, max_len: int | None = None) -> np
     return out
 
 
+def latest_per_user(examples: pd.DataFrame) -> pd.DataFrame:
+    """Each user's latest row (by timestamp, the later row on ties), in time order: the rows of
+    `sort_values("timestamp", kind="stable").drop_duplicates("user_id", keep="last")` without sorting
+    the whole frame (at 10M examples that copy was 0.85 GB on top of the frame)."""
+    if "timestamp" not in examples.columns:
+        return examples.drop_duplicates("user_id", keep="last")
+    order = examples["timestamp"].reset_index(drop=True).sort_values(kind="stable").index.to_numpy()
+    later = pd.Series(examples["user_id"].to_numpy()[order]).duplicated(keep="last").to_numpy()
+    return examples.iloc[order[~later]]
+
+
 @dataclass
 class SideEncoder:
     """Encoders for one side (users or items): its categorical, numeric and multi-valued columns."""
@@ -209,8 +220,7 @@ class FeatureEncoder:
         item_kind = _id_kind(schema.get("item_id_dtype", "string"))
         all_items = pd.concat([items["item_id"], examples["item_id"]], ignore_index=True)
         # one row per user (its latest features), so min_count counts users, not interactions
-        latest = examples.sort_values("timestamp", kind="stable").drop_duplicates("user_id", keep="last") \
-            if "timestamp" in examples.columns else examples.drop_duplicates("user_id", keep="last")
+        latest = latest_per_user(examples)
         return cls(
             item_ids=Vocab.fit(all_items, kind=item_kind),
             user_ids=Vocab.fit(latest["user_id"], kind=_id_kind(schema.get("user_id_dtype", "string"))),

@@ -31,22 +31,22 @@ from models.params import TrainParams
 SPARSE_AUTO_ROWS = 150_000
 
 
-def sparse_min_rows(train_cfg: TrainParams) -> int | None:
-    """The table size from which gradients are sparse, or None when none are (set off, weight decay,
-    torch.compile)."""
-    setting = train_cfg.sparse_min_rows
-    if setting == "off" or sparse_note(train_cfg) is not None:
+def sparse_min_rows(setting: int | str, weight_decay: float, compiled: bool = False,
+                    auto_rows: int = SPARSE_AUTO_ROWS) -> int | None:
+    """The table size from which gradients are sparse (`setting`: a count, "auto" = auto_rows, "off"),
+    or None when none are (off, weight decay, torch.compile)."""
+    if setting == "off" or sparse_note(setting, weight_decay, compiled) is not None:
         return None
-    return SPARSE_AUTO_ROWS if setting == "auto" else int(setting)
+    return auto_rows if setting == "auto" else int(setting)
 
 
-def sparse_note(train_cfg: TrainParams) -> str | None:
+def sparse_note(setting: int | str, weight_decay: float, compiled: bool = False) -> str | None:
     """Why sparse gradients are off although asked for (for the run's notes)."""
-    if train_cfg.sparse_min_rows == "off":
+    if setting == "off":
         return None
-    if train_cfg.weight_decay > 0:
-        return "embedding gradients dense: train.weight_decay > 0 has no sparse form (SparseAdam)"
-    if train_cfg.compile:
+    if weight_decay > 0:
+        return "embedding gradients dense: weight_decay > 0 has no sparse form (SparseAdam)"
+    if compiled:
         return "embedding gradients dense: torch.compile does not take sparse gradients"
     return None
 
@@ -112,8 +112,13 @@ class TowerSchedule(_Parts):
             sched.step()
 
 
+def train_sparse_rows(train_cfg: TrainParams) -> int | None:
+    """`train.sparse_min_rows` resolved for the two-tower (None: every table dense)."""
+    return sparse_min_rows(train_cfg.sparse_min_rows, train_cfg.weight_decay, train_cfg.compile)
+
+
 def make_optimizer(model: nn.Module, train_cfg: TrainParams,
                    factor: Callable[[int], float]) -> tuple[TowerOptimizer, TowerSchedule]:
     """The run's optimizer and LR schedule (factor: the multiplier of train.lr at step t)."""
-    opt = TowerOptimizer(model, train_cfg.lr, train_cfg.weight_decay, sparse_min_rows(train_cfg))
+    opt = TowerOptimizer(model, train_cfg.lr, train_cfg.weight_decay, train_sparse_rows(train_cfg))
     return opt, TowerSchedule(opt, factor)

@@ -28,7 +28,7 @@ from models.early_stopping import ValidationTask
 from models.encoding import FeatureEncoder
 from models.errors import ModelError
 from models.objective import BatchLoss, make_augmenter
-from models.optim import TowerOptimizer, TowerSchedule, make_optimizer, set_sparse, sparse_min_rows, sparse_note
+from models.optim import TowerOptimizer, TowerSchedule, make_optimizer, set_sparse, sparse_note, train_sparse_rows
 from models.params import ModelParams, TrainParams
 from models.stream import TrainingStream
 from models.towers import TwoTower, TwoTowerConfig
@@ -224,10 +224,10 @@ def fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: TrainParam
     opt, sched = make_optimizer(model, train_cfg, lr_factor(train_cfg, steps))
     gen = torch.Generator().manual_seed(seed)       # the permutation: the same on every rank
     result = FitResult(model=model)
-    if (note := sparse_note(train_cfg)) is not None:
+    if (note := sparse_note(train_cfg.sparse_min_rows, train_cfg.weight_decay, train_cfg.compile)) is not None:
         result.notes.append(note)
     if opt.sparse_tables:
-        result.notes.append(f"{opt.sparse_tables} embedding table(s) of >= {sparse_min_rows(train_cfg)} rows on sparse "
+        result.notes.append(f"{opt.sparse_tables} embedding table(s) of >= {train_sparse_rows(train_cfg)} rows on sparse "
                             "gradients (SparseAdam)")
     batch_loss = BatchLoss(stream, train_cfg, make_augmenter(stream, train_cfg, result.notes), device=device,
                            mixed_precision=train_cfg.mixed_precision, compile=train_cfg.compile)

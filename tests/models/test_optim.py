@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from models.optim import SPARSE_AUTO_ROWS, TowerOptimizer, make_optimizer, set_sparse, sparse_min_rows, sparse_note
+from models.optim import (SPARSE_AUTO_ROWS, TowerOptimizer, make_optimizer, set_sparse, sparse_min_rows, sparse_note,
+                          train_sparse_rows)
 from models.params import TrainParams
 from models.towers import TwoTower, TwoTowerConfig
 
@@ -81,9 +82,11 @@ def test_state_round_trips_and_refuses_another_layout():
 
 
 def test_auto_threshold_and_what_turns_sparse_off():
-    assert sparse_min_rows(TrainParams()) == SPARSE_AUTO_ROWS
-    assert sparse_min_rows(TrainParams(sparse_min_rows=10)) == 10
-    assert sparse_min_rows(TrainParams(sparse_min_rows="off")) is None
+    assert train_sparse_rows(TrainParams()) == SPARSE_AUTO_ROWS
+    assert train_sparse_rows(TrainParams(sparse_min_rows=10)) == 10
+    assert train_sparse_rows(TrainParams(sparse_min_rows="off")) is None
     decayed = TrainParams(weight_decay=1e-4)
-    assert sparse_min_rows(decayed) is None and "weight_decay" in sparse_note(decayed)
-    assert sparse_note(TrainParams()) is None
+    assert train_sparse_rows(decayed) is None and "weight_decay" in sparse_note("auto", decayed.weight_decay)
+    assert train_sparse_rows(TrainParams(compile=True)) is None
+    assert sparse_note("auto", 0.0) is None and sparse_note("off", 1e-4) is None
+    assert sparse_min_rows("auto", 0.0, auto_rows=7) == 7
