@@ -4,9 +4,22 @@ Kept free of torch imports so that loading params.yaml stays fast.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
+
+
+def _yaml_off(value: Any) -> Any:
+    """YAML reads a bare `off` as false (and `on` as true): false is the setting `off`; true says nothing."""
+    if value is False:
+        return "off"
+    if value is True:
+        raise ValueError("give auto, a row count or off")
+    return value
+
+
+# a table size from which embedding gradients are sparse (models/optim.py): auto, a count, or off
+SparseRows = Annotated[PositiveInt | Literal["auto", "off"], BeforeValidator(_yaml_off)]
 
 
 class Section(BaseModel):
@@ -63,7 +76,7 @@ class TrainParams(Section):
     compile: bool = False                          # torch.compile the towers (needs a C compiler; compile time first)
     workers: PositiveInt = 1                       # data-parallel processes (torch DDP, gloo); 1: in process
     # embedding tables of at least this many rows train on sparse gradients (SparseAdam; models/optim.py)
-    sparse_min_rows: PositiveInt | Literal["auto", "off"] = "auto"
+    sparse_min_rows: SparseRows = "auto"
 
 
 class EvaluateParams(Section):

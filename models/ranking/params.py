@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from models.params import Section
+from models.params import Section, SparseRows
 
 
 RankModel = Literal["naive", "pal", "additive", "dot", "bilinear", "mixture", "xpa", "dla"]
@@ -36,7 +36,7 @@ class RankParams(Section):
     # id tables of at least this many rows (users, items) train on sparse gradients with SparseAdam
     # (models/optim.py): dense Adam updates every row at every step, 140 ms a step with 1M users and 200k
     # items against 5 ms sparse; a step reads ~1,400 rows, so sparse pays from ~20k rows. A count or off
-    sparse_min_rows: PositiveInt | Literal["auto", "off"] = "auto"
+    sparse_min_rows: SparseRows = "auto"
     batch_requests: PositiveInt = 128               # requests (lists) per optimizer step
     read_rows: PositiveInt = 100_000                # parquet rows read at once: bounds memory
     shuffle_buffer: PositiveInt = 32                # batches shuffled together when streaming

@@ -1,6 +1,7 @@
 """The optimizer pair (models/optim.py): large tables on sparse gradients + SparseAdam, the rest on Adam."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models.optim import (SPARSE_AUTO_ROWS, TowerOptimizer, make_optimizer, set_sparse, sparse_min_rows, sparse_note,
@@ -90,3 +91,15 @@ def test_auto_threshold_and_what_turns_sparse_off():
     assert train_sparse_rows(TrainParams(compile=True)) is None
     assert sparse_note("auto", 0.0) is None and sparse_note("off", 1e-4) is None
     assert sparse_min_rows("auto", 0.0, auto_rows=7) == 7
+
+
+def test_off_as_yaml_writes_it_turns_sparse_gradients_off():
+    """`sparse_min_rows: off` in params.yaml reaches the params as false (YAML 1.1): it means off."""
+    import yaml
+    from models.ranking.params import RankParams
+    value = yaml.safe_load("sparse_min_rows: off")["sparse_min_rows"]
+    assert value is False
+    assert TrainParams(sparse_min_rows=value).sparse_min_rows == "off"
+    assert RankParams(sparse_min_rows=value).sparse_min_rows == "off"
+    with pytest.raises(ValueError, match="auto, a row count or off"):
+        TrainParams(sparse_min_rows=True)
