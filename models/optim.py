@@ -76,6 +76,12 @@ class _Parts:
             part.load_state_dict(saved)
 
 
+def _fusable(params: list[torch.Tensor]) -> bool | None:
+    """Whether Adam's fused kernel takes these parameters (floating point, on the CPU or a CUDA GPU)."""
+    ok = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return True if ok else None
+
+
 class TowerOptimizer(_Parts):
     """Adam over the dense parameters and SparseAdam over the sparse tables' weights, as one."""
 
@@ -83,7 +89,10 @@ class TowerOptimizer(_Parts):
         sparse = {id(t.weight) for t in set_sparse(model, min_rows)}
         dense_params = [p for p in model.parameters() if id(p) not in sparse]
         sparse_params = [p for p in model.parameters() if id(p) in sparse]
-        self.parts: list[torch.optim.Optimizer] = [torch.optim.Adam(dense_params, lr=lr, weight_decay=weight_decay)]
+        # fused: one kernel over every tensor instead of torch's default per-tensor loop on the CPU (a step
+        # of 30k + 6k-row tables and the MLPs: 28 ms -> 4-5 ms on 2 threads; foreach 12-14 ms)
+        self.parts: list[torch.optim.Optimizer] = [torch.optim.Adam(dense_params, lr=lr, weight_decay=weight_decay,
+                                                                    fused=_fusable(dense_params))]
         if sparse_params:
             self.parts.append(torch.optim.SparseAdam(sparse_params, lr=lr))
         self.sparse_tables = len(sparse_params)

@@ -103,3 +103,20 @@ def test_off_as_yaml_writes_it_turns_sparse_gradients_off():
     assert RankParams(sparse_min_rows=value).sparse_min_rows == "off"
     with pytest.raises(ValueError, match="auto, a row count or off"):
         TrainParams(sparse_min_rows=True)
+
+
+def test_the_dense_part_is_adams_fused_kernel_with_adams_updates():
+    """Dense parameters step with Adam's fused kernel (torch's default on the CPU loops over tensors:
+    28 vs 4-5 ms a step at the 300k shape); the weights match the per-tensor Adam's."""
+    fused, reference = _model(), _model()
+    opt = TowerOptimizer(fused, 0.01, 0.0, None)
+    assert opt.parts[0].defaults["fused"] is True
+    _steps(fused, opt, 3)
+
+    class _Reference(TowerOptimizer):
+        def __init__(self, model):
+            self.parts = [torch.optim.Adam(model.parameters(), lr=0.01, foreach=False)]
+            self.sparse_tables = 0
+    _steps(reference, _Reference(reference), 3)
+    for (name, a), b in zip(reference.state_dict().items(), fused.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
