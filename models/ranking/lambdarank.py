@@ -39,13 +39,15 @@ def _lgb() -> Any:
 
 
 def feature_rows(user: np.ndarray, item: np.ndarray, tables: dict[str, np.ndarray]) -> np.ndarray:
-    """(N, F) float64 features of (user, item) index pairs: numeric item features, both retrieval
-    vectors, and their product and dot product when they share a size. Index 0 (OOV) reads zeros."""
+    """(N, F) float32 features of (user, item) index pairs: numeric item features, both retrieval
+    vectors, and their product and dot product when they share a size. Index 0 (OOV) reads zeros.
+    float32 as the tables are (LightGBM reads each value as a double, so the model is the same):
+    2M training rows of 195 features are 1.6 GB, where float64 held 3.1 GB."""
     uv, iv = tables["user_vectors"][user], tables["item_vectors"][item]        # (N, Du), (N, Di)
     cols = [tables["item_numeric"][item], uv, iv]
     if uv.shape[1] == iv.shape[1] > 0:
         cols += [uv * iv, (uv * iv).sum(axis=1, keepdims=True)]
-    return np.concatenate([np.asarray(c, dtype=np.float64) for c in cols], axis=1)
+    return np.concatenate([np.asarray(c, dtype=np.float32) for c in cols], axis=1)
 
 
 def n_features(tables: dict[str, np.ndarray]) -> int:
