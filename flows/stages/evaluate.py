@@ -4,19 +4,26 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from flows.errors import DataContractError, MissingStageInput
 from flows.reports.champion import champion_report
 from flows.reports.live import live_bundle
 from models.device import resolve_device
+from models.encoding import HISTORY_COLUMN, parquet_column
 from models.errors import ModelInputError, ModelNotFound
 from models.evaluation import evaluation_report, holdout_recommendations
 from models.holdout import CatalogTask, catalog_task, sample_queries
 from models.inference import TwoTowerBundle, load_bundle
 from models.params import EvaluateParams
+
+ROW = "_example_row"     # an example's row number in examples.parquet, carried to the queries
 
 
 def _model_subdir(model_dir: Path) -> Path:
@@ -28,12 +35,36 @@ def _read_training(training_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     for name in ("examples.parquet", "items.parquet"):
         if not (training_dir / name).exists():
             raise MissingStageInput(f"{training_dir / name}: not found; run the materialize stage first")
-    examples = pd.read_parquet(training_dir / "examples.parquet")
+    # every column but the history lists: only the queried users' rows need theirs (_with_history);
+    # read whole, 10M examples' lists were most of the stage's 7.2 GB
+    path = training_dir / "examples.parquet"
+    examples = pd.read_parquet(path, columns=[c for c in pq.read_schema(path).names if c != HISTORY_COLUMN])
+    examples[ROW] = np.arange(len(examples))
     items = pd.read_parquet(training_dir / "items.parquet")
     for col in ("user_id", "item_id", "split"):
         if col not in examples.columns:
             raise DataContractError(f"{training_dir / 'examples.parquet'}: required column '{col}' is missing")
     return examples, items
+
+
+def _with_history(task: CatalogTask, source: Path, batch_rows: int = 200_000) -> CatalogTask:
+    """The task with its queries' history lists, read from `source` for those rows alone (their row
+    numbers in the ROW column, dropped here), batch_rows rows at a time: memory grows with the
+    queried users, not the examples."""
+    rows = task.queries[ROW].to_numpy()
+    queries = task.queries.drop(columns=ROW)
+    order = np.argsort(rows, kind="stable")
+    wanted, taken, start = rows[order], [], 0
+    for batch in parquet_column(source, HISTORY_COLUMN, batch_rows):
+        lo, hi = np.searchsorted(wanted, [start, start + len(batch)])
+        taken.append(batch.take(pa.array(wanted[lo:hi] - start)))
+        start += len(batch)
+    if taken:      # converted as read_parquet converts the column, then back into query order
+        lists = pa.table({HISTORY_COLUMN: pa.concat_arrays(taken)}).to_pandas()[HISTORY_COLUMN].to_numpy()
+        history = np.empty(len(rows), dtype=object)
+        history[order] = lists
+        queries[HISTORY_COLUMN] = history
+    return replace(task, queries=queries)
 
 
 def _test_task(examples: pd.DataFrame, items: pd.DataFrame, source: Path) -> CatalogTask:
@@ -68,7 +99,8 @@ def evaluate(eval_cfg: EvaluateParams, training_dir: Path, model_dir: Path, out_
     examples, items = _read_training(training_dir)
     source = training_dir / "examples.parquet"
     full = _test_task(examples, items, source)
-    task = sample_queries(full, eval_cfg.max_users)
+    task = _with_history(sample_queries(full, eval_cfg.max_users), source)
+    examples = examples.drop(columns=ROW)
     bundle = _read_model(model_dir, device)
     try:
         result = evaluation_report(eval_cfg, task, bundle, examples, items)

@@ -103,3 +103,32 @@ def test_evaluate_reports_a_missing_model(trained, tmp_path):
     _, training, _ = trained
     with pytest.raises(MissingStageInput, match="model.pt"):
         evaluate(KS, training, tmp_path / "no-model", tmp_path / "metrics.json")
+
+
+def test_the_queries_get_their_own_history_lists_read_for_their_rows_alone(tmp_path):
+    """evaluate reads examples.parquet without the history lists (at 10M they were most of its 7.2 GB)
+    and reads back the lists of the queried rows only: the queries are the ones a whole read gives,
+    lists included, in the same order, across read batches and with sampled users."""
+    from flows.stages.evaluate import ROW, _read_training, _test_task, _with_history
+    from models.holdout import catalog_task, sample_queries
+    rng = np.random.default_rng(5)
+    n = 3_000
+    items = pd.DataFrame({"item_id": [f"i{j}" for j in range(200)]})
+    examples = pd.DataFrame({
+        "user_id": rng.choice([f"u{j}" for j in range(400)], n),
+        "item_id": rng.choice(items["item_id"], n),
+        "timestamp": pd.to_datetime(rng.integers(0, 10**6, n), unit="s", utc=True),
+        "split": rng.choice(["train", "test"], n, p=[0.7, 0.3]),
+        "recent_items": [list(rng.choice(items["item_id"], rng.integers(0, 6))) for _ in range(n)],
+    })
+    (tmp_path / "training").mkdir()
+    examples.to_parquet(tmp_path / "training" / "examples.parquet", row_group_size=700)
+    items.to_parquet(tmp_path / "training" / "items.parquet")
+    source = tmp_path / "training" / "examples.parquet"
+    whole = sample_queries(catalog_task(pd.read_parquet(source), items), 150).queries
+    light, light_items = _read_training(tmp_path / "training")
+    assert "recent_items" not in light.columns
+    queries = _with_history(sample_queries(_test_task(light, light_items, source), 150), source,
+                            batch_rows=333).queries
+    assert ROW not in queries.columns and len(queries) == 150
+    pd.testing.assert_frame_equal(queries[whole.columns], whole)
