@@ -178,6 +178,13 @@ def longest_list(chunks: Iterable) -> int:
     return max(best, 1)
 
 
+def read_scalar_columns(path: Path) -> pd.DataFrame:
+    """A parquet file of examples without its history lists (HISTORY_COLUMN), the widest column: read
+    whole at 10M examples, the lists were most of a stage's memory (7 GB). Stages that need some
+    rows' lists read them alone (parquet_column)."""
+    return pd.read_parquet(path, columns=[c for c in pq.read_schema(path).names if c != HISTORY_COLUMN])
+
+
 def parquet_column(path: Path, column: str, batch_rows: int) -> Iterator[pa.Array]:
     """One column of a parquet file, batch_rows rows at a time (nothing when it has no such column)."""
     f = pq.ParquetFile(path)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from flows.errors import DataContractError, MissingStageInput
+from models.encoding import read_scalar_columns
 
 KEYS = ["user_id", "item_id", "timestamp"]
 DAYS = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
@@ -54,7 +55,9 @@ def read_parquet(path: Path, upstream: str) -> pd.DataFrame:
 def read_training(ingested: Path, training_dir: Path) -> TrainingData:
     """data/training/{examples,items}.parquet, schema.json and (for the rating) the interactions."""
     examples_path = training_dir / "examples.parquet"
-    examples = read_parquet(examples_path, "materialize")
+    if not examples_path.is_file():
+        raise MissingStageInput(f"{examples_path}: not found; run the materialize stage first")
+    examples = read_scalar_columns(examples_path)    # the reports never read the history lists
     items = read_parquet(training_dir / "items.parquet", "materialize")
     schema_path = ingested / "schema.json"
     if not schema_path.is_file():

@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from flows.errors import DataContractError, MissingStageInput
 from flows.reports.champion import champion_report
 from flows.reports.live import live_bundle
 from models.device import resolve_device
-from models.encoding import HISTORY_COLUMN, parquet_column
+from models.encoding import HISTORY_COLUMN, parquet_column, read_scalar_columns
 from models.errors import ModelInputError, ModelNotFound
 from models.evaluation import evaluation_report, holdout_recommendations
 from models.holdout import CatalogTask, catalog_task, sample_queries
@@ -35,10 +34,8 @@ def _read_training(training_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     for name in ("examples.parquet", "items.parquet"):
         if not (training_dir / name).exists():
             raise MissingStageInput(f"{training_dir / name}: not found; run the materialize stage first")
-    # every column but the history lists: only the queried users' rows need theirs (_with_history);
-    # read whole, 10M examples' lists were most of the stage's 7.2 GB
-    path = training_dir / "examples.parquet"
-    examples = pd.read_parquet(path, columns=[c for c in pq.read_schema(path).names if c != HISTORY_COLUMN])
+    # only the queried users' rows need their history lists (_with_history)
+    examples = read_scalar_columns(training_dir / "examples.parquet")
     examples[ROW] = np.arange(len(examples))
     items = pd.read_parquet(training_dir / "items.parquet")
     for col in ("user_id", "item_id", "split"):

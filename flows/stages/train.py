@@ -28,7 +28,7 @@ from models.checkpoint import load_model, save_model, save_warm_start
 from models.device import resolve_threads
 from models.distributed import join_launched_group, spawn_fit
 from models.early_stopping import ValidationTask, carve, outside
-from models.encoding import HISTORY_COLUMN, FeatureEncoder, longest_list, parquet_column
+from models.encoding import HISTORY_COLUMN, FeatureEncoder, longest_list, parquet_column, read_scalar_columns
 from models.finetune import IncompatibleModel, data_until, extend_encoder, grow_model, update_rows
 from models.params import ModelParams, TrainParams
 from models.stream import TrainingStream, catalog_inputs
@@ -68,8 +68,7 @@ def _read_inputs(train_cfg: TrainParams, samples_dir: Path, training_dir: Path, 
         raise MissingStageInput(f"{examples_path}: not found; run the materialize stage first")
     # The encoder needs ids, times, user features and counts, not the history lists (the widest
     # column): those are streamed with the samples, and only their longest length is read here.
-    scalar = [c for c in pq.read_schema(examples_path).names if c != HISTORY_COLUMN]
-    examples = pd.read_parquet(examples_path, columns=scalar)
+    examples = read_scalar_columns(examples_path)
     if "split" not in examples.columns:
         raise DataContractError(f"{examples_path}: required column 'split' is missing")
     history_length = longest_list(parquet_column(examples_path, HISTORY_COLUMN, train_cfg.read_batch_rows))
