@@ -136,6 +136,7 @@ class PublishParams(Section):
     hnsw_m: PositiveInt = 16
     hnsw_ef_construct: PositiveInt = 100
     search_ef: PositiveInt = 128
+    max_search_ef: PositiveInt = 2048              # the recall check doubles search_ef up to this before refusing
     quantization: Literal["none", "scalar"] = "none"
     verify_users: PositiveInt = 200
     min_recall: float = Field(0.95, ge=0, le=1)

@@ -185,6 +185,25 @@ def read_scalar_columns(path: Path) -> pd.DataFrame:
     return pd.read_parquet(path, columns=[c for c in pq.read_schema(path).names if c != HISTORY_COLUMN])
 
 
+def read_rows(path: Path, rows: np.ndarray, columns: list[str], batch_rows: int = 200_000) -> pd.DataFrame:
+    """The given rows (positions in the file, distinct, any order) of a parquet file's columns, in the
+    order given, read batch_rows rows at a time: memory grows with the rows asked for, not the file.
+    Converted as pd.read_parquet converts them."""
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    wanted, taken, start = rows[order], [], 0
+    f = pq.ParquetFile(path)
+    for batch in f.iter_batches(batch_size=batch_rows, columns=columns):
+        lo, hi = np.searchsorted(wanted, [start, start + batch.num_rows])
+        taken.append(batch.take(pa.array(wanted[lo:hi] - start)))
+        start += batch.num_rows
+    schema = f.schema_arrow
+    table = pa.Table.from_batches(taken, schema=pa.schema([schema.field(c) for c in columns], schema.metadata))
+    inverse = np.empty(len(rows), dtype=np.int64)
+    inverse[order] = np.arange(len(rows))
+    return table.take(pa.array(inverse)).to_pandas()
+
+
 def parquet_column(path: Path, column: str, batch_rows: int) -> Iterator[pa.Array]:
     """One column of a parquet file, batch_rows rows at a time (nothing when it has no such column)."""
     f = pq.ParquetFile(path)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
+import pyarrow.parquet as pq
 
 from flows.errors import DataContractError, MissingStageInput
 from flows.reports.champion import champion_report
 from flows.reports.live import live_bundle
 from models.device import resolve_device
-from models.encoding import HISTORY_COLUMN, parquet_column, read_scalar_columns
+from models.encoding import HISTORY_COLUMN, read_rows, read_scalar_columns
 from models.errors import ModelInputError, ModelNotFound
 from models.evaluation import evaluation_report, holdout_recommendations
 from models.holdout import CatalogTask, catalog_task, sample_queries
@@ -46,21 +46,11 @@ def _read_training(training_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def _with_history(task: CatalogTask, source: Path, batch_rows: int = 200_000) -> CatalogTask:
     """The task with its queries' history lists, read from `source` for those rows alone (their row
-    numbers in the ROW column, dropped here), batch_rows rows at a time: memory grows with the
-    queried users, not the examples."""
-    rows = task.queries[ROW].to_numpy()
+    numbers in the ROW column, dropped here): memory grows with the queried users, not the examples."""
     queries = task.queries.drop(columns=ROW)
-    order = np.argsort(rows, kind="stable")
-    wanted, taken, start = rows[order], [], 0
-    for batch in parquet_column(source, HISTORY_COLUMN, batch_rows):
-        lo, hi = np.searchsorted(wanted, [start, start + len(batch)])
-        taken.append(batch.take(pa.array(wanted[lo:hi] - start)))
-        start += len(batch)
-    if taken:      # converted as read_parquet converts the column, then back into query order
-        lists = pa.table({HISTORY_COLUMN: pa.concat_arrays(taken)}).to_pandas()[HISTORY_COLUMN].to_numpy()
-        history = np.empty(len(rows), dtype=object)
-        history[order] = lists
-        queries[HISTORY_COLUMN] = history
+    if HISTORY_COLUMN in pq.read_schema(source).names:
+        lists = read_rows(source, task.queries[ROW].to_numpy(), [HISTORY_COLUMN], batch_rows)
+        queries[HISTORY_COLUMN] = lists[HISTORY_COLUMN].to_numpy()
     return replace(task, queries=queries)
 
 

@@ -25,6 +25,7 @@ from flows.serving.index import IndexSettings, catalog_payloads, choose_backend,
 from flows.serving.index.qdrant_server import collection_name, server_url
 from flows.reports.live import bundle_eval_model, bundle_reports, lineage, require_passed
 from flows.serving.verify import check_vectors, verify_index
+from models.encoding import read_rows
 
 REQUIRED_MODEL_FILES = ("model.pt", "encoder.json")
 # The stage's DVC output: what this run published. Not the bundles themselves, which rollbacks
@@ -161,11 +162,12 @@ def user_sample(model: Any, training_dir: Path, schema: dict[str, Any], n: int, 
     kinds = schema.get("user_features", {})
     wanted = {"user_id", "recent_items", *(c for cs in kinds.values() for c in cs)}
     columns = [c for c in names if c in wanted or c.startswith("interactions_")]
-    frame = pq.read_table(path, columns=columns).to_pandas()
-    latest = frame.drop_duplicates("user_id", keep="last")
+    # the user ids decide which rows; only those rows' columns (history lists: 6 GB at 10M) are read
+    users = pq.read_table(path, columns=["user_id"]).column("user_id").to_numpy()
+    latest = np.flatnonzero(~pd.Series(users).duplicated(keep="last").to_numpy())
     rng = np.random.default_rng(seed)
-    picked = latest.iloc[np.sort(rng.choice(len(latest), size=min(n, len(latest)), replace=False))]
-    return np.asarray(model.encode_users(picked.reset_index(drop=True)), dtype=np.float32)
+    picked = latest[np.sort(rng.choice(len(latest), size=min(n, len(latest)), replace=False))]
+    return np.asarray(model.encode_users(read_rows(path, picked, columns)), dtype=np.float32)
 
 
 def _build(store: BundleStore, version: str, model_dir: Path, items: pd.DataFrame, schema: dict[str, Any],
@@ -191,7 +193,8 @@ def _build(store: BundleStore, version: str, model_dir: Path, items: pd.DataFram
             if len(queries) == 0:
                 queries = vectors[:: max(1, len(vectors) // max(1, cfg.verify_users))][: cfg.verify_users]
             figures = verify_index(index, vectors, ids, queries, min_recall=cfg.min_recall,
-                                   sample=cfg.verify_sample)
+                                   sample=cfg.verify_sample, max_search_ef=cfg.max_search_ef)
+            settings = index.settings     # with the search_ef that passed: serving searches with it
         finally:
             index.close()
         meta = {"version": version, "digest": digest, "model_digest": model_digest(model_dir), "backend": backend,
