@@ -181,7 +181,7 @@ def longest_list(chunks: Iterable) -> int:
 def read_scalar_columns(path: Path) -> pd.DataFrame:
     """A parquet file of examples without its history lists (HISTORY_COLUMN), the widest column: read
     whole at 10M examples, the lists were most of a stage's memory (7 GB). Stages that need some
-    rows' lists read them alone (parquet_column)."""
+    rows' lists read them alone (read_rows)."""
     return pd.read_parquet(path, columns=[c for c in pq.read_schema(path).names if c != HISTORY_COLUMN])
 
 
