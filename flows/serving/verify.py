@@ -3,10 +3,9 @@ and ANN answers close enough to exact search for real users.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np

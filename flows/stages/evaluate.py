@@ -87,7 +87,7 @@ def evaluate(eval_cfg: EvaluateParams, training_dir: Path, model_dir: Path, out_
     source = training_dir / "examples.parquet"
     full = _test_task(examples, items, source)
     task = _with_history(sample_queries(full, eval_cfg.max_users), source)
-    examples = examples.drop(columns=ROW)
+    del examples[ROW]    # in place: drop() would copy every column of the examples
     bundle = _read_model(model_dir, device)
     try:
         result = evaluation_report(eval_cfg, task, bundle, examples, items)

@@ -93,7 +93,8 @@ def validation_loss(model: Ranker, batches: Iterable[RankBatch], device: torch.d
 def fit(model: Ranker, batches: Iterable[RankBatch], cfg: RankParams, seed: int,
         valid: Iterable[RankBatch] | None = None) -> FitReport:
     """Adam over `cfg.epochs` passes of `batches` (re-iterable: a list, or a RankingLog that re-reads
-    its file); id tables of at least rank.sparse_min_rows rows on sparse gradients and SparseAdam. Seeds torch (dropouts) and the batch order, so a seed gives the same model. With
+    its file); id tables of at least rank.sparse_min_rows rows on sparse gradients and SparseAdam.
+    Seeds torch (dropouts) and the batch order, so a seed gives the same model. With
     `valid` (held-out requests): early stopping on their loss, `cfg.patience` epochs without a better
     one end training, and the best epoch's weights are kept."""
     device = resolve_device(cfg.device, "rank.device")   # before anything is trained: `cuda` without a GPU says so
