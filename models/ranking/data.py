@@ -217,16 +217,25 @@ class RankingLog:
         self.split, self.test_fraction = split, test_fraction
 
     def __iter__(self) -> Iterator[RankBatch]:
+        for table in self._tables(self.spec.columns):
+            yield from self._requests(table)
+
+    def __len__(self) -> int:
+        """Batches one pass yields, counted by a read of the key columns alone (the lr schedule's length)."""
+        keys = [c for c in self.spec.columns if c in ("request_id", "user_id", "position", "clicked", self.spec.shown_by)]
+        return sum(-(-len(pc.unique(t["request_id"])) // self.batch_requests) for t in self._tables(keys))
+
+    def _tables(self, columns: list[str]) -> Iterator[pa.Table]:
+        """The file's shown rows of this split, `read_rows` at a time, each request's rows in one table."""
         carry: pa.Table | None = None
-        for rb in pq.ParquetFile(self.path).iter_batches(batch_size=self.read_rows,
-                                                          columns=self.spec.columns):
+        for rb in pq.ParquetFile(self.path).iter_batches(batch_size=self.read_rows, columns=columns):
             table = pa.Table.from_batches([rb])
             if carry is not None:
                 table = pa.concat_tables([carry, table])
             table, carry = _hold_last_request(table)
-            yield from self._requests(table)
+            yield self._rows(table)
         if carry is not None:
-            yield from self._requests(carry)
+            yield self._rows(carry)
 
     def _rows(self, table: pa.Table) -> pa.Table:
         table = table.filter(shown_mask(table, self.spec))
@@ -265,7 +274,6 @@ class RankingLog:
         return cols
 
     def _requests(self, table: pa.Table) -> Iterator[RankBatch]:
-        table = self._rows(table)
         if table.num_rows == 0:
             return
         codes = pd.factorize(table["request_id"].to_numpy(zero_copy_only=False))[0]  # (N,)

@@ -6,12 +6,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from models.device import resolve_device
-from models.optim import TowerOptimizer, set_sparse, sparse_min_rows, sparse_note
+from models.optim import TowerOptimizer, TowerSchedule, set_sparse, sparse_min_rows, sparse_note
 from models.ranking.catalog import RankFeatures
 from models.ranking.data import RankBatch
 from models.ranking.dla import DualLearning
@@ -52,6 +53,15 @@ def build_model(name: str, cfg: RankerConfig, features: RankFeatures | None, see
     return MODELS[name](cfg, None if features is None else feature_tables(features))
 
 
+class Batches(Protocol):
+    """What fit trains on: re-iterable, and its length is known before the first pass (a list, or a
+    RankingLog that counts its requests) so the lr schedule knows where training ends."""
+
+    def __iter__(self) -> Iterator[RankBatch]: ...
+
+    def __len__(self) -> int: ...
+
+
 @dataclass
 class FitReport:
     epochs: int
@@ -90,10 +100,17 @@ def validation_loss(model: Ranker, batches: Iterable[RankBatch], device: torch.d
     return sum(losses) / len(losses) if losses else float("nan")
 
 
-def fit(model: Ranker, batches: Iterable[RankBatch], cfg: RankParams, seed: int,
+def decay_at_end(total_steps: int, share: float) -> Callable[[int], float]:
+    """Multiplier of the lr at step t: 1, then falling linearly to 0 over the last `share` of the steps
+    (a warmup-stable-decay schedule without the warmup)."""
+    start = total_steps * (1.0 - share)
+    return lambda t: 1.0 if t < start else max(0.0, (total_steps - t) / max(total_steps - start, 1.0))
+
+
+def fit(model: Ranker, batches: Batches, cfg: RankParams, seed: int,
         valid: Iterable[RankBatch] | None = None) -> FitReport:
     """Adam over `cfg.epochs` passes of `batches` (re-iterable: a list, or a RankingLog that re-reads
-    its file); id tables of at least rank.sparse_min_rows rows on sparse gradients and SparseAdam.
+    its file), the lr falling to 0 over the last `cfg.lr_decay` of the steps; id tables of at least rank.sparse_min_rows rows on sparse gradients and SparseAdam.
     Seeds torch (dropouts) and the batch order, so a seed gives the same model. With
     `valid` (held-out requests): early stopping on their loss, `cfg.patience` epochs without a better
     one end training, and the best epoch's weights are kept."""
@@ -103,6 +120,7 @@ def fit(model: Ranker, batches: Iterable[RankBatch], cfg: RankParams, seed: int,
     model.to(device)
     opt = TowerOptimizer(model, cfg.lr, cfg.weight_decay, sparse_min_rows(cfg.sparse_min_rows, cfg.weight_decay,
                                                                             auto_rows=RANK_SPARSE_AUTO_ROWS))
+    sched = TowerSchedule(opt, decay_at_end(cfg.epochs * len(batches), cfg.lr_decay))
     model.train()
     examples, losses, stop = 0, [], _EarlyStop(cfg.patience)
     started = time.perf_counter()
@@ -113,6 +131,7 @@ def fit(model: Ranker, batches: Iterable[RankBatch], cfg: RankParams, seed: int,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             total, n = total + loss.item(), n + 1
             examples += batch.n_examples
         losses.append(total / max(n, 1))

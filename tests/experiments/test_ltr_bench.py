@@ -12,7 +12,7 @@ import torch
 
 from flows.experiments.ltr_bench import (DEBIASED_GBM, IPW_LISTWISE, LABELS, LISTWISE, LOGGERS, NAIVE_GBM,
                                          NET_LABELS, RANDOM, SERVED, TRUE_CURVE, ListwiseClicks, loggers_named,
-                                         ltr_bench, ndcg_by_query)
+                                         ltr_bench, ndcg_by_query, targets)
 from flows.experiments.ltr_data import Logger, LtrShape, click_log, generate, write_ingested
 from models.ranking.params import RankParams
 
@@ -82,6 +82,15 @@ def test_the_bench_measures_every_row_and_the_served_ranker(tmp_path: Path) -> N
     assert run["relevance_features"] is True                          # ~4 impressions per document: no ids
     saved = json.loads((tmp_path / "rank_ltr.json").read_text())
     assert saved["targets"]["random"]["served_vs"] == DEBIASED_GBM and (tmp_path / "rank_ltr.md").is_file()
+
+
+def test_targets_name_the_rows_that_close_most_of_the_gap() -> None:
+    rows = {RANDOM: 0.36, "naive": 0.60, "pal": 0.71, "additive": 0.69, DEBIASED_GBM: 0.62, NAIVE_GBM: 0.61,
+            LABELS: 0.80, SERVED: 0.71}
+    summary = {"random": {r: {"mean": v, "std": 0.0, "n": 1} for r, v in rows.items()}}
+    out = targets(summary)["random"]
+    assert out["gap_closed"]["pal"] == pytest.approx(0.55) and out["gap_closed"]["additive"] == pytest.approx(0.45)
+    assert out["most_of_gap_closed_by"] == ["pal", SERVED] and out["met"] and out["served_vs"] == DEBIASED_GBM
 
 
 def test_logger_choice_names_the_simulated_loggers() -> None:

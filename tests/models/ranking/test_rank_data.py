@@ -68,6 +68,17 @@ def test_small_read_batches_give_the_same_requests_and_bounded_tables(small: tup
     assert max(sizes) <= 10 + longest < len(sim.logs)
 
 
+@pytest.mark.parametrize("split,kw", [("all", {}), ("train", dict(test_fraction=0.25)),
+                                      ("valid", dict(test_fraction=0.2, valid_fraction=0.3, valid_by="user"))])
+def test_a_log_knows_how_many_batches_a_pass_yields(small: tuple, split: str, kw: dict) -> None:
+    """len(log) is what the lr schedule plans with: the batches of one pass, whatever the read size."""
+    _, path, features = small
+    spec = inspect_log(path)
+    for read_rows, batch_requests in ((10, 3), (13, 16), (1_000_000, 7)):
+        log = RankingLog(path, features, spec, split=split, read_rows=read_rows, batch_requests=batch_requests, **kw)
+        assert len(log) == sum(1 for _ in log) > 0
+
+
 def test_held_out_split_is_disjoint_complete_and_stable(small: tuple) -> None:
     _, path, features = small
     spec = inspect_log(path)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from tests.models.ranking.rank_simulator import SimConfig, Split, read_split, simulate
 
 from models.ranking.data import RankBatch
@@ -146,3 +147,23 @@ def test_gradient_reversal_flips_and_scales_the_gradient() -> None:
 def test_unknown_model_name_lists_the_choices(grid: Split) -> None:
     with pytest.raises(ValueError, match="unknown ranking model 'lambdamart'.*'pal'"):
         build_model("lambdamart", grid.config, grid.features, seed=0)
+
+
+@pytest.mark.parametrize("decay", [0.2, 0.0])
+def test_the_lr_falls_to_zero_over_the_last_share_of_the_steps(grid: Split, decay: float) -> None:
+    """rank.lr_decay: the lr each optimizer step used, recorded as the step runs: constant, then
+    falling linearly towards 0 over the last `decay` of the steps (constant throughout at 0)."""
+    params = PARAMS.model_copy(update={"epochs": 3, "lr_decay": decay})
+    used: list[float] = []
+    hook = register_optimizer_step_post_hook(
+        lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    try:
+        fit(build_model("pal", grid.config, grid.features, seed=0), grid.train, params, seed=0)
+    finally:
+        hook.remove()
+    steps = 3 * len(grid.train)
+    assert len(used) == steps
+    flat = steps - round(decay * steps)
+    assert used[:flat] == [params.lr] * flat
+    tail = used[flat:]
+    assert all(a > b for a, b in zip(tail, tail[1:])) and (not tail or tail[-1] <= params.lr / len(tail) + 1e-12)
