@@ -11,11 +11,11 @@ pair converges to unbiased estimates of both (the paper's Theorem). Weights are 
 gradient, as in the authors' implementation (ULTRA).
 
 Why beside the pointwise bias models: where the logger was good (position carries relevance) it is
-the one bias model measured above naive (docs/RANKING.md, LTR bench with a confounding logger: 0.751
-NDCG@10 vs naive LightGBM 0.746, PAL 0.699); on a random logger it does not beat PAL (0.712 vs 0.717 at
-100 sessions per query, 0.566 vs 0.694 at 10), although the unweighted listwise loss was what the
-pointwise networks lacked on big random logs. Not a click model: a softmax over a list says which item
-is clicked, not whether one is. Serves with the relevance tower alone.
+the one bias model measured above naive (docs/RANKING.md, LTR bench with a confounding logger: 0.758
+NDCG@10 vs naive LightGBM 0.746, PAL 0.699); on a random logger it is level with PAL on big logs (0.765
+vs 0.767 at 100 sessions per query) and weak on small ones (0.606 vs 0.699 at 10). Not a click model:
+a softmax over a list says which item is clicked, not whether one is. Serves with the relevance tower
+alone.
 """
 from __future__ import annotations
 
