@@ -250,7 +250,7 @@ def fit_and_measure(kind: str, cfg: RankParams, seed: int, data: RankData) -> tu
     model = build_model(kind, RankerConfig.build(cfg, data.features, data.spec.grid, ids=data.ids(cfg)),
                         data.features, seed)
     model.relevance.forget(data.seen.users, data.seen.items)
-    report = fit(model, data.log(cfg, "train"), cfg, seed,
+    report = fit(model, data.log(cfg, "train"), cfg.for_model(kind), seed,
                  valid=data.log(cfg, "valid") if cfg.serve == "auto" and cfg.patience else None)
     return model, measure(model, data, cfg) | {"fit": report.to_dict()}
 

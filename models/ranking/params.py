@@ -37,6 +37,11 @@ class RankParams(Section):
     # constant part is the 5 epochs of before. LTR bench, PAL NDCG@10, seeds 42 / 43: 100 sessions 0.694 /
     # 0.740 -> 0.779 / 0.756, 10 sessions 0.712 / 0.676 -> 0.706 / 0.693 (docs/RANKING.md)
     lr_decay: float = Field(0.3, ge=0, le=1)
+    # the dual learning algorithm's lr: each click's weight is an inverse propensity up to 5x (dla.MAX_WEIGHT),
+    # so its gradients are noisier than the pointwise models'. LTR bench, dla NDCG@10 at 0.01 -> 0.003: confounding
+    # logger +0.011 on average over 10 seeds (ahead on 9), random logger (seeds 42 / 43) +0.008 / +0.023 at
+    # 10 sessions, +0.019 / -0.011 at 30, +0.015 / -0.004 at 100 (docs/RANKING.md)
+    dla_lr: PositiveFloat = 0.003
     weight_decay: NonNegativeFloat = 0.0
     # id tables of at least this many rows (users, items) train on sparse gradients with SparseAdam
     # (models/optim.py): dense Adam updates every row at every step, 140 ms a step with 1M users and 200k
@@ -91,6 +96,10 @@ class RankParams(Section):
     # where the neural rankers train: auto = a CUDA GPU when torch sees one, else the CPU (models/device.py);
     # they are returned, scored and saved on the CPU
     device: str = "auto"
+
+    def for_model(self, kind: str) -> RankParams:
+        """These params as `kind` trains with them: the dual learning algorithm at its own lr."""
+        return self.model_copy(update={"lr": self.dla_lr}) if kind == "dla" else self
 
     @model_validator(mode="after")
     def _serve_is_trained(self) -> RankParams:

@@ -68,6 +68,7 @@ class FitReport:
     examples: int                        # shown impressions seen, all epochs together
     seconds: float
     examples_per_s: float
+    lr: float = 0.0                      # the base learning rate it trained at (rank.lr; dla: rank.dla_lr)
     losses: list[float] = field(default_factory=list)   # mean training loss per epoch
     valid_losses: list[float] = field(default_factory=list)   # mean validation loss per epoch (early stopping)
     best_epoch: int | None = None        # the epoch whose weights were kept (1-based; None: the last)
@@ -142,7 +143,7 @@ def fit(model: Ranker, batches: Batches, cfg: RankParams, seed: int,
     model.cpu().eval()
     seconds = time.perf_counter() - started
     return FitReport(epochs=len(losses), examples=examples, seconds=round(seconds, 3),
-                     examples_per_s=round(examples / max(seconds, 1e-9), 1), losses=losses,
+                     examples_per_s=round(examples / max(seconds, 1e-9), 1), lr=cfg.lr, losses=losses,
                      valid_losses=stop.losses, best_epoch=stop.best_epoch, sparse_tables=opt.sparse_tables,
                      note=sparse_note(cfg.sparse_min_rows, cfg.weight_decay))
 

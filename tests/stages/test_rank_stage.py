@@ -119,6 +119,15 @@ def test_serve_auto_chooses_by_the_truth_on_validation_requests(tmp_path: Path) 
     assert len(stopped["valid_losses"]) == stopped["epochs"] and stopped["best_epoch"] >= 1
 
 
+def test_dla_trains_at_its_own_learning_rate(ranked: tuple[Path, dict], tmp_path: Path) -> None:
+    """rank.dla_lr: the dual learning algorithm's inverse-weighted clicks train at their own lr, the other
+    models at rank.lr; each row's fit says which."""
+    root, _ = ranked
+    cfg = PARAMS.model_copy(update={"models": ["naive", "dla"], "serve": "dla", "epochs": 1})
+    rows = rank(cfg, 0, root / "ingested", None, tmp_path / "ranker", tmp_path / "ranking.json")["models"]
+    assert rows["dla"]["fit"]["lr"] == cfg.dla_lr == 0.003 and rows["naive"]["fit"]["lr"] == cfg.lr == 0.01
+
+
 def test_the_served_ranker_scores_with_its_relevance_tower(ranked: tuple[Path, dict]) -> None:
     root, report = ranked
     bundle = load_ranker(root / "ranker")
