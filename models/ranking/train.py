@@ -68,7 +68,7 @@ class FitReport:
     examples: int                        # shown impressions seen, all epochs together
     seconds: float
     examples_per_s: float
-    lr: float = 0.0                      # the base learning rate it trained at (rank.lr; dla: rank.dla_lr)
+    lr: float                            # the base learning rate it trained at (rank.lr; dla: rank.dla_lr)
     losses: list[float] = field(default_factory=list)   # mean training loss per epoch
     valid_losses: list[float] = field(default_factory=list)   # mean validation loss per epoch (early stopping)
     best_epoch: int | None = None        # the epoch whose weights were kept (1-based; None: the last)
@@ -111,7 +111,8 @@ def decay_at_end(total_steps: int, share: float) -> Callable[[int], float]:
 def fit(model: Ranker, batches: Batches, cfg: RankParams, seed: int,
         valid: Iterable[RankBatch] | None = None) -> FitReport:
     """Adam over `cfg.epochs` passes of `batches` (re-iterable: a list, or a RankingLog that re-reads
-    its file), the lr falling to 0 over the last `cfg.lr_decay` of the steps; id tables of at least rank.sparse_min_rows rows on sparse gradients and SparseAdam.
+    its file), the lr falling to 0 over the last `cfg.lr_decay` of the steps; id tables of at least
+    rank.sparse_min_rows rows on sparse gradients and SparseAdam.
     Seeds torch (dropouts) and the batch order, so a seed gives the same model. With
     `valid` (held-out requests): early stopping on their loss, `cfg.patience` epochs without a better
     one end training, and the best epoch's weights are kept."""
