@@ -11,9 +11,10 @@ pair converges to unbiased estimates of both (the paper's Theorem). Weights are 
 gradient, as in the authors' implementation (ULTRA).
 
 Why beside the pointwise bias models: where the logger was good (position carries relevance) it is
-the one bias model measured above naive (docs/RANKING.md, LTR bench with a confounding logger: 0.758
-NDCG@10 vs naive LightGBM 0.746, PAL 0.699); on a random logger it is level with PAL on big logs (0.765
-vs 0.767 at 100 sessions per query) and weak on small ones (0.606 vs 0.699 at 10). Not a click model:
+the one bias model measured above naive (docs/RANKING.md, LTR bench with a confounding logger over
+10 seeds: 0.765 NDCG@10 vs naive LightGBM 0.747, PAL 0.682); on a random logger it is level with PAL
+on big logs (0.770 vs 0.767 at 100 sessions per query) and weak on small ones (0.621 vs 0.699 at 10).
+It trains at its own lr (rank.dla_lr). Not a click model:
 a softmax over a list says which item is clicked, not whether one is. Serves with the relevance tower
 alone.
 """
