@@ -14,9 +14,8 @@ Why beside the pointwise bias models: where the logger was good (position carrie
 the one bias model measured above naive (docs/RANKING.md, LTR bench with a confounding logger over
 10 seeds: 0.765 NDCG@10 vs naive LightGBM 0.747, PAL 0.682); on a random logger it is level with PAL
 on big logs (0.770 vs 0.767 at 100 sessions per query) and weak on small ones (0.621 vs 0.699 at 10).
-It trains at its own lr (rank.dla_lr). Not a click model:
-a softmax over a list says which item is clicked, not whether one is. Serves with the relevance tower
-alone.
+It trains at its own lr (rank.dla_lr). Not a click model: a softmax over a list says which item is
+clicked, not whether one is. Serves with the relevance tower alone.
 """
 from __future__ import annotations
 
