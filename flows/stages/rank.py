@@ -41,6 +41,7 @@ from models.inference import load_bundle
 from models.ranking import evaluate as ev
 from models.ranking.bundle import Servable, save_ranker
 from models.ranking.catalog import RankFeatures, Vectors, build_features
+from models.ranking.ensemble import SeedEnsemble
 from models.ranking.data import (GRID, REQUIRED, LogSpec, RankBatch, RankingInputError, RankingLog, distinct_users,
                                  inspect_log, shown_mask)
 from models.ranking.lambdarank import NAME as LIGHTGBM, LambdaRanker, fit_lambdarank
@@ -52,7 +53,7 @@ from models.ranking import select
 from models.ranking.seen import Seen, id_report, seen_in, split_ndcg
 from models.ranking.config import RankerConfig
 from models.ranking.ranker import Naive, Ranker
-from models.ranking.train import build_model, feature_tables, fit
+from models.ranking.train import FitReport, build_model, feature_tables, fit
 
 K = 10                      # NDCG@10: the depth of a page
 RELEVANCE, USER_TYPE = "relevance", "user_type"   # truth columns of the prepared log
@@ -245,14 +246,36 @@ def measure(model: Ranker, data: RankData, cfg: RankParams) -> dict[str, Any]:
     return row
 
 
-def fit_and_measure(kind: str, cfg: RankParams, seed: int, data: RankData) -> tuple[Ranker, dict[str, Any]]:
-    """One model of `kind` (a key of models.ranking.train.MODELS) fitted with `cfg`, and its row."""
+def fit_model(kind: str, cfg: RankParams, seed: int, data: RankData) -> tuple[Ranker, FitReport]:
+    """One model of `kind` (a key of models.ranking.train.MODELS) fitted with `cfg` on the training
+    requests, from `seed`."""
     model = build_model(kind, RankerConfig.build(cfg, data.features, data.spec.grid, ids=data.ids(cfg)),
                         data.features, seed)
     model.relevance.forget(data.seen.users, data.seen.items)
     report = fit(model, data.log(cfg, "train"), cfg.for_model(kind), seed,
                  valid=data.log(cfg, "valid") if cfg.serve == "auto" and cfg.patience else None)
+    return model, report
+
+
+def fit_and_measure(kind: str, cfg: RankParams, seed: int, data: RankData) -> tuple[Ranker, dict[str, Any]]:
+    """One model of `kind` fitted with `cfg`, and its row."""
+    model, report = fit_model(kind, cfg, seed, data)
     return model, measure(model, data, cfg) | {"fit": report.to_dict()}
+
+
+def seed_ensemble(kind: str, chosen: Ranker, cfg: RankParams, seed: int,
+                  data: RankData) -> tuple[SeedEnsemble, dict[str, Any]]:
+    """The served network as the mean of rank.serve_ensemble fits of its kind (models/ranking/ensemble.py):
+    the chosen fit (seed) and serve_ensemble - 1 more (seed + 1, ...); its NDCG on the held-out requests
+    beside the chosen fit's."""
+    t0 = time.perf_counter()
+    seeds = [seed + i for i in range(cfg.serve_ensemble)]
+    ensemble = SeedEnsemble([chosen] + [fit_model(kind, cfg, s, data)[0] for s in seeds[1:]])
+    test = data.log(cfg, "test")
+    return ensemble, {"model": kind, "members": len(seeds), "seeds": seeds,
+                      f"ndcg@{K}": ev.relevance_ndcg(ensemble, test, K, truth=RELEVANCE),
+                      "split": split_ndcg(ensemble, test, data.seen, K, truth=RELEVANCE),
+                      "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def lambdarank_fit(cfg: RankParams, seed: int, data: RankData, *, position: bool = True,
@@ -311,14 +334,20 @@ def _write(out_dir: Path, report_path: Path, report: dict[str, Any]) -> dict[str
 
 @dataclass
 class Trained:
-    """Every fitted candidate, its row, and which one serves (rank.serve, or the validation's choice)."""
+    """Every fitted candidate, its row, and which one serves (rank.serve, or the validation's choice);
+    a served network with rank.serve_ensemble > 1 serves as `ensemble` (serving["ensemble"]: its figures)."""
     models: dict[str, Servable]
     rows: dict[str, Any]
     serving: dict[str, Any]
+    ensemble: SeedEnsemble | None = None
 
     @property
     def served(self) -> str:
         return self.serving["served"]
+
+    @property
+    def served_model(self) -> Servable:
+        return self.models[self.served] if self.ensemble is None else self.ensemble
 
 
 def _validation_record(data: RankData, cfg: RankParams) -> dict[str, Any]:
@@ -360,6 +389,10 @@ def train_rankers(cfg: RankParams, seed: int, data: RankData) -> Trained:
             print(f"rank: warning: {choice.warning}", file=sys.stderr, flush=True)
     else:
         serving = {"mode": "named", "served": cfg.serve}
+    served = models[serving["served"]]
+    if cfg.serve_ensemble > 1 and isinstance(served, Ranker):     # LightGBM serves as it is
+        ensemble, serving["ensemble"] = seed_ensemble(serving["served"], served, cfg, seed, data)
+        return Trained(models, rows, serving, ensemble)
     return Trained(models, rows, serving)
 
 
@@ -367,11 +400,11 @@ def save_served(trained: Trained, cfg: RankParams, seed: int, data: RankData, ou
     """The served ranker to out_dir (models/ranking/bundle.py), with how it was chosen."""
     served = trained.served
     shutil.rmtree(out_dir, ignore_errors=True)
-    save_ranker(out_dir, served, trained.models[served], data.features, seed,
+    save_ranker(out_dir, served, trained.served_model, data.features, seed,
                 extra={"context_columns": list(cfg.context_columns),
-                       f"ndcg@{K}": trained.rows[served][f"ndcg@{K}"],
+                       f"ndcg@{K}": trained.serving.get("ensemble", trained.rows[served])[f"ndcg@{K}"],
                        "numeric_scaling": data.features.numeric_scaling, "ndcg_vs": data.truth.source,
-                       "chosen_by": trained.serving})
+                       "chosen_by": clean(trained.serving)})
 
 
 def rank(cfg: RankParams, seed: int, ingested: Path, model_dir: Path | None, out_dir: Path,

@@ -6,7 +6,8 @@ travel inside model.pt and a served score never depends on files the ranker did 
 
 Layout of a ranker directory:
   model.pt       state_dict of the whole model (the dot-product models score against the bias tower's
-                 "unknown position" vector, so the bias tower is kept too); for LightGBM lambdarank
+                 "unknown position" vector, so the bias tower is kept too), or of a seed ensemble's
+                 members (ranker.json "members": their count; models/ranking/ensemble.py); for LightGBM lambdarank
                  (models/ranking/lambdarank.py) model.txt (the booster) and tables.npz (its features)
   ranker.json    {"model": name, "config": RankerConfig, "seed": ..., plus what the caller records}
   users.parquet  id: user ids in vocabulary order (index = row + 1; 0 is OOV)
@@ -26,6 +27,7 @@ from models.errors import ModelNotFound
 from models.ranking import lambdarank
 from models.ranking.catalog import RankFeatures, Vocab
 from models.ranking.data import RankingInputError
+from models.ranking.ensemble import SeedEnsemble
 from models.ranking.lambdarank import LambdaRanker
 from models.ranking.config import RankerConfig
 from models.ranking.ranker import Ranker
@@ -34,7 +36,7 @@ from models.ranking.train import build_model
 ID_FILES = ("ranker.json", "users.parquet", "items.parquet")
 FILES = ("model.pt", *ID_FILES)                                  # a network's directory
 LAMBDARANK_FILES = (lambdarank.BOOSTER, lambdarank.TABLES_FILE, *ID_FILES)
-Servable = Ranker | LambdaRanker
+Servable = Ranker | LambdaRanker | SeedEnsemble
 
 
 def save_ranker(out_dir: Path, name: str, model: Servable, features: RankFeatures, seed: int,
@@ -47,7 +49,8 @@ def save_ranker(out_dir: Path, name: str, model: Servable, features: RankFeature
                "seed": seed, "item_numeric": features.numeric_names}
     else:
         torch.save(model.state_dict(), out_dir / "model.pt")
-        doc = {"model": name, "config": model.cfg.to_dict(), "seed": seed}
+        doc = {"model": name, "config": model.cfg.to_dict(), "seed": seed,
+               "members": len(model.members) if isinstance(model, SeedEnsemble) else 1}
     pd.DataFrame({"id": features.users.index.to_numpy()}).to_parquet(out_dir / "users.parquet", index=False)
     pd.DataFrame({"id": features.items.index.to_numpy()}).to_parquet(out_dir / "items.parquet", index=False)
     (out_dir / "ranker.json").write_text(json.dumps(doc | (extra or {}), indent=2) + "\n")
@@ -101,7 +104,9 @@ def load_ranker(model_dir: Path) -> RankerBundle:
         shape = (len(model.tables["user_vectors"]), len(model.tables["item_numeric"]))
     else:
         cfg = RankerConfig(**meta["config"])
-        model = build_model(meta["model"], cfg, None, seed=int(meta.get("seed", 0)))
+        members = [build_model(meta["model"], cfg, None, seed=int(meta.get("seed", 0)))
+                   for _ in range(int(meta.get("members", 1)))]
+        model = members[0] if len(members) == 1 else SeedEnsemble(members)
         model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
         shape = (cfg.n_users, cfg.n_items)
     if (len(users), len(items)) != shape:

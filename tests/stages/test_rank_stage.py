@@ -25,6 +25,7 @@ from flows.serving.rerank import rerank
 from flows.stages.rank import rank
 from models.errors import ModelNotFound
 from models.ranking.bundle import load_ranker
+from models.ranking.ensemble import SeedEnsemble
 from models.ranking.params import RankParams
 
 torch.set_num_threads(1)
@@ -104,7 +105,8 @@ def test_serve_auto_chooses_by_the_truth_on_validation_requests(tmp_path: Path) 
     assert load_ranker(tmp_path / "ranker").meta["chosen_by"] == serve
     # validation requests are neither trained on nor tested on: fewer training examples than with serve named
     named = rank(cfg.model_copy(update={"serve": "pal"}), 0, ingested, None, tmp_path / "r2", tmp_path / "r2.json")
-    assert named["serve"] == {"mode": "named", "served": "pal"}
+    assert {k: named["serve"][k] for k in ("mode", "served")} == {"mode": "named", "served": "pal"}
+    assert named["serve"]["ensemble"]["members"] == 3          # a named network is served as a seed ensemble too
     assert named["log"]["test_requests"] == report["log"]["test_requests"]
     # validation by user (300 users: ~30 validation users, enough for auto): training never saw them,
     # so the users of auto's training and of its validation partition the named model's training users
@@ -131,10 +133,31 @@ def test_dla_trains_at_its_own_learning_rate(ranked: tuple[Path, dict], tmp_path
 def test_the_served_ranker_scores_with_its_relevance_tower(ranked: tuple[Path, dict]) -> None:
     root, report = ranked
     bundle = load_ranker(root / "ranker")
-    assert bundle.name == "pal" and bundle.meta["ndcg@10"] == report["models"]["pal"]["ndcg@10"]
+    ensemble = report["serve"]["ensemble"]
+    assert bundle.name == "pal" and bundle.meta["ndcg@10"] == ensemble["ndcg@10"]
     scores = bundle.score(np.array(["u1", "u1", "nobody"]), np.array([3, 4, 10**9]))
     assert scores.shape == (3,) and np.isfinite(scores).all()
     assert scores[0] != scores[1]
+
+
+def test_the_served_network_is_the_mean_of_fits_from_several_seeds(ranked: tuple[Path, dict]) -> None:
+    """rank.serve_ensemble (3 by default): the served network's score is the mean of three fits of its
+    kind from seeds 0, 1, 2, the first being the fit that was chosen; ranking.json measures the mean."""
+    root, report = ranked
+    ensemble = report["serve"]["ensemble"]
+    assert PARAMS.serve_ensemble == 3 and ensemble["model"] == report["served"] == "pal"
+    assert ensemble["members"] == 3 and ensemble["seeds"] == [0, 1, 2]
+    assert 0 < ensemble["ndcg@10"] <= 1 and set(ensemble["split"]) == set(report["models"]["pal"]["split"])
+    bundle = load_ranker(root / "ranker")
+    assert bundle.meta["members"] == 3 and isinstance(bundle.model, SeedEnsemble)
+    users, items = torch.tensor([1, 1, 2, 0]), torch.tensor([3, 4, 5, 6])
+    with torch.no_grad():
+        each = torch.stack([m.score(users, items) for m in bundle.model.members])     # (3, 4)
+        assert torch.allclose(bundle.model.score(users, items), each.mean(dim=0))
+    assert not torch.allclose(each[0], each[1])                   # other seeds: other weights
+    # the feature tables are shared by the members, saved once
+    tables = {m.relevance.item_numeric.data_ptr() for m in bundle.model.members}
+    assert len(tables) == 1
 
 
 def test_a_log_without_rows_is_skipped_not_an_error(tmp_path: Path) -> None:
