@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -80,8 +81,17 @@ def _api(url: str, path: str, body: dict | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(f"{url}{path}", data=data, method="GET" if body is None else "POST",
                                      headers={"Accept": "application/json", "Content-Type": "application/json"})
-    with urllib.request.urlopen(request) as resp:
-        return json.loads(resp.read())
+    # a busy server (its SQLite database locked by a run's writes) answers 503: Prefect's own client
+    # retries those, so does this helper (seen with three test workers on two cores)
+    for attempt in range(6):
+        try:
+            with urllib.request.urlopen(request) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == 5:
+                raise
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
 
 
 def _schedule(root: Path, env: dict[str, str], *args: str) -> str:
