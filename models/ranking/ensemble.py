@@ -5,8 +5,8 @@ Clicks are few and noisy where a ranker is needed most (a new catalog, a small l
 same model from two seeds then rank the unseen documents differently, and the mean of a few is better
 than any one of them on average. `towerflow rank ltr-bench`, 10 sessions per query, random logger,
 seeds 42-51, NDCG@10 of the held-out queries: served one fit 0.694, the mean of three 0.705, higher on
-every seed (the gap from naive to label-trained closed: 48% -> 53%; docs/RANKING.md). Members share the data and the config, so their scores are on one scale and a plain
-mean of logits is enough.
+every seed (the gap from naive to label-trained closed: 48% -> 53%; docs/RANKING.md). Members share the
+data and the config, so their scores are on one scale and a plain mean of logits is enough.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ class SeedEnsemble(nn.Module):
             raise ValueError("a seed ensemble needs at least one member")
         kinds = {type(m) for m in members}
         if len(kinds) > 1 or any(m.cfg != members[0].cfg for m in members):
-            raise ValueError(f"the members of a seed ensemble share one kind and config, got {sorted(k.__name__ for k in kinds)}")
+            raise ValueError("the members of a seed ensemble share one kind and config, got "
+                             f"{sorted(k.__name__ for k in kinds)}")
         self.members = nn.ModuleList(members)
         self.cfg: RankerConfig = members[0].cfg
         first = members[0].relevance
