@@ -227,13 +227,17 @@ def _mixture_rows(model: MixtureEM, test: RankingLog, data: RankData) -> dict[st
     return {"components": report, "propensity_by_type": by_type, "propensity": mean}
 
 
+def held_out_ndcg(model: Servable, test: Iterable[RankBatch], seen: Seen) -> dict[str, Any]:
+    """NDCG@10 of the serving order on the held-out requests, and its seen / unseen split."""
+    return {f"ndcg@{K}": ev.relevance_ndcg(model, test, K, truth=RELEVANCE),
+            "split": split_ndcg(model, test, seen, K, truth=RELEVANCE)}
+
+
 def measure(model: Ranker, data: RankData, cfg: RankParams) -> dict[str, Any]:
     """NDCG@10 of the serving order, click log-likelihood and propensity recovery on held-out requests
     (re-read from the prepared file for each measure rather than held in memory)."""
     test = data.log(cfg, "test")
-    row: dict[str, Any] = {f"ndcg@{K}": ev.relevance_ndcg(model, test, K, truth=RELEVANCE),
-                           "split": split_ndcg(model, test, data.seen, K, truth=RELEVANCE),
-                           "click_loglik": ev.click_loglik(model, test)}
+    row: dict[str, Any] = held_out_ndcg(model, test, data.seen) | {"click_loglik": ev.click_loglik(model, test)}
     if isinstance(model, MixtureEM):
         return row | _mixture_rows(model, test, data)
     if isinstance(model, Naive):      # the naive model has no position: its curve is flat
@@ -271,10 +275,8 @@ def seed_ensemble(kind: str, chosen: Ranker, cfg: RankParams, seed: int,
     t0 = time.perf_counter()
     seeds = [seed + i for i in range(cfg.serve_ensemble)]
     ensemble = SeedEnsemble([chosen] + [fit_model(kind, cfg, s, data)[0] for s in seeds[1:]])
-    test = data.log(cfg, "test")
     return ensemble, {"model": kind, "members": len(seeds), "seeds": seeds,
-                      f"ndcg@{K}": ev.relevance_ndcg(ensemble, test, K, truth=RELEVANCE),
-                      "split": split_ndcg(ensemble, test, data.seen, K, truth=RELEVANCE),
+                      **held_out_ndcg(ensemble, data.log(cfg, "test"), data.seen),
                       "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -288,9 +290,7 @@ def lambdarank_fit(cfg: RankParams, seed: int, data: RankData, *, position: bool
     model = fit_lambdarank(data.log(cfg, "train"), feature_tables(data.features), position=position,
                            label=label, rounds=cfg.lightgbm_rounds, max_rows=cfg.lightgbm_max_rows,
                            seed=seed, threads=cfg.threads)
-    test = data.log(cfg, "test")
-    return model, {f"ndcg@{K}": ev.relevance_ndcg(model, test, K, truth=RELEVANCE),
-                   "split": split_ndcg(model, test, data.seen, K, truth=RELEVANCE),
+    return model, {**held_out_ndcg(model, data.log(cfg, "test"), data.seen),
                    "position_correction": position, "train_rows": model.train_rows,
                    "seconds": round(time.perf_counter() - t0, 3)}
 
