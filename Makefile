@@ -14,8 +14,11 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export DVC_NO_UPDATER := 1
 export GX_ANALYTICS_ENABLED := false
-# idle OpenMP threads sleep instead of spinning on shared cores (flows/environment.py says why)
-export OMP_WAIT_POLICY := PASSIVE
+# idle OpenMP threads spin briefly, then sleep: fast on an idle machine, fair on shared cores
+# (flows/environment.py says why); a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept
+ifeq ($(origin OMP_WAIT_POLICY),undefined)
+export GOMP_SPINCOUNT ?= 10000
+endif
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 

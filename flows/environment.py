@@ -20,12 +20,21 @@ TELEMETRY_OFF: dict[str, str] = {
 }
 
 
-# OpenMP threads that have no work spin for a while before they sleep (GNU OpenMP's default). On cores
-# other processes share, a spinning thread takes the core its partner needs, and every parallel region
-# waits for the slower one: 2 torch threads trained 10x slower than 1 on this 2-core machine under load
-# (351 vs 3570 examples/s); PASSIVE threads sleep at once, and 2 threads were then as fast as 1 or faster
-# (3762-20223 examples/s in the same window). Read when torch loads, so it is set before any import.
-THREADING: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
+# OpenMP threads that have no work spin before they sleep; how long decides two opposite cases (torch's
+# GNU OpenMP, 2 threads, the 700k-interaction bench shape, examples/s; docs/TRAINING.md):
+#   idle machine:            default spin (300,000) 49k | 10,000 46k | PASSIVE (no spin) 21k
+#   8 busy processes beside: default spin 1.2k          | 10,000 2.6k | PASSIVE 2.8k
+# Sleeping at once doubles every step's wake-up latency on an idle machine (a step opens hundreds of
+# short parallel regions); spinning long starves the partner thread on cores other processes share (10x
+# slower than 1 thread at load 13.7). A short spin keeps both: near the idle speed, near PASSIVE's under
+# load. Set only when the user chose neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT (GOMP_SPINCOUNT wins over
+# the policy in libgomp). Read when torch loads, so it is set before any import.
+SPIN_COUNT = "10000"
+
+
+def set_openmp_wait() -> None:
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
 
 
 # Feast decorates its classes with typeguard's @typechecked, which re-parses and recompiles every
@@ -51,8 +60,9 @@ def skip_type_instrumentation() -> None:
 
 
 def configure_environment(root: Path) -> None:
-    for key, value in (TELEMETRY_OFF | THREADING).items():
+    for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
+    set_openmp_wait()
     skip_type_instrumentation()
     # Prefect keeps its database and settings in the project, not in the user's home.
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))

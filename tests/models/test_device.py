@@ -56,13 +56,19 @@ def test_autocast_is_a_no_op_on_the_cpu():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
-def test_cli_environment_makes_idle_openmp_threads_sleep(monkeypatch, tmp_path):
+def test_cli_environment_gives_idle_openmp_threads_a_short_spin(monkeypatch, tmp_path):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     configure_environment(tmp_path)
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")      # a user's own choice stays
+    assert os.environ["GOMP_SPINCOUNT"] == "10000"
+    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")             # a user's own choice stays
     configure_environment(tmp_path)
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert os.environ["GOMP_SPINCOUNT"] == "0"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")     # and so does a policy: no spin count over it
+    configure_environment(tmp_path)
+    assert "GOMP_SPINCOUNT" not in os.environ and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
 @pytest.fixture(scope="module")

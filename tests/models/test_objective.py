@@ -36,3 +36,25 @@ def test_listwise_loss_without_extra_negatives_is_the_in_batch_softmax():
     no_logq = BatchLoss(stream, TrainParams(negatives=0, ssl_weight=0.0, logq=False), None)(model, b, torch.Generator())
     assert torch.allclose(no_logq, in_batch_softmax(q, c, model.tau(), item, None, stream.weights[b],
                                                  stream.hits(user, item)), rtol=1e-6, atol=1e-6)
+
+
+def test_the_ssl_views_encoded_in_one_pass_give_the_info_nce_of_each_view_encoded_alone():
+    from models.losses import info_nce
+    from models.objective import make_augmenter
+
+    items, examples = tiny_frames()
+    encoder = FeatureEncoder.fit(TINY_SCHEMA, items, examples)
+    stream = TrainingStream.build(encoder, examples, items)
+    torch.manual_seed(0)
+    model = TwoTower(tower_config(encoder, ModelParams(dim=4, embedding_dim=4, hidden=[8])))
+    cfg = TrainParams(negatives=0, ssl_weight=0.5, ssl_batch_size=4, ssl_dropout=0.0, ssl_masking="random")
+    augmenter = make_augmenter(stream, cfg, [])
+    assert augmenter is not None
+    b = torch.tensor([2, 0, 1])
+    total = BatchLoss(stream, cfg, augmenter)(model, b, torch.Generator().manual_seed(3))
+    retrieval = BatchLoss(stream, cfg, None)(model, b, torch.Generator().manual_seed(3))
+    # the same draws: the views come first from the step's generator
+    v1, v2 = BatchLoss(stream, cfg, augmenter).ssl_views(torch.Generator().manual_seed(3))
+    assert not all(torch.equal(v1[k], v2[k]) for k in v1)          # two different views
+    expected = retrieval + 0.5 * info_nce(model.encode_items(v1), model.encode_items(v2), cfg.ssl_temperature)
+    assert torch.allclose(total, expected, rtol=1e-6, atol=1e-6)
