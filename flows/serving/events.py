@@ -185,6 +185,6 @@ def push_events_file(path: Path, published_dir: Path, feast_dir: Path, features_
     bundle = BundleStore(published_dir).live_dir()
     schema = json.loads((bundle / "schema.json").read_text())
     events = validate_events(read_frame(path), schema, catalog_ids(bundle), str(path), rules)
-    log_path = record_events(events, open_store(feast_dir, features_dir), EventLog(events_dir), history_length)
+    log_path = record_events(events, open_store(feast_dir, features_dir, offline=None), EventLog(events_dir), history_length)
     return len(events), int(events["user_id"].nunique()), log_path
 

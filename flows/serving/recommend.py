@@ -92,7 +92,7 @@ class Recommender:
                     raise
         if index is None:
             index, scratch = _open_copy(bundle_dir, meta["backend"], settings)
-        rec = cls(bundle_dir, meta, schema, model, index, open_store(feast_dir, features_dir), scratch)
+        rec = cls(bundle_dir, meta, schema, model, index, open_store(feast_dir, features_dir, offline=None), scratch)
         if scratch is not None:
             rec.sync_own_additions()     # added by the CLI, not yet upserted by the service
         return rec

@@ -165,7 +165,7 @@ class LiveState:
         store = served.events_store
         if store is None:    # opened outside the lock that every request takes (~0.1 s)
             from features.store import open_store
-            store = open_store(self.feast_dir, self.features_dir)
+            store = open_store(self.feast_dir, self.features_dir, offline=None)
             with self._lock:
                 served.events_store = store = served.events_store or store
         return store
@@ -191,7 +191,7 @@ class LiveState:
         materialized = _mtime(self.feast_dir / MATERIALIZED)
         if materialized is not None and materialized != current.materialized:
             from features.store import open_store
-            fresh = open_store(self.feast_dir, self.features_dir)
+            fresh = open_store(self.feast_dir, self.features_dir, offline=None)
             with current.lock:
                 current.rec.store, current.materialized = fresh, materialized
                 current.events_store = None     # reopened on the next push, on the new file

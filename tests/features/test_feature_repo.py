@@ -221,3 +221,30 @@ def test_a_heavy_users_rows_split_across_chunks_give_the_same_join(repo):
     entity = pd.DataFrame({"user_id": [1] * 1000 + [2] * 10})
     chunks = _chunks(entity, "user_id", max_pairs=100_000)
     assert len(set(chunks[:1000])) == 10        # 1000 x 1000 pairs: cut in ten chunks of 100k
+
+
+def test_an_online_only_store_reads_the_same_rows_without_importing_dask(repo):
+    """Serving opens the store with offline=None: Feast's file offline store imports Dask when its
+    config is validated (0.76 s of a one-shot recommend), and no online read needs it."""
+    import json
+    import subprocess
+    import sys
+
+    users = [str(u) for u in repo["interactions"]["user_id"].unique()[:4]]
+    script = f"""
+import json, sys
+from pathlib import Path
+from features.online import online_user_features
+from features.store import open_store
+store = open_store(Path({str(repo["feast_dir"])!r}), Path({str(repo["features_dir"])!r}), offline=None)
+ids = [{"str" if repo["string_ids"] else "int"}(u) for u in {users!r}]
+got = online_user_features(store, json.loads({json.dumps(json.dumps(repo["schema"]))}), ids)
+print(json.dumps({{"dask": any(m == "dask" or m.startswith("dask.") for m in sys.modules),
+                   "rows": got.to_json(orient="records")}}))
+"""
+    out = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                    cwd=str(__import__("pathlib").Path(__file__).parents[2])).stdout)
+    assert out["dask"] is False
+    store = open_store(repo["feast_dir"], repo["features_dir"])
+    ids = [str(u) if repo["string_ids"] else int(u) for u in users]
+    assert json.loads(out["rows"]) == json.loads(online_user_features(store, repo["schema"], ids).to_json(orient="records"))
