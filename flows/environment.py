@@ -24,9 +24,9 @@ TELEMETRY_OFF: dict[str, str] = {
 # GNU OpenMP, 2 threads, the 700k-interaction bench shape, examples/s; docs/TRAINING.md):
 #   idle machine:            default spin (300,000) 49k | 10,000 46k | PASSIVE (no spin) 21k
 #   8 busy processes beside: default spin 1.2k          | 10,000 2.6k | PASSIVE 2.8k
-# Sleeping at once doubles every step's wake-up latency on an idle machine (a step opens hundreds of
-# short parallel regions); spinning long starves the partner thread on cores other processes share (10x
-# slower than 1 thread at load 13.7). A short spin keeps both: near the idle speed, near PASSIVE's under
+# Sleeping at once halves training speed on an idle machine (each of a step's hundreds of short parallel
+# regions waits for a sleeping thread to wake); spinning long starves the partner thread on cores other
+# processes share (10x slower than 1 thread at load 13.7). A short spin keeps both: near the idle speed, near PASSIVE's under
 # load. Set only when the user chose neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT (GOMP_SPINCOUNT wins over
 # the policy in libgomp). Read when torch loads, so it is set before any import.
 SPIN_COUNT = "10000"

@@ -75,8 +75,6 @@ class BatchLoss:
     def _encode_together(self, model: TwoTower, name: str, batches: list[Batch]) -> list[torch.Tensor]:
         """Several batches through one tower in one call, split back: the rows do not interact, so each
         comes out as it would alone, but the tower runs once and its embedding tables get one gradient."""
-        if len(batches) == 1:
-            return [self._encode(model, name, batches[0])]
         sizes = [len(batch["item"]) for batch in batches]
         joined = {k: torch.cat([batch[k] for batch in batches]) for k in batches[0]}
         return list(self._encode(model, name, joined).split(sizes))
