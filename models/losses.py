@@ -64,25 +64,24 @@ class _InBatchListwise(torch.autograd.Function):
     was a third of a training step in the profile; this keeps one matrix and reuses it in place."""
 
     @staticmethod
-    def forward(ctx, qs: torch.Tensor, c: torch.Tensor, bias: torch.Tensor, drop: torch.Tensor,
+    def forward(ctx, qs: torch.Tensor, c: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
-        # qs (B, D) = q / temperature, c (B, D), bias (B,) log Q per column, drop (B, B) bool: True
-        # where a column is not one of the row's negatives (never on the diagonal: the row's positive),
-        # weights (B,) summing to 1
+        # qs (B, D) = q / temperature, c (B, D), bias (B,) log Q per column, keep (B, B) bool (the
+        # diagonal = each row's positive included), weights (B,) summing to 1
         logits = torch.addmm(bias.neg().unsqueeze(0), qs, c.T)                     # (B, B)
         pos = logits.diagonal().clone()                                             # (B,)
         # shift each row by its maximum over every column (one pass, no masked copy): the shifted
-        # logits are <= 0 and never overflow. exp over the unmasked logits, then the mask zeroes:
+        # logits are <= 0 and never overflow. exp over the unmasked logits, then the mask as a product:
         # exp over -inf entries took 4.5x as long as over finite ones here (3.4 vs 0.74 ms, 1024 x 1024)
         top = logits.amax(dim=1, keepdim=True)                                      # (B, 1)
-        prob = logits.sub_(top).exp_().masked_fill_(drop, 0.0)                      # (B, B), in place
+        prob = logits.sub_(top).exp_().mul_(keep)                                   # (B, B), in place
         total = prob.sum(dim=1, keepdim=True)                                       # (B, 1)
         # a row whose kept columns all underflow (masked columns ~87 above every kept one: only at a
         # tiny learned temperature) is redone shifted by its kept maximum, as the reference does
         low = total.squeeze(1) < _TINY
         if bool(low.any()):
             rows = low.nonzero().squeeze(1)
-            redo = torch.addmm(bias.neg().unsqueeze(0), qs[rows], c.T).masked_fill_(drop[rows], float("-inf"))
+            redo = torch.addmm(bias.neg().unsqueeze(0), qs[rows], c.T).masked_fill_(~keep[rows], float("-inf"))
             top[rows] = redo.amax(dim=1, keepdim=True)
             prob[rows] = redo.sub_(top[rows]).exp_()
             total[rows] = prob[rows].sum(dim=1, keepdim=True)
@@ -106,15 +105,14 @@ def in_batch_listwise(q: torch.Tensor, c: torch.Tensor, temperature: torch.Tenso
     rounding), computed by _InBatchListwise: the training step's path when there are no extra negatives."""
     n = len(q)
     # kept columns: each row's own positive and its negatives (other items, not accidental hits)
-    # dropped columns: accidental hits and other rows' copies of the row's item, never its own positive
-    drop = also_positive.clone() if also_positive is not None else torch.zeros((n, n), dtype=torch.bool, device=q.device)
+    keep = ~also_positive if also_positive is not None else torch.ones((n, n), dtype=torch.bool, device=q.device)
     if item_ids is not None:
-        drop |= item_ids.unsqueeze(0) == item_ids.unsqueeze(1)
-    drop.fill_diagonal_(False)                                                      # (B, B)
+        keep &= item_ids.unsqueeze(0) != item_ids.unsqueeze(1)
+    keep.fill_diagonal_(True)                                                       # (B, B)
     bias = log_q.to(q.dtype) if log_q is not None else q.new_zeros(n)
     w = weights.to(q.dtype) if weights is not None else q.new_ones(n)
     w = w / w.sum().clamp(min=1e-12)
-    return _InBatchListwise.apply(q / temperature, c, bias, drop, w)
+    return _InBatchListwise.apply(q / temperature, c, bias, keep, w)
 
 
 # --- losses over a positive and a set of negatives per example ---------------------------------

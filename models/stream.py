@@ -57,6 +57,11 @@ def _groups(labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return order, ptr
 
 
+# TrainingStream.hits gathers a dense table instead of spreading the matched pairs when they spread to
+# more than 1 / DENSE_HITS of the mask (the two cost the same at ~55k of a 1024 x 1024 mask's entries)
+DENSE_HITS = 20
+
+
 def gather(batch: Batch, idx: torch.Tensor) -> Batch:
     """Rows idx of every input, index columns widened back to int64 (see _Columns)."""
     return {k: widen(v[idx]) for k, v in batch.items()}
@@ -238,10 +243,12 @@ class TrainingStream:
 
         Per batch, not through a (users x items) table: the batch users' positives are gathered from
         the CSR lists and matched against the distinct candidates, so the cost is the size of those
-        lists, whatever the catalog size. The few matches are then spread to the rows and columns that
+        lists, whatever the catalog size. Few matches are then spread to the rows and columns that
         hold their user and item and written into the mask directly: a dense (users x candidates)
         table gathered to (B, C) cost more than the rest of this function together (at 700k
-        interactions 6.5-7.3 ms a batch with it, 2.4-3.3 without; docs/TRAINING.md)."""
+        interactions 6.5-7.3 ms a batch with it, 2.4-3.3 without; docs/TRAINING.md). Matches that
+        fill more than 1 / DENSE_HITS of the mask (small catalogs, long histories) go through that
+        table, which is then the cheaper of the two."""
         uniq, col = torch.unique(candidates, return_inverse=True)          # (U,), (C,)
         # each distinct user once: active users fill a batch several times, and their positive lists
         # are the longest (the lists' total length is most of this function's cost)
@@ -254,6 +261,16 @@ class TrainingStream:
         cand = lookup[item]
         matched = cand >= 0
         pair_user, pair_item = slot[matched], cand[matched]                 # (K,) (user slot, item slot)
+        # how many mask entries the pairs spread to: where hits are dense (the demo: 31% of a batch's
+        # (B, B) mask, 326k entries from 52k pairs), spreading them one by one cost 8.7 ms a batch and a
+        # (users x distinct items) table gathered to (B, C) 1.9 ms; where they are sparse (the 700k
+        # bench shape: 0.7%, 7k entries) spreading cost 0.5 ms and the table 1.5 ms
+        rows_per_user = torch.bincount(row_of, minlength=len(users))
+        cols_per_item = torch.bincount(col, minlength=len(uniq))
+        if int((rows_per_user[pair_user] * cols_per_item[pair_item]).sum()) * DENSE_HITS > len(user) * len(candidates):
+            table = torch.zeros((len(users), len(uniq)), dtype=torch.bool)
+            table[pair_user, pair_item] = True
+            return table.view(-1)[(row_of * len(uniq)).unsqueeze(1) + col.unsqueeze(0)]
         rows_of_user, row_ptr = _groups(row_of, len(users))
         cols_of_item, col_ptr = _groups(col, len(uniq))
         # each matched pair to every batch row of its user, then to every column of its item

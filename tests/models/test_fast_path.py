@@ -89,7 +89,12 @@ def test_extra_negatives_or_other_losses_keep_the_reference_path(sampled):
     assert not BatchLoss(stream, TrainParams(loss="pairwise"), None).fused
 
 
-def test_accidental_hits_match_a_dense_user_item_table(sampled):
+# 0: the matched pairs are always spread one by one; 10**9: always through the dense table
+@pytest.mark.parametrize("dense_hits", [0, 10**9], ids=["spread", "table"])
+def test_accidental_hits_match_a_dense_user_item_table(sampled, dense_hits, monkeypatch):
+    import models.stream
+
+    monkeypatch.setattr(models.stream, "DENSE_HITS", dense_hits)
     _, stream, _, _ = stream_and_config(*sampled)
     counts = stream.pos_ptr[1:] - stream.pos_ptr[:-1]
     dense = torch.zeros((len(counts), stream.n_items), dtype=torch.bool)     # fine at test size only
