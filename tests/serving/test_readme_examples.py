@@ -67,9 +67,12 @@ def as_request(args: list[str]) -> tuple[str, str, str | None, dict[str, str]]:
 
 def demo_like_project(root: Path) -> Path:
     """A project with the default params (smaller training), whose demo cache holds a small dataset
-    shaped like MovieLens (ids from 1, user 196, item 50, capitalised genres, 1-5 star ratings)."""
+    shaped like MovieLens (ids from 1, user 196, item 50, capitalised genres, release_year, 1-5 star
+    ratings)."""
     demo = make_contract_dataset(root / ".cache/towerflow/ml-100k", n_users=200, n_items=60, per_user=(5, 15), seed=3)
-    items = pd.read_parquet(demo / "items.parquet")
+    # the demo's item columns (MovieLens: the year is release_year), so the README's POST /items works there
+    items = pd.read_parquet(demo / "items.parquet").rename(columns={"year": "release_year"})
+    assert set(items.columns) >= {"item_id", "release_year", "genres"}, items.columns
     items["genres"] = [[g.capitalize() for g in gs] for gs in items["genres"]]
     items.assign(item_id=items["item_id"] - 999).to_parquet(demo / "items.parquet", index=False)
     inter = pd.read_parquet(demo / "interactions.parquet")
