@@ -26,9 +26,10 @@ TELEMETRY_OFF: dict[str, str] = {
 #   8 busy processes beside: default spin 1.2k          | 10,000 2.6k | PASSIVE 2.8k
 # Sleeping at once halves training speed on an idle machine (each of a step's hundreds of short parallel
 # regions waits for a sleeping thread to wake); spinning long starves the partner thread on cores other
-# processes share (10x slower than 1 thread at load 13.7). A short spin keeps both: near the idle speed, near PASSIVE's under
-# load. Set only when the user chose neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT (GOMP_SPINCOUNT wins over
-# the policy in libgomp). Read when torch loads, so it is set before any import.
+# processes share (10x slower than 1 thread at load 13.7). A short spin keeps both: near the idle speed,
+# near PASSIVE's under load. Set only when the user chose neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT
+# (GOMP_SPINCOUNT wins over the policy in libgomp). Read when torch loads, so it is set before any import;
+# the Makefile sets the same for the test processes, which import torch before any CLI code runs.
 SPIN_COUNT = "10000"
 
 

@@ -49,11 +49,12 @@ def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return group, torch.arange(total) - first[group]
 
 
-def _groups(labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions grouped by label (0..n-1): (positions sorted by label, (n + 1,) CSR pointers)."""
+def _groups(labels: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions grouped by label (0..len(counts)-1, `counts` = their bincount): (positions sorted by
+    label, (len(counts) + 1,) CSR pointers)."""
     order = torch.argsort(labels, stable=True)
-    ptr = torch.zeros(n + 1, dtype=torch.int64)
-    ptr[1:] = torch.cumsum(torch.bincount(labels, minlength=n), 0)
+    ptr = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(counts, 0)
     return order, ptr
 
 
@@ -267,17 +268,18 @@ class TrainingStream:
         # bench shape: 0.7%, 7k entries) spreading cost 0.5 ms and the table 1.5 ms
         rows_per_user = torch.bincount(row_of, minlength=len(users))
         cols_per_item = torch.bincount(col, minlength=len(uniq))
-        if int((rows_per_user[pair_user] * cols_per_item[pair_item]).sum()) * DENSE_HITS > len(user) * len(candidates):
+        spread = int((rows_per_user[pair_user] * cols_per_item[pair_item]).sum())
+        if spread * DENSE_HITS > len(user) * len(candidates):
             table = torch.zeros((len(users), len(uniq)), dtype=torch.bool)
             table[pair_user, pair_item] = True
             return table.view(-1)[(row_of * len(uniq)).unsqueeze(1) + col.unsqueeze(0)]
-        rows_of_user, row_ptr = _groups(row_of, len(users))
-        cols_of_item, col_ptr = _groups(col, len(uniq))
+        rows_of_user, row_ptr = _groups(row_of, rows_per_user)
+        cols_of_item, col_ptr = _groups(col, cols_per_item)
         # each matched pair to every batch row of its user, then to every column of its item
-        k, j = _expand(row_ptr[pair_user + 1] - row_ptr[pair_user])
+        k, j = _expand(rows_per_user[pair_user])
         row = rows_of_user[row_ptr[pair_user[k]] + j]
         pair_item = pair_item[k]
-        k, j = _expand(col_ptr[pair_item + 1] - col_ptr[pair_item])
+        k, j = _expand(cols_per_item[pair_item])
         out = torch.zeros((len(user), len(candidates)), dtype=torch.bool)
         out[row[k], cols_of_item[col_ptr[pair_item[k]] + j]] = True
         return out
