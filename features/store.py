@@ -136,6 +136,33 @@ class OnlineOnly:
     type = "none: opened for online reads and pushes only"
 
 
+def import_feast_without_torch() -> None:
+    """Import Feast for a process that only reads online rows and has no use for torch (a one-shot
+    `towerflow recommend`, whose user tower runs in numpy).
+
+    feast.torch_wrapper imports torch at Feast's import, for tensor outputs that an online read never
+    asks for: 1.1-1.5 s of a one-shot answer. Here torch is hidden while Feast is imported (Feast
+    catches the ImportError and reports torch missing only if a tensor is asked for); torch stays
+    importable afterwards. Does nothing when Feast or torch is already imported (a long-running
+    process keeps Feast as it is). (Typeguard's instrumentation of Feast is left off by every
+    `towerflow` command: flows/environment.py.)"""
+    import sys
+
+    if "feast" in sys.modules or "torch" in sys.modules:
+        return
+    sys.modules["torch"] = None     # `import torch` raises ImportError, which feast.torch_wrapper catches
+    try:
+        import feast  # noqa: F401
+    except ImportError:
+        # a Feast that needs torch at import after all: forget the half-imported modules and import
+        # it as it is (slower, never wrong)
+        for name in [m for m in sys.modules if m == "feast" or m.startswith("feast.")]:
+            del sys.modules[name]
+    finally:
+        del sys.modules["torch"]
+    import feast  # noqa: F401, F811
+
+
 def open_store(feast_dir: Path, features_dir: Path, online: OnlineKind | None = None,
                offline: OfflineKind | None = "file", spark_driver_memory: str = "4g",
                duckdb_memory_limit: str = "4GB") -> "FeatureStore":

@@ -60,7 +60,9 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
             from flows.serving.rerank import load_bundle_ranker
             ranker = load_bundle_ranker(bundle)
         # copy_if_held: a running service holds an embedded index; search a copy of it meanwhile
-        with Recommender.load(bundle, paths.feast, paths.features, copy_if_held=True) as recommender:
+        # one_shot: this process answers and exits (a re-rank needs torch for the ranker anyway)
+        with Recommender.load(bundle, paths.feast, paths.features, copy_if_held=True,
+                              one_shot=not rerank) as recommender:
             recs = recommender.recommend(ids, max(k, rerank_depth) if rerank else k,
                                          exclude_seen=not include_seen, filter=query_filter)
         if ranker is not None:

@@ -26,6 +26,7 @@ from flows.serving.index.qdrant_server import collection_name, server_url
 from flows.reports.live import bundle_eval_model, bundle_reports, lineage, require_passed
 from flows.serving.verify import check_vectors, verify_index
 from models.encoding import read_rows
+from models.numpy_user_tower import USER_TOWER_FILE, export_user_tower
 
 REQUIRED_MODEL_FILES = ("model.pt", "encoder.json")
 # The stage's DVC output: what this run published. Not the bundles themselves, which rollbacks
@@ -119,7 +120,7 @@ def _publish(model_dir: Path, training_dir: Path, schema: dict[str, Any], items:
         if version is None:
             version = version_name(digest)
             queries = user_sample(model, training_dir, schema, cfg.verify_users, seed)
-            _build(store, version, model_dir, items, schema, vectors, payloads, queries, backend, settings,
+            _build(store, version, model_dir, model, items, schema, vectors, payloads, queries, backend, settings,
                    cfg, digest, live, reports_dir, ranker_dir, eval_model_dir)
         pause_point("switch")
         previous = store.switch(version, "publish", f"{action} from {model_dir}")
@@ -170,15 +171,15 @@ def user_sample(model: Any, training_dir: Path, schema: dict[str, Any], n: int, 
     return np.asarray(model.encode_users(read_rows(path, picked, columns)), dtype=np.float32)
 
 
-def _build(store: BundleStore, version: str, model_dir: Path, items: pd.DataFrame, schema: dict[str, Any],
-           vectors: np.ndarray, payloads: list[dict], queries: np.ndarray, backend: str,
+def _build(store: BundleStore, version: str, model_dir: Path, model: Any, items: pd.DataFrame,
+           schema: dict[str, Any], vectors: np.ndarray, payloads: list[dict], queries: np.ndarray, backend: str,
            settings: IndexSettings, cfg: PublishParams, digest: str, live: str | None,
            reports_dir: Path | None = None, ranker_dir: Path | None = None,
            eval_model_dir: Path | None = None) -> None:
     collection = collection_name(cfg.collection_prefix, version) if backend == "qdrant-server" else None
     partial = store.partial(version, {"backend": backend, "collection": collection})
     try:
-        _write_files(partial, model_dir, items, schema, vectors)
+        _write_files(partial, model_dir, items, schema, vectors, model)
         if reports_dir is not None:
             bundle_reports(reports_dir, partial)
         if ranker_dir is not None:
@@ -212,11 +213,14 @@ def _build(store: BundleStore, version: str, model_dir: Path, items: pd.DataFram
 
 
 def _write_files(folder: Path, model_dir: Path, items: pd.DataFrame, schema: dict[str, Any],
-                 vectors: np.ndarray) -> None:
+                 vectors: np.ndarray, model: Any) -> None:
     (folder / MODEL_DIR).mkdir()
     for name in MODEL_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, folder / MODEL_DIR / name)
+    # the user tower's weights for readers without torch (a one-shot `towerflow recommend`); derived
+    # from model.pt, so not part of the content digest (np.savez stamps its zip entries with the time)
+    export_user_tower(model.model, folder / MODEL_DIR / USER_TOWER_FILE)
     (folder / "schema.json").write_text(json.dumps(schema, indent=2) + "\n")
     features = [c for cs in schema.get("item_features", {}).values() for c in cs if c in items.columns]
     items[["item_id", *features]].to_parquet(folder / "items.parquet", index=False)

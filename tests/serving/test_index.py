@@ -246,7 +246,7 @@ def test_local_batch_top_k_takes_the_k_best_and_orders_ties_by_point() -> None:
     point first (torch.topk leaves the order of ties open), as the one-row `_top` orders them."""
     import torch
 
-    from flows.serving.index.qdrant_local import _top_rows
+    from flows.serving.index.arrays import _top_rows
 
     rng = np.random.default_rng(3)
     scores = rng.integers(0, 5, size=(40, 300)).astype(np.float32)    # many ties
