@@ -89,12 +89,15 @@ def test_extra_negatives_or_other_losses_keep_the_reference_path(sampled):
     assert not BatchLoss(stream, TrainParams(loss="pairwise"), None).fused
 
 
-# 0: the matched pairs are always spread one by one; 10**9: always through the dense table
-@pytest.mark.parametrize("dense_hits", [0, 10**9], ids=["spread", "table"])
+# 0: the matched pairs are always spread one by one; 10**9: always through the batch's dense table;
+# "stream": the whole stream's (users x items) table (the others: a catalog too large for it)
+@pytest.mark.parametrize("dense_hits", [0, 10**9, "stream"], ids=["spread", "table", "stream_table"])
 def test_accidental_hits_match_a_dense_user_item_table(sampled, dense_hits, monkeypatch):
     import models.stream
 
-    monkeypatch.setattr(models.stream, "DENSE_HITS", dense_hits)
+    if dense_hits != "stream":
+        monkeypatch.setattr(models.stream, "TABLE_MAX_ITEMS", 0)
+        monkeypatch.setattr(models.stream, "DENSE_HITS", dense_hits)
     _, stream, _, _ = stream_and_config(*sampled)
     counts = stream.pos_ptr[1:] - stream.pos_ptr[:-1]
     dense = torch.zeros((len(counts), stream.n_items), dtype=torch.bool)     # fine at test size only
@@ -107,6 +110,7 @@ def test_accidental_hits_match_a_dense_user_item_table(sampled, dense_hits, monk
         other = torch.randint(0, stream.n_items, (17,), generator=g)        # candidates outside the batch
         assert torch.equal(stream.hits(user, other), dense[user][:, other])
     assert dense[user][:, item].any() and not dense[user][:, item].all()     # the check is not vacuous
+    assert (stream.table is not None) == (dense_hits == "stream")
 
 
 def test_fused_listwise_rows_lost_to_underflow_are_redone_exactly():
