@@ -27,7 +27,7 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
               params_file: Path = ParamsOption) -> None:
     """Recommend items from the live published bundle, with Feast online features and its user tower.
     A running `serve-api` of this project that serves the live version answers instead (milliseconds
-    rather than the ~10 s of loading the bundle); the answer is the same."""
+    rather than the 1.5-2 s of loading what one answer needs on the demo); the answer is the same."""
     with _errors():
         if (user_id is None) == (users_file is None):
             raise TowerflowError("give exactly one of --user-id or --users-file")
@@ -60,9 +60,9 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
             from flows.serving.rerank import load_bundle_ranker
             ranker = load_bundle_ranker(bundle)
         # copy_if_held: a running service holds an embedded index; search a copy of it meanwhile
-        # one_shot: this process answers and exits (a re-rank needs torch for the ranker anyway)
+        # one_shot: this process answers and exits (with --rerank, torch comes with the ranker)
         with Recommender.load(bundle, paths.feast, paths.features, copy_if_held=True,
-                              one_shot=not rerank) as recommender:
+                              one_shot=True) as recommender:
             recs = recommender.recommend(ids, max(k, rerank_depth) if rerank else k,
                                          exclude_seen=not include_seen, filter=query_filter)
         if ranker is not None:
