@@ -11,6 +11,7 @@ load of every point (1.2-1.9 s on the demo) are most of what a single answer wou
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
 from itertools import chain
 from pathlib import Path
@@ -30,7 +31,7 @@ QUERY_CHUNK = 256
 MASK_CACHE = 256          # distinct filters whose point masks are kept
 
 
-class ArraySearch:
+class ArraySearch(ABC):
     """The search arrays and the exact search over them; mixed into a VectorIndex whose
     `_load_matrix` fills them (through `_set_rows`) and whose `_field_rows` gives each filterable
     field's (point, value) rows."""
@@ -50,11 +51,13 @@ class ArraySearch:
         self._row_index = pd.Index([])                   # item ids, and the row of each:
         self._row_points = np.zeros(0, dtype=np.int64)   # ids -> positions (get_indexer) -> rows
 
+    @abstractmethod
     def _load_matrix(self) -> np.ndarray:
-        raise NotImplementedError
+        """Fill the search arrays (`_set_rows`) from where the points are kept; return the matrix."""
 
+    @abstractmethod
     def _field_rows(self) -> dict[str, pd.DataFrame]:
-        raise NotImplementedError
+        """Each filterable field's (point, value) rows (`field_rows`)."""
 
     def _set_rows(self, points: np.ndarray, items: list[Any], vectors: np.ndarray) -> np.ndarray:
         """The search arrays from every point's id, item and vector (any order)."""
@@ -197,6 +200,13 @@ class BundleArrays(ArraySearch, VectorIndex):
         self._set_rows(points, ids, vectors)
         self._fields = field_rows(points, payloads, settings.fields)
         self._points: dict[Any, int] = {item: int(p) for p, item in zip(points, ids)}
+
+    # both read in __init__, and kept up to date by the writes (`_remember`)
+    def _load_matrix(self) -> np.ndarray:
+        return self._matrix
+
+    def _field_rows(self) -> dict[str, pd.DataFrame]:
+        return self._fields
 
     def _write(self, points: Sequence[int], vectors: np.ndarray, payloads: Sequence[dict]) -> None:
         self._points.update((p[ITEM_ID], point) for point, p in zip(points, payloads))
