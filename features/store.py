@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 from features.definitions import ITEM_KEY, PROJECT, USER_KEY
 from features.errors import FeatureStoreConfigError
+from features.params import DUCKDB_MEMORY_LIMIT
 from features.params import OfflineKind
 
 if TYPE_CHECKING:
@@ -165,7 +166,7 @@ def import_feast_without_torch() -> None:
 
 def open_store(feast_dir: Path, features_dir: Path, online: OnlineKind | None = None,
                offline: OfflineKind | None = "file", spark_driver_memory: str = "4g",
-               duckdb_memory_limit: str = "4GB") -> "FeatureStore":
+               duckdb_memory_limit: str = DUCKDB_MEMORY_LIMIT) -> "FeatureStore":
     """The FeatureStore over feast_dir (registry + online store); created on first use.
 
     online=None opens the kind recorded in feast_dir (what materialize filled). `offline` must be

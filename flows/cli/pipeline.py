@@ -17,6 +17,10 @@ from flows.stages.registry import STAGES
 
 from flows.cli.common import ParamsOption, SetOption, _errors, _load, app
 
+# a stage's per-step figures, printed under its one-line summary (materialize: where the time and
+# the memory high-water went, what a user sizing a machine reads)
+STEP_FIGURES = ("seconds_by_step", "peak_rss_mb_after_step")
+
 
 @app.command()
 def stage(name: str = typer.Argument(..., help="One of: " + ", ".join(STAGES)),
@@ -36,6 +40,9 @@ def stage(name: str = typer.Argument(..., help="One of: " + ", ".join(STAGES)),
         t0 = time.perf_counter()
         summary = run_stage(name, params, root)
         typer.echo(f"{name}: done in {time.perf_counter() - t0:.1f}s {_brief(summary)}")
+        for key in STEP_FIGURES:
+            if isinstance(summary, dict) and isinstance(summary.get(key), dict):
+                typer.echo(f"  {key}: {json.dumps(summary[key])}")
 
 
 def _brief(summary: object) -> str:

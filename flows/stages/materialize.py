@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -87,6 +88,12 @@ def _write(training_dir: Path, examples: Path, catalog: pa.Table, split: dict) -
     os.replace(examples, training_dir / "examples.parquet")
 
 
+def _high_water_mb() -> float:
+    """This process's peak resident memory so far (MiB; Linux reports ru_maxrss in KiB). Read after
+    each step: the step where it grows holds the stage's peak (issue 23 bounds it at 10M)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: Path, features_dir: Path,
                 feast_dir: Path, training_dir: Path, checks: TrainingSetChecks | None = None,
                 assets_cache: Path | None = None, events_dir: Path | None = None,
@@ -102,6 +109,7 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
     schema, users, items, inter = _read_inputs(ingested)
     sources = write_sources(features_cfg, schema, users, items, inter, features_dir)
     timings = {"sources": time.perf_counter() - started}
+    high_water = {"sources": _high_water_mb()}
 
     store, online = fill_online(features_cfg, schema, inter, sources, features_dir, feast_dir)
     cursor = read_cursor(ingested)
@@ -109,6 +117,7 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
         store, events_dir, cursor, schema, rules, inter, (users[USER_KEY], items["item_id"]),
         features_cfg.history_length, features_cfg.count_windows_days)}
     timings["online"] = time.perf_counter() - started - timings["sources"]
+    high_water["online"] = _high_water_mb()
 
     examples = example_keys(inter)
     examples["split"] = temporal_split(examples, split_cfg).to_numpy()
@@ -123,6 +132,7 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
                                           features_cfg.join_rows).names
         catalog = item_catalog(store, schema, items, sources.now, features_dir)
         timings["point_in_time_join"] = time.perf_counter() - started - sum(timings.values())
+        high_water["point_in_time_join"] = _high_water_mb()
         checked = {}
         if checks is not None:
             try:
@@ -133,6 +143,7 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
                 if assets_cache is not None:
                     localize_offline(checks.docs_dir, assets_cache)
             timings["validation"] = time.perf_counter() - started - sum(timings.values())
+            high_water["validation"] = _high_water_mb()
         split = _split_summary(examples, split_cfg)
         _write(training_dir, partial, catalog, split)
     finally:
@@ -141,4 +152,5 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
             "online_materialization": online, "offline_store": store.config.offline_store.type,
             **replayed,
             **split, **checked, "seconds": round(time.perf_counter() - started, 2),
-            "seconds_by_step": {k: round(v, 2) for k, v in timings.items()}}
+            "seconds_by_step": {k: round(v, 2) for k, v in timings.items()},
+            "peak_rss_mb_after_step": high_water}

@@ -194,3 +194,21 @@ def test_switching_the_offline_store_rebuilds_and_duckdb_extends_incrementally(t
     assert how == "incremental"
     _, full = fill(tmp_path / "rebuilt", "file", grown)
     pd.testing.assert_frame_equal(incremental, full)
+
+
+def test_duckdb_joins_under_the_configured_memory_limit(tmp_path):
+    # at 10M interactions each join slice lifted the process by about this limit: the default keeps
+    # the materialize stage under 8 GB (README "Scale"), so it must reach the DuckDB that Feast joins with
+    import duckdb
+    import ibis
+
+    def shown(limit: str) -> str:      # DuckDB's own rendering of a limit, e.g. 3GB -> 2.7 GiB
+        return duckdb.connect(config={"memory_limit": limit}).execute(
+            "select current_setting('memory_limit')").fetchone()[0]
+
+    default = FeaturesParams().duckdb_memory_limit
+    for limit in (default, "1GB"):
+        open_store(tmp_path / "feast", tmp_path / "features", "sqlite", "duckdb",
+                   **({} if limit == default else {"duckdb_memory_limit": limit}))
+        got = ibis.get_backend().raw_sql("select current_setting('memory_limit')").fetchone()[0]
+        assert got == shown(limit) != shown("4GB"), limit

@@ -176,3 +176,11 @@ def test_a_training_set_that_fails_its_checks_leaves_the_old_one(tmp_path):
         materialize(SPLIT, FeaturesParams(history_length=HISTORY, join_rows=5), ing, **dirs, checks=checks)
     assert (dirs["training_dir"] / "examples.parquet").read_bytes() == before
     assert not (dirs["training_dir"] / ".examples.partial.parquet").exists()
+
+
+def test_the_summary_gives_the_memory_high_water_after_each_step(run):
+    # the step where it grows holds the stage's peak: what a user bounding memory at scale looks at
+    high = run["summary"]["peak_rss_mb_after_step"]
+    assert list(high) == ["sources", "online", "point_in_time_join"] == list(run["summary"]["seconds_by_step"])
+    values = list(high.values())
+    assert values == sorted(values) and values[0] > 50      # a Python process with pandas and Feast
