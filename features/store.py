@@ -24,8 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 from features.definitions import ITEM_KEY, PROJECT, USER_KEY
 from features.errors import FeatureStoreConfigError
-from features.params import DUCKDB_MEMORY_LIMIT
-from features.params import OfflineKind
+from features.params import DUCKDB_MEMORY_LIMIT, OfflineKind
 
 if TYPE_CHECKING:
     from feast import FeatureStore
