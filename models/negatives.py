@@ -97,18 +97,23 @@ def load_negative_pool(logs_path: Path, include_shown_unclicked: bool = False) -
                         log_rows=file.metadata.num_rows)
 
 
+def _utc_us(times: pd.Series) -> pd.arrays.DatetimeArray:
+    """times as UTC microseconds, kept a datetime array: `.to_numpy()` of a tz-aware column makes one
+    Python Timestamp per row (24 s of a 175 s sample stage at 10M interactions)."""
+    return pd.to_datetime(times, utc=True).array.astype("datetime64[us, UTC]")
+
+
 def latest_request(examples: pd.DataFrame, pool: NegativePool) -> np.ndarray:
     """(N,) code of each example's user's latest request at or before the example's timestamp; -1: none."""
     n = len(examples)
     if pool.empty or n == 0:
         return np.full(n, -1, np.int64)
     users = pd.Index(pd.unique(examples["user_id"]))
-    left = pd.DataFrame({"u": users.get_indexer(examples["user_id"]), "t": examples["timestamp"].to_numpy(),
+    left = pd.DataFrame({"u": users.get_indexer(examples["user_id"]), "t": _utc_us(examples["timestamp"]),
                          "row": np.arange(n)})
-    right = pd.DataFrame({"u": users.get_indexer(pool.request_user), "t": pool.request_time.to_numpy(),
+    right = pd.DataFrame({"u": users.get_indexer(pool.request_user), "t": _utc_us(pool.request_time),
                           "req": np.arange(len(pool.request_user), dtype=np.int64)})
     right = right[right["u"] >= 0]
-    left["t"], right["t"] = pd.to_datetime(left["t"], utc=True), pd.to_datetime(right["t"], utc=True)
     # merge_asof backward + exact matches allowed: the latest request with t_request <= t_example
     joined = pd.merge_asof(left.sort_values("t", kind="stable"), right.sort_values("t", kind="stable"),
                            on="t", by="u", direction="backward", allow_exact_matches=True)
