@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import resource
 
 import pyarrow as pa
+
+
+def high_water_mb() -> float:
+    """This process's peak resident memory so far, MiB (Linux reports ru_maxrss in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def return_freed_memory() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from features.memory import high_water_mb
 from flows.experiments.features_bench import time_calls
 
 EMBEDDED = ("qdrant-local", "qdrant-edge")
@@ -80,7 +80,7 @@ def run_one(backend: str, n: int, dim: int, repeats: int, n_queries: int, seed: 
         "build_s": round(build_s, 2), "open_s": round(open_s, 2),
         "warmup": {"queries": len(warmup), "seconds": round(warmup_s, 2)},
         "rss_mb": {"data": rss_data, "after_open": _rss_mb(),
-                   "peak": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
+                   "peak": high_water_mb()},
         "query_k10": time_calls(lambda: index.search(one(), 10), repeats),
         "query_k100": time_calls(lambda: index.search(one(), 100), repeats),
         "query_k10_exclude50": time_calls(lambda: index.search(one(), 10, exclude=seen), repeats),

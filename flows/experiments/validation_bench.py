@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from features.memory import high_water_mb
 
 
 def synthetic(out: Path, rows: int, users: int = 100_000, items: int = 20_000, seed: int = 0) -> Path:
@@ -65,12 +66,12 @@ def main() -> None:
         t0 = time.perf_counter()
         data = synthetic(args.work / "ingested", args.rows)
         print(f"generated {args.rows} rows in {time.perf_counter() - t0:.1f}s", flush=True)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss0 = high_water_mb()
     cfg = ValidateParams(chunk_rows=args.chunk_rows, rating_range=(1, 5), rating_mean=(2.5, 4.5))
     t0 = time.perf_counter()
     summary = validate(cfg, data, args.work / "docs", args.work / "validation.json", args.work / "gx")
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = high_water_mb()
     print(json.dumps({"seconds": round(seconds, 1), "peak_rss_mb_before": round(rss0),
                       "peak_rss_mb": round(peak), "success": summary["success"],
                       "tables": {t: {k: s.get(k) for k in ("rows", "batches", "evaluated")}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import pyarrow.parquet as pq
 from features.definitions import RESERVED, USER_KEY, feature_columns, is_reserved
 from features.history import write_sources
 from features.params import FeaturesParams
-from features.memory import return_freed_memory
+from features.memory import high_water_mb, return_freed_memory
 from features.refresh import fill_online
 from features.training_set import EXAMPLE_KEYS, count_columns, example_keys, item_catalog, write_training_examples
 from flows.errors import DataContractError, MissingStageInput
@@ -88,12 +87,6 @@ def _write(training_dir: Path, examples: Path, catalog: pa.Table, split: dict) -
     os.replace(examples, training_dir / "examples.parquet")
 
 
-def _high_water_mb() -> float:
-    """This process's peak resident memory so far (MiB; Linux reports ru_maxrss in KiB). Read after
-    each step: the step where it grows holds the stage's peak (issue 23 bounds it at 10M)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: Path, features_dir: Path,
                 feast_dir: Path, training_dir: Path, checks: TrainingSetChecks | None = None,
                 assets_cache: Path | None = None, events_dir: Path | None = None,
@@ -106,18 +99,25 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
     events_dir and rules, the serving events newer than the ingested ones are replayed online.
     """
     started = time.perf_counter()
+    timings: dict[str, float] = {}
+    high_water: dict[str, float] = {}
+
+    def done(step: str) -> None:
+        # the step's seconds and the memory high-water at its end: the step where it grows holds the
+        # stage's peak (issue 23 bounds it at 10M interactions)
+        timings[step] = time.perf_counter() - started - sum(timings.values())
+        high_water[step] = high_water_mb()
+
     schema, users, items, inter = _read_inputs(ingested)
     sources = write_sources(features_cfg, schema, users, items, inter, features_dir)
-    timings = {"sources": time.perf_counter() - started}
-    high_water = {"sources": _high_water_mb()}
+    done("sources")
 
     store, online = fill_online(features_cfg, schema, inter, sources, features_dir, feast_dir)
     cursor = read_cursor(ingested)
     replayed = {} if events_dir is None or rules is None or cursor is None else {"events_replayed": replay_events(
         store, events_dir, cursor, schema, rules, inter, (users[USER_KEY], items["item_id"]),
         features_cfg.history_length, features_cfg.count_windows_days)}
-    timings["online"] = time.perf_counter() - started - timings["sources"]
-    high_water["online"] = _high_water_mb()
+    done("online")
 
     examples = example_keys(inter)
     examples["split"] = temporal_split(examples, split_cfg).to_numpy()
@@ -131,8 +131,7 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
         columns = write_training_examples(store, schema, examples, sources.history, features_dir, partial,
                                           features_cfg.join_rows).names
         catalog = item_catalog(store, schema, items, sources.now, features_dir)
-        timings["point_in_time_join"] = time.perf_counter() - started - sum(timings.values())
-        high_water["point_in_time_join"] = _high_water_mb()
+        done("point_in_time_join")
         checked = {}
         if checks is not None:
             try:
@@ -142,8 +141,7 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
             finally:
                 if assets_cache is not None:
                     localize_offline(checks.docs_dir, assets_cache)
-            timings["validation"] = time.perf_counter() - started - sum(timings.values())
-            high_water["validation"] = _high_water_mb()
+            done("validation")
         split = _split_summary(examples, split_cfg)
         _write(training_dir, partial, catalog, split)
     finally:
