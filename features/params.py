@@ -8,6 +8,7 @@ from pydantic import PositiveInt, field_validator
 from models.params import Section
 
 DUCKDB_MEMORY_LIMIT = "3GB"     # features.duckdb_memory_limit's default (see FeaturesParams)
+ONLINE_WRITE_ROWS = 100_000     # features.online_write_rows's default (see FeaturesParams)
 
 OfflineKind = Literal["file", "duckdb", "spark"]
 
@@ -39,10 +40,9 @@ class FeaturesParams(Section):
     # Training examples joined and written this many at a time (features/training_set.py
     # write_training_examples): bounds materialize's memory whatever the number of interactions.
     join_rows: PositiveInt = 1_000_000
-    # A full online fill calls Feast's materialize once per time window of at most this many
-    # user_history rows, in time order (features/refresh.py): Feast's local engine reads and
-    # deduplicates a window's rows in pandas, 11.8 GB high-water for 11M history rows at once.
-    online_window_rows: PositiveInt = 2_000_000
+    # Materialize writes the online rows (each entity's latest, picked by the offline store) this
+    # many at a time: Feast converts a batch to protobufs whole (features/store.py).
+    online_write_rows: PositiveInt = ONLINE_WRITE_ROWS
     # spark only: memory of the local driver JVM (local mode runs every task inside it).
     spark_driver_memory: str = "4g"
 

@@ -22,7 +22,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,7 +30,6 @@ from features.definitions import (
     ITEM_KEY,
     ITEM_STATIC_FV,
     SOURCE_FILES,
-    TIMESTAMP_FIELD,
     USER_KEY,
     USER_STATIC_FV,
     build_repo,
@@ -133,7 +131,8 @@ def record(feast_dir: Path, definition: str, static: str, inter: pd.DataFrame,
 def _open(features_cfg: FeaturesParams, features_dir: Path, feast_dir: Path,
           offline: OfflineKind) -> "FeatureStore":
     return open_store(feast_dir, features_dir, features_cfg.online_store, offline,
-                      features_cfg.spark_driver_memory, features_cfg.duckdb_memory_limit)
+                      features_cfg.spark_driver_memory, features_cfg.duckdb_memory_limit,
+                      features_cfg.online_write_rows)
 
 
 def _fresh_store(features_cfg: FeaturesParams, schema: dict, features_dir: Path,
@@ -144,20 +143,6 @@ def _fresh_store(features_cfg: FeaturesParams, schema: dict, features_dir: Path,
     store = _open(features_cfg, features_dir, feast_dir, offline)
     store.apply(build_repo(schema, features_dir, offline).objects())
     return store
-
-
-def fill_windows(stamps_us: np.ndarray, start: pd.Timestamp, end: pd.Timestamp,
-                 max_rows: int) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
-    """[start, end] cut at every max_rows-th of the history rows' times (microseconds), in time order.
-
-    Feast's materialize writes, per entity, the latest row of the window it is given, reading the
-    window's rows whole; windows in time order leave each entity at its latest row overall, as one
-    call would, while a call holds at most ~max_rows history rows (more where many share one time).
-    Feast takes both ends inclusively, so a row dated at a cut is written twice, never skipped."""
-    cuts = np.unique(np.sort(stamps_us)[max_rows::max_rows])
-    inner = [pd.Timestamp(int(c), unit="us", tz="UTC") for c in cuts]
-    bounds = [start, *(c for c in inner if start < c < end), end]
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def fill_online(features_cfg: FeaturesParams, schema: dict, interactions: pd.DataFrame,
@@ -177,9 +162,8 @@ def fill_online(features_cfg: FeaturesParams, schema: dict, interactions: pd.Dat
     (feast_dir / STATE_FILE).unlink(missing_ok=True)
     if how == "full":
         store = _fresh_store(features_cfg, schema, features_dir, feast_dir, offline)
-        stamps = sources.history.column(TIMESTAMP_FIELD).cast(pa.int64()).to_numpy()
-        for lo, hi in fill_windows(stamps, sources.static_at, end, features_cfg.online_window_rows):
-            store.materialize(start_date=lo.to_pydatetime(), end_date=hi.to_pydatetime())
+        # One call: the offline store picks each entity's latest row, so each is written once.
+        store.materialize(start_date=sources.static_at.to_pydatetime(), end_date=end.to_pydatetime())
     else:
         store = _open(features_cfg, features_dir, feast_dir, offline)
         if how == "incremental":

@@ -241,26 +241,61 @@ def test_rerun_materializes_incrementally_and_serves_what_a_rebuild_serves(tmp_p
                        **dirs)["online_materialization"] == "full"
 
 
+def _count_writes(monkeypatch) -> dict[str, list[int]]:
+    """Rows per online write call, by view: a spy that passes every call on to Feast's SQLite store."""
+    from feast.infra.online_stores.sqlite import SqliteOnlineStore
+
+    calls: dict[str, list[int]] = {}
+    write = SqliteOnlineStore.online_write_batch
+
+    def counted(self, config, table, data, progress):  # noqa: ANN001, ANN202 (Feast's signature)
+        calls.setdefault(table.name, []).append(len(data))
+        return write(self, config, table, data, progress)
+
+    monkeypatch.setattr(SqliteOnlineStore, "online_write_batch", counted)
+    return calls
+
+
+@pytest.mark.parametrize("offline", ["file", "duckdb"])
 @pytest.mark.parametrize("string_ids", [False, True], ids=["int_ids", "string_ids"])
-def test_a_full_fill_in_time_windows_serves_what_one_window_serves(tmp_path, string_ids):
-    """features.online_window_rows bounds the rows Feast holds per materialize call; the windows, in
-    time order, leave every user and item at the row one call over the whole range leaves."""
+def test_a_full_fill_writes_each_latest_row_once_and_serves_what_feasts_default_path_serves(
+        tmp_path, monkeypatch, string_ids, offline):
+    """A full fill is one materialize call in which the offline store picks each user's and item's
+    latest row and Feast writes them features.online_write_rows at a time: every entity is written
+    once (time windows wrote a user once per window: 3.95M history writes for 1M users at 10M
+    interactions), and the store serves what Feast's default path (every row of the range read into
+    pandas, deduplicated there, written in one batch) leaves."""
+    import features.store
     from features.store import open_store
 
     ing = ingested_tables(tmp_path, string_ids)
     schema = contract_schema(string_ids)
-    whole = _materialize(tmp_path / "whole", ing, "sqlite")
-    dirs = {"features_dir": tmp_path / "windows" / "features", "feast_dir": tmp_path / "windows" / "feast",
-            "training_dir": tmp_path / "windows" / "training"}
-    out = materialize(SPLIT, FeaturesParams(history_length=HISTORY, online_window_rows=7), ing, **dirs)
+    dirs = {name: tmp_path / "ours" / name for name in ("features", "feast", "training")}
+    dirs = {f"{name}_dir": path for name, path in dirs.items()}
+    writes = _count_writes(monkeypatch)
+    out = materialize(SPLIT, FeaturesParams(history_length=HISTORY, offline_store=offline,
+                                            online_write_rows=7), ing, **dirs)
     assert out["online_materialization"] == "full"
+    config = open_store(dirs["feast_dir"], dirs["features_dir"]).config.materialization_config
+    assert config.pull_latest_features and config.online_write_batch_size == FeaturesParams().online_write_rows
     history = open_store(dirs["feast_dir"], dirs["features_dir"]).get_feature_view("user_history_fv")
-    rows = out["history_rows"]
-    assert len(history.materialization_intervals) >= rows // 7 - 1 > 3     # one per window
+    assert len(history.materialization_intervals) == 1                     # one call
+    inter = pd.read_parquet(ing / "interactions.parquet")
+    assert sum(writes["user_history_fv"]) == sum(writes["user_seen_fv"]) == inter["user_id"].nunique()
+    assert sum(writes["item_popularity_fv"]) == len(set(inter["item_id"]) | set(
+        pd.read_parquet(ing / "items.parquet")["item_id"]))
+    assert max(n for rows in writes.values() for n in rows) == 7 < out["users"]   # in batches
+
+    # Feast's default path, in one batch, as the reference.
+    monkeypatch.setattr(features.store, "_MATERIALIZATION", {"pull_latest_features": False})
+    ref = {name: tmp_path / "ref" / path.name for name, path in dirs.items()}
+    materialize(SPLIT, FeaturesParams(history_length=HISTORY, offline_store=offline,
+                                      online_write_rows=10**9), ing, **ref)
+    assert not open_store(ref["feast_dir"], ref["features_dir"]).config.materialization_config.pull_latest_features
     ids = _all_users(ing, [])
-    _same(_serving(dirs, schema, ids), _serving(whole, schema, ids))
-    items = pd.read_parquet(ing / "interactions.parquet")["item_id"].unique().tolist()
-    assert _item_popularity(dirs, items) == _item_popularity(whole, items)
+    _same(_serving(dirs, schema, ids), _serving(ref, schema, ids))
+    items = inter["item_id"].unique().tolist()
+    assert _item_popularity(dirs, items) == _item_popularity(ref, items)
 
 
 def test_feature_bench_runs_on_a_store(tmp_path):
