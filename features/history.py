@@ -8,6 +8,7 @@ later. Item popularity rows are dated at UTC midnights and count whole days befo
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -15,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features.definitions import (
@@ -38,6 +38,7 @@ from features.definitions import (
     user_count_columns,
 )
 from features.params import FeaturesParams
+from models.arrays import search_sorted, sorted_unique
 
 # How far after a user's last interaction the "now" history row is dated: strictly after every
 # interaction of that user, so no training example can pick it up.
@@ -72,42 +73,68 @@ def static_rows(table: pd.DataFrame, key: str, columns: list[str], at: pd.Timest
     return out.append_column(TIMESTAMP_FIELD, stamp)
 
 
-def _sorted(interactions: pd.DataFrame) -> pd.DataFrame:
-    # Same order as models.split: time, then item id for ties.
-    return interactions[[USER_KEY, ITEM_KEY, "timestamp"]].sort_values(
-        [USER_KEY, "timestamp", ITEM_KEY], kind="mergesort", ignore_index=True)
+@dataclass(frozen=True)
+class _Coded:
+    """Interactions in (user, time, item id) order, the order of models.split, each id as its code in
+    the sorted distinct ids: every sort and grouping below runs on integers (sorting 10M string ids
+    took 14 s, twice, of the 10M sources step's 128 s; converting id objects to arrow 11 s more)."""
+
+    user: np.ndarray      # codes into users, rows in order
+    item: np.ndarray      # codes into items
+    ts: np.ndarray        # int64 microseconds (UTC)
+    users: pa.Array       # the distinct user ids, sorted
+    items: pa.Array       # the distinct item ids, sorted
 
 
-def _windows(items: np.ndarray, cut: np.ndarray, start: np.ndarray, length: int) -> pa.Array:
-    """list<item> per row: items[cut-1], items[cut-2], ... down to max(start, cut-length)."""
+def _coded(interactions: pd.DataFrame) -> _Coded:
+    user, users = pd.factorize(interactions[USER_KEY], sort=True)
+    item, items = pd.factorize(interactions[ITEM_KEY], sort=True)
+    # the column's own resolution orders the ties that whole microseconds would make
+    exact = pd.to_datetime(interactions["timestamp"], utc=True).astype("int64").to_numpy()
+    order = np.lexsort((item, exact, user))
+    return _Coded(user[order], item[order], micros(interactions["timestamp"])[order],
+                  _id_array(np.asarray(users)), _id_array(np.asarray(items)))
+
+
+def _windows(ids: pa.Array, codes: np.ndarray, cut: np.ndarray, start: np.ndarray,
+             length: int) -> pa.Array:
+    """list<id> per row: ids[codes[cut-1]], ids[codes[cut-2]], ... down to max(start, cut-length),
+    its values dictionary-coded (int32 codes into ids; `expand_lists` gives plain lists)."""
     lengths = np.minimum(cut - start, length)
     offsets = np.zeros(len(cut) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
     flat = np.repeat(cut - 1, lengths) - within
-    return pa.ListArray.from_arrays(pa.array(offsets), _id_array(items[flat]))
+    values = pa.DictionaryArray.from_arrays(pa.array(codes[flat].astype(np.int32)), ids)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
-def _count_before(right: pd.DataFrame, q_users: np.ndarray, q_ts: np.ndarray) -> np.ndarray:
-    """Per query (user, time): how many of that user's interactions are dated strictly before it.
+def _position_before(user: np.ndarray, ts: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """For interactions in (user, time) order: a function of queries (user code, time) giving the
+    position of the first of that user's rows dated at or after the time, so the rows before it
+    from the user's first are those strictly before (binary searches on one integer key per row, the
+    user and the rank of its time; merge_asof per count window took 16.6 s of 10M's 82 s)."""
+    times = sorted_unique(ts)
+    span = np.int64(len(times) + 1)
+    keys = user.astype(np.int64) * span + search_sorted(times, ts)       # ascending
 
-    right: the interactions as u (user code), t (time), n (position within the user + 1), by t."""
-    left = pd.DataFrame({"u": q_users, "t": q_ts, "q": np.arange(len(q_ts))}).sort_values(
-        "t", kind="mergesort")
-    # the newest interaction strictly before each query time; its rank + 1 is the count
-    hit = pd.merge_asof(left, right, on="t", by="u", direction="backward", allow_exact_matches=False)
-    out = np.zeros(len(q_ts), dtype=np.int64)
-    out[hit["q"].to_numpy()] = hit["n"].fillna(0).to_numpy(dtype=np.int64)
-    return out
+    def position(q_user: np.ndarray, q_ts: np.ndarray) -> np.ndarray:
+        return search_sorted(keys, q_user.astype(np.int64) * span + search_sorted(times, q_ts))
+
+    return position
 
 
 def history_rows(interactions: pd.DataFrame, history_length: int,
                  windows: tuple[int, ...] = ()) -> pa.Table:
     """One row per (user, distinct interaction time) + one "now" row per user (see module doc):
     recent_items, interactions_total and interactions_<w>d (dated in [t - w days, t))."""
-    df = _sorted(interactions)
-    users, items, ts = df[USER_KEY].to_numpy(), df[ITEM_KEY].to_numpy(), micros(df["timestamp"])
-    n = len(df)
+    return expand_lists(_history_table(_coded(interactions), history_length, windows))
+
+
+def _history_table(df: _Coded, history_length: int, windows: tuple[int, ...]) -> pa.Table:
+    """history_rows with its lists dictionary-coded (what the training join holds)."""
+    users, ts = df.user, df.ts
+    n = len(users)
     new_user = np.ones(n, dtype=bool)
     new_user[1:] = users[1:] != users[:-1]
     new_time = new_user.copy()
@@ -122,21 +149,19 @@ def history_rows(interactions: pd.DataFrame, history_length: int,
     stamp = np.concatenate([ts[first], ts[ends - 1] + _NOW_US])
     total = cut - start
     columns = {
-        USER_KEY: _id_array(users[start]),
-        RECENT_ITEMS: _windows(items, cut, start, history_length),
+        USER_KEY: df.users.take(pa.array(users[start])),
+        RECENT_ITEMS: _windows(df.items, df.item, cut, start, history_length),
         INTERACTIONS_TOTAL: pa.array(total.astype(np.int64)),
     }
-    codes = pd.factorize(users)[0]
-    ranked = pd.DataFrame({"u": codes, "t": ts, "n": np.arange(n) - user_start + 1}).sort_values(
-        "t", kind="mergesort")
+    before = _position_before(users, ts)
     for days, name in zip(windows, user_count_columns(windows)[1:]):
-        older = _count_before(ranked, codes[start], stamp - days * _DAY_US)
+        older = before(users[start], stamp - days * _DAY_US) - start     # the user's rows before it
         columns[name] = pa.array((total - older).astype(np.int64))
     columns[TIMESTAMP_FIELD] = _ts_array(stamp)
     return pa.table(columns)
 
 
-def item_popularity_rows(interactions: pd.DataFrame, windows: tuple[int, ...],
+def _popularity_table(interactions: _Coded, windows: tuple[int, ...],
                          items: np.ndarray, since: pd.Timestamp) -> pa.Table:
     """Per item, rows dated at UTC midnights D: item_popularity_<w>d = interactions on the w whole
     days before D. A row is written wherever a value changes (the day after an active day d, and
@@ -144,18 +169,28 @@ def item_popularity_rows(interactions: pd.DataFrame, windows: tuple[int, ...],
     interactions) at `since`, so every example at or after `since` finds one. Rows only count days before their
     date, so an example never sees its own day: popularity as of the last midnight."""
     names = item_popularity_columns(windows)
-    catalog = pd.Series(items).drop_duplicates()
-    codes, uniques = pd.factorize(pd.concat([catalog, interactions[ITEM_KEY]], ignore_index=True))
-    n_catalog = len(catalog)
-    day = micros(interactions["timestamp"]) // _DAY_US
-    active = pd.DataFrame({"i": codes[n_catalog:], "d": day}).value_counts().sort_index()
-    a_item = active.index.get_level_values("i").to_numpy()
-    a_day = active.index.get_level_values("d").to_numpy()
+    # item codes here: the catalog's items in its order, then those only in interactions (sorted)
+    catalog = pd.Series(items).drop_duplicates().to_numpy()
+    interacted = interactions.items.to_numpy(zero_copy_only=False)
+    code = pd.Index(catalog).get_indexer(interacted)
+    extra = np.flatnonzero(code < 0)
+    code[extra] = len(catalog) + np.arange(len(extra))
+    uniques = _id_array(np.concatenate([catalog, interacted[extra]]))
+    # (item, day) pairs as one integer, item * span + (day - base), its order the pairs' order; span
+    # leaves room for every day a row below is dated at (the last active day + 1 + the widest window)
+    day = interactions.ts // _DAY_US
+    base = int(day.min()) - 1 if len(day) else 0
+    span = int(day.max() - base + max(windows, default=0) + 2) if len(day) else 1
+    ordered = np.sort(code[interactions.item].astype(np.int64) * span + (day - base))
+    first = np.flatnonzero(np.r_[len(ordered) > 0, ordered[1:] != ordered[:-1]])
+    key = ordered[first]                                        # the active (item, day) pairs
+    count = np.diff(np.append(first, len(ordered)))
+    a_item = key // span
     # cumulative count per item up to and including each active day
-    cum = active.groupby(level="i").cumsum().to_numpy()
-    span = int(a_day.max() - a_day.min() + max(windows, default=0) + 3) if len(a_day) else 1
-    base = int(a_day.min()) - 1 if len(a_day) else 0
-    key = a_item.astype(np.int64) * span + (a_day - base)
+    total = np.cumsum(count)
+    item_start = np.maximum.accumulate(np.where(np.r_[len(key) > 0, a_item[1:] != a_item[:-1]],
+                                                np.arange(len(key)), 0))
+    cum = total - (total - count)[item_start]
 
     def upto(item: np.ndarray, d: np.ndarray) -> np.ndarray:
         """Interactions of item on days <= d (a day before the first gives 0)."""
@@ -163,17 +198,15 @@ def item_popularity_rows(interactions: pd.DataFrame, windows: tuple[int, ...],
         same = (pos >= 0) & (a_item[np.maximum(pos, 0)] == item)
         return np.where(same, cum[np.maximum(pos, 0)], 0)
 
-    change = [a_day + 1, *(a_day + 1 + w for w in windows)]
-    rows = pd.DataFrame({"i": np.tile(a_item, len(change)), "D": np.concatenate(change)})
-    rows = rows.drop_duplicates().sort_values(["i", "D"], ignore_index=True)
-    r_item, r_day = rows["i"].to_numpy(), rows["D"].to_numpy()
+    rows = sorted_unique(np.concatenate([key + 1, *(key + 1 + w for w in windows)]))
+    r_item, r_day = rows // span, rows % span + base
     values = {name: upto(r_item, r_day - 1) - upto(r_item, r_day - 1 - w)
               for w, name in zip(windows, names)}
     # every item (catalog or only seen in interactions) starts at zero
     start_us = micros(pd.Series([since]))[0]
     n_all = len(uniques)
     item_col = np.concatenate([np.arange(n_all), r_item])
-    out = {ITEM_KEY: _id_array(np.asarray(uniques)[item_col])}
+    out = {ITEM_KEY: uniques.take(pa.array(item_col))}
     for name in names:
         out[name] = pa.array(np.concatenate([np.zeros(n_all, np.int64), values[name]]).astype(np.int64))
     out[TIMESTAMP_FIELD] = _ts_array(np.concatenate([np.full(n_all, start_us), r_day * _DAY_US]))
@@ -191,43 +224,42 @@ def history_index_rows(history: pa.Table) -> pa.Table:
 
 def seen_rows(interactions: pd.DataFrame) -> pa.Table:
     """Per user: every distinct item interacted with (newest first), dated with the "now" row."""
-    df = _sorted(interactions)
-    last = df.groupby(USER_KEY, sort=False)["timestamp"].transform("max")
-    # Sorted by time, so keeping the last copy of a repeated item keeps its newest position.
-    df = df.assign(last=last).drop_duplicates([USER_KEY, ITEM_KEY], keep="last", ignore_index=True)
-    users, items = df[USER_KEY].to_numpy(), df[ITEM_KEY].to_numpy()
-    new_user = np.ones(len(df), dtype=bool)
+    return _seen_table(_coded(interactions))
+
+
+def _seen_table(df: _Coded) -> pa.Table:
+    users, items = df.user, df.item
+    new_user = np.ones(len(users), dtype=bool)
+    new_user[1:] = users[1:] != users[:-1]
+    last = df.ts[np.append(np.flatnonzero(new_user)[1:], len(users)) - 1]   # per user, in order
+    # Rows are in time order per user, so keeping the last copy of a repeated item keeps its newest
+    # position.
+    pair = users.astype(np.int64) * len(df.items) + items
+    keep = ~pd.Series(pair).duplicated(keep="last").to_numpy()
+    users, items = users[keep], items[keep]
+    new_user = np.ones(len(users), dtype=bool)
     new_user[1:] = users[1:] != users[:-1]
     starts = np.flatnonzero(new_user)
-    ends = np.append(starts[1:], len(df))
+    ends = np.append(starts[1:], len(users))
     return pa.table({
-        USER_KEY: _id_array(users[starts]),
-        SEEN_ITEMS: _windows(items, ends, starts, max(len(df), 1)),
-        TIMESTAMP_FIELD: _ts_array(micros(df["last"].iloc[starts]) + _NOW_US),
+        USER_KEY: df.users.take(pa.array(users[starts])),
+        SEEN_ITEMS: _plain(_windows(df.items, items, ends, starts, max(len(users), 1))),
+        TIMESTAMP_FIELD: _ts_array(last + _NOW_US),
     })
 
 
-def compact_lists(table: pa.Table) -> pa.Table:
-    """table with each list column's values dictionary-encoded (int32 codes + one copy of each
-    distinct value). The history held for the training join repeats each item id in up to
-    history_length lists: at 10M interactions of string ids its recent_items took 1.59 GB as strings
-    and 0.61 GB as codes. `expand_lists` gives back the plain lists."""
-    for i, f in enumerate(table.schema):
-        if pa.types.is_list(f.type) and not pa.types.is_dictionary(f.type.value_type):
-            lists = table.column(i).combine_chunks()
-            codes = pc.dictionary_encode(lists.values.slice(lists.offsets[0].as_py(),
-                                                            lists.offsets[-1].as_py() - lists.offsets[0].as_py()))
-            offsets = pc.subtract(lists.offsets, lists.offsets[0])
-            values = codes.cast(pa.dictionary(pa.int32(), f.type.value_type))
-            table = table.set_column(i, f.name, pa.ListArray.from_arrays(offsets, values, mask=lists.is_null()))
-    return table
+def _plain(lists: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """list<dictionary<value>> as list<value>."""
+    return lists.cast(pa.list_(lists.type.value_type.value_type))
 
 
 def expand_lists(table: pa.Table) -> pa.Table:
-    """compact_lists undone: list<dictionary<value>> columns back to list<value>."""
+    """table with its list<dictionary<value>> columns as list<value> (the history the training join
+    holds keeps each item id once: at 10M string-id interactions recent_items took 1.59 GB as strings
+    and 0.61 GB as codes)."""
     for i, f in enumerate(table.schema):
         if pa.types.is_list(f.type) and pa.types.is_dictionary(f.type.value_type):
-            table = table.set_column(i, f.name, table.column(i).cast(pa.list_(f.type.value_type.value_type)))
+            table = table.set_column(i, f.name, _plain(table.column(i)))
     return table
 
 
@@ -238,7 +270,7 @@ class OfflineSources:
     static_at: pd.Timestamp   # the static rows' date (STATIC_LEAD before the first interaction)
     now: pd.Timestamp         # the latest "now" row's date (NOW_OFFSET after the last interaction)
     history: pa.Table         # user_history_fv's rows in file order (the join takes lists by position),
-                              # its lists compacted (compact_lists)
+                              # its lists dictionary-coded (expand_lists)
 
 
 def write_sources(features_cfg: FeaturesParams, schema: dict, users: pd.DataFrame, items: pd.DataFrame,
@@ -247,16 +279,16 @@ def write_sources(features_cfg: FeaturesParams, schema: dict, users: pd.DataFram
     features_dir.mkdir(parents=True, exist_ok=True)
     static_at = interactions["timestamp"].min() - STATIC_LEAD
     windows = features_cfg.count_windows_days
-    history = history_rows(interactions, features_cfg.history_length, windows)
-    tables = {
-        USER_STATIC_FV: static_rows(users, USER_KEY, feature_columns(schema, "user"), static_at),
-        ITEM_STATIC_FV: static_rows(items, ITEM_KEY, feature_columns(schema, "item"), static_at),
-        USER_HISTORY_FV: history,
-        USER_HISTORY_INDEX_FV: history_index_rows(history),
-        USER_SEEN_FV: seen_rows(interactions),
-        ITEM_POPULARITY_FV: item_popularity_rows(interactions, windows, items[ITEM_KEY].to_numpy(),
-                                                 static_at),
-    }
-    for name, table in tables.items():
-        pq.write_table(table, features_dir / SOURCE_FILES[name])
-    return OfflineSources(static_at, interactions["timestamp"].max() + NOW_OFFSET, compact_lists(history))
+    coded = _coded(interactions)
+    history = _history_table(coded, features_cfg.history_length, windows)
+
+    def write(view: str, table: pa.Table) -> None:
+        pq.write_table(table, features_dir / SOURCE_FILES[view])
+
+    write(USER_STATIC_FV, static_rows(users, USER_KEY, feature_columns(schema, "user"), static_at))
+    write(ITEM_STATIC_FV, static_rows(items, ITEM_KEY, feature_columns(schema, "item"), static_at))
+    write(USER_HISTORY_FV, expand_lists(history))     # plain lists only while written
+    write(USER_HISTORY_INDEX_FV, history_index_rows(history))
+    write(USER_SEEN_FV, _seen_table(coded))
+    write(ITEM_POPULARITY_FV, _popularity_table(coded, windows, items[ITEM_KEY].to_numpy(), static_at))
+    return OfflineSources(static_at, interactions["timestamp"].max() + NOW_OFFSET, history)

@@ -32,6 +32,7 @@ from features.definitions import (
     user_static_refs,
 )
 from features.history import expand_lists
+from models.arrays import sorted_unique
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -88,7 +89,7 @@ def point_in_time(store: "FeatureStore", keys: pd.DataFrame, refs: list[str],
              for _, chunk in entity_df.groupby(_chunks(entity_df, key, max_pairs), sort=True)]
     joined = pd.concat(parts, ignore_index=True)
     rows = joined["__row"].to_numpy()
-    if len(np.unique(rows)) != len(rows) or len(rows) > n_pairs:
+    if len(sorted_unique(rows)) != len(rows) or len(rows) > n_pairs:
         raise RuntimeError(f"Feast point-in-time join returned {len(joined)} rows (some twice) for "
                            f"{n_pairs} distinct ({key}, timestamp) pairs")
     # The file store drops a pair whose feature rows all postdate it (or lie beyond the TTL);

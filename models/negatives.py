@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from models.arrays import isin_sorted, sorted_unique
 from models.errors import ModelInputError
 
 HARD_NEGATIVES_COLUMN = "hard_negatives"   # list column of the sampled streams: item ids per example
@@ -149,8 +150,8 @@ def prepare_negatives(pool: NegativePool, positives: pd.DataFrame, item_type: pa
                                np.zeros(0, np.int64), item_type)
     users = pd.Index(pd.unique(pd.concat([positives["user_id"], pool.user], ignore_index=True)))
     items = pd.Index(pd.unique(pd.concat([positives["item_id"], pool.item], ignore_index=True)))
-    positive_keys = np.unique(_pair_keys(users, items, positives["user_id"], positives["item_id"]))
-    usable = ~np.isin(_pair_keys(users, items, pool.user, pool.item), positive_keys)
+    positive_keys = sorted_unique(_pair_keys(users, items, positives["user_id"], positives["item_id"]))
+    usable = ~isin_sorted(_pair_keys(users, items, pool.user, pool.item), positive_keys)
     request = pool.request[usable]
     count = np.bincount(request, minlength=len(pool.request_user))
     start = np.concatenate([[0], np.cumsum(count)[:-1]])

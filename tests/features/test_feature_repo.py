@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from features.history import compact_lists, expand_lists, write_sources
+from features.history import expand_lists, write_sources
 from features.online import online_user_features
 from features.params import FeaturesParams
 from features.refresh import fill_online
@@ -72,13 +72,17 @@ def test_the_held_history_is_compact_and_the_examples_get_plain_lists(repo):
     assert ex.schema.field("recent_items").type == written.schema.field("recent_items").type
 
 
-def test_compacted_lists_round_trip_with_nulls_empties_and_slices():
-    lists = pa.array([["x", "y"], None, [], ["y", "x", "x"]], pa.list_(pa.string()))
-    table = pa.table({"user_id": ["a", "b", "c", "d"], "recent_items": lists})
-    for t in (table, table.slice(1), table.slice(2, 1)):
-        assert expand_lists(compact_lists(t)).equals(t)
-    assert expand_lists(compact_lists(table).take(pa.array([3, 1]))).column("recent_items").to_pylist() == \
-        [["y", "x", "x"], None]
+def test_the_held_history_gives_the_written_rows_by_slice_and_by_position(repo):
+    """The join takes rows of the held history by position, slices and takes of slices: each gives
+    the written file's rows, lists in order (newest first), empty lists (a user's first row) included."""
+    held = repo["sources"].history
+    written = pq.read_table(repo["features_dir"] / "user_history.parquet")
+    assert [] in written.column("recent_items").to_pylist()
+    for start, length in ((0, held.num_rows), (1, 5), (held.num_rows - 3, 3)):
+        assert expand_lists(held.slice(start, length)).equals(written.slice(start, length))
+    rows = pa.array([held.num_rows - 1, 0, 3, 3])
+    assert expand_lists(held.take(rows)).equals(written.take(rows))
+    assert expand_lists(held.slice(2).take(pa.array([1, 0]))).equals(written.slice(2).take(pa.array([1, 0])))
 
 
 def _expected_popularity(inter: pd.DataFrame, item, at: pd.Timestamp, days: int) -> int:

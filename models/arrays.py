@@ -1,0 +1,38 @@
+"""Array helpers shared by the stages."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """The distinct values of a 1-D array, ascending: np.unique without its hash table.
+
+    numpy 2.4's np.unique (no return_* argument) hashes: 10M random int64 took 10.1-11.4 s here, against
+    0.12 s for a sort and a comparison of neighbours (its return_inverse path sorts: 1.4 s)."""
+    ordered = np.sort(np.asarray(values).ravel())
+    if len(ordered) == 0:
+        return ordered
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
+
+
+def search_sorted(members: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """np.searchsorted(members, values) (side left), searching the values in their own sorted order:
+    binary searches of values in random order miss the cache at every step (9M values in 8M
+    members: 5.2 s in their given order, 1.0 s sorted first)."""
+    values = np.asarray(values)
+    order = np.argsort(values)
+    at = np.empty(len(values), dtype=np.intp)
+    at[order] = np.searchsorted(members, values[order])
+    return at
+
+
+def isin_sorted(values: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """np.isin(values, members) for `members` ascending (sorted_unique's output): 9M values in 8M
+    members took 11.9 s with np.isin (its sort kind 10.5 s), 1.0 s this way (search_sorted)."""
+    values = np.asarray(values)
+    if len(members) == 0:
+        return np.zeros(len(values), dtype=bool)
+    return members[np.minimum(search_sorted(members, values), len(members) - 1)] == values
