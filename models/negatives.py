@@ -123,12 +123,6 @@ def latest_request(examples: pd.DataFrame, pool: NegativePool) -> np.ndarray:
     return out
 
 
-def _pair_keys(users: pd.Index, items: pd.Index, user_ids, item_ids) -> np.ndarray:
-    """int64 key per (user, item) pair; -1 where either id is unknown to the indexes."""
-    u, i = users.get_indexer(user_ids), items.get_indexer(item_ids)
-    return np.where((u >= 0) & (i >= 0), u.astype(np.int64) * len(items) + i, -1)
-
-
 @dataclass(frozen=True)
 class NegativeSampler:
     """The pool prepared against one stream's positives: its usable rows (no (user, item) pair that is
@@ -148,14 +142,17 @@ def prepare_negatives(pool: NegativePool, positives: pd.DataFrame, item_type: pa
     if pool.empty:
         return NegativeSampler(pool, pd.Index([]), np.zeros(0, np.int64), np.zeros(0, np.int64),
                                np.zeros(0, np.int64), item_type)
-    users = pd.Index(pd.unique(pd.concat([positives["user_id"], pool.user], ignore_index=True)))
-    items = pd.Index(pd.unique(pd.concat([positives["item_id"], pool.item], ignore_index=True)))
-    positive_keys = sorted_unique(_pair_keys(users, items, positives["user_id"], positives["item_id"]))
-    usable = ~isin_sorted(_pair_keys(users, items, pool.user, pool.item), positive_keys)
+    # One hashing pass per id column codes the positives and the pool alike (10M positives + 9.2M
+    # pool rows: unique then get_indexer hashed each id twice, 42 s of the 10M sample stage).
+    n = len(positives)
+    user, _ = pd.factorize(pd.concat([positives["user_id"], pool.user], ignore_index=True))
+    item, item_ids = pd.factorize(pd.concat([positives["item_id"], pool.item], ignore_index=True))
+    pair = user.astype(np.int64) * len(item_ids) + item      # a null id (code -1) makes no pool pair match
+    usable = (item[n:] >= 0) & ~isin_sorted(pair[n:], sorted_unique(pair[:n]))
     request = pool.request[usable]
     count = np.bincount(request, minlength=len(pool.request_user))
     start = np.concatenate([[0], np.cumsum(count)[:-1]])
-    return NegativeSampler(pool, items, items.get_indexer(pool.item[usable]), start, count, item_type)
+    return NegativeSampler(pool, pd.Index(item_ids), item[n:][usable], start, count, item_type)
 
 
 def draw_hard_negatives(sampler: NegativeSampler, examples: pd.DataFrame, k: int,
