@@ -108,3 +108,12 @@ def test_empty_logs_give_no_hard_negatives(tmp_path):
     assert pool.empty and pool.log_rows == 0
     ex = _examples()
     assert attach_hard_negatives(ex, pool, ex, 4, np.random.default_rng(0)).to_pylist() == [[]] * len(ex)
+
+
+def test_a_log_row_without_an_item_is_never_a_negative(tmp_path):
+    rows = [("r", "u", None, 1, "retrieved", False), ("r", "u", "i1", 1, "ranked", False)]
+    logs = _write_logs(tmp_path / "logs.parquet", rows)
+    ex = pd.DataFrame({"user_id": ["u"] * 4, "item_id": ["x"] * 4, "timestamp": _ts([2, 3, 4, 5])})
+    for seed in range(5):
+        lists = attach_hard_negatives(ex, load_negative_pool(logs), ex, 4, np.random.default_rng(seed))
+        assert lists.to_pylist() == [["i1"]] * 4
