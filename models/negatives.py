@@ -129,7 +129,7 @@ class NegativeSampler:
     a positive), grouped by request, as codes into `items`."""
 
     pool: NegativePool
-    items: pd.Index              # item ids of the positives and the pool
+    items: pa.Array              # item ids of the positives and the pool (as the stream types them)
     item_code: np.ndarray        # (U,) usable pool rows' item codes, by request
     start: np.ndarray            # (R,) first usable row of each request
     count: np.ndarray            # (R,) usable rows of each request
@@ -140,7 +140,7 @@ def prepare_negatives(pool: NegativePool, positives: pd.DataFrame, item_type: pa
     """Remove from `pool` every (user, item) pair of `positives` (user_id, item_id): the stream's source
     rows, whose items must never be negatives of their user."""
     if pool.empty:
-        return NegativeSampler(pool, pd.Index([]), np.zeros(0, np.int64), np.zeros(0, np.int64),
+        return NegativeSampler(pool, pa.array([], type=item_type), np.zeros(0, np.int64), np.zeros(0, np.int64),
                                np.zeros(0, np.int64), item_type)
     # One hashing pass per id column codes the positives and the pool alike (10M positives + 9.2M
     # pool rows: unique then get_indexer hashed each id twice, 42 s of the 10M sample stage).
@@ -152,7 +152,8 @@ def prepare_negatives(pool: NegativePool, positives: pd.DataFrame, item_type: pa
     request = pool.request[usable]
     count = np.bincount(request, minlength=len(pool.request_user))
     start = np.concatenate([[0], np.cumsum(count)[:-1]])
-    return NegativeSampler(pool, pd.Index(item_ids), item[n:][usable], start, count, item_type)
+    return NegativeSampler(pool, pa.array(np.asarray(item_ids), type=item_type), item[n:][usable], start,
+                           count, item_type)
 
 
 def draw_hard_negatives(sampler: NegativeSampler, examples: pd.DataFrame, k: int,
@@ -178,7 +179,7 @@ def draw_hard_negatives(sampler: NegativeSampler, examples: pd.DataFrame, k: int
     picked[dup] = -1
     valid = picked >= 0
     offsets = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32)
-    values = pa.array(sampler.items[picked[valid]].to_numpy(), type=sampler.item_type)
+    values = sampler.items.take(pa.array(picked[valid]))      # arrow's take: no id objects per row
     return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values)
 
 
