@@ -38,7 +38,7 @@ from features.definitions import (
     user_count_columns,
 )
 from features.params import FeaturesParams
-from models.arrays import search_sorted, sorted_unique
+from models.arrays import run_begins, run_start, search_sorted, sorted_unique
 
 # How far after a user's last interaction the "now" history row is dated: strictly after every
 # interaction of that user, so no training example can pick it up.
@@ -135,11 +135,9 @@ def _history_table(df: _Coded, history_length: int, windows: tuple[int, ...]) ->
     """history_rows with its lists dictionary-coded (what the training join holds)."""
     users, ts = df.user, df.ts
     n = len(users)
-    new_user = np.ones(n, dtype=bool)
-    new_user[1:] = users[1:] != users[:-1]
-    new_time = new_user.copy()
-    new_time[1:] |= ts[1:] != ts[:-1]
-    user_start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
+    new_user = run_begins(users)
+    new_time = new_user | run_begins(ts)
+    user_start = run_start(new_user)
 
     first = np.flatnonzero(new_time)                      # first row of each (user, time) group
     starts = np.flatnonzero(new_user)
@@ -182,15 +180,13 @@ def _popularity_table(interactions: _Coded, windows: tuple[int, ...],
     base = int(day.min()) - 1 if len(day) else 0
     span = int(day.max() - base + max(windows, default=0) + 2) if len(day) else 1
     ordered = np.sort(code[interactions.item].astype(np.int64) * span + (day - base))
-    first = np.flatnonzero(np.r_[len(ordered) > 0, ordered[1:] != ordered[:-1]])
+    first = np.flatnonzero(run_begins(ordered))
     key = ordered[first]                                        # the active (item, day) pairs
     count = np.diff(np.append(first, len(ordered)))
     a_item = key // span
     # cumulative count per item up to and including each active day
     total = np.cumsum(count)
-    item_start = np.maximum.accumulate(np.where(np.r_[len(key) > 0, a_item[1:] != a_item[:-1]],
-                                                np.arange(len(key)), 0))
-    cum = total - (total - count)[item_start]
+    cum = total - (total - count)[run_start(run_begins(a_item))]
 
     def upto(item: np.ndarray, d: np.ndarray) -> np.ndarray:
         """Interactions of item on days <= d (a day before the first gives 0)."""
@@ -228,19 +224,14 @@ def seen_rows(interactions: pd.DataFrame) -> pa.Table:
 
 
 def _seen_table(df: _Coded) -> pa.Table:
-    users, items = df.user, df.item
-    new_user = np.ones(len(users), dtype=bool)
-    new_user[1:] = users[1:] != users[:-1]
-    last = df.ts[np.append(np.flatnonzero(new_user)[1:], len(users)) - 1]   # per user, in order
     # Rows are in time order per user, so keeping the last copy of a repeated item keeps its newest
-    # position.
-    pair = users.astype(np.int64) * len(df.items) + items
+    # position, and each user's last row (its latest time) is kept.
+    pair = df.user.astype(np.int64) * len(df.items) + df.item
     keep = ~pd.Series(pair).duplicated(keep="last").to_numpy()
-    users, items = users[keep], items[keep]
-    new_user = np.ones(len(users), dtype=bool)
-    new_user[1:] = users[1:] != users[:-1]
-    starts = np.flatnonzero(new_user)
+    users, items, ts = df.user[keep], df.item[keep], df.ts[keep]
+    starts = np.flatnonzero(run_begins(users))
     ends = np.append(starts[1:], len(users))
+    last = ts[ends - 1]
     return pa.table({
         USER_KEY: df.users.take(pa.array(users[starts])),
         SEEN_ITEMS: _plain(_windows(df.items, items, ends, starts, max(len(users), 1))),

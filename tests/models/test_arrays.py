@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.arrays import isin_sorted, search_sorted, sorted_unique
+from models.arrays import isin_sorted, run_begins, run_start, search_sorted, sorted_unique
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 1000])
@@ -31,3 +31,11 @@ def test_search_sorted_is_np_searchsorted(n_values, n_members):
     values = rng.integers(-20, 400, n_values)
     members = np.sort(rng.integers(0, 300, n_members))     # repeats: the leftmost place, as numpy's
     np.testing.assert_array_equal(search_sorted(members, values), np.searchsorted(members, values))
+
+
+def test_runs_begin_at_each_change_and_every_element_knows_its_runs_start():
+    values = np.array([3, 3, 1, 1, 1, 3, 7])
+    begins = run_begins(values)
+    assert begins.tolist() == [True, False, True, False, False, True, True]
+    assert run_start(begins).tolist() == [0, 0, 2, 2, 2, 5, 6]
+    assert run_begins(np.array([], dtype=np.int64)).tolist() == run_start(np.zeros(0, bool)).tolist() == []
