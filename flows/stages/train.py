@@ -58,7 +58,7 @@ class _Inputs:
         return [*self.streams.values(), self.examples_path, self.examples_path.parent / "items.parquet", schema_path]
 
 
-def _read_inputs(train_cfg: TrainParams, samples_dir: Path, training_dir: Path, schema_path: Path) -> _Inputs:
+def read_inputs(train_cfg: TrainParams, samples_dir: Path, training_dir: Path, schema_path: Path) -> _Inputs:
     if not schema_path.exists():
         raise MissingStageInput(f"{schema_path}: not found; run the ingest stage first")
     schema = json.loads(schema_path.read_text())
@@ -144,7 +144,7 @@ def _fit_encoder(model_cfg: ModelParams, inputs: _Inputs, seen_rows: pd.DataFram
                               history_length=inputs.history_length, behaviour_counts=model_cfg.behaviour_counts)
 
 
-def _validation_run(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: _Inputs, ckpt: Path,
+def validation_run(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: _Inputs, ckpt: Path,
                     dist: DistContext) -> _Run | None:
     """Train on the training part minus its validation split, watching validation NDCG@20; None when
     no user has enough training rows for a validation split."""
@@ -304,7 +304,7 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
     torch.set_num_threads(resolve_threads(train_cfg.threads))
     # under torchrun every process runs this stage: each trains its shard, rank 0 alone writes
     dist = join_launched_group(train_cfg)
-    inputs = _read_inputs(train_cfg, samples_dir, training_dir, schema_path)
+    inputs = read_inputs(train_cfg, samples_dir, training_dir, schema_path)
     live, note = _live_model(train_cfg, published_dir)
     starts = [live.model_dir / "model.pt", live.model_dir.parent / EVAL_MODEL_DIR / "model.pt"] if live else []
     key_files = inputs.key_files(schema_path) + [f for f in starts if f.is_file()]
@@ -314,7 +314,7 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
     curves: dict[str, Curve] = {}
     epochs = train_cfg.epochs
     if train_cfg.early_stopping and live is None:
-        validation = _validation_run(model_cfg, train_cfg, seed, inputs, ckpt, dist)
+        validation = validation_run(model_cfg, train_cfg, seed, inputs, ckpt, dist)
         if validation is None:
             metrics["validation"] = {"skipped": "no user has enough training rows for a validation split"}
         else:
