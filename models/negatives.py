@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from models.arrays import isin_sorted, sorted_unique
+from models.arrays import isin_sorted, search_sorted, sorted_unique
 from models.errors import ModelInputError
 
 HARD_NEGATIVES_COLUMN = "hard_negatives"   # list column of the sampled streams: item ids per example
@@ -105,22 +105,36 @@ def _utc_us(times: pd.Series) -> pd.arrays.DatetimeArray:
 
 
 def latest_request(examples: pd.DataFrame, pool: NegativePool) -> np.ndarray:
-    """(N,) code of each example's user's latest request at or before the example's timestamp; -1: none."""
+    """(N,) code of each example's user's latest request at or before the example's timestamp; -1: none.
+
+    Binary searches on one integer key, (user, rank of the time among the request times), in place of
+    a merge_asof by user: the requests are few (one per logged impression list), so the ranks are
+    cheap, and the examples are searched without being sorted by time or grouped by user."""
     n = len(examples)
     if pool.empty or n == 0:
         return np.full(n, -1, np.int64)
-    users = pd.Index(pd.unique(examples["user_id"]))
-    left = pd.DataFrame({"u": users.get_indexer(examples["user_id"]), "t": _utc_us(examples["timestamp"]),
-                         "row": np.arange(n)})
-    right = pd.DataFrame({"u": users.get_indexer(pool.request_user), "t": _utc_us(pool.request_time),
-                          "req": np.arange(len(pool.request_user), dtype=np.int64)})
-    right = right[right["u"] >= 0]
-    # merge_asof backward + exact matches allowed: the latest request with t_request <= t_example
-    joined = pd.merge_asof(left.sort_values("t", kind="stable"), right.sort_values("t", kind="stable"),
-                           on="t", by="u", direction="backward", allow_exact_matches=True)
-    out = np.full(n, -1, np.int64)
-    out[joined["row"].to_numpy()] = joined["req"].fillna(-1).to_numpy(np.int64)
-    return out
+    # one hashing pass codes both sides' users alike; a request by a user with no example never matches
+    user, _ = pd.factorize(pd.concat([examples["user_id"], pool.request_user], ignore_index=True))
+    ex_user, req_user = user[:n].astype(np.int64), user[n:].astype(np.int64)
+    ex_t, req_t = _micros(examples["timestamp"]), _micros(pool.request_time)
+    times = sorted_unique(req_t)
+    span = np.int64(len(times) + 1)
+    # rank of t = how many distinct request times are <= t (integers: <= t is < t + 1)
+    req_key = req_user * span + search_sorted(times, req_t + 1)
+    order = np.lexsort((np.arange(len(req_key)), req_key))      # ties: the last request code wins
+    keys = req_key[order]
+    ex_key = ex_user * span + search_sorted(times, ex_t + 1)
+    # the last request key <= the example's: that user's latest request at or before its time
+    at = search_sorted(keys, ex_key + 1) - 1
+    found = (at >= 0) & (ex_user >= 0)
+    at = np.maximum(at, 0)
+    found &= keys[at] // span == ex_user
+    return np.where(found, order[at], -1).astype(np.int64)
+
+
+def _micros(times: pd.Series) -> np.ndarray:
+    """int64 UTC microseconds of a timestamp column."""
+    return np.asarray(_utc_us(times).asi8, dtype=np.int64)
 
 
 @dataclass(frozen=True)

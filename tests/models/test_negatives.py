@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from models.negatives import attach_hard_negatives, load_negative_pool, popularity_distribution
+from models.negatives import (NegativePool, attach_hard_negatives, latest_request, load_negative_pool,
+                              popularity_distribution)
 
 
 def test_easy_negatives_follow_popularity_to_the_three_quarters():
@@ -117,3 +118,23 @@ def test_a_log_row_without_an_item_is_never_a_negative(tmp_path):
     for seed in range(5):
         lists = attach_hard_negatives(ex, load_negative_pool(logs), ex, 4, np.random.default_rng(seed))
         assert lists.to_pylist() == [["i1"]] * 4
+
+
+@pytest.mark.parametrize("string_ids", [False, True])
+def test_each_example_finds_its_users_latest_request_at_or_before_it(string_ids):
+    """latest_request against a plain reference on small random logs full of ties: the same user's
+    requests at one time (the last request code wins), requests at the example's own time (they
+    count), users with requests and no examples, and examples of users without requests."""
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        ids = [f"u{i}" for i in range(4)] if string_ids else list(range(4))
+        n, r = int(rng.integers(0, 30)), int(rng.integers(1, 20))
+        ex = pd.DataFrame({"user_id": rng.choice(ids[:3], n), "timestamp": _ts(rng.integers(0, 8, n).tolist())})
+        users = pd.Series(rng.choice(ids[1:], r))
+        times = pd.Series(_ts(rng.integers(0, 8, r).tolist()))
+        pool = NegativePool(request=np.zeros(r, np.int64), user=users, item=users, request_user=users,
+                            request_time=times, log_rows=r)
+        expected = [max((j for j in range(r) if users[j] == u and times[j] <= t), default=-1,
+                        key=lambda j: (times[j], j))
+                    for u, t in zip(ex["user_id"], ex["timestamp"])]
+        assert latest_request(ex, pool).tolist() == expected
