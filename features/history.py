@@ -38,7 +38,7 @@ from features.definitions import (
     user_count_columns,
 )
 from features.params import FeaturesParams
-from models.arrays import run_begins, run_start, search_sorted, sorted_unique
+from models.arrays import micros, run_begins, run_start, search_sorted, sorted_unique
 
 # How far after a user's last interaction the "now" history row is dated: strictly after every
 # interaction of that user, so no training example can pick it up.
@@ -48,11 +48,6 @@ STATIC_LEAD = timedelta(days=1)
 _TS_TYPE = pa.timestamp("us", tz="UTC")
 _NOW_US = NOW_OFFSET // timedelta(microseconds=1)
 _DAY_US = timedelta(days=1) // timedelta(microseconds=1)
-
-
-def micros(ts: pd.Series) -> np.ndarray:
-    """Timestamps as int64 microseconds since the epoch (UTC)."""
-    return pd.to_datetime(ts, utc=True).astype("datetime64[us, UTC]").astype("int64").to_numpy()
 
 
 def _id_array(values: np.ndarray) -> pa.Array:

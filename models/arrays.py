@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 
 def run_begins(values: np.ndarray) -> np.ndarray:
@@ -43,3 +44,8 @@ def isin_sorted(values: np.ndarray, members: np.ndarray) -> np.ndarray:
     if len(members) == 0:
         return np.zeros(len(values), dtype=bool)
     return members[np.minimum(search_sorted(members, values), len(members) - 1)] == values
+
+
+def micros(ts: pd.Series) -> np.ndarray:
+    """Timestamps as int64 microseconds since the epoch (UTC)."""
+    return pd.to_datetime(ts, utc=True).astype("datetime64[us, UTC]").astype("int64").to_numpy()

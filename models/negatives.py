@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from models.arrays import isin_sorted, search_sorted, sorted_unique
+from models.arrays import isin_sorted, micros, search_sorted, sorted_unique
 from models.errors import ModelInputError
 
 HARD_NEGATIVES_COLUMN = "hard_negatives"   # list column of the sampled streams: item ids per example
@@ -98,12 +98,6 @@ def load_negative_pool(logs_path: Path, include_shown_unclicked: bool = False) -
                         log_rows=file.metadata.num_rows)
 
 
-def _utc_us(times: pd.Series) -> pd.arrays.DatetimeArray:
-    """times as UTC microseconds, kept a datetime array: `.to_numpy()` of a tz-aware column makes one
-    Python Timestamp per row (24 s of a 175 s sample stage at 10M interactions)."""
-    return pd.to_datetime(times, utc=True).array.astype("datetime64[us, UTC]")
-
-
 def latest_request(examples: pd.DataFrame, pool: NegativePool) -> np.ndarray:
     """(N,) code of each example's user's latest request at or before the example's timestamp; -1: none.
 
@@ -116,7 +110,7 @@ def latest_request(examples: pd.DataFrame, pool: NegativePool) -> np.ndarray:
     # one hashing pass codes both sides' users alike; a request by a user with no example never matches
     user, _ = pd.factorize(pd.concat([examples["user_id"], pool.request_user], ignore_index=True))
     ex_user, req_user = user[:n].astype(np.int64), user[n:].astype(np.int64)
-    ex_t, req_t = _micros(examples["timestamp"]), _micros(pool.request_time)
+    ex_t, req_t = micros(examples["timestamp"]), micros(pool.request_time)
     times = sorted_unique(req_t)
     span = np.int64(len(times) + 1)
     # rank of t = how many distinct request times are <= t (integers: <= t is < t + 1)
@@ -130,11 +124,6 @@ def latest_request(examples: pd.DataFrame, pool: NegativePool) -> np.ndarray:
     at = np.maximum(at, 0)
     found &= keys[at] // span == ex_user
     return np.where(found, order[at], -1).astype(np.int64)
-
-
-def _micros(times: pd.Series) -> np.ndarray:
-    """int64 UTC microseconds of a timestamp column."""
-    return np.asarray(_utc_us(times).asi8, dtype=np.int64)
 
 
 @dataclass(frozen=True)

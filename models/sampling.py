@@ -7,8 +7,8 @@ min(1, sqrt(t/f) + t/f). Head items still appear often, but no longer dominate t
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
