@@ -203,15 +203,18 @@ def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOptio
                                               "them (default: a temporary folder, removed)."),
           resume: Optional[Path] = typer.Option(None, "--resume", help="Go on with a bench kept by --keep: the "
                                                 "stages after the last one that passed (up to --until), into "
-                                                "the same row; --set adds to its settings (e.g. train.epochs).")) -> None:
+                                                "the same row of the --out it began with (unless given another); "
+                                                "--set adds to its settings (e.g. train.epochs).")) -> None:
     """Time every stage on the demo, training throughput and recommendation latency (a temporary copy)."""
     with _errors():
         if resume is not None and (scale is not None or keep is not None):
             raise TowerflowError("--resume goes on with a kept bench of its own size: give it without --scale "
                                  "and --keep")
         if scale is not None or resume is not None:
-            from flows.experiments.scale_bench import scale_bench
-            target = Path("reports/bench_scale.json") if out == Path("reports/bench.json") else out
+            from flows.experiments.scale_bench import resume_out, scale_bench
+            target = out
+            if out == Path("reports/bench.json"):    # no --out: where the kept bench wrote, else the default
+                target = (resume_out(resume) if resume is not None else None) or Path("reports/bench_scale.json")
             stages = _stages_until(until)     # an unknown stage name fails before anything runs
             try:
                 row = scale_bench(params_file.resolve().parent, target, scale or 0, set_ or [], users, items,

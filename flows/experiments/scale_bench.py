@@ -145,10 +145,12 @@ def _set_args(overrides: list[str]) -> list[str]:
 
 def scale_run(root: Path, n: int, overrides: list[str], users: int | None = None, items: int | None = None,
               seed: int = 0, stages: tuple[str, ...] | None = None, log: Callable[[str], None] = print,
-              progress: Callable[[dict[str, Any]], None] | None = None, keep: Path | None = None) -> dict[str, Any]:
+              progress: Callable[[dict[str, Any]], None] | None = None, keep: Path | None = None,
+              out: Path | None = None) -> dict[str, Any]:
     """One row: the data's shape, then per stage its figures (see the module docstring). progress
     gets the row so far after each stage (a run stopped halfway keeps what it measured). keep: a new
-    folder to build in and leave behind (the project copy, the source, each stage's log)."""
+    folder to build in and leave behind (the project copy, the source, each stage's log), which records
+    `out` (the json the row goes into) for a later `--resume`."""
     from flows.params import load_params
     from flows.stages.registry import STAGES
 
@@ -173,14 +175,16 @@ def scale_run(root: Path, n: int, overrides: list[str], users: int | None = None
         log(f"scale {n}: generated {json.dumps(data)}")
         base = [f"data.source={source}", "paths.cache=.cache/towerflow", *GATE_FORCE, *overrides]
         row: dict[str, Any] = {"n": n, "data": data, "overrides": overrides, "code": _commit(root), "stages": {}}
-        return _run_stages(Path(tmp), row, base, stages or STAGES, log, progress, keep is not None)
+        resume_file = (out or Path("reports/bench_scale.json")) if keep is not None else None
+        return _run_stages(Path(tmp), row, base, stages or STAGES, log, progress, resume_file)
 
 
 def _run_stages(tmp: Path, row: dict[str, Any], base: list[str], names: Sequence[str],
                 log: Callable[[str], None], progress: Callable[[dict[str, Any]], None] | None,
-                resumable: bool) -> dict[str, Any]:
+                resume_out: Path | None) -> dict[str, Any]:
     """Run `names` in tmp/project with the --set arguments `base`, each stage's figures into row.
-    resumable: the row and base are also kept in tmp/RESUME_FILE after each stage (`--resume`)."""
+    resume_out (a kept bench): the row, base and this json file are also kept in tmp/RESUME_FILE
+    after each stage (`--resume`, which writes into the same file unless given another)."""
     from flows.stages.registry import STAGES
 
     n, work = row["n"], tmp / "project"
@@ -198,8 +202,9 @@ def _run_stages(tmp: Path, row: dict[str, Any], base: list[str], names: Sequence
             fig["error"] = _last_error(log_path)
         row["stages"][name] = fig
         log(f"scale {n}: {name:<12} {json.dumps(fig)}")
-        if resumable:
-            (tmp / RESUME_FILE).write_text(json.dumps({"row": row, "base": base}, indent=2, default=str) + "\n")
+        if resume_out is not None:
+            state = {"row": row, "base": base, "out": str(resume_out.resolve())}
+            (tmp / RESUME_FILE).write_text(json.dumps(state, indent=2, default=str) + "\n")
         if progress is not None:
             progress({**row, "completed": False})
         if not ok:
@@ -212,7 +217,16 @@ def _run_stages(tmp: Path, row: dict[str, Any], base: list[str], names: Sequence
     return row
 
 
-def scale_resume(root: Path, kept: Path, overrides: list[str], until: str | None = None,
+def resume_out(kept: Path) -> Path | None:
+    """The json file a kept bench was writing into (None: not recorded, or not a kept bench)."""
+    state_file = kept / RESUME_FILE
+    if not state_file.is_file():
+        return None
+    recorded = json.loads(state_file.read_text()).get("out")
+    return Path(recorded) if recorded else None
+
+
+def scale_resume(root: Path, kept: Path, overrides: list[str], out: Path, until: str | None = None,
                  log: Callable[[str], None] = print,
                  progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Go on with a bench kept by `--keep` (stopped by `--until`, or by a failed stage, which is run
@@ -241,7 +255,7 @@ def scale_resume(root: Path, kept: Path, overrides: list[str], until: str | None
         shutil.rmtree(kept / "project" / name, ignore_errors=True)
         shutil.copytree(root / name, kept / "project" / name)
     row["resumed"] = [*row.get("resumed", []), {"from": names[0], "overrides": overrides, "code": _commit(root)}]
-    return _run_stages(kept.resolve(), row, [*base, *overrides], names, log, progress, True)
+    return _run_stages(kept.resolve(), row, [*base, *overrides], names, log, progress, out)
 
 
 @contextlib.contextmanager
@@ -296,10 +310,10 @@ def scale_bench(root: Path, out: Path, n: int, overrides: list[str], users: int 
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     progress = lambda partial: merge_row(out, {**partial, "date": date})  # noqa: E731
     if resume is not None:
-        row = scale_resume(root, resume, overrides, until, log, progress)
+        row = scale_resume(root, resume, overrides, out, until, log, progress)
     else:
         row = scale_run(root, n, overrides, users, items, stages=tuple(stages) if stages else None, log=log,
-                        progress=progress, keep=keep)
+                        progress=progress, keep=keep, out=out)
     row["date"] = date
     merge_row(out, row)
     return row

@@ -15,7 +15,8 @@ from flows.experiments.scale_bench import markdown_table, merge_row, run_measure
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bench_scale_writes_a_row_per_stage(tmp_path: Path) -> None:
+def test_bench_scale_writes_a_row_per_stage(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.chdir(tmp_path)         # where the default --out (reports/bench_scale.json) would land
     out, kept = tmp_path / "bench_scale.json", tmp_path / "kept"
     args = ["bench", "--scale", "2000", "--until", "ingest", "--out", str(out), "--params", str(ROOT / "params.yaml"),
             "--keep", str(kept)]
@@ -35,11 +36,13 @@ def test_bench_scale_writes_a_row_per_stage(tmp_path: Path) -> None:
     assert ingest["rows_per_s"] == round(2000 / ingest["seconds"], 1) and len(ingest["loadavg"]) == 6
     assert row["completed"] is False          # stopped after ingest: a partial row says so
 
-    # taken up again in the kept folder: the next stage, into the same row, with a setting added
-    resume = ["bench", "--resume", str(kept), "--until", "validate", "--out", str(out),
+    # taken up again in the kept folder: the next stage, into the same row of the json the bench began
+    # with (no --out given), with a setting added
+    resume = ["bench", "--resume", str(kept), "--until", "validate",
               "--params", str(ROOT / "params.yaml"), "--set", "validate.max_null_share=0.2"]
     result = CliRunner().invoke(app, resume)
     assert result.exit_code == 0, result.output
+    assert not (tmp_path / "reports").exists()
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 1 and list(rows[0]["stages"]) == ["ingest", "validate"]
     assert rows[0]["stages"]["ingest"] == ingest and "error" not in rows[0]["stages"]["validate"]
