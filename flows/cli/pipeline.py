@@ -211,10 +211,10 @@ def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOptio
             raise TowerflowError("--resume goes on with a kept bench of its own size: give it without --scale "
                                  "and --keep")
         if scale is not None or resume is not None:
-            from flows.experiments.scale_bench import resume_out, scale_bench
+            from flows.experiments.scale_bench import DEFAULT_OUT, resume_out, scale_bench
             target = out
             if out == Path("reports/bench.json"):    # no --out: where the kept bench wrote, else the default
-                target = (resume_out(resume) if resume is not None else None) or Path("reports/bench_scale.json")
+                target = (resume_out(resume) if resume is not None else None) or DEFAULT_OUT
             stages = _stages_until(until)     # an unknown stage name fails before anything runs
             try:
                 row = scale_bench(params_file.resolve().parent, target, scale or 0, set_ or [], users, items,

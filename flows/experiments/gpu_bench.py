@@ -34,7 +34,7 @@ import torch
 
 from flows.experiments.train_bench import build_stream
 from flows.params import Params, load_params
-from flows.stages.train import read_inputs, validation_run
+from flows.stages.train import TrainInputs, read_inputs, validation_run
 from models.device import resolve_threads
 from models.params import TrainParams
 from models.training import DistContext, fit
@@ -46,17 +46,22 @@ def _machine() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
-def metrics_row(params: Params, data: Path, device: str, seed: int, work: Path) -> dict[str, Any]:
-    """The train stage's validation run on `device`: NDCG@20 per epoch, the best, the speed."""
+def metrics_inputs(params: Params, data: Path) -> TrainInputs:
+    """The train stage's inputs of `data`, read once for every metrics row."""
     # the validation run reads the eval stream (samples/train.parquet) alone: the refit stream need not be there
+    cfg = params.train.model_copy(update={"refit_full": False})
+    return read_inputs(cfg, data / "samples", data / "training", data / "ingested/schema.json")
+
+
+def metrics_row(params: Params, inputs: TrainInputs, device: str, seed: int, work: Path) -> dict[str, Any]:
+    """The train stage's validation run on `device`: NDCG@20 per epoch, the best, the speed."""
     cfg = params.train.model_copy(update={"device": device, "refit_full": False})
-    inputs = read_inputs(cfg, data / "samples", data / "training", data / "ingested/schema.json")
     # a folder of its own: the stage resumes from a checkpoint it finds, and each row must train afresh
     ckpt = Path(tempfile.mkdtemp(prefix=f"metrics_{device}_{seed}_", dir=work))
     start = time.perf_counter()
     run = validation_run(params.model, cfg, seed, inputs, ckpt, DistContext())
     if run is None:
-        raise SystemExit(f"{data}: no user has a validation split; use a larger data set")
+        raise SystemExit(f"{inputs.examples_path}: no user has a validation split; use a larger data set")
     val = run.result.val_ndcg
     return {"device": device, "seed": seed, "best_val_ndcg@20": round(max(val), 5), "best_epoch": run.result.best_epoch,
             "val_ndcg@20": [round(v, 5) for v in val], "examples_per_s": run.metrics["examples_per_s"],
@@ -99,17 +104,18 @@ def gpu_bench(params: Params, data: Path, big: Path, seeds: list[int], epochs: i
         gpu_runs = [base.model_copy(update={"device": gpu}),
                     base.model_copy(update={"device": gpu, "mixed_precision": False}),
                     *[base.model_copy(update={"device": gpu, "batch_size": b}) for b in gpu_batches]]
+        inputs = metrics_inputs(params, data)
         for cfg in gpu_runs:
             doc["throughput"].append(throughput_row(stream, config, cfg, seeds[0], epochs))
             save()
         for seed in seeds:
-            doc["metrics"].append(metrics_row(params, data, gpu, seed, work))
+            doc["metrics"].append(metrics_row(params, inputs, gpu, seed, work))
             save()
         doc["throughput"].append(throughput_row(stream, config, base.model_copy(update={"device": "cpu"}),
                                                 seeds[0], max(1, epochs - 1)))
         save()
         for seed in seeds:
-            doc["metrics"].append(metrics_row(params, data, "cpu", seed, work))
+            doc["metrics"].append(metrics_row(params, inputs, "cpu", seed, work))
             save()
     by_device = {d: [r["best_val_ndcg@20"] for r in doc["metrics"] if r["device"] == d] for d in (gpu, "cpu")}
     doc["summary"] = {d: {"mean": round(statistics.mean(v), 5), "sd": round(statistics.stdev(v), 5) if len(v) > 1 else 0.0}

@@ -40,7 +40,8 @@ from flows.sources.shapes import generate_topics, scaled, write_source
 
 POLL_S = 0.2
 CODE_FOLDERS = ("flows", "features", "models", "validation")   # what a resumed bench takes from the checkout
-RESUME_FILE = "resume.json"     # in a --keep folder: the row so far and the stages' --set arguments
+RESUME_FILE = "resume.json"     # in a --keep folder: the row so far, the stages' --set arguments, the json
+DEFAULT_OUT = Path("reports/bench_scale.json")   # where the rows go without --out
 GATE_FORCE = ["gate.force=true", "gate.force_reason=scale bench - times every stage, publishing included"]
 
 
@@ -175,7 +176,7 @@ def scale_run(root: Path, n: int, overrides: list[str], users: int | None = None
         log(f"scale {n}: generated {json.dumps(data)}")
         base = [f"data.source={source}", "paths.cache=.cache/towerflow", *GATE_FORCE, *overrides]
         row: dict[str, Any] = {"n": n, "data": data, "overrides": overrides, "code": _commit(root), "stages": {}}
-        resume_file = (out or Path("reports/bench_scale.json")) if keep is not None else None
+        resume_file = (out or DEFAULT_OUT) if keep is not None else None
         return _run_stages(Path(tmp), row, base, stages or STAGES, log, progress, resume_file)
 
 

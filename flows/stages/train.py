@@ -45,7 +45,7 @@ def _read(path: Path, upstream: str) -> pd.DataFrame:
 
 
 @dataclass(frozen=True)
-class _Inputs:
+class TrainInputs:
     schema: dict
     items: pd.DataFrame
     examples_path: Path
@@ -58,7 +58,7 @@ class _Inputs:
         return [*self.streams.values(), self.examples_path, self.examples_path.parent / "items.parquet", schema_path]
 
 
-def read_inputs(train_cfg: TrainParams, samples_dir: Path, training_dir: Path, schema_path: Path) -> _Inputs:
+def read_inputs(train_cfg: TrainParams, samples_dir: Path, training_dir: Path, schema_path: Path) -> TrainInputs:
     if not schema_path.exists():
         raise MissingStageInput(f"{schema_path}: not found; run the ingest stage first")
     schema = json.loads(schema_path.read_text())
@@ -79,7 +79,7 @@ def read_inputs(train_cfg: TrainParams, samples_dir: Path, training_dir: Path, s
             raise MissingStageInput(f"{path}: not found; run the sample stage first")
         if pq.ParquetFile(path).metadata.num_rows == 0:
             raise DataContractError(f"{path}: no training rows (check split and sample params)")
-    return _Inputs(schema=schema, items=items, examples_path=examples_path, examples=examples,
+    return TrainInputs(schema=schema, items=items, examples_path=examples_path, examples=examples,
                    history_length=history_length, streams=streams)
 
 
@@ -139,12 +139,12 @@ def _fit_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: in
     return _Run(encoder=encoder, result=result, metrics=metrics, curve=curve)
 
 
-def _fit_encoder(model_cfg: ModelParams, inputs: _Inputs, seen_rows: pd.DataFrame) -> FeatureEncoder:
+def _fit_encoder(model_cfg: ModelParams, inputs: TrainInputs, seen_rows: pd.DataFrame) -> FeatureEncoder:
     return FeatureEncoder.fit(inputs.schema, inputs.items, seen_rows, min_count=model_cfg.min_count,
                               history_length=inputs.history_length, behaviour_counts=model_cfg.behaviour_counts)
 
 
-def validation_run(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: _Inputs, ckpt: Path,
+def validation_run(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: TrainInputs, ckpt: Path,
                     dist: DistContext) -> _Run | None:
     """Train on the training part minus its validation split, watching validation NDCG@20; None when
     no user has enough training rows for a validation split."""
@@ -163,7 +163,7 @@ def validation_run(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, in
     return _fit_run("validation", model_cfg, train_cfg, seed, encoder, stream, None, task, ckpt, dist)
 
 
-def _model_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: _Inputs,
+def _model_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: TrainInputs,
                epochs: int, ckpt: Path, dist: DistContext) -> _Run:
     """The eval model (vocabularies from the training part) or the refit model (from every row), its
     stream read from disk in batches into memory-mapped arrays (bounded memory)."""
@@ -175,7 +175,7 @@ def _model_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: 
     return _fit_run(name, model_cfg, train_cfg, seed, encoder, stream, epochs, None, ckpt, dist)
 
 
-def _train_part(inputs: _Inputs) -> pd.DataFrame:
+def _train_part(inputs: TrainInputs) -> pd.DataFrame:
     return inputs.examples[inputs.examples["split"] == "train"].reset_index(drop=True)
 
 
@@ -247,7 +247,7 @@ def _eval_start(live: _Live, examples: pd.DataFrame) -> tuple[_Live | None, str 
     return live, None
 
 
-def _finetune_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: _Inputs,
+def _finetune_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: TrainInputs,
                   live: _Live, ckpt: Path, dist: DistContext) -> _Run:
     """Start from the live model (vocabularies extended, trained rows kept: models/finetune.py) and train
     live.epochs on the rows newer than its cutoff plus a replay share of the older ones."""
