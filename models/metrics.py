@@ -79,7 +79,9 @@ def ranking_metrics(top: torch.Tensor, relevant: torch.Tensor, ks: list[int],
 
 def pairs_by_row(pairs: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, column) pairs sorted by row, so that a batch of users is a slice (rows_between)."""
-    rows, cols = (torch.as_tensor(a, dtype=torch.long) for a in pairs)
+    # Arrow hands numpy arrays that are read-only views; torch cannot share those (it warns), so a
+    # read-only one is copied once here.
+    rows, cols = (torch.from_numpy(np.require(a, dtype=np.int64, requirements="W")) for a in pairs)
     order = torch.argsort(rows, stable=True)
     return rows[order], cols[order]
 
