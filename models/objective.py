@@ -33,9 +33,10 @@ class BatchLoss:
     """Retrieval loss (+ α · SSL loss) of one batch: in-batch negatives, shared easy negatives drawn
     ∝ popularity^easy_power, the examples' own hard negatives, accidental hits masked.
 
-    Every random draw, gather and mask is made on the CPU from the run's generator, whatever the
-    device: a GPU run sees the same batches, negatives and SSL views as a CPU run; only the towers and
-    the losses run on `device` (the towers under bf16 autocast when `mixed_precision`, on a GPU).
+    Every random draw and gather is made on the CPU from the run's generator, whatever the device: a
+    GPU run sees the same batches, negatives and SSL views as a CPU run. The towers, the accidental-hit
+    masks (the same booleans anywhere; copied over they were most of a large-batch GPU step) and the
+    losses run on `device` (the towers under bf16 autocast when `mixed_precision`, on a GPU).
     `fused` (default): the listwise loss without extra negatives through losses.in_batch_listwise (the
     same loss, fewer passes); False keeps the reference path (in_batch_logits + sampled_softmax)."""
 
@@ -98,7 +99,7 @@ class BatchLoss:
         with record_function("in-batch logits + hit mask"):
             # log Q of item j among the B in-batch negatives: its stream share times B (Yi et al. 2019)
             correction = (self.log_q[item] + math.log(len(b))).to(dev) if self.listwise_logq else None   # (B,)
-            hits = s.hits(user, item).to(dev)                               # (B, B)
+            hits = s.hits(user.to(dev), item.to(dev))                       # (B, B), built on `dev`
             weights = s.weights[b].to(dev)                                  # (B,)
             if self.fused:
                 # no item ids: every stream row is one of its user's positives, so a column holding
@@ -133,7 +134,8 @@ class BatchLoss:
         easy = q @ self._encode(model, "encode_items", gather(s.items, e)).T / tau      # (B, K)
         if self.listwise_logq:
             easy = easy - torch.log(self.n_easy * self.easy_p[e]).unsqueeze(0).to(self.device)
-        return easy, ((e.unsqueeze(0) != item.unsqueeze(1)) & ~s.hits(user, e)).to(self.device)
+        dev = self.device
+        return easy, (e.unsqueeze(0) != item.unsqueeze(1)).to(dev) & ~s.hits(user.to(dev), e.to(dev))
 
     def hard_negatives(self, model: TwoTower, q: torch.Tensor, b: torch.Tensor, item: torch.Tensor,
                        tau: torch.Tensor | float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

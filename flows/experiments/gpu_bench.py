@@ -13,7 +13,10 @@ DATA and BIG are a project's data folder (samples/, training/, ingested/schema.j
 2. **throughput** (BIG, default DATA): the refit stream (samples/full.parquet) for `--epochs` epochs
    without validation, examples/s per epoch (the first one pays CUDA's start-up), on the GPU with
    and without bf16 autocast, at the default batch and at the `--gpu-batches` (a larger batch changes
-   the in-batch softmax, so those rows are speed only), then on the CPU with train.threads.
+   the in-batch softmax, so those rows are speed only), then on the CPU with train.threads;
+3. **profile** (BIG, `--profile-steps`): where a step's time goes at the default batch, on the GPU
+   then on the CPU (train_bench.profile: each labelled part's host time, and on the GPU its busy time
+   per step: a GPU busy for a small share of the step waits on the host).
 
 GPU configurations run first and the file is rewritten after every row, so a run cut short by a
 time limit still says what it measured. Needs a CUDA build of torch and a visible GPU.
@@ -32,7 +35,7 @@ from typing import Any
 
 import torch
 
-from flows.experiments.train_bench import build_stream
+from flows.experiments.train_bench import build_stream, profile
 from flows.params import Params, load_params
 from flows.stages.train import TrainInputs, read_inputs, validation_run
 from models.device import resolve_threads
@@ -83,15 +86,23 @@ def throughput_row(stream, config, cfg: TrainParams, seed: int, epochs: int) -> 
             "gpu_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None}
 
 
+def profile_rows(stream, config, cfg: TrainParams, seed: int, steps: int) -> list[dict[str, Any]]:  # noqa: ANN001
+    """train_bench.profile on cfg.device as json rows: ms per step of each labelled part (host time),
+    and on a GPU its busy time per step."""
+    return [{"part": label, "ms_per_step": round(ms, 3), "share": round(share, 4)}
+            for label, ms, share in profile(stream, config, cfg, seed, steps)]
+
+
 def gpu_bench(params: Params, data: Path, big: Path, seeds: list[int], epochs: int, gpu_batches: list[int],
-              out: Path, gpu: str = "cuda") -> dict[str, Any]:
-    """`gpu`: the device the GPU rows use ('cpu' only to rehearse this script on a machine without one)."""
+              out: Path, gpu: str = "cuda", profile_steps: int = 20) -> dict[str, Any]:
+    """`gpu`: the device the GPU rows use ('cpu' only to rehearse this script on a machine without one).
+    profile_steps: a profile of that many steps at the default batch on `gpu`, then on the CPU (0: none)."""
     if gpu.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gpu_bench: no CUDA GPU visible to this torch "
                          f"({torch.__version__}, CUDA {torch.version.cuda})")
     torch.set_num_threads(resolve_threads(params.train.threads))
     doc: dict[str, Any] = {"machine": _machine(), "data": str(data), "throughput_data": str(big),
-                           "throughput": [], "metrics": []}
+                           "throughput": [], "metrics": [], "profile": {}}
 
     def save() -> None:
         out.write_text(json.dumps(doc, indent=2) + "\n")
@@ -108,12 +119,18 @@ def gpu_bench(params: Params, data: Path, big: Path, seeds: list[int], epochs: i
         for cfg in gpu_runs:
             doc["throughput"].append(throughput_row(stream, config, cfg, seeds[0], epochs))
             save()
+        if profile_steps:
+            doc["profile"][gpu] = profile_rows(stream, config, gpu_runs[0], seeds[0], profile_steps)
+            save()
         for seed in seeds:
             doc["metrics"].append(metrics_row(params, inputs, gpu, seed, work))
             save()
-        doc["throughput"].append(throughput_row(stream, config, base.model_copy(update={"device": "cpu"}),
-                                                seeds[0], max(1, epochs - 1)))
+        cpu = base.model_copy(update={"device": "cpu"})
+        doc["throughput"].append(throughput_row(stream, config, cpu, seeds[0], max(1, epochs - 1)))
         save()
+        if profile_steps:
+            doc["profile"]["cpu"] = profile_rows(stream, config, cpu, seeds[0], profile_steps)
+            save()
         for seed in seeds:
             doc["metrics"].append(metrics_row(params, inputs, "cpu", seed, work))
             save()
@@ -138,10 +155,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gpu-batches", type=int, nargs="*", default=[4096, 16384])
     ap.add_argument("--out", type=Path, default=Path("reports/bench_gpu.json"))
     ap.add_argument("--gpu", default="cuda", help="the GPU rows' device (cpu: rehearse without a GPU)")
+    ap.add_argument("--profile-steps", type=int, default=20,
+                    help="steps of a torch.profiler profile at the default batch on the GPU and on the CPU (0: none)")
     args = ap.parse_args(argv)
     params = load_params(args.params, args.set)
     doc = gpu_bench(params, args.data, args.throughput_data or args.data, args.seeds, args.epochs,
-                    args.gpu_batches, args.out, args.gpu)
+                    args.gpu_batches, args.out, args.gpu, args.profile_steps)
     print(json.dumps(doc["summary"], indent=2))
 
 

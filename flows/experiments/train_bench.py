@@ -102,20 +102,27 @@ def compare(stream, config, cfg, seed: int, epochs: int = 1, rounds: int = 3) ->
 
 
 def profile(stream, config, cfg, seed: int, steps: int) -> list[tuple[str, float, float]]:
-    """(label, ms per step, share of the step) for each labelled part, from torch.profiler."""
+    """(label, ms per step, share of the step) for each labelled part, from torch.profiler, on
+    cfg.device (`auto`: a GPU when torch sees one). The labelled times are the host's: on a GPU each
+    step ends with a synchronize, so "step" is its wall time, and the row "GPU busy" is the device's
+    own time per step (kernels and copies), which says whether the GPU or the host sets the pace."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
 
     from models.towers import TwoTower
-    from models.device import resolve_threads
+    from models.device import resolve_device, resolve_threads
     from models.objective import BatchLoss, make_augmenter
 
     torch.set_num_threads(resolve_threads(cfg.threads))
+    device = resolve_device(cfg.device)
+    cuda = device.type == "cuda"
     torch.manual_seed(seed)
-    model = TwoTower(config)
+    model = TwoTower(config).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(seed)
-    batch_loss = BatchLoss(stream, cfg, make_augmenter(stream, cfg, []))
+    batch_loss = BatchLoss(stream, cfg, make_augmenter(stream, cfg, []), device=device,
+                           mixed_precision=cfg.mixed_precision and cuda)
     perm = torch.randperm(len(stream), generator=gen)
 
     def step(i: int) -> None:
@@ -127,20 +134,32 @@ def profile(stream, config, cfg, seed: int, steps: int) -> list[tuple[str, float
                 loss.backward()
             with record_function("optimizer"):
                 opt.step()
+            if cuda:
+                torch.cuda.synchronize(device)
 
-    for i in range(3):                    # warm-up: allocator, first-call dispatch
+    for i in range(3):                    # warm-up: allocator, first-call dispatch, CUDA's start
         step(i)
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
         for i in range(steps):
             step(i)
-    rows = {e.key: e.cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+    events = prof.key_averages()
+    # on a GPU each label also has a device-side twin (a user annotation spanning its kernels): the host's
+    # is the CPU one
+    rows = {e.key: e.cpu_time_total / 1e3 / steps for e in events if e.device_type == DeviceType.CPU}
     total = rows["step"]
     labels = ["towers", "in-batch logits + hit mask", "easy negatives", "hard negatives", "retrieval loss",
               "ssl", "backward", "optimizer"]
     out = [(k, rows[k], rows[k] / total) for k in labels if k in rows]
     covered = sum(v for _, v, _ in out)
-    return out + [("other (batch gather, zero_grad)", total - covered, (total - covered) / total),
-                  ("step", total, 1.0)]
+    out += [("other (batch gather, zero_grad)", total - covered, (total - covered) / total), ("step", total, 1.0)]
+    if cuda:
+        # kernels, copies and memsets, as torch's own "Self CUDA time total" counts them: annotations'
+        # spans would count the GPU's waiting as busy
+        busy = sum(e.self_device_time_total for e in events
+                   if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e3 / steps
+        out.append(("GPU busy", busy, busy / total))
+    return out
 
 
 def catalog_sweep(rows: list[int], steps: int = 25, warmup: int = 5, batch: int = 1024,

@@ -44,7 +44,7 @@ def test_without_a_gpu_it_says_so_before_any_work(project_data: Path, tmp_path: 
 def test_rehearsed_on_the_cpu_it_writes_every_row(project_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     doc = gpu_bench(_params(epochs=2, batch_size=256, ssl_batch_size=64), project_data, project_data, [0, 1], 2,
-                    [512], out, gpu="cpu")
+                    [512], out, gpu="cpu", profile_steps=3)
     assert json.loads(out.read_text()) == doc
     # the GPU rows (default, float32, the larger batch), then the CPU row at the default batch
     assert [(r["batch_size"], r["mixed_precision"]) for r in doc["throughput"]] == [(256, False), (256, False), (512, False), (256, False)]
@@ -58,3 +58,9 @@ def test_rehearsed_on_the_cpu_it_writes_every_row(project_data: Path, tmp_path: 
     assert [r["resumed_from_epoch"] for r in doc["metrics"]] == [0] * 4
     assert doc["metrics"][0]["val_ndcg@20"] == doc["metrics"][2]["val_ndcg@20"]
     assert doc["summary"]["cpu"]["sd"] >= 0 and doc["summary"]["gpu_over_cpu_at_default_batch"] > 0
+    # where a step's time goes, on the GPU rows' device and on the CPU: the labelled parts and the step
+    assert list(doc["profile"]) == ["cpu"]            # rehearsed: the GPU rows' profile is the CPU's too
+    parts = {r["part"]: r["ms_per_step"] for r in doc["profile"]["cpu"]}
+    assert {"towers", "backward", "optimizer", "step"} <= set(parts) and min(parts.values()) >= 0
+    labelled = sum(ms for part, ms in parts.items() if part not in ("step", "other (batch gather, zero_grad)"))
+    assert 0 < labelled <= parts["step"]             # the labelled parts do not overlap

@@ -91,8 +91,13 @@ def test_extra_negatives_or_other_losses_keep_the_reference_path(sampled):
 
 # 0: the matched pairs are always spread one by one; 10**9: always through the batch's dense table;
 # "stream": the whole stream's (users x items) table (the others: a catalog too large for it)
+# and on each device there is: a GPU step builds its masks on the GPU (from copies of the positives made once)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dense_hits", [0, 10**9, "stream"], ids=["spread", "table", "stream_table"])
-def test_accidental_hits_match_a_dense_user_item_table(sampled, dense_hits, monkeypatch):
+def test_accidental_hits_match_a_dense_user_item_table(sampled, dense_hits, device, monkeypatch):
     import models.stream
 
     if dense_hits != "stream":
@@ -106,9 +111,10 @@ def test_accidental_hits_match_a_dense_user_item_table(sampled, dense_hits, monk
     for _ in range(5):
         b = torch.randint(0, len(stream), (300,), generator=g)              # users repeat within a batch
         user, item = stream.users["user"][b], stream.item_idx[b]
-        assert torch.equal(stream.hits(user, item), dense[user][:, item])
+        hits = stream.hits(user.to(device), item.to(device))
+        assert hits.device.type == device and torch.equal(hits.cpu(), dense[user][:, item])
         other = torch.randint(0, stream.n_items, (17,), generator=g)        # candidates outside the batch
-        assert torch.equal(stream.hits(user, other), dense[user][:, other])
+        assert torch.equal(stream.hits(user.to(device), other.to(device)).cpu(), dense[user][:, other])
     assert dense[user][:, item].any() and not dense[user][:, item].all()     # the check is not vacuous
     assert (stream.table is not None) == (dense_hits == "stream")
 
