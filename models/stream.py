@@ -269,10 +269,10 @@ class TrainingStream:
         700k interactions 6.5-7.3 ms a batch with it, 2.4-3.3 without; docs/TRAINING.md). Matches
         that fill more than 1 / DENSE_HITS of the mask (long histories) go through that table,
         which is then the cheaper of the two."""
-        pos_ptr, pos_items, table = self._hit_inputs(user.device)
+        dev = user.device
+        pos_ptr, pos_items, table = self._hit_inputs(dev)
         if table is not None:
             return _columns(table[user], candidates)
-        dev = user.device
         uniq, col = torch.unique(candidates, return_inverse=True)          # (U,), (C,)
         # each distinct user once: active users fill a batch several times, and their positive lists
         # are the longest (the lists' total length is most of this function's cost)
