@@ -104,9 +104,10 @@ def gpu_bench(params: Params, data: Path, big: Path, seeds: list[int], epochs: i
     doc: dict[str, Any] = {"machine": _machine(), "data": str(data), "throughput_data": str(big),
                            "throughput": [], "metrics": [], "profile": {}}
 
-    def save() -> None:
+    def save(row: Any) -> None:
+        """Rewrite the file with every row so far and print the one just measured."""
         out.write_text(json.dumps(doc, indent=2) + "\n")
-        print(json.dumps(doc["throughput"][-1:] + doc["metrics"][-1:]), flush=True)
+        print(json.dumps(row), flush=True)
 
     base = params.train
     with tempfile.TemporaryDirectory(prefix="gpu_bench_") as tmp:
@@ -118,22 +119,22 @@ def gpu_bench(params: Params, data: Path, big: Path, seeds: list[int], epochs: i
         inputs = metrics_inputs(params, data)
         for cfg in gpu_runs:
             doc["throughput"].append(throughput_row(stream, config, cfg, seeds[0], epochs))
-            save()
+            save(doc["throughput"][-1])
         if profile_steps:
             doc["profile"][gpu] = profile_rows(stream, config, gpu_runs[0], seeds[0], profile_steps)
-            save()
+            save({"profile": gpu, "rows": doc["profile"][gpu]})
         for seed in seeds:
             doc["metrics"].append(metrics_row(params, inputs, gpu, seed, work))
-            save()
+            save(doc["metrics"][-1])
         cpu = base.model_copy(update={"device": "cpu"})
         doc["throughput"].append(throughput_row(stream, config, cpu, seeds[0], max(1, epochs - 1)))
-        save()
+        save(doc["throughput"][-1])
         if profile_steps:
             doc["profile"]["cpu"] = profile_rows(stream, config, cpu, seeds[0], profile_steps)
-            save()
+            save({"profile": "cpu", "rows": doc["profile"]["cpu"]})
         for seed in seeds:
             doc["metrics"].append(metrics_row(params, inputs, "cpu", seed, work))
-            save()
+            save(doc["metrics"][-1])
     by_device = {d: [r["best_val_ndcg@20"] for r in doc["metrics"] if r["device"] == d] for d in (gpu, "cpu")}
     doc["summary"] = {d: {"mean": round(statistics.mean(v), 5), "sd": round(statistics.stdev(v), 5) if len(v) > 1 else 0.0}
                       for d, v in by_device.items()}
