@@ -99,14 +99,15 @@ class BatchLoss:
         with record_function("in-batch logits + hit mask"):
             # log Q of item j among the B in-batch negatives: its stream share times B (Yi et al. 2019)
             correction = (self.log_q[item] + math.log(len(b))).to(dev) if self.listwise_logq else None   # (B,)
-            hits = s.hits(user.to(dev), item.to(dev))                       # (B, B), built on `dev`
+            item_on = item.to(dev)                                           # (B,) a copy on a GPU, else itself
+            hits = s.hits(user.to(dev), item_on)                            # (B, B), built on `dev`
             weights = s.weights[b].to(dev)                                  # (B,)
             if self.fused:
                 # no item ids: every stream row is one of its user's positives, so a column holding
                 # row i's own item is already one of row i's hits
                 loss = in_batch_listwise(q, c, tau, None, correction, weights, hits)
             else:
-                pos, inb, valid = in_batch_logits(q, c, tau, item.to(dev), correction, hits)
+                pos, inb, valid = in_batch_logits(q, c, tau, item_on, correction, hits)
         if not self.fused:
             negs, valids = [inb], [valid]
             if self.n_easy:
