@@ -74,7 +74,9 @@ class _InBatchListwise(torch.autograd.Function):
         # logits are <= 0 and never overflow. exp over the unmasked logits, then the mask as a product:
         # exp over -inf entries took 4.5x as long as over finite ones here (3.4 vs 0.74 ms, 1024 x 1024)
         top = logits.amax(dim=1, keepdim=True)                                      # (B, 1)
-        prob = logits.sub_(top).exp_().mul_(keep)                                   # (B, B), in place
+        # the mask multiplies as uint8 (the same bytes): torch widens bool to float element by element,
+        # uint8 in vector registers (1024 x 1024, 2 threads: 0.89 against 0.45 ms a step)
+        prob = logits.sub_(top).exp_().mul_(keep.view(torch.uint8))                 # (B, B), in place
         total = prob.sum(dim=1, keepdim=True)                                       # (B, 1)
         # a row whose kept columns all underflow (masked columns ~87 above every kept one: only at a
         # tiny learned temperature) is redone shifted by its kept maximum, as the reference does

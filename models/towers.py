@@ -47,9 +47,16 @@ class TwoTowerConfig:
 
 def masked_mean(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     """Mean of the embeddings of the non-zero indices of each row; all-padding rows give zeros."""
-    # embedding_bag pools without materializing (B, L, E) and skips padding_idx in the mean; a table
-    # marked sparse (models/optim.py) gets a sparse gradient here too
-    return F.embedding_bag(idx, emb.weight, mode="mean", padding_idx=0, sparse=emb.sparse)  # (B, E)
+    # embedding_bag pools without materializing (B, L, E); a table marked sparse (models/optim.py) gets a
+    # sparse gradient here too. The padding is dropped first and the bags summed, then divided: the same
+    # mean as mode="mean" with padding_idx=0, whose backward cost 2x to 3x as much (demo histories, 1,024
+    # x 50 indices, 2 threads: 10.6 against 6.1 ms forward + backward with 1,683 items, 15.8 against
+    # 7.1 ms with 30,000; docs/TRAINING.md)
+    keep = idx != 0                                                       # (B, L)
+    counts = keep.sum(dim=1)                                              # (B,)
+    pooled = F.embedding_bag(idx[keep], emb.weight, counts.cumsum(0) - counts, mode="sum",
+                             sparse=emb.sparse)                           # (B, E)
+    return pooled / counts.clamp(min=1).unsqueeze(1).to(pooled.dtype)
 
 
 class CategoricalEncoder(nn.Module):

@@ -113,13 +113,16 @@ def profile(stream, config, cfg, seed: int, steps: int) -> list[tuple[str, float
     from models.towers import TwoTower
     from models.device import resolve_device, resolve_threads
     from models.objective import BatchLoss, make_augmenter
+    from models.optim import make_optimizer
 
     torch.set_num_threads(resolve_threads(cfg.threads))
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     torch.manual_seed(seed)
     model = TwoTower(config).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # the training loop's optimizer (fused Adam, SparseAdam for large tables): torch's default Adam is
+    # a per-tensor loop that took 2.8 ms of a demo step against the fused kernel's ~0.5 ms
+    opt, _ = make_optimizer(model, cfg, lambda step: 1.0)
     gen = torch.Generator().manual_seed(seed)
     batch_loss = BatchLoss(stream, cfg, make_augmenter(stream, cfg, []), device=device,
                            mixed_precision=cfg.mixed_precision and cuda)
