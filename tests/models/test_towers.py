@@ -45,6 +45,28 @@ def test_history_shares_the_item_embedding_table_and_ignores_padding():
     torch.testing.assert_close(pooled[1], torch.zeros(8))
 
 
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_pooling_has_the_gradients_of_a_mean_over_the_non_padding_values(sparse):
+    """masked_mean sums the kept values and divides (faster than embedding_bag's mode="mean"): the
+    same values and the same gradients as that mean, a dense or a sparse table alike."""
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 9, (12, 6), generator=g)
+    idx[0] = 0                                                    # an all-padding row
+    idx[1, 1:] = 0                                                # a single value
+    upstream = torch.randn(12, 5, generator=g)
+    grads = []
+    for pool in (lambda t: masked_mean(t, idx),
+                 lambda t: torch.nn.functional.embedding_bag(idx, t.weight, mode="mean", padding_idx=0)):
+        torch.manual_seed(0)
+        table = torch.nn.Embedding(9, 5, padding_idx=0, sparse=sparse)
+        out = pool(table)
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), table.weight.grad.to_dense()))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    assert grads[0][1][0].abs().sum() == 0                       # padding never learns
+
 def test_config_invariants_are_checked():
     with pytest.raises(ValueError, match="item vocabulary is empty"):
         TwoTower(_config(n_items=1))
