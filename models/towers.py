@@ -51,7 +51,11 @@ def masked_mean(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     # sparse gradient here too. The padding is dropped first and the bags summed, then divided: the same
     # mean as mode="mean" with padding_idx=0, whose backward cost 2x to 3x as much (demo histories, 1,024
     # x 50 indices, 2 threads: 10.6 against 6.1 ms forward + backward with 1,683 items, 15.8 against
-    # 7.1 ms with 30,000; docs/TRAINING.md)
+    # 7.1 ms with 30,000; docs/TRAINING.md). On a GPU, selecting the kept values would make the host wait
+    # for the device at every call (a boolean index needs its count), and that kernel was never measured
+    # slow: there embedding_bag takes the mean itself
+    if idx.device.type != "cpu":
+        return F.embedding_bag(idx, emb.weight, mode="mean", padding_idx=0, sparse=emb.sparse)  # (B, E)
     keep = idx != 0                                                       # (B, L)
     counts = keep.sum(dim=1)                                              # (B,)
     pooled = F.embedding_bag(idx[keep], emb.weight, counts.cumsum(0) - counts, mode="sum",

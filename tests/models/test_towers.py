@@ -45,7 +45,6 @@ def test_history_shares_the_item_embedding_table_and_ignores_padding():
     torch.testing.assert_close(pooled[1], torch.zeros(8))
 
 
-
 @pytest.mark.parametrize("sparse", [False, True])
 def test_pooling_has_the_gradients_of_a_mean_over_the_non_padding_values(sparse):
     """masked_mean sums the kept values and divides (faster than embedding_bag's mode="mean"): the
@@ -66,6 +65,7 @@ def test_pooling_has_the_gradients_of_a_mean_over_the_non_padding_values(sparse)
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1])
     assert grads[0][1][0].abs().sum() == 0                       # padding never learns
+
 
 def test_config_invariants_are_checked():
     with pytest.raises(ValueError, match="item vocabulary is empty"):
