@@ -27,6 +27,7 @@ from models.device import resolve_device
 from models.early_stopping import ValidationTask
 from models.encoding import FeatureEncoder
 from models.errors import ModelError
+from models.heap import retained_heap
 from models.objective import BatchLoss, make_augmenter
 from models.optim import TowerOptimizer, TowerSchedule, make_optimizer, set_sparse, sparse_note, train_sparse_rows
 from models.params import ModelParams, TrainParams
@@ -238,27 +239,28 @@ def fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: TrainParam
             setattr(result, name, value)
         result.resumed_from = len(result.losses)
     step = dist.step(model, batch_loss)     # after the restore: a DDP wrapper copies rank 0's weights
-    while len(result.losses) < epochs and not result.stopped_early:
-        model.train()
-        start_time = time.perf_counter()
-        perm = dist.shard(torch.randperm(n, generator=gen))
-        # ranks draw their own negatives and SSL items (models/distributed.py says how)
-        sampler = dist.sampler(seed, len(result.losses), gen)
-        total, seen = dist.sum(*_train_epoch(step, perm, sampler, opt, sched, train_cfg.batch_size,
-                                             epoch=len(result.losses) + 1))
-        result.losses.append(total / seen)
-        result.seconds.append(time.perf_counter() - start_time)
-        epoch = len(result.losses)
-        line = f"epoch {epoch}/{epochs} loss {result.losses[-1]:.4f} {result.seconds[-1]:.1f} s " \
-               f"({n / result.seconds[-1]:.0f} examples/s)"
-        if validation is not None:
-            line += _validate_epoch(result, validation, stream, train_cfg, dist)
-        if dist.lead and log is not None:
-            log(line)
-        if dist.lead and checkpoint is not None:
-            save_checkpoint(checkpoint, model, opt, sched, gen, result.progress())
-        if dist.lead and on_epoch is not None:
-            on_epoch(epoch)
+    with retained_heap():                   # each step reuses the last one's memory (models/heap.py)
+        while len(result.losses) < epochs and not result.stopped_early:
+            model.train()
+            start_time = time.perf_counter()
+            perm = dist.shard(torch.randperm(n, generator=gen))
+            # ranks draw their own negatives and SSL items (models/distributed.py says how)
+            sampler = dist.sampler(seed, len(result.losses), gen)
+            total, seen = dist.sum(*_train_epoch(step, perm, sampler, opt, sched, train_cfg.batch_size,
+                                                 epoch=len(result.losses) + 1))
+            result.losses.append(total / seen)
+            result.seconds.append(time.perf_counter() - start_time)
+            epoch = len(result.losses)
+            line = f"epoch {epoch}/{epochs} loss {result.losses[-1]:.4f} {result.seconds[-1]:.1f} s " \
+                   f"({n / result.seconds[-1]:.0f} examples/s)"
+            if validation is not None:
+                line += _validate_epoch(result, validation, stream, train_cfg, dist)
+            if dist.lead and log is not None:
+                log(line)
+            if dist.lead and checkpoint is not None:
+                save_checkpoint(checkpoint, model, opt, sched, gen, result.progress())
+            if dist.lead and on_epoch is not None:
+                on_epoch(epoch)
     # the trained model leaves on the CPU, its tables dense: saving, publishing and the callers'
     # scoring are device-free
     set_sparse(model, None)
