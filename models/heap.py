@@ -8,8 +8,9 @@ matrices), so on the 700k-row bench stream (20k items) the three zero-filled (20
 alone took ~7.4 of a ~39 ms step in the profile. Inside `retained_heap` blocks below 32 MiB (glibc's
 largest mmap threshold) come from the heap and freed memory stays there: the step's 11-58 page faults
 fell to 0.2, and a step 43.8 -> 39.2, 39.1 -> 37.2, 37.6 -> 34.6 ms in three alternated process pairs
-(docs/TRAINING.md). On leaving, glibc's defaults come back and the kept memory is trimmed. Elsewhere
-(musl, macOS) it does nothing.
+(docs/TRAINING.md). On leaving, glibc's default values come back (its mmap threshold as the static
+128 KiB: glibc offers no way to turn its sliding threshold back on) and the kept memory is trimmed.
+Elsewhere (musl, macOS) it does nothing.
 """
 from __future__ import annotations
 
