@@ -137,8 +137,8 @@ class OnlineOnly:
 
 
 def import_feast_without_torch() -> None:
-    """Import Feast for a process that only reads online rows and has no use for torch (a one-shot
-    `towerflow recommend`, whose user tower runs in numpy).
+    """Import Feast for a process that has no use for torch: a one-shot `towerflow recommend` (its
+    user tower runs in numpy), the materialize stage, `towerflow events push`.
 
     feast.torch_wrapper imports torch at Feast's import, for tensor outputs that an online read never
     asks for: 1.1-1.5 s of a one-shot answer. Here torch is hidden while Feast is imported (Feast

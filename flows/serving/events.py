@@ -179,9 +179,10 @@ def record_events(events: pd.DataFrame, store: Any, log: EventLog, history_lengt
 def push_events_file(path: Path, published_dir: Path, feast_dir: Path, features_dir: Path, events_dir: Path,
                      history_length: int, rules: EventRules) -> tuple[int, int, Path]:
     """`towerflow events push FILE`: (events, users, log file). Validated against the live catalog."""
-    from features.store import open_store
+    from features.store import import_feast_without_torch, open_store
     from flows.serving.store import BundleStore, catalog_ids
 
+    import_feast_without_torch()    # pushing rows online needs no torch (Feast would import it)
     bundle = BundleStore(published_dir).live_dir()
     schema = json.loads((bundle / "schema.json").read_text())
     events = validate_events(read_frame(path), schema, catalog_ids(bundle), str(path), rules)

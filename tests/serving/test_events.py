@@ -4,6 +4,8 @@ excludes the item and reads the new history, without a pipeline run."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -110,9 +112,25 @@ def test_cli_events_push_file(project: Path) -> None:
     params = str(project / "params.yaml")
     events = project / "new.csv"
     events.write_text(f"user_id,item_id,timestamp\n{user},{item},2024-06-01T10:00:00Z\n777,{item},1717236000\n")
-    result = CliRunner().invoke(app, ["events", "push", str(events), "--params", params])
-    assert result.exit_code == 0, result.output
-    assert "pushed 2 events of 2 users to the online store; logged to" in result.output
+    # as a user's shell runs it, in a fresh interpreter: pushing rows imports Feast but not torch
+    # (3.8 s instead of 6.9-7.8 s on a 2-core machine), and torch stays importable after
+    code = f"""
+import sys
+from flows.cli import main
+sys.argv = ["towerflow", "events", "push", {str(events)!r}, "--params", {params!r}]
+try:
+    main()
+except SystemExit as exc:
+    assert not exc.code, exc.code
+print(sorted(m for m in ("torch", "feast") if m in sys.modules))
+import torch
+assert torch.ones(1).item() == 1.0
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pushed 2 events of 2 users to the online store; logged to" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "['feast']", result.stdout
     store = open_store(project / "data/feast", project / "data/features")
     rows = online(store, project, [user, 777])
     assert [r[0] for r in rows["recent_items"]] == [item, item] and rows["known"].tolist() == [True, True]

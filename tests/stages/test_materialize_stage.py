@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -139,11 +142,30 @@ def test_missing_and_bad_inputs_are_named(tmp_path):
         materialize(SPLIT, FeaturesParams(), ing, **dirs)
 
 
-def test_without_count_windows_only_the_total_is_built(tmp_path):
+def test_without_count_windows_only_the_total_is_built_in_a_process_without_torch(tmp_path):
+    """In a fresh interpreter, as the stage runs: Feast is imported without torch (1.7-2.8 s of every
+    materialize process on a 2-core machine) and torch stays importable after."""
     ing = ingested_tables(tmp_path, False)
     dirs = {"features_dir": tmp_path / "features", "feast_dir": tmp_path / "feast",
             "training_dir": tmp_path / "training"}
-    materialize(SPLIT, FeaturesParams(history_length=HISTORY, count_windows_days=()), ing, **dirs)
+    paths = {k: str(v) for k, v in dirs.items()}
+    code = f"""
+import sys
+from pathlib import Path
+from features.params import FeaturesParams
+from flows.stages.materialize import materialize
+from models.params import SplitParams
+materialize(SplitParams(test_fraction=0.2, min_user_interactions=5),
+            FeaturesParams(history_length={HISTORY}, count_windows_days=()), Path({str(ing)!r}),
+            **{{k: Path(v) for k, v in {paths!r}.items()}})
+print(sorted(m for m in ("torch", "feast") if m in sys.modules))
+import torch
+assert torch.ones(1).item() == 1.0
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['feast']", out.stdout
     ex = pd.read_parquet(dirs["training_dir"] / "examples.parquet")
     assert [c for c in ex.columns if c.startswith("interactions_")] == ["interactions_total"]
     views = {v.name for v in open_store(dirs["feast_dir"], dirs["features_dir"]).list_feature_views()}
