@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.baselines import (FLOAT64_MAX_ITEMS, binary_matrix, ease_baseline, ease_dtype, ease_memory_gb, ease_scorer,
-                              ease_weights, gram, most_popular_scores)
+                              ease_weights, gram, item_components, most_popular_scores)
 from models.holdout import catalog_task
 from models.metrics import full_catalog_metrics, tail_items, top_k
 from models.params import EvaluateParams, SplitParams
@@ -49,6 +49,38 @@ def test_ease_equals_ridge_regression_of_each_item_on_the_others():
     assert np.all(np.diag(b) == 0)
     with pytest.raises(ValueError, match="λ > 0"):
         ease_weights(gram(x), 0.0)
+
+
+def test_ease_solved_per_component_equals_the_whole_inverse(monkeypatch):
+    """Items that no user links (directly or through other items) form blocks of XᵀX: each block is
+    inverted on its own. Here: two groups of users over disjoint item sets, a linking user that joins
+    two groups into one, an item only seen alone, and items no user has."""
+    rng = np.random.default_rng(1)
+    n_items = 30
+    dense = np.zeros((60, n_items))
+    dense[:20, :8] = rng.random((20, 8)) < 0.4          # component A: items 0-7
+    dense[20:40, 8:20] = rng.random((20, 12)) < 0.3     # component B: items 8-19 ...
+    dense[40:55, 20:25] = rng.random((15, 5)) < 0.5     # ... joined to items 20-24 by user 55
+    dense[55, [9, 21]] = 1.0
+    dense[56:58, 25] = 1.0                              # item 25: seen, but never with another item
+    dense[58:, :] = 0.0                                 # items 26-29: no user at all
+    dense[:, 26:] = 0.0
+    rows, cols = dense.nonzero()
+    x = binary_matrix(rows, cols, 60, n_items)
+    labels = item_components(x)
+    assert len(set(labels[:8])) == 1 and len(set(labels[8:25])) == 1 and labels[0] != labels[8]
+    assert len(set(labels[25:])) == 5 and not set(labels[25:]) & set(labels[:25])
+    g = gram(x)
+    inverse, inverted = np.linalg.inv, []
+    monkeypatch.setattr(np.linalg, "inv", lambda a: inverted.append(len(a)) or inverse(a))
+    for lam in (0.5, 50.0):
+        whole = ease_weights(g, lam)
+        inverted.clear()
+        blocked = ease_weights(g, lam, labels)
+        assert sorted(inverted) == [8, 17]              # the two blocks; nothing for the lone items
+        np.testing.assert_allclose(blocked, whole, atol=1e-12)
+        assert np.all(blocked[:8, 8:] == 0) and np.all(blocked[25:] == 0) and np.all(blocked[:, 25:] == 0)
+    np.testing.assert_array_equal(g, dense.T @ dense)                   # the Gram matrix is left as it was
 
 
 def test_ease_scores_are_user_rows_times_b_in_float32():
