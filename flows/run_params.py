@@ -17,7 +17,9 @@ from typing import Iterator
 
 from flows.durable import write_atomic
 from flows.errors import ConfigError
-from flows.params import apply_overrides, parse_override, read_raw, validate_params
+# flows.params (its pydantic models: 0.3 s) is imported by the functions that read params, not here:
+# every stage of a run starts a flows/reproduce.py process that needs only ENV, RUN_PARAMS and
+# dvc_reads_params_from from this module
 
 RUN_PARAMS = Path(".towerflow") / "run" / "params.yaml"
 # set for the stage commands a run starts: `towerflow stage` reads its params from this file
@@ -27,6 +29,8 @@ ENV = "TOWERFLOW_RUN_PARAMS"
 def check_overrides(overrides: list[str]) -> None:
     """paths.* shape dvc.yaml's outputs (DVC templates them from params.yaml itself): a per-run value
     would make a stage write where DVC does not look."""
+    from flows.params import parse_override
+
     for text in overrides:
         keys, _ = parse_override(text)
         if keys[0] == "paths":
@@ -39,6 +43,8 @@ def write_run_params(root: Path, overrides: list[str]) -> Path:
     then renamed over the previous run's file); returns that path. The file is params.yaml's own
     text with only the overridden values changed (a round-trip edit, as `dvc exp run -S` makes), so
     DVC and the stages read every other value exactly as they would read it from params.yaml."""
+    from flows.params import apply_overrides, read_raw, validate_params
+
     check_overrides(overrides)
     source = root / "params.yaml"
     # the override errors (unknown keys, a value where a section is) name the key, before any write
@@ -60,6 +66,8 @@ def _overridden_text(text: str, overrides: list[str], origin: str) -> str:
         return text
     import yaml
     from ruamel.yaml import YAML
+
+    from flows.params import apply_overrides, parse_override
 
     # quotes kept as written: a round trip without them turns `"::1"` in a flow list into `::1`,
     # which no YAML parser reads back (DVC's own editor drops them)

@@ -181,6 +181,16 @@ def test_a_paths_override_is_refused_in_one_line(tmp_path):
         write_run_params(root, ["paths.model=elsewhere"])
 
 
+def test_the_process_that_reproduces_a_stage_starts_without_the_params_models():
+    """Every stage of every run (up-to-date ones included) starts a flows/reproduce.py process: it
+    imports DVC when it runs, and not flows.params' pydantic models (0.3 s a stage), which the stage
+    command it starts loads itself."""
+    code = "import sys, flows.reproduce; print(sorted(m for m in ('flows.params', 'pydantic') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 RUN_SCRIPT = """
 import sys
 from pathlib import Path
