@@ -49,7 +49,7 @@ def finite(column: str) -> Bound:
 
 
 TIMESTAMP_BOUNDS = (
-    Bound("timestamp", "timestamp in the future (or not tz-aware UTC)", max_value="now"),
+    Bound("timestamp", "timestamp in the future (or not tz-aware UTC, or unix milliseconds written as seconds)", max_value="now"),
     Bound("timestamp", "timestamp before validate.timestamp_floor", min_value="floor"),
 )
 

@@ -120,12 +120,26 @@ def read_table(path: Path) -> pa.Table:
             raise DataContractError(f"{path}: not UTF-8 text in an id column ({first_line(exc)}); "
                                     "save the file as UTF-8") from exc
         raise DataContractError(f"{path}: could not be read ({first_line(exc)})") from exc
+    table = _empty_text_as_null(table)
     for field in table.schema:
         # pyarrow reads text that is not valid UTF-8 as binary; it would be dropped as "not a feature"
         if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
             bad = next((v for v in table[field.name].to_pylist() if v is not None and not _utf8(v)), b"")
             raise DataContractError(f"{path}: column '{field.name}' is not UTF-8 text (e.g. {bad[:40]!r}); "
                                     "save the file as UTF-8")
+    return table
+
+
+def _empty_text_as_null(table: pa.Table) -> pa.Table:
+    """An empty CSV cell is a missing value in a text column too, as it is in a numeric one (pyarrow
+    reads it as ""): a categorical feature gets no "" category, a multi-valued one no [""], an empty id
+    is a missing id (validate names it). Other text ("NA", "null") is kept as written, like ids."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+            column = table.column(i)
+            empty = pc.equal(column, "")
+            if pc.any(empty).as_py():
+                table = table.set_column(i, field, pc.if_else(empty, pa.scalar(None, field.type), column))
     return table
 
 

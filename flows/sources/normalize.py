@@ -37,17 +37,21 @@ def _cast(path: Path, col: str, arr: pa.ChunkedArray, typ: pa.DataType, what: st
                                 f"({first_line(exc)})") from exc
 
 
-def _id_array(arr: pa.ChunkedArray) -> pa.ChunkedArray:
+def _id_array(path: Path, col: str, arr: pa.ChunkedArray) -> pa.ChunkedArray:
     """int64 for integer ids (and text that is all canonical integers), string for anything else."""
     typ = arr.type
     if pa.types.is_dictionary(typ):
         arr, typ = pc.cast(arr, typ.value_type), typ.value_type
     if pa.types.is_integer(typ):
+        if pa.types.is_unsigned_integer(typ) and (pc.max(arr).as_py() or 0) > INT64_MAX:
+            # uint64 ids above int64's range (hashes): kept exactly, as their decimal text
+            return pc.cast(arr, pa.string())
         return pc.cast(arr, pa.int64())
     if pa.types.is_floating(typ):
         valid = pc.drop_null(arr)
         if pc.all(pc.equal(valid, pc.floor(valid))).as_py() in (True, None):
-            return pc.cast(arr, pa.int64())  # float only because a CSV column had nulls
+            # float only because a CSV column had nulls
+            return _cast(path, col, arr, pa.int64(), "integer ids (whole numbers within int64)")
     as_text = pc.cast(arr, pa.string())
     valid = pc.drop_null(as_text)
     if len(valid) and pc.all(pc.match_substring_regex(valid, _CANONICAL_INT)).as_py():
@@ -158,7 +162,7 @@ def _feature(path: Path, col: str, arr: pa.ChunkedArray, kind: str) -> pa.Chunke
 
 def normalize_entities(path: Path, table: pa.Table, id_col: str, kinds: dict[str, list[str]]) -> pa.Table:
     """Id + feature columns with their normalized types; ignored columns are dropped."""
-    cols = {id_col: _id_array(table[id_col])}
+    cols = {id_col: _id_array(path, id_col, table[id_col])}
     for kind in KINDS:
         for col in kinds[kind]:
             cols[col] = _feature(path, col, table[col], kind)
@@ -167,8 +171,8 @@ def normalize_entities(path: Path, table: pa.Table, id_col: str, kinds: dict[str
 
 def normalize_interactions(path: Path, table: pa.Table) -> pa.Table:
     cols = {
-        "user_id": _id_array(table["user_id"]),
-        "item_id": _id_array(table["item_id"]),
+        "user_id": _id_array(path, "user_id", table["user_id"]),
+        "item_id": _id_array(path, "item_id", table["item_id"]),
         "timestamp": _timestamp(path, "timestamp", table["timestamp"]),
     }
     if "rating" in table.column_names:
@@ -193,8 +197,8 @@ def logs_schema(user_type: pa.DataType, item_type: pa.DataType) -> pa.Schema:
 def normalize_logs(path: Path, table: pa.Table) -> pa.Table:
     cols = {
         "request_id": pc.cast(table["request_id"], pa.string()),
-        "user_id": _id_array(table["user_id"]),
-        "item_id": _id_array(table["item_id"]),
+        "user_id": _id_array(path, "user_id", table["user_id"]),
+        "item_id": _id_array(path, "item_id", table["item_id"]),
         "timestamp": _timestamp(path, "timestamp", table["timestamp"]),
         "stage": _cast(path, "stage", table["stage"], pa.string(), "text"),
         "position": _cast(path, "position", table["position"], pa.int64(), "an integer position"),

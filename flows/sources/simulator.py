@@ -259,9 +259,14 @@ def _chunk(world: World, anchors: np.ndarray, first_request: int, params: Simula
     return logs, truth
 
 
+def _one_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
 def simulate(interactions: pa.Table, catalog: pa.Array, params: SimulatorParams, seed: int,
-             logs_path: Path, truth_dir: Path) -> dict[str, float | int]:
-    """Write logs_path (ranking_logs.parquet) and truth_dir/{truth.json,truth.parquet,user_types.parquet}."""
+             logs_path: Path, truth_dir: Path, users: pa.Array | None = None) -> dict[str, float | int]:
+    """Write logs_path (ranking_logs.parquet) and truth_dir/{truth.json,truth.parquet,user_types.parquet}.
+    Only interactions of known users (`users`, when given) with catalog items anchor requests."""
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     truth_dir.mkdir(parents=True, exist_ok=True)
@@ -271,10 +276,15 @@ def simulate(interactions: pa.Table, catalog: pa.Array, params: SimulatorParams,
     truth_schema = pa.schema([("request_id", pa.string()), ("item_id", schema.field("item_id").type),
                               ("user_type", pa.string()), ("p_examine", pa.float64()), ("p_relevant", pa.float64()),
                               ("p_examine_position", pa.float64())])
-    # Rows with a null id or time are the validate stage's finding; they cannot anchor a request.
-    valid = interactions.filter(pc.and_(pc.and_(pc.is_valid(interactions["user_id"]),
-                                                pc.is_valid(interactions["item_id"])),
-                                        pc.is_valid(interactions["timestamp"])))
+    # Rows with a null id or time, an unknown user or an item outside the catalog are the validate
+    # stage's finding about the interactions; they cannot anchor a request (simulated logs that carried
+    # them would be reported as a second fault, in a ranking_logs file the user never gave).
+    keep = pc.and_(pc.and_(pc.is_valid(interactions["user_id"]), pc.is_valid(interactions["item_id"])),
+                   pc.is_valid(interactions["timestamp"]))
+    keep = pc.and_(keep, pc.is_in(interactions["item_id"], value_set=_one_array(catalog)))
+    if users is not None:
+        keep = pc.and_(keep, pc.is_in(interactions["user_id"], value_set=_one_array(users)))
+    valid = interactions.filter(keep)
     world = build_world(valid, catalog, params, rng, seed) if valid.num_rows else None
     curve = examination(params.shown, params.position_bias, params.impatient_bias_factor)
     counts = {"requests": 0, "log_rows": 0, "shown": 0, "clicks": 0}

@@ -58,7 +58,7 @@ def _test_task(examples: pd.DataFrame, items: pd.DataFrame, source: Path) -> Cat
     task = catalog_task(examples, items)
     if task.n_users == 0:
         raise DataContractError(f"{source}: no user has a held-out catalog item (split == 'test'); "
-                                "check split.test_fraction")
+                                "check split.min_user_interactions and split.test_fraction")
     return task
 
 

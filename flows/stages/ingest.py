@@ -150,7 +150,7 @@ def _write(tables: Tables, kinds: dict[str, dict[str, list[str]]], logs_origin: 
     summary: dict[str, Any] = {}
     if logs_origin == "simulated":
         summary = simulate(tables.interactions, tables.items["item_id"], sim, seed,
-                           out / "ranking_logs.parquet", sim_dir)
+                           out / "ranking_logs.parquet", sim_dir, users=tables.users["user_id"])
     else:
         logs = schema.empty_table()
         if tables.ranking_logs is not None and logs_origin == "source":

@@ -88,6 +88,24 @@ def _write(training_dir: Path, examples: Path, catalog: pa.Table, split: dict) -
     os.replace(examples, training_dir / "examples.parquet")
 
 
+def _check_split(examples: pd.DataFrame, split_cfg: SplitParams) -> None:
+    """Evaluate scores the test rows and train learns from the train rows: without either, stop here,
+    naming the setting, instead of after sample and train."""
+    labels = set(examples["split"].unique())
+    if "test" in labels and "train" in labels:
+        return
+    most = int(examples["user_id"].value_counts().max()) if len(examples) else 0
+    if "test" not in labels:
+        raise DataContractError(
+            f"the temporal split has no test rows: only users with at least split.min_user_interactions="
+            f"{split_cfg.min_user_interactions} interactions are held out, and the most any user has is {most}; "
+            "lower split.min_user_interactions (or add data)")
+    raise DataContractError(
+        "the temporal split has no train rows: every user's interactions are all held out "
+        f"(split.min_user_interactions={split_cfg.min_user_interactions}, the most any user has: {most}); "
+        "raise split.min_user_interactions above 1")
+
+
 def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: Path, features_dir: Path,
                 feast_dir: Path, training_dir: Path, checks: TrainingSetChecks | None = None,
                 assets_cache: Path | None = None, events_dir: Path | None = None,
@@ -125,6 +143,7 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
 
     examples = example_keys(inter)
     examples["split"] = temporal_split(examples, split_cfg).to_numpy()
+    _check_split(examples, split_cfg)
     del inter, users            # the join holds slices of its own on top of what is held here
     return_freed_memory()
     # Built beside the old examples and moved over them only once checked: a failed check or a crash

@@ -96,7 +96,7 @@ def test_events_that_break_the_contract_are_quarantined_and_the_run_goes_on(sour
     reasons = [json.loads(line)["reason"] for line in (out / QUARANTINE).read_text().splitlines()]
     assert reasons[:4] == ["user_id: ids must be int64 (schema.json) ('not-a-number' is not an int64 id)",
                            "rating: null values", "weight: negative weight",
-                           "timestamp: timestamp in the future (or not tz-aware UTC)"]
+                           "timestamp: timestamp in the future (or not tz-aware UTC, or unix milliseconds written as seconds)"]
     assert reasons[4] == "not a JSON object (a torn or corrupted line)" and "torn trailing" in reasons[5]
     # the torn tail is not consumed: the cursor stops before it, so a finished write is read next time
     assert json.loads((out / CURSOR).read_text())["files"] == {log.name: log.read_bytes().rfind(b"\n") + 1}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -93,6 +94,25 @@ def test_ranking_logs_none_and_simulate(str_source: Path, tmp_path: Path) -> Non
     assert pq.read_table(out / "ranking_logs.parquet")["request_id"][0].as_py().startswith("sim-")
 
 
+def test_simulated_logs_leave_out_interactions_with_unknown_users_or_items(int_source: Path, tmp_path: Path) -> None:
+    """An interaction with an item outside the catalog or an unknown user is validate's finding about
+    the interactions; the simulated ranking logs must not repeat it as a fault of their own."""
+    src = tmp_path / "src"
+    shutil.copytree(int_source, src)
+    (src / "ranking_logs.parquet").unlink(missing_ok=True)
+    inter = pd.read_parquet(src / "interactions.parquet")
+    bad = inter.iloc[:2].copy()
+    bad["item_id"] = [999_999, int(inter["item_id"].iloc[0])]
+    bad["user_id"] = [int(inter["user_id"].iloc[0]), 888_888]
+    pd.concat([inter, bad], ignore_index=True).to_parquet(src / "interactions.parquet", index=False)
+    out = tmp_path / "ingested"
+    summary = _run(src, out)
+    assert summary["logs_origin"] == "simulated" and summary["interactions"] == len(inter) + 2
+    logs = pq.read_table(out / "ranking_logs.parquet")
+    assert logs.num_rows > 0
+    assert 999_999 not in set(logs["item_id"].to_pylist()) and 888_888 not in set(logs["user_id"].to_pylist())
+
+
 def test_max_users_keeps_first_sorted_ids(str_source: Path, tmp_path: Path) -> None:
     out = tmp_path / "ingested"
     summary = _run(str_source, out, max_users=10)
@@ -122,6 +142,46 @@ def test_csv_source_keeps_ids_exactly(tmp_path: Path) -> None:
     assert inter["user_id"].to_pylist() == ["007", "8", "9"]  # '007' was not turned into 7
     assert inter["timestamp"][0].as_py() == pd.Timestamp(1_700_000_000, unit="s", tz="UTC")
     assert pq.read_table(out / "items.parquet")["tags"].to_pylist() == [["x", "y"], ["y"]]
+
+
+def test_empty_csv_cells_are_missing_values_in_text_columns_too(tmp_path: Path) -> None:
+    """An empty cell is null in every column kind: no "" category, no [""] list, and an empty id is a
+    missing id (validate's keys check names it); text such as "NA" is kept as written."""
+    src = tmp_path / "src"
+    src.mkdir()
+    pd.DataFrame({"user_id": ["u1", "u2", "NA"], "city": ["a", "", "a"]}).to_csv(src / "users.csv", index=False)
+    pd.DataFrame({"item_id": [1, 2, 3], "tags": ["x|y", "", "y"], "brand": ["b1", "", "NA"],
+                  "price": [1.5, None, 2.0]}).to_csv(src / "items.csv", index=False)
+    pd.DataFrame({"user_id": ["u1", "", "NA"], "item_id": [1, 2, 2],
+                  "timestamp": [1_700_000_000, 1_700_000_100, 1_700_000_200]}).to_csv(src / "interactions.csv",
+                                                                                      index=False)
+    out = tmp_path / "ingested"
+    _run(src, out, ranking_logs="none", item_features=FeatureKinds(multi=["tags"], categorical=["brand"]))
+    items = pq.read_table(out / "items.parquet").to_pydict()
+    assert items["brand"] == ["b1", None, "NA"] and items["tags"] == [["x", "y"], None, ["y"]]
+    assert items["price"][1] is None or items["price"][1] != items["price"][1]
+    assert pq.read_table(out / "users.parquet")["city"].to_pylist() == ["a", None, "a"]
+    assert pq.read_table(out / "interactions.parquet")["user_id"].to_pylist() == ["u1", None, "NA"]
+
+
+def test_uint64_ids_above_int64_are_kept_as_text_and_float_ids_out_of_range_are_named(tmp_path: Path) -> None:
+    big = [2**63 + 5, 2**63 + 6, 7]
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"user_id": pa.array(big, pa.uint64())}), src / "users.parquet")
+    pq.write_table(pa.table({"item_id": pa.array([1, 2], pa.uint64())}), src / "items.parquet")
+    pq.write_table(pa.table({"user_id": pa.array(big, pa.uint64()), "item_id": pa.array([1, 2, 1], pa.uint64()),
+                             "timestamp": [1_700_000_000] * 3}), src / "interactions.parquet")
+    out = tmp_path / "ingested"
+    _run(src, out, ranking_logs="none")
+    schema = json.loads((out / "schema.json").read_text())
+    assert schema["user_id_dtype"] == "string" and schema["item_id_dtype"] == "int64"   # small uint64: int64
+    assert pq.read_table(out / "interactions.parquet")["user_id"].to_pylist() == [str(v) for v in big]
+    assert pq.read_table(out / "users.parquet")["user_id"].to_pylist() == [str(v) for v in big]
+
+    pq.write_table(pa.table({"user_id": pa.array([1e19, 2.0, None])}), src / "users.parquet")
+    with pytest.raises(DataContractError, match=r"users.parquet: column 'user_id' cannot be read as integer ids"):
+        _run(src, tmp_path / "again", ranking_logs="none")
 
 
 def test_feature_kind_inference() -> None:

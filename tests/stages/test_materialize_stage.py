@@ -142,6 +142,36 @@ def test_missing_and_bad_inputs_are_named(tmp_path):
         materialize(SPLIT, FeaturesParams(), ing, **dirs)
 
 
+def test_a_split_without_test_or_train_rows_stops_naming_the_setting(tmp_path):
+    """Users with at most 4 interactions each: with split.min_user_interactions 5 nobody is held out,
+    so evaluate would have nothing to score after sample and train ran; materialize stops first."""
+    ing = ingested_tables(tmp_path / "ingested", False)
+    inter = pd.read_parquet(ing / "interactions.parquet")
+    inter = inter.groupby("user_id", sort=False).head(4)
+    inter.to_parquet(ing / "interactions.parquet", index=False)
+    dirs = {"features_dir": tmp_path / "f", "feast_dir": tmp_path / "s", "training_dir": tmp_path / "t"}
+    most = int(inter["user_id"].value_counts().max())
+    with pytest.raises(DataContractError, match=f"no test rows: only users with at least "
+                                                f"split.min_user_interactions=5 interactions .* is {most}; lower"):
+        materialize(SPLIT, FeaturesParams(), ing, **dirs)
+    assert not (tmp_path / "t" / "examples.parquet").exists()
+    with pytest.raises(DataContractError, match="no train rows: .*min_user_interactions=1"):
+        materialize(SplitParams(test_fraction=0.2, min_user_interactions=1),
+                    FeaturesParams(), _one_each(ing, tmp_path / "once"), **dirs)
+    summary = materialize(SplitParams(test_fraction=0.2, min_user_interactions=2), FeaturesParams(), ing, **dirs)
+    assert summary["test_rows"] > 0 and summary["train_rows"] > 0
+
+
+def _one_each(ing: Path, out: Path) -> Path:
+    """A copy of the ingested tables where every user has one interaction."""
+    import shutil
+
+    shutil.copytree(ing, out)
+    inter = pd.read_parquet(out / "interactions.parquet")
+    inter.drop_duplicates("user_id").to_parquet(out / "interactions.parquet", index=False)
+    return out
+
+
 def test_without_count_windows_only_the_total_is_built_in_a_process_without_torch(tmp_path):
     """In a fresh interpreter, as the stage runs: Feast is imported without torch (1.7-2.8 s of every
     materialize process on a 2-core machine) and torch stays importable after."""

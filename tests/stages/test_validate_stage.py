@@ -159,7 +159,7 @@ def test_several_problems_are_listed_one_line_each(clean: Path, tmp_path: Path, 
         "users.gender: required column is missing",
         "ranking_logs.position: position set on a non-shown row", "e.g. 7",
         "ranking_logs.user_id: not in users.user_id", "77777",
-        "ranking_logs.timestamp: timestamp in the future (or not tz-aware UTC)", "could not be checked",
+        "ranking_logs.timestamp: timestamp in the future (or not tz-aware UTC, or unix milliseconds written as seconds)", "could not be checked",
     ])
     # emptied interactions are also a volume warning (reported, after the errors)
     assert len([x for x in message.splitlines() if not x.startswith("  warning:")]) == 1 + 6, message
