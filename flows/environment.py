@@ -60,9 +60,15 @@ def skip_type_instrumentation() -> None:
     typeguard.typechecked = _not_instrumented
 
 
-def configure_environment(root: Path) -> None:
+def telemetry_off() -> None:
+    """Every library's usage reporting off unless the user set the variable (also for processes this
+    one starts: Prefect's temporary server, DVC, the stage commands)."""
     for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
+
+
+def configure_environment(root: Path) -> None:
+    telemetry_off()
     set_openmp_wait()
     skip_type_instrumentation()
     # Prefect keeps its database and settings in the project, not in the user's home.

@@ -25,6 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
+from flows.environment import telemetry_off
 from flows.errors import ConfigError, StageFailed
 from flows.params import Params, RunParams, load_params, resolve_source
 from flows.portal.run import build_run_portal
@@ -275,7 +276,10 @@ def put_venv_on_path() -> None:
 def run_pipeline(root: Path, stages: tuple[str, ...] = STAGES, overrides: list[str] | None = None,
                  force: bool = False) -> list[StageRun]:
     """Run the Prefect flow over the DVC stages; raise StageFailed on the first failing stage.
-    params.yaml is only read: the flow passes `overrides` to the stages in the run's own params file."""
+    params.yaml is only read: the flow passes `overrides` to the stages in the run's own params file.
+    Called from Python (not `towerflow run`), it still turns telemetry off before Prefect starts its
+    temporary server for the flow."""
+    telemetry_off()
     runner = task_runner(load_params(root / "params.yaml", overrides).run)
     flow_ = towerflow_pipeline.with_options(task_runner=runner)
     state = flow_(str(root), list(stages), force, list(overrides or []), return_state=True)

@@ -32,3 +32,20 @@ def test_feast_is_imported_without_typeguard_instrumentation_unless_asked(
                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected
+
+
+def test_a_run_started_from_python_turns_telemetry_off_and_keeps_a_users_choice(monkeypatch, tmp_path):
+    """`run_pipeline` called from Python (a notebook, a user's scheduler) does not go through the CLI's
+    configure_environment: it turns telemetry off itself, before Prefect starts its temporary server
+    (which reads the variables when it starts) and before any stage process inherits them."""
+    from flows.environment import TELEMETRY_OFF
+    from flows.errors import ConfigError
+    from flows.pipeline import run_pipeline
+
+    for key in TELEMETRY_OFF:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "0")
+    with pytest.raises(ConfigError, match="params file not found"):
+        run_pipeline(tmp_path)                       # no params.yaml: stops before any flow runs
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false" and os.environ["DO_NOT_TRACK"] == "1"
+    assert os.environ["GX_ANALYTICS_ENABLED"] == "false" and os.environ["DVC_NO_ANALYTICS"] == "0"
