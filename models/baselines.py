@@ -145,9 +145,13 @@ def _lambda_scan(eval_cfg: EvaluateParams, examples: pd.DataFrame, items: pd.Dat
                                      val.seen, val.relevant, [k], metrics=("ndcg",))
             scan[f"{lam:g}"] = round(m[tune_at], 6)
         best = max(eval_cfg.ease_lambdas, key=lambda lam: scan[f"{lam:g}"])   # first of equal scores
-    else:
-        best = eval_cfg.ease_lambdas[0]
-    return best, {"metric": tune_at, "users": val.n_users, "by_lambda": scan}
+        return best, {"metric": tune_at, "users": val.n_users, "by_lambda": scan}
+    # nothing to tune on: say so in metrics.json instead of leaving an empty scan unexplained
+    why = ("one λ in evaluate.ease_lambdas" if len(eval_cfg.ease_lambdas) <= 1 else
+           "no user has enough training rows for evaluate.validation's split (min_user_interactions="
+           f"{eval_cfg.validation.min_user_interactions})")
+    return eval_cfg.ease_lambdas[0], {"metric": tune_at, "users": val.n_users, "by_lambda": {},
+                                      "note": f"λ not tuned: {why}; the first of evaluate.ease_lambdas is used"}
 
 
 def ease_baseline(eval_cfg: EvaluateParams, task: CatalogTask, examples: pd.DataFrame, items: pd.DataFrame,

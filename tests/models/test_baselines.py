@@ -169,6 +169,7 @@ def test_lambda_tuning_picks_the_best_validation_ndcg(tmp_path):
     out = ease_baseline(eval_cfg, catalog_task(examples, items), examples, items, [10])
     scan = out["ease_validation"]["by_lambda"]
     assert len(set(scan.values())) == 4, scan                     # λ matters on this data
+    assert "note" not in out["ease_validation"]
     assert out["ease_lambda"] == max(eval_cfg.ease_lambdas, key=lambda lam: scan[f"{lam:g}"])
     # the validation split is each user's last 20% of their training rows
     train = examples[examples["split"] == "train"].reset_index(drop=True)
@@ -217,3 +218,20 @@ def test_demo_protocol_reproduces_the_reference_figures(demo_cache: Path):
     assert got["ease"]["recall@20"] == pytest.approx(0.1961, abs=0.005)
     assert got["ease"]["ndcg@20"] == pytest.approx(0.2051, abs=0.005)
     assert not math.isnan(got["ease"]["ndcg@20"])
+
+
+def test_an_untuned_lambda_says_why_in_the_metrics(tmp_path):
+    training, _ = synthetic_training_dir(tmp_path, n_users=60, n_items=40)
+    examples = pd.read_parquet(training / "examples.parquet")
+    items = pd.read_parquet(training / "items.parquet")
+    task = catalog_task(examples, items)
+    one = ease_baseline(EvaluateParams(ks=[10], ease_lambdas=[5.0]), task, examples, items, [10])
+    assert one["ease_lambda"] == 5.0 and one["ease_validation"]["by_lambda"] == {}
+    assert one["ease_validation"]["note"] == ("λ not tuned: one λ in evaluate.ease_lambdas; the first of "
+                                              "evaluate.ease_lambdas is used")
+    few = EvaluateParams(ks=[10], ease_lambdas=[50.0, 5.0],
+                         validation=SplitParams(test_fraction=0.2, min_user_interactions=10_000))
+    none = ease_baseline(few, task, examples, items, [10])
+    assert none["ease_lambda"] == 50.0 and none["ease_validation"]["users"] == 0
+    assert "no user has enough training rows" in none["ease_validation"]["note"]
+    assert "min_user_interactions=10000" in none["ease_validation"]["note"]
