@@ -163,6 +163,23 @@ def import_feast_without_torch() -> None:
     import feast  # noqa: F401, F811
 
 
+def _answer_versioned_read_probe(kind: OnlineKind) -> None:
+    """Give Feast's online store class the answer to its "are versioned reads supported" probe.
+
+    On its first online read Feast imports the modules of six other online stores (Redis, MySQL,
+    Postgres, Faiss, DynamoDB, Milvus) only to test `isinstance(store, (SqliteOnlineStore, ...))`,
+    and caches the answer on the store: 70 ms of a one-shot `towerflow recommend`'s ~2 s, most of
+    it importing the Redis client a SQLite store never uses. SQLite and Redis are both on Feast's
+    list, so the answer is True; set where Feast caches it, before any read. (No read of ours asks
+    for a feature view version, which is all the answer decides.)"""
+    if kind == "sqlite":
+        from feast.infra.online_stores.sqlite import SqliteOnlineStore as store_class
+    else:
+        from feast.infra.online_stores.redis import RedisOnlineStore as store_class
+    if getattr(store_class, "_versioned_read_supported", False) is None:
+        store_class._versioned_read_supported = True
+
+
 # Feast's default materialization pulls every row of the range into pandas and keeps each entity's
 # latest there (11.8 GB high-water for 10M interactions' 11M history rows), and writes them in one
 # batch. With pull_latest_features the offline store (DuckDB, Spark, Dask) picks the latest rows
@@ -186,6 +203,8 @@ def open_store(feast_dir: Path, features_dir: Path, online: OnlineKind | None = 
 
     feast_dir = Path(feast_dir).resolve()
     feast_dir.mkdir(parents=True, exist_ok=True)
+    kind = online or recorded_kind(feast_dir)
+    _answer_versioned_read_probe(kind)
     offline_config = OnlineOnly() if offline is None else _offline_config(feast_dir, offline, spark_driver_memory)
     if offline == "duckdb":
         _duckdb_backend(feast_dir, duckdb_memory_limit)
@@ -193,7 +212,7 @@ def open_store(feast_dir: Path, features_dir: Path, online: OnlineKind | None = 
         project=PROJECT,
         provider="local",
         registry=str(feast_dir / "registry.db"),
-        online_store=_online_config(feast_dir, online or recorded_kind(feast_dir)),
+        online_store=_online_config(feast_dir, kind),
         offline_store=offline_config,
         entity_key_serialization_version=3,
         materialization={**_MATERIALIZATION, "online_write_batch_size": online_write_rows},

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +16,7 @@ from flows.errors import DataContractError, MissingStageInput
 from flows.stages.materialize import materialize
 from models.params import SplitParams
 from models.split import temporal_split
+from tests.fresh import modules_imported
 from tests.features.feature_data import (
     HISTORY,
     contract_schema,
@@ -180,7 +179,6 @@ def test_without_count_windows_only_the_total_is_built_in_a_process_without_torc
             "training_dir": tmp_path / "training"}
     paths = {k: str(v) for k, v in dirs.items()}
     code = f"""
-import sys
 from pathlib import Path
 from features.params import FeaturesParams
 from flows.stages.materialize import materialize
@@ -188,14 +186,9 @@ from models.params import SplitParams
 materialize(SplitParams(test_fraction=0.2, min_user_interactions=5),
             FeaturesParams(history_length={HISTORY}, count_windows_days=()), Path({str(ing)!r}),
             **{{k: Path(v) for k, v in {paths!r}.items()}})
-print(sorted(m for m in ("torch", "feast") if m in sys.modules))
-import torch
-assert torch.ones(1).item() == 1.0
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[2])
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "['feast']", out.stdout
+    loaded, _ = modules_imported(code, ("torch", "feast"), torch_importable_after=True)
+    assert loaded == ["feast"]
     ex = pd.read_parquet(dirs["training_dir"] / "examples.parquet")
     assert [c for c in ex.columns if c.startswith("interactions_")] == ["interactions_total"]
     views = {v.name for v in open_store(dirs["feast_dir"], dirs["features_dir"]).list_feature_views()}
