@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from models import baselines
 from models.baselines import (FLOAT64_MAX_ITEMS, binary_matrix, ease_baseline, ease_dtype, ease_memory_gb, ease_scorer,
                               ease_weights, gram, item_components, most_popular_scores)
 from models.holdout import catalog_task
@@ -71,8 +72,8 @@ def test_ease_solved_per_component_equals_the_whole_inverse(monkeypatch):
     assert len(set(labels[:8])) == 1 and len(set(labels[8:25])) == 1 and labels[0] != labels[8]
     assert len(set(labels[25:])) == 5 and not set(labels[25:]) & set(labels[:25])
     g = gram(x)
-    inverse, inverted = np.linalg.inv, []
-    monkeypatch.setattr(np.linalg, "inv", lambda a: inverted.append(len(a)) or inverse(a))
+    inverse, inverted = baselines.spd_inverse, []
+    monkeypatch.setattr(baselines, "spd_inverse", lambda a: inverted.append(len(a)) or inverse(a))
     for lam in (0.5, 50.0):
         whole = ease_weights(g, lam)
         inverted.clear()
@@ -81,6 +82,31 @@ def test_ease_solved_per_component_equals_the_whole_inverse(monkeypatch):
         np.testing.assert_allclose(blocked, whole, atol=1e-12)
         assert np.all(blocked[:8, 8:] == 0) and np.all(blocked[25:] == 0) and np.all(blocked[:, 25:] == 0)
     np.testing.assert_array_equal(g, dense.T @ dense)                   # the Gram matrix is left as it was
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_the_cholesky_inverse_is_the_inverse_in_the_same_memory(monkeypatch, dtype):
+    """spd_inverse against numpy's general inverse, with bands of 4 rows so that the mirrored triangle
+    crosses several bands and a partial last one; not positive definite: None."""
+    monkeypatch.setattr(baselines, "MIRROR_ROWS", 4)
+    rng = np.random.default_rng(2)
+    x = (rng.random((60, 11)) < 0.3).astype(dtype)
+    a = x.T @ x + 2.5 * np.eye(11, dtype=dtype)
+    expected = np.linalg.inv(a)
+    work = a.copy()
+    got = baselines.spd_inverse(work)
+    assert np.shares_memory(got, work) and got.flags.c_contiguous and got.dtype == dtype
+    np.testing.assert_allclose(got, expected, rtol=1e-4 if dtype == np.float32 else 1e-12,
+                               atol=1e-6 if dtype == np.float32 else 1e-14)
+    assert np.array_equal(got, got.T)
+    assert baselines.spd_inverse(np.array([[1.0, 2.0], [2.0, 1.0]], dtype=dtype)) is None
+
+
+def test_ease_falls_back_to_a_general_inverse_when_cholesky_fails(monkeypatch):
+    x = binary_matrix(np.array([0, 0, 1, 2, 2, 3]), np.array([0, 1, 1, 2, 0, 3]), 4, 5)
+    expected = ease_weights(gram(x), 2.0)
+    monkeypatch.setattr(baselines, "spd_inverse", lambda a: None)
+    np.testing.assert_allclose(ease_weights(gram(x), 2.0), expected, atol=1e-12)
 
 
 def test_ease_scores_are_user_rows_times_b_in_float32():
