@@ -86,8 +86,9 @@ def _blocks(components: np.ndarray) -> list[np.ndarray]:
 MIRROR_ROWS = 1024
 
 
-def _regularized(g: np.ndarray, lam: float) -> np.ndarray:
-    out = g.copy()
+def _regularized(g: np.ndarray, lam: float, idx: np.ndarray | None) -> np.ndarray:
+    """A new array: the block idx × idx of g (all of g when idx is None) plus λ on its diagonal."""
+    out = g.copy() if idx is None else g[np.ix_(idx, idx)]     # fancy indexing copies already
     out[np.diag_indices_from(out)] += lam
     return out
 
@@ -117,11 +118,11 @@ def spd_inverse(a: np.ndarray) -> np.ndarray | None:
     return inverse.T     # the same memory as `a`, in a's C order (the inverse is symmetric)
 
 
-def _block_weights(g: np.ndarray, lam: float) -> np.ndarray:
-    """EASE's weights of one block of XᵀX (not modified)."""
-    p = spd_inverse(_regularized(g, lam))
+def _block_weights(g: np.ndarray, lam: float, idx: np.ndarray | None = None) -> np.ndarray:
+    """EASE's weights of the block idx × idx of XᵀX (g, not modified; None: the whole matrix)."""
+    p = spd_inverse(_regularized(g, lam, idx))
     if p is None:    # not positive definite in its precision (float32, a tiny λ): a general inverse
-        p = np.linalg.inv(_regularized(g, lam))
+        p = np.linalg.inv(_regularized(g, lam, idx))
     p /= -np.diag(p).copy()                    # column j divided by -P_jj, in place
     p[np.diag_indices_from(p)] = 0.0
     return p
@@ -141,7 +142,7 @@ def ease_weights(g: np.ndarray, lam: float, components: np.ndarray | None = None
         return _block_weights(g, lam)
     b = np.zeros_like(g)
     for idx in blocks:
-        b[np.ix_(idx, idx)] = _block_weights(g[np.ix_(idx, idx)], lam)
+        b[np.ix_(idx, idx)] = _block_weights(g, lam, idx)
     return b
 
 
