@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from flows.sources.shapes import draw_within
 from training_data import temporal_examples
 
 GENRES = ["drama", "comedy", "action", "thriller", "romance", "scifi", "horror", "docs"]
@@ -74,12 +75,6 @@ def _seconds(shape: Shape, days: np.ndarray, rng: np.random.Generator) -> np.nda
     return days * DAY + (hours * 3600).astype(np.int64)
 
 
-def _prefix_choice(cum: np.ndarray, lo: np.ndarray, hi: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Per row, an index in [lo, hi) drawn with the weights whose cumulative sums are cum (cum[0] = 0)."""
-    u = cum[lo] + rng.random(len(lo)) * (cum[hi] - cum[lo])
-    return np.clip(np.searchsorted(cum, u, side="right") - 1, lo, hi - 1)
-
-
 def make_shape(shape: Shape, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(users, items, interactions) in the contract, interactions sorted by time."""
     rng = np.random.default_rng(seed)
@@ -100,7 +95,7 @@ def make_shape(shape: Shape, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame,
     ts = _seconds(shape, days, rng)
     eligible = np.searchsorted(join, days, side="right")          # users joined by each row's day
     eligible = np.maximum(eligible, 1)
-    user = _prefix_choice(np.concatenate([[0], np.cumsum(activity)]), np.zeros(len(days), int), eligible, rng)
+    user = draw_within(np.concatenate([[0], np.cumsum(activity)]), np.zeros(len(days), int), eligible, rng)
 
     # items released from two years before the start on (sorted by release); half the picks are
     # among the releases of the last 180 days: the item year follows time
@@ -114,7 +109,7 @@ def make_shape(shape: Shape, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame,
     hi = np.maximum(np.searchsorted(release, days, side="right"), 1)
     recent = np.minimum(np.searchsorted(release, days - 180, side="left"), hi - 1)
     lo = np.where(rng.random(len(days)) < 0.5, recent, 0)
-    item = _prefix_choice(cum, lo, hi, rng)
+    item = draw_within(cum, lo, hi, rng)
 
     bias = rng.normal(0, 0.5, shape.users)
     raw = 3.4 + quality[item] + bias[user] + rng.normal(0, 0.8, len(days)) + shape.rating_trend * days / shape.days

@@ -153,7 +153,7 @@ def _topic_items(shape: Shape, rng: np.random.Generator) -> tuple[np.ndarray, np
     return topic, weight
 
 
-def _draw_within(cum: np.ndarray, lo: np.ndarray, hi: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def draw_within(cum: np.ndarray, lo: np.ndarray, hi: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Per row, an index in [lo, hi) drawn with the weights whose cumulative sums are cum (cum[0] = 0)."""
     u = cum[lo] + rng.random(len(lo)) * (cum[hi] - cum[lo])
     return np.clip(np.searchsorted(cum, u, side="right") - 1, lo, hi - 1)
@@ -202,7 +202,7 @@ def generate_topics(shape: Shape, seed: int = 0) -> tuple[pd.DataFrame, pd.DataF
     hi = np.where(anywhere, shape.items, bounds[t + 1])
     empty = hi <= lo                                                      # a topic no item drew
     lo[empty], hi[empty] = 0, shape.items
-    item = _draw_within(cum, lo, hi, rng)
+    item = draw_within(cum, lo, hi, rng)
     item[rng.choice(n, shape.items, replace=False)] = np.arange(shape.items)   # and every item
     uid = np.char.add("u", np.char.zfill(np.arange(shape.users).astype(str), 7)).astype(object)
     iid = np.char.add("i", np.char.zfill(np.arange(shape.items).astype(str), 6)).astype(object)
@@ -232,7 +232,7 @@ def _ranking_logs(shape: Shape, rng: np.random.Generator, times: np.ndarray, use
     lo = np.where(pop, 0, bounds[own])
     hi = np.where(pop, shape.items, bounds[own + 1])
     lo, hi = np.where(hi <= lo, 0, lo), np.where(hi <= lo, shape.items, hi)
-    item = _draw_within(cum, lo.ravel(), hi.ravel(), rng).reshape(r, c)
+    item = draw_within(cum, lo.ravel(), hi.ravel(), rng).reshape(r, c)
     relevant = (topic[item] == own)                                                       # (r, c)
     score = relevant + np.log(cum[item + 1] - cum[item]) * 0.1 + rng.normal(0, 1.0, (r, c))
     order = np.argsort(-score, axis=1)
