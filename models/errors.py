@@ -13,3 +13,7 @@ class ModelInputError(ModelError):
 
 class ModelNotFound(ModelError):
     """Trained model files are missing; the message names the path."""
+
+
+class NoRankerTrained(ModelNotFound):
+    """The rank stage ran but trained no ranker (its ranker.json says why)."""

@@ -24,6 +24,7 @@ from flows.errors import EXPECTED_ERRORS, DataContractError, LockBusy, Towerflow
 from flows.serving.guard import OPEN_PATHS, public_message
 from flows.serving.index import BadQuery
 from flows.serving.items import ItemExists, UnknownItem
+from flows.serving.rerank import NoRanker
 from flows.serving.store import NothingPublished
 from models.errors import ModelInputError
 from validation.errors import ValidationFailed
@@ -47,8 +48,8 @@ def status_of(exc: Exception) -> int:
         return 409
     if isinstance(exc, UnknownItem):
         return 404
-    if isinstance(exc, DataContractError):
-        return 422
+    if isinstance(exc, (DataContractError, NoRanker)):
+        return 422          # asked of the live version what it does not hold: retrying will not help
     if isinstance(exc, BadQuery):
         return 404 if "is not in the index" in str(exc) else 400
     if isinstance(exc, (NothingPublished, LockBusy)):

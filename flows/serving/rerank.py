@@ -22,21 +22,29 @@ if TYPE_CHECKING:
     from models.ranking.bundle import RankerBundle
 
 PAIR_COLUMNS = ("user_id", "item_id")
+
+
+class NoRanker(MissingStageInput):
+    """The version was published without a ranker (no rank stage ran before its publish, or it
+    trained none): a request for re-ranked answers cannot be served by it, however often it is
+    retried (the service: 422). A ranker whose files are broken stays a 503."""
 RERANK_COLUMNS = ["user_id", "item_id", "rank", "score", "retrieval_rank"]
 
 
 def load_bundle_ranker(bundle_dir: Path) -> RankerBundle:
     """The ranker published in a bundle (its ranker/ folder): the one `rerank` serves with that
     version, so a rollback brings back its own ranker."""
-    from models.errors import ModelNotFound
+    from models.errors import ModelNotFound, NoRankerTrained
     from models.ranking.bundle import load_ranker
 
     folder = Path(bundle_dir) / RANKER_DIR
     if not folder.is_dir():
-        raise MissingStageInput(f"version {Path(bundle_dir).name} was published without a ranker: run the rank "
-                                "stage first, then publish again (`towerflow run`)")
+        raise NoRanker(f"version {Path(bundle_dir).name} was published without a ranker: run the rank "
+                       "stage first, then publish again (`towerflow run`)")
     try:
         return load_ranker(folder)
+    except NoRankerTrained as exc:
+        raise NoRanker(f"version {Path(bundle_dir).name} has no ranker: {exc}") from exc
     except ModelNotFound as exc:
         raise MissingStageInput(f"version {Path(bundle_dir).name} has no usable ranker: {exc}") from exc
 

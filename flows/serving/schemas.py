@@ -206,5 +206,5 @@ class ErrorBody(BaseModel):
 
 ERROR_STATUSES = {400: "bad request", 401: "missing or wrong bearer token", 404: "unknown item",
                   409: "the item exists", 413: "too large", 415: "not application/json",
-                  422: "data that does not fit the live version", 503: "loading or busy: retry"}
+                  422: "data or rerank=true that the live version cannot serve", 503: "loading or busy: retry"}
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody, "description": d} for s, d in ERROR_STATUSES.items()}

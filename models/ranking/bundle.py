@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.errors import ModelNotFound
+from models.errors import ModelNotFound, NoRankerTrained
 from models.ranking import lambdarank
 from models.ranking.catalog import RankFeatures, Vocab
 from models.ranking.data import RankingInputError
@@ -88,7 +88,7 @@ def load_ranker(model_dir: Path) -> RankerBundle:
     doc = model_dir / "ranker.json"
     skipped = json.loads(doc.read_text()).get("skipped") if doc.is_file() else None
     if skipped:
-        raise ModelNotFound(f"{model_dir}: no ranker was trained ({skipped})")
+        raise NoRankerTrained(f"{model_dir}: no ranker was trained ({skipped})")
     meta = json.loads(doc.read_text()) if doc.is_file() else {}
     gbm = meta.get("model") == lambdarank.NAME
     for name in LAMBDARANK_FILES if gbm else FILES:

@@ -215,7 +215,9 @@ def test_bad_requests_are_4xx_with_a_message_naming_the_problem(service: Service
     r = service.get("/recommend", user_id=1, rerank="maybe")
     assert r.status_code == 400 and "rerank: Input should be a valid boolean" in r.json()["error"]
     r = service.get("/recommend", user_id=1, rerank="true")      # this project ran no rank stage
-    assert r.status_code == 503 and "run the rank stage first" in r.json()["error"]
+    # not a 5xx (the fuzzer's rule) nor a Retry-After: the live version will never hold a ranker
+    assert r.status_code == 422 and "run the rank stage first" in r.json()["error"]
+    assert "retry-after" not in r.headers
     assert str(service.root) not in r.text                      # no absolute path in an answer
     assert service.get("/nowhere").json() == {"error": "Not Found"}
     assert service.client.put("/items", json={}).status_code == 405

@@ -127,7 +127,8 @@ def test_rollback_refuses_a_damaged_bundle_and_live_stays(project: Path) -> None
 
 
 def test_rollback_brings_back_the_ranker_published_with_the_version(project: Path) -> None:
-    from flows.serving.rerank import RankerCache
+    from flows.serving.http_errors import status_of
+    from flows.serving.rerank import NoRanker, RankerCache
 
     store = open_store(project / "artifacts/published")
     stage_out = _ranker(project, "a")
@@ -140,8 +141,11 @@ def test_rollback_brings_back_the_ranker_published_with_the_version(project: Pat
     rollback(store)
     assert store.live() == first
     assert json.loads((store.ranker_dir(store.live()) / "ranker.json").read_text())["skipped"] == "ranker a"
-    with pytest.raises(Exception, match="ranker a"):     # the service serves the live version's own ranker
+    # the service serves the live version's own ranker: here one that trained none, which no retry
+    # changes (a 422 naming why, not a 503)
+    with pytest.raises(NoRanker, match=r"has no ranker: .*no ranker was trained \(ranker a\)") as refused:
         RankerCache(store.root).get(store.live())
+    assert status_of(refused.value) == 422
 
 
 def test_kill_during_prune_leaves_no_half_version_and_the_next_publish_removes_it(project: Path) -> None:
