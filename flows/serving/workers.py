@@ -163,6 +163,10 @@ class Supervisor:
                     run_writer(self.params, self.root, self.socket_path)
                 else:
                     run_reader(self.params, self.root, self.sock, self.socket_path)
+            except SystemExit as exc:
+                # a stop asked for (SIGTERM: _exit_on_sigterm once uvicorn has finished its requests,
+                # as at every supervisor stop), not a failure: no traceback in the service's log
+                code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:   # the supervisor starts it again; the reason goes to the log
                 log.exception("serve-api %s process %d failed", role, os.getpid())
                 code = 1
