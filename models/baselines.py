@@ -95,11 +95,13 @@ def _regularized(g: np.ndarray, lam: float, idx: np.ndarray | None) -> np.ndarra
 
 def spd_inverse(a: np.ndarray) -> np.ndarray | None:
     """The inverse of the symmetric positive definite, C-ordered `a` (overwritten: the inverse is
-    computed in its memory and returned as it), or None when `a` is not positive definite in its precision.
+    computed in its memory and returned as it), or None when `a` is not positive definite in its
+    precision.
 
-    Cholesky (LAPACK potrf then potri) takes about half the flops of the LU factorization and
-    solve of a general inverse: 4.8 -> 1.7 s for 5,000 items on 2 threads (float32, 3,000 items: 1.14 ->
-    0.27 s), the same inverse to 1e-15 relative (float32: 5e-7), and no second I × I buffer. LAPACK fills one triangle; it is mirrored into the other in blocks of MIRROR_ROWS rows."""
+    Cholesky (LAPACK potrf then potri) takes about half the flops of the LU factorization and solve
+    of a general inverse: 4.8 -> 1.7 s for 5,000 items on 2 threads (float32, 3,000 items: 1.14 ->
+    0.27 s), the same inverse to 1e-15 relative (float32: 5e-7), and no second I × I buffer. LAPACK
+    fills one triangle; it is mirrored into the other in bands of MIRROR_ROWS rows."""
     potrf, potri = get_lapack_funcs(("potrf", "potri"), (a,))
     # a C-ordered symmetric matrix is, read column-major as LAPACK reads it, its own transpose: `a.T`
     # is passed without a copy and overwritten in place

@@ -22,13 +22,13 @@ if TYPE_CHECKING:
     from models.ranking.bundle import RankerBundle
 
 PAIR_COLUMNS = ("user_id", "item_id")
+RERANK_COLUMNS = ["user_id", "item_id", "rank", "score", "retrieval_rank"]
 
 
 class NoRanker(MissingStageInput):
     """The version was published without a ranker (no rank stage ran before its publish, or it
     trained none): a request for re-ranked answers cannot be served by it, however often it is
     retried (the service: 422). A ranker whose files are broken stays a 503."""
-RERANK_COLUMNS = ["user_id", "item_id", "rank", "score", "retrieval_rank"]
 
 
 def load_bundle_ranker(bundle_dir: Path) -> RankerBundle:

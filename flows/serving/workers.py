@@ -166,7 +166,7 @@ class Supervisor:
             except SystemExit as exc:
                 # a stop asked for (SIGTERM: _exit_on_sigterm once uvicorn has finished its requests,
                 # as at every supervisor stop), not a failure: no traceback in the service's log
-                code = exc.code if isinstance(exc.code, int) else 1
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
             except BaseException:   # the supervisor starts it again; the reason goes to the log
                 log.exception("serve-api %s process %d failed", role, os.getpid())
                 code = 1
