@@ -68,8 +68,18 @@ def tree_rss(proc: Any) -> int:
 # own memory is a Python interpreter's: a child's ru_maxrss starts at the peak RSS of the process it
 # was forked from (Linux carries the parent's high-water mark through fork and exec), and the bench
 # process, which generated the data, was gigabytes at 10M (every stage's figure read at least that).
+# It leads a process group of its own and ends the group (the stage and all it started) once the
+# bench that started it is gone: a bench stopped with SIGTERM or kill -9 leaves no 10M stage running
+# on for an hour, unwatched (as flows/reproduce.py does for a run's stages).
 MAXRSS_WRAPPER = """
-import json, os, subprocess, sys
+import json, os, signal, subprocess, sys, threading, time
+bench = os.getppid()
+def watch():
+    while os.getppid() == bench:
+        time.sleep(0.5)
+    if os.getpgid(0) == os.getpid():     # the leader of its own group, as run_measured starts it
+        os.killpg(0, signal.SIGTERM)
+threading.Thread(target=watch, daemon=True).start()
 child = subprocess.Popen(sys.argv[2:])
 _, status, usage = os.wait4(child.pid, 0)
 rc = os.waitstatus_to_exitcode(status)
@@ -92,7 +102,7 @@ def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log_path: Path)
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()
         child = subprocess.Popen([sys.executable, "-I", "-c", MAXRSS_WRAPPER, str(figures), *cmd], cwd=cwd,
-                                 env=env, stdout=log, stderr=subprocess.STDOUT)
+                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         done = threading.Event()
 
         def poll() -> None:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +67,44 @@ def test_peak_rss_covers_the_stage_process_tree(tmp_path: Path) -> None:
     assert fig["rc"] == 3
     assert fig["peak_rss_mb"] > 300 and fig["peak_tree_rss_mb"] > 300
     assert fig["seconds"] >= 1.0
+
+
+def test_a_stage_ends_with_the_bench_that_started_it(tmp_path: Path) -> None:
+    """The bench killed (-9: no handler of its own runs) while a stage runs: the stage and the process
+    it started are stopped within seconds, not left running, unwatched."""
+    marker = tmp_path / "pids"
+    stage = (f"import os, subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+             f"open({str(marker)!r}, 'w').write(f'{{os.getpid()}} {{c.pid}}'); time.sleep(120)")
+    bench = ("import os, sys; from pathlib import Path; from flows.experiments.scale_bench import run_measured; "
+             f"run_measured([sys.executable, '-c', {stage!r}], Path({str(tmp_path)!r}), dict(os.environ), "
+             f"Path({str(tmp_path / 'log')!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", bench], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (marker.is_file() and len(marker.read_text().split()) == 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "the stage never started"
+            time.sleep(0.1)
+        pids = [int(p) for p in marker.read_text().split()]
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), f"still running: {[p for p in pids if _alive(p)]}"
+    finally:
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:    # a zombie (ended, not yet reaped by init) is as good as gone
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_a_stage_is_not_charged_the_benchs_own_memory(tmp_path: Path) -> None:
