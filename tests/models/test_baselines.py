@@ -52,6 +52,19 @@ def test_ease_equals_ridge_regression_of_each_item_on_the_others():
         ease_weights(gram(x), 0.0)
 
 
+@pytest.mark.parametrize("density", [0.02, 0.6])
+def test_the_gram_matrix_is_exact_whether_blocks_are_scattered_or_added_dense(density):
+    """Sparse blocks (0.02: a block's XᵀX has far fewer entries than I²) are added entry by entry,
+    dense ones (0.6) through a dense copy: both give XᵀX exactly, over blocks of 16 users."""
+    rng = np.random.default_rng(3)
+    dense = (rng.random((200, 50)) < density).astype(np.float64)
+    rows, cols = dense.nonzero()
+    x = binary_matrix(rows, cols, 200, 50)
+    block_nnz = (x[:16].T @ x[:16]).nnz
+    assert (block_nnz * baselines.SCATTER_MAX_SHARE > 50 * 50) == (density > 0.5)   # each path is taken
+    np.testing.assert_array_equal(gram(x, block_users=16), dense.T @ dense)
+
+
 def test_ease_solved_per_component_equals_the_whole_inverse(monkeypatch):
     """Items that no user links (directly or through other items) form blocks of XᵀX: each block is
     inverted on its own. Here: two groups of users over disjoint item sets, a linking user that joins
