@@ -51,9 +51,9 @@ def _push() -> dict[str, Any]:
         return {"ok": True, "remote": remote, "pushed": repo.push() if remote else None}
 
 
-def _end_with_parent(parent: int) -> None:
-    """Stop this process group when the run that started it is gone (reparented): its stage must not
-    run on, unwatched, beside the next run."""
+def end_with_parent(parent: int) -> None:
+    """Stop this process group when the process that started it is gone (reparented): a run's stage,
+    or a scale bench's (flows/experiments/scale_bench.py), must not run on, unwatched."""
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
@@ -67,7 +67,7 @@ def _end_with_parent(parent: int) -> None:
 
 def main(argv: list[str]) -> int:
     root, action, result, parent = Path(argv[0]), argv[1], Path(argv[2]), int(argv[3])
-    _end_with_parent(parent)
+    end_with_parent(parent)
     os.chdir(root)   # DVC resolves targets and stage paths against the working directory
     run_file = root / RUN_PARAMS
     os.environ[ENV] = str(run_file)      # inherited by the stage command DVC starts

@@ -69,17 +69,12 @@ def tree_rss(proc: Any) -> int:
 # was forked from (Linux carries the parent's high-water mark through fork and exec), and the bench
 # process, which generated the data, was gigabytes at 10M (every stage's figure read at least that).
 # It leads a process group of its own and ends the group (the stage and all it started) once the
-# bench that started it is gone: a bench stopped with SIGTERM or kill -9 leaves no 10M stage running
-# on for an hour, unwatched (as flows/reproduce.py does for a run's stages).
+# bench that started it is gone, as a run's stage process does (flows.reproduce.end_with_parent): a
+# bench stopped with SIGTERM or kill -9 leaves no 10M stage running on for an hour, unwatched.
 MAXRSS_WRAPPER = """
-import json, os, signal, subprocess, sys, threading, time
-bench = os.getppid()
-def watch():
-    while os.getppid() == bench:
-        time.sleep(0.5)
-    if os.getpgid(0) == os.getpid():     # the leader of its own group, as run_measured starts it
-        os.killpg(0, signal.SIGTERM)
-threading.Thread(target=watch, daemon=True).start()
+import json, os, subprocess, sys
+from flows.reproduce import end_with_parent
+end_with_parent(os.getppid())
 child = subprocess.Popen(sys.argv[2:])
 _, status, usage = os.wait4(child.pid, 0)
 rc = os.waitstatus_to_exitcode(status)
