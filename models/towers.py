@@ -45,21 +45,48 @@ class TwoTowerConfig:
         return asdict(self)
 
 
+class _BagSum(torch.autograd.Function):
+    """Sum of the rows `flat` of `weight` per bag (`bag[i]` is the bag of `flat[i]`, bags in order from
+    `offsets`): embedding_bag's forward, and a backward that gathers each entry's output gradient and
+    adds it to its row in index order (index_add_). torch's dense embedding_bag backward sorts the indices
+    first: 2.9 against 0.5 ms for the demo's 1,024 histories (~26k kept entries, 64 dims, 2 threads),
+    ~2.5 ms of a ~21 ms training step (docs/TRAINING.md). The sums are the same up to their order of
+    addition; index_add_ on the CPU is serial per row, so repeated runs give the same bits."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, flat: torch.Tensor, offsets: torch.Tensor,
+                bag: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(flat, bag)
+        ctx.rows = weight.shape[0]
+        return F.embedding_bag(flat, weight, offsets, mode="sum")                 # (B, E)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        flat, bag = ctx.saved_tensors
+        grad_weight = grad.new_zeros((ctx.rows, grad.shape[1]))
+        grad_weight.index_add_(0, flat, grad.index_select(0, bag))
+        return grad_weight, None, None, None
+
+
 def masked_mean(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     """Mean of the embeddings of the non-zero indices of each row; all-padding rows give zeros."""
     # embedding_bag pools without materializing (B, L, E); a table marked sparse (models/optim.py) gets a
     # sparse gradient here too. The padding is dropped first and the bags summed, then divided: the same
     # mean as mode="mean" with padding_idx=0, whose backward cost 2x to 3x as much (demo histories, 1,024
     # x 50 indices, 2 threads: 10.6 against 6.1 ms forward + backward with 1,683 items, 15.8 against
-    # 7.1 ms with 30,000; docs/TRAINING.md). On a GPU, selecting the kept values would make the host wait
-    # for the device at every call (a boolean index needs its count), and that kernel was never measured
-    # slow: there embedding_bag takes the mean itself
+    # 7.1 ms with 30,000; docs/TRAINING.md); a dense table's gradient comes from _BagSum. On a GPU,
+    # selecting the kept values would make the host wait for the device at every call (a boolean index
+    # needs its count), and that kernel was never measured slow: there embedding_bag takes the mean itself
     if idx.device.type != "cpu":
         return F.embedding_bag(idx, emb.weight, mode="mean", padding_idx=0, sparse=emb.sparse)  # (B, E)
-    keep = idx != 0                                                       # (B, L)
-    counts = keep.sum(dim=1)                                              # (B,)
-    pooled = F.embedding_bag(idx[keep], emb.weight, counts.cumsum(0) - counts, mode="sum",
-                             sparse=emb.sparse)                           # (B, E)
+    bag, col = (idx != 0).nonzero(as_tuple=True)                         # kept entries, row-major
+    flat = idx[bag, col]
+    counts = torch.bincount(bag, minlength=idx.shape[0])                  # (B,)
+    offsets = counts.cumsum(0) - counts
+    if emb.sparse:
+        pooled = F.embedding_bag(flat, emb.weight, offsets, mode="sum", sparse=True)  # (B, E)
+    else:
+        pooled = _BagSum.apply(emb.weight, flat, offsets, bag)
     return pooled / counts.clamp(min=1).unsqueeze(1).to(pooled.dtype)
 
 
