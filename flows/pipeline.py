@@ -58,6 +58,8 @@ def _reproduce(root: Path, name: str, force: bool, timeout_s: float) -> StageRun
     t0 = time.perf_counter()
     outcome, why = _in_own_process(root, name, timeout_s, ["--force"] if force else [])
     seconds = time.perf_counter() - t0
+    if outcome is None or not outcome["ok"]:    # failed, stopped, or ran past its time
+        restore_outputs(root, name, timeout_s)
     if outcome is None:
         return StageRun(name, False, seconds, ok=False, error=f"stage '{name}' {why}")
     if outcome.get("transient"):
@@ -65,6 +67,20 @@ def _reproduce(root: Path, name: str, force: bool, timeout_s: float) -> StageRun
     if not outcome["ok"]:
         return StageRun(name, False, seconds, ok=False, error=f"stage '{name}' failed: {outcome['error']}")
     return StageRun(name, outcome["ran"], seconds)
+
+
+def restore_outputs(root: Path, name: str, timeout_s: float) -> None:
+    """Put back the outputs of stage `name`'s last successful run (dvc.lock) that DVC deleted before
+    running it (flows/reproduce.py `_restore`), and say so in the run's log. Also on a stopped run: the
+    worker thread that waited for the stage does this before the process ends (a kill -9 cannot)."""
+    outcome, why = _in_own_process(root, name, timeout_s, ["--restore"])
+    logger = get_run_logger()
+    if outcome is None or not outcome["ok"]:
+        logger.warning("%s: its outputs of the last successful run were not put back (%s); `dvc checkout %s` "
+                       "restores them from the DVC cache", name, why or outcome["error"], name)
+    elif outcome["restored"]:
+        logger.info("%s: put back its outputs of the last successful run (dvc.lock): %s", name,
+                    ", ".join(outcome["restored"]))
 
 
 def _in_own_process(root: Path, action: str, timeout_s: float,

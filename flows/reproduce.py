@@ -1,7 +1,8 @@
 """One DVC stage (or the push) of a run, reproduced in a process of its own.
 
-The flow's task starts `python -m flows.reproduce ROOT ACTION RESULT PARENT_PID [--force]` (ACTION: a
-stage name, or `push`) as the leader of a new process group, waits at most run.stage_timeout_s and then stops the
+The flow's task starts `python -m flows.reproduce ROOT ACTION RESULT PARENT_PID [--force | --restore]`
+(ACTION: a stage name, or `push`; `--restore`: put back the stage's outputs of its last successful run,
+after it failed or was stopped) as the leader of a new process group, waits at most run.stage_timeout_s and then stops the
 whole group: DVC, the stage command it runs and whatever that started. A Prefect timeout cannot do
 this (in a worker thread it cannot interrupt a blocking call: the stage would run on). This process
 reads params.yaml's values from the run's params file (flows/run_params.py), passes that file to the
@@ -41,6 +42,33 @@ def _reproduce(name: str, force: bool) -> dict[str, Any]:
     return {"ok": True, "ran": bool(changed)}
 
 
+def _restore(name: str) -> dict[str, Any]:
+    """Put back, from the DVC cache, the outputs dvc.lock records for stage `name` (its last successful
+    run): DVC deletes a stage's outputs before it runs the stage, so one that failed, ran past its time
+    or was stopped left them missing (a stopped rank stage: no ranker to score with until the next
+    run). Outputs kept out of the cache (`cache: false`: the gate's verdict, also written when it
+    blocks) stay as the stage left them, and so do `persist` ones. Nothing to put back before the
+    stage's first success."""
+    import yaml
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    lock = Path("dvc.lock")
+    locked = yaml.safe_load(lock.read_text()) if lock.is_file() else None
+    if name not in ((locked or {}).get("stages") or {}):
+        return {"ok": True, "restored": []}
+    logging.getLogger("dvc").propagate = False
+    try:
+        with Repo(".") as repo:
+            # `persist` outputs are not deleted before a run, and may have moved on since dvc.lock
+            # (the online store takes the service's pushed events): they are never put back
+            outs = [o.def_path for o in repo.stage.collect(name)[0].outs if o.use_cache and not o.persist]
+            done = repo.checkout(targets=outs, force=True) if outs else {"added": [], "modified": []}
+    except DvcException as exc:       # e.g. the cache no longer holds them (dvc gc)
+        return {"ok": False, "error": str(exc.__cause__ or exc)}
+    return {"ok": True, "restored": sorted(done["added"] + done["modified"])}
+
+
 def _push() -> dict[str, Any]:
     """Push the outputs to the default DVC remote when one is set (so any run can be restored
     elsewhere with `dvc pull`)."""
@@ -72,7 +100,12 @@ def main(argv: list[str]) -> int:
     run_file = root / RUN_PARAMS
     os.environ[ENV] = str(run_file)      # inherited by the stage command DVC starts
     with dvc_reads_params_from(root / "params.yaml", run_file):
-        outcome = _push() if action == "push" else _reproduce(action, "--force" in argv[4:])
+        if action == "push":
+            outcome = _push()
+        elif "--restore" in argv[4:]:
+            outcome = _restore(action)
+        else:
+            outcome = _reproduce(action, "--force" in argv[4:])
     result.write_text(json.dumps(outcome))
     return 0
 

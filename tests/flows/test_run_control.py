@@ -1,6 +1,7 @@
 """How the flow runs stages: transient failures are retried with backoff, final ones are not, a
 second run of the same project is refused while one holds the run lock, a hung stage is stopped with
-its processes, and a run's overrides reach its stages and dvc.lock but never params.yaml. A real DVC repo in a temp
+its processes, a failed or stopped stage gets its last good outputs back, and a run's overrides reach
+its stages and dvc.lock but never params.yaml. A real DVC repo in a temp
 dir whose stages are small shell commands; the real Prefect flow under the test harness."""
 from __future__ import annotations
 
@@ -133,6 +134,38 @@ def test_a_hung_stage_is_stopped_with_its_processes_at_the_timeout(harness, tmp_
     assert run_pipeline(root, ("ingest",))[0].ok
 
 
+@pytest.mark.parametrize("how", ["fails", "runs past its time"])
+def test_a_stage_that_fails_or_is_stopped_gets_its_last_good_outputs_back(harness, tmp_path, how):
+    """DVC deletes a stage's outputs before running it: after the failure they are put back as dvc.lock
+    records them (from the DVC cache), not left missing until the next good run."""
+    root = _repo(tmp_path / "p", "if [ -f hang ]; then sleep 300; fi; test ! -f fail && date +%s%N > out.txt "
+                 "&& echo run >> store.txt", retries=0, stage_timeout_s=120)
+    # a persist output (like the online store) is not deleted before a run and may move on after it:
+    # it is never put back
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ingest": {
+        "cmd": yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["ingest"]["cmd"],
+        "outs": ["out.txt", {"store.txt": {"persist": True}}]}}}))
+    assert run_pipeline(root, ("ingest",))[0].ok
+    good = (root / "out.txt").read_text()
+    with (root / "store.txt").open("a") as store:
+        store.write("pushed\n")
+    if how == "fails":
+        (root / "fail").touch()
+    else:
+        (root / "hang").touch()
+        (root / "params.yaml").write_text(yaml.safe_dump({"run": {"retries": 0, "retry_delay_s": 0,
+                                                                  "stage_timeout_s": 3}}))
+    with pytest.raises(StageFailed, match="failed" if how == "fails" else "ran past"):
+        run_pipeline(root, ("ingest",), force=True)           # no deps: unchanged, it would be skipped
+    assert (root / "out.txt").read_text() == good
+    assert (root / "store.txt").read_text() == "run\npushed\n"
+    # a stage that never succeeded has nothing to put back, and says nothing about it
+    fresh = _repo(tmp_path / "q", "exit 1", retries=0)
+    with pytest.raises(StageFailed, match="failed"):
+        run_pipeline(fresh, ("ingest",))
+    assert not (fresh / "out.txt").exists()
+
+
 PARAMS_TEXT = """# the shared params: comments and layout must survive every run
 run:
   retries: 0        # no retries here
@@ -203,7 +236,11 @@ run_pipeline(Path(sys.argv[1]), ("ingest",), overrides=["gate.force=true", "gate
 def test_a_run_stopped_mid_stage_leaves_params_yaml_and_no_stage_behind(harness, tmp_path, sig):
     from prefect.settings import PREFECT_API_URL
 
-    root = _params_repo(tmp_path / "p", "echo $$ > stage.pid; sleep 300; echo ok > out.txt")
+    root = _params_repo(tmp_path / "p", "if [ -f slow ]; then echo $$ > stage.pid; sleep 300; fi; "
+                                        "date +%s%N > out.txt")
+    run_pipeline(root, ("ingest",))
+    good = (root / "out.txt").read_text()
+    (root / "slow").touch()
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(root)], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -223,6 +260,11 @@ def test_a_run_stopped_mid_stage_leaves_params_yaml_and_no_stage_behind(harness,
     while _alive(stage_pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(stage_pid), "the stage ran on after its run was stopped"
+    # a stopped run puts back the outputs DVC deleted before the stage ran; a killed one cannot
+    if sig == signal.SIGTERM:
+        assert (root / "out.txt").read_text() == good
+    else:
+        assert not (root / "out.txt").exists()
     # and the next run is not forced: it writes its own params from params.yaml
     from flows.run_params import RUN_PARAMS, write_run_params
     write_run_params(root, [])
