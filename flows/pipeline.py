@@ -15,8 +15,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -289,6 +291,29 @@ def put_venv_on_path() -> None:
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
 
+@contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """While a run's flow runs in this process, SIGTERM ends it as SystemExit(143) instead of on the
+    spot. Prefect's flow engine turns a SIGTERM into a crash of the flow, then puts back the handler
+    it found and sends itself the signal again: with the default one the process died there, before
+    its exit handlers, and Prefect's temporary API server (a uvicorn process it stops at exit) ran on,
+    orphaned, after every stopped `towerflow run`. A handler the caller set is left alone, and so is
+    a run started outside the main thread (signals reach only that one)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run_pipeline(root: Path, stages: tuple[str, ...] = STAGES, overrides: list[str] | None = None,
                  force: bool = False) -> list[StageRun]:
     """Run the Prefect flow over the DVC stages; raise StageFailed on the first failing stage.
@@ -298,7 +323,8 @@ def run_pipeline(root: Path, stages: tuple[str, ...] = STAGES, overrides: list[s
     telemetry_off()
     runner = task_runner(load_params(root / "params.yaml", overrides).run)
     flow_ = towerflow_pipeline.with_options(task_runner=runner)
-    state = flow_(str(root), list(stages), force, list(overrides or []), return_state=True)
+    with sigterm_exits():
+        state = flow_(str(root), list(stages), force, list(overrides or []), return_state=True)
     data = state.result(raise_on_failure=False)
     if state.is_failed():
         if isinstance(data, BaseException) and not isinstance(data, TransientStageFailure):

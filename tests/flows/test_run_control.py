@@ -1,6 +1,7 @@
 """How the flow runs stages: transient failures are retried with backoff, final ones are not, a
 second run of the same project is refused while one holds the run lock, a hung stage is stopped with
-its processes, a failed or stopped stage gets its last good outputs back, and a run's overrides reach
+its processes, a failed or stopped stage gets its last good outputs back, a stopped run leaves no
+process behind (Prefect's temporary server included), and a run's overrides reach
 its stages and dvc.lock but never params.yaml. A real DVC repo in a temp
 dir whose stages are small shell commands; the real Prefect flow under the test harness."""
 from __future__ import annotations
@@ -269,6 +270,33 @@ def test_a_run_stopped_mid_stage_leaves_params_yaml_and_no_stage_behind(harness,
     from flows.run_params import RUN_PARAMS, write_run_params
     write_run_params(root, [])
     assert not yaml.safe_load((root / RUN_PARAMS).read_text())["gate"].get("force")
+
+
+def test_a_run_stopped_with_sigterm_leaves_no_process_behind_not_even_prefects_server(tmp_path):
+    """Without PREFECT_API_URL a run starts Prefect's temporary API server (a uvicorn process, stopped
+    at exit). Prefect answers a SIGTERM by crashing the flow and sending the signal again: that second
+    one must end the run through its exit handlers (code 143), or the server runs on, orphaned."""
+    import psutil
+
+    root = _params_repo(tmp_path / "p", "echo $$ > stage.pid; sleep 300; echo ok > out.txt")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(root)], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not (root / "stage.pid").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert (root / "stage.pid").exists(), "the stage never started"
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert any("uvicorn" in " ".join(p.cmdline()) for p in started), "no temporary Prefect server started"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _, alive = psutil.wait_procs(started, timeout=15)
+    assert not alive, f"left running: {[' '.join(p.cmdline())[:100] for p in alive]}"
 
 
 def test_a_finetune_reruns_train_when_the_live_version_changed(tmp_path):
