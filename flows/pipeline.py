@@ -15,10 +15,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from prefect.tasks import exponential_backoff
 from flows.environment import telemetry_off
 from flows.errors import ConfigError, StageFailed
 from flows.params import Params, RunParams, load_params, resolve_source
+from flows.process_groups import sigterm_exits, stop_group
 from flows.portal.run import build_run_portal
 from flows.run_lock import run_lock
 from flows.run_params import RUN_PARAMS, write_run_params
@@ -48,10 +47,6 @@ class StageRun:
     seconds: float
     ok: bool = True
     error: str = ""
-
-
-# After SIGTERM, a stage's processes get this long to end before SIGKILL.
-STOP_GRACE_S = 10.0
 
 
 def _reproduce(root: Path, name: str, force: bool, timeout_s: float) -> StageRun:
@@ -111,7 +106,7 @@ _RUNNING: dict[int, subprocess.Popen] = {}
 def run_in_own_group(argv: list[str], cwd: Path, timeout_s: float) -> int | None:
     """Run argv as the leader of a new process group (session); its exit code, or None when it ran
     past timeout_s. Then, or when this run is stopped, or when it leaves processes behind, the whole
-    group is stopped: SIGTERM, and SIGKILL after STOP_GRACE_S."""
+    group is stopped: SIGTERM, and SIGKILL after flows/process_groups.py's STOP_GRACE_S."""
     proc = subprocess.Popen(argv, cwd=cwd, start_new_session=True)
     _RUNNING[proc.pid] = proc
     try:
@@ -119,7 +114,7 @@ def run_in_own_group(argv: list[str], cwd: Path, timeout_s: float) -> int | None
     except subprocess.TimeoutExpired:
         return None
     finally:   # also on an exception here: a stage never outlives the run that started it
-        _stop_group(proc)
+        stop_group(proc)
         _RUNNING.pop(proc.pid, None)
 
 
@@ -128,32 +123,6 @@ def stop_running_stages() -> None:
     for pid in list(_RUNNING):
         with suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not _group_alive(proc.pid, proc):
-            break
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        deadline = time.monotonic() + STOP_GRACE_S
-        while time.monotonic() < deadline and _group_alive(proc.pid, proc):
-            time.sleep(0.1)
-    proc.wait()
-
-
-def _group_alive(pgid: int, leader: subprocess.Popen) -> bool:
-    """Whether a process of group `pgid` still runs (zombies waiting to be reaped do not count)."""
-    import psutil
-
-    leader.poll()   # reap the leader once it ended
-    for p in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            continue
-    return False
 
 
 def _stage_task(name: str, cfg: RunParams):  # noqa: ANN202 - a prefect Task
@@ -289,29 +258,6 @@ def put_venv_on_path() -> None:
     bindir = str(Path(sys.executable).parent)
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-
-
-@contextmanager
-def sigterm_exits() -> Iterator[None]:
-    """While a run's flow runs in this process, SIGTERM ends it as SystemExit(143) instead of on the
-    spot. Prefect's flow engine turns a SIGTERM into a crash of the flow, then puts back the handler
-    it found and sends itself the signal again: with the default one the process died there, before
-    its exit handlers, and Prefect's temporary API server (a uvicorn process it stops at exit) ran on,
-    orphaned, after every stopped `towerflow run`. A handler the caller set is left alone, and so is
-    a run started outside the main thread (signals reach only that one)."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def _exit(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, _exit)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def run_pipeline(root: Path, stages: tuple[str, ...] = STAGES, overrides: list[str] | None = None,

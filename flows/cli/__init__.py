@@ -10,11 +10,13 @@ from flows.cli import pipeline, rank, serving  # noqa: F401  (registers the comm
 from flows.cli.common import app
 from flows.cli.pipeline import _force_overrides  # noqa: F401  (tests)
 from flows.environment import configure_environment
+from flows.process_groups import sigterm_exits
 
 
 def main() -> None:
     configure_environment(Path.cwd())
-    app()
+    with sigterm_exits():     # a stopped command still cleans up (its temporary folders, what it started)
+        app()
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from flows.experiments.bench import copy_project
+from flows.process_groups import stop_group
 from flows.sources.shapes import generate_topics, scaled, write_source
 
 POLL_S = 0.2
@@ -108,7 +109,10 @@ def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log_path: Path)
 
         watcher = threading.Thread(target=poll, daemon=True)
         watcher.start()
-        child.wait()
+        try:
+            child.wait()
+        finally:    # also when the bench is stopped (SIGTERM, Ctrl-C): before its project is removed
+            stop_group(child)
         seconds = time.perf_counter() - t0
         done.set()
         watcher.join()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -93,6 +94,34 @@ def test_a_stage_ends_with_the_bench_that_started_it(tmp_path: Path) -> None:
         assert not any(_alive(p) for p in pids), f"still running: {[p for p in pids if _alive(p)]}"
     finally:
         proc.kill()
+
+
+def test_a_bench_stopped_with_sigterm_removes_its_project_and_stops_its_stage(tmp_path: Path) -> None:
+    """`towerflow bench --scale` under SIGTERM (a `timeout`, a scheduler's stop): exit code 143, the
+    running stage stopped and the temporary project (tens of GB at 10M) removed, not left in /tmp."""
+    import psutil
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp))
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "bench", "--scale", "2000", "--out",
+                             str(tmp_path / "bench.json"), "--params", str(ROOT / "params.yaml")],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not any("flows.cli stage" in " ".join(c.cmdline()) or "towerflow stage" in " ".join(c.cmdline())
+                      for c in psutil.Process(proc.pid).children(recursive=True)):
+            assert proc.poll() is None and time.monotonic() < deadline, "no stage started"
+            time.sleep(0.2)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert list(tmp.glob("towerflow-scale-2000-*")), "no temporary project"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    _, alive = psutil.wait_procs(started, timeout=15)
+    assert not alive, f"left running: {[' '.join(p.cmdline())[:100] for p in alive]}"
+    assert not list(tmp.glob("towerflow-scale-2000-*")), "the temporary project was left behind"
 
 
 def _alive(pid: int) -> bool:
