@@ -101,7 +101,8 @@ class GroupContext(DistContext):
 
 
 def one_at_a_time(_state, bucket):  # unannotated: DDP compares the annotations with its classes, not strings
-    """(None, dist.GradBucket) -> Future[Tensor]: DDP's averaging all-reduce of one bucket, finished before the next bucket's starts.
+    """(None, dist.GradBucket) -> Future[Tensor]: DDP's averaging all-reduce of one bucket, finished
+    before the next bucket's starts.
 
     gloo runs a process group's collectives on two worker threads; a sparse gradient's all-reduce
     (allgatherv of its indices and values) running beside a dense bucket's corrupted the heap in 3
