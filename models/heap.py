@@ -8,9 +8,12 @@ matrices), so on the 700k-row bench stream (20k items) the three zero-filled (20
 alone took ~7.4 of a ~39 ms step in the profile. Inside `retained_heap` blocks below 32 MiB (glibc's
 largest mmap threshold) come from the heap and freed memory stays there: the step's 11-58 page faults
 fell to 0.2, and a step 43.8 -> 39.2, 39.1 -> 37.2, 37.6 -> 34.6 ms in three alternated process pairs
-(docs/TRAINING.md). On leaving, glibc's default values come back (its mmap threshold as the static
-128 KiB: glibc offers no way to turn its sliding threshold back on) and the kept memory is trimmed.
-Elsewhere (musl, macOS) it does nothing.
+(docs/TRAINING.md). On leaving, the thresholds stay where glibc's own sliding ones settle once a 32 MiB
+block has been freed (blocks below 32 MiB from the heap, its free top beyond 64 MiB back to the kernel):
+glibc has no way to turn its sliding threshold back on, and putting back the static 128 KiB made every
+later large block an mmap of fresh pages for the rest of the process (a minimal two-tower run after our
+fit in one process: 38-43k examples/s, against 64-70k before it and 71-76k now). Elsewhere (musl,
+macOS) it does nothing.
 """
 from __future__ import annotations
 
@@ -21,10 +24,10 @@ from contextlib import contextmanager
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-# glibc's defaults (a static mmap threshold: setting one turns the sliding one off) and the largest
-# mmap threshold it accepts on 64-bit (HEAP_MAX / 2)
-DEFAULT_THRESHOLD = 128 * 1024
+# the largest mmap threshold glibc accepts on 64-bit (HEAP_MAX / 2), where its sliding threshold stops
+# rising; when it slides, glibc sets the trim threshold to twice it
 RETAIN_BELOW = 32 * 2**20
+TRIM_AFTER = 2 * RETAIN_BELOW
 KEEP_UP_TO = 2**30
 
 
@@ -51,6 +54,6 @@ def retained_heap() -> Iterator[bool]:
     try:
         yield True
     finally:
-        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_THRESHOLD)
-        libc.mallopt(M_MMAP_THRESHOLD, DEFAULT_THRESHOLD)
-        libc.malloc_trim(0)
+        # no malloc_trim: it also hands back the free pages inside the heap, and the next code's blocks
+        # fault them in again (the minimal two-tower after our fit: 52-62k against 71-76k examples/s)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_AFTER)
