@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -45,13 +46,26 @@ class TwoTowerConfig:
         return asdict(self)
 
 
+def rows_in_order(flat: torch.Tensor) -> torch.Tensor:
+    """The positions of `flat` (1-D, values in [0, 2**32)) sorted by value, equal values in their order:
+    numpy's stable argsort is a radix sort on 16-bit keys, so one pass over the low 16 bits and one over
+    the high ones (only when a value needs them). torch's sort took ~1.8 ms for a demo batch's 40,000
+    history entries against 0.13-0.34 ms here, at any catalog size (docs/TRAINING.md)."""
+    f = flat.numpy()
+    order = np.argsort((f & 0xFFFF).astype(np.uint16), kind="stable")
+    if f.size and int(f.max()) > 0xFFFF:
+        order = order[np.argsort((f[order] >> 16).astype(np.uint16), kind="stable")]
+    return torch.from_numpy(order)
+
+
 class _BagSum(torch.autograd.Function):
     """Sum of the rows `flat` of `weight` per bag (`bag[i]` is the bag of `flat[i]`, bags in order from
-    `offsets`): embedding_bag's forward, and a backward that gathers each entry's output gradient and
-    adds it to its row in index order (index_add_). torch's dense embedding_bag backward sorts the indices
-    first: forward + backward of the demo's 1,024 histories (39,733 kept entries, 64 dims, 2 threads)
-    3.0 against 1.05 ms, a training step ~21 -> ~19.7 ms (docs/TRAINING.md). The sums are the same up to
-    their order of addition; index_add_ on the CPU is serial per row, so repeated runs give the same bits."""
+    `offsets`): embedding_bag's forward, and a backward that is the same sum the other way round: the
+    entries put in row order (rows_in_order, a radix sort), each row's gradient is the sum of its
+    entries' bag gradients, one embedding_bag over the (B, E) output gradient. torch's dense
+    embedding_bag backward sorts with a slower sort first (3.0 ms forward + backward of the demo's 1,024
+    histories); index_add_, the last version, was 1.2-2.7 ms for the backward alone against 0.5 now
+    (docs/TRAINING.md). A stable sort and embedding_bag's in-order sums: repeated runs give the same bits."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, flat: torch.Tensor, offsets: torch.Tensor,
@@ -63,9 +77,10 @@ class _BagSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         flat, bag = ctx.saved_tensors
-        grad_weight = grad.new_zeros((ctx.rows, grad.shape[1]))
-        grad_weight.index_add_(0, flat, grad.index_select(0, bag))
-        return grad_weight, None, None, None
+        counts = torch.bincount(flat, minlength=ctx.rows)                           # (rows,) entries per row
+        by_row = bag[rows_in_order(flat)]                                           # bag of each entry, row order
+        grad_weight = F.embedding_bag(by_row, grad.contiguous(), counts.cumsum(0) - counts, mode="sum")
+        return grad_weight, None, None, None                                        # (rows, E)
 
 
 def masked_mean(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:

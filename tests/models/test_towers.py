@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.towers import TwoTower, TwoTowerConfig, masked_mean
+import numpy as np
+
+from models.towers import TwoTower, TwoTowerConfig, masked_mean, rows_in_order
 
 
 def _config(**kw) -> TwoTowerConfig:
@@ -65,6 +67,29 @@ def test_pooling_has_the_gradients_of_a_mean_over_the_non_padding_values(sparse)
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1])
     assert grads[0][1][0].abs().sum() == 0                       # padding never learns
+
+
+def test_pooling_gradient_puts_each_entry_on_its_row_beyond_16_bit_row_numbers():
+    """A dense table's gradient sums each history entry's bag gradient into its row; the entries are put
+    in row order by a radix sort on 16-bit keys, two passes where a row number needs more than 16 bits.
+    Rows 1 and 65,537 share their low 16 bits: one pass would mix them up."""
+    g = torch.Generator().manual_seed(5)
+    rows = 70_000
+    idx = torch.randint(1, rows, (64, 20), generator=g)
+    idx[:, :4] = torch.tensor([1, 65_537, 65_536, 69_999])     # the same low bits, in every row
+    idx[torch.rand(idx.shape, generator=g) < 0.3] = 0
+    flat = idx[idx != 0]
+    order = rows_in_order(flat).numpy()
+    np.testing.assert_array_equal(order, np.argsort(flat.numpy(), kind="stable"))
+    upstream = torch.randn(64, 3, generator=g)
+    table = torch.nn.Embedding(rows, 3, padding_idx=0)
+    (masked_mean(table, idx) * upstream).sum().backward()
+    # the reference: every entry's share of its bag's gradient added to its row
+    share = upstream / (idx != 0).sum(dim=1, keepdim=True).clamp(min=1)
+    expected = torch.zeros(rows, 3).index_put_((idx.reshape(-1),), share.repeat_interleave(20, dim=0),
+                                               accumulate=True)
+    expected[0] = 0
+    torch.testing.assert_close(table.weight.grad, expected)
 
 
 def test_config_invariants_are_checked():
