@@ -37,6 +37,18 @@ def _environment(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness (a temporary API server on a temporary SQLite database) for the tests
+    that run the real flow in this process, started by the first of them and kept to the end of the
+    session: each start cost 14-18 s of a 2-core machine, and the three modules that need it started
+    it once each. No test reads the server's run history, so they can share one."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
 def recbole_wheel(request: pytest.FixtureRequest) -> Path:
     """The real recbole wheel (the demo's data), fetched with `pip download` into the pytest cache
     the first time only (under a lock: xdist workers share the cache, and a second download could

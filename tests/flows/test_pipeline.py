@@ -25,24 +25,21 @@ TOWERFLOW = str(Path(sys.executable).parent / "towerflow")
 
 
 @pytest.fixture(scope="module")
-def flow_project(tmp_path_factory, contract_source):
-    from prefect.testing.utilities import prefect_test_harness
-
+def flow_project(tmp_path_factory, contract_source, prefect_harness):
     root = make_project(tmp_path_factory.mktemp("flowproj"), contract_source)
     remote = tmp_path_factory.mktemp("dvc_remote")
     run([DVC, "remote", "add", "-d", "store", str(remote)], root)
-    with prefect_test_harness(server_startup_timeout=120):
-        first = run_pipeline(root)
-        # the run as a user versions it: params + dvc.lock in git, outputs in the DVC cache and remote
-        run(["git", "add", "-A"], root)
-        run(["git", "commit", "-qm", "first run"], root)
-        _snapshot(root, "first")
-        second = run_pipeline(root)
-        # a parameter change reruns only the stages that depend on it
-        params = yaml.safe_load((root / "params.yaml").read_text())
-        params["train"]["epochs"] = 3
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        third = run_pipeline(root)
+    first = run_pipeline(root)
+    # the run as a user versions it: params + dvc.lock in git, outputs in the DVC cache and remote
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "first run"], root)
+    _snapshot(root, "first")
+    second = run_pipeline(root)
+    # a parameter change reruns only the stages that depend on it
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["epochs"] = 3
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = run_pipeline(root)
     return root, first, second, third
 
 

@@ -37,11 +37,8 @@ def _repo(root: Path, cmd: str, retries: int = 2, **run_cfg: object) -> Path:
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def harness(prefect_harness):
+    """The session's Prefect test harness (tests/conftest.py)."""
 
 
 # fails with 75 (transient) until it has been tried `n` times, then writes its output
