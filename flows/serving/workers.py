@@ -171,6 +171,10 @@ class Supervisor:
                 log.exception("serve-api %s process %d failed", role, os.getpid())
                 code = 1
             finally:
+                if role == "writer" and os.getppid() != parent:
+                    # the supervisor is gone without its clean-up (kill -9): the writer, whose socket
+                    # the folder holds, removes it, or every such kill would leave one behind in /tmp
+                    shutil.rmtree(self.folder, ignore_errors=True)
                 logging.shutdown()
                 os._exit(code)
         self.children[pid] = role

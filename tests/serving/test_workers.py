@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -166,12 +167,16 @@ def test_a_killed_writer_is_restarted_and_the_supervisor_takes_its_children_alon
         assert set(_children(proc.pid)) - readers - {writer}
         assert httpx.get(url + "/similar", params={"item_id": 9002}).status_code == 200
         children = _children(proc.pid)
+        # the service's folder in the temporary directory (the writer's socket, the readers' marks)
+        (folder,) = {p.parent for r in readers
+                     for p in Path(tempfile.gettempdir()).glob(f"towerflow-serve-*/reader-{r}.ready")}
         proc.kill()                                  # kill -9 of the supervisor: no orphan holds the port
         proc.wait()
         deadline = time.monotonic() + 30
         while any(_alive(c) for c in children):
             assert time.monotonic() < deadline, f"children left running: {[c for c in children if _alive(c)]}"
             time.sleep(0.2)
+        assert not folder.exists(), sorted(folder.iterdir())    # nothing left behind in /tmp
 
 
 def _alive(pid: int) -> bool:
