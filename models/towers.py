@@ -64,7 +64,7 @@ class _BagSum(torch.autograd.Function):
     entries put in row order (rows_in_order, a radix sort), each row's gradient is the sum of its
     entries' bag gradients, one embedding_bag over the (B, E) output gradient. torch's dense
     embedding_bag backward sorts with a slower sort first (3.0 ms forward + backward of the demo's 1,024
-    histories); index_add_, the last version, was 1.2-2.7 ms for the backward alone against 0.5 now
+    histories); index_add_, the last version, was 1.4-2.0 ms for the backward alone against ~0.6 now
     (docs/TRAINING.md). A stable sort and embedding_bag's in-order sums: repeated runs give the same bits."""
 
     @staticmethod
