@@ -7,8 +7,6 @@ reusing the workspace's demo cache, and writes the figures to a JSON file (defau
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.experiments.features_bench import bench as feature_bench
+from flows.experiments.machine import host_speed, machine
 
 PROJECT_FILES = ("flows", "features", "models", "validation", "dvc.yaml", "params.yaml")
 
@@ -33,6 +32,7 @@ def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50, index_
     from flows.params import load_params
     from flows.stages.registry import STAGES, run_stage
 
+    host = machine()                     # the host's speed before anything runs, and again at the end
     with tempfile.TemporaryDirectory(prefix="towerflow-bench-") as tmp:
         work = Path(tmp)
         copy_project(root, work)
@@ -57,7 +57,7 @@ def bench(root: Path, out: Path, overrides: list[str], repeats: int = 50, index_
                                  params.features.online_store, repeats, 1000)
 
     result = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {**host, "speed_at_end": host_speed()},
         "overrides": overrides,
         "stage_seconds": stages,
         "total_seconds": round(sum(stages.values()), 2),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features.definitions import SOURCE_FILES, TIMESTAMP_FIELD, USER_HISTORY_FV, USER_KEY
+from flows.experiments.machine import machine
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -91,7 +91,7 @@ def bench(feast_dir: Path, features_dir: Path, schema: dict, online: str, repeat
         "online_batch_users": len(many),
         "online_batch": time_calls(lambda: online_user_features(store, schema, many),
                                     max(5, repeats // 10)),
-        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
+        "machine": machine(speed=False),
     }
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import tempfile
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from flows.experiments.machine import machine
 from flows.experiments.train_bench import build_stream, profile
 from flows.params import Params, load_params
 from flows.stages.train import TrainInputs, read_inputs, validation_run
@@ -45,7 +45,7 @@ from models.training import DistContext, fit
 
 def _machine() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": gpu, "cpus": os.cpu_count(),
+    return {**machine(), "torch": torch.__version__, "cuda": torch.version.cuda, "gpu": gpu,
             "platform": platform.platform()}
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+from flows.experiments.machine import machine
 from flows.experiments.scale_bench import tree_rss
 
 SCHEMA = {"user_id_dtype": "int64", "item_id_dtype": "int64",
@@ -195,7 +195,7 @@ def bench(rows: int, stores: list[str], limit_s: float, work: Path) -> dict:
     runs = [measure(ingested, work, s, limit_s) for s in stores]
     return {"rows": rows, "data": data, "sources": sources, "runs": runs,
             "same_examples": same_examples(work, stores),
-            "machine": {"python": platform.python_version(), "cpus": os.cpu_count()}}
+            "machine": machine(speed=False)}
 
 
 def main(argv: list[str] | None = None) -> None:

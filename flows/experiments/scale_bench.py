@@ -25,7 +25,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from flows.experiments.bench import copy_project
+from flows.experiments.machine import machine
 from flows.process_groups import stop_group
 from flows.sources.shapes import generate_topics, scaled, write_source
 
@@ -304,7 +304,7 @@ def merge_row(out: Path, row: dict[str, Any]) -> dict[str, Any]:
     """Put row into out's rows (replacing the row of the same n), sorted by n."""
     doc = json.loads(out.read_text()) if out.is_file() else {}
     rows = [r for r in doc.get("rows", []) if r.get("n") != row["n"]]
-    doc = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    doc = {"machine": machine(speed=False),
            "rows": sorted([*rows, row], key=lambda r: r["n"])}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
@@ -318,13 +318,14 @@ def scale_bench(root: Path, out: Path, n: int, overrides: list[str], users: int 
     """stages: the first ones only (a partial row says so: completed is false). resume: a kept folder
     to go on with (n, users, items and stages are then its own; until bounds the stages run)."""
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    progress = lambda partial: merge_row(out, {**partial, "date": date})  # noqa: E731
+    host = machine()["speed"]            # each row's host speed at its start (rows run hours apart)
+    progress = lambda partial: merge_row(out, {**partial, "date": date, "host_speed": host})  # noqa: E731
     if resume is not None:
         row = scale_resume(root, resume, overrides, out, until, log, progress)
     else:
         row = scale_run(root, n, overrides, users, items, stages=tuple(stages) if stages else None, log=log,
                         progress=progress, keep=keep, out=out)
-    row["date"] = date
+    row["date"], row["host_speed"] = date, host
     merge_row(out, row)
     return row
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from flows.experiments.machine import machine
 from flows.experiments.features_bench import percentiles
 
 CLIENTS, SECONDS = 50, 30.0
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         figures = (writes_only(work, params, workers=args.workers) if args.writes_only else
                    load_only(work, params, args.workers, args.clients, args.seconds) if args.load_only else
                    bench_service(work, params, args.clients, args.seconds, args.repeats))
-        result = {"machine": {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}, **figures}
+        result = {"machine": machine(speed=False), **figures}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps(result, indent=2, default=str))

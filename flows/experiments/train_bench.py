@@ -232,7 +232,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _report(args, params, stream, config) -> None:  # noqa: ANN001
+    from flows.experiments.machine import machine
+
     cfg = params.train
+    print(json.dumps({"machine": machine()}), flush=True)     # the host, and its speed now
     print(f"stream: {len(stream)} examples, {stream.n_items} items, batch {cfg.batch_size}, "
           f"{math.ceil(len(stream) / cfg.batch_size)} steps/epoch, threads {cfg.threads}")
     for w in args.workers:

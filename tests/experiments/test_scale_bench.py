@@ -30,7 +30,8 @@ def test_bench_scale_writes_a_row_per_stage(tmp_path: Path, monkeypatch) -> None
     assert (kept / "source" / "interactions.parquet").is_file()
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 1 and "exists" in again.output      # never writes into an earlier bench
-    row = json.loads(out.read_text())["rows"][0]
+    doc = json.loads(out.read_text())
+    row = doc["rows"][0]
     assert row["n"] == 2000 and row["data"]["users"] == 200 and row["data"]["items"] == 40
     assert row["data"]["ranking_logs"] > 0
     ingest = row["stages"]["ingest"]
@@ -38,6 +39,10 @@ def test_bench_scale_writes_a_row_per_stage(tmp_path: Path, monkeypatch) -> None
     assert ingest["seconds"] > 0 and ingest["peak_rss_mb"] > 50 and ingest["peak_tree_rss_mb"] > 0
     assert ingest["rows_per_s"] == round(2000 / ingest["seconds"], 1) and len(ingest["loadavg"]) == 6
     assert row["completed"] is False          # stopped after ingest: a partial row says so
+    # the host's speed when the row started (rows of other sizes run hours apart), the CPU beside
+    assert {"matmul_gflops", "copy_gb_s", "python_loop_s"} <= set(row["host_speed"])
+    assert min(row["host_speed"][k] for k in ("matmul_gflops", "copy_gb_s", "python_loop_s")) > 0
+    assert doc["machine"]["cpu"] and doc["machine"]["cpus"] >= 1
 
     # taken up again in the kept folder: the next stage, into the same row of the json the bench began
     # with (no --out given), with a setting added
