@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from flows.experiments.bench import copy_project
-from flows.experiments.machine import machine
+from flows.experiments.machine import host_speed, machine
 from flows.process_groups import stop_group
 from flows.sources.shapes import generate_topics, scaled, write_source
 
@@ -318,7 +318,7 @@ def scale_bench(root: Path, out: Path, n: int, overrides: list[str], users: int 
     """stages: the first ones only (a partial row says so: completed is false). resume: a kept folder
     to go on with (n, users, items and stages are then its own; until bounds the stages run)."""
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    host = machine()["speed"]            # each row's host speed at its start (rows run hours apart)
+    host = host_speed()                  # each row's host speed at its start (rows run hours apart)
     progress = lambda partial: merge_row(out, {**partial, "date": date, "host_speed": host})  # noqa: E731
     if resume is not None:
         row = scale_resume(root, resume, overrides, out, until, log, progress)

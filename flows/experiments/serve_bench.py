@@ -31,8 +31,8 @@ from typing import Any
 
 import yaml
 
-from flows.experiments.machine import machine
 from flows.experiments.features_bench import percentiles
+from flows.experiments.machine import machine
 
 CLIENTS, SECONDS = 50, 30.0
 K_SINGLE, K_BATCH = 20, 100
