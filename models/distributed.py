@@ -133,16 +133,23 @@ def spawn_fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: Trai
     port = int(os.environ.get("MASTER_PORT") or free_port())
     with tempfile.TemporaryDirectory(prefix="towerflow-ddp-") as tmp:
         out = Path(tmp) / "result.pt"
+        ranks = mp.spawn(_worker, nprocs=train_cfg.workers, join=False,
+                         args=(train_cfg.workers, port, out, stream, tower_cfg, train_cfg, seed, epochs, validation,
+                               checkpoint, log, on_epoch))
         try:
-            mp.spawn(_worker, nprocs=train_cfg.workers, join=True,
-                     args=(train_cfg.workers, port, out, stream, tower_cfg, train_cfg, seed, epochs, validation,
-                           checkpoint, log, on_epoch))
+            while not ranks.join():
+                pass
         except mp.ProcessRaisedException:
             # A rank's own error (a non-finite loss, say) as it would be raised in one process, not
             # as torch's report of a child's traceback; anything else stays as torch reports it.
             for error in sorted(Path(tmp).glob(f"*{ERROR_SUFFIX}")):
                 raise pickle.loads(error.read_bytes()) from None
             raise
+        finally:
+            # torch writes a failed rank's traceback to a pytorch-errorfile-*.pickle in the system's temp
+            # folder and never removes it: one left behind per failed run
+            for name in ranks.error_files:
+                Path(name).unlink(missing_ok=True)
         state = torch.load(out, map_location="cpu", weights_only=True)   # rank 0's result: data only
     model = TwoTower(tower_cfg)
     model.load_state_dict(state.pop("model"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -88,12 +89,15 @@ def test_two_workers_learn_like_one_resume_and_write_checkpoints_from_rank_0(syn
 
 
 
-def test_a_ranks_model_error_reaches_the_parent_as_itself(synthetic):
+def test_a_ranks_model_error_reaches_the_parent_as_itself(synthetic, tmp_path, monkeypatch):
     root, training, schema = synthetic
     _, stream, tower_cfg, _ = stream_and_config(training, schema, root / "samples")
     cfg = DDP_TRAIN.model_copy(update={"workers": 2, "epochs": 1})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))     # where torch puts its ranks' error files
     with pytest.raises(ModelError, match="^training loss became nan at epoch 1$"):
         spawn_fit(stream, tower_cfg, cfg, seed=0, on_epoch=Diverge())
+    # and leaves none behind (torch's own spawn keeps the failed rank's traceback file)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_two_workers_train_with_sparse_embedding_gradients(synthetic):
