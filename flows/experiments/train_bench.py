@@ -112,6 +112,7 @@ def profile(stream, config, cfg, seed: int, steps: int) -> list[tuple[str, float
 
     from models.towers import TwoTower
     from models.device import resolve_device, resolve_threads
+    from models.heap import retained_heap
     from models.objective import BatchLoss, make_augmenter
     from models.optim import make_optimizer
 
@@ -140,12 +141,15 @@ def profile(stream, config, cfg, seed: int, steps: int) -> list[tuple[str, float
             if cuda:
                 torch.cuda.synchronize(device)
 
-    for i in range(3):                    # warm-up: allocator, first-call dispatch, CUDA's start
-        step(i)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with torch_profile(activities=activities) as prof:
-        for i in range(steps):
+    # the heap as the training loop keeps it (models/heap.py): without, each step's large blocks are
+    # fresh pages again and their first touches are counted in whichever operation makes them
+    with retained_heap():
+        for i in range(3):                # warm-up: allocator, first-call dispatch, CUDA's start
             step(i)
+        with torch_profile(activities=activities) as prof:
+            for i in range(steps):
+                step(i)
     events = prof.key_averages()
     # on a GPU each label also has a device-side twin (a user annotation spanning its kernels): the host's
     # is the CPU one
