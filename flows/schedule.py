@@ -13,6 +13,8 @@ it starts the scheduled runs and any run triggered from the UI, the API or `pref
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -80,10 +82,20 @@ def serve(names: list[str]) -> None:
     process: their runs start as subprocesses and take turns on the run lock)."""
     registered = [_read(name) for name in names]
     _runner_environment(Path(registered[0].parameters["root"]))
-    prefect_serve(*[towerflow_pipeline.to_deployment(
+    deployments = [towerflow_pipeline.to_deployment(
         name=d.name, schedules=[s.schedule for s in d.schedules], parameters=d.parameters,
-        description=d.description, entrypoint_type=EntrypointType.MODULE_PATH) for d in registered],
-        print_starting_message=True)
+        description=d.description, entrypoint_type=EntrypointType.MODULE_PATH) for d in registered]
+    # Prefect's Runner makes <temp>/runner_storage/<uuid> and means to remove it on the way out, but
+    # stopped by Ctrl-C or SIGTERM it never gets there: one folder was left per `towerflow serve`. Its
+    # temp folder is this process's own one, removed here however serve ends (the flow runs it starts
+    # are processes of their own, with the temp folder they inherit).
+    own_temp, before = Path(tempfile.mkdtemp(prefix="towerflow-serve-")), tempfile.tempdir
+    tempfile.tempdir = str(own_temp)
+    try:
+        prefect_serve(*deployments, print_starting_message=True)
+    finally:
+        tempfile.tempdir = before
+        shutil.rmtree(own_temp, ignore_errors=True)
 
 
 def _read(name: str):  # noqa: ANN202 - a prefect DeploymentResponse

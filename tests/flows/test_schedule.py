@@ -133,15 +133,21 @@ def test_two_deployments_with_their_own_overrides_take_turns_on_a_real_server(pr
     assert hourly["parameters"]["overrides"] == ["train.update=finetune", "data.max_users=120"]
     assert nightly["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
 
+    temp = tmp_path / "serve_temp"      # the serve process's temp folder (and its flow runs')
+    temp.mkdir()
     server = subprocess.Popen([str(BIN / "towerflow"), "serve", "--name", "nightly", "--name", "hourly"],
-                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+                              cwd=root, env=dict(env, TMPDIR=str(temp)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         run_ids = [_api(url, f"/deployments/{d['id']}/create_flow_run", {})["id"] for d in (nightly, hourly)]
         runs = _wait_finished(url, run_ids)
+        # stopped as a service manager stops it: Prefect's Runner left runner_storage/<uuid> behind
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
     finally:
         _stop(server)
     log = server.stdout.read()
+    assert not list(temp.iterdir()), (list(temp.rglob("*")), log)
     assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"], log
     first, second = sorted(runs, key=lambda r: min(t["start_time"] for t in _tasks(url, r)))
     # --until ingest (validate would add ~10 s a run of library start-up and test nothing more here)
