@@ -8,6 +8,7 @@ ScoreDistribution is only defined for scores).
 """
 from __future__ import annotations
 
+import gc
 import html
 import warnings
 from pathlib import Path
@@ -134,6 +135,10 @@ def _pairwise_figures(sample: DiversitySample, item_vectors: pd.DataFrame, k: in
             figures.update(flatten(snapshot.dict(), k))
         except Exception as exc:  # noqa: BLE001 - Evidently raises plain errors from numpy/pandas
             failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        # each run's snapshot holds its items x items distance matrix (and reference cycles): let it go
+        # before the next metric builds its own, so the stage holds one, not two (1.9 -> 0.9 GB at 7.6k items)
+        snapshot = None
+        gc.collect()
     return figures, failed
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from features.memory import return_freed_memory
 from flows.params import DriftLimits, ReportParams
 from flows.reports.consistency import feature_agreement
 from flows.reports.diversity import diversity_sample
@@ -70,8 +71,15 @@ def report(report_cfg: ReportParams, limits: DriftLimits, seed: int, ingested: P
     drift["catalog"] = _catalog_agreement(data, live, new_lineage)
     (drift_dir / "summary.json").write_text(json.dumps(drift, indent=2) + "\n")
     champion = json.loads(champion_path.read_text()) if champion_path is not None and champion_path.is_file() else {}
-    quality = _quality(report_cfg, seed, data, recs_path, live_baseline(champion, compare_across_sources),
-                       quality_dir)
+    # The quality report reads only the training pairs, the catalog and the schema. Its Diversity and
+    # Serendipity build an items x items distance matrix (sklearn holds ~4 float64 copies of it: 1.9 GB
+    # for 7.6k items), the stage's peak: the interaction rows are let go before it, not kept under it.
+    train = data.examples.loc[data.examples["split"] == "train", ["user_id", "item_id"]]
+    items, schema = data.items, data.schema
+    del data, frame, sample
+    return_freed_memory()
+    quality = _quality(report_cfg, seed, train, items, schema, recs_path,
+                       live_baseline(champion, compare_across_sources), quality_dir)
     ndcg = f"ndcg@{report_cfg.k}"
     return {"live_version": live.version if live else None, ndcg: quality.get(ndcg),
             **{f"{name}_drift_share": d.get("drift_share") for name, d in drift.items()}}
@@ -169,23 +177,22 @@ def _published_drift(limit: float | None, sample: pd.DataFrame, frame: Frame, li
     return {**brief(summary), "live_version": live.version, **({"columns_on_one_side": only} if only else {})}
 
 
-def _quality(report_cfg: ReportParams, seed: int, data: TrainingData, recs_path: Path, previous: dict[str, Any],
-             quality_dir: Path) -> dict[str, Any]:
+def _quality(report_cfg: ReportParams, seed: int, train: pd.DataFrame, items: pd.DataFrame, schema: dict[str, Any],
+             recs_path: Path, previous: dict[str, Any], quality_dir: Path) -> dict[str, Any]:
+    """train: the training split's (user_id, item_id) rows; items: the catalog (item_id + features)."""
     k = report_cfg.k
     recs = read_parquet(recs_path, "evaluate")
     check_recs(recs, recs_path, k)
     users = pd.Series(recs["user_id"].unique())
     if len(users) > report_cfg.max_users:
         recs = recs[recs["user_id"].isin(users.sample(n=report_cfg.max_users, random_state=seed))]
-    train = data.examples.loc[data.examples["split"] == "train", ["user_id", "item_id"]]
     note = None
     sample = diversity_sample(recs, train, k, report_cfg.max_items_for_diversity, report_cfg.max_users_pairwise,
                               seed)
-    items = data.items
     if sample is not None:     # the vectors of the sampled items only: a catalog's would be items x features
         items = items[items["item_id"].isin(pd.concat([sample.recs["item_id"], sample.train["item_id"]]))]
         note = sample.note
-    vectors = item_feature_vectors(items, data.schema)
+    vectors = item_feature_vectors(items, schema)
     if vectors.shape[1] == 1:
         vectors, note = None, "diversity and serendipity skipped: the items have no features"
     html_path = quality_dir / "quality.html"

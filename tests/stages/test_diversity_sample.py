@@ -55,3 +55,30 @@ def test_sampled_figures_join_the_full_report(tmp_path: Path) -> None:
     # the other figures are those of every user, as without the sample
     whole, _ = quality_report(recs, train, None, 20, tmp_path / "w.html")
     assert figures["ndcg@20"] == whole["ndcg@20"] and figures["novelty@20"] == whole["novelty@20"]
+
+
+def test_the_pairwise_reports_hold_one_distance_matrix_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    """Diversity and Serendipity each run a report whose snapshot holds an items x items distance
+    matrix (1.9 GB of the 1M scale bench's 3.1 GB report stage held two): the first is gone before
+    the second is built."""
+    import gc
+    import weakref
+
+    import flows.reports.quality as quality
+
+    items, recs, train = _data()
+    sample = diversity_sample(recs, train, k=20, max_items=500, max_users=20, seed=0)
+    vectors = item_feature_vectors(items, SCHEMA)
+    earlier: list[weakref.ref] = []
+    real_run = quality.Report.run
+
+    def run(self, *args, **kwargs):
+        gc.collect()
+        assert all(ref() is None for ref in earlier), "an earlier pairwise snapshot is still held"
+        snapshot = real_run(self, *args, **kwargs)
+        earlier.append(weakref.ref(snapshot))
+        return snapshot
+
+    monkeypatch.setattr(quality.Report, "run", run)
+    figures, failed = quality._pairwise_figures(sample, vectors, 20)
+    assert len(earlier) == 2 and not failed and {"diversity@20", "serendipity@20"} <= set(figures)

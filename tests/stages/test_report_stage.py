@@ -206,3 +206,37 @@ def test_short_data_skips_the_window_and_missing_inputs_are_named(run: dict, tmp
                tmp_path / "published", tmp_path / "d", tmp_path / "q")
     with pytest.raises(MissingStageInput, match=r"examples.parquet: not found; run the materialize stage first"):
         _report(run, tmp_path / "r", tmp_path / "published", training=tmp_path / "nowhere")
+
+
+def test_the_interaction_rows_are_let_go_before_the_quality_report(run: dict, tmp_path: Path, monkeypatch):
+    """The quality report's distance matrices are the stage's peak: the examples, the ratings and the
+    interaction frame (gigabytes at 10M rows) are no longer held under them."""
+    import gc
+    import weakref
+
+    import flows.stages.report as stage
+
+    held: dict[str, weakref.ref] = {}
+    real_read, real_frame, real_quality = stage.read_training, stage.interaction_frame, stage._quality
+
+    def read(*args):
+        data = real_read(*args)
+        held.update(examples=weakref.ref(data.examples), interactions=weakref.ref(data.interactions))
+        return data
+
+    def frame(data):
+        out = real_frame(data)
+        held["frame"] = weakref.ref(out.rows)
+        return out
+
+    def quality(*args, **kwargs):
+        gc.collect()
+        assert set(held) == {"examples", "interactions", "frame"}
+        assert [name for name, ref in held.items() if ref() is not None] == []
+        return real_quality(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "read_training", read)
+    monkeypatch.setattr(stage, "interaction_frame", frame)
+    monkeypatch.setattr(stage, "_quality", quality)
+    _report(run, tmp_path / "reports", tmp_path / "published")
+    assert FIGURES <= set(json.loads((tmp_path / "reports" / "quality" / "quality.json").read_text()))
