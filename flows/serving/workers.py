@@ -73,6 +73,18 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def _quiet_after_graceful_stop(server: Any) -> None:
+    """uvicorn stops gracefully on SIGTERM, then raises the signal again with the handler it found. By
+    then nothing is left to interrupt (the caller's `finally` runs next), and a SystemExit raised at
+    that moment can land inside a weakref callback, where Python prints it as an ignored exception
+    with a traceback (seen once in a stopped service's log). A SIGTERM before uvicorn took it still
+    ends the process through its `finally`."""
+    def handler(signum: int, frame: Any) -> None:
+        if not server.should_exit:
+            _exit_on_sigterm(signum, frame)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _child_setup(threads: int) -> None:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     # uvicorn stops gracefully on SIGTERM, then raises the signal again with the handler it found:
@@ -94,8 +106,10 @@ def run_writer(params: Any, root: Path, socket_path: Path) -> None:
     app, state = build_service(params, root)
     config = server_config(app, params.serve)
     config.host, config.port, config.uds = None, None, str(socket_path)
+    server = uvicorn.Server(config)
+    _quiet_after_graceful_stop(server)
     try:
-        uvicorn.Server(config).run()
+        server.run()
     finally:
         state.stop()
 
@@ -109,8 +123,10 @@ def run_reader(params: Any, root: Path, sock: socket.socket, socket_path: Path) 
     _child_setup(params.serve.threads)
     app, state = build_service(params, root, writer=WriterClient(socket_path))
     (socket_path.parent / f"reader-{os.getpid()}.ready").touch()   # loaded: the supervisor waits for every reader
+    server = uvicorn.Server(server_config(app, params.serve))
+    _quiet_after_graceful_stop(server)
     try:
-        uvicorn.Server(server_config(app, params.serve)).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         state.stop()
 
@@ -164,8 +180,8 @@ class Supervisor:
                 else:
                     run_reader(self.params, self.root, self.sock, self.socket_path)
             except SystemExit as exc:
-                # a stop asked for (SIGTERM: _exit_on_sigterm once uvicorn has finished its requests,
-                # as at every supervisor stop), not a failure: no traceback in the service's log
+                # a stop asked for (SIGTERM before uvicorn serves: _exit_on_sigterm), not a failure: no
+                # traceback in the service's log
                 code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
             except BaseException:   # the supervisor starts it again; the reason goes to the log
                 log.exception("serve-api %s process %d failed", role, os.getpid())
@@ -222,8 +238,13 @@ class Supervisor:
                 self._fork(role)
 
     def run(self) -> None:
-        """Supervise until SIGINT or SIGTERM, then stop the children (they finish their requests)."""
+        """Supervise until SIGINT or SIGTERM, then stop the children (they finish their requests) and
+        exit 128 + the signal, as every towerflow command stopped by one does (130 / 143): the code
+        no longer depends on whether the signal came before this loop or in it."""
+        received: list[int] = []
+
         def stop(signum: int, frame: Any) -> None:
+            received.append(signum)
             self.stopping = True
         previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -234,6 +255,8 @@ class Supervisor:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.stop()
+        if received:
+            raise SystemExit(128 + received[0])
 
     def stop(self) -> None:
         self.stopping = True

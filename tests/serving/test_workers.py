@@ -56,6 +56,7 @@ def serve_api(project: Path, workers: int) -> Iterator[tuple[str, subprocess.Pop
             time.sleep(0.2)
         yield url, proc
     finally:
+        stopped_here = proc.poll() is None      # a test may have killed it itself
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)
@@ -63,8 +64,10 @@ def serve_api(project: Path, workers: int) -> Iterator[tuple[str, subprocess.Pop
             proc.kill()
             proc.wait()
             raise AssertionError(f"serve-api did not stop on SIGTERM: {log.read_text()[-3000:]}")
-    # reached when the body raised nothing: a stop asked for is no process failure in the log
+    # reached when the body raised nothing: a stop asked for is no process failure in the log, and
+    # the exit code says it was stopped, as every towerflow command's does
     text = log.read_text()
+    assert not stopped_here or proc.returncode == 128 + signal.SIGTERM, (proc.returncode, text[-3000:])
     assert "Traceback" not in text and not re.search(r"serve-api \w+ process \d+ failed", text), text[-3000:]
 
 
@@ -198,3 +201,24 @@ def test_workers_must_be_positive(project: Path, workers: int) -> None:
     from flows.cli import app
     result = CliRunner().invoke(app, ["serve-api", "--workers", str(workers), "--params", str(project / "params.yaml")])
     assert result.exit_code != 0 and "--workers" in result.output
+
+
+def test_the_sigterm_uvicorn_passes_on_after_its_graceful_stop_is_not_raised_again() -> None:
+    """uvicorn finishes its requests on SIGTERM, then raises the signal again: a SystemExit raised then
+    can land in a weakref callback and be printed as an ignored exception (a traceback in the log of a
+    clean stop). Before uvicorn has taken a SIGTERM, it still ends the process."""
+    import uvicorn
+
+    from flows.serving.workers import _quiet_after_graceful_stop
+
+    server = uvicorn.Server(uvicorn.Config(app=None))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        _quiet_after_graceful_stop(server)
+        with pytest.raises(SystemExit) as stopped:
+            signal.raise_signal(signal.SIGTERM)       # while starting: the process ends
+        assert stopped.value.code == 128 + signal.SIGTERM
+        server.should_exit = True                      # uvicorn took the SIGTERM and stopped gracefully
+        signal.raise_signal(signal.SIGTERM)           # passed on: nothing raised
+    finally:
+        signal.signal(signal.SIGTERM, previous)
