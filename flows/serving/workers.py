@@ -87,8 +87,8 @@ def _quiet_after_graceful_stop(server: Any) -> None:
 
 def _child_setup(threads: int) -> None:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    # uvicorn stops gracefully on SIGTERM, then raises the signal again with the handler it found:
-    # with Python's default the process would end before its `finally` (the index closed) runs.
+    # While the service loads (seconds), SIGTERM ends the process through its `finally` (the index
+    # closed), not on the spot as with Python's default; once uvicorn serves, _quiet_after_graceful_stop.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     import torch
     # Each process's per-request torch work is a small MLP and one matrix product: several
