@@ -197,6 +197,9 @@ def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOptio
                                               "(default reports/bench_scale.json)."),
           users: Optional[int] = typer.Option(None, "--users", min=1, help="With --scale: users (default N/10)."),
           items: Optional[int] = typer.Option(None, "--items", min=1, help="With --scale: items (default N/50)."),
+          log_requests: float = typer.Option(0.02, "--log-requests", min=0.0, max=1.0,
+                                             help="With --scale: logged ranking requests per interaction, 50 "
+                                             "log rows each (0.4: the demo simulator's ~20 rows per interaction)."),
           until: Optional[str] = typer.Option(None, "--until", help="With --scale: stop after this stage."),
           keep: Optional[Path] = typer.Option(None, "--keep", help="With --scale: build the project copy, the "
                                               "generated source and the stage logs in this new folder and keep "
@@ -218,7 +221,8 @@ def bench(set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOptio
             stages = _stages_until(until)     # an unknown stage name fails before anything runs
             try:
                 row = scale_bench(params_file.resolve().parent, target, scale or 0, set_ or [], users, items,
-                                  stages=stages, log=typer.echo, keep=keep, resume=resume, until=until)
+                                  stages=stages, log=typer.echo, keep=keep, resume=resume, until=until,
+                                  log_requests=log_requests)
             except ValueError as exc:    # a shape that cannot be generated (more users than interactions)
                 raise TowerflowError(str(exc)) from exc
             from flows.experiments.scale_bench import markdown_table

@@ -156,7 +156,7 @@ def _set_args(overrides: list[str]) -> list[str]:
 def scale_run(root: Path, n: int, overrides: list[str], users: int | None = None, items: int | None = None,
               seed: int = 0, stages: tuple[str, ...] | None = None, log: Callable[[str], None] = print,
               progress: Callable[[dict[str, Any]], None] | None = None, keep: Path | None = None,
-              out: Path | None = None) -> dict[str, Any]:
+              out: Path | None = None, log_requests: float = 0.02) -> dict[str, Any]:
     """One row: the data's shape, then per stage its figures (see the module docstring). progress
     gets the row so far after each stage (a run stopped halfway keeps what it measured). keep: a new
     folder to build in and leave behind (the project copy, the source, each stage's log), which records
@@ -165,7 +165,7 @@ def scale_run(root: Path, n: int, overrides: list[str], users: int | None = None
     from flows.stages.registry import STAGES
 
     load_params(root / "params.yaml", overrides)    # a bad --set fails here, not in every stage
-    shape = scaled(n, users, items)
+    shape = scaled(n, users, items, log_requests)
     with _workspace(n, keep) as tmp:
         work = Path(tmp) / "project"
         work.mkdir()
@@ -314,7 +314,8 @@ def merge_row(out: Path, row: dict[str, Any]) -> dict[str, Any]:
 def scale_bench(root: Path, out: Path, n: int, overrides: list[str], users: int | None = None,
                 items: int | None = None, stages: list[str] | None = None,
                 log: Callable[[str], None] = print, keep: Path | None = None,
-                resume: Path | None = None, until: str | None = None) -> dict[str, Any]:
+                resume: Path | None = None, until: str | None = None,
+                log_requests: float = 0.02) -> dict[str, Any]:
     """stages: the first ones only (a partial row says so: completed is false). resume: a kept folder
     to go on with (n, users, items and stages are then its own; until bounds the stages run)."""
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -324,7 +325,7 @@ def scale_bench(root: Path, out: Path, n: int, overrides: list[str], users: int 
         row = scale_resume(root, resume, overrides, out, until, log, progress)
     else:
         row = scale_run(root, n, overrides, users, items, stages=tuple(stages) if stages else None, log=log,
-                        progress=progress, keep=keep, out=out)
+                        progress=progress, keep=keep, out=out, log_requests=log_requests)
     row["date"], row["host_speed"] = date, host
     merge_row(out, row)
     return row

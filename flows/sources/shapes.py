@@ -60,14 +60,18 @@ SHAPES = {
 }
 
 
-def scaled(n: int, users: int | None = None, items: int | None = None) -> Shape:
-    """n interactions over a year; users n/10 and items n/50 unless given (10M: 1M users, 200k items)."""
+def scaled(n: int, users: int | None = None, items: int | None = None, log_requests: float = 0.02) -> Shape:
+    """n interactions over a year; users n/10 and items n/50 unless given (10M: 1M users, 200k items);
+    log_requests logged ranking requests per interaction, each 50 rows (0.02: a log row per interaction;
+    the demo's simulator logs about 20, which 0.4 matches)."""
     users = users or max(n // 10, 20)
     items = items or max(n // 50, 20)
     if n < users or n < items:
         raise ValueError(f"{n} interactions cannot cover {users} users and {items} items: give fewer of them")
+    if not 0 <= log_requests <= 1:
+        raise ValueError(f"log requests per interaction must be within [0, 1], got {log_requests}")
     return Shape(f"scaled_{n}", days=365, interactions=n, users=users, items=items, weekly=1.5,
-                 string_ids=True, topics=max(min(items // 50, 200), 2), log_requests=0.02)
+                 string_ids=True, topics=max(min(items // 50, 200), 2), log_requests=log_requests)
 
 
 def _times(shape: Shape, rng: np.random.Generator, start: pd.Timestamp) -> np.ndarray:

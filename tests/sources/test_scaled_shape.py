@@ -72,3 +72,17 @@ def test_is_valid_contract_data(frames, tmp_path: Path) -> None:
     assert tables.interactions.num_rows == N and tables.ranking_logs.num_rows == len(frames[3])
     assert str(tables.interactions.schema.field("user_id").type) == "string"
     assert np.isin(["retrieved", "ranked", "shown"], tables.ranking_logs["stage"].to_numpy(zero_copy_only=False)).all()
+
+
+def test_log_requests_sets_the_ranking_log_volume() -> None:
+    """--log-requests: logged requests per interaction, each up to 50 rows (an item retrieved twice for
+    a request is one row), none at 0, and a share outside [0, 1] refused with its value."""
+    n = 4_000
+    *_, few = generate_topics(scaled(n), seed=2)
+    *_, many = generate_topics(scaled(n, log_requests=0.4), seed=2)
+    assert 0.015 * n < few["request_id"].nunique() < 0.025 * n
+    assert 0.37 * n < many["request_id"].nunique() < 0.43 * n
+    assert many.groupby("request_id").size().max() <= 50 and len(many) > 10 * len(few)
+    assert generate_topics(scaled(n, log_requests=0.0), seed=2)[3] is None
+    with pytest.raises(ValueError, match="within \\[0, 1\\], got 1.5"):
+        scaled(n, log_requests=1.5)
