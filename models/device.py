@@ -46,11 +46,15 @@ def resolve_device(name: str, setting: str = "train.device") -> torch.device:
     raise DeviceUnavailable(f"{setting} must be auto, cpu or cuda[:N] (got {name!r})")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or taskset's limit), else all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_threads(threads: int | str) -> int:
     """torch CPU threads: a positive count as given, or 'auto' = min(AUTO_THREADS, usable cores)."""
     if threads == "auto":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(AUTO_THREADS, cores))
+        return max(1, min(AUTO_THREADS, usable_cores()))
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive count or 'auto' (got {threads!r})")
     return threads

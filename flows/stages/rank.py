@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -36,6 +37,8 @@ import pyarrow.parquet as pq
 import torch
 
 from flows.errors import MissingStageInput
+from flows.stages.fork_pool import resolve_workers, run_jobs
+from models.device import resolve_device
 from models.errors import ModelNotFound
 from models.inference import load_bundle
 from models.ranking import evaluate as ev
@@ -51,7 +54,7 @@ from models.ranking.mixture import MixtureEM
 from models.ranking.params import RankParams
 from models.ranking import select
 from models.ranking.seen import Seen, id_report, seen_in, split_ndcg
-from models.ranking.config import RankerConfig
+from models.ranking.config import TABLES, RankerConfig
 from models.ranking.ranker import Naive, Ranker
 from models.ranking.train import FitReport, build_model, feature_tables, fit
 
@@ -250,11 +253,15 @@ def measure(model: Ranker, data: RankData, cfg: RankParams) -> dict[str, Any]:
     return row
 
 
+def _network(kind: str, cfg: RankParams, seed: int, data: RankData) -> Ranker:
+    """A fresh network of `kind` (a key of models.ranking.train.MODELS) reading data's feature tables."""
+    return build_model(kind, RankerConfig.build(cfg, data.features, data.spec.grid, ids=data.ids(cfg)),
+                       data.features, seed)
+
+
 def fit_model(kind: str, cfg: RankParams, seed: int, data: RankData) -> tuple[Ranker, FitReport]:
-    """One model of `kind` (a key of models.ranking.train.MODELS) fitted with `cfg` on the training
-    requests, from `seed`."""
-    model = build_model(kind, RankerConfig.build(cfg, data.features, data.spec.grid, ids=data.ids(cfg)),
-                        data.features, seed)
+    """One model of `kind` fitted with `cfg` on the training requests, from `seed`."""
+    model = _network(kind, cfg, seed, data)
     model.relevance.forget(data.seen.users, data.seen.items)
     report = fit(model, data.log(cfg, "train"), cfg.for_model(kind), seed,
                  valid=data.log(cfg, "valid") if cfg.serve == "auto" and cfg.patience else None)
@@ -267,17 +274,57 @@ def fit_and_measure(kind: str, cfg: RankParams, seed: int, data: RankData) -> tu
     return model, measure(model, data, cfg) | {"fit": report.to_dict()}
 
 
-def seed_ensemble(kind: str, chosen: Ranker, cfg: RankParams, seed: int,
-                  data: RankData) -> tuple[SeedEnsemble, dict[str, Any]]:
+def seed_ensemble(kind: str, chosen: Ranker, cfg: RankParams, seed: int, data: RankData,
+                  workers: int = 1) -> tuple[SeedEnsemble, dict[str, Any]]:
     """The served network as the mean of rank.serve_ensemble fits of its kind (models/ranking/ensemble.py):
-    the chosen fit (seed) and serve_ensemble - 1 more (seed + 1, ...); its NDCG on the held-out requests
-    beside the chosen fit's."""
+    the chosen fit (seed) and serve_ensemble - 1 more (seed + 1, ..., `workers` of them at once);
+    its NDCG on the held-out requests beside the chosen fit's."""
     t0 = time.perf_counter()
     seeds = [seed + i for i in range(cfg.serve_ensemble)]
-    ensemble = SeedEnsemble([chosen] + [fit_model(kind, cfg, s, data)[0] for s in seeds[1:]])
+    jobs = [(f"{kind} seed {s}", partial(_member_job, kind, cfg, s)) for s in seeds[1:]]
+    states = run_jobs(jobs, data, workers, cfg.threads)
+    members = [_restored(kind, cfg, s, data, state) for s, state in zip(seeds[1:], states)]
+    ensemble = SeedEnsemble([chosen] + members)
     return ensemble, {"model": kind, "members": len(seeds), "seeds": seeds,
                       **held_out_ndcg(ensemble, data.log(cfg, "test"), data.seen),
                       "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# --- the fits as jobs of flows/stages/fork_pool.py: each returns its trained weights (the feature tables,
+# which every network holds as buffers, stay with the parent) and its row -------------------------------
+
+def _trained_state(model: Ranker) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] not in TABLES}
+
+
+def _restored(kind: str, cfg: RankParams, seed: int, data: RankData, state: dict[str, torch.Tensor]) -> Ranker:
+    """The network a job fitted, rebuilt here on data's own feature tables."""
+    model = _network(kind, cfg, seed, data)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(k.rsplit(".", 1)[-1] not in TABLES for k in missing):
+        raise RuntimeError(f"{kind}: the fitted weights do not fit a fresh network (missing {missing}, "
+                           f"unexpected {unexpected})")
+    return model.eval()
+
+
+def _network_job(kind: str, cfg: RankParams, seed: int, data: RankData) -> tuple[dict[str, torch.Tensor], dict]:
+    model, row = fit_and_measure(kind, cfg, seed, data)
+    return _trained_state(model), row
+
+
+def _member_job(kind: str, cfg: RankParams, seed: int, data: RankData) -> dict[str, torch.Tensor]:
+    return _trained_state(fit_model(kind, cfg, seed, data)[0])
+
+
+def _lightgbm_job(position: bool, cfg: RankParams, seed: int,
+                  data: RankData) -> tuple[Any, int, dict[str, Any]] | RankingInputError:
+    """The booster (LightGBM pickles it as its model text), its training rows and its row; a catalog
+    LightGBM cannot read comes back as the error (the other fits go on)."""
+    try:
+        model, row = lambdarank_fit(cfg, seed, data, position=position)
+    except RankingInputError as exc:
+        return exc
+    return model.booster, model.train_rows, row
 
 
 def lambdarank_fit(cfg: RankParams, seed: int, data: RankData, *, position: bool = True,
@@ -340,6 +387,7 @@ class Trained:
     rows: dict[str, Any]
     serving: dict[str, Any]
     ensemble: SeedEnsemble | None = None
+    workers: int = 1                          # processes that fitted at once (rank.workers)
 
     @property
     def served(self) -> str:
@@ -363,6 +411,14 @@ def _validation_record(data: RankData, cfg: RankParams) -> dict[str, Any]:
     return data.validation.to_dict() | {"requests": requests, "users": len(users)}
 
 
+def fit_workers(cfg: RankParams, jobs: int) -> int:
+    """Processes fitting at once (rank.workers): one where the fits train on a GPU (a forked process
+    cannot use its parent's CUDA, and one GPU is the bottleneck anyway)."""
+    if resolve_device(cfg.device, "rank.device").type != "cpu":
+        return 1
+    return resolve_workers(cfg.workers, cfg.threads, jobs)
+
+
 def train_rankers(cfg: RankParams, seed: int, data: RankData) -> Trained:
     """Every model of cfg.models and LightGBM lambdarank with its position correction (cfg.lightgbm)
     and without (cfg.lightgbm_naive): each fitted on the training requests and measured on the held-out ones; with
@@ -370,17 +426,24 @@ def train_rankers(cfg: RankParams, seed: int, data: RankData) -> Trained:
     select.py). LightGBM reads features only: a catalog without any gets a row saying so."""
     rows: dict[str, Any] = {}
     models: dict[str, Servable] = {}
+    boosted = [(name, position) for name, position in ((LIGHTGBM, True), (LIGHTGBM_NAIVE, False))
+               if getattr(cfg, name)]
+    # LightGBM first: at scale its fits are the longest, and a free worker takes the next job
+    jobs = [(name, partial(_lightgbm_job, position, cfg, seed)) for name, position in boosted]
+    jobs += [(name, partial(_network_job, name, cfg, seed)) for name in cfg.models]
+    workers = fit_workers(cfg, len(jobs))
+    done = dict(zip([name for name, _ in jobs], run_jobs(jobs, data, workers, cfg.threads)))
     for name in cfg.models:
-        models[name], rows[name] = fit_and_measure(name, cfg, seed, data)
-    for name, position in ((LIGHTGBM, True), (LIGHTGBM_NAIVE, False)):
-        if not getattr(cfg, name):
-            continue
-        try:
-            models[name], rows[name] = lambdarank_fit(cfg, seed, data, position=position)
-        except RankingInputError as exc:
+        state, rows[name] = done[name]
+        models[name] = _restored(name, cfg, seed, data, state)
+    for name, position in boosted:
+        if isinstance(done[name], RankingInputError):
             if cfg.serve == name:
-                raise
-            rows[name] = {"skipped": str(exc)}
+                raise done[name]
+            rows[name] = {"skipped": str(done[name])}
+            continue
+        booster, train_rows, rows[name] = done[name]
+        models[name] = LambdaRanker(booster, feature_tables(data.features), position, train_rows)
     if cfg.serve == "auto":
         choice = select.choose(models, data.log(cfg, "valid"), data.positions,
                                RELEVANCE if data.truth.source == "simulation" else None, K)
@@ -391,9 +454,9 @@ def train_rankers(cfg: RankParams, seed: int, data: RankData) -> Trained:
         serving = {"mode": "named", "served": cfg.serve}
     served = models[serving["served"]]
     if cfg.serve_ensemble > 1 and isinstance(served, Ranker):     # LightGBM serves as it is
-        ensemble, serving["ensemble"] = seed_ensemble(serving["served"], served, cfg, seed, data)
-        return Trained(models, rows, serving, ensemble)
-    return Trained(models, rows, serving)
+        ensemble, serving["ensemble"] = seed_ensemble(serving["served"], served, cfg, seed, data, workers)
+        return Trained(models, rows, serving, ensemble, workers)
+    return Trained(models, rows, serving, workers=workers)
 
 
 def save_served(trained: Trained, cfg: RankParams, seed: int, data: RankData, out_dir: Path) -> None:
@@ -441,7 +504,7 @@ def rank(cfg: RankParams, seed: int, ingested: Path, model_dir: Path | None, out
         "log": {"shown_rows": data.rows, "positions": len(data.positions), "grid": data.spec.grid,
                 "context_columns": list(cfg.context_columns), "test_requests": requests},
         "relevance_features": id_report(data.seen, data.ids(cfg), cfg, data.features),
-        "examples": examples, "fit_seconds": round(fit_s, 3),
+        "examples": examples, "fit_seconds": round(fit_s, 3), "fit_workers": trained.workers,
         "examples_per_s": round(examples / max(fit_s, 1e-9), 1),
         "seconds": round(time.perf_counter() - started, 2),
     })

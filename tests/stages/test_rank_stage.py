@@ -160,6 +160,37 @@ def test_the_served_network_is_the_mean_of_fits_from_several_seeds(ranked: tuple
     assert len(tables) == 1
 
 
+def _without_timings(value):
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items()
+                if k not in ("seconds", "examples_per_s", "fit_seconds", "fit_workers")}
+    return [_without_timings(v) for v in value] if isinstance(value, list) else value
+
+
+def test_fits_in_two_processes_give_what_one_after_another_gives(tmp_path: Path) -> None:
+    """rank.workers: the candidates (networks and LightGBM) and the served network's extra seeds fit in
+    two forked processes, and the report and the saved ranker are what one process fitting them one
+    after another gives, to the last digit."""
+    pytest.importorskip("lightgbm", minversion="4.1")
+    ingested = write_ingested(simulate(SimConfig(etas=(2.0, 2.0), logging_strength=0.0, requests=1500, seed=5)),
+                              tmp_path / "ingested")
+    cfg = RankParams(models=["pal", "mixture"], epochs=2, lightgbm_rounds=20, lightgbm_naive=False)
+    runs = {}
+    for workers in (2, 1):
+        out = tmp_path / f"w{workers}"
+        runs[workers] = rank(cfg.model_copy(update={"workers": workers}), 0, ingested, None, out / "ranker",
+                             out / "ranking.json")
+        assert runs[workers]["fit_workers"] == workers
+    assert _without_timings(runs[2]) == _without_timings(runs[1])
+    assert runs[2]["serve"]["ensemble"]["members"] == 3 and set(runs[2]["models"]) == {"pal", "mixture", "lightgbm"}
+    two, one = (load_ranker(tmp_path / f"w{w}" / "ranker") for w in (2, 1))
+    if two.name == "lightgbm":
+        assert two.model.booster.model_to_string() == one.model.booster.model_to_string()
+    else:
+        a, b = two.model.state_dict(), one.model.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_log_without_rows_is_skipped_not_an_error(tmp_path: Path) -> None:
     sim = simulate(SimConfig(requests=5, seed=1))
     ingested = write_ingested(SimLog(logs=sim.logs.iloc[:0], items=sim.items, curves=sim.curves),

@@ -1,0 +1,70 @@
+"""Independent jobs of one stage side by side, in worker processes that inherit the stage's prepared
+data at fork.
+
+The rank stage fits each candidate ranker from its own seed on `rank.threads` torch threads; the fits
+share nothing but their read-only input (the prepared log's path, the feature tables), so on a
+machine with more cores than one fit uses they can run at once. Forked workers see that input
+copy-on-write: a feature table of a million users is neither pickled nor copied per worker. A job is
+a picklable callable of that input (a `functools.partial` of a module function) and returns something
+small: trained weights and a report row, never the input itself.
+
+With one worker, or where fork is not available (Windows, macOS' default), the jobs run here one after
+another: the same results either way, since every fit seeds its own generators and runs on the same
+number of threads. A job's exception is raised here as it was raised there; a worker that dies (the
+kernel's OOM killer) raises BrokenProcessPool naming the jobs left unfinished.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+import torch
+
+from models.device import usable_cores
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# The input a worker inherited at fork. A module global because that is the one place a forked
+# process can find what its parent held without pickling it; set only in a worker (by _start).
+_INHERITED: Any = None
+
+
+def resolve_workers(workers: int | str, threads: int, jobs: int) -> int:
+    """How many processes fit at once: a count as given, or auto = the usable cores over each job's
+    threads; never more than there are jobs."""
+    if workers == "auto":
+        workers = max(1, usable_cores() // max(threads, 1))
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive count or 'auto' (got {workers!r})")
+    return max(1, min(workers, jobs))
+
+
+def _start(shared: Any, threads: int) -> None:
+    global _INHERITED
+    _INHERITED = shared
+    torch.set_num_threads(threads)
+
+
+def _run(job: Callable[[Any], R]) -> R:
+    return job(_INHERITED)
+
+
+def run_jobs(jobs: Sequence[tuple[str, Callable[[T], R]]], shared: T, workers: int, threads: int) -> list[R]:
+    """Each (name, job)'s job(shared), in `workers` processes at once (forked here, so they inherit
+    `shared`), results in the jobs' order. Give the longest jobs first: a worker takes the next job
+    when it is free."""
+    if workers <= 1 or len(jobs) <= 1 or "fork" not in mp.get_all_start_methods():
+        return [job(shared) for _, job in jobs]
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("fork"),
+                             initializer=_start, initargs=(shared, threads)) as pool:
+        futures = [(name, pool.submit(_run, job)) for name, job in jobs]
+        try:
+            return [future.result() for _, future in futures]
+        except BrokenProcessPool as exc:
+            running = [name for name, future in futures if not future.done() or future.exception() is not None]
+            raise BrokenProcessPool(f"a worker process died (out of memory? fewer workers hold less) while "
+                                    f"these jobs were unfinished: {', '.join(running)}") from exc

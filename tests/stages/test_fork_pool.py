@@ -1,0 +1,56 @@
+"""flows/stages/fork_pool.py: independent jobs in forked workers that inherit the stage's input (never
+pickled), results in the jobs' order, a job's error raised as it was, and one worker = here."""
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import numpy as np
+import pytest
+
+from flows.stages.fork_pool import resolve_workers, run_jobs
+
+
+class Unpicklable:
+    """The shared input: an array, and a refusal to be pickled (a worker that got it by pickling fails)."""
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+
+    def __reduce__(self):
+        raise TypeError("the shared input was pickled")
+
+
+def _job(index: int, shared: Unpicklable) -> tuple[int, int, float, int]:
+    return index, os.getpid(), float(shared.values[index]), shared.values.ctypes.data
+
+
+def _failing(shared: Unpicklable) -> None:
+    raise ValueError("job 3 cannot fit")
+
+
+def test_workers_inherit_the_input_and_return_in_order() -> None:
+    shared = Unpicklable(np.arange(8, dtype=np.float64) * 10)
+    jobs = [(f"job {i}", partial(_job, i)) for i in range(8)]
+    results = run_jobs(jobs, shared, workers=2, threads=1)
+    assert [r[0] for r in results] == list(range(8)) and [r[2] for r in results] == [i * 10.0 for i in range(8)]
+    pids = {r[1] for r in results}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    # the workers read the parent's array at its own address: inherited at fork, not a copy sent over
+    assert {r[3] for r in results} == {shared.values.ctypes.data}
+    here = run_jobs(jobs, shared, workers=1, threads=1)
+    assert [r[1] for r in here] == [os.getpid()] * 8 and [r[2] for r in here] == [r[2] for r in results]
+
+
+def test_a_jobs_error_is_raised_here() -> None:
+    jobs = [("ok", partial(_job, 0)), ("bad", _failing)]
+    with pytest.raises(ValueError, match="job 3 cannot fit"):
+        run_jobs(jobs, Unpicklable(np.zeros(2)), workers=2, threads=1)
+
+
+def test_resolve_workers() -> None:
+    assert resolve_workers(3, 1, 10) == 3 and resolve_workers(3, 1, 2) == 2 and resolve_workers(1, 4, 9) == 1
+    cores = len(os.sched_getaffinity(0))
+    assert resolve_workers("auto", 1, 99) == cores and resolve_workers("auto", cores + 1, 99) == 1
+    with pytest.raises(ValueError, match="positive count or 'auto'"):
+        resolve_workers(0, 1, 5)
