@@ -23,7 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from collections.abc import Iterable
@@ -388,6 +388,7 @@ class Trained:
     serving: dict[str, Any]
     ensemble: SeedEnsemble | None = None
     workers: int = 1                          # processes that fitted at once (rank.workers)
+    phases: dict[str, float] = field(default_factory=dict)   # seconds: fits, choice, ensemble
 
     @property
     def served(self) -> str:
@@ -432,7 +433,9 @@ def train_rankers(cfg: RankParams, seed: int, data: RankData) -> Trained:
     jobs = [(name, partial(_lightgbm_job, position, cfg, seed)) for name, position in boosted]
     jobs += [(name, partial(_network_job, name, cfg, seed)) for name in cfg.models]
     workers = fit_workers(cfg, len(jobs))
+    t0 = time.perf_counter()
     done = dict(zip([name for name, _ in jobs], run_jobs(jobs, data, workers, cfg.threads)))
+    phases = {"fits": time.perf_counter() - t0}
     for name in cfg.models:
         state, rows[name] = done[name]
         models[name] = _restored(name, cfg, seed, data, state)
@@ -444,6 +447,7 @@ def train_rankers(cfg: RankParams, seed: int, data: RankData) -> Trained:
             continue
         booster, train_rows, rows[name] = done[name]
         models[name] = LambdaRanker(booster, feature_tables(data.features), position, train_rows)
+    t0 = time.perf_counter()
     if cfg.serve == "auto":
         choice = select.choose(models, data.log(cfg, "valid"), data.positions,
                                RELEVANCE if data.truth.source == "simulation" else None, K)
@@ -452,11 +456,13 @@ def train_rankers(cfg: RankParams, seed: int, data: RankData) -> Trained:
             print(f"rank: warning: {choice.warning}", file=sys.stderr, flush=True)
     else:
         serving = {"mode": "named", "served": cfg.serve}
+    phases["choice"] = time.perf_counter() - t0
     served = models[serving["served"]]
     if cfg.serve_ensemble > 1 and isinstance(served, Ranker):     # LightGBM serves as it is
         ensemble, serving["ensemble"] = seed_ensemble(serving["served"], served, cfg, seed, data, workers)
-        return Trained(models, rows, serving, ensemble, workers)
-    return Trained(models, rows, serving, workers=workers)
+        phases["ensemble"] = serving["ensemble"]["seconds"]
+        return Trained(models, rows, serving, ensemble, workers, phases)
+    return Trained(models, rows, serving, workers=workers, phases=phases)
 
 
 def save_served(trained: Trained, cfg: RankParams, seed: int, data: RankData, out_dir: Path) -> None:
@@ -489,11 +495,16 @@ def rank(cfg: RankParams, seed: int, ingested: Path, model_dir: Path | None, out
         data = rank_data(cfg, logs, truth_dir, item_table(ingested, schema), vectors, Path(tmp))
         if data is None:
             return _write(out_dir, report_path, {"status": "skipped", "reason": SKIPPED})
+        phases = {"prepare": time.perf_counter() - started}
+        t0 = time.perf_counter()
         test = data.log(cfg, "test")
         requests = sum(len(b.user) for b in test)
         logged = ev.logged_ndcg(test, K, truth=RELEVANCE) if requests else math.nan
+        phases["logged_order"] = time.perf_counter() - t0
         trained = train_rankers(cfg, seed, data)
+        t0 = time.perf_counter()
         save_served(trained, cfg, seed, data, out_dir)
+        phases |= trained.phases | {"save": time.perf_counter() - t0}
         rows, serving = trained.rows, trained.serving
     fits = [r["fit"] for r in rows.values() if "fit" in r]
     examples, fit_s = sum(f["examples"] for f in fits), sum(f["seconds"] for f in fits)
@@ -505,6 +516,7 @@ def rank(cfg: RankParams, seed: int, ingested: Path, model_dir: Path | None, out
                 "context_columns": list(cfg.context_columns), "test_requests": requests},
         "relevance_features": id_report(data.seen, data.ids(cfg), cfg, data.features),
         "examples": examples, "fit_seconds": round(fit_s, 3), "fit_workers": trained.workers,
+        "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
         "examples_per_s": round(examples / max(fit_s, 1e-9), 1),
         "seconds": round(time.perf_counter() - started, 2),
     })

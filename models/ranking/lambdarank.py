@@ -109,7 +109,7 @@ class LambdaRanker:
 
 
 def fit_lambdarank(train: Iterable[RankBatch], tables: dict[str, np.ndarray], *, position: bool = True,
-                   label: str | None = None, rounds: int = 100, max_rows: int = 2_000_000, seed: int = 0,
+                   label: str | None = None, rounds: int = 100, max_rows: int = 500_000, seed: int = 0,
                    threads: int = 1) -> LambdaRanker:
     """LightGBM lambdarank on the shown impressions of `train` (at most `max_rows`, whole batches: its
     matrix is in memory). label None: the clicks; else a truth column of the batches, read as graded

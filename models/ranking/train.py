@@ -74,6 +74,7 @@ class FitReport:
     best_epoch: int | None = None        # the epoch whose weights were kept (1-based; None: the last)
     sparse_tables: int = 0               # id tables trained on sparse gradients (rank.sparse_min_rows)
     note: str | None = None              # why they stayed dense although asked for
+    epochs_cut: str | None = None        # why fewer epochs than rank.epochs ran (rank.max_steps)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,11 +109,21 @@ def decay_at_end(total_steps: int, share: float) -> Callable[[int], float]:
     return lambda t: 1.0 if t < start else max(0.0, (total_steps - t) / max(total_steps - start, 1.0))
 
 
+def epochs_within(epochs: int, max_steps: int | None, steps_per_epoch: int) -> int:
+    """The whole epochs that fit in max_steps optimizer steps (None: no limit), at least one."""
+    if max_steps is None or steps_per_epoch == 0:
+        return epochs
+    return max(1, min(epochs, max_steps // steps_per_epoch))
+
+
 def fit(model: Ranker, batches: Batches, cfg: RankParams, seed: int,
         valid: Iterable[RankBatch] | None = None) -> FitReport:
     """Adam over `cfg.epochs` passes of `batches` (re-iterable: a list, or a RankingLog that re-reads
     its file), the lr falling to 0 over the last `cfg.lr_decay` of the steps; id tables of at least
     rank.sparse_min_rows rows on sparse gradients and SparseAdam.
+    A log whose rank.epochs passes would take more than rank.max_steps steps gets fewer whole passes
+    (at least one): on a large log the later passes cost the most and bring the least (the click loss
+    on held-out requests got worse, not better; docs/RANKING.md "Epochs on a large log").
     Seeds torch (dropouts) and the batch order, so a seed gives the same model. With
     `valid` (held-out requests): early stopping on their loss, `cfg.patience` epochs without a better
     one end training, and the best epoch's weights are kept."""
@@ -122,11 +133,13 @@ def fit(model: Ranker, batches: Batches, cfg: RankParams, seed: int,
     model.to(device)
     opt = TowerOptimizer(model, cfg.lr, cfg.weight_decay, sparse_min_rows(cfg.sparse_min_rows, cfg.weight_decay,
                                                                             auto_rows=RANK_SPARSE_AUTO_ROWS))
-    sched = TowerSchedule(opt, decay_at_end(cfg.epochs * len(batches), cfg.lr_decay))
+    steps = len(batches)
+    epochs = epochs_within(cfg.epochs, cfg.max_steps, steps)
+    sched = TowerSchedule(opt, decay_at_end(epochs * steps, cfg.lr_decay))
     model.train()
     examples, losses, stop = 0, [], _EarlyStop(cfg.patience)
     started = time.perf_counter()
-    for _ in range(cfg.epochs):
+    for _ in range(epochs):
         total, n = 0.0, 0
         for batch in shuffled(batches, rng, cfg.shuffle_buffer):
             loss = model.loss(batch.to(device))
@@ -146,7 +159,9 @@ def fit(model: Ranker, batches: Batches, cfg: RankParams, seed: int,
     return FitReport(epochs=len(losses), examples=examples, seconds=round(seconds, 3),
                      examples_per_s=round(examples / max(seconds, 1e-9), 1), lr=cfg.lr, losses=losses,
                      valid_losses=stop.losses, best_epoch=stop.best_epoch, sparse_tables=opt.sparse_tables,
-                     note=sparse_note(cfg.sparse_min_rows, cfg.weight_decay))
+                     note=sparse_note(cfg.sparse_min_rows, cfg.weight_decay),
+                     epochs_cut=(f"{epochs} of rank.epochs {cfg.epochs}: {steps} steps an epoch, rank.max_steps "
+                                 f"{cfg.max_steps}" if epochs < cfg.epochs else None))
 
 
 class _EarlyStop:

@@ -163,7 +163,7 @@ def test_the_served_network_is_the_mean_of_fits_from_several_seeds(ranked: tuple
 def _without_timings(value):
     if isinstance(value, dict):
         return {k: _without_timings(v) for k, v in value.items()
-                if k not in ("seconds", "examples_per_s", "fit_seconds", "fit_workers")}
+                if k not in ("seconds", "examples_per_s", "fit_seconds", "fit_workers", "phase_seconds")}
     return [_without_timings(v) for v in value] if isinstance(value, list) else value
 
 
@@ -189,6 +189,19 @@ def test_fits_in_two_processes_give_what_one_after_another_gives(tmp_path: Path)
     else:
         a, b = two.model.state_dict(), one.model.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_large_log_gets_fewer_epochs_within_max_steps(ranked: tuple[Path, dict], tmp_path: Path) -> None:
+    """rank.max_steps: where rank.epochs passes would take more optimizer steps, the fit makes the whole
+    passes that fit (at least one) and its row says why; the default leaves this small log all its epochs."""
+    root, report = ranked
+    full = report["models"]["pal"]["fit"]
+    assert full["epochs"] == PARAMS.epochs == 5 and full["epochs_cut"] is None and PARAMS.max_steps == 8000
+    cfg = PARAMS.model_copy(update={"models": ["pal"], "max_steps": 25})
+    cut = rank(cfg, 0, root / "ingested", None, tmp_path / "ranker", tmp_path / "ranking.json")["models"]["pal"]["fit"]
+    steps = int(cut["epochs_cut"].split(": ")[1].split(" steps")[0])
+    assert cut["epochs"] == max(1, 25 // steps) < 5 and cut["examples"] * 5 == full["examples"] * cut["epochs"]
+    assert cut["epochs_cut"] == f"{cut['epochs']} of rank.epochs 5: {steps} steps an epoch, rank.max_steps 25"
 
 
 def test_a_log_without_rows_is_skipped_not_an_error(tmp_path: Path) -> None:
