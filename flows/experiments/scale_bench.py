@@ -7,7 +7,8 @@ as its own process (`towerflow stage NAME`, as dvc.yaml runs it), so that each g
 
 - wall seconds, and interactions per second (N / seconds: how fast the stage gets through the data);
 - peak RSS of the largest process of the stage (the kernel's ru_maxrss of the reaped child, which
-  covers its own children) and of the stage's whole process tree (summed RSS, sampled every 0.2 s);
+  covers its own children) and of the stage's whole process tree (summed RSS and summed PSS, sampled
+  every 0.2 s: PSS counts the pages forked workers share with their parent once);
 - the load average when the stage starts and ends (the machine is shared: read timings beside it).
 
 A stage that fails is recorded with its last error line, and the stages after it are not run. The
@@ -46,23 +47,34 @@ DEFAULT_OUT = Path("reports/bench_scale.json")   # where the rows go without --o
 GATE_FORCE = ["gate.force=true", "gate.force_reason=scale bench - times every stage, publishing included"]
 
 
-def tree_rss(proc: Any) -> int:
-    """Summed RSS (bytes) of a process (a psutil.Process or a pid) and its descendants; processes that
-    end meanwhile count 0."""
+def tree_memory(proc: Any) -> tuple[int, int]:
+    """(summed RSS, summed PSS) in bytes of a process (a psutil.Process or a pid) and its descendants;
+    processes that end meanwhile count 0. A forked worker's RSS counts every page it still shares with
+    its parent (the rank stage's fits: 4.4 GB summed RSS at 4M where the tree held 3.3 GB); PSS
+    divides each shared page among the processes that map it, so its sum is what the tree holds."""
     import psutil
 
-    total = 0
+    rss = pss = 0
     try:
         proc = psutil.Process(proc) if isinstance(proc, int) else proc
         procs = [proc, *proc.children(recursive=True)]
     except psutil.Error:
-        return 0
+        return 0, 0
     for p in procs:
         try:
-            total += p.memory_info().rss
+            full = p.memory_full_info()      # /proc/PID/smaps_rollup: PSS beside RSS
+            rss, pss = rss + full.rss, pss + full.pss
+        except psutil.AccessDenied:
+            rss += p.memory_info().rss      # no smaps (another user's process): RSS for both
+            pss += p.memory_info().rss
         except psutil.Error:
             pass
-    return total
+    return rss, pss
+
+
+def tree_rss(proc: Any) -> int:
+    """Summed RSS (bytes) of a process and its descendants (tree_memory's first figure)."""
+    return tree_memory(proc)[0]
 
 
 # Runs a command and writes its exit code and ru_maxrss (kB) to a file. Started fresh (exec'd), so its
@@ -86,14 +98,16 @@ sys.exit(rc if rc >= 0 else 128 - rc)
 
 
 def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log_path: Path) -> dict[str, Any]:
-    """Run cmd to its end: {"seconds", "peak_rss_mb" (largest process), "peak_tree_rss_mb", "rc"}.
+    """Run cmd to its end: {"seconds", "peak_rss_mb" (largest process), "peak_tree_rss_mb",
+    "peak_tree_pss_mb", "rc"}.
 
     peak_rss_mb is the kernel's ru_maxrss of cmd's process, which covers its own children, read by a
-    fresh wrapper process (MAXRSS_WRAPPER); peak_tree_rss_mb is the summed RSS of the whole tree,
-    sampled every POLL_S (the wrapper's ~10 MB included)."""
+    fresh wrapper process (MAXRSS_WRAPPER); peak_tree_rss_mb and peak_tree_pss_mb are the summed RSS
+    and PSS of the whole tree, sampled every POLL_S (the wrapper's ~10 MB included): the same for one
+    process, PSS the lower where processes share pages (tree_memory)."""
     import psutil
 
-    peak = [0]
+    peak = [0, 0]
     figures = log_path.with_suffix(".maxrss.json")
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()
@@ -104,7 +118,8 @@ def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log_path: Path)
         def poll() -> None:
             proc = psutil.Process(child.pid)
             while not done.is_set():
-                peak[0] = max(peak[0], tree_rss(proc))
+                rss, pss = tree_memory(proc)
+                peak[:] = [max(peak[0], rss), max(peak[1], pss)]
                 done.wait(POLL_S)
 
         watcher = threading.Thread(target=poll, daemon=True)
@@ -121,7 +136,7 @@ def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log_path: Path)
     measured = json.loads(figures.read_text())
     return {"seconds": round(seconds, 2), "rc": measured["rc"],
             "peak_rss_mb": round(measured["maxrss_kb"] / 1024, 1),     # Linux: kilobytes
-            "peak_tree_rss_mb": round(peak[0] / 2**20, 1)}
+            "peak_tree_rss_mb": round(peak[0] / 2**20, 1), "peak_tree_pss_mb": round(peak[1] / 2**20, 1)}
 
 
 def _commit(root: Path) -> str | None:
@@ -222,7 +237,8 @@ def _run_stages(tmp: Path, row: dict[str, Any], base: list[str], names: Sequence
     row["total_seconds"] = round(sum(s["seconds"] for s in row["stages"].values()), 2)
     row["completed"] = all("error" not in s for s in row["stages"].values()) and \
         len(row["stages"]) == len(STAGES)
-    row["peak_rss_mb"] = max((s["peak_tree_rss_mb"] for s in row["stages"].values()), default=0.0)
+    # what the largest stage held: its tree's PSS (rows before it was measured: the summed RSS)
+    row["peak_rss_mb"] = max((_tree_mb(s) for s in row["stages"].values()), default=0.0)
     row["notes"] = _notes(work)
     return row
 
@@ -331,6 +347,11 @@ def scale_bench(root: Path, out: Path, n: int, overrides: list[str], users: int 
     return row
 
 
+def _tree_mb(stage: dict[str, Any]) -> float:
+    """A stage's peak tree memory: PSS, or the summed RSS of rows measured before PSS was."""
+    return stage.get("peak_tree_pss_mb", stage["peak_tree_rss_mb"])
+
+
 def markdown_table(doc: dict[str, Any]) -> str:
     """Seconds and peak tree RSS (MB) per stage and N, and the exponent b of seconds ∝ N^b between the
     two largest N that ran the stage (1: linear; > 1: superlinear), for the README."""
@@ -341,7 +362,7 @@ def markdown_table(doc: dict[str, Any]) -> str:
     head = "| stage | " + " | ".join(f"N={r['n']:,}: s / MB" for r in rows) + " | exponent |"
     lines = [head, "|" + "---|" * (len(rows) + 2)]
     for name in names:
-        cells = [f"{r['stages'][name]['seconds']:g} / {r['stages'][name]['peak_tree_rss_mb']:.0f}"
+        cells = [f"{r['stages'][name]['seconds']:g} / {_tree_mb(r['stages'][name]):.0f}"
                  if name in r["stages"] and "error" not in r["stages"][name] else
                  ("failed" if name in r["stages"] else "") for r in rows]
         ran = [r for r in rows if name in r["stages"] and "error" not in r["stages"][name]]

@@ -13,7 +13,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.experiments.scale_bench import markdown_table, merge_row, run_measured
+from flows.experiments.scale_bench import markdown_table, merge_row, run_measured, tree_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,6 +37,7 @@ def test_bench_scale_writes_a_row_per_stage(tmp_path: Path, monkeypatch) -> None
     ingest = row["stages"]["ingest"]
     assert "error" not in ingest, ingest
     assert ingest["seconds"] > 0 and ingest["peak_rss_mb"] > 50 and ingest["peak_tree_rss_mb"] > 0
+    assert 0 < ingest["peak_tree_pss_mb"] <= ingest["peak_tree_rss_mb"] * 1.05
     assert ingest["rows_per_s"] == round(2000 / ingest["seconds"], 1) and len(ingest["loadavg"]) == 6
     assert row["completed"] is False          # stopped after ingest: a partial row says so
     # the host's speed when the row started (rows of other sizes run hours apart), the CPU beside
@@ -174,3 +175,28 @@ def test_table_gives_the_exponent_between_the_two_largest_n() -> None:
     lines = markdown_table(doc).splitlines()
     assert lines[2].startswith("| train |") and lines[2].endswith("| 2.00 |")     # 10 s -> 1000 s over 10x
     assert "failed" in lines[3] and lines[3].endswith("| 0.00 |")                 # the two largest that ran
+
+
+SHARING = """
+import os, sys, time
+import numpy as np
+block = np.ones(300 * 2**20 // 8)          # 300 MB, every page touched
+if os.fork() == 0:                          # the child inherits it, shared until written
+    time.sleep(30); os._exit(0)
+print("ready", flush=True); time.sleep(30)
+"""
+
+
+def test_tree_memory_counts_pages_a_forked_child_shares_once() -> None:
+    """The bench's tree PSS: a parent and a forked child sharing 300 MB hold 300 MB, where their summed
+    RSS says 600 (the rank stage's forked fits; flows/experiments/scale_bench.py tree_memory)."""
+    proc = subprocess.Popen([sys.executable, "-c", SHARING], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        rss, pss = tree_memory(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    mb = 2**20
+    assert rss > 600 * mb and 300 * mb < pss < rss - 250 * mb
