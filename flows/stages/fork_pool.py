@@ -10,14 +10,16 @@ small: trained weights and a report row, never the input itself.
 
 With one worker, or where fork is not available (Windows, macOS' default), the jobs run here one after
 another: the same results either way, since every fit seeds its own generators and runs on the same
-number of threads. A job's exception is raised here as it was raised there; a worker that dies (the
-kernel's OOM killer) raises BrokenProcessPool naming the jobs left unfinished.
+number of threads. A job's exception is raised here as it was raised there, and a stop (SIGTERM,
+Ctrl-C) ends the workers at once rather than after their fits; a worker that dies (the kernel's OOM
+killer) raises BrokenProcessPool naming the jobs left unfinished.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
@@ -27,6 +29,8 @@ from models.device import usable_cores
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+WAKE_S = 0.2      # how often the waiting parent wakes to take a signal
 
 # The input a worker inherited at fork. A module global because that is the one place a forked
 # process can find what its parent held without pickling it; set only in a worker (by _start).
@@ -47,6 +51,11 @@ def _start(shared: Any, threads: int) -> None:
     global _INHERITED
     _INHERITED = shared
     torch.set_num_threads(threads)
+    # the parent's handlers came along with the fork: its SIGTERM-as-SystemExit would end the job, not
+    # the worker (the pool sends the exception back and hands it the next job). A worker ends on
+    # SIGTERM (the parent's terminate, a stopped group) and leaves Ctrl-C to the parent, which ends it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run(job: Callable[[Any], R]) -> R:
@@ -59,12 +68,30 @@ def run_jobs(jobs: Sequence[tuple[str, Callable[[T], R]]], shared: T, workers: i
     when it is free."""
     if workers <= 1 or len(jobs) <= 1 or "fork" not in mp.get_all_start_methods():
         return [job(shared) for _, job in jobs]
+    before = set(mp.active_children())
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("fork"),
                              initializer=_start, initargs=(shared, threads)) as pool:
         futures = [(name, pool.submit(_run, job)) for name, job in jobs]
+        # forked pools start every worker at the first submit
+        started = [p for p in mp.active_children() if p not in before]
         try:
+            pending = [future for _, future in futures]
+            while pending:
+                # in short waits: a SIGTERM taken by the pool's manager thread only runs its Python
+                # handler when the main thread runs again (a wait without a timeout: the whole fit)
+                done, not_done = wait(pending, timeout=WAKE_S, return_when=FIRST_EXCEPTION)
+                pending = [] if any(f.exception() is not None for f in done) else list(not_done)
+            for _, future in futures:        # a failed job before any still running: its error now
+                if future.done() and future.exception() is not None:
+                    raise future.exception()
             return [future.result() for _, future in futures]
         except BrokenProcessPool as exc:
             running = [name for name, future in futures if not future.done() or future.exception() is not None]
             raise BrokenProcessPool(f"a worker process died (out of memory? fewer workers hold less) while "
                                     f"these jobs were unfinished: {', '.join(running)}") from exc
+        except BaseException:
+            # a failed job, or a stop (SIGTERM, Ctrl-C) while waiting: leaving the pool would wait for
+            # every running fit to end (minutes at scale; 87 s measured), so the workers go first
+            for process in started:
+                process.terminate()
+            raise

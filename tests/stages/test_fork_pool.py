@@ -2,13 +2,21 @@
 pickled), results in the jobs' order, a job's error raised as it was, and one worker = here."""
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import signal
+import subprocess
+import sys
+import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flows.stages.fork_pool import resolve_workers, run_jobs
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Unpicklable:
@@ -42,10 +50,18 @@ def test_workers_inherit_the_input_and_return_in_order() -> None:
     assert [r[1] for r in here] == [os.getpid()] * 8 and [r[2] for r in here] == [r[2] for r in results]
 
 
-def test_a_jobs_error_is_raised_here() -> None:
-    jobs = [("ok", partial(_job, 0)), ("bad", _failing)]
+def _slow(shared: Unpicklable) -> None:
+    time.sleep(60)
+
+
+def test_a_jobs_error_is_raised_here_without_waiting_for_the_others() -> None:
+    """The failing job's error comes back at once: the worker still fitting is ended, not waited for
+    (leaving the pool waits for its running jobs; a stop by SIGTERM goes the same way)."""
+    jobs = [("slow", _slow), ("bad", _failing)]
+    t0 = time.perf_counter()
     with pytest.raises(ValueError, match="job 3 cannot fit"):
         run_jobs(jobs, Unpicklable(np.zeros(2)), workers=2, threads=1)
+    assert time.perf_counter() - t0 < 20 and not mp.active_children()
 
 
 def test_resolve_workers() -> None:
@@ -54,3 +70,44 @@ def test_resolve_workers() -> None:
     assert resolve_workers("auto", 1, 99) == cores and resolve_workers("auto", cores + 1, 99) == 1
     with pytest.raises(ValueError, match="positive count or 'auto'"):
         resolve_workers(0, 1, 5)
+
+
+STOPPED = """
+import sys, time
+from functools import partial
+from flows.process_groups import sigterm_exits
+from flows.stages.fork_pool import run_jobs
+
+def slow(i, shared):
+    time.sleep(120)
+
+with sigterm_exits():
+    print("fitting", flush=True)
+    run_jobs([(str(i), partial(slow, i)) for i in range(4)], None, 2, 1)
+"""
+
+
+def test_a_stop_ends_the_workers_at_once() -> None:
+    """SIGTERM to a stage waiting on its fits (towerflow's handler: SystemExit 143) ends it and its
+    workers within seconds, not after the fits (the workers had inherited that handler: each job took
+    the exit as its error and the pool went on; measured 87 s at 4M)."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", STOPPED], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "fitting"
+        deadline = time.monotonic() + 30
+        while len(psutil.Process(proc.pid).children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143
+        assert time.monotonic() - t0 < 10
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive
+    finally:
+        proc.kill()
+        proc.wait()
