@@ -64,9 +64,12 @@ def tree_memory(proc: Any) -> tuple[int, int]:
         try:
             full = p.memory_full_info()      # /proc/PID/smaps_rollup: PSS beside RSS
             rss, pss = rss + full.rss, pss + full.pss
-        except psutil.AccessDenied:
-            rss += p.memory_info().rss      # no smaps (another user's process): RSS for both
-            pss += p.memory_info().rss
+        except psutil.AccessDenied:         # no smaps (another user's process): RSS for both
+            try:
+                alone = p.memory_info().rss
+            except psutil.Error:
+                continue
+            rss, pss = rss + alone, pss + alone
         except psutil.Error:
             pass
     return rss, pss
