@@ -75,6 +75,8 @@ class TrainParams(Section):
     mixed_precision: bool = True                   # bf16 autocast of the towers, on a GPU only (never on the CPU)
     compile: bool = False                          # torch.compile the towers (needs a C compiler; compile time first)
     workers: PositiveInt = 1                       # data-parallel processes (torch DDP, gloo); 1: in process
+    # the eval and refit models at once, each in a forked process (flows/stages/train.py fit_processes)
+    fit_processes: PositiveInt | Literal["auto"] = "auto"
     # embedding tables of at least this many rows train on sparse gradients (SparseAdam; models/optim.py)
     sparse_min_rows: SparseRows = "auto"
 

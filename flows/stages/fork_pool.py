@@ -35,6 +35,10 @@ WAKE_S = 0.2      # how often the waiting parent wakes to take a signal
 # The input a worker inherited at fork. A module global because that is the one place a forked
 # process can find what its parent held without pickling it; set only in a worker (by _start).
 _INHERITED: Any = None
+# In a worker: the pool's count of jobs not yet finished (shared memory, made before the fork) and
+# its worker count, so that a job can take the cores of workers left with nothing to do.
+_UNFINISHED: Any = None
+_WORKERS = 1
 
 
 def resolve_workers(workers: int | str, threads: int, jobs: int) -> int:
@@ -47,9 +51,18 @@ def resolve_workers(workers: int | str, threads: int, jobs: int) -> int:
     return max(1, min(workers, jobs))
 
 
-def _start(shared: Any, threads: int) -> None:
-    global _INHERITED
-    _INHERITED = shared
+def threads_now(threads: int) -> int:
+    """In a job: its share of `threads` (every worker's threads together) now, the busy workers
+    splitting them; outside a worker, `threads`. A long job calls it between its units of work
+    (training epochs) so that the last jobs running take the cores of the workers that are done."""
+    if _UNFINISHED is None:
+        return threads
+    return max(1, threads // max(1, min(_WORKERS, _UNFINISHED.value)))
+
+
+def _start(shared: Any, threads: int, unfinished: Any, workers: int) -> None:
+    global _INHERITED, _UNFINISHED, _WORKERS
+    _INHERITED, _UNFINISHED, _WORKERS = shared, unfinished, workers
     torch.set_num_threads(threads)
     # the parent's handlers came along with the fork: its SIGTERM-as-SystemExit would end the job, not
     # the worker (the pool sends the exception back and hands it the next job). A worker ends on
@@ -59,7 +72,11 @@ def _start(shared: Any, threads: int) -> None:
 
 
 def _run(job: Callable[[Any], R]) -> R:
-    return job(_INHERITED)
+    try:
+        return job(_INHERITED)
+    finally:
+        with _UNFINISHED.get_lock():
+            _UNFINISHED.value -= 1
 
 
 def run_jobs(jobs: Sequence[tuple[str, Callable[[T], R]]], shared: T, workers: int, threads: int) -> list[R]:
@@ -69,8 +86,10 @@ def run_jobs(jobs: Sequence[tuple[str, Callable[[T], R]]], shared: T, workers: i
     if workers <= 1 or len(jobs) <= 1 or "fork" not in mp.get_all_start_methods():
         return [job(shared) for _, job in jobs]
     before = set(mp.active_children())
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("fork"),
-                             initializer=_start, initargs=(shared, threads)) as pool:
+    fork, workers = mp.get_context("fork"), min(workers, len(jobs))
+    unfinished = fork.Value("i", len(jobs))
+    with ProcessPoolExecutor(workers, mp_context=fork, initializer=_start,
+                             initargs=(shared, threads, unfinished, workers)) as pool:
         futures = [(name, pool.submit(_run, job)) for name, job in jobs]
         # forked pools start every worker at the first submit
         started = [p for p in mp.active_children() if p not in before]

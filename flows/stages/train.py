@@ -14,7 +14,9 @@ import hashlib
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -23,9 +25,10 @@ import torch
 
 from flows.errors import DataContractError, MissingStageInput
 from features.memory import return_freed_memory
+from flows.stages.fork_pool import run_jobs, threads_now
 from flows.serving.store import EVAL_MODEL_DIR, BundleStore
 from models.checkpoint import load_model, save_model, save_warm_start
-from models.device import resolve_threads
+from models.device import resolve_device, resolve_threads
 from models.distributed import join_launched_group, spawn_fit
 from models.early_stopping import ValidationTask, carve, outside
 from models.encoding import HISTORY_COLUMN, FeatureEncoder, longest_list, parquet_column, read_scalar_columns
@@ -92,10 +95,11 @@ def _file_digest(path: Path) -> str:
 
 
 def checkpoint_key(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: list[Path]) -> str:
-    """Hash of everything that determines the trained weights (threads and read_batch_rows excluded:
-    they change speed only; compile is in: it keeps every embedding table on dense Adam, models/optim.py)."""
+    """Hash of everything that determines the trained weights (threads, fit_processes and read_batch_rows
+    excluded: they change speed only; compile is in: it keeps every embedding table on dense Adam,
+    models/optim.py)."""
     doc = {"model": model_cfg.model_dump(),
-           "train": train_cfg.model_dump(exclude={"threads", "read_batch_rows"}),
+           "train": train_cfg.model_dump(exclude={"threads", "fit_processes", "read_batch_rows"}),
            "seed": seed, "inputs": {p.name: _file_digest(p) for p in inputs}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -122,7 +126,7 @@ class _Run:
 
 def _fit_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: int, encoder: FeatureEncoder,
              stream: TrainingStream, epochs: int | None, task: ValidationTask | None, ckpt: Path,
-             dist: DistContext) -> _Run:
+             dist: DistContext, on_epoch: Callable[[int], None] | None = None) -> _Run:
     """Fit one model (data-parallel over train_cfg.workers processes unless this process already is a
     rank of a launched group) and summarize it."""
     tower_cfg = tower_config(encoder, model_cfg)
@@ -131,7 +135,7 @@ def _fit_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: in
         result = spawn_fit(stream, tower_cfg, train_cfg, seed, epochs, task, checkpoint, log)
     else:
         result = fit(stream, tower_cfg, train_cfg, seed, epochs=epochs, validation=task, checkpoint=checkpoint,
-                     log=log, dist=dist)
+                     log=log, on_epoch=on_epoch, dist=dist)
     metrics = result.summary(len(stream)) | stream.hard_negative_summary()
     val: list[float | None] = [*result.val_ndcg] or [None] * len(result.losses)
     curve = [(e + 1, round(loss, 6), None if v is None else round(v, 6))
@@ -164,7 +168,7 @@ def validation_run(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, in
 
 
 def _model_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: TrainInputs,
-               epochs: int, ckpt: Path, dist: DistContext) -> _Run:
+               epochs: int, ckpt: Path, dist: DistContext, on_epoch: Callable[[int], None] | None = None) -> _Run:
     """The eval model (vocabularies from the training part) or the refit model (from every row), its
     stream read from disk in batches into memory-mapped arrays (bounded memory)."""
     encoder = _fit_encoder(model_cfg, inputs, _train_part(inputs) if name == "eval" else inputs.examples)
@@ -172,7 +176,7 @@ def _model_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: 
     catalog = catalog_inputs(encoder, inputs.items)
     stream = TrainingStream.from_parquet(encoder, inputs.streams[name], inputs.items, catalog,
                                          spill=ckpt / f"{name}_stream", batch_rows=train_cfg.read_batch_rows)
-    return _fit_run(name, model_cfg, train_cfg, seed, encoder, stream, epochs, None, ckpt, dist)
+    return _fit_run(name, model_cfg, train_cfg, seed, encoder, stream, epochs, None, ckpt, dist, on_epoch)
 
 
 def _train_part(inputs: TrainInputs) -> pd.DataFrame:
@@ -278,6 +282,44 @@ def _finetune_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, see
     return run
 
 
+def fit_processes(train_cfg: TrainParams, dist: DistContext, finetune: bool, models: int) -> int:
+    """Processes the models train in at once (train.fit_processes): auto = 2 when the eval and refit
+    models both train from scratch on a CPU with threads >= 2 to split; a count as given (at most one
+    per model). One wherever a fit is not a plain one-process CPU fit: a fine-tune (its runs depend on
+    each other's fallbacks), data-parallel training (train.workers, torchrun: each fit is already a
+    group of processes) or a GPU (a forked process cannot use its parent's CUDA)."""
+    if finetune or models < 2 or train_cfg.workers > 1 or dist.world > 1:
+        return 1
+    if resolve_device(train_cfg.device).type != "cpu":
+        return 1
+    if train_cfg.fit_processes == "auto":
+        return models if resolve_threads(train_cfg.threads) >= models else 1
+    return min(train_cfg.fit_processes, models)
+
+
+def _model_job(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: int, epochs: int, ckpt: Path,
+               out_dir: Path, inputs: TrainInputs) -> tuple[dict, Curve]:
+    """One model trained and saved in a forked process (fit_processes): its metrics and curve. After
+    each epoch it takes the threads of a process that has finished (fork_pool.threads_now), so the
+    longer refit run ends on every thread."""
+    total = resolve_threads(train_cfg.threads)
+    run = _model_run(name, model_cfg, train_cfg, seed, inputs, epochs, ckpt, DistContext(),
+                     on_epoch=lambda _: torch.set_num_threads(threads_now(total)))
+    _save_run(name, run, inputs, out_dir, seed, model_cfg, train_cfg)
+    return run.metrics, run.curve
+
+
+def _save_run(name: str, run: _Run, inputs: TrainInputs, out_dir: Path, seed: int, model_cfg: ModelParams,
+              train_cfg: TrainParams) -> None:
+    """out_dir/<name>/: the model, its encoder and model.json (what it trained on and its metrics)."""
+    # the times alone: a copy of the training part's every column was 0.7 GB at 10M
+    times = inputs.examples.columns.intersection(["timestamp"])
+    seen = inputs.examples.loc[inputs.examples["split"] == "train", times] if name == "eval" else inputs.examples
+    save_model(out_dir / name, run.result.model, run.encoder,
+               extra={"trained_on": inputs.streams[name].name, "seed": seed, "train": train_cfg.model_dump(mode="json"),
+                      "model": model_cfg.model_dump(), "data_until": data_until(seen), **run.metrics})
+
+
 def _write_curves(folder: Path, curves: dict[str, Curve]) -> None:
     """One CSV per trained model (DVC plots draw one line per file): epoch, loss[, val_ndcg@20]."""
     shutil.rmtree(folder, ignore_errors=True)
@@ -320,7 +362,17 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
         else:
             metrics["validation"], curves["validation"] = validation.metrics, validation.curve
             epochs = validation.result.best_epoch or train_cfg.epochs
-    for name, stream_path in inputs.streams.items():
+    processes = fit_processes(train_cfg, dist, finetune=live is not None, models=len(inputs.streams))
+    if processes > 1:
+        # fresh trainings of eval and full share nothing but their inputs: side by side in forked
+        # processes, they use two cores better than one process's two threads (docs/TRAINING.md)
+        threads = resolve_threads(train_cfg.threads)
+        jobs = [(name, partial(_model_job, name, model_cfg, train_cfg, seed, epochs, ckpt, out_dir))
+                for name in inputs.streams]
+        done = run_jobs(jobs, inputs, processes, max(1, threads // processes))
+        for name, (run_metrics, curve) in zip(inputs.streams, done):
+            metrics[name], curves[name] = run_metrics, curve
+    for name, stream_path in inputs.streams.items() if processes == 1 else ():
         run = None
         # the evaluated model starts from one that never saw this run's holdout; the published one may
         start, why_full = _eval_start(live, inputs.examples) if live is not None and name == "eval" else (live, None)
@@ -336,13 +388,8 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
                                          "full so that it never saw the holdout"}
         metrics[name], curves[name] = run.metrics, run.curve
         if dist.lead:
-            # the times alone: a copy of the training part's every column was 0.7 GB at 10M
-            times = inputs.examples.columns.intersection(["timestamp"])
-            seen = inputs.examples.loc[inputs.examples["split"] == "train", times] if name == "eval" \
-                else inputs.examples
-            save_model(out_dir / name, run.result.model, run.encoder,
-                       extra={"trained_on": stream_path.name, "seed": seed, "train": train_cfg.model_dump(mode="json"),
-                              "model": model_cfg.model_dump(), "data_until": data_until(seen), **run.metrics})
+            _save_run(name, run, inputs, out_dir, seed, model_cfg, train_cfg)
+    metrics["fit_processes"] = processes
     if note is not None:
         metrics["update"] = {"mode": "full", "note": note}
     if not dist.lead:

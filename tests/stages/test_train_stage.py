@@ -100,3 +100,39 @@ def test_train_stage_with_two_workers_and_early_stopping(synthetic, tmp_path):
     vectors = load_bundle(model_dir / "eval").encode_items(items)
     assert vectors.shape == (len(items), SMALL_MODEL.dim) and np.isfinite(vectors).all()
     assert (model_dir / "full/model.pt").read_bytes() == (model_dir / "eval/model.pt").read_bytes()
+
+
+def test_eval_and_refit_models_train_side_by_side_as_they_train_one_after_another(synthetic, tmp_path):
+    """train.fit_processes: 2 fits the two models in two forked processes; each model, its metrics and
+    its curve are those of the fits one after another (one thread each way: the same arithmetic)."""
+    import torch
+
+    _, training, schema = synthetic
+    run_sample(training, tmp_path / "samples")
+    runs = {}
+    for processes in (1, 2):
+        cfg = FAST_TRAIN.model_copy(update={"epochs": 3, "fit_processes": processes})
+        out = tmp_path / f"p{processes}/model"
+        runs[processes] = train(SMALL_MODEL, cfg, 0, tmp_path / "samples", training, schema, out), out
+    (seq, seq_dir), (side, side_dir) = runs[1], runs[2]
+    assert seq["fit_processes"] == 1 and side["fit_processes"] == 2
+    for name in ("eval", "full"):
+        assert side[name]["final_loss"] == seq[name]["final_loss"] and side[name]["epochs"] == 3
+        a, b = (torch.load(d / name / "model.pt", weights_only=True)["state_dict"] for d in (seq_dir, side_dir))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert (side_dir / "curves" / f"{name}.csv").read_text() == (seq_dir / "curves" / f"{name}.csv").read_text()
+        assert json.loads((side_dir / name / "model.json").read_text())["trained_on"] == f"{'train' if name == 'eval' else 'full'}.parquet"
+    assert not any((side_dir.parent / "model_ckpt").glob("*/*.pt"))
+
+
+def test_fit_processes_auto_splits_threads_on_a_cpu_only(synthetic):
+    from flows.stages.train import fit_processes
+    from models.training import DistContext
+
+    auto = TrainParams(threads=2, device="cpu")
+    assert fit_processes(auto, DistContext(), finetune=False, models=2) == 2
+    assert fit_processes(auto.model_copy(update={"threads": 1}), DistContext(), finetune=False, models=2) == 1
+    assert fit_processes(auto, DistContext(), finetune=True, models=2) == 1           # a fine-tune: in turn
+    assert fit_processes(auto, DistContext(), finetune=False, models=1) == 1          # no refit: one model
+    assert fit_processes(auto.model_copy(update={"workers": 2}), DistContext(), finetune=False, models=2) == 1
+    assert fit_processes(auto.model_copy(update={"fit_processes": 1}), DistContext(), finetune=False, models=2) == 1
