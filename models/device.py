@@ -8,11 +8,11 @@ computed in float32 outside it).
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Literal
 
 import torch
 
+from models.cores import usable_cores
 from models.errors import ModelError
 
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -44,11 +44,6 @@ def resolve_device(name: str, setting: str = "train.device") -> torch.device:
             raise DeviceUnavailable(f"{setting} is {name!r} but only {torch.cuda.device_count()} GPU(s) are visible")
         return torch.device(name)
     raise DeviceUnavailable(f"{setting} must be auto, cpu or cuda[:N] (got {name!r})")
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity: a container's or taskset's limit), else all."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def resolve_threads(threads: int | str) -> int:

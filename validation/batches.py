@@ -16,6 +16,7 @@ would undercount them and fail a lower bound), stopping at one more than the all
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -123,6 +124,29 @@ class Derived:
                     values[hit] = _key_values(frame[hit], key)
                 extra[key.derived] = values
         return frame.assign(**extra) if extra else frame
+
+
+@dataclass(frozen=True)
+class RowBatches:
+    """A table's row-check frames (its batches with the derived columns), made as they are read: all
+    of them, or one process's share (every n-th batch from the k-th) when several processes check a
+    large table at once (validation/runner.py)."""
+
+    source: Source
+    chunk_rows: int
+    derived: Derived = field(default_factory=Derived)
+
+    @property
+    def count(self) -> int:
+        return max(1, math.ceil(self.source.rows / self.chunk_rows))
+
+    def __call__(self, share: tuple[int, int] = (0, 1)) -> Iterator[pd.DataFrame]:
+        k, n = share
+        # every share reads the whole file (parquet decoding is a small part of a batch's checks)
+        # and converts only its own batches
+        for i, batch in enumerate(self.source.batches(self.chunk_rows)):
+            if i % n == k:
+                yield self.derived.apply(row_frame(batch))
 
 
 def _key_values(frame: pd.DataFrame, key: UniqueKey) -> pd.Series:

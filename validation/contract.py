@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from validation.batches import Source, distinct_values, row_frame, sample
+from validation.batches import RowBatches, Source, distinct_values, sample
 from validation.errors import ValidationFailed
 from validation.gate import run_gate
 from validation.params import ValidateParams
@@ -54,10 +54,7 @@ def table_checks(validate_cfg: ValidateParams, schema: dict[str, Any],
     for table, expectations in suites.items():
         source = sources[table]
         derived = derived_columns(table, sources, parents, chunk_rows)
-
-        def batches(source=source, derived=derived):  # noqa: ANN202 - bound per table
-            return (derived.apply(row_frame(b)) for b in source.batches(chunk_rows))
-        checks.append(Check(table, table, expectations, batches))
+        checks.append(Check(table, table, expectations, RowBatches(source, chunk_rows, derived)))
         exact = [e for e in profiles.get(table, []) if counts_distinct(e)]
         sampled = [e for e in profiles.get(table, []) if not counts_distinct(e)]
         if exact:

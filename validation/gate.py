@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from models.fork_pool import resolve_workers
+from validation.batches import RowBatches
 from validation.errors import ValidationFailed
 from validation.params import ValidateParams
 from validation.runner import Check, Failure, run_checks
@@ -39,8 +41,9 @@ def run_gate(validate_cfg: ValidateParams, checks: list[Check], counts: dict[str
     started = time.perf_counter() if started is None else started
     values = {**suite_parameters(datetime.now(timezone.utc), validate_cfg), **(parameters or {}),
               **volume_parameters(load_previous(context_root), list(counts), validate_cfg)}
-    stats, failures, index = run_checks(checks, values, validate_cfg.severity.model_dump(),
-                                        context_root, site, docs_dir)
+    batches = max((c.batches.count for c in checks if isinstance(c.batches, RowBatches)), default=1)
+    stats, failures, index = run_checks(checks, values, validate_cfg.severity.model_dump(), context_root, site,
+                                        docs_dir, workers=resolve_workers(validate_cfg.workers, 1, batches))
     for table, rows in counts.items():
         stats.setdefault(table, {})["rows"] = rows
     summary = {**summarize(stats, failures, index, started), **(extra or {})}   # extra: e.g. ingest's events

@@ -51,6 +51,8 @@ class ValidateParams(Section):
     categorical_cardinality: tuple[PositiveInt, PositiveInt] = (1, 100_000)
     chunk_rows: PositiveInt = 1_000_000               # larger tables are validated in batches
     sample_rows: PositiveInt = 1_000_000              # distribution checks: uniform sample at most this big
+    # processes checking a table of several batches at once (auto: the usable cores; 1: here)
+    workers: PositiveInt | Literal["auto"] = "auto"
     severity: SeverityParams = SeverityParams()
 
     @field_validator("timestamp_floor", mode="before")

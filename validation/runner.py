@@ -16,10 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pandas as pd
+
+from models.fork_pool import run_jobs
+from validation.batches import RowBatches
 
 DATASOURCE = "towerflow_ingested"
 MAX_EXAMPLES = 5
@@ -278,9 +282,33 @@ def _one_line_per_cause(failures: list[Failure]) -> list[Failure]:
     return out
 
 
+def _run_batch(checkpoint, check: Check, parameters: dict[str, Any], index: int, frame: pd.DataFrame) -> list:
+    """One batch's (result key, suite validation result) pairs."""
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    # one block per dtype, once: GX copies and filters the whole frame for many metrics, and each
+    # copy of a frame built column by column merges its blocks again (a third of a training-set
+    # check's time)
+    frame = frame.copy()
+    # named per batch: batches checked at once in several processes get keys of their own
+    result = checkpoint.run(batch_parameters={"dataframe": frame}, expectation_parameters=parameters,
+                            run_id=RunIdentifier(run_name=f"{check.suite}-batch-{index}"))
+    return list(result.run_results.items())
+
+
+def _run_share(share: tuple[int, int], inherited: tuple[Any, Check, dict[str, Any]]) -> list[tuple[int, list]]:
+    """In a forked worker: the batches of one share (every n-th from the k-th), with their indexes."""
+    checkpoint, check, parameters = inherited
+    k, n = share
+    return [(k + j * n, _run_batch(checkpoint, check, parameters, k + j * n, frame))
+            for j, frame in enumerate(check.batches(share))]
+
+
 def run_checks(checks: list[Check], parameters: dict[str, Any], severity: dict[str, str],
-               context_root: Path, site: str, docs_dir: Path) -> tuple[dict[str, dict], list[Failure], Path]:
-    """Run each check's checkpoint over its batches; build Data Docs into docs_dir (always).
+               context_root: Path, site: str, docs_dir: Path,
+               workers: int = 1) -> tuple[dict[str, dict], list[Failure], Path]:
+    """Run each check's checkpoint over its batches; build Data Docs into docs_dir (always). A table of
+    several batches is checked by `workers` processes at once (validate.workers), the same results.
 
     Returns (per-table stats, failures with their severity, docs index path).
     """
@@ -292,16 +320,20 @@ def run_checks(checks: list[Check], parameters: dict[str, Any], severity: dict[s
     try:
         for check in checks:
             checkpoint = _checkpoint(ctx, check.suite, check.expectations)
+            shares = min(workers, check.batches.count) if isinstance(check.batches, RowBatches) else 1
+            if shares > 1:
+                # a large table's batches in forked processes, each taking every n-th batch (they
+                # inherit the context and checkpoint); the results come back in batch order
+                jobs = [(f"{check.suite} share {k}", partial(_run_share, (k, shares))) for k in range(shares)]
+                per_share = run_jobs(jobs, (checkpoint, check, parameters), shares, threads=1)
+                results = [r for _, r in sorted((r for rs in per_share for r in rs), key=lambda r: r[0])]
+            else:
+                results = [_run_batch(checkpoint, check, parameters, i, frame)
+                           for i, frame in enumerate(check.batches())]
             sums: list[_Sum] | None = None
             batches, stored = 0, []
-            for frame in check.batches():
-                # one block per dtype, once: GX copies and filters the whole frame for many metrics,
-                # and each copy of a frame built column by column merges its blocks again (a third
-                # of a training-set check's time)
-                frame = frame.copy()
-                result = checkpoint.run(batch_parameters={"dataframe": frame},
-                                        expectation_parameters=parameters)
-                for key, vr in result.run_results.items():
+            for run_results in results:
+                for key, vr in run_results:
                     if sums is None:
                         sums = [_Sum(r.expectation_config) for r in vr.results]
                     for s, r in zip(sums, vr.results):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 
-from validation.batches import Derived, Source, row_frame, sample
+from validation.batches import Derived, RowBatches, Source, sample
 from validation.gate import run_gate
 from validation.params import ValidateParams
 from validation.runner import Check
@@ -94,7 +94,7 @@ def validate_training_set(validate_cfg: ValidateParams, examples: Path, schema: 
     })
     rows, profile, volume = training_suites(schema, validate_cfg, count_columns)
     checks = [
-        Check(TABLE, TABLE, rows, lambda: (derived.apply(row_frame(b)) for b in source.batches(chunk_rows))),
+        Check(TABLE, TABLE, rows, RowBatches(source, chunk_rows, derived)),
         Check(TABLE, f"{TABLE}_profile", profile,
               lambda: [sample(source, ["split"], validate_cfg.sample_rows, chunk_rows)]),
         Check(TABLE, f"{TABLE}_volume", volume, lambda: [volume_frame({TABLE: source.rows})]),

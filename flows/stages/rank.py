@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 
 from flows.errors import MissingStageInput
-from flows.stages.fork_pool import resolve_workers, run_jobs
+from models.fork_pool import resolve_workers, run_jobs
 from models.device import resolve_device
 from models.errors import ModelNotFound
 from models.inference import load_bundle
@@ -290,7 +290,7 @@ def seed_ensemble(kind: str, chosen: Ranker, cfg: RankParams, seed: int, data: R
                       "seconds": round(time.perf_counter() - t0, 3)}
 
 
-# --- the fits as jobs of flows/stages/fork_pool.py: each returns its trained weights (the feature tables,
+# --- the fits as jobs of models/fork_pool.py: each returns its trained weights (the feature tables,
 # which every network holds as buffers, stay with the parent) and its row -------------------------------
 
 def _trained_state(model: Ranker) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ import torch
 
 from flows.errors import DataContractError, MissingStageInput
 from features.memory import return_freed_memory
-from flows.stages.fork_pool import run_jobs, threads_now
+from models.fork_pool import run_jobs, threads_now
 from flows.serving.store import EVAL_MODEL_DIR, BundleStore
 from models.checkpoint import load_model, save_model, save_warm_start
 from models.device import resolve_device, resolve_threads
@@ -282,18 +282,25 @@ def _finetune_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, see
     return run
 
 
-def fit_processes(train_cfg: TrainParams, dist: DistContext, finetune: bool, models: int) -> int:
+# fit_processes: auto trains the two models side by side up to this many rows in the largest stream:
+# each process holds its own vocabularies, stream and optimizer, so the stage's peak grows with both
+# (the issue's 4M shape: one process 3.2 GB, two 5.0 GB; the 10M one peaked at 7.4 GB in one)
+AUTO_MAX_ROWS = 5_000_000
+
+
+def fit_processes(train_cfg: TrainParams, dist: DistContext, finetune: bool, models: int, rows: int) -> int:
     """Processes the models train in at once (train.fit_processes): auto = 2 when the eval and refit
-    models both train from scratch on a CPU with threads >= 2 to split; a count as given (at most one
-    per model). One wherever a fit is not a plain one-process CPU fit: a fine-tune (its runs depend on
-    each other's fallbacks), data-parallel training (train.workers, torchrun: each fit is already a
-    group of processes) or a GPU (a forked process cannot use its parent's CUDA)."""
+    models both train from scratch on a CPU with threads >= 2 to split, on at most AUTO_MAX_ROWS rows;
+    a count as given (at most one per model). One wherever a fit is not a plain one-process CPU fit: a
+    fine-tune (its runs depend on each other's fallbacks), data-parallel training (train.workers,
+    torchrun: each fit is already a group of processes) or a GPU (a forked process cannot use its
+    parent's CUDA)."""
     if finetune or models < 2 or train_cfg.workers > 1 or dist.world > 1:
         return 1
     if resolve_device(train_cfg.device).type != "cpu":
         return 1
     if train_cfg.fit_processes == "auto":
-        return models if resolve_threads(train_cfg.threads) >= models else 1
+        return models if resolve_threads(train_cfg.threads) >= models and rows <= AUTO_MAX_ROWS else 1
     return min(train_cfg.fit_processes, models)
 
 
@@ -362,7 +369,8 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
         else:
             metrics["validation"], curves["validation"] = validation.metrics, validation.curve
             epochs = validation.result.best_epoch or train_cfg.epochs
-    processes = fit_processes(train_cfg, dist, finetune=live is not None, models=len(inputs.streams))
+    rows = max(pq.ParquetFile(path).metadata.num_rows for path in inputs.streams.values())
+    processes = fit_processes(train_cfg, dist, finetune=live is not None, models=len(inputs.streams), rows=rows)
     if processes > 1:
         # fresh trainings of eval and full share nothing but their inputs: side by side in forked
         # processes, they use two cores better than one process's two threads (docs/TRAINING.md)

@@ -107,7 +107,7 @@ class RankParams(Section):
     # log (1,500 requests) it stopped PAL at an epoch whose click loss was best but ranking was not
     patience: NonNegativeInt = 0
     threads: PositiveInt = 1                        # torch and LightGBM threads (small models: 1 is enough)
-    # fits at once, each in its own forked process on `threads` threads (flows/stages/fork_pool.py):
+    # fits at once, each in its own forked process on `threads` threads (models/fork_pool.py):
     # auto = the usable cores over threads; 1 = one after another here. The results are the same.
     workers: Literal["auto"] | PositiveInt = "auto"
     # where the neural rankers train: auto = a CUDA GPU when torch sees one, else the CPU (models/device.py);

@@ -129,10 +129,16 @@ def test_fit_processes_auto_splits_threads_on_a_cpu_only(synthetic):
     from flows.stages.train import fit_processes
     from models.training import DistContext
 
-    auto = TrainParams(threads=2, device="cpu")
-    assert fit_processes(auto, DistContext(), finetune=False, models=2) == 2
-    assert fit_processes(auto.model_copy(update={"threads": 1}), DistContext(), finetune=False, models=2) == 1
-    assert fit_processes(auto, DistContext(), finetune=True, models=2) == 1           # a fine-tune: in turn
-    assert fit_processes(auto, DistContext(), finetune=False, models=1) == 1          # no refit: one model
-    assert fit_processes(auto.model_copy(update={"workers": 2}), DistContext(), finetune=False, models=2) == 1
-    assert fit_processes(auto.model_copy(update={"fit_processes": 1}), DistContext(), finetune=False, models=2) == 1
+    from flows.stages.train import AUTO_MAX_ROWS
+
+    auto, one = TrainParams(threads=2, device="cpu"), DistContext()
+    assert fit_processes(auto, one, finetune=False, models=2, rows=1000) == 2
+    assert fit_processes(auto.model_copy(update={"threads": 1}), one, finetune=False, models=2, rows=1000) == 1
+    assert fit_processes(auto, one, finetune=True, models=2, rows=1000) == 1           # a fine-tune: in turn
+    assert fit_processes(auto, one, finetune=False, models=1, rows=1000) == 1          # no refit: one model
+    assert fit_processes(auto.model_copy(update={"workers": 2}), one, finetune=False, models=2, rows=1000) == 1
+    assert fit_processes(auto.model_copy(update={"fit_processes": 1}), one, finetune=False, models=2, rows=1000) == 1
+    # memory: each process holds its own stream and optimizer; above the cap auto keeps one, a count wins
+    assert fit_processes(auto, one, finetune=False, models=2, rows=AUTO_MAX_ROWS + 1) == 1
+    assert fit_processes(auto.model_copy(update={"fit_processes": 2}), one, finetune=False, models=2,
+                         rows=AUTO_MAX_ROWS + 1) == 2

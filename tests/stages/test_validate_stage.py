@@ -264,3 +264,25 @@ def test_cardinality_is_exact_over_batches_not_a_sample(clean: Path, tmp_path: P
     _check_failure(data, tmp_path / "r", tmp_path / "gx", [f"items.title: distinct values outside [1, {lo}]"],
                    ValidateParams(chunk_rows=16, sample_rows=10, categorical_cardinality=(1, lo),
                                   severity={"distribution": "error"}))
+
+
+def test_batches_checked_in_two_processes_give_what_one_gives(clean: Path, tmp_path: Path):
+    """validate.workers: 2 shares a table's batches between two forked processes; the verdict, the
+    counts, the examples (first batches first) and the merged Data Docs pages are those of one process."""
+    data = _small(clean, tmp_path / "in")
+    _edit("items", lambda df: pd.concat([df, df.iloc[[2, 20]]], ignore_index=True))(data)   # two duplicates
+    _edit("users", lambda df: df.assign(gender=df["gender"].where(df.index % 7 != 3)))(data)   # nulls in 3 batches
+    summaries, pages = {}, {}
+    for workers in (1, 2):
+        cfg = ValidateParams(chunk_rows=8, sample_rows=20, workers=workers)
+        with pytest.raises(ValidationFailed):
+            _run(data, tmp_path / f"r{workers}", tmp_path / f"gx{workers}", cfg)
+        summaries[workers] = json.loads((tmp_path / f"r{workers}" / "validation.json").read_text())
+        pages[workers] = len(list((tmp_path / f"r{workers}" / "validation" / "validations").rglob("*.html")))
+    one, two = summaries[1], summaries[2]
+    assert one["tables"]["users"]["batches"] == 5 + 1 and one["tables"] == two["tables"]
+    assert one["failures"] == two["failures"] and one["warned"] == two["warned"]
+    duplicates = [f for f in two["failures"] if f["expectation"] == "expect_column_values_to_be_null"
+                  and f["table"] == "items"]
+    assert duplicates and duplicates[0]["failed_rows"] == 4
+    assert pages[1] == pages[2] == 7

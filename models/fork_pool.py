@@ -1,9 +1,10 @@
 """Independent jobs of one stage side by side, in worker processes that inherit the stage's prepared
 data at fork.
 
-The rank stage fits each candidate ranker from its own seed on `rank.threads` torch threads; the fits
-share nothing but their read-only input (the prepared log's path, the feature tables), so on a
-machine with more cores than one fit uses they can run at once. Forked workers see that input
+The rank stage fits each candidate ranker from its own seed on `rank.threads` torch threads, the train
+stage its evaluation and refit models, the validate stage a large table's batches; the jobs share
+nothing but their read-only input (the prepared log's path, the feature tables), so on a machine with
+more cores than one job uses they can run at once. Forked workers see that input
 copy-on-write: a feature table of a million users is neither pickled nor copied per worker. A job is
 a picklable callable of that input (a `functools.partial` of a module function) and returns something
 small: trained weights and a report row, never the input itself.
@@ -18,14 +19,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
-import torch
-
-from models.device import usable_cores
+from models.cores import usable_cores
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -63,7 +63,8 @@ def threads_now(threads: int) -> int:
 def _start(shared: Any, threads: int, unfinished: Any, workers: int) -> None:
     global _INHERITED, _UNFINISHED, _WORKERS
     _INHERITED, _UNFINISHED, _WORKERS = shared, unfinished, workers
-    torch.set_num_threads(threads)
+    if "torch" in sys.modules:     # jobs without torch (validation's) need not import it
+        sys.modules["torch"].set_num_threads(threads)
     # the parent's handlers came along with the fork: its SIGTERM-as-SystemExit would end the job, not
     # the worker (the pool sends the exception back and hands it the next job). A worker ends on
     # SIGTERM (the parent's terminate, a stopped group) and leaves Ctrl-C to the parent, which ends it.

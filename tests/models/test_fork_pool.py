@@ -1,4 +1,4 @@
-"""flows/stages/fork_pool.py: independent jobs in forked workers that inherit the stage's input (never
+"""models/fork_pool.py: independent jobs in forked workers that inherit the stage's input (never
 pickled), results in the jobs' order, a job's error raised as it was, and one worker = here."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.stages.fork_pool import resolve_workers, run_jobs
+from models.fork_pool import resolve_workers, run_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,7 +76,7 @@ STOPPED = """
 import sys, time
 from functools import partial
 from flows.process_groups import sigterm_exits
-from flows.stages.fork_pool import run_jobs
+from models.fork_pool import run_jobs
 
 def slow(i, shared):
     time.sleep(120)
@@ -119,7 +119,7 @@ def _sleeps(shared: Unpicklable) -> int:
 
 
 def _takes_freed_threads(shared: Unpicklable) -> tuple[int, int]:
-    from flows.stages.fork_pool import threads_now
+    from models.fork_pool import threads_now
 
     first = threads_now(2)            # the other job sleeps: half of the threads
     deadline = time.monotonic() + 30
@@ -129,7 +129,7 @@ def _takes_freed_threads(shared: Unpicklable) -> tuple[int, int]:
 
 
 def test_a_job_takes_the_threads_of_a_finished_worker() -> None:
-    from flows.stages.fork_pool import threads_now
+    from models.fork_pool import threads_now
 
     jobs = [("sleeps", _sleeps), ("waits", _takes_freed_threads)]
     assert run_jobs(jobs, Unpicklable(np.zeros(1)), workers=2, threads=1) == [0, (1, 2)]
