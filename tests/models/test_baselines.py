@@ -144,6 +144,23 @@ def test_top_k_breaks_ties_by_the_lower_column():
     assert top_k(scores, 4).tolist() == [[1, 2, 4, 5], [4, 0, 1, 2]]
 
 
+def test_top_k_equals_a_sort_by_score_then_column_on_rows_with_and_without_ties():
+    """The fast path (one top-k set) and the tied path agree with sorting each row by (-score, column),
+    on rows with distinct scores, ties inside and across the k-th place, -inf (excluded items), NaN."""
+    gen = torch.Generator().manual_seed(0)
+    distinct = torch.randn(40, 50, generator=gen)
+    coarse = torch.randint(0, 6, (40, 50), generator=gen).float()          # ties everywhere
+    excluded = distinct.clone()
+    excluded[:, 3:] = float("-inf")                                       # fewer finite items than k
+    nan = distinct.clone()
+    nan[::3, ::4] = float("nan")
+    for scores in (distinct, coarse, excluded, nan, torch.cat([distinct, coarse])):
+        for k in (1, 5, 49, 50):
+            clean = torch.nan_to_num(scores, nan=float("-inf"))
+            expected = [sorted(range(scores.shape[1]), key=lambda c: (-row[c].item(), c))[:k] for row in clean]
+            assert top_k(scores, k).tolist() == expected
+
+
 def test_hitrate_coverage_and_tail_recall_on_hand_made_rankings():
     # training counts per item 0..4: 4, 3, 2, 1, 0 -> head (top 40%) = items 0, 1
     tail = tail_items(np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 3]), 5, head_share=0.4)
