@@ -53,7 +53,7 @@ LIGHTGBM_NAIVE = f"{LIGHTGBM}_naive"      # the same without position correction
 from models.ranking.mixture import MixtureEM
 from models.ranking.params import RankParams
 from models.ranking import select
-from models.ranking.seen import Seen, id_report, seen_in, split_ndcg
+from models.ranking.seen import Seen, id_report, ndcg_and_split, seen_in
 from models.ranking.config import TABLES, RankerConfig
 from models.ranking.ranker import Naive, Ranker
 from models.ranking.train import FitReport, build_model, feature_tables, fit
@@ -232,8 +232,8 @@ def _mixture_rows(model: MixtureEM, test: RankingLog, data: RankData) -> dict[st
 
 def held_out_ndcg(model: Servable, test: Iterable[RankBatch], seen: Seen) -> dict[str, Any]:
     """NDCG@10 of the serving order on the held-out requests, and its seen / unseen split."""
-    return {f"ndcg@{K}": ev.relevance_ndcg(model, test, K, truth=RELEVANCE),
-            "split": split_ndcg(model, test, seen, K, truth=RELEVANCE)}
+    overall, split = ndcg_and_split(model, test, seen, K, truth=RELEVANCE)
+    return {f"ndcg@{K}": overall, "split": split}
 
 
 def measure(model: Ranker, data: RankData, cfg: RankParams) -> dict[str, Any]:

@@ -54,8 +54,12 @@ def relevance_ndcg_per_request(model: Ranker | LambdaRanker, batches: Iterable[R
 def relevance_ndcg(model: Ranker | LambdaRanker, batches: Iterable[RankBatch], k: int = 10,
                    truth: str = "relevance") -> float:
     """Mean NDCG@k over requests of the serving ordering (relevance tower, no position)."""
-    values = relevance_ndcg_per_request(model, batches, k, truth)
-    return float(values[~np.isnan(values)].mean())
+    return mean_ndcg(relevance_ndcg_per_request(model, batches, k, truth))
+
+
+def mean_ndcg(per_request: np.ndarray) -> float:
+    """The mean of per-request NDCGs over the requests that have one (not NaN)."""
+    return float(per_request[~np.isnan(per_request)].mean())
 
 
 def logged_ndcg(batches: Iterable[RankBatch], k: int = 10, truth: str = "relevance") -> float:
@@ -77,7 +81,7 @@ def propensity_curve(model: ClickRanker | DualLearning, batches: Iterable[RankBa
         curves = [(model.examination(b, list(positions)) * b.n_examples, b.n_examples) for b in batches]
         return (sum(c for c, _ in curves) / max(sum(n for _, n in curves), 1)).numpy()
     totals = np.zeros(len(positions) + 1)
-    with torch.no_grad():
+    with torch.no_grad(), model.relevance.reused():
         for batch in batches:
             for j, p in enumerate([1, *positions]):
                 log_p, _ = model.log_click(batch.with_position(p))          # (R, L)

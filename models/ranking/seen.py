@@ -16,7 +16,7 @@ import torch
 
 from models.ranking.catalog import RankFeatures
 from models.ranking.data import RankBatch
-from models.ranking.evaluate import ndcg, truth_column
+from models.ranking.evaluate import mean_ndcg, ndcg, truth_column
 from models.ranking.params import RankParams
 from models.ranking.lambdarank import LambdaRanker
 from models.ranking.ranker import Ranker
@@ -67,11 +67,20 @@ def split_ndcg(model: Ranker | LambdaRanker, batches: Iterable[RankBatch], seen:
     """NDCG@k of the serving order on held-out requests, split four ways: among each list's items seen
     in training / unseen (each sub-list of at least MIN_LIST items ranked on its own), and over the
     requests of users seen / unseen in training. {"items_seen": {"ndcg@k", "requests"}, ...}."""
+    return ndcg_and_split(model, batches, seen, k, truth)[1]
+
+
+def ndcg_and_split(model: Ranker | LambdaRanker, batches: Iterable[RankBatch], seen: Seen, k: int = 10,
+                   truth: str = "relevance") -> tuple[float, dict[str, dict[str, float | int]]]:
+    """(evaluate.relevance_ndcg, split_ndcg) from one pass over the batches: the model scores each
+    held-out request once (a pass over a 2.8M-impression test log is 2.4 s of a network's measure)."""
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in ("items_seen", "items_unseen", "users_seen", "users_unseen")}
+    every: list[torch.Tensor] = []
     with torch.no_grad():
         for b in batches:
             scores, gains = model.ranking_scores(b), truth_column(b, truth)
+            every.append(ndcg(scores, gains, b.mask, k))
             item_seen = torch.from_numpy(seen.items[b.item.numpy()]) & b.mask                # (R, L)
             for name, mask in (("items_seen", item_seen), ("items_unseen", b.mask & ~item_seen)):
                 full = mask.sum(dim=1) >= MIN_LIST
@@ -84,4 +93,4 @@ def split_ndcg(model: Ranker | LambdaRanker, batches: Iterable[RankBatch], seen:
         v = torch.cat(values) if values else torch.zeros(0)
         v = v[~v.isnan()]
         out[name] = {f"ndcg@{k}": float(v.mean()) if len(v) else float("nan"), "requests": int(len(v))}
-    return out
+    return mean_ndcg(torch.cat(every).numpy() if every else np.empty(0)), out

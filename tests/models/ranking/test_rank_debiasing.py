@@ -155,3 +155,32 @@ def test_the_naive_lead_counts_users_not_requests() -> None:
 def test_without_validation_requests_a_bias_model_is_served_with_a_warning(fitted: dict[str, Ranker]) -> None:
     choice = select.choose(fitted, [], POSITIONS, truth="relevance")
     assert choice.served == "pal" and choice.metric == "none" and "no validation requests" in choice.warning
+
+
+def test_the_propensity_curve_runs_the_relevance_tower_once_per_batch(fitted: dict[str, Ranker],
+                                                                      log: tuple[SimLog, Split]) -> None:
+    """propensity_curve reuses a batch's relevance across positions (RelevanceTower.reused): the same
+    curve as recomputing it at every position, one tower call per batch, and inside `reused` a call
+    with other tensors is computed afresh."""
+    _, split = log
+    model = fitted["pal"]
+    batches = list(split.test)
+    calls = []
+    hook = model.relevance.body.register_forward_hook(lambda *_: calls.append(1))   # the tower's work
+    try:
+        curve = evaluate.propensity_curve(model, batches, POSITIONS)
+    finally:
+        hook.remove()
+    assert len(calls) == len(batches)
+    with torch.no_grad():
+        again = np.zeros(len(POSITIONS) + 1)
+        for b in batches:
+            for j, p in enumerate([1, *POSITIONS]):
+                again[j] += float((model.log_click(b.with_position(p))[0].exp() * b.mask).sum())
+    np.testing.assert_array_equal(curve, again[1:] / again[0])
+    first, second = batches[0], batches[1]
+    with torch.no_grad(), model.relevance.reused():
+        model.ranking_scores(first)
+        inside = model.ranking_scores(second)
+    with torch.no_grad():
+        assert torch.equal(inside, model.ranking_scores(second))
