@@ -12,9 +12,10 @@ small: trained weights and a report row, never the input itself.
 With one worker, or where fork is not available (Windows, macOS' default), the jobs run here one after
 another: the same results either way, since every fit seeds its own generators and runs on the same
 number of threads (a job that takes freed threads, `threads_now`, sums its floats in another order
-from then on: the train stage's models differ from one process's in the last digits). A job's exception is raised here as it was raised there, and a stop (SIGTERM,
-Ctrl-C) ends the workers at once rather than after their fits; a worker that dies (the kernel's OOM
-killer) raises BrokenProcessPool naming the jobs left unfinished.
+from then on: the train stage's models differ from one process's in the last digits). A job's
+exception is raised here as it was raised there, and a stop (SIGTERM, Ctrl-C) ends the workers at
+once rather than after their fits; a worker that dies (the kernel's OOM killer) raises
+BrokenProcessPool naming the jobs left unfinished.
 """
 from __future__ import annotations
 

@@ -25,7 +25,6 @@ import torch
 
 from flows.errors import DataContractError, MissingStageInput
 from features.memory import return_freed_memory
-from models.fork_pool import run_jobs, threads_now
 from flows.serving.store import EVAL_MODEL_DIR, BundleStore
 from models.checkpoint import load_model, save_model, save_warm_start
 from models.device import resolve_device, resolve_threads
@@ -33,6 +32,7 @@ from models.distributed import join_launched_group, spawn_fit
 from models.early_stopping import ValidationTask, carve, outside
 from models.encoding import HISTORY_COLUMN, FeatureEncoder, longest_list, parquet_column, read_scalar_columns
 from models.finetune import IncompatibleModel, data_until, extend_encoder, grow_model, update_rows
+from models.fork_pool import run_jobs, threads_now
 from models.params import ModelParams, TrainParams
 from models.stream import TrainingStream, catalog_inputs
 from models.training import PROGRESS_FIELDS, DistContext, FitResult, fit, tower_config
@@ -380,23 +380,25 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
         done = run_jobs(jobs, inputs, processes, max(1, threads // processes))
         for name, (run_metrics, curve) in zip(inputs.streams, done):
             metrics[name], curves[name] = run_metrics, curve
-    for name, stream_path in inputs.streams.items() if processes == 1 else ():
-        run = None
-        # the evaluated model starts from one that never saw this run's holdout; the published one may
-        start, why_full = _eval_start(live, inputs.examples) if live is not None and name == "eval" else (live, None)
-        if start is not None:
-            try:
-                run = _finetune_run(name, model_cfg, train_cfg, seed, inputs, start, ckpt, dist)
-            except IncompatibleModel as exc:    # every model then trains in full, with the reason
-                live, note = None, f"the live model cannot be fine-tuned ({exc}): trained in full"
-        if run is None:
-            run = _model_run(name, model_cfg, train_cfg, seed, inputs, epochs, ckpt, dist)
-            if why_full is not None:
-                run.metrics["update"] = {"mode": "full", "reason": f"{why_full}: the evaluated model trains in "
-                                         "full so that it never saw the holdout"}
-        metrics[name], curves[name] = run.metrics, run.curve
-        if dist.lead:
-            _save_run(name, run, inputs, out_dir, seed, model_cfg, train_cfg)
+    else:
+        for name in inputs.streams:
+            run = None
+            # the evaluated model starts from one that never saw this run's holdout; the published one may
+            start, why_full = (_eval_start(live, inputs.examples) if live is not None and name == "eval"
+                               else (live, None))
+            if start is not None:
+                try:
+                    run = _finetune_run(name, model_cfg, train_cfg, seed, inputs, start, ckpt, dist)
+                except IncompatibleModel as exc:    # every model then trains in full, with the reason
+                    live, note = None, f"the live model cannot be fine-tuned ({exc}): trained in full"
+            if run is None:
+                run = _model_run(name, model_cfg, train_cfg, seed, inputs, epochs, ckpt, dist)
+                if why_full is not None:
+                    run.metrics["update"] = {"mode": "full", "reason": f"{why_full}: the evaluated model trains in "
+                                             "full so that it never saw the holdout"}
+            metrics[name], curves[name] = run.metrics, run.curve
+            if dist.lead:
+                _save_run(name, run, inputs, out_dir, seed, model_cfg, train_cfg)
     metrics["fit_processes"] = processes
     if note is not None:
         metrics["update"] = {"mode": "full", "note": note}
