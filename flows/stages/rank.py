@@ -11,9 +11,11 @@ log-likelihood; LightGBM lambdarank with its position field is one more row. The
 (models/ranking/select.py), the choice and its figures recorded in ranking.json.
 
 The log is read once in batches of `rank.read_rows` rows: its shown rows, with the truth joined when
-there is one, go to a compact file in a temporary folder, which every epoch then streams again
-(bounded memory: a 50M-row log is never whole in memory). The simulator's truth (shown rows only)
-is held in memory for the join.
+there is one, go to a compact file in a temporary folder. One more read encodes its train, test and
+validation splits there as flat columns of model inputs (models/ranking/encoded.py), which every
+epoch, measure and choice then streams again: the same batches without re-hashing, re-mapping and
+re-sorting the file on each pass (bounded memory: a 50M-row log is never whole in memory). The
+simulator's truth (shown rows only) is held in memory for the join.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from models.inference import load_bundle
 from models.ranking import evaluate as ev
 from models.ranking.bundle import Servable, save_ranker
 from models.ranking.catalog import RankFeatures, Vectors, build_features
+from models.ranking.encoded import EncodedLog, encode_splits
 from models.ranking.ensemble import SeedEnsemble
 from models.ranking.data import (GRID, REQUIRED, LogSpec, RankBatch, RankingInputError, RankingLog, distinct_users,
                                  inspect_log, shown_mask)
@@ -82,6 +85,9 @@ class RankData:
     positions: list[int]                      # positions the propensity curves are read at
     seen: Seen                                # users and items of the training requests
     validation: select.ValidationSplit | None = None   # how serve: auto's validation was held out
+    # the splits encoded once (models/ranking/encoded.py), for the rank params they were read with
+    encoded: dict[str, EncodedLog] = field(default_factory=dict)
+    encoded_for: tuple | None = None
 
     def ids(self, cfg: RankParams) -> bool:
         """Whether the relevance tower learns id embeddings (rank.features_only, auto decided here)."""
@@ -90,8 +96,17 @@ class RankData:
         has_features = self.features.item_numeric.shape[1] + self.features.item_vectors.shape[1] > 0
         return self.seen.ids_worth_learning(has_features)
 
-    def log(self, cfg: RankParams, split: Literal["train", "test", "valid"]) -> RankingLog:
+    def log(self, cfg: RankParams, split: Literal["train", "test", "valid"]) -> RankingLog | EncodedLog:
+        """One split's batches: the encoded copy where these rank params are the ones it was encoded
+        with (the same batches, faster), else the prepared file read afresh."""
+        if split in self.encoded and self.encoded_for == _read_key(cfg):
+            return self.encoded[split]
         return _log(self.path, self.features, self.spec, cfg, split, self.validation)
+
+
+def _read_key(cfg: RankParams) -> tuple:
+    """The rank params that decide a split's batches."""
+    return cfg.batch_requests, cfg.read_rows, cfg.max_position, cfg.max_grid, cfg.test_fraction
 
 
 def _log(path: Path, features: RankFeatures, spec: LogSpec, cfg: RankParams,
@@ -194,8 +209,12 @@ def rank_data(cfg: RankParams, logs: Path, truth_dir: Path | None, items: pd.Dat
     last = min(top, cfg.max_position, *(() if truth.curves is None else (truth.curves.shape[1],)))
     validation = (select.validation_by(cfg.validation_by, distinct_users(path, cfg.read_rows), cfg.validation_fraction)
                   if cfg.serve == "auto" else None)
-    seen = seen_in(_log(path, features, spec, cfg, "train", validation), len(features.users), len(features.items))
-    return RankData(path, spec, features, truth, rows, list(range(1, max(last, 1) + 1)), seen, validation)
+    # every later pass (each fit's epochs, each measure, the choice) reads these encoded splits
+    splits = ("train", "test") if validation is None else ("train", "test", "valid")
+    encoded = encode_splits({s: _log(path, features, spec, cfg, s, validation) for s in splits}, work / "encoded")
+    seen = seen_in(encoded["train"], len(features.users), len(features.items))
+    return RankData(path, spec, features, truth, rows, list(range(1, max(last, 1) + 1)), seen, validation,
+                    encoded, _read_key(cfg))
 
 
 # --- measurement -----------------------------------------------------------------------------------
@@ -213,7 +232,7 @@ def true_curve(batches: Iterable[RankBatch], curves: np.ndarray, positions: list
     return total / max(total[0], 1e-12)
 
 
-def _mixture_rows(model: MixtureEM, test: RankingLog, data: RankData) -> dict[str, Any]:
+def _mixture_rows(model: MixtureEM, test: Iterable[RankBatch], data: RankData) -> dict[str, Any]:
     """Each component's curve; with the truth, the component that fits each user type best."""
     curves = data.truth.curves
     if curves is None:

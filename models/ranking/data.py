@@ -218,7 +218,9 @@ class RankingLog:
 
     def __iter__(self) -> Iterator[RankBatch]:
         for table in self._tables(self.spec.columns):
-            yield from self._requests(table)
+            cols, starts = self.sorted_rows(table)
+            for r0, r1 in batch_bounds(len(starts) - 1, self.batch_requests):
+                yield request_batch(cols, starts, r0, r1, self.spec)
 
     def __len__(self) -> int:
         """Batches one pass yields, counted by a read of the key columns alone (the lr schedule's length)."""
@@ -227,17 +229,24 @@ class RankingLog:
 
     def _tables(self, columns: list[str]) -> Iterator[pa.Table]:
         """The file's shown rows of this split, `read_rows` at a time, each request's rows in one table."""
+        for table in self.chunks(columns):
+            yield self.rows_of(table)
+
+    def chunks(self, columns: list[str]) -> Iterator[pa.Table]:
+        """The file's rows (every split), `read_rows` at a time, each request's rows in one table: the
+        chunks every split's batches are cut from (models/ranking/encoded.py encodes them all in one read)."""
         carry: pa.Table | None = None
         for rb in pq.ParquetFile(self.path).iter_batches(batch_size=self.read_rows, columns=columns):
             table = pa.Table.from_batches([rb])
             if carry is not None:
                 table = pa.concat_tables([carry, table])
             table, carry = _hold_last_request(table)
-            yield self._rows(table)
+            yield table
         if carry is not None:
-            yield self._rows(carry)
+            yield carry
 
-    def _rows(self, table: pa.Table) -> pa.Table:
+    def rows_of(self, table: pa.Table) -> pa.Table:
+        """A chunk's shown rows of this split."""
         table = table.filter(shown_mask(table, self.spec))
         if self.split != "all":
             users = table["user_id"].to_numpy(zero_copy_only=False) if self.valid_by == "user" else None
@@ -273,43 +282,51 @@ class RankingLog:
             cols[f"truth:{c}"] = pc.cast(table[c], pa.float32()).to_numpy(zero_copy_only=False)
         return cols
 
-    def _requests(self, table: pa.Table) -> Iterator[RankBatch]:
+    def sorted_rows(self, table: pa.Table) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """A chunk's model inputs by request (in the order of their first row), each request's rows top
+        position first, and (R + 1,) the first row of each request (then the row count)."""
         if table.num_rows == 0:
-            return
+            return {}, np.zeros(1, dtype=np.int64)
         codes = pd.factorize(table["request_id"].to_numpy(zero_copy_only=False))[0]  # (N,)
         cols = self._columns(table)
         order = np.lexsort((cols["position"], codes))          # by request, then top position first
         codes = codes[order]
-        cols = {k: v[order] for k, v in cols.items()}
         new = np.r_[True, codes[1:] != codes[:-1]]             # (N,) first row of a request
-        starts = np.r_[np.flatnonzero(new), len(codes)]        # (R + 1,)
-        group = np.cumsum(new) - 1                             # (N,) request number
-        slot = np.arange(len(codes)) - starts[group]           # (N,) place in its list
-        for r0 in range(0, len(starts) - 1, self.batch_requests):
-            r1 = min(r0 + self.batch_requests, len(starts) - 1)
-            rows = slice(starts[r0], starts[r1])
-            yield self._batch({k: v[rows] for k, v in cols.items()}, group[rows] - r0, slot[rows],
-                              starts[r0:r1] - starts[r0])
+        return {k: v[order] for k, v in cols.items()}, np.r_[np.flatnonzero(new), len(codes)]
 
-    def _batch(self, cols: dict[str, np.ndarray], group: np.ndarray, slot: np.ndarray,
-               firsts: np.ndarray) -> RankBatch:
-        shape = (len(firsts), int(slot.max()) + 1)             # (R, L)
 
-        def pad(v: np.ndarray, fill: float = 0) -> torch.Tensor:
-            out = np.full(shape + v.shape[1:], fill, dtype=v.dtype)
-            out[group, slot] = v
-            return torch.from_numpy(out)
+def batch_bounds(requests: int, batch_requests: int) -> Iterator[tuple[int, int]]:
+    """[r0, r1) request ranges of a chunk's batches: batch_requests each, the chunk's last one shorter."""
+    for r0 in range(0, requests, batch_requests):
+        yield r0, min(r0 + batch_requests, requests)
 
-        grid = self.spec.grid
-        return RankBatch(
-            user=torch.from_numpy(cols["user"][firsts]),       # (R,) a request has one user
-            item=pad(cols["item"]),                            # (R, L)
-            position=pad(cols["position"]),                    # (R, L)
-            context=pad(cols["context"]),                      # (R, L, C)
-            clicked=pad(cols["clicked"]),                      # (R, L)
-            mask=pad(np.ones(len(group), dtype=bool)),         # (R, L)
-            row=pad(cols["row"]) if grid else None,            # (R, L)
-            col=pad(cols["col"]) if grid else None,            # (R, L)
-            logged_score=pad(cols[LOGGED_SCORE]) if self.spec.logged_score else None,
-            truth={c: pad(cols[f"truth:{c}"], np.nan) for c in self.spec.truth},
-        )
+
+def request_batch(cols: dict[str, np.ndarray], starts: np.ndarray, r0: int, r1: int, spec: LogSpec) -> RankBatch:
+    """The batch of requests [r0, r1) of sorted rows `cols` whose request i starts at row starts[i]."""
+    lo = starts[r0]
+    lengths = np.diff(starts[r0:r1 + 1])                        # (R,)
+    group = np.repeat(np.arange(r1 - r0), lengths)              # (N,) request within the batch
+    firsts = starts[r0:r1] - lo                                 # (R,) its first row
+    slot = np.arange(starts[r1] - lo) - firsts[group]           # (N,) place in its list
+    shape = (r1 - r0, int(lengths.max()))                       # (R, L)
+    rows = slice(lo, starts[r1])
+
+    def pad(v: np.ndarray, fill: float = 0) -> torch.Tensor:
+        v = v[rows]
+        out = np.full(shape + v.shape[1:], fill, dtype=v.dtype)
+        out[group, slot] = v
+        return torch.from_numpy(out)
+
+    grid = spec.grid
+    return RankBatch(
+        user=torch.from_numpy(cols["user"][rows][firsts]),     # (R,) a request has one user
+        item=pad(cols["item"]),                                 # (R, L)
+        position=pad(cols["position"]),                         # (R, L)
+        context=pad(cols["context"]),                           # (R, L, C)
+        clicked=pad(cols["clicked"]),                           # (R, L)
+        mask=torch.from_numpy(np.arange(shape[1]) < lengths[:, None]),   # (R, L)
+        row=pad(cols["row"]) if grid else None,                 # (R, L)
+        col=pad(cols["col"]) if grid else None,                 # (R, L)
+        logged_score=pad(cols[LOGGED_SCORE]) if spec.logged_score else None,
+        truth={c: pad(cols[f"truth:{c}"], np.nan) for c in spec.truth},
+    )

@@ -191,6 +191,30 @@ def test_fits_in_two_processes_give_what_one_after_another_gives(tmp_path: Path)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_every_pass_reads_the_encoded_splits_and_the_report_is_what_the_file_gives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rank_data encodes the train, test and validation splits once (models/ranking/encoded.py) and the
+    fits, measures and the choice read them; the report is, to the last digit, what re-reading the
+    prepared file on every pass gives. Other rank params than the encoded ones read the file."""
+    from flows.stages import rank as stage
+    from models.ranking.data import RankingLog
+    from models.ranking.encoded import EncodedLog
+
+    ingested = write_ingested(simulate(SimConfig(etas=(2.0, 2.0), logging_strength=0.0, requests=1200, seed=6)),
+                              tmp_path / "ingested")
+    cfg = RankParams(models=["pal", "naive"], epochs=2, lightgbm=False, lightgbm_naive=False, read_rows=3000)
+    data = stage.rank_data(cfg, ingested / "ranking_logs.parquet", ingested / "simulation",
+                           stage.item_table(ingested, json.loads((ingested / "schema.json").read_text())),
+                           None, tmp_path)
+    assert data is not None and all(isinstance(data.log(cfg, s), EncodedLog) for s in ("train", "test", "valid"))
+    assert isinstance(data.log(cfg.model_copy(update={"batch_requests": 64}), "train"), RankingLog)
+    encoded = rank(cfg, 0, ingested, None, tmp_path / "a" / "ranker", tmp_path / "a" / "ranking.json")
+    monkeypatch.setattr(stage, "encode_splits", lambda logs, directory: dict(logs))   # each pass reads the file
+    from_file = rank(cfg, 0, ingested, None, tmp_path / "b" / "ranker", tmp_path / "b" / "ranking.json")
+    assert _without_timings(encoded) == _without_timings(from_file)
+    assert encoded["serve"]["ensemble"]["members"] == 3
+
+
 def test_a_large_log_gets_fewer_epochs_within_max_steps(ranked: tuple[Path, dict], tmp_path: Path) -> None:
     """rank.max_steps: where rank.epochs passes would take more optimizer steps, the fit makes the whole
     passes that fit (at least one) and its row says why; the default leaves this small log all its epochs."""

@@ -58,8 +58,8 @@ def test_small_read_batches_give_the_same_requests_and_bounded_tables(small: tup
     spec = inspect_log(path)
     sizes: list[int] = []
     log = RankingLog(path, features, spec, read_rows=10)
-    original = log._requests
-    log._requests = lambda table: (sizes.append(table.num_rows), original(table))[1]  # type: ignore[method-assign]
+    original = log.sorted_rows
+    log.sorted_rows = lambda table: (sizes.append(table.num_rows), original(table))[1]  # type: ignore[method-assign]
     pieces = _requests(log)
     whole = _requests(RankingLog(path, features, spec, read_rows=1_000_000))
     assert pieces == whole and len(whole) == 80
