@@ -166,7 +166,7 @@ def test_the_propensity_curve_runs_the_relevance_tower_once_per_batch(fitted: di
     model = fitted["pal"]
     batches = list(split.test)
     calls = []
-    hook = model.relevance.body.register_forward_hook(lambda *_: calls.append(1))   # the tower's work
+    hook = model.relevance.head.register_forward_hook(lambda *_: calls.append(1))   # once per tower run
     try:
         curve = evaluate.propensity_curve(model, batches, POSITIONS)
     finally:
