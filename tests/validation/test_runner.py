@@ -1,0 +1,34 @@
+"""The GX runner: what a failed row check reports, and what it no longer computes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from validation.runner import RESULT_FORMAT, Check, _checkpoint, open_context, run_checks
+from validation.suites import Expect
+
+
+def test_a_check_reports_counts_and_examples_without_listing_every_failing_row(tmp_path: Path) -> None:
+    """Each expectation reports its failed and checked rows and its first values, not the index of
+    every failed row (two more passes per expectation and batch). A project whose stored checkpoint
+    still lists them (an older towerflow) is brought to the same format on its next run."""
+    def expectations() -> list:   # fresh ones each time: GX refuses an expectation of another suite
+        return [Expect()("ExpectColumnValuesToBeBetween", "x", "values", "x below 0", min_value=0)]
+
+    frame = pd.DataFrame({"x": [1.0, 2.0, None, 4.0, -5.0, -6.0]})
+    root = tmp_path / "gx"
+    older = _checkpoint(open_context(root), "t_suite", expectations())
+    older.result_format = {"result_format": "SUMMARY", "partial_unexpected_count": 20}
+    older.save()
+    check = Check("t", "t_suite", expectations(), lambda: [frame])
+    stats, failures, _ = run_checks([check], {}, {}, root, "site", tmp_path / "docs")
+    assert stats["t"]["failed"] == 1
+    [failure] = failures
+    assert (failure.failed_rows, failure.rows, failure.examples) == (2, 6, [-5.0, -6.0])
+    ctx = open_context(root)
+    assert ctx.checkpoints.get("t_suite_checkpoint").result_format == RESULT_FORMAT
+    [key] = ctx.validation_results_store.list_keys()
+    [result] = ctx.validation_results_store.get(key).results
+    assert result.result["unexpected_count"] == 2 and result.result["partial_unexpected_list"] == [-5.0, -6.0]
+    assert "partial_unexpected_index_list" not in result.result and "unexpected_index_query" not in result.result
