@@ -11,8 +11,8 @@ small: trained weights and a report row, never the input itself.
 
 With one worker, or where fork is not available (Windows, macOS' default), the jobs run here one after
 another: the same results either way, since every fit seeds its own generators and runs on the same
-number of threads (a job that takes freed threads, `threads_now`, sums its floats in another order
-from then on: the train stage's models differ from one process's in the last digits). A job's
+number of threads (the train stage's refit model, which takes every thread for its last epochs on a
+schedule fixed by the row counts, differs from one process's in the last digits). A job's
 exception is raised here as it was raised there, and a stop (SIGTERM, Ctrl-C) ends the workers at
 once rather than after their fits; a worker that dies (the kernel's OOM killer) raises
 BrokenProcessPool naming the jobs left unfinished.
@@ -37,10 +37,6 @@ WAKE_S = 0.2      # how often the waiting parent wakes to take a signal
 # The input a worker inherited at fork. A module global because that is the one place a forked
 # process can find what its parent held without pickling it; set only in a worker (by _start).
 _INHERITED: Any = None
-# In a worker: the pool's count of jobs not yet finished (shared memory, made before the fork) and
-# its worker count, so that a job can take the cores of workers left with nothing to do.
-_UNFINISHED: Any = None
-_WORKERS = 1
 
 
 def resolve_workers(workers: int | str, threads: int, jobs: int) -> int:
@@ -53,18 +49,9 @@ def resolve_workers(workers: int | str, threads: int, jobs: int) -> int:
     return max(1, min(workers, jobs))
 
 
-def threads_now(threads: int) -> int:
-    """In a job: its share of `threads` (every worker's threads together) now, the busy workers
-    splitting them; outside a worker, `threads`. A long job calls it between its units of work
-    (training epochs) so that the last jobs running take the cores of the workers that are done."""
-    if _UNFINISHED is None:
-        return threads
-    return max(1, threads // max(1, min(_WORKERS, _UNFINISHED.value)))
-
-
-def _start(shared: Any, threads: int, unfinished: Any, workers: int) -> None:
-    global _INHERITED, _UNFINISHED, _WORKERS
-    _INHERITED, _UNFINISHED, _WORKERS = shared, unfinished, workers
+def _start(shared: Any, threads: int) -> None:
+    global _INHERITED
+    _INHERITED = shared
     if "torch" in sys.modules:     # jobs without torch (validation's) need not import it
         sys.modules["torch"].set_num_threads(threads)
     # the parent's handlers came along with the fork: its SIGTERM-as-SystemExit would end the job, not
@@ -75,11 +62,7 @@ def _start(shared: Any, threads: int, unfinished: Any, workers: int) -> None:
 
 
 def _run(job: Callable[[Any], R]) -> R:
-    try:
-        return job(_INHERITED)
-    finally:
-        with _UNFINISHED.get_lock():
-            _UNFINISHED.value -= 1
+    return job(_INHERITED)
 
 
 def run_jobs(jobs: Sequence[tuple[str, Callable[[T], R]]], shared: T, workers: int, threads: int) -> list[R]:
@@ -90,9 +73,7 @@ def run_jobs(jobs: Sequence[tuple[str, Callable[[T], R]]], shared: T, workers: i
         return [job(shared) for _, job in jobs]
     before = set(mp.active_children())
     fork, workers = mp.get_context("fork"), min(workers, len(jobs))
-    unfinished = fork.Value("i", len(jobs))
-    with ProcessPoolExecutor(workers, mp_context=fork, initializer=_start,
-                             initargs=(shared, threads, unfinished, workers)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=fork, initializer=_start, initargs=(shared, threads)) as pool:
         futures = [(name, pool.submit(_run, job)) for name, job in jobs]
         # forked pools start every worker at the first submit
         started = [p for p in mp.active_children() if p not in before]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import shutil
 import sys
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from models.distributed import join_launched_group, spawn_fit
 from models.early_stopping import ValidationTask, carve, outside
 from models.encoding import HISTORY_COLUMN, FeatureEncoder, longest_list, parquet_column, read_scalar_columns
 from models.finetune import IncompatibleModel, data_until, extend_encoder, grow_model, update_rows
-from models.fork_pool import run_jobs, threads_now
+from models.fork_pool import run_jobs
 from models.params import ModelParams, TrainParams
 from models.stream import TrainingStream, catalog_inputs
 from models.training import PROGRESS_FIELDS, DistContext, FitResult, fit, tower_config
@@ -304,14 +305,29 @@ def fit_processes(train_cfg: TrainParams, dist: DistContext, finetune: bool, mod
     return min(train_cfg.fit_processes, models)
 
 
+def threads_after(epoch: int, epochs: int, rows: int, other_rows: int, total: int, processes: int) -> int:
+    """The threads of a side-by-side fit for the epoch after `epoch`: its share of `total`, and all of
+    them from the epoch in which the other fit (other_rows a pass, at about the same speed) is due to
+    end, the one after floor(epochs * other_rows / rows) (that epoch overlaps the other's last moments).
+    The schedule follows from the row counts alone, never from when the other process happened to
+    finish: a thread count changes the order of the float sums, so a schedule read from the clock gave
+    the refit model other last digits from one run to the next (and, through its vectors, the rank
+    stage another served model on the same data)."""
+    share = max(1, total // processes)
+    if rows <= other_rows:
+        return share
+    return total if epoch >= math.floor(epochs * other_rows / rows) else share
+
+
 def _model_job(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: int, epochs: int, ckpt: Path,
-               out_dir: Path, inputs: TrainInputs) -> tuple[dict, Curve]:
-    """One model trained and saved in a forked process (fit_processes): its metrics and curve. After
-    each epoch it takes the threads of a process that has finished (fork_pool.threads_now), so the
-    longer refit run ends on every thread."""
+               out_dir: Path, rows: dict[str, int], processes: int, inputs: TrainInputs) -> tuple[dict, Curve]:
+    """One model trained and saved in a forked process (fit_processes): its metrics and curve. The
+    longer refit run takes every thread for its last epochs (`threads_after`)."""
     total = resolve_threads(train_cfg.threads)
+    other = max((n for other_name, n in rows.items() if other_name != name), default=0)
     run = _model_run(name, model_cfg, train_cfg, seed, inputs, epochs, ckpt, DistContext(),
-                     on_epoch=lambda _: torch.set_num_threads(threads_now(total)))
+                     on_epoch=lambda epoch: torch.set_num_threads(
+                         threads_after(epoch, epochs, rows[name], other, total, processes)))
     _save_run(name, run, inputs, out_dir, seed, model_cfg, train_cfg)
     return run.metrics, run.curve
 
@@ -369,13 +385,14 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
         else:
             metrics["validation"], curves["validation"] = validation.metrics, validation.curve
             epochs = validation.result.best_epoch or train_cfg.epochs
-    rows = max(pq.ParquetFile(path).metadata.num_rows for path in inputs.streams.values())
-    processes = fit_processes(train_cfg, dist, finetune=live is not None, models=len(inputs.streams), rows=rows)
+    rows = {name: pq.ParquetFile(path).metadata.num_rows for name, path in inputs.streams.items()}
+    processes = fit_processes(train_cfg, dist, finetune=live is not None, models=len(inputs.streams),
+                              rows=max(rows.values()))
     if processes > 1:
         # fresh trainings of eval and full share nothing but their inputs: side by side in forked
         # processes, they use two cores better than one process's two threads (docs/TRAINING.md)
         threads = resolve_threads(train_cfg.threads)
-        jobs = [(name, partial(_model_job, name, model_cfg, train_cfg, seed, epochs, ckpt, out_dir))
+        jobs = [(name, partial(_model_job, name, model_cfg, train_cfg, seed, epochs, ckpt, out_dir, rows, processes))
                 for name in inputs.streams]
         done = run_jobs(jobs, inputs, processes, max(1, threads // processes))
         for name, (run_metrics, curve) in zip(inputs.streams, done):

@@ -111,26 +111,3 @@ def test_a_stop_ends_the_workers_at_once() -> None:
     finally:
         proc.kill()
         proc.wait()
-
-
-def _sleeps(shared: Unpicklable) -> int:
-    time.sleep(1.0)
-    return 0
-
-
-def _takes_freed_threads(shared: Unpicklable) -> tuple[int, int]:
-    from models.fork_pool import threads_now
-
-    first = threads_now(2)            # the other job sleeps: half of the threads
-    deadline = time.monotonic() + 30
-    while threads_now(2) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return first, threads_now(2)
-
-
-def test_a_job_takes_the_threads_of_a_finished_worker() -> None:
-    from models.fork_pool import threads_now
-
-    jobs = [("sleeps", _sleeps), ("waits", _takes_freed_threads)]
-    assert run_jobs(jobs, Unpicklable(np.zeros(1)), workers=2, threads=1) == [0, (1, 2)]
-    assert threads_now(2) == 2        # outside a worker: every thread

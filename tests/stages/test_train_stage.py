@@ -142,3 +142,17 @@ def test_fit_processes_auto_splits_threads_on_a_cpu_only(synthetic):
     assert fit_processes(auto, one, finetune=False, models=2, rows=AUTO_MAX_ROWS + 1) == 1
     assert fit_processes(auto.model_copy(update={"fit_processes": 2}), one, finetune=False, models=2,
                          rows=AUTO_MAX_ROWS + 1) == 2
+
+
+def test_the_refit_model_takes_every_thread_on_a_schedule_fixed_by_the_row_counts():
+    """Side by side, the longer fit takes both threads from the epoch in which the shorter one is due to
+    end (after floor(epochs * other_rows / rows)), whenever the other process really finished: a thread
+    count changes the float sums, so a clock-read schedule gave the refit model other last digits."""
+    from flows.stages.train import threads_after
+
+    # the 700k shape: eval 568,014 rows a pass, full 700,000, 10 epochs: 8.1 -> the 9th and 10th on both
+    assert [threads_after(e, 10, 700_000, 568_014, 2, 2) for e in range(1, 10)] == [1] * 7 + [2, 2]
+    assert [threads_after(e, 10, 568_014, 700_000, 2, 2) for e in range(1, 10)] == [1] * 9   # eval: its share
+    assert [threads_after(e, 4, 100, 100, 2, 2) for e in range(1, 4)] == [1, 1, 1]     # equal: neither takes
+    assert [threads_after(e, 4, 100, 10, 4, 2) for e in range(1, 4)] == [4, 4, 4]      # the other is short
+    assert threads_after(1, 4, 100, 60, 3, 2) == 1 and threads_after(2, 4, 100, 60, 3, 2) == 3   # 3 threads: 1 each
