@@ -205,7 +205,7 @@ def fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: TrainParam
     """Train for `epochs` (default train_cfg.epochs) in this process. With `validation` and
     train_cfg.early_stopping, stop after train_cfg.patience epochs without a better validation NDCG@20.
     `checkpoint`: a file written after every epoch and resumed from when it exists. `on_epoch(epoch)`
-    runs after each checkpoint, and after a resume with the epochs restored. Same inputs + seed → same model, whether or not the run was
+    runs after each checkpoint. Same inputs + seed → same model, whether or not the run was
     interrupted and resumed.
 
     `dist` (default: one process) is this process's part in a data-parallel run: it trains its
@@ -238,8 +238,6 @@ def fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: TrainParam
         for name, value in restore_checkpoint(checkpoint, model, opt, sched, gen, PROGRESS_FIELDS).items():
             setattr(result, name, value)
         result.resumed_from = len(result.losses)
-        if dist.lead and on_epoch is not None and result.resumed_from:
-            on_epoch(result.resumed_from)   # what follows the restored epoch (a thread schedule) holds again
     step = dist.step(model, batch_loss)     # after the restore: a DDP wrapper copies rank 0's weights
     with retained_heap():                   # each step reuses the last one's memory (models/heap.py)
         while len(result.losses) < epochs and not result.stopped_early:

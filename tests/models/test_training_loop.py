@@ -46,12 +46,8 @@ def test_resume_after_interruption_ends_like_an_uninterrupted_run(sampled, tmp_p
     with pytest.raises(Killed):
         fit(stream, tower_cfg, train_cfg, seed=3, checkpoint=ckpt, on_epoch=kill_after_two)
     assert ckpt.exists()
-    calls: list[int] = []
-    resumed = fit(stream, tower_cfg, train_cfg, seed=3, checkpoint=ckpt, on_epoch=calls.append)
+    resumed = fit(stream, tower_cfg, train_cfg, seed=3, checkpoint=ckpt)
     assert resumed.resumed_from == 2 and len(resumed.losses) == 4
-    # the hook also runs for the restored state: a schedule keyed on the epoch (the train stage's
-    # threads_after) holds for the first epoch after a resume as it would have without the stop
-    assert calls == [2, 3, 4]
     assert resumed.losses == whole.losses
     for name, tensor in whole.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=0)
