@@ -242,8 +242,6 @@ def _store_merged(ctx, stored: list, sums: list[_Sum], batches: int) -> None:
                 "unexpected_percent_total": 100.0 * s.failed / s.rows if s.rows else 0.0,
                 "missing_percent": 100.0 * s.missing / s.rows if s.rows else 0.0,
                 "partial_unexpected_list": list(s.examples)})
-            r.result.pop("partial_unexpected_counts", None)
-            r.result.pop("partial_unexpected_index_list", None)
     passed = sum(r.success for r in merged.results)
     merged.success = passed == len(merged.results)
     merged.statistics.update({"successful_expectations": passed,

@@ -104,16 +104,15 @@ class _Writer:
         if requests == 0:
             return
         for name, v in cols.items():
+            stored = _stored(v)        # each chunk's values checked against int32
             if name not in self.columns:
-                self.columns[name] = _Column(f"{len(self.columns)}.bin", v.dtype.str, _stored(v).str,
-                                             tuple(v.shape[1:]))
+                self.columns[name] = _Column(f"{len(self.columns)}.bin", v.dtype.str, stored.str, tuple(v.shape[1:]))
                 self.files[name] = open(self.directory / self.columns[name].file, "wb")
             column = self.columns[name]
             if v.dtype.str != column.dtype or tuple(v.shape[1:]) != column.width:
                 raise ValueError(f"encoded log column {name!r} changed from {column.dtype}{column.width} "
                                  f"to {v.dtype.str}{v.shape[1:]} between chunks")
-            np.ascontiguousarray(v, dtype=_stored(v) if column.stored != column.dtype else None).tofile(
-                self.files[name])
+            np.ascontiguousarray(v, dtype=stored).tofile(self.files[name])
         self.bounds += [(self.requests + r0, self.requests + r1) for r0, r1 in batch_bounds(requests, self.batch_requests)]
         self.starts.append(starts[1:] + self.rows)
         self.rows += int(starts[-1])
