@@ -19,7 +19,7 @@ from models.negatives import popularity_distribution
 from models.params import TrainParams
 from models.ssl import ItemAugmenter, build_augmenter
 from models.stream import TrainingStream, gather, widen
-from models.towers import Batch, TwoTower
+from models.towers import Batch, TwoTower, shared_lookups
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -38,13 +38,15 @@ class BatchLoss:
     masks (the same booleans anywhere; copied over they were most of a large-batch GPU step) and the
     losses run on `device` (the towers under bf16 autocast when `mixed_precision`, on a GPU).
     `fused` (default): the listwise loss without extra negatives through losses.in_batch_listwise (the
-    same loss, fewer passes); False keeps the reference path (in_batch_logits + sampled_softmax)."""
+    same loss, fewer passes); False keeps the reference path (in_batch_logits + sampled_softmax).
+    `shared_table` (default): the item-id table read once a step for the towers (towers.shared_lookups,
+    the same values, one gradient instead of three); False: each tower reads it itself."""
 
     def __init__(self, stream: TrainingStream, train_cfg: TrainParams, augmenter: ItemAugmenter | None,
                  device: torch.device | None = None, mixed_precision: bool = False, fused: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, shared_table: bool = True):
         self.stream, self.train_cfg, self.augmenter = stream, train_cfg, augmenter
-        self.compile = compile
+        self.compile, self.shared_table = compile, shared_table
         self._compiled: dict[tuple[int, str], Callable[[Batch], torch.Tensor]] = {}
         self.device = device or torch.device("cpu")
         self.mixed_precision = mixed_precision
@@ -80,6 +82,26 @@ class BatchLoss:
         joined = {k: torch.cat([batch[k] for batch in batches]) for k in batches[0]}
         return list(self._encode(model, name, joined).split(sizes))
 
+    def _shared_table(self, model: TwoTower) -> bool:
+        """Whether the step reads the item-id table once (towers.shared_lookups): a dense table on the
+        CPU, towers not compiled (a compiled tower reads its own tables)."""
+        return self.shared_table and self.device.type == "cpu" and not self.compile and not model.item_emb.sparse
+
+    def _encode_shared(self, model: TwoTower, users: Batch, items: Batch,
+                       views: list[Batch]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(q, c, SSL view embeddings) as _encode / _encode_together give them, the item-id table read
+        once for the batch's items, the views' items and the users' histories: one table gradient a
+        step instead of three (the towers themselves run as before, each batch on its own)."""
+        joined = {k: torch.cat([v[k] for v in views]) for k in views[0]} if views else None
+        ids = [items["item"]] + ([joined["item"]] if joined is not None else [])
+        rows, means = shared_lookups(model.item_emb, ids, [users["history"]])
+        q = model.encode_users(users, history_mean=means[0])                        # (B, D)
+        c = model.encode_items(items, item_rows=rows[0])                            # (B, D)
+        if joined is None:
+            return q, c, []
+        z = model.encode_items(joined, item_rows=rows[1]).split([len(v["item"]) for v in views])
+        return q, c, list(z)                                                        # (S, D) x 2
+
     def __call__(self, model: TwoTower, b: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         # record_function labels name the parts of a step in a profile (the training benchmark); they
         # cost nothing measurable when no profiler is running
@@ -90,12 +112,15 @@ class BatchLoss:
         with record_function("ssl"):
             views = self.ssl_views(gen) if ssl else []                      # two (S,) item batches
         with record_function("towers"):
-            q = self._encode(model, "encode_users", gather(s.users, b))        # (B, D)
-            c = self._encode(model, "encode_items", gather(s.items, item))     # (B, D)
-            # the two SSL views in one pass: one item-table gradient instead of two. The batch's own
-            # items keep their pass: joined to the views too, 2 of 7 runs of 185 steps ended on
-            # another loss (2 threads); this split repeated its loss 17 times of 17
-            z = self._encode_together(model, "encode_items", views) if ssl else []   # (S, D) x 2
+            if self._shared_table(model):
+                q, c, z = self._encode_shared(model, gather(s.users, b), gather(s.items, item), views)
+            else:
+                q = self._encode(model, "encode_users", gather(s.users, b))        # (B, D)
+                c = self._encode(model, "encode_items", gather(s.items, item))     # (B, D)
+                # the two SSL views in one pass: one item-table gradient instead of two. The batch's own
+                # items keep their pass: joined to the views too, 2 of 7 runs of 185 steps ended on
+                # another loss (2 threads); this split repeated its loss 17 times of 17
+                z = self._encode_together(model, "encode_items", views) if ssl else []   # (S, D) x 2
         with record_function("in-batch logits + hit mask"):
             # log Q of item j among the B in-batch negatives: its stream share times B (Yi et al. 2019)
             correction = (self.log_q[item] + math.log(len(b))).to(dev) if self.listwise_logq else None   # (B,)

@@ -69,9 +69,9 @@ class _BagSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, flat: torch.Tensor, offsets: torch.Tensor,
-                bag: torch.Tensor) -> torch.Tensor:
+                bag: torch.Tensor, padding_idx: int | None = None) -> torch.Tensor:
         ctx.save_for_backward(flat, bag)
-        ctx.rows = weight.shape[0]
+        ctx.rows, ctx.padding_idx = weight.shape[0], padding_idx
         return F.embedding_bag(flat, weight, offsets, mode="sum")                 # (B, E)
 
     @staticmethod
@@ -80,7 +80,9 @@ class _BagSum(torch.autograd.Function):
         counts = torch.bincount(flat, minlength=ctx.rows)                           # (rows,) entries per row
         by_row = bag[rows_in_order(flat)]                                           # bag of each entry, row order
         grad_weight = F.embedding_bag(by_row, grad.contiguous(), counts.cumsum(0) - counts, mode="sum")
-        return grad_weight, None, None, None                                        # (rows, E)
+        if ctx.padding_idx is not None:
+            grad_weight[ctx.padding_idx] = 0                 # as nn.Embedding's padding_idx: that row never learns
+        return grad_weight, None, None, None, None                                  # (rows, E)
 
 
 def masked_mean(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
@@ -103,6 +105,37 @@ def masked_mean(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     else:
         pooled = _BagSum.apply(emb.weight, flat, offsets, bag)
     return pooled / counts.clamp(min=1).unsqueeze(1).to(pooled.dtype)
+
+
+def shared_lookups(emb: nn.Embedding, ids: list[torch.Tensor],
+                   histories: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """emb's rows for each (n,) tensor of `ids` (as emb(ids) gives them) and the masked_mean of each
+    (B, H) index matrix of `histories`, all through one _BagSum: a dense table read in several places
+    of a step (the item-id table: the batch's items, the SSL views' items, the users' histories) gets
+    one gradient instead of one per read. Each read's own gradient was a fresh (rows, E) tensor, filled
+    with zeros and then added to the others: with 30,000 items, two fills and two adds of 7.7 MB were
+    ~6 ms of a 38 ms step on one thread (docs/TRAINING.md). The values are emb's, bit for bit (a bag of
+    one row is that row; the histories are summed in masked_mean's order); the gradient is the same
+    sum in another order. A dense table on the CPU only: a sparse or GPU table reads as before."""
+    flats, bags, counts, start = [], [], [], 0
+    for x in ids:                                                   # one bag per id, the id included
+        n = len(x)
+        flats.append(x)
+        bags.append(torch.arange(start, start + n))
+        counts.append(torch.ones(n, dtype=torch.long))
+        start += n
+    for h in histories:                                             # one bag per row, padding dropped
+        bag, col = (h != 0).nonzero(as_tuple=True)
+        flats.append(h[bag, col])
+        bags.append(bag + start)
+        counts.append(torch.bincount(bag, minlength=h.shape[0]))
+        start += h.shape[0]
+    count = torch.cat(counts)
+    pooled = _BagSum.apply(emb.weight, torch.cat(flats), count.cumsum(0) - count, torch.cat(bags),
+                           emb.padding_idx)                                         # (start, E)
+    parts = pooled.split([len(x) for x in ids] + [h.shape[0] for h in histories])
+    means = [p / c.clamp(min=1).unsqueeze(1).to(p.dtype) for p, c in zip(parts[len(ids):], counts[len(ids):])]
+    return list(parts[:len(ids)]), means
 
 
 class CategoricalEncoder(nn.Module):
@@ -192,17 +225,20 @@ class TwoTower(nn.Module):
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
 
-    def encode_items(self, batch: Batch) -> torch.Tensor:
-        parts = [self.item_emb(batch["item"]),                  # (B, E)
+    def encode_items(self, batch: Batch, item_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """item_rows (B, E): the items' id embeddings when read already (shared_lookups)."""
+        parts = [self.item_emb(batch["item"]) if item_rows is None else item_rows,   # (B, E)
                  self.item_cat(batch["cat"]),                   # (B, Ci*E)
                  batch["num"],                                  # (B, Ni)
                  *self.item_multi(batch)]                       # [(B, E)]
         return self.item_tower(torch.cat(parts, dim=-1))        # (B, D)
 
-    def encode_users(self, batch: Batch) -> torch.Tensor:
+    def encode_users(self, batch: Batch, history_mean: torch.Tensor | None = None) -> torch.Tensor:
+        """history_mean (B, E): the pooled histories when read already (shared_lookups)."""
         history = batch["history"]                              # (B, H)
         n_hist = (history != 0).sum(dim=1, keepdim=True)        # (B, 1)
-        parts = [masked_mean(self.item_emb, history),           # (B, E)
+        pooled = masked_mean(self.item_emb, history) if history_mean is None else history_mean
+        parts = [pooled,                                        # (B, E)
                  torch.log1p(n_hist.to(torch.float32)),         # (B, 1)
                  self.user_cat(batch["cat"]),                   # (B, Cu*E)
                  batch["num"],                                  # (B, Nu)

@@ -58,3 +58,49 @@ def test_the_ssl_views_encoded_in_one_pass_give_the_info_nce_of_each_view_encode
     assert not all(torch.equal(v1[k], v2[k]) for k in v1)          # two different views
     expected = retrieval + 0.5 * info_nce(model.encode_items(v1), model.encode_items(v2), cfg.ssl_temperature)
     assert torch.allclose(total, expected, rtol=1e-6, atol=1e-6)
+
+
+def _edges_into(loss: torch.Tensor, leaf: torch.Tensor) -> int:
+    """How many gradients of the graph behind `loss` flow into `leaf` (edges to its AccumulateGrad)."""
+    seen, stack, count = set(), [loss.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is not None and getattr(nxt, "variable", None) is leaf:
+                count += 1
+            stack.append(nxt)
+    return count
+
+
+def test_a_step_reads_the_item_table_once_with_the_loss_and_gradients_of_each_tower_reading_it():
+    from models.objective import make_augmenter
+
+    items, examples = tiny_frames()
+    encoder = FeatureEncoder.fit(TINY_SCHEMA, items, examples)
+    stream = TrainingStream.build(encoder, examples, items)
+    torch.manual_seed(0)
+    model = TwoTower(tower_config(encoder, ModelParams(dim=4, embedding_dim=4, hidden=[8])))
+    # random masking hides the item id (index 0, the padding row) in some views: that row must get no gradient
+    cfg = TrainParams(negatives=0, ssl_weight=0.5, ssl_batch_size=4, ssl_dropout=0.0, ssl_masking="random")
+    augmenter = make_augmenter(stream, cfg, [])
+    b = torch.tensor([2, 0, 1])
+    views = BatchLoss(stream, cfg, augmenter).ssl_views(torch.Generator().manual_seed(3))
+    assert any((v["item"] == 0).any() for v in views)
+
+    grads, losses = [], []
+    for shared in (True, False):
+        model.zero_grad(set_to_none=True)
+        loss = BatchLoss(stream, cfg, augmenter, shared_table=shared)(model, b, torch.Generator().manual_seed(3))
+        # one gradient for the table shared by the item tower, the SSL views and the history pooling
+        assert _edges_into(loss, model.item_emb.weight) == (1 if shared else 3)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.equal(losses[0], losses[1])                         # the same values, bit for bit
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+    assert not grads[0]["item_emb.weight"][0].any()                   # the padding row does not learn

@@ -95,3 +95,26 @@ def test_pooling_gradient_puts_each_entry_on_its_row_beyond_16_bit_row_numbers()
 def test_config_invariants_are_checked():
     with pytest.raises(ValueError, match="item vocabulary is empty"):
         TwoTower(_config(n_items=1))
+
+
+def test_shared_lookups_read_a_table_as_its_own_lookups_do_with_one_gradient():
+    from models.towers import shared_lookups
+
+    model = TwoTower(_config())
+    users, items = _batches(7)
+    users["history"][0] = 0                                   # an empty history
+    ids = [items["item"], torch.tensor([0, 3, 3, 5])]          # the padding row, a repeated row
+    rows, means = shared_lookups(model.item_emb, ids, [users["history"]])
+    assert all(torch.equal(r, model.item_emb(x)) for r, x in zip(rows, ids))
+    assert torch.equal(means[0], masked_mean(model.item_emb, users["history"]))
+    assert not means[0][0].any()
+
+    g = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(r.shape, generator=g) for r in rows + means]
+    sum(((x * u).sum() for x, u in zip(rows + means, upstream))).backward()
+    shared = model.item_emb.weight.grad.clone()
+    model.item_emb.weight.grad = None
+    own = [model.item_emb(x) for x in ids] + [masked_mean(model.item_emb, users["history"])]
+    sum(((x * u).sum() for x, u in zip(own, upstream))).backward()
+    torch.testing.assert_close(shared, model.item_emb.weight.grad)
+    assert not shared[0].any()                                # padding_idx: row 0 never learns
