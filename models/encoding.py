@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from models.errors import ModelInputError
-from models.vocab import Vocab
+from models.vocab import SMALL_LOOKUP, Vocab
 
 HISTORY_COLUMN = "recent_items"
 INTERACTIONS_TOTAL = "interactions_total"
@@ -65,6 +65,12 @@ class NumericStats:
 
 def _flatten_lists(values: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
     """List column → (flat values, parent row of each, position within its list). Nulls = empty."""
+    flat, parents, positions = _flatten_arrow(values)
+    return (pd.Series([], dtype=object) if flat is None else flat.to_pandas()), parents, positions
+
+
+def _flatten_arrow(values: pd.Series) -> tuple[pa.Array | None, np.ndarray, np.ndarray]:
+    """_flatten_lists with the flat values left in arrow (None: no list at all)."""
     series = pd.Series(values).reset_index(drop=True)
     if isinstance(series.dtype, pd.ArrowDtype):        # arrow-backed (streamed batches): no Python lists
         arr = pa.chunked_array(series.array.__arrow_array__()).combine_chunks()
@@ -72,22 +78,28 @@ def _flatten_lists(values: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray
         arr = pa.array(series.tolist(), from_pandas=True)
     if not pa.types.is_list(arr.type) and not pa.types.is_large_list(arr.type):
         if len(arr) == 0 or arr.null_count == len(arr):
-            return pd.Series([], dtype=object), np.zeros(0, np.int64), np.zeros(0, np.int64)
+            return None, np.zeros(0, np.int64), np.zeros(0, np.int64)
         raise ModelInputError(f"expected a list column, got values of type {arr.type}")
     flat = arr.flatten()
     parents = pc.list_parent_indices(arr).to_numpy().astype(np.int64)
     lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     positions = np.arange(len(flat), dtype=np.int64) - starts[parents]
-    return flat.to_pandas(), parents, positions
+    return flat, parents, positions
 
 
 def pad_lists(values: pd.Series, vocab: Vocab, max_len: int | None = None) -> np.ndarray:
     """List column → (n, L) int64 matrix of vocabulary indices, 0-padded, the first max_len kept."""
     n = len(values)
-    flat, parents, positions = _flatten_lists(values)
-    keep = positions < max_len if max_len is not None else np.ones(len(flat), bool)
-    idx = vocab.lookup(flat[keep]) if keep.any() else np.zeros(0, np.int64)
+    flat, parents, positions = _flatten_arrow(values)
+    keep = positions < max_len if max_len is not None else np.ones(len(positions), bool)
+    idx = np.zeros(0, np.int64)
+    if keep.any():
+        kept = flat.filter(pa.array(keep))
+        # a serving request's one history keeps lookup's dict path for a few values
+        idx = vocab.lookup_arrow(kept) if len(kept) > SMALL_LOOKUP else None
+        if idx is None:
+            idx = vocab.lookup(kept.to_pandas())
     width = int(positions[keep].max()) + 1 if keep.any() else 1
     out = np.zeros((n, width), dtype=np.int64)
     out[parents[keep], positions[keep]] = idx

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 OOV = 0
 
@@ -27,6 +29,17 @@ def _category_keys(values: pd.Series) -> pd.Series:
 
 
 SMALL_LOOKUP = 64   # up to this many values, Vocab.lookup keys them in Python (same rules, see _small_keys)
+
+
+def _arrow_values(values: pd.Series | np.ndarray | list) -> pa.Array | None:
+    """The values as one arrow array when they convert as they are (an arrow-backed column as is;
+    strings, integers, nullable integers), else None (mixed Python objects, ints beyond int64)."""
+    if isinstance(values, pd.Series) and isinstance(values.dtype, pd.ArrowDtype):
+        return pa.chunked_array(values.array.__arrow_array__()).combine_chunks()
+    try:
+        return pa.array(values, from_pandas=True)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return None
 
 
 def _small_keys(values: pd.Series | np.ndarray | list, kind: str) -> list | None:
@@ -63,6 +76,7 @@ class Vocab:
     kind: str = "string"
     _index: pd.Index | None = field(default=None, repr=False, compare=False)
     _positions: dict[Any, int] | None = field(default=None, repr=False, compare=False)
+    _arrow_values: pa.Array | None = field(default=None, repr=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -95,6 +109,15 @@ class Vocab:
             fast = self._lookup_small(values)
             if fast is not None:
                 return fast
+        else:
+            arrow = _arrow_values(values)
+            fast = None if arrow is None else self.lookup_arrow(arrow)
+            if fast is not None:
+                return fast
+        return self._lookup_pandas(values)
+
+    def _lookup_pandas(self, values: pd.Series | np.ndarray | list) -> np.ndarray:
+        """lookup by the key rules spelled out in pandas (`_keys`): every dtype."""
         if self._index is None:
             dtype = "Int64" if self.kind == "int64" else object
             self._index = pd.Index(pd.array(self.values, dtype=dtype))
@@ -103,6 +126,30 @@ class Vocab:
         out = pos.astype(np.int64) + 1  # -1 (missing) becomes 0 = OOV
         out[keys.isna().to_numpy()] = OOV
         return out
+
+    def lookup_arrow(self, values: pa.Array) -> np.ndarray | None:
+        """The indices `lookup` gives, for an arrow array, hashed by arrow (pc.index_in) where the key
+        rules are plain: strings for a string vocabulary (integers print as their digits, as str()
+        does), integers for an int64 one. The training stream's history and hard-negative lists are
+        tens of millions of ids: keyed one by one in Python (`_category_keys`), string ids took ~15 s
+        of each stream of the 700k bench shape. None for other types (floats, whose keys depend on the
+        whole column; booleans; dictionaries): the caller takes the pandas path."""
+        kind = values.type
+        if self.kind == "int64" and pa.types.is_integer(kind):
+            value_type = pa.int64()
+        elif self.kind != "int64" and (pa.types.is_integer(kind) or pa.types.is_string(kind)
+                                       or pa.types.is_large_string(kind)):
+            value_type = pa.string()
+        else:
+            return None
+        try:
+            keys = values.cast(value_type)
+        except pa.ArrowException:          # e.g. uint64 beyond int64
+            return None
+        if self._arrow_values is None or self._arrow_values.type != value_type:
+            self._arrow_values = pa.array(self.values, type=value_type)
+        pos = pc.fill_null(pc.index_in(keys, value_set=self._arrow_values), -1)
+        return pos.to_numpy(zero_copy_only=False).astype(np.int64) + 1     # -1 (missing, null) -> 0 = OOV
 
     def _lookup_small(self, values: pd.Series | np.ndarray | list) -> np.ndarray | None:
         """The same indices as the pandas path for a few values (a serving request: one user's features
