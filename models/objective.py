@@ -17,7 +17,7 @@ from models.device import autocast
 from models.losses import LOSSES, in_batch_listwise, in_batch_logits, info_nce
 from models.negatives import popularity_distribution
 from models.params import TrainParams
-from models.ssl import ItemAugmenter, build_augmenter
+from models.ssl import ItemAugmenter, build_augmenter, distinct_uniform
 from models.stream import TrainingStream, gather, widen
 from models.towers import Batch, TwoTower, shared_lookups
 
@@ -180,7 +180,12 @@ class BatchLoss:
         """Two masked views of an item batch drawn closer to uniform than the stream; their InfoNCE
         is the self-supervised loss (models.losses.info_nce)."""
         n = min(self.train_cfg.ssl_batch_size, int((self.ssl_p > 0).sum()))
-        idx = torch.multinomial(self.ssl_p, n, replacement=False, generator=gen)   # (S,) distinct items
+        if self.train_cfg.ssl_power == 0:
+            # uniform over the catalog (every index but 0, popularity_distribution): a draw whose cost
+            # is the batch's, not the catalog's
+            idx = distinct_uniform(1, len(self.ssl_p), n, gen)                        # (S,) distinct items
+        else:
+            idx = torch.multinomial(self.ssl_p, n, replacement=False, generator=gen)   # (S,) distinct items
         assert self.augmenter is not None, "ssl_views needs an augmenter (make_augmenter)"
         return list(self.augmenter.views(gather(self.stream.items, idx), gen))
 

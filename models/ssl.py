@@ -26,6 +26,28 @@ Batch = dict[str, torch.Tensor]
 NUMERIC_BINS = 10
 
 
+def distinct_uniform(low: int, high: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """(size,) distinct integers drawn uniformly from [low, high), in random order: the first `size`
+    distinct values of a sequence of uniform draws (by symmetry every subset and order is equally
+    likely). O(size) a call, where torch.multinomial without replacement draws an exponential per
+    catalog entry and takes a top-k (30,001 items: 0.82 against 0.03 ms; 200,001: 4.6 against 0.03;
+    one thread). When size is a large share of the range, a permutation's head is the cheaper exact draw."""
+    span = high - low
+    if not 0 <= size <= span:
+        raise ValueError(f"cannot draw {size} distinct values from [{low}, {high})")
+    if size * 4 > span:
+        return torch.randperm(span, generator=gen)[:size] + low
+    drawn = torch.empty(0, dtype=torch.long)
+    while True:
+        drawn = torch.cat([drawn, torch.randint(low, high, (2 * size,), generator=gen)])
+        uniq, inverse = torch.unique(drawn, return_inverse=True)
+        if len(uniq) >= size:
+            break
+    first = torch.full((len(uniq),), len(drawn), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(len(drawn)), reduce="amin")   # each value's first draw
+    return drawn[first.sort().values[:size]]
+
+
 @dataclass(frozen=True)
 class FeatureUnit:
     key: str              # batch key: 'item', 'cat', 'num' or 'multi:<col>'

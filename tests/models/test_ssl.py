@@ -90,3 +90,20 @@ def test_info_nce_decreases_when_the_item_tower_trains_on_masked_views():
         opt.step()
         losses.append(loss.item())
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
+
+
+@pytest.mark.parametrize("high,size", [(41, 5), (41, 30)])    # the draw-and-dedupe path, the permutation path
+def test_distinct_uniform_draws_every_subset_and_order_alike(high, size):
+    from models.ssl import distinct_uniform
+
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([distinct_uniform(1, high, size, gen) for _ in range(4000)])    # (4000, size)
+    assert draws.min() >= 1 and draws.max() < high
+    assert all(len(set(row.tolist())) == size for row in draws)                  # distinct within a draw
+    span = high - 1
+    for counts in (torch.bincount(draws.flatten(), minlength=high)[1:],           # every value alike
+                   torch.bincount(draws[:, 0], minlength=high)[1:]):              # and in every place
+        expected = counts.sum().item() / span
+        assert (counts.float() - expected).abs().max() < 0.25 * expected + 3 * expected ** 0.5
+    with pytest.raises(ValueError, match="cannot draw 41 distinct"):
+        distinct_uniform(1, high, 41, gen)
