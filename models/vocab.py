@@ -34,6 +34,10 @@ SMALL_LOOKUP = 64   # up to this many values, Vocab.lookup keys them in Python (
 def _arrow_values(values: pd.Series | np.ndarray | list) -> pa.Array | None:
     """The values as one arrow array when they convert as they are (an arrow-backed column as is;
     strings, integers, nullable integers), else None (mixed Python objects, ints beyond int64)."""
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values
     if isinstance(values, pd.Series) and isinstance(values.dtype, pd.ArrowDtype):
         return pa.chunked_array(values.array.__arrow_array__()).combine_chunks()
     try:
@@ -103,8 +107,11 @@ class Vocab:
         num = pd.to_numeric(s, errors="coerce")
         return num.where(num % 1 == 0).astype("Int64")
 
-    def lookup(self, values: pd.Series | np.ndarray | list) -> np.ndarray:
+    def lookup(self, values: pd.Series | np.ndarray | list | pa.Array | pa.ChunkedArray) -> np.ndarray:
         """Indices (int64) of values; unknown and null → 0."""
+        if isinstance(values, (pa.Array, pa.ChunkedArray)):
+            fast = self.lookup_arrow(_arrow_values(values)) if len(values) > SMALL_LOOKUP else None
+            return fast if fast is not None else self.lookup(values.to_numpy(zero_copy_only=False))
         if len(values) <= SMALL_LOOKUP:
             fast = self._lookup_small(values)
             if fast is not None:

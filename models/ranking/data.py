@@ -259,14 +259,14 @@ class RankingLog:
         """Per-row model inputs as numpy, ids already mapped to vocabulary indices."""
         f = self.features
         cols = {
-            "user": f.users.lookup(table["user_id"].to_numpy(zero_copy_only=False)),  # null → OOV
-            "item": f.items.lookup(table["item_id"].to_numpy(zero_copy_only=False)),
+            "user": f.users.lookup(table["user_id"]),  # null → OOV; arrow ids hashed in arrow
+            "item": f.items.lookup(table["item_id"]),
             "position": np.clip(_numpy(table, "position", 0).astype(np.int64), 1, self.max_position),
             "clicked": table["clicked"].to_numpy(zero_copy_only=False).astype(np.float32),
             "context": np.zeros((table.num_rows, 0), np.int64),   # (N, C)
         }
         if self.spec.context:  # a null context value is OOV (index 0), like an unseen one
-            cols["context"] = np.stack([f.contexts[c].lookup(table[c].to_numpy(zero_copy_only=False))
+            cols["context"] = np.stack([f.contexts[c].lookup(table[c])
                                         for c in self.spec.context], axis=-1)
         if self.spec.grid:
             for key, c in zip(("row", "col"), GRID):  # nullable: a list layout has no row/col (index 0)

@@ -68,6 +68,13 @@ def test_long_lookup_matches_the_pandas_path(kind: str, values: pd.Series) -> No
     assert len(long) > SMALL_LOOKUP
     assert vocab.lookup(long).tolist() == _slow(vocab, long).tolist()
     assert vocab.lookup(long.to_numpy()).tolist() == _slow(vocab, long).tolist()        # as an array
+    import pyarrow as pa
+    try:
+        arrow = pa.chunked_array([pa.array(long, from_pandas=True)])
+    except (pa.ArrowException, TypeError):
+        return                                                   # no arrow form (mixed objects)
+    for values in (arrow, arrow.combine_chunks(), arrow[:3]):   # as arrow, long and short
+        assert vocab.lookup(values).tolist() == _slow(vocab, long).tolist()[:len(values)]
 
 
 def test_pad_lists_hashes_long_list_columns_in_arrow_with_the_same_indices() -> None:
