@@ -174,7 +174,8 @@ def test_fits_in_two_processes_give_what_one_after_another_gives(tmp_path: Path)
     pytest.importorskip("lightgbm", minversion="4.1")
     ingested = write_ingested(simulate(SimConfig(etas=(2.0, 2.0), logging_strength=0.0, requests=1500, seed=5)),
                               tmp_path / "ingested")
-    cfg = RankParams(models=["pal", "mixture"], epochs=2, lightgbm_rounds=20, lightgbm_naive=False)
+    # both LightGBM variants (the defaults): one job, one binned matrix
+    cfg = RankParams(models=["pal", "mixture"], epochs=2, lightgbm_rounds=20)
     runs = {}
     for workers in (2, 1):
         out = tmp_path / f"w{workers}"
@@ -182,7 +183,9 @@ def test_fits_in_two_processes_give_what_one_after_another_gives(tmp_path: Path)
                              out / "ranking.json")
         assert runs[workers]["fit_workers"] == workers
     assert _without_timings(runs[2]) == _without_timings(runs[1])
-    assert runs[2]["serve"]["ensemble"]["members"] == 3 and set(runs[2]["models"]) == {"pal", "mixture", "lightgbm"}
+    assert set(runs[2]["models"]) == {"pal", "mixture", "lightgbm", "lightgbm_naive"}
+    assert [runs[2]["models"][m]["position_correction"] for m in ("lightgbm", "lightgbm_naive")] == [True, False]
+    assert runs[2]["serve"]["ensemble"]["members"] == 3
     two, one = (load_ranker(tmp_path / f"w{w}" / "ranker") for w in (2, 1))
     if two.name == "lightgbm":
         assert two.model.booster.model_to_string() == one.model.booster.model_to_string()

@@ -184,3 +184,20 @@ def test_the_propensity_curve_runs_the_relevance_tower_once_per_batch(fitted: di
         inside = model.ranking_scores(second)
     with torch.no_grad():
         assert torch.equal(inside, model.ranking_scores(second))
+
+
+def test_both_lightgbm_variants_on_one_binned_matrix_are_the_separate_fits(log: tuple[SimLog, Split]) -> None:
+    """The rank stage fits LightGBM with and without its position correction in one job, on one binned
+    Dataset (fit_lambdarank_variants): each model is the one its own Dataset gives, tree for tree."""
+    pytest.importorskip("lightgbm", minversion="4.1")
+    from models.ranking.lambdarank import fit_lambdarank_variants
+
+    _, split = log
+    tables = feature_tables(split.features)
+    trees = lambda m: m.booster.model_to_string().split("parameters:")[0]          # noqa: E731
+    both = fit_lambdarank_variants(split.train, tables, (True, False), rounds=20, seed=0)
+    assert [m.position for m in both] == [True, False]
+    for model in both:
+        alone = fit_lambdarank(split.train, tables, position=model.position, rounds=20, seed=0)
+        assert trees(model) == trees(alone) and model.train_rows == alone.train_rows
+    assert trees(both[0]) != trees(both[1])                                        # the correction acts
