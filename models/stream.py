@@ -278,13 +278,19 @@ class TrainingStream:
         # are the longest (the lists' total length is most of this function's cost)
         users, row_of = torch.unique(user, return_inverse=True)             # (V,), (B,)
         start = pos_ptr[users]                                               # (V,)
-        slot, rank = _expand(pos_ptr[users + 1] - start)                    # (L,): user slot, rank in list
-        item = pos_items[start[slot] + rank]                                # (L,) the listed positives
+        counts = pos_ptr[users + 1] - start                                  # (V,) list lengths
+        ends = torch.cumsum(counts, 0)                                       # (V,) where each list ends in L
+        total = int(ends[-1]) if len(ends) else 0
+        # entry e of the concatenated lists reads pos_items[start[u] + e - (ends[u] - counts[u])]: one
+        # repeat of the per-list shift, no per-entry list slot (only the matches need theirs, below)
+        shift = torch.repeat_interleave(start - (ends - counts), counts, output_size=total)
+        item = pos_items[torch.arange(total, device=dev) + shift]           # (L,) the listed positives
         lookup = torch.full((self.n_items,), -1, dtype=torch.int64, device=dev)   # item -> slot in uniq, or -1
         lookup[uniq] = torch.arange(len(uniq), device=dev)
         cand = lookup[item]
-        matched = cand >= 0
-        pair_user, pair_item = slot[matched], cand[matched]                 # (K,) (user slot, item slot)
+        matched = (cand >= 0).nonzero().squeeze(1)                           # (K,) entries in L
+        pair_user = torch.searchsorted(ends, matched, right=True)           # (K,) their user slot
+        pair_item = cand[matched]                                            # (K,) their item slot
         # how many mask entries the pairs spread to: where hits are dense (the demo: 31% of a batch's
         # (B, B) mask, 326k entries from 52k pairs), spreading them one by one cost 8.7 ms a batch and a
         # (users x distinct items) table gathered to (B, C) 1.9 ms; where they are sparse (the 700k

@@ -60,3 +60,24 @@ def test_stream_read_from_disk_in_batches_equals_the_in_memory_one(tmp_path):
     train_cfg = TrainParams(epochs=2, batch_size=128, threads=1, negatives=4, ssl_weight=0.1)
     a, b = fit(memory, tower_cfg, train_cfg, seed=5), fit(disk, tower_cfg, train_cfg, seed=5)
     assert a.losses == b.losses
+
+
+def test_the_per_batch_matching_reads_each_users_list_even_beside_users_without_one(monkeypatch):
+    """hits without the whole-stream table (a large catalog): the batch users' positive lists are read
+    end to end, a user with no list (index 0 here) in between gets no hit, and the mask is the table's."""
+    import models.stream as stream_module
+
+    items, examples = tiny_frames()
+    enc = FeatureEncoder.fit(TINY_SCHEMA, items, examples)
+    stream = TrainingStream.build(enc, examples, items)
+    user = torch.tensor([2, 0, 1, 0, 2, 1])
+    candidates = torch.tensor([3, 1, 2, 4, 1, 3])
+    expected = stream.hits(user, candidates)                           # the table path (a tiny catalog)
+    monkeypatch.setattr(stream_module, "TABLE_MAX_ITEMS", 0)
+    stream.table = None
+    assert stream._user_item_table() is None
+    monkeypatch.setattr(stream_module, "DENSE_HITS", 0)                # matches spread one by one
+    assert torch.equal(stream.hits(user, candidates), expected)
+    assert not expected[[1, 3]].any() and expected[0, 0] and expected[2, 1] and expected[2, 2]
+    monkeypatch.setattr(stream_module, "DENSE_HITS", 10**9)            # the dense (users x items) branch
+    assert torch.equal(stream.hits(user, candidates), expected)
