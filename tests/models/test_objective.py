@@ -38,8 +38,8 @@ def test_listwise_loss_without_extra_negatives_is_the_in_batch_softmax():
                                                  stream.hits(user, item)), rtol=1e-6, atol=1e-6)
 
 
-def test_the_ssl_views_encoded_in_one_pass_give_the_info_nce_of_each_view_encoded_alone():
-    from models.losses import info_nce
+def _ssl_step() -> tuple[TrainingStream, TwoTower, TrainParams, object]:
+    """A tiny stream, a tower pair and SSL on (random masking: it hides the item id in some views)."""
     from models.objective import make_augmenter
 
     items, examples = tiny_frames()
@@ -50,6 +50,13 @@ def test_the_ssl_views_encoded_in_one_pass_give_the_info_nce_of_each_view_encode
     cfg = TrainParams(negatives=0, ssl_weight=0.5, ssl_batch_size=4, ssl_dropout=0.0, ssl_masking="random")
     augmenter = make_augmenter(stream, cfg, [])
     assert augmenter is not None
+    return stream, model, cfg, augmenter
+
+
+def test_the_ssl_views_encoded_in_one_pass_give_the_info_nce_of_each_view_encoded_alone():
+    from models.losses import info_nce
+
+    stream, model, cfg, augmenter = _ssl_step()
     b = torch.tensor([2, 0, 1])
     total = BatchLoss(stream, cfg, augmenter)(model, b, torch.Generator().manual_seed(3))
     retrieval = BatchLoss(stream, cfg, None)(model, b, torch.Generator().manual_seed(3))
@@ -76,16 +83,8 @@ def _edges_into(loss: torch.Tensor, leaf: torch.Tensor) -> int:
 
 
 def test_a_step_reads_the_item_table_once_with_the_loss_and_gradients_of_each_tower_reading_it():
-    from models.objective import make_augmenter
-
-    items, examples = tiny_frames()
-    encoder = FeatureEncoder.fit(TINY_SCHEMA, items, examples)
-    stream = TrainingStream.build(encoder, examples, items)
-    torch.manual_seed(0)
-    model = TwoTower(tower_config(encoder, ModelParams(dim=4, embedding_dim=4, hidden=[8])))
     # random masking hides the item id (index 0, the padding row) in some views: that row must get no gradient
-    cfg = TrainParams(negatives=0, ssl_weight=0.5, ssl_batch_size=4, ssl_dropout=0.0, ssl_masking="random")
-    augmenter = make_augmenter(stream, cfg, [])
+    stream, model, cfg, augmenter = _ssl_step()
     b = torch.tensor([2, 0, 1])
     views = BatchLoss(stream, cfg, augmenter).ssl_views(torch.Generator().manual_seed(3))
     assert any((v["item"] == 0).any() for v in views)
