@@ -80,7 +80,7 @@ class Vocab:
     kind: str = "string"
     _index: pd.Index | None = field(default=None, repr=False, compare=False)
     _positions: dict[Any, int] | None = field(default=None, repr=False, compare=False)
-    _arrow_values: pa.Array | None = field(default=None, repr=False, compare=False)
+    _value_set: pa.Array | None = field(default=None, repr=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -153,9 +153,9 @@ class Vocab:
             keys = values.cast(value_type)
         except pa.ArrowException:          # e.g. uint64 beyond int64
             return None
-        if self._arrow_values is None or self._arrow_values.type != value_type:
-            self._arrow_values = pa.array(self.values, type=value_type)
-        pos = pc.fill_null(pc.index_in(keys, value_set=self._arrow_values), -1)
+        if self._value_set is None or self._value_set.type != value_type:
+            self._value_set = pa.array(self.values, type=value_type)
+        pos = pc.fill_null(pc.index_in(keys, value_set=self._value_set), -1)
         return pos.to_numpy(zero_copy_only=False).astype(np.int64) + 1     # -1 (missing, null) -> 0 = OOV
 
     def _lookup_small(self, values: pd.Series | np.ndarray | list) -> np.ndarray | None:
