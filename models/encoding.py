@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from models.errors import ModelInputError
-from models.vocab import SMALL_LOOKUP, Vocab
+from models.vocab import Vocab
 
 HISTORY_COLUMN = "recent_items"
 INTERACTIONS_TOTAL = "interactions_total"
@@ -95,11 +95,7 @@ def pad_lists(values: pd.Series, vocab: Vocab, max_len: int | None = None) -> np
     keep = positions < max_len if max_len is not None else np.ones(len(positions), bool)
     idx = np.zeros(0, np.int64)
     if keep.any():
-        kept = flat.filter(pa.array(keep))
-        # a serving request's one history keeps lookup's dict path for a few values
-        idx = vocab.lookup_arrow(kept) if len(kept) > SMALL_LOOKUP else None
-        if idx is None:
-            idx = vocab.lookup(kept.to_pandas())
+        idx = vocab.lookup(flat.filter(pa.array(keep)))     # hashed in arrow; a few values by the dict path
     width = int(positions[keep].max()) + 1 if keep.any() else 1
     out = np.zeros((n, width), dtype=np.int64)
     out[parents[keep], positions[keep]] = idx
