@@ -29,6 +29,11 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _joined(batches: list[Batch]) -> Batch:
+    """Several batches as one, rows in order (the towers' rows do not interact)."""
+    return {k: torch.cat([batch[k] for batch in batches]) for k in batches[0]}
+
+
 class BatchLoss:
     """Retrieval loss (+ α · SSL loss) of one batch: in-batch negatives, shared easy negatives drawn
     ∝ popularity^easy_power, the examples' own hard negatives, accidental hits masked.
@@ -79,8 +84,7 @@ class BatchLoss:
         """Several batches through one tower in one call, split back: the rows do not interact, so each
         comes out as it would alone, but the tower runs once and its embedding tables get one gradient."""
         sizes = [len(batch["item"]) for batch in batches]
-        joined = {k: torch.cat([batch[k] for batch in batches]) for k in batches[0]}
-        return list(self._encode(model, name, joined).split(sizes))
+        return list(self._encode(model, name, _joined(batches)).split(sizes))
 
     def _shared_table(self, model: TwoTower) -> bool:
         """Whether the step reads the item-id table once (towers.shared_lookups): a dense table on the
@@ -92,7 +96,7 @@ class BatchLoss:
         """(q, c, SSL view embeddings) as _encode / _encode_together give them, the item-id table read
         once for the batch's items, the views' items and the users' histories: one table gradient a
         step instead of three (the towers themselves run as before, each batch on its own)."""
-        joined = {k: torch.cat([v[k] for v in views]) for k in views[0]} if views else None
+        joined = _joined(views) if views else None
         ids = [items["item"]] + ([joined["item"]] if joined is not None else [])
         rows, means = shared_lookups(model.item_emb, ids, [users["history"]])
         q = model.encode_users(users, history_mean=means[0])                        # (B, D)

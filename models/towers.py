@@ -96,15 +96,12 @@ def masked_mean(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     # needs its count), and that kernel was never measured slow: there embedding_bag takes the mean itself
     if idx.device.type != "cpu":
         return F.embedding_bag(idx, emb.weight, mode="mean", padding_idx=0, sparse=emb.sparse)  # (B, E)
+    if not emb.sparse:
+        return shared_lookups(emb, [], [idx])[1][0]
     bag, col = (idx != 0).nonzero(as_tuple=True)                         # kept entries, row-major
-    flat = idx[bag, col]
     counts = torch.bincount(bag, minlength=idx.shape[0])                  # (B,)
-    offsets = counts.cumsum(0) - counts
-    if emb.sparse:
-        pooled = F.embedding_bag(flat, emb.weight, offsets, mode="sum", sparse=True)  # (B, E)
-    else:
-        pooled = _BagSum.apply(emb.weight, flat, offsets, bag)
-    return pooled / counts.clamp(min=1).unsqueeze(1).to(pooled.dtype)
+    pooled = F.embedding_bag(idx[bag, col], emb.weight, counts.cumsum(0) - counts, mode="sum", sparse=True)
+    return pooled / counts.clamp(min=1).unsqueeze(1).to(pooled.dtype)    # (B, E)
 
 
 def shared_lookups(emb: nn.Embedding, ids: list[torch.Tensor],
