@@ -12,7 +12,7 @@ from models.baselines import ease_baseline, most_popular_scores
 from models.errors import ModelError
 from models.holdout import CatalogTask
 from models.inference import TwoTowerBundle
-from models.metrics import METRICS, full_catalog_metrics, pairs_by_row, rounded, rows_between, top_k
+from models.metrics import METRICS, full_catalog_metrics, pairs_by_row, rounded, rows_between, scored_batches, top_k
 from models.params import EvaluateParams
 
 Scorer = Callable[[int, int], torch.Tensor]     # scores(start, end) → (end - start, n_items) of those queries
@@ -75,14 +75,9 @@ def holdout_recommendations(bundle: TwoTowerBundle, task: CatalogTask, k: int,
     query order, then rank."""
     scorer = two_tower_scorer(bundle, task)
     k = min(k, task.n_items)
-    seen_rows, seen_cols = pairs_by_row(task.seen)
     rel_rows, rel_cols = pairs_by_row(task.relevant)
     parts = []
-    for start in range(0, task.n_users, batch_size):
-        end = min(start + batch_size, task.n_users)
-        s = scorer(start, end).clone()                                       # (b, I)
-        in_seen = rows_between(seen_rows, start, end)
-        s[seen_rows[in_seen] - start, seen_cols[in_seen]] = float("-inf")
+    for start, end, s in scored_batches(scorer, task.n_users, task.n_items, pairs_by_row(task.seen), batch_size):
         top = top_k(s, k)                                                    # (b, k)
         users = torch.arange(start, end).repeat_interleave(k)                # (b·k,)
         ranks = torch.arange(1, k + 1).repeat(end - start)                   # (b·k,)

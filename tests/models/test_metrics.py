@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.metrics import full_catalog_metrics, ranking_metrics
+from models.metrics import full_catalog_metrics, ranking_metrics, relevant_counts, top_k
 
 
 def test_recall_and_ndcg_on_a_hand_made_ranking():
@@ -51,3 +51,47 @@ def test_pairs_in_any_order_give_the_batch_size_independent_metrics():
                                  batch_size=4, **kw)
     assert mixed == pytest.approx(one)
     assert one["recall@10"] > 0
+
+
+def test_relevant_counts_from_pairs_equal_the_bool_matrix_sums_with_repeated_pairs():
+    """The per-row counts full_catalog_metrics takes from a batch's pairs are those of the bool matrix
+    the pairs mark: a pair listed twice counts once (fails without the dedup)."""
+    rng = np.random.default_rng(1)
+    n_rows, n_cols = 9, 40
+    rows = torch.from_numpy(rng.integers(0, n_rows, 300))
+    cols = torch.from_numpy(rng.integers(0, n_cols, 300))
+    tail = torch.from_numpy(rng.random(n_cols) < 0.7)
+    marked = torch.zeros((n_rows, n_cols), dtype=torch.bool)
+    marked[rows, cols] = True
+    n_rel, n_tail = relevant_counts(rows, cols, n_rows, n_cols, tail)
+    assert len(rows) > int(marked.sum())                     # some pairs repeat
+    assert torch.equal(n_rel, marked.sum(dim=1))
+    assert torch.equal(n_tail, (marked & tail).sum(dim=1))
+    assert relevant_counts(rows[:0], cols[:0], 3, n_cols)[0].tolist() == [0, 0, 0]
+    # ranking_metrics gives the same figures with the counts as from the matrix alone
+    top = torch.from_numpy(np.argsort(rng.random((n_rows, n_cols)), axis=1)[:, :10])
+    given = ranking_metrics(top, marked, [5, 10], tail, (n_rel, n_tail))
+    counted = ranking_metrics(top, marked, [5, 10], tail)
+    assert given.keys() == counted.keys()
+    assert all(torch.allclose(given[k], counted[k], equal_nan=True) for k in given)
+
+
+def test_the_scorers_tensor_is_left_alone_and_its_precision_kept():
+    """The batches are scored in a reused buffer: a scorer handing out views of its own matrix gets it
+    back untouched (the seen items' -inf goes to the copy), and float64 scores stay float64 (two
+    items 1e-12 apart keep their order; a float32 buffer would tie them and the lower column wins)."""
+    scores = torch.tensor([[1.0, 1.0 + 1e-12, 0.5], [0.2, 0.1, 0.3], [0.3, 0.2, 0.1]], dtype=torch.float64)
+    kept = scores.clone()
+    seen = (np.array([1, 2]), np.array([2, 0]))
+    relevant = (np.array([0, 1, 2]), np.array([1, 0, 1]))
+    m = full_catalog_metrics(lambda s, e: scores[s:e], 3, 3, seen, relevant, ks=[1], batch_size=2)
+    assert torch.equal(scores, kept)
+    # user 0: item 1 by 1e-12 (hit); user 1: item 2 seen, item 0 next (hit); user 2: item 0 seen, item 1 (hit)
+    assert m["recall@1"] == 1.0
+
+
+def test_top_k_of_scores_with_nan_and_both_infinities():
+    """NaN ranks as -inf (torch.topk would put it first); +inf beside -inf (their sum is NaN too) keeps its order."""
+    inf = float("inf")
+    scores = torch.tensor([[inf, -inf, 0.5, 0.1], [float("nan"), 0.2, -inf, 0.3]])
+    assert top_k(scores, 3).tolist() == [[0, 2, 3], [3, 1, 0]]     # NaN is -inf: tied with item 2, the lower column
