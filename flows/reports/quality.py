@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import html
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from evidently.metrics import (
 from flows.errors import DataContractError
 from flows.reports.diversity import DiversitySample
 from flows.reports.drift import put_at_top
+from models.fork_pool import run_jobs
 
 RECS_COLUMNS = ("user_id", "item_id", "score", "target")
 # Evidently metric type (the end of config.type) → figure name
@@ -58,7 +60,7 @@ def check_recs(recs: pd.DataFrame, source: Path, k: int) -> None:
 
 def quality_report(recs: pd.DataFrame, train: pd.DataFrame, item_vectors: pd.DataFrame | None, k: int,
                    html_path: Path, reference: pd.DataFrame | None = None,
-                   diversity: DiversitySample | None = None) -> tuple[dict[str, float], dict[str, str]]:
+                   diversity: DiversitySample | None = None, workers: int = 1) -> tuple[dict[str, float], dict[str, str]]:
     """Run RecsysPreset(k)'s metrics (+ popularity gini and coverage) on recs, with train (user_id,
     item_id: what the model learned from) for Novelty, Serendipity and popularity bias, and
     item_vectors (item_id + numeric feature columns, or None) for Diversity and Serendipity.
@@ -66,12 +68,15 @@ def quality_report(recs: pd.DataFrame, train: pd.DataFrame, item_vectors: pd.Dat
     Returns (figures, not computed: {figure: reason}): a metric that raises on this data (Novelty's
     histogram on a catalog where every item was seen once) is left out of the page and named, and
     the others are still computed. diversity (flows/reports/diversity.py): Diversity and Serendipity
-    on those users only, in a report of their own (the page shows them in the figures table)."""
+    on those users only, in a report of their own (the page shows them in the figures table), run
+    beside the main one in a forked process when workers > 1 (the same figures either way)."""
     if diversity is not None and item_vectors is not None:
-        figures, not_computed = quality_report(recs, train, None, k, html_path, reference)
+        runs = _Runs(recs, train, item_vectors, k, html_path, reference, diversity)
         if diversity.users == 0:
+            figures, not_computed = _main_run(runs)
             return figures, {**not_computed, **{f"{m}@{k}": diversity.note for m in ("diversity", "serendipity")}}
-        sampled, failed = _pairwise_figures(diversity, item_vectors, k)
+        (figures, not_computed), (sampled, failed) = run_jobs(
+            [("quality report", _main_run), ("diversity and serendipity", _pairwise_run)], runs, workers, 1)
         return dict(sorted({**figures, **sampled}.items())), {**not_computed, **failed}
     features = [c for c in item_vectors.columns if c != "item_id"] if item_vectors is not None else []
     ranking = Recsys(user_id="user_id", item_id="item_id", target="target", prediction="score",
@@ -112,6 +117,27 @@ def quality_report(recs: pd.DataFrame, train: pd.DataFrame, item_vectors: pd.Dat
         return {}, not_computed
     snapshot.save_html(str(html_path))
     return flatten(snapshot.dict(), k), not_computed
+
+
+@dataclass(frozen=True)
+class _Runs:
+    """What the two reports of a sampled quality report read (forked workers inherit it, unpickled)."""
+    recs: pd.DataFrame
+    train: pd.DataFrame
+    item_vectors: pd.DataFrame
+    k: int
+    html_path: Path
+    reference: pd.DataFrame | None
+    diversity: DiversitySample
+
+
+def _main_run(runs: _Runs) -> tuple[dict[str, float], dict[str, str]]:
+    """Every figure but Diversity and Serendipity, on every user, into the HTML page."""
+    return quality_report(runs.recs, runs.train, None, runs.k, runs.html_path, runs.reference)
+
+
+def _pairwise_run(runs: _Runs) -> tuple[dict[str, float], dict[str, str]]:
+    return _pairwise_figures(runs.diversity, runs.item_vectors, runs.k)
 
 
 def _pairwise_figures(sample: DiversitySample, item_vectors: pd.DataFrame, k: int) -> tuple[dict[str, float],

@@ -38,8 +38,21 @@ from flows.reports.frames import (
 )
 from flows.reports.live import LiveBundle, lineage, lineage_change, live_bundle
 from flows.reports.quality import add_comparison, check_recs, quality_report
+from models.fork_pool import resolve_workers
 
 NO_LIVE = "no previous published model"
+# report.workers: auto runs a sampled quality report's two Evidently reports side by side up to this many
+# training rows: each process holds its own frames (the 10M scale bench's report stage peaked at 7.5 GB in
+# one process, the 1M one at 3.8 GB)
+AUTO_MAX_TRAIN_ROWS = 2_000_000
+
+
+def quality_workers(workers: int | str, train_rows: int) -> int:
+    """Processes for the quality report (report.workers): auto = the usable cores, at most 2 (its two
+    reports), up to AUTO_MAX_TRAIN_ROWS training rows, else 1; a count as given."""
+    if workers == "auto":
+        return resolve_workers("auto", 1, 2) if train_rows <= AUTO_MAX_TRAIN_ROWS else 1
+    return resolve_workers(workers, 1, 2)
 
 
 def report(report_cfg: ReportParams, limits: DriftLimits, seed: int, ingested: Path, training_dir: Path,
@@ -196,10 +209,11 @@ def _quality(report_cfg: ReportParams, seed: int, train: pd.DataFrame, items: pd
     if vectors.shape[1] == 1:
         vectors, note = None, "diversity and serendipity skipped: the items have no features"
     html_path = quality_dir / "quality.html"
-    figures, not_computed = quality_report(recs, train, vectors, k, html_path, diversity=sample)
+    workers = quality_workers(report_cfg.workers, len(train)) if sample is not None and vectors is not None else 1
+    figures, not_computed = quality_report(recs, train, vectors, k, html_path, diversity=sample, workers=workers)
     add_comparison(html_path, previous.get("challenger") or figures, previous.get("metrics"),
                    f"Model quality: {previous['line']}", not_computed)
-    out = {**figures, "k": k, "users": int(recs["user_id"].nunique()), "previous": previous,
+    out = {**figures, "k": k, "users": int(recs["user_id"].nunique()), "workers": workers, "previous": previous,
            **({"diversity_sample": {"users": sample.users, "items": sample.items}} if sample is not None else {}),
            **({"note": note} if note else {}), **({"not_computed": not_computed} if not_computed else {})}
     (quality_dir / "quality.json").write_text(json.dumps(out, indent=2) + "\n")

@@ -82,3 +82,39 @@ def test_the_pairwise_reports_hold_one_distance_matrix_at_a_time(tmp_path: Path,
     monkeypatch.setattr(quality.Report, "run", run)
     figures, failed = quality._pairwise_figures(sample, vectors, 20)
     assert len(earlier) == 2 and not failed and {"diversity@20", "serendipity@20"} <= set(figures)
+
+
+def test_the_pairwise_report_runs_beside_the_main_one_with_the_same_figures(tmp_path: Path, monkeypatch) -> None:
+    """report.workers > 1: Diversity and Serendipity are computed in a forked process while this one runs
+    the other figures' report; every figure and the page are those of the one-process run."""
+    import os
+
+    import flows.reports.quality as quality
+
+    items, recs, train = _data()
+    sample = diversity_sample(recs, train, k=20, max_items=500, max_users=20, seed=0)
+    vectors = item_feature_vectors(items, SCHEMA)
+    pids = tmp_path / "pids"
+    real = quality._pairwise_figures
+
+    def pairwise(*args, **kwargs):
+        with pids.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quality, "_pairwise_figures", pairwise)
+    one = quality_report(recs, train, vectors, 20, tmp_path / "one.html", diversity=sample, workers=1)
+    two = quality_report(recs, train, vectors, 20, tmp_path / "two.html", diversity=sample, workers=2)
+    assert one == two and {"diversity@20", "serendipity@20", "ndcg@20"} <= set(two[0])
+    first, second = (int(p) for p in pids.read_text().split())
+    assert first == os.getpid() and second != os.getpid()
+    assert (tmp_path / "two.html").stat().st_size > 0
+
+
+def test_report_workers_auto_is_two_processes_up_to_a_training_size() -> None:
+    from flows.stages.report import AUTO_MAX_TRAIN_ROWS, quality_workers
+    from models.cores import usable_cores
+
+    assert quality_workers("auto", 700_000) == min(2, usable_cores())
+    assert quality_workers("auto", AUTO_MAX_TRAIN_ROWS + 1) == 1
+    assert quality_workers(2, 10 * AUTO_MAX_TRAIN_ROWS) == 2 and quality_workers(1, 10) == 1
