@@ -86,9 +86,9 @@ class _InBatchListwise(torch.autograd.Function):
         # a row whose kept columns all underflow (masked columns ~87 above every kept one: only at a
         # tiny learned temperature) is redone shifted by its kept maximum, as the reference does
         low = total.squeeze(1) < _TINY
-        if bool(low.any()) and drop is not None:
+        if drop is not None and bool(low.any()):      # nothing dropped: each row keeps its exp(0) = 1
             rows = low.nonzero().squeeze(1)
-            masked = drop[rows].clone()
+            masked = drop[rows]                                                     # (R, B), a copy
             masked[torch.arange(len(rows), device=rows.device), rows] = False      # the positive stays
             redo = torch.addmm(bias.neg().unsqueeze(0), qs[rows], c.T).masked_fill_(masked, float("-inf"))
             top[rows] = redo.amax(dim=1, keepdim=True)
