@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 
 from models.fork_pool import run_jobs
-from validation.batches import RowBatches
+from validation.batches import ROW_STRING_STORAGE, RowBatches
 
 DATASOURCE = "towerflow_ingested"
 MAX_EXAMPLES = 5
@@ -295,9 +295,11 @@ def _run_batch(checkpoint, check: Check, parameters: dict[str, Any], index: int,
     # copy of a frame built column by column merges its blocks again (a third of a training-set
     # check's time)
     frame = frame.copy()
-    # named per batch: batches checked at once in several processes get keys of their own
-    result = checkpoint.run(batch_parameters={"dataframe": frame}, expectation_parameters=parameters,
-                            run_id=RunIdentifier(run_name=f"{check.suite}-batch-{index}"))
+    # named per batch: batches checked at once in several processes get keys of their own. GX
+    # resolves the type name "StringDtype" to the default storage's dtype: the frames' own
+    with pd.option_context("mode.string_storage", ROW_STRING_STORAGE):
+        result = checkpoint.run(batch_parameters={"dataframe": frame}, expectation_parameters=parameters,
+                                run_id=RunIdentifier(run_name=f"{check.suite}-batch-{index}"))
     return list(result.run_results.items())
 
 
