@@ -39,6 +39,12 @@ def test_key_hashes_agree_across_batch_dtypes_and_tell_keys_apart():
     assert h_plain[0] != h_plain[1]          # (1, 2) and (2, 1): the order of the columns counts
     strings = pd.DataFrame({"user_id": ["u1", "u1"], "item_id": ["i1", "i2"], "timestamp": [t, t]})
     assert len(set(_key_hashes(strings, key)[0])) == 2
+    # the row frames' arrow strings (hashed by their distinct values) hash as Python strings do
+    arrow = row_frame(pa.table({"user_id": ["u1", "u1", None, "u2"], "item_id": ["i1", "i2", "i1", "i1"],
+                                "timestamp": [t, t, t, t]}))
+    h_arrow, v_arrow = _key_hashes(arrow, key)
+    assert v_arrow.tolist() == [True, True, False, True]
+    assert (h_arrow[:2] == _key_hashes(strings, key)[0]).all() and len(set(h_arrow[v_arrow])) == 3
 
 
 def test_row_checks_see_list_columns_as_lengths():
