@@ -181,7 +181,7 @@ class ReportParams(Section):
     max_users: PositiveInt = 5_000       # users sampled for the quality report (Serendipity loops over users)
     max_items_for_diversity: PositiveInt = 10_000  # above: Diversity/Serendipity on sampled users (items x items matrix)
     max_users_pairwise: PositiveInt = 1_000       # users Diversity/Serendipity are measured on (a sample above)
-    workers: PositiveInt | Literal["auto"] = "auto"  # processes for a sampled quality report's two Evidently reports
+    workers: PositiveInt | Literal["auto"] = "auto"  # processes: a sampled quality report's two Evidently reports, drift beside quality
 
 
 class DriftLimits(Section):

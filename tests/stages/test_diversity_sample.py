@@ -118,3 +118,12 @@ def test_report_workers_auto_is_two_processes_up_to_a_training_size() -> None:
     assert quality_workers("auto", 700_000) == min(2, usable_cores())
     assert quality_workers("auto", AUTO_MAX_TRAIN_ROWS + 1) == 1
     assert quality_workers(2, 10 * AUTO_MAX_TRAIN_ROWS) == 2 and quality_workers(1, 10) == 1
+
+
+def test_the_drift_reports_run_beside_the_quality_report_up_to_a_smaller_training_size() -> None:
+    from flows.stages.report import AUTO_MAX_BESIDE_ROWS, drift_beside
+    from models.cores import usable_cores
+
+    assert drift_beside("auto", 700_000) == (usable_cores() >= 2)
+    assert not drift_beside("auto", AUTO_MAX_BESIDE_ROWS + 1)
+    assert drift_beside(2, 10 * AUTO_MAX_BESIDE_ROWS) and not drift_beside(1, 10)

@@ -209,8 +209,9 @@ def test_short_data_skips_the_window_and_missing_inputs_are_named(run: dict, tmp
 
 
 def test_the_interaction_rows_are_let_go_before_the_quality_report(run: dict, tmp_path: Path, monkeypatch):
-    """The quality report's distance matrices are the stage's peak: the examples, the ratings and the
-    interaction frame (gigabytes at 10M rows) are no longer held under them."""
+    """The quality report's distance matrices are the stage's peak: one after the other (report.workers
+    1, or auto above AUTO_MAX_BESIDE_ROWS training rows), the examples, the ratings and the interaction
+    frame (gigabytes at 10M rows) are no longer held under them."""
     import gc
     import weakref
 
@@ -238,5 +239,43 @@ def test_the_interaction_rows_are_let_go_before_the_quality_report(run: dict, tm
     monkeypatch.setattr(stage, "read_training", read)
     monkeypatch.setattr(stage, "interaction_frame", frame)
     monkeypatch.setattr(stage, "_quality", quality)
-    _report(run, tmp_path / "reports", tmp_path / "published")
+    _report(run, tmp_path / "reports", tmp_path / "published", CFG.model_copy(update={"workers": 1}))
     assert FIGURES <= set(json.loads((tmp_path / "reports" / "quality" / "quality.json").read_text()))
+
+
+def test_the_drift_reports_run_beside_the_quality_report(run: dict, tmp_path: Path, monkeypatch):
+    """With two usable cores (report.workers auto, a small training split) the drift reports run in a
+    forked process while the quality report runs in another: the same verdicts and figures as one after
+    the other (scores to ~1e-14: numpy's sums vary with memory alignment), and the report writes both."""
+    import os
+
+    import flows.stages.report as stage
+
+    pids = tmp_path / "pids"
+    real_window, real_quality = stage._window_drift, stage._quality
+
+    def record(what: str, real):
+        def wrapped(*args, **kwargs):
+            with pids.open("a") as f:
+                f.write(f"{what} {os.getpid()}\n")
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(stage, "_window_drift", record("drift", real_window))
+    monkeypatch.setattr(stage, "_quality", record("quality", real_quality))
+    monkeypatch.setattr("models.fork_pool.usable_cores", lambda: 2)
+    beside = _report(run, tmp_path / "beside", tmp_path / "published")
+    ran = dict(line.split() for line in pids.read_text().splitlines())
+    assert set(ran) == {"drift", "quality"}
+    assert len({ran["drift"], ran["quality"], str(os.getpid())}) == 3
+    pids.unlink()
+    one = _report(run, tmp_path / "one", tmp_path / "published", CFG.model_copy(update={"workers": 1}))
+    assert set(dict(line.split() for line in pids.read_text().splitlines()).values()) == {str(os.getpid())}
+    assert beside.keys() == one.keys() and beside[f"ndcg@{K}"] == one[f"ndcg@{K}"]
+    for name in ("window", "published"):
+        share = one[f"{name}_drift_share"]
+        assert beside[f"{name}_drift_share"] == (share if share is None else pytest.approx(share, rel=1e-9))
+    drift = [json.loads((tmp_path / d / "drift" / "summary.json").read_text()) for d in ("beside", "one")]
+    assert drift[0]["window"].get("drifted") == drift[1]["window"].get("drifted")
+    quality = [json.loads((tmp_path / d / "quality" / "quality.json").read_text()) for d in ("beside", "one")]
+    assert {k: quality[0][k] for k in FIGURES} == {k: quality[1][k] for k in FIGURES}
