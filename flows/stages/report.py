@@ -63,9 +63,7 @@ def quality_workers(workers: int | str, train_rows: int) -> int:
 def drift_beside(workers: int | str, train_rows: int) -> bool:
     """Whether the drift reports run beside the quality report (report.workers): auto = 2 usable cores
     and up to AUTO_MAX_BESIDE_ROWS training rows; a count of 2 or more."""
-    if workers == "auto":
-        return resolve_workers("auto", 1, 2) > 1 and train_rows <= AUTO_MAX_BESIDE_ROWS
-    return resolve_workers(workers, 1, 2) > 1
+    return quality_workers(workers, train_rows) > 1 and (workers != "auto" or train_rows <= AUTO_MAX_BESIDE_ROWS)
 
 
 def report(report_cfg: ReportParams, limits: DriftLimits, seed: int, ingested: Path, training_dir: Path,
