@@ -24,13 +24,20 @@ class FeaturesParams(Section):
     # The Feast offline store that runs the point-in-time training join and reads the sources for
     # materialization: file (pandas/Dask), duckdb (ibis + DuckDB, one process, spills to disk),
     # spark (contrib, pyspark; local[*] unless $SPARK_MASTER names a cluster; needs Java), or auto:
-    # file up to offline_auto_rows interactions, duckdb above (README "Outgrowing one machine").
+    # file up to offline_auto_rows interactions and offline_auto_pairs join rows, duckdb above (README
+    # "Outgrowing one machine").
     offline_store: Literal["file", "duckdb", "spark", "auto"] = "auto"
     # Measured (flows/experiments/offline_bench.py, generated heavy-tailed data, loaded machine): at 20k
     # interactions DuckDB took 31 s to the file store's 55 s, at 100k the same time with a higher peak
     # (2.7 vs 1.1 GiB), at 1M it materialized in < 6 min where the file store had not in 12. Up to
     # 200k the file store (which the end-to-end tests run on the demo) is kept.
     offline_auto_rows: PositiveInt = 200_000
+    # ... and while its join stays small: the file store joins each entity row with every feature row
+    # of its user (the sum over users of their rows squared: features/training_set.py `join_pairs`),
+    # at most 2M pairs a call, and each call costs ~1.3 s of Dask tokenizing its inputs whatever its
+    # size. The gate bench's halfstar shape (56k interactions, one user with 20,871 of them): 457M
+    # pairs, 230 calls, 296 s of a 306 s materialize; the demo: 4.8M pairs.
+    offline_auto_pairs: PositiveInt = 50_000_000
     # duckdb only: DuckDB's memory limit; beyond it joins spill to <paths.feast>/duckdb-tmp. Its own
     # default (80% of the machine's RAM) got a 1M-interaction join OOM-killed at 19 GB on 24 GB.
     # At 10M interactions each 1M-example join slice lifted the process by about this limit (4GB:
@@ -53,8 +60,10 @@ class FeaturesParams(Section):
             raise ValueError(f"windows must be distinct, got {list(windows)}")
         return tuple(sorted(windows))
 
-    def offline_for(self, interactions: int) -> OfflineKind:
-        """The offline store a run over `interactions` rows uses (auto resolved by size)."""
+    def offline_for(self, interactions: int, join_pairs: int = 0) -> OfflineKind:
+        """The offline store a run over `interactions` rows whose training join holds `join_pairs`
+        entity x feature rows uses (auto resolved by both sizes)."""
         if self.offline_store != "auto":
             return self.offline_store
-        return "duckdb" if interactions > self.offline_auto_rows else "file"
+        small = interactions <= self.offline_auto_rows and join_pairs <= self.offline_auto_pairs
+        return "file" if small else "duckdb"

@@ -38,6 +38,7 @@ from features.history import OfflineSources
 from features.memory import return_freed_memory
 from features.params import FeaturesParams, OfflineKind
 from features.store import DEFAULT_REDIS, open_store, redis_connection_string, reset_online
+from features.training_set import join_pairs
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -150,10 +151,10 @@ def fill_online(features_cfg: FeaturesParams, schema: dict, interactions: pd.Dat
                 feast_dir: Path) -> tuple["FeatureStore", Refresh]:
     """Bring the registry + online store up to the sources' "now" rows: incrementally when the rows
     already online are still right, else rebuilt over the full range (see module doc). The store
-    comes back opened on the offline store `features_cfg.offline_for(len(interactions))`, which
-    also runs the training join."""
+    comes back opened on the offline store `features_cfg.offline_for` picks for the interactions and
+    their training join's size, which also runs the training join."""
     end = sources.now + pd.Timedelta(seconds=1)  # the end is exclusive; the "now" rows must go online
-    offline = features_cfg.offline_for(len(interactions))
+    offline = features_cfg.offline_for(len(interactions), join_pairs(interactions))
     definition = definition_digest(schema, features_dir, features_cfg.history_length,
                                    features_cfg.online_store, offline)
     static = static_digest(features_dir)

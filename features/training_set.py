@@ -59,6 +59,13 @@ def _chunks(entity_df: pd.DataFrame, key: str, max_pairs: int) -> np.ndarray:
     return (np.cumsum(per_row) - per_row) // max_pairs
 
 
+def join_pairs(interactions: pd.DataFrame, key: str = USER_KEY) -> int:
+    """The entity x feature rows of the training join over `interactions` (`_chunks`' count over the
+    distinct (key, timestamp) rows: each key's rows squared, summed)."""
+    per_key = interactions[[key, "timestamp"]].drop_duplicates().groupby(key, sort=False).size()
+    return int((per_key.to_numpy(dtype=np.int64) ** 2).sum())
+
+
 # Entity x feature rows per join call (`_chunks`), by offline store. Every store Feast has joins
 # each entity row with every feature row of its key before it filters by time (DuckDB's and Spark's
 # too: an inner join and a window, not an ASOF join), so one heavy user still makes d^2 rows. The

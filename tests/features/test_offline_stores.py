@@ -168,6 +168,22 @@ def test_auto_picks_duckdb_above_the_measured_size():
     assert FeaturesParams(offline_store="spark").offline_for(10) == "spark"
 
 
+def test_auto_picks_duckdb_for_a_large_join_of_few_interactions():
+    """The file store's join grows with each user's rows squared: a heavy user (the halfstar shape's
+    20,871 events in 56k) makes hundreds of its calls. The pairs are counted over distinct (user, time)
+    rows, as the join runs."""
+    from features.training_set import join_pairs
+
+    t = pd.Timestamp("2024-01-01", tz="UTC")
+    rows = pd.DataFrame({"user_id": ["a"] * 3 + ["b"], "timestamp": [t, t, t + pd.Timedelta(1, "s"), t]})
+    assert join_pairs(rows) == 2 ** 2 + 1
+    heavy = pd.DataFrame({"user_id": ["bot"] * 8000, "timestamp": pd.date_range(t, periods=8000, freq="s")})
+    cfg = FeaturesParams()
+    assert cfg.offline_for(len(heavy), join_pairs(heavy)) == "duckdb"       # 64M pairs in 8,000 rows
+    assert cfg.offline_for(len(heavy), join_pairs(heavy.iloc[:7000])) == "file"
+    assert FeaturesParams(offline_store="file").offline_for(10, 10 ** 12) == "file"
+
+
 def test_switching_the_offline_store_rebuilds_and_duckdb_extends_incrementally(tmp_path):
     """The registry's sources follow the offline store, so a switch must not reuse the old ones;
     on DuckDB, newer interactions are materialized incrementally to the same online rows as a full
