@@ -1,6 +1,7 @@
 """Typed config section for the Feast feature repository."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import PositiveInt, field_validator
@@ -60,10 +61,12 @@ class FeaturesParams(Section):
             raise ValueError(f"windows must be distinct, got {list(windows)}")
         return tuple(sorted(windows))
 
-    def offline_for(self, interactions: int, join_pairs: int = 0) -> OfflineKind:
-        """The offline store a run over `interactions` rows whose training join holds `join_pairs`
-        entity x feature rows uses (auto resolved by both sizes)."""
+    def offline_for(self, interactions: int, join_pairs: Callable[[], int] = lambda: 0) -> OfflineKind:
+        """The offline store a run over `interactions` rows whose training join holds `join_pairs()`
+        entity x feature rows uses (auto resolved by both sizes; the pairs, a pass over the
+        interactions, are counted only where the row count leaves the file store possible)."""
         if self.offline_store != "auto":
             return self.offline_store
-        small = interactions <= self.offline_auto_rows and join_pairs <= self.offline_auto_pairs
-        return "file" if small else "duckdb"
+        if interactions > self.offline_auto_rows:
+            return "duckdb"
+        return "file" if join_pairs() <= self.offline_auto_pairs else "duckdb"

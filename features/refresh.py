@@ -154,7 +154,7 @@ def fill_online(features_cfg: FeaturesParams, schema: dict, interactions: pd.Dat
     comes back opened on the offline store `features_cfg.offline_for` picks for the interactions and
     their training join's size, which also runs the training join."""
     end = sources.now + pd.Timedelta(seconds=1)  # the end is exclusive; the "now" rows must go online
-    offline = features_cfg.offline_for(len(interactions), join_pairs(interactions))
+    offline = features_cfg.offline_for(len(interactions), lambda: join_pairs(interactions))
     definition = definition_digest(schema, features_dir, features_cfg.history_length,
                                    features_cfg.online_store, offline)
     static = static_digest(features_dir)

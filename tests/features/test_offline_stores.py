@@ -179,9 +179,9 @@ def test_auto_picks_duckdb_for_a_large_join_of_few_interactions():
     assert join_pairs(rows) == 2 ** 2 + 1
     heavy = pd.DataFrame({"user_id": ["bot"] * 8000, "timestamp": pd.date_range(t, periods=8000, freq="s")})
     cfg = FeaturesParams()
-    assert cfg.offline_for(len(heavy), join_pairs(heavy)) == "duckdb"       # 64M pairs in 8,000 rows
-    assert cfg.offline_for(len(heavy), join_pairs(heavy.iloc[:7000])) == "file"
-    assert FeaturesParams(offline_store="file").offline_for(10, 10 ** 12) == "file"
+    assert cfg.offline_for(len(heavy), lambda: join_pairs(heavy)) == "duckdb"       # 64M pairs in 8,000 rows
+    assert cfg.offline_for(len(heavy), lambda: join_pairs(heavy.iloc[:7000])) == "file"
+    assert FeaturesParams(offline_store="file").offline_for(10, lambda: 10 ** 12) == "file"
 
 
 def test_switching_the_offline_store_rebuilds_and_duckdb_extends_incrementally(tmp_path):
