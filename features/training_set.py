@@ -8,6 +8,7 @@ user_history_index_fv's scalar row number and takes the lists by position from t
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,6 +77,16 @@ def join_pairs(interactions: pd.DataFrame, key: str = USER_KEY) -> int:
 MAX_PAIRS = {"file": 2_000_000, "duckdb": 20_000_000, "spark": 50_000_000}
 
 
+def historical(store: "FeatureStore", entity_df: pd.DataFrame, refs: list[str]) -> pd.DataFrame:
+    """Feast's get_historical_features of entity_df as a frame."""
+    with warnings.catch_warnings():
+        # ibis' DuckDB backend calls duckdb's deprecated fetch_arrow_table(), and Feast sets
+        # DeprecationWarnings to show: each call printed the same two lines into materialize's log
+        # (28 lines on the 700k bench shape), nothing a user can act on
+        warnings.filterwarnings("ignore", r"fetch_arrow_table\(\) is deprecated", DeprecationWarning)
+        return store.get_historical_features(entity_df=entity_df, features=refs).to_df()
+
+
 def point_in_time(store: "FeatureStore", keys: pd.DataFrame, refs: list[str],
                   max_pairs: int | None = None, key: str = USER_KEY) -> pd.DataFrame:
     """Features `refs` of each (key, timestamp) row of keys as of its timestamp, row-aligned; a row
@@ -92,7 +103,7 @@ def point_in_time(store: "FeatureStore", keys: pd.DataFrame, refs: list[str],
     entity_df["__row"] = np.arange(n_pairs)
     max_pairs = max_pairs or MAX_PAIRS[store.config.offline_store.type]
     entity_df = entity_df.sort_values([key, TIMESTAMP_FIELD], kind="mergesort", ignore_index=True)
-    parts = [store.get_historical_features(entity_df=chunk, features=refs).to_df()
+    parts = [historical(store, chunk, refs)
              for _, chunk in entity_df.groupby(_chunks(entity_df, key, max_pairs), sort=True)]
     joined = pd.concat(parts, ignore_index=True)
     rows = joined["__row"].to_numpy()
@@ -166,7 +177,7 @@ def item_catalog(store: "FeatureStore", schema: dict, items: pd.DataFrame, at: p
     else:
         entity_df = pd.DataFrame({ITEM_KEY: items[ITEM_KEY].to_numpy(), TIMESTAMP_FIELD: at,
                                   "__row": np.arange(len(items))})
-        joined = store.get_historical_features(entity_df=entity_df, features=refs).to_df()
+        joined = historical(store, entity_df, refs)
         if len(joined) != len(items) or joined["__row"].nunique() != len(items):
             raise RuntimeError(f"Feast returned {len(joined)} catalog rows for {len(items)} items")
         joined = joined.sort_values("__row", ignore_index=True)
