@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from models.negatives import (HARD_NEGATIVES_COLUMN, NegativePool, NegativeSampler, draw_hard_negatives,
-                              prepare_negatives)
+                              factorize_parts, prepare_negatives)
 from models.params import SampleParams
 
 
@@ -66,16 +66,14 @@ def _coded(keys: pd.DataFrame, pool: NegativePool,
     a null code), and the item id of each item code. Each id column is hashed once here: hashed again
     wherever it was used (each stream's pool filter, every draw chunk's request lookup, the popularity
     counts), string ids were a fifth of the 10M sample stage and grew faster than the rows."""
-    n, p = len(keys), len(pool.user)
-    user, _ = pd.factorize(pd.concat([keys["user_id"], pool.user, pool.request_user], ignore_index=True))
-    item, item_ids = pd.factorize(pd.concat([keys["item_id"], pool.item], ignore_index=True))
+    (key_user, pool_user, request_user), _ = factorize_parts([keys["user_id"], pool.user, pool.request_user])
+    (key_item, pool_item), item_ids = factorize_parts([keys["item_id"], pool.item])
 
     def codes(values: np.ndarray) -> pd.Series:
         return pd.Series(pd.arrays.IntegerArray(values.astype(np.int64), values < 0))
 
-    coded = keys.assign(user_id=codes(user[:n]), item_id=codes(item[:n]))
-    coded_pool = replace(pool, user=codes(user[n:n + p]), item=codes(item[n:]),
-                         request_user=codes(user[n + p:]))
+    coded = keys.assign(user_id=codes(key_user), item_id=codes(key_item))
+    coded_pool = replace(pool, user=codes(pool_user), item=codes(pool_item), request_user=codes(request_user))
     return coded, coded_pool, pa.array(np.asarray(item_ids), type=item_type)
 
 

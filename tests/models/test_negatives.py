@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from models.negatives import (NegativePool, attach_hard_negatives, latest_request, load_negative_pool,
+from models.negatives import (NegativePool, attach_hard_negatives, factorize_parts, latest_request, load_negative_pool,
                               popularity_distribution)
 
 
@@ -138,3 +138,47 @@ def test_each_example_finds_its_users_latest_request_at_or_before_it(string_ids)
                         key=lambda j: (times[j], j))
                     for u, t in zip(ex["user_id"], ex["timestamp"])]
         assert latest_request(ex, pool).tolist() == expected
+
+
+def test_factorize_parts_codes_as_one_factorize_of_the_values():
+    """Categorical parts (unused categories, nulls, categories in another order than their rows use
+    them) are coded through their categories: the same codes and uniques as pd.factorize of every
+    part's values concatenated."""
+    rng = np.random.default_rng(3)
+    ids = np.array([f"u{j}" for j in range(40)], dtype=object)
+    plain = pd.Series(ids[rng.integers(0, 25, 300)])
+    rows = rng.integers(-1, 40, 2_000)                                  # -1: null rows
+    cats = pd.Series(pd.Categorical.from_codes(rows, categories=pd.Index(ids[rng.permutation(40)])))
+    few = pd.Series(pd.Categorical.from_codes(rng.integers(0, 5, 50), categories=pd.Index(ids[::-1])))
+    empty = pd.Series(pd.Categorical([], categories=pd.Index(ids)))
+    parts = [plain, cats, empty, few]
+    codes, uniques = factorize_parts(parts)
+    want, want_uniques = pd.factorize(pd.concat([p.astype(object) for p in parts], ignore_index=True))
+    assert list(uniques) == list(want_uniques)
+    np.testing.assert_array_equal(np.concatenate(codes), want)
+    assert [len(c) for c in codes] == [len(p) for p in parts]
+
+
+def test_the_pool_is_the_same_from_dictionary_pages_and_plain_strings(tmp_path):
+    """String ids are read as the file's dictionaries (per row group, ordered as the writer met them,
+    shown rows included): requests, users and items come out as from plain strings, the requests
+    numbered in the order the kept rows first use them."""
+    rows = [("b", "ub", "ix", 1, "shown", False)]                     # b's first row is not kept
+    rows += [("a", "ua", f"i{j}", 2, "retrieved", False) for j in range(5)]
+    rows += [("b", "ub", "iy", 3, "ranked", False), ("c", None, "iz", 4, "retrieved", False)]
+    rows += [(f"r{j % 7}", f"u{j % 5}", f"i{j % 11}", j, "retrieved", False) for j in range(60)]
+    frame = pd.DataFrame(rows, columns=["request_id", "user_id", "item_id", "minute", "stage", "clicked"])
+    frame["timestamp"] = _ts(frame.pop("minute"))
+    for name, dictionary in (("dict.parquet", True), ("plain.parquet", False)):
+        frame.to_parquet(tmp_path / name, index=False, use_dictionary=dictionary, row_group_size=16)
+    got, plain = (load_negative_pool(tmp_path / n) for n in ("dict.parquet", "plain.parquet"))
+    kept = frame[frame["stage"] != "shown"]
+    assert list(got.request) == sorted(pd.factorize(kept["request_id"])[0])   # a, b, c, r0, ... by first use
+    assert got.request_user.astype(object).fillna("<null>").tolist()[:3] == ["ua", "ub", "<null>"]
+    for pool in (got, plain):
+        assert len(pool.request) == len(kept) and pool.log_rows == len(frame)
+    np.testing.assert_array_equal(got.request, plain.request)
+    for field in ("user", "item", "request_user"):
+        assert getattr(got, field).astype(object).fillna("<null>").tolist() == \
+            getattr(plain, field).astype(object).fillna("<null>").tolist()
+    assert got.request_time.tolist() == plain.request_time.tolist()
