@@ -247,13 +247,28 @@ class RankingLog:
 
     def rows_of(self, table: pa.Table) -> pa.Table:
         """A chunk's shown rows of this split."""
-        table = table.filter(shown_mask(table, self.spec))
+        shown = table.filter(shown_mask(table, self.spec))
+        return self.split_rows(shown, self.sides(shown))
+
+    @property
+    def split_key(self) -> tuple[float, float, ValidBy] | None:
+        """What decides the sides of a row (None: split "all" needs none): logs of one key can share `sides`."""
+        return None if self.split == "all" else (self.test_fraction, self.valid_fraction, self.valid_by)
+
+    def sides(self, shown: pa.Table) -> np.ndarray | None:
+        """(N,) split_of each of a chunk's shown rows; None for split "all"."""
+        if self.split == "all":
+            return None
+        users = shown["user_id"].to_numpy(zero_copy_only=False) if self.valid_by == "user" else None
+        return split_of(shown["request_id"].to_numpy(zero_copy_only=False), self.test_fraction,
+                        self.valid_fraction, users)
+
+    def split_rows(self, shown: pa.Table, sides: np.ndarray | None) -> pa.Table:
+        """The rows of this split among a chunk's shown rows, given their `sides`."""
         if self.split != "all":
-            users = table["user_id"].to_numpy(zero_copy_only=False) if self.valid_by == "user" else None
-            side = split_of(table["request_id"].to_numpy(zero_copy_only=False), self.test_fraction,
-                            self.valid_fraction, users)
-            table = table.filter(pa.array(side == ("train", "test", "valid").index(self.split)))
-        return _checked(table, self.path)
+            assert sides is not None, f"split {self.split!r} needs the rows' sides"
+            shown = shown.filter(pa.array(sides == ("train", "test", "valid").index(self.split)))
+        return _checked(shown, self.path)
 
     def _columns(self, table: pa.Table) -> dict[str, np.ndarray]:
         """Per-row model inputs as numpy, ids already mapped to vocabulary indices."""

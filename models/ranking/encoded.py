@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from models.ranking.data import LogSpec, RankBatch, RankingLog, batch_bounds, request_batch
+from models.ranking.data import LogSpec, RankBatch, RankingLog, batch_bounds, request_batch, shown_mask
 
 META = "encoded.json"
 
@@ -140,8 +140,14 @@ def encode_splits(logs: Mapping[str, RankingLog], directory: Path) -> dict[str, 
     writers = {name: _Writer(Path(directory) / name, log.batch_requests) for name, log in logs.items()}
     try:
         for chunk in first.chunks(first.spec.columns):
+            shown = chunk.filter(shown_mask(chunk, first.spec))
+            # each row's split hashed once a chunk for the splits that share how (3 passes of hashing
+            # request and user ids were 3.5 of the 700k bench log's 9.8 s encoding)
+            sides: dict[tuple | None, np.ndarray | None] = {}
             for name, log in logs.items():
-                writers[name].add(*log.sorted_rows(log.rows_of(chunk)))
+                if log.split_key not in sides:
+                    sides[log.split_key] = log.sides(shown)
+                writers[name].add(*log.sorted_rows(log.split_rows(shown, sides[log.split_key])))
     finally:
         for w in writers.values():
             w.close()

@@ -68,6 +68,30 @@ def test_encoded_splits_yield_the_batches_of_a_pass_over_the_file(grid_log: tupl
         _assert_same(a, b)
 
 
+def test_splits_decided_differently_are_encoded_each_its_own_way(grid_log: tuple, tmp_path: Path) -> None:
+    """One read serves logs whose sides differ (validation by user and by request, another test
+    share, the whole file): a chunk's rows are hashed to their sides once per way, never one log's
+    sides used for another's."""
+    path, features, spec = grid_log
+    kw = dict(batch_requests=4, read_rows=29)
+    logs = {"by_user": RankingLog(path, features, spec, split="valid", test_fraction=0.2, valid_fraction=0.3,
+                                  valid_by="user", **kw),
+            "by_request": RankingLog(path, features, spec, split="valid", test_fraction=0.2, valid_fraction=0.3,
+                                     **kw),
+            "test": RankingLog(path, features, spec, split="test", test_fraction=0.5, **kw),
+            "all": RankingLog(path, features, spec, **kw)}
+    encoded = encode_splits(logs, tmp_path / "enc")
+    sizes = {}
+    for name, log in logs.items():
+        expected = list(log)
+        got = list(encoded[name])
+        assert len(got) == len(expected) > 0
+        for a, b in zip(got, expected):
+            _assert_same(a, b)
+        sizes[name] = sum(int(b.mask.sum()) for b in expected)
+    assert len(set(sizes.values())) == len(sizes), sizes          # four different row sets
+
+
 def test_a_pass_holds_about_read_rows_rows_at_a_time(grid_log: tuple, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     path, features, spec = grid_log
