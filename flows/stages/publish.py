@@ -22,7 +22,7 @@ from flows.params import PublishParams
 from flows.serving.bundles import open_store, version_name
 from flows.serving.store import MODEL_DIR, MODEL_FILES, RANKER_DIR, BundleStore, model_digest
 from flows.serving.index import IndexSettings, catalog_payloads, choose_backend, create_index, pause_point
-from flows.serving.index.qdrant_server import collection_name, server_url
+from flows.serving.index.base import collection_name, server_url
 from flows.reports.live import bundle_eval_model, bundle_reports, lineage, require_passed
 from flows.serving.verify import check_vectors, verify_index
 from models.encoding import read_rows

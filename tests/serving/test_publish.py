@@ -217,3 +217,20 @@ def test_server_backend_moves_the_alias_with_publish_and_rollback(project: Path,
     assert third["pruned"] == [first["version"]]
     names = {c.name for c in shared.client.get_collections().collections}
     assert names == {second_collection, store.meta(third["version"])["collection"]}
+
+
+def test_publishing_to_an_embedded_edge_index_does_not_import_the_qdrant_client():
+    """The publish stage and the qdrant-edge backend (catalogs above publish.local_max_items) leave
+    qdrant_client unimported: its import (pydantic models of the whole HTTP API) was 2.6 s of a 30k-item
+    publish that never talked to a server."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys\nimport flows.stages.publish\nimport flows.serving.verify\n"
+              "from flows.serving.index.qdrant_edge import EdgeIndex\n"
+              "from flows.serving.index.base import collection_name, server_url\n"
+              "print(any(m == 'qdrant_client' or m.startswith('qdrant_client.') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).parents[2]))
+    assert out.stdout.strip() == "False", out.stderr

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import operator
+import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +30,18 @@ ITEM_ID = "item_id"
 Hit = tuple[Any, float]                       # (item_id, cosine score)
 COMPARE = {"gte": operator.ge, "gt": operator.gt, "lte": operator.le, "lt": operator.lt}
 RANGE_KEYS = tuple(COMPARE)
+
+
+def server_url() -> str | None:
+    """The Qdrant server of the qdrant-server backend (QDRANT_URL), or None. Here, not in
+    qdrant_server.py: publish asks it before it knows its backend, and that module imports
+    qdrant_client (2.6 s of an embedded backend's publish that never used it)."""
+    return os.environ.get("QDRANT_URL") or None
+
+
+def collection_name(prefix: str, version: str) -> str:
+    """Qdrant collection names: letters, digits, '_' and '-' are safe everywhere."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{prefix}_{version}")
 
 
 class BadQuery(TowerflowError):

@@ -8,13 +8,12 @@ follow the alias.
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 from qdrant_client import QdrantClient, models
 
 from flows.errors import PublishError, TowerflowError
-from flows.serving.index.base import ITEM_ID, IndexSettings
+from flows.serving.index.base import ITEM_ID, IndexSettings, collection_name, server_url  # noqa: F401 (re-exported)
 from flows.serving.index.qdrant_local import ClientIndex
 
 # Quantized search: score 2x the candidates with int8 vectors, rescore them with the originals
@@ -24,20 +23,11 @@ PAYLOAD_SCHEMA = {"keyword": models.PayloadSchemaType.KEYWORD, "integer": models
                   "float": models.PayloadSchemaType.FLOAT}
 
 
-def server_url() -> str | None:
-    return os.environ.get("QDRANT_URL") or None
-
-
 def server_client() -> QdrantClient:
     url = server_url()
     if url is None:
         raise TowerflowError("QDRANT_URL is not set: a qdrant-server bundle needs the server it was published to")
     return QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY") or None)
-
-
-def collection_name(prefix: str, version: str) -> str:
-    """Qdrant collection names: letters, digits, '_' and '-' are safe everywhere."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{prefix}_{version}")
 
 
 class ServerIndex(ClientIndex):
