@@ -73,7 +73,7 @@ def load_negative_pool(logs_path: Path, include_shown_unclicked: bool = False) -
     Their ids become categoricals: a code per row and each distinct id once, never a Python object
     per row (models/sampling.py codes them through their categories). String columns are read as
     the file's own dictionaries: on the 700k bench's log (14.0M rows, 11.2M kept, string ids) reading
-    and coding took 1.6 s against 5.4 s as strings, and the pool with its coding 12 -> ~3 s."""
+    and coding took 1.6 s against 5.4 s as strings, and the pool with its coding 12 -> 4.6 s."""
     if not logs_path.exists():
         raise ModelInputError(f"{logs_path}: not found")
     names = pq.ParquetFile(logs_path).schema_arrow
