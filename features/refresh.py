@@ -37,7 +37,7 @@ from features.definitions import (
 from features.history import OfflineSources
 from features.memory import return_freed_memory
 from features.params import FeaturesParams, OfflineKind
-from features.store import DEFAULT_REDIS, open_store, redis_connection_string, reset_online
+from features.store import DEFAULT_REDIS, open_store, quiet_offline_reads, redis_connection_string, reset_online
 from features.training_set import join_pairs
 
 if TYPE_CHECKING:
@@ -164,12 +164,14 @@ def fill_online(features_cfg: FeaturesParams, schema: dict, interactions: pd.Dat
     if how == "full":
         store = _fresh_store(features_cfg, schema, features_dir, feast_dir, offline)
         # One call: the offline store picks each entity's latest row, so each is written once.
-        store.materialize(start_date=sources.static_at.to_pydatetime(), end_date=end.to_pydatetime())
+        with quiet_offline_reads():
+            store.materialize(start_date=sources.static_at.to_pydatetime(), end_date=end.to_pydatetime())
     else:
         store = _open(features_cfg, features_dir, feast_dir, offline)
         if how == "incremental":
             # From each view's last materialized end (in the registry) to the new end.
-            store.materialize_incremental(end_date=end.to_pydatetime())
+            with quiet_offline_reads():
+                store.materialize_incremental(end_date=end.to_pydatetime())
     record(feast_dir, definition, static, interactions, end)
     if how != "unchanged":
         return_freed_memory()

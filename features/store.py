@@ -18,6 +18,9 @@ import importlib.util
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote, urlsplit
@@ -134,6 +137,17 @@ class OnlineOnly:
     read or an offline write asks for one (and refuses: this is no OfflineStore class)."""
 
     type = "none: opened for online reads and pushes only"
+
+
+@contextmanager
+def quiet_offline_reads() -> Iterator[None]:
+    """Reads through the offline store without one library warning nobody can act on: ibis' DuckDB
+    backend calls duckdb's deprecated fetch_arrow_table() in every query, and Feast turns
+    DeprecationWarnings on, so each join call and each view's materialization printed the same two
+    lines into materialize's log (38 lines on the 700k bench shape)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"fetch_arrow_table\(\) is deprecated", DeprecationWarning)
+        yield
 
 
 def import_feast_without_torch() -> None:

@@ -8,7 +8,6 @@ user_history_index_fv's scalar row number and takes the lists by position from t
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +32,7 @@ from features.definitions import (
     user_static_refs,
 )
 from features.history import expand_lists
+from features.store import quiet_offline_reads
 from models.arrays import sorted_unique
 
 if TYPE_CHECKING:
@@ -79,11 +79,7 @@ MAX_PAIRS = {"file": 2_000_000, "duckdb": 20_000_000, "spark": 50_000_000}
 
 def historical(store: "FeatureStore", entity_df: pd.DataFrame, refs: list[str]) -> pd.DataFrame:
     """Feast's get_historical_features of entity_df as a frame."""
-    with warnings.catch_warnings():
-        # ibis' DuckDB backend calls duckdb's deprecated fetch_arrow_table(), and Feast sets
-        # DeprecationWarnings to show: each call printed the same two lines into materialize's log
-        # (28 lines on the 700k bench shape), nothing a user can act on
-        warnings.filterwarnings("ignore", r"fetch_arrow_table\(\) is deprecated", DeprecationWarning)
+    with quiet_offline_reads():
         return store.get_historical_features(entity_df=entity_df, features=refs).to_df()
 
 

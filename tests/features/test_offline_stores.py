@@ -213,7 +213,11 @@ def test_switching_the_offline_store_rebuilds_and_duckdb_extends_incrementally(t
         dirs = {"features_dir": root / "features", "feast_dir": root / "feast"}
         cfg = FeaturesParams(history_length=HISTORY, offline_store=offline)
         sources = write_sources(cfg, schema, users, items, rows, dirs["features_dir"])
-        how = fill_online(cfg, schema, rows, sources, **dirs)[1]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            how = fill_online(cfg, schema, rows, sources, **dirs)[1]
+        # ibis' deprecated duckdb call, once per materialized view, is not printed into the log
+        assert not [w for w in caught if "fetch_arrow_table" in str(w.message)], [str(w.message) for w in caught]
         return how, online_user_features(open_store(dirs["feast_dir"], dirs["features_dir"]), schema,
                                          users["user_id"].tolist())
 
