@@ -247,8 +247,12 @@ class RankingLog:
 
     def rows_of(self, table: pa.Table) -> pa.Table:
         """A chunk's shown rows of this split."""
-        shown = table.filter(shown_mask(table, self.spec))
+        shown = self.shown_rows(table)
         return self.split_rows(shown, self.sides(shown))
+
+    def shown_rows(self, table: pa.Table) -> pa.Table:
+        """A chunk's shown rows (every split)."""
+        return table.filter(shown_mask(table, self.spec))
 
     @property
     def split_key(self) -> tuple[float, float, ValidBy] | None:
