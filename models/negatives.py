@@ -94,7 +94,7 @@ def load_negative_pool(logs_path: Path, include_shown_unclicked: bool = False) -
             keep = pc.or_(keep, shown_skip)
         parts.append(batch.filter(pc.fill_null(keep, False)).select(kept))
     table = pa.Table.from_batches(parts, schema=pa.schema([file.schema_arrow.field(c) for c in kept]))
-    codes, _ = _first_use_codes(table.column("request_id"))
+    codes = _first_use_codes(table.column("request_id"))
     order = np.argsort(codes, kind="stable")
     frame = pd.DataFrame({"user_id": _categorical(table.column("user_id"), order),
                           "item_id": _categorical(table.column("item_id"), order),
@@ -107,10 +107,10 @@ def load_negative_pool(logs_path: Path, include_shown_unclicked: bool = False) -
                         log_rows=file.metadata.num_rows)
 
 
-def _first_use_codes(ids: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
-    """(an int64 code per row, -1 for null; the distinct ids), codes numbered in the order the rows
-    first use them (as arrow's dictionary_encode of the plain values numbers them), whether the column
-    was read as plain values or as the file's dictionaries (their order is the writer's)."""
+def _dictionary_codes(ids: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """(an int64 code per row into the distinct ids, -1 for null; the distinct ids), from the file's
+    dictionaries when the column was read as them (their order is the writer's), else arrow's
+    dictionary_encode (the order the rows first use them)."""
     if pa.types.is_dictionary(ids.type):
         ids = ids.unify_dictionaries()
         dictionary = ids.chunk(0).dictionary if ids.num_chunks else pa.array([], type=ids.type.value_type)
@@ -118,16 +118,24 @@ def _first_use_codes(ids: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     else:
         encoded = pc.dictionary_encode(ids.combine_chunks())
         dictionary, indices = encoded.dictionary, encoded.indices
-    codes = pc.fill_null(indices, -1).to_numpy().astype(np.int64)
+    return pc.fill_null(indices, -1).to_numpy().astype(np.int64), dictionary
+
+
+def _first_use_codes(ids: pa.ChunkedArray) -> np.ndarray:
+    """An int64 code per row (-1 for null) numbered in the order the rows first use the ids, as
+    dictionary_encode of plain values numbers them, however the column was read: the request codes,
+    whose order decides the pool's row order and so every draw."""
+    codes, dictionary = _dictionary_codes(ids)
     first = pd.unique(codes[codes >= 0])
     rank = np.full(len(dictionary) + 1, -1, dtype=np.int64)      # the last: a null row's
     rank[first] = np.arange(len(first))
-    return rank[codes], dictionary.take(pa.array(first, type=pa.int64()))
+    return rank[codes]
 
 
 def _categorical(ids: pa.ChunkedArray, order: np.ndarray) -> pd.Categorical:
-    """The ids at rows `order` as a pandas Categorical (categories: the distinct ids; null: code -1)."""
-    codes, dictionary = _first_use_codes(ids)
+    """The ids at rows `order` as a pandas Categorical (categories: the distinct ids, in any order:
+    factorize_parts numbers them by first use; null: code -1)."""
+    codes, dictionary = _dictionary_codes(ids)
     return pd.Categorical.from_codes(codes[order], categories=pd.Index(dictionary.to_pandas()))
 
 
