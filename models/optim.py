@@ -7,8 +7,9 @@ one step of 1,024 examples with 50-item histories took 30 ms with 14k items, 163
 A table of at least `train.sparse_min_rows` rows (the item-id table shared by the item tower and
 the history pooling, the user-id table, large categorical vocabularies) therefore gets sparse
 gradients and SparseAdam, which touches only the rows a batch used (the "lazy Adam" of the
-recommender literature: a row's moments decay only when it is used). Smaller tables and the MLPs stay
-on Adam. Weight decay has no sparse form in torch, so with `train.weight_decay > 0` every table stays
+recommender literature: a row's moments decay only when it is used), stepped by rows
+(`RowSparseAdam`: torch's results, without its sparse-tensor slow paths). Smaller tables and the MLPs
+stay on Adam. Weight decay has no sparse form in torch, so with `train.weight_decay > 0` every table stays
 dense (with a note).
 
 The pair presents one optimizer and one LR schedule to the training loop and the checkpoint: step,
@@ -16,6 +17,7 @@ zero_grad, state_dict and load_state_dict act on both parts.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +62,63 @@ def set_sparse(model: nn.Module, min_rows: int | None) -> list[nn.Embedding]:
     return [t for t in tables if t.sparse]
 
 
+class RowSparseAdam(torch.optim.SparseAdam):
+    """torch's SparseAdam, the same state, arithmetic and results to the bit, its update done with row
+    reads and writes of the dense moments instead of sparse tensors.
+
+    torch's step builds a sparse tensor per moment, reads each moment through `sparse_mask` and adds
+    the updates back as sparse tensors: on the CPU each of those is a slow path. With the gradient
+    coalesced (its rows distinct and sorted, as torch's step has them too), every operation below is
+    torch's own on the same values in the same order: `old + update` written with `index_copy_` equals
+    the sparse add's `old + update`, and the weights get `index_add_` of distinct rows. One step of a
+    30,001 x 16 table with 1,280 rows used (the rankers' item table on the 700k shape): 1,067 -> 602 us;
+    200,001 x 64 with 50,000 (the 10M shape's item table): 78 -> 48 ms (one thread). A checkpoint of
+    either loads into the other (the same state keys)."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, maximize = float(group["lr"]), group["eps"], group.get("maximize", False)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("SparseAdam does not support dense gradients, please consider Adam instead")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                _row_adam(p, -p.grad if maximize else p.grad, state["exp_avg"], state["exp_avg_sq"],
+                          state["step"], lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+        return loss
+
+
+def _row_adam(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+              step: int, *, lr: float, beta1: float, beta2: float, eps: float) -> None:
+    """torch.optim._functional.sparse_adam for one parameter, by rows (RowSparseAdam)."""
+    grad = grad.coalesce()                      # the update is not linear: each row once
+    rows, values = grad._indices()[0], grad._values()
+    if values.numel() == 0:
+        return
+    # old <- old + (1 - b) * (new - old), as torch's step computes it
+    old = exp_avg.index_select(0, rows)
+    numer = values.sub(old).mul_(1 - beta1).add_(old)
+    exp_avg.index_copy_(0, rows, numer)
+    old_sq = exp_avg_sq.index_select(0, rows)
+    denom = values.pow(2).sub_(old_sq).mul_(1 - beta2).add_(old_sq)
+    exp_avg_sq.index_copy_(0, rows, denom)
+    denom.sqrt_().add_(eps)
+    step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    param.index_add_(0, rows, numer.div_(denom).mul_(-step_size))
+
+
 class _Parts:
     """State of several torch optimizers (or schedules) saved and restored as one."""
 
@@ -94,7 +153,7 @@ class TowerOptimizer(_Parts):
         self.parts: list[torch.optim.Optimizer] = [torch.optim.Adam(dense_params, lr=lr, weight_decay=weight_decay,
                                                                     fused=_fusable(dense_params))]
         if sparse_params:
-            self.parts.append(torch.optim.SparseAdam(sparse_params, lr=lr))
+            self.parts.append(RowSparseAdam(sparse_params, lr=lr))
         self.sparse_tables = len(sparse_params)
 
     def zero_grad(self, set_to_none: bool = True) -> None:

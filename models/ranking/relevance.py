@@ -17,6 +17,13 @@ import torch.nn.functional as F
 from models.ranking.config import TABLES, RankerConfig
 
 
+def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for an index tensor of any shape: (*index.shape, table columns). The same values as
+    advanced indexing, read by index_select (a (128, 10) index into a 30k x 66 table: 50 against
+    200 us on one thread; three such reads a step of every network)."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
+
+
 def mlp(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for h in hidden:
@@ -86,9 +93,9 @@ class RelevanceTower(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """u (R, E) and uv (R, Du), one per request; i (R, L, E); and the other per-impression inputs
         the tower reads after them: numeric features, the item vector, their products with the user's."""
-        uv = self.user_vectors[user]                                         # (R, Du)
-        num = self.item_numeric[item]                                        # (R, L, Ni)
-        iv = self.item_vectors[item]                                         # (R, L, Di)
+        uv = rows_of(self.user_vectors, user)                                # (R, Du)
+        num = rows_of(self.item_numeric, item)                               # (R, L, Ni)
+        iv = rows_of(self.item_vectors, item)                                # (R, L, Di)
         u = self.user_emb(self._id(user))                                    # (R, E)
         if self.user_proj is not None:
             u = u + self.user_proj(uv)                                       # (R, E)
