@@ -60,11 +60,12 @@ pipeline: setup
 
 # The suite on every core, at most 4 (pytest-xdist); TEST_WORKERS=0 runs it in one process. Each
 # worker takes whole test files (--dist loadfile), so a module's fixture (a pipeline run) is built
-# once; what several files share is built once per run under a file lock (tests/once.py).
+# once; what several files share is built once per run under a file lock (tests/once.py). The files
+# go out in the order tests/conftest.py gives (the long-running ones first), not xdist's by test count.
 TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Both benches below take N generated interactions (`make bench-scale N=1000000`).
 N ?= 100000

@@ -23,6 +23,8 @@ from features.store import open_store
 from features.training_set import EXAMPLE_KEYS, example_keys, item_catalog, point_in_time, training_examples
 from tests.features.feature_data import HISTORY, contract_schema, ingested_tables
 
+pytestmark = pytest.mark.long_running     # tests/conftest.py: runs first
+
 ENGINES = ["duckdb", "spark"]
 TTL = timedelta(days=3)
 

@@ -22,6 +22,8 @@ from flows.stages.materialize import materialize
 from models.params import SplitParams
 from tests.features.feature_data import HISTORY, contract_schema, ingested_tables
 
+pytestmark = pytest.mark.long_running     # tests/conftest.py: runs first
+
 SPLIT = SplitParams(test_fraction=0.2, min_user_interactions=5)
 
 

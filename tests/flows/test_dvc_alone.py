@@ -8,8 +8,12 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from flows.stages.registry import STAGES
 from tests.project import make_project, run
+
+pytestmark = pytest.mark.long_running     # tests/conftest.py: runs first
 
 DVC = str(Path(sys.executable).parent / "dvc")
 

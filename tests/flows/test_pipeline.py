@@ -20,6 +20,8 @@ from tests.project import make_project, run
 from flows.pipeline import run_pipeline
 from flows.stages.registry import STAGES
 
+pytestmark = pytest.mark.long_running     # tests/conftest.py: runs first
+
 DVC = str(Path(sys.executable).parent / "dvc")
 TOWERFLOW = str(Path(sys.executable).parent / "towerflow")
 

@@ -22,6 +22,8 @@ from flows.errors import RunInProgress, StageFailed
 from flows.pipeline import run_pipeline
 from flows.run_lock import run_lock
 
+pytestmark = pytest.mark.long_running     # tests/conftest.py: runs first
+
 DVC = str(Path(sys.executable).parent / "dvc")
 
 

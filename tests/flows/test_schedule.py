@@ -22,6 +22,8 @@ import yaml
 
 from tests.project import make_project
 
+pytestmark = pytest.mark.long_running     # tests/conftest.py: runs first
+
 BIN = Path(sys.executable).parent
 
 

@@ -16,6 +16,8 @@ from models.params import TrainParams
 from models.training import fit
 from training_data import run_sample, stream_and_config, synthetic_training_dir
 
+pytestmark = pytest.mark.long_running     # tests/conftest.py: runs first
+
 DDP_TRAIN = TrainParams(epochs=4, batch_size=128, lr=0.005, threads=2, negatives=8, ssl_weight=0.1,
                         early_stopping=False)
 

@@ -19,6 +19,8 @@ from flows.stages.gate import gate
 from flows.stages.report import report
 from shapes import SHAPES, StageInputs, make_shape, stage_inputs
 
+pytestmark = pytest.mark.long_running     # tests/conftest.py: runs first
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -28,6 +28,8 @@ from validation.errors import ValidationFailed
 from validation.params import ValidateParams
 from validation.training_set import TrainingSetChecks
 
+pytestmark = pytest.mark.long_running     # tests/conftest.py: runs first
+
 SPLIT = SplitParams(test_fraction=0.2, min_user_interactions=5)
 
 

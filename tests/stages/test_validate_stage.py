@@ -15,6 +15,8 @@ from tests.validation.contract_data import ingested_tables
 from validation.errors import ValidationFailed
 from validation.params import ValidateParams
 
+pytestmark = pytest.mark.long_running     # tests/conftest.py: runs first
+
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
