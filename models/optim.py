@@ -65,8 +65,9 @@ def set_sparse(model: nn.Module, min_rows: int | None) -> list[nn.Embedding]:
 
 
 class RowSparseAdam(torch.optim.SparseAdam):
-    """torch's SparseAdam, the same state, arithmetic and results to the bit, its update done with row
-    reads and writes of the dense moments instead of sparse tensors.
+    """torch's SparseAdam, the same state and arithmetic in the same order, its update done with row
+    reads and writes of the dense moments instead of sparse tensors: torch's results to the bit, but
+    for the sums of a row's many entries in a large gradient (`coalesced`, below).
 
     torch's step builds a sparse tensor per moment, reads each moment through `sparse_mask` and adds
     the updates back as sparse tensors: on the CPU each of those is a slow path. With the gradient
@@ -75,9 +76,7 @@ class RowSparseAdam(torch.optim.SparseAdam):
     the sparse add's `old + update`, and the weights get `index_add_` of distinct rows. One step of a
     30,001 x 16 table with 1,280 rows used (the rankers' item table on the 700k shape): 1,067 -> 602 us;
     200,001 x 64 with 50,000 (the 10M shape's item table): 78 -> 48 ms (one thread). A checkpoint of
-    either loads into the other (the same state keys). Gradients of FAST_COALESCE_ENTRIES entries or
-    more are coalesced by `coalesced`: a row used many times in a batch gets its entries' sum within
-    float rounding of torch's."""
+    either loads into the other (the same state keys)."""
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.machinery
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -38,12 +39,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ones start at once on different workers and the run ends on short files: the last run (2 workers)
     had one worker idle for 37 s while the other ran a 69 s module it got last. Within a module the
     order stays."""
-    count: dict[str, int] = {}
-    for item in items:
-        count[item.nodeid.split("::")[0]] = count.get(item.nodeid.split("::")[0], 0) + 1
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
+    count = Counter(module(item) for item in items)
 
     def key(item: pytest.Item) -> tuple[bool, int]:
-        return item.get_closest_marker("long_running") is None, -count[item.nodeid.split("::")[0]]
+        return item.get_closest_marker("long_running") is None, -count[module(item)]
 
     items.sort(key=key)      # stable: a module's tests keep their order
 
