@@ -18,23 +18,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from scipy.special import ndtri
 
+from models.arrays import sorted_unique
 from models.ranking.data import RankingInputError, require_columns
 
 Vectors = tuple[np.ndarray, np.ndarray]   # (ids (N,), vectors (N, D)) from the retrieval towers
 KNOTS = 1001                              # quantile scaling: 0.1% resolution
 
 
-def sorted_distinct(values: np.ndarray) -> np.ndarray:
-    """np.unique(values): the distinct values ascending, hashed first and only they sorted (np.unique
-    sorts every value: 1.3 s of string ids from the 700k bench log's 29 read batches)."""
-    return np.sort(pd.unique(np.asarray(values)))
-
-
 class Vocab:
     """Raw ids (any sortable type) → indices 1..n; 0 is OOV and padding."""
 
     def __init__(self, ids: np.ndarray):
-        self.index = pd.Index(sorted_distinct(ids))
+        self.index = pd.Index(sorted_unique(ids))
 
     def __len__(self) -> int:
         return len(self.index) + 1
@@ -66,7 +61,7 @@ def _log_uniques(path: Path, columns: Sequence[str], read_rows: int) -> dict[str
     for rb in pq.ParquetFile(path).iter_batches(batch_size=read_rows, columns=list(columns)):
         for c in columns:
             parts[c].append(pc.unique(pc.drop_null(rb.column(c))).to_numpy(zero_copy_only=False))
-    return {c: sorted_distinct(np.concatenate(p)) if p else np.array([]) for c, p in parts.items()}
+    return {c: sorted_unique(np.concatenate(p)) if p else np.array([]) for c, p in parts.items()}
 
 
 def quantile_knots(column: np.ndarray, n: int = KNOTS) -> np.ndarray:

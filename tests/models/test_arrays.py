@@ -11,7 +11,8 @@ from models.arrays import isin_sorted, run_begins, run_start, search_sorted, sor
 def test_sorted_unique_is_np_unique(n):
     rng = np.random.default_rng(n)
     for values in (rng.integers(-5, 5, n), rng.integers(0, 2**62, n), rng.normal(size=n),
-                   np.sort(rng.integers(0, 50, n))[::-1]):
+                   np.sort(rng.integers(0, 50, n))[::-1],
+                   np.array([f"u{v}" for v in rng.integers(0, 300, n)], dtype=object)):   # string ids: hashed first
         got = sorted_unique(values)
         assert got.dtype == values.dtype
         np.testing.assert_array_equal(got, np.unique(values))
