@@ -88,6 +88,10 @@ class TrainSection(TrainParams):
     train finetune_epochs on the interactions newer than its training data (or than `since`) plus a
     finetune_replay share of the older ones; without a live bundle, or when its model does not fit
     the new inputs, a full training that says why in train_metrics.json."""
+    # where the refit model starts: scratch (`epochs` on every row) | eval (this run's eval model, then
+    # refit_epochs on every row) | auto (eval on large streams; flows/stages/train.py refit_from)
+    refit_from: Literal["auto", "scratch", "eval"] = "auto"
+    refit_epochs: PositiveInt = 2
     update: Literal["full", "finetune"] = "full"
     finetune_epochs: PositiveInt = 2
     finetune_replay: float = Field(0.2, ge=0, le=1)

@@ -91,6 +91,25 @@ class UpdateRows:
     replay: int
 
 
+def replayed_rows(newer: np.ndarray, replay: float, seed: int, per_new: float | None = None) -> np.ndarray:
+    """Bool per row: the older rows (not `newer`) replayed beside the new ones, a `replay` share drawn
+    with `seed`, at most `per_new` per new row."""
+    rng = np.random.default_rng(seed)
+    replayed = ~newer & (rng.random(len(newer)) < replay)
+    if per_new is not None and replayed.sum() > per_new * newer.sum():
+        # keep a uniform subset of the drawn replay rows: the cap scales the replay to what is new
+        drawn = np.flatnonzero(replayed)
+        replayed[:] = False
+        replayed[rng.choice(drawn, size=int(per_new * newer.sum()), replace=False)] = True
+    return replayed
+
+
+def newer_than(times: pd.Series, cutoff: pd.Timestamp, inclusive: bool = False) -> np.ndarray:
+    """Bool per row: its time is after `cutoff` (at or after it when inclusive)."""
+    times = pd.to_datetime(times, utc=True)
+    return (times >= cutoff if inclusive else times > cutoff).to_numpy()
+
+
 def update_rows(rows: pd.DataFrame, cutoff: pd.Timestamp | None, replay: float, seed: int,
                 inclusive: bool = False, per_new: float | None = None) -> UpdateRows:
     """The rows after `cutoff` (at or after it when inclusive) plus a `replay` share of the older ones
@@ -99,17 +118,34 @@ def update_rows(rows: pd.DataFrame, cutoff: pd.Timestamp | None, replay: float, 
     model as it is)."""
     if cutoff is None:
         return UpdateRows(rows, None, len(rows), 0)
-    times = pd.to_datetime(rows["timestamp"], utc=True)
-    newer = (times >= cutoff if inclusive else times > cutoff).to_numpy()
-    rng = np.random.default_rng(seed)
-    replayed = ~newer & (rng.random(len(rows)) < replay)
-    if per_new is not None and replayed.sum() > per_new * newer.sum():
-        # keep a uniform subset of the drawn replay rows: the cap scales the replay to what is new
-        drawn = np.flatnonzero(replayed)
-        replayed[:] = False
-        replayed[rng.choice(drawn, size=int(per_new * newer.sum()), replace=False)] = True
+    newer = newer_than(rows["timestamp"], cutoff, inclusive)
+    replayed = replayed_rows(newer, replay, seed, per_new)
     keep = newer | replayed
     return UpdateRows(rows[keep].reset_index(drop=True), cutoff, int(newer.sum()), int(replayed.sum()))
+
+
+def write_rows(source: Path, keep: np.ndarray, out: Path, batch_rows: int) -> int:
+    """The rows of parquet `source` where `keep` (bool per row) holds, streamed into parquet `out` in
+    batches of `batch_rows` (memory bounded by a batch, whatever the stream's size; the whole stream
+    as a DataFrame was the history lists of every row). Written beside `out` and moved into place:
+    a reader never finds half a file. Returns the rows written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source_file = pq.ParquetFile(source)
+    if source_file.metadata.num_rows != len(keep):
+        raise ModelError(f"{source}: {source_file.metadata.num_rows} rows, but {len(keep)} row choices")
+    partial = out.with_name(out.name + ".partial")
+    written, start = 0, 0
+    with pq.ParquetWriter(partial, source_file.schema_arrow) as writer:
+        for batch in source_file.iter_batches(batch_size=batch_rows):
+            mask = keep[start:start + batch.num_rows]
+            start += batch.num_rows
+            if mask.any():
+                writer.write_table(pa.Table.from_batches([batch]).filter(pa.array(mask)))
+                written += int(mask.sum())
+    partial.replace(out)
+    return written
 
 
 def data_until(examples: pd.DataFrame) -> str | None:

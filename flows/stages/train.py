@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
@@ -32,10 +33,12 @@ from models.device import resolve_device, resolve_threads
 from models.distributed import join_launched_group, spawn_fit
 from models.early_stopping import ValidationTask, carve, outside
 from models.encoding import HISTORY_COLUMN, FeatureEncoder, longest_list, parquet_column, read_scalar_columns
-from models.finetune import IncompatibleModel, data_until, extend_encoder, grow_model, update_rows
+from models.finetune import (IncompatibleModel, data_until, extend_encoder, grow_model, newer_than, replayed_rows,
+                             write_rows)
 from models.fork_pool import run_jobs
 from models.params import ModelParams, TrainParams
 from models.stream import TrainingStream, catalog_inputs
+from models.towers import TwoTower
 from models.training import PROGRESS_FIELDS, DistContext, FitResult, fit, tower_config
 
 CURVES = "curves"
@@ -260,21 +263,62 @@ def _finetune_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, see
     fresh = _fit_encoder(model_cfg, inputs, _train_part(inputs) if name == "eval" else inputs.examples)
     encoder = extend_encoder(trained_encoder, fresh)
     model = grow_model(trained, tower_config(encoder, model_cfg), seed)
-    selected = update_rows(pd.read_parquet(inputs.streams[name]), live.cutoff, live.replay, seed,
-                           inclusive=live.inclusive, per_new=live.replay_per_new)
+    rows = pq.ParquetFile(inputs.streams[name]).metadata.num_rows
+    if live.cutoff is None:            # a model that did not record its data's end: every row is new
+        newer, replayed = np.ones(rows, dtype=bool), np.zeros(rows, dtype=bool)
+    else:
+        times = _stream_column(inputs.streams[name], "timestamp").to_pandas()
+        newer = newer_than(times, live.cutoff, live.inclusive)
+        replayed = replayed_rows(newer, live.replay, seed, live.replay_per_new)
     update = {"mode": "finetune", "from_version": live.version, "from_model": live.model_dir.name,
-              "cutoff": None if live.cutoff is None else live.cutoff.isoformat(), "new_rows": selected.new,
-              "replay_rows": selected.replay, "new_users": encoder.user_ids.size - trained_encoder.user_ids.size,
+              "cutoff": None if live.cutoff is None else live.cutoff.isoformat(), "new_rows": int(newer.sum()),
+              "replay_rows": int(replayed.sum()), "new_users": encoder.user_ids.size - trained_encoder.user_ids.size,
               "new_items": encoder.item_ids.size - trained_encoder.item_ids.size}
-    if selected.new == 0:     # nothing newer than what the live model learned: its weights stay
+    if not newer.any():     # nothing the live model has not learned: its weights stay
         return _Run(encoder, FitResult(model=model, notes=["no new interaction: weights kept"]),
                     {"update": {**update, "kept": "no interaction newer than the cutoff: the weights are kept"}}, [])
     ckpt.mkdir(parents=True, exist_ok=True)
     rows_path = ckpt / f"{name}_update.parquet"
-    selected.rows.to_parquet(rows_path, index=False)
+    write_rows(inputs.streams[name], newer | replayed, rows_path, train_cfg.read_batch_rows)
+    return _update_run(name, model_cfg, train_cfg, seed, inputs, model, encoder, rows_path, update, live.epochs,
+                       ckpt, dist)
+
+
+def _continue_run(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: TrainInputs,
+                  runs: dict[str, _Run], ckpt: Path, dist: DistContext) -> _Run:
+    """The refit model as this run's eval model (taken out of `runs`) ended: its weights, vocabularies
+    extended by what only the held-out rows bring (models/finetune.py), then train.refit_epochs (at most
+    `epochs`) over every row of the full stream (train.refit_from: eval; docs/TRAINING.md "Refit from
+    the eval model")."""
+    eval_run = runs.pop("eval")
+    trained_encoder = eval_run.encoder
+    encoder = extend_encoder(trained_encoder, _fit_encoder(model_cfg, inputs, inputs.examples))
+    model = grow_model(eval_run.result.model, tower_config(encoder, model_cfg), seed)
+    del eval_run        # its weights are copied (and saved): not held through the refit (1M users: 0.3 GB)
+    update = {"mode": "continue", "from_model": "eval", "rows": pq.ParquetFile(inputs.streams["full"]).metadata.num_rows,
+              "new_users": encoder.user_ids.size - trained_encoder.user_ids.size,
+              "new_items": encoder.item_ids.size - trained_encoder.item_ids.size}
+    epochs = min(getattr(train_cfg, "refit_epochs", 2), train_cfg.epochs)
+    return _update_run("full", model_cfg, train_cfg, seed, inputs, model, encoder, inputs.streams["full"], update,
+                       epochs, ckpt, dist)
+
+
+def _stream_column(path: Path, column: str):  # noqa: ANN202 (a pyarrow ChunkedArray)
+    """One column of a sampled stream, read alone (not the history lists of every row)."""
+    if column not in pq.read_schema(path).names:
+        raise DataContractError(f"{path}: required column '{column}' is missing; run the sample stage again")
+    return pq.read_table(path, columns=[column]).column(0)
+
+
+def _update_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: TrainInputs,
+                model: TwoTower, encoder: FeatureEncoder, rows_path: Path, update: dict, epochs: int, ckpt: Path,
+                dist: DistContext) -> _Run:
+    """Train a started `model` (grown to `encoder`) for `epochs` on the stream at `rows_path`; `update`
+    (what it starts from and trains on) goes into its metrics."""
     base = {k: getattr(train_cfg, k) for k in TrainParams.model_fields}     # the TrainParams part
-    cfg = TrainParams(**base | {"epochs": live.epochs, "early_stopping": False})
-    if not (ckpt / f"{name}.pt").exists():      # else: a killed fine-tune resumes from its own checkpoint
+    cfg = TrainParams(**base | {"epochs": epochs, "early_stopping": False})
+    ckpt.mkdir(parents=True, exist_ok=True)
+    if not (ckpt / f"{name}.pt").exists():      # else: a killed run resumes from its own checkpoint
         save_warm_start(ckpt / f"{name}.pt", model, cfg, seed, PROGRESS_FIELDS)
     stream = TrainingStream.from_parquet(encoder, rows_path, inputs.items, catalog_inputs(encoder, inputs.items),
                                          spill=ckpt / f"{name}_stream", batch_rows=cfg.read_batch_rows)
@@ -287,13 +331,24 @@ def _finetune_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, see
 # each process holds its own vocabularies, stream and optimizer, so the stage's peak grows with both
 # (the issue's 4M shape: one process 3.2 GB, two 5.0 GB; the 10M one peaked at 7.4 GB in one)
 AUTO_MAX_ROWS = 5_000_000
+# refit_from: auto continues the eval model from this many rows in the full stream (docs/TRAINING.md)
+REFIT_FROM_EVAL_ROWS = 200_000
+
+
+def refit_from(train_cfg: TrainParams, rows: int) -> str:
+    """Where the refit model starts (train.refit_from): scratch, or eval (this run's eval model,
+    continued on the rows it never saw). auto: eval from REFIT_FROM_EVAL_ROWS rows in the full stream."""
+    chosen = getattr(train_cfg, "refit_from", "scratch")
+    if chosen == "auto":
+        return "eval" if rows >= REFIT_FROM_EVAL_ROWS else "scratch"
+    return chosen
 
 
 def fit_processes(train_cfg: TrainParams, dist: DistContext, finetune: bool, models: int, rows: int) -> int:
     """Processes the models train in at once (train.fit_processes): auto = 2 when the eval and refit
     models both train from scratch on a CPU with threads >= 2 to split, on at most AUTO_MAX_ROWS rows;
     a count as given (at most one per model). One wherever a fit is not a plain one-process CPU fit: a
-    fine-tune (its runs depend on each other's fallbacks), data-parallel training (train.workers,
+    fine-tune (its runs depend on each other's fallbacks) or a refit that continues the eval model, data-parallel training (train.workers,
     torchrun: each fit is already a group of processes) or a GPU (a forked process cannot use its
     parent's CUDA)."""
     if finetune or models < 2 or train_cfg.workers > 1 or dist.world > 1:
@@ -386,7 +441,9 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
             metrics["validation"], curves["validation"] = validation.metrics, validation.curve
             epochs = validation.result.best_epoch or train_cfg.epochs
     rows = {name: pq.ParquetFile(path).metadata.num_rows for name, path in inputs.streams.items()}
-    processes = fit_processes(train_cfg, dist, finetune=live is not None, models=len(inputs.streams),
+    # the refit model continues the eval model (train.refit_from) unless it fine-tunes a live one
+    continued = live is None and "full" in inputs.streams and refit_from(train_cfg, rows["full"]) == "eval"
+    processes = fit_processes(train_cfg, dist, finetune=live is not None or continued, models=len(inputs.streams),
                               rows=max(rows.values()))
     if processes > 1:
         # fresh trainings of eval and full share nothing but their inputs: side by side in forked
@@ -398,6 +455,7 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
         for name, (run_metrics, curve) in zip(inputs.streams, done):
             metrics[name], curves[name] = run_metrics, curve
     else:
+        runs: dict[str, _Run] = {}
         for name in inputs.streams:
             run = None
             # the evaluated model starts from one that never saw this run's holdout; the published one may
@@ -408,12 +466,14 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
                     run = _finetune_run(name, model_cfg, train_cfg, seed, inputs, start, ckpt, dist)
                 except IncompatibleModel as exc:    # every model then trains in full, with the reason
                     live, note = None, f"the live model cannot be fine-tuned ({exc}): trained in full"
+            if run is None and continued and name == "full":
+                run = _continue_run(model_cfg, train_cfg, seed, inputs, runs, ckpt, dist)
             if run is None:
                 run = _model_run(name, model_cfg, train_cfg, seed, inputs, epochs, ckpt, dist)
                 if why_full is not None:
                     run.metrics["update"] = {"mode": "full", "reason": f"{why_full}: the evaluated model trains in "
                                              "full so that it never saw the holdout"}
-            metrics[name], curves[name] = run.metrics, run.curve
+            metrics[name], curves[name], runs[name] = run.metrics, run.curve, run
             if dist.lead:
                 _save_run(name, run, inputs, out_dir, seed, model_cfg, train_cfg)
     metrics["fit_processes"] = processes

@@ -16,7 +16,8 @@ from flows.stages.ingest import ingest, source_changed
 from flows.stages.train import train
 from models.checkpoint import load_model
 from models.encoding import Vocab
-from models.finetune import IncompatibleModel, extend_encoder, grow_model, update_rows
+from models.errors import ModelError
+from models.finetune import IncompatibleModel, extend_encoder, grow_model, update_rows, write_rows
 from models.params import ModelParams, SampleParams
 from models.training import tower_config
 from tests.datagen import make_contract_dataset
@@ -246,6 +247,25 @@ def test_update_rows_takes_newer_rows_and_a_replay_share():
     assert few.new == 2 and few.replay == 8 and len(few.rows) == 10
     nothing_new = update_rows(rows, rows["timestamp"].iloc[-1], replay=0.2, seed=0, per_new=4.0)
     assert nothing_new.new == 0 and len(nothing_new.rows) == 0
+
+
+def test_write_rows_streams_the_chosen_rows_of_a_stream_in_their_order(tmp_path):
+    """A fine-tune's rows are copied from its stream batch by batch (memory bounded by a batch), every
+    column as it was, into a file that appears whole."""
+    import numpy as np
+
+    n = 1000
+    rows = pd.DataFrame({"user_id": np.arange(n), "recent_items": [[i, i + 1, i + 2][:i % 4] for i in range(n)]})
+    rows.to_parquet(tmp_path / "stream.parquet", index=False)
+    keep = np.random.default_rng(0).random(n) < 0.3
+    out = tmp_path / "update.parquet"
+    assert write_rows(tmp_path / "stream.parquet", keep, out, batch_rows=64) == keep.sum()
+    got = pd.read_parquet(out)
+    assert got["user_id"].tolist() == np.flatnonzero(keep).tolist()
+    assert got["recent_items"].map(list).tolist() == rows.loc[keep, "recent_items"].map(list).tolist()
+    assert not list(tmp_path.glob("*.partial"))
+    with pytest.raises(ModelError, match="1000 rows, but 10 row choices"):
+        write_rows(tmp_path / "stream.parquet", keep[:10], out, batch_rows=64)
 
 
 def test_a_finetune_with_nothing_new_keeps_the_live_weights(trained, tmp_path):

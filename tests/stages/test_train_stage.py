@@ -156,3 +156,54 @@ def test_the_refit_model_takes_every_thread_on_a_schedule_fixed_by_the_row_count
     assert [threads_after(e, 4, 100, 100, 2, 2) for e in range(1, 4)] == [1, 1, 1]     # equal: neither takes
     assert [threads_after(e, 4, 100, 10, 4, 2) for e in range(1, 4)] == [4, 4, 4]      # the other is short
     assert threads_after(1, 4, 100, 60, 3, 2) == 1 and threads_after(2, 4, 100, 60, 3, 2) == 3   # 3 threads: 1 each
+
+
+def test_the_refit_model_continues_the_eval_model_on_the_rows_it_never_saw(synthetic, tmp_path):
+    """train.refit_from: eval: the refit model starts as this run's eval model ended (its weights, its
+    vocabularies first) and trains refit_epochs on every row of the full stream; scratch trains it
+    from a fresh initialization for `epochs`."""
+    import torch
+
+    from flows.params import TrainSection
+    from models.checkpoint import load_model
+
+    _, training, schema = synthetic
+    run_sample(training, tmp_path / "samples")
+    rows = len(pd.read_parquet(tmp_path / "samples/full.parquet", columns=["split"]))
+    base = TrainSection(**FAST_TRAIN.model_dump() | {"epochs": 4, "refit_epochs": 1})
+    # scratch from another seed: another initialization (the same seed starts both models alike)
+    runs = {mode: train(SMALL_MODEL, base.model_copy(update={"refit_from": mode}), seed, tmp_path / "samples",
+                        training, schema, tmp_path / mode) for mode, seed in (("eval", 0), ("scratch", 1))}
+    update = runs["eval"]["full"]["update"]
+    assert update["mode"] == "continue" and update["from_model"] == "eval" and update["rows"] == rows
+    assert runs["eval"]["full"]["epochs"] == 1 and runs["eval"]["full"]["examples"] == rows
+    assert runs["eval"]["fit_processes"] == 1
+    assert "update" not in runs["scratch"]["full"] and runs["scratch"]["full"]["epochs"] == 4
+    (ev, ev_enc), (cont, cont_enc), (scratch, _) = (load_model(tmp_path / d / n) for d, n in
+                                                    (("eval", "eval"), ("eval", "full"), ("scratch", "full")))
+    # the eval model's vocabularies keep their indices; values only the held-out rows bring come after
+    for vocab in ("item_ids", "user_ids"):
+        known = getattr(ev_enc, vocab).values
+        assert getattr(cont_enc, vocab).values[:len(known)] == known
+    # it starts trained: its first epoch's loss is about where the eval model ended, far below a fresh
+    # start's first epoch (the same rows would be no easier for a model that never trained)
+    # every weight without a vocabulary (the towers' layers) stays near the eval model's: two epochs from
+    # it, where a fresh start lands as far as two independent trainings are
+    a, b, c = ev.state_dict(), cont.state_dict(), scratch.state_dict()
+    shared = [k for k in a if a[k].shape == b[k].shape == c[k].shape and a[k].is_floating_point()]
+    assert shared
+    moved = sum(float((b[k] - a[k]).norm()) for k in shared)
+    fresh = sum(float((c[k] - a[k]).norm()) for k in shared)
+    assert moved < 0.25 * fresh, (moved, fresh)
+
+
+def test_refit_from_auto_continues_the_eval_model_on_large_streams_only():
+    from flows.params import TrainSection
+    from flows.stages.train import REFIT_FROM_EVAL_ROWS, refit_from
+
+    auto = TrainSection()
+    assert auto.refit_from == "auto"
+    assert refit_from(auto, REFIT_FROM_EVAL_ROWS - 1) == "scratch" and refit_from(auto, REFIT_FROM_EVAL_ROWS) == "eval"
+    assert refit_from(auto.model_copy(update={"refit_from": "scratch"}), 10 ** 9) == "scratch"
+    assert refit_from(auto.model_copy(update={"refit_from": "eval"}), 10) == "eval"
+    assert refit_from(FAST_TRAIN, 10 ** 9) == "scratch"        # the model library's TrainParams: no such field
