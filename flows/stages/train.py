@@ -285,11 +285,11 @@ def _finetune_run(name: str, model_cfg: ModelParams, train_cfg: TrainParams, see
 
 
 def _continue_run(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inputs: TrainInputs,
-                  runs: dict[str, _Run], ckpt: Path, dist: DistContext) -> _Run:
+                  runs: dict[str, _Run], epochs: int, ckpt: Path, dist: DistContext) -> _Run:
     """The refit model as this run's eval model (taken out of `runs`) ended: its weights, vocabularies
     extended by what only the held-out rows bring (models/finetune.py), then train.refit_epochs (at most
-    `epochs`) over every row of the full stream (train.refit_from: eval; docs/TRAINING.md "Refit from
-    the eval model")."""
+    the eval model's `epochs`) over every row of the full stream (train.refit_from: eval;
+    docs/TRAINING.md "Refit from the eval model")."""
     eval_run = runs.pop("eval")
     trained_encoder = eval_run.encoder
     encoder = extend_encoder(trained_encoder, _fit_encoder(model_cfg, inputs, inputs.examples))
@@ -298,9 +298,8 @@ def _continue_run(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, inp
     update = {"mode": "continue", "from_model": "eval", "rows": pq.ParquetFile(inputs.streams["full"]).metadata.num_rows,
               "new_users": encoder.user_ids.size - trained_encoder.user_ids.size,
               "new_items": encoder.item_ids.size - trained_encoder.item_ids.size}
-    epochs = min(getattr(train_cfg, "refit_epochs", 2), train_cfg.epochs)
     return _update_run("full", model_cfg, train_cfg, seed, inputs, model, encoder, inputs.streams["full"], update,
-                       epochs, ckpt, dist)
+                       min(getattr(train_cfg, "refit_epochs", 2), epochs), ckpt, dist)
 
 
 def _stream_column(path: Path, column: str):  # noqa: ANN202 (a pyarrow ChunkedArray)
@@ -336,8 +335,9 @@ REFIT_FROM_EVAL_ROWS = 200_000
 
 
 def refit_from(train_cfg: TrainParams, rows: int) -> str:
-    """Where the refit model starts (train.refit_from): scratch, or eval (this run's eval model,
-    continued on the rows it never saw). auto: eval from REFIT_FROM_EVAL_ROWS rows in the full stream."""
+    """Where the refit model starts (train.refit_from): scratch, or eval (as this run's eval model
+    ended, then refit_epochs over every row). auto: eval from REFIT_FROM_EVAL_ROWS rows in the full
+    stream."""
     chosen = getattr(train_cfg, "refit_from", "scratch")
     if chosen == "auto":
         return "eval" if rows >= REFIT_FROM_EVAL_ROWS else "scratch"
@@ -348,9 +348,9 @@ def fit_processes(train_cfg: TrainParams, dist: DistContext, finetune: bool, mod
     """Processes the models train in at once (train.fit_processes): auto = 2 when the eval and refit
     models both train from scratch on a CPU with threads >= 2 to split, on at most AUTO_MAX_ROWS rows;
     a count as given (at most one per model). One wherever a fit is not a plain one-process CPU fit: a
-    fine-tune (its runs depend on each other's fallbacks) or a refit that continues the eval model, data-parallel training (train.workers,
-    torchrun: each fit is already a group of processes) or a GPU (a forked process cannot use its
-    parent's CUDA)."""
+    fine-tune (its runs depend on each other's fallbacks) or a refit that continues the eval model (it
+    needs that model first), data-parallel training (train.workers, torchrun: each fit is already a
+    group of processes) or a GPU (a forked process cannot use its parent's CUDA)."""
     if finetune or models < 2 or train_cfg.workers > 1 or dist.world > 1:
         return 1
     if resolve_device(train_cfg.device).type != "cpu":
@@ -467,7 +467,7 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
                 except IncompatibleModel as exc:    # every model then trains in full, with the reason
                     live, note = None, f"the live model cannot be fine-tuned ({exc}): trained in full"
             if run is None and continued and name == "full":
-                run = _continue_run(model_cfg, train_cfg, seed, inputs, runs, ckpt, dist)
+                run = _continue_run(model_cfg, train_cfg, seed, inputs, runs, epochs, ckpt, dist)
             if run is None:
                 run = _model_run(name, model_cfg, train_cfg, seed, inputs, epochs, ckpt, dist)
                 if why_full is not None:

@@ -195,6 +195,10 @@ def test_the_refit_model_continues_the_eval_model_on_the_rows_it_never_saw(synth
     moved = sum(float((b[k] - a[k]).norm()) for k in shared)
     fresh = sum(float((c[k] - a[k]).norm()) for k in shared)
     assert moved < 0.25 * fresh, (moved, fresh)
+    # never more epochs than the eval model had
+    short = train(SMALL_MODEL, base.model_copy(update={"refit_from": "eval", "epochs": 1, "refit_epochs": 2}), 0,
+                  tmp_path / "samples", training, schema, tmp_path / "short")
+    assert short["eval"]["epochs"] == short["full"]["epochs"] == 1
 
 
 def test_refit_from_auto_continues_the_eval_model_on_large_streams_only():
