@@ -344,14 +344,18 @@ def refit_from(train_cfg: TrainParams, rows: int) -> str:
     return chosen
 
 
-def fit_processes(train_cfg: TrainParams, dist: DistContext, finetune: bool, models: int, rows: int) -> int:
+def fit_processes(train_cfg: TrainParams, dist: DistContext, finetune: bool, models: int, rows: int,
+                  trained_here: bool = False) -> int:
     """Processes the models train in at once (train.fit_processes): auto = 2 when the eval and refit
     models both train from scratch on a CPU with threads >= 2 to split, on at most AUTO_MAX_ROWS rows;
     a count as given (at most one per model). One wherever a fit is not a plain one-process CPU fit: a
     fine-tune (its runs depend on each other's fallbacks) or a refit that continues the eval model (it
     needs that model first), data-parallel training (train.workers, torchrun: each fit is already a
-    group of processes) or a GPU (a forked process cannot use its parent's CUDA)."""
-    if finetune or models < 2 or train_cfg.workers > 1 or dist.world > 1:
+    group of processes) or a GPU (a forked process cannot use its parent's CUDA). And one after this
+    process trained (`trained_here`: early stopping's validation run): a process forked after torch's
+    OpenMP threads ran hangs at its first parallel region on more than one thread (libgomp is not
+    fork-safe), and the refit model takes every thread for its last epochs: the stage hung forever."""
+    if finetune or trained_here or models < 2 or train_cfg.workers > 1 or dist.world > 1:
         return 1
     if resolve_device(train_cfg.device).type != "cpu":
         return 1
@@ -444,7 +448,7 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
     # the refit model continues the eval model (train.refit_from) unless it fine-tunes a live one
     continued = live is None and "full" in inputs.streams and refit_from(train_cfg, rows["full"]) == "eval"
     processes = fit_processes(train_cfg, dist, finetune=live is not None or continued, models=len(inputs.streams),
-                              rows=max(rows.values()))
+                              rows=max(rows.values()), trained_here="validation" in curves)
     if processes > 1:
         # fresh trainings of eval and full share nothing but their inputs: side by side in forked
         # processes, they use two cores better than one process's two threads (docs/TRAINING.md)

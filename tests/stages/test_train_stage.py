@@ -135,6 +135,8 @@ def test_fit_processes_auto_splits_threads_on_a_cpu_only(synthetic):
     assert fit_processes(auto, one, finetune=False, models=2, rows=1000) == 2
     assert fit_processes(auto.model_copy(update={"threads": 1}), one, finetune=False, models=2, rows=1000) == 1
     assert fit_processes(auto, one, finetune=True, models=2, rows=1000) == 1           # a fine-tune: in turn
+    # after early stopping's run in this process: a fork would hang on two OpenMP threads
+    assert fit_processes(auto, one, finetune=False, models=2, rows=1000, trained_here=True) == 1
     assert fit_processes(auto, one, finetune=False, models=1, rows=1000) == 1          # no refit: one model
     assert fit_processes(auto.model_copy(update={"workers": 2}), one, finetune=False, models=2, rows=1000) == 1
     assert fit_processes(auto.model_copy(update={"fit_processes": 1}), one, finetune=False, models=2, rows=1000) == 1
@@ -211,3 +213,32 @@ def test_refit_from_auto_continues_the_eval_model_on_large_streams_only():
     assert refit_from(auto.model_copy(update={"refit_from": "scratch"}), 10 ** 9) == "scratch"
     assert refit_from(auto.model_copy(update={"refit_from": "eval"}), 10) == "eval"
     assert refit_from(FAST_TRAIN, 10 ** 9) == "scratch"        # the model library's TrainParams: no such field
+
+
+def test_early_stopping_then_the_two_models_on_two_threads_ends(synthetic, tmp_path):
+    """Early stopping's validation run trains in the stage's process on two threads; the eval and refit
+    models then train in this process, not in forked ones: a child forked after torch's OpenMP threads
+    ran hung at its first parallel region on two threads (the refit's last epochs), and the stage
+    never ended. Run in a subprocess with a time limit, so that a hang fails the test."""
+    import os
+    import subprocess
+    import sys
+
+    _, training, schema = synthetic
+    run_sample(training, tmp_path / "samples")
+    script = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from flows.stages.train import train\n"
+        "from models.params import ModelParams, TrainParams\n"
+        "cfg = TrainParams(epochs=3, batch_size=256, threads=2, early_stopping=True, patience=5)\n"
+        "model = ModelParams(dim=32, embedding_dim=32, hidden=[64])\n"
+        "root = Path(sys.argv[1])\n"
+        "m = train(model, cfg, 0, root / 'samples', Path(sys.argv[2]), Path(sys.argv[3]), root / 'model')\n"
+        "print(json.dumps({'fit_processes': m['fit_processes'], 'full': m['full']['epochs']}))\n")
+    repo = Path(__file__).resolve().parents[2]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(training), str(schema)],
+                          capture_output=True, text=True, timeout=120, cwd=repo, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"fit_processes": 1, "full": 3}
