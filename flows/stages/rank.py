@@ -452,6 +452,13 @@ def fit_workers(cfg: RankParams, jobs: int) -> int:
     return resolve_workers(cfg.workers, cfg.threads, jobs)
 
 
+def parent_threads(cfg: RankParams) -> int:
+    """The rank stage's own torch threads: rank.threads, or one wherever two jobs would fit in forked
+    processes (the candidates and LightGBM, then the served network's extra seeds), which must not
+    start after this process ran torch's OpenMP threads."""
+    return 1 if fit_workers(cfg, 2) > 1 else cfg.threads
+
+
 def train_rankers(cfg: RankParams, seed: int, data: RankData) -> Trained:
     """Every model of cfg.models and LightGBM lambdarank with its position correction (cfg.lightgbm)
     and without (cfg.lightgbm_naive): each fitted on the training requests and measured on the held-out ones; with
@@ -521,7 +528,10 @@ def rank(cfg: RankParams, seed: int, ingested: Path, model_dir: Path | None, out
     (reports/ranking.json: per model NDCG@10, propensity recovery, click log-likelihood, fit speed).
     Logs without shown rows write a "skipped" report and an out_dir that says so."""
     started = time.perf_counter()
-    torch.set_num_threads(cfg.threads)
+    # with fits in forked processes this process stays on one torch thread: a process forked after
+    # torch's OpenMP threads ran hangs at its first parallel region on more than one (libgomp is not
+    # fork-safe; rank.threads 2 with rank.workers 2 never ended); the fits take rank.threads each
+    torch.set_num_threads(parent_threads(cfg))
     schema, logs = _inputs(ingested)
     if pq.ParquetFile(logs).metadata.num_rows == 0:
         return _write(out_dir, report_path, {"status": "skipped", "reason": SKIPPED})

@@ -392,3 +392,16 @@ def test_shown_only_logs_with_two_layouts_and_a_context_column(tmp_path: Path) -
     assert report["log"]["context_columns"] == ["device"]
     assert report["log"]["shown_rows"] == len(logs)
     assert load_ranker(tmp_path / "ranker").meta["config"]["grid"] is True
+
+
+def test_the_stage_stays_on_one_torch_thread_when_its_fits_run_in_forked_processes():
+    """A process forked after torch's OpenMP threads ran hangs at its first parallel region on more than
+    one thread (libgomp): with rank.threads 2 and rank.workers 2 the stage never ended (the demo's rank
+    stage, 84 s now). Its own process keeps one thread whenever the fits are forked."""
+    from flows.stages.rank import parent_threads
+
+    assert parent_threads(RankParams(threads=2, workers=2)) == 1
+    assert parent_threads(RankParams(threads=2, workers=1)) == 2         # fits here: all its threads
+    assert parent_threads(RankParams(threads=1, workers=2)) == 1
+    assert parent_threads(RankParams(threads=3, workers=2, models=["naive"], lightgbm=False)) == 1
+
