@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from models.errors import ModelInputError
+from models.parquet_stream import open_stream
 from models.vocab import Vocab
 
 HISTORY_COLUMN = "recent_items"
@@ -200,7 +201,7 @@ def read_rows(path: Path, rows: np.ndarray, columns: list[str], batch_rows: int 
     rows = np.asarray(rows, dtype=np.int64)
     order = np.argsort(rows, kind="stable")
     wanted, taken, start = rows[order], [], 0
-    f = pq.ParquetFile(path)
+    f = open_stream(path)
     for batch in f.iter_batches(batch_size=batch_rows, columns=columns):
         lo, hi = np.searchsorted(wanted, [start, start + batch.num_rows])
         taken.append(batch.take(pa.array(wanted[lo:hi] - start)))
@@ -214,7 +215,7 @@ def read_rows(path: Path, rows: np.ndarray, columns: list[str], batch_rows: int 
 
 def parquet_column(path: Path, column: str, batch_rows: int) -> Iterator[pa.Array]:
     """One column of a parquet file, batch_rows rows at a time (nothing when it has no such column)."""
-    f = pq.ParquetFile(path)
+    f = open_stream(path)
     if column in f.schema_arrow.names:
         yield from (b.column(0) for b in f.iter_batches(batch_size=batch_rows, columns=[column]))
 

@@ -21,6 +21,7 @@ from models.checkpoint import save_warm_start
 from models.encoding import FeatureEncoder, SideEncoder, Vocab
 from models.errors import ModelError
 from models.params import TrainParams
+from models.parquet_stream import open_stream
 from models.stream import TrainingStream
 from models.towers import TwoTower, TwoTowerConfig
 from models.training import PROGRESS_FIELDS, FitResult, fit
@@ -132,7 +133,7 @@ def write_rows(source: Path, keep: np.ndarray, out: Path, batch_rows: int) -> in
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    source_file = pq.ParquetFile(source)
+    source_file = open_stream(source)
     if source_file.metadata.num_rows != len(keep):
         raise ModelError(f"{source}: {source_file.metadata.num_rows} rows, but {len(keep)} row choices")
     partial = out.with_name(out.name + ".partial")

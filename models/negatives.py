@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from models.arrays import isin_sorted, micros, search_sorted, sorted_unique
 from models.errors import ModelInputError
+from models.parquet_stream import open_stream
 
 HARD_NEGATIVES_COLUMN = "hard_negatives"   # list column of the sampled streams: item ids per example
 LOG_COLUMNS = ["request_id", "user_id", "item_id", "timestamp", "stage", "clicked"]
@@ -82,7 +83,7 @@ def load_negative_pool(logs_path: Path, include_shown_unclicked: bool = False) -
         raise ModelInputError(f"{logs_path}: required columns {missing} are missing")
     strings = [c for c in ("request_id", "user_id", "item_id", "stage")
                if pa.types.is_string(names.field(c).type) or pa.types.is_large_string(names.field(c).type)]
-    file = pq.ParquetFile(logs_path, read_dictionary=strings)
+    file = open_stream(logs_path, read_dictionary=strings)
     kept = ["request_id", "user_id", "item_id", "timestamp"]
     parts = []
     for batch in file.iter_batches(batch_size=READ_BATCH_ROWS, columns=LOG_COLUMNS):

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from models.negatives import (HARD_NEGATIVES_COLUMN, NegativePool, NegativeSampler, draw_hard_negatives,
                               factorize_parts, prepare_negatives)
 from models.params import SampleParams
+from models.parquet_stream import open_stream
 
 
 def keep_probability(item_ids: pd.Series, threshold: float) -> np.ndarray:
@@ -99,7 +100,7 @@ def write_sampled_streams(sample_cfg: SampleParams, seed: int, examples_path: Pa
     does not grow with the examples' width (10M examples with 16 negatives each as Python lists took
     13.2 GB). The train stream is split == 'train' (the evaluation model), full is every row (the refit
     model). Each file is written beside its place and moved there when complete."""
-    source = pq.ParquetFile(examples_path)
+    source = open_stream(examples_path)
     item_type = source.schema_arrow.field("item_id").type
     keys, pool, item_ids = _coded(source.read(columns=KEY_COLUMNS).to_pandas(), pool, item_type)
     # one draw per example row, shared by both streams: a train row kept for the evaluation model

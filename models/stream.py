@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from models.encoding import FeatureEncoder, longest_list, pad_lists, parquet_column
 from models.negatives import HARD_NEGATIVES_COLUMN
+from models.parquet_stream import open_stream
 from models.towers import Batch
 
 
@@ -203,7 +203,7 @@ class TrainingStream:
                      batch_rows: int = 50_000) -> "TrainingStream":
         """Streamed from a parquet file, batch_rows rows at a time; spill: folder of the memory-mapped
         arrays (None: in memory). Same arrays, hence the same training, as `build` on the whole file."""
-        f = pq.ParquetFile(path)
+        f = open_stream(path)
         widths = _list_widths(encoder, lambda column: parquet_column(path, column, batch_rows))
         # list columns stay arrow-backed (pd.ArrowDtype): no Python object per list or value
         arrow_lists = lambda t: pd.ArrowDtype(t) if pa.types.is_list(t) or pa.types.is_large_list(t) else None  # noqa: E731

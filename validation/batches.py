@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from models.parquet_stream import open_stream
 
 _INTS = {t: pd.Int64Dtype() for t in (pa.int8(), pa.int16(), pa.int32(), pa.int64())}
 # The row checks' frames: strings as a string dtype, not object (GX then checks a type list once per
@@ -86,7 +87,7 @@ class Source:
             table = self.table if cols is None else self.table.select(cols)
             parts = (table.slice(i, size) for i in range(0, max(table.num_rows, 1), size))
         else:
-            f = pq.ParquetFile(self.path)
+            f = open_stream(self.path)
             parts = (pa.Table.from_batches([b]) for b in f.iter_batches(batch_size=size, columns=cols))
             if f.metadata.num_rows == 0:
                 parts = iter([f.schema_arrow.empty_table() if cols is None

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from models.parquet_stream import open_stream
 
 from flows.errors import MissingStageInput
 
@@ -52,7 +53,7 @@ def ranker_logs(logs: Path, ranker_dir: Path, out: Path, read_rows: int = 1 << 2
     from flows.serving.rerank import load_reranker
 
     ranker = load_reranker(ranker_dir)
-    file = pq.ParquetFile(logs)
+    file = open_stream(logs)
     rows_in, rows_out, carry = 0, 0, None
     with pq.ParquetWriter(out, file.schema_arrow) as writer:
         for rb in file.iter_batches(batch_size=read_rows):

@@ -43,6 +43,7 @@ from models.fork_pool import resolve_workers, run_jobs
 from models.device import resolve_device
 from models.errors import ModelNotFound
 from models.inference import load_bundle
+from models.parquet_stream import open_stream
 from models.ranking import evaluate as ev
 from models.ranking.bundle import Servable, save_ranker
 from models.ranking.catalog import RankFeatures, Vectors, build_features
@@ -157,7 +158,7 @@ def prepare_log(logs: Path, truth_dir: Path | None, out: Path, context: list[str
     keep = [*REQUIRED, *context, *(GRID if spec.grid else ())]
     rows, top, writer = 0, 0, None
     try:
-        for rb in pq.ParquetFile(logs).iter_batches(batch_size=read_rows, columns=spec.columns):
+        for rb in open_stream(logs).iter_batches(batch_size=read_rows, columns=spec.columns):
             table = pa.Table.from_batches([rb])
             table = _with_truth(table.filter(shown_mask(table, spec)).select(keep), truth_rows)
             if writer is None:

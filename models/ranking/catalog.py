@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from scipy.special import ndtri
 
 from models.arrays import sorted_unique
+from models.parquet_stream import open_stream
 from models.ranking.data import RankingInputError, require_columns
 
 Vectors = tuple[np.ndarray, np.ndarray]   # (ids (N,), vectors (N, D)) from the retrieval towers
@@ -58,7 +58,7 @@ class RankFeatures:
 def _log_uniques(path: Path, columns: Sequence[str], read_rows: int) -> dict[str, np.ndarray]:
     """Distinct non-null values of each column, one read batch at a time (memory: the distinct values)."""
     parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
-    for rb in pq.ParquetFile(path).iter_batches(batch_size=read_rows, columns=list(columns)):
+    for rb in open_stream(path).iter_batches(batch_size=read_rows, columns=list(columns)):
         for c in columns:
             parts[c].append(pc.unique(pc.drop_null(rb.column(c))).to_numpy(zero_copy_only=False))
     return {c: sorted_unique(np.concatenate(p)) if p else np.array([]) for c, p in parts.items()}

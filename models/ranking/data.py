@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from models.errors import ModelInputError
+from models.parquet_stream import open_stream
 
 if TYPE_CHECKING:
     from models.ranking.catalog import RankFeatures
@@ -162,7 +163,7 @@ def split_of(request_ids: np.ndarray, test_fraction: float, valid_fraction: floa
 def distinct_users(path: Path, read_rows: int) -> int:
     """Distinct user_id values of a log file, read `read_rows` rows at a time."""
     seen: set = set()
-    for rb in pq.ParquetFile(path).iter_batches(batch_size=read_rows, columns=["user_id"]):
+    for rb in open_stream(path).iter_batches(batch_size=read_rows, columns=["user_id"]):
         seen.update(pc.unique(rb.column(0)).to_pylist())
     seen.discard(None)
     return len(seen)
@@ -236,7 +237,7 @@ class RankingLog:
         """The file's rows (every split), `read_rows` at a time, each request's rows in one table: the
         chunks every split's batches are cut from (models/ranking/encoded.py encodes them all in one read)."""
         carry: pa.Table | None = None
-        for rb in pq.ParquetFile(self.path).iter_batches(batch_size=self.read_rows, columns=columns):
+        for rb in open_stream(self.path).iter_batches(batch_size=self.read_rows, columns=columns):
             table = pa.Table.from_batches([rb])
             if carry is not None:
                 table = pa.concat_tables([carry, table])
