@@ -154,6 +154,11 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
         columns = write_training_examples(store, schema, examples, sources.history, features_dir, partial,
                                           features_cfg.join_rows).names
         catalog = item_catalog(store, schema, items, sources.now, features_dir)
+        history_rows = sources.history.num_rows
+        # the check forks its workers from this process: the join's history (1-2 GB at 10M) and the
+        # heap the join freed are handed back first, or each worker's pages come on top of them
+        del sources
+        return_freed_memory()
         done("point_in_time_join")
         checked = {}
         if checks is not None:
@@ -169,7 +174,7 @@ def materialize(split_cfg: SplitParams, features_cfg: FeaturesParams, ingested: 
         _write(training_dir, partial, catalog, split)
     finally:
         partial.unlink(missing_ok=True)
-    return {"examples": len(examples), "items": catalog.num_rows, "history_rows": sources.history.num_rows,
+    return {"examples": len(examples), "items": catalog.num_rows, "history_rows": history_rows,
             "online_materialization": online, "offline_store": store.config.offline_store.type,
             **replayed,
             **split, **checked, "seconds": round(time.perf_counter() - started, 2),
