@@ -8,8 +8,12 @@ dropped and the allocator's free pages handed back (Arrow's own count of allocat
 same). A stage that streams a file once held about the whole compressed file by the end; the
 training-set check, whose forked workers each read the whole file, held it once per worker (the 10M
 materialize stage's tree reached 8.2 GB of PSS). Read as a buffered stream (`pre_buffer=False` with
-a read buffer) the same loop stays flat (193-247 MB over the file), and a pass over it was no slower
-here (8.7-9.6 s against 10.5-11.9 s, the file in the page cache).
+a read buffer) the same loop stays flat (193-247 MB over the file), and one pass over it was no slower
+here (8.7-9.6 s against 10.5-11.9 s, the file in the page cache). It costs time where decoding is most
+of the work: the 10M training-set check with two workers, alternated on an idle host, 83.1-90.4 s
+against 77.0-77.6 s (peak 3,644-3,815 against 5,037-5,179 MiB), whatever the buffer (1-64 MiB); the
+700k validate stage took the same 33.6-33.7 s. Reading one row group at a time with pre-buffering is
+the thing to try for both.
 """
 from __future__ import annotations
 
