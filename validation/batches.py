@@ -94,6 +94,37 @@ class Source:
                               else f.schema_arrow.empty_table().select(cols)])
         yield from parts
 
+    def rows_between(self, start: int, stop: int, size: int) -> Iterator[pa.Table]:
+        """Rows [start, stop) in tables of `size` rows (the last one shorter), decoding only the row
+        groups that hold them: a worker checking one part of a file reads that part, not the file."""
+        if self.table is not None:
+            for at in range(start, stop, size):
+                yield self.table.slice(at, min(size, stop - at))
+            return
+        f = open_stream(self.path)
+        meta = f.metadata
+        ends = np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        first = int(np.searchsorted(ends, start, side="right"))      # the group holding row `start`
+        last = int(np.searchsorted(ends, stop - 1, side="right"))    # ... and row `stop - 1`
+        at = int(ends[first - 1]) if first else 0                  # the file's row read next
+        pending: list[pa.RecordBatch] = []
+        held = 0
+        for batch in f.iter_batches(batch_size=size, row_groups=range(first, last + 1)):
+            lo, hi = max(start - at, 0), min(stop - at, batch.num_rows)
+            at += batch.num_rows
+            piece = batch.slice(lo, max(hi - lo, 0))
+            while piece.num_rows:
+                take = min(size - held, piece.num_rows)
+                pending.append(piece.slice(0, take))
+                held, piece = held + take, piece.slice(take)
+                if held == size:
+                    yield pa.Table.from_batches(pending)
+                    pending, held = [], 0
+            if at >= stop:
+                break
+        if pending:
+            yield pa.Table.from_batches(pending)
+
 
 @dataclass(frozen=True)
 class UniqueKey:
@@ -136,8 +167,8 @@ class Derived:
 @dataclass(frozen=True)
 class RowBatches:
     """A table's row-check frames (its batches with the derived columns), made as they are read: all
-    of them, or one process's share (every n-th batch from the k-th) when several processes check a
-    large table at once (validation/runner.py)."""
+    of them, or one process's share (the k-th of n runs of consecutive batches) when several processes
+    check a large table at once (validation/runner.py)."""
 
     source: Source
     chunk_rows: int
@@ -147,13 +178,21 @@ class RowBatches:
     def count(self) -> int:
         return max(1, math.ceil(self.source.rows / self.chunk_rows))
 
-    def __call__(self, share: tuple[int, int] = (0, 1)) -> Iterator[pd.DataFrame]:
+    def indexes(self, share: tuple[int, int] = (0, 1)) -> range:
+        """The batches of the k-th of n shares: consecutive ones, so that a share reads only its own
+        part of the file (with every n-th batch each share decoded the whole file)."""
         k, n = share
-        # every share reads the whole file (parquet decoding is a small part of a batch's checks)
-        # and converts only its own batches
-        for i, batch in enumerate(self.source.batches(self.chunk_rows)):
-            if i % n == k:
-                yield self.derived.apply(row_frame(batch))
+        return range(k * self.count // n, (k + 1) * self.count // n)
+
+    def __call__(self, share: tuple[int, int] = (0, 1)) -> Iterator[pd.DataFrame]:
+        mine = self.indexes(share)
+        if len(mine) == self.count:
+            batches = self.source.batches(self.chunk_rows)
+        else:
+            batches = self.source.rows_between(mine.start * self.chunk_rows,
+                                               min(mine.stop * self.chunk_rows, self.source.rows), self.chunk_rows)
+        for batch in batches:
+            yield self.derived.apply(row_frame(batch))
 
 
 def _key_values(frame: pd.DataFrame, key: UniqueKey) -> pd.Series:

@@ -304,11 +304,10 @@ def _run_batch(checkpoint, check: Check, parameters: dict[str, Any], index: int,
 
 
 def _run_share(share: tuple[int, int], inherited: tuple[Any, Check, dict[str, Any]]) -> list[tuple[int, list]]:
-    """In a forked worker: the batches of one share (every n-th from the k-th), with their indexes."""
+    """In a forked worker: the batches of one share (a run of consecutive ones), with their indexes."""
     checkpoint, check, parameters = inherited
-    k, n = share
-    return [(k + j * n, _run_batch(checkpoint, check, parameters, k + j * n, frame))
-            for j, frame in enumerate(check.batches(share))]
+    return [(i, _run_batch(checkpoint, check, parameters, i, frame))
+            for i, frame in zip(check.batches.indexes(share), check.batches(share), strict=True)]
 
 
 def run_checks(checks: list[Check], parameters: dict[str, Any], severity: dict[str, str],
@@ -329,8 +328,8 @@ def run_checks(checks: list[Check], parameters: dict[str, Any], severity: dict[s
             checkpoint = _checkpoint(ctx, check.suite, check.expectations)
             shares = min(workers, check.batches.count) if isinstance(check.batches, RowBatches) else 1
             if shares > 1:
-                # a large table's batches in forked processes, each taking every n-th batch (they
-                # inherit the context and checkpoint); the results come back in batch order
+                # a large table's batches in forked processes, each taking a run of consecutive
+                # batches (they inherit the context and checkpoint); the results come back in order
                 jobs = [(f"{check.suite} share {k}", partial(_run_share, (k, shares))) for k in range(shares)]
                 per_share = run_jobs(jobs, (checkpoint, check, parameters), shares, threads=1)
                 results = [r for _, r in sorted((r for rs in per_share for r in rs), key=lambda r: r[0])]

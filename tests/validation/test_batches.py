@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -68,3 +69,67 @@ def test_row_frames_give_strings_a_string_dtype() -> None:
     frame = row_frame(pa.table({"request_id": pa.array(["r1", None, "r3"]), "n": pa.array([1, None, 3])}))
     assert frame["request_id"].dtype == pd.StringDtype("pyarrow") and frame["request_id"].isna().tolist() == [False, True, False]
     assert frame["n"].dtype == pd.Int64Dtype()
+
+
+class _CountingFile:
+    """A real file whose reads are counted (what a share of the row checks decodes)."""
+
+    def __init__(self, path: Path):
+        self._f = open(path, "rb")
+        self.read_bytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.read_bytes += len(data)
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
+@pytest.mark.parametrize("group_rows", [7, 10, 23, 100, 1000])
+@pytest.mark.parametrize("shares", [2, 3])
+def test_shares_are_runs_of_the_whole_tables_batches(tmp_path: Path, group_rows: int, shares: int):
+    """Each share of a table's row checks is a run of consecutive batches; together, in order, they
+    are the batches one process makes (same boundaries, same rows), whatever the file's row groups."""
+    import pyarrow.parquet as pq
+    from validation.batches import RowBatches
+
+    table = pa.table({"user_id": [f"u{i}" for i in range(103)], "n": pa.array(range(103), pa.int64())})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=group_rows)
+    for source in (Source("t", tmp_path / "t.parquet"), Source("t", table=table)):
+        whole = RowBatches(source, chunk_rows=10)
+        parts = [whole((k, shares)) for k in range(shares)]
+        indexes = [list(whole.indexes((k, shares))) for k in range(shares)]
+        assert sum(indexes, []) == list(range(whole.count)) == list(range(11))
+        got = [frame for part in parts for frame in part]
+        want = list(whole())
+        assert [len(f) for f in got] == [len(f) for f in want] == [10] * 10 + [3]
+        for a, b in zip(got, want):
+            pd.testing.assert_frame_equal(a, b)
+
+
+def test_a_share_decodes_only_its_part_of_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """With two workers, each reads about half of a large table's file (the training-set check at
+    10M examples: every worker used to decode all of it), the row groups at its edges aside."""
+    import pyarrow.parquet as pq
+    import validation.batches as batches
+    from models.parquet_stream import READ_BUFFER_BYTES
+
+    rng = np.random.default_rng(0)
+    table = pa.table({"x": rng.random(40_000), "s": [f"id{v}" for v in rng.integers(0, 10**9, 40_000)]})
+    path = tmp_path / "t.parquet"
+    pq.write_table(table, path, row_group_size=2_500, compression="none")
+    opened: list[_CountingFile] = []
+
+    def counted(p, **options):
+        opened.append(_CountingFile(Path(p)))
+        return pq.ParquetFile(opened[-1], pre_buffer=False, buffer_size=READ_BUFFER_BYTES, **options)
+
+    monkeypatch.setattr(batches, "open_stream", counted)
+    checks = batches.RowBatches(Source("t", path), chunk_rows=5_000)
+    size = path.stat().st_size
+    for k in range(2):
+        assert sum(len(f) for f in checks((k, 2))) == 20_000
+        assert opened[-1].read_bytes < 0.6 * size, (k, opened[-1].read_bytes, size)
+    assert sum(len(f) for f in checks()) == 40_000 and opened[-1].read_bytes > 0.9 * size
