@@ -80,36 +80,31 @@ class Source:
     def columns(self) -> list[str]:
         return self.table.column_names if self.table is not None else pq.read_schema(self.path).names
 
-    def batches(self, size: int, columns: list[str] | None = None) -> Iterator[pa.Table]:
-        """Tables of at most `size` rows; always at least one (empty) so that column checks run."""
+    def batches(self, size: int, columns: list[str] | None = None, start: int = 0,
+                stop: int | None = None) -> Iterator[pa.Table]:
+        """Rows [start, stop) (default: all) in tables of `size` rows, the last one shorter; always at
+        least one (empty) so that column checks run. A file is read from the row group holding `start`
+        to the one holding `stop - 1`: a worker checking one part of a file decodes that part."""
         cols = None if columns is None else [c for c in columns if c in self.columns]
+        stop = self.rows if stop is None else stop
         if self.table is not None:
             table = self.table if cols is None else self.table.select(cols)
-            parts = (table.slice(i, size) for i in range(0, max(table.num_rows, 1), size))
-        else:
-            f = open_stream(self.path)
-            parts = (pa.Table.from_batches([b]) for b in f.iter_batches(batch_size=size, columns=cols))
-            if f.metadata.num_rows == 0:
-                parts = iter([f.schema_arrow.empty_table() if cols is None
-                              else f.schema_arrow.empty_table().select(cols)])
-        yield from parts
-
-    def rows_between(self, start: int, stop: int, size: int) -> Iterator[pa.Table]:
-        """Rows [start, stop) in tables of `size` rows (the last one shorter), decoding only the row
-        groups that hold them: a worker checking one part of a file reads that part, not the file."""
-        if self.table is not None:
-            for at in range(start, stop, size):
-                yield self.table.slice(at, min(size, stop - at))
+            for at in range(start, max(stop, start + 1), size):
+                yield table.slice(at, min(size, stop - at))
             return
         f = open_stream(self.path)
-        meta = f.metadata
-        ends = np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        if stop <= start:
+            empty = f.schema_arrow.empty_table()
+            yield empty if cols is None else empty.select(cols)
+            return
+        ends = np.cumsum([f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)])
         first = int(np.searchsorted(ends, start, side="right"))      # the group holding row `start`
         last = int(np.searchsorted(ends, stop - 1, side="right"))    # ... and row `stop - 1`
         at = int(ends[first - 1]) if first else 0                  # the file's row read next
         pending: list[pa.RecordBatch] = []
         held = 0
-        for batch in f.iter_batches(batch_size=size, row_groups=range(first, last + 1)):
+        for batch in f.iter_batches(batch_size=size, row_groups=range(first, last + 1), columns=cols):
+            # cut at multiples of `size` from `start`, whatever the row groups' lengths
             lo, hi = max(start - at, 0), min(stop - at, batch.num_rows)
             at += batch.num_rows
             piece = batch.slice(lo, max(hi - lo, 0))
@@ -186,12 +181,8 @@ class RowBatches:
 
     def __call__(self, share: tuple[int, int] = (0, 1)) -> Iterator[pd.DataFrame]:
         mine = self.indexes(share)
-        if len(mine) == self.count:
-            batches = self.source.batches(self.chunk_rows)
-        else:
-            batches = self.source.rows_between(mine.start * self.chunk_rows,
-                                               min(mine.stop * self.chunk_rows, self.source.rows), self.chunk_rows)
-        for batch in batches:
+        stop = None if mine.stop == self.count else mine.stop * self.chunk_rows
+        for batch in self.source.batches(self.chunk_rows, start=mine.start * self.chunk_rows, stop=stop):
             yield self.derived.apply(row_frame(batch))
 
 
