@@ -12,8 +12,10 @@ a read buffer) the same loop stays flat (193-247 MB over the file), and one pass
 here (8.7-9.6 s against 10.5-11.9 s, the file in the page cache). It costs time where decoding is most
 of the work: the 10M training-set check with two workers, alternated on an idle host, 83.1-90.4 s
 against 77.0-77.6 s (peak 3,644-3,815 against 5,037-5,179 MiB), whatever the buffer (1-64 MiB); the
-700k validate stage took the same 33.6-33.7 s. Reading one row group at a time with pre-buffering is
-the thing to try for both.
+700k validate stage took the same 33.6-33.7 s. Reading one row group at a time with pre-buffering (a
+fresh iterator per group, so what it fetched goes with it) was tried in the row checks and not kept:
+the 10M check 77.1-77.5 s against 72.9-80.6 buffered, the 700k validate stage 34.8-35.6 against
+29.1-34.9 (alternated; the check's workers by then read only their own part of the file).
 """
 from __future__ import annotations
 
