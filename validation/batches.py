@@ -181,7 +181,7 @@ class RowBatches:
 
     def __call__(self, share: tuple[int, int] = (0, 1)) -> Iterator[pd.DataFrame]:
         mine = self.indexes(share)
-        stop = None if mine.stop == self.count else mine.stop * self.chunk_rows
+        stop = min(mine.stop * self.chunk_rows, self.source.rows)
         for batch in self.source.batches(self.chunk_rows, start=mine.start * self.chunk_rows, stop=stop):
             yield self.derived.apply(row_frame(batch))
 
