@@ -197,12 +197,27 @@ materialize(SplitParams(test_fraction=0.2, min_user_interactions=5),
     assert "item_popularity_fv" not in views and "user_history_fv" in views
 
 
-def test_training_set_is_validated_before_it_is_written(tmp_path):
+def test_training_set_is_validated_before_it_is_written(tmp_path, monkeypatch):
+    import gc
+
+    import flows.stages.materialize as stage
+    from features.history import OfflineSources
+
     ing = ingested_tables(tmp_path, False)
     dirs = {"features_dir": tmp_path / "features", "feast_dir": tmp_path / "feast",
             "training_dir": tmp_path / "training"}
     checks = TrainingSetChecks(ValidateParams(), context_root=tmp_path / "gx", docs_dir=tmp_path / "docs")
+    # the check forks its workers from the stage's process: the join's history (1-2 GB at 10M) is
+    # gone by then, or every worker's pages come on top of it (the 10M stage reached 8.2 GB)
+    alive_at_check, real_check = [], stage.validate_training_set
+
+    def check(*args, **kwargs):
+        alive_at_check.append(sum(isinstance(o, OfflineSources) for o in gc.get_objects()))
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "validate_training_set", check)
     summary = materialize(SPLIT, FeaturesParams(history_length=HISTORY), ing, **dirs, checks=checks)
+    assert alive_at_check == [0] and summary["history_rows"] > 0
     assert summary["validation_docs"] == str(tmp_path / "docs" / "index.html")
     gate = json.loads((tmp_path / "docs" / "summary.json").read_text())
     assert gate["success"] and gate["tables"]["training"]["rows"] == summary["examples"]
