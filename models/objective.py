@@ -61,6 +61,7 @@ class BatchLoss:
         self.easy_p = torch.from_numpy(popularity_distribution(counts, train_cfg.easy_power)).to(torch.float32)
         self.ssl_p = torch.from_numpy(popularity_distribution(counts, train_cfg.ssl_power)).to(torch.float32)
         self.log_q = stream.log_q
+        self.items = training_items(stream, train_cfg.item_id_dropout)
         self.listwise_logq = train_cfg.loss == "listwise" and train_cfg.logq
         self.fused = fused and train_cfg.loss == "listwise" and self.n_easy == 0 and self.n_hard == 0
 
@@ -116,11 +117,12 @@ class BatchLoss:
         with record_function("ssl"):
             views = self.ssl_views(gen) if ssl else []                      # two (S,) item batches
         with record_function("towers"):
+            positives = self.positives(item, gen)
             if self._shared_table(model):
-                q, c, z = self._encode_shared(model, gather(s.users, b), gather(s.items, item), views)
+                q, c, z = self._encode_shared(model, gather(s.users, b), positives, views)
             else:
                 q = self._encode(model, "encode_users", gather(s.users, b))        # (B, D)
-                c = self._encode(model, "encode_items", gather(s.items, item))     # (B, D)
+                c = self._encode(model, "encode_items", positives)                 # (B, D)
                 # the two SSL views in one pass: one item-table gradient instead of two. The batch's own
                 # items keep their pass: joined to the views too, 2 of 7 runs of 185 steps ended on
                 # another loss (2 threads); this split repeated its loss 17 times of 17
@@ -156,12 +158,24 @@ class BatchLoss:
                 loss = loss + self.train_cfg.ssl_weight * info_nce(*z, self.train_cfg.ssl_temperature)
         return loss
 
+    def positives(self, item: torch.Tensor, gen: torch.Generator) -> Batch:
+        """The item tower's inputs for the batch's positives: a share train.item_id_dropout of them
+        without their id (OOV, index 0), so the tower learns to place an item from its features alone,
+        as it must for an item with no interactions or one added to the index after training
+        (DropoutNet, Volkovs et al. 2017). The hit masks and log Q still read the real items."""
+        batch = gather(self.items, item)
+        rate = self.train_cfg.item_id_dropout
+        if rate <= 0:
+            return batch
+        hide = torch.rand(len(item), generator=gen) < rate
+        return {**batch, "item": batch["item"].masked_fill(hide, 0)}
+
     def easy_negatives(self, model: TwoTower, q: torch.Tensor, item: torch.Tensor, user: torch.Tensor,
                        tau: torch.Tensor | float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, K) logits of K items shared by the batch, drawn ∝ popularity^easy_power, and their mask."""
         s = self.stream
         e = torch.multinomial(self.easy_p, self.n_easy, replacement=True, generator=gen)  # (K,)
-        easy = q @ self._encode(model, "encode_items", gather(s.items, e)).T / tau      # (B, K)
+        easy = q @ self._encode(model, "encode_items", gather(self.items, e)).T / tau   # (B, K)
         if self.listwise_logq:
             easy = easy - torch.log(self.n_easy * self.easy_p[e]).unsqueeze(0).to(self.device)
         dev = self.device
@@ -176,7 +190,7 @@ class BatchLoss:
         key = torch.rand(pool.shape, generator=gen) + (pool == 0).to(torch.float32)
         h = pool.gather(1, key.argsort(dim=1)[:, :self.n_hard])         # (B, H)
         uniq, inv = torch.unique(h, return_inverse=True)
-        ch = self._encode(model, "encode_items", gather(self.stream.items, uniq))   # (U, D)
+        ch = self._encode(model, "encode_items", gather(self.items, uniq))          # (U, D)
         hard = (q.unsqueeze(1) * ch[inv.to(self.device)]).sum(dim=-1) / tau     # (B, H)
         return hard, ((h != 0) & (h != item.unsqueeze(1))).to(self.device)
 
@@ -191,7 +205,27 @@ class BatchLoss:
         else:
             idx = torch.multinomial(self.ssl_p, n, replacement=False, generator=gen)   # (S,) distinct items
         assert self.augmenter is not None, "ssl_views needs an augmenter (make_augmenter)"
-        return list(self.augmenter.views(gather(self.stream.items, idx), gen))
+        return list(self.augmenter.views(gather(self.items, idx), gen))
+
+
+def training_items(stream: TrainingStream, id_dropout: float) -> Batch:
+    """The item table the towers read while training. With train.item_id_dropout, an item with no
+    positive in the stream shows no id wherever it turns up (SSL views, extra negatives): its id row
+    then never moves from zero (forget_unseen_items), so it is scored from its features by a tower
+    that learned to do so, like an item added later. Without, the stream's own table: such rows are
+    trained by the SSL loss alone, into directions no user pulled (where every item is read once, a
+    held-out item's AUC among the other unread ones 0.58-0.60 so, 0.71 hidden; docs/TRAINING.md)."""
+    if id_dropout <= 0:
+        return stream.items
+    return {**stream.items, "item": torch.where(stream.counts > 0, stream.items["item"], 0)}
+
+
+def forget_unseen_items(model: TwoTower, counts: torch.Tensor) -> None:
+    """Zero the id rows of the items with no positive in the stream (the OOV row is zero): a fresh
+    model's, before training (training_items keeps them there)."""
+    with torch.no_grad():
+        rows = model.item_emb.weight
+        rows[(counts == 0).to(rows.device)] = 0.0
 
 
 def make_augmenter(stream: TrainingStream, train_cfg: TrainParams, notes: list[str]) -> ItemAugmenter | None:

@@ -65,6 +65,9 @@ class TrainParams(Section):
     ssl_batch_size: PositiveInt = 512
     ssl_power: float = Field(0.0, ge=0)            # SSL items ~ (count + 1)^ssl_power (0: uniform)
     ssl_dropout: float = Field(0.1, ge=0, lt=1)    # drop rate of multi-valued feature values per view
+    # share of the retrieval loss's positives whose item id the item tower does not see (OOV): it learns
+    # to score items from their features alone, as it must for items without interactions (models/objective.py)
+    item_id_dropout: float = Field(0.1, ge=0, lt=1)
     early_stopping: bool = True
     patience: PositiveInt = 2                      # epochs without a better validation NDCG@20
     val_fraction: float = Field(0.2, gt=0, lt=1)   # each user's last share of training rows

@@ -28,7 +28,7 @@ from models.early_stopping import ValidationTask
 from models.encoding import FeatureEncoder
 from models.errors import ModelError
 from models.heap import retained_heap
-from models.objective import BatchLoss, make_augmenter
+from models.objective import BatchLoss, forget_unseen_items, make_augmenter
 from models.optim import TowerOptimizer, TowerSchedule, make_optimizer, set_sparse, sparse_note, train_sparse_rows
 from models.params import ModelParams, TrainParams
 from models.stream import TrainingStream
@@ -220,6 +220,9 @@ def fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: TrainParam
     device = training_device(train_cfg, dist)
     torch.manual_seed(seed)
     model = TwoTower(tower_cfg).to(device)     # initialized on the CPU generator: the same weights anywhere
+    if train_cfg.item_id_dropout > 0:
+        # items without a positive start as unknown ids and stay so (a warm start below overwrites them)
+        forget_unseen_items(model, stream.counts)
     n = len(stream)
     steps = math.ceil(math.ceil(n / dist.world) / train_cfg.batch_size)
     opt, sched = make_optimizer(model, train_cfg, lr_factor(train_cfg, steps))

@@ -54,6 +54,8 @@ def default_rows(params: Params) -> list[AblationRow]:
                     [*with_negatives, f"train.hard_ratio={hard_ratio}", "sample.shown_unclicked_negatives=true"],
                     "hard negatives also from shown-but-not-clicked items"),
         AblationRow("no_ssl", ["train.ssl_weight=0"], "no self-supervised item-tower loss"),
+        AblationRow("no_item_id_dropout", ["train.item_id_dropout=0"],
+                    "every positive's id shown to the item tower; items without interactions keep their own rows"),
         AblationRow("no_behaviour_counts", ["model.behaviour_counts=false"],
                     "user tower without the interaction counts over windows (recent items kept)"),
         AblationRow("ssl_random", [f"train.ssl_weight={ssl}", "train.ssl_masking=random"],

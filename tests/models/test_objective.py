@@ -22,8 +22,10 @@ def test_listwise_loss_without_extra_negatives_is_the_in_batch_softmax():
     torch.manual_seed(0)
     model = TwoTower(tower_config(encoder, ModelParams(dim=4, embedding_dim=4, hidden=[8])))
     b = torch.tensor([2, 0, 1])
-    loss = BatchLoss(stream, TrainParams(negatives=0, ssl_weight=0.0), None, fused=False)(model, b, torch.Generator())
-    fused = BatchLoss(stream, TrainParams(negatives=0, ssl_weight=0.0), None)(model, b, torch.Generator())
+    # every positive with its id (the item tower below reads them all)
+    cfg = TrainParams(negatives=0, ssl_weight=0.0, item_id_dropout=0.0)
+    loss = BatchLoss(stream, cfg, None, fused=False)(model, b, torch.Generator())
+    fused = BatchLoss(stream, cfg, None)(model, b, torch.Generator())
 
     item, user = stream.item_idx[b], stream.users["user"][b]
     q, c = model(gather(stream.users, b), gather(stream.items, item))
@@ -33,7 +35,7 @@ def test_listwise_loss_without_extra_negatives_is_the_in_batch_softmax():
     assert torch.equal(loss, expected)
     assert torch.allclose(fused, expected, rtol=1e-6, atol=1e-6)    # the training path: same loss, fewer passes
     assert stream.hits(user, item)[1, 2]          # user 1's other positive is masked, not a negative
-    no_logq = BatchLoss(stream, TrainParams(negatives=0, ssl_weight=0.0, logq=False), None)(model, b, torch.Generator())
+    no_logq = BatchLoss(stream, cfg.model_copy(update={"logq": False}), None)(model, b, torch.Generator())
     assert torch.allclose(no_logq, in_batch_softmax(q, c, model.tau(), item, None, stream.weights[b],
                                                  stream.hits(user, item)), rtol=1e-6, atol=1e-6)
 
@@ -47,7 +49,9 @@ def _ssl_step() -> tuple[TrainingStream, TwoTower, TrainParams, object]:
     stream = TrainingStream.build(encoder, examples, items)
     torch.manual_seed(0)
     model = TwoTower(tower_config(encoder, ModelParams(dim=4, embedding_dim=4, hidden=[8])))
-    cfg = TrainParams(negatives=0, ssl_weight=0.5, ssl_batch_size=4, ssl_dropout=0.0, ssl_masking="random")
+    # no id dropout: its draw follows the views, and the retrieval-only loss below draws no views
+    cfg = TrainParams(negatives=0, ssl_weight=0.5, ssl_batch_size=4, ssl_dropout=0.0, ssl_masking="random",
+                      item_id_dropout=0.0)
     augmenter = make_augmenter(stream, cfg, [])
     assert augmenter is not None
     return stream, model, cfg, augmenter
