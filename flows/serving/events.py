@@ -22,7 +22,7 @@ user's row from the same old row (a lost update).
 from __future__ import annotations
 
 import json
-from collections.abc import Container, Iterator
+from collections.abc import Callable, Container, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -71,11 +71,27 @@ def body_rows(body: Any, key: str) -> list[dict[str, Any]]:
     return rows
 
 
+def file_rows(path: Path) -> Callable[[int], str]:
+    """Names of a file's rows for messages: `file:line` where rows are lines (CSV under its header,
+    JSON lines), else `file[i]` (a parquet file's or a JSON array's i-th row, from 0)."""
+    suffix = Path(path).suffix.lower()
+    first = {".csv": 2, ".jsonl": 1, ".ndjson": 1}.get(suffix)
+    if first is None:
+        return lambda i: f"{path}[{i}]"
+    return lambda i: f"{path}:{i + first}"
+
+
+def row_field(row: str, column: str) -> str:
+    """`events[0].user_id` in a request body, `events.csv:3 user_id` in a file."""
+    return f"{row}.{column}" if row.endswith("]") else f"{row} {column}"
+
+
 def validate_events(frame: pd.DataFrame, schema: dict[str, Any], known_items: Container[Any], where: str,
-                    rules: EventRules) -> pd.DataFrame:
+                    rules: EventRules, rows: Callable[[int], str] | None = None) -> pd.DataFrame:
     """user_id, item_id, timestamp, weight (+ rating when the source has ratings) typed, the documented
     defaults filled and checked with the contract's row rules (flows/sources/events_log.check_events):
-    the first problem raises DataContractError naming `where[row]`. A missing timestamp is the server's
+    the first problem raises DataContractError naming the row (`rows(i)`, default `where[i]`; a file's
+    rows by their lines, file_rows). A missing timestamp is the server's
     time; one up to rules.future_tolerance_s ahead of it (clock skew) is logged as the server's time,
     so the next run's validate, whose clock is later, accepts every logged row."""
     unknown = [c for c in frame.columns if c not in (*EVENT_COLUMNS, *OPTIONAL_COLUMNS)]
@@ -83,11 +99,12 @@ def validate_events(frame: pd.DataFrame, schema: dict[str, Any], known_items: Co
         raise DataContractError(f"{where}: unknown field '{unknown[0]}'; events have "
                                 f"{', '.join(EVENT_COLUMNS)} (+ {', '.join(OPTIONAL_COLUMNS)})")
     frame = frame.reset_index(drop=True)
+    row = rows or (lambda i: f"{where}[{i}]")
     for col in ("user_id", "item_id"):      # the ids first: their messages name the field
         if col not in frame.columns:
             raise DataContractError(f"{where}: missing required field '{col}'")
         for i, value in enumerate(frame[col]):
-            coerce_id(value, schema[f"{col}_dtype"], f"{where}[{i}].{col}")
+            coerce_id(value, schema[f"{col}_dtype"], row_field(row(i), col))
     now = pd.Timestamp.now(tz="UTC")
     stamps = frame["timestamp"] if "timestamp" in frame.columns else pd.Series([None] * len(frame), dtype=object)
     frame = frame.assign(timestamp=stamps.where(stamps.notna(), now.isoformat()))
@@ -101,10 +118,10 @@ def validate_events(frame: pd.DataFrame, schema: dict[str, Any], known_items: Co
             got = " (missing)" if missing else "" if repr(given) in what else f" (got {given!r})"
             hint = ("; the source's interactions have ratings: send one, or set data.event_rating to the "
                     "rating an event without one gets" if column == "rating" and missing else "")
-            raise DataContractError(f"{where}[{i}].{column}: {what}{got}{hint}")
+            raise DataContractError(f"{row_field(row(i), column)}: {what}{got}{hint}")
     for i, item in enumerate(events["item_id"]):
         if item not in known_items:
-            raise DataContractError(f"{where}[{i}]: item_id {item!r} is not in the live catalog "
+            raise DataContractError(f"{row(i)}: item_id {item!r} is not in the live catalog "
                                     "(add it first: POST /items or `towerflow index add-items`)")
     events["timestamp"] = events["timestamp"].where(events["timestamp"] <= now, now)
     return events
@@ -185,7 +202,7 @@ def push_events_file(path: Path, published_dir: Path, feast_dir: Path, features_
     import_feast_without_torch()    # pushing rows online needs no torch (Feast would import it)
     bundle = BundleStore(published_dir).live_dir()
     schema = json.loads((bundle / "schema.json").read_text())
-    events = validate_events(read_frame(path), schema, catalog_ids(bundle), str(path), rules)
+    events = validate_events(read_frame(path), schema, catalog_ids(bundle), str(path), rules, file_rows(path))
     log_path = record_events(events, open_store(feast_dir, features_dir, offline=None), EventLog(events_dir), history_length)
     return len(events), int(events["user_id"].nunique()), log_path
 

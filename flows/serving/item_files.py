@@ -47,10 +47,10 @@ def _live(published_dir: Path) -> Iterator[tuple[Recommender, set[Any], bool]]:
 
 def add_items_file(published_dir: Path, path: Path) -> tuple[str, int, bool]:
     """(version, items added, index updated now)."""
-    from flows.serving.events import read_frame
+    from flows.serving.events import file_rows, read_frame
 
     schema = json.loads((BundleStore(published_dir).live_dir() / "schema.json").read_text())
-    items = normalize_items(read_frame(path), schema, str(path))
+    items = normalize_items(read_frame(path), schema, str(path), file_rows(path))
     with _live(published_dir) as (rec, known, now):
         add_items(rec, published_dir, items, known, upsert=now)
     return rec.version, len(items), now

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from itertools import count
@@ -38,6 +38,7 @@ import pandas as pd
 import pyarrow as pa
 
 from flows.errors import DataContractError, PublishError
+from flows.serving.events import row_field
 from flows.serving.recommend import Recommender, coerce_id
 # The sidecar's format and lock belong to the store; imported here by name for this module's callers.
 from flows.serving.store import (  # noqa: F401
@@ -85,9 +86,12 @@ def _feature(value: Any, kind: str, where: str) -> Any:
     return str(value)
 
 
-def normalize_items(frame: pd.DataFrame, schema: dict[str, Any], where: str) -> pd.DataFrame:
+def normalize_items(frame: pd.DataFrame, schema: dict[str, Any], where: str,
+                    rows: Callable[[int], str] | None = None) -> pd.DataFrame:
     """item_id + the schema's item feature columns, typed like the catalog. Unknown columns, ids of
-    the wrong type, repeated ids and bad values raise DataContractError naming them."""
+    the wrong type, repeated ids and bad values raise DataContractError naming them (a row as
+    `rows(i)`, default `where[i]`; a file's by its lines, events.file_rows)."""
+    row = rows or (lambda i: f"{where}[{i}]")
     kinds = item_kinds(schema)
     unknown = [c for c in frame.columns if c != "item_id" and c not in kinds]
     if unknown:
@@ -98,14 +102,14 @@ def normalize_items(frame: pd.DataFrame, schema: dict[str, Any], where: str) -> 
     if frame.empty:
         raise DataContractError(f"{where}: no items")
     frame = frame.reset_index(drop=True)
-    out = pd.DataFrame({"item_id": [coerce_id(v, schema["item_id_dtype"], f"{where}[{i}].item_id")
+    out = pd.DataFrame({"item_id": [coerce_id(v, schema["item_id_dtype"], row_field(row(i), "item_id"))
                                     for i, v in enumerate(frame["item_id"])]})
     repeated = out["item_id"][out["item_id"].duplicated()].tolist()
     if repeated:
         raise DataContractError(f"{where}: item_id {repeated[0]!r} appears more than once")
     for col, kind in kinds.items():
         values = frame[col].tolist() if col in frame.columns else [None] * len(frame)
-        out[col] = pd.Series([_feature(v, kind, f"{where}[{i}].{col}") for i, v in enumerate(values)],
+        out[col] = pd.Series([_feature(v, kind, row_field(row(i), col)) for i, v in enumerate(values)],
                              dtype="float64" if kind == "numeric" else object)
     return out
 

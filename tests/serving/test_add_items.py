@@ -97,6 +97,9 @@ def test_cli_add_items_alone_and_a_crash_before_the_upsert(project: Path) -> Non
     bad.write_text("item_id,colour\n5300,red\n")
     result = CliRunner().invoke(app, ["index", "add-items", str(bad), "--params", params])
     assert result.exit_code == 1 and "unknown item feature column 'colour'" in result.output
+    bad.write_text("item_id,year\n5300,1990\nx5301,1991\n")      # a text id where ids are integers
+    result = CliRunner().invoke(app, ["index", "add-items", str(bad), "--params", params])
+    assert result.exit_code == 1 and f"{bad}:3 item_id: 'x5301' is not an int64 id" in result.output, result.output
 
     published = project / "artifacts/published"
     with Recommender.load_live(published, project / "data/feast", project / "data/features") as rec:

@@ -133,7 +133,8 @@ except SystemExit as exc:
     events.write_text(f"user_id,item_id,timestamp\n{user},{item},2024-06-01\n{user},424242,2024-06-01\n")
     result = CliRunner().invoke(app, ["events", "push", str(events), "--params", params])
     assert result.exit_code == 1
-    assert result.output.strip() == f"towerflow: error: {events}[1]: item_id 424242 is not in the live catalog " \
+    # the file's line: the header is line 1
+    assert result.output.strip() == f"towerflow: error: {events}:3: item_id 424242 is not in the live catalog " \
                                     "(add it first: POST /items or `towerflow index add-items`)"
     assert len(logged(project)) == 2
 
@@ -271,3 +272,15 @@ def test_the_door_fills_the_documented_defaults_and_the_source_rating_rule() -> 
     assert validate_events(frame, schema, {7}, "events", filled)["rating"].tolist() == [3.0, 2.0]
     no_ratings = validate_events(frame, {**schema, "has_rating": False}, {7}, "events", own)
     assert "rating" not in no_ratings.columns                                # the source has none to fill
+
+
+def test_a_files_rows_are_named_by_their_lines() -> None:
+    """A pushed or added file's bad row is named where an editor finds it: CSV and JSON lines by line
+    (a CSV's header is line 1), a parquet file or a JSON array by its row index."""
+    from flows.serving.events import file_rows, row_field
+
+    assert file_rows(Path("e.csv"))(0) == "e.csv:2"
+    assert file_rows(Path("e.jsonl"))(4) == "e.jsonl:5"
+    assert file_rows(Path("e.parquet"))(4) == "e.parquet[4]"
+    assert row_field("e.csv:2", "user_id") == "e.csv:2 user_id"
+    assert row_field("events[0]", "user_id") == "events[0].user_id"
