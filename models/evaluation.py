@@ -41,19 +41,19 @@ def most_popular_scorer(task: CatalogTask) -> Scorer:
 
 
 def scorer_metrics(eval_cfg: EvaluateParams, task: CatalogTask, scorer: Scorer) -> dict:
-    """One model's figures on the task: recall, ndcg, hitrate, coverage and tail_recall at every K of
-    eval_cfg.ks. The one code path of every model the evaluate stage scores (the live model too), so
+    """One model's figures on the task: recall, ndcg, hitrate, coverage, tail_recall and cold_recall (when
+    a held-out item has no training row) at every K of eval_cfg.ks. The one code path of every model the evaluate stage scores (the live model too), so
     that their figures are comparable."""
     ks = sorted(set(eval_cfg.ks))
     return rounded(full_catalog_metrics(scorer, task.n_users, task.n_items, task.seen, task.relevant, ks,
-                                        metrics=METRICS, tail=task.tail(eval_cfg.tail_share)))
+                                        metrics=METRICS, groups=task.item_groups(eval_cfg.tail_share)))
 
 
 def evaluation_report(eval_cfg: EvaluateParams, task: CatalogTask, bundle: TwoTowerBundle,
                       examples: pd.DataFrame, items: pd.DataFrame) -> dict:
     """{"two_tower": {...}, "most_popular": {...}, "ease": {...}, "ease_lambda", "ease_validation",
-    "n_users", "n_items", "n_tail_items"}; each model's metrics are recall, ndcg, hitrate, coverage and
-    tail_recall at every K of eval_cfg.ks. `examples` and `items` are the task's source rows (EASE
+    "n_users", "n_items", "n_tail_items", "n_cold_held_out"}; each model's metrics are recall, ndcg,
+    hitrate, coverage, tail_recall and cold_recall at every K of eval_cfg.ks (see scorer_metrics). `examples` and `items` are the task's source rows (EASE
     tunes λ on a split of their training part)."""
     ks = sorted(set(eval_cfg.ks))
     tail = task.tail(eval_cfg.tail_share)
@@ -63,6 +63,7 @@ def evaluation_report(eval_cfg: EvaluateParams, task: CatalogTask, bundle: TwoTo
     result["n_users"] = task.n_users
     result["n_items"] = task.n_items
     result["n_tail_items"] = int(tail.sum())
+    result["n_cold_held_out"] = task.cold_held_out()
     return result
 
 

@@ -74,6 +74,19 @@ class CatalogTask:
         cols = self.train_cols
         return tail_items(cols[cols >= 0], self.n_items, head_share=1.0 - tail_share)
 
+    def cold(self) -> np.ndarray:
+        """(n_items,) bool: the catalog items no training row holds (a model places them from their
+        features alone, if at all)."""
+        return np.bincount(self.train_cols[self.train_cols >= 0], minlength=self.n_items) == 0
+
+    def item_groups(self, tail_share: float) -> dict[str, np.ndarray]:
+        """The item groups whose recall is figured apart (metrics.full_catalog_metrics groups)."""
+        return {"tail": self.tail(tail_share), "cold": self.cold()}
+
+    def cold_held_out(self) -> int:
+        """Held-out (user, item) pairs whose item no training row holds."""
+        return int(self.cold()[self.relevant[1]].sum())
+
 
 def catalog_task(examples: pd.DataFrame, items: pd.DataFrame) -> CatalogTask:
     """The task of examples split into 'train' (fitting rows) and 'test' (held out)."""

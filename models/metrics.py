@@ -8,7 +8,9 @@ Per K: Recall@K (hits / |relevant|), NDCG@K (IDCG over min(K, |relevant|)), HitR
 averaged over users with ≥1 relevant item; Coverage@K (share of the catalog that appears in at least
 one user's top K); TailRecall@K (Recall@K counting only relevant tail items, averaged over users with
 ≥1 relevant tail item; the ranking itself is unchanged). The tail is the less popular part of the
-catalog by training interactions (`tail_items`).
+catalog by training interactions (`tail_items`). ColdRecall@K: the same over the items no training
+row holds (scored from their features alone; a popularity count or EASE gives them nothing), averaged
+over users with ≥1 relevant cold item. Both are item groups: `groups={"tail": mask, "cold": mask}`.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-METRICS = ("recall", "ndcg", "hitrate", "coverage", "tail_recall")
+METRICS = ("recall", "ndcg", "hitrate", "coverage", "tail_recall", "cold_recall")
+GROUP_SUFFIX = "_recall"     # a group's metric: "<group>_recall" (tail_recall, cold_recall)
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -71,24 +74,23 @@ def tail_items(train_item_cols: np.ndarray, n_items: int, head_share: float = 0.
 
 
 def ranking_metrics(top: torch.Tensor, relevant: torch.Tensor, ks: list[int],
-                    tail: torch.Tensor | None = None,
-                    counts: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
+                    groups: dict[str, torch.Tensor] | None = None,
+                    counts: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
     """Per-user metrics (each (U,)) of ranked item lists.
 
     top (U, Kmax) item columns, best first; relevant (U, I) bool, each row with at least one True;
-    tail (I,) bool or None. tail_recall@K is NaN for users without a relevant tail item. counts: each
-    row's relevant items and relevant tail items when the caller has them (relevant_counts), else
-    they are counted in `relevant`.
+    groups: item groups (name -> (I,) bool, e.g. "tail"), each giving <name>_recall@K, NaN for users
+    without a relevant item of the group. counts: each row's relevant items and relevant items per
+    group when the caller has them (relevant_counts), else they are counted in `relevant`.
     """
+    groups = groups or {}
     hits = relevant.gather(1, top).to(torch.float64)                      # (U, Kmax)
     if counts is None:
-        counts = (relevant.sum(dim=1), None if tail is None else (relevant & tail).sum(dim=1))
+        counts = (relevant.sum(dim=1), {g: (relevant & mask).sum(dim=1) for g, mask in groups.items()})
     n_rel = counts[0].to(torch.float64)                                   # (U,)
     discount = 1.0 / torch.log2(torch.arange(2, top.shape[1] + 2, dtype=torch.float64))  # (Kmax,)
     ideal = torch.cumsum(discount, dim=0)                                 # (Kmax,) IDCG for n relevant
-    if tail is not None:
-        tail_hits = hits * tail[top].to(torch.float64)                    # (U, Kmax)
-        n_tail = counts[1].to(torch.float64)                              # (U,)
+    group_hits = {g: hits * mask[top].to(torch.float64) for g, mask in groups.items()}   # (U, Kmax) each
     out = {}
     for k in ks:
         if k > top.shape[1]:
@@ -98,22 +100,22 @@ def ranking_metrics(top: torch.Tensor, relevant: torch.Tensor, ks: list[int],
         n_ideal = torch.clamp(n_rel, max=k).to(torch.long) - 1            # (U,)
         out[f"ndcg@{k}"] = dcg / ideal[n_ideal]
         out[f"hitrate@{k}"] = (hits[:, :k].sum(dim=1) > 0).to(torch.float64)
-        if tail is not None:
-            out[f"tail_recall@{k}"] = tail_hits[:, :k].sum(dim=1) / n_tail  # NaN where n_tail == 0
+        for g, g_hits in group_hits.items():                              # NaN where a user has none
+            out[f"{g}{GROUP_SUFFIX}@{k}"] = g_hits[:, :k].sum(dim=1) / counts[1][g].to(torch.float64)
     return out
 
 
 def relevant_counts(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int,
-                    tail: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(n_rows,) relevant items per row and, with tail (n_cols,) bool, relevant tail items per row,
-    from a batch's (row, column) pairs; a pair listed twice counts once, as in the bool matrix it
+                    groups: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(n_rows,) relevant items per row and, per item group (name -> (n_cols,) bool), the relevant
+    items of the group per row, from a batch's (row, column) pairs; a pair listed twice counts once, as in the bool matrix it
     marks. Counting pairs, not that (rows x catalog) matrix: a bool matrix's sum along its rows is not
     vectorized in torch (512 users x 30k items ~45 ms, twice per batch: 9 s of the 700k shape's
     evaluate stage); a batch holds a few thousand pairs."""
     key = torch.unique(rows * n_cols + cols)
     row = key // n_cols
     n_rel = torch.bincount(row, minlength=n_rows)
-    return n_rel, None if tail is None else torch.bincount(row[tail[key % n_cols]], minlength=n_rows)
+    return n_rel, {g: torch.bincount(row[mask[key % n_cols]], minlength=n_rows) for g, mask in (groups or {}).items()}
 
 
 def pairs_by_row(pairs: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,25 +161,28 @@ def full_catalog_metrics(
     relevant: tuple[np.ndarray, np.ndarray],
     ks: list[int],
     metrics: tuple[str, ...] = ("recall", "ndcg"),
-    tail: np.ndarray | None = None,
+    groups: dict[str, np.ndarray] | None = None,
     batch_size: int = 512,
 ) -> dict[str, float]:
     """Mean `metrics` @ each K over users (see the module docstring), scoring them batch by batch.
 
     scores(start, end) → (end-start, n_items) scores of users start..end-1 against every item;
     seen and relevant are (user row, item column) index pairs: excluded items and held-out items;
-    metrics ⊆ METRICS; tail (n_items,) bool is needed for tail_recall. Memory: batch_size × n_items.
+    metrics ⊆ METRICS; a group's recall (tail_recall, cold_recall) needs its (n_items,) bool mask in
+    groups ({"tail": ..., "cold": ...}). Memory: batch_size × n_items.
     """
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; known: {', '.join(METRICS)}")
-    if "tail_recall" in metrics and tail is None:
-        raise ValueError("tail_recall needs the tail item mask (tail=...)")
+    asked = [m.removesuffix(GROUP_SUFFIX) for m in metrics if m.endswith(GROUP_SUFFIX) and m != "recall"]
+    missing = [g for g in asked if g not in (groups or {})]
+    if missing:
+        raise ValueError(f"{missing[0]}{GROUP_SUFFIX} needs the {missing[0]} item mask (groups={{'{missing[0]}': ...}})")
     k_max = min(max(ks), n_items)
     rel_rows, rel_cols = pairs_by_row(relevant)
-    tail_t = None
-    if "tail_recall" in metrics:  # one extra False column for the padding below
-        tail_t = torch.cat([torch.as_tensor(tail, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)])
+    # one extra False column for the padding below
+    masks = {g: torch.cat([torch.as_tensor(groups[g], dtype=torch.bool), torch.zeros(1, dtype=torch.bool)])
+             for g in asked}
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     recommended = {k: torch.zeros(n_items, dtype=torch.bool) for k in ks}  # coverage
@@ -192,8 +197,8 @@ def full_catalog_metrics(
             recommended[k][top[:, :k][ranked[:, :k]]] = True
         if k_max < max(ks):  # catalog smaller than K: pad with column n_items, which nobody has
             top = torch.cat([top, torch.full((end - start, max(ks) - k_max), n_items)], dim=1)
-        per_row = relevant_counts(rows, cols, end - start, n_items + 1, tail_t)
-        for name, per_user in ranking_metrics(top, rel, ks, tail_t, per_row).items():  # a few (U,) sums: cheap
+        per_row = relevant_counts(rows, cols, end - start, n_items + 1, masks)
+        for name, per_user in ranking_metrics(top, rel, ks, masks, per_row).items():  # a few (U,) sums: cheap
             valid = ~torch.isnan(per_user)
             sums[name] = sums.get(name, 0.0) + float(per_user[valid].sum())
             counts[name] = counts.get(name, 0) + int(valid.sum())
@@ -201,6 +206,8 @@ def full_catalog_metrics(
     for k in ks:
         for m in metrics:
             name = f"{m}@{k}"
+            if m.endswith(GROUP_SUFFIX) and m != "recall" and not counts.get(name):
+                continue          # no user has a relevant item of the group: no figure, not a 0
             if m == "coverage":
                 out[name] = float(recommended[k].sum()) / max(n_items, 1)
             else:

@@ -63,15 +63,16 @@ def test_relevant_counts_from_pairs_equal_the_bool_matrix_sums_with_repeated_pai
     tail = torch.from_numpy(rng.random(n_cols) < 0.7)
     marked = torch.zeros((n_rows, n_cols), dtype=torch.bool)
     marked[rows, cols] = True
-    n_rel, n_tail = relevant_counts(rows, cols, n_rows, n_cols, tail)
+    n_rel, by_group = relevant_counts(rows, cols, n_rows, n_cols, {"tail": tail})
+    n_tail = by_group["tail"]
     assert len(rows) > int(marked.sum())                     # some pairs repeat
     assert torch.equal(n_rel, marked.sum(dim=1))
     assert torch.equal(n_tail, (marked & tail).sum(dim=1))
     assert relevant_counts(rows[:0], cols[:0], 3, n_cols)[0].tolist() == [0, 0, 0]
     # ranking_metrics gives the same figures with the counts as from the matrix alone
     top = torch.from_numpy(np.argsort(rng.random((n_rows, n_cols)), axis=1)[:, :10])
-    given = ranking_metrics(top, marked, [5, 10], tail, (n_rel, n_tail))
-    counted = ranking_metrics(top, marked, [5, 10], tail)
+    given = ranking_metrics(top, marked, [5, 10], {"tail": tail}, (n_rel, by_group))
+    counted = ranking_metrics(top, marked, [5, 10], {"tail": tail})
     assert given.keys() == counted.keys()
     assert all(torch.allclose(given[k], counted[k], equal_nan=True) for k in given)
 

@@ -33,7 +33,8 @@ def test_two_tower_beats_most_popular(trained):
     out = root / "reports" / "metrics.json"
     result = evaluate(KS, training, model_dir, out)
     assert json.loads(out.read_text()) == result
-    names = {f"{m}@{k}" for k in (10, 20) for m in ("recall", "ndcg", "hitrate", "coverage", "tail_recall")}
+    cold = ("cold_recall",) if result["n_cold_held_out"] else ()
+    names = {f"{m}@{k}" for k in (10, 20) for m in ("recall", "ndcg", "hitrate", "coverage", "tail_recall", *cold)}
     assert set(result["two_tower"]) == set(result["most_popular"]) == set(result["ease"]) == names
     examples = pd.read_parquet(training / "examples.parquet")
     assert result["n_users"] == examples.loc[examples["split"] == "test", "user_id"].nunique()

@@ -88,6 +88,16 @@ def test_holdout_recommendations_rank_like_the_metrics(run: dict):
     # nothing the user trained on is recommended
     trained = examples.loc[examples["split"] == "train", ["user_id", "item_id"]].drop_duplicates()
     assert ranked.merge(trained, on=["user_id", "item_id"]).empty
+    # the held-out items no training row holds are counted and scored apart (cold_recall@K)
+    test = examples[examples["split"] == "test"].drop_duplicates(["user_id", "item_id"])
+    cold = test[~test["item_id"].isin(trained["item_id"]) & test["item_id"].isin(task.catalog["item_id"])]
+    metrics = json.loads((run["reports"] / "metrics.json").read_text())
+    assert metrics["n_cold_held_out"] == len(cold) > 0
+    cold_recall = {k: v for k, v in metrics["two_tower"].items() if k.startswith("cold_recall@")}
+    assert set(cold_recall) == {k.replace("recall@", "cold_recall@") for k in metrics["two_tower"]
+                                if k.startswith("recall@")}
+    assert all(0 <= v <= 1 for v in cold_recall.values())
+    assert metrics["most_popular"]["cold_recall@20"] == 0.0       # popularity puts them last
 
 
 def test_report_without_a_live_model_writes_quality_and_drift(run: dict, tmp_path: Path):
