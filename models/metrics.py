@@ -174,7 +174,7 @@ def full_catalog_metrics(
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; known: {', '.join(METRICS)}")
-    asked = [m.removesuffix(GROUP_SUFFIX) for m in metrics if m.endswith(GROUP_SUFFIX) and m != "recall"]
+    asked = [m.removesuffix(GROUP_SUFFIX) for m in metrics if m.endswith(GROUP_SUFFIX)]
     missing = [g for g in asked if g not in (groups or {})]
     if missing:
         raise ValueError(f"{missing[0]}{GROUP_SUFFIX} needs the {missing[0]} item mask (groups={{'{missing[0]}': ...}})")
@@ -206,7 +206,7 @@ def full_catalog_metrics(
     for k in ks:
         for m in metrics:
             name = f"{m}@{k}"
-            if m.endswith(GROUP_SUFFIX) and m != "recall" and not counts.get(name):
+            if m.endswith(GROUP_SUFFIX) and not counts.get(name):
                 continue          # no user has a relevant item of the group: no figure, not a 0
             if m == "coverage":
                 out[name] = float(recommended[k].sum()) / max(n_items, 1)
