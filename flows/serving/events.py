@@ -73,12 +73,19 @@ def body_rows(body: Any, key: str) -> list[dict[str, Any]]:
 
 def file_rows(path: Path) -> Callable[[int], str]:
     """Names of a file's rows for messages: `file:line` where rows are lines (CSV under its header,
-    JSON lines), else `file[i]` (a parquet file's or a JSON array's i-th row, from 0)."""
+    JSON lines), else `file[i]` (a parquet file's or a JSON array's i-th row, from 0). pandas skips
+    blank lines, so the i-th row is the i-th non-blank line (after a CSV's header), found by reading
+    the file when a message needs it, never on the way to a good push."""
     suffix = Path(path).suffix.lower()
-    first = {".csv": 2, ".jsonl": 1, ".ndjson": 1}.get(suffix)
-    if first is None:
+    if suffix not in (".csv", ".jsonl", ".ndjson"):
         return lambda i: f"{path}[{i}]"
-    return lambda i: f"{path}:{i + first}"
+    header = 1 if suffix == ".csv" else 0
+
+    def name(i: int) -> str:
+        with open(path, "rb") as f:
+            lines = [n for n, line in enumerate(f, 1) if line.strip()][header:]
+        return f"{path}:{lines[i]}" if i < len(lines) else f"{path}[{i}]"
+    return name
 
 
 def row_field(row: str, column: str) -> str:

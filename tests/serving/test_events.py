@@ -274,13 +274,18 @@ def test_the_door_fills_the_documented_defaults_and_the_source_rating_rule() -> 
     assert "rating" not in no_ratings.columns                                # the source has none to fill
 
 
-def test_a_files_rows_are_named_by_their_lines() -> None:
+def test_a_files_rows_are_named_by_their_lines(tmp_path: Path) -> None:
     """A pushed or added file's bad row is named where an editor finds it: CSV and JSON lines by line
-    (a CSV's header is line 1), a parquet file or a JSON array by its row index."""
-    from flows.serving.events import file_rows, row_field
+    (a CSV's header is line 1; blank lines, which pandas skips, still count), a parquet file or a JSON
+    array by its row index."""
+    from flows.serving.events import file_rows, read_frame, row_field
 
-    assert file_rows(Path("e.csv"))(0) == "e.csv:2"
-    assert file_rows(Path("e.jsonl"))(4) == "e.jsonl:5"
-    assert file_rows(Path("e.parquet"))(4) == "e.parquet[4]"
+    csv = tmp_path / "e.csv"
+    csv.write_text("user_id,item_id\n1,2\n\n3,4\n")
+    assert read_frame(csv)["user_id"].tolist() == ["1", "3"] and file_rows(csv)(1) == f"{csv}:4"
+    jsonl = tmp_path / "e.jsonl"
+    jsonl.write_text('{"user_id": 1}\n\n\n{"user_id": 3}\n')
+    assert len(read_frame(jsonl)) == 2 and file_rows(jsonl)(0) == f"{jsonl}:1" and file_rows(jsonl)(1) == f"{jsonl}:4"
+    assert file_rows(tmp_path / "e.parquet")(4) == f"{tmp_path / 'e.parquet'}[4]"
     assert row_field("e.csv:2", "user_id") == "e.csv:2 user_id"
     assert row_field("events[0]", "user_id") == "events[0].user_id"
