@@ -41,9 +41,9 @@ def most_popular_scorer(task: CatalogTask) -> Scorer:
 
 
 def scorer_metrics(eval_cfg: EvaluateParams, task: CatalogTask, scorer: Scorer) -> dict:
-    """One model's figures on the task: recall, ndcg, hitrate, coverage, tail_recall and cold_recall (when
-    a held-out item has no training row) at every K of eval_cfg.ks. The one code path of every model the evaluate stage scores (the live model too), so
-    that their figures are comparable."""
+    """One model's figures on the task: recall, ndcg, hitrate, coverage, tail_recall and cold_recall
+    (when a held-out item has no training row) at every K of eval_cfg.ks. The one code path of every
+    model the evaluate stage scores (the live model too), so that their figures are comparable."""
     ks = sorted(set(eval_cfg.ks))
     return rounded(full_catalog_metrics(scorer, task.n_users, task.n_items, task.seen, task.relevant, ks,
                                         metrics=METRICS, groups=task.item_groups(eval_cfg.tail_share)))
@@ -53,8 +53,8 @@ def evaluation_report(eval_cfg: EvaluateParams, task: CatalogTask, bundle: TwoTo
                       examples: pd.DataFrame, items: pd.DataFrame) -> dict:
     """{"two_tower": {...}, "most_popular": {...}, "ease": {...}, "ease_lambda", "ease_validation",
     "n_users", "n_items", "n_tail_items", "n_cold_held_out"}; each model's metrics are recall, ndcg,
-    hitrate, coverage, tail_recall and cold_recall at every K of eval_cfg.ks (see scorer_metrics). `examples` and `items` are the task's source rows (EASE
-    tunes λ on a split of their training part)."""
+    hitrate, coverage, tail_recall and cold_recall at every K of eval_cfg.ks (see scorer_metrics).
+    `examples` and `items` are the task's source rows (EASE tunes λ on a split of their training part)."""
     ks = sorted(set(eval_cfg.ks))
     tail = task.tail(eval_cfg.tail_share)
     result: dict = {"two_tower": scorer_metrics(eval_cfg, task, two_tower_scorer(bundle, task)),

@@ -25,6 +25,7 @@ import json
 from collections.abc import Callable, Container, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -74,18 +75,19 @@ def body_rows(body: Any, key: str) -> list[dict[str, Any]]:
 def file_rows(path: Path) -> Callable[[int], str]:
     """Names of a file's rows for messages: `file:line` where rows are lines (CSV under its header,
     JSON lines), else `file[i]` (a parquet file's or a JSON array's i-th row, from 0). pandas skips
-    blank lines, so the i-th row is the i-th non-blank line (after a CSV's header), found by reading
-    the file when a message needs it, never on the way to a good push."""
+    blank lines, so the i-th row is the i-th non-blank line (after a CSV's header): the file's line
+    numbers are read once, when the first name is asked for (the checks name every row they pass)."""
     suffix = Path(path).suffix.lower()
     if suffix not in (".csv", ".jsonl", ".ndjson"):
         return lambda i: f"{path}[{i}]"
     header = 1 if suffix == ".csv" else 0
 
-    def name(i: int) -> str:
+    @cache
+    def lines() -> list[int]:
         with open(path, "rb") as f:
-            lines = [n for n, line in enumerate(f, 1) if line.strip()][header:]
-        return f"{path}:{lines[i]}" if i < len(lines) else f"{path}[{i}]"
-    return name
+            return [n for n, line in enumerate(f, 1) if line.strip()][header:]
+
+    return lambda i: f"{path}:{lines()[i]}" if i < len(lines()) else f"{path}[{i}]"
 
 
 def row_field(row: str, column: str) -> str:

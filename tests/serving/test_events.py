@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -274,7 +275,7 @@ def test_the_door_fills_the_documented_defaults_and_the_source_rating_rule() -> 
     assert "rating" not in no_ratings.columns                                # the source has none to fill
 
 
-def test_a_files_rows_are_named_by_their_lines(tmp_path: Path) -> None:
+def test_a_files_rows_are_named_by_their_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A pushed or added file's bad row is named where an editor finds it: CSV and JSON lines by line
     (a CSV's header is line 1; blank lines, which pandas skips, still count), a parquet file or a JSON
     array by its row index."""
@@ -287,5 +288,11 @@ def test_a_files_rows_are_named_by_their_lines(tmp_path: Path) -> None:
     jsonl.write_text('{"user_id": 1}\n\n\n{"user_id": 3}\n')
     assert len(read_frame(jsonl)) == 2 and file_rows(jsonl)(0) == f"{jsonl}:1" and file_rows(jsonl)(1) == f"{jsonl}:4"
     assert file_rows(tmp_path / "e.parquet")(4) == f"{tmp_path / 'e.parquet'}[4]"
+    # the checks name every row they pass: the file is read for its lines once, not once a row
+    import flows.serving.events as events
+    reads = []
+    monkeypatch.setattr(events, "open", lambda *a, **k: reads.append(a) or open(*a, **k), raising=False)
+    name = file_rows(csv)
+    assert [name(i) for i in range(2)] * 50 == [f"{csv}:2", f"{csv}:4"] * 50 and len(reads) == 1
     assert row_field("e.csv:2", "user_id") == "e.csv:2 user_id"
     assert row_field("events[0]", "user_id") == "events[0].user_id"
