@@ -221,6 +221,7 @@ def ease_baseline(eval_cfg: EvaluateParams, task: CatalogTask, examples: pd.Data
     best, validation = _lambda_scan(eval_cfg, examples, items, ks[0])
     queries = binary_matrix(*task.seen, task.n_users, n_items)
     metrics = full_catalog_metrics(ease_scorer(_fitted_weights(task, best), queries), task.n_users, n_items,
-                                   task.seen, task.relevant, ks, metrics=METRICS, groups=task.item_groups(eval_cfg.tail_share))
+                                   task.seen, task.relevant, ks, metrics=METRICS,
+                                   groups=task.item_groups(eval_cfg.tail_share))
     # no timings here: metrics.json is a DVC metric, and equal inputs must give an equal file
     return {"ease": rounded(metrics), "ease_lambda": best, "ease_validation": validation}

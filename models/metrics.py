@@ -108,14 +108,15 @@ def ranking_metrics(top: torch.Tensor, relevant: torch.Tensor, ks: list[int],
 def relevant_counts(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int,
                     groups: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(n_rows,) relevant items per row and, per item group (name -> (n_cols,) bool), the relevant
-    items of the group per row, from a batch's (row, column) pairs; a pair listed twice counts once, as in the bool matrix it
-    marks. Counting pairs, not that (rows x catalog) matrix: a bool matrix's sum along its rows is not
+    items of the group per row, from a batch's (row, column) pairs; a pair listed twice counts once,
+    as in the bool matrix it marks. Counting pairs, not that (rows x catalog) matrix: a bool matrix's sum along its rows is not
     vectorized in torch (512 users x 30k items ~45 ms, twice per batch: 9 s of the 700k shape's
     evaluate stage); a batch holds a few thousand pairs."""
     key = torch.unique(rows * n_cols + cols)
     row = key // n_cols
     n_rel = torch.bincount(row, minlength=n_rows)
-    return n_rel, {g: torch.bincount(row[mask[key % n_cols]], minlength=n_rows) for g, mask in (groups or {}).items()}
+    col = key % n_cols
+    return n_rel, {g: torch.bincount(row[mask[col]], minlength=n_rows) for g, mask in (groups or {}).items()}
 
 
 def pairs_by_row(pairs: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +178,8 @@ def full_catalog_metrics(
     asked = [m.removesuffix(GROUP_SUFFIX) for m in metrics if m.endswith(GROUP_SUFFIX)]
     missing = [g for g in asked if g not in (groups or {})]
     if missing:
-        raise ValueError(f"{missing[0]}{GROUP_SUFFIX} needs the {missing[0]} item mask (groups={{'{missing[0]}': ...}})")
+        g = missing[0]
+        raise ValueError(f"{g}{GROUP_SUFFIX} needs the {g} item mask (groups={{'{g}': ...}})")
     k_max = min(max(ks), n_items)
     rel_rows, rel_cols = pairs_by_row(relevant)
     # one extra False column for the padding below

@@ -171,7 +171,8 @@ def test_hitrate_coverage_and_tail_recall_on_hand_made_rankings():
     seen = (np.array([0]), np.array([0]))
     relevant = (np.array([0, 0, 1, 2]), np.array([2, 3, 4, 0]))
     m = full_catalog_metrics(lambda s, e: scores[s:e], 3, 5, seen, relevant, ks=[2],
-                             metrics=("recall", "hitrate", "coverage", "tail_recall"), groups={"tail": tail}, batch_size=2)
+                             metrics=("recall", "hitrate", "coverage", "tail_recall"), groups={"tail": tail},
+                             batch_size=2)
     assert m["recall@2"] == pytest.approx((0.5 + 0 + 0) / 3)
     assert m["hitrate@2"] == pytest.approx(1 / 3)
     assert m["coverage@2"] == pytest.approx(1.0)            # items 1, 2 | 0, 1 | 4, 3
