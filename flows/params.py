@@ -207,6 +207,10 @@ class GateParams(Section):
     # the items both catalogs hold keep their features: per column, agreement beyond chance with the live
     # bundle's catalog (flows/reports/consistency.py); below it, a column was shuffled or mis-joined
     min_feature_agreement: float | None = Field(0.5, ge=-1, le=1)
+    # a baseline of metrics.json scoring above the two-tower on `metric` by more than this (and beyond the
+    # noise) blocks; null: a warning only. Not blocking by default: on data with little personal signal
+    # (or a small catalog, where EASE is strong) a baseline can lead a healthy two-tower run after run
+    max_baseline_lead: float | None = Field(None, ge=0)
     force: bool = False
     force_reason: str | None = None
     forced_by: str | None = None                       # who forced (the CLI sets the login name)

@@ -14,6 +14,7 @@ over users with ≥1 relevant cold item. Both are item groups: `groups={"tail": 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -172,6 +173,24 @@ def full_catalog_metrics(
     metrics ⊆ METRICS; a group's recall (tail_recall, cold_recall) needs its (n_items,) bool mask in
     groups ({"tail": ..., "cold": ...}). Memory: batch_size × n_items.
     """
+    return catalog_figures(scores, n_users, n_items, seen, relevant, ks, metrics, groups, batch_size)[0]
+
+
+def catalog_figures(
+    scores: Callable[[int, int], torch.Tensor],
+    n_users: int,
+    n_items: int,
+    seen: tuple[np.ndarray, np.ndarray],
+    relevant: tuple[np.ndarray, np.ndarray],
+    ks: list[int],
+    metrics: tuple[str, ...] = ("recall", "ndcg"),
+    groups: dict[str, np.ndarray] | None = None,
+    batch_size: int = 512,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(full_catalog_metrics' means, the standard error of each mean over users): the users' sample
+    standard deviation / sqrt(their number), for every figure but coverage (a catalog share, not a
+    mean over users); none for a figure of fewer than two users. What a reader needs to tell a lead
+    from the sample's noise (the gate's baselines check)."""
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; known: {', '.join(METRICS)}")
@@ -186,6 +205,7 @@ def full_catalog_metrics(
     masks = {g: torch.cat([torch.as_tensor(groups[g], dtype=torch.bool), torch.zeros(1, dtype=torch.bool)])
              for g in asked}
     sums: dict[str, float] = {}
+    squares: dict[str, float] = {}
     counts: dict[str, int] = {}
     recommended = {k: torch.zeros(n_items, dtype=torch.bool) for k in ks}  # coverage
     for start, end, s in scored_batches(scores, n_users, n_items, pairs_by_row(seen), batch_size):
@@ -202,9 +222,11 @@ def full_catalog_metrics(
         per_row = relevant_counts(rows, cols, end - start, n_items + 1, masks)
         for name, per_user in ranking_metrics(top, rel, ks, masks, per_row).items():  # a few (U,) sums: cheap
             valid = ~torch.isnan(per_user)
-            sums[name] = sums.get(name, 0.0) + float(per_user[valid].sum())
+            kept = per_user[valid]
+            sums[name] = sums.get(name, 0.0) + float(kept.sum())
+            squares[name] = squares.get(name, 0.0) + float(kept.square().sum())
             counts[name] = counts.get(name, 0) + int(valid.sum())
-    out = {}
+    out, errors = {}, {}
     for k in ks:
         for m in metrics:
             name = f"{m}@{k}"
@@ -212,9 +234,13 @@ def full_catalog_metrics(
                 continue          # no user has a relevant item of the group: no figure, not a 0
             if m == "coverage":
                 out[name] = float(recommended[k].sum()) / max(n_items, 1)
-            else:
-                out[name] = sums.get(name, 0.0) / max(counts.get(name, 0), 1)
-    return out
+                continue
+            n = counts.get(name, 0)
+            out[name] = sums.get(name, 0.0) / max(n, 1)
+            if n > 1:             # sample variance from the sums; rounding can take it a hair below 0
+                variance = max(squares[name] - n * out[name] ** 2, 0.0) / (n - 1)
+                errors[name] = math.sqrt(variance / n)
+    return out, errors
 
 
 def rounded(metrics: dict[str, float], digits: int = 6) -> dict[str, float]:

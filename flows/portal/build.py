@@ -112,6 +112,8 @@ def _gate(page: _Page, path: Path) -> None:
                False: ("fail", "stopped: the model was not published")}.get(passed, ("info", "recorded"))
     reason = gate.get("reason") or gate.get("message") or ""
     body = f'<p class="verdict {verdict[0]}">Gate {verdict[1]}{": " + esc(reason) if reason else ""}</p>'
+    warnings = gate.get("warnings") if isinstance(gate.get("warnings"), list) else []
+    body += "".join(f'<p class="warn">Warning: {esc(w)}</p>' for w in warnings)
     page.add("Gate decision", body + _kv(gate) + f"<p>{page.link(path, path.name)}</p>", "gate")
 
 
@@ -146,6 +148,9 @@ def _publish(page: _Page, record: Path | None) -> None:
     if isinstance(data, dict):
         keys = [k for k in PUBLISH_FIELDS if k in data] or None
         page.add("Published index", _kv(data, keys) + f"<p>{page.link(record, record.name)}</p>", "publish")
+
+
+ERRORS = "standard_errors"   # metrics.json: each model's figures' standard errors (shown beside them)
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, float]:
@@ -187,29 +192,35 @@ def _metrics(page: _Page, reports_dir: Path, previous: Path | None) -> None:
         note = "no previous run recorded yet (the next run will show this one beside it)"
     now, before = (x if isinstance(x, dict) else {} for x in (now, before))
     # Flat blocks of numbers (one per model) side by side: a reader compares models and runs at once.
-    models = [k for k, v in now.items() if isinstance(v, dict) and v and
+    models = [k for k, v in now.items() if isinstance(v, dict) and v and k != ERRORS and
               all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values())]
-    rest = _flatten({k: v for k, v in now.items() if k not in models})
+    errors = now.get(ERRORS) if isinstance(now.get(ERRORS), dict) else {}
+    rest = _flatten({k: v for k, v in now.items() if k not in models and k != ERRORS})
     body = f"<p>This run: {page.link(path, 'metrics.json')}; {note}.</p>"
     if models:
         names = list(dict.fromkeys(m for k in models for m in now[k]))
-        rows = [[esc(name)] + [_cell(now[k].get(name), (before.get(k) or {}).get(name)) for k in models]
+        rows = [[esc(name)] + [_cell(now[k].get(name), (before.get(k) or {}).get(name),
+                                     (errors.get(k) or {}).get(name)) for k in models]
                 for name in names]
         body += table(["figure"] + [esc(k) for k in models], rows, "metrics")
+        if errors:
+            body += ("<p><small>± one standard error of the mean over the held-out users: two models whose "
+                     "figures differ by less than about twice their errors combined are within noise.</small></p>")
     if rest:
-        old = _flatten({k: v for k, v in before.items() if k not in models})
+        old = _flatten({k: v for k, v in before.items() if k not in models and k != ERRORS})
         body += "<h3>Other figures</h3>" + table(
             ["figure", "this run", "previous", "change"],
             [(esc(k), esc(fmt(v)), esc(fmt(old.get(k))), delta(v, old.get(k))) for k, v in rest.items()], "metrics")
     page.add("Metrics", body, "metrics")
 
 
-def _cell(now: object, before: object) -> str:
-    """This run's figure, the previous run's under it (with the change)."""
+def _cell(now: object, before: object, error: object = None) -> str:
+    """This run's figure (± its standard error, when known), the previous run's under it (with the change)."""
     if now is None:
         return ""
+    spread = f" <small>± {esc(fmt(error))}</small>" if isinstance(error, float) else ""
     prev = "" if before is None else f'<br><small class="prev">prev {esc(fmt(before))} {delta(now, before)}</small>'
-    return f"{esc(fmt(now))}{prev}"
+    return f"{esc(fmt(now))}{spread}{prev}"
 
 
 def read_curve(path: Path) -> list[tuple[float, float]]:
@@ -351,12 +362,13 @@ h2{font-size:18px;border-bottom:1px solid #eee;padding-bottom:6px}table{border-c
 td,th{border:1px solid #e5e7eb;padding:3px 10px;text-align:left;font-variant-numeric:tabular-nums}
 th{background:#f3f4f6}small.prev{color:#6b7280}h3{font-size:15px}.up{color:#1d4ed8}.down{color:#b45309}.same{color:#888}
 .pass{color:#15803d;font-weight:600}.fail{color:#b91c1c;font-weight:600}.verdict{font-size:17px}
+.warn{color:#b45309;font-weight:600}
 svg.curves text{font-size:12px;fill:#333}code{background:#f3f4f6;padding:0 3px;border-radius:3px}
 .missing li{color:#92400e}
 @media (prefers-color-scheme: dark){body{background:#111827;color:#e5e7eb}section{background:#1f2937;
 border-color:#374151}th{background:#374151}small.prev{color:#9ca3af}td,th{border-color:#374151}
 code{background:#374151}svg.curves text{fill:#e5e7eb}svg.curves .grid{stroke:#374151}
-svg.curves .frame{stroke:#6b7280}a{color:#93c5fd}.missing li{color:#fcd34d}}
+svg.curves .frame{stroke:#6b7280}a{color:#93c5fd}.missing li{color:#fcd34d}.warn{color:#fcd34d}}
 """
 
 

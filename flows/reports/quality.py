@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import html
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,22 @@ def quality_report(recs: pd.DataFrame, train: pd.DataFrame, item_vectors: pd.Dat
     histogram on a catalog where every item was seen once) is left out of the page and named, and
     the others are still computed. diversity (flows/reports/diversity.py): Diversity and Serendipity
     on those users only, in a report of their own (the page shows them in the figures table), run
-    beside the main one in a forked process when workers > 1 (the same figures either way)."""
+    beside the main one in a forked process when workers > 1 (the same figures either way). A figure
+    Evidently gives as NaN is not computed too (quality.json stays strict JSON)."""
+    figures, not_computed = _quality_report(recs, train, item_vectors, k, html_path, reference, diversity, workers)
+    for name, value in list(figures.items()):
+        if not math.isfinite(value):
+            # Serendipity averages over the relevant items in the top K: a model that found none has none
+            del figures[name]
+            not_computed[name] = (f"not defined on this data (Evidently gave {value}): no held-out item in any "
+                                  f"top {k}" if not any(figures.get(f"{m}@{k}") for m in ("recall", "hitrate"))
+                                  else f"Evidently gave {value} on this data")
+    return figures, not_computed
+
+
+def _quality_report(recs: pd.DataFrame, train: pd.DataFrame, item_vectors: pd.DataFrame | None, k: int,
+                    html_path: Path, reference: pd.DataFrame | None, diversity: DiversitySample | None,
+                    workers: int) -> tuple[dict[str, float], dict[str, str]]:
     if diversity is not None and item_vectors is not None:
         runs = _Runs(recs, train, item_vectors, k, html_path, reference, diversity)
         if diversity.users == 0:
@@ -93,8 +109,11 @@ def quality_report(recs: pd.DataFrame, train: pd.DataFrame, item_vectors: pd.Dat
 
     def run(metrics: list[Any]) -> Any:
         with warnings.catch_warnings():
-            # pandas FutureWarnings from Evidently's legacy recsys code: nothing the caller can act on
+            # pandas FutureWarnings from Evidently's legacy recsys code: nothing the caller can act on;
+            # its F-beta's 0 / 0 when a model found nothing (read as 0 in flatten)
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", "invalid value encountered in divide", RuntimeWarning,
+                                    r"evidently\.legacy\.metrics\.recsys\.f_beta_top_k")
             return Report(metrics).run(cur, ref, additional_data=extra)
 
     metrics = _metrics(k, features)
@@ -199,7 +218,12 @@ def flatten(snapshot: dict[str, Any], k: int) -> dict[str, float]:
         if kind in TOP_K:
             ranks = value["rank"]
             last = max(ranks, key=lambda i: ranks[i])   # Evidently numbers NDCG/MRR ranks 2..K+1
-            out[f"{TOP_K[kind]}@{k}"] = round(float(value["value"][last]), 6)
+            figure = float(value["value"][last])
+            if kind == "FBetaTopK" and math.isnan(figure):
+                # Evidently divides P·R by P + R: 0 / 0 when nothing was found. F is 0 there (sklearn's
+                # zero_division=0); a NaN would also make quality.json invalid strict JSON
+                figure = 0.0
+            out[f"{TOP_K[kind]}@{k}"] = round(figure, 6)
         elif kind in SINGLE:
             out[f"{SINGLE[kind]}@{k}"] = round(float(value), 6)
         elif kind == "PopularityBiasMetric":

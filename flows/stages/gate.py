@@ -5,6 +5,8 @@ Rules (params `gate`):
   gate.max_quality_drop (absolute) below the live model's on the same holdout (reports/champion.json,
   which the evaluate stage writes); a live model of another source, or one that cannot be scored on
   this data, is not compared;
+- baselines: a baseline of reports/metrics.json (most popular, EASE) ahead of the two-tower on
+  gate.metric beyond noise is a warning; above gate.max_baseline_lead (null by default) it blocks;
 - drift: per comparison of reports/drift/summary.json (the newest window vs the rest of the training
   data; this run's training data vs the live model's), the share of drifted columns may be at most
   gate.max_drift_share.<comparison>.
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -64,6 +68,46 @@ def quality_check(cfg: GateParams, metrics: dict[str, Any], champion: dict[str, 
     if not check["passed"]:
         check["reason"] = (f"{cfg.metric} {current[cfg.metric]:.4f} vs live {version} {live:.4f} on this run's "
                            f"holdout: fell {drop:.3f} > {cfg.max_quality_drop:.3f}")
+    return check
+
+
+BASELINES = ("most_popular", "ease")     # metrics.json's baselines, as the evaluate stage writes them
+
+
+def baseline_check(cfg: GateParams, metrics: dict[str, Any]) -> dict[str, Any]:
+    """gate.metric of each baseline of metrics.json (most popular, EASE) against the two-tower's on the
+    same holdout. A baseline ahead by more than twice the standard error of the difference (the two
+    models' errors over users, metrics.json "standard_errors", taken as independent: a conservative
+    bound) is a lead beyond noise: a warning, which blocks only when the lead is above
+    gate.max_baseline_lead. A lead says the data may hold little the two-tower can learn that
+    popularity or item co-occurrence does not: worth a look before this model serves."""
+    errors = metrics.get("standard_errors", {})
+    current = metrics["two_tower"][cfg.metric]
+    error = errors.get("two_tower", {}).get(cfg.metric, 0.0)
+    check: dict[str, Any] = {"name": "baselines", "metric": cfg.metric, "current": current,
+                             "max_baseline_lead": cfg.max_baseline_lead, "passed": True, "baselines": {}}
+    leads = []
+    for name in BASELINES:
+        value = metrics.get(name, {}).get(cfg.metric)
+        if value is None:        # EASE skipped on a large catalog
+            continue
+        noise = 2 * math.hypot(error, errors.get(name, {}).get(cfg.metric, 0.0))
+        lead = round(value - current, 6)
+        check["baselines"][name] = {"value": value, "lead": lead, "noise": round(noise, 6)}
+        if lead > noise:
+            leads.append((lead, name, value, noise))
+    if not leads:
+        return check
+    lead, name, value, noise = max(leads)
+    text = (f"{name} {cfg.metric} {value:.4f} is above the two-tower's {current:.4f} on this run's holdout by "
+            f"{lead:.4f} (noise ±{noise:.4f})")
+    if cfg.max_baseline_lead is not None and lead > cfg.max_baseline_lead:
+        check["passed"] = False
+        check["reason"] = f"{text} > gate.max_baseline_lead {cfg.max_baseline_lead:.3f}"
+    else:
+        check["warning"] = (f"{text}: the data may hold little a two-tower learns beyond "
+                            f"{'popularity' if name == 'most_popular' else 'item co-occurrence'}; "
+                            "compare them in the portal's metrics before this model serves")
     return check
 
 
@@ -133,7 +177,7 @@ def gate(cfg: GateParams, metrics_path: Path, quality_path: Path, drift_path: Pa
          portal: Path, champion_path: Path) -> dict[str, Any]:
     """Reads reports/metrics.json and reports/champion.json (evaluate), reports/quality/quality.json and
     reports/drift/summary.json (report); writes out_path (reports/gate.json): {passed, checks, reasons,
-    forced, forced_by, force_reason, at, live_version, message}. Raises GateBlocked (one line: the
+    forced, forced_by, force_reason, at, live_version, warnings, message}. Raises GateBlocked (one line: the
     reasons, where to look, how to override) when a check failed and the run is not forced."""
     metrics, champion = _read(metrics_path, "evaluate"), _read(champion_path, "evaluate")
     quality = _read(quality_path, "report")    # its pages are what a reviewer of the decision reads
@@ -141,12 +185,16 @@ def gate(cfg: GateParams, metrics_path: Path, quality_path: Path, drift_path: Pa
     checks = [quality_check(cfg, metrics, champion, metrics_path)]
     checks += [drift_check(name, drift[name], getattr(cfg.max_drift_share, name)) for name in LABELS if name in drift]
     checks.append(catalog_check(drift.get("catalog"), cfg.min_feature_agreement))
+    checks.append(baseline_check(cfg, metrics))
     reasons = [c["reason"] for c in checks if not c["passed"]]
+    warnings = [c["warning"] for c in checks if "warning" in c]
+    for warning in warnings:     # stderr, as the rank stage's: a scheduled run's log shows it
+        print(f"gate: warning: {warning}", file=sys.stderr, flush=True)
     decision: dict[str, Any] = {
         "passed": not reasons or cfg.force, "forced": cfg.force,
         "forced_by": _who(cfg) if cfg.force else None, "force_reason": cfg.force_reason if cfg.force else None,
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "live_version": champion.get("live_version"), "checks": checks, "reasons": reasons,
+        "live_version": champion.get("live_version"), "checks": checks, "reasons": reasons, "warnings": warnings,
     }
     decision["missing_inputs"] = missing_inputs(quality, drift)
     if reasons:
@@ -157,7 +205,8 @@ def gate(cfg: GateParams, metrics_path: Path, quality_path: Path, drift_path: Pa
     out_path.write_text(json.dumps(decision, indent=2) + "\n")
     if not decision["passed"]:
         raise GateBlocked(decision["message"])
-    return {"passed": True, "forced": cfg.force, "reasons": len(reasons), "quality": _quality_line(checks[0])}
+    return {"passed": True, "forced": cfg.force, "reasons": len(reasons), "warnings": len(warnings),
+            "quality": _quality_line(checks[0])}
 
 
 def _quality_line(check: dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.metrics import full_catalog_metrics, ranking_metrics, relevant_counts, top_k
+from models.metrics import METRICS, catalog_figures, full_catalog_metrics, ranking_metrics, relevant_counts, top_k
 
 
 def test_recall_and_ndcg_on_a_hand_made_ranking():
@@ -96,3 +96,31 @@ def test_top_k_of_scores_with_nan_and_both_infinities():
     inf = float("inf")
     scores = torch.tensor([[inf, -inf, 0.5, 0.1], [float("nan"), 0.2, -inf, 0.3]])
     assert top_k(scores, 3).tolist() == [[0, 2, 3], [3, 1, 0]]     # NaN is -inf: tied with item 2, the lower column
+
+
+def test_standard_errors_are_the_users_spread_over_root_n_in_any_batching():
+    """catalog_figures' errors: each figure's per-user values (ranking_metrics on the whole matrix)
+    give std(ddof=1) / sqrt(n), whatever the batch size; coverage has none, nor a group of one user."""
+    gen = torch.Generator().manual_seed(3)
+    n_users, n_items = 37, 12
+    scores = torch.rand((n_users, n_items), generator=gen)
+    rel = torch.rand((n_users, n_items), generator=gen) < 0.2
+    rel[torch.arange(n_users), torch.randint(0, n_items, (n_users,), generator=gen)] = True   # >= 1 each
+    cold = torch.zeros(n_items, dtype=torch.bool)
+    cold[5] = True
+    rel[:, 5] = False
+    rel[4, 5] = True                                    # one user with a cold item: no error for it
+    rows, cols = (x.numpy() for x in rel.nonzero(as_tuple=True))
+    none = (np.array([], dtype=np.int64), np.array([], dtype=np.int64))
+    per_user = ranking_metrics(top_k(scores, 5), rel, [5], {"cold": cold})
+    for batch_size in (1, 8, 64):
+        means, errors = catalog_figures(lambda s, e: scores[s:e], n_users, n_items, none, (rows, cols), [5],
+                                        metrics=METRICS, groups={"tail": np.zeros(n_items, bool), "cold": cold.numpy()},
+                                        batch_size=batch_size)
+        for name in ("recall@5", "ndcg@5", "hitrate@5"):
+            values = per_user[name].numpy()
+            assert means[name] == pytest.approx(values.mean())
+            assert errors[name] == pytest.approx(values.std(ddof=1) / math.sqrt(n_users))
+        assert "coverage@5" in means and "coverage@5" not in errors
+        assert "cold_recall@5" in means and "cold_recall@5" not in errors     # one user
+        assert "tail_recall@5" not in means and "tail_recall@5" not in errors  # nobody

@@ -70,7 +70,9 @@ def make_drift_report(out_dir: Path, rng: np.random.Generator) -> Path:
 
 
 METRICS = {"two_tower": {"recall@20": 0.231, "ndcg@20": 0.2478}, "ease": {"recall@20": 0.1961, "ndcg@20": 0.2051},
-           "ease_lambda": 250.0, "n_users": 943}
+           "ease_lambda": 250.0, "n_users": 943,
+           "standard_errors": {"two_tower": {"recall@20": 0.0102, "ndcg@20": 0.0093},
+                               "ease": {"recall@20": 0.0097, "ndcg@20": 0.0088}}}
 PREVIOUS = {"two_tower": {"recall@20": 0.2246, "ndcg@20": 0.2424}, "ease": {"recall@20": 0.1961, "ndcg@20": 0.2051},
             "ease_lambda": 250.0, "n_users": 943}
 

@@ -102,6 +102,19 @@ def test_metrics_json_figures_appear_once_each(tmp_path):
     for model in ("two_tower", "ease"):
         assert html.count(f"<th>{model}</th>") == 1
     assert sum(f"<td>{k}</td>" in html for k in METRICS["two_tower"]) == 2
+    # each figure with its standard error beside it, not as rows of their own
+    assert "0.2478 <small>± 0.0093</small>" in html and "0.2051 <small>± 0.0088</small>" in html
+    assert "standard_errors" not in html.split("Other figures")[-1].split("</table>")[0]
+
+
+def test_the_gate_warnings_are_shown_with_its_verdict(tmp_path):
+    reports = tmp_path / "reports"
+    inputs = write_plain_outputs(reports, tmp_path / "artifacts")
+    warning = "most_popular ndcg@20 0.3000 is above the two-tower's 0.2500 on this run's holdout by 0.0500"
+    (reports / "gate.json").write_text(json.dumps({"passed": True, "warnings": [warning]}))
+    html = build_portal(reports, inputs).read_text()
+    gate = html.split('id="gate"')[1].split("</section>")[0]
+    assert f'<p class="warn">Warning: {warning}</p>' in gate.replace("&#x27;", "'")
 
 
 def test_the_validation_verdict_counts_the_quarantined_events(tmp_path):

@@ -36,6 +36,12 @@ def test_two_tower_beats_most_popular(trained):
     cold = ("cold_recall",) if result["n_cold_held_out"] else ()
     names = {f"{m}@{k}" for k in (10, 20) for m in ("recall", "ndcg", "hitrate", "coverage", "tail_recall", *cold)}
     assert set(result["two_tower"]) == set(result["most_popular"]) == set(result["ease"]) == names
+    # every figure averaged over users has its standard error (what the gate's baselines check reads)
+    errors = result["standard_errors"]
+    assert set(errors) == {"two_tower", "most_popular", "ease"}
+    for model, figures in errors.items():
+        assert set(figures) == {n for n in names if not n.startswith("coverage")}, model
+        assert 0 < figures["ndcg@20"] < 0.5 / np.sqrt(result["n_users"]), model   # values in [0, 1]: sd <= 0.5
     examples = pd.read_parquet(training / "examples.parquet")
     assert result["n_users"] == examples.loc[examples["split"] == "test", "user_id"].nunique()
     assert result["n_items"] == 150 and result["n_tail_items"] == 120

@@ -90,12 +90,14 @@ def published(tmp_path: Path) -> Path:
 
 def test_without_a_live_model_the_gate_checks_drift_only(tmp_path: Path):
     reports = _reports(tmp_path, None, published_share=None)
-    assert _gate(reports) == {"passed": True, "forced": False, "reasons": 0,
+    assert _gate(reports) == {"passed": True, "forced": False, "reasons": 0, "warnings": 0,
                               "quality": "not compared: no previous published model"}
     decision = json.loads((reports / "gate.json").read_text())
     assert decision["passed"] and decision["reasons"] == [] and decision["live_version"] is None
-    quality, window, pub, catalog = decision["checks"]
+    quality, window, pub, catalog, baselines = decision["checks"]
     assert catalog["name"] == "catalog" and catalog["passed"] and "skipped" in catalog
+    assert baselines == {"name": "baselines", "metric": "ndcg@20", "current": NDCG, "max_baseline_lead": None,
+                         "passed": True, "baselines": {}}      # metrics.json without baselines: none to compare
     assert quality["skipped"] == "not compared: no previous published model" and quality["passed"]
     assert pub["skipped"] == "no previous published model"
     assert window["name"] == "drift.window" and window["passed"] and window["drift_share"] == 0.0
@@ -171,7 +173,7 @@ def test_drift_over_a_threshold_blocks(tmp_path: Path):
 def test_forced_run_passes_and_records_who_and_why(tmp_path: Path):
     reports = _reports(tmp_path, window=0.6)
     cfg = GateParams(force=True, force_reason="hotfix for a broken catalog, reviewed by ops")
-    assert _gate(reports, cfg) == {"passed": True, "forced": True, "reasons": 2, "quality":
+    assert _gate(reports, cfg) == {"passed": True, "forced": True, "reasons": 2, "warnings": 0, "quality":
                                    "ndcg@20 0.2500 vs live v1 0.2810 on this run's holdout: fell 0.031 > 0.010"}
     decision = json.loads((reports / "gate.json").read_text())
     assert decision["passed"] and decision["forced"]
@@ -279,3 +281,41 @@ def test_a_feature_column_shuffled_across_the_catalog_is_blocked_naming_it(tmp_p
     summary["catalog"]["columns"]["genres"] = {"kind": "multi", "agreement": 0.93, "changed_share": 0.05}
     (reports / "drift" / "summary.json").write_text(json.dumps(summary))
     assert _gate(reports)["passed"]      # 5% of items re-tagged: a catalog that lives
+
+
+def _with_baselines(reports: Path, popular: float, ease: float | None, error: float = 0.004) -> None:
+    """metrics.json with the baselines and standard errors as the evaluate stage writes them."""
+    metrics = json.loads((reports / "metrics.json").read_text())
+    metrics["most_popular"] = {"ndcg@20": popular, "recall@20": 0.1}
+    metrics["ease"] = {"ndcg@20": ease, "recall@20": 0.1} if ease is not None else {"skipped": "too many items"}
+    metrics["standard_errors"] = {m: {"ndcg@20": error, "recall@20": error} for m in ("two_tower", "most_popular", "ease")}
+    (reports / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_a_baseline_ahead_beyond_noise_is_a_warning_by_default_and_blocks_when_asked(tmp_path: Path, capsys):
+    reports = _reports(tmp_path, None, published_share=None)
+    _with_baselines(reports, popular=0.30, ease=0.26)          # the two-tower: 0.25; noise 2·√2·0.004 = 0.0113
+    assert _gate(reports)["warnings"] == 1
+    decision = json.loads((reports / "gate.json").read_text())
+    check = decision["checks"][-1]
+    assert check["name"] == "baselines" and check["passed"] and decision["passed"]
+    assert check["baselines"]["most_popular"] == {"value": 0.30, "lead": 0.05, "noise": 0.011314}
+    assert check["baselines"]["ease"]["lead"] == 0.01              # within the noise: not named
+    assert decision["warnings"] == [check["warning"]]
+    assert check["warning"].startswith("most_popular ndcg@20 0.3000 is above the two-tower's 0.2500 on this run's "
+                                       "holdout by 0.0500 (noise ±0.0113): the data may hold little")
+    assert "gate: warning: most_popular ndcg@20" in capsys.readouterr().err
+    with pytest.raises(GateBlocked, match=r"most_popular ndcg@20 0.3000 is above .* > gate.max_baseline_lead 0.020"):
+        _gate(reports, GateParams(max_baseline_lead=0.02))
+    assert _gate(reports, GateParams(max_baseline_lead=0.06))["warnings"] == 1   # a lead below the limit warns
+
+
+def test_a_baseline_within_noise_or_behind_is_no_warning(tmp_path: Path):
+    reports = _reports(tmp_path, None, published_share=None)
+    _with_baselines(reports, popular=0.26, ease=None, error=0.01)      # lead 0.01 < noise 0.028; EASE skipped
+    assert _gate(reports, GateParams(max_baseline_lead=0.0))["warnings"] == 0
+    check = json.loads((reports / "gate.json").read_text())["checks"][-1]
+    assert check["passed"] and "warning" not in check and list(check["baselines"]) == ["most_popular"]
+    _with_baselines(reports, popular=0.26, ease=0.2, error=0.001)      # now beyond noise: 0.01 > 0.0028
+    with pytest.raises(GateBlocked, match="most_popular ndcg@20 0.2600 is above"):
+        _gate(reports, GateParams(max_baseline_lead=0.0))

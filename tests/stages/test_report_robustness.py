@@ -14,6 +14,7 @@ import pytest
 
 from flows.params import Params, load_params
 from flows.portal.build import PortalInputs, build_portal
+from flows.reports.quality import quality_report
 from flows.stages.gate import gate
 from flows.stages.report import report
 from shapes import SCHEMA, SHAPES, StageInputs, make_shape, stage_inputs
@@ -74,7 +75,8 @@ def test_a_catalog_seen_once_leaves_novelty_not_computed_and_the_rest_stands(par
     pd.DataFrame(rows, columns=["user_id", "item_id", "score", "target"]).to_parquet(s.recs, index=False)
 
     quality, drift, decision = _run(params, s, tmp_path)
-    assert list(quality["not_computed"]) == [f"novelty@{K}"]
+    # these top lists hold no user's own held-out item: serendipity (over the hits) has nothing to measure
+    assert set(quality["not_computed"]) == {f"novelty@{K}", f"serendipity@{K}"}
     assert quality["not_computed"][f"novelty@{K}"].startswith("ValueError: Too many bins for data range")
     assert {f"ndcg@{K}", f"recall@{K}", f"personalization@{K}", f"popularity_gini@{K}"} <= set(quality)
     assert f"novelty@{K}" not in quality
@@ -108,3 +110,34 @@ def test_a_one_user_holdout_still_reports(params: Params, tmp_path: Path):
     assert quality["users"] == 1 and f"ndcg@{K}" in quality and decision["passed"]
     computed_or_named = set(quality) | set(quality.get("not_computed", {}))
     assert {f"personalization@{K}", f"novelty@{K}", f"score_entropy@{K}"} <= computed_or_named
+
+
+def test_a_model_that_finds_nothing_reports_zeros_in_strict_json(params: Params, tmp_path: Path,
+                                                                 recwarn: pytest.WarningsRecorder):
+    """No held-out item in any top K (a model with NDCG 0): Evidently's F-beta divides 0 by 0 and its
+    Serendipity averages over no hit. F is 0 (as where precision and recall are both 0) and
+    Serendipity not computed, without a NaN in quality.json (not JSON to a strict reader) or a numpy
+    RuntimeWarning in the run's log."""
+    users, items, inter = make_shape(dataclasses.replace(SHAPES["weekly_season"], rows=3_000, users=200, items=400))
+    s = stage_inputs(tmp_path, users, items, inter)
+    recs = pd.read_parquet(s.recs)
+    in_top = recs["rank"].notna()
+    recs.loc[in_top, "target"] = 0          # what the model found is no longer held out: it found nothing
+    assert (recs.loc[~in_top, "target"] == 1).any()
+    recs.to_parquet(s.recs, index=False)
+    quality, _, decision = _run(params, s, tmp_path)
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"quality.json holds {constant}")
+    json.loads((s.reports / "quality" / "quality.json").read_text(), parse_constant=strict)
+    assert quality[f"f1@{K}"] == 0.0 and quality[f"ndcg@{K}"] == 0.0 and quality[f"recall@{K}"] == 0.0
+    # serendipity is measured over the hits: none here, so not computed, with the reason
+    assert quality["not_computed"][f"serendipity@{K}"].startswith(f"not defined on this data (Evidently gave nan): "
+                                                                  f"no held-out item in any top {K}")
+    assert decision["passed"]
+    # the stage runs the report in a forked worker, whose warnings a test cannot see: the same report
+    # in this process, where recwarn records them
+    train = pd.read_parquet(s.training / "examples.parquet")
+    figures, _ = quality_report(recs, train, None, K, tmp_path / "again.html")
+    assert figures[f"f1@{K}"] == 0.0
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in recwarn]
