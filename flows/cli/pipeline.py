@@ -111,18 +111,38 @@ def _print_summary(runs, params, root: Path, total: float) -> None:  # noqa: ANN
     served = BundleStore(root / paths.published).live() or "nothing published yet"
     typer.echo(f"live:     {served} ({paths.published}; `towerflow index list`)")
     typer.echo(f"metrics:  {paths.reports / 'metrics.json'}")
+    _print_metrics(root / paths.reports / "metrics.json")
+    _print_gate_warnings(root / paths.reports / "gate.json", any(r.ran and r.stage == "gate" for r in runs))
     _print_events(root / paths.ingested)
     typer.echo(f"review:   {paths.reports / 'index.html'} (one offline page: data checks, quality, drift, "
                f"gate, curves, what was published)")
     if any(r.ran for r in runs):
         typer.echo("dvc.lock records this run: `git add dvc.lock && git commit` to version it")
-    metrics = root / paths.reports / "metrics.json"
-    if metrics.exists():
-        m = json.loads(metrics.read_text())
-        for model in ("two_tower", "ease", "most_popular"):
-            if model in m:
-                typer.echo(f"          {model:<12} " + ", ".join(
-                    f"{k}={v:.4f}" for k, v in m[model].items() if isinstance(v, (int, float))))
+
+
+def _print_metrics(path: Path) -> None:
+    """Each model's figures under the metrics line; a baseline the evaluate stage skipped, with why."""
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    for model in ("two_tower", "ease", "most_popular"):
+        figures = m.get(model)
+        if not isinstance(figures, dict):
+            continue
+        line = ", ".join(f"{k}={v:.4f}" for k, v in figures.items() if isinstance(v, (int, float)))
+        typer.echo(f"          {model:<12} " + (line or f"skipped: {figures.get('skipped', 'no figures')}"))
+
+
+def _print_gate_warnings(path: Path, ran: bool) -> None:
+    """The gate's warnings of this run (a baseline ahead of the two-tower), which the stage's own
+    output printed among many lines: a run that passed with them should not read as a clean one."""
+    try:
+        warnings = json.loads(path.read_text()).get("warnings") if ran else None
+    except (OSError, ValueError, AttributeError):
+        return
+    for warning in warnings or []:
+        typer.echo(f"warning:  {warning} ({path.name})")
 
 
 

@@ -87,3 +87,31 @@ def test_the_runs_params_file_reads_back_as_params_yaml_plus_the_overrides(tmp_p
     written = write_run_params(tmp_path, overrides).read_text()
     assert yaml.safe_load(written) == apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
     assert '"::1"' in written and "max_users: null" in written
+
+
+def test_the_run_summary_shows_the_gates_warnings_and_why_a_baseline_is_missing(tmp_path: Path, capsys):
+    """The end of `towerflow run`: each model's figures (a skipped EASE with its reason, not an empty
+    line) and the gate's warnings of this run, which the gate stage printed among many lines."""
+    import json
+    from types import SimpleNamespace
+
+    from flows.cli.pipeline import _print_summary
+    from flows.params import load_params
+
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    reports = tmp_path / params.paths.reports
+    reports.mkdir(parents=True)
+    (reports / "metrics.json").write_text(json.dumps({
+        "two_tower": {"ndcg@20": 0.0862}, "most_popular": {"ndcg@20": 0.1535},
+        "ease": {"skipped": "catalog has 20000 items > evaluate.ease_max_items=10000"}}))
+    warning = "most_popular ndcg@20 0.1535 is above the two-tower's 0.0862 on this run's holdout by 0.0673"
+    (reports / "gate.json").write_text(json.dumps({"passed": True, "warnings": [warning]}))
+    runs = [SimpleNamespace(stage="gate", ran=True, seconds=2.2)]
+    _print_summary(runs, params, tmp_path, 2.2)
+    out = capsys.readouterr().out
+    assert "          two_tower    ndcg@20=0.0862\n" in out
+    assert "          ease         skipped: catalog has 20000 items > evaluate.ease_max_items=10000\n" in out
+    assert f"warning:  {warning} (gate.json)\n" in out
+    # a run in which the gate did not run (up to date) does not repeat an old run's warnings
+    _print_summary([SimpleNamespace(stage="gate", ran=False, seconds=0.0)], params, tmp_path, 0.0)
+    assert "warning:" not in capsys.readouterr().out
