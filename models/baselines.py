@@ -221,9 +221,9 @@ def ease_baseline(eval_cfg: EvaluateParams, task: CatalogTask, examples: pd.Data
                               "(or set evaluate.ease: false)")
     best, validation = _lambda_scan(eval_cfg, examples, items, ks[0])
     queries = binary_matrix(*task.seen, task.n_users, n_items)
-    metrics, errors = catalog_figures(ease_scorer(_fitted_weights(task, best), queries), task.n_users, n_items,
-                                      task.seen, task.relevant, ks, metrics=METRICS,
-                                      groups=task.item_groups(eval_cfg.tail_share))
+    metrics, errors, _ = catalog_figures(ease_scorer(_fitted_weights(task, best), queries), task.n_users, n_items,
+                                         task.seen, task.relevant, ks, metrics=METRICS,
+                                         groups=task.item_groups(eval_cfg.tail_share))
     # no timings here: metrics.json is a DVC metric, and equal inputs must give an equal file
     return {"ease": rounded(metrics), "ease_lambda": best, "ease_validation": validation,
             "ease_standard_errors": rounded(errors)}

@@ -12,7 +12,7 @@ from models.baselines import ease_baseline, most_popular_scores
 from models.errors import ModelError
 from models.holdout import CatalogTask
 from models.inference import TwoTowerBundle
-from models.metrics import METRICS, catalog_figures, pairs_by_row, rounded, rows_between, scored_batches, top_k
+from models.metrics import METRICS, Figures, catalog_figures, pairs_by_row, rounded, rows_between, scored_batches, top_k
 from models.params import EvaluateParams
 
 Scorer = Callable[[int, int], torch.Tensor]     # scores(start, end) → (end - start, n_items) of those queries
@@ -44,30 +44,34 @@ def scorer_metrics(eval_cfg: EvaluateParams, task: CatalogTask, scorer: Scorer) 
     """One model's figures on the task: recall, ndcg, hitrate, coverage, tail_recall and cold_recall
     (when a held-out item has no training row) at every K of eval_cfg.ks. The one code path of every
     model the evaluate stage scores (the live model too), so that their figures are comparable."""
-    return scorer_figures(eval_cfg, task, scorer)[0]
+    return scorer_figures(eval_cfg, task, scorer).means
 
 
-def scorer_figures(eval_cfg: EvaluateParams, task: CatalogTask, scorer: Scorer) -> tuple[dict, dict]:
-    """(scorer_metrics, the standard error of each figure averaged over users: metrics.catalog_figures)."""
+def scorer_figures(eval_cfg: EvaluateParams, task: CatalogTask, scorer: Scorer, per_user: bool = False) -> Figures:
+    """scorer_metrics, the standard error of each figure averaged over users, and with per_user each
+    figure's per-user values (metrics.catalog_figures); means and errors rounded as reports write them."""
     ks = sorted(set(eval_cfg.ks))
-    means, errors = catalog_figures(scorer, task.n_users, task.n_items, task.seen, task.relevant, ks,
-                                    metrics=METRICS, groups=task.item_groups(eval_cfg.tail_share))
-    return rounded(means), rounded(errors)
+    figures = catalog_figures(scorer, task.n_users, task.n_items, task.seen, task.relevant, ks,
+                              metrics=METRICS, groups=task.item_groups(eval_cfg.tail_share), per_user=per_user)
+    return figures._replace(means=rounded(figures.means), errors=rounded(figures.errors))
 
 
 def evaluation_report(eval_cfg: EvaluateParams, task: CatalogTask, bundle: TwoTowerBundle,
-                      examples: pd.DataFrame, items: pd.DataFrame) -> dict:
-    """{"two_tower": {...}, "most_popular": {...}, "ease": {...}, "ease_lambda", "ease_validation",
-    "standard_errors", "n_users", "n_items", "n_tail_items", "n_cold_held_out"}; each model's metrics
-    are recall, ndcg, hitrate, coverage, tail_recall and cold_recall at every K of eval_cfg.ks (see
-    scorer_metrics); "standard_errors" holds each model's figures' standard errors (scorer_figures).
-    `examples` and `items` are the task's source rows (EASE tunes λ on a split of their training part)."""
+                      examples: pd.DataFrame, items: pd.DataFrame,
+                      per_user: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
+    """({"two_tower": {...}, "most_popular": {...}, "ease": {...}, "ease_lambda", "ease_validation",
+    "standard_errors", "n_users", "n_items", "n_tail_items", "n_cold_held_out"}, the two-tower's
+    per-user figures when per_user, else {}); each model's metrics are recall, ndcg, hitrate,
+    coverage, tail_recall and cold_recall at every K of eval_cfg.ks (see scorer_metrics);
+    "standard_errors" holds each model's figures' standard errors (scorer_figures). `examples` and
+    `items` are the task's source rows (EASE tunes λ on a split of their training part)."""
     ks = sorted(set(eval_cfg.ks))
     tail = task.tail(eval_cfg.tail_share)
     result: dict = {}
     errors: dict = {}
-    for name, scorer in (("two_tower", two_tower_scorer(bundle, task)), ("most_popular", most_popular_scorer(task))):
-        result[name], errors[name] = scorer_figures(eval_cfg, task, scorer)
+    two_tower = scorer_figures(eval_cfg, task, two_tower_scorer(bundle, task), per_user=per_user)
+    result["two_tower"], errors["two_tower"] = two_tower.means, two_tower.errors
+    result["most_popular"], errors["most_popular"], _ = scorer_figures(eval_cfg, task, most_popular_scorer(task))
     result.update(ease_baseline(eval_cfg, task, examples, items, ks))
     if "ease_standard_errors" in result:
         errors["ease"] = result.pop("ease_standard_errors")
@@ -76,7 +80,7 @@ def evaluation_report(eval_cfg: EvaluateParams, task: CatalogTask, bundle: TwoTo
     result["n_items"] = task.n_items
     result["n_tail_items"] = int(tail.sum())
     result["n_cold_held_out"] = task.cold_held_out()
-    return result
+    return result, two_tower.users
 
 
 def holdout_recommendations(bundle: TwoTowerBundle, task: CatalogTask, k: int,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -173,7 +174,30 @@ def full_catalog_metrics(
     metrics ⊆ METRICS; a group's recall (tail_recall, cold_recall) needs its (n_items,) bool mask in
     groups ({"tail": ..., "cold": ...}). Memory: batch_size × n_items.
     """
-    return catalog_figures(scores, n_users, n_items, seen, relevant, ks, metrics, groups, batch_size)[0]
+    return catalog_figures(scores, n_users, n_items, seen, relevant, ks, metrics, groups, batch_size).means
+
+
+class Figures(NamedTuple):
+    """catalog_figures' answer: each figure's mean over users, its standard error, and (when asked) its
+    per-user values, (n_users,) float32 with NaN where a user has none (a group with no relevant
+    item), for paired comparisons of two models on the same users."""
+    means: dict[str, float]
+    errors: dict[str, float]
+    users: dict[str, np.ndarray]
+
+
+def paired_errors(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float]:
+    """The standard error of the mean difference b - a of each figure both hold, over the users that
+    have it in both (Figures.users of two models scored on the same users): the same users' easy
+    and hard cases cancel, so it is far below the two models' own errors combined. None for a figure
+    with fewer than two such users."""
+    out = {}
+    for name in a.keys() & b.keys():
+        diff = (b[name].astype(np.float64) - a[name].astype(np.float64))
+        diff = diff[~np.isnan(diff)]
+        if len(diff) > 1:
+            out[name] = float(diff.std(ddof=1) / math.sqrt(len(diff)))
+    return dict(sorted(out.items()))
 
 
 def catalog_figures(
@@ -186,11 +210,13 @@ def catalog_figures(
     metrics: tuple[str, ...] = ("recall", "ndcg"),
     groups: dict[str, np.ndarray] | None = None,
     batch_size: int = 512,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """(full_catalog_metrics' means, the standard error of each mean over users): the users' sample
-    standard deviation / sqrt(their number), for every figure but coverage (a catalog share, not a
-    mean over users); none for a figure of fewer than two users. What a reader needs to tell a lead
-    from the sample's noise (the gate's baselines check)."""
+    per_user: bool = False,
+) -> Figures:
+    """full_catalog_metrics' means, the standard error of each mean over users (the users' sample
+    standard deviation / sqrt(their number), for every figure but coverage, a catalog share, not a
+    mean over users; none for a figure of fewer than two users), and with per_user each figure's
+    per-user values (float32: 4 bytes a user and figure). What a reader needs to tell a lead from the
+    sample's noise (the gate's checks)."""
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; known: {', '.join(METRICS)}")
@@ -207,6 +233,7 @@ def catalog_figures(
     sums: dict[str, float] = {}
     squares: dict[str, float] = {}
     counts: dict[str, int] = {}
+    users: dict[str, list[np.ndarray]] = {}
     recommended = {k: torch.zeros(n_items, dtype=torch.bool) for k in ks}  # coverage
     for start, end, s in scored_batches(scores, n_users, n_items, pairs_by_row(seen), batch_size):
         rel = torch.zeros((end - start, n_items + 1), dtype=torch.bool)  # (b, I+1)
@@ -220,12 +247,14 @@ def catalog_figures(
         if k_max < max(ks):  # catalog smaller than K: pad with column n_items, which nobody has
             top = torch.cat([top, torch.full((end - start, max(ks) - k_max), n_items)], dim=1)
         per_row = relevant_counts(rows, cols, end - start, n_items + 1, masks)
-        for name, per_user in ranking_metrics(top, rel, ks, masks, per_row).items():  # a few (U,) sums: cheap
-            valid = ~torch.isnan(per_user)
-            kept = per_user[valid]
+        for name, per_user_values in ranking_metrics(top, rel, ks, masks, per_row).items():  # (U,) each: cheap
+            valid = ~torch.isnan(per_user_values)
+            kept = per_user_values[valid]
             sums[name] = sums.get(name, 0.0) + float(kept.sum())
             squares[name] = squares.get(name, 0.0) + float(kept.square().sum())
             counts[name] = counts.get(name, 0) + int(valid.sum())
+            if per_user:
+                users.setdefault(name, []).append(per_user_values.numpy().astype(np.float32))
     out, errors = {}, {}
     for k in ks:
         for m in metrics:
@@ -240,7 +269,7 @@ def catalog_figures(
             if n > 1:             # sample variance from the sums; rounding can take it a hair below 0
                 variance = max(squares[name] - n * out[name] ** 2, 0.0) / (n - 1)
                 errors[name] = math.sqrt(variance / n)
-    return out, errors
+    return Figures(out, errors, {name: np.concatenate(parts) for name, parts in users.items() if name in out})
 
 
 def rounded(metrics: dict[str, float], digits: int = 6) -> dict[str, float]:

@@ -21,24 +21,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from flows.reports.live import EVAL_MODEL, LiveBundle, lineage, lineage_change
 from models.errors import ModelError
-from models.evaluation import scorer_metrics, two_tower_scorer
+from models.evaluation import scorer_figures, two_tower_scorer
 from models.holdout import CatalogTask
 from models.inference import TwoTowerBundle, load_bundle
+from models.metrics import paired_errors, rounded
 from models.params import EvaluateParams
 
 NO_LIVE = "no previous published model"
 
 
 def champion_report(eval_cfg: EvaluateParams, task: CatalogTask, challenger: dict[str, float],
-                    live: LiveBundle | None, schema: dict[str, Any]) -> dict[str, Any]:
+                    live: LiveBundle | None, schema: dict[str, Any],
+                    challenger_users: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """reports/champion.json: {"compared", "live_version", "lineage", "scored" (the bundle's folder:
     eval_model or model), "challenger", and either "metrics" (the live model's figures on this
-    holdout), "n_users", "n_items", "cold_users", "cold_items", "cold_targets", or "reason" (why it was
-    not scored)}. challenger: this run's two_tower figures (metrics.json)."""
+    holdout), "difference_errors", "n_users", "n_items", "cold_users", "cold_items", "cold_targets", or
+    "reason" (why it was not scored)}. challenger: this run's two_tower figures (metrics.json);
+    challenger_users: their per-user values (models.metrics.Figures.users), which give
+    "difference_errors": each figure's standard error of the live - challenger difference over the
+    same users (metrics.paired_errors), how far a drop can come from the holdout's sample alone."""
     if live is None:
         return {"compared": False, "live_version": None, "reason": NO_LIVE, "challenger": challenger}
     current = lineage(schema)
@@ -51,7 +57,10 @@ def champion_report(eval_cfg: EvaluateParams, task: CatalogTask, challenger: dic
     why = why or _incompatible(model.encoder, task)
     if why is None:
         try:
-            out["metrics"] = scorer_metrics(eval_cfg, task, two_tower_scorer(model, task))
+            figures = scorer_figures(eval_cfg, task, two_tower_scorer(model, task), per_user=bool(challenger_users))
+            out["metrics"] = figures.means
+            if challenger_users:
+                out["difference_errors"] = rounded(paired_errors(challenger_users, figures.users))
         except ModelError as exc:      # its vectors are not finite on this data
             why = f"the live model {live.version} cannot be scored on this run's data: {exc}"
     if why is not None:

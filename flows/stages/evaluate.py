@@ -89,8 +89,10 @@ def evaluate(eval_cfg: EvaluateParams, training_dir: Path, model_dir: Path, out_
     task = _with_history(sample_queries(full, eval_cfg.max_users), source)
     del examples[ROW]    # in place: drop() would copy every column of the examples
     bundle = _read_model(model_dir, device)
+    live = live_bundle(published_dir) if champion_path is not None and published_dir is not None else None
     try:
-        result = evaluation_report(eval_cfg, task, bundle, examples, items)
+        # per-user figures only when a live model will be scored beside this one on the same users
+        result, per_user = evaluation_report(eval_cfg, task, bundle, examples, items, per_user=live is not None)
         recs = holdout_recommendations(bundle, task, max(eval_cfg.ks)) if recs_path is not None else None
     except ModelInputError as exc:
         raise DataContractError(f"{source}: {exc}") from exc
@@ -102,9 +104,8 @@ def evaluate(eval_cfg: EvaluateParams, training_dir: Path, model_dir: Path, out_
         recs_path.parent.mkdir(parents=True, exist_ok=True)
         recs.to_parquet(recs_path, index=False)
     if champion_path is not None:
-        live = live_bundle(published_dir) if published_dir is not None else None
         _write_json(champion_path, champion_report(eval_cfg, task, result["two_tower"], live,
-                                                   _read_schema(schema_path)))
+                                                   _read_schema(schema_path), per_user))
     return result
 
 

@@ -3,8 +3,9 @@
 Rules (params `gate`):
 - quality: gate.metric of the two-tower (reports/metrics.json) may fall by at most
   gate.max_quality_drop (absolute) below the live model's on the same holdout (reports/champion.json,
-  which the evaluate stage writes); a live model of another source, or one that cannot be scored on
-  this data, is not compared;
+  which the evaluate stage writes), or by more only within twice the standard error of the paired
+  difference (a warning: the holdout is too small to tell); a live model of another source, or one
+  that cannot be scored on this data, is not compared;
 - baselines: a baseline of reports/metrics.json (most popular, EASE) ahead of the two-tower on
   gate.metric beyond noise is a warning; above gate.max_baseline_lead (null by default) it blocks;
 - drift: per comparison of reports/drift/summary.json (the newest window vs the rest of the training
@@ -60,14 +61,22 @@ def quality_check(cfg: GateParams, metrics: dict[str, Any], champion: dict[str, 
     if live is None:
         return {**check, "passed": True, "skipped": f"not compared: champion.json has no live {cfg.metric}"}
     drop = round(live - current[cfg.metric], 6)
-    check.update(live=live, drop=drop, **{k: champion[k] for k in ("n_users", "n_items", "cold_users",
-                                                                   "cold_items") if k in champion})
+    # twice the standard error of the paired difference (the same users scored by both models): a drop
+    # within it is what this holdout's sample of users gives two equal models (0 when not recorded)
+    noise = round(2 * (champion.get("difference_errors") or {}).get(cfg.metric, 0.0), 6)
+    check.update(live=live, drop=drop, noise=noise, **{k: champion[k] for k in ("n_users", "n_items", "cold_users",
+                                                                                "cold_items") if k in champion})
     if cfg.max_quality_drop is None:
         return {**check, "passed": True, "skipped": "gate.max_quality_drop is null"}
-    check["passed"] = drop <= cfg.max_quality_drop
+    fell = f"{cfg.metric} {current[cfg.metric]:.4f} vs live {version} {live:.4f} on this run's holdout: fell {drop:.3f}"
+    check["passed"] = drop <= max(cfg.max_quality_drop, noise)
     if not check["passed"]:
-        check["reason"] = (f"{cfg.metric} {current[cfg.metric]:.4f} vs live {version} {live:.4f} on this run's "
-                           f"holdout: fell {drop:.3f} > {cfg.max_quality_drop:.3f}")
+        check["reason"] = f"{fell} > {cfg.max_quality_drop:.3f}" + (f" (noise ±{noise:.3f})" if noise else "")
+    elif drop > cfg.max_quality_drop:
+        # a small holdout cannot tell this drop from chance: blocking would stop healthy runs at random
+        check["warning"] = (f"{fell} > {cfg.max_quality_drop:.3f}, but within this holdout's noise ±{noise:.3f} "
+                            f"over {champion.get('n_users', '?')} users: not blocked; a larger holdout "
+                            "(evaluate.max_users, split.test_fraction) can tell")
     return check
 
 

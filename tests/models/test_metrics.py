@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.metrics import METRICS, catalog_figures, full_catalog_metrics, ranking_metrics, relevant_counts, top_k
+from models.metrics import METRICS, catalog_figures, full_catalog_metrics, paired_errors, ranking_metrics, relevant_counts, top_k
 
 
 def test_recall_and_ndcg_on_a_hand_made_ranking():
@@ -114,13 +114,24 @@ def test_standard_errors_are_the_users_spread_over_root_n_in_any_batching():
     none = (np.array([], dtype=np.int64), np.array([], dtype=np.int64))
     per_user = ranking_metrics(top_k(scores, 5), rel, [5], {"cold": cold})
     for batch_size in (1, 8, 64):
-        means, errors = catalog_figures(lambda s, e: scores[s:e], n_users, n_items, none, (rows, cols), [5],
-                                        metrics=METRICS, groups={"tail": np.zeros(n_items, bool), "cold": cold.numpy()},
-                                        batch_size=batch_size)
+        means, errors, users = catalog_figures(lambda s, e: scores[s:e], n_users, n_items, none, (rows, cols), [5],
+                                               metrics=METRICS, groups={"tail": np.zeros(n_items, bool),
+                                                                        "cold": cold.numpy()},
+                                               batch_size=batch_size, per_user=True)
         for name in ("recall@5", "ndcg@5", "hitrate@5"):
             values = per_user[name].numpy()
             assert means[name] == pytest.approx(values.mean())
             assert errors[name] == pytest.approx(values.std(ddof=1) / math.sqrt(n_users))
+            assert np.allclose(users[name], values, atol=1e-7)      # per user, in query order
+        assert np.isnan(users["cold_recall@5"]).sum() == n_users - 1 and "coverage@5" not in users
         assert "coverage@5" in means and "coverage@5" not in errors
         assert "cold_recall@5" in means and "cold_recall@5" not in errors     # one user
         assert "tail_recall@5" not in means and "tail_recall@5" not in errors  # nobody
+
+
+def test_paired_errors_are_the_spread_of_the_per_user_differences():
+    a = {"ndcg@5": np.array([0.1, 0.5, 0.3, np.nan], np.float32), "only_a": np.zeros(4, np.float32)}
+    b = {"ndcg@5": np.array([0.2, 0.5, 0.6, 0.9], np.float32)}
+    diff = np.array([0.1, 0.0, 0.3])                  # the user without a figure in a is left out
+    assert paired_errors(a, b) == {"ndcg@5": pytest.approx(diff.std(ddof=1) / math.sqrt(3), rel=1e-5)}
+    assert paired_errors(a, a) == {"ndcg@5": 0.0, "only_a": 0.0}

@@ -91,9 +91,15 @@ def test_a_worse_challenger_is_blocked_naming_both_figures(run: dict, tmp_path: 
     assert live > mine + 0.05, (live, mine)
     with pytest.raises(GateBlocked) as err:
         _gate(reports)
+    noise = 2 * champion["difference_errors"]["ndcg@20"]
     assert str(err.value).startswith(f"gate: ndcg@20 {mine:.4f} vs live v1 {live:.4f} on this run's holdout: "
-                                     f"fell {live - mine:.3f} > 0.010; see ")
+                                     f"fell {live - mine:.3f} > 0.010 (noise ±{noise:.3f}); see ")
     assert len(str(err.value).splitlines()) == 1
+    # the paired difference's error: above 0, at most the two models' own errors summed (sd(a - b) <= sd(a) + sd(b))
+    own = json.loads((reports / "metrics.json").read_text())["standard_errors"]["two_tower"]["ndcg@20"]
+    direct = evaluate(KS, run["training"], run["good"], tmp_path / "direct" / "metrics.json")
+    assert 0 < champion["difference_errors"]["ndcg@20"] <= own + direct["standard_errors"]["two_tower"]["ndcg@20"] + 1e-6
+    assert set(champion["difference_errors"]) == set(own_figures := direct["standard_errors"]["two_tower"]), own_figures
 
 
 def test_the_same_model_as_live_passes_with_no_drop(run: dict, tmp_path: Path):
@@ -103,6 +109,10 @@ def test_the_same_model_as_live_passes_with_no_drop(run: dict, tmp_path: Path):
     decision = _gate(reports)
     quality = decision["checks"][0]
     assert quality["passed"] and quality["drop"] == 0 and quality["live"] == quality["current"]
+    # the same model on the same users: every per-user difference is 0, and so is its error
+    champion = json.loads((reports / "champion.json").read_text())
+    assert champion["difference_errors"] and set(champion["difference_errors"].values()) == {0.0}
+    assert quality["noise"] == 0.0
     assert decision["summary"]["quality"].endswith(" on this run's holdout (drop 0.000)")
 
 

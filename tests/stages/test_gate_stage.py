@@ -319,3 +319,23 @@ def test_a_baseline_within_noise_or_behind_is_no_warning(tmp_path: Path):
     _with_baselines(reports, popular=0.26, ease=0.2, error=0.001)      # now beyond noise: 0.01 > 0.0028
     with pytest.raises(GateBlocked, match="most_popular ndcg@20 0.2600 is above"):
         _gate(reports, GateParams(max_baseline_lead=0.0))
+
+
+def test_a_drop_within_the_holdouts_noise_warns_instead_of_blocking(tmp_path: Path, capsys):
+    """A drop above gate.max_quality_drop that twice the paired difference's standard error covers
+    (champion.json difference_errors: a small holdout) is not blocked: a warning says why; the same
+    drop on a holdout whose error is small blocks, naming the noise."""
+    reports = _reports(tmp_path)                                     # fell 0.031
+    champion = json.loads((reports / "champion.json").read_text())
+    (reports / "champion.json").write_text(json.dumps({**champion, "difference_errors": {"ndcg@20": 0.02}}))
+    assert _gate(reports)["passed"]
+    decision = json.loads((reports / "gate.json").read_text())
+    quality = decision["checks"][0]
+    assert quality["passed"] and quality["noise"] == 0.04 and quality["drop"] == 0.031
+    assert quality["warning"] == ("ndcg@20 0.2500 vs live v1 0.2810 on this run's holdout: fell 0.031 > 0.010, but "
+                                  "within this holdout's noise ±0.040 over 100 users: not blocked; a larger holdout "
+                                  "(evaluate.max_users, split.test_fraction) can tell")
+    assert decision["warnings"] == [quality["warning"]] and "gate: warning: ndcg@20" in capsys.readouterr().err
+    (reports / "champion.json").write_text(json.dumps({**champion, "difference_errors": {"ndcg@20": 0.005}}))
+    with pytest.raises(GateBlocked, match=r"fell 0.031 > 0.010 \(noise ±0.010\); see"):
+        _gate(reports)
