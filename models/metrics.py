@@ -188,9 +188,9 @@ class Figures(NamedTuple):
 
 def paired_errors(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float]:
     """The standard error of the mean difference b - a of each figure both hold, over the users that
-    have it in both (Figures.users of two models scored on the same users): the same users' easy
-    and hard cases cancel, so it is far below the two models' own errors combined. None for a figure
-    with fewer than two such users."""
+    have it in both (Figures.users of two models scored on the same users): the users' own easy and
+    hard cases cancel, so for two similar models it is well below their errors combined. A figure with
+    fewer than two such users has none."""
     out = {}
     for name in a.keys() & b.keys():
         diff = (b[name].astype(np.float64) - a[name].astype(np.float64))

@@ -132,10 +132,17 @@ def _champion(page: _Page, path: Path) -> None:
     if change:
         notes.append(f"New lineage: {esc(change)}; the gate compares only with gate.compare_across_sources.")
     mine, live = champion.get("challenger") or {}, champion.get("metrics") or {}
-    rows = [(esc(k), esc(fmt(v)), esc(fmt(live.get(k))), delta(v, live.get(k))) for k, v in mine.items()]
+    # the holdout's noise on each change: twice the standard error of the per-user difference
+    errors = champion.get("difference_errors") if isinstance(champion.get("difference_errors"), dict) else {}
+    rows = [(esc(k), esc(fmt(v)), esc(fmt(live.get(k))), delta(v, live.get(k))
+             + (f" <small>± {esc(fmt(2 * errors[k]))}</small>" if isinstance(errors.get(k), float) else ""))
+            for k, v in mine.items()]
     body = "".join(f"<p>{n}</p>" for n in notes)
     if live:
         body += table(["figure", "this run", f"live {esc(version)}", "change"], rows, "metrics")
+        if errors:
+            body += ("<p><small>± twice the standard error of the change over these users (both models "
+                     "scored on the same ones): a change within it is this holdout's noise.</small></p>")
     page.add("This run vs the live model, on this run's holdout", body + f"<p>{page.link(path, path.name)}</p>",
              "champion")
 

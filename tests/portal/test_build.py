@@ -140,13 +140,14 @@ def test_the_live_model_on_this_holdout_is_shown_beside_this_run(tmp_path):
     inputs = write_plain_outputs(reports, tmp_path / "artifacts")
     champion = {"compared": True, "live_version": "v7", "challenger": {"ndcg@20": 0.2478},
                 "metrics": {"ndcg@20": 0.2511}, "n_users": 943, "n_items": 1682, "cold_users": 2,
-                "cold_items": 5, "lineage": {"change": None}}
+                "cold_items": 5, "lineage": {"change": None}, "difference_errors": {"ndcg@20": 0.0041}}
     (reports / "champion.json").write_text(json.dumps(champion))
     html = build_portal(reports, inputs).read_text()
     section = html[html.index('id="champion"'):]
     section = section[:section.index("</section>")]
     assert "Live v7 scored on this run's holdout: 2 of 943 users and 5 of 1,682 items" in section
     assert "<td>ndcg@20</td><td>0.2478</td><td>0.2511</td>" in section and "-0.0033" in section
+    assert "-0.0033 (-1.3%)</span> <small>± 0.0082</small>" in section     # the noise beside the change
     change = "new source: this run reads /data/b, live v7 was trained on /data/a"
     (reports / "champion.json").write_text(json.dumps({**champion, "lineage": {"change": change}}))
     assert f"New lineage: {change}" in build_portal(reports, inputs).read_text()
