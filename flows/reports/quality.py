@@ -12,6 +12,8 @@ import gc
 import html
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,12 +110,7 @@ def _quality_report(recs: pd.DataFrame, train: pd.DataFrame, item_vectors: pd.Da
         numerical_columns=features))}
 
     def run(metrics: list[Any]) -> Any:
-        with warnings.catch_warnings():
-            # pandas FutureWarnings from Evidently's legacy recsys code: nothing the caller can act on;
-            # its F-beta's 0 / 0 when a model found nothing (read as 0 in flatten)
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.filterwarnings("ignore", "invalid value encountered in divide", RuntimeWarning,
-                                    r"evidently\.legacy\.metrics\.recsys\.f_beta_top_k")
+        with _evidently_warnings():
             return Report(metrics).run(cur, ref, additional_data=extra)
 
     metrics = _metrics(k, features)
@@ -136,6 +133,18 @@ def _quality_report(recs: pd.DataFrame, train: pd.DataFrame, item_vectors: pd.Da
         return {}, not_computed
     snapshot.save_html(str(html_path))
     return flatten(snapshot.dict(), k), not_computed
+
+
+@contextmanager
+def _evidently_warnings() -> Iterator[None]:
+    """Around an Evidently run: its legacy recsys code's pandas FutureWarnings, and numpy's warnings of
+    a model that found nothing (F-beta's 0 / 0, read as 0 in flatten; Serendipity's mean over no hit,
+    not computed in quality_report): nothing a reader of the run's log can act on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for message in ("invalid value encountered in (scalar )?divide", "Mean of empty slice"):
+            warnings.filterwarnings("ignore", message, RuntimeWarning)
+        yield
 
 
 @dataclass(frozen=True)
@@ -174,8 +183,7 @@ def _pairwise_figures(sample: DiversitySample, item_vectors: pd.DataFrame, k: in
     for metric in (Diversity(k=k, item_features=features), Serendipity(k=k, item_features=features)):
         name = f"{SINGLE[type(metric).__name__]}@{k}"
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
+            with _evidently_warnings():
                 snapshot = Report([metric]).run(cur, None, additional_data={"current_train_data": train})
             figures.update(flatten(snapshot.dict(), k))
         except Exception as exc:  # noqa: BLE001 - Evidently raises plain errors from numpy/pandas

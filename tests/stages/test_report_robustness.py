@@ -138,6 +138,8 @@ def test_a_model_that_finds_nothing_reports_zeros_in_strict_json(params: Params,
     # the stage runs the report in a forked worker, whose warnings a test cannot see: the same report
     # in this process, where recwarn records them
     train = pd.read_parquet(s.training / "examples.parquet")
-    figures, _ = quality_report(recs, train, None, K, tmp_path / "again.html")
-    assert figures[f"f1@{K}"] == 0.0
+    ids = pd.concat([recs["item_id"], train["item_id"]]).unique()
+    vectors = pd.DataFrame({"item_id": ids, "f0": np.random.default_rng(0).normal(size=len(ids))})
+    figures, not_computed = quality_report(recs, train, vectors, K, tmp_path / "again.html")
+    assert figures[f"f1@{K}"] == 0.0 and f"serendipity@{K}" in not_computed and f"diversity@{K}" in figures
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in recwarn]
