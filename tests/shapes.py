@@ -52,6 +52,9 @@ SHAPES = {
     "trend_busy_month": Shape(rows=36_000, days=3 * 365, users=2_000, busy_days=30, rating_trend=0.3),
     "half_stars_5x_catalog": Shape(rows=30_000, days=2 * 365, users=1_500, items=8_400, half_stars=True),
     "weekly_season": Shape(rows=30_000, days=180, users=1_200, weekly=True),
+    # three last weeks 6x as busy: the newest tenth of the rows spans under two weeks, so its weekday mix
+    # follows which days it covers (the gate once blocked this healthy shape on day_of_week)
+    "very_busy_weeks": Shape(rows=30_000, days=2 * 365, users=1_500, busy_days=20, busy_factor=6.0),
 }
 
 

@@ -68,6 +68,14 @@ def test_healthy_shapes_pass_the_gate(shape: str, params: Params, tmp_path: Path
     _assert_judged_and_passed(drift, decision)
     # what made the old check block: big samples and moving columns still score above Evidently's 0.1
     assert any(c["score"] > 0.1 for c in drift["window"]["columns"].values())
+    window = drift["window"]
+    span = pd.Timestamp(window["until"]) - pd.Timestamp(window["since"])
+    weekday = window["columns"]["day_of_week"]
+    if span < pd.Timedelta(days=14):      # a weekday mix set by which days the window covers: not judged
+        assert weekday["verdict"].startswith("not judged: the newest window spans"), weekday
+    else:                                 # two whole weeks or more: judged as any column
+        assert not weekday["verdict"].startswith("not judged"), weekday
+    assert shape != "very_busy_weeks" or span < pd.Timedelta(days=14)     # the shape this case is for
 
 
 def test_the_demo_with_fresh_events_passes(params: Params, demo_cache: Path, tmp_path: Path):
