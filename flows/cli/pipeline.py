@@ -135,8 +135,9 @@ def _print_metrics(path: Path) -> None:
 
 
 def _print_gate_warnings(path: Path, ran: bool) -> None:
-    """The gate's warnings of this run (a baseline ahead of the two-tower), which the stage's own
-    output printed among many lines: a run that passed with them should not read as a clean one."""
+    """The gate's warnings of this run (a baseline ahead of the two-tower, a drop within the holdout's
+    noise), which the stage's own output printed among many lines: a run that passed with them
+    should not read as a clean one."""
     try:
         warnings = json.loads(path.read_text()).get("warnings") if ran else None
     except (OSError, ValueError, AttributeError):

@@ -197,12 +197,15 @@ def _metrics(page: _Page, reports_dir: Path, previous: Path | None) -> None:
     else:
         before = {}
         note = "no previous run recorded yet (the next run will show this one beside it)"
-    now, before = (x if isinstance(x, dict) else {} for x in (now, before))
+    now, before = (dict(x) if isinstance(x, dict) else {} for x in (now, before))
+    # the standard errors go beside their figures, not into a table of their own
+    errors = now.pop(ERRORS, None)
+    errors = errors if isinstance(errors, dict) else {}
+    before.pop(ERRORS, None)
     # Flat blocks of numbers (one per model) side by side: a reader compares models and runs at once.
-    models = [k for k, v in now.items() if isinstance(v, dict) and v and k != ERRORS and
+    models = [k for k, v in now.items() if isinstance(v, dict) and v and
               all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values())]
-    errors = now.get(ERRORS) if isinstance(now.get(ERRORS), dict) else {}
-    rest = _flatten({k: v for k, v in now.items() if k not in models and k != ERRORS})
+    rest = _flatten({k: v for k, v in now.items() if k not in models})
     body = f"<p>This run: {page.link(path, 'metrics.json')}; {note}.</p>"
     if models:
         names = list(dict.fromkeys(m for k in models for m in now[k]))
@@ -214,7 +217,7 @@ def _metrics(page: _Page, reports_dir: Path, previous: Path | None) -> None:
             body += ("<p><small>± one standard error of the mean over the held-out users: two models whose "
                      "figures differ by less than about twice their errors combined are within noise.</small></p>")
     if rest:
-        old = _flatten({k: v for k, v in before.items() if k not in models and k != ERRORS})
+        old = _flatten({k: v for k, v in before.items() if k not in models})
         body += "<h3>Other figures</h3>" + table(
             ["figure", "this run", "previous", "change"],
             [(esc(k), esc(fmt(v)), esc(fmt(old.get(k))), delta(v, old.get(k))) for k, v in rest.items()], "metrics")
