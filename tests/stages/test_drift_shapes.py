@@ -154,3 +154,27 @@ def test_broken_versions_are_stopped_naming_the_columns(params: Params, live: di
         assert f'<span class="fail">{column}</span></td><td>{fmt(judged["score"])}</td>' in row
         assert f"{fmt(judged['natural'][0])} – {fmt(judged['natural'][1])}" in row
         assert "Drift verdict" in (inputs.reports / "drift" / f"{comparison}.html").read_text()
+
+
+def test_a_calendar_column_is_judged_from_two_whole_cycles_on():
+    """_calendar: day_of_week needs a newest window of 14 days, hour_of_day of 2; under that, the
+    reason names the span. The bound is where uniform behaviour's worst weekday mix (some days
+    covered once more than others) stays below the categorical floor."""
+    from scipy.spatial.distance import jensenshannon
+
+    from flows.reports.frames import Frame
+    from flows.stages.report import _calendar
+
+    frame = Frame(pd.DataFrame(), numeric=["hour_of_day", "rating"], categorical=["day_of_week"])
+    assert set(_calendar(frame, pd.Timedelta(days=1.5))) == {"hour_of_day", "day_of_week"}
+    short = _calendar(frame, pd.Timedelta(days=11.3))
+    assert list(short) == ["day_of_week"]
+    assert short["day_of_week"].startswith("the newest window spans 11.3 days, under two weeks")
+    assert _calendar(frame, pd.Timedelta(days=14)) == {}
+    assert _calendar(Frame(pd.DataFrame(), ["rating"], []), pd.Timedelta(hours=3)) == {}   # no calendar column
+    floor = load_params(ROOT / "params.yaml").report.drift.floor_categorical
+
+    def worst(whole_weeks: int) -> float:      # k weekdays covered once more than the other 7 - k
+        return max(jensenshannon(np.r_[[whole_weeks + 1] * k, [whole_weeks] * (7 - k)] / (7 * whole_weeks + k),
+                                 np.full(7, 1 / 7)) for k in range(1, 7))
+    assert worst(1) > floor > worst(2)
