@@ -21,7 +21,7 @@ from scipy.sparse.csgraph import connected_components
 
 from models.errors import ModelInputError
 from models.holdout import CatalogTask, catalog_task, sample_queries
-from models.metrics import METRICS, catalog_figures, full_catalog_metrics, rounded
+from models.metrics import full_catalog_metrics, scorer_figures
 from models.params import EvaluateParams
 from models.split import temporal_split
 
@@ -207,8 +207,8 @@ def _lambda_scan(eval_cfg: EvaluateParams, examples: pd.DataFrame, items: pd.Dat
 def ease_baseline(eval_cfg: EvaluateParams, task: CatalogTask, examples: pd.DataFrame, items: pd.DataFrame,
                   ks: list[int]) -> dict:
     """EASE with λ picked by validation NDCG@ks[0] on a split carved from the training part, refit on
-    the whole training part: {"ease": metrics, "ease_lambda", "ease_validation", "ease_standard_errors"
-    (of the metrics: metrics.catalog_figures)}. Skipped (with the
+    the whole training part, scored as every model is (metrics.scorer_figures, at every K of
+    eval_cfg.ks): {"ease": metrics, "ease_lambda", "ease_validation", "ease_standard_errors"}. Skipped (with the
     reason) when eval_cfg.ease is off or the catalog is above eval_cfg.ease_max_items."""
     n_items = task.n_items
     if not eval_cfg.ease or n_items > eval_cfg.ease_max_items:
@@ -221,9 +221,7 @@ def ease_baseline(eval_cfg: EvaluateParams, task: CatalogTask, examples: pd.Data
                               "(or set evaluate.ease: false)")
     best, validation = _lambda_scan(eval_cfg, examples, items, ks[0])
     queries = binary_matrix(*task.seen, task.n_users, n_items)
-    metrics, errors, _ = catalog_figures(ease_scorer(_fitted_weights(task, best), queries), task.n_users, n_items,
-                                         task.seen, task.relevant, ks, metrics=METRICS,
-                                         groups=task.item_groups(eval_cfg.tail_share))
+    figures = scorer_figures(eval_cfg, task, ease_scorer(_fitted_weights(task, best), queries))
     # no timings here: metrics.json is a DVC metric, and equal inputs must give an equal file
-    return {"ease": rounded(metrics), "ease_lambda": best, "ease_validation": validation,
-            "ease_standard_errors": rounded(errors)}
+    return {"ease": figures.means, "ease_lambda": best, "ease_validation": validation,
+            "ease_standard_errors": figures.errors}

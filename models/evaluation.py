@@ -2,7 +2,6 @@
 on one held-out catalog task (models/holdout.py) with the full-catalog metrics (models/metrics.py)."""
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -12,10 +11,9 @@ from models.baselines import ease_baseline, most_popular_scores
 from models.errors import ModelError
 from models.holdout import CatalogTask
 from models.inference import TwoTowerBundle
-from models.metrics import METRICS, Figures, catalog_figures, pairs_by_row, rounded, rows_between, scored_batches, top_k
+from models.metrics import Scorer, pairs_by_row, rows_between, scored_batches, scorer_figures, scorer_metrics, top_k
 from models.params import EvaluateParams
 
-Scorer = Callable[[int, int], torch.Tensor]     # scores(start, end) → (end - start, n_items) of those queries
 
 
 def finite_vectors(vectors: np.ndarray, what: str) -> torch.Tensor:
@@ -38,22 +36,6 @@ def two_tower_scorer(bundle: TwoTowerBundle, task: CatalogTask) -> Scorer:
 def most_popular_scorer(task: CatalogTask) -> Scorer:
     popularity = most_popular_scores(task.train_cols[task.train_cols >= 0], task.n_items)  # (I,)
     return lambda s, e: popularity.expand(e - s, -1)                     # (b, I)
-
-
-def scorer_metrics(eval_cfg: EvaluateParams, task: CatalogTask, scorer: Scorer) -> dict:
-    """One model's figures on the task: recall, ndcg, hitrate, coverage, tail_recall and cold_recall
-    (when a held-out item has no training row) at every K of eval_cfg.ks. The one code path of every
-    model the evaluate stage scores (the live model too), so that their figures are comparable."""
-    return scorer_figures(eval_cfg, task, scorer).means
-
-
-def scorer_figures(eval_cfg: EvaluateParams, task: CatalogTask, scorer: Scorer, per_user: bool = False) -> Figures:
-    """scorer_metrics, the standard error of each figure averaged over users, and with per_user each
-    figure's per-user values (metrics.catalog_figures); means and errors rounded as reports write them."""
-    ks = sorted(set(eval_cfg.ks))
-    figures = catalog_figures(scorer, task.n_users, task.n_items, task.seen, task.relevant, ks,
-                              metrics=METRICS, groups=task.item_groups(eval_cfg.tail_share), per_user=per_user)
-    return figures._replace(means=rounded(figures.means), errors=rounded(figures.errors))
 
 
 def evaluation_report(eval_cfg: EvaluateParams, task: CatalogTask, bundle: TwoTowerBundle,

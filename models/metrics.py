@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from models.holdout import CatalogTask
+    from models.params import EvaluateParams
+
 METRICS = ("recall", "ndcg", "hitrate", "coverage", "tail_recall", "cold_recall")
+Scorer = Callable[[int, int], torch.Tensor]     # scores(start, end) → (end - start, n_items) of those queries
 GROUP_SUFFIX = "_recall"     # a group's metric: "<group>_recall" (tail_recall, cold_recall)
 
 
@@ -270,6 +275,23 @@ def catalog_figures(
                 variance = max(squares[name] - n * out[name] ** 2, 0.0) / (n - 1)
                 errors[name] = math.sqrt(variance / n)
     return Figures(out, errors, {name: np.concatenate(parts) for name, parts in users.items() if name in out})
+
+
+def scorer_metrics(eval_cfg: EvaluateParams, task: CatalogTask, scorer: Scorer) -> dict:
+    """One model's figures on the task: recall, ndcg, hitrate, coverage, tail_recall and cold_recall
+    (when a held-out item has no training row) at every K of eval_cfg.ks. The one code path of every
+    model the evaluate stage scores (the baselines and the live model too), so that their figures
+    are comparable."""
+    return scorer_figures(eval_cfg, task, scorer).means
+
+
+def scorer_figures(eval_cfg: EvaluateParams, task: CatalogTask, scorer: Scorer, per_user: bool = False) -> Figures:
+    """scorer_metrics, the standard error of each figure averaged over users, and with per_user each
+    figure's per-user values (catalog_figures); means and errors rounded as reports write them."""
+    ks = sorted(set(eval_cfg.ks))
+    figures = catalog_figures(scorer, task.n_users, task.n_items, task.seen, task.relevant, ks,
+                              metrics=METRICS, groups=task.item_groups(eval_cfg.tail_share), per_user=per_user)
+    return figures._replace(means=rounded(figures.means), errors=rounded(figures.errors))
 
 
 def rounded(metrics: dict[str, float], digits: int = 6) -> dict[str, float]:

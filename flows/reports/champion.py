@@ -1,7 +1,7 @@
 """The live model (the champion) scored on this run's holdout, beside this run's evaluation model.
 
 The gate compares the two on one test set: the same queried users, the same catalog, the same
-exclusions and the same metric code (models/evaluation.py `scorer_metrics`). A figure the live bundle
+exclusions and the same metric code (models/metrics.py `scorer_metrics`). A figure the live bundle
 recorded on its own run's holdout is never compared with this run's: two test sets.
 
 What is scored is the live bundle's evaluation model (eval_model/, flows/reports/live.py): the served
@@ -26,10 +26,10 @@ import pandas as pd
 
 from flows.reports.live import EVAL_MODEL, LiveBundle, lineage, lineage_change
 from models.errors import ModelError
-from models.evaluation import scorer_figures, two_tower_scorer
+from models.evaluation import two_tower_scorer
 from models.holdout import CatalogTask
 from models.inference import TwoTowerBundle, load_bundle
-from models.metrics import paired_errors, rounded
+from models.metrics import paired_errors, rounded, scorer_figures
 from models.params import EvaluateParams
 
 NO_LIVE = "no previous published model"
