@@ -99,6 +99,17 @@ def user_count_columns(windows: "tuple[int, ...] | list[int]") -> list[str]:
     return [INTERACTIONS_TOTAL, *(f"interactions_{w}d" for w in windows)]
 
 
+def user_count_order(names: "list[str]") -> list[str]:
+    """The count columns among `names` in user_count_columns' order (the windows are sorted:
+    features/params.py): interactions_total, then the windows shortest first."""
+    return sorted((n for n in names if is_count_column(n)), key=lambda n: count_window_days(n) or 0)
+
+
+def count_window_days(name: str) -> int | None:
+    """interactions_7d -> 7; interactions_total -> None (no window)."""
+    return None if name == INTERACTIONS_TOTAL else int(name[len("interactions_"):-1])
+
+
 def item_popularity_columns(windows: "tuple[int, ...] | list[int]") -> list[str]:
     return [f"item_popularity_{w}d" for w in windows]
 

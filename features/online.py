@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from features.definitions import (
-    INTERACTIONS_TOTAL,
     RECENT_ITEMS,
     SEEN_ITEMS,
     TIMESTAMP_FIELD,
@@ -18,6 +17,7 @@ from features.definitions import (
     USER_KEY,
     USER_SEEN_FV,
     USER_SEEN_PUSH,
+    count_window_days,
     feature_columns,
     is_count_column,
     user_static_refs,
@@ -26,6 +26,8 @@ from features.history import NOW_OFFSET
 
 if TYPE_CHECKING:
     from feast import FeatureStore
+
+    from features.online_sqlite import SqliteUserRows
 
 
 def _coerce(user_id: Any, dtype: str) -> Any:
@@ -44,6 +46,20 @@ def _coerce(user_id: Any, dtype: str) -> Any:
 # here, at half the cost of Feast's general converter, which still decodes every other kind.
 PLAIN_KINDS = frozenset({"int32_val", "int64_val", "float_val", "double_val", "string_val", "bool_val", "bytes_val"})
 PLAIN_LIST_KINDS = frozenset(k.replace("_val", "_list_val") for k in PLAIN_KINDS)
+NOT_PLAIN = object()
+
+
+def plain_value(value: Any) -> Any:
+    """The Python value of a Feast Value proto of a plain kind as Feast's converter gives it (None:
+    no value), or NOT_PLAIN for any other kind."""
+    kind = value.WhichOneof("val")
+    if kind is None:
+        return None
+    if kind in PLAIN_KINDS:
+        return getattr(value, kind)
+    if kind in PLAIN_LIST_KINDS:
+        return list(getattr(value, kind).val)
+    return NOT_PLAIN
 
 
 def response_columns(response: Any) -> dict[str, list]:
@@ -52,18 +68,9 @@ def response_columns(response: Any) -> dict[str, list]:
 
     columns: dict[str, list] = {}
     for name, result in zip(response.proto.metadata.feature_names.val, response.proto.results):
-        column = []
-        for value in result.values:
-            kind = value.WhichOneof("val")
-            if kind is None:
-                column.append(None)
-            elif kind in PLAIN_KINDS:
-                column.append(getattr(value, kind))
-            elif kind in PLAIN_LIST_KINDS:
-                column.append(list(getattr(value, kind).val))
-            else:
-                column.append(feast_value_type_to_python_type(value))
-        columns[name] = column
+        column = [plain_value(value) for value in result.values]
+        columns[name] = [feast_value_type_to_python_type(value) if got is NOT_PLAIN else got
+                         for got, value in zip(column, result.values)]
     return columns
 
 
@@ -92,36 +99,64 @@ def behaviour_counts(store: "FeatureStore") -> list[str]:
     return names
 
 
-def online_user_features(store: "FeatureStore", schema: dict, user_ids: list) -> pd.DataFrame:
+def _user_rows(store: "FeatureStore | SqliteUserRows", schema: dict, lookup: list
+               ) -> tuple[list[str], dict[str, list], list[bool]]:
+    """(the behaviour count names, feature name -> one value per looked-up key, whether each key is
+    a known user), read by the SQLite reader when it can, else by Feast."""
+    from features.online_sqlite import NotReadableHere, SqliteUserRows
+
+    if isinstance(store, SqliteUserRows):
+        try:
+            counts = store.behaviour_counts()
+            return counts, *store.read(user_feature_refs(schema, counts), lookup)
+        except NotReadableHere:
+            store = store.feast()
+    counts = behaviour_counts(store)
+    if not lookup:
+        return counts, {}, []
+    from feast.protos.feast.serving.ServingService_pb2 import FieldStatus
+
+    response = store.get_online_features(features=user_feature_refs(schema, counts),
+                                         entity_rows=[{USER_KEY: k} for k in lookup])
+    values = response_columns(response)
+    names = list(response.proto.metadata.feature_names.val)
+    # A user is known when any of its views has a value; the key column is always PRESENT.
+    # Redis marks a missing key PRESENT with a null value (SQLite: NOT_FOUND), so both count.
+    present = [any(r.statuses[i] == FieldStatus.PRESENT and values[name][i] is not None
+                   for name, r in zip(names, response.proto.results) if name != USER_KEY)
+               for i in range(len(lookup))]
+    return counts, values, present
+
+
+def user_feature_refs(schema: dict, counts: list[str]) -> list[str]:
+    """The feature references of a user's serving row: static features, then `history_refs`."""
+    return [*user_static_refs(schema), *history_refs(counts)]
+
+
+def history_refs(counts: list[str]) -> list[str]:
+    """The references of the rows interactions change: recent items, the counts, seen items."""
+    return [f"{USER_HISTORY_FV}:{RECENT_ITEMS}", *(f"{USER_HISTORY_FV}:{c}" for c in counts),
+            f"{USER_SEEN_FV}:{SEEN_ITEMS}"]
+
+
+def online_user_features(store: "FeatureStore | SqliteUserRows", schema: dict, user_ids: list) -> pd.DataFrame:
     """One row per requested id, in order: user_id, user features, recent_items, the behaviour
     counts, seen_items, known.
 
     Unknown users (never materialized, or an id of the wrong type) get known=False, null features,
     empty lists and zero counts, never an exception: serving falls back to a cold-start query for
     them. A known user without interactions has zero counts too (as offline: nothing before).
+    `store` is Feast's, or a one-shot answer's reader of its SQLite file (features/online_sqlite.py:
+    the same rows without importing Feast).
     """
-    from feast.protos.feast.serving.ServingService_pb2 import FieldStatus
-
     columns = feature_columns(schema, "user")
-    counts = behaviour_counts(store)
     keys = [_coerce(u, schema["user_id_dtype"]) for u in user_ids]
     lookup = list(dict.fromkeys(k for k in keys if k is not None))
+    counts, values, present = _user_rows(store, schema, lookup)
     found: dict[Any, dict[str, Any]] = {}
-    if lookup:
-        refs = [*user_static_refs(schema), f"{USER_HISTORY_FV}:{RECENT_ITEMS}",
-                *(f"{USER_HISTORY_FV}:{c}" for c in counts), f"{USER_SEEN_FV}:{SEEN_ITEMS}"]
-        response = store.get_online_features(features=refs,
-                                             entity_rows=[{USER_KEY: k} for k in lookup])
-        values = response_columns(response)
-        names = list(response.proto.metadata.feature_names.val)
-        # A user is known when any of its views has a value; the key column is always PRESENT.
-        # Redis marks a missing key PRESENT with a null value (SQLite: NOT_FOUND), so both count.
-        present = [any(r.statuses[i] == FieldStatus.PRESENT and values[name][i] is not None
-                       for name, r in zip(names, response.proto.results) if name != USER_KEY)
-                   for i in range(len(lookup))]
-        for i, key in enumerate(lookup):
-            found[key] = {c: values[c][i] for c in [*columns, RECENT_ITEMS, *counts, SEEN_ITEMS]}
-            found[key]["known"] = present[i]
+    for i, key in enumerate(lookup):
+        found[key] = {c: values[c][i] for c in [*columns, RECENT_ITEMS, *counts, SEEN_ITEMS]}
+        found[key]["known"] = present[i]
     rows = []
     for raw, key in zip(user_ids, keys):
         hit = found.get(key, {}) if key is not None else {}
@@ -137,16 +172,9 @@ def online_user_features(store: "FeatureStore", schema: dict, user_ids: list) ->
     return pd.DataFrame(rows, columns=[USER_KEY, *columns, RECENT_ITEMS, *counts, SEEN_ITEMS, "known"])
 
 
-def _window_days(name: str) -> int | None:
-    """interactions_7d -> 7; interactions_total -> None (no window)."""
-    return None if name == INTERACTIONS_TOTAL else int(name[len("interactions_"):-1])
-
-
 def _current_rows(store: "FeatureStore", keys: list, counts: list[str]) -> dict[Any, dict[str, Any]]:
     """Each user's online history + seen row, with the history row's time (None: no row yet)."""
-    refs = [f"{USER_HISTORY_FV}:{RECENT_ITEMS}", *(f"{USER_HISTORY_FV}:{c}" for c in counts),
-            f"{USER_SEEN_FV}:{SEEN_ITEMS}"]
-    response = store.get_online_features(features=refs, entity_rows=[{USER_KEY: k} for k in keys])
+    response = store.get_online_features(features=history_refs(counts), entity_rows=[{USER_KEY: k} for k in keys])
     values = response_columns(response)
     names = list(response.proto.metadata.feature_names.val)
     stamps = response.proto.results[names.index(RECENT_ITEMS)].event_timestamps
@@ -219,7 +247,7 @@ def _extend(current: dict[Any, dict[str, Any]], ordered: pd.DataFrame, counts: l
             ts = pd.Timestamp(ts).tz_convert("UTC")
             last = at - NOW_OFFSET if at is not None else None
             for name in counts:
-                days = _window_days(name)
+                days = count_window_days(name)
                 gone = days is not None and last is not None and ts - last >= timedelta(days=days)
                 totals[name] = 1 if gone or last is None else totals[name] + 1
             recent = [item, *recent][:history_length]

@@ -27,7 +27,7 @@ def recommend(user_id: Optional[str] = typer.Option(None, "--user-id", help="One
               params_file: Path = ParamsOption) -> None:
     """Recommend items from the live published bundle, with Feast online features and its user tower.
     A running `serve-api` of this project that serves the live version answers instead (milliseconds
-    rather than the 1.5-2 s of loading what one answer needs on the demo); the answer is the same."""
+    rather than the ~1 s of loading what one answer needs on the demo); the answer is the same."""
     with _errors():
         if (user_id is None) == (users_file is None):
             raise TowerflowError("give exactly one of --user-id or --users-file")

@@ -7,6 +7,7 @@ Point it at a COPY of a materialized store (it rewrites the online rows): e.g.
 Measures, after one warm-up call each:
 - `online_user_features` (what `towerflow recommend` calls) for 1 user and for a batch of 1,000
   distinct users (all of them when the store has fewer), p50/p99 over `--repeats` calls (users drawn from the store's user_static/user_history source);
+- the same through a one-shot answer's reader of a SQLite store (`one_shot_reader_*`: sqlite3, no Feast);
 - Feast `materialize` of every online view into a freshly emptied online store (the write half of the
   materialize stage), over the sources' full time range.
 """
@@ -60,6 +61,7 @@ def bench(feast_dir: Path, features_dir: Path, schema: dict, online: str, repeat
           batch: int, seed: int = 0) -> dict[str, Any]:
     from features.definitions import build_repo
     from features.online import online_user_features
+    from features.online_sqlite import SqliteUserRows
     from features.store import open_store, reset_online
 
     users = pq.read_table(features_dir / SOURCE_FILES[USER_HISTORY_FV], columns=[USER_KEY])
@@ -83,7 +85,7 @@ def bench(feast_dir: Path, features_dir: Path, schema: dict, online: str, repeat
     got = online_user_features(store, schema, many)
     if not got["known"].all():
         raise RuntimeError(f"{int((~got['known']).sum())} of {len(many)} sampled users are unknown online")
-    return {
+    result = {
         "online_store": online,
         "users_in_store": len(ids),
         "materialize_seconds": round(materialize_s, 3),
@@ -91,8 +93,15 @@ def bench(feast_dir: Path, features_dir: Path, schema: dict, online: str, repeat
         "online_batch_users": len(many),
         "online_batch": time_calls(lambda: online_user_features(store, schema, many),
                                     max(5, repeats // 10)),
-        "machine": machine(speed=False),
     }
+    # A one-shot `towerflow recommend` reads a SQLite store without Feast (features/online_sqlite.py)
+    reader = SqliteUserRows.open(feast_dir, features_dir)
+    if reader is not None:
+        pd.testing.assert_frame_equal(online_user_features(reader, schema, many), got)
+        result["one_shot_reader_1_user"] = time_calls(lambda: online_user_features(reader, schema, one), repeats)
+        result["one_shot_reader_batch"] = time_calls(lambda: online_user_features(reader, schema, many),
+                                                     max(5, repeats // 10))
+    return {**result, "machine": machine(speed=False)}
 
 
 def main(argv: list[str] | None = None) -> None:

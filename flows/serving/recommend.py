@@ -70,8 +70,9 @@ class Recommender:
         one_shot (a CLI call that answers and exits): load only what answering users needs. The
         user tower runs in numpy (models/numpy_user_tower.py) when the bundle has its weights, a
         qdrant-local bundle is searched from its own files (index/arrays.py `BundleArrays`, with
-        the sidecar's additions and removals), and Feast is imported without torch: on the demo
-        3.7-4.6 s became 1.5-2.0 s. Such a Recommender answers and cannot add items."""
+        the sidecar's additions and removals), and the user rows of a SQLite online store are read
+        without importing Feast (features/online_sqlite.py; Redis: Feast imported without torch):
+        on the demo 3.7-4.6 s became 1.5-2.0 s, then (no Feast) 1.0 s. Such a Recommender answers and cannot add items."""
         from features.store import open_store
         from flows.serving.index import EMBEDDED, IndexInUse, IndexSettings, open_index
 
@@ -86,13 +87,18 @@ class Recommender:
                                f"({meta_path}); publish again or roll back")
         schema = json.loads((bundle_dir / "schema.json").read_text())
         settings = IndexSettings.from_dict(meta["settings"])
-        model = None
+        model, store = None, None
         if one_shot:
-            from features.store import import_feast_without_torch
+            from features.online_sqlite import SqliteUserRows
             from models.numpy_user_tower import load_numpy_user_encoder
 
-            import_feast_without_torch()
+            store = SqliteUserRows.open(feast_dir, features_dir)    # None: Redis (Feast reads it)
             model = load_numpy_user_encoder(bundle_dir / "model")   # None: published before it existed
+        if store is None:
+            if one_shot:
+                from features.store import import_feast_without_torch
+                import_feast_without_torch()
+            store = open_store(feast_dir, features_dir, offline=None)
         if model is None:
             from models.inference import load_bundle
             model = load_bundle(bundle_dir / "model")
@@ -111,7 +117,7 @@ class Recommender:
                     raise
         if index is None:
             index, scratch = _open_copy(bundle_dir, meta["backend"], settings)
-        rec = cls(bundle_dir, meta, schema, model, index, open_store(feast_dir, features_dir, offline=None), scratch)
+        rec = cls(bundle_dir, meta, schema, model, index, store, scratch)
         if scratch is not None or from_files:
             rec.sync_own_additions()     # the sidecar's additions and removals the index in hand lacks
         else:

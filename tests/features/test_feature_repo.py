@@ -3,6 +3,7 @@ point-in-time joins, the training join's lists, online reads and entity types.""
 from __future__ import annotations
 
 import shutil
+import sqlite3
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from features.history import expand_lists, write_sources
-from features.online import online_user_features
+from features.online import event_rows, online_user_features, push_event_rows
+from features.online_sqlite import SqliteUserRows, value_module
 from features.params import FeaturesParams
 from features.refresh import fill_online
 from features.store import open_store
@@ -194,6 +196,64 @@ def test_online_store_serves_now(repo):
     assert online_user_features(store, repo["schema"], []).empty
 
 
+def _both_readers(feast_dir, features_dir, schema: dict, ids: list) -> tuple[pd.DataFrame, pd.DataFrame, SqliteUserRows]:
+    reader = SqliteUserRows.open(feast_dir, features_dir)
+    direct = online_user_features(reader, schema, ids)
+    return direct, online_user_features(open_store(feast_dir, features_dir, offline=None), schema, ids), reader
+
+
+def test_the_sqlite_reader_gives_feasts_rows_before_and_after_pushed_events(repo, tmp_path):
+    """A one-shot answer reads the online rows with sqlite3 (no Feast import): the same frame as
+    Feast's get_online_features, for known, unknown, featureless, wrong-type and repeated ids, and
+    after events pushed through Feast (a known user's and a new user's rows)."""
+    feast_dir = tmp_path / "feast"
+    shutil.copytree(repo["feast_dir"], feast_dir)
+    inter = repo["interactions"]
+    known = list(inter["user_id"].unique()[:40])
+    lonely, missing, new = ("u9999", "u0404x", "u5555") if repo["string_ids"] else (9999, 404404, 5555)
+    odd = 7 if repo["string_ids"] else "not-an-int"
+    ids = [known[0], missing, lonely, odd, *known, known[0], new]
+    direct, feast, reader = _both_readers(feast_dir, repo["features_dir"], repo["schema"], ids)
+    pd.testing.assert_frame_equal(direct, feast)
+    assert reader._feast is None                # read without Feast, not through its fallback
+    assert direct["known"].tolist() == [True, False, True, False, *[True] * len(known), True, False]
+    assert direct.columns.tolist()[-6:-1] == ["interactions_total", "interactions_1d", "interactions_7d",
+                                              "interactions_30d", "seen_items"]
+
+    store = open_store(feast_dir, repo["features_dir"], offline=None)
+    at = inter["timestamp"].max() + pd.Timedelta(hours=1)
+    item = inter["item_id"].iloc[0]
+    events = pd.DataFrame({"user_id": [known[0], new, new], "item_id": [item, item, inter["item_id"].iloc[1]],
+                           "timestamp": [at, at, at + pd.Timedelta(minutes=1)]})
+    push_event_rows(store, *event_rows(store, events, history_length=HISTORY))
+    direct, feast, reader = _both_readers(feast_dir, repo["features_dir"], repo["schema"], ids)
+    pd.testing.assert_frame_equal(direct, feast)
+    assert reader._feast is None
+    assert direct["known"].iloc[-1] and direct["interactions_total"].iloc[-1] == 2
+    assert direct["recent_items"].iloc[0][0] == item
+
+
+def test_a_value_the_sqlite_reader_does_not_decode_is_read_through_feast(repo, tmp_path):
+    """A value of a kind beyond plain scalars and lists (here a timestamp written into a copy of the
+    store) is not guessed at: the reader opens Feast, whose answer it gives, and keeps to it."""
+    feast_dir = tmp_path / "feast"
+    shutil.copytree(repo["feast_dir"], feast_dir)
+    user = repo["interactions"]["user_id"].iloc[0]
+    Value = value_module().Value
+    with sqlite3.connect(feast_dir / "online.db") as conn:
+        conn.execute("UPDATE towerflow_user_static_fv SET value = ? WHERE feature_name = 'occupation'",
+                     [Value(unix_timestamp_val=1_700_000_000).SerializeToString()])
+    direct, feast, reader = _both_readers(feast_dir, repo["features_dir"], repo["schema"], [user])
+    assert reader._feast is not None
+    pd.testing.assert_frame_equal(direct, feast)
+    assert direct["occupation"].iloc[0] is not None and not isinstance(direct["occupation"].iloc[0], int)
+
+
+def test_no_sqlite_reader_without_a_sqlite_file(repo, tmp_path):
+    assert SqliteUserRows.open(tmp_path / "never_materialized", repo["features_dir"]) is None
+    assert SqliteUserRows.open(repo["feast_dir"], repo["features_dir"]) is not None
+
+
 def test_registry_matches_the_id_types(repo):
     from feast import ValueType
 
@@ -238,7 +298,8 @@ def test_an_online_only_store_reads_the_same_rows_without_importing_dask(repo):
     script = f"""
 import json, sys
 from pathlib import Path
-from features.online import online_user_features
+from features.online import event_rows, online_user_features, push_event_rows
+from features.online_sqlite import SqliteUserRows, value_module
 from features.store import open_store
 store = open_store(Path({str(repo["feast_dir"])!r}), Path({str(repo["features_dir"])!r}), offline=None)
 ids = [{"str" if repo["string_ids"] else "int"}(u) for u in {users!r}]

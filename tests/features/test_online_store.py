@@ -314,6 +314,7 @@ def test_feature_bench_runs_on_a_store(tmp_path):
     assert got["online_store"] == "sqlite" and got["materialize_seconds"] > 0
     assert got["online_batch_users"] == got["users_in_store"] == 25      # fewer than 1,000 exist
     assert got["online_1_user"]["n"] == 5 and got["online_batch"]["n"] == 5
+    assert got["one_shot_reader_1_user"]["n"] == 5 and got["one_shot_reader_batch"]["n"] == 5
     assert 0 < got["online_1_user"]["p50_ms"] <= got["online_1_user"]["p99_ms"]
     # The store still serves every user afterwards (bench refilled it).
     users = pd.read_parquet(ing / "interactions.parquet")["user_id"].unique().tolist()
@@ -368,6 +369,10 @@ def test_count_names_are_read_once_per_registry_and_again_after_an_apply(tmp_pat
 
     # the same store object after a materialization with other windows is applied through it
     materialize(SPLIT, FeaturesParams(history_length=HISTORY, count_windows_days=(3,)), ing, **dirs)
+    # the one-shot reader takes the names from the rows: the old windows' rows must be gone
+    from features.online_sqlite import SqliteUserRows
+    rows = SqliteUserRows.open(dirs["feast_dir"], dirs["features_dir"])
+    assert rows.behaviour_counts() == ["interactions_total", "interactions_3d"]
     store.apply(build_repo(schema, dirs["features_dir"]).objects())
     assert behaviour_counts(store) == ["interactions_total", "interactions_3d"] and len(reads) == 1
 
