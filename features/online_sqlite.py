@@ -17,10 +17,12 @@ holds its rows to Feast's `get_online_features` (int and string ids, unknown use
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sqlite3
 import struct
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,10 +41,12 @@ class NotReadableHere(Exception):
     """Rows this reader cannot decode as Feast would: the caller reads them through Feast."""
 
 
+@functools.cache
 def value_module() -> Any:
     """Feast's generated Value_pb2 module, without running feast/__init__.py when Feast is not
-    imported yet. Protobuf keeps one class per message descriptor, so a later `import feast` in this
-    process gets the same classes (its registration of the same file is a no-op)."""
+    imported yet; loaded once per process. Protobuf keeps one class per message descriptor, so a
+    later `import feast` in this process gets the same classes (its registration of the same file
+    is a no-op)."""
     if VALUE_MODULE in sys.modules:
         return sys.modules[VALUE_MODULE]
     spec = importlib.util.find_spec("feast")      # finds the package without importing it
@@ -73,6 +77,7 @@ class SqliteUserRows:
 
     def __init__(self, db: Path, feast_dir: Path, features_dir: Path):
         self.db = db
+        self.uri = f"{db.resolve().as_uri()}?mode=ro"      # read-only: this reader never writes
         self.feast_dir = feast_dir
         self.features_dir = features_dir
         self._feast: "FeatureStore | None" = None
@@ -101,7 +106,7 @@ class SqliteUserRows:
         if self._feast is not None:
             raise NotReadableHere("read through Feast since an earlier read")
         try:
-            with sqlite3.connect(f"{self.db.resolve().as_uri()}?mode=ro", uri=True) as conn:
+            with closing(sqlite3.connect(self.uri, uri=True)) as conn:
                 return conn.execute(sql, args).fetchall()
         except sqlite3.Error as exc:          # a missing table, a locked or damaged file: Feast says
             raise NotReadableHere(str(exc)) from exc
