@@ -38,13 +38,29 @@ def test_small_lookup_matches_the_pandas_path(kind: str, values: pd.Series) -> N
     assert vocab.lookup(values).tolist() == _slow(vocab, values).tolist()
 
 
-def test_numeric_transform_matches_the_series_rule() -> None:
-    values = pd.Series([0.0, -3.0, 5.0, None, 1e6])
+NUMERIC = [
+    pd.Series([0.0, -3.0, 5.0, None, 1e6]),
+    pd.Series([3, 0, 99], dtype="int64"),                          # counts: the direct numpy path
+    pd.Series([3, None, 2], dtype="Int64"),
+    pd.Series([1.5, None], dtype="Float64"),
+    pd.Series([True, False]),
+    pd.Series([True, None], dtype="boolean"),
+    pd.Series([3, None, -4], dtype=pd.ArrowDtype(__import__("pyarrow").int32())),
+    pd.Series([2**64 - 1, 7], dtype="uint64"),
+    pd.Series([1e6, -2.0, 2.0]),
+    pd.Series(["1.5", "x", None], dtype=object),                   # strings: pandas' to_numeric
+    pd.Series([None, None], dtype=object),                         # an unknown user's nulls
+]
+
+
+@pytest.mark.parametrize("values", NUMERIC, ids=lambda v: str(v.dtype))
+def test_numeric_transform_matches_the_series_rule(values: pd.Series) -> None:
     for log in (False, True):
-        stats = NumericStats.fit(values, log=log)
+        stats = NumericStats(mean=1.0, std=2.0, log=log)
         x = NumericStats._values(values, log).to_numpy()
         expected = np.nan_to_num((x - stats.mean) / stats.std, nan=0.0).astype(np.float32)
         assert np.array_equal(stats.transform(values), expected)
+        assert np.array_equal(stats.transform(values.to_numpy()), expected)     # an array, not a Series
 
 
 LONG = [
