@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import sqlite3
 import struct
 import sys
-from contextlib import closing
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,18 @@ KEYS_PER_QUERY = 500
 
 class NotReadableHere(Exception):
     """Rows this reader cannot decode as Feast would: the caller reads them through Feast."""
+
+
+def open_user_rows(feast_dir: Path, features_dir: Path) -> "SqliteUserRows | FeatureStore":
+    """What serving reads users' online rows with: this reader for a SQLite store, Feast's store for
+    Redis (Feast imported without torch where torch is not imported yet: a one-shot answer)."""
+    rows = SqliteUserRows.open(feast_dir, features_dir)
+    if rows is not None:
+        return rows
+    from features.store import import_feast_without_torch, open_store
+
+    import_feast_without_torch()
+    return open_store(feast_dir, features_dir, offline=None)
 
 
 @functools.cache
@@ -72,8 +85,9 @@ def entity_key_bytes(join_key: str, value: int | str, value_types: Any) -> bytes
 
 
 class SqliteUserRows:
-    """The online user rows of feast_dir's SQLite store, read with sqlite3 (read-only); through Feast
-    once a read meets something only Feast decodes (`feast()`)."""
+    """The online user rows of feast_dir's SQLite store, read with sqlite3 (read-only, one connection
+    per thread); a read it cannot decode goes through Feast (`feast()`), and every read after a value
+    of a kind it does not know."""
 
     def __init__(self, db: Path, feast_dir: Path, features_dir: Path):
         self.db = db
@@ -81,6 +95,13 @@ class SqliteUserRows:
         self.feast_dir = feast_dir
         self.features_dir = features_dir
         self._feast: "FeatureStore | None" = None
+        self._through_feast = False
+        # a service reads from several threads: each its own connection, kept while the file is the
+        # same one (a rebuild replaces it: features/store.py `reset_online`)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._counts: tuple[tuple[int, int], list[str]] | None = None
 
     @classmethod
     def open(cls, feast_dir: Path, features_dir: Path) -> "SqliteUserRows | None":
@@ -94,7 +115,7 @@ class SqliteUserRows:
         return cls(db, Path(feast_dir), Path(features_dir))
 
     def feast(self) -> "FeatureStore":
-        """Feast's store over the same folder (imported without torch), kept for every later read."""
+        """Feast's store over the same folder (imported without torch when it is not yet), opened once."""
         if self._feast is None:
             from features.store import import_feast_without_torch, open_store
 
@@ -102,12 +123,34 @@ class SqliteUserRows:
             self._feast = open_store(self.feast_dir, self.features_dir, offline=None)
         return self._feast
 
-    def _query(self, sql: str, args: list) -> list[tuple]:
-        if self._feast is not None:
-            raise NotReadableHere("read through Feast since an earlier read")
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+    def _file(self) -> tuple[int, int]:
         try:
-            with closing(sqlite3.connect(self.uri, uri=True)) as conn:
-                return conn.execute(sql, args).fetchall()
+            stat = os.stat(self.db)
+        except OSError as exc:                # between a rebuild's delete and its new file
+            raise NotReadableHere(str(exc)) from exc
+        return stat.st_dev, stat.st_ino
+
+    def _query(self, sql: str, args: list) -> list[tuple]:
+        if self._through_feast:
+            raise NotReadableHere("read through Feast since a value this reader does not decode")
+        file = self._file()
+        held = getattr(self._local, "held", None)
+        try:
+            if held is None or held[0] != file:
+                conn = sqlite3.connect(self.uri, uri=True, check_same_thread=False)   # closed by close()
+                with self._lock:
+                    if held is not None:      # a replaced file: let go of it (its disk space with it)
+                        held[1].close()
+                        self._connections.remove(held[1])
+                    self._connections.append(conn)
+                held = self._local.held = (file, conn)
+            return held[1].execute(sql, args).fetchall()
         except sqlite3.Error as exc:          # a missing table, a locked or damaged file: Feast says
             raise NotReadableHere(str(exc)) from exc
 
@@ -115,12 +158,16 @@ class SqliteUserRows:
         """The count features of user_history_fv, as the registry orders them. Every row of the view
         holds all of its features (materialization and pushes write whole rows; a rebuilt repo starts
         from an empty file: features/store.py `reset_online`), so one entity's names are the view's."""
+        file, cached = self._file(), self._counts
+        if cached is not None and cached[0] == file:
+            return cached[1]
         table = _table(USER_HISTORY_FV)
         names = [n for (n,) in self._query(
             f'SELECT feature_name FROM "{table}" WHERE entity_key = (SELECT entity_key FROM "{table}" LIMIT 1)', [])]
         if not names:
             raise NotReadableHere(f"{table} is empty")
-        return user_count_order(names)
+        self._counts = (file, user_count_order(names))
+        return self._counts[1]
 
     def read(self, refs: list[str], keys: list) -> tuple[dict[str, list], list[bool]]:
         """What features/online.py reads from Feast's response: feature name -> one value per key
@@ -149,6 +196,7 @@ class SqliteUserRows:
                     proto.ParseFromString(blob)
                     value = plain_value(proto)
                     if value is NOT_PLAIN:
+                        self._through_feast = True       # it will be there on the next read too
                         raise NotReadableHere(f"{view}:{name} holds a {proto.WhichOneof('val')} value")
                     i = position[bytes(key)]
                     values[name][i] = value

@@ -70,10 +70,11 @@ class Recommender:
         one_shot (a CLI call that answers and exits): load only what answering users needs. The
         user tower runs in numpy (models/numpy_user_tower.py) when the bundle has its weights, a
         qdrant-local bundle is searched from its own files (index/arrays.py `BundleArrays`, with
-        the sidecar's additions and removals), and the user rows of a SQLite online store are read
-        without importing Feast (features/online_sqlite.py; Redis: Feast imported without torch):
-        on the demo 3.7-4.6 s became 1.5-2.0 s, then (no Feast) 1.0 s. Such a Recommender answers and cannot add items."""
-        from features.store import open_store
+        the sidecar's additions and removals), and Feast is not imported (a SQLite store's user
+        rows are read by features/online_sqlite.py, as every Recommender reads them; Redis: Feast
+        imported without torch): on the demo 3.7-4.6 s became 1.5-2.0 s, then 1.0 s. Such a
+        Recommender answers and cannot add items."""
+        from features.online_sqlite import open_user_rows
         from flows.serving.index import EMBEDDED, IndexInUse, IndexSettings, open_index
 
         bundle_dir = Path(bundle_dir)
@@ -87,18 +88,13 @@ class Recommender:
                                f"({meta_path}); publish again or roll back")
         schema = json.loads((bundle_dir / "schema.json").read_text())
         settings = IndexSettings.from_dict(meta["settings"])
-        model, store = None, None
+        model = None
         if one_shot:
-            from features.online_sqlite import SqliteUserRows
             from models.numpy_user_tower import load_numpy_user_encoder
-
-            store = SqliteUserRows.open(feast_dir, features_dir)    # None: Redis (Feast reads it)
             model = load_numpy_user_encoder(bundle_dir / "model")   # None: published before it existed
-        if store is None:
-            if one_shot:
-                from features.store import import_feast_without_torch
-                import_feast_without_torch()
-            store = open_store(feast_dir, features_dir, offline=None)
+        # a SQLite store's rows read without Feast (features/online_sqlite.py), before torch: a Redis
+        # store is read through Feast, imported without torch if nothing imported torch yet
+        store = open_user_rows(feast_dir, features_dir)
         if model is None:
             from models.inference import load_bundle
             model = load_bundle(bundle_dir / "model")
@@ -224,6 +220,9 @@ class Recommender:
 
     def close(self) -> None:
         self.index.close()
+        from features.online_sqlite import SqliteUserRows
+        if isinstance(self.store, SqliteUserRows):
+            self.store.close()
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
 

@@ -190,8 +190,8 @@ class LiveState:
             return self._switch(live)
         materialized = _mtime(self.feast_dir / MATERIALIZED)
         if materialized is not None and materialized != current.materialized:
-            from features.store import open_store
-            fresh = open_store(self.feast_dir, self.features_dir, offline=None)
+            from features.online_sqlite import open_user_rows
+            fresh = open_user_rows(self.feast_dir, self.features_dir)
             with current.lock:
                 current.rec.store, current.materialized = fresh, materialized
                 current.events_store = None     # reopened on the next push, on the new file

@@ -2,6 +2,7 @@
 point-in-time joins, the training join's lists, online reads and entity types."""
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 
@@ -244,9 +245,40 @@ def test_a_value_the_sqlite_reader_does_not_decode_is_read_through_feast(repo, t
         conn.execute("UPDATE towerflow_user_static_fv SET value = ? WHERE feature_name = 'occupation'",
                      [Value(unix_timestamp_val=1_700_000_000).SerializeToString()])
     direct, feast, reader = _both_readers(feast_dir, repo["features_dir"], repo["schema"], [user])
-    assert reader._feast is not None
+    assert reader._feast is not None and reader._through_feast     # and stays with Feast
     pd.testing.assert_frame_equal(direct, feast)
     assert direct["occupation"].iloc[0] is not None and not isinstance(direct["occupation"].iloc[0], int)
+
+
+def test_the_sqlite_reader_serves_threads_and_follows_a_rebuilt_file(repo, tmp_path):
+    """A service reads from several threads (each its own connection) and a rebuild replaces the file
+    under the same name: the same reader then reads the new file, and lets go of the old one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    feast_dir = tmp_path / "feast"
+    shutil.copytree(repo["feast_dir"], feast_dir)
+    users = list(repo["interactions"]["user_id"].unique()[:30])
+    reader = SqliteUserRows.open(feast_dir, repo["features_dir"])
+    expected = online_user_features(open_store(feast_dir, repo["features_dir"], offline=None), repo["schema"], users)
+    with ThreadPoolExecutor(4) as pool:
+        frames = list(pool.map(lambda u: online_user_features(reader, repo["schema"], [u]), users * 3))
+    pd.testing.assert_frame_equal(pd.concat(frames[:len(users)], ignore_index=True), expected)
+    assert reader._feast is None and 1 <= len(reader._connections) <= 4
+    before = online_user_features(reader, repo["schema"], users[:2])     # this thread's connection
+    assert "REBUILT" not in before["occupation"].tolist()
+
+    # a rebuild: a new file under the same name (here a copy with one user's occupation changed)
+    Value = value_module().Value
+    with sqlite3.connect(feast_dir / "online.db") as src, sqlite3.connect(feast_dir / "rebuilt.db") as dst:
+        src.backup(dst)
+        dst.execute("UPDATE towerflow_user_static_fv SET value = ? WHERE feature_name = 'occupation'",
+                    [Value(string_val="REBUILT").SerializeToString()])
+    os.replace(feast_dir / "rebuilt.db", feast_dir / "online.db")
+    got = online_user_features(reader, repo["schema"], users[:2])
+    assert got["occupation"].tolist() == ["REBUILT", "REBUILT"] and reader._feast is None
+    old = [c for c in reader._connections]
+    reader.close()
+    assert reader._connections == [] and old
 
 
 def test_no_sqlite_reader_without_a_sqlite_file(repo, tmp_path):
