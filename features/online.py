@@ -146,8 +146,8 @@ def online_user_features(store: "FeatureStore | SqliteUserRows", schema: dict, u
     Unknown users (never materialized, or an id of the wrong type) get known=False, null features,
     empty lists and zero counts, never an exception: serving falls back to a cold-start query for
     them. A known user without interactions has zero counts too (as offline: nothing before).
-    `store` is Feast's, or a one-shot answer's reader of its SQLite file (features/online_sqlite.py:
-    the same rows without importing Feast).
+    `store` is Feast's, or serving's reader of its SQLite file (features/online_sqlite.py: the same
+    rows without Feast).
     """
     columns = feature_columns(schema, "user")
     keys = [_coerce(u, schema["user_id_dtype"]) for u in user_ids]

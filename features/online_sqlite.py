@@ -1,19 +1,21 @@
-"""The user rows of a one-shot answer read from Feast's SQLite online store without importing Feast.
+"""Users' online rows read from Feast's SQLite online store without importing Feast (serving).
 
 `import feast` costs 0.9-1.3 s on these machines: feast/__init__.py imports every data source, the
 feature server (FastAPI) and the SQL registry (SQLAlchemy), and every `feast.*` import runs it, so
 Feast 0.67 has no lighter entry point. A one-shot `towerflow recommend` on the demo took 2.1-2.4 s,
-more than half of it that import, for one SQL query per feature view. Here the rows that Feast's
-SqliteOnlineStore wrote are read the way its `online_read` reads them: table `<project>_<view>`
-(no feature view versioning), the entity key in Feast's serialization version 3 (the
-entity_key_serialization_version features/store.py sets), each value a Feast `Value` proto, decoded
-with Feast's own generated class (feast/protos/feast/types/Value_pb2.py, which needs only protobuf;
-loaded from its file, so feast/__init__.py does not run).
+more than half of it that import, for one SQL query per feature view; in a warm service Feast's read
+was a quarter of a one-user answer's CPU. Here the rows that Feast's SqliteOnlineStore wrote are read
+the way its `online_read` reads them: table `<project>_<view>` (no feature view versioning), the
+entity key in Feast's serialization version 3 (the entity_key_serialization_version features/store.py
+sets), each value a Feast `Value` proto, decoded with Feast's own generated class
+(feast/protos/feast/types/Value_pb2.py, which needs only protobuf; loaded from its file, so
+feast/__init__.py does not run).
 
-What this reader does not know it does not guess: a value of a kind beyond plain scalars and lists
-(features/online.py `plain_value`), an empty or missing table, any SQLite error: `SqliteUserRows`
-then opens Feast and every later read of it goes through Feast. tests/features/test_online_sqlite.py
-holds its rows to Feast's `get_online_features` (int and string ids, unknown users, pushed events).
+What this reader does not know it does not guess: a read that meets an empty or missing table or any
+SQLite error goes through Feast (that read only), and a value of a kind beyond plain scalars and lists
+(features/online.py `plain_value`) sends this and every later read through Feast. A Redis store is
+always read through Feast (`open_user_rows`). tests/features/test_feature_repo.py holds its rows to
+Feast's `get_online_features` (int and string ids, unknown users, pushed events, threads, a rebuilt file).
 """
 from __future__ import annotations
 
