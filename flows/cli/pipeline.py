@@ -156,8 +156,13 @@ def _print_events(ingested: Path) -> None:
     if isinstance(events, dict):
         quarantined = events.get("quarantined", 0)
         where = f" ({ingested / 'events_quarantine.jsonl'}: the reasons)" if quarantined else ""
+        # dropped by rule (flows/sources/events_log.py), not errors: said, so a user who pushed N
+        # events is not left to wonder where the rest went
+        rules = (("duplicates", "exact duplicates (a retried push, or already in the source)"),
+                 ("unknown", "of a user or item the source does not have"))
+        dropped = [f"{events[key]} {what}" for key, what in rules if events.get(key)]
         typer.echo(f"events:   {events.get('added', 0)} real-time events added to the interactions, "
-                   f"{quarantined} quarantined{where}")
+                   f"{quarantined} quarantined{where}" + (f"; dropped: {', '.join(dropped)}" if dropped else ""))
 
 
 @app.command()

@@ -46,7 +46,7 @@ def test_recommend_before_any_run_says_what_to_do(tmp_path):
     assert "LIVE not found: nothing is published yet" in result.output and "towerflow run" in result.output
 
 
-def test_the_run_summary_counts_added_and_quarantined_events(tmp_path, capsys):
+def test_the_run_summary_counts_added_quarantined_and_dropped_events(tmp_path, capsys):
     import json
 
     from flows.cli.pipeline import _print_events
@@ -56,6 +56,14 @@ def test_the_run_summary_counts_added_and_quarantined_events(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 real-time events added to the interactions, 1 quarantined" in out
     assert str(tmp_path / "events_quarantine.jsonl") in out
+    assert "dropped" not in out
+    # what ingest leaves out by rule is said too (a pushed event of a user the source lacks)
+    (tmp_path / "schema.json").write_text(json.dumps({"events": {"read": 3, "added": 1, "duplicates": 1,
+                                                                 "unknown": 1, "quarantined": 0}}))
+    _print_events(tmp_path)
+    assert ("1 real-time events added to the interactions, 0 quarantined; dropped: 1 exact duplicates (a "
+            "retried push, or already in the source), 1 of a user or item the source does not have"
+            ) in capsys.readouterr().out
     (tmp_path / "schema.json").write_text(json.dumps({"user_id_dtype": "int64"}))     # no events read
     _print_events(tmp_path)
     assert capsys.readouterr().out == ""
