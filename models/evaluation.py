@@ -2,7 +2,6 @@
 on one held-out catalog task (models/holdout.py) with the full-catalog metrics (models/metrics.py)."""
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import torch
@@ -11,9 +10,8 @@ from models.baselines import ease_baseline, most_popular_scores
 from models.errors import ModelError
 from models.holdout import CatalogTask
 from models.inference import TwoTowerBundle
-from models.metrics import Scorer, pairs_by_row, rows_between, scored_batches, scorer_figures, scorer_metrics, top_k
+from models.metrics import Scorer, pairs_by_row, rows_between, scored_batches, scorer_figures, top_k
 from models.params import EvaluateParams
-
 
 
 def finite_vectors(vectors: np.ndarray, what: str) -> torch.Tensor:
@@ -44,7 +42,7 @@ def evaluation_report(eval_cfg: EvaluateParams, task: CatalogTask, bundle: TwoTo
     """({"two_tower": {...}, "most_popular": {...}, "ease": {...}, "ease_lambda", "ease_validation",
     "standard_errors", "n_users", "n_items", "n_tail_items", "n_cold_held_out"}, the two-tower's
     per-user figures when per_user, else {}); each model's metrics are recall, ndcg, hitrate,
-    coverage, tail_recall and cold_recall at every K of eval_cfg.ks (see scorer_metrics);
+    coverage, tail_recall and cold_recall at every K of eval_cfg.ks (see metrics.scorer_metrics);
     "standard_errors" holds each model's figures' standard errors (scorer_figures). `examples` and
     `items` are the task's source rows (EASE tunes λ on a split of their training part)."""
     ks = sorted(set(eval_cfg.ks))

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from models.evaluation import most_popular_scorer, scorer_metrics
+from models.evaluation import most_popular_scorer
 from models.holdout import catalog_task
-from models.metrics import full_catalog_metrics
+from models.metrics import full_catalog_metrics, scorer_metrics
 from models.params import EvaluateParams
 
 EVAL = EvaluateParams(ks=[1, 2], ease=False)
