@@ -217,10 +217,21 @@ def _portal(params: Params, project: Path) -> None:
 def _push(root: Path, timeout_s: float) -> tuple[str, int] | None:
     """After a successful run, push the outputs to the default DVC remote when one is set; (remote,
     files pushed), or None without a remote. In its own process group, like a stage (timeout)."""
+    if default_remote(root) is None:   # no process to start (~1 s of CPU a run) for nothing to push
+        return None
     outcome, why = _in_own_process(root, "push", timeout_s, [])
     if outcome is None:
         raise StageFailed(f"dvc push {why}")
     return (outcome["remote"], outcome["pushed"]) if outcome["remote"] else None
+
+
+def default_remote(root: Path) -> str | None:
+    """The DVC remote `dvc push` would push to (core.remote, from every level DVC reads: system,
+    global, the repo's config and config.local), or None. DVC's own config reader: local files only,
+    nothing that can hang, so this runs in the flow's process."""
+    from dvc.config import Config
+
+    return Config(dvc_dir=root / ".dvc")["core"].get("remote")
 
 
 def _push_task(cfg: RunParams):  # noqa: ANN202 - a prefect Task

@@ -1,10 +1,13 @@
 """A temporary towerflow project (git + DVC) holding a copy of this checkout's code, for end-to-end tests."""
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -48,6 +51,28 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
+@functools.cache
+def _dvc_files() -> Path:
+    """What `dvc init` and `dvc config core.analytics false` write, made once per process by DVC itself
+    (the two commands cost ~1.2 s of CPU; the suite makes a few dozen repos)."""
+    made = Path(tempfile.mkdtemp(prefix="towerflow-dvc-init-"))
+    atexit.register(shutil.rmtree, made, ignore_errors=True)
+    run(["git", "init", "-q"], made)
+    run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], made)
+    run([str(Path(sys.executable).parent / "dvc"), "config", "core.analytics", "false"], made)
+    shutil.rmtree(made / ".git")
+    shutil.rmtree(made / ".dvc" / "tmp", ignore_errors=True)    # DVC's own scratch: made on first use
+    return made
+
+
+def git_dvc_repo(root: Path) -> None:
+    """Make `root` a git repo (a test author) with DVC initialized in it, analytics off."""
+    run(["git", "init", "-q"], root)
+    run(["git", "config", "user.email", "t@example.com"], root)
+    run(["git", "config", "user.name", "t"], root)
+    shutil.copytree(_dvc_files(), root, dirs_exist_ok=True)
+
+
 def make_project(root: Path, source: Path, extra: dict | None = None) -> Path:
     """A fresh git + DVC repo holding the project's code, with params pointing at `source`."""
     _copy_project(root)
@@ -56,11 +81,7 @@ def make_project(root: Path, source: Path, extra: dict | None = None) -> Path:
     params = _merge(params, {"data": {"source": str(source)}})
     params = _merge(params, extra or {})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], root)
-    run(["git", "config", "user.email", "t@example.com"], root)
-    run(["git", "config", "user.name", "t"], root)
-    run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], root)
-    run([str(Path(sys.executable).parent / "dvc"), "config", "core.analytics", "false"], root)
+    git_dvc_repo(root)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "project"], root)
     return root

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.project import ROOT, run
+from tests.project import ROOT, git_dvc_repo, run
 from flows.cli import _force_overrides
 from flows.errors import RunInProgress, StageFailed
 from flows.pipeline import run_pipeline
@@ -24,17 +24,13 @@ from flows.run_lock import run_lock
 
 pytestmark = pytest.mark.long_running     # tests/conftest.py: runs first
 
-DVC = str(Path(sys.executable).parent / "dvc")
-
 
 def _repo(root: Path, cmd: str, retries: int = 2, **run_cfg: object) -> Path:
     """A git + DVC repo with one stage named `ingest` running `cmd`."""
     root.mkdir(parents=True)
     (root / "params.yaml").write_text(yaml.safe_dump({"run": {"retries": retries, "retry_delay_s": 0, **run_cfg}}))
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ingest": {"cmd": cmd, "outs": ["out.txt"]}}}))
-    for cmd_ in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
-                 ["git", "config", "user.name", "t"], [DVC, "init", "-q"], [DVC, "config", "core.analytics", "false"]):
-        run(cmd_, root)
+    git_dvc_repo(root)
     return root
 
 
