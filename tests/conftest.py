@@ -1,7 +1,9 @@
 """Shared fixtures: a temporary towerflow project (git + DVC) running on a small synthetic dataset."""
 from __future__ import annotations
 
+import gc
 import importlib.machinery
+import os
 import shutil
 import sys
 from collections import Counter
@@ -53,6 +55,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session", autouse=True)
 def _environment(tmp_path_factory):
     configure_environment(tmp_path_factory.mktemp("prefect_home"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _long_lived_objects_frozen():
+    """What the worker holds when a test module starts (the libraries imported so far, session
+    fixtures) is moved out of the garbage collector's sight (gc.freeze): the stages' full collections
+    (features/memory.py return_freed_memory) then scan only what tests made since. In a worker that
+    has imported GX, Feast, torch, Evidently and Prefect a full collection took ~1 s, and the
+    materialize, online-store and train tests make a few hundred of them. The previous module's
+    garbage is collected first (a collection that scans only what was made since the last freeze)."""
+    if os.environ.get("TOWERFLOW_TEST_NO_FREEZE"):
+        return
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
