@@ -19,6 +19,7 @@ BrokenProcessPool naming the jobs left unfinished.
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import signal
 import sys
@@ -74,7 +75,15 @@ def run_jobs(jobs: Sequence[tuple[str, Callable[[T], R]]], shared: T, workers: i
     before = set(mp.active_children())
     fork, workers = mp.get_context("fork"), min(workers, len(jobs))
     with ProcessPoolExecutor(workers, mp_context=fork, initializer=_start, initargs=(shared, threads)) as pool:
-        futures = [(name, pool.submit(_run, job)) for name, job in jobs]
+        # What the workers inherit is hidden from their garbage collector (the gc module's advice for a
+        # fork without exec): each full collection of a worker scanned every object of the libraries
+        # and the input it inherited, and wrote to their pages, copying them. The parent sees its own
+        # objects again once the workers are forked.
+        gc.freeze()
+        try:
+            futures = [(name, pool.submit(_run, job)) for name, job in jobs]
+        finally:
+            gc.unfreeze()
         # forked pools start every worker at the first submit
         started = [p for p in mp.active_children() if p not in before]
         try:

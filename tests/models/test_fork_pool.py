@@ -2,6 +2,7 @@
 pickled), results in the jobs' order, a job's error raised as it was, and one worker = here."""
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import signal
@@ -35,6 +36,26 @@ def _job(index: int, shared: Unpicklable) -> tuple[int, int, float, int]:
 
 def _failing(shared: Unpicklable) -> None:
     raise ValueError("job 3 cannot fit")
+
+
+def _scanned(shared: Unpicklable) -> tuple[int, int]:
+    """(objects frozen out of this worker's collections, objects its collections still scan)."""
+    return gc.get_freeze_count(), len(gc.get_objects())
+
+
+def test_what_a_worker_inherits_is_not_scanned_by_its_collections() -> None:
+    """A forked worker's full collections would scan (and write to the pages of) every object it
+    inherited; those are frozen there, and the parent collects its own objects again after the fork."""
+    gc.unfreeze()            # tests/conftest.py freezes the worker's objects at each module's start
+    held = [[i] for i in range(100_000)]         # tracked objects the worker inherits
+    try:
+        results = run_jobs([("a", _scanned), ("b", _scanned)], Unpicklable(np.arange(3.0)), workers=2, threads=1)
+        assert all(frozen > len(held) for frozen, _ in results)
+        assert all(scanned < len(held) for _, scanned in results)
+        assert gc.get_freeze_count() == 0 and len(gc.get_objects()) > len(held)
+    finally:
+        del held
+        gc.freeze()          # as tests/conftest.py left it
 
 
 def test_workers_inherit_the_input_and_return_in_order() -> None:
