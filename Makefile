@@ -58,11 +58,14 @@ lock:
 pipeline: setup
 	$(BIN)/towerflow run
 
-# The suite on every core, at most 4 (pytest-xdist); TEST_WORKERS=0 runs it in one process. Each
-# worker takes whole test files (--dist loadfile), so a module's fixture (a pipeline run) is built
-# once; what several files share is built once per run under a file lock (tests/once.py). The files
-# go out in the order tests/conftest.py gives (the long-running ones first), not xdist's by test count.
-TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
+# The suite on one worker more than the cores, at most 4 (pytest-xdist); TEST_WORKERS=0 runs it in one
+# process. A worker waits about a sixth of the time (servers starting, stages and services in other
+# processes, timeouts under test): on 2 cores 2 workers kept them 85-88 % busy, and 3 workers took
+# 609 s where 2 took 648 s an hour apart on the same host. Each worker takes whole test files
+# (--dist loadfile), so a module's fixture (a pipeline run) is built once; what several files share
+# is built once per run under a file lock (tests/once.py). The files go out in the order
+# tests/conftest.py gives (the long-running ones first), not xdist's by test count.
+TEST_WORKERS ?= $(shell n=$$(( $$(nproc) + 1 )); echo $$(( n < 4 ? n : 4 )))
 
 test: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
