@@ -64,7 +64,8 @@ def _long_lived_objects_frozen():
     (features/memory.py return_freed_memory) then scan only what tests made since. In a worker that
     has imported GX, Feast, torch, Evidently and Prefect a full collection took ~1 s, and the
     materialize, online-store and train tests make a few hundred of them. The previous module's
-    garbage is collected first (a collection that scans only what was made since the last freeze)."""
+    garbage is collected first (a collection that scans only what was made since the last freeze).
+    TOWERFLOW_TEST_NO_FREEZE=1 turns this off, to measure what it saves."""
     if os.environ.get("TOWERFLOW_TEST_NO_FREEZE"):
         return
     gc.collect()
