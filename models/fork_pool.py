@@ -78,12 +78,15 @@ def run_jobs(jobs: Sequence[tuple[str, Callable[[T], R]]], shared: T, workers: i
         # What the workers inherit is hidden from their garbage collector (the gc module's advice for a
         # fork without exec): each full collection of a worker scanned every object of the libraries
         # and the input it inherited, and wrote to their pages, copying them. The parent sees its own
-        # objects again once the workers are forked.
+        # objects again once the workers are forked, unless it had frozen objects of its own (the test
+        # workers do): gc.unfreeze cannot tell those from these, so then they all stay frozen.
+        caller_froze = gc.get_freeze_count() > 0
         gc.freeze()
         try:
             futures = [(name, pool.submit(_run, job)) for name, job in jobs]
         finally:
-            gc.unfreeze()
+            if not caller_froze:
+                gc.unfreeze()
         # forked pools start every worker at the first submit
         started = [p for p in mp.active_children() if p not in before]
         try:
