@@ -145,7 +145,11 @@ def test_broken_data_raises_with_table_column_problem(case: str, clean: Path, tm
     assert len(message.splitlines()) == 2, message  # headline + exactly the one broken expectation
 
 
-def test_several_problems_are_listed_one_line_each(clean: Path, tmp_path: Path, gx_root: Path):
+def test_several_problems_are_listed_one_line_each(clean: Path, tmp_path: Path):
+    # a context of its own whose previous validated run is the clean data (the volume check compares
+    # with it): run alone, or on another worker than this module's earlier tests, it had none
+    gx_root = tmp_path / "gx"
+    _run(clean, tmp_path / "first", gx_root)
     data = tmp_path / "in"
     shutil.copytree(clean, data)
     _edit("interactions", lambda df: df.iloc[:0])(data)
