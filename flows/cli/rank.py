@@ -26,12 +26,17 @@ def rank_score(pairs: Path = typer.Option(..., "--pairs", help="CSV with header 
         schema_path = paths.ingested / "schema.json"
         if not schema_path.exists():
             raise MissingStageInput(f"{schema_path} not found: run `towerflow run` first")
-        from flows.serving.rerank import load_reranker, read_pairs, score_pairs
+        from flows.serving.rerank import load_reranker, read_pairs, score_pairs, unknown_pairs
         table = read_pairs(pairs, json.loads(schema_path.read_text()))
-        scores = score_pairs(table, load_reranker(paths.ranker))
+        ranker = load_reranker(paths.ranker)
+        scores = score_pairs(table, ranker)
         out.parent.mkdir(parents=True, exist_ok=True)
         scores.to_csv(out, index=False)
         typer.echo(f"wrote {len(scores)} scores to {out}")
+        users, items = unknown_pairs(table, ranker)
+        if users or items:
+            typer.echo(f"note: {users} pair(s) with a user and {items} with an item the ranker was not "
+                       f"trained on: scored as cold-start (its unknown-id row)", err=True)
 
 
 @rank_app.command("table")

@@ -117,6 +117,13 @@ def score_pairs(pairs: pd.DataFrame, ranker: RankerBundle) -> pd.DataFrame:
     return pairs.assign(score=ranker.score(pairs["user_id"].to_numpy(), pairs["item_id"].to_numpy()))
 
 
+def unknown_pairs(pairs: pd.DataFrame, ranker: RankerBundle) -> tuple[int, int]:
+    """(pairs whose user, pairs whose item the ranker was not trained on): they score from its OOV
+    row, as a cold-start user or item does, so a mistyped id would otherwise pass unseen."""
+    return (int((ranker.users.lookup(pairs["user_id"].to_numpy()) == 0).sum()),
+            int((ranker.items.lookup(pairs["item_id"].to_numpy()) == 0).sum()))
+
+
 def rerank_answers(answers: list, ranker: RankerBundle, k: int) -> list:
     """The service's form of `rerank`: answers are (user_id, cold_start, [(item_id, score), ...]) in
     retrieval order; returns the same shape with each user's k items the ranker scores highest."""

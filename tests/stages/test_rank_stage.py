@@ -283,6 +283,24 @@ def test_rank_score_writes_one_score_per_pair(ranked: tuple[Path, dict], tmp_pat
     assert list(scores["user_id"]) == ["u1", "u2", "unknown"]
 
 
+def test_rank_score_says_how_many_pairs_hold_an_id_the_ranker_never_saw(ranked: tuple[Path, dict],
+                                                                         tmp_path: Path) -> None:
+    """Unknown ids score from the OOV row (cold start), so the command says how many it met: a
+    mistyped id file would otherwise give plausible scores and no sign of it."""
+    root, _ = ranked
+    pairs = tmp_path / "pairs.csv"
+    args = ["rank", "score", "--pairs", str(pairs), "--out", str(tmp_path / "s.csv"),
+            "--params", str(_params_file(root))]
+    pairs.write_text("user_id,item_id\nu1,3\nnobody,3\nu2,999999\nnobody,999999\nu2,4\n")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "2 pair(s) with a user and 2 with an item the ranker was not trained on" in result.stderr
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 5
+    pairs.write_text("user_id,item_id\nu1,3\nu2,4\n")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and result.stderr == ""
+
+
 def test_rerank_keeps_k_per_user_and_changes_the_order(ranked: tuple[Path, dict]) -> None:
     root, _ = ranked
     bundle = load_ranker(root / "ranker")
