@@ -29,6 +29,7 @@ from flows.environment import telemetry_off
 from flows.errors import ConfigError, StageFailed
 from flows.params import Params, RunParams, load_params, resolve_source
 from flows.process_groups import sigterm_exits, stop_group
+from flows.reproduce import default_remote
 from flows.portal.run import build_run_portal
 from flows.run_lock import run_lock
 from flows.run_params import RUN_PARAMS, write_run_params
@@ -223,15 +224,6 @@ def _push(root: Path, timeout_s: float) -> tuple[str, int] | None:
     if outcome is None:
         raise StageFailed(f"dvc push {why}")
     return (outcome["remote"], outcome["pushed"]) if outcome["remote"] else None
-
-
-def default_remote(root: Path) -> str | None:
-    """The DVC remote `dvc push` would push to (core.remote, from every level DVC reads: system,
-    global, the repo's config and config.local), or None. DVC's own config reader: local files only,
-    nothing that can hang, so this runs in the flow's process."""
-    from dvc.config import Config
-
-    return Config(dvc_dir=root / ".dvc")["core"].get("remote")
 
 
 def _push_task(cfg: RunParams):  # noqa: ANN202 - a prefect Task

@@ -69,14 +69,25 @@ def _restore(name: str) -> dict[str, Any]:
     return {"ok": True, "restored": sorted(done["added"] + done["modified"])}
 
 
+def default_remote(root: Path) -> str | None:
+    """The DVC remote `dvc push` would push to (core.remote, from every level DVC reads: system,
+    global, the repo's config and config.local), or None. DVC's own config reader: local files only,
+    nothing that can hang, so the flow's process asks it before starting a push process."""
+    from dvc.config import Config
+
+    return Config(dvc_dir=root / ".dvc")["core"].get("remote")
+
+
 def _push() -> dict[str, Any]:
     """Push the outputs to the default DVC remote when one is set (so any run can be restored
     elsewhere with `dvc pull`)."""
+    remote = default_remote(Path("."))
+    if remote is None:
+        return {"ok": True, "remote": None, "pushed": None}
     from dvc.repo import Repo
 
     with Repo(".") as repo:
-        remote = repo.config["core"].get("remote")
-        return {"ok": True, "remote": remote, "pushed": repo.push() if remote else None}
+        return {"ok": True, "remote": remote, "pushed": repo.push()}
 
 
 def end_with_parent(parent: int) -> None:

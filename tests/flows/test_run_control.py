@@ -21,6 +21,9 @@ from flows.cli import _force_overrides
 from flows.errors import RunInProgress, StageFailed
 from flows.pipeline import run_pipeline
 from flows.run_lock import run_lock
+from flows.run_params import RUN_PARAMS
+
+DVC = str(Path(sys.executable).parent / "dvc")
 
 pytestmark = pytest.mark.long_running     # tests/conftest.py: runs first
 
@@ -205,6 +208,31 @@ def test_a_paths_override_is_refused_in_one_line(tmp_path):
     root = _params_repo(tmp_path / "p", "true")
     with pytest.raises(ConfigError, match=r"--set paths.model: paths.\* decide where dvc.yaml's outputs are"):
         write_run_params(root, ["paths.model=elsewhere"])
+
+
+def test_a_push_process_starts_only_with_a_default_remote(tmp_path, monkeypatch):
+    """The run pushes its outputs to core.remote from any level DVC reads (the repo's config or
+    config.local); without one it starts no push process (~1 s of CPU for nothing to push)."""
+    import flows.pipeline as pipeline
+    from flows.reproduce import default_remote
+
+    root = _repo(tmp_path / "p", "echo ok > out.txt")
+    run([DVC, "repro"], root)
+    (root / RUN_PARAMS.parent).mkdir(parents=True)        # where the flow's processes write their outcome
+    started: list[str] = []
+    real = pipeline._in_own_process
+
+    def spy(root_: Path, action: str, *args: object):  # noqa: ANN202 - records, then the real call
+        started.append(action)
+        return real(root_, action, *args)
+
+    monkeypatch.setattr(pipeline, "_in_own_process", spy)
+    assert default_remote(root) is None and pipeline._push(root, 120) is None and started == []
+    run([DVC, "remote", "add", "-d", "store", str(tmp_path / "store")], root)
+    run([DVC, "remote", "add", "--local", "-d", "mine", str(tmp_path / "mine")], root)
+    assert default_remote(root) == "mine"                     # config.local wins, as in `dvc push`
+    assert pipeline._push(root, 120) == ("mine", 1) and started == ["push"]
+    assert (tmp_path / "mine").is_dir() and not (tmp_path / "store").exists()
 
 
 def test_the_process_that_reproduces_a_stage_starts_without_the_params_models():
