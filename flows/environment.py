@@ -4,10 +4,14 @@ Called by the CLI entry point (never at import time). `setdefault` lets a user o
 """
 from __future__ import annotations
 
+import gc
+import importlib
 import importlib.util
 import os
+import sys
+from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 TELEMETRY_OFF: dict[str, str] = {
     "DO_NOT_TRACK": "1",                          # Prefect client analytics, Evidently UI/collector
@@ -58,6 +62,31 @@ def skip_type_instrumentation() -> None:
         return
     import typeguard
     typeguard.typechecked = _not_instrumented
+
+
+def import_frozen(modules: Iterable[str]) -> None:
+    """Import the libraries a one-stage process is about to use with the garbage collector paused, then
+    move every object alive out of its sight (gc.freeze), as the gc module advises for long-lived
+    state. Importing GX, Feast, Evidently or torch makes 170k-500k objects that live as long as the
+    process; the collector's full passes over them, while they are imported (one each time the tracked
+    objects grew by a quarter) and at every full pass of the stage after, were 10-20 % of a small
+    stage's CPU (the tiny test project's materialize stage 15.1-15.9 -> 12.2-12.3 s). What the imports
+    leave as cyclic garbage (1k-10k objects) stays, frozen. A process that already has every module
+    (a test worker) is left as it is; a module that cannot be imported is left to the stage, which
+    says why in its own words."""
+    missing = [name for name in modules if name not in sys.modules]
+    if not missing:
+        return
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for name in missing:
+            with suppress(ImportError):
+                importlib.import_module(name)
+    finally:
+        if enabled:
+            gc.enable()
+    gc.freeze()
 
 
 def telemetry_off() -> None:

@@ -15,6 +15,23 @@ STAGES: tuple[str, ...] = (
 )
 
 
+# The libraries each stage's code imports, most of them lazily inside its functions. `towerflow stage`,
+# a process for one stage, imports them first with the garbage collector paused and freezes them
+# (flows/environment.py import_frozen); a library left out costs only that saving.
+LIBRARIES: dict[str, tuple[str, ...]] = {
+    "ingest": ("pandas", "pyarrow.parquet"),
+    "validate": ("great_expectations",),
+    "materialize": ("feast", "great_expectations"),
+    "sample": ("pandas", "pyarrow.parquet"),
+    "train": ("torch", "pandas", "pyarrow.parquet"),
+    "rank": ("torch", "lightgbm", "pandas", "pyarrow.parquet"),
+    "evaluate": ("torch", "pandas", "pyarrow.parquet"),
+    "report": ("evidently",),
+    "gate": (),
+    "publish": ("torch", "qdrant_client", "pandas", "pyarrow.parquet"),
+}
+
+
 def _ingest(p: Params, paths: PathsParams) -> dict[str, Any]:
     from flows.stages.ingest import ingest
     return ingest(p.data, p.simulator, p.base.seed, cache_dir=paths.cache, out_dir=paths.ingested,

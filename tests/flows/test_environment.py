@@ -49,3 +49,48 @@ def test_a_run_started_from_python_turns_telemetry_off_and_keeps_a_users_choice(
         run_pipeline(tmp_path)                       # no params.yaml: stops before any flow runs
     assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false" and os.environ["DO_NOT_TRACK"] == "1"
     assert os.environ["GX_ANALYTICS_ENABLED"] == "false" and os.environ["DVC_NO_ANALYTICS"] == "0"
+
+
+FREEZE_PROBE = """
+import gc, sys
+sys.path.insert(0, sys.argv[1])
+from flows.environment import import_frozen
+before = gc.get_freeze_count()
+import_frozen(["probe_library", "no_such_library_anywhere"])   # the second: left to the stage's own error
+import probe_library
+print(probe_library.COLLECTOR_ON_AT_IMPORT, gc.isenabled(), before, gc.get_freeze_count() > before)
+frozen = gc.get_freeze_count()
+made_since = [[] for _ in range(100)]
+import_frozen(["probe_library"])          # already imported: nothing more is frozen
+print(gc.get_freeze_count() == frozen)
+"""
+
+
+def test_a_stage_process_imports_its_libraries_with_the_collector_paused_then_freezes_them(tmp_path):
+    """The collector's full passes over GX's, Feast's, Evidently's or torch's objects were 10-20 % of
+    a small stage's CPU; a fresh interpreter, as `towerflow stage` is."""
+    (tmp_path / "probe_library.py").write_text("import gc\nCOLLECTOR_ON_AT_IMPORT = gc.isenabled()\n")
+    out = subprocess.run([sys.executable, "-c", FREEZE_PROBE, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "0", "True", "True"]
+
+
+def test_the_stage_command_imports_the_stages_libraries_first(tmp_path, monkeypatch):
+    import importlib.util
+
+    import flows.environment
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.stages.registry import LIBRARIES, STAGES
+
+    assert set(LIBRARIES) == set(STAGES)
+    assert all(importlib.util.find_spec(name) for names in LIBRARIES.values() for name in names)
+    asked: list[tuple[str, ...]] = []
+    monkeypatch.setattr(flows.environment, "import_frozen", lambda names: asked.append(tuple(names)))
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "params.yaml").write_text((root / "params.yaml").read_text())
+    result = CliRunner().invoke(app, ["stage", "validate", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 1 and "not found" in result.output     # nothing ingested in this project
+    assert asked == [LIBRARIES["validate"]]
