@@ -52,6 +52,14 @@ def resolve_workers(workers: int | str, threads: int, jobs: int) -> int:
 
 def _start(shared: Any, threads: int) -> None:
     global _INHERITED
+    # What a worker inherited is hidden from its garbage collector first (the gc module's advice for a
+    # fork without exec; freezing relinks the collector's lists, it visits no object): each full
+    # collection of a worker scanned every object of the libraries and the input it inherited, and
+    # wrote to their pages, copying them. Frozen here, not in the parent before the fork: the parent
+    # could only thaw what it froze for the fork together with what it had frozen itself (a stage
+    # process freezes its libraries, flows/environment.py import_frozen), and its data alive at the
+    # fork would stay frozen for good, never freed if only a cycle held it.
+    gc.freeze()
     _INHERITED = shared
     if "torch" in sys.modules:     # jobs without torch (validation's) need not import it
         sys.modules["torch"].set_num_threads(threads)
@@ -75,18 +83,7 @@ def run_jobs(jobs: Sequence[tuple[str, Callable[[T], R]]], shared: T, workers: i
     before = set(mp.active_children())
     fork, workers = mp.get_context("fork"), min(workers, len(jobs))
     with ProcessPoolExecutor(workers, mp_context=fork, initializer=_start, initargs=(shared, threads)) as pool:
-        # What the workers inherit is hidden from their garbage collector (the gc module's advice for a
-        # fork without exec): each full collection of a worker scanned every object of the libraries
-        # and the input it inherited, and wrote to their pages, copying them. The parent sees its own
-        # objects again once the workers are forked, unless it had frozen objects of its own (the test
-        # workers do): gc.unfreeze cannot tell those from these, so then they all stay frozen.
-        caller_froze = gc.get_freeze_count() > 0
-        gc.freeze()
-        try:
-            futures = [(name, pool.submit(_run, job)) for name, job in jobs]
-        finally:
-            if not caller_froze:
-                gc.unfreeze()
+        futures = [(name, pool.submit(_run, job)) for name, job in jobs]
         # forked pools start every worker at the first submit
         started = [p for p in mp.active_children() if p not in before]
         try:
