@@ -9,6 +9,7 @@ gauge since the service started, for a quick look without PromQL.
 """
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -16,6 +17,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import values as prometheus_values
+from prometheus_client.gc_collector import GCCollector
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -49,6 +51,12 @@ class ServiceMetrics:
         self.reloads = Counter("towerflow_reloads", "live version changes picked up", ["result"], registry=r)
         self.live = Gauge("towerflow_live_info", "the version being served (value 1)", ["version", "backend"],
                           registry=r)
+        # the collector's passes per generation (python_gc_*), and what the process froze out of its
+        # sight after its imports (flows/serving/workers.py SERVICE_LIBRARIES): a full pass stalls
+        # every request of the process
+        GCCollector(registry=r)
+        Gauge("towerflow_gc_frozen_objects", "objects the garbage collector no longer scans (gc.freeze)",
+              registry=r).set_function(gc.get_freeze_count)
         self._served = [0, 0]   # [cold, all]: the gauge without reading the counters back
         self._live: tuple[str, str] | None = None
 

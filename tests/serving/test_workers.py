@@ -106,6 +106,14 @@ def test_two_workers_share_additions_removals_publish_and_rollback(project: Path
         versions = by_process(url, "/version")
         assert {r.json()["version"] for r in versions.values()} == {first}
         assert proc.pid not in versions                           # readers are children of the supervisor
+        # each reader imported its libraries with the collector paused and froze them: its full
+        # collections (each a stall of every request it holds) skip their few hundred thousand objects
+        for _ in range(6):
+            with httpx.Client(base_url=url, timeout=30) as client:     # a fresh connection: any reader
+                scrape = client.get("/metrics").text
+            frozen = re.search(r"^towerflow_gc_frozen_objects (\S+)$", scrape, re.M)
+            assert frozen and float(frozen.group(1)) > 100_000, scrape[-2000:]
+            assert re.search(r'^python_gc_collections_total\{generation="2"\}', scrape, re.M)
         items_before = {r.json()["items"] for r in versions.values()}
         assert len(items_before) == 1
         n = items_before.pop()
