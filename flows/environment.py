@@ -65,12 +65,13 @@ def skip_type_instrumentation() -> None:
 
 
 def import_frozen(modules: Iterable[str]) -> None:
-    """Import the libraries a one-stage process is about to use with the garbage collector paused, then
-    move every object alive out of its sight (gc.freeze), as the gc module advises for long-lived
-    state. Importing GX, Feast, Evidently or torch makes 170k-500k objects that live as long as the
-    process; the collector's full passes over them, while they are imported (one each time the tracked
-    objects grew by a quarter) and at every full pass of the stage after, were 10-20 % of a small
-    stage's CPU (the tiny test project's materialize stage 15.1-15.9 -> 12.2-12.3 s). What the imports
+    """Import the libraries a process is about to use (a stage's, a serving process's) with the garbage
+    collector paused, then move every object alive out of its sight (gc.freeze), as the gc module
+    advises for long-lived state. Call it before the process makes data of its own: what is frozen is
+    never collected. Importing GX, Feast, Evidently or torch makes 170k-500k objects that live as long
+    as the process; the collector's full passes over them, while they are imported (one each time the
+    tracked objects grew by a quarter) and at every full pass after, were 10-20 % of a small stage's
+    CPU (the tiny test project's materialize stage 15.1-15.9 -> 12.2-12.3 s). What the imports
     leave as cyclic garbage (1k-10k objects) stays, frozen. A process that already has every module
     (a test worker) is left as it is; a module that cannot be imported is left to the stage, which
     says why in its own words."""

@@ -29,8 +29,8 @@ from flows.environment import telemetry_off
 from flows.errors import ConfigError, StageFailed
 from flows.params import Params, RunParams, load_params, resolve_source
 from flows.process_groups import sigterm_exits, stop_group
-from flows.reproduce import default_remote
 from flows.portal.run import build_run_portal
+from flows.reproduce import default_remote
 from flows.run_lock import run_lock
 from flows.run_params import RUN_PARAMS, write_run_params
 from flows.serving.store import BundleStore
