@@ -14,6 +14,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# the venv's dvc command, as a user's shell finds it after `make setup`
+DVC = str(Path(sys.executable).parent / "dvc")
+
 PROJECT_FILES = ["flows", "features", "models", "validation", "dvc.yaml", "params.yaml", "pyproject.toml"]
 
 # Small and fast: a few hundred users, 2 epochs.
@@ -58,8 +61,8 @@ def _dvc_files() -> Path:
     made = Path(tempfile.mkdtemp(prefix="towerflow-dvc-init-"))
     atexit.register(shutil.rmtree, made, ignore_errors=True)
     run(["git", "init", "-q"], made)
-    run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], made)
-    run([str(Path(sys.executable).parent / "dvc"), "config", "core.analytics", "false"], made)
+    run([DVC, "init", "-q"], made)
+    run([DVC, "config", "core.analytics", "false"], made)
     shutil.rmtree(made / ".git")
     shutil.rmtree(made / ".dvc" / "tmp", ignore_errors=True)    # DVC's own scratch: made on first use
     return made

@@ -5,17 +5,13 @@ Its own module (not test_pipeline.py) so a pytest-xdist worker runs it beside th
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from flows.stages.registry import STAGES
-from tests.project import make_project, run
+from tests.project import DVC, make_project, run
 
 pytestmark = pytest.mark.long_running     # tests/conftest.py: runs first
-
-DVC = str(Path(sys.executable).parent / "dvc")
 
 
 def test_dvc_repro_alone_builds_everything_then_does_nothing(tmp_path, contract_source):

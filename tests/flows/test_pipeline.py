@@ -16,13 +16,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tests.project import make_project, run
+from tests.project import DVC, make_project, run
 from flows.pipeline import run_pipeline
 from flows.stages.registry import STAGES
 
 pytestmark = pytest.mark.long_running     # tests/conftest.py: runs first
 
-DVC = str(Path(sys.executable).parent / "dvc")
 TOWERFLOW = str(Path(sys.executable).parent / "towerflow")
 
 

@@ -16,14 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.project import ROOT, git_dvc_repo, run
+from tests.project import DVC, ROOT, git_dvc_repo, run
 from flows.cli import _force_overrides
 from flows.errors import RunInProgress, StageFailed
 from flows.pipeline import run_pipeline
 from flows.run_lock import run_lock
 from flows.run_params import RUN_PARAMS
-
-DVC = str(Path(sys.executable).parent / "dvc")
 
 pytestmark = pytest.mark.long_running     # tests/conftest.py: runs first
 
