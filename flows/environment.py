@@ -11,7 +11,7 @@ import os
 import sys
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 TELEMETRY_OFF: dict[str, str] = {
     "DO_NOT_TRACK": "1",                          # Prefect client analytics, Evidently UI/collector
@@ -64,7 +64,7 @@ def skip_type_instrumentation() -> None:
     typeguard.typechecked = _not_instrumented
 
 
-def import_frozen(modules: Iterable[str]) -> None:
+def import_frozen(modules: Iterable[str], importers: Mapping[str, Callable[[], object]] | None = None) -> None:
     """Import the libraries a process is about to use (a stage's, a serving process's) with the garbage
     collector paused, then move every object alive out of its sight (gc.freeze), as the gc module
     advises for long-lived state. Call it before the process makes data of its own: what is frozen is
@@ -74,7 +74,8 @@ def import_frozen(modules: Iterable[str]) -> None:
     CPU (the tiny test project's materialize stage 15.1-15.9 -> 12.2-12.3 s). What the imports
     leave as cyclic garbage (1k-10k objects) stays, frozen. A process that already has every module
     (a test worker) is left as it is; a module that cannot be imported is left to the stage, which
-    says why in its own words."""
+    says why in its own words. A module named in `importers` is imported by calling its importer
+    (which imports at least that module: Feast without torch, for one)."""
     missing = [name for name in modules if name not in sys.modules]
     if not missing:
         return
@@ -83,7 +84,7 @@ def import_frozen(modules: Iterable[str]) -> None:
     try:
         for name in missing:
             with suppress(ImportError):
-                importlib.import_module(name)
+                (importers or {}).get(name, lambda: importlib.import_module(name))()
     finally:
         if enabled:
             gc.enable()

@@ -36,10 +36,9 @@ def stage(name: str = typer.Argument(..., help="One of: " + ", ".join(STAGES)),
         if name == "ingest":
             from flows.stages.ingest import check_source  # pyarrow: only when a run starts
             check_source(resolve_source(params.data, root))
-        from flows.environment import import_frozen
-        from flows.stages.registry import LIBRARIES, run_stage
+        from flows.stages.registry import import_stage_libraries, run_stage
         t0 = time.perf_counter()             # the libraries' imports counted, as when the stage made them
-        import_frozen(LIBRARIES[name])
+        import_stage_libraries(name)
         summary = run_stage(name, params, root)
         typer.echo(f"{name}: done in {time.perf_counter() - t0:.1f}s {_brief(summary)}")
         for key in STEP_FIGURES:

@@ -88,9 +88,32 @@ def test_the_stage_command_imports_the_stages_libraries_first(tmp_path, monkeypa
     assert set(LIBRARIES) == set(STAGES)
     assert all(importlib.util.find_spec(name) for names in LIBRARIES.values() for name in names)
     asked: list[tuple[str, ...]] = []
-    monkeypatch.setattr(flows.environment, "import_frozen", lambda names: asked.append(tuple(names)))
+    monkeypatch.setattr(flows.environment, "import_frozen", lambda names, _importers: asked.append(tuple(names)))
     root = Path(__file__).resolve().parents[2]
     (tmp_path / "params.yaml").write_text((root / "params.yaml").read_text())
     result = CliRunner().invoke(app, ["stage", "validate", "--params", str(tmp_path / "params.yaml")])
     assert result.exit_code == 1 and "not found" in result.output     # nothing ingested in this project
     assert asked == [LIBRARIES["validate"]]
+
+
+MATERIALIZE_LIBRARIES = """
+import sys
+from flows.environment import skip_type_instrumentation
+skip_type_instrumentation()
+from flows.stages.registry import import_stage_libraries
+import_stage_libraries("materialize")
+print("feast" in sys.modules, "great_expectations" in sys.modules, "torch" in sys.modules)
+import torch
+"""
+
+
+def test_the_materialize_process_imports_feast_without_torch(tmp_path):
+    """As `towerflow stage materialize` starts: Feast's plain import would bring torch along (2.4 s of
+    CPU), which nothing in the stage uses; torch stays importable."""
+    # a script, not `python -c`: pyspark, which GX imports, exits a `-c` program (tests/conftest.py)
+    (tmp_path / "probe.py").write_text(MATERIALIZE_LIBRARIES)
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(tmp_path / "probe.py")], capture_output=True, text=True,
+                         timeout=300, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "False"]
