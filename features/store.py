@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlsplit
 from features.definitions import ITEM_KEY, PROJECT, USER_KEY
 from features.errors import FeatureStoreConfigError
 from features.params import DUCKDB_MEMORY_LIMIT, ONLINE_WRITE_ROWS, OfflineKind
+from models.import_hiding import import_hiding
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -160,21 +161,7 @@ def import_feast_without_torch() -> None:
     importable afterwards. Does nothing when Feast or torch is already imported (a long-running
     process keeps Feast as it is). (Typeguard's instrumentation of Feast is left off by every
     `towerflow` command: flows/environment.py.)"""
-    import sys
-
-    if "feast" in sys.modules or "torch" in sys.modules:
-        return
-    sys.modules["torch"] = None     # `import torch` raises ImportError, which feast.torch_wrapper catches
-    try:
-        import feast  # noqa: F401
-    except ImportError:
-        # a Feast that needs torch at import after all: forget the half-imported modules and import
-        # it as it is (slower, never wrong)
-        for name in [m for m in sys.modules if m == "feast" or m.startswith("feast.")]:
-            del sys.modules[name]
-    finally:
-        del sys.modules["torch"]
-    import feast  # noqa: F401, F811
+    import_hiding("feast", ("torch",))
 
 
 def _answer_versioned_read_probe(kind: OnlineKind) -> None:

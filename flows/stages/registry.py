@@ -37,10 +37,17 @@ def _feast_without_torch() -> None:
     import_feast_without_torch()
 
 
+def _gx_without_spark_or_sql() -> None:
+    from validation.runner import import_gx_without_spark_or_sql
+    import_gx_without_spark_or_sql()
+
+
 # Libraries whose plain import does more than a stage needs. Feast's imports torch (2.4 s of CPU of
 # a 2-core machine's 6.5 s for materialize's libraries), for tensor outputs no stage asks Feast for;
-# a stage that uses torch lists it first, and Feast then imports as it is.
-IMPORTERS: dict[str, Callable[[], None]] = {"feast": _feast_without_torch}
+# a stage that uses torch lists it first, and Feast then imports as it is. GX's imports pyspark and
+# SQLAlchemy for datasources no stage adds.
+IMPORTERS: dict[str, Callable[[], None]] = {"feast": _feast_without_torch,
+                                            "great_expectations": _gx_without_spark_or_sql}
 
 
 def import_stage_libraries(name: str) -> None:
