@@ -23,7 +23,6 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 
 from models.fork_pool import run_jobs
-from models.import_hiding import import_hiding
 from validation.batches import ROW_STRING_STORAGE, RowBatches
 
 DATASOURCE = "towerflow_ingested"
@@ -32,14 +31,6 @@ MAX_EXAMPLES = 5
 # SUMMARY also lists the index of every unexpected row and a query for them, two more passes over the
 # batch per expectation even when nothing fails (a fifth of the validate stage on a 14M-row log).
 RESULT_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": 20}
-
-
-def import_gx_without_spark_or_sql() -> None:
-    """Import Great Expectations for a process that validates pandas batches only (a validate or
-    materialize stage process): GX imports pyspark and SQLAlchemy at its own import, for Spark and SQL
-    datasources this project never adds (0.6-0.9 s of a ~4.5 s import on a 2-core machine). Either one
-    already imported (Feast brings SQLAlchemy) stays as it is."""
-    import_hiding("great_expectations", ("pyspark", "sqlalchemy"))
 
 
 @dataclass
