@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from pydantic import PositiveInt, field_validator
+from pydantic import NonNegativeInt, PositiveInt, field_validator
 
 from models.params import Section
 
@@ -28,11 +28,13 @@ class FeaturesParams(Section):
     # file up to offline_auto_rows interactions and offline_auto_pairs join rows, duckdb above (README
     # "Outgrowing one machine").
     offline_store: Literal["file", "duckdb", "spark", "auto"] = "auto"
-    # Measured (flows/experiments/offline_bench.py, generated heavy-tailed data, loaded machine): at 20k
-    # interactions DuckDB took 31 s to the file store's 55 s, at 100k the same time with a higher peak
-    # (2.7 vs 1.1 GiB), at 1M it materialized in < 6 min where the file store had not in 12. Up to
-    # 200k the file store (which the end-to-end tests run on the demo) is kept.
-    offline_auto_rows: PositiveInt = 200_000
+    # 0: auto is DuckDB at every size. Since its joins run in bounded calls under a memory limit,
+    # DuckDB is the faster store at every size measured, with the same examples: the tiny test
+    # project's materialize 7.7-10.0 s of CPU against 9.3-11.8, the demo (100k) 10.2 s and 823 MB
+    # against 22.4 s and 949 MB, 150k generated interactions 15.1 s and 1,078 MB against 48.9 s and
+    # 1,019 MB; at 1M it materialized in < 6 min where the file store had not in 12 (issue 23). A
+    # count keeps the file store up to that many interactions (200,000 before).
+    offline_auto_rows: NonNegativeInt = 0
     # ... and while its join stays small: the file store joins each entity row with every feature row
     # of its user (the sum over users of their rows squared: features/training_set.py `join_pairs`),
     # at most 2M pairs a call, and each call costs ~1.3 s of Dask tokenizing its inputs whatever its
