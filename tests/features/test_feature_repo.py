@@ -31,13 +31,16 @@ from tests.features.feature_data import (
 @pytest.fixture(scope="module", params=[False, True], ids=["int_ids", "string_ids"])
 def repo(request, tmp_path_factory) -> dict:
     """The offline sources, registry and online store as materialize builds them, from the library
-    calls alone."""
+    calls alone, on the file offline store: the tests here open it as such (open_store's default)
+    and plant rows in copies of its folders, which only the file store's relative source paths
+    follow (DuckDB's and Spark's are absolute; tests/features/test_offline_stores.py compares the
+    stores)."""
     root = tmp_path_factory.mktemp("string" if request.param else "int")
     ing = ingested_tables(root, request.param)
     schema = contract_schema(request.param)
     inter = pd.read_parquet(ing / "interactions.parquet", columns=EXAMPLE_KEYS)
     dirs = {"features_dir": root / "features", "feast_dir": root / "feast"}
-    features_cfg = FeaturesParams(history_length=HISTORY)
+    features_cfg = FeaturesParams(history_length=HISTORY, offline_store="file")
     sources = write_sources(features_cfg, schema, pd.read_parquet(ing / "users.parquet"),
                             pd.read_parquet(ing / "items.parquet"), inter, dirs["features_dir"])
     fill_online(features_cfg, schema, inter, sources, **dirs)
