@@ -174,8 +174,8 @@ def batch_source(name: str, path: Path, offline: str) -> Any:
     The file store resolves a path relative to the store's repo_path (= features_dir, see
     features/store.py), which keeps the registry valid when the checkout moves. DuckDB (ibis
     `read_parquet`) and Spark read paths relative to the process's working directory, so they get
-    the absolute path (a moved checkout changes the definition digest: features/refresh.py then
-    rebuilds the registry). Spark's offline store only reads SparkSources.
+    the absolute path (a moved checkout changes the registry's digest: features/refresh.py then
+    applies the views again and keeps the online rows). Spark's offline store only reads SparkSources.
     """
     from feast import FileSource
 

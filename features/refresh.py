@@ -1,16 +1,21 @@
 """Full or incremental online materialization: what a rerun of materialize may keep.
 
 The online store only ever gets rows dated in the materialized window. A rerun may extend that
-window (Feast `materialize_incremental`, from the registry's last end time) instead of rewriting
+window (Feast `materialize` from the end recorded in the state file) instead of rewriting
 every row only when the rows already written are still right, i.e. everything dated before the
 previous end is unchanged:
-- the repo definition (views, fields, types, entities: the registry protos, whose sources follow
-  the offline store), the history length, the online store kind and the Redis endpoint it wrote
-  to (hashed: it may hold a password);
+- the repo definition (views, fields, types, entities: the registry protos as built for the file
+  store, whose sources name their files relative to features_dir), the history length, the online
+  store kind and the Redis endpoint it wrote to (hashed: it may hold a password);
 - the static sources (user/item features and their date, which follows the first interaction);
 - every interaction dated before the previous end (a late arrival rewrites older history rows).
 Then the new rows (new history rows, the moved "now" and seen rows of users with new interactions)
 are all dated at or after the previous end. Anything else rebuilds the store from scratch.
+Where the sources lie and which offline store reads them decide no online row: a checkout moved
+elsewhere (DuckDB and Spark sources name absolute paths) or another `features.offline_store` only
+applies the definitions to the registry again (its online tables kept) before extending the window
+from the recorded end; the registry's sources must move, or the training join would read the old
+folder's files where they still exist.
 `<feast_dir>/materialized.json` holds the digests of the last successful materialization.
 `fill_online` applies this: it plans, materializes and records.
 """
@@ -20,7 +25,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import pandas as pd
 import pyarrow as pa
@@ -44,7 +49,7 @@ if TYPE_CHECKING:
     from feast import FeatureStore
 
 STATE_FILE = "materialized.json"
-STATE_VERSION = 1
+STATE_VERSION = 2   # 2: the definition digest no longer holds the sources' paths
 Refresh = Literal["full", "incremental", "unchanged"]
 
 
@@ -90,14 +95,25 @@ def _without_meta(message):  # noqa: ANN001, ANN202 (a protobuf message)
     return message
 
 
-def definition_digest(schema: dict, features_dir: Path, history_length: int, online: str,
-                      offline: str = "file") -> str:
-    """Digest of everything that decides how a row is stored online (see module doc)."""
-    specs = [_without_meta(o.to_proto().spec).SerializeToString(deterministic=True)
-             for o in build_repo(schema, features_dir, offline).objects()]
+def _specs(schema: dict, features_dir: Path, offline: OfflineKind) -> list[bytes]:
+    return [_without_meta(o.to_proto().spec).SerializeToString(deterministic=True)
+            for o in build_repo(schema, features_dir, offline).objects()]
+
+
+def definition_digest(schema: dict, features_dir: Path, history_length: int, online: str) -> str:
+    """Digest of everything that decides how a row is stored online (see module doc): the repo as
+    built for the file store, whose relative source paths hold neither the checkout's place nor the
+    offline store that reads them."""
     endpoint = redis_connection_string(os.environ.get("REDIS_URL") or DEFAULT_REDIS) \
         if online == "redis" else ""
-    return _sha(*specs, f"{STATE_VERSION}|{history_length}|{online}|{endpoint}".encode())
+    return _sha(*_specs(schema, features_dir, "file"),
+                f"{STATE_VERSION}|{history_length}|{online}|{endpoint}".encode())
+
+
+def registry_digest(schema: dict, features_dir: Path, offline: OfflineKind) -> str:
+    """Digest of the registry's objects as the offline store `offline` reads them (its sources'
+    kind and paths): when it changes and the definition does not, the objects are applied again."""
+    return _sha(*_specs(schema, features_dir, offline))
 
 
 def static_digest(features_dir: Path) -> str:
@@ -105,27 +121,33 @@ def static_digest(features_dir: Path) -> str:
                   for v in (USER_STATIC_FV, ITEM_STATIC_FV)))
 
 
-def plan(feast_dir: Path, online: str, definition: str, static: str, inter: pd.DataFrame,
-         end: pd.Timestamp) -> tuple[Refresh, pd.Timestamp | None]:
-    """How to bring the online store to `end`: (decision, previous end when not 'full')."""
+class Plan(NamedTuple):
+    how: Refresh
+    previous: pd.Timestamp | None       # the recorded end, when not "full"
+    reapply: bool                       # the registry's sources moved: apply the objects again
+
+
+def plan(feast_dir: Path, online: str, definition: str, registry: str, static: str,
+         inter: pd.DataFrame, end: pd.Timestamp) -> Plan:
+    """How to bring the online store to `end` (see module doc)."""
     path = Path(feast_dir) / STATE_FILE
     if not path.is_file() or not (Path(feast_dir) / "registry.db").is_file():
-        return "full", None
+        return Plan("full", None, False)
     if online == "sqlite" and not (Path(feast_dir) / "online.db").is_file():
-        return "full", None
+        return Plan("full", None, False)
     state = json.loads(path.read_text())
     previous = pd.Timestamp(state.get("end", "1970-01-01T00:00:00Z"))
     if (state.get("definition") != definition or state.get("static") != static
             or end < previous or state.get("interactions") != interactions_digest(inter, previous)):
-        return "full", None
-    return ("unchanged" if end == previous else "incremental"), previous
+        return Plan("full", None, False)
+    return Plan("unchanged" if end == previous else "incremental", previous, state.get("registry") != registry)
 
 
-def record(feast_dir: Path, definition: str, static: str, inter: pd.DataFrame,
+def record(feast_dir: Path, definition: str, registry: str, static: str, inter: pd.DataFrame,
            end: pd.Timestamp) -> None:
     """Write the state of a successful materialization up to `end` (every interaction is before)."""
     state = {"version": STATE_VERSION, "end": end.isoformat(), "definition": definition,
-             "static": static, "interactions": interactions_digest(inter, end)}
+             "registry": registry, "static": static, "interactions": interactions_digest(inter, end)}
     (Path(feast_dir) / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
@@ -156,9 +178,11 @@ def fill_online(features_cfg: FeaturesParams, schema: dict, interactions: pd.Dat
     end = sources.now + pd.Timedelta(seconds=1)  # the end is exclusive; the "now" rows must go online
     offline = features_cfg.offline_for(len(interactions), lambda: join_pairs(interactions))
     definition = definition_digest(schema, features_dir, features_cfg.history_length,
-                                   features_cfg.online_store, offline)
+                                   features_cfg.online_store)
+    registry = registry_digest(schema, features_dir, offline)
     static = static_digest(features_dir)
-    how, _ = plan(feast_dir, features_cfg.online_store, definition, static, interactions, end)
+    how, previous, reapply = plan(feast_dir, features_cfg.online_store, definition, registry, static,
+                                  interactions, end)
     # Forget the old state first: a run that dies mid-write must rebuild next time.
     (feast_dir / STATE_FILE).unlink(missing_ok=True)
     if how == "full":
@@ -168,11 +192,15 @@ def fill_online(features_cfg: FeaturesParams, schema: dict, interactions: pd.Dat
             store.materialize(start_date=sources.static_at.to_pydatetime(), end_date=end.to_pydatetime())
     else:
         store = _open(features_cfg, features_dir, feast_dir, offline)
+        if reapply:
+            # The same views over sources elsewhere: Feast keeps the online tables of views it
+            # updates (partial apply); the views' materialized intervals go, hence the window below.
+            store.apply(build_repo(schema, features_dir, offline).objects())
         if how == "incremental":
-            # From each view's last materialized end (in the registry) to the new end.
+            # From the recorded end, which every view reached (not the registry's intervals).
             with quiet_offline_reads():
-                store.materialize_incremental(end_date=end.to_pydatetime())
-    record(feast_dir, definition, static, interactions, end)
+                store.materialize(start_date=previous.to_pydatetime(), end_date=end.to_pydatetime())
+    record(feast_dir, definition, registry, static, interactions, end)
     if how != "unchanged":
         return_freed_memory()
     return store, how

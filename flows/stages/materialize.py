@@ -6,7 +6,7 @@ Reads `ingested/{users,items,interactions}.parquet` + `schema.json` and writes
   picks: file, duckdb or spark, features/store.py) + the online store (`feast_dir/online.db`, or Redis with
   `features.online_store: redis`; `feast_dir/online_store.json` records which): `apply` +
   `materialize` over the full time range, or on a rerun whose older rows are unchanged (only newer
-  interactions appended) `materialize_incremental` of the new rows (features/refresh.py);
+  interactions appended) `materialize` of the new rows from the recorded end (features/refresh.py);
 - after the online fill, the logged real-time events the ingested tables do not hold (newer than
   ingest's cursor, `ingested/events_cursor.json`) are replayed into the online store, once
   (flows/sources/events_replay.py), so a rematerialization does not lose them;

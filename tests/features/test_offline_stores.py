@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from features.definitions import PROJECT, batch_source
+from features.definitions import PROJECT, SOURCE_FILES, batch_source
 from features.history import write_sources
 from features.online import online_user_features
 from features.params import FeaturesParams
@@ -212,10 +212,11 @@ def test_auto_picks_duckdb_for_a_large_join_of_few_interactions():
     assert FeaturesParams(offline_store="file").offline_for(10, lambda: 10 ** 12) == "file"
 
 
-def test_switching_the_offline_store_rebuilds_and_duckdb_extends_incrementally(tmp_path):
-    """The registry's sources follow the offline store, so a switch must not reuse the old ones;
-    on DuckDB, newer interactions are materialized incrementally to the same online rows as a full
-    build through the file store."""
+def test_switching_the_offline_store_moves_the_sources_and_duckdb_extends_incrementally(tmp_path):
+    """The registry's sources follow the offline store, so a switch must not reuse the old ones, and
+    keeps the online rows (which store read the sources decides none of them); on DuckDB, newer
+    interactions are materialized incrementally to the same online rows as a full build through the
+    file store."""
     ing = ingested_tables(tmp_path, False)
     schema = contract_schema(False)
     inter = pd.read_parquet(ing / "interactions.parquet", columns=EXAMPLE_KEYS)
@@ -236,8 +237,18 @@ def test_switching_the_offline_store_rebuilds_and_duckdb_extends_incrementally(t
         return how, online_user_features(open_store(dirs["feast_dir"], dirs["features_dir"]), schema,
                                          users["user_id"].tolist())
 
-    hows = [fill(tmp_path, o, inter)[0] for o in ("file", "file", "duckdb", "duckdb")]
-    assert hows == ["full", "unchanged", "full", "unchanged"]
+    def source_paths() -> set[str]:
+        from feast import FileSource
+
+        store = open_store(tmp_path / "feast", tmp_path / "features")
+        return {source.path for source in store.list_data_sources() if isinstance(source, FileSource)}
+
+    hows = [fill(tmp_path, o, inter)[0] for o in ("file", "file")]
+    assert source_paths() == set(SOURCE_FILES.values())             # the file store's, relative
+    hows += [fill(tmp_path, "duckdb", inter)[0]]
+    assert source_paths() == {str((tmp_path / "features" / f).resolve()) for f in SOURCE_FILES.values()}
+    hows += [fill(tmp_path, "duckdb", inter)[0]]
+    assert hows == ["full", "unchanged", "unchanged", "unchanged"]
     how, incremental = fill(tmp_path, "duckdb", grown)
     assert how == "incremental"
     _, full = fill(tmp_path / "rebuilt", "file", grown)

@@ -243,6 +243,42 @@ def test_rerun_materializes_incrementally_and_serves_what_a_rebuild_serves(tmp_p
                        **dirs)["online_materialization"] == "full"
 
 
+def test_a_moved_checkout_or_another_offline_store_extends_the_online_rows_it_had(tmp_path):
+    """Where the sources lie and which offline store reads them decide no online row: a copy of the
+    project elsewhere (the original left in place, its files older) extends its store incrementally
+    and then serves, and trains on, what a rebuild there gives; the default offline store (DuckDB,
+    absolute source paths) and the file store take turns without a rebuild."""
+    ing = ingested_tables(tmp_path, False)
+    schema = contract_schema(False)
+    full = pd.read_parquet(ing / "interactions.parquet")
+    cut = full["timestamp"].quantile(0.7)
+    older = full[full["timestamp"] < cut]
+    newer = full[full["timestamp"] >= cut].assign(timestamp=lambda d: d["timestamp"] + pd.Timedelta(days=1))
+    older.to_parquet(ing / "interactions.parquet", index=False)
+    first, copy = tmp_path / "first", tmp_path / "copy"
+    dirs = {"features_dir": copy / "features", "feast_dir": copy / "feast", "training_dir": copy / "training"}
+
+    def run(root: Path, **features: object) -> str:
+        return materialize(SPLIT, FeaturesParams(history_length=HISTORY, **features), ing,
+                           features_dir=root / "features", feast_dir=root / "feast",
+                           training_dir=root / "training")["online_materialization"]
+
+    assert FeaturesParams().offline_for(len(older), lambda: 0) == "duckdb"   # the default a user gets
+    assert run(first) == "full"
+    shutil.copytree(first, copy)
+    pd.concat([older, newer]).to_parquet(ing / "interactions.parquet", index=False)
+    assert run(copy) == "incremental"
+    rebuilt = _materialize(tmp_path / "rebuilt", ing, "sqlite")
+    ids = _all_users(ing, [404404])
+    _same(_serving(dirs, schema, ids), _serving(rebuilt, schema, ids))
+    examples = pd.read_parquet(rebuilt["training_dir"] / "examples.parquet")
+    assert pd.read_parquet(dirs["training_dir"] / "examples.parquet").equals(examples)
+    for offline in ("file", "duckdb"):
+        assert run(copy, offline_store=offline) == "unchanged"
+        _same(_serving(dirs, schema, ids), _serving(rebuilt, schema, ids))
+        assert pd.read_parquet(dirs["training_dir"] / "examples.parquet").equals(examples)
+
+
 def _count_writes(monkeypatch) -> dict[str, list[int]]:
     """Rows per online write call, by view: a spy that passes every call on to Feast's SQLite store."""
     from feast.infra.online_stores.sqlite import SqliteOnlineStore
