@@ -35,6 +35,12 @@ def is_count_column(name: str) -> bool:
                                           and name[len("interactions_"):-1].isdigit())
 
 
+# Standardized values are clipped here: a value of 1e99 (a typo, a fuzzer's POST /items) would reach
+# the towers as inf and give a NaN vector. The fitted rows are never clipped below 1e8 of them: with
+# ddof=0, no value of n lies further than sqrt(n - 1) standard deviations from their mean.
+Z_LIMIT = 1e4
+
+
 @dataclass
 class NumericStats:
     """Standardize with the fit-time mean and std; nulls become the mean (0 after scaling).
@@ -62,7 +68,8 @@ class NumericStats:
         x = _floats(values)
         if self.log:
             x = np.log1p(np.clip(x, 0, None))
-        return np.nan_to_num((x - self.mean) / self.std, nan=0.0).astype(np.float32)
+        z = np.nan_to_num((x - self.mean) / self.std, nan=0.0)
+        return np.clip(z, -Z_LIMIT, Z_LIMIT).astype(np.float32)
 
 
 def _floats(values: pd.Series) -> np.ndarray:

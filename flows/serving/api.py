@@ -47,7 +47,8 @@ from flows.serving import schemas as S
 from flows.serving.events import EventLog, record_events, validate_events
 from flows.serving.guard import BODY_KEY, Guard, Tokens, json_shape_error
 from flows.serving.bodies import body_schema, json_body
-from flows.serving.http_errors import RequestError, bug, domain_error, http_error, openapi_with_bearer, validation_error
+from flows.serving.http_errors import RequestError, bug, domain_error, http_error, validation_error
+from flows.serving.openapi import LiveOpenAPI
 from flows.serving.index.base import parse_filter
 from flows.serving.items import add_items, normalize_items, remove_items, sidecar_signature
 from flows.serving.metrics import MetricsMiddleware, ServiceMetrics
@@ -103,6 +104,8 @@ def _filter(value: Any, served: Served) -> dict[str, Any] | None:
 def _rerank_depth(rerank: bool, depth: int | None, k: int, config: ServiceConfig) -> int | None:
     """With rerank=true: how many retrieved items the ranker re-orders (rerank_depth, default 100,
     at least k); None without."""
+    if depth is not None:
+        _k(depth, config.serve.max_k, "rerank_depth")      # checked without rerank too: the schema says so
     if not rerank:
         return None
     return max(k, _k(depth if depth is not None else min(100, config.serve.max_k), config.serve.max_k,
@@ -317,11 +320,15 @@ def create_app(state: LiveState, config: ServiceConfig, metrics: ServiceMetrics,
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, bug)
     bodies = tuple(body for *_, body in ROUTES if body is not None)
-    app.openapi = lambda: openapi_with_bearer(app, bodies)    # type: ignore[method-assign]
+    app.openapi = LiveOpenAPI(app, bodies)    # type: ignore[method-assign]
     relayed = frozenset((method, path) for method, path, handler, *_ in ROUTES
                         if writer is not None and handler in FORWARDS and method == "POST")
+    methods: dict[str, set[str]] = {"/openapi.json": {"GET"}}
+    for method, path, *_ in ROUTES:
+        methods.setdefault(path, set()).add(method)
     app.add_middleware(Guard, tokens=tokens, allowed_hosts=config.serve.allowed_hosts,
-                       max_body_bytes=config.serve.max_body_bytes, relayed=relayed)
+                       max_body_bytes=config.serve.max_body_bytes, relayed=relayed,
+                       methods={path: frozenset(m) for path, m in methods.items()})
     # outermost: refusals by the guard are counted and timed too
     endpoints = frozenset(route[1] for route in ROUTES) | {"/openapi.json"}
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=endpoints)

@@ -3,12 +3,15 @@
 In order, each answered with `{"error": "..."}`:
 1. Host: the Host header names one of serve.allowed_hosts (400). A web page the operator opens
    cannot then reach a loopback service through a DNS name its author controls (DNS rebinding).
-2. Token: with TOWERFLOW_API_TOKEN set, writes (POST /events, POST /items, DELETE /items/{id}) need
+2. Method: a path the service serves, asked with a method it does not serve there (PUT /recommend,
+   OPTIONS), gets 405 with `Allow` listing the methods it does serve (RFC 9110), before the token
+   or the body is looked at. Starlette's own 405 named only the first route of a path.
+3. Token: with TOWERFLOW_API_TOKEN set, writes (POST /events, POST /items, DELETE /items/{id}) need
    `Authorization: Bearer <it>`; with TOWERFLOW_READ_TOKEN set, so do reads (the write token is
    accepted for reads too). /healthz stays open: load balancers probe it without credentials (401).
-3. A POST body is `Content-Type: application/json` (415): a cross-site form or text/plain post,
+4. A POST body is `Content-Type: application/json` (415): a cross-site form or text/plain post,
    which a browser sends without asking, is refused before it is read.
-4. The body is read chunk by chunk and refused past serve.max_body_bytes (413), never read whole
+5. The body is read chunk by chunk and refused past serve.max_body_bytes (413), never read whole
    first; then its nesting depth and the length of its numbers are bounded (400), so parsing it can
    neither recurse nor build huge integers.
 Tokens come from the environment only (never params.yaml) and are compared in constant time.
@@ -161,12 +164,16 @@ class Guard:
     """ASGI middleware applying the checks of the module doc, in that order."""
 
     def __init__(self, app: Any, tokens: Tokens, allowed_hosts: list[str], max_body_bytes: int,
-                 relayed: frozenset[tuple[str, str]] = frozenset()):
+                 relayed: frozenset[tuple[str, str]] = frozenset(),
+                 methods: Mapping[str, frozenset[str]] | None = None):
         """relayed: (method, path) of bodies this process hands on unparsed to one that checks them
         again (a reader's writes, flows/serving/writer.py): their shape check (~45 ms of the GIL for
-        a 10,000-event body) is left to that process."""
+        a 10,000-event body) is left to that process. methods: path template (`/items/{item_id}`)
+        -> the methods served there."""
         self.app, self.tokens, self.max_body_bytes = app, tokens, max_body_bytes
         self.relayed = relayed
+        self.methods = [(_path_pattern(path), ", ".join(sorted(allowed)), allowed)
+                        for path, allowed in (methods or {}).items()]
         self.any_host = "*" in allowed_hosts
         self.allowed_hosts = frozenset(host_name(h) if not h.startswith("[") else h[1:-1].lower()
                                        for h in allowed_hosts)
@@ -176,6 +183,11 @@ class Guard:
         if not self.any_host and (host is None or host_name(host) not in self.allowed_hosts):
             return 400, f"Host {host!r} is not one of serve.allowed_hosts", {}
         method, path = scope["method"], scope["path"]
+        for pattern, listed, allowed in self.methods:
+            if pattern.fullmatch(path):
+                if method not in allowed:
+                    return 405, f"{method} is not served at {path[:200]}; {listed} are", {"Allow": listed}
+                break
         if path not in OPEN_PATHS:
             needed = self.tokens.needed(write=method not in ("GET", "HEAD") and path not in READ_POSTS)
             if needed and not _bearer_matches(_header(scope, b"authorization"), needed):
@@ -224,6 +236,11 @@ class Guard:
             return
         scope[BODY_KEY] = body     # parsed by the handler's thread (flows/serving/api.py, json_body)
         await self.app(scope, _replay(body, receive), send)
+
+
+def _path_pattern(template: str) -> re.Pattern[str]:
+    """A route's path template as Starlette matches it: a `{name}` is one non-empty segment."""
+    return re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)))
 
 
 def _bearer_matches(header: str | None, tokens: tuple[str, ...]) -> bool:

@@ -12,18 +12,16 @@ import json
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
-from pydantic import BaseModel
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from features.errors import FeatureError
 from flows.errors import EXPECTED_ERRORS, DataContractError, LockBusy, TowerflowError
-from flows.serving.guard import OPEN_PATHS, public_message
+from flows.serving.guard import public_message
 from flows.serving.index import BadQuery
-from flows.serving.items import ItemExists, UnknownItem
+from flows.serving.items import ItemExists, RepeatedItem, UnknownItem
 from flows.serving.rerank import NoRanker
 from flows.serving.store import NothingPublished
 from models.errors import ModelInputError
@@ -44,7 +42,7 @@ class RequestError(TowerflowError):
 def status_of(exc: Exception) -> int:
     if isinstance(exc, RequestError):
         return exc.status
-    if isinstance(exc, ItemExists):
+    if isinstance(exc, (ItemExists, RepeatedItem)):
         return 409
     if isinstance(exc, UnknownItem):
         return 404
@@ -130,22 +128,3 @@ async def validation_error(request: Request, exc: Exception) -> Response:
     return error_response(public_message(validation_message(errors)), 400)
 
 
-def openapi_with_bearer(app: FastAPI, bodies: tuple[type[BaseModel], ...] = ()) -> dict[str, Any]:
-    """The generated schema, plus the request body models and the bearer token scheme on every
-    path but the open ones."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        components = schema.setdefault("components", {})
-        for model in bodies:    # the request bodies parsed by json_body, with the models they use
-            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.setdefault("schemas", {}).update(body.pop("$defs", {}))
-            components["schemas"][model.__name__] = body
-        components["securitySchemes"] = {
-            "bearer": {"type": "http", "scheme": "bearer",
-                       "description": "TOWERFLOW_API_TOKEN for writes; TOWERFLOW_READ_TOKEN (if set) for reads"}}
-        for path, operations in schema.get("paths", {}).items():
-            if path not in OPEN_PATHS:
-                for operation in operations.values():
-                    operation["security"] = [{"bearer": []}, {}]    # {}: none needed when no token is set
-        app.openapi_schema = schema
-    return app.openapi_schema

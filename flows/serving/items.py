@@ -37,8 +37,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from flows.errors import DataContractError, PublishError
+from flows.errors import DataContractError
 from flows.serving.events import row_field
+from flows.serving.index.base import plain
 from flows.serving.recommend import Recommender, coerce_id
 # The sidecar's format and lock belong to the store; imported here by name for this module's callers.
 from flows.serving.store import (  # noqa: F401
@@ -55,6 +56,18 @@ class ItemExists(DataContractError):
 
 class UnknownItem(DataContractError):
     """An item to remove is not in the catalog (HTTP 404)."""
+
+
+class RepeatedItem(DataContractError):
+    """An item id given twice in one request (HTTP 409, as for an id already in the catalog)."""
+
+
+class UnencodableItem(DataContractError):
+    """An item whose feature values the item tower cannot turn into a vector (HTTP 422)."""
+
+
+def _shown(features: pd.Series) -> str:
+    return "{" + ", ".join(f"{k}: {plain(v)!r}"[:80] for k, v in features.items()) + "}"
 
 
 def item_kinds(schema: dict[str, Any]) -> dict[str, str]:
@@ -106,7 +119,7 @@ def normalize_items(frame: pd.DataFrame, schema: dict[str, Any], where: str,
                                     for i, v in enumerate(frame["item_id"])]})
     repeated = out["item_id"][out["item_id"].duplicated()].tolist()
     if repeated:
-        raise DataContractError(f"{where}: item_id {repeated[0]!r} appears more than once")
+        raise RepeatedItem(f"{where}: item_id {repeated[0]!r} appears more than once")
     for col, kind in kinds.items():
         values = frame[col].tolist() if col in frame.columns else [None] * len(frame)
         out[col] = pd.Series([_feature(v, kind, row_field(row(i), col)) for i, v in enumerate(values)],
@@ -138,8 +151,12 @@ def _encode(rec: Recommender, items: pd.DataFrame) -> np.ndarray:
     vectors = np.asarray(rec.model.encode_items(items), dtype=np.float32)
     bad = ~np.isfinite(vectors).all(axis=1) | (np.abs(vectors).sum(axis=1) == 0)
     if bad.any():
-        raise PublishError(f"the item tower of version {rec.version} gave item_id "
-                           f"{items['item_id'].iloc[int(np.flatnonzero(bad)[0])]!r} a zero or non-finite vector")
+        # the item's own values (a numeric feature of 1e289) put the tower out of range: the
+        # request's problem (422), not the service's
+        row = items.iloc[int(np.flatnonzero(bad)[0])]
+        raise UnencodableItem(f"item_id {plain(row['item_id'])!r}: the item tower of version {rec.version} gives "
+                              f"its features {_shown(row.drop('item_id'))} a zero or non-finite vector; "
+                              "check them against the catalog's ranges")
     return vectors
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, StrictBool, StrictInt, WithJsonSchema,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, StrictBool, StrictFloat,
+                      StrictInt, WithJsonSchema, model_validator)
 from pydantic_core import PydanticCustomError
 
 ID_MAX_CHARS = 256
@@ -22,6 +22,8 @@ ROWS_CEILING = 1_000_000     # rows per write body; serve.max_events / max_items
 
 
 def _id(value: Any) -> int | str:
+    if isinstance(value, float) and value.is_integer():    # 42.0: JSON Schema's integer takes it
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise PydanticCustomError("id", "{value} is not an id (an integer, or text of at most {n} characters)",
                                   {"value": repr(value)[:80], "n": ID_MAX_CHARS})
@@ -35,7 +37,12 @@ def _id(value: Any) -> int | str:
 Id = Annotated[int | str, PlainValidator(_id), WithJsonSchema(
     {"anyOf": [{"type": "integer"}, {"type": "string", "minLength": 1, "maxLength": ID_MAX_CHARS}]})]
 IdText = Annotated[str, Field(min_length=1, max_length=ID_MAX_CHARS)]
-K = Annotated[StrictInt, Field(ge=1)]
+def _integral(value: Any) -> Any:
+    """5.0 is the integer 5 (JSON Schema's `integer` takes it); 5.5, true and "5" stay refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+K = Annotated[StrictInt, BeforeValidator(_integral), Field(ge=1)]
 Filter = Annotated[str, Field(max_length=FILTER_MAX_CHARS)]
 
 
@@ -92,8 +99,8 @@ class Event(BaseModel):
     item_id: Id | None = None
     timestamp: Annotated[str, Field(max_length=64)] | int | float | None = Field(
         None, description="ISO 8601 or unix seconds; the server's time when absent")
-    weight: float | None = None
-    rating: float | None = None
+    weight: StrictFloat | None = None    # a number (an int too), never true or "4.5"
+    rating: StrictFloat | None = None
 
 
 class EventsBody(Strict):

@@ -65,7 +65,7 @@ def test_bad_items_are_refused_with_the_reason(service: Service) -> None:
         r = service.post("/items", {"items": [item]})
         assert r.status_code == status and message in r.json()["error"], (item, r.status_code, r.text)
     r = service.post("/items", {"items": [{"item_id": 6000}, {"item_id": 6000}]})
-    assert r.status_code == 422 and "item_id 6000 appears more than once" in r.json()["error"]
+    assert r.status_code == 409 and "item_id 6000 appears more than once" in r.json()["error"]   # as one there
     r = service.post("/items", {"items": [{"item_id": 7000 + i} for i in range(4)]})
     assert r.status_code == 413 and "4 items exceed serve.max_items (3)" in r.json()["error"]
     assert read_additions(service.root / "artifacts/published/versions" / service.state.served.version).empty
