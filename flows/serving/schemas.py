@@ -21,9 +21,13 @@ FILTER_MAX_CHARS = 4096
 ROWS_CEILING = 1_000_000     # rows per write body; serve.max_events / max_items are the real caps
 
 
+def _integral(value: Any) -> Any:
+    """5.0 is the integer 5 (JSON Schema's `integer` takes it); 5.5, true and "5" stay refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _id(value: Any) -> int | str:
-    if isinstance(value, float) and value.is_integer():    # 42.0: JSON Schema's integer takes it
-        value = int(value)
+    value = _integral(value)
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise PydanticCustomError("id", "{value} is not an id (an integer, or text of at most {n} characters)",
                                   {"value": repr(value)[:80], "n": ID_MAX_CHARS})
@@ -37,11 +41,6 @@ def _id(value: Any) -> int | str:
 Id = Annotated[int | str, PlainValidator(_id), WithJsonSchema(
     {"anyOf": [{"type": "integer"}, {"type": "string", "minLength": 1, "maxLength": ID_MAX_CHARS}]})]
 IdText = Annotated[str, Field(min_length=1, max_length=ID_MAX_CHARS)]
-def _integral(value: Any) -> Any:
-    """5.0 is the integer 5 (JSON Schema's `integer` takes it); 5.5, true and "5" stay refused."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
 K = Annotated[StrictInt, BeforeValidator(_integral), Field(ge=1)]
 Filter = Annotated[str, Field(max_length=FILTER_MAX_CHARS)]
 
