@@ -186,7 +186,7 @@ class Guard:
         for pattern, listed, allowed in self.methods:
             if pattern.fullmatch(path):
                 if method not in allowed:
-                    return 405, f"{method} is not served at {path[:200]}; {listed} are", {"Allow": listed}
+                    return 405, f"{method} is not served at {path[:200]} (Allow: {listed})", {"Allow": listed}
                 break
         if path not in OPEN_PATHS:
             needed = self.tokens.needed(write=method not in ("GET", "HEAD") and path not in READ_POSTS)
