@@ -54,8 +54,11 @@ def route_schema(app: FastAPI, bodies: tuple[type[BaseModel], ...] = ()) -> dict
 
 
 def id_schema(dtype: str) -> dict[str, Any]:
-    """A user or item id of the live version: int64, or text."""
-    return dict(INT64) if dtype == "int64" else {"type": "string", "minLength": 1, "maxLength": ID_MAX_CHARS}
+    """A user or item id of the live version: int64, or text (an integer is taken as its text,
+    flows/sources/normalize.py coerce_id)."""
+    if dtype == "int64":
+        return dict(INT64)
+    return {"anyOf": [{"type": "string", "minLength": 1, "maxLength": ID_MAX_CHARS}, {"type": "integer"}]}
 
 
 def _one_or_many(one: dict[str, Any], most: int = LIST_MAX_VALUES) -> list[dict[str, Any]]:
@@ -85,7 +88,7 @@ def _feature_schema(kind: str) -> dict[str, Any]:
     if kind == "numeric":
         return {"anyOf": [NUMBER, {"type": "null"}]}
     if kind == "multi":
-        value = {"anyOf": [{"type": "string", "maxLength": TEXT_MAX_CHARS}, NUMBER]}
+        value = {"anyOf": [{"type": "string", "maxLength": TEXT_MAX_CHARS}, NUMBER, {"type": "null"}]}  # null: left out
         return {"anyOf": [{"type": "array", "items": value, "maxItems": LIST_MAX_VALUES},
                           {"type": "string", "maxLength": TEXT_MAX_CHARS,
                            "description": "values joined by '|', as in a CSV file"}, {"type": "null"}]}

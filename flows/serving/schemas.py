@@ -31,6 +31,8 @@ def _id(value: Any) -> int | str:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise PydanticCustomError("id", "{value} is not an id (an integer, or text of at most {n} characters)",
                                   {"value": repr(value)[:80], "n": ID_MAX_CHARS})
+    if value == "":
+        raise PydanticCustomError("id_empty", "an empty id", {})
     if isinstance(value, str) and len(value) > ID_MAX_CHARS:
         raise PydanticCustomError("id_length", "an id of {length} characters; ids have at most {n}",
                                   {"length": len(value), "n": ID_MAX_CHARS})
@@ -115,8 +117,9 @@ class EventsBody(Strict):
         return rows_of("events", data)
 
 
-FeatureValue = (Annotated[str, Field(max_length=TEXT_MAX_CHARS)] | float | int | bool | None |
-                Annotated[list[Annotated[str, Field(max_length=TEXT_MAX_CHARS)] | float | int | None],
+# Strict numbers: a lax float would take a 5,000-character string of digits as 0.0, past the text bound.
+FeatureValue = (Annotated[str, Field(max_length=TEXT_MAX_CHARS)] | StrictFloat | StrictInt | StrictBool | None |
+                Annotated[list[Annotated[str, Field(max_length=TEXT_MAX_CHARS)] | StrictFloat | StrictInt | None],
                           Field(max_length=LIST_MAX_VALUES)])
 
 
