@@ -5,7 +5,8 @@ In order, each answered with `{"error": "..."}`:
    cannot then reach a loopback service through a DNS name its author controls (DNS rebinding).
 2. Method: a path the service serves, asked with a method it does not serve there (PUT /recommend,
    OPTIONS), gets 405 with `Allow` listing the methods it does serve (RFC 9110), before the token
-   or the body is looked at. Starlette's own 405 named only the first route of a path.
+   or the body is looked at. Starlette's own 405 named only the first route of a path. HEAD is served
+   wherever GET is (`curl -I /healthz`, a load balancer's probe): the GET's status and headers.
 3. Token: with TOWERFLOW_API_TOKEN set, writes (POST /events, POST /items, DELETE /items/{id}) need
    `Authorization: Bearer <it>`; with TOWERFLOW_READ_TOKEN set, so do reads (the write token is
    accepted for reads too). /healthz stays open: load balancers probe it without credentials (401).
@@ -172,8 +173,10 @@ class Guard:
         -> the methods served there."""
         self.app, self.tokens, self.max_body_bytes = app, tokens, max_body_bytes
         self.relayed = relayed
+        served = {path: frozenset(allowed | {"HEAD"} if "GET" in allowed else allowed)
+                  for path, allowed in (methods or {}).items()}
         self.methods = [(_path_pattern(path), ", ".join(sorted(allowed)), allowed)
-                        for path, allowed in (methods or {}).items()]
+                        for path, allowed in served.items()]
         self.any_host = "*" in allowed_hosts
         self.allowed_hosts = frozenset(host_name(h) if not h.startswith("[") else h[1:-1].lower()
                                        for h in allowed_hosts)
@@ -210,6 +213,8 @@ class Guard:
         if refusal is not None:
             await send_error(send, *refusal)
             return
+        if scope["method"] == "HEAD" and self.methods:     # the routes are GET's: answered as one, no body
+            scope, send = {**scope, "method": "GET"}, _headers_only(send)
         if scope["method"] not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
@@ -236,6 +241,16 @@ class Guard:
             return
         scope[BODY_KEY] = body     # parsed by the handler's thread (flows/serving/api.py, json_body)
         await self.app(scope, _replay(body, receive), send)
+
+
+def _headers_only(send: Send) -> Send:
+    async def headers_only(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            if message.get("more_body", False):
+                return
+            message = {"type": "http.response.body", "body": b"", "more_body": False}
+        await send(message)
+    return headers_only
 
 
 def _path_pattern(template: str) -> re.Pattern[str]:

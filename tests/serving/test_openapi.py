@@ -17,15 +17,21 @@ TOKEN = "openapi-token-0123456789abcdef"
 
 def test_a_method_a_path_does_not_serve_is_405_naming_the_ones_it_does(project: Path) -> None:
     with running(project, env={"TOWERFLOW_API_TOKEN": TOKEN}) as svc:
-        for method, path, allow in (("OPTIONS", "/recommend", "GET, POST"), ("DELETE", "/recommend", "GET, POST"),
-                                    ("PUT", "/healthz", "GET"), ("PUT", "/items/5", "DELETE"),
-                                    ("GET", "/items/5", "DELETE"), ("POST", "/openapi.json", "GET")):
+        for method, path, allow in (("OPTIONS", "/recommend", "GET, HEAD, POST"),
+                                    ("DELETE", "/recommend", "GET, HEAD, POST"), ("PUT", "/healthz", "GET, HEAD"),
+                                    ("PUT", "/items/5", "DELETE"), ("GET", "/items/5", "DELETE"),
+                                    ("POST", "/openapi.json", "GET, HEAD")):
             # no token and no body: the method is answered before either is looked at
             r = svc.client.request(method, path)
             assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.status_code, r.text)
             assert r.json()["error"] == f"{method} is not served at {path} (Allow: {allow})"
         assert svc.client.get("/nowhere").status_code == 404
         assert svc.client.get("/healthz").status_code == 200
+        # HEAD wherever GET: the GET's status and headers, no body (a load balancer's probe)
+        head, get = svc.client.head("/healthz"), svc.client.get("/healthz")
+        assert head.status_code == 200 and head.content == b"" and head.headers["content-type"] == "application/json"
+        assert head.headers["content-length"] == get.headers["content-length"]
+        assert svc.client.head("/recommend", params={"user_id": "abc"}).status_code == 422
 
 
 def test_the_schema_holds_the_live_versions_ids_filter_fields_features_and_limits(service: Service) -> None:
