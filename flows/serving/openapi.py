@@ -25,7 +25,7 @@ from flows.int64 import INT64_MAX, INT64_MIN
 from flows.params import ServeParams
 from flows.serving.guard import OPEN_PATHS
 from flows.serving.index.base import RANGE_KEYS
-from flows.serving.store import RANKER_DIR
+from flows.serving.items import item_kinds
 from flows.serving.schemas import ID_MAX_CHARS, LIST_MAX_VALUES, TEXT_MAX_CHARS
 from validation.params import EventRules
 
@@ -88,7 +88,8 @@ def _feature_schema(kind: str) -> dict[str, Any]:
     if kind == "numeric":
         return {"anyOf": [NUMBER, {"type": "null"}]}
     if kind == "multi":
-        value = {"anyOf": [{"type": "string", "maxLength": TEXT_MAX_CHARS}, NUMBER, {"type": "null"}]}  # null: left out
+        # a null value in the list is left out
+        value = {"anyOf": [{"type": "string", "maxLength": TEXT_MAX_CHARS}, NUMBER, {"type": "null"}]}
         return {"anyOf": [{"type": "array", "items": value, "maxItems": LIST_MAX_VALUES},
                           {"type": "string", "maxLength": TEXT_MAX_CHARS,
                            "description": "values joined by '|', as in a CSV file"}, {"type": "null"}]}
@@ -122,16 +123,14 @@ def _event_schema(schema: Mapping[str, Any], rules: EventRules, now: datetime) -
             properties["rating"] = {"anyOf": [rating, {"type": "null"}],
                                     "description": f"{rules.rating_fill} when absent (data.event_rating)"}
     else:
-        properties["rating"] = {"anyOf": [NUMBER, {"type": "null"}], "description": "ignored: the source has no ratings"}
+        properties["rating"] = {"anyOf": [NUMBER, {"type": "null"}],
+                                "description": "ignored: the source has no ratings"}
     return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
 
 
-def _item_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
-    features = schema.get("item_features", {})
-    properties = {"item_id": id_schema(schema["item_id_dtype"])}
-    for kind in ("categorical", "numeric", "multi"):
-        for column in features.get(kind, []):
-            properties[column] = _feature_schema(kind)
+def _item_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    properties = {"item_id": id_schema(schema["item_id_dtype"]),
+                  **{column: _feature_schema(kind) for column, kind in item_kinds(schema).items()}}
     return {"type": "object", "properties": properties, "required": ["item_id"], "additionalProperties": False,
             "description": "item_id + the live model's item feature columns (a column left out is missing)"}
 
@@ -196,8 +195,7 @@ class LiveOpenAPI:
                 return self._routes
             if self._cached is None or self._cached[0] != served.version:
                 config = state.config
-                ranker = config.ranker is not None and \
-                    (config.ranker.store.version_dir(served.version) / RANKER_DIR).is_dir()
+                ranker = config.ranker is not None and config.ranker.published(served.version)
                 live = live_schema(self._routes, served.rec.schema, served.rec.index.settings.fields, ranker,
                                    config.serve, config.event_rules, datetime.now(timezone.utc))
                 self._cached = (served.version, live)

@@ -31,13 +31,18 @@ class NoRanker(MissingStageInput):
     retried (the service: 422). A ranker whose files are broken stays a 503."""
 
 
+def ranker_folder(bundle_dir: Path) -> Path:
+    """Where a bundle holds its ranker; absent when the version was published without one."""
+    return Path(bundle_dir) / RANKER_DIR
+
+
 def load_bundle_ranker(bundle_dir: Path) -> RankerBundle:
     """The ranker published in a bundle (its ranker/ folder): the one `rerank` serves with that
     version, so a rollback brings back its own ranker."""
     from models.errors import ModelNotFound, NoRankerTrained
     from models.ranking.bundle import load_ranker
 
-    folder = Path(bundle_dir) / RANKER_DIR
+    folder = ranker_folder(bundle_dir)
     if not folder.is_dir():
         raise NoRanker(f"version {Path(bundle_dir).name} was published without a ranker: run the rank "
                        "stage first, then publish again (`towerflow run`)")
@@ -146,6 +151,10 @@ class RankerCache:
         self.store = BundleStore(published_dir)
         self._version: str | None = None
         self._ranker: RankerBundle | None = None
+
+    def published(self, version: str) -> bool:
+        """Whether `version` was published with a ranker (what `get` needs), without loading it."""
+        return ranker_folder(self.store.version_dir(version)).is_dir()
 
     def get(self, version: str) -> RankerBundle:
         if self._ranker is None or version != self._version:
