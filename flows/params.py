@@ -157,6 +157,13 @@ class RunParams(Section):
     # the project folder). dask needs `pip install prefect-dask`, ray `pip install prefect-ray`.
     task_runner: Literal["thread", "dask", "ray"] = "thread"
     task_runner_address: str | None = None       # scheduler address (dask: tcp://host:8786); None: a local cluster
+    # After a successful run, what the project's DVC cache keeps. DVC keeps every output of every run
+    # it ever cached: a nightly run adds its outputs each night (~0.5 GB at 1M interactions, most
+    # of it the online store and the training tables) though only committed runs can be checked out
+    # again. versioned: what the workspace (this run, and the outputs a failed stage gets back), any
+    # git commit, branch or tag, or a `dvc exp` experiment uses; the rest goes (flows/reproduce.py).
+    # all: DVC's own default, nothing removed. A cache outside the project (cache.dir) is never collected
+    keep_cache: Literal["versioned", "all"] = "versioned"
 
 
 class DriftParams(Section):

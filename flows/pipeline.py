@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from contextlib import suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -183,9 +183,11 @@ def towerflow_pipeline(root: str, stages: list[str] | None = None, force: bool =
         _portal(params, project)        # after every run, blocked and failed ones included
         if error:
             return Failed(message=error, data=runs)  # a failed run, without a traceback
-        pushed = _push_task(params.run)(project, params.run.stage_timeout_s)
-        if pushed is not None:
-            get_run_logger().info("pushed %d file(s) to the DVC remote '%s'", pushed[1], pushed[0])
+        finished = _finish_task(params.run)(project, params.run)
+        if finished.remote is not None:
+            get_run_logger().info("pushed %d file(s) to the DVC remote '%s'", finished.pushed, finished.remote)
+        if finished.gc:
+            _log_gc(finished.gc)
     return runs
 
 
@@ -215,21 +217,55 @@ def _portal(params: Params, project: Path) -> None:
         get_run_logger().warning("report portal not built: %s: %s", type(exc).__name__, exc)
 
 
-def _push(root: Path, timeout_s: float) -> tuple[str, int] | None:
-    """After a successful run, push the outputs to the default DVC remote when one is set; (remote,
-    files pushed), or None without a remote. In its own process group, like a stage (timeout)."""
-    if default_remote(root) is None:   # no process to start (~1 s of CPU a run) for nothing to push
-        return None
-    outcome, why = _in_own_process(root, "push", timeout_s, [])
+@dataclass
+class Finished:
+    """What the end of a successful run did: the push (remote None: none set) and the DVC cache's
+    garbage collection (run.keep_cache; {} when not asked for)."""
+    remote: str | None = None
+    pushed: int = 0
+    gc: dict[str, Any] = field(default_factory=dict)
+
+
+def _finish(root: Path, cfg: RunParams) -> Finished:
+    """After a successful run, push the outputs to the default DVC remote when one is set, then
+    collect the DVC cache's garbage (run.keep_cache: versioned), both in one process group of their
+    own, like a stage (timeout). No process to start (~1 s of CPU) when there is neither to do."""
+    push, gc = default_remote(root) is not None, cfg.keep_cache == "versioned"
+    if not (push or gc):
+        return Finished()
+    flags = ["--push"] * push + ["--gc"] * gc
+    outcome, why = _in_own_process(root, "finish", cfg.stage_timeout_s, flags)
     if outcome is None:
-        raise StageFailed(f"dvc push {why}")
-    return (outcome["remote"], outcome["pushed"]) if outcome["remote"] else None
+        raise StageFailed(f"dvc {' and '.join(['push'] * push + ['gc'] * gc)} {why}")
+    return Finished(outcome["remote"], outcome["pushed"] or 0, outcome.get("gc", {}))
 
 
-def _push_task(cfg: RunParams):  # noqa: ANN202 - a prefect Task
+def _finish_task(cfg: RunParams):  # noqa: ANN202 - a prefect Task
     # network I/O: every failure here is worth a retry (a failed push leaves the run's outputs intact)
-    return task(_push, name="dvc-push", retries=cfg.retries,
+    return task(_finish, name="dvc-push-gc", retries=cfg.retries,
                 retry_delay_seconds=exponential_backoff(backoff_factor=cfg.retry_delay_s) if cfg.retries else 0)
+
+
+def _log_gc(gc: dict[str, Any]) -> None:
+    """One line in the run's log for the cache's garbage collection: a failure or a skip is a warning
+    (the run has succeeded; the cache only keeps more than it needs)."""
+    logger = get_run_logger()
+    if "error" in gc:
+        logger.warning("DVC cache not collected: %s", gc["error"])
+    elif "skipped" in gc:
+        logger.warning("DVC cache not collected: %s", gc["skipped"])
+    else:
+        logger.info("DVC cache: removed %d file(s), %s, of runs no version uses (run.keep_cache: versioned); "
+                    "%s kept (%.1f s)", gc["removed"], _size(gc["freed_bytes"]), _size(gc["kept_bytes"]),
+                    gc["seconds"])
+        if "remote" in gc:
+            logger.info("DVC remote (a folder of this project): removed %d file(s), %s; %s kept",
+                        gc["remote"]["removed"], _size(gc["remote"]["freed_bytes"]),
+                        _size(gc["remote"]["kept_bytes"]))
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
 
 
 def source_refresh(root: Path, params: Params, names: list[str]) -> dict[str, str]:

@@ -1,9 +1,9 @@
-"""One DVC stage (or the push) of a run, reproduced in a process of its own.
+"""One DVC stage of a run (or the run's push and cache cleanup), reproduced in a process of its own.
 
-The flow's task starts `python -m flows.reproduce ROOT ACTION RESULT PARENT_PID [--force | --restore]`
-(ACTION: a stage name, or `push`; `--restore`: put back the stage's outputs of its last successful run,
-after it failed or was stopped) as the leader of a new process group, waits at most run.stage_timeout_s and then stops the
-whole group: DVC, the stage command it runs and whatever that started. A Prefect timeout cannot do
+The flow's task starts `python -m flows.reproduce ROOT ACTION RESULT PARENT_PID [FLAGS]` (ACTION: a
+stage name, with `--force` or `--restore`: put back the stage's outputs of its last successful run,
+after it failed or was stopped; or `finish`, with `--push` and/or `--gc`) as the leader of a new
+process group, waits at most run.stage_timeout_s and then stops the whole group: DVC, the stage command it runs and whatever that started. A Prefect timeout cannot do
 this (in a worker thread it cannot interrupt a blocking call: the stage would run on). This process
 reads params.yaml's values from the run's params file (flows/run_params.py), passes that file to the
 stage command, writes its outcome as JSON to RESULT, and ends its group if the run that started it
@@ -15,14 +15,19 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flows.errors import TRANSIENT_EXIT
 from flows.run_params import ENV, RUN_PARAMS, dvc_reads_params_from
+
+if TYPE_CHECKING:      # DVC is imported when a stage runs, not when this module loads
+    from dvc.repo import Repo
+    from dvc_data.hashfile.db import HashFileDB
 
 
 def _reproduce(name: str, force: bool) -> dict[str, Any]:
@@ -90,6 +95,107 @@ def _push() -> dict[str, Any]:
         return {"ok": True, "remote": remote, "pushed": repo.push()}
 
 
+def _cache_files(folder: Path) -> dict[str, int]:
+    """{path: bytes} of every file under `folder`."""
+    return {str(Path(top) / name): (Path(top) / name).stat().st_size
+            for top, _, names in os.walk(folder) for name in names}
+
+
+# What a commit's DVC outputs are read from: a commit that changes none of these uses what its
+# parent uses (git pathspecs, in every folder)
+DVC_FILES = (":(glob)**/dvc.yaml", ":(glob)**/dvc.lock", ":(glob)**/*.dvc", ":(glob)**/params.yaml")
+
+
+def versioned_revisions(root: Path) -> list[str] | None:
+    """The commits, on any ref (branches, tags, `dvc exp` experiments, the stash), that changed a file
+    DVC reads its outputs from: every other commit uses what one of these uses. DVC's own
+    `gc --all-commits` reads every commit's stages (0.3 s a commit on a 2-core machine: 90 s for a
+    history of 300 commits); a project's history is mostly code. None when git cannot say (no git
+    command: DVC reads repos without one): then every commit is read."""
+    try:
+        shown = subprocess.run(["git", "log", "--all", "--full-history", "--format=%H", "--", *DVC_FILES],
+                               cwd=root, capture_output=True, text=True)
+    except OSError:
+        return None
+    if shown.returncode != 0:
+        return None
+    return shown.stdout.split()     # none in a repo with no commit yet
+
+
+def _collect_garbage() -> dict[str, Any]:
+    """Remove from the project's DVC cache (run.keep_cache: versioned) the objects no version uses.
+    Kept: the workspace's (dvc.lock: the run just made, and what a failed stage gets back) and those
+    of every commit on any git ref (branches, tags, experiments), so any versioned run checks out
+    again; what goes is the outputs of runs never committed and replaced since. This is
+    `dvc gc --workspace --all-commits --all-experiments` with the commits that cannot add anything
+    left out. A failure is reported, not raised: the run it follows has succeeded. A cache outside
+    the project (cache.dir) may hold other projects' objects: never collected here."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo, lock_repo
+    from dvc.scm import NoSCM
+    from dvc_data.hashfile.db import get_index
+    from dvc_data.hashfile.gc import gc
+
+    # DVC warns of every output of a commit before the first run ("missing version info"): nothing
+    # for a user to do; the run's log gets one line of what was removed
+    logging.getLogger("dvc").setLevel(logging.ERROR)
+    started = time.monotonic()
+    with Repo(".") as repo:
+        cache = Path(repo.cache.local_cache_dir).resolve()
+        if not cache.is_relative_to(Path(repo.root_dir).resolve()):
+            return {"skipped": f"the DVC cache {cache} is outside this project (cache.dir): other projects "
+                               "may use it; collect it with `dvc gc --projects ...`"}
+        before = _cache_files(cache)
+        git = not isinstance(repo.scm, NoSCM)      # `dvc init --no-scm`: the workspace alone
+        try:
+            with lock_repo(repo):
+                # the workspace always; revs resolves each commit once (a tag on one is not read twice)
+                revs = versioned_revisions(Path(repo.root_dir)) if git else []
+                used = repo.used_objs(revs=revs, all_commits=revs is None, all_branches=git, all_tags=git,
+                                      all_experiments=git, force=True)
+                in_use = set().union(*used.values())
+                for odb in {odb for _, odb in repo.cache.by_scheme() if odb}:
+                    gc(odb, in_use)
+                outcome = _change(before, _cache_files(cache))
+                remote = _own_remote(repo)
+                if remote is not None:      # the same for a remote folder of this project's own
+                    before = _cache_files(Path(remote.path))
+                    gc(remote, in_use)
+                    get_index(remote).clear()       # DVC's record of what the remote holds
+                    outcome["remote"] = _change(before, _cache_files(Path(remote.path)))
+        except DvcException as exc:
+            return {"error": str(exc.__cause__ or exc)}
+    return {**outcome, "seconds": round(time.monotonic() - started, 1)}
+
+
+def _own_remote(repo: Repo) -> HashFileDB | None:
+    """The default remote's object store when it is a folder inside the project, as the demo's
+    `dvc-remote/` is: only this project writes there. Any other remote (S3, a shared folder) may
+    hold what other clones' commits, unknown here, use: never collected by a run."""
+    from dvc_objects.fs.local import LocalFileSystem
+
+    name = default_remote(Path(repo.root_dir))
+    if name is None:
+        return None
+    odb = repo.cloud.get_remote_odb(name, "gc")
+    inside = Path(odb.path).resolve().is_relative_to(Path(repo.root_dir).resolve())
+    return odb if isinstance(odb.fs, LocalFileSystem) and inside else None
+
+
+def _change(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    gone = before.keys() - after.keys()
+    return {"removed": len(gone), "freed_bytes": sum(before[f] for f in gone), "kept_bytes": sum(after.values())}
+
+
+def _finish(push: bool, gc: bool) -> dict[str, Any]:
+    """After a successful run: the push (a failure raises: the task retries it), then the cache's
+    garbage collection (its outcome under "gc")."""
+    outcome = _push() if push else {"ok": True, "remote": None, "pushed": None}
+    if gc:
+        outcome["gc"] = _collect_garbage()
+    return outcome
+
+
 def end_with_parent(parent: int) -> None:
     """Stop this process group when the process that started it is gone (reparented): a run's stage,
     or a scale bench's (flows/experiments/scale_bench.py), must not run on, unwatched."""
@@ -111,8 +217,8 @@ def main(argv: list[str]) -> int:
     run_file = root / RUN_PARAMS
     os.environ[ENV] = str(run_file)      # inherited by the stage command DVC starts
     with dvc_reads_params_from(root / "params.yaml", run_file):
-        if action == "push":
-            outcome = _push()
+        if action == "finish":
+            outcome = _finish("--push" in argv[4:], "--gc" in argv[4:])
         elif "--restore" in argv[4:]:
             outcome = _restore(action)
         else:

@@ -6,6 +6,7 @@ its stages and dvc.lock but never params.yaml. A real DVC repo in a temp
 dir whose stages are small shell commands; the real Prefect flow under the test harness."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -218,26 +219,34 @@ def test_a_paths_override_is_refused_in_one_line(tmp_path):
 
 def test_a_push_process_starts_only_with_a_default_remote(tmp_path, monkeypatch):
     """The run pushes its outputs to core.remote from any level DVC reads (the repo's config or
-    config.local); without one it starts no push process (~1 s of CPU for nothing to push)."""
+    config.local); with neither a remote nor the cache's collection to do (run.keep_cache: all) it
+    starts no process (~1 s of CPU for nothing)."""
     import flows.pipeline as pipeline
+    from flows.params import RunParams
     from flows.reproduce import default_remote
 
     root = _repo(tmp_path / "p", "echo ok > out.txt")
     run([DVC, "repro"], root)
     (root / RUN_PARAMS.parent).mkdir(parents=True)        # where the flow's processes write their outcome
-    started: list[str] = []
+    started: list[list[str]] = []
     real = pipeline._in_own_process
 
-    def spy(root_: Path, action: str, *args: object):  # noqa: ANN202 - records, then the real call
-        started.append(action)
-        return real(root_, action, *args)
+    def spy(root_: Path, action: str, timeout_s: float, flags: list[str]):  # noqa: ANN202 - records, then the real call
+        started.append([action, *flags])
+        return real(root_, action, timeout_s, flags)
 
     monkeypatch.setattr(pipeline, "_in_own_process", spy)
-    assert default_remote(root) is None and pipeline._push(root, 120) is None and started == []
+    keep_all = RunParams(keep_cache="all")
+    assert default_remote(root) is None and pipeline._finish(root, keep_all) == pipeline.Finished()
+    assert started == []
+    finished = pipeline._finish(root, RunParams())
+    assert finished.remote is None and finished.gc["removed"] == 0 and finished.gc["kept_bytes"] == 3
+    assert started == [["finish", "--gc"]]
     run([DVC, "remote", "add", "-d", "store", str(tmp_path / "store")], root)
     run([DVC, "remote", "add", "--local", "-d", "mine", str(tmp_path / "mine")], root)
     assert default_remote(root) == "mine"                     # config.local wins, as in `dvc push`
-    assert pipeline._push(root, 120) == ("mine", 1) and started == ["push"]
+    assert pipeline._finish(root, keep_all) == pipeline.Finished("mine", 1)
+    assert started[-1] == ["finish", "--push"]
     assert (tmp_path / "mine").is_dir() and not (tmp_path / "store").exists()
 
 
@@ -331,3 +340,93 @@ def test_a_finetune_reruns_train_when_the_live_version_changed(tmp_path):
     assert "train" in finetune_refresh(root, finetune, stages, "v2")
     assert finetune_refresh(root, load_params(root / "params.yaml"), stages, "v2") == {}    # update: full
     assert finetune_refresh(root, finetune, ["ingest"], "v2") == {}                        # not running train
+
+
+# --- the DVC cache after a run (run.keep_cache) ---
+
+def _cached(root: Path, cache: Path | None = None) -> set[str]:
+    """The DVC cache's objects, as md5 hashes."""
+    files = (cache or root / ".dvc" / "cache") / "files" / "md5"
+    return {p.parent.name + p.name for p in files.glob("*/*")}
+
+
+def _out_md5(root: Path) -> str:
+    return yaml.safe_load((root / "dvc.lock").read_text())["stages"]["ingest"]["outs"][0]["md5"]
+
+
+def test_a_run_leaves_in_the_cache_only_what_a_version_or_the_workspace_uses(harness, tmp_path, caplog):
+    """A nightly run's outputs went into the DVC cache every night and stayed, committed or not: with
+    run.keep_cache at its default (versioned) a run removes those of earlier runs that no git commit,
+    branch, tag or experiment records, and keeps its own and every committed one, which checks out."""
+    root = _repo(tmp_path / "p", "cat src.txt > out.txt")
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ingest": {
+        "cmd": "cat src.txt > out.txt", "deps": ["src.txt"], "outs": ["out.txt"]}}}))
+    # the demo's remote: a folder inside the project (.dvc/config: url = ../dvc-remote), only its own
+    run([DVC, "remote", "add", "-d", "own", "dvc-remote"], root)
+    (root / ".gitignore").write_text("/dvc-remote/\n")
+    own = root / "dvc-remote"
+
+    def night(text: str) -> str:
+        (root / "src.txt").write_text(text * 10_000)
+        assert run_pipeline(root, ("ingest",))[0].ran
+        return _out_md5(root)
+
+    first = night("first ")                      # a repo with no commit yet: the workspace is kept
+    assert first in _cached(root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "the first night, versioned"], root)
+    second = night("second ")                    # never committed
+    assert {first, second} <= _cached(root)
+    run(["git", "tag", "t-second-on-disk"], root)   # a tag of the first commit: nothing new is kept by it
+    caplog.clear()
+    third = night("third ")
+    assert first in _cached(root) and third in _cached(root)
+    assert second not in _cached(root), "the uncommitted run replaced since was kept"
+    assert "DVC cache: removed 1 file(s)" in caplog.text
+    assert {first, third} <= _cached(root, own) and second not in _cached(root, own)
+    assert "DVC remote (a folder of this project): removed 1 file(s)" in caplog.text
+    # the committed run still checks out, byte for byte; the workspace's outputs are as the run left them
+    work = tmp_path / "copy"
+    run(["git", "clone", "-q", str(root), str(work)], tmp_path)
+    run([DVC, "cache", "dir", str(root / ".dvc" / "cache")], work)
+    run([DVC, "checkout"], work)
+    assert (work / "out.txt").read_text() == "first " * 10_000
+    assert json.loads(run([DVC, "status", "--json"], root).stdout or "{}") == {}
+
+    # a branch's run is a version too; and with keep_cache: all nothing goes
+    run(["git", "checkout", "-qb", "experiment"], root)
+    fourth = night("fourth ")                    # the third night's (uncommitted) goes
+    assert third not in _cached(root)
+    run(["git", "commit", "-qam", "the fourth night, on a branch"], root)
+    run(["git", "checkout", "-q", "-"], root)
+    run([DVC, "checkout", "--force"], root)
+    (root / "params.yaml").write_text(yaml.safe_dump({"run": {"retries": 0, "keep_cache": "all"}}))
+    fifth = night("fifth ")
+    sixth = night("sixth ")
+    assert {first, fourth, fifth, sixth} <= _cached(root)
+    (root / "params.yaml").write_text(yaml.safe_dump({"run": {"retries": 0}}))
+    seventh = night("seventh ")
+    assert {first, fourth} <= _cached(root) and not {fifth, sixth} & _cached(root)
+    # a versioned run deep in the history (not a branch's or tag's tip) stays too, however many
+    # commits came after it
+    run(["git", "commit", "-qam", "the seventh night"], root)
+    for n in range(3):
+        (root / "notes.md").write_text(f"code, not data {n}")
+        run(["git", "add", "notes.md"], root)
+        run(["git", "commit", "-qm", f"code {n}"], root)
+    run(["git", "tag", "-d", "t-second-on-disk"], root)
+    night("eighth ")
+    assert {first, fourth, seventh} <= _cached(root)
+
+    assert {first, fourth, seventh} <= _cached(root, own)
+    # a remote elsewhere (S3, a shared folder) may hold what other clones' commits use: kept
+    elsewhere = tmp_path / "team-remote"
+    run([DVC, "remote", "add", "-d", "team", str(elsewhere)], root)
+    ninth, tenth = night("ninth "), night("tenth ")
+    assert {ninth, tenth} <= _cached(root, elsewhere) and ninth not in _cached(root)
+    # and so is a cache outside the project (cache.dir, maybe shared with other projects)
+    shared = tmp_path / "shared-cache"
+    run([DVC, "cache", "dir", str(shared)], root)
+    eleventh, twelfth = night("eleventh "), night("twelfth ")
+    assert {eleventh, twelfth} <= _cached(root, shared)
+    assert "DVC cache not collected: the DVC cache" in caplog.text and "outside this project" in caplog.text
