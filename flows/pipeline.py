@@ -255,17 +255,16 @@ def _log_gc(gc: dict[str, Any]) -> None:
     elif "skipped" in gc:
         logger.warning("DVC cache not collected: %s", gc["skipped"])
     else:
-        logger.info("DVC cache: removed %d file(s), %s, of runs no version uses (run.keep_cache: versioned); "
-                    "%s kept (%.1f s)", gc["removed"], _size(gc["freed_bytes"]), _size(gc["kept_bytes"]),
-                    gc["seconds"])
+        logger.info("DVC cache: %s of runs no version uses (run.keep_cache: versioned); %s kept (%.1f s)",
+                    *_removed_and_kept(gc), gc["seconds"])
         if "remote" in gc:
-            logger.info("DVC remote (a folder of this project): removed %d file(s), %s; %s kept",
-                        gc["remote"]["removed"], _size(gc["remote"]["freed_bytes"]),
-                        _size(gc["remote"]["kept_bytes"]))
+            logger.info("DVC remote (a folder of this project): %s; %s kept", *_removed_and_kept(gc["remote"]))
 
 
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+def _removed_and_kept(change: dict[str, int]) -> tuple[str, str]:
+    def size(n: int) -> str:
+        return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+    return f"removed {change['removed']} file(s), {size(change['freed_bytes'])}", size(change["kept_bytes"])
 
 
 def source_refresh(root: Path, params: Params, names: list[str]) -> dict[str, str]:

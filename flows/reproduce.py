@@ -3,7 +3,8 @@
 The flow's task starts `python -m flows.reproduce ROOT ACTION RESULT PARENT_PID [FLAGS]` (ACTION: a
 stage name, with `--force` or `--restore`: put back the stage's outputs of its last successful run,
 after it failed or was stopped; or `finish`, with `--push` and/or `--gc`) as the leader of a new
-process group, waits at most run.stage_timeout_s and then stops the whole group: DVC, the stage command it runs and whatever that started. A Prefect timeout cannot do
+process group, waits at most run.stage_timeout_s and then stops the whole group: DVC, the stage
+command it runs and whatever that started. A Prefect timeout cannot do
 this (in a worker thread it cannot interrupt a blocking call: the stage would run on). This process
 reads params.yaml's values from the run's params file (flows/run_params.py), passes that file to the
 stage command, writes its outcome as JSON to RESULT, and ends its group if the run that started it
