@@ -255,7 +255,7 @@ def _log_gc(gc: dict[str, Any]) -> None:
     elif "skipped" in gc:
         logger.warning("DVC cache not collected: %s", gc["skipped"])
     else:
-        logger.info("DVC cache: %s of runs no version uses (run.keep_cache: versioned); %s kept (%.1f s)",
+        logger.info("DVC cache: %s, of runs no version uses (run.keep_cache: versioned); %s kept (%.1f s)",
                     *_removed_and_kept(gc), gc["seconds"])
         if "remote" in gc:
             logger.info("DVC remote (a folder of this project): %s; %s kept", *_removed_and_kept(gc["remote"]))
