@@ -230,13 +230,12 @@ def _finish(root: Path, cfg: RunParams) -> Finished:
     """After a successful run, push the outputs to the default DVC remote when one is set, then
     collect the DVC cache's garbage (run.keep_cache: versioned), both in one process group of their
     own, like a stage (timeout). No process to start (~1 s of CPU) when there is neither to do."""
-    push, gc = default_remote(root) is not None, cfg.keep_cache == "versioned"
-    if not (push or gc):
+    todo = ["push"] * (default_remote(root) is not None) + ["gc"] * (cfg.keep_cache == "versioned")
+    if not todo:
         return Finished()
-    flags = ["--push"] * push + ["--gc"] * gc
-    outcome, why = _in_own_process(root, "finish", cfg.stage_timeout_s, flags)
+    outcome, why = _in_own_process(root, "finish", cfg.stage_timeout_s, [f"--{what}" for what in todo])
     if outcome is None:
-        raise StageFailed(f"dvc {' and '.join(['push'] * push + ['gc'] * gc)} {why}")
+        raise StageFailed(f"dvc {' and '.join(todo)} {why}")
     return Finished(outcome["remote"], outcome["pushed"] or 0, outcome.get("gc", {}))
 
 
