@@ -8,6 +8,10 @@ from validation.errors import ValidationFailed
 # `towerflow stage` exits with this code (EX_TEMPFAIL) when the failure may pass on a retry: a
 # connection refused or reset, a timeout. Anything else is final; the flow retries only these.
 TRANSIENT_EXIT = 75
+# A `towerflow stage` that a run started (flows/reproduce.py sets this to a file) also writes its
+# one-line error there: the run's failure then says why (the gate's reasons, the data check that
+# failed), in the terminal's last line and in Prefect's state message, not only "exited with 1".
+STAGE_ERROR = "TOWERFLOW_STAGE_ERROR"
 
 
 class TowerflowError(Exception):

@@ -204,7 +204,8 @@ def _run_stages(project: Path, names: list[str], force: bool, params: Params) ->
         run = _stage_task(name, params.run).submit(project, name, force or name in refresh,
                                                    params.run.stage_timeout_s).result()
         runs.append(asdict(run))
-        get_run_logger().info("%s: %s in %.1fs", name, "ran" if run.ran else "up to date", run.seconds)
+        outcome = "failed" if not run.ok else "ran" if run.ran else "up to date"
+        get_run_logger().info("%s: %s in %.1fs", name, outcome, run.seconds)
         if not run.ok:
             return runs, run.error
     return runs, ""

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flows.errors import TRANSIENT_EXIT
+from flows.errors import STAGE_ERROR, TRANSIENT_EXIT
 from flows.run_params import ENV, RUN_PARAMS, dvc_reads_params_from
 
 if TYPE_CHECKING:      # DVC is imported when a stage runs, not when this module loads
@@ -36,15 +36,21 @@ def _reproduce(name: str, force: bool) -> dict[str, Any]:
     from dvc.repo import Repo
 
     logging.getLogger("dvc").propagate = False
+    said = RUN_PARAMS.parent / f"{name}.error"      # the stage command's own one-line error, if it fails
+    said.unlink(missing_ok=True)
+    os.environ[STAGE_ERROR] = str(said.resolve())
     try:
         with Repo(".") as repo:
             repo.scm_context.quiet = True  # one "git add dvc.lock" hint at the end, not one per stage
             changed = repo.reproduce(targets=[name], single_item=True, force=force)
     except DvcException as exc:
-        # The stage printed its own one-line error; DVC's message says which stage and command.
+        # DVC's message says which command exited with which code; the stage's own line says why
         cause = exc.__cause__ or exc
+        why = said.read_text().strip() if said.is_file() else ""
         return {"ok": False, "ran": False, "transient": f"exited with {TRANSIENT_EXIT}" in str(cause),
-                "error": str(cause)}
+                "error": why or str(cause)}
+    finally:
+        said.unlink(missing_ok=True)
     return {"ok": True, "ran": bool(changed)}
 
 

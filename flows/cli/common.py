@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import os
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
 
-from flows.errors import EXPECTED_ERRORS, TRANSIENT_EXIT, TransientError
+from flows.errors import EXPECTED_ERRORS, STAGE_ERROR, TRANSIENT_EXIT, TransientError
 from flows.params import load_params
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -30,28 +30,35 @@ def _masked(exc: BaseException) -> str:
 
 
 @contextmanager
-def _errors() -> Iterator[None]:
-    """Expected failures print one line and exit 1; --debug shows the traceback."""
+def _errors(stage: bool = False) -> Iterator[None]:
+    """Expected failures print one line and exit 1; --debug shows the traceback. A stage a run started
+    (`stage`) also leaves that line where the run reads it (flows/errors.py STAGE_ERROR)."""
+    def say(kind: str, message: str) -> None:
+        typer.echo(f"towerflow: {kind}{message}", err=True)
+        where = os.environ.get(STAGE_ERROR) if stage else None
+        if where:
+            with suppress(OSError):     # the run then says what DVC says: the exit code
+                Path(where).write_text(message + "\n")
+
     try:
         yield
     except (TransientError, ConnectionError, TimeoutError) as exc:
         # exit 75 (EX_TEMPFAIL): the flow retries the stage with backoff (flows/pipeline.py)
         if _debug():
             traceback.print_exc()
-        typer.echo(f"towerflow: transient error (a retry may pass): {type(exc).__name__}: {_masked(exc)}", err=True)
+        say("transient error (a retry may pass): ", f"{type(exc).__name__}: {_masked(exc)}")
         raise typer.Exit(TRANSIENT_EXIT) from None
     except EXPECTED_ERRORS as exc:
         if _debug():
             traceback.print_exc()
-        typer.echo(f"towerflow: error: {_masked(exc)}", err=True)
+        say("error: ", _masked(exc))
         raise typer.Exit(1) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
     except Exception as exc:  # a bug, or a library failing: still one line unless --debug
         if _debug():
             traceback.print_exc()
-        typer.echo(f"towerflow: unexpected error: {type(exc).__name__}: {_masked(exc)} "
-                   "(run with --debug for the traceback)", err=True)
+        say("unexpected error: ", f"{type(exc).__name__}: {_masked(exc)} (run with --debug for the traceback)")
         raise typer.Exit(1) from None
 
 

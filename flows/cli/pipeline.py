@@ -26,7 +26,7 @@ STEP_FIGURES = ("seconds_by_step", "peak_rss_mb_after_step")
 def stage(name: str = typer.Argument(..., help="One of: " + ", ".join(STAGES)),
           set_: Optional[list[str]] = SetOption, params_file: Path = ParamsOption) -> None:
     """Run one stage in this process (dvc.yaml calls this)."""
-    with _errors():
+    with _errors(stage=True):
         if name not in STAGES:
             raise TowerflowError(f"unknown stage '{name}'; stages are: {', '.join(STAGES)}")
         from flows.run_params import stage_params_file

@@ -61,11 +61,22 @@ def test_retries_run_out(harness, tmp_path):
     assert (root / "tries").read_text().strip() == "2"
 
 
-def test_a_final_failure_is_not_retried(harness, tmp_path):
+def test_a_final_failure_is_not_retried(harness, tmp_path, caplog):
     root = _repo(tmp_path / "p", "n=$(cat tries 2>/dev/null || echo 0); echo $((n+1)) > tries; exit 1")
     with pytest.raises(StageFailed, match="stage 'ingest' failed"):
         run_pipeline(root, ("ingest",))
     assert (root / "tries").read_text().strip() == "1"
+    # the run's log says so too (it said "ingest: up to date", as for a stage with nothing to do)
+    assert "ingest: failed in" in caplog.text and "up to date" not in caplog.text
+
+
+def test_a_failed_stage_says_why_in_the_runs_failure(harness, tmp_path):
+    """The stage command's own one-line error is the run's failure (the terminal's last line and
+    Prefect's state message), not only DVC's "failed to run: ..., exited with 1"."""
+    root = _repo(tmp_path / "p", "towerflow stage nosuch", retries=0)
+    with pytest.raises(StageFailed, match="stage 'ingest' failed: unknown stage 'nosuch'; stages are: ingest"):
+        run_pipeline(root, ("ingest",))
+    assert not list((root / RUN_PARAMS.parent).glob("*.error"))      # read, then removed
 
 
 def test_a_second_run_is_refused_while_one_holds_the_lock(harness, tmp_path):
