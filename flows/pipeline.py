@@ -182,6 +182,7 @@ def towerflow_pipeline(root: str, stages: list[str] | None = None, force: bool =
             raise
         _portal(params, project)        # after every run, blocked and failed ones included
         if error:
+            _collect_after_failure(project, params.run)
             return Failed(message=error, data=runs)  # a failed run, without a traceback
         finished = _finish_task(params.run)(project, params.run)
         if finished.remote is not None:
@@ -227,11 +228,11 @@ class Finished:
     gc: dict[str, Any] = field(default_factory=dict)
 
 
-def _finish(root: Path, cfg: RunParams) -> Finished:
-    """After a successful run, push the outputs to the default DVC remote when one is set, then
+def _finish(root: Path, cfg: RunParams, push: bool = True) -> Finished:
+    """After a successful run, push the outputs to the default DVC remote when one is set (`push`), then
     collect the DVC cache's garbage (run.keep_cache: versioned), both in one process group of their
     own, like a stage (timeout). No process to start (~1 s of CPU) when there is neither to do."""
-    todo = ["push"] * (default_remote(root) is not None) + ["gc"] * (cfg.keep_cache == "versioned")
+    todo = ["push"] * (push and default_remote(root) is not None) + ["gc"] * (cfg.keep_cache == "versioned")
     if not todo:
         return Finished()
     outcome, why = _in_own_process(root, "finish", cfg.stage_timeout_s, [f"--{what}" for what in todo])
@@ -244,6 +245,20 @@ def _finish_task(cfg: RunParams):  # noqa: ANN202 - a prefect Task
     # network I/O: every failure here is worth a retry (a failed push leaves the run's outputs intact)
     return task(_finish, name="dvc-push-gc", retries=cfg.retries,
                 retry_delay_seconds=exponential_backoff(backoff_factor=cfg.retry_delay_s) if cfg.retries else 0)
+
+
+def _collect_after_failure(root: Path, cfg: RunParams) -> None:
+    """A run the gate stopped, or one whose stage failed, has cached what its stages made all the same:
+    collect as after a success (what a failed stage got back is the workspace's, so it stays), or a
+    week of blocked nightly runs keeps a week of outputs. No push: the remote gets successful runs. A
+    failure here is a warning; the run's own failure is what it reports."""
+    try:
+        finished = _finish_task(cfg)(root, cfg, push=False)
+    except Exception as exc:  # noqa: BLE001 - the run has failed already, on its own account
+        get_run_logger().warning("DVC cache not collected: %s", exc)
+        return
+    if finished.gc:
+        _log_gc(finished.gc)
 
 
 def _log_gc(gc: dict[str, Any]) -> None:

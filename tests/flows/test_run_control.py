@@ -259,6 +259,10 @@ def test_a_push_process_starts_only_with_a_default_remote(tmp_path, monkeypatch)
     assert pipeline._finish(root, keep_all) == pipeline.Finished("mine", 1)
     assert started[-1] == ["finish", "--push"]
     assert (tmp_path / "mine").is_dir() and not (tmp_path / "store").exists()
+    # after a failed run: the collection, never a push
+    assert pipeline._finish(root, keep_all, push=False) == pipeline.Finished() and len(started) == 2
+    assert pipeline._finish(root, RunParams(), push=False).remote is None
+    assert started[-1] == ["finish", "--gc"]
 
 
 def test_the_process_that_reproduces_a_stage_starts_without_the_params_models():
@@ -441,6 +445,26 @@ def test_a_run_leaves_in_the_cache_only_what_a_version_or_the_workspace_uses(har
     eleventh, twelfth = night("eleventh "), night("twelfth ")
     assert {eleventh, twelfth} <= _cached(root, shared)
     assert "DVC cache not collected: the DVC cache" in caplog.text and "outside this project" in caplog.text
+
+
+def test_a_run_the_gate_stops_collects_the_cache_too(harness, tmp_path, caplog):
+    """A week of nightly runs the gate stops must not keep a week of outputs: a run whose later stage
+    fails collects as a successful one does, and keeps what its own stages made and recorded."""
+    root = _repo(tmp_path / "p", "true", retries=0)
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "ingest": {"cmd": "cat src.txt > out.txt", "deps": ["src.txt"], "outs": ["out.txt"]},
+        "gate": {"cmd": "test ! -f blocked", "deps": ["out.txt"]}}}))
+    (root / "src.txt").write_text("first " * 10_000)
+    assert all(r.ok for r in run_pipeline(root, ("ingest", "gate")))
+    first = _out_md5(root)
+    (root / "src.txt").write_text("second " * 10_000)
+    (root / "blocked").touch()
+    caplog.clear()
+    with pytest.raises(StageFailed, match="stage 'gate' failed"):
+        run_pipeline(root, ("ingest", "gate"))
+    second = _out_md5(root)
+    assert second in _cached(root) and first not in _cached(root)
+    assert "DVC cache: removed 1 file(s)" in caplog.text
 
 
 def test_only_commits_that_can_name_an_output_are_read(tmp_path):
