@@ -8,6 +8,9 @@ from validation.errors import ValidationFailed
 # `towerflow stage` exits with this code (EX_TEMPFAIL) when the failure may pass on a retry: a
 # connection refused or reset, a timeout. Anything else is final; the flow retries only these.
 TRANSIENT_EXIT = 75
+# ...and with this one when the gate stopped the run's model (quality or drift; GateBlocked): the run
+# worked and kept a model from going live, which a scheduler or CI job can tell from a broken run (1)
+BLOCKED_EXIT = 3
 # A `towerflow stage` that a run started (flows/reproduce.py sets this to a file) also writes its
 # one-line error there: the run's failure then says why (the gate's reasons, the data check that
 # failed), in the terminal's last line and in Prefect's state message, not only "exited with 1".
@@ -60,7 +63,8 @@ class TransientError(TowerflowError):
 
 
 class GateBlocked(TowerflowError):
-    """The run failed the quality/drift gate: it must not be published (unless forced)."""
+    """The run failed the quality/drift gate: it must not be published (unless forced). The CLI exits
+    with BLOCKED_EXIT; a flow run the gate stops is a failed state named "Blocked"."""
 
 
 # What the CLI prints as one line (no traceback): our own errors and the libraries' domain errors.

@@ -26,7 +26,7 @@ from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
 from flows.environment import telemetry_off
-from flows.errors import ConfigError, StageFailed
+from flows.errors import ConfigError, GateBlocked, StageFailed
 from flows.params import Params, RunParams, load_params, resolve_source
 from flows.process_groups import sigterm_exits, stop_group
 from flows.portal.run import build_run_portal
@@ -36,6 +36,10 @@ from flows.run_params import RUN_PARAMS, write_run_params
 from flows.serving.store import BundleStore
 from flows.stages.ingest import source_changed
 from flows.stages.registry import STAGES
+
+# The name of the failed state of a run the gate stopped
+BLOCKED = "Blocked"
+
 
 class TransientStageFailure(RuntimeError):
     """A stage failed in a way a retry may fix; raised so that the Prefect task retries it."""
@@ -48,6 +52,7 @@ class StageRun:
     seconds: float
     ok: bool = True
     error: str = ""
+    blocked: bool = False      # the gate stopped the run's model (flows/errors.py BLOCKED_EXIT)
 
 
 def _reproduce(root: Path, name: str, force: bool, timeout_s: float) -> StageRun:
@@ -63,7 +68,8 @@ def _reproduce(root: Path, name: str, force: bool, timeout_s: float) -> StageRun
     if outcome.get("transient"):
         raise TransientStageFailure(f"stage '{name}' failed and may pass on a retry: {outcome['error']}")
     if not outcome["ok"]:
-        return StageRun(name, False, seconds, ok=False, error=f"stage '{name}' failed: {outcome['error']}")
+        return StageRun(name, False, seconds, ok=False, error=f"stage '{name}' failed: {outcome['error']}",
+                        blocked=outcome.get("blocked", False))
     return StageRun(name, outcome["ran"], seconds)
 
 
@@ -183,7 +189,8 @@ def towerflow_pipeline(root: str, stages: list[str] | None = None, force: bool =
         _portal(params, project)        # after every run, blocked and failed ones included
         if error:
             _collect_after_failure(project, params.run)
-            return Failed(message=error, data=runs)  # a failed run, without a traceback
+            # a failed run, without a traceback; one the gate stopped is named so (Prefect's UI, a scheduler)
+            return Failed(message=error, data=runs, name=BLOCKED if runs[-1]["blocked"] else "Failed")
         finished = _finish_task(params.run)(project, params.run)
         if finished.remote is not None:
             get_run_logger().info("pushed %d file(s) to the DVC remote '%s'", finished.pushed, finished.remote)
@@ -205,7 +212,7 @@ def _run_stages(project: Path, names: list[str], force: bool, params: Params) ->
         run = _stage_task(name, params.run).submit(project, name, force or name in refresh,
                                                    params.run.stage_timeout_s).result()
         runs.append(asdict(run))
-        outcome = "failed" if not run.ok else "ran" if run.ran else "up to date"
+        outcome = "blocked" if run.blocked else "failed" if not run.ok else "ran" if run.ran else "up to date"
         get_run_logger().info("%s: %s in %.1fs", name, outcome, run.seconds)
         if not run.ok:
             return runs, run.error
@@ -328,5 +335,7 @@ def run_pipeline(root: Path, stages: tuple[str, ...] = STAGES, overrides: list[s
     if state.is_failed():
         if isinstance(data, BaseException) and not isinstance(data, TransientStageFailure):
             raise data
+        if state.name == BLOCKED:
+            raise GateBlocked(state.message)       # `towerflow run` exits with BLOCKED_EXIT
         raise StageFailed(state.message or "pipeline failed")
     return [StageRun(**d) for d in data]

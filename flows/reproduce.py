@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flows.errors import STAGE_ERROR, TRANSIENT_EXIT
+from flows.errors import BLOCKED_EXIT, STAGE_ERROR, TRANSIENT_EXIT
 from flows.run_params import ENV, RUN_PARAMS, dvc_reads_params_from
 
 if TYPE_CHECKING:      # DVC is imported when a stage runs, not when this module loads
@@ -47,7 +48,9 @@ def _reproduce(name: str, force: bool) -> dict[str, Any]:
         # DVC's message says which command exited with which code; the stage's own line says why
         cause = exc.__cause__ or exc
         why = said.read_text().strip() if said.is_file() else ""
-        return {"ok": False, "ran": False, "transient": f"exited with {TRANSIENT_EXIT}" in str(cause),
+        found = re.search(r"exited with (-?\d+)", str(cause))
+        code = int(found.group(1)) if found else None
+        return {"ok": False, "ran": False, "transient": code == TRANSIENT_EXIT, "blocked": code == BLOCKED_EXIT,
                 "error": why or str(cause)}
     finally:
         said.unlink(missing_ok=True)

@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 
 import typer
 
-from flows.errors import EXPECTED_ERRORS, STAGE_ERROR, TRANSIENT_EXIT, TransientError
+from flows.errors import BLOCKED_EXIT, EXPECTED_ERRORS, STAGE_ERROR, TRANSIENT_EXIT, GateBlocked, TransientError
 from flows.params import load_params
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -52,7 +52,7 @@ def _errors(stage: bool = False) -> Iterator[None]:
         if _debug():
             traceback.print_exc()
         say("error: ", _masked(exc))
-        raise typer.Exit(1) from None
+        raise typer.Exit(BLOCKED_EXIT if isinstance(exc, GateBlocked) else 1) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
     except Exception as exc:  # a bug, or a library failing: still one line unless --debug

@@ -19,7 +19,7 @@ import yaml
 
 from tests.project import DVC, ROOT, git_dvc_repo, run
 from flows.cli import _force_overrides
-from flows.errors import RunInProgress, StageFailed
+from flows.errors import GateBlocked, RunInProgress, StageFailed
 from flows.pipeline import run_pipeline
 from flows.run_lock import run_lock
 from flows.run_params import RUN_PARAMS
@@ -447,24 +447,32 @@ def test_a_run_leaves_in_the_cache_only_what_a_version_or_the_workspace_uses(har
     assert "DVC cache not collected: the DVC cache" in caplog.text and "outside this project" in caplog.text
 
 
-def test_a_run_the_gate_stops_collects_the_cache_too(harness, tmp_path, caplog):
-    """A week of nightly runs the gate stops must not keep a week of outputs: a run whose later stage
-    fails collects as a successful one does, and keeps what its own stages made and recorded."""
-    root = _repo(tmp_path / "p", "true", retries=0)
+def test_a_run_the_gate_stops_is_blocked_and_collects_the_cache_too(harness, tmp_path, caplog):
+    """A gate that blocks exits with 3 (`towerflow stage gate`: tests/stages/test_gate_stage.py): the
+    run is then Blocked (GateBlocked: `towerflow run` exits with 3 too), not retried, not a broken
+    run. And a week of nightly runs the gate stops must not keep a week of outputs: a run whose later
+    stage fails collects as a successful one does, and keeps what its own stages made and recorded."""
+    root = _repo(tmp_path / "p", "true", retries=2)
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "ingest": {"cmd": "cat src.txt > out.txt", "deps": ["src.txt"], "outs": ["out.txt"]},
-        "gate": {"cmd": "test ! -f blocked", "deps": ["out.txt"]}}}))
+        "gate": {"cmd": "echo x >> tries; test ! -f blocked || exit 3", "deps": ["out.txt"]}}}))
     (root / "src.txt").write_text("first " * 10_000)
     assert all(r.ok for r in run_pipeline(root, ("ingest", "gate")))
     first = _out_md5(root)
     (root / "src.txt").write_text("second " * 10_000)
     (root / "blocked").touch()
     caplog.clear()
-    with pytest.raises(StageFailed, match="stage 'gate' failed"):
+    with pytest.raises(GateBlocked, match="stage 'gate' failed"):
         run_pipeline(root, ("ingest", "gate"))
+    assert "gate: blocked in" in caplog.text and len((root / "tries").read_text().split()) == 2
     second = _out_md5(root)
     assert second in _cached(root) and first not in _cached(root)
     assert "DVC cache: removed 1 file(s)" in caplog.text
+    (root / "params.yaml").write_text(yaml.safe_dump({"run": {"retries": 0}}))
+    (root / "dvc.yaml").write_text((root / "dvc.yaml").read_text().replace("exit 3", "exit 1"))
+    with pytest.raises(StageFailed) as failed:              # any other failure is not a block
+        run_pipeline(root, ("ingest", "gate"))
+    assert not isinstance(failed.value, GateBlocked)
 
 
 def test_only_commits_that_can_name_an_output_are_read(tmp_path):

@@ -16,7 +16,7 @@ from flows.cli import _force_overrides, app
 from flows.errors import ConfigError, MissingStageInput, TowerflowError
 from flows.params import DriftLimits, GateParams, load_params
 from flows.reports.live import BUNDLE_FILES, bundle_reports, live_bundle
-from flows.errors import GateBlocked
+from flows.errors import BLOCKED_EXIT, GateBlocked
 from flows.reports.live import require_passed
 from flows.stages.gate import gate
 
@@ -234,17 +234,21 @@ def test_cli_force_becomes_gate_params_that_dvc_lock_records(tmp_path: Path):
 
 
 def test_stage_gate_blocked_through_the_cli_is_one_line(tmp_path: Path):
-    """`towerflow stage gate` (what dvc.yaml runs): exit 1, one line, gate.json written."""
+    """`towerflow stage gate` (what dvc.yaml runs): one line, gate.json written, and exit 3
+    (flows/errors.py BLOCKED_EXIT), not 1: a scheduler or CI job tells a model kept from going live
+    from a broken run."""
     project = tmp_path / "project"
     _reports(project)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = CliRunner().invoke(app, ["stage", "gate", "--params", str(project / "params.yaml")])
-    assert result.exit_code == 1
+    assert result.exit_code == BLOCKED_EXIT == 3
     assert result.output.strip().splitlines() == [
         "towerflow: error: gate: ndcg@20 0.2500 vs live v1 0.2810 on this run's holdout: fell 0.031 > 0.010; "
         "see reports/index.html; to publish anyway: towerflow run --force --reason TEXT"]
     assert not json.loads((project / "reports" / "gate.json").read_text())["passed"]
+    (project / "reports" / "champion.json").unlink()                     # any other failure: 1
+    assert CliRunner().invoke(app, ["stage", "gate", "--params", str(project / "params.yaml")]).exit_code == 1
 
 
 def test_a_window_too_short_to_judge_passes_and_missing_inputs_are_recorded(tmp_path: Path):
