@@ -236,9 +236,10 @@ class Finished:
 
 
 def _finish(root: Path, cfg: RunParams, push: bool = True) -> Finished:
-    """After a successful run, push the outputs to the default DVC remote when one is set (`push`), then
-    collect the DVC cache's garbage (run.keep_cache: versioned), both in one process group of their
-    own, like a stage (timeout). No process to start (~1 s of CPU) when there is neither to do."""
+    """At the end of a run, push the outputs to the default DVC remote when one is set (`push`: after a
+    successful run only), then collect the DVC cache's garbage (run.keep_cache: versioned), both in one
+    process group of their own, like a stage (timeout). No process to start (~1 s of CPU) when there is
+    neither to do."""
     todo = ["push"] * (push and default_remote(root) is not None) + ["gc"] * (cfg.keep_cache == "versioned")
     if not todo:
         return Finished()

@@ -31,8 +31,9 @@ def _masked(exc: BaseException) -> str:
 
 @contextmanager
 def _errors(stage: bool = False) -> Iterator[None]:
-    """Expected failures print one line and exit 1; --debug shows the traceback. A stage a run started
-    (`stage`) also leaves that line where the run reads it (flows/errors.py STAGE_ERROR)."""
+    """Expected failures print one line and exit 1 (3 when the gate blocks, 75 when a retry may pass);
+    --debug shows the traceback. A stage a run started (`stage`) also leaves that line where the run
+    reads it (flows/errors.py STAGE_ERROR)."""
     def say(kind: str, message: str) -> None:
         typer.echo(f"towerflow: {kind}{message}", err=True)
         where = os.environ.get(STAGE_ERROR) if stage else None
