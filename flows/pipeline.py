@@ -235,15 +235,16 @@ class Finished:
     gc: dict[str, Any] = field(default_factory=dict)
 
 
-def _finish(root: Path, cfg: RunParams, push: bool = True) -> Finished:
-    """At the end of a run, push the outputs to the default DVC remote when one is set (`push`: after a
-    successful run only), then collect the DVC cache's garbage (run.keep_cache: versioned), both in one
-    process group of their own, like a stage (timeout). No process to start (~1 s of CPU) when there is
-    neither to do."""
-    todo = ["push"] * (push and default_remote(root) is not None) + ["gc"] * (cfg.keep_cache == "versioned")
+def _finish(root: Path, cfg: RunParams, succeeded: bool = True) -> Finished:
+    """At the end of a run, push the outputs to the default DVC remote when one is set (after a
+    successful run only), then collect the DVC cache's garbage (run.keep_cache: versioned; a successful
+    run's outputs are kept by later failed ones), both in one process group of their own, like a stage
+    (timeout). No process to start (~1 s of CPU) when there is neither to do."""
+    todo = ["push"] * (succeeded and default_remote(root) is not None) + ["gc"] * (cfg.keep_cache == "versioned")
     if not todo:
         return Finished()
-    outcome, why = _in_own_process(root, "finish", cfg.stage_timeout_s, [f"--{what}" for what in todo])
+    flags = [f"--{what}" for what in todo] + ["--succeeded"] * succeeded
+    outcome, why = _in_own_process(root, "finish", cfg.stage_timeout_s, flags)
     if outcome is None:
         raise StageFailed(f"dvc {' and '.join(todo)} {why}")
     return Finished(outcome["remote"], outcome["pushed"] or 0, outcome.get("gc", {}))
@@ -258,10 +259,12 @@ def _finish_task(cfg: RunParams):  # noqa: ANN202 - a prefect Task
 def _collect_after_failure(root: Path, cfg: RunParams) -> None:
     """A run the gate stopped, or one whose stage failed, has cached what its stages made all the same:
     collect as after a success (what a failed stage got back is the workspace's, so it stays), or a
-    week of blocked nightly runs keeps a week of outputs. No push: the remote gets successful runs. A
-    failure here is a warning; the run's own failure is what it reports."""
+    week of blocked nightly runs keeps a week of outputs. The last successful run's outputs stay too
+    (flows/reproduce.py LAST_SUCCESS): going back to its params after a blocked run restores train and
+    rank from DVC's run cache. No push: the remote gets successful runs. A failure here is a warning;
+    the run's own failure is what it reports."""
     try:
-        finished = _finish_task(cfg)(root, cfg, push=False)
+        finished = _finish_task(cfg)(root, cfg, succeeded=False)
     except Exception as exc:  # noqa: BLE001 - the run has failed already, on its own account
         get_run_logger().warning("DVC cache not collected: %s", exc)
         return

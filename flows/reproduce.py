@@ -24,12 +24,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flows.durable import write_atomic
 from flows.errors import BLOCKED_EXIT, STAGE_ERROR, TRANSIENT_EXIT
 from flows.run_params import ENV, RUN_PARAMS, dvc_reads_params_from
 
 if TYPE_CHECKING:      # DVC is imported when a stage runs, not when this module loads
     from dvc.repo import Repo
     from dvc_data.hashfile.db import HashFileDB
+    from dvc_data.hashfile.hash_info import HashInfo
 
 
 def _reproduce(name: str, force: bool) -> dict[str, Any]:
@@ -146,11 +148,45 @@ def versioned_revisions(root: Path) -> list[str] | None:
     return revisions
 
 
+# dvc.lock as the last successful run left it (written by that run's finish): a run the gate stops
+# keeps that run's outputs, the ones to go back to (DVC's run cache then restores train and rank in
+# seconds instead of training them again)
+LAST_SUCCESS = RUN_PARAMS.parent.parent / "last-success.lock"
+
+
+def _lock_objects(lock: Path, odbs: dict[str, HashFileDB]) -> set[HashInfo]:
+    """The cache objects the outputs `lock` (a dvc.lock) records use: each output's hash, and a
+    directory's files. Nothing when the file is missing or unreadable; a directory whose listing is
+    gone already adds only itself."""
+    import yaml
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.tree import Tree
+
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return set()
+    found: set[HashInfo] = set()
+    for stage in stages.values():
+        for out in stage.get("outs") or []:
+            if "md5" not in out:
+                continue
+            info = HashInfo("md5" if out.get("hash") == "md5" else "md5-dos2unix", out["md5"])
+            found.add(info)
+            if info.isdir and info.name in odbs:
+                try:
+                    found.update(entry for _, _, entry in Tree.load(odbs[info.name], info) if entry)
+                except (OSError, ValueError):   # the listing was collected before this run
+                    pass
+    return found
+
+
 def _collect_garbage() -> dict[str, Any]:
     """Remove from the project's DVC cache (run.keep_cache: versioned) the objects no version uses.
-    Kept: the workspace's (dvc.lock: the run just made, and what a failed stage gets back) and those
-    of every commit on any git ref (branches, tags, experiments), so any versioned run checks out
-    again; what goes is the outputs of runs never committed and replaced since. This is
+    Kept: the workspace's (dvc.lock: the run just made, and what a failed stage gets back), the last
+    successful run's (LAST_SUCCESS: after a run the gate stopped) and those of every commit on any
+    git ref (branches, tags, experiments), so any versioned run checks out again; what goes is the
+    outputs of runs never committed and replaced since. This is
     `dvc gc --workspace --all-commits --all-experiments` with the commits that cannot add anything
     left out. A failure is reported, not raised: the run it follows has succeeded. A cache outside
     the project (cache.dir) may hold other projects' objects: never collected here."""
@@ -177,8 +213,9 @@ def _collect_garbage() -> dict[str, Any]:
                 revs = versioned_revisions(Path(repo.root_dir)) if git else []
                 used = repo.used_objs(revs=revs, all_commits=revs is None, all_branches=git, all_tags=git,
                                       all_experiments=git, force=True)
-                in_use = set().union(*used.values())
-                for odb in {odb for _, odb in repo.cache.by_scheme() if odb}:
+                odbs = {odb.hash_name: odb for _, odb in repo.cache.by_scheme() if odb}
+                in_use = set().union(*used.values(), _lock_objects(LAST_SUCCESS, odbs))
+                for odb in odbs.values():
                     gc(odb, in_use)
                 outcome = _change(before, _cache_files(cache))
                 remote = _own_remote(repo)
@@ -211,10 +248,12 @@ def _change(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {"removed": len(gone), "freed_bytes": sum(before[f] for f in gone), "kept_bytes": sum(after.values())}
 
 
-def _finish(push: bool, gc: bool) -> dict[str, Any]:
-    """After a successful run: the push (a failure raises: the task retries it), then the cache's
-    garbage collection (its outcome under "gc")."""
+def _finish(push: bool, gc: bool, succeeded: bool) -> dict[str, Any]:
+    """At the end of a run: the push (a failure raises: the task retries it), then the cache's garbage
+    collection (its outcome under "gc"). A successful run's dvc.lock is kept as LAST_SUCCESS first."""
     outcome = _push() if push else {"ok": True, "remote": None, "pushed": None}
+    if succeeded and Path("dvc.lock").is_file():
+        write_atomic(LAST_SUCCESS, Path("dvc.lock").read_bytes())
     if gc:
         outcome["gc"] = _collect_garbage()
     return outcome
@@ -242,7 +281,7 @@ def main(argv: list[str]) -> int:
     os.environ[ENV] = str(run_file)      # inherited by the stage command DVC starts
     with dvc_reads_params_from(root / "params.yaml", run_file):
         if action == "finish":
-            outcome = _finish("--push" in argv[4:], "--gc" in argv[4:])
+            outcome = _finish("--push" in argv[4:], "--gc" in argv[4:], "--succeeded" in argv[4:])
         elif "--restore" in argv[4:]:
             outcome = _restore(action)
         else:

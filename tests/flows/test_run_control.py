@@ -252,16 +252,16 @@ def test_a_push_process_starts_only_with_a_default_remote(tmp_path, monkeypatch)
     assert started == []
     finished = pipeline._finish(root, RunParams())
     assert finished.remote is None and finished.gc["removed"] == 0 and finished.gc["kept_bytes"] == 3
-    assert started == [["finish", "--gc"]]
+    assert started == [["finish", "--gc", "--succeeded"]]
     run([DVC, "remote", "add", "-d", "store", str(tmp_path / "store")], root)
     run([DVC, "remote", "add", "--local", "-d", "mine", str(tmp_path / "mine")], root)
     assert default_remote(root) == "mine"                     # config.local wins, as in `dvc push`
     assert pipeline._finish(root, keep_all) == pipeline.Finished("mine", 1)
-    assert started[-1] == ["finish", "--push"]
+    assert started[-1] == ["finish", "--push", "--succeeded"]
     assert (tmp_path / "mine").is_dir() and not (tmp_path / "store").exists()
     # after a failed run: the collection, never a push
-    assert pipeline._finish(root, keep_all, push=False) == pipeline.Finished() and len(started) == 2
-    assert pipeline._finish(root, RunParams(), push=False).remote is None
+    assert pipeline._finish(root, keep_all, succeeded=False) == pipeline.Finished() and len(started) == 2
+    assert pipeline._finish(root, RunParams(), succeeded=False).remote is None
     assert started[-1] == ["finish", "--gc"]
 
 
@@ -454,7 +454,7 @@ def test_a_run_the_gate_stops_is_blocked_and_collects_the_cache_too(harness, tmp
     stage fails collects as a successful one does, and keeps what its own stages made and recorded."""
     root = _repo(tmp_path / "p", "true", retries=2)
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
-        "ingest": {"cmd": "cat src.txt > out.txt", "deps": ["src.txt"], "outs": ["out.txt"]},
+        "ingest": {"cmd": "echo x >> ran; cat src.txt > out.txt", "deps": ["src.txt"], "outs": ["out.txt"]},
         "gate": {"cmd": "echo x >> tries; test ! -f blocked || exit 3", "deps": ["out.txt"]}}}))
     (root / "src.txt").write_text("first " * 10_000)
     assert all(r.ok for r in run_pipeline(root, ("ingest", "gate")))
@@ -466,10 +466,22 @@ def test_a_run_the_gate_stops_is_blocked_and_collects_the_cache_too(harness, tmp
         run_pipeline(root, ("ingest", "gate"))
     assert "gate: blocked in" in caplog.text and len((root / "tries").read_text().split()) == 2
     second = _out_md5(root)
-    assert second in _cached(root) and first not in _cached(root)
+    assert {first, second} <= _cached(root)     # the last successful run's outputs stay: to go back to
+    (root / "src.txt").write_text("third " * 10_000)
+    caplog.clear()
+    with pytest.raises(GateBlocked):
+        run_pipeline(root, ("ingest", "gate"))
+    third = _out_md5(root)
+    assert {first, third} <= _cached(root) and second not in _cached(root)
     assert "DVC cache: removed 1 file(s)" in caplog.text
+    # going back to the last good run's data: DVC's run cache restores its output, the stage does not run
+    (root / "src.txt").write_text("first " * 10_000)
+    (root / "blocked").unlink()
+    assert all(r.ok for r in run_pipeline(root, ("ingest", "gate")))
+    assert _out_md5(root) == first and len((root / "ran").read_text().split()) == 3
     (root / "params.yaml").write_text(yaml.safe_dump({"run": {"retries": 0}}))
     (root / "dvc.yaml").write_text((root / "dvc.yaml").read_text().replace("exit 3", "exit 1"))
+    (root / "blocked").touch()
     with pytest.raises(StageFailed) as failed:              # any other failure is not a block
         run_pipeline(root, ("ingest", "gate"))
     assert not isinstance(failed.value, GateBlocked)
