@@ -161,13 +161,15 @@ def _lock_objects(lock: Path, odbs: dict[str, HashFileDB]) -> set[HashInfo]:
     import yaml
     from dvc_data.hashfile.hash_info import HashInfo
     from dvc_data.hashfile.tree import Tree
+    from dvc_objects.errors import ObjectFormatError
 
     try:
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+        doc = yaml.safe_load(lock.read_text())
     except (OSError, yaml.YAMLError):
         return set()
+    stages = doc.get("stages") if isinstance(doc, dict) else None
     found: set[HashInfo] = set()
-    for stage in stages.values():
+    for stage in (stages or {}).values():
         for out in stage.get("outs") or []:
             if "md5" not in out:
                 continue
@@ -176,7 +178,7 @@ def _lock_objects(lock: Path, odbs: dict[str, HashFileDB]) -> set[HashInfo]:
             if info.isdir and info.name in odbs:
                 try:
                     found.update(entry for _, _, entry in Tree.load(odbs[info.name], info) if entry)
-                except (OSError, ValueError):   # the listing was collected before this run
+                except (OSError, ObjectFormatError):    # the listing is gone (collected) or unreadable
                     pass
     return found
 
