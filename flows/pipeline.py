@@ -30,7 +30,7 @@ from flows.errors import ConfigError, GateBlocked, StageFailed
 from flows.params import Params, RunParams, load_params, resolve_source
 from flows.process_groups import sigterm_exits, stop_group
 from flows.portal.run import build_run_portal
-from flows.reproduce import default_remote
+from flows.reproduce import LAST_SUCCESS, default_remote
 from flows.run_lock import run_lock
 from flows.run_params import RUN_PARAMS, write_run_params
 from flows.serving.store import BundleStore
@@ -261,8 +261,11 @@ def _collect_after_failure(root: Path, cfg: RunParams) -> None:
     collect as after a success (what a failed stage got back is the workspace's, so it stays), or a
     week of blocked nightly runs keeps a week of outputs. The last successful run's outputs stay too
     (flows/reproduce.py LAST_SUCCESS): going back to its params after a blocked run restores train and
-    rank from DVC's run cache. No push: the remote gets successful runs. A failure here is a warning;
-    the run's own failure is what it reports."""
+    rank from DVC's run cache. Until a successful run has left that record (a project's first runs, or
+    its first after an upgrade) nothing is collected. No push: the remote gets successful runs. A
+    failure here is a warning; the run's own failure is what it reports."""
+    if not (root / LAST_SUCCESS).is_file():
+        return
     try:
         finished = _finish_task(cfg)(root, cfg, succeeded=False)
     except Exception as exc:  # noqa: BLE001 - the run has failed already, on its own account

@@ -456,6 +456,15 @@ def test_a_run_the_gate_stops_is_blocked_and_collects_the_cache_too(harness, tmp
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "ingest": {"cmd": "echo x >> ran; cat src.txt > out.txt", "deps": ["src.txt"], "outs": ["out.txt"]},
         "gate": {"cmd": "echo x >> tries; test ! -f blocked || exit 3", "deps": ["out.txt"]}}}))
+    # before any successful run has been recorded (a new project, or one from before the record):
+    # nothing is collected, so a live run's outputs are never lost to the first blocked run
+    (root / "src.txt").write_text("zeroth " * 10_000)
+    (root / "blocked").touch()
+    caplog.clear()
+    with pytest.raises(GateBlocked):
+        run_pipeline(root, ("ingest", "gate"))
+    assert "DVC cache" not in caplog.text
+    (root / "blocked").unlink()
     (root / "src.txt").write_text("first " * 10_000)
     assert all(r.ok for r in run_pipeline(root, ("ingest", "gate")))
     first = _out_md5(root)
@@ -464,7 +473,7 @@ def test_a_run_the_gate_stops_is_blocked_and_collects_the_cache_too(harness, tmp
     caplog.clear()
     with pytest.raises(GateBlocked, match="stage 'gate' failed"):
         run_pipeline(root, ("ingest", "gate"))
-    assert "gate: blocked in" in caplog.text and len((root / "tries").read_text().split()) == 2
+    assert "gate: blocked in" in caplog.text and len((root / "tries").read_text().split()) == 3
     second = _out_md5(root)
     assert {first, second} <= _cached(root)     # the last successful run's outputs stay: to go back to
     (root / "src.txt").write_text("third " * 10_000)
@@ -478,7 +487,7 @@ def test_a_run_the_gate_stops_is_blocked_and_collects_the_cache_too(harness, tmp
     (root / "src.txt").write_text("first " * 10_000)
     (root / "blocked").unlink()
     assert all(r.ok for r in run_pipeline(root, ("ingest", "gate")))
-    assert _out_md5(root) == first and len((root / "ran").read_text().split()) == 3
+    assert _out_md5(root) == first and len((root / "ran").read_text().split()) == 4
     (root / "params.yaml").write_text(yaml.safe_dump({"run": {"retries": 0}}))
     (root / "dvc.yaml").write_text((root / "dvc.yaml").read_text().replace("exit 3", "exit 1"))
     (root / "blocked").touch()
