@@ -215,9 +215,9 @@ def _collect_garbage() -> dict[str, Any]:
                 revs = versioned_revisions(Path(repo.root_dir)) if git else []
                 used = repo.used_objs(revs=revs, all_commits=revs is None, all_branches=git, all_tags=git,
                                       all_experiments=git, force=True)
-                odbs = {odb.hash_name: odb for _, odb in repo.cache.by_scheme() if odb}
-                in_use = set().union(*used.values(), _lock_objects(LAST_SUCCESS, odbs))
-                for odb in odbs.values():
+                odbs = {odb for _, odb in repo.cache.by_scheme() if odb}
+                in_use = set().union(*used.values(), _lock_objects(LAST_SUCCESS, {o.hash_name: o for o in odbs}))
+                for odb in odbs:
                     gc(odb, in_use)
                 outcome = _change(before, _cache_files(cache))
                 remote = _own_remote(repo)
