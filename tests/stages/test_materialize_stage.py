@@ -230,13 +230,13 @@ def test_a_training_set_that_fails_its_checks_leaves_the_old_one(tmp_path):
     dirs = {"features_dir": tmp_path / "features", "feast_dir": tmp_path / "feast",
             "training_dir": tmp_path / "training"}
     checks = TrainingSetChecks(ValidateParams(), context_root=tmp_path / "gx", docs_dir=tmp_path / "docs")
-    materialize(SPLIT, FeaturesParams(history_length=HISTORY, join_rows=5), ing, **dirs, checks=checks)
+    materialize(SPLIT, FeaturesParams(history_length=HISTORY, join_rows=60), ing, **dirs, checks=checks)
     before = (dirs["training_dir"] / "examples.parquet").read_bytes()
     inter = pd.read_parquet(ing / "interactions.parquet")
     inter.loc[3, "weight"] = -1.0                     # "negative weight": an error of the training suite
     inter.to_parquet(ing / "interactions.parquet", index=False)
     with pytest.raises(ValidationFailed, match="training set"):
-        materialize(SPLIT, FeaturesParams(history_length=HISTORY, join_rows=5), ing, **dirs, checks=checks)
+        materialize(SPLIT, FeaturesParams(history_length=HISTORY, join_rows=60), ing, **dirs, checks=checks)
     assert (dirs["training_dir"] / "examples.parquet").read_bytes() == before
     assert not (dirs["training_dir"] / ".examples.partial.parquet").exists()
 
