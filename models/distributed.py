@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -130,8 +133,9 @@ def _preload_ranks() -> None:
     imported them itself, 3.5 s of CPU per rank on 2 cores, paid again by every `spawn_fit` (the train
     stage calls it twice: the evaluation model, then the refit). The server is a fresh interpreter,
     not a copy of this process, so a fork of it inherits no OpenMP or gloo threads; it lives as long as
-    this process. Its environment is this process's at the first call, so per-call settings travel as
-    arguments (the port) or are read by the rank from arguments, never from os.environ."""
+    this process. Its environment is this process's at the first call: what changes from call to call
+    travels as an argument (the port, the caller's pid); a rank reads from os.environ only what is set
+    before this process starts (MASTER_ADDR)."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
 
@@ -147,8 +151,8 @@ def spawn_fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: Trai
     with tempfile.TemporaryDirectory(prefix="towerflow-ddp-") as tmp:
         out = Path(tmp) / "result.pt"
         ranks = mp.start_processes(_worker, nprocs=train_cfg.workers, join=False, start_method="forkserver",
-                                   args=(train_cfg.workers, port, out, stream, tower_cfg, train_cfg, seed, epochs,
-                                         validation, checkpoint, log, on_epoch))
+                                   args=(os.getpid(), train_cfg.workers, port, out, stream, tower_cfg, train_cfg,
+                                         seed, epochs, validation, checkpoint, log, on_epoch))
         try:
             while not ranks.join():
                 pass
@@ -170,10 +174,27 @@ def spawn_fit(stream: TrainingStream, tower_cfg: TwoTowerConfig, train_cfg: Trai
     return FitResult(model=model, **state)
 
 
-def _worker(rank: int, world: int, port: int, out: Path, stream: TrainingStream, tower_cfg: TwoTowerConfig,
-            train_cfg: TrainParams, seed: int, epochs: int | None, validation: ValidationTask | None,
-            checkpoint: Path | None, log: Callable[[str], None] | None,
+def _end_with_caller(caller: int) -> None:
+    """End this rank when the process that called spawn_fit is gone (killed with -9, or by the
+    kernel's OOM killer). A rank forked by the fork server is the server's child, not the caller's:
+    the parent-death signal torch sets for it watches the server, which outlives a killed caller for
+    as long as ranks hold its pipe, so the ranks would train on, unwatched, to the end of the fit."""
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(caller, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGKILL)     # nothing is left to hand a result to
+
+    threading.Thread(target=watch, name="end-with-caller", daemon=True).start()
+
+
+def _worker(rank: int, caller: int, world: int, port: int, out: Path, stream: TrainingStream,
+            tower_cfg: TwoTowerConfig, train_cfg: TrainParams, seed: int, epochs: int | None,
+            validation: ValidationTask | None, checkpoint: Path | None, log: Callable[[str], None] | None,
             on_epoch: Callable[[int], None] | None) -> None:
+    _end_with_caller(caller)
     os.environ.update(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(port),
                       RANK=str(rank), WORLD_SIZE=str(world))
     # the processes share the machine's cores: threads per rank split train.threads between them

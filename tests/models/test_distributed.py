@@ -1,11 +1,16 @@
 """Data-parallel training (models/distributed.py): 2 gloo processes on the synthetic contract data."""
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from torch.multiprocessing import ProcessRaisedException
@@ -115,3 +120,48 @@ def test_two_workers_train_with_sparse_embedding_gradients(synthetic):
     dense = spawn_fit(stream, tower_cfg, cfg.model_copy(update={"sparse_min_rows": "off"}), seed=0)
     assert not any("sparse gradients" in n for n in dense.notes)
     np.testing.assert_allclose(result.losses, dense.losses, rtol=2e-4)   # SparseAdam and Adam: close, not equal
+
+
+# Trains for a long time in two ranks; after the first epoch rank 0 writes `started`.
+_CALLER = """
+import sys
+from pathlib import Path
+sys.path[:0] = [{root!r}, {tests!r}, {tests!r} + '/models']
+from models.distributed import spawn_fit
+from models.params import TrainParams
+from training_data import stream_and_config
+from test_distributed import RecordEpoch
+_, stream, tower_cfg, _ = stream_and_config(Path({training!r}), Path({schema!r}), Path({samples!r}))
+cfg = TrainParams(epochs=10_000, batch_size=128, threads=2, workers=2, early_stopping=False)
+spawn_fit(stream, tower_cfg, cfg, seed=0, on_epoch=RecordEpoch(Path({started!r})))
+"""
+
+
+def test_the_ranks_end_when_the_process_that_started_them_is_killed(synthetic, tmp_path):
+    """A train stage killed with -9 (or by the OOM killer) leaves no rank training on: the ranks are
+    the fork server's children, so each watches the caller itself (torch's spawn had its ranks
+    signalled when their parent died)."""
+    root, training, schema = synthetic
+    started = tmp_path / "started"
+    tests = Path(__file__).resolve().parents[1]
+    script = _CALLER.format(root=str(tests.parent), tests=str(tests), training=str(training),
+                            schema=str(schema), samples=str(root / "samples"), started=str(started))
+    caller = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path)
+    below: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists() and time.monotonic() < deadline and caller.poll() is None:
+            time.sleep(0.2)
+        assert started.exists(), f"no epoch finished (exit {caller.poll()})"
+        below = psutil.Process(caller.pid).children(recursive=True)
+        ranks = [p for p in below if "forkserver" in " ".join(p.cmdline()) and p.ppid() != caller.pid]
+        assert len(ranks) == 2, [p.cmdline() for p in below]
+        caller.kill()
+        caller.wait()
+        gone, alive = psutil.wait_procs(ranks, timeout=15)
+        assert not alive, f"ranks still running 15 s after their caller was killed: {[p.pid for p in alive]}"
+    finally:     # whatever the outcome, nothing of it trains on after the test
+        caller.kill()
+        for p in below:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
