@@ -184,7 +184,7 @@ def _end_with_caller(caller: int) -> None:
             time.sleep(1.0)
             try:
                 os.kill(caller, 0)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):   # gone (its pid maybe another user's by now)
                 os.kill(os.getpid(), signal.SIGKILL)     # nothing is left to hand a result to
 
     threading.Thread(target=watch, name="end-with-caller", daemon=True).start()
