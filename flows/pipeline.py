@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,10 +28,11 @@ from prefect.tasks import exponential_backoff
 
 from flows.environment import telemetry_off
 from flows.errors import ConfigError, GateBlocked, StageFailed
+from flows.fork_server import ForkServerGone, server_for, serving
 from flows.params import Params, RunParams, load_params, resolve_source
-from flows.process_groups import sigterm_exits, stop_group
+from flows.process_groups import Leader, sigterm_exits, stop_group
 from flows.portal.run import build_run_portal
-from flows.reproduce import LAST_SUCCESS, default_remote
+from flows.reproduce import LAST_SUCCESS, PRELOAD, default_remote
 from flows.run_lock import run_lock
 from flows.run_params import RUN_PARAMS, write_run_params
 from flows.serving.store import BundleStore
@@ -92,8 +94,8 @@ def _in_own_process(root: Path, action: str, timeout_s: float,
     """(the outcome flows/reproduce.py wrote, "") or (None, why there is none)."""
     result = root / RUN_PARAMS.parent / f"{action}.result.json"
     result.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "flows.reproduce", str(root), action, str(result), str(os.getpid()), *extra]
-    code = run_in_own_group(argv, root, timeout_s)
+    args = [str(root), action, str(result), str(os.getpid()), *extra]
+    code = run_in_own_group(lambda: _start_reproduce(root, args), timeout_s)
     if code is None:
         return None, (f"ran past run.stage_timeout_s ({timeout_s:g} s): stopped it and the processes it "
                       "started")
@@ -107,14 +109,24 @@ def _in_own_process(root: Path, action: str, timeout_s: float,
 # The stage process groups this process is waiting for, by leader pid. A stopped run (SIGTERM or
 # Ctrl-C, raised in the flow's main thread) ends them: the worker thread waiting for a stage would
 # otherwise keep the interpreter alive, and the stage running, until the stage ends by itself.
-_RUNNING: dict[int, subprocess.Popen] = {}
+_RUNNING: dict[int, Leader] = {}
 
 
-def run_in_own_group(argv: list[str], cwd: Path, timeout_s: float) -> int | None:
-    """Run argv as the leader of a new process group (session); its exit code, or None when it ran
-    past timeout_s. Then, or when this run is stopped, or when it leaves processes behind, the whole
+def _start_reproduce(root: Path, args: list[str]) -> Leader:
+    """`python -m flows.reproduce args` in root as the leader of a new session: forked by the run's
+    fork server (DVC imported already) when this process holds one, else a new interpreter."""
+    server = server_for(root)
+    if server is not None:
+        with suppress(ForkServerGone):    # nothing started: start it the plain way
+            return server.start("flows.reproduce", args, root)
+    return subprocess.Popen([sys.executable, "-m", "flows.reproduce", *args], cwd=root, start_new_session=True)
+
+
+def run_in_own_group(start: Callable[[], Leader], timeout_s: float) -> int | None:
+    """Start the leader of a new process group (session); its exit code, or None when it ran past
+    timeout_s. Then, or when this run is stopped, or when it leaves processes behind, the whole
     group is stopped: SIGTERM, and SIGKILL after flows/process_groups.py's STOP_GRACE_S."""
-    proc = subprocess.Popen(argv, cwd=cwd, start_new_session=True)
+    proc = start()
     _RUNNING[proc.pid] = proc
     try:
         return proc.wait(timeout=timeout_s)
@@ -177,7 +189,8 @@ def towerflow_pipeline(root: str, stages: list[str] | None = None, force: bool =
     if unknown:
         return Failed(message=f"unknown stages {unknown}; stages are: {', '.join(STAGES)}")
     wait_s = load_params(project / "params.yaml", list(overrides or [])).run.lock_wait_s if wait_for_lock else 0.0
-    with run_lock(project, wait_s=wait_s):
+    # the fork server imports DVC while the run gets ready; every reproduce process is a fork of it
+    with run_lock(project, wait_s=wait_s), serving(project, PRELOAD):
         params = load_params(write_run_params(project, list(overrides or [])))
         if overrides:
             get_run_logger().info("this run's params: params.yaml with %s (%s)", ", ".join(overrides), RUN_PARAMS)

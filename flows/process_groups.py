@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from typing import Protocol
 
 # After SIGTERM, a group's processes get this long to end before SIGKILL.
 STOP_GRACE_S = 10.0
@@ -43,7 +43,17 @@ def sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+class Leader(Protocol):
+    """A process group's leader as its caller holds it: a `subprocess.Popen`, or a process the run's
+    fork server started (flows/fork_server.py `Forked`)."""
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+def stop_group(proc: Leader, grace_s: float = STOP_GRACE_S) -> None:
     """Stop the process group `proc` leads (started with start_new_session=True) and reap `proc`:
     SIGTERM, then SIGKILL after grace_s, whatever of the group still runs."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -57,7 +67,7 @@ def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     proc.wait()
 
 
-def _group_alive(pgid: int, leader: subprocess.Popen) -> bool:
+def _group_alive(pgid: int, leader: Leader) -> bool:
     """Whether a process of group `pgid` still runs (zombies waiting to be reaped do not count)."""
     import psutil
 

@@ -34,6 +34,13 @@ if TYPE_CHECKING:      # DVC is imported when a stage runs, not when this module
     from dvc_data.hashfile.hash_info import HashInfo
 
 
+# What the run's fork server (flows/fork_server.py) imports once, so that each process it forks
+# to reproduce a stage, put back outputs or finish the run does not: DVC's repo, reproduce, checkout,
+# push and gc, and this module (the few other modules a stage imports cost little)
+PRELOAD = ("flows.reproduce", "psutil", "yaml", "dvc.repo", "dvc.repo.reproduce", "dvc.repo.checkout",
+           "dvc.repo.push", "dvc_data.hashfile.gc")
+
+
 def _reproduce(name: str, force: bool) -> dict[str, Any]:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
@@ -262,10 +269,25 @@ def _finish(push: bool, gc: bool, succeeded: bool) -> dict[str, Any]:
 
 
 def end_with_parent(parent: int) -> None:
-    """Stop this process group when the process that started it is gone (reparented): a run's stage,
-    or a scale bench's (flows/experiments/scale_bench.py), must not run on, unwatched."""
+    """Stop this process group when the process that started it is gone (ended, a zombie, or its pid
+    taken by another process): a run's stage, or a scale bench's
+    (flows/experiments/scale_bench.py), must not run on, unwatched. `parent` is the process that
+    asked for this one, not always its parent: the run's fork server forks it (flows/fork_server.py)."""
+    import psutil
+
+    try:
+        caller = psutil.Process(parent)
+    except psutil.NoSuchProcess:
+        caller = None
+
+    def running() -> bool:
+        try:        # is_running: the same process (its start time), not a later one with its pid
+            return caller is not None and caller.is_running() and caller.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
     def watch() -> None:
-        while os.getppid() == parent:
+        while running():
             time.sleep(1.0)
         if os.getpgid(0) == os.getpid():     # the leader of its own group, as the flow starts it
             os.killpg(os.getpid(), signal.SIGTERM)

@@ -46,6 +46,30 @@ FLAKY = ("n=$(cat tries 2>/dev/null || echo 0); n=$((n+1)); echo $n > tries; "
          "if [ $n -lt {n} ]; then exit 75; fi; echo ok > out.txt")
 
 
+def test_a_runs_stage_processes_are_forks_of_its_fork_server_which_ends_with_the_run(harness, tmp_path,
+                                                                                      monkeypatch):
+    """The run starts one fork server (DVC imported) and forks each reproduce process from it
+    (flows/fork_server.py), instead of a new interpreter for each; the server ends with the run."""
+    import psutil
+
+    from flows import fork_server
+
+    started: list[int] = []
+    real = fork_server.ForkServer.start
+
+    def spy(self, module, args, cwd):  # noqa: ANN001, ANN202
+        forked = real(self, module, args, cwd)
+        started.append(forked.pid)
+        return forked
+
+    monkeypatch.setattr(fork_server.ForkServer, "start", spy)
+    root = _repo(tmp_path / "p", "echo ok > out.txt")
+    runs = run_pipeline(root, ("ingest",))
+    assert runs[0].ran and (root / "out.txt").read_text() == "ok\n"
+    assert len(started) == 2        # the stage, and the run's finish (the DVC cache's collection)
+    assert not [p for p in psutil.Process().children(recursive=True) if "flows.fork_server" in p.cmdline()]
+
+
 def test_a_transient_failure_is_retried(harness, tmp_path):
     root = _repo(tmp_path / "p", FLAKY.format(n=3), retries=2)
     runs = run_pipeline(root, ("ingest",))
