@@ -92,10 +92,18 @@ def open_context(root: Path):
 
 
 def _docs_site(ctx, site: str, docs_dir: Path) -> None:
-    """Point the docs site at docs_dir (add it, or update it if the path changed), then empty it."""
+    """Point the docs site at docs_dir (add it, or update it if its config changed: another path, or a
+    context made before its views were ours), then empty it."""
+    from validation.docs_views import IndexPageView, PageView
+
+    page_view = {"module_name": PageView.__module__, "class_name": PageView.__name__}
     config = {
         "class_name": "SiteBuilder",
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder",
+                               "view": {"module_name": IndexPageView.__module__, "class_name": IndexPageView.__name__}},
+        # GX's page views, each template compiled once per process (validation/docs_views.py)
+        "site_section_builders": {section: {"view": page_view} for section in ("expectations", "validations",
+                                                                               "profiling")},
         "store_backend": {"class_name": "TupleFilesystemStoreBackend",
                           "base_directory": str(docs_dir.resolve())},
     }

@@ -219,6 +219,30 @@ def test_batches_give_the_whole_table_verdict(clean: Path, tmp_path: Path):
                                                             "4 of 31 rows"], cfg)
 
 
+def test_data_docs_compile_gx_templates_once_per_process(clean: Path, tmp_path: Path, gx_root: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    """GX's page views make a new Jinja Environment per view: each build compiled ~56 templates again
+    (~1 s of a validation); ours share one bytecode cache (validation/docs_views.py)."""
+    import jinja2
+
+    _run(clean, tmp_path / "a", gx_root)
+    compiled: list[str | None] = []
+    real = jinja2.Environment._compile
+
+    def counting(self, source, filename):  # noqa: ANN001, ANN202
+        compiled.append(filename)
+        return real(self, source, filename)
+
+    monkeypatch.setattr(jinja2.Environment, "_compile", counting)
+    _run(clean, tmp_path / "b", gx_root)
+    assert compiled == []
+    pages = sorted(p.relative_to(tmp_path / "b").parts[2:4] for p in (tmp_path / "b").rglob("*.html")
+                   if "validations" in p.parts)
+    assert pages == sorted(p.relative_to(tmp_path / "a").parts[2:4] for p in (tmp_path / "a").rglob("*.html")
+                           if "validations" in p.parts) and pages
+    assert "interactions_suite" in (tmp_path / "b" / "validation" / "index.html").read_text()
+
+
 def test_volume_warns_and_severity_error_stops(clean: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
     gx = tmp_path / "gx"
     assert _run(clean, tmp_path / "r", gx)["success"]
