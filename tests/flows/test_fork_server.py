@@ -107,3 +107,14 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_server_that_failed_to_start_takes_nothing(tmp_path, capfd):
+    """The run then starts its processes the plain way (flows/pipeline.py `_start_reproduce`)."""
+    server = ForkServer(tmp_path, ["no_such_module_for_the_fork_server"])
+    try:
+        with pytest.raises(ForkServerGone):
+            server.start("forked_target", ["0"], tmp_path)
+        assert "No module named 'no_such_module_for_the_fork_server'" in capfd.readouterr().err
+    finally:
+        server.close()

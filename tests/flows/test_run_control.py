@@ -69,6 +69,13 @@ def test_a_runs_stage_processes_are_forks_of_its_fork_server_which_ends_with_the
     assert len(started) == 2        # the stage, and the run's finish (the DVC cache's collection)
     assert not [p for p in psutil.Process().children(recursive=True) if "flows.fork_server" in p.cmdline()]
 
+    def gone(self, module, args, cwd):  # noqa: ANN001, ANN202
+        raise fork_server.ForkServerGone("the server ended")
+
+    monkeypatch.setattr(fork_server.ForkServer, "start", gone)     # then a new interpreter, as before
+    again = run_pipeline(root, ("ingest",), force=True)
+    assert again[0].ok and again[0].ran and (root / "out.txt").read_text() == "ok\n"
+
 
 def test_a_transient_failure_is_retried(harness, tmp_path):
     root = _repo(tmp_path / "p", FLAKY.format(n=3), retries=2)
