@@ -20,6 +20,7 @@ BrokenProcessPool naming the jobs left unfinished.
 from __future__ import annotations
 
 import gc
+import importlib
 import multiprocessing as mp
 import signal
 import sys
@@ -74,12 +75,21 @@ def _run(job: Callable[[Any], R]) -> R:
     return job(_INHERITED)
 
 
-def run_jobs(jobs: Sequence[tuple[str, Callable[[T], R]]], shared: T, workers: int, threads: int) -> list[R]:
+# What a torch fit imports lazily: its first optimizer imports torch._dynamo (torch.optim), 1.6 s of
+# CPU on a 2-core host. Named in run_jobs' `preload`, it is imported once before the fork, not once
+# in every worker (the rank stage's four fits imported it four times).
+TORCH_FIT = ("torch._dynamo",)
+
+
+def run_jobs(jobs: Sequence[tuple[str, Callable[[T], R]]], shared: T, workers: int, threads: int,
+             preload: Sequence[str] = ()) -> list[R]:
     """Each (name, job)'s job(shared), in `workers` processes at once (forked here, so they inherit
-    `shared`), results in the jobs' order. Give the longest jobs first: a worker takes the next job
-    when it is free."""
+    `shared` and the modules `preload` names, imported here first), results in the jobs' order. Give
+    the longest jobs first: a worker takes the next job when it is free."""
     if workers <= 1 or len(jobs) <= 1 or "fork" not in mp.get_all_start_methods():
         return [job(shared) for _, job in jobs]
+    for name in preload:
+        importlib.import_module(name)
     before = set(mp.active_children())
     fork, workers = mp.get_context("fork"), min(workers, len(jobs))
     with ProcessPoolExecutor(workers, mp_context=fork, initializer=_start, initargs=(shared, threads)) as pool:

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import torch
 
 from flows.errors import MissingStageInput
-from models.fork_pool import resolve_workers, run_jobs
+from models.fork_pool import TORCH_FIT, resolve_workers, run_jobs
 from models.device import resolve_device
 from models.errors import ModelNotFound
 from models.inference import load_bundle
@@ -302,7 +302,7 @@ def seed_ensemble(kind: str, chosen: Ranker, cfg: RankParams, seed: int, data: R
     t0 = time.perf_counter()
     seeds = [seed + i for i in range(cfg.serve_ensemble)]
     jobs = [(f"{kind} seed {s}", partial(_member_job, kind, cfg, s)) for s in seeds[1:]]
-    states = run_jobs(jobs, data, workers, cfg.threads)
+    states = run_jobs(jobs, data, workers, cfg.threads, preload=TORCH_FIT)
     members = [_restored(kind, cfg, s, data, state) for s, state in zip(seeds[1:], states)]
     ensemble = SeedEnsemble([chosen] + members)
     return ensemble, {"model": kind, "members": len(seeds), "seeds": seeds,
@@ -475,7 +475,7 @@ def train_rankers(cfg: RankParams, seed: int, data: RankData) -> Trained:
     jobs += [(name, partial(_network_job, name, cfg, seed)) for name in cfg.models]
     workers = fit_workers(cfg, len(jobs))
     t0 = time.perf_counter()
-    done = dict(zip([name for name, _ in jobs], run_jobs(jobs, data, workers, cfg.threads)))
+    done = dict(zip([name for name, _ in jobs], run_jobs(jobs, data, workers, cfg.threads, preload=TORCH_FIT)))
     if boosted:
         variants = done.pop(LIGHTGBM)
         done |= {name: variants if isinstance(variants, RankingInputError) else variants[k]

@@ -35,7 +35,7 @@ from models.early_stopping import ValidationTask, carve, outside
 from models.encoding import HISTORY_COLUMN, FeatureEncoder, longest_list, parquet_column, read_scalar_columns
 from models.finetune import (IncompatibleModel, data_until, extend_encoder, grow_model, newer_than, replayed_rows,
                              write_rows)
-from models.fork_pool import run_jobs
+from models.fork_pool import TORCH_FIT, run_jobs
 from models.params import ModelParams, TrainParams
 from models.stream import TrainingStream, catalog_inputs
 from models.towers import TwoTower
@@ -455,7 +455,7 @@ def train(model_cfg: ModelParams, train_cfg: TrainParams, seed: int, samples_dir
         threads = resolve_threads(train_cfg.threads)
         jobs = [(name, partial(_model_job, name, model_cfg, train_cfg, seed, epochs, ckpt, out_dir, rows, processes))
                 for name in inputs.streams]
-        done = run_jobs(jobs, inputs, processes, max(1, threads // processes))
+        done = run_jobs(jobs, inputs, processes, max(1, threads // processes), preload=TORCH_FIT)
         for name, (run_metrics, curve) in zip(inputs.streams, done):
             metrics[name], curves[name] = run_metrics, curve
     else:

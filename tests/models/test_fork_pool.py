@@ -140,3 +140,23 @@ def test_a_stop_ends_the_workers_at_once() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def _imported_before_the_job(name: str, _shared: object) -> bool:
+    return name in sys.modules
+
+
+def test_preloaded_modules_are_imported_once_before_the_fork(tmp_path, monkeypatch):
+    """`preload` (the fits' TORCH_FIT: torch._dynamo, 1.6 s of CPU that each fit's first optimizer
+    imported in its own worker) is imported here, so the workers start with it."""
+    name = "tf_fork_pool_preloaded"
+    (tmp_path / f"{name}.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    jobs = [(f"job {i}", partial(_imported_before_the_job, name)) for i in range(2)]
+    assert run_jobs(jobs, None, 2, 1) == [False, False]
+    assert name not in sys.modules
+    try:
+        assert run_jobs(jobs, None, 2, 1, preload=(name,)) == [True, True]
+        assert name in sys.modules
+    finally:
+        sys.modules.pop(name, None)
