@@ -36,9 +36,13 @@ if TYPE_CHECKING:      # DVC is imported when a stage runs, not when this module
 
 # What the run's fork server (flows/fork_server.py) imports once, so that each process it forks
 # to reproduce a stage, put back outputs or finish the run does not: DVC's repo, reproduce, checkout,
-# push and gc, and this module (the few other modules a stage imports cost little)
+# push and gc, what opening a repo and reading its dvc.yaml and dvc.lock import lazily (git through
+# scmrepo/dulwich, the YAML and interpolation parsers), and this module
 PRELOAD = ("flows.reproduce", "psutil", "yaml", "dvc.repo", "dvc.repo.reproduce", "dvc.repo.checkout",
-           "dvc.repo.push", "dvc_data.hashfile.gc")
+           "dvc.repo.push", "dvc_data.hashfile.gc", "dvc.scm", "dvc.cachemgr", "dvc.data_cloud", "dvc.lock",
+           "dvc.rwlock", "dvc.dirs", "dvc.repo.artifacts", "dvc.repo.datasets", "dvc.repo.metrics",
+           "dvc.repo.params", "dvc.repo.plots", "dvc.repo.stage", "dvc.utils.strictyaml", "dvc_data.hashfile.db.local",
+           "dulwich.worktree", "dulwich.ignore", "ruamel.yaml", "pyparsing", "configobj")
 
 
 def _reproduce(name: str, force: bool) -> dict[str, Any]:
