@@ -3,10 +3,9 @@
 Every stage of a run, every putting back of a failed stage's outputs and the run's finish is a
 process of its own (flows/reproduce.py, the leader of a new session so that run.stage_timeout_s and
 a stopped run end it with everything it started). A new interpreter spends ~1 s of CPU importing
-DVC (on a 2-core host) before work that takes 0.15-0.3 s: ~10 s of every demo run, ~100 s of the
-test suite. The flow starts this server once (`ForkServer`, from its own process only); it imports
-what its requests run and then forks for each request, so each reproduce process starts with DVC
-imported. It is what `python -m MODULE ARGS` would be in every respect the run depends on: the
+DVC (on a 2-core host) before work that takes 0.15-0.3 s, a dozen times a run. The flow starts this
+server once (`ForkServer`, from its own process only); it imports what its requests run and then
+forks for each request, so each reproduce process starts with DVC imported. It is what `python -m MODULE ARGS` would be in every respect the run depends on: the
 leader of a new session, in the caller's working directory, with the caller's environment and
 standard streams (passed as file descriptors over a Unix socket), its exit code reported back.
 
@@ -32,6 +31,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import NoReturn
 
+from flows.process_groups import still_running
+
 # A request is one datagram: the module, its arguments, the working directory and the environment
 _MAX_REQUEST = 1 << 20
 
@@ -51,6 +52,7 @@ class Forked:
         self.returncode: int | None = None
         self._reply = reply
         self._read = b""
+        self._running = still_running(pid)
 
     def poll(self) -> int | None:
         return self._code(0.0)
@@ -77,17 +79,10 @@ class Forked:
         return self.returncode
 
     def _gone(self, deadline: float | None) -> int | None:
-        import psutil
-
-        while deadline is None or time.monotonic() < deadline:
-            try:
-                if psutil.Process(self.pid).status() == psutil.STATUS_ZOMBIE:
-                    break
-            except psutil.NoSuchProcess:
-                break
+        while self._running():
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
             time.sleep(0.1)
-        else:
-            return None
         self.returncode = 1      # its exit code is lost with the waiter; the result file says how it went
         self._reply.close()
         return self.returncode

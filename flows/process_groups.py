@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Protocol
 
@@ -79,3 +79,22 @@ def _group_alive(pgid: int, leader: Leader) -> bool:
         except (ProcessLookupError, PermissionError, psutil.Error):
             continue
     return False
+
+
+def still_running(pid: int) -> Callable[[], bool]:
+    """A check of whether process `pid`, the one running now, still runs: False once it has ended,
+    is a zombie (ended, not reaped yet) or its pid was taken by a later process (psutil compares
+    start times)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return lambda: False
+
+    def running() -> bool:
+        try:
+            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+    return running

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from flows.durable import write_atomic
 from flows.errors import BLOCKED_EXIT, STAGE_ERROR, TRANSIENT_EXIT
+from flows.process_groups import still_running
 from flows.run_params import ENV, RUN_PARAMS, dvc_reads_params_from
 
 if TYPE_CHECKING:      # DVC is imported when a stage runs, not when this module loads
@@ -277,18 +278,7 @@ def end_with_parent(parent: int) -> None:
     taken by another process): a run's stage, or a scale bench's
     (flows/experiments/scale_bench.py), must not run on, unwatched. `parent` is the process that
     asked for this one, not always its parent: the run's fork server forks it (flows/fork_server.py)."""
-    import psutil
-
-    try:
-        caller = psutil.Process(parent)
-    except psutil.NoSuchProcess:
-        caller = None
-
-    def running() -> bool:
-        try:        # is_running: the same process (its start time), not a later one with its pid
-            return caller is not None and caller.is_running() and caller.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
+    running = still_running(parent)
 
     def watch() -> None:
         while running():

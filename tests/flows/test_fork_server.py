@@ -118,3 +118,15 @@ def test_a_server_that_failed_to_start_takes_nothing(tmp_path, capfd):
         assert "No module named 'no_such_module_for_the_fork_server'" in capfd.readouterr().err
     finally:
         server.close()
+
+
+def test_a_process_whose_waiter_was_killed_is_waited_for_by_its_pid(server, tmp_path):
+    """Its exit code is lost with the server's process that waited for it: the run still waits until
+    it has ended (then reads the outcome it wrote, flows/pipeline.py), never before."""
+    proc = server.start("forked_target", ["sleep", "60"], tmp_path)
+    os.kill(psutil.Process(proc.pid).ppid(), signal.SIGKILL)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=1.0)
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=30) == 1
