@@ -103,8 +103,9 @@ class ForkServer:
         self._lock = threading.Lock()   # one request at a time on the control socket
 
     def start(self, module: str, args: list[str], cwd: Path) -> Forked:
-        """Fork `python -m module *args` (`module.main(args)`, its return value the exit code) in cwd, with this process's environment and standard
-        streams; ForkServerGone when the server did not take it (nothing started then)."""
+        """Fork `python -m module *args` (`module.main(args)`, its return value the exit code) in cwd,
+        with this process's environment and standard streams; ForkServerGone when the server did not
+        take it (nothing started then)."""
         request = json.dumps({"module": module, "args": args, "cwd": str(cwd), "env": dict(os.environ)}).encode()
         if len(request) > _MAX_REQUEST:
             raise ForkServerGone(f"the request is {len(request)} bytes, over {_MAX_REQUEST}")
@@ -154,8 +155,15 @@ _SERVERS: dict[Path, ForkServer] = {}
 
 @contextmanager
 def serving(root: Path, preload: Sequence[str]) -> Iterator[None]:
-    """Within it, `server_for(root)` is a server started now (it imports while the run gets ready)."""
-    server = ForkServer(root, preload)
+    """Within it, `server_for(root)` is a server started now (it imports while the run gets ready);
+    none when it cannot be started (the run's processes then start as new interpreters)."""
+    try:
+        server = ForkServer(root, preload)
+    except OSError:
+        server = None
+    if server is None:
+        yield
+        return
     _SERVERS[root.resolve()] = server
     try:
         yield

@@ -130,3 +130,14 @@ def test_a_process_whose_waiter_was_killed_is_waited_for_by_its_pid(server, tmp_
     assert proc.poll() is None
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=30) == 1
+
+
+def test_a_server_that_cannot_be_started_serves_nothing(tmp_path, monkeypatch):
+    from flows import fork_server
+
+    def refused(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - e.g. out of processes (EAGAIN)
+        raise BlockingIOError("Resource temporarily unavailable")
+
+    monkeypatch.setattr(fork_server.subprocess, "Popen", refused)
+    with fork_server.serving(tmp_path, []):
+        assert fork_server.server_for(tmp_path) is None
